@@ -1,0 +1,28 @@
+"""Failpoints: crash the coordinator process at a named step of the protocol.
+
+A testing aid. With ``XATM_FAILPOINT=<name>`` in its environment, a coordinator process kills
+itself with SIGKILL (no cleanup, no buffered output flushed, exactly like a crash) when it
+reaches that step. The names, in protocol order:
+
+``before_prepare``      the block ended normally; no branch is prepared yet
+``after_prepare``       every branch is prepared; no decision is logged
+``after_decision``      the COMMIT decision is durable; no branch is committed
+``after_first_commit``  one branch is committed; the others are still prepared
+
+The variable is read once, at import: when unset, a failpoint costs one comparison.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+
+NAMES = ("before_prepare", "after_prepare", "after_decision", "after_first_commit")
+
+_ACTIVE = os.environ.get("XATM_FAILPOINT") or None
+
+
+def hit(name: str) -> None:
+    """Crash the process here if the failpoint ``name`` is active."""
+    if _ACTIVE is not None and name == _ACTIVE:
+        os.kill(os.getpid(), signal.SIGKILL)

@@ -1,0 +1,115 @@
+"""The resource-manager interface: what the coordinator asks of one kind of database.
+
+One ``Participant`` object drives one resource (a database on a server) through a DB-API
+driver connection. The coordinator's view of a branch, in XA terms::
+
+    begin ──> (application SQL) ──> prepare ──> commit_prepared
+      │                               │    └──> rollback_prepared
+      │                               └── vote no (raises BranchVotedNo): rolled back
+      ├──> commit_one_phase   (the only branch: no prepare, no log)
+      └──> rollback_active    (the block raised, or another branch voted no)
+
+``recover`` lists the branches prepared on the resource (every application's); the caller
+keeps only xatm's. ``check`` reports why a resource is not fit for two-phase commit.
+Implementations must never interpolate an XID into SQL except through ``Xid.to_pg_gid`` as a
+quoted literal or ``Xid.to_mysql`` (hex literals).
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from ._urls import Kind, ResourceSpec
+from ._xid import Xid
+
+Connection = Any  # a driver connection: psycopg.Connection or a mysql-connector connection
+Cursor = Any
+
+
+class Vote(enum.Enum):
+    """A branch's answer to prepare."""
+
+    PREPARED = "prepared"
+    READ_ONLY = "read-only"  # nothing to commit: the branch is already finished
+
+
+class PhaseTwo(enum.Enum):
+    """What a phase-2 call found."""
+
+    DONE = "done"
+    NOT_FOUND = "not-found"  # no such prepared branch on the resource
+
+
+class BranchVotedNo(Exception):
+    """Prepare failed: the branch is (or will be, by the server) rolled back."""
+
+    def __init__(self, reason: str, cause: BaseException | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.__cause__ = cause
+
+
+@dataclass(frozen=True, slots=True)
+class PreparedBranch:
+    """A prepared transaction found on a resource by ``recover``."""
+
+    xid: Xid | None  # None: a gid that is not in XA shape (certainly not xatm's)
+    raw: str  # the gid / XID as the server shows it
+    prepared_at: float | None = None  # seconds since the epoch, where the server knows it
+    owner: str | None = None  # the role that prepared it, where the server knows it
+
+
+class Participant(Protocol):
+    """Drives one resource through its driver."""
+
+    name: str
+    spec: ResourceSpec
+
+    @property
+    def kind(self) -> Kind: ...
+
+    def connect(self) -> Connection:
+        """A new connection; raise ResourceUnavailable (redacted message) on failure."""
+
+    def ping(self, conn: Connection) -> bool:
+        """True if ``conn`` still answers."""
+
+    def is_idle(self, conn: Connection) -> bool:
+        """True if ``conn`` is healthy and outside any transaction (fit to pool)."""
+
+    def close(self, conn: Connection) -> None:
+        """Close ``conn``, ignoring errors."""
+
+    def is_connection_error(self, exc: BaseException) -> bool:
+        """True if ``exc`` means the connection is unusable (the outcome of its last call
+        is unknown)."""
+
+    def begin(self, conn: Connection, xid: Xid) -> None:
+        """Start the branch ``xid`` on ``conn``."""
+
+    def execute(self, conn: Connection, sql: Any, params: Sequence[Any] | Any = None) -> Cursor:
+        """Run application SQL inside the branch and return a cursor."""
+
+    def prepare(self, conn: Connection, xid: Xid) -> Vote:
+        """Phase 1. Raise BranchVotedNo if the branch cannot commit."""
+
+    def commit_one_phase(self, conn: Connection, xid: Xid) -> None:
+        """Commit an unprepared branch directly (the transaction's only branch)."""
+
+    def commit_prepared(self, conn: Connection, xid: Xid) -> PhaseTwo:
+        """Phase 2, commit. ``conn`` may be the preparing connection or a fresh one."""
+
+    def rollback_prepared(self, conn: Connection, xid: Xid) -> PhaseTwo:
+        """Phase 2, roll back a prepared branch."""
+
+    def rollback_active(self, conn: Connection, xid: Xid) -> None:
+        """Roll back an unprepared branch (the server also does so on disconnect)."""
+
+    def recover(self, conn: Connection) -> list[PreparedBranch]:
+        """Every prepared transaction on this resource (of any application)."""
+
+    def check(self, conn: Connection) -> list[str]:
+        """Problems that make the resource unfit for 2PC, each saying what to change."""

@@ -1,0 +1,480 @@
+"""One global transaction: its branches, and the two-phase commit protocol that ends it.
+
+The protocol, step by step (docs/protocol.md has the state machine and the reasoning)::
+
+    ACTIVE ──block raised / rollback()──────────────────────────────> ROLLED_BACK
+      │ block ended
+      ├─ 0 branches ─────────────────────────────────────────────────> COMMITTED
+      ├─ 1 branch: commit it in one phase (no log write) ────────────> COMMITTED
+      │             (it refuses: ROLLED_BACK; connection lost: IN_DOUBT)
+      ▼ 2+ branches                                  [failpoint before_prepare]
+    PREPARING: prepare every branch (in parallel)
+      │ any branch votes no, fails, or the deadline passed ─────────> ROLLED_BACK
+      ▼ every branch prepared                        [failpoint after_prepare]
+    fence: the decision is refused if recovery marked the transaction aborted
+      ▼ COMMIT record forced to the log (group commit)
+    COMMITTING                                       [failpoint after_decision]
+      │ commit every branch (in parallel)            [failpoint after_first_commit]
+      │ a branch that cannot be committed now is left to recovery: the
+      │ transaction *is* committed, so the block does not raise
+      ▼ END record appended lazily once every branch is committed
+    COMMITTED
+
+Until the COMMIT record is durable the transaction is presumed aborted: a crash anywhere
+before it leaves prepared branches that recovery rolls back. From the moment it is durable
+the transaction is committed: recovery commits whatever branch is still prepared.
+"""
+
+from __future__ import annotations
+
+import enum
+import functools
+import logging
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import TYPE_CHECKING, Any
+
+from . import _failpoint
+from ._log import DecisionNotLogged
+from ._participant import BranchVotedNo, Connection, Cursor, Participant, PhaseTwo
+from ._pool import Pool
+from ._xid import Xid, branch_xid
+from .errors import (
+    ConfigurationError,
+    LogError,
+    ResourceError,
+    ResourceNotFit,
+    TransactionError,
+    TransactionInDoubt,
+    TransactionRolledBack,
+    TransactionTimeout,
+)
+
+if TYPE_CHECKING:
+    from ._manager import TransactionManager
+
+logger = logging.getLogger("xatm.transaction")
+
+
+class TransactionState(enum.Enum):
+    """Where a global transaction is in the protocol."""
+
+    ACTIVE = "active"
+    PREPARING = "preparing"
+    COMMITTING = "committing"  # the COMMIT decision is durable
+    COMMITTED = "committed"
+    ROLLED_BACK = "rolled-back"
+    IN_DOUBT = "in-doubt"  # outcome settled later by recovery
+
+
+class BranchState(enum.Enum):
+    """Where one branch is."""
+
+    ACTIVE = "active"
+    PREPARED = "prepared"
+    COMMITTED = "committed"
+    ROLLED_BACK = "rolled-back"
+    UNKNOWN = "unknown"  # a call failed midway: recovery will settle it
+
+
+@dataclass(eq=False)
+class Branch:
+    """The part of a global transaction that runs on one resource."""
+
+    resource: str
+    xid: Xid
+    participant: Participant
+    pool: Pool
+    conn: Connection | None
+    state: BranchState = BranchState.ACTIVE
+    error: BaseException | None = field(default=None, repr=False)
+
+    def release(self) -> None:
+        """Give the connection back to the pool (or close it if it is not clean)."""
+        conn, self.conn = self.conn, None
+        if conn is not None:
+            if self.error is not None:
+                self.pool.discard(conn)
+            else:
+                self.pool.put(conn)
+
+    def drop(self) -> None:
+        """Close the connection: its state is unknown, or another session must finish."""
+        conn, self.conn = self.conn, None
+        if conn is not None:
+            self.pool.discard(conn)
+
+
+class Transaction:
+    """A global transaction; use it as ``with tm.transaction() as tx:``.
+
+    Leaving the block normally commits every branch or none (raising
+    :class:`~xatm.TransactionRolledBack` if it had to roll back); leaving it with an
+    exception rolls every branch back and lets the exception through. A transaction is used
+    by one thread.
+    """
+
+    def __init__(self, manager: TransactionManager, gtrid: str, timeout: float) -> None:
+        self._manager = manager
+        self.gtrid = gtrid
+        self.started = time.monotonic()
+        self.deadline = self.started + timeout
+        self.timeout = timeout
+        self.state = TransactionState.ACTIVE
+        self._branches: dict[str, Branch] = {}
+        self._rollback_only: str | None = None
+        # Fencing with recovery inside this process: recovery may mark an expired,
+        # undecided transaction aborted; the decision step refuses to log COMMIT after that.
+        self._fence = threading.Lock()
+        self._aborted_by_recovery = False
+        self._deciding = False
+
+    # -- the application's side -------------------------------------------------------------
+    def __enter__(self) -> Transaction:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self.state is not TransactionState.ACTIVE:
+            self._manager._forget(self)
+            return
+        if exc is not None:
+            self.rollback()
+        else:
+            self.commit()
+
+    def execute(self, resource: str, query: Any, params: Sequence[Any] | Any = None) -> Cursor:
+        """Run ``query`` with ``params`` on ``resource`` inside this transaction.
+
+        Returns the driver's cursor. The driver's own exception propagates on failure.
+        """
+        branch = self._branch(resource)
+        assert branch.conn is not None
+        try:
+            return branch.participant.execute(branch.conn, query, params)
+        except BaseException as e:
+            if branch.participant.is_connection_error(e):
+                branch.error = e
+                branch.state = BranchState.ROLLED_BACK  # the server drops unprepared work
+                self._rollback_only = f"the connection of branch {resource!r} was lost"
+            raise
+
+    def connection(self, resource: str) -> Connection:
+        """The driver connection of this transaction's branch on ``resource``.
+
+        Use it for anything the driver offers (cursors, COPY, ...), but do not commit, roll
+        back or close it: xatm does that.
+        """
+        branch = self._branch(resource)
+        assert branch.conn is not None
+        return branch.conn
+
+    def set_rollback_only(self, reason: str = "set_rollback_only() was called") -> None:
+        """Make the transaction unable to commit: leaving the block will roll it back."""
+        self._rollback_only = reason
+
+    @property
+    def branches(self) -> dict[str, BranchState]:
+        """The state of each enlisted branch, by resource name."""
+        return {name: b.state for name, b in self._branches.items()}
+
+    @property
+    def pending_branches(self) -> list[str]:
+        """Resources whose branch recovery still has to finish (after a phase-2 failure)."""
+        return [n for n, b in self._branches.items() if b.state is BranchState.UNKNOWN]
+
+    # -- enlistment -------------------------------------------------------------------------
+    def _branch(self, resource: str) -> Branch:
+        branch = self._branches.get(resource)
+        if branch is not None:
+            if branch.conn is None:
+                raise TransactionError(
+                    f"the branch on {resource!r} lost its connection; the transaction will be"
+                    " rolled back",
+                    gtrid=self.gtrid,
+                )
+            self._check_time()
+            return branch
+        if self.state is not TransactionState.ACTIVE:
+            raise TransactionError(
+                f"transaction {self.gtrid} is {self.state.value}; no more work can be done in it",
+                gtrid=self.gtrid,
+            )
+        self._check_time()
+        participant, pool = self._manager._resource(resource)
+        xid = branch_xid(self.gtrid, resource)
+        conn = self._begin(participant, pool, xid)
+        branch = Branch(resource, xid, participant, pool, conn)
+        self._branches[resource] = branch
+        return branch
+
+    def _begin(self, participant: Participant, pool: Pool, xid: Xid) -> Connection:
+        """A connection with the branch begun on it; one retry on a fresh connection."""
+        for attempt in (1, 2):
+            conn = pool.get() if attempt == 1 else participant.connect()
+            try:
+                if not pool.checked:
+                    problems = participant.check(conn)
+                    if problems:
+                        raise ResourceNotFit(
+                            f"resource {participant.name!r} ({participant.spec.redacted()})"
+                            f" is not fit for two-phase commit: {'; '.join(problems)}",
+                            resource=participant.name,
+                        )
+                    pool.checked = True
+                participant.begin(conn, xid)
+                return conn
+            except ResourceError:
+                pool.discard(conn)
+                raise
+            except BaseException as e:
+                pool.discard(conn)
+                if attempt == 2 or not participant.is_connection_error(e):
+                    raise
+                pool.clear()  # the server probably restarted: the others are dead too
+        raise AssertionError("unreachable")
+
+    def _check_time(self) -> None:
+        if time.monotonic() > self.deadline:
+            self._rollback_only = "timeout"
+            raise TransactionTimeout(
+                f"transaction {self.gtrid} exceeded its timeout of {self.timeout:g} s",
+                gtrid=self.gtrid,
+            )
+
+    # -- fencing with recovery ------------------------------------------------------------
+    def abort_if_expired(self) -> bool:
+        """Recovery's request: mark this transaction aborted if it is past its deadline and
+        has not reached its decision. True if it is (now) marked aborted."""
+        with self._fence:
+            if self._deciding:
+                return False
+            if self._aborted_by_recovery:
+                return True
+            if time.monotonic() > self.deadline:
+                self._aborted_by_recovery = True
+                return True
+            return False
+
+    # -- the end ----------------------------------------------------------------------------
+    def commit(self) -> None:
+        """End the transaction with commit (what leaving the block normally does)."""
+        try:
+            self._commit()
+        finally:
+            self._manager._forget(self)
+
+    def rollback(self) -> None:
+        """Roll every branch back (what leaving the block with an exception does)."""
+        try:
+            if self.state is TransactionState.ACTIVE:
+                self._rollback_all()
+        finally:
+            self._manager._forget(self)
+
+    def _commit(self) -> None:
+        if self.state is not TransactionState.ACTIVE:
+            raise TransactionError(
+                f"transaction {self.gtrid} is already {self.state.value}", gtrid=self.gtrid
+            )
+        branches = list(self._branches.values())
+        if self._rollback_only is not None or time.monotonic() > self.deadline:
+            reason = self._rollback_only or "timeout"
+            self._rollback_all()
+            self._raise_rolled_back(reason)
+        if not branches:
+            self.state = TransactionState.COMMITTED
+            return
+        if len(branches) == 1:
+            self._commit_one_phase(branches[0])
+            return
+        self.state = TransactionState.PREPARING
+        _failpoint.hit("before_prepare")
+        self._prepare_all(branches)
+        _failpoint.hit("after_prepare")
+        self._decide(branches)
+        _failpoint.hit("after_decision")
+        self.state = TransactionState.COMMITTING
+        self._commit_all(branches)
+
+    def _raise_rolled_back(self, reason: str, cause: BaseException | None = None) -> None:
+        if reason == "timeout":
+            raise TransactionTimeout(
+                f"transaction {self.gtrid} exceeded its timeout of {self.timeout:g} s and was"
+                " rolled back",
+                gtrid=self.gtrid,
+            ) from cause
+        raise TransactionRolledBack(
+            f"transaction {self.gtrid} was rolled back: {reason}", gtrid=self.gtrid
+        ) from cause
+
+    def _commit_one_phase(self, branch: Branch) -> None:
+        self.state = TransactionState.PREPARING
+        assert branch.conn is not None
+        try:
+            branch.participant.commit_one_phase(branch.conn, branch.xid)
+        except BranchVotedNo as e:
+            branch.state = BranchState.ROLLED_BACK
+            self._rollback_all()
+            self._raise_rolled_back(f"{branch.resource}: {e.reason}", e.__cause__)
+        except BaseException as e:
+            branch.error = e
+            if branch.participant.is_connection_error(e):
+                branch.state = BranchState.UNKNOWN
+                branch.drop()
+                self.state = TransactionState.IN_DOUBT
+                raise TransactionInDoubt(
+                    f"the connection to {branch.resource!r} was lost during the one-phase"
+                    f" commit of {self.gtrid}: whether it committed is unknown",
+                    gtrid=self.gtrid,
+                ) from e
+            self._rollback_all()
+            self._raise_rolled_back(f"{branch.resource}: commit failed: {e}", e)
+        branch.state = BranchState.COMMITTED
+        branch.release()
+        self.state = TransactionState.COMMITTED
+
+    def _prepare_all(self, branches: list[Branch]) -> None:
+        def prepare(branch: Branch) -> None:
+            assert branch.conn is not None
+            branch.participant.prepare(branch.conn, branch.xid)
+            branch.state = BranchState.PREPARED
+
+        outcomes = self._manager._fanout.run([functools.partial(prepare, b) for b in branches])
+        failure: BaseException | None = None
+        reason = ""
+        for branch, outcome in zip(branches, outcomes, strict=True):
+            if outcome.error is None:
+                continue
+            err = outcome.error
+            branch.error = err
+            if isinstance(err, BranchVotedNo):
+                branch.state = BranchState.ROLLED_BACK
+                if failure is None:
+                    failure, reason = err.__cause__ or err, f"{branch.resource}: {err.reason}"
+            else:
+                branch.state = BranchState.UNKNOWN
+                if failure is None:
+                    failure, reason = err, f"{branch.resource}: prepare failed: {err}"
+        if failure is not None:
+            self._rollback_all()
+            if not isinstance(failure, Exception):
+                raise failure  # KeyboardInterrupt and the like, after rolling back
+            self._raise_rolled_back(reason, failure)
+
+    def _decide(self, branches: list[Branch]) -> None:
+        with self._fence:
+            expired = self._aborted_by_recovery or time.monotonic() > self.deadline
+            if not expired:
+                self._deciding = True
+        if expired:
+            self._rollback_all()
+            self._raise_rolled_back("timeout")
+        try:
+            self._manager._log.log_commit(self.gtrid, [b.resource for b in branches])
+        except DecisionNotLogged as e:
+            self._rollback_all()
+            self._raise_rolled_back(f"the commit decision could not be logged: {e}", e)
+        except (LogError, OSError) as e:
+            self.state = TransactionState.IN_DOUBT
+            for b in branches:
+                b.drop()
+            raise TransactionInDoubt(
+                f"forcing the commit decision of {self.gtrid} to the log failed; every branch"
+                " stays prepared and recovery settles them by what the log holds",
+                gtrid=self.gtrid,
+            ) from e
+
+    def _commit_all(self, branches: list[Branch]) -> None:
+        first_done = threading.Event()
+
+        def commit(branch: Branch) -> PhaseTwo:
+            assert branch.conn is not None
+            result = branch.participant.commit_prepared(branch.conn, branch.xid)
+            if not first_done.is_set():
+                first_done.set()
+                _failpoint.hit("after_first_commit")
+            return result
+
+        outcomes = self._manager._fanout.run([functools.partial(commit, b) for b in branches])
+        for branch, outcome in zip(branches, outcomes, strict=True):
+            if outcome.error is None and outcome.value is PhaseTwo.DONE:
+                branch.state = BranchState.COMMITTED
+                branch.release()
+            elif outcome.error is None:
+                branch.state = BranchState.UNKNOWN
+                branch.drop()
+                logger.error(
+                    "HEURISTIC: branch %s of committed transaction %s was not found prepared"
+                    " on %r at commit time: it may have been rolled back by hand",
+                    branch.xid.bqual,
+                    self.gtrid,
+                    branch.resource,
+                )
+            else:
+                branch.state = BranchState.UNKNOWN
+                branch.error = outcome.error
+                branch.drop()
+                logger.warning(
+                    "transaction %s is committed, but its branch on %r could not be committed"
+                    " now (%s); recovery will commit it",
+                    self.gtrid,
+                    branch.resource,
+                    outcome.error,
+                )
+        self.state = TransactionState.COMMITTED
+        if all(b.state is BranchState.COMMITTED for b in branches):
+            try:
+                self._manager._log.log_end(self.gtrid)
+            except LogError as e:
+                logger.warning("could not record the end of %s: %s", self.gtrid, e)
+        else:
+            self._manager._phase_two_incomplete(self)
+
+    def _rollback_all(self) -> None:
+        """Roll back every branch that may still hold work; never raises a driver error."""
+        self.state = TransactionState.ROLLED_BACK
+        for branch in self._branches.values():
+            conn = branch.conn
+            if conn is None or branch.state is BranchState.ROLLED_BACK:
+                branch.release()
+                continue
+            try:
+                if branch.state is BranchState.PREPARED:
+                    branch.participant.rollback_prepared(conn, branch.xid)
+                elif branch.state is BranchState.ACTIVE:
+                    branch.participant.rollback_active(conn, branch.xid)
+                else:  # UNKNOWN: a prepare whose answer was lost; recovery will see to it
+                    branch.drop()
+                    continue
+                branch.state = BranchState.ROLLED_BACK
+                branch.release()
+            except Exception as e:  # rolling back must go on
+                branch.error = e
+                branch.drop()  # closing the connection rolls back unprepared work
+                if branch.state is BranchState.PREPARED:
+                    branch.state = BranchState.UNKNOWN
+                    logger.warning(
+                        "could not roll back prepared branch %s on %r (%s); recovery will",
+                        self.gtrid,
+                        branch.resource,
+                        e,
+                    )
+                else:
+                    branch.state = BranchState.ROLLED_BACK
+
+    def __repr__(self) -> str:
+        return f"<Transaction {self.gtrid} {self.state.value} branches={list(self._branches)}>"
+
+
+def describe_unknown_resource(name: str, known: Sequence[str]) -> ConfigurationError:
+    return ConfigurationError(
+        f"unknown resource {name!r}; this transaction manager has: {', '.join(sorted(known))}"
+    )

@@ -1,0 +1,155 @@
+"""Transaction identifiers: how xatm names a global transaction and each of its branches.
+
+An XID is the triple (format_id, gtrid, bqual) of the X/Open XA standard:
+
+* ``format_id`` is :data:`FORMAT_ID`, the same for every xatm branch;
+* ``gtrid`` (global transaction id) is ``xatm.<node_id>.<txid>``, where ``txid`` is the
+  creation time in milliseconds (11 hex digits) and 64 random bits (16 hex digits), so a
+  gtrid says whose it is and how old it is even where the server keeps no timestamp;
+* ``bqual`` (branch qualifier) is the resource's name, unique within one transaction.
+
+Both parts are ASCII and at most 64 bytes, the MySQL limit. On PostgreSQL the gid is the
+psycopg / PgJDBC encoding ``<format_id>_<base64(gtrid)>_<base64(bqual)>``, which
+``psycopg.Connection.tpc_recover()`` parses back into an ``Xid``; on MySQL the XID is sent as
+hex literals, so no byte of it is ever interpreted as SQL.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import re
+import secrets
+import time
+from dataclasses import dataclass
+
+from .errors import ConfigurationError
+
+#: The formatID of every xatm branch: "xatm" in ASCII, a positive 32-bit integer.
+FORMAT_ID = 0x7861746D
+NAMESPACE = "xatm"
+MAX_PART = 64
+#: node_id: at most this many characters of ``[A-Za-z0-9_-]``.
+MAX_NODE_ID = 30
+#: resource names: at most this many characters of ``[A-Za-z0-9_-]``.
+MAX_RESOURCE_NAME = 64
+
+_NAME_RE = re.compile(r"[A-Za-z0-9_-]+")
+_GTRID_RE = re.compile(r"xatm\.([A-Za-z0-9_-]{1,30})\.([0-9a-f]{11})([0-9a-f]{16})")
+
+
+def validate_node_id(node_id: object) -> str:
+    """Return ``node_id`` if it can name a coordinator, else raise ConfigurationError."""
+    if not isinstance(node_id, str) or not _NAME_RE.fullmatch(node_id):
+        raise ConfigurationError(
+            f"node_id must be 1 to {MAX_NODE_ID} characters of letters, digits, '_' and '-';"
+            f" got {_show(node_id)}"
+        )
+    if len(node_id) > MAX_NODE_ID:
+        raise ConfigurationError(
+            f"node_id must be at most {MAX_NODE_ID} characters (it is carried in every XID);"
+            f" got {len(node_id)}"
+        )
+    return node_id
+
+
+def validate_resource_name(name: object) -> str:
+    """Return ``name`` if it can name a resource (it becomes a branch qualifier)."""
+    if not isinstance(name, str) or not _NAME_RE.fullmatch(name) or len(name) > MAX_RESOURCE_NAME:
+        raise ConfigurationError(
+            f"a resource name must be 1 to {MAX_RESOURCE_NAME} characters of letters, digits,"
+            f" '_' and '-'; got {_show(name)}"
+        )
+    return name
+
+
+def _show(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+@dataclass(frozen=True, slots=True)
+class Xid:
+    """One branch's XA identifier."""
+
+    format_id: int
+    gtrid: str
+    bqual: str
+
+    @property
+    def is_xatm(self) -> bool:
+        """True when this XID was made by xatm (any node)."""
+        return self.format_id == FORMAT_ID and _GTRID_RE.fullmatch(self.gtrid) is not None
+
+    @property
+    def node_id(self) -> str:
+        """The node_id of the coordinator that created this XID."""
+        return parse_gtrid(self.gtrid)[0]
+
+    @property
+    def created_at(self) -> float:
+        """Creation time (seconds since the epoch) carried in the gtrid."""
+        return parse_gtrid(self.gtrid)[1]
+
+    # -- PostgreSQL ------------------------------------------------------------------------
+    def to_pg_gid(self) -> str:
+        """The gid for ``PREPARE TRANSACTION``: the psycopg / PgJDBC encoding."""
+        g = base64.b64encode(self.gtrid.encode("ascii")).decode("ascii")
+        b = base64.b64encode(self.bqual.encode("ascii")).decode("ascii")
+        return f"{self.format_id}_{g}_{b}"
+
+    @classmethod
+    def from_pg_gid(cls, gid: str) -> Xid | None:
+        """Parse a gid of the psycopg / PgJDBC shape, or return None for any other gid."""
+        parts = gid.split("_")
+        if len(parts) != 3 or not parts[0].lstrip("-").isdigit():
+            return None
+        try:
+            gtrid = base64.b64decode(parts[1], validate=True).decode("ascii")
+            bqual = base64.b64decode(parts[2], validate=True).decode("ascii")
+        except (binascii.Error, UnicodeDecodeError):
+            return None
+        return cls(int(parts[0]), gtrid, bqual)
+
+    # -- MySQL / MariaDB -------------------------------------------------------------------
+    def to_mysql(self) -> str:
+        """The XID as SQL text for ``XA ...`` statements: hex literals and an integer."""
+        g = self.gtrid.encode("ascii").hex()
+        b = self.bqual.encode("ascii").hex()
+        return f"X'{g}',X'{b}',{int(self.format_id)}"
+
+    @classmethod
+    def from_mysql(
+        cls, format_id: int, gtrid_length: int, bqual_length: int, data: bytes
+    ) -> Xid | None:
+        """Build an Xid from one row of ``XA RECOVER``, or None if it is not ASCII."""
+        try:
+            gtrid = data[:gtrid_length].decode("ascii")
+            bqual = data[gtrid_length : gtrid_length + bqual_length].decode("ascii")
+        except UnicodeDecodeError:
+            return None
+        return cls(int(format_id), gtrid, bqual)
+
+
+def new_gtrid(node_id: str) -> str:
+    """A fresh global transaction id for ``node_id`` (already validated)."""
+    ms = int(time.time() * 1000)
+    return f"{NAMESPACE}.{node_id}.{ms:011x}{secrets.randbits(64):016x}"
+
+
+def parse_gtrid(gtrid: str) -> tuple[str, float]:
+    """Return (node_id, created_at) of an xatm gtrid; raise ValueError for any other."""
+    m = _GTRID_RE.fullmatch(gtrid)
+    if m is None:
+        raise ValueError(f"not an xatm gtrid: {_show(gtrid)}")
+    return m.group(1), int(m.group(2), 16) / 1000.0
+
+
+def is_xatm_gtrid(gtrid: str) -> bool:
+    """True when ``gtrid`` has the shape of an xatm global transaction id."""
+    return _GTRID_RE.fullmatch(gtrid) is not None
+
+
+def branch_xid(gtrid: str, resource: str) -> Xid:
+    """The XID of the branch of ``gtrid`` on ``resource``."""
+    return Xid(FORMAT_ID, gtrid, resource)

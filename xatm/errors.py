@@ -1,0 +1,104 @@
+"""The exceptions xatm raises: one small, documented hierarchy.
+
+    XatmError
+    ├── ConfigurationError          bad URL, bad node_id, bad config file (a user's mistake)
+    ├── ResourceError               a participant could not be used
+    │   ├── ResourceUnavailable     cannot connect (down, unreachable, bad credentials)
+    │   └── ResourceNotFit          reachable, but not fit for two-phase commit
+    ├── LogError                    the coordinator log cannot be opened or written
+    │   └── LogLocked               another live process owns that node's log
+    └── TransactionError            the outcome of one global transaction
+        ├── TransactionRolledBack   every branch was rolled back (a branch voted no, ...)
+        │   └── TransactionTimeout  ... because the transaction outlived its timeout
+        └── TransactionInDoubt      the outcome could not be settled here: recovery will
+                                    settle it from the log (see docs/protocol.md)
+
+An error raised by a database driver while the application's own SQL runs inside the block
+(`tx.execute`) is *not* wrapped: the application sees the driver's own exception (for example
+`psycopg.errors.UniqueViolation`), and the transaction is rolled back when the block exits.
+Where xatm itself ends a transaction because of a driver error, that error is chained as
+`__cause__`.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "ConfigurationError",
+    "LogError",
+    "LogLocked",
+    "ResourceError",
+    "ResourceNotFit",
+    "ResourceUnavailable",
+    "TransactionError",
+    "TransactionInDoubt",
+    "TransactionRolledBack",
+    "TransactionTimeout",
+    "XatmError",
+]
+
+
+class XatmError(Exception):
+    """Base class of every error raised by xatm itself."""
+
+
+class ConfigurationError(XatmError, ValueError):
+    """A setting is wrong: a malformed URL, node_id, resource name or config file."""
+
+
+class ResourceError(XatmError):
+    """A participant (resource) could not be used."""
+
+    def __init__(self, message: str, *, resource: str | None = None) -> None:
+        super().__init__(message)
+        self.resource = resource
+
+
+class ResourceUnavailable(ResourceError):
+    """The resource could not be reached or refused the login."""
+
+
+class ResourceNotFit(ResourceError):
+    """The resource is reachable but cannot take part in two-phase commit.
+
+    For example PostgreSQL with ``max_prepared_transactions = 0`` or a MariaDB older than
+    10.5, which rolls prepared XA transactions back when their connection drops.
+    """
+
+
+class LogError(XatmError):
+    """The coordinator log could not be opened, read or forced to disk."""
+
+
+class LogLocked(LogError):
+    """Another live process holds the log of this node_id."""
+
+
+class TransactionError(XatmError):
+    """The global transaction did not end as a plain commit."""
+
+    def __init__(self, message: str, *, gtrid: str | None = None) -> None:
+        super().__init__(message)
+        self.gtrid = gtrid
+
+
+class TransactionRolledBack(TransactionError):
+    """Every branch was rolled back; nothing of the transaction is committed anywhere.
+
+    Raised when a branch votes no at prepare (a serialization failure, a deadlock, a branch
+    whose transaction had already failed, ...) or cannot be prepared at all. The database
+    error that caused it, if any, is chained as ``__cause__``.
+    """
+
+
+class TransactionTimeout(TransactionRolledBack):
+    """The transaction took longer than its timeout and was rolled back."""
+
+
+class TransactionInDoubt(TransactionError):
+    """The outcome is not known here, and will be settled by recovery from the log.
+
+    Raised only when xatm could not find out whether the commit decision reached the log
+    (for example the log's disk failed during the forced write). Every branch is prepared
+    and recovery resolves all of them the same way: commit if the decision is in the log,
+    roll back otherwise.
+    """
