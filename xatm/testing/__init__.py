@@ -1,0 +1,1 @@
+"""Testing aids: private database servers for tests and demos."""
