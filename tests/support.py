@@ -1,0 +1,167 @@
+"""Test support: a small bank spread over every test server, and invariant checks."""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Any
+
+import mysql.connector
+import psycopg
+
+from xatm import FORMAT_ID, Xid, parse_url
+from xatm.testing.servers import ServerSet
+
+
+@dataclass
+class Servers:
+    urls: dict[str, str]
+    set: ServerSet | None  # None when the tests run against external servers
+
+
+def connect(url: str) -> Any:
+    """An autocommit admin-ish connection as the test role, for setup and checks."""
+    spec = parse_url(url)
+    if spec.kind == "postgresql":
+        return psycopg.connect(
+            host=spec.host,
+            port=spec.port,
+            user=spec.user,
+            password=spec.password,
+            dbname=spec.database,
+            autocommit=True,
+        )
+    return mysql.connector.connect(
+        host=spec.host,
+        port=spec.port,
+        user=spec.user,
+        password=spec.password,
+        database=spec.database,
+        autocommit=True,
+        use_pure=True,
+    )
+
+
+def run(conn: Any, sql: str, params: Any = None) -> list[tuple[Any, ...]]:
+    if isinstance(conn, psycopg.Connection):
+        cur = conn.execute(sql, params)
+        return list(cur.fetchall()) if cur.description else []
+    cur = conn.cursor()
+    try:
+        cur.execute(sql, params)
+        return list(cur.fetchall()) if cur.description else []
+    finally:
+        cur.close()
+
+
+class Bank:
+    """Account tables ``<table>`` with a journal ``<table>_j`` on every resource."""
+
+    def __init__(self, urls: dict[str, str], table: str) -> None:
+        self.urls = dict(urls)
+        self.table = table
+        self.journal = f"{table}_j"
+        self.conns = {name: connect(url) for name, url in urls.items()}
+
+    def reconnect(self, name: str) -> None:
+        with contextlib.suppress(Exception):
+            self.conns[name].close()
+        self.conns[name] = connect(self.urls[name])
+
+    def create(self, accounts: int, balance: int) -> None:
+        for _name, conn in self.conns.items():
+            engine = "" if isinstance(conn, psycopg.Connection) else " ENGINE=InnoDB"
+            run(conn, f"DROP TABLE IF EXISTS {self.table}")
+            run(conn, f"DROP TABLE IF EXISTS {self.journal}")
+            run(conn, f"CREATE TABLE {self.table} (id INT PRIMARY KEY, bal INT NOT NULL){engine}")
+            run(conn, f"CREATE TABLE {self.journal} (tid VARCHAR(64) PRIMARY KEY){engine}")
+            for i in range(1, accounts + 1):
+                run(conn, f"INSERT INTO {self.table} VALUES (%s, %s)", (i, balance))
+        self.initial_total = accounts * balance * len(self.conns)
+
+    def balances(self) -> dict[str, dict[int, int]]:
+        out = {}
+        for name, conn in self.conns.items():
+            rows = run(conn, f"SELECT id, bal FROM {self.table} ORDER BY id")
+            out[name] = {int(i): int(b) for i, b in rows}
+        return out
+
+    def balance(self, resource: str, account: int = 1) -> int:
+        return self.balances()[resource][account]
+
+    def total(self) -> int:
+        return sum(sum(v.values()) for v in self.balances().values())
+
+    def journal_ids(self) -> dict[str, set[str]]:
+        return {
+            name: {str(r[0]) for r in run(conn, f"SELECT tid FROM {self.journal}")}
+            for name, conn in self.conns.items()
+        }
+
+    def prepared(self) -> dict[str, list[Xid | str]]:
+        """Every prepared transaction on each resource (xatm's as Xid, others as text)."""
+        out: dict[str, list[Xid | str]] = {}
+        for name, conn in self.conns.items():
+            found: list[Xid | str] = []
+            if isinstance(conn, psycopg.Connection):
+                rows = run(
+                    conn, "SELECT gid FROM pg_prepared_xacts WHERE database = current_database()"
+                )
+                for (gid,) in rows:
+                    xid = Xid.from_pg_gid(gid)
+                    found.append(xid if xid is not None and xid.is_xatm else gid)
+            else:
+                for fid, gl, bl, data in run(conn, "XA RECOVER"):
+                    xid = Xid.from_mysql(int(fid), int(gl), int(bl), bytes(data))
+                    found.append(
+                        xid if xid is not None and xid.is_xatm else f"{fid}:{bytes(data)!r}"
+                    )
+            out[name] = found
+        return out
+
+    def xatm_prepared(self) -> dict[str, list[Xid]]:
+        return {
+            name: [x for x in found if isinstance(x, Xid)]
+            for name, found in self.prepared().items()
+        }
+
+    def close(self) -> None:
+        for conn in self.conns.values():
+            with contextlib.suppress(Exception):
+                conn.close()
+
+
+def prepare_foreign(url: str, tag: str) -> str:
+    """Prepare a transaction that is not xatm's on the server of ``url``; return its id."""
+    conn = connect(url)
+    try:
+        if isinstance(conn, psycopg.Connection):
+            gid = f"foreign-{tag}"
+            run(conn, "CREATE TABLE IF NOT EXISTS foreign_probe (id VARCHAR(64) PRIMARY KEY)")
+            run(conn, "BEGIN")
+            run(conn, "INSERT INTO foreign_probe VALUES (%s)", (tag,))
+            run(conn, f"PREPARE TRANSACTION '{gid}'")
+            return gid
+        # same formatID as xatm but another namespace: must still be left alone
+        gtrid = f"other-app-{tag}".encode().hex()
+        run(conn, "CREATE TABLE IF NOT EXISTS foreign_probe (id VARCHAR(64) PRIMARY KEY)")
+        run(conn, f"XA START X'{gtrid}',X'01',{FORMAT_ID}")
+        run(conn, "INSERT INTO foreign_probe VALUES (%s)", (tag,))
+        run(conn, f"XA END X'{gtrid}',X'01',{FORMAT_ID}")
+        run(conn, f"XA PREPARE X'{gtrid}',X'01',{FORMAT_ID}")
+        return f"other-app-{tag}"
+    finally:
+        conn.close()
+
+
+def resolve_foreign(url: str, tag: str) -> None:
+    """Roll back what prepare_foreign made."""
+    conn = connect(url)
+    try:
+        if isinstance(conn, psycopg.Connection):
+            run(conn, f"ROLLBACK PREPARED 'foreign-{tag}'")
+        else:
+            gtrid = f"other-app-{tag}".encode().hex()
+            run(conn, f"XA ROLLBACK X'{gtrid}',X'01',{FORMAT_ID}")
+    finally:
+        conn.close()
