@@ -1,0 +1,152 @@
+"""SIGKILL the coordinator at every protocol step, then recover: all-or-nothing, by the log."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from tests.support import Bank, prepare_foreign, resolve_foreign
+from xatm import FAILPOINTS, TransactionManager
+
+ROOT = Path(__file__).resolve().parent.parent
+MakeTM = Callable[..., TransactionManager]
+COMMITTED_AFTER = {"after_decision", "after_first_commit"}
+
+
+def run_worker(
+    mode: str, cfg: dict[str, object], tmp_path: Path, failpoint: str | None
+) -> subprocess.CompletedProcess[str]:
+    path = tmp_path / f"{mode}-{cfg['node_id']}.json"
+    path.write_text(json.dumps(cfg))
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)}
+    if failpoint:
+        env["XATM_FAILPOINT"] = failpoint
+    return subprocess.run(
+        [sys.executable, "-m", "tests.worker", mode, str(path)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+@pytest.fixture
+def foreign(bank: Bank) -> object:
+    for name, url in bank.urls.items():
+        prepare_foreign(url, f"matrix-{name}")
+    yield
+    for name, url in bank.urls.items():
+        resolve_foreign(url, f"matrix-{name}")
+
+
+@pytest.mark.parametrize("recover_as", ["restarted", "peer"])
+@pytest.mark.parametrize(
+    "resources", [("pg1", "maria"), ("pg1", "pg2", "maria")], ids=["2-branches", "3-branches"]
+)
+@pytest.mark.parametrize("failpoint", FAILPOINTS)
+def test_crash_at_failpoint_then_recover(
+    failpoint: str,
+    resources: tuple[str, ...],
+    recover_as: str,
+    bank: Bank,
+    make_tm: MakeTM,
+    tmp_path: Path,
+    foreign: object,
+) -> None:
+    log = tmp_path / "log"
+    cfg = {
+        "urls": bank.urls,
+        "log": str(log),
+        "node_id": "crashy",
+        "table": bank.table,
+        "journal": bank.journal,
+        "resources": list(resources),
+        "tid": f"crash-{failpoint}",
+    }
+    proc = run_worker("transfer", cfg, tmp_path, failpoint)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    n = len(resources)
+
+    prepared = bank.xatm_prepared()
+    left = sum(len(v) for v in prepared.values())
+    if failpoint == "before_prepare":
+        assert left == 0
+    elif failpoint in ("after_prepare", "after_decision"):
+        assert left == n
+        assert {x.gtrid for v in prepared.values() for x in v}.__len__() == 1
+    else:  # after_first_commit: one branch committed, the others still prepared (some may
+        assert left <= n - 1  # have been committed by the parallel phase 2 just before)
+    # nothing is visible yet except what a committed branch shows
+    node = "crashy" if recover_as == "restarted" else "other"
+    tm = make_tm(node_id=node, log=log)
+    report = tm.recover()
+    assert report.unreachable == ()
+    assert report.in_doubt == 0
+    if failpoint in COMMITTED_AFTER:
+        assert report.committed == left and report.rolled_back == 0
+    else:
+        assert report.rolled_back == left and report.committed == 0
+
+    # all or nothing, as the log says
+    journal = bank.journal_ids()
+    tid = cfg["tid"]
+    present = {r for r in resources if tid in journal[r]}
+    if failpoint in COMMITTED_AFTER:
+        assert present == set(resources)
+        b = bank.balances()
+        assert b[resources[0]][1] == 1000 - 10 * (n - 1)
+        assert all(b[r][1] == 1010 for r in resources[1:])
+    else:
+        assert present == set()
+    assert bank.total() == bank.initial_total
+    assert bank.xatm_prepared() == {"pg1": [], "pg2": [], "maria": []}
+    # foreign prepared transactions are still there
+    everything = bank.prepared()
+    assert "foreign-matrix-pg1" in everything["pg1"]
+    assert "foreign-matrix-pg2" in everything["pg2"]
+    assert len([x for x in everything["maria"] if isinstance(x, str)]) >= 1
+    # a second pass finds nothing to do, and the decision was closed with END
+    again = tm.recover()
+    assert (again.committed, again.rolled_back, again.in_doubt) == (0, 0, 0)
+    if recover_as == "restarted":
+        assert tm._log.pending() == {}  # END appended (lazily)
+    else:
+        from xatm._filelog import read_segments
+
+        pending, _ = read_segments(log / "crashy")  # the peer log was closed: END on disk
+        assert pending == {}
+
+
+def test_restarted_coordinator_with_live_log_owner_is_left_alone(
+    bank: Bank, make_tm: MakeTM, tmp_path: Path
+) -> None:
+    """A peer whose log lock is held (alive) is never touched by another node's recovery."""
+    log = tmp_path / "log"
+    cfg = {
+        "urls": bank.urls,
+        "log": str(log),
+        "node_id": "crashy",
+        "table": bank.table,
+        "journal": bank.journal,
+        "resources": ["pg1", "maria"],
+        "tid": "alive-1",
+    }
+    proc = run_worker("transfer", cfg, tmp_path, "after_decision")
+    assert proc.returncode == -signal.SIGKILL
+    holder = make_tm(node_id="crashy", log=log)  # the owner is back (holds the lock) ...
+    other = make_tm(node_id="other", log=log)
+    report = other.recover()  # ... so another node leaves its branches alone
+    assert report.committed == report.rolled_back == 0
+    assert report.in_doubt == 2
+    assert all(a.action == "skip" and "alive" in a.reason for a in report.actions)
+    own = holder.recover()  # and the owner resolves them by its log
+    assert own.committed == 2
+    assert bank.journal_ids()["maria"] == {"alive-1"}
+    assert bank.total() == bank.initial_total

@@ -1,0 +1,104 @@
+"""A coordinator process for the crash and chaos tests: ``python -m tests.worker MODE CONFIG``.
+
+MODE ``transfer``: one transfer over the given resources, then exit 0 (or die at the failpoint
+named by XATM_FAILPOINT). MODE ``chaos``: transfers in several threads until killed or until
+the deadline; every transfer is announced in the intents file before it starts and written to
+the acks file once ``commit`` returned (both written straight to the OS, so a SIGKILL loses
+nothing that was written).
+
+CONFIG is JSON: {"urls": {...}, "log": DIR, "node_id": ..., "table": ..., "journal": ...,
+plus per mode: "resources", "tid" (transfer) or "threads", "seconds", "seed", "accounts",
+"intents", "acks" (chaos)}.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import sys
+import threading
+import time
+from typing import Any
+
+from xatm import TransactionManager, XatmError
+
+
+def apply_transfer(
+    tx: Any, cfg: dict[str, Any], legs: list[tuple[str, int, int]], tid: str
+) -> None:
+    """legs: (resource, account, delta); deltas sum to zero."""
+    for resource, account, delta in legs:
+        tx.execute(
+            resource, f"UPDATE {cfg['table']} SET bal = bal + %s WHERE id = %s", (delta, account)
+        )
+    for resource in sorted({leg[0] for leg in legs}):
+        tx.execute(resource, f"INSERT INTO {cfg['journal']} (tid) VALUES (%s)", (tid,))
+
+
+def one_transfer(cfg: dict[str, Any]) -> int:
+    resources: list[str] = cfg["resources"]
+    n = len(resources)
+    legs = [(resources[0], 1, -10 * (n - 1))] + [(r, 1, 10) for r in resources[1:]]
+    with TransactionManager(cfg["urls"], cfg["log"], cfg["node_id"], timeout=30) as tm:
+        with tm.transaction() as tx:
+            apply_transfer(tx, cfg, legs, cfg["tid"])
+        print(json.dumps({"gtrid": tx.gtrid, "state": tx.state.value}), flush=True)
+    return 0
+
+
+def chaos(cfg: dict[str, Any]) -> int:
+    rng = random.Random(cfg["seed"])
+    names = sorted(cfg["urls"])
+    accounts = int(cfg["accounts"])
+    deadline = time.monotonic() + float(cfg["seconds"])
+    intents = os.open(cfg["intents"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    acks = os.open(cfg["acks"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    tm = TransactionManager(cfg["urls"], cfg["log"], cfg["node_id"], timeout=5)
+    tm.recover()
+    counter = iter(range(10**9))
+    lock = threading.Lock()
+
+    def work(seed: int) -> None:
+        r = random.Random(seed)
+        while time.monotonic() < deadline:
+            with lock:
+                n = next(counter)
+            tid = f"{cfg['node_id']}-{n}"
+            k = 3 if r.random() < 0.25 else 2
+            chosen = r.sample(names, k)
+            amount = r.randint(1, 9)
+            legs = [(chosen[0], r.randint(1, accounts), -amount * (k - 1))]
+            legs += [(res, r.randint(1, accounts), amount) for res in chosen[1:]]
+            os.write(intents, f"{tid} {','.join(sorted(chosen))}\n".encode())
+            try:
+                with tm.transaction() as tx:
+                    apply_transfer(tx, cfg, legs, tid)
+            except (XatmError, Exception):  # every failure is fine: it just is not acked
+                time.sleep(0.05)
+                continue
+            os.write(acks, f"{tid}\n".encode())
+
+    threads = [
+        threading.Thread(target=work, args=(rng.randrange(1 << 30),), daemon=True)
+        for _ in range(int(cfg["threads"]))
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    tm.close()
+    return 0
+
+
+def main() -> int:
+    mode, path = sys.argv[1], sys.argv[2]
+    with open(path) as f:
+        cfg = json.load(f)
+    if mode == "transfer":
+        return one_transfer(cfg)
+    return chaos(cfg)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
