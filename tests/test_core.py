@@ -323,3 +323,40 @@ def test_manager_is_shared_between_threads(bank: Bank, make_tm: MakeTM) -> None:
     assert errors == []
     assert bank.balance("pg1") == 960 and bank.balance("maria") == 1040
     assert len(bank.journal_ids()["maria"]) == 40
+
+
+def test_read_only_postgres_branch_skips_phase_two_and_the_log(bank: Bank, make_tm: MakeTM) -> None:
+    tm = make_tm()
+    log = tm._log
+    before = log.forced_records  # type: ignore[attr-defined]
+    # one writer (maria) and one reader (pg2): no decision needs logging
+    with tm.transaction() as tx:
+        tx.execute("pg2", f"SELECT bal FROM {bank.table} WHERE id = 1").fetchall()
+        tx.execute("maria", f"UPDATE {bank.table} SET bal = bal + 1 WHERE id = 1")
+    assert log.forced_records == before  # type: ignore[attr-defined]
+    assert tx.branches == {"pg2": BranchState.COMMITTED, "maria": BranchState.COMMITTED}
+    assert bank.balance("maria") == 1001
+
+
+def test_commit_record_names_writing_branches_with_postgres_txids(
+    bank: Bank, make_tm: MakeTM, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tm = make_tm()
+    seen: list[tuple[str, list[str], dict[str, int]]] = []
+    real = tm._log.log_commit
+
+    def spy(gtrid: str, branches: list[str], txids: dict[str, int] | None = None) -> None:
+        seen.append((gtrid, list(branches), dict(txids or {})))
+        real(gtrid, branches, txids)
+
+    monkeypatch.setattr(tm._log, "log_commit", spy)
+    with tm.transaction() as tx:
+        tx.execute("pg2", f"SELECT bal FROM {bank.table} WHERE id = 1").fetchall()
+        tx.execute("pg1", f"UPDATE {bank.table} SET bal = bal - 1 WHERE id = 1")
+        tx.execute("maria", f"UPDATE {bank.table} SET bal = bal + 1 WHERE id = 1")
+    [(gtrid, branches, txids)] = seen
+    assert gtrid == tx.gtrid
+    assert sorted(branches) == ["maria", "pg1"]
+    assert set(txids) == {"pg1"} and txids["pg1"] > 0
+    status = run(bank.conns["pg1"], "SELECT pg_xact_status(%s::text::xid8)", (txids["pg1"],))
+    assert status == [("committed",)]

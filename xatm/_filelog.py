@@ -167,8 +167,10 @@ class FileLog:
     def node_id(self) -> str:
         return self._node_id
 
-    def log_commit(self, gtrid: str, branches: Sequence[str]) -> None:
-        record = LogRecord("COMMIT", gtrid, tuple(branches), time.time())
+    def log_commit(
+        self, gtrid: str, branches: Sequence[str], txids: Mapping[str, int] | None = None
+    ) -> None:
+        record = LogRecord("COMMIT", gtrid, tuple(branches), time.time(), dict(txids or {}))
         self._append(record, force=True)
 
     def log_end(self, gtrid: str) -> None:

@@ -35,7 +35,9 @@ class CoordinatorLog(Protocol):
     @property
     def node_id(self) -> str: ...
 
-    def log_commit(self, gtrid: str, branches: Sequence[str]) -> None:
+    def log_commit(
+        self, gtrid: str, branches: Sequence[str], txids: Mapping[str, int] | None = None
+    ) -> None:
         """Force a COMMIT decision for ``gtrid`` to disk; return once it is durable."""
 
     def log_end(self, gtrid: str) -> None:

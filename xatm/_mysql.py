@@ -25,7 +25,7 @@ from typing import Any
 import mysql.connector
 from mysql.connector import errors as myerrors
 
-from ._participant import BranchVotedNo, Cursor, PhaseTwo, PreparedBranch, Vote
+from ._participant import BranchVotedNo, Cursor, PhaseTwo, Prepared, PreparedBranch, Vote
 from ._urls import DEFAULT_CONNECT_TIMEOUT, Kind, ResourceSpec, redact
 from ._xid import Xid
 from .errors import ResourceUnavailable
@@ -116,7 +116,7 @@ class MySQLParticipant:
         cur.execute(query, params)
         return cur
 
-    def prepare(self, conn: Any, xid: Xid) -> Vote:
+    def prepare(self, conn: Any, xid: Xid) -> Prepared:
         try:
             self._run(conn, f"XA END {xid.to_mysql()}")
             self._run(conn, f"XA PREPARE {xid.to_mysql()}")
@@ -124,7 +124,8 @@ class MySQLParticipant:
             if not self.is_connection_error(e):
                 self._rollback_quietly(conn, xid)
             raise BranchVotedNo(f"XA PREPARE failed: {_describe(e)}", e) from e
-        return Vote.PREPARED
+        # a read-only XA branch cannot be told apart here: it is prepared like any other
+        return Prepared(Vote.PREPARED)
 
     def commit_one_phase(self, conn: Any, xid: Xid) -> None:
         try:

@@ -6,7 +6,8 @@ driver connection. The coordinator's view of a branch, in XA terms::
     begin ──> (application SQL) ──> prepare ──> commit_prepared
       │                               │    └──> rollback_prepared
       │                               └── vote no (raises BranchVotedNo): rolled back
-      ├──> commit_one_phase   (the only branch: no prepare, no log)
+      │                          (or votes READ_ONLY: already finished, no phase 2)
+    ├──> commit_one_phase   (the only branch: no prepare, no log)
       └──> rollback_active    (the block raised, or another branch voted no)
 
 ``recover`` lists the branches prepared on the resource (every application's); the caller
@@ -34,6 +35,20 @@ class Vote(enum.Enum):
 
     PREPARED = "prepared"
     READ_ONLY = "read-only"  # nothing to commit: the branch is already finished
+
+
+@dataclass(frozen=True, slots=True)
+class Prepared:
+    """A branch's yes vote.
+
+    ``READ_ONLY``: the branch wrote nothing and is already finished (it takes no part in
+    phase 2 and needs no decision). ``txid``: the server's own transaction id of the
+    prepared branch where it has one (PostgreSQL), recorded with the COMMIT decision so
+    recovery can later tell "committed" from "rolled back by hand" for a vanished branch.
+    """
+
+    vote: Vote
+    txid: int | None = None
 
 
 class PhaseTwo(enum.Enum):
@@ -93,7 +108,7 @@ class Participant(Protocol):
     def execute(self, conn: Connection, sql: Any, params: Sequence[Any] | Any = None) -> Cursor:
         """Run application SQL inside the branch and return a cursor."""
 
-    def prepare(self, conn: Connection, xid: Xid) -> Vote:
+    def prepare(self, conn: Connection, xid: Xid) -> Prepared:
         """Phase 1. Raise BranchVotedNo if the branch cannot commit."""
 
     def commit_one_phase(self, conn: Connection, xid: Xid) -> None:

@@ -23,7 +23,7 @@ import psycopg
 from psycopg import sql
 from psycopg.pq import TransactionStatus
 
-from ._participant import BranchVotedNo, Cursor, PhaseTwo, PreparedBranch, Vote
+from ._participant import BranchVotedNo, Cursor, PhaseTwo, Prepared, PreparedBranch, Vote
 from ._urls import DEFAULT_CONNECT_TIMEOUT, Kind, ResourceSpec, redact
 from ._xid import Xid
 from .errors import ResourceUnavailable
@@ -90,7 +90,7 @@ class PostgresParticipant:
     ) -> Cursor:
         return conn.execute(query, params)
 
-    def prepare(self, conn: psycopg.Connection[Any], xid: Xid) -> Vote:
+    def prepare(self, conn: psycopg.Connection[Any], xid: Xid) -> Prepared:
         status = conn.info.transaction_status
         if status == TransactionStatus.INERROR:
             raise BranchVotedNo("the branch's transaction had already failed")
@@ -99,10 +99,14 @@ class PostgresParticipant:
                 f"the branch's transaction is not open (status {status.name}): it was ended"
                 " outside xatm, by a commit or rollback on the raw connection"
             )
+        gid = sql.Literal(xid.to_pg_gid())
         try:
-            cur = conn.execute(
-                sql.SQL("PREPARE TRANSACTION {}").format(sql.Literal(xid.to_pg_gid()))
-            )
+            # one round trip: the branch's transaction id (NULL if it wrote nothing) and
+            # the prepare itself
+            with conn.pipeline():
+                ids = conn.execute("SELECT pg_current_xact_id_if_assigned()::text")
+                cur = conn.execute(sql.SQL("PREPARE TRANSACTION {}").format(gid))
+            row = ids.fetchone()
         except psycopg.Error as e:
             raise BranchVotedNo(f"PREPARE TRANSACTION failed: {_describe(e)}", e) from e
         if cur.statusmessage != "PREPARE TRANSACTION":
@@ -110,7 +114,15 @@ class PostgresParticipant:
                 f"the server rolled the branch back instead of preparing it"
                 f" (command tag {cur.statusmessage!r})"
             )
-        return Vote.PREPARED
+        if row is None or row[0] is None:
+            # Read-only: nothing to commit, whatever the decision. Finish it now; if that
+            # fails it is an ordinary prepared branch (recovery presumes abort: harmless).
+            try:
+                conn.execute(sql.SQL("COMMIT PREPARED {}").format(gid))
+            except psycopg.Error:
+                return Prepared(Vote.PREPARED)
+            return Prepared(Vote.READ_ONLY)
+        return Prepared(Vote.PREPARED, int(row[0]))
 
     def commit_one_phase(self, conn: psycopg.Connection[Any], xid: Xid) -> None:
         status = conn.info.transaction_status

@@ -4,7 +4,8 @@ A log holds two kinds of record (presumed abort: an abort is never logged by the
 coordinator):
 
 ``COMMIT``  the global commit decision for one gtrid, with the names of the resources that
-            hold a prepared branch. Forced to disk before any branch is committed.
+            hold a prepared branch (and the PostgreSQL transaction id of each PostgreSQL
+            branch). Forced to disk before any branch is committed.
 ``END``     every branch of that gtrid is committed; the COMMIT record is no longer needed.
             Written lazily: losing it only makes recovery check the branches once more.
 
@@ -18,8 +19,8 @@ from __future__ import annotations
 import json
 import struct
 import zlib
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
 from typing import Literal
 
 HEADER = struct.Struct("<II")
@@ -37,6 +38,8 @@ class LogRecord:
     gtrid: str
     branches: tuple[str, ...] = ()
     at: float = 0.0
+    #: the server transaction id of each PostgreSQL branch (resource name -> txid)
+    txids: Mapping[str, int] = field(default_factory=dict)
 
     def encode(self) -> bytes:
         """The framed bytes of this record."""
@@ -44,6 +47,8 @@ class LogRecord:
         if self.kind == "COMMIT":
             body["b"] = list(self.branches)
             body["t"] = round(self.at, 3)
+            if self.txids:
+                body["x"] = dict(self.txids)
         payload = json.dumps(body, separators=(",", ":")).encode("utf-8")
         return HEADER.pack(len(payload), zlib.crc32(payload)) + payload
 
@@ -58,7 +63,8 @@ class LogRecord:
         if not isinstance(gtrid, str):
             raise ValueError("gtrid is not a string")
         branches = tuple(str(b) for b in body.get("b", ()))
-        return cls(kind, gtrid, branches, float(body.get("t", 0.0)))
+        txids = {str(k): int(v) for k, v in body.get("x", {}).items()}
+        return cls(kind, gtrid, branches, float(body.get("t", 0.0)), txids)
 
 
 def read_frames(data: bytes, start: int) -> Iterator[tuple[int, LogRecord]]:

@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import _failpoint
 from ._log import DecisionNotLogged
-from ._participant import BranchVotedNo, Connection, Cursor, Participant, PhaseTwo
+from ._participant import BranchVotedNo, Connection, Cursor, Participant, PhaseTwo, Vote
 from ._pool import Pool
 from ._xid import Xid, branch_xid
 from .errors import (
@@ -91,6 +91,7 @@ class Branch:
     conn: Connection | None
     state: BranchState = BranchState.ACTIVE
     error: BaseException | None = field(default=None, repr=False)
+    txid: int | None = None  # the server's transaction id of the prepared branch, if known
 
     def release(self) -> None:
         """Give the connection back to the pool (or close it if it is not clean)."""
@@ -297,12 +298,18 @@ class Transaction:
             return
         self.state = TransactionState.PREPARING
         _failpoint.hit("before_prepare")
-        self._prepare_all(branches)
+        prepared = self._prepare_all(branches)
         _failpoint.hit("after_prepare")
-        self._decide(branches)
+        if len(prepared) > 1:
+            self._decide(prepared)
+        else:
+            # Read-only votes left at most one branch with work: its commit alone decides
+            # the outcome, so no decision needs logging (a crash before it commits leaves
+            # nothing acknowledged, and presumed abort rolls the branch back).
+            self._fence_decision(prepared)
         _failpoint.hit("after_decision")
         self.state = TransactionState.COMMITTING
-        self._commit_all(branches)
+        self._commit_all(prepared, logged=len(prepared) > 1)
 
     def _raise_rolled_back(self, reason: str, cause: BaseException | None = None) -> None:
         if reason == "timeout":
@@ -341,11 +348,18 @@ class Transaction:
         branch.release()
         self.state = TransactionState.COMMITTED
 
-    def _prepare_all(self, branches: list[Branch]) -> None:
+    def _prepare_all(self, branches: list[Branch]) -> list[Branch]:
+        """Phase 1 on every branch; returns the branches that voted PREPARED (the others
+        are read-only and already finished). Rolls everything back on any no vote."""
+
         def prepare(branch: Branch) -> None:
             assert branch.conn is not None
-            branch.participant.prepare(branch.conn, branch.xid)
-            branch.state = BranchState.PREPARED
+            result = branch.participant.prepare(branch.conn, branch.xid)
+            if result.vote is Vote.READ_ONLY:
+                branch.state = BranchState.COMMITTED
+            else:
+                branch.state = BranchState.PREPARED
+                branch.txid = result.txid
 
         outcomes = self._manager._fanout.run([functools.partial(prepare, b) for b in branches])
         failure: BaseException | None = None
@@ -368,8 +382,13 @@ class Transaction:
             if not isinstance(failure, Exception):
                 raise failure  # KeyboardInterrupt and the like, after rolling back
             self._raise_rolled_back(reason, failure)
+        for branch in branches:
+            if branch.state is BranchState.COMMITTED:
+                branch.release()
+        return [b for b in branches if b.state is BranchState.PREPARED]
 
-    def _decide(self, branches: list[Branch]) -> None:
+    def _fence_decision(self, branches: list[Branch]) -> None:
+        """Pass the fence with recovery, or roll back if the transaction is past its time."""
         with self._fence:
             expired = self._aborted_by_recovery or time.monotonic() > self.deadline
             if not expired:
@@ -377,8 +396,12 @@ class Transaction:
         if expired:
             self._rollback_all()
             self._raise_rolled_back("timeout")
+
+    def _decide(self, branches: list[Branch]) -> None:
+        self._fence_decision(branches)
+        txids = {b.resource: b.txid for b in branches if b.txid is not None}
         try:
-            self._manager._log.log_commit(self.gtrid, [b.resource for b in branches])
+            self._manager._log.log_commit(self.gtrid, [b.resource for b in branches], txids)
         except DecisionNotLogged as e:
             self._rollback_all()
             self._raise_rolled_back(f"the commit decision could not be logged: {e}", e)
@@ -392,7 +415,7 @@ class Transaction:
                 gtrid=self.gtrid,
             ) from e
 
-    def _commit_all(self, branches: list[Branch]) -> None:
+    def _commit_all(self, branches: list[Branch], *, logged: bool) -> None:
         first_done = threading.Event()
 
         def commit(branch: Branch) -> PhaseTwo:
@@ -430,7 +453,17 @@ class Transaction:
                     outcome.error,
                 )
         self.state = TransactionState.COMMITTED
-        if all(b.state is BranchState.COMMITTED for b in branches):
+        if not logged:
+            if branches and branches[0].state is BranchState.UNKNOWN:
+                # the only branch with work: its outcome is this transaction's outcome
+                self.state = TransactionState.IN_DOUBT
+                raise TransactionInDoubt(
+                    f"the commit of the only writing branch of {self.gtrid} on"
+                    f" {branches[0].resource!r} failed midway; with no logged decision,"
+                    " recovery will roll it back if it is still prepared",
+                    gtrid=self.gtrid,
+                ) from branches[0].error
+        elif all(b.state is BranchState.COMMITTED for b in branches):
             try:
                 self._manager._log.log_end(self.gtrid)
             except LogError as e:
