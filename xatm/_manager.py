@@ -12,7 +12,9 @@ import threading
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
+from . import _sqlalchemy
 from ._config import Settings, load_config, resource_specs, validate_timeout
 from ._filelog import DEFAULT_SEGMENT_BYTES, FileLog
 from ._log import CoordinatorLog
@@ -40,7 +42,8 @@ def make_participant(name: str, spec: ResourceSpec) -> Participant:
 class TransactionManager:
     """Coordinates global transactions over a fixed set of named resources.
 
-    :param resources: resource name -> URL (``postgresql://``, ``mysql://``, ``mariadb://``...).
+    :param resources: resource name -> URL (``postgresql://``, ``mysql://``, ``mariadb://``...)
+        or a SQLAlchemy Engine (``postgresql+psycopg``, ``mysql+mysqlconnector``).
     :param log: a directory for the embedded durable file log.
     :param node_id: this coordinator's identity, carried in every XID it creates; unique per
         live process sharing a log directory.
@@ -51,7 +54,7 @@ class TransactionManager:
 
     def __init__(
         self,
-        resources: Mapping[str, str | ResourceSpec],
+        resources: Mapping[str, str | ResourceSpec | Any],
         log: str | os.PathLike[str],
         node_id: str,
         timeout: float = 30.0,
@@ -62,7 +65,13 @@ class TransactionManager:
     ) -> None:
         self.node_id = validate_node_id(node_id)
         self.timeout = validate_timeout(timeout)
-        self._specs = resource_specs(resources)
+        engines = {n: e for n, e in dict(resources).items() if _sqlalchemy.is_engine(e)}
+        self._specs = resource_specs(
+            {
+                n: _sqlalchemy.spec_from_engine(engines[n]) if n in engines else v
+                for n, v in dict(resources).items()
+            }
+        )
         if not isinstance(log, str | os.PathLike) or not str(log):
             raise ConfigurationError("log must be a directory path")
         if "://" in str(log):
@@ -75,7 +84,10 @@ class TransactionManager:
         for name, spec in self._specs.items():
             participant = make_participant(name, spec)
             self._participants[name] = participant
-            self._pools[name] = Pool(participant, max_idle=pool_size)
+            if name in engines:
+                self._pools[name] = _sqlalchemy.engine_pool(engines[name], participant, pool_size)
+            else:
+                self._pools[name] = Pool(participant, max_idle=pool_size)
         self._log: CoordinatorLog = FileLog(
             self.log_directory, self.node_id, segment_bytes=segment_bytes, lock_timeout=30.0
         )

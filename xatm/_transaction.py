@@ -177,6 +177,22 @@ class Transaction:
         assert branch.conn is not None
         return branch.conn
 
+    def session(self, binds: Any = None, **session_kwargs: Any) -> Any:
+        """A SQLAlchemy ORM ``Session`` whose work joins this transaction (see docs/api.md).
+
+        ``binds`` maps models (or tables) to resource names. The session is flushed before
+        prepare; commit and rollback happen through xatm when the block ends.
+        """
+        from . import _sqlalchemy
+
+        return _sqlalchemy.session(self, binds, **session_kwargs)
+
+    def sa_connection(self, resource: str) -> Any:
+        """A SQLAlchemy ``Connection`` on this transaction's branch on ``resource``."""
+        from . import _sqlalchemy
+
+        return _sqlalchemy.sa_connection(self, resource)
+
     def set_rollback_only(self, reason: str = "set_rollback_only() was called") -> None:
         """Make the transaction unable to commit: leaving the block will roll it back."""
         self._rollback_only = reason
