@@ -14,20 +14,20 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from . import _sqlalchemy
+from . import _marker, _sqlalchemy
 from ._config import Settings, load_config, resource_specs, validate_timeout
 from ._filelog import DEFAULT_SEGMENT_BYTES, FileLog
 from ._log import CoordinatorLog
 from ._mysql import MySQLParticipant
 from ._parallel import Fanout
-from ._participant import Participant
+from ._participant import Connection, Participant
 from ._pool import Pool
 from ._postgres import PostgresParticipant
 from ._recovery import RecoveryReport, run_pass
-from ._transaction import Transaction, describe_unknown_resource
-from ._urls import ResourceSpec
+from ._transaction import Branch, Transaction, describe_unknown_resource
+from ._urls import ResourceSpec, redact
 from ._xid import new_gtrid, validate_node_id
-from .errors import ConfigurationError, XatmError
+from .errors import ConfigurationError, ResourceNotFit, XatmError
 
 logger = logging.getLogger("xatm")
 
@@ -50,6 +50,8 @@ class TransactionManager:
     :param timeout: seconds a transaction may take; past it, it is rolled back, and recovery
         may abort it.
     :param parallel: prepare and commit the branches concurrently (default) or in turn.
+    :param commit_markers: resources that may carry the commit decision in their own
+        ``xatm_decisions`` table (the commit-marker fast path, see ``xatm._marker``).
     """
 
     def __init__(
@@ -62,6 +64,7 @@ class TransactionManager:
         parallel: bool = True,
         pool_size: int = 8,
         segment_bytes: int = DEFAULT_SEGMENT_BYTES,
+        commit_markers: Iterable[str] = (),
     ) -> None:
         self.node_id = validate_node_id(node_id)
         self.timeout = validate_timeout(timeout)
@@ -91,6 +94,13 @@ class TransactionManager:
         self._log: CoordinatorLog = FileLog(
             self.log_directory, self.node_id, segment_bytes=segment_bytes, lock_timeout=30.0
         )
+        self.commit_markers = frozenset(commit_markers)
+        unknown = self.commit_markers - set(self._specs)
+        if unknown:
+            raise ConfigurationError(
+                f"commit_markers names unknown resource(s): {', '.join(sorted(unknown))}"
+            )
+        self._finished: dict[str, list[str]] = {name: [] for name in self.commit_markers}
         self._fanout = Fanout(parallel)
         self._lock = threading.Lock()
         self._active: dict[str, Transaction] = {}
@@ -166,6 +176,45 @@ class TransactionManager:
         if participant is None:
             raise describe_unknown_resource(name, list(self._participants))
         return participant, self._pools[name]
+
+    def _marker_branch(self, branches: list[Branch]) -> Branch | None:
+        """The branch to carry the decision (commit-marker path), or None for strict 2PC.
+
+        The first enlisted marker resource wins, PostgreSQL before MySQL (its decision row
+        and commit go in one round trip)."""
+        candidates = [b for b in branches if b.resource in self.commit_markers]
+        candidates.sort(key=lambda b: b.participant.kind != "postgresql")
+        return candidates[0] if candidates else None
+
+    def _finished_markers(self, resource: str) -> list[str]:
+        """A batch of finished gtrids whose decision rows on ``resource`` can be deleted."""
+        with self._lock:
+            done = self._finished[resource]
+            if len(done) < _marker.DELETE_AFTER:
+                return []
+            batch, self._finished[resource] = (
+                done[: _marker.DELETE_BATCH],
+                done[_marker.DELETE_BATCH :],
+            )
+            return batch
+
+    def _marker_finished(self, resource: str, gtrid: str) -> None:
+        with self._lock:
+            self._finished[resource].append(gtrid)
+
+    def _first_connection(self, participant: Participant, conn: Connection) -> None:
+        """Set-up on a resource's first connection: the marker table, if it carries markers."""
+        if participant.name in self.commit_markers:
+            try:
+                _marker.ensure_table(participant, conn)
+            except Exception as e:
+                if participant.is_connection_error(e):
+                    raise
+                raise ResourceNotFit(
+                    f"resource {participant.name!r} carries commit markers but its table"
+                    f" {_marker.TABLE} cannot be created: {redact(str(e))}",
+                    resource=participant.name,
+                ) from None
 
     def _running(self, gtrid: str) -> Transaction | None:
         with self._lock:

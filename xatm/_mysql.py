@@ -25,7 +25,15 @@ from typing import Any
 import mysql.connector
 from mysql.connector import errors as myerrors
 
-from ._participant import BranchVotedNo, Cursor, PhaseTwo, Prepared, PreparedBranch, Vote
+from ._participant import (
+    BranchVotedNo,
+    Cursor,
+    PhaseTwo,
+    Prepared,
+    PreparedBranch,
+    Statement,
+    Vote,
+)
 from ._urls import DEFAULT_CONNECT_TIMEOUT, Kind, ResourceSpec, redact
 from ._xid import Xid
 from .errors import ResourceUnavailable
@@ -127,13 +135,16 @@ class MySQLParticipant:
         # a read-only XA branch cannot be told apart here: it is prepared like any other
         return Prepared(Vote.PREPARED)
 
-    def commit_one_phase(self, conn: Any, xid: Xid) -> None:
+    def commit_one_phase(self, conn: Any, xid: Xid, before: Sequence[Statement] = ()) -> None:
         try:
+            for query, params in before:
+                self.execute(conn, query, params).close()
             self._run(conn, f"XA END {xid.to_mysql()}")
         except myerrors.Error as e:
-            if not self.is_connection_error(e):
-                self._rollback_quietly(conn, xid)
-            raise BranchVotedNo(f"XA END failed: {_describe(e)}", e) from e
+            if self.is_connection_error(e):
+                raise
+            self._rollback_quietly(conn, xid)
+            raise BranchVotedNo(f"the branch failed before its commit: {_describe(e)}", e) from e
         try:
             self._run(conn, f"XA COMMIT {xid.to_mysql()} ONE PHASE")
         except myerrors.Error as e:

@@ -28,6 +28,7 @@ from ._xid import Xid
 
 Connection = Any  # a driver connection: psycopg.Connection or a mysql-connector connection
 Cursor = Any
+Statement = tuple[str, tuple[Any, ...]]  # SQL with %s placeholders, and its parameters
 
 
 class Vote(enum.Enum):
@@ -111,8 +112,15 @@ class Participant(Protocol):
     def prepare(self, conn: Connection, xid: Xid) -> Prepared:
         """Phase 1. Raise BranchVotedNo if the branch cannot commit."""
 
-    def commit_one_phase(self, conn: Connection, xid: Xid) -> None:
-        """Commit an unprepared branch directly (the transaction's only branch)."""
+    def commit_one_phase(
+        self, conn: Connection, xid: Xid, before: Sequence[Statement] = ()
+    ) -> None:
+        """Commit an unprepared branch directly (the only branch, or the marker branch).
+
+        ``before``: statements to run in the branch first, sent with the commit in as few
+        round trips as the driver allows. Raise BranchVotedNo if the branch is certainly
+        rolled back; a connection error means the outcome is unknown.
+        """
 
     def commit_prepared(self, conn: Connection, xid: Xid) -> PhaseTwo:
         """Phase 2, commit. ``conn`` may be the preparing connection or a fresh one."""

@@ -23,7 +23,15 @@ import psycopg
 from psycopg import sql
 from psycopg.pq import TransactionStatus
 
-from ._participant import BranchVotedNo, Cursor, PhaseTwo, Prepared, PreparedBranch, Vote
+from ._participant import (
+    BranchVotedNo,
+    Cursor,
+    PhaseTwo,
+    Prepared,
+    PreparedBranch,
+    Statement,
+    Vote,
+)
 from ._urls import DEFAULT_CONNECT_TIMEOUT, Kind, ResourceSpec, redact
 from ._xid import Xid
 from .errors import ResourceUnavailable
@@ -124,13 +132,29 @@ class PostgresParticipant:
             return Prepared(Vote.READ_ONLY)
         return Prepared(Vote.PREPARED, int(row[0]))
 
-    def commit_one_phase(self, conn: psycopg.Connection[Any], xid: Xid) -> None:
+    def commit_one_phase(
+        self, conn: psycopg.Connection[Any], xid: Xid, before: Sequence[Statement] = ()
+    ) -> None:
         status = conn.info.transaction_status
         if status == TransactionStatus.INERROR:
             raise BranchVotedNo("the branch's transaction had already failed")
         if status != TransactionStatus.INTRANS:
             raise BranchVotedNo("the branch's transaction was ended outside xatm")
-        cur = conn.execute("COMMIT")
+        try:
+            if before:
+                with conn.pipeline():  # the statements and the commit: one round trip
+                    for query, params in before:
+                        conn.execute(query, params)
+                    cur = conn.execute("COMMIT")
+            else:
+                cur = conn.execute("COMMIT")
+        except psycopg.Error as e:
+            if self.is_connection_error(e):
+                raise
+            with contextlib.suppress(psycopg.Error):
+                if conn.info.transaction_status != TransactionStatus.IDLE:
+                    conn.execute("ROLLBACK")
+            raise BranchVotedNo(f"the commit failed: {_describe(e)}", e) from e
         if cur.statusmessage != "COMMIT":
             raise BranchVotedNo(f"the server answered {cur.statusmessage!r} to COMMIT")
 

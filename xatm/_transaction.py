@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
-from . import _failpoint
+from . import _failpoint, _marker
 from ._log import DecisionNotLogged
 from ._participant import BranchVotedNo, Connection, Cursor, Participant, PhaseTwo, Vote
 from ._pool import Pool
@@ -245,6 +245,7 @@ class Transaction:
                             f" is not fit for two-phase commit: {'; '.join(problems)}",
                             resource=participant.name,
                         )
+                    self._manager._first_connection(participant, conn)
                     pool.checked = True
                 participant.begin(conn, xid)
                 return conn
@@ -312,6 +313,10 @@ class Transaction:
         if len(branches) == 1:
             self._commit_one_phase(branches[0])
             return
+        marker = self._manager._marker_branch(branches)
+        if marker is not None:
+            self._commit_with_marker(branches, marker)
+            return
         self.state = TransactionState.PREPARING
         _failpoint.hit("before_prepare")
         prepared = self._prepare_all(branches)
@@ -326,6 +331,46 @@ class Transaction:
         _failpoint.hit("after_decision")
         self.state = TransactionState.COMMITTING
         self._commit_all(prepared, logged=len(prepared) > 1)
+
+    def _commit_with_marker(self, branches: list[Branch], marker: Branch) -> None:
+        """The commit-marker path (see ``xatm._marker``): prepare the others, then commit
+        the marker branch in one phase with the decision row inside it."""
+        self.state = TransactionState.PREPARING
+        _failpoint.hit("before_prepare")
+        prepared = self._prepare_all([b for b in branches if b is not marker])
+        _failpoint.hit("after_prepare")
+        self._fence_decision(prepared)
+        finished = self._manager._finished_markers(marker.resource)
+        gtrid = self.gtrid if prepared else None  # no other writer: no decision row needed
+        txids = {b.resource: b.txid for b in prepared if b.txid is not None}
+        statements = _marker.statements(gtrid, [b.resource for b in prepared], txids, finished)
+        assert marker.conn is not None
+        try:
+            marker.participant.commit_one_phase(marker.conn, marker.xid, statements)
+        except BranchVotedNo as e:
+            marker.state = BranchState.ROLLED_BACK
+            self._rollback_all()
+            self._raise_rolled_back(f"{marker.resource}: {e.reason}", e.__cause__ or e)
+        except BaseException as e:
+            marker.error = e
+            if not marker.participant.is_connection_error(e):
+                self._rollback_all()
+                self._raise_rolled_back(f"{marker.resource}: commit failed: {e}", e)
+            marker.state = BranchState.UNKNOWN
+            self.state = TransactionState.IN_DOUBT
+            for b in branches:
+                b.drop()
+            raise TransactionInDoubt(
+                f"the connection to {marker.resource!r} was lost while it committed the"
+                f" decision of {self.gtrid}; recovery settles the other branches by whether"
+                " the decision row is there",
+                gtrid=self.gtrid,
+            ) from e
+        marker.state = BranchState.COMMITTED
+        marker.release()
+        _failpoint.hit("after_decision")
+        self.state = TransactionState.COMMITTING
+        self._commit_all(prepared, logged=bool(prepared), marker=marker.resource)
 
     def _raise_rolled_back(self, reason: str, cause: BaseException | None = None) -> None:
         if reason == "timeout":
@@ -431,7 +476,9 @@ class Transaction:
                 gtrid=self.gtrid,
             ) from e
 
-    def _commit_all(self, branches: list[Branch], *, logged: bool) -> None:
+    def _commit_all(
+        self, branches: list[Branch], *, logged: bool, marker: str | None = None
+    ) -> None:
         first_done = threading.Event()
 
         def commit(branch: Branch) -> PhaseTwo:
@@ -480,6 +527,9 @@ class Transaction:
                     gtrid=self.gtrid,
                 ) from branches[0].error
         elif all(b.state is BranchState.COMMITTED for b in branches):
+            if marker is not None:
+                self._manager._marker_finished(marker, self.gtrid)
+                return
             try:
                 self._manager._log.log_end(self.gtrid)
             except LogError as e:

@@ -1,0 +1,80 @@
+"""The commit-marker fast path: the decision row committed inside one participant."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+
+from tests.support import Bank, run
+from xatm import BranchState, TransactionManager, TransactionRolledBack, TransactionState
+
+MakeTM = Callable[..., TransactionManager]
+
+
+def move(tx: object, bank: Bank, src: str, dst: str, tid: str) -> None:
+    t, j = bank.table, bank.journal
+    tx.execute(src, f"UPDATE {t} SET bal = bal - 10 WHERE id = 1")  # type: ignore[attr-defined]
+    tx.execute(dst, f"UPDATE {t} SET bal = bal + 10 WHERE id = 1")  # type: ignore[attr-defined]
+    for r in (src, dst):
+        tx.execute(r, f"INSERT INTO {j} VALUES (%s)", (tid,))  # type: ignore[attr-defined]
+
+
+def decision_rows(bank: Bank, resource: str) -> set[str]:
+    return {r[0] for r in run(bank.conns[resource], "SELECT gtrid FROM xatm_decisions")}
+
+
+@pytest.mark.parametrize("marker", ["pg1", "maria"])
+def test_commit_with_marker_writes_no_log_and_one_decision_row(
+    marker: str, bank: Bank, make_tm: MakeTM
+) -> None:
+    tm = make_tm(commit_markers=[marker])
+    forced = tm._log.forced_records  # type: ignore[attr-defined]
+    with tm.transaction() as tx:
+        move(tx, bank, "pg1", "maria", "m-1")
+    assert tx.state is TransactionState.COMMITTED
+    assert set(tx.branches.values()) == {BranchState.COMMITTED}
+    assert tm._log.forced_records == forced  # type: ignore[attr-defined]
+    assert tx.gtrid in decision_rows(bank, marker)
+    assert bank.journal_ids()["pg1"] == bank.journal_ids()["maria"] == {"m-1"}
+    assert bank.total() == bank.initial_total
+    assert bank.xatm_prepared() == {"pg1": [], "pg2": [], "maria": []}
+
+
+def test_marker_rows_are_deleted_in_batches(bank: Bank, make_tm: MakeTM) -> None:
+    tm = make_tm(commit_markers=["pg1"])
+    with tm.transaction() as tx:  # creates the marker table if this is its first use
+        move(tx, bank, "pg1", "maria", "b-first")
+    before = decision_rows(bank, "pg1")
+    gtrids = []
+    for i in range(80):
+        with tm.transaction() as tx:
+            move(tx, bank, "pg1", "maria", f"b-{i}")
+        gtrids.append(tx.gtrid)
+    left = decision_rows(bank, "pg1") - before
+    assert len(left) < 80  # the first batches were deleted by later marker transactions
+    assert set(gtrids[-10:]) <= left
+    assert bank.total() == bank.initial_total
+
+
+def test_marker_rollback_on_no_vote(bank: Bank, make_tm: MakeTM) -> None:
+    tm = make_tm(commit_markers=["maria"])
+    with pytest.raises(TransactionRolledBack), tm.transaction() as tx:
+        move(tx, bank, "pg1", "maria", "m-no")
+        tx.execute("pg2", "CREATE TEMP TABLE scratch (x int)")
+        tx.execute("pg2", f"UPDATE {bank.table} SET bal = bal + 1 WHERE id = 2")
+    assert tx.gtrid not in decision_rows(bank, "maria")
+    assert bank.total() == bank.initial_total
+    assert bank.journal_ids() == {"pg1": set(), "pg2": set(), "maria": set()}
+    assert bank.xatm_prepared() == {"pg1": [], "pg2": [], "maria": []}
+
+
+def test_marker_branch_failing_rolls_back_the_prepared_ones(bank: Bank, make_tm: MakeTM) -> None:
+    tm = make_tm(commit_markers=["pg1"])
+    with pytest.raises(TransactionRolledBack), tm.transaction() as tx:
+        move(tx, bank, "pg1", "maria", "m-dup")
+        # the decision row's key is taken: the marker branch's commit fails
+        run(bank.conns["pg1"], "INSERT INTO xatm_decisions VALUES (%s, '{}', 0)", (tx.gtrid,))
+    assert bank.journal_ids() == {"pg1": set(), "pg2": set(), "maria": set()}
+    assert bank.xatm_prepared() == {"pg1": [], "pg2": [], "maria": []}
+    run(bank.conns["pg1"], "DELETE FROM xatm_decisions WHERE gtrid = %s", (tx.gtrid,))
