@@ -32,6 +32,7 @@ from .errors import ConfigurationError
 
 _ENV_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 _KNOWN_KEYS = {"node_id", "log", "timeout", "resources", "sweeper"}
+_RESOURCE_KEYS = {"url"}
 
 
 @dataclass(frozen=True)
@@ -103,6 +104,11 @@ def load_config(path: str | os.PathLike[str]) -> Settings:
     for name, table in raw_resources.items():
         if not isinstance(table, dict) or not isinstance(table.get("url"), str):
             raise ConfigurationError(f"{where}: [resources.{name}] needs a string 'url'")
+        unknown = set(table) - _RESOURCE_KEYS
+        if unknown:
+            raise ConfigurationError(
+                f"{where}: unknown setting(s) in [resources.{name}]: {', '.join(sorted(unknown))}"
+            )
         urls[name] = expand_env(table["url"], f"{where}, resource {name!r}")
     log = data["log"]
     if not isinstance(log, str) or not log:

@@ -9,7 +9,9 @@ Accepted schemes:
 ``user:password@host:port/database?option=value``; options are passed to the driver
 (for example ``sslmode`` for psycopg, ``unix_socket`` or ``ssl_disabled`` for
 mysql-connector). A password is never shown: :meth:`ResourceSpec.redacted` and ``repr``
-replace it with ``***``, and every error message is built from the redacted form.
+replace it with ``***`` (so do they for an option such as ``password=``), and every error
+message is built from the redacted form. A user name or password must percent-encode '@',
+'/', '?' and '#'; a URL that does not is refused rather than read as another host or port.
 """
 
 from __future__ import annotations
@@ -33,15 +35,39 @@ _SCHEMES: dict[str, Kind] = {
     "mariadb+mysqlconnector": "mysql",
 }
 _DEFAULT_PORT: dict[Kind, int] = {"postgresql": 5432, "mysql": 3306}
-_PASSWORD_RE = re.compile(r"(//[^:/?#@]*:)([^@/]*)(@)")
+# ``//user:password@``: the password may hold any character but whitespace (even '@' and '/',
+# which a careless URL leaves unencoded), so it runs to the last '@' of the word; hiding too
+# much is harmless, showing a piece of a password is not.
+_PASSWORD_RE = re.compile(r"(//[^:/?#\s]*:)(\S*)(@)")
+# ``password=...`` (``passwd``, ``sslpassword``...) in a query string or a conninfo string
+_SECRET_OPTION_RE = re.compile(r"(?i)\b([a-z0-9_]*(?:password|passwd|pwd))=([^&\s'\"]*)")
+_SECRET_KEY_RE = re.compile(r"(?i)password|passwd|pwd")
+
+_ENCODE_HINT = "percent-encode any '@', '/', '?' or '#' in the user name or password"
 
 #: seconds to wait for a connection before a node counts as unreachable
 DEFAULT_CONNECT_TIMEOUT = 5
 
 
 def redact(text: str) -> str:
-    """Replace any ``user:password@`` in ``text`` with ``user:***@``."""
-    return _PASSWORD_RE.sub(r"\1***\3", text)
+    """Replace any ``user:password@`` and ``password=...`` in ``text`` with ``***``."""
+    return _SECRET_OPTION_RE.sub(r"\1=***", _PASSWORD_RE.sub(r"\1***\3", text))
+
+
+def _redact_url(url: str) -> str:
+    """One whole URL, even a malformed one, with everything from ``user:`` to its last '@'
+    hidden (a password may hold unencoded '@', '/', '?', '#' or spaces)."""
+    head, sep, rest = url.partition("//")
+    at = rest.rfind("@")
+    if sep and at >= 0:
+        user, colon, _ = rest[:at].partition(":")
+        if colon:
+            url = f"{head}//{user}:***@{rest[at + 1 :]}"
+    return redact(url)
+
+
+def _is_secret_option(key: str) -> bool:
+    return _SECRET_KEY_RE.search(key) is not None
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,7 +93,10 @@ class ResourceSpec:
         host = f"[{self.host}]" if ":" in self.host else self.host
         url = f"{self.kind}://{auth}{host}:{self.port}/{quote(self.database or '', safe='')}"
         if self.options:
-            url += "?" + "&".join(f"{k}={quote(v, safe='')}" for k, v in self.options)
+            url += "?" + "&".join(
+                f"{k}={'***' if _is_secret_option(k) else quote(v, safe='')}"
+                for k, v in self.options
+            )
         return url
 
     def __repr__(self) -> str:
@@ -83,18 +112,28 @@ def parse_url(url: object) -> ResourceSpec:
         raise ConfigurationError(
             f"a resource URL must be a non-empty string, got {type(url).__name__}"
         )
-    shown = redact(url)
+    shown = _redact_url(url)
+    # urllib's own messages may quote pieces of the URL (a password cut at an unencoded '/'
+    # reads as a port): they are never shown.
     try:
         parts = urlsplit(url.strip())
+    except ValueError:
+        raise ConfigurationError(f"malformed resource URL {shown!r}") from None
+    try:
         port = parts.port
-    except ValueError as e:
-        raise ConfigurationError(f"malformed resource URL {shown!r}: {redact(str(e))}") from None
+    except ValueError:
+        raise ConfigurationError(
+            f"resource URL {shown!r}: the port must be a number from 1 to 65535 ({_ENCODE_HINT})"
+        ) from None
     kind = _SCHEMES.get(parts.scheme.lower())
     if kind is None:
         known = ", ".join(sorted(_SCHEMES))
         raise ConfigurationError(
             f"unsupported scheme {parts.scheme!r} in resource URL {shown!r}; use one of: {known}"
         )
+    if "@" in parts.path + parts.query + parts.fragment:
+        # "u:12/x@h" would otherwise parse as host u, port 12, database "x@h"
+        raise ConfigurationError(f"resource URL {shown!r}: an '@' after the host ({_ENCODE_HINT})")
     if not parts.hostname:
         raise ConfigurationError(f"resource URL {shown!r} names no host")
     database = unquote(parts.path.lstrip("/")) or None

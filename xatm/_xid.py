@@ -109,7 +109,11 @@ class Xid:
             bqual = base64.b64decode(parts[2], validate=True).decode("ascii")
         except (binascii.Error, UnicodeDecodeError):
             return None
-        return cls(int(parts[0]), gtrid, bqual)
+        xid = cls(int(parts[0]), gtrid, bqual)
+        # Only the canonical spelling names this XID: "٢_…" (non-ASCII digits), "01_…" or
+        # base64 with stray padding bits decode to the same triple, but COMMIT PREPARED of
+        # xid.to_pg_gid() would then name another transaction.
+        return xid if xid.to_pg_gid() == gid else None
 
     # -- MySQL / MariaDB -------------------------------------------------------------------
     def to_mysql(self) -> str:

@@ -1,0 +1,501 @@
+"""Unit tests of the embedded coordinator log (``xatm._filelog``) and its record framing.
+
+No database server is needed: every test works on a log directory in tmp_path.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import stat
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+import zlib
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from xatm._filelog import MAGIC, FileLog, list_nodes
+from xatm._log import DecisionNotLogged
+from xatm._records import HEADER, MAX_PAYLOAD, LogRecord, read_frames
+from xatm._xid import new_gtrid
+from xatm.errors import ConfigurationError, LogError, LogLocked
+
+NODE = "node-a"
+
+
+@pytest.fixture
+def logdir(tmp_path: Path) -> Path:
+    return tmp_path / "log"
+
+
+@pytest.fixture
+def opened(logdir: Path) -> Iterator[list[FileLog]]:
+    """Logs opened by a test; closed after it (closing twice is harmless)."""
+    logs: list[FileLog] = []
+    yield logs
+    for log in logs:
+        log.close()
+
+
+def open_log(logs: list[FileLog], directory: Path, node_id: str = NODE, **kw: object) -> FileLog:
+    log = FileLog(directory, node_id, **kw)  # type: ignore[arg-type]
+    logs.append(log)
+    return log
+
+
+def reopen(logs: list[FileLog], log: FileLog, **kw: object) -> FileLog:
+    log.close()
+    return open_log(logs, log.directory, log.node_id, **kw)
+
+
+def gtrid(i: int) -> str:
+    return f"xatm.{NODE}.{i:011x}{i:016x}"
+
+
+def only_segment(log: FileLog) -> Path:
+    segments = log.segments()
+    assert len(segments) == 1, segments
+    return segments[0][0]
+
+
+def frame_bounds(data: bytes) -> list[tuple[int, int]]:
+    """(start, end) offset of each good frame of a segment's bytes."""
+    bounds = []
+    start = len(MAGIC)
+    for end, _ in read_frames(data, len(MAGIC)):
+        bounds.append((start, end))
+        start = end
+    return bounds
+
+
+def write_three(logs: list[FileLog], logdir: Path) -> tuple[Path, list[tuple[int, int]]]:
+    """A closed log whose one segment holds COMMITs of gtrid(1), gtrid(2), gtrid(3)."""
+    log = open_log(logs, logdir)
+    for i in (1, 2, 3):
+        log.log_commit(gtrid(i), ["pg1", "maria"])
+    seg = only_segment(log)
+    log.close()
+    data = seg.read_bytes()
+    bounds = frame_bounds(data)
+    assert len(bounds) == 3 and bounds[-1][1] == len(data)
+    return seg, bounds
+
+
+# -- records -------------------------------------------------------------------------------
+def test_record_round_trip() -> None:
+    commit = LogRecord("COMMIT", gtrid(1), ("pg1", "maria"), 1700000000.1234)
+    end = LogRecord("END", gtrid(1))
+    data = MAGIC + commit.encode() + end.encode()
+    got = [r for _, r in read_frames(data, len(MAGIC))]
+    assert got[0] == LogRecord("COMMIT", gtrid(1), ("pg1", "maria"), 1700000000.123)
+    assert got[1] == end
+    frame = commit.encode()
+    length, crc = HEADER.unpack_from(frame)
+    assert length == len(frame) - HEADER.size
+    assert crc == zlib.crc32(frame[HEADER.size :])
+    assert LogRecord.decode(frame[HEADER.size :]) == got[0]
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [b'{"k":"ABORT","g":"x"}', b'{"k":"END","g":7}', b'{"g":"x"}', b"not json", b"[1]"],
+)
+def test_record_decode_rejects_malformed(payload: bytes) -> None:
+    with pytest.raises((ValueError, KeyError, TypeError)):
+        LogRecord.decode(payload)
+
+
+def _frame(payload: bytes) -> bytes:
+    return HEADER.pack(len(payload), zlib.crc32(payload)) + payload
+
+
+def test_read_frames_stops_at_bad_crc() -> None:
+    a, b, c = (LogRecord("END", gtrid(i)).encode() for i in (1, 2, 3))
+    bad = bytearray(b)
+    bad[-2] ^= 0x01
+    data = a + bytes(bad) + c
+    assert [r.gtrid for _, r in read_frames(data, 0)] == [gtrid(1)]
+
+
+def test_read_frames_stops_at_oversize_length() -> None:
+    a = LogRecord("END", gtrid(1)).encode()
+    # a frame that claims more than MAX_PAYLOAD, with that many bytes actually present
+    huge = b"x" * (MAX_PAYLOAD + 1)
+    data = a + HEADER.pack(len(huge), zlib.crc32(huge)) + huge + a
+    assert [end for end, _ in read_frames(data, 0)] == [len(a)]
+
+
+def test_read_frames_stops_at_zero_length_and_undecodable_payload() -> None:
+    a = LogRecord("END", gtrid(1)).encode()
+    assert len(list(read_frames(a + HEADER.pack(0, 0) + a, 0))) == 1
+    # a good CRC over a payload that is not a record
+    assert len(list(read_frames(a + _frame(b'{"k":"NOPE","g":"x"}') + a, 0))) == 1
+
+
+def test_read_frames_stops_at_truncated_frame() -> None:
+    a, b = (LogRecord("COMMIT", gtrid(i), ("pg1",), 1.0).encode() for i in (1, 2))
+    for cut in (1, HEADER.size - 1, HEADER.size, HEADER.size + 3, len(b) - 1):
+        data = a + b[:cut]
+        assert [end for end, _ in read_frames(data, 0)] == [len(a)], cut
+    assert list(read_frames(b"", 0)) == []
+
+
+# -- commit, end, reopen -------------------------------------------------------------------
+def test_commit_is_pending_after_reopen(logdir: Path, opened: list[FileLog]) -> None:
+    log = open_log(opened, logdir)
+    assert log.node_id == NODE
+    assert log.pending() == {}
+    before = time.time()
+    g = new_gtrid(NODE)
+    log.log_commit(g, ["pg1", "maria"])
+    assert set(log.pending()) == {g}
+    log = reopen(opened, log)
+    record = log.pending()[g]
+    assert record.kind == "COMMIT"
+    assert record.branches == ("pg1", "maria")
+    assert before - 1 <= record.at <= time.time() + 1
+
+
+def test_end_removes_the_commit_after_reopen(logdir: Path, opened: list[FileLog]) -> None:
+    log = open_log(opened, logdir)
+    log.log_commit(gtrid(1), ["pg1"])
+    log.log_commit(gtrid(2), ["pg2"])
+    log.log_end(gtrid(1))  # lazy: close() writes it out
+    assert set(log.pending()) == {gtrid(2)}
+    log = reopen(opened, log)
+    assert set(log.pending()) == {gtrid(2)}
+    log.log_end(gtrid(2))
+    log.flush()
+    log = reopen(opened, log)
+    assert log.pending() == {}
+
+
+def test_closed_log_refuses_decisions(logdir: Path, opened: list[FileLog]) -> None:
+    log = open_log(opened, logdir)
+    log.close()
+    with pytest.raises(DecisionNotLogged):
+        log.log_commit(gtrid(1), ["pg1"])
+
+
+def test_invalid_node_id_is_refused(logdir: Path) -> None:
+    with pytest.raises(ConfigurationError):
+        FileLog(logdir, "../escape")
+    assert not logdir.exists()
+
+
+# -- torn and corrupt tails ----------------------------------------------------------------
+@pytest.mark.parametrize("where", ["mid-header", "end-of-header", "mid-payload", "last-byte"])
+def test_torn_tail_is_ignored(
+    where: str, logdir: Path, opened: list[FileLog], caplog: pytest.LogCaptureFixture
+) -> None:
+    seg, bounds = write_three(opened, logdir)
+    start, end = bounds[-1]
+    cut = {
+        "mid-header": start + 3,
+        "end-of-header": start + HEADER.size,
+        "mid-payload": start + HEADER.size + (end - start - HEADER.size) // 2,
+        "last-byte": end - 1,
+    }[where]
+    with seg.open("r+b") as f:
+        f.truncate(cut)
+    with caplog.at_level(logging.WARNING, logger="xatm.log"):
+        log = open_log(opened, logdir)
+    assert set(log.pending()) == {gtrid(1), gtrid(2)}
+    assert any("torn or corrupt tail" in r.getMessage() for r in caplog.records)
+    log.log_commit(gtrid(4), ["pg1"])
+    log.log_end(gtrid(1))
+    log = reopen(opened, log)
+    assert set(log.pending()) == {gtrid(2), gtrid(4)}
+    assert log.pending()[gtrid(4)].branches == ("pg1",)
+
+
+def test_tail_torn_inside_magic(logdir: Path, opened: list[FileLog]) -> None:
+    seg, _ = write_three(opened, logdir)
+    with seg.open("r+b") as f:
+        f.truncate(4)
+    log = open_log(opened, logdir)
+    assert log.pending() == {}
+    log.log_commit(gtrid(5), ["pg1"])
+    log = reopen(opened, log)
+    assert set(log.pending()) == {gtrid(5)}
+
+
+def test_corrupt_payload_ends_the_segment(
+    logdir: Path, opened: list[FileLog], caplog: pytest.LogCaptureFixture
+) -> None:
+    seg, bounds = write_three(opened, logdir)
+    start, _ = bounds[1]
+    data = bytearray(seg.read_bytes())
+    data[start + HEADER.size + 5] ^= 0x20  # inside the second record's JSON
+    seg.write_bytes(bytes(data))
+    with caplog.at_level(logging.WARNING, logger="xatm.log"):
+        log = open_log(opened, logdir)
+    # the damaged record and every later one in that segment are ignored
+    assert set(log.pending()) == {gtrid(1)}
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert any(str(seg) in r.getMessage() and f"offset {start}" in r.getMessage() for r in warnings)
+    log.log_commit(gtrid(6), ["pg1"])
+    log = reopen(opened, log)
+    assert set(log.pending()) == {gtrid(1), gtrid(6)}
+
+
+def test_corrupt_length_is_treated_as_corruption(logdir: Path, opened: list[FileLog]) -> None:
+    seg, bounds = write_three(opened, logdir)
+    start, _ = bounds[1]
+    data = bytearray(seg.read_bytes())
+    data[start : start + 4] = (0xFFFFFFF0).to_bytes(4, "little")
+    seg.write_bytes(bytes(data))
+    log = open_log(opened, logdir)
+    assert set(log.pending()) == {gtrid(1)}
+
+
+def test_corruption_in_an_older_segment_spares_later_segments(
+    logdir: Path, opened: list[FileLog]
+) -> None:
+    node_dir = logdir / NODE
+    node_dir.mkdir(parents=True)
+    (node_dir / "lock").touch()
+    first = MAGIC + b"".join(
+        LogRecord("COMMIT", gtrid(i), ("pg1",), 1.0).encode() for i in (1, 2, 3)
+    )
+    bounds = frame_bounds(first)
+    broken = bytearray(first)
+    broken[bounds[1][0] + HEADER.size + 2] ^= 0x01
+    (node_dir / "seg-00000001.xlog").write_bytes(bytes(broken))
+    second = MAGIC + LogRecord("END", gtrid(1)).encode()
+    second += LogRecord("COMMIT", gtrid(4), ("pg2",), 2.0).encode()
+    (node_dir / "seg-00000002.xlog").write_bytes(second)
+    log = open_log(opened, logdir)
+    assert set(log.pending()) == {gtrid(4)}
+    # opening compacted everything into one new segment
+    assert [p.name for p, _ in log.segments()] == ["seg-00000003.xlog"]
+
+
+def test_file_without_magic_is_ignored(
+    logdir: Path, opened: list[FileLog], caplog: pytest.LogCaptureFixture
+) -> None:
+    node_dir = logdir / NODE
+    node_dir.mkdir(parents=True)
+    garbage = node_dir / "seg-00000007.xlog"
+    garbage.write_bytes(b"this is not a log\n" + LogRecord("COMMIT", gtrid(1)).encode())
+    with caplog.at_level(logging.WARNING, logger="xatm.log"):
+        log = open_log(opened, logdir)
+    assert log.pending() == {}
+    assert any("torn or corrupt" in r.getMessage() for r in caplog.records)
+    assert [p.name for p, _ in log.segments()] == ["seg-00000008.xlog"]
+    log.log_commit(gtrid(2), ["pg1"])
+    log = reopen(opened, log)
+    assert set(log.pending()) == {gtrid(2)}
+
+
+def test_empty_segment_file_is_ignored(logdir: Path, opened: list[FileLog]) -> None:
+    node_dir = logdir / NODE
+    node_dir.mkdir(parents=True)
+    (node_dir / "seg-00000001.xlog").write_bytes(b"")
+    log = open_log(opened, logdir)
+    assert log.pending() == {}
+
+
+# -- rotation ------------------------------------------------------------------------------
+def test_rotation_bounds_the_log_and_carries_pending_commits(
+    logdir: Path, opened: list[FileLog]
+) -> None:
+    segment_bytes = 2048
+    log = open_log(opened, logdir, segment_bytes=segment_bytes)
+    kept = [gtrid(1_000_000 + i) for i in range(3)]
+    for g in kept:
+        log.log_commit(g, ["pg1", "pg2", "maria"])
+    first_segment = only_segment(log).name
+    frame = len(LogRecord("COMMIT", gtrid(0), ("pg1", "pg2"), time.time()).encode())
+    bound = segment_bytes + 2 * frame + len(MAGIC)
+    sizes = []
+    for i in range(400):
+        log.log_commit(gtrid(i), ["pg1", "pg2"])
+        log.log_end(gtrid(i))
+        segments = log.segments()
+        assert len(segments) == 1, segments
+        sizes.append(segments[0][1])
+        assert segments[0][1] <= bound
+    assert only_segment(log).name != first_segment  # it did rotate
+    assert min(sizes) < segment_bytes // 2  # ... and started small again
+    assert set(log.pending()) == set(kept)
+    log = reopen(opened, log, segment_bytes=segment_bytes)
+    assert set(log.pending()) == set(kept)
+    assert log.pending()[kept[0]].branches == ("pg1", "pg2", "maria")
+    assert only_segment(log).stat().st_size < segment_bytes
+
+
+def test_rotation_under_concurrent_commits(logdir: Path, opened: list[FileLog]) -> None:
+    log = open_log(opened, logdir, segment_bytes=1024)
+    errors: list[BaseException] = []
+
+    def work(t: int) -> None:
+        try:
+            for i in range(50):
+                g = gtrid(t * 1000 + i)
+                log.log_commit(g, ["pg1"])
+                if i % 5:
+                    log.log_end(g)
+        except BaseException as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(t,)) for t in range(8)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert errors == []
+    expected = {gtrid(t * 1000 + i) for t in range(8) for i in range(0, 50, 5)}
+    assert set(log.pending()) == expected
+    log = reopen(opened, log)
+    assert set(log.pending()) == expected
+    assert len(log.segments()) == 1
+
+
+# -- files and permissions -----------------------------------------------------------------
+def test_files_are_private(logdir: Path, opened: list[FileLog]) -> None:
+    old = os.umask(0)  # even a permissive umask must not widen the modes
+    try:
+        log = open_log(opened, logdir)
+        log.log_commit(gtrid(1), ["pg1"])
+    finally:
+        os.umask(old)
+    for d in (logdir, logdir / NODE):
+        assert stat.S_IMODE(d.stat().st_mode) == 0o700, d
+    files = list((logdir / NODE).iterdir())
+    assert {f.name for f in files} >= {"lock"} and len(files) == 2
+    for f in files:
+        assert stat.S_IMODE(f.stat().st_mode) == 0o600, f
+
+
+def test_list_nodes(logdir: Path, opened: list[FileLog]) -> None:
+    assert list_nodes(logdir) == []
+    open_log(opened, logdir, "b-2")
+    open_log(opened, logdir, "a_1")
+    (logdir / "no-lock-file").mkdir()
+    (logdir / "bad.name").mkdir()
+    (logdir / "bad.name" / "lock").touch()
+    (logdir / "stray-file").write_text("x")
+    assert list_nodes(logdir) == ["a_1", "b-2"]
+
+
+# -- ownership -----------------------------------------------------------------------------
+def test_second_open_in_the_same_process_is_locked_out(logdir: Path, opened: list[FileLog]) -> None:
+    log = open_log(opened, logdir)
+    with pytest.raises(LogLocked, match="node-a"):
+        FileLog(logdir, NODE, lock_timeout=0.1)
+    with pytest.raises(LogLocked):
+        FileLog(logdir, NODE, wait_for_lock=False)
+    # another node_id in the same directory is independent
+    other = open_log(opened, logdir, "node-b")
+    other.log_commit(gtrid(9), ["pg1"])
+    assert log.pending() == {}
+
+
+def test_take_over(logdir: Path, opened: list[FileLog]) -> None:
+    log = open_log(opened, logdir)
+    log.log_commit(gtrid(1), ["pg1"])
+    assert FileLog.take_over(logdir, NODE) is None
+    log.close()
+    taken = FileLog.take_over(logdir, NODE)
+    assert taken is not None
+    opened.append(taken)
+    assert set(taken.pending()) == {gtrid(1)}
+
+
+def test_take_over_after_the_owner_was_killed(logdir: Path, opened: list[FileLog]) -> None:
+    g = new_gtrid("victim")
+    code = textwrap.dedent(
+        f"""
+        import os, signal
+        from xatm._filelog import FileLog
+        log = FileLog({str(logdir)!r}, "victim")
+        log.log_commit({g!r}, ["pg1", "maria"])
+        os.kill(os.getpid(), signal.SIGKILL)
+        """
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=60)
+    assert proc.returncode == -9, proc.stderr.decode()
+    assert list_nodes(logdir) == ["victim"]
+    taken = FileLog.take_over(logdir, "victim")
+    assert taken is not None
+    opened.append(taken)
+    assert taken.pending()[g].branches == ("pg1", "maria")
+
+
+# -- group commit and failures -------------------------------------------------------------
+def test_group_commit_shares_fsyncs(
+    logdir: Path, opened: list[FileLog], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    log = open_log(opened, logdir)
+    real_fsync = os.fsync
+
+    def slow_fsync(fd: int) -> None:
+        # a disk as slow as a real one, so that waiters pile up behind the leader
+        time.sleep(0.002)
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", slow_fsync)
+    start = threading.Barrier(16)
+    errors: list[BaseException] = []
+
+    def work(t: int) -> None:
+        try:
+            start.wait()
+            for i in range(20):
+                log.log_commit(gtrid(t * 100 + i), ["pg1"])
+        except BaseException as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(t,)) for t in range(16)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert errors == []
+    assert log.forced_records == 320
+    assert 0 < log.forces < 320
+    log = reopen(opened, log)
+    assert len(log.pending()) == 320
+
+
+def test_failed_fsync_breaks_the_log(
+    logdir: Path,
+    opened: list[FileLog],
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    log = open_log(opened, logdir)
+    log.log_commit(gtrid(1), ["pg1"])
+    real_fsync = os.fsync
+    failures = [OSError(5, "Input/output error")]
+
+    def failing_fsync(fd: int) -> None:
+        if failures:
+            raise failures.pop()
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", failing_fsync)
+    with (
+        caplog.at_level(logging.CRITICAL, logger="xatm.log"),
+        pytest.raises(LogError) as excinfo,
+    ):
+        log.log_commit(gtrid(2), ["pg1"])
+    # the record may or may not be on disk: not the "certainly not written" error
+    assert not isinstance(excinfo.value, DecisionNotLogged)
+    assert "Input/output error" in str(excinfo.value)
+    assert log.broken
+    assert any(r.levelno == logging.CRITICAL for r in caplog.records)
+    # fsync works again, but the log stays broken: what reached the disk is unknown
+    with pytest.raises(DecisionNotLogged):
+        log.log_commit(gtrid(3), ["pg1"])
+    log.close()
+    log = open_log(opened, logdir)
+    assert not log.broken
+    assert gtrid(1) in log.pending()
+    assert gtrid(3) not in log.pending()
