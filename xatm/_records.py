@@ -56,6 +56,8 @@ class LogRecord:
     def decode(cls, payload: bytes) -> LogRecord:
         """Parse one payload (already checked against its CRC); ValueError if malformed."""
         body = json.loads(payload)
+        if not isinstance(body, dict):
+            raise ValueError("a record is not a JSON object")
         kind = body["k"]
         if kind not in ("COMMIT", "END"):
             raise ValueError(f"unknown record kind {kind!r}")
@@ -63,8 +65,16 @@ class LogRecord:
         if not isinstance(gtrid, str):
             raise ValueError("gtrid is not a string")
         branches = tuple(str(b) for b in body.get("b", ()))
-        txids = {str(k): int(v) for k, v in body.get("x", {}).items()}
-        return cls(kind, gtrid, branches, float(body.get("t", 0.0)), txids)
+        txids = body.get("x", {})
+        if not isinstance(txids, dict):
+            raise ValueError("txids is not a JSON object")
+        return cls(
+            kind,
+            gtrid,
+            branches,
+            float(body.get("t", 0.0)),
+            {str(k): int(v) for k, v in txids.items()},
+        )
 
 
 def read_frames(data: bytes, start: int) -> Iterator[tuple[int, LogRecord]]:
