@@ -134,7 +134,8 @@ class FileLog:
         self._segment_size = 0
         self._lock_fd = -1
         self.forces = 0  # number of fsyncs issued for forced records (group commit metric)
-        self.forced_records = 0
+        self.forced_records = 0  # COMMIT records forced (lazy END records not counted)
+        self._forced_in_buffer = 0
         try:
             for d in (self.directory, self.node_dir):
                 d.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -261,6 +262,8 @@ class FileLog:
             if self._fd < 0:
                 raise DecisionNotLogged(f"the coordinator log {self.node_dir} is closed")
             self._buffer.append(frame)
+            if force:
+                self._forced_in_buffer += 1
             self._appended += 1
             seq = self._appended
             if record.kind == "COMMIT":
@@ -280,11 +283,13 @@ class FileLog:
                     continue
                 self._flushing = True
                 batch, upto = self._buffer, self._appended
+                forced, self._forced_in_buffer = self._forced_in_buffer, 0
                 self._buffer = []
                 self._cond.release()
                 failure: BaseException | None = None
                 try:
                     self._write(batch)
+                    self.forced_records += forced
                 except BaseException as e:  # an OSError, or a signal's exception
                     failure = e
                 finally:
@@ -308,7 +313,6 @@ class FileLog:
             os.fsync(self._fd)
             self._segment_size += len(data)
             self.forces += 1
-            self.forced_records += len(batch)
         if self._segment_size > self.segment_bytes and self._segment is not None:
             # Records appended from here on stay in the buffer and go to the new segment.
             with self._cond:

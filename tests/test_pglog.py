@@ -1,0 +1,128 @@
+"""The shared PostgreSQL coordinator log: decisions, fencing, node identity, group commit."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import threading
+from collections.abc import Iterator
+
+import pytest
+
+from tests.conftest import Servers
+from xatm import LogLocked
+from xatm._log import DecisionNotLogged
+from xatm._pglog import DecisionFenced, PostgresLog
+from xatm._xid import new_gtrid
+
+_n = itertools.count(1)
+
+
+@pytest.fixture
+def schema() -> str:
+    return f"xatmlog_{os.getpid()}_{next(_n)}"
+
+
+@pytest.fixture
+def open_log(servers: Servers, schema: str) -> Iterator[object]:
+    logs: list[PostgresLog] = []
+
+    def make(node_id: str, **kw: object) -> PostgresLog:
+        log = PostgresLog(servers.urls["pg2"], node_id, schema=schema, **kw)  # type: ignore[arg-type]
+        logs.append(log)
+        return log
+
+    yield make
+    for log in logs:
+        log.close()
+
+
+def test_commit_end_and_pending(open_log) -> None:  # type: ignore[no-untyped-def]
+    log = open_log("n1")
+    g = new_gtrid("n1")
+    log.log_commit(g, ["pg1", "maria"], {"pg1": 42})
+    pending = log.pending()
+    assert list(pending) == [g]
+    assert pending[g].branches == ("pg1", "maria") and pending[g].txids == {"pg1": 42}
+    other = open_log("n2")
+    assert g in other.pending(all_nodes=True) and other.pending() == {}
+    log.log_end(g)
+    log.flush()
+    assert log.pending() == {}
+
+
+def test_abort_first_fences_the_commit(open_log) -> None:  # type: ignore[no-untyped-def]
+    coordinator = open_log("c1")
+    sweeper = open_log("s1")
+    g = new_gtrid("c1")
+    assert sweeper.log_abort(g, by="sweeper@s1") == "A"
+    with pytest.raises(DecisionFenced):
+        coordinator.log_commit(g, ["a", "b"])
+    assert isinstance(DecisionFenced("x"), DecisionNotLogged)
+    assert coordinator.decisions([g]) == {g: "A"}
+
+
+def test_commit_first_wins_over_abort(open_log) -> None:  # type: ignore[no-untyped-def]
+    coordinator = open_log("c1")
+    sweeper = open_log("s1")
+    g = new_gtrid("c1")
+    coordinator.log_commit(g, ["a", "b"])
+    assert sweeper.log_abort(g, by="sweeper@s1") == "C"
+    record = sweeper.decisions([g])[g]
+    assert not isinstance(record, str) and record.branches == ("a", "b")
+
+
+def test_node_id_is_exclusive_and_shows_liveness(open_log) -> None:  # type: ignore[no-untyped-def]
+    first = open_log("same")
+    with pytest.raises(LogLocked):
+        open_log("same")
+    watcher = open_log("watcher")
+    assert watcher.node_alive("same")
+    first.close()
+    assert not watcher.node_alive("same")
+    open_log("same")  # free again
+
+
+def test_group_commit_batches_concurrent_decisions(open_log) -> None:  # type: ignore[no-untyped-def]
+    log = open_log("busy")
+    errors: list[BaseException] = []
+
+    def work() -> None:
+        try:
+            for _ in range(20):
+                log.log_commit(new_gtrid("busy"), ["a", "b"])
+        except BaseException as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=work) for _ in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert log.forced_records == 320
+    assert log.forces < 320
+    assert len(log.pending()) == 320
+
+
+def test_schema_is_versioned_and_reopened(open_log, servers: Servers, schema: str) -> None:  # type: ignore[no-untyped-def]
+    open_log("a")
+    open_log("b")  # a second opener finds the schema in place
+    import psycopg
+
+    with psycopg.connect(servers.urls["pg2"]) as conn:
+        row = conn.execute(
+            f"SELECT value FROM {schema}.meta WHERE key = 'schema_version'"
+        ).fetchone()
+    assert row == ("1",)
+
+
+def test_prune_removes_ended_commits(open_log) -> None:  # type: ignore[no-untyped-def]
+    log = open_log("p")
+    g1, g2 = new_gtrid("p"), new_gtrid("p")
+    log.log_commit(g1, ["a", "b"])
+    log.log_commit(g2, ["a", "b"])
+    log.log_end(g1)
+    log.flush()
+    assert log.prune() == 1
+    assert set(log.decisions([g1, g2])) == {g2}

@@ -1,0 +1,419 @@
+"""The shared coordinator log: decisions kept in a PostgreSQL database.
+
+Several coordinator processes, on any number of hosts, share one log; any surviving host
+can finish a dead host's transactions. Layout, in its own schema (default ``xatm``)::
+
+    <schema>.meta       (key text primary key, value text)       -- schema_version
+    <schema>.decisions  (gtrid    varchar(64) primary key,
+                         node_id  varchar(30),
+                         decision char(1)  'C' commit | 'A' abort,
+                         branches text     JSON [resource, ...],
+                         txids    text     JSON {resource: PostgreSQL txid},
+                         decided_by text   e.g. "coordinator" or "sweeper@host-2",
+                         created_at timestamptz, ended_at timestamptz)
+
+**Fencing without clocks.** The coordinator's COMMIT and a sweeper's ABORT for one gtrid are
+both ``INSERT ... ON CONFLICT (gtrid) DO NOTHING``: the first to land wins and the other
+side reads the winner and obeys it. So a sweeper may abort any undecided transaction (for
+example one older than its timeout, whose coordinator may be paused or partitioned away),
+and a coordinator that resumes later finds the ABORT and rolls back instead of committing.
+
+**Node identity and liveness.** Each coordinator holds a session-level advisory lock on its
+node_id for as long as its log is open: two live processes cannot share a node_id, and a
+free lock proves the node has no live session (its undecided transactions may be aborted
+at once; fencing keeps even a wrong guess safe).
+
+**Group commit.** Concurrent ``log_commit`` calls are batched by a leader into one
+multi-row INSERT and one commit (one WAL flush for the batch). ``log_end`` is lazy: ENDs
+are written with the next batch or on ``flush``. Ended COMMIT rows and old ABORT rows are
+pruned by ``prune``.
+
+**Migrations.** ``meta.schema_version`` records the layout version. Opening a log creates
+the schema on first use (under an advisory lock) and upgrades older versions step by step;
+a newer version than this code knows is refused.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import psycopg
+from psycopg import sql
+
+from ._log import DecisionNotLogged
+from ._records import LogRecord
+from ._urls import ResourceSpec, parse_url, redact
+from ._xid import validate_node_id
+from .errors import ConfigurationError, LogError, LogLocked
+
+logger = logging.getLogger("xatm.log")
+
+SCHEMA_VERSION = 1
+_MIGRATION_LOCK = 0x78617401  # advisory lock key while creating / migrating the schema
+_NODE_LOCK_SPACE = 0x7861  # advisory lock class id (two-int form) for node identity
+_SWEEP_LOCK = 0x78617402  # advisory lock key held by the sweeper that is resolving
+
+_MIGRATIONS: dict[int, list[str]] = {
+    1: [
+        "CREATE SCHEMA IF NOT EXISTS {schema}",
+        "CREATE TABLE IF NOT EXISTS {schema}.meta (key text PRIMARY KEY, value text NOT NULL)",
+        "CREATE TABLE IF NOT EXISTS {schema}.decisions ("
+        " gtrid varchar(64) PRIMARY KEY,"
+        " node_id varchar(30) NOT NULL,"
+        " decision char(1) NOT NULL CHECK (decision IN ('C', 'A')),"
+        " branches text NOT NULL DEFAULT '[]',"
+        " txids text NOT NULL DEFAULT '{{}}',"
+        " decided_by text NOT NULL DEFAULT 'coordinator',"
+        " created_at timestamptz NOT NULL DEFAULT now(),"
+        " ended_at timestamptz)",
+        "CREATE INDEX IF NOT EXISTS decisions_open ON {schema}.decisions (decision)"
+        " WHERE ended_at IS NULL",
+    ],
+}
+
+
+class DecisionFenced(DecisionNotLogged):
+    """The COMMIT lost the race: an ABORT for the same gtrid was logged first."""
+
+
+def _node_key(node_id: str) -> int:
+    """A stable 32-bit key for the advisory lock of ``node_id``."""
+    import zlib
+
+    return zlib.crc32(node_id.encode("ascii")) & 0x7FFFFFFF
+
+
+class PostgresLog:
+    """A coordinator log shared by many coordinators, in one PostgreSQL database."""
+
+    shared = True
+
+    def __init__(
+        self,
+        url: str | ResourceSpec,
+        node_id: str,
+        *,
+        schema: str = "xatm",
+        hold_node_lock: bool = True,
+    ) -> None:
+        self._node_id = validate_node_id(node_id)
+        self.spec = url if isinstance(url, ResourceSpec) else parse_url(url)
+        if self.spec.kind != "postgresql":
+            raise ConfigurationError(
+                f"a shared log must be a PostgreSQL URL, got {self.spec.redacted()}"
+            )
+        if not schema.isidentifier():
+            raise ConfigurationError(f"log schema must be an identifier, got {schema!r}")
+        self.schema = schema
+        self._ident = sql.Identifier(schema)
+        self._cond = threading.Condition(threading.Lock())
+        self._queue: list[tuple[int, LogRecord]] = []
+        self._ends: list[str] = []
+        self._results: dict[int, BaseException | None] = {}
+        self._seq = 0
+        self._flushing = False
+        self._read_lock = threading.Lock()
+        self.forces = 0
+        self.forced_records = 0
+        self.hold_node_lock = hold_node_lock
+        self._writer = self._connect()
+        self._reader = self._connect()
+        self._migrate(self._writer)
+        if hold_node_lock:
+            self._lock_node(self._writer)
+
+    # -- connections and schema -------------------------------------------------------------
+    def _connect(self) -> psycopg.Connection[Any]:
+        s = self.spec
+        options: dict[str, Any] = dict(s.options)
+        options.setdefault("connect_timeout", "5")
+        options.setdefault("application_name", "xatm-log")
+        try:
+            return psycopg.connect(
+                host=s.host,
+                port=s.port,
+                user=s.user,
+                password=s.password,
+                dbname=s.database,
+                autocommit=True,
+                **options,
+            )
+        except psycopg.Error as e:
+            raise LogError(
+                f"cannot connect to the shared log {s.redacted()}: {redact(str(e)).strip()}"
+            ) from None
+
+    def _q(self, text: str) -> sql.Composed:
+        return sql.SQL(text).format(schema=self._ident)
+
+    def _migrate(self, conn: psycopg.Connection[Any]) -> None:
+        conn.execute("SELECT pg_advisory_lock(%s)", (_MIGRATION_LOCK,))
+        try:
+            exists = conn.execute(
+                "SELECT to_regclass(%s) IS NOT NULL", (f"{self.schema}.meta",)
+            ).fetchone()
+            version = 0
+            if exists and exists[0]:
+                row = conn.execute(
+                    self._q("SELECT value FROM {schema}.meta WHERE key = 'schema_version'")
+                ).fetchone()
+                version = int(row[0]) if row else 0
+            if version > SCHEMA_VERSION:
+                raise LogError(
+                    f"the shared log schema {self.schema!r} is at version {version}, newer"
+                    f" than this xatm understands ({SCHEMA_VERSION}): upgrade xatm"
+                )
+            for step in range(version + 1, SCHEMA_VERSION + 1):
+                with conn.transaction():
+                    for statement in _MIGRATIONS[step]:
+                        conn.execute(self._q(statement))
+                    conn.execute(
+                        self._q(
+                            "INSERT INTO {schema}.meta VALUES ('schema_version', %s)"
+                            " ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value"
+                        ),
+                        (str(step),),
+                    )
+        except psycopg.Error as e:
+            raise LogError(f"cannot set up the shared log schema: {redact(str(e))}") from None
+        finally:
+            conn.execute("SELECT pg_advisory_unlock(%s)", (_MIGRATION_LOCK,))
+
+    def _lock_node(self, conn: psycopg.Connection[Any]) -> None:
+        row = conn.execute(
+            "SELECT pg_try_advisory_lock(%s, %s)", (_NODE_LOCK_SPACE, _node_key(self._node_id))
+        ).fetchone()
+        if not row or not row[0]:
+            raise LogLocked(
+                f"node_id {self._node_id!r} is in use by another live coordinator of the"
+                " shared log; every coordinator process needs its own node_id"
+            )
+
+    def node_alive(self, node_id: str) -> bool:
+        """True if some session holds ``node_id``'s advisory lock (its coordinator lives)."""
+        with self._read_lock:
+            row = self._reader.execute(
+                "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory'"
+                " AND classid = %s AND objid = %s AND objsubid = 2 AND granted)",
+                (_NODE_LOCK_SPACE, _node_key(node_id)),
+            ).fetchone()
+        return bool(row and row[0])
+
+    # -- CoordinatorLog ---------------------------------------------------------------------
+    @property
+    def node_id(self) -> str:
+        return self._node_id
+
+    def log_commit(
+        self, gtrid: str, branches: Sequence[str], txids: Mapping[str, int] | None = None
+    ) -> None:
+        record = LogRecord("COMMIT", gtrid, tuple(branches), time.time(), dict(txids or {}))
+        with self._cond:
+            self._seq += 1
+            seq = self._seq
+            self._queue.append((seq, record))
+            while seq not in self._results:
+                if self._flushing:
+                    self._cond.wait()
+                    continue
+                self._flushing = True
+                batch, self._queue = self._queue, []
+                ends, self._ends = self._ends, []
+                self._cond.release()
+                try:
+                    outcome = self._write_batch(batch, ends)
+                finally:
+                    self._cond.acquire()
+                    self._flushing = False
+                self._results.update(outcome)
+                self._cond.notify_all()
+            error = self._results.pop(seq)
+        if error is not None:
+            raise error
+
+    def _write_batch(
+        self, batch: list[tuple[int, LogRecord]], ends: list[str]
+    ) -> dict[int, BaseException | None]:
+        """Insert a batch of COMMITs; the result of each by sequence number."""
+        rows = [
+            (r.gtrid, self._node_id, json.dumps(list(r.branches)), json.dumps(dict(r.txids)))
+            for _, r in batch
+        ]
+        try:
+            with self._writer.transaction():
+                cur = self._writer.cursor()
+                values = sql.SQL(", ").join(sql.SQL("(%s, %s, 'C', %s, %s)") for _ in rows)
+                cur.execute(
+                    self._q(
+                        "INSERT INTO {schema}.decisions"
+                        " (gtrid, node_id, decision, branches, txids) VALUES "
+                    ).as_string(self._writer)
+                    + values.as_string(self._writer)
+                    + " ON CONFLICT (gtrid) DO NOTHING RETURNING gtrid",
+                    [v for row in rows for v in row],
+                )
+                won = {r[0] for r in cur.fetchall()}
+                lost = [g for g, *_ in rows if g not in won]
+                existing: dict[str, str] = {}
+                if lost:
+                    existing = dict(
+                        self._writer.execute(
+                            self._q(
+                                "SELECT gtrid, decision FROM {schema}.decisions"
+                                " WHERE gtrid = ANY(%s)"
+                            ),
+                            (lost,),
+                        ).fetchall()
+                    )
+                if ends:
+                    self._end_rows(self._writer, ends)
+        except psycopg.Error as e:
+            failure = LogError(f"writing to the shared log failed: {redact(str(e)).strip()}")
+            if self._writer.closed or self._writer.broken:
+                self._reconnect_writer()
+            else:
+                # the batch was rolled back: nothing of it is logged
+                failure = DecisionNotLogged(str(failure))
+            return {seq: failure for seq, _ in batch}
+        self.forces += 1
+        self.forced_records += len(batch)
+        out: dict[int, BaseException | None] = {}
+        for seq, record in batch:
+            if record.gtrid in won or existing.get(record.gtrid) == "C":
+                out[seq] = None
+            else:
+                out[seq] = DecisionFenced(
+                    f"transaction {record.gtrid} was aborted by recovery before its commit"
+                    " decision could be logged"
+                )
+        return out
+
+    def _reconnect_writer(self) -> None:
+        try:
+            old, self._writer = self._writer, self._connect()
+            old.close()
+            if self.hold_node_lock:
+                self._lock_node(self._writer)
+        except LogError as e:
+            logger.warning("shared log: reconnect failed: %s", e)
+
+    def _end_rows(self, conn: psycopg.Connection[Any], gtrids: list[str]) -> None:
+        conn.execute(
+            self._q(
+                "UPDATE {schema}.decisions SET ended_at = now()"
+                " WHERE gtrid = ANY(%s) AND ended_at IS NULL"
+            ),
+            (gtrids,),
+        )
+
+    def log_end(self, gtrid: str) -> None:
+        with self._cond:
+            self._ends.append(gtrid)
+            flush_now = len(self._ends) >= 256
+        if flush_now:
+            self.flush()
+
+    def log_abort(self, gtrid: str, by: str) -> str:
+        """Try to log ABORT for ``gtrid``; return the decision that holds ('C' or 'A')."""
+        from ._xid import parse_gtrid
+
+        node, _ = parse_gtrid(gtrid)
+        with self._read_lock:
+            row = self._reader.execute(
+                self._q(
+                    "INSERT INTO {schema}.decisions (gtrid, node_id, decision, decided_by)"
+                    " VALUES (%s, %s, 'A', %s) ON CONFLICT (gtrid) DO NOTHING"
+                    " RETURNING decision"
+                ),
+                (gtrid, node, by),
+            ).fetchone()
+            if row is not None:
+                return "A"
+            got = self._reader.execute(
+                self._q("SELECT decision FROM {schema}.decisions WHERE gtrid = %s"), (gtrid,)
+            ).fetchone()
+        return str(got[0]) if got else "A"
+
+    def decisions(self, gtrids: Sequence[str]) -> dict[str, LogRecord | str]:
+        """The logged decision of each of ``gtrids`` that has one: a COMMIT record, or 'A'."""
+        if not gtrids:
+            return {}
+        with self._read_lock:
+            rows = self._reader.execute(
+                self._q(
+                    "SELECT gtrid, decision, branches, txids,"
+                    " extract(epoch FROM created_at)::float8"
+                    " FROM {schema}.decisions WHERE gtrid = ANY(%s)"
+                ),
+                (list(gtrids),),
+            ).fetchall()
+        return {g: (_record(g, b, x, t) if d == "C" else "A") for g, d, b, x, t in rows}
+
+    def pending(self, all_nodes: bool = False) -> Mapping[str, LogRecord]:
+        """COMMIT decisions not yet ended (this node's, or every node's)."""
+        query = (
+            "SELECT gtrid, branches, txids, extract(epoch FROM created_at)::float8"
+            " FROM {schema}.decisions WHERE decision = 'C' AND ended_at IS NULL"
+        )
+        params: tuple[Any, ...] = ()
+        if not all_nodes:
+            query += " AND node_id = %s"
+            params = (self._node_id,)
+        with self._read_lock:
+            rows = self._reader.execute(self._q(query), params).fetchall()
+        return {g: _record(g, b, x, t) for g, b, x, t in rows}
+
+    def flush(self) -> None:
+        with self._cond:
+            ends, self._ends = self._ends, []
+        if ends:
+            with self._read_lock:
+                try:
+                    self._end_rows(self._reader, ends)
+                except psycopg.Error as e:
+                    logger.warning("shared log: could not record %d ENDs: %s", len(ends), e)
+
+    def prune(self, abort_age: float = 86400.0) -> int:
+        """Delete ended COMMIT rows and ABORT rows older than ``abort_age`` seconds."""
+        with self._read_lock:
+            cur = self._reader.execute(
+                self._q(
+                    "DELETE FROM {schema}.decisions WHERE (decision = 'C' AND ended_at IS"
+                    " NOT NULL) OR (decision = 'A' AND created_at < now() - %s *"
+                    " interval '1 second')"
+                ),
+                (abort_age,),
+            )
+            return cur.rowcount
+
+    def try_sweep_lock(self) -> bool:
+        """Take the fleet-wide sweeper lock (session level) if free: one resolver at a time."""
+        with self._read_lock:
+            row = self._reader.execute("SELECT pg_try_advisory_lock(%s)", (_SWEEP_LOCK,)).fetchone()
+        return bool(row and row[0])
+
+    def release_sweep_lock(self) -> None:
+        with self._read_lock:
+            self._reader.execute("SELECT pg_advisory_unlock(%s)", (_SWEEP_LOCK,))
+
+    def close(self) -> None:
+        self.flush()
+        for conn in (self._writer, self._reader):
+            with contextlib.suppress(psycopg.Error):
+                conn.close()
+
+
+def _record(gtrid: str, branches: str, txids: str, at: float) -> LogRecord:
+    return LogRecord(
+        "COMMIT",
+        gtrid,
+        tuple(json.loads(branches)),
+        float(at),
+        {str(k): int(v) for k, v in json.loads(txids).items()},
+    )
