@@ -78,3 +78,19 @@ def test_marker_branch_failing_rolls_back_the_prepared_ones(bank: Bank, make_tm:
     assert bank.journal_ids() == {"pg1": set(), "pg2": set(), "maria": set()}
     assert bank.xatm_prepared() == {"pg1": [], "pg2": [], "maria": []}
     run(bank.conns["pg1"], "DELETE FROM xatm_decisions WHERE gtrid = %s", (tx.gtrid,))
+
+
+def test_commit_marker_from_toml(bank: Bank, tmp_path: object) -> None:
+    from pathlib import Path
+
+    path = Path(str(tmp_path)) / "xatm.toml"
+    path.write_text(
+        'node_id = "toml"\nlog = "log"\n'
+        f'[resources.pg1]\nurl = "{bank.urls["pg1"]}"\ncommit_marker = true\n'
+        f'[resources.maria]\nurl = "{bank.urls["maria"]}"\n'
+    )
+    with TransactionManager.from_config(path) as tm:
+        assert tm.commit_markers == frozenset({"pg1"})
+        with tm.transaction() as tx:
+            move(tx, bank, "pg1", "maria", "toml-1")
+        assert tx.gtrid in decision_rows(bank, "pg1")

@@ -8,6 +8,7 @@ A config file::
 
     [resources.ledger]
     url = "postgresql://app:${LEDGER_PASSWORD}@db1:5432/ledger"
+    commit_marker = true           # may carry the commit decision (fast path, optional)
 
     [resources.wallet]
     url = "mysql://app:${WALLET_PASSWORD}@db2:3306/wallet"
@@ -32,7 +33,7 @@ from .errors import ConfigurationError
 
 _ENV_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 _KNOWN_KEYS = {"node_id", "log", "timeout", "resources", "sweeper"}
-_RESOURCE_KEYS = {"url"}
+_RESOURCE_KEYS = {"url", "commit_marker"}
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,7 @@ class Settings:
     node_id: str
     timeout: float
     extra: Mapping[str, Any] = field(default_factory=dict)
+    commit_markers: tuple[str, ...] = ()
 
 
 def expand_env(text: str, where: str) -> str:
@@ -101,6 +103,7 @@ def load_config(path: str | os.PathLike[str]) -> Settings:
     if not isinstance(raw_resources, dict) or not raw_resources:
         raise ConfigurationError(f"{where}: at least one [resources.NAME] table with a url")
     urls: dict[str, str] = {}
+    markers: list[str] = []
     for name, table in raw_resources.items():
         if not isinstance(table, dict) or not isinstance(table.get("url"), str):
             raise ConfigurationError(f"{where}: [resources.{name}] needs a string 'url'")
@@ -110,6 +113,13 @@ def load_config(path: str | os.PathLike[str]) -> Settings:
                 f"{where}: unknown setting(s) in [resources.{name}]: {', '.join(sorted(unknown))}"
             )
         urls[name] = expand_env(table["url"], f"{where}, resource {name!r}")
+        marker = table.get("commit_marker", False)
+        if not isinstance(marker, bool):
+            raise ConfigurationError(
+                f"{where}: [resources.{name}] commit_marker must be true or false"
+            )
+        if marker:
+            markers.append(name)
     log = data["log"]
     if not isinstance(log, str) or not log:
         raise ConfigurationError(f"{where}: 'log' must be a directory path (or a URL)")
@@ -123,6 +133,7 @@ def load_config(path: str | os.PathLike[str]) -> Settings:
             node_id=validate_node_id(data["node_id"]),
             timeout=validate_timeout(data.get("timeout", 30.0)),
             extra={k: v for k, v in data.items() if k == "sweeper"},
+            commit_markers=tuple(markers),
         )
     except ConfigurationError as e:
         raise ConfigurationError(f"{where}: {redact(str(e))}") from None

@@ -114,7 +114,13 @@ class TransactionManager:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> TransactionManager:
-        return cls(dict(settings.resources), settings.log, settings.node_id, settings.timeout)
+        return cls(
+            dict(settings.resources),
+            settings.log,
+            settings.node_id,
+            settings.timeout,
+            commit_markers=settings.commit_markers,
+        )
 
     # -- transactions -----------------------------------------------------------------------
     def transaction(self, timeout: float | None = None) -> Transaction:
