@@ -1,0 +1,17 @@
+"""Benchmarks: what atomicity across PostgreSQL and MariaDB costs with xatm and without it.
+
+``python -m benchmarks.run`` (or ``make bench``) starts private durable servers, runs a
+transfer workload (debit a row in PostgreSQL, credit a row in MariaDB) in several commit
+modes interleaved on the same servers, and writes the results table to
+``docs/benchmarks.md``. ``python -m benchmarks.profile`` breaks one xatm transaction down
+into its round trips, log force and Python overhead.
+
+Modules:
+
+* ``env``     -- the servers (private or given by URL) and the account tables;
+* ``modes``   -- the commit modes compared (``MODES``: name -> factory; add new ones there);
+* ``driver``  -- runs one mode with N client threads for a timed window;
+* ``report``  -- aggregates rounds, renders Markdown / JSON / PNG;
+* ``run``     -- the command line;
+* ``profile`` -- per-phase timing and py-spy sampling of xatm's commit.
+"""

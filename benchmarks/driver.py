@@ -1,0 +1,180 @@
+"""Run one commit mode with N client threads and measure a timed window.
+
+Each client thread loops transfers of 1 between two accounts of its own partition of the
+account ids (client ``i`` of ``n`` uses ids ``i+1, i+1+n, ...``), so clients never wait for
+each other's row locks: what is measured is the commit protocol, not lock contention. The
+clients first run for ``warmup`` seconds (connections, caches, JIT-free Python warm paths),
+then a window of ``seconds`` is measured: transactions that *finished* inside it count for
+throughput and latency, and the process CPU time used during it is divided by their number.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from .modes import Client, Mode, ModeFactory, RunContext
+
+#: a client that fails this often in one run stops (the servers are probably gone)
+MAX_ERRORS_PER_CLIENT = 200
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """What one (mode, client count, round) measured."""
+
+    mode: str
+    clients: int
+    round: int
+    window: float  # seconds measured
+    transactions: int  # committed inside the window
+    errors: int  # failed transfers (whole run)
+    latencies_ms: tuple[float, ...]  # of the transactions committed inside the window
+    cpu_seconds: float  # process CPU time (user + system) during the window
+    log_forces: int | None  # log fsyncs during the window (xatm only)
+    log_records: int | None  # records those fsyncs made durable
+    committed_total: int  # every committed transfer, warm-up included (for the books)
+    first_error: str | None = None
+
+    @property
+    def throughput(self) -> float:
+        return self.transactions / self.window if self.window > 0 else 0.0
+
+    @property
+    def cpu_ms_per_tx(self) -> float | None:
+        return 1000 * self.cpu_seconds / self.transactions if self.transactions else None
+
+
+@dataclass
+class _ThreadLog:
+    done: list[tuple[float, float]] = field(default_factory=list)  # (finished at, latency)
+    errors: list[tuple[float, str]] = field(default_factory=list)
+
+
+def _client_loop(
+    client: Client,
+    index: int,
+    clients: int,
+    accounts: int,
+    seed: int,
+    start: threading.Barrier,
+    stop: threading.Event,
+    out: _ThreadLog,
+) -> None:
+    rng = random.Random(seed * 1000 + index)
+    ids = range(index + 1, accounts + 1, clients)
+    perf = time.perf_counter
+    try:
+        start.wait()
+    except threading.BrokenBarrierError:
+        return
+    while not stop.is_set():
+        debit, credit = rng.choice(ids), rng.choice(ids)
+        t0 = perf()
+        try:
+            client.transfer(debit, credit, 1)
+        except Exception as e:
+            out.errors.append((perf(), f"{type(e).__name__}: {e}"))
+            if len(out.errors) >= MAX_ERRORS_PER_CLIENT:
+                return
+            continue
+        t1 = perf()
+        out.done.append((t1, t1 - t0))
+
+
+def run_clients(
+    name: str,
+    mode: Mode,
+    *,
+    clients: int,
+    accounts: int,
+    seconds: float,
+    warmup: float,
+    round_no: int = 0,
+    during_window: Callable[[float], None] | None = None,
+) -> RunResult:
+    """Run ``clients`` threads on ``mode`` (already set up) and measure one window.
+
+    ``during_window(seconds)``, if given, is called at the start of the window in place of
+    sleeping through it (a profiler uses it) and must return after about ``seconds``.
+    """
+    if accounts < 2 * clients:
+        raise ValueError(f"{accounts} accounts are too few for {clients} clients")
+    made: list[Client] = []
+    threads: list[threading.Thread] = []
+    logs = [_ThreadLog() for _ in range(clients)]
+    start = threading.Barrier(clients + 1)
+    stop = threading.Event()
+    try:
+        made.extend(mode.client() for _ in range(clients))
+        for i, client in enumerate(made):
+            t = threading.Thread(
+                target=_client_loop,
+                args=(client, i, clients, accounts, round_no, start, stop, logs[i]),
+                name=f"bench-client-{i}",
+                daemon=True,
+            )
+            t.start()
+            threads.append(t)
+        start.wait()
+        time.sleep(warmup)
+        log0 = mode.log_counters()
+        cpu0, w0 = time.process_time(), time.perf_counter()
+        if during_window is None:
+            time.sleep(seconds)
+        else:
+            during_window(seconds)
+        cpu1, w1 = time.process_time(), time.perf_counter()
+        log1 = mode.log_counters()
+    finally:
+        stop.set()
+        start.abort()
+        for t in threads:
+            t.join()
+        for client in made:
+            client.close()
+    inside = [lat for log in logs for at, lat in log.done if w0 <= at <= w1]
+    errors = [err for log in logs for err in log.errors]
+    return RunResult(
+        mode=name,
+        clients=clients,
+        round=round_no,
+        window=w1 - w0,
+        transactions=len(inside),
+        errors=len(errors),
+        latencies_ms=tuple(1000 * lat for lat in inside),
+        cpu_seconds=cpu1 - cpu0,
+        log_forces=None if log0 is None or log1 is None else log1[0] - log0[0],
+        log_records=None if log0 is None or log1 is None else log1[1] - log0[1],
+        committed_total=sum(len(log.done) for log in logs),
+        first_error=min(errors)[1] if errors else None,
+    )
+
+
+def run_once(
+    name: str,
+    factory: ModeFactory,
+    ctx: RunContext,
+    *,
+    accounts: int,
+    seconds: float,
+    warmup: float,
+    round_no: int = 0,
+) -> RunResult:
+    """Set ``name``'s mode up for ``ctx.clients`` clients, measure one window, tear down."""
+    mode = factory(ctx)
+    try:
+        return run_clients(
+            name,
+            mode,
+            clients=ctx.clients,
+            accounts=accounts,
+            seconds=seconds,
+            warmup=warmup,
+            round_no=round_no,
+        )
+    finally:
+        mode.close()

@@ -1,0 +1,329 @@
+"""The commit modes the benchmark compares, each doing the same transfer.
+
+A transfer debits one account in PostgreSQL and credits one in MariaDB. Every mode is a
+factory ``(RunContext) -> Mode``; a ``Mode`` hands out one ``Client`` per client thread.
+``MODES`` maps mode names to factories: a new xatm commit mode is one more line there, e.g.
+``"xatm-fast": xatm_mode(commit_markers=("pg",))`` passes its keyword arguments to
+``TransactionManager``.
+
+Round trips per transfer, sequential unless noted (``||`` = the two run side by side):
+
+* ``onepc``       PG: BEGIN, UPDATE, COMMIT; MariaDB: UPDATE, COMMIT (not atomic: the ceiling)
+* ``raw``         PG: BEGIN, UPDATE, PREPARE TRANSACTION, COMMIT PREPARED;
+                  MariaDB: XA START, UPDATE, XA END, XA PREPARE, XA COMMIT
+* ``sqlalchemy``  as ``raw`` (via ``Connection.begin_twophase()``) plus SQLAlchemy's pool
+                  reset on check-in (a ROLLBACK round trip on MariaDB)
+* ``xatm``        as ``raw``, with prepare || prepare, a log fsync, commit || commit
+* ``xatm-serial`` as ``xatm`` with ``parallel=False`` (branches one after another)
+* ``xatm-fast``   commit marker on PostgreSQL: MariaDB: XA START, UPDATE, XA END, XA PREPARE;
+                  then PG: BEGIN, UPDATE, INSERT decision row + COMMIT (pipelined: one
+                  round trip) is the decision; then MariaDB: XA COMMIT. No log fsync.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import sqlalchemy as sa
+
+from xatm import TransactionManager
+
+from .env import Urls, mysql_connect, pg_connect
+
+_ids = itertools.count(1)
+
+
+class Client(Protocol):
+    """What one client thread uses; not shared between threads."""
+
+    def transfer(self, debit: int, credit: int, amount: int) -> None:
+        """Move ``amount`` from PostgreSQL account ``debit`` to MariaDB account ``credit``."""
+
+    def close(self) -> None: ...
+
+
+class Mode(Protocol):
+    """One commit mode set up for one run (one client count)."""
+
+    def client(self) -> Client: ...
+
+    def log_counters(self) -> tuple[int, int] | None:
+        """(log fsyncs, records those fsyncs made durable) so far; None if no log."""
+
+    def close(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class RunContext:
+    """What a mode factory gets: the servers, the table, the client count, a scratch dir."""
+
+    urls: Urls
+    table: str
+    clients: int
+    workdir: Path
+
+
+ModeFactory = Callable[[RunContext], Mode]
+
+
+class WrongRowCount(RuntimeError):
+    pass
+
+
+def _one_row(rowcount: int, side: str) -> None:
+    if rowcount != 1:
+        raise WrongRowCount(f"{side} UPDATE touched {rowcount} rows, expected 1")
+
+
+def _debit_sql(table: str) -> str:
+    return f"UPDATE {table} SET bal = bal - %s WHERE id = %s"
+
+
+def _credit_sql(table: str) -> str:
+    return f"UPDATE {table} SET bal = bal + %s WHERE id = %s"
+
+
+class _NoLog:
+    def log_counters(self) -> tuple[int, int] | None:
+        return None
+
+    def close(self) -> None:
+        pass
+
+
+# --------------------------------------------------------------------------- onepc
+
+
+class OnePCClient:
+    """Two independent local transactions, committed one after the other."""
+
+    def __init__(self, ctx: RunContext) -> None:
+        self.pg = pg_connect(ctx.urls.pg, autocommit=False)
+        self.my = mysql_connect(ctx.urls.mysql, autocommit=False)
+        self.cur = self.my.cursor()
+        self.debit, self.credit = _debit_sql(ctx.table), _credit_sql(ctx.table)
+
+    def transfer(self, debit: int, credit: int, amount: int) -> None:
+        try:
+            _one_row(self.pg.execute(self.debit, (amount, debit)).rowcount, "PostgreSQL")
+            self.cur.execute(self.credit, (amount, credit))
+            _one_row(self.cur.rowcount, "MariaDB")
+            self.pg.commit()
+            self.my.commit()
+        except BaseException:
+            self.pg.rollback()
+            self.my.rollback()
+            raise
+
+    def close(self) -> None:
+        self.pg.close()
+        self.my.close()
+
+
+class OnePCMode(_NoLog):
+    def __init__(self, ctx: RunContext) -> None:
+        self.ctx = ctx
+
+    def client(self) -> Client:
+        return OnePCClient(self.ctx)
+
+
+# --------------------------------------------------------------------------- raw
+
+
+class RawClient:
+    """Hand-written 2PC: the statements a careful programmer would send, in order."""
+
+    def __init__(self, ctx: RunContext) -> None:
+        self.pg_url = ctx.urls.pg
+        self.pg = pg_connect(ctx.urls.pg)
+        self.my = mysql_connect(ctx.urls.mysql)
+        self.cur = self.my.cursor()
+        self.debit, self.credit = _debit_sql(ctx.table), _credit_sql(ctx.table)
+        self.prefix = f"bench_{os.getpid()}_{next(_ids)}_"
+        self.n = 0
+
+    def transfer(self, debit: int, credit: int, amount: int) -> None:
+        self.n += 1
+        gid = f"{self.prefix}{self.n}"
+        xid = f"X'{gid.encode().hex()}'"
+        stage = "active"
+        try:
+            self.pg.execute("BEGIN")
+            _one_row(self.pg.execute(self.debit, (amount, debit)).rowcount, "PostgreSQL")
+            self.cur.execute(f"XA START {xid}")
+            self.cur.execute(self.credit, (amount, credit))
+            _one_row(self.cur.rowcount, "MariaDB")
+            self.pg.execute(f"PREPARE TRANSACTION '{gid}'")
+            stage = "pg-prepared"
+            self.cur.execute(f"XA END {xid}")
+            self.cur.execute(f"XA PREPARE {xid}")
+            stage = "committing"
+            self.pg.execute(f"COMMIT PREPARED '{gid}'")
+            self.cur.execute(f"XA COMMIT {xid}")
+        except BaseException:
+            self._abort(stage, gid, xid)
+            raise
+
+    def _abort(self, stage: str, gid: str, xid: str) -> None:
+        """Roll back what can be (no recovery in this mode: a phase-2 failure is left)."""
+        if stage == "committing":
+            return
+        attempts = ["ROLLBACK"] if stage == "active" else [f"ROLLBACK PREPARED '{gid}'"]
+        for stmt in attempts:
+            try:
+                self.pg.execute(stmt)
+            except Exception:
+                self.pg.close()
+                self.pg = pg_connect(self.pg_url)
+        for stmt in (f"XA END {xid}", f"XA ROLLBACK {xid}"):
+            try:
+                self.cur.execute(stmt)
+            except Exception:
+                continue
+
+    def close(self) -> None:
+        self.pg.close()
+        self.my.close()
+
+
+class RawMode(_NoLog):
+    def __init__(self, ctx: RunContext) -> None:
+        self.ctx = ctx
+
+    def client(self) -> Client:
+        return RawClient(self.ctx)
+
+
+# --------------------------------------------------------------------------- sqlalchemy
+
+
+class SQLAlchemyClient:
+    """``Connection.begin_twophase()`` on both engines; prepare both, commit both."""
+
+    def __init__(self, mode: SQLAlchemyMode) -> None:
+        self.mode = mode
+
+    def transfer(self, debit: int, credit: int, amount: int) -> None:
+        m = self.mode
+        with m.pg.connect() as c1, m.my.connect() as c2:
+            t1 = c1.begin_twophase()
+            t2 = c2.begin_twophase()
+            _one_row(c1.execute(m.debit, {"a": amount, "id": debit}).rowcount, "PostgreSQL")
+            _one_row(c2.execute(m.credit, {"a": amount, "id": credit}).rowcount, "MariaDB")
+            t1.prepare()
+            t2.prepare()
+            t1.commit()
+            t2.commit()
+
+    def close(self) -> None:
+        pass
+
+
+class SQLAlchemyMode(_NoLog):
+    def __init__(self, ctx: RunContext) -> None:
+        pool = {"pool_size": ctx.clients, "max_overflow": 0}
+        self.pg = sa.create_engine(_sa_url(ctx.urls.pg, "postgresql+psycopg"), **pool)
+        self.my = sa.create_engine(
+            _sa_url(ctx.urls.mysql, "mysql+mysqlconnector"),
+            connect_args={"use_pure": True},
+            **pool,
+        )
+        t = ctx.table
+        self.debit = sa.text(f"UPDATE {t} SET bal = bal - :a WHERE id = :id")
+        self.credit = sa.text(f"UPDATE {t} SET bal = bal + :a WHERE id = :id")
+        for engine in (self.pg, self.my):  # open every pooled connection before timing
+            conns = [engine.connect() for _ in range(ctx.clients)]
+            for conn in conns:
+                conn.close()
+
+    def client(self) -> Client:
+        return SQLAlchemyClient(self)
+
+    def close(self) -> None:
+        self.pg.dispose()
+        self.my.dispose()
+
+
+def _sa_url(url: str, scheme: str) -> str:
+    return scheme + url[url.index("://") :]
+
+
+# --------------------------------------------------------------------------- xatm
+
+
+class XatmClient:
+    def __init__(self, tm: TransactionManager, table: str) -> None:
+        self.tm = tm
+        self.debit, self.credit = _debit_sql(table), _credit_sql(table)
+
+    def transfer(self, debit: int, credit: int, amount: int) -> None:
+        with self.tm.transaction() as tx:
+            _one_row(tx.execute("pg", self.debit, (amount, debit)).rowcount, "PostgreSQL")
+            _one_row(tx.execute("maria", self.credit, (amount, credit)).rowcount, "MariaDB")
+
+    def close(self) -> None:
+        pass
+
+
+class XatmMode:
+    """One TransactionManager shared by every client thread; its log in a scratch dir."""
+
+    def __init__(self, ctx: RunContext, **tm_options: Any) -> None:
+        self.ctx = ctx
+        self.logdir = ctx.workdir / f"xatm-log-{next(_ids)}"
+        tm_options.setdefault("pool_size", ctx.clients)  # as many idle connections as clients
+        self.tm = TransactionManager(
+            {"pg": ctx.urls.pg, "maria": ctx.urls.mysql},
+            log=self.logdir,
+            node_id="bench",
+            **tm_options,
+        )
+        # Open the pooled connections before timing (private API: fine in a benchmark).
+        for pool in self.tm._pools.values():
+            conns = [pool.get() for _ in range(ctx.clients)]
+            for conn in conns:
+                pool.put(conn)
+
+    def client(self) -> Client:
+        return XatmClient(self.tm, self.ctx.table)
+
+    def log_counters(self) -> tuple[int, int] | None:
+        log: Any = self.tm._log
+        return int(log.forces), int(log.forced_records)
+
+    def close(self) -> None:
+        self.tm.close()
+        shutil.rmtree(self.logdir, ignore_errors=True)
+
+
+def xatm_mode(**tm_options: Any) -> ModeFactory:
+    """A factory for xatm with these ``TransactionManager`` keyword arguments."""
+
+    def factory(ctx: RunContext) -> Mode:
+        return XatmMode(ctx, **tm_options)
+
+    return factory
+
+
+MODES: dict[str, ModeFactory] = {
+    "onepc": OnePCMode,
+    "raw": RawMode,
+    "sqlalchemy": SQLAlchemyMode,
+    "xatm": xatm_mode(),
+    "xatm-serial": xatm_mode(parallel=False),
+    "xatm-fast": xatm_mode(commit_markers=("pg",)),
+}
+
+#: the modes every xatm mode is compared against
+BASELINES = ("raw", "sqlalchemy")
+
+
+def is_xatm(mode: str) -> bool:
+    return mode.startswith("xatm")
