@@ -16,8 +16,10 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
+LINTED := $(wildcard xatm cli tests benchmarks)
+
 lint: $(STAMP)
-	$(VENV)/bin/ruff check xatm cli tests benchmarks
+	$(VENV)/bin/ruff check $(LINTED)
 	$(VENV)/bin/ruff format --check xatm cli
 
 typecheck: $(STAMP)
