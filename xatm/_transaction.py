@@ -32,7 +32,7 @@ import functools
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
@@ -132,6 +132,11 @@ class Transaction:
         self._fence = threading.Lock()
         self._aborted_by_recovery = False
         self._deciding = False
+        # Callbacks of integrations (SQLAlchemy sessions, see xatm._sqlalchemy): the first run
+        # at the start of commit, before anything is prepared (they may still do work and
+        # enlist branches); the second once the transaction has ended, whatever its outcome.
+        self._before_prepare: list[Callable[[], None]] = []
+        self._after_end: list[Callable[[], None]] = []
 
     # -- the application's side -------------------------------------------------------------
     def __enter__(self) -> Transaction:
@@ -287,7 +292,7 @@ class Transaction:
         try:
             self._commit()
         finally:
-            self._manager._forget(self)
+            self._ended()
 
     def rollback(self) -> None:
         """Roll every branch back (what leaving the block with an exception does)."""
@@ -295,13 +300,24 @@ class Transaction:
             if self.state is TransactionState.ACTIVE:
                 self._rollback_all()
         finally:
-            self._manager._forget(self)
+            self._ended()
+
+    def _ended(self) -> None:
+        self._manager._forget(self)
+        callbacks, self._after_end = self._after_end, []
+        for callback in callbacks:
+            try:
+                callback()
+            except Exception:  # the outcome is settled: a callback's failure only gets logged
+                logger.exception("an end-of-transaction callback of %s failed", self.gtrid)
 
     def _commit(self) -> None:
         if self.state is not TransactionState.ACTIVE:
             raise TransactionError(
                 f"transaction {self.gtrid} is already {self.state.value}", gtrid=self.gtrid
             )
+        if self._before_prepare and self._rollback_only is None:
+            self._run_before_prepare()
         branches = list(self._branches.values())
         if self._rollback_only is not None or time.monotonic() > self.deadline:
             reason = self._rollback_only or "timeout"
@@ -331,6 +347,21 @@ class Transaction:
         _failpoint.hit("after_decision")
         self.state = TransactionState.COMMITTING
         self._commit_all(prepared, logged=len(prepared) > 1)
+
+    def _run_before_prepare(self) -> None:
+        """Run the before-prepare callbacks (flush ORM sessions); any failure rolls back."""
+        callbacks, self._before_prepare = self._before_prepare, []
+        try:
+            for callback in callbacks:
+                callback()
+        except BaseException as e:
+            self._rollback_all()
+            if not isinstance(e, Exception):
+                raise
+            if isinstance(e, TransactionTimeout):
+                self._raise_rolled_back("timeout", e)
+            first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            self._raise_rolled_back(f"the work to do before prepare failed: {first_line}", e)
 
     def _commit_with_marker(self, branches: list[Branch], marker: Branch) -> None:
         """The commit-marker path (see ``xatm._marker``): prepare the others, then commit
