@@ -25,6 +25,7 @@ import collections
 import functools
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -277,13 +278,51 @@ def parse_pyspy(path: Path) -> dict[str, collections.Counter[str]]:
     return out
 
 
-def pyspy_window(out: Path, rate: int) -> Callable[[float], None]:
-    """A ``during_window`` that samples this process with py-spy for the window."""
+def _component(frame: str) -> str:
+    for needle, name in (
+        ("xatm/", "xatm"),
+        ("psycopg/", "psycopg"),
+        ("mysql/connector", "mysql-connector"),
+        ("sqlalchemy/", "SQLAlchemy"),
+        ("threading.py", "threads, locks, futures (stdlib)"),
+        ("concurrent/futures", "threads, locks, futures (stdlib)"),
+        ("benchmarks/", "benchmark harness"),
+    ):
+        if needle in frame:
+            return name
+    return "other stdlib (sql composition, random, json...)"
+
+
+def parse_gil(path: Path) -> tuple[collections.Counter[str], collections.Counter[str]]:
+    """GIL-holding samples: (by component of the innermost frame, by innermost xatm
+    function, i.e. which xatm step the CPU was spent for, drivers included)."""
+    by_component: collections.Counter[str] = collections.Counter()
+    by_step: collections.Counter[str] = collections.Counter()
+    for line in path.read_text().splitlines():
+        stack_text, _, count = line.rpartition(" ")
+        if not count.isdigit():
+            continue
+        frames = stack_text.split(";")
+        if not frames or not ("bench-client" in frames[0] or "xatm-branch" in frames[0]):
+            continue
+        n = int(count)
+        by_component[_component(frames[-1])] += n
+        step = next((f for f in reversed(frames[1:]) if "xatm/" in f), None)
+        if step is not None:
+            by_step[step.split(" (")[0]] += n
+    return by_component, by_step
+
+
+def pyspy_window(out: Path, rate: int, *, gil: bool = False) -> Callable[[float], None]:
+    """A ``during_window`` that samples this process with py-spy for the window: every
+    thread, idle ones too (wall clock), or with ``gil`` only the thread holding the GIL
+    (where the client's CPU goes)."""
 
     def sample(seconds: float) -> None:
         exe = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
         cmd = [exe, "record", "--pid", str(os.getpid()), "--duration", str(max(1, round(seconds)))]
-        cmd += ["--rate", str(rate), "--format", "raw", "--idle", "--threads", "--nonblocking"]
+        cmd += ["--rate", str(rate), "--format", "raw", "--threads", "--nonblocking"]
+        cmd += ["--gil"] if gil else ["--idle"]
         cmd += ["-o", str(out)]
         t0 = time.monotonic()
         done = subprocess.run(cmd, capture_output=True, text=True, check=False)
@@ -313,6 +352,7 @@ STEP_ROWS = (
     ("phase1: collect results", "  thread hand-off: last branch ends → caller resumes"),
     ("log.commit (force)", "**log: COMMIT record forced**"),
     ("log fsync (leader's write+fsync)", "  of which the leader's write+fsync (per fsync)"),
+    ("pg.commit_one_phase", "**PG: decision row + COMMIT (marker: the decision)**"),
     ("phase2", "**phase 2 (commit), wall**"),
     ("pg.commit_prepared", "  PG: COMMIT PREPARED"),
     ("maria.commit_prepared", "  MariaDB: XA COMMIT"),
@@ -333,6 +373,7 @@ TOP_LEVEL = (
     "maria.execute",
     "phase1",
     "log.commit (force)",
+    "pg.commit_one_phase",
     "phase2",
     "log.end",
 )
@@ -400,6 +441,34 @@ def spy_table(clients: int, found: dict[str, collections.Counter[str]]) -> str:
     return "\n".join(lines)
 
 
+def gil_table(
+    clients: int, gil: dict[str, tuple[collections.Counter[str], collections.Counter[str], float]]
+) -> str:
+    """Client CPU (GIL-holding samples) by component, in ms per transaction."""
+    modes = list(gil)
+    comps = sorted({c for counts, _, _ in gil.values() for c in counts})
+    head = " | ".join(f"{m} ms/tx" for m in modes)
+    lines = [f"| client CPU by component ({clients} clients, py-spy --gil) | {head} |"]
+    lines.append("|---|" + "---:|" * len(modes))
+
+    def ms(mode: str, comp: str) -> str:
+        counts, _, cpu = gil[mode]
+        total = sum(counts.values())
+        return f"{cpu * counts.get(comp, 0) / total:.3f}" if total else "-"
+
+    for comp in comps:
+        lines.append(f"| {comp} | " + " | ".join(ms(m, comp) for m in modes) + " |")
+    lines.append("| **process CPU per transaction** | ")
+    lines[-1] += " | ".join(f"{gil[m][2]:.3f}" for m in modes) + " |"
+    for m in modes:
+        _, steps, cpu = gil[m]
+        total = sum(gil[m][0].values())
+        if steps and total:
+            top = ", ".join(f"`{k}` {cpu * n / total:.3f}" for k, n in steps.most_common(8))
+            lines.append(f"\n{m}: CPU ms/tx by innermost xatm function (drivers included): {top}")
+    return "\n".join(lines)
+
+
 def write_section(path: Path, section: str) -> None:
     block = f"{BEGIN_MARK}\n{section}\n{END_MARK}"
     text = path.read_text() if path.exists() else "# Benchmarks\n"
@@ -412,6 +481,102 @@ def write_section(path: Path, section: str) -> None:
 
 
 # --------------------------------------------------------------------------- main
+
+PROFILED = ("raw", "xatm", "xatm-serial", "xatm-fast")
+_XATM_OPTIONS: dict[str, dict[str, Any]] = {
+    "xatm": {},
+    "xatm-serial": {"parallel": False},
+    "xatm-fast": {"commit_markers": ("pg",)},
+}
+
+
+def _make(name: str, ctx: RunContext, timer: StepTimer) -> Mode:
+    if name == "raw":
+        return TimedRawMode(ctx, timer)
+    return TimedXatmMode(ctx, timer, **_XATM_OPTIONS[name])
+
+
+def _run(
+    name: str,
+    mode: Mode,
+    ctx: RunContext,
+    args: argparse.Namespace,
+    ledger: Ledger,
+    during: Callable[[float], None],
+    round_no: int = 0,
+) -> RunResult:
+    try:
+        r = run_clients(
+            name,
+            mode,
+            clients=ctx.clients,
+            accounts=args.accounts,
+            seconds=args.seconds,
+            warmup=args.warmup,
+            round_no=round_no,
+            during_window=during,
+        )
+    finally:
+        mode.close()
+    print(ledger.check(r.committed_total, f"{name} x{ctx.clients}"), file=sys.stderr)
+    return r
+
+
+def _timed_rounds(
+    ctx: RunContext, args: argparse.Namespace, ledger: Ledger
+) -> dict[str, tuple[StepTimer, int, float]]:
+    """Step timings per mode, rounds alternating the mode order."""
+    timers = {m: StepTimer() for m in PROFILED}
+    results: dict[str, list[RunResult]] = {m: [] for m in PROFILED}
+    for round_no in range(args.rounds):
+        for name in PROFILED if round_no % 2 == 0 else PROFILED[::-1]:
+            timer = timers[name]
+
+            def windowed(seconds: float, timer: StepTimer = timer) -> None:
+                timer.enabled = True
+                try:
+                    time.sleep(seconds)
+                finally:
+                    timer.enabled = False
+
+            mode = _make(name, ctx, timer)
+            results[name].append(_run(name, mode, ctx, args, ledger, windowed, round_no))
+    return {
+        m: (
+            timers[m],
+            int(timers[m].totals.get("transaction", [0.0, 0])[1]),
+            statistics.median(r.throughput for r in results[m]),
+        )
+        for m in PROFILED
+    }
+
+
+def _sampled_runs(
+    ctx: RunContext, args: argparse.Namespace, ledger: Ledger, workdir: Path
+) -> tuple[
+    dict[str, collections.Counter[str]],
+    dict[str, tuple[collections.Counter[str], collections.Counter[str], float]],
+]:
+    """py-spy: xatm's threads over wall-clock time, and every mode's GIL-holding samples."""
+    out = workdir / f"wall-{ctx.clients}.txt"
+    mode = _make("xatm", ctx, StepTimer())
+    _run("xatm", mode, ctx, args, ledger, pyspy_window(out, args.rate))
+    wall = parse_pyspy(out) if out.exists() else {}
+    gil = {}
+    for name in PROFILED:
+        out = workdir / f"gil-{name}-{ctx.clients}.txt"
+        r = _run(
+            name,
+            _make(name, ctx, StepTimer()),
+            ctx,
+            args,
+            ledger,
+            pyspy_window(out, args.rate, gil=True),
+        )
+        if out.exists() and r.cpu_ms_per_tx is not None:
+            comp, steps = parse_gil(out)
+            gil[name] = (comp, steps, r.cpu_ms_per_tx)
+    return wall, gil
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -430,7 +595,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mysql-url")
     args = p.parse_args(argv)
     client_counts = [int(x) for x in args.clients.split(",")]
-    modes = ("raw", "xatm", "xatm-serial")
     sections = []
     with BenchServers(args.pg_url, args.mysql_url) as servers:
         assert servers.urls is not None
@@ -441,64 +605,11 @@ def main(argv: list[str] | None = None) -> int:
         try:
             for clients in client_counts:
                 ctx = RunContext(servers.urls, "bench_prof", clients, workdir)
-                timers = {m: StepTimer() for m in modes}
-                results: dict[str, list[RunResult]] = {m: [] for m in modes}
-                spy: dict[str, collections.Counter[str]] = {}
-                for round_no in range(args.rounds):
-                    for name in modes if round_no % 2 == 0 else modes[::-1]:
-                        timer = timers[name]
-                        mode: Mode
-                        if name == "raw":
-                            mode = TimedRawMode(ctx, timer)
-                        else:
-                            mode = TimedXatmMode(ctx, timer, parallel=name == "xatm")
-                        during = None
-                        spy_out = workdir / f"spy-{clients}.txt"
-                        if args.pyspy and name == "xatm" and round_no == 0:
-                            during = pyspy_window(spy_out, args.rate)
-
-                        def windowed(
-                            seconds: float, timer: StepTimer = timer, d: Any = during
-                        ) -> None:
-                            timer.enabled = True
-                            try:
-                                if d is None:
-                                    time.sleep(seconds)
-                                else:
-                                    d(seconds)
-                            finally:
-                                timer.enabled = False
-
-                        try:
-                            r = run_clients(
-                                name,
-                                mode,
-                                clients=clients,
-                                accounts=args.accounts,
-                                seconds=args.seconds,
-                                warmup=args.warmup,
-                                round_no=round_no,
-                                during_window=windowed,
-                            )
-                        finally:
-                            mode.close()
-                        results[name].append(r)
-                        print(
-                            ledger.check(r.committed_total, f"{name} x{clients}"), file=sys.stderr
-                        )
-                        if during is not None and spy_out.exists():
-                            spy = parse_pyspy(spy_out)
-                timings = {
-                    m: (
-                        timers[m],
-                        int(timers[m].totals.get("transaction", [0.0, 0])[1]),
-                        sum(r.throughput for r in results[m]) / len(results[m]),
-                    )
-                    for m in modes
-                }
-                part = [step_table(clients, timings, modes)]
-                if spy:
-                    part += ["", spy_table(clients, spy)]
+                timings = _timed_rounds(ctx, args, ledger)
+                part = [step_table(clients, timings, PROFILED)]
+                if args.pyspy:
+                    wall, gil = _sampled_runs(ctx, args, ledger, workdir)
+                    part += ["", spy_table(clients, wall), "", gil_table(clients, gil)]
                 sections.append("\n".join(part))
         finally:
             shutil.rmtree(workdir, ignore_errors=True)

@@ -161,6 +161,7 @@ def main(argv: list[str] | None = None) -> int:
         "modes": ",".join(args.modes),
         "xatm log": "temp dir on the servers' disk",
     }
+    load0 = os.getloadavg()[0]
     previous = signal.signal(signal.SIGTERM, _on_sigterm)
     started = time.monotonic()
     try:
@@ -174,6 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         signal.signal(signal.SIGTERM, previous)
     settings["total run time"] = f"{time.monotonic() - started:.0f} s"
+    settings["1-min load average at start/end"] = f"{load0:.1f}/{os.getloadavg()[0]:.1f}"
     summaries = summarize(results)
     section = render(summaries, args.modes, info, settings, books)
     print(section)
