@@ -519,3 +519,24 @@ def test_failed_fsync_breaks_the_log(
     assert not log.broken
     assert gtrid(1) in log.pending()
     assert gtrid(3) not in log.pending()
+
+
+def test_broken_log_refuses_to_report_decisions(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After a failed fsync the in-memory decisions may not match the disk: recovery must not
+    act on them in this process."""
+    import xatm._filelog as fl
+
+    log = fl.FileLog(tmp_path, "n1")
+
+    def failing_fsync(fd: int) -> None:
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(fl.os, "fsync", failing_fsync)
+    with pytest.raises(LogError):
+        log.log_commit(new_gtrid("n1"), ["a", "b"])
+    with pytest.raises(LogError, match="restart"):
+        log.pending()
+    monkeypatch.undo()
+    log.close()

@@ -179,6 +179,13 @@ class FileLog:
 
     def pending(self) -> Mapping[str, LogRecord]:
         with self._cond:
+            if self._broken is not None:
+                # What reached the disk is unknown: acting on the in-memory view could
+                # commit branches that a restart (reading the disk) would roll back.
+                raise LogError(
+                    f"the coordinator log {self.node_dir} failed ({self._broken}); its"
+                    " decisions can be trusted again only after a restart re-reads it"
+                )
             return dict(self._pending)
 
     def flush(self) -> None:
