@@ -14,9 +14,26 @@
 Leaving the block commits every branch or none. See docs/protocol.md for how.
 """
 
+from ._audit import AuditEntry
+from ._config import Settings, load_config
+from ._doctor import Check, DoctorReport
 from ._failpoint import NAMES as FAILPOINTS
+from ._inspect import (
+    BranchInfo,
+    Compaction,
+    InDoubt,
+    InDoubtReport,
+    Inspector,
+    NodeLog,
+    SegmentInfo,
+    TransactionInfo,
+    UnknownTransaction,
+    validate_gtrid,
+)
 from ._manager import TransactionManager
 from ._recovery import RecoveryAction, RecoveryReport
+from ._resolve import Resolution, ResolutionRefused
+from ._sweeper import ResourceBackoff, Sweeper, SweeperStatus
 from ._transaction import BranchState, Transaction, TransactionState
 from ._urls import ResourceSpec, parse_url, redact
 from ._xid import FORMAT_ID, Xid
@@ -39,26 +56,46 @@ __version__ = "0.1.0"
 __all__ = [
     "FAILPOINTS",
     "FORMAT_ID",
+    "AuditEntry",
+    "BranchInfo",
     "BranchState",
+    "Check",
+    "Compaction",
     "ConfigurationError",
+    "DoctorReport",
+    "InDoubt",
+    "InDoubtReport",
+    "Inspector",
     "LogError",
     "LogLocked",
+    "NodeLog",
     "RecoveryAction",
     "RecoveryReport",
+    "Resolution",
+    "ResolutionRefused",
+    "ResourceBackoff",
     "ResourceError",
     "ResourceNotFit",
     "ResourceSpec",
     "ResourceUnavailable",
+    "SegmentInfo",
+    "Settings",
+    "Sweeper",
+    "SweeperStatus",
     "Transaction",
     "TransactionError",
     "TransactionInDoubt",
+    "TransactionInfo",
     "TransactionManager",
     "TransactionRolledBack",
     "TransactionState",
     "TransactionTimeout",
+    "UnknownTransaction",
     "XatmError",
     "Xid",
     "__version__",
+    "load_config",
     "parse_url",
     "redact",
+    "validate_gtrid",
 ]

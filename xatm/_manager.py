@@ -9,14 +9,18 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from collections.abc import Iterable, Mapping
+import time
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
 from . import _marker, _sqlalchemy
+from ._audit import AuditEntry, AuditTrail
 from ._config import Settings, load_config, resource_specs, validate_timeout
+from ._doctor import DoctorReport
 from ._filelog import DEFAULT_SEGMENT_BYTES, FileLog
+from ._inspect import InDoubtReport, Inspector, NodeLog, TransactionInfo
 from ._log import CoordinatorLog
 from ._mysql import MySQLParticipant
 from ._parallel import Fanout
@@ -24,6 +28,8 @@ from ._participant import Connection, Participant
 from ._pool import Pool
 from ._postgres import PostgresParticipant
 from ._recovery import RecoveryReport, run_pass
+from ._resolve import Resolution, resolve
+from ._sweeper import DEFAULT_INTERVAL, Sweeper, sweeper_settings
 from ._transaction import Branch, Transaction, describe_unknown_resource
 from ._urls import ResourceSpec, redact
 from ._xid import new_gtrid, validate_node_id
@@ -52,6 +58,12 @@ class TransactionManager:
     :param parallel: prepare and commit the branches concurrently (default) or in turn.
     :param commit_markers: resources that may carry the commit decision in their own
         ``xatm_decisions`` table (the commit-marker fast path, see ``xatm._marker``).
+    :param sweeper: run recovery passes on a background thread (default); see
+        ``xatm._sweeper``. Turn it off only if something else (``xatm sweep``, your own
+        calls to :meth:`recover`) resolves this node's in-doubt branches.
+    :param sweep_interval: seconds between the sweeper's passes.
+    :param lock_timeout: seconds to wait for this node's log lock at start (a previous
+        process of the same node_id may still be exiting).
     """
 
     def __init__(
@@ -65,8 +77,12 @@ class TransactionManager:
         pool_size: int = 8,
         segment_bytes: int = DEFAULT_SEGMENT_BYTES,
         commit_markers: Iterable[str] = (),
+        sweeper: bool = True,
+        sweep_interval: float = DEFAULT_INTERVAL,
+        lock_timeout: float = 30.0,
     ) -> None:
         self.node_id = validate_node_id(node_id)
+        self._started_at = time.time() - 0.002  # gtrids made from here on are this process's
         self.timeout = validate_timeout(timeout)
         engines = {n: e for n, e in dict(resources).items() if _sqlalchemy.is_engine(e)}
         self._specs = resource_specs(
@@ -92,7 +108,7 @@ class TransactionManager:
             else:
                 self._pools[name] = Pool(participant, max_idle=pool_size)
         self._log: CoordinatorLog = FileLog(
-            self.log_directory, self.node_id, segment_bytes=segment_bytes, lock_timeout=30.0
+            self.log_directory, self.node_id, segment_bytes=segment_bytes, lock_timeout=lock_timeout
         )
         self.commit_markers = frozenset(commit_markers)
         unknown = self.commit_markers - set(self._specs)
@@ -105,6 +121,15 @@ class TransactionManager:
         self._lock = threading.Lock()
         self._active: dict[str, Transaction] = {}
         self._closed = False
+        # recovery passes, sweeper passes and manual resolutions never overlap
+        self._recovery_lock = threading.Lock()
+        self._audit = AuditTrail(self.log_directory, self.node_id)
+        self._expired_noted: set[str] = set()
+        # resources seen holding commit-marker decision rows (recovery must read them)
+        self._marker_resources: set[str] = set(self.commit_markers)
+        self.sweeper = Sweeper(self, sweep_interval)
+        if sweeper:
+            self.sweeper.start()
 
     @classmethod
     def from_config(cls, path: str | os.PathLike[str]) -> TransactionManager:
@@ -114,12 +139,15 @@ class TransactionManager:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> TransactionManager:
+        sweep = sweeper_settings(settings.extra)
         return cls(
             dict(settings.resources),
             settings.log,
             settings.node_id,
             settings.timeout,
             commit_markers=settings.commit_markers,
+            sweeper=sweep.enabled,
+            sweep_interval=sweep.interval,
         )
 
     # -- transactions -----------------------------------------------------------------------
@@ -136,9 +164,62 @@ class TransactionManager:
             self._active[tx.gtrid] = tx
         return tx
 
-    def recover(self, *, dry_run: bool = False) -> RecoveryReport:
-        """One recovery pass over every resource; see ``xatm._recovery`` for what it does."""
-        return run_pass(self, dry_run=dry_run)
+    def recover(
+        self,
+        *,
+        dry_run: bool = False,
+        actor: str | None = None,
+        progress: Callable[[str], None] | None = None,
+    ) -> RecoveryReport:
+        """One recovery pass over every resource; see ``xatm._recovery`` for what it does.
+
+        ``dry_run``: only report what the pass would do (nothing is changed, no log is
+        locked). ``actor`` names who asked, in the audit trail (default ``recover@<node>``);
+        ``progress`` is called with a short text as the pass goes."""
+        return run_pass(self, dry_run=dry_run, actor=actor, progress=progress)
+
+    # -- operations -------------------------------------------------------------------------
+    @property
+    def inspector(self) -> Inspector:
+        """A read-only view of the resources, the logs and the audit trail."""
+        return Inspector(
+            self._participants,
+            self.log_directory,
+            pools=self._pools,
+            own_node=self.node_id,
+            own_pending=self._log.pending,
+            running=lambda gtrid: self._running(gtrid) is not None,
+            commit_markers=self.commit_markers,
+            timeout=self.timeout,
+        )
+
+    def indoubt(self) -> InDoubtReport:
+        """Every in-doubt global transaction across the resources, oldest first."""
+        return self.inspector.indoubt()
+
+    def show(self, gtrid: str) -> TransactionInfo:
+        """Everything known about one global transaction, with its audit trail."""
+        return self.inspector.show(gtrid)
+
+    def logs(self) -> list[NodeLog]:
+        """The coordinator logs (this node's and its peers') under the log directory."""
+        return self.inspector.logs()
+
+    def audit_trail(self, gtrid: str | None = None) -> list[AuditEntry]:
+        """The audit trail of every node sharing the log directory (of one gtrid if given)."""
+        return self.inspector.audit(gtrid)
+
+    def doctor(self) -> DoctorReport:
+        """Check that every resource and the log directory are fit for two-phase commit."""
+        return self.inspector.doctor()
+
+    def resolve(
+        self, gtrid: str, outcome: str, *, force: bool = False, actor: str = "api"
+    ) -> Resolution:
+        """Commit or roll back one in-doubt transaction by hand (see ``xatm._resolve``):
+        refused (:class:`~xatm.ResolutionRefused`) when it could break atomicity, unless
+        ``force``."""
+        return resolve(self, gtrid, outcome, force=force, actor=actor)
 
     @property
     def resource_names(self) -> Iterable[str]:
@@ -154,10 +235,12 @@ class TransactionManager:
         if self._closed:
             return
         self._closed = True
+        self.sweeper.stop()
         self._fanout.close()
         for pool in self._pools.values():
             pool.close()
         self._log.close()
+        self._audit.close()
 
     def __enter__(self) -> TransactionManager:
         return self
@@ -225,6 +308,24 @@ class TransactionManager:
     def _running(self, gtrid: str) -> Transaction | None:
         with self._lock:
             return self._active.get(gtrid)
+
+    def _note_expired(self, gtrid: str, resource: str, actor: str) -> None:
+        """Audit (once per transaction) that recovery marked a running one aborted."""
+        with self._lock:
+            self._expired_noted &= set(self._active)
+            if gtrid in self._expired_noted:
+                return
+            self._expired_noted.add(gtrid)
+        logger.warning("transaction %s is past its timeout: marked aborted by recovery", gtrid)
+        self._audit.record(
+            gtrid,
+            resource,
+            resource,
+            "expire",
+            "past its timeout and not decided",
+            "marked aborted: its coordinator rolls it back",
+            actor,
+        )
 
     def _forget(self, tx: Transaction) -> None:
         with self._lock:

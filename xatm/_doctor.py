@@ -1,0 +1,205 @@
+"""``doctor``: is every resource, and the log directory, fit for two-phase commit?
+
+Each check says what it looked at and, when it fails, exactly what to change:
+
+* each resource is reachable (connects and logs in);
+* PostgreSQL: ``max_prepared_transactions`` > 0 (0, the default, disables PREPARE);
+* MariaDB >= 10.5 / MySQL >= 5.7.7 (older ones roll prepared XA back on disconnect),
+  MySQL ``legacy_xa_rollback_at_disconnect`` OFF, and ``XA RECOVER`` allowed (MySQL 8 needs
+  ``XA_RECOVER_ADMIN``) — the participants' own ``check()``;
+* the log directory exists (or can be created), is writable, fsyncs, supports ``flock``,
+  and is not on a network file system (the lock that proves a coordinator dead would lie).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ._participant import Connection, Participant
+from ._urls import redact
+from .errors import ResourceError
+
+_NETWORK_FS = frozenset(
+    {"nfs", "nfs4", "cifs", "smb3", "smbfs", "9p", "fuse.sshfs", "afs", "glusterfs", "ceph"}
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Check:
+    """One check on one subject (a resource name, or ``log``)."""
+
+    subject: str
+    name: str
+    ok: bool
+    detail: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {"subject": self.subject, "check": self.name, "ok": self.ok, "detail": self.detail}
+
+
+@dataclass(frozen=True, slots=True)
+class DoctorReport:
+    """Every check; ``ok`` when all passed."""
+
+    checks: tuple[Check, ...]
+
+    @property
+    def ok(self) -> bool:
+        return all(c.ok for c in self.checks)
+
+    @property
+    def problems(self) -> tuple[Check, ...]:
+        return tuple(c for c in self.checks if not c.ok)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"ok": self.ok, "checks": [c.to_json() for c in self.checks]}
+
+
+def _one(participant: Participant, conn: Connection, sql: str) -> Any:
+    if participant.kind == "postgresql":
+        row = conn.execute(sql).fetchone()
+    else:
+        cur = conn.cursor()
+        try:
+            cur.execute(sql)
+            row = cur.fetchone()
+        finally:
+            cur.close()
+    return None if row is None else row[0]
+
+
+def check_resource(name: str, participant: Participant) -> list[Check]:
+    """Reachability and 2PC fitness of one resource."""
+    where = participant.spec.redacted()
+    try:
+        conn = participant.connect()
+    except ResourceError as e:
+        return [Check(name, "reachable", False, f"{e}; is the server up and the URL right?")]
+    try:
+        try:
+            version = str(_one(participant, conn, "SELECT version()"))
+        except Exception as e:
+            return [Check(name, "reachable", False, redact(f"{where}: {e}".strip()))]
+        short = version.split(" on ")[0] if participant.kind == "postgresql" else version
+        checks = [Check(name, "reachable", True, f"{where}: {short}")]
+        try:
+            problems = participant.check(conn)
+        except Exception as e:
+            return [*checks, Check(name, "2pc", False, redact(f"the check failed: {e}".strip()))]
+        if problems:
+            checks += [Check(name, "2pc", False, p) for p in problems]
+        elif participant.kind == "postgresql":
+            slots = _one(participant, conn, "SHOW max_prepared_transactions")
+            checks.append(Check(name, "2pc", True, f"max_prepared_transactions = {slots}"))
+        else:
+            checks.append(
+                Check(name, "2pc", True, "prepared XA survives disconnect; XA RECOVER allowed")
+            )
+        return checks
+    finally:
+        participant.close(conn)
+
+
+def _filesystem(path: Path) -> str | None:
+    """The type of the file system holding ``path`` (Linux), or None if unknown."""
+    try:
+        mounts = Path("/proc/mounts").read_text().splitlines()
+    except OSError:
+        return None
+    best, fstype = "", None
+    target = str(path.resolve())
+    for line in mounts:
+        parts = line.split()
+        if len(parts) < 3:
+            continue
+        mount = parts[1].replace("\\040", " ")
+        inside = target == mount or target.startswith(mount.rstrip("/") + "/")
+        if inside and len(mount) > len(best):
+            best, fstype = mount, parts[2]
+    return fstype
+
+
+def check_log_directory(directory: str | os.PathLike[str] | None) -> list[Check]:
+    """The log directory: there (or creatable), writable, fsync, flock, local."""
+    if directory is None:
+        return [Check("log", "log-directory", False, "no log directory is configured")]
+    path = Path(directory)
+    if not path.exists():
+        parent = path.parent
+        while not parent.exists() and parent != parent.parent:
+            parent = parent.parent
+        if os.access(parent, os.W_OK | os.X_OK):
+            return [Check("log", "log-directory", True, f"{path} will be created (in {parent})")]
+        return [
+            Check(
+                "log",
+                "log-directory",
+                False,
+                f"{path} does not exist and {parent} is not writable: create it for the"
+                " user that runs xatm (mode 0700)",
+            )
+        ]
+    if not path.is_dir():
+        return [Check("log", "log-directory", False, f"{path} is not a directory")]
+    probe = path / f".xatm-doctor-{os.getpid()}"
+    try:
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except OSError as e:
+        return [
+            Check(
+                "log",
+                "log-directory",
+                False,
+                f"{path} is not writable ({e.strerror}): give the user that runs xatm write access",
+            )
+        ]
+    checks = []
+    try:
+        os.write(fd, b"xatm")
+        os.fsync(fd)
+        checks.append(Check("log", "log-directory", True, f"{path} is writable and fsyncs"))
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            checks.append(Check("log", "flock", True, "flock() works"))
+        except OSError as e:
+            checks.append(
+                Check("log", "flock", False, f"flock() fails here ({e.strerror}): use a local disk")
+            )
+    except OSError as e:
+        checks.append(Check("log", "log-directory", False, f"writing in {path} fails: {e}"))
+    finally:
+        os.close(fd)
+        with contextlib.suppress(OSError):
+            probe.unlink()
+    fstype = _filesystem(path)
+    if fstype in _NETWORK_FS:
+        checks.append(
+            Check(
+                "log",
+                "local-disk",
+                False,
+                f"{path} is on a network file system ({fstype}): the log's lock cannot prove a"
+                " coordinator dead there; use a local disk",
+            )
+        )
+    elif fstype is not None:
+        checks.append(Check("log", "local-disk", True, f"file system type {fstype}"))
+    return checks
+
+
+def diagnose(
+    participants: Mapping[str, Participant], log_directory: str | os.PathLike[str] | None
+) -> DoctorReport:
+    """Run every check."""
+    checks: list[Check] = []
+    for name, participant in participants.items():
+        checks += check_resource(name, participant)
+    checks += check_log_directory(log_directory)
+    return DoctorReport(tuple(checks))

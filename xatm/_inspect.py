@@ -1,0 +1,664 @@
+"""Read-only inspection: in-doubt transactions, one transaction in detail, and the logs.
+
+Nothing here changes anything, takes a log's lock for longer than a probe, or needs a
+coordinator log of its own:
+
+* a node's log is read *without* its lock (:func:`read_log`): the COMMIT records are forced
+  before any branch is committed, so what is on disk is at least every decision taken;
+* whether a node's coordinator is alive is probed by trying its ``flock`` without waiting and
+  releasing it at once (:func:`owner_state`);
+* each resource is asked for its prepared transactions (``pg_prepared_xacts``, ``XA RECOVER``)
+  and only xatm's are kept; for PostgreSQL the locks each branch holds are counted.
+
+The answers are frozen dataclasses with a ``to_json()`` for the CLI's ``--json``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import logging
+import os
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from . import _marker_recovery
+from ._audit import AuditEntry, format_time, read_audit
+from ._doctor import DoctorReport, diagnose
+from ._filelog import MAGIC, SEGMENT_GLOB, FileLog, list_nodes
+from ._participant import Connection, Participant, PreparedBranch
+from ._pool import Pool
+from ._records import LogRecord, read_frames
+from ._urls import redact
+from ._xid import is_xatm_gtrid, parse_gtrid, validate_node_id
+from .errors import ConfigurationError, LogLocked, ResourceError, XatmError
+
+logger = logging.getLogger("xatm.inspect")
+
+#: Whose a transaction is, seen from here: the coordinator of its node_id is ...
+OwnerState = Literal["this-process", "alive", "dead", "unknown"]
+Decision = Literal["commit", "abort"]
+
+
+class UnknownTransaction(XatmError):
+    """No prepared branch, decision record or audit entry is known for this gtrid."""
+
+
+def validate_gtrid(gtrid: object) -> str:
+    """Return ``gtrid`` if it has the shape of an xatm gtrid, else raise ConfigurationError.
+
+    Shape: ``xatm.<node_id>.<27 hex digits>``. Anything else (including text meant as SQL)
+    is refused before it is used anywhere.
+    """
+    if isinstance(gtrid, str) and is_xatm_gtrid(gtrid):
+        return gtrid
+    shown = repr(gtrid)
+    if len(shown) > 80:
+        shown = shown[:77] + "..."
+    raise ConfigurationError(
+        f"not an xatm gtrid: {shown} (expected xatm.<node_id>.<27 hex digits>)"
+    )
+
+
+# ----------------------------------------------------------------------------- the logs
+
+
+@dataclass(frozen=True, slots=True)
+class SegmentInfo:
+    """One segment file of a node's log."""
+
+    name: str
+    size: int
+    records: int
+    torn_bytes: int  # bytes after the last good record (a torn or corrupt tail)
+
+
+@dataclass(frozen=True, slots=True)
+class LogSnapshot:
+    """A node's log as read from disk: its pending COMMIT records and its segments."""
+
+    pending: Mapping[str, LogRecord]
+    segments: tuple[SegmentInfo, ...]
+
+
+def read_log(node_dir: Path) -> LogSnapshot:
+    """Read a node's segments without its lock (tolerates a concurrent rotation)."""
+    for _attempt in range(5):
+        try:
+            return _read_log_once(node_dir)
+        except FileNotFoundError:
+            continue  # a segment was rotated away while we read: read again
+    return _read_log_once(node_dir)
+
+
+def _segment_key(path: Path) -> int:
+    try:
+        return int(path.stem.split("-", 1)[1])
+    except (IndexError, ValueError):
+        return -1
+
+
+def _read_log_once(node_dir: Path) -> LogSnapshot:
+    pending: dict[str, LogRecord] = {}
+    segments = []
+    if not node_dir.is_dir():
+        return LogSnapshot({}, ())
+    for seg in sorted(node_dir.glob(SEGMENT_GLOB), key=_segment_key):
+        data = seg.read_bytes()
+        good = 0
+        records = 0
+        if data.startswith(MAGIC):
+            good = len(MAGIC)
+            for end, record in read_frames(data, len(MAGIC)):
+                good = end
+                records += 1
+                if record.kind == "COMMIT":
+                    pending[record.gtrid] = record
+                else:
+                    pending.pop(record.gtrid, None)
+        segments.append(SegmentInfo(seg.name, len(data), records, len(data) - good))
+    return LogSnapshot(pending, tuple(segments))
+
+
+def owner_state(log_directory: str | os.PathLike[str] | None, node: str) -> OwnerState:
+    """Is the coordinator of ``node`` alive? Probes its log's lock without waiting.
+
+    "unknown" when ``node`` has no log in ``log_directory``. The probe holds the lock for
+    an instant only; a coordinator starting at that very moment waits for it (it polls).
+    A log held by *this* process through another descriptor also reads as "alive".
+    """
+    if log_directory is None:
+        return "unknown"
+    lock = Path(log_directory) / node / "lock"
+    try:
+        fd = os.open(lock, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return "unknown"
+    except OSError as e:
+        raise XatmError(f"cannot read the log lock {lock}: {e.strerror}") from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                return "alive"
+            raise XatmError(f"cannot probe the log lock {lock}: {e.strerror}") from None
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return "dead"
+    finally:
+        os.close(fd)
+
+
+# ----------------------------------------------------------------------------- answers
+
+
+@dataclass(frozen=True, slots=True)
+class BranchInfo:
+    """One branch of a global transaction on one resource, as seen now."""
+
+    resource: str
+    bqual: str
+    #: "prepared" (found prepared), "missing" (in the COMMIT record, not prepared any more:
+    #: committed, or resolved outside xatm), "unreachable" (the resource could not be asked)
+    state: str
+    prepared_at: float | None = None
+    db_owner: str | None = None  # the database role that prepared it (PostgreSQL)
+    locks: int | None = None  # locks the prepared branch holds (PostgreSQL)
+    locked: tuple[str, ...] = ()  # relations it holds locks on (PostgreSQL)
+    txid: int | None = None  # the server's transaction id, from the COMMIT record
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "resource": self.resource,
+            "branch": self.bqual,
+            "state": self.state,
+            "prepared_at": self.prepared_at,
+            "db_owner": self.db_owner,
+            "locks": self.locks,
+            "locked_relations": list(self.locked),
+            "txid": self.txid,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class InDoubt:
+    """One in-doubt global transaction: prepared branches waiting for phase 2."""
+
+    gtrid: str
+    node: str  # the coordinator that created it
+    created_at: float  # from the gtrid
+    age_s: float
+    owner: OwnerState
+    decision: Decision | None  # commit: logged; abort: presumed (owner dead); None: undecided
+    decided_at: float | None
+    plan: str  # what recovery will do
+    branches: tuple[BranchInfo, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "gtrid": self.gtrid,
+            "node": self.node,
+            "created_at": format_time(self.created_at),
+            "age_s": round(self.age_s, 3),
+            "owner": self.owner,
+            "decision": self.decision,
+            "decided_at": None if self.decided_at is None else format_time(self.decided_at),
+            "plan": self.plan,
+            "branches": [b.to_json() for b in self.branches],
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class InDoubtReport:
+    """Every in-doubt transaction found, oldest first, and the resources not reached."""
+
+    transactions: tuple[InDoubt, ...]
+    unreachable: tuple[tuple[str, str], ...] = ()  # (resource, why)
+    foreign: int = 0  # prepared transactions that are not xatm's (never touched)
+
+    def __iter__(self) -> Iterator[InDoubt]:
+        return iter(self.transactions)
+
+    def __len__(self) -> int:
+        return len(self.transactions)
+
+
+@dataclass(frozen=True, slots=True)
+class TransactionInfo:
+    """Everything known about one global transaction."""
+
+    gtrid: str
+    node: str
+    created_at: float
+    age_s: float
+    owner: OwnerState
+    decision: Decision | None
+    decided_at: float | None
+    logged_branches: tuple[str, ...]  # resources named by the COMMIT record, if any
+    in_doubt: bool  # some branch is still prepared
+    plan: str
+    branches: tuple[BranchInfo, ...]
+    audit: tuple[AuditEntry, ...]
+    unreachable: tuple[tuple[str, str], ...] = ()
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "gtrid": self.gtrid,
+            "node": self.node,
+            "created_at": format_time(self.created_at),
+            "age_s": round(self.age_s, 3),
+            "owner": self.owner,
+            "decision": self.decision,
+            "decided_at": None if self.decided_at is None else format_time(self.decided_at),
+            "logged_branches": list(self.logged_branches),
+            "in_doubt": self.in_doubt,
+            "plan": self.plan,
+            "branches": [b.to_json() for b in self.branches],
+            "audit": [e.to_json() for e in self.audit],
+            "unreachable": [{"resource": r, "error": m} for r, m in self.unreachable],
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class NodeLog:
+    """One node's coordinator log."""
+
+    node: str
+    owner: OwnerState
+    segments: tuple[SegmentInfo, ...]
+    pending: int  # COMMIT records with no END yet
+    oldest_pending_at: float | None
+
+    @property
+    def records(self) -> int:
+        return sum(s.records for s in self.segments)
+
+    @property
+    def size(self) -> int:
+        return sum(s.size for s in self.segments)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "node": self.node,
+            "owner": self.owner,
+            "records": self.records,
+            "pending": self.pending,
+            "bytes": self.size,
+            "oldest_pending_at": (
+                None if self.oldest_pending_at is None else format_time(self.oldest_pending_at)
+            ),
+            "segments": [
+                {"name": s.name, "bytes": s.size, "records": s.records, "torn_bytes": s.torn_bytes}
+                for s in self.segments
+            ],
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Compaction:
+    """What ``compact_logs`` did to one node's log."""
+
+    node: str
+    compacted: bool
+    bytes_before: int
+    bytes_after: int
+    note: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "node": self.node,
+            "compacted": self.compacted,
+            "bytes_before": self.bytes_before,
+            "bytes_after": self.bytes_after,
+            "note": self.note,
+        }
+
+
+# ----------------------------------------------------------------------------- the plan
+
+
+def plan(decision: Decision | None, owner: OwnerState, node: str, *, running: bool) -> str:
+    """What recovery will do about a transaction's prepared branches, in words."""
+    if owner == "this-process":
+        if running:
+            return "left to its coordinator: the transaction is running in this process"
+        return "commit (decision logged)" if decision == "commit" else "roll back (presumed abort)"
+    if owner == "dead":
+        if decision == "commit":
+            return "commit (decision logged; its coordinator is dead)"
+        return "roll back (no decision logged and its coordinator is dead: presumed abort)"
+    if owner == "alive":
+        if decision == "commit":
+            return f"left to its coordinator {node!r} (alive), which commits it"
+        return (
+            f"left to its coordinator {node!r} (alive): it commits or rolls back; past the"
+            " timeout its own sweeper rolls it back"
+        )
+    return (
+        f"left alone: no log of coordinator {node!r} here, so nothing can tell what it"
+        " decided; resolve by hand (xatm commit/rollback GTRID --force)"
+    )
+
+
+# ----------------------------------------------------------------------------- the scan
+
+
+@dataclass
+class _Scan:
+    found: dict[str, list[tuple[str, PreparedBranch, int | None, tuple[str, ...]]]] = field(
+        default_factory=dict
+    )  # gtrid -> [(resource, branch, locks, relations)]
+    unreachable: dict[str, str] = field(default_factory=dict)
+    foreign: int = 0
+    markers: dict[str, LogRecord] = field(default_factory=dict)  # commit-marker decision rows
+
+
+_PG_LOCKS = (
+    "SELECT count(*), coalesce(string_agg(DISTINCT l.relation::regclass::text, ','), '')"
+    " FROM pg_locks l WHERE l.pid IS NULL AND l.virtualtransaction = ("
+    "  SELECT t.virtualtransaction FROM pg_locks t JOIN pg_prepared_xacts p"
+    "  ON t.locktype = 'transactionid' AND t.transactionid = p.transaction"
+    "  WHERE p.gid = %s AND p.database = current_database() LIMIT 1)"
+)
+
+
+def _pg_locks(conn: Connection, gid: str) -> tuple[int | None, tuple[str, ...]]:
+    """How many locks a prepared PostgreSQL transaction holds, and on which relations."""
+    try:
+        row = conn.execute(_PG_LOCKS, (gid,)).fetchone()
+    except Exception as e:  # informative only: never fail a listing over it
+        logger.debug("cannot count the locks of %s: %s", gid, e)
+        return None, ()
+    if row is None:
+        return None, ()
+    relations = tuple(r for r in str(row[1]).split(",") if r)
+    return int(row[0]), relations
+
+
+class Inspector:
+    """Read-only view of the resources, the coordinator logs and the audit trail."""
+
+    def __init__(
+        self,
+        participants: Mapping[str, Participant],
+        log_directory: str | os.PathLike[str] | None,
+        *,
+        pools: Mapping[str, Pool] | None = None,
+        own_node: str | None = None,
+        own_pending: Callable[[], Mapping[str, LogRecord]] | None = None,
+        running: Callable[[str], bool] | None = None,
+        commit_markers: Iterable[str] = (),
+        timeout: float = 30.0,
+    ) -> None:
+        self._participants = dict(participants)
+        self._markers = sorted(commit_markers)
+        self.timeout = timeout
+        self.log_directory = None if log_directory is None else str(log_directory)
+        self._pools = dict(pools or {})
+        self._own_node = own_node
+        self._own_pending = own_pending
+        self._running = running
+
+    @classmethod
+    def from_settings(cls, settings: Any) -> Inspector:
+        """An Inspector over the resources and log directory of ``xatm.Settings``."""
+        from ._manager import make_participant  # here: _manager imports this module
+
+        participants = {name: make_participant(name, s) for name, s in settings.resources.items()}
+        return cls(
+            participants,
+            settings.log,
+            commit_markers=getattr(settings, "commit_markers", ()),
+            timeout=settings.timeout,
+        )
+
+    @classmethod
+    def from_config(cls, path: str | os.PathLike[str]) -> Inspector:
+        """An Inspector over the resources and log directory of a TOML config file."""
+        from ._config import load_config
+
+        return cls.from_settings(load_config(path))
+
+    @property
+    def resource_names(self) -> list[str]:
+        return list(self._participants)
+
+    # -- connections -----------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _connection(self, name: str) -> Iterator[Connection]:
+        participant = self._participants[name]
+        pool = self._pools.get(name)
+        conn = pool.get() if pool is not None else participant.connect()
+        ok = False
+        try:
+            yield conn
+            ok = True
+        finally:
+            if pool is not None and ok:
+                pool.put(conn)
+            elif pool is not None:
+                pool.discard(conn)
+            else:
+                participant.close(conn)
+
+    def _scan(self, only: str | None = None) -> _Scan:
+        scan = _Scan()
+        for name, participant in self._participants.items():
+            try:
+                with self._connection(name) as conn:
+                    for branch in participant.recover(conn):
+                        xid = branch.xid
+                        if xid is None or not xid.is_xatm:
+                            scan.foreign += 1
+                            continue
+                        if only is not None and xid.gtrid != only:
+                            continue
+                        locks: int | None = None
+                        relations: tuple[str, ...] = ()
+                        if participant.kind == "postgresql":
+                            locks, relations = _pg_locks(conn, branch.raw)
+                        scan.found.setdefault(xid.gtrid, []).append(
+                            (name, branch, locks, relations)
+                        )
+                    rows = _marker_recovery.read_rows(participant, conn)
+                    scan.markers.update(rows or {})
+            except ResourceError as e:
+                scan.unreachable[name] = str(e)
+            except Exception as e:
+                scan.unreachable[name] = redact(f"{type(e).__name__}: {e}".strip())
+        return scan
+
+    # -- whose, and what was decided --------------------------------------------------------
+    def _owner(self, node: str) -> OwnerState:
+        if node == self._own_node:
+            return "this-process"
+        return owner_state(self.log_directory, node)
+
+    def _pending(self, node: str, owner: OwnerState) -> Mapping[str, LogRecord]:
+        if owner == "this-process" and self._own_pending is not None:
+            return self._own_pending()
+        if owner == "unknown" or self.log_directory is None:
+            return {}
+        try:
+            return read_log(Path(self.log_directory) / node).pending
+        except OSError as e:
+            raise XatmError(f"cannot read the log of node {node!r}: {e}") from None
+
+    def _is_running(self, gtrid: str, owner: OwnerState) -> bool:
+        return owner == "this-process" and self._running is not None and self._running(gtrid)
+
+    @staticmethod
+    def _decision(record: LogRecord | None, owner: OwnerState, running: bool) -> Decision | None:
+        if record is not None:
+            return "commit"
+        if owner == "dead" or (owner == "this-process" and not running):
+            return "abort"
+        return None
+
+    # -- answers ----------------------------------------------------------------------------
+    def indoubt(self) -> InDoubtReport:
+        """Every xatm transaction with a branch still prepared (or whose logged decision
+        names a resource that could not be asked), oldest first."""
+        scan = self._scan()
+        now = time.time()
+        owners: dict[str, OwnerState] = {}
+        pendings: dict[str, Mapping[str, LogRecord]] = {}
+
+        def node_info(node: str) -> tuple[OwnerState, Mapping[str, LogRecord]]:
+            if node not in owners:
+                owners[node] = self._owner(node)
+                pendings[node] = self._pending(node, owners[node])
+            return owners[node], pendings[node]
+
+        gtrids = set(scan.found)
+        if scan.unreachable and self.log_directory is not None:
+            # decided transactions may still have a branch on a resource not reached
+            for node in list_nodes(Path(self.log_directory)):
+                _, pending = node_info(node)
+                for gtrid, logged in pending.items():
+                    if any(r in scan.unreachable for r in logged.branches):
+                        gtrids.add(gtrid)
+        rows = []
+        for gtrid in gtrids:
+            node, created = parse_gtrid(gtrid)
+            owner, pending = node_info(node)
+            record = pending.get(gtrid) or scan.markers.get(gtrid)
+            running = self._is_running(gtrid, owner)
+            decision = self._decision(record, owner, running)
+            branches = self._branches(gtrid, scan, record)
+            rows.append(
+                InDoubt(
+                    gtrid=gtrid,
+                    node=node,
+                    created_at=created,
+                    age_s=max(0.0, now - created),
+                    owner=owner,
+                    decision=decision,
+                    decided_at=None if record is None else record.at,
+                    plan=plan(decision, owner, node, running=running),
+                    branches=branches,
+                )
+            )
+        rows.sort(key=lambda r: (r.created_at, r.gtrid))
+        return InDoubtReport(tuple(rows), tuple(sorted(scan.unreachable.items())), scan.foreign)
+
+    def _branches(
+        self, gtrid: str, scan: _Scan, record: LogRecord | None
+    ) -> tuple[BranchInfo, ...]:
+        txids = dict(getattr(record, "txids", None) or {}) if record is not None else {}
+        out: dict[str, BranchInfo] = {}
+        for resource, branch, locks, relations in scan.found.get(gtrid, []):
+            out[resource] = BranchInfo(
+                resource=resource,
+                bqual=branch.xid.bqual if branch.xid is not None else resource,
+                state="prepared",
+                prepared_at=branch.prepared_at,
+                db_owner=branch.owner,
+                locks=locks,
+                locked=relations,
+                txid=txids.get(resource),
+            )
+        for resource in record.branches if record is not None else ():
+            if resource in out:
+                continue
+            state = "unreachable" if resource in scan.unreachable else "missing"
+            out[resource] = BranchInfo(resource, resource, state, txid=txids.get(resource))
+        for resource in scan.unreachable:
+            if resource not in out and record is None:
+                # an undecided transaction may have a branch there too: say we could not look
+                out[resource] = BranchInfo(resource, resource, "unreachable")
+        return tuple(out[r] for r in sorted(out))
+
+    def show(self, gtrid: str) -> TransactionInfo:
+        """Everything known about one transaction: branches, decision, plan, audit trail."""
+        gtrid = validate_gtrid(gtrid)
+        node, created = parse_gtrid(gtrid)
+        scan = self._scan(only=gtrid)
+        owner = self._owner(node)
+        record = self._pending(node, owner).get(gtrid) or scan.markers.get(gtrid)
+        audit = tuple(read_audit(self.log_directory, gtrid)) if self.log_directory else ()
+        if not scan.found and record is None and not audit and not scan.unreachable:
+            raise UnknownTransaction(
+                f"unknown transaction {gtrid}: no prepared branch on any resource, no pending"
+                " decision in its coordinator's log and no audit entry"
+            )
+        running = self._is_running(gtrid, owner)
+        decision = self._decision(record, owner, running)
+        in_doubt = bool(scan.found)
+        if in_doubt:
+            what = plan(decision, owner, node, running=running)
+        elif record is not None:
+            what = "no branch is prepared: recovery closes the decision record (END)"
+        else:
+            what = "nothing to do: no branch is prepared"
+        return TransactionInfo(
+            gtrid=gtrid,
+            node=node,
+            created_at=created,
+            age_s=max(0.0, time.time() - created),
+            owner=owner,
+            decision=decision if in_doubt or record is not None else None,
+            decided_at=None if record is None else record.at,
+            logged_branches=() if record is None else tuple(record.branches),
+            in_doubt=in_doubt,
+            plan=what,
+            branches=self._branches(gtrid, scan, record),
+            audit=audit,
+            unreachable=tuple(sorted(scan.unreachable.items())),
+        )
+
+    def doctor(self) -> DoctorReport:
+        """Check that every resource and the log directory are fit for two-phase commit."""
+        return diagnose(self._participants, self.log_directory)
+
+    def audit(self, gtrid: str | None = None) -> list[AuditEntry]:
+        """The audit trail of every node (of one transaction if ``gtrid`` is given)."""
+        if gtrid is not None:
+            gtrid = validate_gtrid(gtrid)
+        if self.log_directory is None:
+            return []
+        return read_audit(self.log_directory, gtrid)
+
+    def logs(self) -> list[NodeLog]:
+        """Every node's coordinator log under the log directory."""
+        if self.log_directory is None:
+            return []
+        out = []
+        for node in list_nodes(Path(self.log_directory)):
+            owner = self._owner(node)
+            snap = read_log(Path(self.log_directory) / node)
+            oldest = min((r.at for r in snap.pending.values()), default=None)
+            out.append(NodeLog(node, owner, snap.segments, len(snap.pending), oldest))
+        return out
+
+    def compact_logs(self) -> list[Compaction]:
+        """Rewrite the log of every node whose coordinator is dead into one segment holding
+        only its pending decisions. Live coordinators compact their own logs (at start and
+        whenever a segment fills up); they are left alone."""
+        if self.log_directory is None:
+            return []
+        directory = Path(self.log_directory)
+        out = []
+        for node in list_nodes(directory):
+            before = sum(s.size for s in read_log(directory / node).segments)
+            owner = self._owner(node)
+            if owner != "dead":
+                why = "this process's own log" if owner == "this-process" else "alive"
+                out.append(Compaction(node, False, before, before, f"skipped: {why}"))
+                continue
+            try:
+                log = FileLog(directory, validate_node_id(node), wait_for_lock=False)
+            except LogLocked:
+                out.append(Compaction(node, False, before, before, "skipped: became alive"))
+                continue
+            try:
+                pending = len(log.pending())
+            finally:
+                log.close()
+            after = sum(s.size for s in read_log(directory / node).segments)
+            out.append(Compaction(node, True, before, after, f"{pending} pending decision(s) kept"))
+        return out

@@ -1,0 +1,316 @@
+"""Manual resolution: an operator commits or rolls back one in-doubt transaction.
+
+``tm.resolve(gtrid, "commit" | "rollback", force=False, actor="cli:alice")``. The safe cases
+are exactly what recovery would do anyway, and are allowed:
+
+* commit a transaction whose COMMIT decision is logged;
+* roll back a transaction with no COMMIT decision whose coordinator is dead.
+
+Everything else is refused (:class:`ResolutionRefused`, saying why) unless ``force=True``:
+
+* the coordinator is alive: it may be deciding right now (rolling back under it can split
+  the transaction), and it resolves its own branches anyway;
+* its log is not in this log directory: nothing here can tell what it decided;
+* rolling back a transaction whose COMMIT is logged (a heuristic outcome: the branches
+  already committed stay committed);
+* committing a transaction that never logged COMMIT (presumed abort).
+
+With the coordinator dead, its log is taken over (locked) for the duration, so no sweeper
+acts on the same transaction at the same time, and the forced outcome is made durable
+first: a forced commit logs a COMMIT decision before committing any branch, a forced
+rollback closes the COMMIT record once the branches are rolled back, so that recovery
+finishes any branch left on an unreachable resource the same way. Every branch acted on,
+every refusal overridden and every heuristic outcome goes to the audit trail.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+from ._filelog import FileLog
+from ._inspect import Decision, OwnerState, owner_state, validate_gtrid
+from ._log import CoordinatorLog
+from ._participant import PhaseTwo
+from ._recovery import RecoveryAction
+from ._urls import redact
+from ._xid import Xid, parse_gtrid
+from .errors import LogLocked, ResourceError, XatmError
+
+if TYPE_CHECKING:
+    from ._manager import TransactionManager
+
+logger = logging.getLogger("xatm.resolve")
+
+Outcome = Literal["commit", "rollback"]
+#: seconds to wait for a dead coordinator's log held by a sweeper pass in another process
+TAKE_OVER_WAIT = 3.0
+
+
+class ResolutionRefused(XatmError):
+    """Manual resolution was refused: doing it could break atomicity (see the message)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Resolution:
+    """What a manual resolution did."""
+
+    gtrid: str
+    outcome: Outcome
+    forced: bool
+    owner: OwnerState
+    decision: Decision | None  # what was logged (or presumed) before
+    actions: tuple[RecoveryAction, ...]
+    unreachable: tuple[tuple[str, str], ...]
+    notes: tuple[str, ...]
+
+    @property
+    def complete(self) -> bool:
+        """Every resource was reached and every branch found was finished."""
+        return not self.unreachable and all(a.action != "error" for a in self.actions)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "gtrid": self.gtrid,
+            "outcome": self.outcome,
+            "forced": self.forced,
+            "owner": self.owner,
+            "decision_before": self.decision,
+            "complete": self.complete,
+            "actions": [a.to_json() for a in self.actions],
+            "unreachable": [{"resource": r, "error": m} for r, m in self.unreachable],
+            "notes": list(self.notes),
+        }
+
+
+def resolve(
+    manager: TransactionManager,
+    gtrid: str,
+    outcome: str,
+    *,
+    force: bool = False,
+    actor: str = "api",
+) -> Resolution:
+    """Commit or roll back every prepared branch of ``gtrid`` (see the module docstring)."""
+    gtrid = validate_gtrid(gtrid)
+    if outcome not in ("commit", "rollback"):
+        raise XatmError(f"outcome must be 'commit' or 'rollback', got {outcome!r}")
+    with manager._recovery_lock:
+        return _Resolve(manager, gtrid, outcome, force, actor).run()  # type: ignore[arg-type]
+
+
+class _Resolve:
+    def __init__(
+        self, manager: TransactionManager, gtrid: str, outcome: Outcome, force: bool, actor: str
+    ) -> None:
+        self.manager = manager
+        self.gtrid = gtrid
+        self.outcome = outcome
+        self.force = force
+        self.actor = actor
+        self.node = parse_gtrid(gtrid)[0]
+        self.notes: list[str] = []
+        self.actions: list[RecoveryAction] = []
+        self.unreachable: dict[str, str] = {}
+
+    def audit(self, resource: str, action: str, reason: str, result: str) -> None:
+        self.manager._audit.record(
+            self.gtrid, resource, resource, action, reason, result, self.actor
+        )
+
+    def refuse_or_note(self, why: str) -> None:
+        if not self.force:
+            raise ResolutionRefused(f"refused to {self.outcome} {self.gtrid}: {why}")
+        self.notes.append(f"forced although {why}")
+        self.audit("", "override", why, f"forced {self.outcome}")
+        logger.warning("manual %s of %s forced although %s", self.outcome, self.gtrid, why)
+
+    def run(self) -> Resolution:
+        manager = self.manager
+        log: CoordinatorLog | None = None
+        taken: FileLog | None = None
+        owner: OwnerState
+        if self.node == manager.node_id:
+            owner = "this-process"
+            log = manager._log
+            if manager._running(self.gtrid) is not None:
+                self.refuse_or_note("the transaction is running in this process")
+        else:
+            directory = manager.log_directory
+            owner = owner_state(directory, self.node)
+            if owner == "dead" and directory is not None:
+                try:
+                    taken = FileLog(Path(directory), self.node, lock_timeout=TAKE_OVER_WAIT)
+                    log = taken
+                except LogLocked:
+                    owner = "alive"
+            if owner == "alive":
+                self.refuse_or_note(
+                    f"its coordinator {self.node!r} is alive: it may be deciding right now,"
+                    " and it resolves its own branches"
+                )
+            elif owner == "unknown":
+                self.refuse_or_note(
+                    f"there is no log of coordinator {self.node!r} in {directory}, so nothing"
+                    " here can tell what it decided"
+                )
+        try:
+            return self._resolve(owner, log)
+        finally:
+            if taken is not None:
+                taken.close()
+
+    def _resolve(self, owner: OwnerState, log: CoordinatorLog | None) -> Resolution:
+        record = log.pending().get(self.gtrid) if log is not None else None
+        if record is None and owner in ("alive", "unknown") and self.manager.log_directory:
+            # look (without the lock) at what a live or foreign coordinator logged
+            from ._inspect import read_log
+
+            if owner == "alive":
+                path = Path(self.manager.log_directory) / self.node
+                record = read_log(path).pending.get(self.gtrid)
+        decision: Decision | None
+        if record is not None:
+            decision = "commit"
+        elif owner in ("dead", "this-process"):
+            decision = "abort"
+        else:
+            decision = None
+        if self.outcome == "rollback" and decision == "commit":
+            self.refuse_or_note(
+                "its COMMIT decision is logged: rolling it back leaves the branches committed"
+                " so far committed (a heuristic outcome)"
+            )
+        if self.outcome == "commit" and decision != "commit":
+            self.refuse_or_note(
+                "no COMMIT decision is logged: the transaction is presumed aborted"
+                + (" and recovery will roll it back" if decision == "abort" else "")
+            )
+        branches = self._find()
+        if not branches and record is None:
+            where = ", ".join(sorted(self.unreachable))
+            raise XatmError(
+                f"no prepared branch of {self.gtrid} on any reachable resource"
+                + (f" (not reached: {where})" if where else "")
+                + " and no pending decision: nothing to resolve"
+            )
+        if self.outcome == "commit" and record is None and log is not None and branches:
+            # make the forced decision durable first: recovery then finishes the rest alike
+            resources = sorted(set(branches) | set(self.unreachable))
+            log.log_commit(self.gtrid, resources)
+            self.audit("", "decide", "manual commit: COMMIT decision logged", "done")
+        elif self.outcome == "commit" and record is None:
+            self.notes.append(
+                "no COMMIT decision could be logged (the coordinator's log is not held here):"
+                " its coordinator or a sweeper may roll back branches not committed now"
+            )
+        for resource, xid in sorted(branches.items()):
+            self._finish(resource, xid, decision)
+        missing = [r for r in (record.branches if record else ()) if r not in branches]
+        for resource in missing:
+            if resource not in self.unreachable:
+                self.actions.append(
+                    RecoveryAction(
+                        self.gtrid, resource, resource, "verify", "not prepared", "not-found"
+                    )
+                )
+        if (
+            log is not None
+            and not self.unreachable
+            and all(a.action != "error" for a in self.actions)
+        ):
+            if (record is not None or self.outcome == "commit") and self.gtrid in log.pending():
+                log.log_end(self.gtrid)
+                log.flush()
+                self.audit("", "end", f"manual {self.outcome}: every branch finished", "done")
+                self.actions.append(
+                    RecoveryAction(self.gtrid, "", "", "end", "every branch finished", "done")
+                )
+        elif self.unreachable:
+            self.notes.append(
+                "some resources were not reached: recovery finishes their branches later"
+                + (" as decided" if log is not None else "")
+            )
+        return Resolution(
+            gtrid=self.gtrid,
+            outcome=self.outcome,
+            forced=self.force,
+            owner=owner,
+            decision=decision,
+            actions=tuple(self.actions),
+            unreachable=tuple(sorted(self.unreachable.items())),
+            notes=tuple(self.notes),
+        )
+
+    def _find(self) -> dict[str, Xid]:
+        """The resources holding a prepared branch of this gtrid, and its XID there."""
+        found: dict[str, Xid] = {}
+        for name in self.manager.resource_names:
+            participant, pool = self.manager._resource(name)
+            try:
+                conn = pool.get()
+            except ResourceError as e:
+                self.unreachable[name] = str(e)
+                continue
+            try:
+                branches = participant.recover(conn)
+            except Exception as e:
+                pool.discard(conn)
+                self.unreachable[name] = redact(str(e).strip() or type(e).__name__)
+                continue
+            pool.put(conn)
+            for b in branches:
+                if b.xid is not None and b.xid.is_xatm and b.xid.gtrid == self.gtrid:
+                    found[name] = b.xid
+        return found
+
+    def _finish(self, resource: str, xid: Xid, decision: Decision | None) -> None:
+        participant, pool = self.manager._resource(resource)
+        heuristic = self.outcome == "rollback" and decision == "commit"
+        reason = f"manual {self.outcome} by {self.actor}"
+        if self.force:
+            reason += " (forced)"
+        try:
+            conn = pool.get()
+        except ResourceError as e:
+            self.unreachable[resource] = str(e)
+            return
+        try:
+            if self.outcome == "commit":
+                result = participant.commit_prepared(conn, xid)
+            else:
+                result = participant.rollback_prepared(conn, xid)
+        except Exception as e:
+            pool.discard(conn)
+            text = f"failed: {redact(str(e).strip() or type(e).__name__)}"
+            self.actions.append(
+                RecoveryAction(self.gtrid, resource, resource, "error", reason, text)
+            )
+            self.audit(resource, self.outcome, reason, text)
+            return
+        pool.put(conn)
+        text = "done" if result is PhaseTwo.DONE else "not-found"
+        self.actions.append(
+            RecoveryAction(self.gtrid, resource, resource, self.outcome, reason, text)
+        )
+        self.audit(resource, self.outcome, reason, text)
+        if heuristic and result is PhaseTwo.DONE:
+            logger.error(
+                "HEURISTIC OUTCOME: branch %s of %s rolled back by hand although COMMIT was"
+                " decided",
+                resource,
+                self.gtrid,
+            )
+            self.audit(resource, "heuristic", "decision is COMMIT", "rolled back by hand (xatm)")
+            self.actions.append(
+                RecoveryAction(
+                    self.gtrid,
+                    resource,
+                    resource,
+                    "heuristic",
+                    "decision is COMMIT",
+                    "rolled back by hand (xatm)",
+                )
+            )
