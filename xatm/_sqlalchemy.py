@@ -1,20 +1,59 @@
 """SQLAlchemy integration: Engines as resources, and Sessions/Connections joined to a branch.
 
-(Skeleton: filled in by the SQLAlchemy integration work of issue #4.) SQLAlchemy is imported
-lazily, only when one of these functions is used, so it stays an optional dependency.
+Three things live here (docs/sqlalchemy.md is the user's guide):
+
+* **Engines as resources.** ``TransactionManager(resources={"ledger": engine})`` takes an
+  Engine of the ``postgresql+psycopg`` or ``mysql+mysqlconnector`` dialect. Its branches
+  draw their connections from the engine's own pool (:class:`EnginePool`), so the engine's
+  connection settings, pool size and events apply. xatm's participants drive a connection
+  in autocommit mode (explicit ``BEGIN`` / ``XA START``): that is switched on at checkout
+  and the engine's own setting put back before the connection returns to the engine's
+  pool; a connection that failed is invalidated instead.
+* **``tx.sa_connection(name)``**: a SQLAlchemy ``Connection`` over the branch's own driver
+  connection. It never ends the branch: its ``commit()`` does nothing (the branch commits
+  when the block ends), a rollback through it makes the global transaction rollback-only,
+  and closing it leaves the branch alone. Two-phase calls, ``detach()`` and a change of
+  isolation level are refused.
+* **``tx.session(binds={Model: "name"})``**: an ORM ``Session`` whose binds are resource
+  names. A resource is enlisted when the session first needs it. The session is flushed
+  before prepare; ``session.commit()`` only flushes (nothing is committed before the block
+  ends); ``session.rollback()`` (or a failed flush) makes the global transaction
+  rollback-only; ``session.close()`` inside the block flushes first, so added objects are
+  not lost. Every session and connection is closed when the transaction ends.
+
+For a resource given as a URL, an Engine is made from the URL once per manager and
+resource, used for its dialect only (its one connection, made to learn the server's
+version, is closed at once); the branch connections stay xatm's own.
+
+SQLAlchemy is imported lazily, only when one of these functions is used, so it stays an
+optional dependency.
 """
 
 from __future__ import annotations
 
+import contextlib
+import threading
+import weakref
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from ._urls import ResourceSpec, parse_url
-from .errors import ConfigurationError
+from ._pool import Pool
+from ._urls import ResourceSpec, parse_url, redact
+from .errors import ConfigurationError, ResourceUnavailable, TransactionError
 
 if TYPE_CHECKING:
-    from ._participant import Participant
-    from ._pool import Pool
+    from sqlalchemy.engine import Engine
+
+    from ._manager import TransactionManager
+    from ._participant import Connection, Participant
+    from ._sa_branch import BranchConnection, BranchSession
     from ._transaction import Transaction
+
+SUPPORTED_DIALECTS = ("postgresql+psycopg", "mysql+mysqlconnector", "mariadb+mysqlconnector")
+#: ``proxied.info`` keys: a connection's own autocommit setting, and the isolation level
+#: already made the session default on it (PostgreSQL)
+_AUTOCOMMIT_KEY = "xatm.autocommit"
+_ISOLATION_KEY = "xatm.isolation"
 
 
 def is_engine(value: object) -> bool:
@@ -22,28 +61,335 @@ def is_engine(value: object) -> bool:
     return hasattr(value, "dialect") and hasattr(value, "raw_connection")
 
 
+def _driver_name(engine: Any) -> str:
+    url = engine.url
+    return f"{url.get_backend_name()}+{url.get_driver_name()}"
+
+
 def spec_from_engine(engine: Any) -> ResourceSpec:
     """The ResourceSpec of an Engine's URL (psycopg and mysql-connector dialects)."""
-    url = engine.url
-    driver = f"{url.get_backend_name()}+{url.get_driver_name()}"
-    if driver not in ("postgresql+psycopg", "mysql+mysqlconnector", "mariadb+mysqlconnector"):
+    driver = _driver_name(engine)
+    if driver not in SUPPORTED_DIALECTS:
         raise ConfigurationError(
             f"engine dialect {driver!r} is not supported: use postgresql+psycopg or"
             " mysql+mysqlconnector"
         )
-    return parse_url(url.render_as_string(hide_password=False))
+    pool_class = type(engine.pool).__name__
+    if pool_class in ("StaticPool", "SingletonThreadPool", "AssertionPool"):
+        raise ConfigurationError(
+            f"engine {redact(str(engine.url))}: its {pool_class} hands one connection out to"
+            " several users; xatm needs a connection of its own per branch (use the default"
+            " QueuePool, or NullPool)"
+        )
+    return parse_url(engine.url.render_as_string(hide_password=False))
+
+
+# -- engines as resources ---------------------------------------------------------------------
+
+
+class _Checkout:
+    """One connection xatm took from an engine's pool, and what to put back on return."""
+
+    __slots__ = ("autocommit", "proxied")
+
+    def __init__(self, proxied: Any, autocommit: bool) -> None:
+        self.proxied = proxied
+        self.autocommit = autocommit  # the connection's own setting, restored on return
+
+
+class EnginePool(Pool):
+    """A Pool drawing connections from an Engine's own pool (``engine.raw_connection()``).
+
+    ``get`` checks a connection out of the engine's pool and switches it to autocommit (xatm
+    opens every branch explicitly); ``put`` restores the connection's own autocommit setting
+    and gives it back to the engine's pool; ``discard`` invalidates it (the engine's pool
+    closes it and makes another when needed). A connection that did not come from the
+    engine (a retry connects directly) is simply closed.
+    """
+
+    def __init__(self, engine: Engine, participant: Participant) -> None:
+        super().__init__(participant, max_idle=0)
+        self.engine = engine
+        self._out: dict[int, _Checkout] = {}
+
+    def get(self) -> Connection:
+        try:
+            proxied = self.engine.raw_connection()
+        except Exception as e:
+            raise ResourceUnavailable(
+                f"cannot connect to resource {self.participant.name!r}"
+                f" ({self.participant.spec.redacted()}): {_first_line(e)}",
+                resource=self.participant.name,
+            ) from None
+        conn = proxied.driver_connection
+        try:
+            autocommit = self._enter_autocommit(proxied, conn)
+        except Exception as e:
+            with contextlib.suppress(Exception):
+                proxied.invalidate(e)
+            if self.participant.is_connection_error(e) or _is_sa_dbapi_error(e):
+                raise ResourceUnavailable(
+                    f"resource {self.participant.name!r} ({self.participant.spec.redacted()}):"
+                    f" the engine's connection failed: {_first_line(e)}",
+                    resource=self.participant.name,
+                ) from None
+            raise
+        with self._lock:
+            self._out[id(conn)] = _Checkout(proxied, autocommit)
+        return conn
+
+    def _enter_autocommit(self, proxied: Any, conn: Any) -> bool:
+        """Switch ``conn`` to autocommit; returns its own setting (kept in ``proxied.info``)."""
+        info = proxied.info
+        if self.participant.kind == "postgresql":
+            from psycopg.pq import TransactionStatus
+
+            if conn.info.transaction_status != TransactionStatus.IDLE:
+                conn.rollback()  # the engine's pool does not reset on return: do it here
+            autocommit = bool(conn.autocommit)
+            if not autocommit:
+                conn.autocommit = True  # client-side only: no round trip
+            level = conn.isolation_level
+            if level is not None and info.get(_ISOLATION_KEY) != level:
+                # psycopg applies an engine's isolation_level to the transactions it begins
+                # itself; xatm's explicit BEGIN takes the session default: make it the same
+                # (once per connection; harmless to psycopg's own, explicit, BEGINs)
+                words = str(level.name).replace("_", " ")
+                conn.execute(f"SET SESSION CHARACTERISTICS AS TRANSACTION ISOLATION LEVEL {words}")
+                info[_ISOLATION_KEY] = level
+            return autocommit
+        if _AUTOCOMMIT_KEY not in info:
+            info[_AUTOCOMMIT_KEY] = bool(conn.autocommit)  # one round trip, once per connection
+        autocommit = bool(info[_AUTOCOMMIT_KEY])
+        if conn.unread_result:
+            conn.consume_results()
+        if not autocommit:
+            conn.rollback()  # whatever the engine's reset left open (normally nothing)
+            conn.autocommit = True
+        return autocommit
+
+    def put(self, conn: Connection) -> None:
+        with self._lock:
+            out = self._out.pop(id(conn), None)
+        if out is None:
+            self.participant.close(conn)  # not the engine's: a direct connection of a retry
+            return
+        if not self.participant.is_idle(conn):
+            self._invalidate(out)
+            return
+        try:
+            if not out.autocommit:
+                conn.autocommit = False
+        except Exception:
+            self._invalidate(out)
+            return
+        # The connection is known clean (idle, its own autocommit back): skip the pool's
+        # reset-on-return rollback, as SQLAlchemy's Connection.close() does after its own end.
+        close_special = getattr(out.proxied, "_close_special", None)
+        if close_special is not None:
+            close_special(transaction_reset=True)
+        else:
+            out.proxied.close()
+
+    def discard(self, conn: Connection) -> None:
+        with self._lock:
+            out = self._out.pop(id(conn), None)
+        if out is None:
+            self.participant.close(conn)
+        else:
+            self._invalidate(out)
+
+    @staticmethod
+    def _invalidate(out: _Checkout) -> None:
+        with contextlib.suppress(Exception):
+            out.proxied.invalidate()
+
+    def clear(self) -> None:
+        """The server probably restarted: close the engine pool's idle connections."""
+        with contextlib.suppress(Exception):
+            self.engine.pool.dispose()
+
+    def close(self) -> None:
+        """The engine is the application's: it is left open (``engine.dispose()`` is theirs)."""
+        with self._lock:
+            self._closed = True
+
+    def __repr__(self) -> str:
+        return f"EnginePool(resource={self.participant.name!r}, engine={self.engine!r})"
 
 
 def engine_pool(engine: Any, participant: Participant, max_idle: int) -> Pool:
-    """A Pool drawing connections from the Engine's own pool."""
-    raise NotImplementedError("SQLAlchemy engines as resources are not implemented yet")
+    """A Pool drawing connections from the Engine's own pool (``max_idle`` is the engine's
+    business: its pool_size)."""
+    return EnginePool(engine, participant)
+
+
+def _is_sa_dbapi_error(e: BaseException) -> bool:
+    from sqlalchemy import exc
+
+    return isinstance(e, exc.DBAPIError)
+
+
+def _first_line(e: BaseException) -> str:
+    text = redact(str(e)).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+# -- an Engine per resource (for its dialect) -------------------------------------------------
+
+_engines: weakref.WeakKeyDictionary[TransactionManager, dict[str, Engine]] = (
+    weakref.WeakKeyDictionary()
+)
+_engines_lock = threading.Lock()
+
+
+def resource_engine(manager: TransactionManager, resource: str) -> Engine:
+    """The Engine of ``resource``: the one given as the resource, or (for a URL) one made
+    from the URL once per manager, for its dialect (its pool is never used for branches)."""
+    _, pool = manager._resource(resource)
+    if isinstance(pool, EnginePool):
+        return pool.engine
+    with _engines_lock:
+        made = _engines.setdefault(manager, {})
+        engine = made.get(resource)
+        if engine is None:
+            engine = _engine_from_spec(resource, pool.participant.spec)
+            made[resource] = engine
+        return engine
+
+
+def _engine_from_spec(resource: str, spec: ResourceSpec) -> Engine:
+    from sqlalchemy import create_engine
+    from sqlalchemy.engine import URL
+    from sqlalchemy.pool import NullPool
+
+    options = dict(spec.options)
+    connect_args: dict[str, Any] = {}
+    if spec.kind == "postgresql":
+        drivername = "postgresql+psycopg"
+    else:
+        drivername = "mysql+mysqlconnector"
+        if "use_pure" not in options:
+            connect_args["use_pure"] = True  # the C extension is optional; pure always works
+    url = URL.create(
+        drivername,
+        username=spec.user,
+        password=spec.password,
+        host=spec.host,
+        port=spec.port,
+        database=spec.database,
+        query=options,
+    )
+    engine = create_engine(url, poolclass=NullPool, connect_args=connect_args)
+    if spec.kind == "mysql":
+        # xatm's own MySQL connections report affected rows, not matched rows (no
+        # CLIENT_FOUND_ROWS flag): an UPDATE that changes nothing counts 0. Tell the ORM not
+        # to take that for a concurrent delete (StaleDataError).
+        engine.dialect.supports_sane_rowcount = False
+        engine.dialect.supports_sane_multi_rowcount = False
+    try:
+        engine.connect().close()  # learn the server's version and settings (dialect init)
+    except Exception as e:
+        engine.dispose()
+        raise ResourceUnavailable(
+            f"cannot connect to resource {resource!r} ({spec.redacted()}) to set up its"
+            f" SQLAlchemy dialect: {_first_line(e)}",
+            resource=resource,
+        ) from None
+    return engine
+
+
+# -- per transaction --------------------------------------------------------------------------
+
+
+class _Enlisted:
+    """The SQLAlchemy objects of one transaction: flushed before prepare, closed at the end."""
+
+    def __init__(self, tx: Transaction) -> None:
+        self.sessions: list[BranchSession] = []
+        self.connections: dict[str, BranchConnection] = {}
+        tx._before_prepare.append(self.flush)
+        tx._after_end.append(self.close)
+
+    def flush(self) -> None:
+        for sess in self.sessions:
+            sess.flush()  # nothing to do: no round trip
+
+    def close(self) -> None:
+        sessions, self.sessions = self.sessions, []
+        connections, self.connections = self.connections, {}
+        for sess in sessions:
+            with contextlib.suppress(Exception):
+                sess.xatm_end()
+        for conn in connections.values():
+            with contextlib.suppress(Exception):
+                conn.close()
+
+
+_enlisted: weakref.WeakKeyDictionary[Transaction, _Enlisted] = weakref.WeakKeyDictionary()
+
+
+def _enlisted_for(tx: Transaction) -> _Enlisted:
+    from ._transaction import TransactionState
+
+    if tx.state is not TransactionState.ACTIVE:
+        raise TransactionError(
+            f"transaction {tx.gtrid} is {tx.state.value}; no more work can be done in it",
+            gtrid=tx.gtrid,
+        )
+    found = _enlisted.get(tx)
+    if found is None:
+        found = _enlisted[tx] = _Enlisted(tx)
+    return found
+
+
+def _check_resource(tx: Transaction, resource: object, what: str) -> str:
+    if not isinstance(resource, str):
+        raise ConfigurationError(
+            f"{what} must name a resource (a string), got {type(resource).__name__}"
+        )
+    tx._manager._resource(resource)  # raises ConfigurationError naming the known ones
+    return resource
 
 
 def session(tx: Transaction, binds: Any = None, **kwargs: Any) -> Any:
-    """An ORM Session whose work joins ``tx``."""
-    raise NotImplementedError("tx.session() is not implemented yet")
+    """An ORM Session whose work joins ``tx``: ``binds`` maps models (or tables, or a
+    declarative base) to resource names; ``bind="name"`` sets a default resource."""
+    from ._sa_branch import BranchSession, ResourceBind
+
+    for key in ("twophase", "join_transaction_mode"):
+        if key in kwargs:
+            raise ConfigurationError(f"tx.session() does not take {key}=: xatm ends the work")
+    if binds is not None and not isinstance(binds, Mapping):
+        raise ConfigurationError(
+            "binds must map models or tables to resource names, e.g. {Account: 'ledger'}"
+        )
+    bind = kwargs.pop("bind", None)
+    if not binds and bind is None:
+        raise ConfigurationError(
+            "tx.session() needs binds={Model: 'resource', ...} or bind='resource'"
+        )
+    session_binds = {
+        key: ResourceBind(_check_resource(tx, name, f"the bind of {key!r}"))
+        for key, name in (binds or {}).items()
+    }
+    if bind is not None:
+        kwargs["bind"] = ResourceBind(_check_resource(tx, bind, "bind"))
+    enlisted = _enlisted_for(tx)
+    sess = BranchSession(tx, binds=session_binds, **kwargs)
+    enlisted.sessions.append(sess)
+    return sess
 
 
 def sa_connection(tx: Transaction, resource: str) -> Any:
-    """A SQLAlchemy Connection on ``tx``'s branch on ``resource``."""
-    raise NotImplementedError("tx.sa_connection() is not implemented yet")
+    """A SQLAlchemy Connection on ``tx``'s branch on ``resource`` (the same one each time,
+    while it is open)."""
+    from ._sa_branch import open_connection
+
+    _check_resource(tx, resource, "the resource")
+    enlisted = _enlisted_for(tx)
+    conn = enlisted.connections.get(resource)
+    if conn is None or conn.closed:
+        conn = open_connection(tx, resource)
+        enlisted.connections[resource] = conn
+    return conn

@@ -1,0 +1,42 @@
+"""ORM models for the SQLAlchemy tests (shared with the crash worker, tests.sa_worker)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import Integer, String
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+
+def sa_url(url: str) -> str:
+    """A test server's URL with SQLAlchemy's driver name (psycopg / mysql-connector)."""
+    for plain, driver in (
+        ("postgresql://", "postgresql+psycopg://"),
+        ("mysql://", "mysql+mysqlconnector://"),
+    ):
+        if url.startswith(plain):
+            return driver + url[len(plain) :]
+    return url
+
+
+def make_models(suffix: str) -> tuple[Any, Any, Any]:
+    """A declarative base and two models: Ledger (meant for PostgreSQL) and Wallet (for
+    MariaDB), on tables of their own per test (``suffix``)."""
+
+    class Base(DeclarativeBase):
+        pass
+
+    class Ledger(Base):
+        __tablename__ = f"sa_ledger_{suffix}"
+        id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+        owner: Mapped[str] = mapped_column(String(40))
+        balance: Mapped[int]
+
+    class Wallet(Base):
+        __tablename__ = f"sa_wallet_{suffix}"
+        __table_args__ = {"mysql_engine": "InnoDB"}
+        id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+        owner: Mapped[str] = mapped_column(String(40))
+        balance: Mapped[int]
+
+    return Base, Ledger, Wallet
