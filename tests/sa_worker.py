@@ -24,7 +24,7 @@ def main() -> int:
     pg = create_engine(sa_url(cfg["pg_url"]))
     my = create_engine(sa_url(cfg["mysql_url"]), connect_args={"use_pure": True})
     resources = {"ledger": pg, "wallet": my}
-    with TransactionManager(resources, cfg["log"], cfg["node_id"], timeout=30) as tm:
+    with TransactionManager(resources, cfg["log"], cfg["node_id"], timeout=30, sweeper=False) as tm:
         with tm.transaction() as tx:
             session = tx.session(binds={ledger_cls: "ledger", wallet_cls: "wallet"})
             ledger = session.get(ledger_cls, 1)

@@ -119,7 +119,7 @@ def transfer(session: Any, orm: Orm, amount: int) -> None:
 
 
 def test_orm_commits_across_postgres_and_mariadb(orm: Orm, make_tm: MakeTM) -> None:
-    tm = make_tm(resources=orm.resources)
+    tm = make_tm(sweeper=False, resources=orm.resources)
     with tm.transaction() as tx:
         session = tx.session(binds=orm.binds)
         transfer(session, orm, 30)
@@ -132,7 +132,7 @@ def test_orm_commits_across_postgres_and_mariadb(orm: Orm, make_tm: MakeTM) -> N
 
 
 def test_orm_exception_in_block_rolls_back_both(orm: Orm, make_tm: MakeTM) -> None:
-    tm = make_tm(resources=orm.resources)
+    tm = make_tm(sweeper=False, resources=orm.resources)
     with pytest.raises(RuntimeError, match="boom"), tm.transaction() as tx:
         session = tx.session(binds=orm.binds)
         transfer(session, orm, 30)
@@ -147,7 +147,7 @@ def test_orm_exception_in_block_rolls_back_both(orm: Orm, make_tm: MakeTM) -> No
 
 
 def test_orm_flushed_before_prepare_and_flush_failure_rolls_back(orm: Orm, make_tm: MakeTM) -> None:
-    tm = make_tm(resources=orm.resources)
+    tm = make_tm(sweeper=False, resources=orm.resources)
     with tm.transaction() as tx:
         session = tx.session(binds=orm.binds)
         session.add(orm.ledger(id=3, owner="eve", balance=1))  # never flushed by hand
@@ -169,7 +169,7 @@ def test_orm_flushed_before_prepare_and_flush_failure_rolls_back(orm: Orm, make_
 def test_session_commit_flushes_but_commits_nothing_before_the_block_ends(
     orm: Orm, make_tm: MakeTM
 ) -> None:
-    tm = make_tm(resources=orm.resources)
+    tm = make_tm(sweeper=False, resources=orm.resources)
     with tm.transaction() as tx:
         session = tx.session(binds=orm.binds)
         session.add(orm.ledger(id=4, owner="gus", balance=40))
@@ -188,7 +188,7 @@ def test_session_commit_flushes_but_commits_nothing_before_the_block_ends(
 
 
 def test_session_rollback_makes_the_transaction_rollback_only(orm: Orm, make_tm: MakeTM) -> None:
-    tm = make_tm(resources=orm.resources)
+    tm = make_tm(sweeper=False, resources=orm.resources)
     with pytest.raises(TransactionRolledBack, match="rolled back"), tm.transaction() as tx:
         session = tx.session(binds=orm.binds)
         transfer(session, orm, 25)
@@ -202,7 +202,7 @@ def test_session_rollback_makes_the_transaction_rollback_only(orm: Orm, make_tm:
 
 
 def test_session_closed_inside_the_block_keeps_its_work(orm: Orm, make_tm: MakeTM) -> None:
-    tm = make_tm(resources=orm.resources)
+    tm = make_tm(sweeper=False, resources=orm.resources)
     with tm.transaction() as tx:
         with tx.session(binds=orm.binds) as session:
             session.add(orm.wallet(id=6, owner="jo", balance=6))  # pending at close
@@ -214,7 +214,7 @@ def test_session_closed_inside_the_block_keeps_its_work(orm: Orm, make_tm: MakeT
 
 
 def test_session_block_raising_dooms_the_transaction(orm: Orm, make_tm: MakeTM) -> None:
-    tm = make_tm(resources=orm.resources)
+    tm = make_tm(sweeper=False, resources=orm.resources)
     with pytest.raises(TransactionRolledBack, match="raised ValueError"), tm.transaction() as tx:
         tx.execute("ledger", f"UPDATE {orm.ledger.__tablename__} SET balance = 0")
         with contextlib.suppress(ValueError), tx.session(binds=orm.binds) as session:
@@ -226,7 +226,7 @@ def test_session_block_raising_dooms_the_transaction(orm: Orm, make_tm: MakeTM) 
 
 
 def test_sessions_are_closed_when_the_transaction_ends(orm: Orm, make_tm: MakeTM) -> None:
-    tm = make_tm(resources=orm.resources)
+    tm = make_tm(sweeper=False, resources=orm.resources)
     with tm.transaction() as tx:
         session = tx.session(binds=orm.binds)
         ledger = session.get(orm.ledger, 1)
@@ -238,7 +238,7 @@ def test_sessions_are_closed_when_the_transaction_ends(orm: Orm, make_tm: MakeTM
 
 
 def test_session_enlists_only_the_resources_it_uses(orm: Orm, make_tm: MakeTM) -> None:
-    tm = make_tm(resources=orm.resources)
+    tm = make_tm(sweeper=False, resources=orm.resources)
     with tm.transaction() as tx:
         session = tx.session(binds=orm.binds)
         assert tx.branches == {}
@@ -250,7 +250,7 @@ def test_session_enlists_only_the_resources_it_uses(orm: Orm, make_tm: MakeTM) -
 def test_session_binds_by_declarative_base_and_default_bind(
     orm: Orm, make_tm: MakeTM, servers: Servers
 ) -> None:
-    tm = make_tm(resources={"ledger": orm.pg, "pg2": servers.urls["pg2"]})
+    tm = make_tm(sweeper=False, resources={"ledger": orm.pg, "pg2": servers.urls["pg2"]})
     with tm.transaction() as tx:
         session = tx.session(binds={orm.base: "ledger"})
         session.get(orm.ledger, 1).balance = 1
@@ -260,7 +260,7 @@ def test_session_binds_by_declarative_base_and_default_bind(
 
 
 def test_session_mistakes_are_clear_errors(orm: Orm, make_tm: MakeTM) -> None:
-    tm = make_tm(resources=orm.resources)
+    tm = make_tm(sweeper=False, resources=orm.resources)
     with tm.transaction() as tx:
         with pytest.raises(ConfigurationError, match="needs binds"):
             tx.session()
@@ -277,7 +277,7 @@ def test_session_mistakes_are_clear_errors(orm: Orm, make_tm: MakeTM) -> None:
 
 
 def test_engine_pool_is_reused_and_given_back_as_it_was(orm: Orm, make_tm: MakeTM) -> None:
-    tm = make_tm(resources=orm.resources)
+    tm = make_tm(sweeper=False, resources=orm.resources)
     assert isinstance(tm._pools["ledger"], EnginePool)
     before = dict(orm.events)
     for n in range(3):
@@ -305,7 +305,7 @@ def test_engine_pool_is_reused_and_given_back_as_it_was(orm: Orm, make_tm: MakeT
 def test_engine_isolation_level_applies_to_branches(orm: Orm, make_tm: MakeTM) -> None:
     engine = create_engine(orm.pg.url, isolation_level="SERIALIZABLE")
     try:
-        tm = make_tm(resources={"ledger": engine, "wallet": orm.my})
+        tm = make_tm(sweeper=False, resources={"ledger": engine, "wallet": orm.my})
         with tm.transaction() as tx:
             level = tx.execute("ledger", "SHOW transaction_isolation").fetchone()[0]
         assert level == "serializable"
@@ -314,7 +314,7 @@ def test_engine_isolation_level_applies_to_branches(orm: Orm, make_tm: MakeTM) -
 
 
 def test_engine_recovery_and_failed_connections(orm: Orm, make_tm: MakeTM) -> None:
-    tm = make_tm(resources=orm.resources)
+    tm = make_tm(sweeper=False, resources=orm.resources)
     report = tm.recover()  # recovery draws from the engines' pools too
     assert report.unreachable == ()
     assert orm.pg.pool.checkedout() == 0  # type: ignore[attr-defined]
@@ -345,7 +345,7 @@ def test_unsupported_engines_are_refused() -> None:
 
 
 def test_sa_connection_runs_in_the_branch_and_never_ends_it(orm: Orm, make_tm: MakeTM) -> None:
-    tm = make_tm(resources=orm.resources)
+    tm = make_tm(sweeper=False, resources=orm.resources)
     table = orm.ledger.__table__
     with tm.transaction() as tx:
         conn = tx.sa_connection("ledger")
@@ -375,7 +375,7 @@ def test_sa_connection_runs_in_the_branch_and_never_ends_it(orm: Orm, make_tm: M
 def test_sa_connection_rollback_makes_the_transaction_rollback_only(
     orm: Orm, make_tm: MakeTM
 ) -> None:
-    tm = make_tm(resources=orm.resources)
+    tm = make_tm(sweeper=False, resources=orm.resources)
     with pytest.raises(TransactionRolledBack, match="rolled back"), tm.transaction() as tx:
         tx.execute("wallet", f"UPDATE {orm.wallet.__tablename__} SET balance = 0")
         conn = tx.sa_connection("ledger")
@@ -390,7 +390,9 @@ def test_sa_connection_rollback_makes_the_transaction_rollback_only(
 
 
 def test_session_on_url_resources(orm: Orm, make_tm: MakeTM, servers: Servers) -> None:
-    tm = make_tm(resources={"ledger": servers.urls["pg1"], "wallet": servers.urls["maria"]})
+    tm = make_tm(
+        sweeper=False, resources={"ledger": servers.urls["pg1"], "wallet": servers.urls["maria"]}
+    )
     with tm.transaction() as tx:
         session = tx.session(binds=orm.binds)
         transfer(session, orm, 100)
@@ -440,7 +442,7 @@ def test_orm_crash_between_the_phases_then_recover(
     assert len(prepared["pg1"]) == 1 and len(prepared["maria"]) == 1
     assert {x.gtrid for x in prepared["pg1"] + prepared["maria"]} == {prepared["pg1"][0].gtrid}
 
-    tm = make_tm(node_id="sa-crashy", log=log, resources=orm.resources)
+    tm = make_tm(node_id="sa-crashy", log=log, resources=orm.resources, sweeper=False)
     report = tm.recover()
     assert report.unreachable == () and report.in_doubt == 0
     assert bank.xatm_prepared()["pg1"] == [] and bank.xatm_prepared()["maria"] == []
