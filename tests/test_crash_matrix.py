@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import Bank, prepare_foreign, resolve_foreign
+from tests.support import Bank, prepare_foreign, resolve_foreign, run
 from xatm import FAILPOINTS, TransactionManager
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -46,6 +46,7 @@ def foreign(bank: Bank) -> object:
         resolve_foreign(url, f"matrix-{name}")
 
 
+@pytest.mark.parametrize("mode", ["strict", "marker"])
 @pytest.mark.parametrize("recover_as", ["restarted", "peer"])
 @pytest.mark.parametrize(
     "resources", [("pg1", "maria"), ("pg1", "pg2", "maria")], ids=["2-branches", "3-branches"]
@@ -55,6 +56,7 @@ def test_crash_at_failpoint_then_recover(
     failpoint: str,
     resources: tuple[str, ...],
     recover_as: str,
+    mode: str,
     bank: Bank,
     make_tm: MakeTM,
     tmp_path: Path,
@@ -69,21 +71,23 @@ def test_crash_at_failpoint_then_recover(
         "journal": bank.journal,
         "resources": list(resources),
         "tid": f"crash-{failpoint}",
+        # marker mode: pg1 carries the decision (committed in one phase, never prepared)
+        "commit_markers": ["pg1"] if mode == "marker" else [],
     }
     proc = run_worker("transfer", cfg, tmp_path, failpoint)
     assert proc.returncode == -signal.SIGKILL, proc.stderr
     n = len(resources)
+    preparable = n if mode == "strict" else n - 1
 
     prepared = bank.xatm_prepared()
     left = sum(len(v) for v in prepared.values())
     if failpoint == "before_prepare":
         assert left == 0
     elif failpoint in ("after_prepare", "after_decision"):
-        assert left == n
-        assert {x.gtrid for v in prepared.values() for x in v}.__len__() == 1
+        assert left == preparable
+        assert len({x.gtrid for v in prepared.values() for x in v}) == 1
     else:  # after_first_commit: one branch committed, the others still prepared (some may
-        assert left <= n - 1  # have been committed by the parallel phase 2 just before)
-    # nothing is visible yet except what a committed branch shows
+        assert left <= preparable - 1  # have been committed by the parallel phase 2 too)
     node = "crashy" if recover_as == "restarted" else "other"
     tm = make_tm(node_id=node, log=log)
     report = tm.recover()
@@ -115,6 +119,13 @@ def test_crash_at_failpoint_then_recover(
     # a second pass finds nothing to do, and the decision was closed with END
     again = tm.recover()
     assert (again.committed, again.rolled_back, again.in_doubt) == (0, 0, 0)
+    if mode == "marker":  # the decision row is deleted once every branch is finished
+        rows = run(
+            bank.conns["pg1"],
+            "SELECT gtrid FROM xatm_decisions WHERE gtrid LIKE %s",
+            ("xatm.crashy.%",),
+        )
+        assert rows == []
     if recover_as == "restarted":
         assert tm._log.pending() == {}  # END appended (lazily)
     else:

@@ -40,7 +40,10 @@ def one_transfer(cfg: dict[str, Any]) -> int:
     resources: list[str] = cfg["resources"]
     n = len(resources)
     legs = [(resources[0], 1, -10 * (n - 1))] + [(r, 1, 10) for r in resources[1:]]
-    with TransactionManager(cfg["urls"], cfg["log"], cfg["node_id"], timeout=30) as tm:
+    markers = cfg.get("commit_markers", [])
+    with TransactionManager(
+        cfg["urls"], cfg["log"], cfg["node_id"], timeout=30, commit_markers=markers
+    ) as tm:
         with tm.transaction() as tx:
             apply_transfer(tx, cfg, legs, cfg["tid"])
         print(json.dumps({"gtrid": tx.gtrid, "state": tx.state.value}), flush=True)
@@ -54,7 +57,13 @@ def chaos(cfg: dict[str, Any]) -> int:
     deadline = time.monotonic() + float(cfg["seconds"])
     intents = os.open(cfg["intents"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     acks = os.open(cfg["acks"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    tm = TransactionManager(cfg["urls"], cfg["log"], cfg["node_id"], timeout=5)
+    tm = TransactionManager(
+        cfg["urls"],
+        cfg["log"],
+        cfg["node_id"],
+        timeout=5,
+        commit_markers=cfg.get("commit_markers", []),
+    )
     tm.recover()
     counter = iter(range(10**9))
     lock = threading.Lock()
