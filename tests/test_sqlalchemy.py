@@ -20,7 +20,7 @@ from typing import Any
 
 import psycopg
 import pytest
-from sqlalchemy import create_engine, event, exc, select, text
+from sqlalchemy import create_engine, event, exc, insert, select, text, update
 from sqlalchemy.engine import Engine
 from sqlalchemy.pool import StaticPool
 
@@ -257,6 +257,44 @@ def test_session_binds_by_declarative_base_and_default_bind(
         other = tx.session(bind="pg2")
         assert other.execute(text("SELECT 41 + 1")).scalar() == 42
     assert orm.rows(orm.ledger)[1] == ("ann", 1)
+
+
+def test_session_savepoints_bulk_statements_and_named_binds(orm: Orm, make_tm: MakeTM) -> None:
+    tm = make_tm(sweeper=False, resources=orm.resources)
+    with tm.transaction() as tx:
+        session = tx.session(binds=orm.binds)
+        session.execute(insert(orm.wallet), [{"id": i, "owner": "w", "balance": i} for i in (2, 3)])
+        session.execute(update(orm.ledger).values(balance=orm.ledger.balance + 1))
+        with session.begin_nested():  # SAVEPOINT inside the branches (also inside XA)
+            session.get(orm.wallet, 2).balance = 20
+        with contextlib.suppress(KeyError), session.begin_nested():
+            session.get(orm.ledger, 1).balance = 0
+            session.get(orm.wallet, 3).balance = 0
+            session.flush()
+            raise KeyError("back to the savepoint only")
+        count = text(f"SELECT count(*) FROM {orm.wallet.__tablename__}")
+        assert session.execute(count, bind_arguments={"bind": "wallet"}).scalar() == 3
+        conn = session.connection(bind_arguments={"bind": "ledger"})
+        assert conn.execute(text("SELECT 1")).scalar() == 1
+    assert tx.state is TransactionState.COMMITTED
+    assert orm.rows(orm.ledger) == {1: ("ann", 1001)}
+    assert orm.rows(orm.wallet) == {1: ("bob", 1000), 2: ("w", 20), 3: ("w", 3)}
+
+
+def test_session_begin_block_raising_makes_the_transaction_rollback_only(
+    orm: Orm, make_tm: MakeTM
+) -> None:
+    tm = make_tm(sweeper=False, resources=orm.resources)
+    with pytest.raises(TransactionRolledBack), tm.transaction() as tx:
+        session = tx.session(binds=orm.binds, autobegin=False)
+        with session.begin():  # leaving it normally: flush, and no commit
+            session.get(orm.wallet, 1).balance = 1
+        assert tx.state is TransactionState.ACTIVE
+        with contextlib.suppress(LookupError), session.begin():
+            session.get(orm.ledger, 1).balance = 2
+            raise LookupError("rolls the session back")
+    assert orm.rows(orm.ledger)[1] == ("ann", 1000)
+    assert orm.rows(orm.wallet)[1] == ("bob", 1000)
 
 
 def test_session_mistakes_are_clear_errors(orm: Orm, make_tm: MakeTM) -> None:

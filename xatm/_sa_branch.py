@@ -35,6 +35,8 @@ from ._urls import redact
 from .errors import TransactionError
 
 if TYPE_CHECKING:
+    from sqlalchemy.engine.interfaces import CoreExecuteOptionsParameter
+
     from ._transaction import Transaction
 
 #: execution options that would change the branch connection's transaction behaviour
@@ -230,6 +232,17 @@ class BranchSession(Session):
         if isinstance(found, ResourceBind):
             return self.xatm_connection(found.resource)
         return found  # type: ignore[no-any-return]
+
+    def connection(
+        self,
+        bind_arguments: dict[str, Any] | None = None,
+        execution_options: CoreExecuteOptionsParameter | None = None,
+    ) -> Connection:
+        """As ``Session.connection()``; ``bind_arguments={"bind": "name"}`` names a resource."""
+        if bind_arguments and isinstance(bind_arguments.get("bind"), str):
+            resource = bind_arguments["bind"]
+            bind_arguments = {**bind_arguments, "bind": self.xatm_connection(resource)}
+        return super().connection(bind_arguments, execution_options)
 
     def xatm_connection(self, resource: str) -> BranchConnection:
         """The session's Connection on ``resource``'s branch (enlisting it if needed)."""
