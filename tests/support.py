@@ -119,6 +119,21 @@ class Bank:
             out[name] = found
         return out
 
+    def xatm_prepared_on(self, name: str) -> list[Xid]:
+        """xatm's prepared branches on one resource (only that server is asked)."""
+        conn = self.conns[name]
+        if isinstance(conn, psycopg.Connection):
+            rows = run(
+                conn, "SELECT gid FROM pg_prepared_xacts WHERE database = current_database()"
+            )
+            xids = [Xid.from_pg_gid(gid) for (gid,) in rows]
+        else:
+            xids = [
+                Xid.from_mysql(int(f), int(g), int(b), bytes(d))
+                for f, g, b, d in run(conn, "XA RECOVER")
+            ]
+        return [x for x in xids if x is not None and x.is_xatm]
+
     def xatm_prepared(self) -> dict[str, list[Xid]]:
         return {
             name: [x for x in found if isinstance(x, Xid)]

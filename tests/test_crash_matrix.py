@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import Servers
 from tests.support import Bank, prepare_foreign, resolve_foreign, run
 from xatm import FAILPOINTS, TransactionManager
 
@@ -160,4 +161,40 @@ def test_restarted_coordinator_with_live_log_owner_is_left_alone(
     own = holder.recover()  # and the owner resolves them by its log
     assert own.committed == 2
     assert bank.journal_ids()["maria"] == {"alive-1"}
+    assert bank.total() == bank.initial_total
+
+
+def test_presumed_abort_waits_for_an_unread_marker_resource(
+    servers: Servers, bank: Bank, make_tm: MakeTM, tmp_path: Path
+) -> None:
+    """A recoverer that does not know pg1 carries decision rows, and cannot reach pg1, must
+    not presume abort: the decision may be a row there."""
+    if servers.set is None:
+        pytest.skip("external servers are not stopped")
+    log = tmp_path / "log"
+    cfg = {
+        "urls": bank.urls,
+        "log": str(log),
+        "node_id": "crashy",
+        "table": bank.table,
+        "journal": bank.journal,
+        "resources": ["pg1", "maria"],
+        "tid": "unread-1",
+        "commit_markers": ["pg1"],
+    }
+    proc = run_worker("transfer", cfg, tmp_path, "after_decision")
+    assert proc.returncode == -signal.SIGKILL
+    servers.set.pg1.stop()
+    try:
+        tm = make_tm(node_id="other", log=log, sweeper=False)  # no commit_markers configured
+        report = tm.recover()
+        assert report.rolled_back == 0
+        assert report.in_doubt == 1
+        assert len(bank.xatm_prepared_on("maria")) == 1
+    finally:
+        servers.set.pg1.start()
+    bank.reconnect("pg1")
+    report = tm.recover()
+    assert report.committed == 1 and report.rolled_back == 0
+    assert bank.journal_ids()["maria"] == bank.journal_ids()["pg1"] == {"unread-1"}
     assert bank.total() == bank.initial_total

@@ -127,6 +127,8 @@ class TransactionManager:
         self._expired_noted: set[str] = set()
         # resources seen holding commit-marker decision rows (recovery must read them)
         self._marker_resources: set[str] = set(self.commit_markers)
+        # resources read and found without that table (so a down one of them hides nothing)
+        self._markerless_resources: set[str] = set()
         self.sweeper = Sweeper(self, sweep_interval)
         if sweeper:
             self.sweeper.start()

@@ -237,8 +237,11 @@ class _Pass:
 
     @property
     def marker_resources(self) -> list[str]:
-        """Resources that are (or were seen to be) holding commit-marker decision rows."""
-        return sorted(self.manager._marker_resources)
+        """Resources that are (or were seen to be) holding commit-marker decision rows, and
+        those not reached in this pass that were never seen without the table: a resource
+        that may hold a decision row keeps presumed abort waiting until it is read."""
+        unknown = {name for name in self.problems if name not in self.manager._markerless_resources}
+        return sorted(self.manager._marker_resources | unknown)
 
     def read_markers(self, names: list[str]) -> None:
         """(Re-)read the decision rows of every resource that has the table."""
@@ -261,7 +264,9 @@ class _Pass:
                 continue
             pool.put(conn)
             if rows is None:
+                self.manager._markerless_resources.add(name)
                 continue
+            self.manager._markerless_resources.discard(name)
             self.manager._marker_resources.add(name)
             for gtrid, record in rows.items():
                 self.markers[gtrid] = (name, record)
@@ -478,7 +483,10 @@ class _Pass:
         branches this pass did not commit itself (heuristic detection)."""
         ended = 0
         for gtrid, (node, rec) in sorted(self.snapshot.items()):
-            if node == self.own_node and self.manager._running(gtrid) is not None:
+            if node == self.own_node and (
+                self.manager._running(gtrid) is not None
+                or gtrid not in self.manager._log.pending()  # its coordinator ended it
+            ):
                 continue
             if gtrid in self.remaining:
                 continue
