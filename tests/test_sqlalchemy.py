@@ -29,6 +29,7 @@ from tests.support import Bank, Servers
 from xatm import (
     BranchState,
     ConfigurationError,
+    ResourceUnavailable,
     TransactionError,
     TransactionManager,
     TransactionRolledBack,
@@ -368,6 +369,19 @@ def test_engine_recovery_and_failed_connections(orm: Orm, make_tm: MakeTM) -> No
         tx.execute("ledger", f"UPDATE {orm.ledger.__tablename__} SET balance = 9")
     assert orm.events["pg.connect"] == connects + 1
     assert orm.rows(orm.ledger)[1][1] == 9
+
+
+def test_unreachable_engine_is_a_clear_error(orm: Orm, make_tm: MakeTM) -> None:
+    down = create_engine("postgresql+psycopg://xatm:hush-hush@127.0.0.1:1/xatm")
+    tm = make_tm(sweeper=False, resources={"ledger": down, "wallet": orm.my})
+    refused = pytest.raises(ResourceUnavailable, match="cannot connect to resource 'ledger'")
+    with refused as info, tm.transaction() as tx:
+        tx.execute("wallet", f"UPDATE {orm.wallet.__tablename__} SET balance = 0")
+        tx.execute("ledger", "SELECT 1")
+    assert "hush-hush" not in str(info.value)
+    assert tx.state is TransactionState.ROLLED_BACK
+    assert orm.rows(orm.wallet)[1][1] == 1000
+    assert orm.my.pool.checkedout() == 0  # type: ignore[attr-defined]
 
 
 def test_unsupported_engines_are_refused() -> None:

@@ -163,8 +163,9 @@ class EnginePool(Pool):
         autocommit = bool(info[_AUTOCOMMIT_KEY])
         if conn.unread_result:
             conn.consume_results()
+        if conn.in_transaction:  # the engine's pool does not reset on return (no round trip
+            conn.rollback()  # to know: the flag comes with every server reply)
         if not autocommit:
-            conn.rollback()  # whatever the engine's reset left open (normally nothing)
             conn.autocommit = True
         return autocommit
 
