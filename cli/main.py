@@ -1,14 +1,89 @@
-"""Entry point of the ``xatm`` command."""
+"""Entry point of the ``xatm`` command: inspect and resolve in-doubt global transactions.
+
+Every command reads the TOML config given by ``--config PATH`` (or ``$XATM_CONFIG``). User
+mistakes (bad config, unreachable resource, unknown or malformed gtrid, a refused manual
+resolution) print one line and exit non-zero; no traceback, no password. ``XATM_DEBUG=1``
+shows the traceback of an unexpected error.
+"""
 
 from __future__ import annotations
 
+import logging
+import os
+import sys
+from typing import Any
+
 import click
 
+from cli import act, look
+from cli.context import Context
+from xatm import XatmError, redact
 
-@click.group()
+
+class _Group(click.Group):
+    """Turns xatm's errors (and any unexpected one) into a one-line message and exit 1."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (click.exceptions.Exit, click.ClickException, click.Abort):
+            raise
+        except XatmError as e:
+            raise click.ClickException(redact(str(e)).strip() or type(e).__name__) from None
+        except Exception as e:
+            if os.environ.get("XATM_DEBUG"):
+                raise
+            text = redact(str(e).strip().splitlines()[0] if str(e).strip() else "")
+            raise click.ClickException(
+                f"unexpected error: {type(e).__name__}: {text} (XATM_DEBUG=1 shows more)"
+            ) from None
+
+
+def _logging(verbose: int) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("xatm: %(levelname)s: %(message)s"))
+    root = logging.getLogger("xatm")
+    root.handlers[:] = [handler]
+    root.propagate = False
+    root.setLevel(logging.DEBUG if verbose > 1 else logging.INFO if verbose else logging.ERROR)
+
+
+@click.group(cls=_Group)
+@click.option(
+    "--config",
+    "config_path",
+    envvar="XATM_CONFIG",
+    metavar="PATH",
+    help="The TOML config file (default: $XATM_CONFIG).",
+)
+@click.option(
+    "--node-id",
+    metavar="ID",
+    help="node_id of this command's own log (default: the config's node_id + '-cli').",
+)
+@click.option("-v", "--verbose", count=True, help="Log more (-vv: debug).")
 @click.version_option(package_name="xatm")
-def main() -> None:
-    """xatm: inspect and resolve in-doubt global transactions."""
+@click.pass_context
+def main(ctx: click.Context, config_path: str | None, node_id: str | None, verbose: int) -> None:
+    """xatm: inspect and resolve in-doubt global transactions.
+
+    docs/operations.md is the on-call runbook.
+    """
+    _logging(verbose)
+    ctx.obj = Context(config_path, node_id)
+
+
+for _command in (
+    look.doctor,
+    look.indoubt,
+    look.show,
+    act.recover,
+    act.sweep,
+    act.commit,
+    act.rollback,
+    look.log,
+):
+    main.add_command(_command)
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ from ._inspect import (
 from ._manager import TransactionManager
 from ._recovery import RecoveryAction, RecoveryReport
 from ._resolve import Resolution, ResolutionRefused
-from ._sweeper import ResourceBackoff, Sweeper, SweeperStatus
+from ._sweeper import ResourceBackoff, Sweeper, SweeperSettings, SweeperStatus, sweeper_settings
 from ._transaction import BranchState, Transaction, TransactionState
 from ._urls import ResourceSpec, parse_url, redact
 from ._xid import FORMAT_ID, Xid
@@ -81,6 +81,7 @@ __all__ = [
     "SegmentInfo",
     "Settings",
     "Sweeper",
+    "SweeperSettings",
     "SweeperStatus",
     "Transaction",
     "TransactionError",
@@ -97,5 +98,6 @@ __all__ = [
     "load_config",
     "parse_url",
     "redact",
+    "sweeper_settings",
     "validate_gtrid",
 ]

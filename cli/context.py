@@ -1,0 +1,134 @@
+"""What every ``xatm`` command shares: the config, the node_id, the actor, GTRID checking.
+
+Read-only commands use an :class:`xatm.Inspector` (no coordinator log of their own). Commands
+that act (``recover``, ``commit``, ``rollback``, ``sweep``) need a TransactionManager, hence a
+node_id of their own: the config's node_id with a suffix (``<node_id>-cli``,
+``<node_id>-sweep``) unless ``--node-id`` is given. They must never take the application's own
+node_id: its log's lock is what tells everyone the application is alive.
+"""
+
+from __future__ import annotations
+
+import getpass
+import os
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import click
+
+from xatm import (
+    ConfigurationError,
+    Inspector,
+    LogLocked,
+    Settings,
+    TransactionManager,
+    load_config,
+    validate_gtrid,
+)
+
+MAX_NODE_ID = 30
+
+
+class UsageMistake(click.ClickException):
+    """A mistake in how the command was called: one line on stderr, exit status 2."""
+
+    exit_code = 2
+
+
+@dataclass
+class Context:
+    """The global options, and what is built from them (lazily)."""
+
+    config_path: str | None
+    node_id: str | None
+    _settings: Settings | None = field(default=None, repr=False)
+
+    @property
+    def settings(self) -> Settings:
+        if self._settings is None:
+            if not self.config_path:
+                raise UsageMistake("no configuration: pass --config PATH or set XATM_CONFIG")
+            self._settings = load_config(self.config_path)
+        return self._settings
+
+    def inspector(self) -> Inspector:
+        return Inspector.from_settings(self.settings)
+
+    def own_node_id(self, suffix: str) -> str:
+        if self.node_id:
+            return self.node_id
+        node = f"{self.settings.node_id}-{suffix}"
+        if len(node) > MAX_NODE_ID:
+            raise ConfigurationError(
+                f"node_id {self.settings.node_id!r} is too long to add '-{suffix}' to it:"
+                f" pass --node-id (at most {MAX_NODE_ID} characters) for this command"
+            )
+        return node
+
+    def manager(
+        self, suffix: str, *, sweeper: bool = False, interval: float | None = None
+    ) -> TransactionManager:
+        """A TransactionManager of this command's own node_id (never the application's)."""
+        settings = self.settings
+        node = self.own_node_id(suffix)
+        if node == settings.node_id:
+            raise ConfigurationError(
+                f"--node-id {node!r} is the application's own node_id: a command must not take"
+                " the application's log (pick another one)"
+            )
+        kwargs: dict[str, Any] = {"sweeper": sweeper, "lock_timeout": 5.0}
+        if interval is not None:
+            kwargs["sweep_interval"] = interval
+        try:
+            return TransactionManager(
+                dict(settings.resources),
+                settings.log,
+                node,
+                settings.timeout,
+                commit_markers=settings.commit_markers,
+                **kwargs,
+            )
+        except LogLocked:
+            raise click.ClickException(
+                f"node_id {node!r} is in use by another running xatm command (its log is"
+                " locked): wait for it, or pass another --node-id"
+            ) from None
+
+
+def actor() -> str:
+    """Who acts, for the audit trail: ``cli:<login name>`` (or ``$XATM_ACTOR``)."""
+    explicit = os.environ.get("XATM_ACTOR")
+    if explicit:
+        return explicit
+    try:
+        user = getpass.getuser()
+    except Exception:
+        user = str(os.getuid())
+    return f"cli:{user}"
+
+
+if TYPE_CHECKING:  # generic in the stubs of recent click, not at run time in older ones
+    _ParamType = click.ParamType[str]
+else:
+    _ParamType = click.ParamType
+
+
+class GtridType(_ParamType):
+    """A gtrid argument: refused unless it has xatm's gtrid shape."""
+
+    name = "GTRID"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
+        try:
+            return validate_gtrid(value)
+        except ConfigurationError as e:
+            raise UsageMistake(str(e)) from None
+
+
+GTRID = GtridType()
+
+
+def get(ctx: click.Context) -> Context:
+    obj = ctx.find_object(Context)
+    assert obj is not None
+    return obj
