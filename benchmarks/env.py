@@ -136,6 +136,10 @@ class BenchServers:
         return info
 
 
+def _xid_bytes(data: Any) -> bytes:
+    return data.encode("latin-1") if isinstance(data, str) else bytes(data)
+
+
 def _cpu_model() -> str:
     with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -164,8 +168,11 @@ class Ledger:
         self.accounts = accounts
         self.expected_pg = accounts * INITIAL_BALANCE
         self.expected_mysql = accounts * INITIAL_BALANCE
+        self._before: tuple[set[str], set[str]] = (set(), set())
 
     def create(self) -> None:
+        """(Re)create the tables; prepared transactions already there are not ours."""
+        self._before = self.prepared()
         t = self.table
         with pg_connect(self.urls.pg) as conn:
             conn.execute(f"DROP TABLE IF EXISTS {t}")
@@ -201,19 +208,24 @@ class Ledger:
             conn2.close()
         return pg_total, mysql_total
 
-    def prepared_left(self) -> tuple[int, int]:
-        """Prepared transactions left on (PostgreSQL, MariaDB): both must be 0 after a run."""
+    def prepared(self) -> tuple[set[str], set[str]]:
+        """Ids of the prepared transactions on (PostgreSQL's database, the MariaDB server)."""
         with pg_connect(self.urls.pg) as conn:
-            row = conn.execute(
-                "SELECT count(*) FROM pg_prepared_xacts WHERE database = current_database()"
-            ).fetchone()
-            pg_left = int(row[0]) if row else 0
+            rows = conn.execute(
+                "SELECT gid FROM pg_prepared_xacts WHERE database = current_database()"
+            ).fetchall()
+            pg_ids = {str(r[0]) for r in rows}
         conn2 = mysql_connect(self.urls.mysql)
         try:
-            mysql_left = len(mysql_run(conn2, "XA RECOVER"))
+            my_ids = {f"{r[0]}:{_xid_bytes(r[3]).hex()}" for r in mysql_run(conn2, "XA RECOVER")}
         finally:
             conn2.close()
-        return pg_left, mysql_left
+        return pg_ids, my_ids
+
+    def prepared_left(self) -> tuple[int, int]:
+        """Prepared transactions left since ``create`` (others' are not counted): (PG, MariaDB)."""
+        pg_ids, my_ids = self.prepared()
+        return len(pg_ids - self._before[0]), len(my_ids - self._before[1])
 
     def check(self, committed_amount: int, what: str) -> str:
         """Check the books after ``what`` committed transfers worth ``committed_amount``.
