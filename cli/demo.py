@@ -153,9 +153,13 @@ def maria_query(conn: Any, query: str, params: Any = None) -> list[tuple[Any, ..
         cur.close()
 
 
+def config_path(demo: Demo, node_id: str) -> Path:
+    return demo.basedir / f"{node_id}.toml"
+
+
 def write_config(demo: Demo, node_id: str, *, sweeper: bool = True) -> Path:
     """The TOML config of one coordinator; the password stays in the environment."""
-    path = demo.basedir / f"{node_id}.toml"
+    path = config_path(demo, node_id)
     text = (
         f'node_id = "{node_id}"\n'
         'log = "log"          # relative to this file: every coordinator shares it\n'
@@ -260,7 +264,7 @@ def run_workload(demo: Demo) -> None:
     say("each one: credit the wallet in MariaDB, debit the ledger in PostgreSQL, in one")
     say("`with tm.transaction() as tx:` block: two branches, so two-phase commit")
     rng = random.Random(2024)
-    with TransactionManager.from_config(write_config(demo, APP_NODE)) as tm:
+    with TransactionManager.from_config(config_path(demo, APP_NODE)) as tm:
         for n in range(1, TRANSFERS + 1):
             amount = 5 * OPENING_BALANCE if n == OVERDRAFT_AT else rng.randrange(10, 200)
             t = Transfer(f"t{n:02d}", rng.randrange(1, ACCOUNTS + 1), rng.randrange(1, 6), amount)
@@ -568,7 +572,7 @@ def story() -> int:
             servers = start_servers(basedir)
         if received:
             raise _Interrupted(signal.Signals(received[0]).name)
-        os.environ[PASSWORD_ENV] = parse_url(servers.pg1.url()).password or ""
+        os.environ[PASSWORD_ENV] = devservers.PASSWORD  # the configs say ${XATM_DEMO_PASSWORD}
         demo = Demo(basedir, servers, parse_url(servers.pg1.url()), parse_url(servers.maria.url()))
         create_tables(demo)
         run_workload(demo)
