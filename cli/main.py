@@ -39,13 +39,26 @@ class _Group(click.Group):
             ) from None
 
 
+class _Stderr(logging.StreamHandler):  # type: ignore[type-arg]
+    """Writes to whatever ``sys.stderr`` is when a record is emitted."""
+
+    @property
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: Any) -> None:
+        pass
+
+
 def _logging(verbose: int) -> None:
-    handler = logging.StreamHandler(sys.stderr)
+    logger = logging.getLogger("xatm")
+    for old in [h for h in logger.handlers if isinstance(h, _Stderr)]:
+        logger.removeHandler(old)
+    handler = _Stderr()
     handler.setFormatter(logging.Formatter("xatm: %(levelname)s: %(message)s"))
-    root = logging.getLogger("xatm")
-    root.handlers[:] = [handler]
-    root.propagate = False
-    root.setLevel(logging.DEBUG if verbose > 1 else logging.INFO if verbose else logging.ERROR)
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG if verbose > 1 else logging.INFO if verbose else logging.ERROR)
 
 
 @click.group(cls=_Group)

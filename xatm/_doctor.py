@@ -134,6 +134,8 @@ def check_log_directory(directory: str | os.PathLike[str] | None) -> list[Check]
         parent = path.parent
         while not parent.exists() and parent != parent.parent:
             parent = parent.parent
+        if not parent.is_dir():
+            return [Check("log", "log-directory", False, f"{parent} is not a directory")]
         if os.access(parent, os.W_OK | os.X_OK):
             return [Check("log", "log-directory", True, f"{path} will be created (in {parent})")]
         return [

@@ -1,0 +1,350 @@
+"""The ``xatm`` command, through click's runner and as a real subprocess."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner, Result
+
+from cli.main import main
+from tests.recovery_support import crash, prepared_gtrids, wait_for, write_config
+from tests.support import Bank
+from xatm import TransactionManager
+from xatm._inspect import read_log
+from xatm.testing.servers import free_port
+
+ROOT = Path(__file__).resolve().parent.parent
+XATM = ROOT / ".venv" / "bin" / "xatm"
+SECRET = "xatm-secret"
+MakeTM = Callable[..., TransactionManager]
+
+
+@pytest.fixture(autouse=True)
+def _restore_logging() -> Iterator[None]:
+    """The CLI configures the ``xatm`` logger; put it back for the other tests."""
+    logger = logging.getLogger("xatm")
+    level, handlers = logger.level, list(logger.handlers)
+    yield
+    logger.setLevel(level)
+    logger.handlers[:] = handlers
+
+
+@pytest.fixture
+def config(bank: Bank, tmp_path: Path) -> Path:
+    return write_config(tmp_path / "xatm.toml", bank.urls, tmp_path / "log")
+
+
+def xatm(config: Path | None, *args: str, env: dict[str, str] | None = None) -> Result:
+    argv = ["--config", str(config), *args] if config is not None else list(args)
+    result = CliRunner().invoke(main, argv, env=env, catch_exceptions=False)
+    assert SECRET not in result.output
+    assert "Traceback" not in result.output
+    return result
+
+
+def one_error_line(result: Result) -> str:
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.output
+    assert lines[0].startswith("Error: ")
+    return lines[0]
+
+
+# -- user mistakes ---------------------------------------------------------------------------
+
+
+def test_no_config(tmp_path: Path) -> None:
+    result = xatm(None, "indoubt", env={"XATM_CONFIG": ""})
+    assert result.exit_code == 2
+    assert "--config" in one_error_line(result)
+    result = xatm(tmp_path / "missing.toml", "indoubt")
+    assert result.exit_code == 1
+    assert "does not exist" in one_error_line(result)
+    bad = tmp_path / "bad.toml"
+    bad.write_text('node_id = "n"\nlog = "l"\n[resources.r]\nurl = "oracle://u:hunter2@h/db"\n')
+    result = xatm(bad, "doctor")
+    assert result.exit_code == 1
+    line = one_error_line(result)
+    assert "unsupported scheme" in line and "hunter2" not in result.output
+
+
+def test_config_from_the_environment(config: Path) -> None:
+    result = xatm(None, "indoubt", "--json", env={"XATM_CONFIG": str(config)})
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout) == []
+
+
+@pytest.mark.parametrize("command", ["show", "commit", "rollback"])
+def test_malformed_gtrid_is_refused(config: Path, command: str) -> None:
+    result = xatm(config, command, "'; DROP TABLE x; --")
+    assert result.exit_code == 2
+    assert "not an xatm gtrid" in one_error_line(result)
+
+
+def test_unknown_gtrid(config: Path) -> None:
+    gtrid = "xatm.nobody." + "0" * 27
+    result = xatm(config, "show", gtrid)
+    assert result.exit_code == 1
+    assert "unknown transaction" in one_error_line(result)
+    result = xatm(config, "rollback", gtrid, "--force")
+    assert result.exit_code == 1
+    assert "nothing to resolve" in one_error_line(result)
+
+
+def test_unreachable_resource(bank: Bank, tmp_path: Path) -> None:
+    urls = dict(bank.urls, dead=f"postgresql://xatm:hunter2@127.0.0.1:{free_port()}/xatm")
+    config = write_config(tmp_path / "xatm.toml", urls, tmp_path / "log")
+    for args in (["indoubt"], ["indoubt", "--json"], ["recover"], ["doctor"]):
+        result = xatm(config, *args)
+        assert result.exit_code == 1, (args, result.output)
+        assert "'dead'" in result.stderr or "dead" in result.stdout
+        assert "hunter2" not in result.output
+    result = xatm(config, "indoubt", "--json")
+    assert json.loads(result.stdout) == []
+
+
+# -- the story: crash, look, recover ---------------------------------------------------------
+
+
+def test_indoubt_recover_and_show_after_crashes(bank: Bank, config: Path, tmp_path: Path) -> None:
+    log = tmp_path / "log"
+    committed = crash(bank, log, "app", "after_decision", ("pg1", "maria"), "c", account=1)
+    aborted = crash(bank, log, "app", "after_prepare", ("pg1", "pg2", "maria"), "a", account=2)
+
+    result = xatm(config, "indoubt", "--json")
+    assert result.exit_code == 0, result.output
+    rows = {r["gtrid"]: r for r in json.loads(result.stdout)}
+    assert set(rows) == {committed, aborted}
+    assert rows[committed]["decision"] == "commit"
+    assert rows[aborted]["decision"] == "abort"
+    for row in rows.values():
+        assert row["node"] == "app" and row["owner"] == "dead"
+        assert isinstance(row["age_s"], float) and row["age_s"] >= 0
+    assert sorted(b["resource"] for b in rows[committed]["branches"]) == ["maria", "pg1"]
+    assert sorted(b["resource"] for b in rows[aborted]["branches"]) == ["maria", "pg1", "pg2"]
+
+    human = xatm(config, "indoubt")
+    assert committed in human.stdout and aborted in human.stdout
+    assert "presumed abort" in human.stdout and "2 in-doubt transaction(s)" in human.stdout
+
+    plan = xatm(config, "recover", "--dry-run", "--json")
+    assert plan.exit_code == 0, plan.output
+    report = json.loads(plan.stdout)
+    assert report["dry_run"] is True
+    planned = sorted((a["gtrid"], a["resource"], a["action"]) for a in report["actions"])
+    assert planned == sorted(
+        [(committed, r, "commit") for r in ("pg1", "maria")]
+        + [(aborted, r, "rollback") for r in ("pg1", "pg2", "maria")]
+    )
+    assert prepared_gtrids(bank)["maria"] == {committed, aborted}  # nothing changed
+    assert read_log(log / "app").pending  # and the log not touched
+
+    human_plan = xatm(config, "recover", "--dry-run")
+    assert "dry run: would commit 2 branch(es), would roll back 3" in human_plan.stdout
+
+    done = xatm(config, "recover", "--json")
+    assert done.exit_code == 0, done.output
+    report = json.loads(done.stdout)
+    assert (report["committed"], report["rolled_back"], report["ended"]) == (2, 3, 1)
+    assert all(v == set() for v in prepared_gtrids(bank).values())
+    assert bank.journal_ids() == {"pg1": {"c"}, "pg2": set(), "maria": {"c"}}
+    assert bank.total() == bank.initial_total
+    assert json.loads(xatm(config, "indoubt", "--json").stdout) == []
+    assert "no in-doubt transactions" in xatm(config, "indoubt").stdout
+
+    shown = xatm(config, "show", committed, "--json")
+    assert shown.exit_code == 0
+    info = json.loads(shown.stdout)
+    assert info["in_doubt"] is False
+    trail = [(e["resource"], e["action"], e["outcome"]) for e in info["audit"]]
+    assert sorted(trail) == [
+        ("", "end", "done"),
+        ("maria", "commit", "done"),
+        ("pg1", "commit", "done"),
+    ]
+    assert all(e["actor"].startswith("cli:") for e in info["audit"])
+    human_show = xatm(config, "show", aborted)
+    assert "rollback" in human_show.stdout and "audit trail" in human_show.stdout
+
+
+def test_the_cli_as_a_real_subprocess(bank: Bank, config: Path, tmp_path: Path) -> None:
+    assert XATM.exists(), "the console script is installed by `make venv`"
+    gtrid = crash(bank, tmp_path / "log", "app", "after_decision", ("pg2", "maria"), "s")
+    env = {"PATH": "/usr/bin:/bin", "XATM_CONFIG": str(config)}
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        proc = subprocess.run(
+            [str(XATM), *args], env=env, capture_output=True, text=True, timeout=120
+        )
+        assert "Traceback" not in proc.stderr and SECRET not in proc.stdout + proc.stderr
+        return proc
+
+    listed = run("indoubt", "--json")
+    assert listed.returncode == 0, listed.stderr
+    (row,) = json.loads(listed.stdout)
+    assert row["gtrid"] == gtrid and row["decision"] == "commit"
+    recovered = run("recover")
+    assert recovered.returncode == 0, recovered.stderr
+    assert "2 committed" in recovered.stdout
+    bad = run("show", "not-a-gtrid")
+    assert bad.returncode == 2 and bad.stderr.strip().startswith("Error: not an xatm gtrid")
+    assert len(bad.stderr.strip().splitlines()) == 1
+    assert bank.journal_ids()["pg2"] == bank.journal_ids()["maria"] == {"s"}
+
+
+# -- manual resolution -----------------------------------------------------------------------
+
+
+def test_manual_commit_of_a_logged_decision(bank: Bank, config: Path, tmp_path: Path) -> None:
+    log = tmp_path / "log"
+    gtrid = crash(bank, log, "app", "after_decision", ("pg1", "maria"), "m1")
+    refused = xatm(config, "rollback", gtrid)
+    assert refused.exit_code == 1
+    line = one_error_line(refused)
+    assert "COMMIT decision is logged" in line and "--force" in line
+    assert prepared_gtrids(bank)["maria"] == {gtrid}
+    result = xatm(config, "commit", gtrid, "--json")
+    assert result.exit_code == 0, result.output
+    res = json.loads(result.stdout)
+    assert res["complete"] and not res["forced"] and res["decision_before"] == "commit"
+    assert sorted((a["resource"], a["action"], a["outcome"]) for a in res["actions"]) == [
+        ("", "end", "done"),
+        ("maria", "commit", "done"),
+        ("pg1", "commit", "done"),
+    ]
+    assert bank.journal_ids()["maria"] == {"m1"} and not read_log(log / "app").pending
+    audit = json.loads(xatm(config, "show", gtrid, "--json").stdout)["audit"]
+    assert {e["action"] for e in audit} == {"commit", "end"}
+    assert all(e["actor"].startswith("cli:") and "manual commit" in e["reason"] for e in audit)
+
+
+def test_manual_rollback_of_a_presumed_abort(bank: Bank, config: Path, tmp_path: Path) -> None:
+    gtrid = crash(bank, tmp_path / "log", "app", "after_prepare", ("pg1", "pg2"), "m2")
+    refused = xatm(config, "commit", gtrid)
+    assert refused.exit_code == 1 and "presumed aborted" in one_error_line(refused)
+    result = xatm(config, "rollback", gtrid)
+    assert result.exit_code == 0, result.output
+    assert f"manual rollback of {gtrid}: complete" in result.stdout
+    assert all(not v for v in prepared_gtrids(bank).values())
+    assert bank.total() == bank.initial_total
+
+
+def test_manual_resolution_of_a_live_coordinators_transaction_needs_force(
+    bank: Bank, config: Path, tmp_path: Path, make_tm: MakeTM
+) -> None:
+    log = tmp_path / "log"
+    gtrid = crash(bank, log, "owner", "after_prepare", ("pg1", "maria"), "m3")
+    make_tm(node_id="owner", log=log, sweeper=False)  # the owner is alive again
+    refused = xatm(config, "rollback", gtrid)
+    assert refused.exit_code == 1 and "alive" in one_error_line(refused)
+    assert prepared_gtrids(bank)["pg1"] == {gtrid}
+    forced = xatm(config, "rollback", gtrid, "--force")
+    assert forced.exit_code == 0, forced.output
+    assert "(forced)" in forced.stdout and "forced although" in forced.stdout
+    assert all(not v for v in prepared_gtrids(bank).values())
+    audit = json.loads(xatm(config, "show", gtrid, "--json").stdout)["audit"]
+    assert "override" in {e["action"] for e in audit}
+
+
+def test_forced_rollback_of_a_committed_transaction_is_a_recorded_heuristic(
+    bank: Bank, config: Path, tmp_path: Path
+) -> None:
+    log = tmp_path / "log"
+    gtrid = crash(bank, log, "app", "after_decision", ("pg1", "maria"), "m4")
+    left = sum(1 for v in prepared_gtrids(bank).values() if gtrid in v)
+    assert left == 2
+    result = xatm(config, "rollback", gtrid, "--force", "--json")
+    assert result.exit_code == 0, result.output
+    res = json.loads(result.stdout)
+    heuristics = [a for a in res["actions"] if a["action"] == "heuristic"]
+    assert len(heuristics) == left
+    assert not read_log(log / "app").pending  # the decision is closed: recovery agrees
+    again = json.loads(xatm(config, "recover", "--json").stdout)
+    assert (again["committed"], again["rolled_back"]) == (0, 0)
+    audit = json.loads(xatm(config, "show", gtrid, "--json").stdout)["audit"]
+    assert len([e for e in audit if e["action"] == "heuristic"]) == left
+
+
+def test_forced_commit_of_an_undecided_transaction_logs_the_decision_first(
+    bank: Bank, config: Path, tmp_path: Path
+) -> None:
+    log = tmp_path / "log"
+    gtrid = crash(bank, log, "app", "after_prepare", ("pg1", "maria"), "m5")
+    result = xatm(config, "commit", gtrid, "--force", "--json")
+    assert result.exit_code == 0, result.output
+    actions = [a["action"] for a in json.loads(result.stdout)["actions"]]
+    assert sorted(actions) == ["commit", "commit", "end"]
+    audit = [e["action"] for e in json.loads(xatm(config, "show", gtrid, "--json").stdout)["audit"]]
+    assert audit[:2] == ["override", "decide"]
+    assert bank.journal_ids()["pg1"] == bank.journal_ids()["maria"] == {"m5"}
+    assert bank.total() == bank.initial_total
+
+
+# -- its own node, the logs, the daemon ------------------------------------------------------
+
+
+def test_the_cli_never_takes_the_applications_node(
+    bank: Bank, config: Path, tmp_path: Path, make_tm: MakeTM
+) -> None:
+    log = tmp_path / "log"
+    gtrid = crash(bank, log, "app", "after_prepare", ("pg1", "maria"), "n1")
+    make_tm(node_id="app", log=log, sweeper=False)  # the application is running
+    result = xatm(config, "recover", "--json")
+    assert result.exit_code == 0
+    report = json.loads(result.stdout)
+    assert report["rolled_back"] == 0 and report["in_doubt"] == 2
+    assert all("alive" in a["reason"] for a in report["actions"])
+    assert prepared_gtrids(bank)["pg1"] == {gtrid}
+    assert (log / "app-cli").is_dir()
+    refused = xatm(config, "--node-id", "app", "recover")
+    assert refused.exit_code == 1 and "application's own node_id" in one_error_line(refused)
+
+
+def test_log_and_log_compact(bank: Bank, config: Path, tmp_path: Path) -> None:
+    crash(bank, tmp_path / "log", "app", "after_decision", ("pg1", "maria"), "l1")
+    logs = {n["node"]: n for n in json.loads(xatm(config, "log", "--json").stdout)}
+    assert logs["app"]["owner"] == "dead" and logs["app"]["pending"] == 1
+    assert logs["app"]["records"] >= 1 and logs["app"]["segments"]
+    human = xatm(config, "log")
+    assert "app" in human.stdout and "PENDING" in human.stdout
+    assert xatm(config, "recover").exit_code == 0
+    compacted = {c["node"]: c for c in json.loads(xatm(config, "log", "compact", "--json").stdout)}
+    assert compacted["app"]["compacted"] is True
+    assert compacted["app"]["bytes_after"] <= compacted["app"]["bytes_before"]
+    assert "COMPACTED" in xatm(config, "log", "compact").stdout
+
+
+@pytest.mark.parametrize("stop_with", [signal.SIGTERM, signal.SIGINT])
+def test_sweep_daemon_resolves_and_stops_cleanly(
+    bank: Bank, config: Path, tmp_path: Path, stop_with: signal.Signals
+) -> None:
+    log = tmp_path / "log"
+    gtrid = crash(bank, log, "app", "after_decision", ("pg1", "maria"), f"d{int(stop_with)}")
+    env = {"PATH": "/usr/bin:/bin", "XATM_CONFIG": str(config)}
+    daemon = subprocess.Popen(
+        [str(XATM), "sweep", "--interval", "0.1"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        wait_for(lambda: gtrid not in prepared_gtrids(bank)["maria"], what="the daemon")
+        wait_for(lambda: not read_log(log / "app").pending, what="the decision to be closed")
+    finally:
+        daemon.send_signal(stop_with)
+        out, err = daemon.communicate(timeout=60)
+    assert daemon.returncode == 0, err
+    assert "Traceback" not in err and SECRET not in err + out
+    assert "stopped after" in err
+    assert (log / "app-sweep").is_dir()
+    audit = json.loads(xatm(config, "show", gtrid, "--json").stdout)["audit"]
+    assert {e["actor"] for e in audit} == {"sweeper@app-sweep"}
+    assert os.path.exists(log / "audit.d" / "app-sweep.jsonl")
+    assert bank.journal_ids()["maria"] == {f"d{int(stop_with)}"}
