@@ -35,7 +35,7 @@ from xatm import (
     TransactionRolledBack,
     TransactionState,
 )
-from xatm._sqlalchemy import EnginePool
+from xatm._sqlalchemy import EnginePool, _enlisted
 
 ROOT = Path(__file__).resolve().parent.parent
 MakeTM = Callable[..., TransactionManager]
@@ -232,6 +232,7 @@ def test_sessions_are_closed_when_the_transaction_ends(orm: Orm, make_tm: MakeTM
         session = tx.session(binds=orm.binds)
         ledger = session.get(orm.ledger, 1)
     assert ledger not in session  # closed: its objects are detached
+    assert tx not in _enlisted  # and forgotten (no leak of finished transactions)
     with pytest.raises(TransactionError, match="committed"):
         session.get(orm.ledger, 1)
     with pytest.raises(TransactionError, match="committed"):

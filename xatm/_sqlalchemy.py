@@ -309,6 +309,7 @@ class _Enlisted:
     def __init__(self, tx: Transaction) -> None:
         self.sessions: list[BranchSession] = []
         self.connections: dict[str, BranchConnection] = {}
+        self._tx = weakref.ref(tx)
         tx._before_prepare.append(self.flush)
         tx._after_end.append(self.close)
 
@@ -317,6 +318,9 @@ class _Enlisted:
             sess.flush()  # nothing to do: no round trip
 
     def close(self) -> None:
+        tx = self._tx()
+        if tx is not None:  # the sessions refer to tx: the weak key would never go by itself
+            _enlisted.pop(tx, None)
         sessions, self.sessions = self.sessions, []
         connections, self.connections = self.connections, {}
         for sess in sessions:
