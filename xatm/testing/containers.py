@@ -6,6 +6,8 @@ MySQL among them; with Docker, these containers add MySQL 8 (the ``XA_RECOVER_AD
     reason = docker_skip_reason()          # None when the containers can run
     with postgres_container() as pg_url, mysql_container() as mysql_url:
         ...                                # URLs with user, password, host and mapped port
+    with container_set() as urls:          # {"pg1", "pg2", "maria"}: the test suite's shape,
+        ...                                # with MySQL 8 where the private set has MariaDB
 
 The containers run only when ``XATM_TEST_DOCKER=1`` and a Docker engine answers; otherwise
 :func:`docker_skip_reason` says why not, in one line, for ``pytest.skip``. They are removed
@@ -106,3 +108,14 @@ def grant_xa_recover(host: str, port: int) -> None:
         cur.close()
     finally:
         conn.close()
+
+
+@contextlib.contextmanager
+def container_set() -> Iterator[dict[str, str]]:
+    """Two PostgreSQL servers and a MySQL 8 server, started side by side, as the URLs the test
+    fixtures use (``pg1``, ``pg2``, and ``maria`` for the MySQL-family server)."""
+    with contextlib.ExitStack() as stack:
+        pg1 = stack.enter_context(postgres_container())
+        pg2 = stack.enter_context(postgres_container())
+        mysql = stack.enter_context(mysql_container())
+        yield {"pg1": pg1, "pg2": pg2, "maria": mysql}
