@@ -112,8 +112,8 @@ def grant_xa_recover(host: str, port: int) -> None:
 
 @contextlib.contextmanager
 def container_set() -> Iterator[dict[str, str]]:
-    """Two PostgreSQL servers and a MySQL 8 server, started side by side, as the URLs the test
-    fixtures use (``pg1``, ``pg2``, and ``maria`` for the MySQL-family server)."""
+    """Two PostgreSQL servers and a MySQL 8 server (started one after the other), as the URLs
+    the test fixtures use: ``pg1``, ``pg2``, and ``maria`` for the MySQL-family server."""
     with contextlib.ExitStack() as stack:
         pg1 = stack.enter_context(postgres_container())
         pg2 = stack.enter_context(postgres_container())
