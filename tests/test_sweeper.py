@@ -346,3 +346,42 @@ def test_sweeper_settings_from_toml(bank: Bank, tmp_path: Path) -> None:
         with pytest.raises(ConfigurationError, match=r"\[sweeper\]"):
             TransactionManager.from_config(path)
     assert Inspector.from_settings(load_config(path)).resource_names == ["pg1"]
+
+
+def test_marker_resource_down_and_backing_off_keeps_presumed_abort_waiting(
+    servers: Servers, bank: Bank, make_tm: MakeTM, tmp_path: Path
+) -> None:
+    """The decision of a commit-marker transaction is a row on MariaDB; MariaDB is down and
+    the sweeper (which has never read it) backs off from it: the PostgreSQL branch must wait,
+    not be presumed aborted, in every pass, including those that skip MariaDB."""
+    if servers.set is None:
+        pytest.skip("external servers are not stopped")
+    log = tmp_path / "log"
+    gtrid = crash(bank, log, "dead", "after_decision", ("pg1", "maria"), "mk", ("maria",), 3)
+    assert prepared_gtrids(bank)["pg1"] == {gtrid}  # the marker branch is committed
+    maria = servers.set.maria
+    maria.stop()
+    try:
+        tm = make_tm(node_id="careful", log=log, sweep_interval=0.05)
+        tm.sweeper.max_backoff = 0.4
+        wait_for(lambda: tm.sweeper.status().passes >= 12, what="passes with MariaDB down")
+        on_pg1 = {
+            xid.gtrid
+            for (gid,) in run(bank.conns["pg1"], "SELECT gid FROM pg_prepared_xacts")
+            if (xid := Xid.from_pg_gid(gid)) is not None
+        }
+        assert gtrid in on_pg1, "the PostgreSQL branch was resolved without its decision row"
+    finally:
+        maria.start()
+    bank.reconnect("maria")
+    wait_for(lambda: nothing_prepared(bank), what="the PostgreSQL branch to be committed")
+    assert bank.journal_ids()["pg1"] == bank.journal_ids()["maria"] == {"mk"}
+    assert bank.total() == bank.initial_total
+    wait_for(
+        lambda: (
+            not run(
+                bank.conns["maria"], "SELECT gtrid FROM xatm_decisions WHERE gtrid = %s", (gtrid,)
+            )
+        ),
+        what="the decision row to be deleted",
+    )

@@ -193,6 +193,7 @@ class _Pass:
     committed_here: set[tuple[str, str]] = field(default_factory=set)  # (gtrid, resource)
     scanned: set[str] = field(default_factory=set)
     problems: dict[str, str] = field(default_factory=dict)
+    skipped: set[str] = field(default_factory=set)  # resources not in this pass (backoff)
     foreign: int = 0
 
     @property
@@ -204,6 +205,7 @@ class _Pass:
         """List every resource once: (nodes owning an xatm branch, anything to do)."""
         owners: set[str] = set()
         found_any = False
+        self.skipped = set(self.manager.resource_names) - set(names)
         self.read_markers(names)
         if any(self._may_end_marker(g) for g in self.markers):
             found_any = True
@@ -240,7 +242,8 @@ class _Pass:
         """Resources that are (or were seen to be) holding commit-marker decision rows, and
         those not reached in this pass that were never seen without the table: a resource
         that may hold a decision row keeps presumed abort waiting until it is read."""
-        unknown = {name for name in self.problems if name not in self.manager._markerless_resources}
+        unread = set(self.problems) | self.skipped
+        unknown = {name for name in unread if name not in self.manager._markerless_resources}
         return sorted(self.manager._marker_resources | unknown)
 
     def read_markers(self, names: list[str]) -> None:
