@@ -9,16 +9,17 @@ MariaDB, as one global transaction. The demo
 4. runs one more transfer in a child coordinator process that is killed (SIGKILL) right after
    its COMMIT decision is durable and before any branch is committed
    (``XATM_FAILPOINT=after_decision``);
-5. shows the in-doubt branches it left prepared on each server, and the recovery plan;
+5. shows the in-doubt branches it left prepared on each server, the recovery plan, and what
+   an operator sees with ``xatm indoubt``;
 6. shows that those branches still hold their row locks;
-7. runs ``recover()`` from a new coordinator, which takes over the dead coordinator's log;
+7. runs ``xatm recover`` (the operator's command line), which takes over the dead
+   coordinator's log, and ``xatm show`` for the transaction's audit trail;
 8. checks the invariant: no money created or lost, every transfer on both sides or neither.
 
 The servers and every file are deleted at the end, also on error or Ctrl-C. Exit status: 0 when
 the invariant holds, 1 when it does not (or the demo failed), 130 when interrupted.
 
-Each step is one function, so more steps (for example the ``xatm`` CLI's ``indoubt`` and
-``recover``) can be added between them.
+Each step is one function, so more steps can be added between them.
 """
 
 from __future__ import annotations
@@ -42,7 +43,6 @@ import mysql.connector
 import psycopg
 
 from xatm import (
-    RecoveryReport,
     ResourceSpec,
     TransactionManager,
     TransactionRolledBack,
@@ -179,6 +179,24 @@ def write_config(demo: Demo, node_id: str, *, sweeper: bool = True) -> Path:
     path.write_text(text)
     path.chmod(0o600)
     return path
+
+
+def run_cli(demo: Demo, *args: str) -> None:
+    """Run the ``xatm`` command as an operator would, with the ops config, and show it."""
+    cmd = [sys.executable, "-m", "cli.main", "--config", str(config_path(demo, OPS_NODE))]
+    say(f"$ xatm {' '.join(args)}")
+    proc = subprocess.run(
+        [*cmd, *args],
+        cwd=Path(__file__).resolve().parent.parent,
+        env={**os.environ, "XATM_ACTOR": "cli:on-call"},
+        capture_output=True,
+        text=True,
+        timeout=CHILD_TIMEOUT,
+    )
+    for line in (proc.stdout + proc.stderr).splitlines():
+        say(f"  {line}")
+    if proc.returncode != 0:
+        raise DemoError(f"xatm {' '.join(args)} exited with status {proc.returncode}")
 
 
 def run_transfer(tx: Any, t: Transfer) -> None:
@@ -356,6 +374,10 @@ def show_in_doubt(demo: Demo, ops: TransactionManager) -> None:
     say(f"recover(dry_run=True) from a new coordinator (node {OPS_NODE!r}) plans:")
     for a in plan.actions:
         say(f"  {a.action:8s} the {a.resource} branch: {a.reason}")
+    say("")
+    say("what the on-call operator sees, one row per global transaction, its branches under it")
+    say("(--json gives the same as data):")
+    run_cli(demo, "indoubt")
 
 
 def show_locks(demo: Demo) -> None:
@@ -388,28 +410,19 @@ def show_locks(demo: Demo) -> None:
     say("every writer of these rows waits until someone resolves the branches")
 
 
-def recover(demo: Demo, ops: TransactionManager) -> RecoveryReport:
-    step(7, f"Recovery: recover() on the new coordinator (node {OPS_NODE!r})")
+def recover(demo: Demo, ops: TransactionManager) -> None:
+    step(7, "Recovery: the operator runs `xatm recover` (one recovery pass)")
     say(f"the log lock of node {CRASH_NODE!r} is free (its process is dead), so this pass")
     say("takes that log over and settles the branches by the decision found there")
-    report = ops.recover()
-    say(
-        f"report: committed {report.committed}, rolled back {report.rolled_back},"
-        f" left in doubt {report.in_doubt}, foreign {report.foreign},"
-    )
-    say(f"        COMMIT records closed {report.ended}, unreachable {list(report.unreachable)}")
-    for a in report.actions:
-        target = f"the {a.resource} branch" if a.branch else "the COMMIT record"
-        say(f"  {a.action:8s} {target}: {a.outcome} ({a.reason})")
-    entries = ops.audit_trail(demo.crashed_gtrid)
-    say(f"the audit trail (log/audit.d/) has {len(entries)} entries for this transaction:")
-    for e in entries:
-        say(f"  {e.time}  {e.actor:16s} {e.action:8s} {e.resource or '-':6s} {e.outcome}")
+    say(f"(the command runs as node {OPS_NODE}-cli: it never takes an application's node_id)")
+    run_cli(demo, "recover")
+    say("")
+    say("the transaction, with its audit trail (log/audit.d/), after recovery:")
+    run_cli(demo, "show", demo.crashed_gtrid)
     say(f"({OPS_NODE} runs with [sweeper] enabled = false, so that each step can be seen;")
     say(" with the sweeper on, the default, any live coordinator sharing the log directory")
     say(" does this on its own every [sweeper] interval, 10 s unless configured)")
     show_unlocked(demo)
-    return report
 
 
 def show_unlocked(demo: Demo) -> None:
