@@ -94,3 +94,25 @@ def test_log_directory_problems(bank: Bank, tmp_path: Path) -> None:
     code, out = doctor(config, "--json")
     assert code == 0, out
     assert not fresh.exists()  # doctor changes nothing
+
+
+def test_shared_log_is_checked_for_reachability(bank: Bank, tmp_path: Path) -> None:
+    path = tmp_path / "xatm.toml"
+    path.write_text(
+        'node_id = "app"\n'
+        f'log = "{bank.urls["pg2"]}"\n'
+        f'[resources.pg1]\nurl = "{bank.urls["pg1"]}"\n'
+    )
+    code, out = doctor(path, "--json")
+    assert code == 0, out
+    checks = {(c["subject"], c["check"]): c for c in json.loads(out)["checks"]}
+    assert checks[("log", "shared-log")]["ok"] is True
+    assert ("log", "log-directory") not in checks
+    dead = f"postgresql://xatm:hunter2@127.0.0.1:{free_port()}/xatm"
+    path.write_text(
+        f'node_id = "app"\nlog = "{dead}"\n[resources.pg1]\nurl = "{bank.urls["pg1"]}"\n'
+    )
+    code, out = doctor(path, "--json")
+    assert code == 1
+    (bad,) = [c for c in json.loads(out)["checks"] if not c["ok"]]
+    assert (bad["subject"], bad["check"]) == ("log", "shared-log")

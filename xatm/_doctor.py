@@ -23,7 +23,7 @@ from typing import Any
 
 from ._participant import Connection, Participant
 from ._urls import redact
-from .errors import ResourceError
+from .errors import ConfigurationError, ResourceError
 
 _NETWORK_FS = frozenset(
     {"nfs", "nfs4", "cifs", "smb3", "smbfs", "9p", "fuse.sshfs", "afs", "glusterfs", "ceph"}
@@ -196,12 +196,40 @@ def check_log_directory(directory: str | os.PathLike[str] | None) -> list[Check]
     return checks
 
 
+def check_shared_log(url: str) -> list[Check]:
+    """A log kept in a PostgreSQL database: can it be reached?"""
+    from ._postgres import PostgresParticipant
+    from ._urls import parse_url
+
+    try:
+        spec = parse_url(url)
+    except ConfigurationError as e:
+        return [Check("log", "shared-log", False, str(e))]
+    participant = PostgresParticipant("log", spec)
+    try:
+        conn = participant.connect()
+    except ResourceError as e:
+        return [Check("log", "shared-log", False, f"{e}; is the server up and the URL right?")]
+    try:
+        version = str(_one(participant, conn, "SHOW server_version"))
+    except Exception as e:
+        return [Check("log", "shared-log", False, redact(f"{spec.redacted()}: {e}".strip()))]
+    finally:
+        participant.close(conn)
+    return [Check("log", "shared-log", True, f"{spec.redacted()}: PostgreSQL {version}")]
+
+
 def diagnose(
-    participants: Mapping[str, Participant], log_directory: str | os.PathLike[str] | None
+    participants: Mapping[str, Participant],
+    log_directory: str | os.PathLike[str] | None,
+    log_url: str | None = None,
 ) -> DoctorReport:
-    """Run every check."""
+    """Run every check (``log_url``: the log is a shared PostgreSQL log, not a directory)."""
     checks: list[Check] = []
     for name, participant in participants.items():
         checks += check_resource(name, participant)
-    checks += check_log_directory(log_directory)
+    if log_url is not None:
+        checks += check_shared_log(log_url)
+    else:
+        checks += check_log_directory(log_directory)
     return DoctorReport(tuple(checks))

@@ -395,6 +395,8 @@ class Inspector:
         timeout: float = 30.0,
     ) -> None:
         self._participants = dict(participants)
+        #: the shared log's URL when the log is a database (then ``log_directory`` is None)
+        self.log_url: str | None = None
         self._markers = sorted(commit_markers)
         self.timeout = timeout
         self.log_directory = None if log_directory is None else str(log_directory)
@@ -409,12 +411,15 @@ class Inspector:
         from ._manager import make_participant  # here: _manager imports this module
 
         participants = {name: make_participant(name, s) for name, s in settings.resources.items()}
-        return cls(
+        shared = "://" in settings.log
+        inspector = cls(
             participants,
-            settings.log,
+            None if shared else settings.log,
             commit_markers=getattr(settings, "commit_markers", ()),
             timeout=settings.timeout,
         )
+        inspector.log_url = settings.log if shared else None
+        return inspector
 
     @classmethod
     def from_config(cls, path: str | os.PathLike[str]) -> Inspector:
@@ -613,7 +618,7 @@ class Inspector:
 
     def doctor(self) -> DoctorReport:
         """Check that every resource and the log directory are fit for two-phase commit."""
-        return diagnose(self._participants, self.log_directory)
+        return diagnose(self._participants, self.log_directory, self.log_url)
 
     def audit(self, gtrid: str | None = None) -> list[AuditEntry]:
         """The audit trail of every node (of one transaction if ``gtrid`` is given)."""

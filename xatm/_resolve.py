@@ -145,7 +145,11 @@ class _Resolve:
                     taken = FileLog(Path(directory), self.node, lock_timeout=TAKE_OVER_WAIT)
                     log = taken
                 except LogLocked:
-                    owner = "alive"
+                    raise ResolutionRefused(
+                        f"refused to {self.outcome} {self.gtrid}: the log of {self.node!r} is"
+                        " held by another process (a recovery pass, or its coordinator"
+                        " restarting): try again in a moment"
+                    ) from None
             if owner == "alive":
                 self.refuse_or_note(
                     f"its coordinator {self.node!r} is alive: it may be deciding right now,"
