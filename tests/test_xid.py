@@ -269,3 +269,12 @@ def test_validate_resource_name_rejects(bad: object) -> None:
 @pytest.mark.parametrize("good", ["pg1", "ledger-db", "r" * MAX_RESOURCE_NAME])
 def test_validate_resource_name_accepts(good: str) -> None:
     assert validate_resource_name(good) == good
+
+
+def test_gtrid_carries_the_marker_flag() -> None:
+    from xatm._xid import may_use_marker
+
+    plain, marked = new_gtrid("api-1"), new_gtrid("api-1", marker=True)
+    assert not may_use_marker(plain) and may_use_marker(marked)
+    assert re.fullmatch(r"xatm\.api-1\.[0-9a-f]{27}", marked)
+    assert parse_gtrid(marked)[0] == "api-1"

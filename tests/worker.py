@@ -39,10 +39,16 @@ def apply_transfer(
 def one_transfer(cfg: dict[str, Any]) -> int:
     resources: list[str] = cfg["resources"]
     n = len(resources)
-    legs = [(resources[0], 1, -10 * (n - 1))] + [(r, 1, 10) for r in resources[1:]]
+    account = int(cfg.get("account", 1))
+    legs = [(resources[0], account, -10 * (n - 1))] + [(r, account, 10) for r in resources[1:]]
     markers = cfg.get("commit_markers", [])
     with TransactionManager(
-        cfg["urls"], cfg["log"], cfg["node_id"], timeout=30, commit_markers=markers
+        cfg["urls"],
+        cfg["log"],
+        cfg["node_id"],
+        timeout=cfg.get("timeout", 30),
+        commit_markers=markers,
+        sweeper=False,
     ) as tm:
         with tm.transaction() as tx:
             apply_transfer(tx, cfg, legs, cfg["tid"])

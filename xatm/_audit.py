@@ -60,10 +60,14 @@ def format_time(at: float) -> str:
 
 
 class AuditTrail:
-    """Appends this process's entries to ``<log>/audit.d/<node_id>.jsonl``."""
+    """Appends this process's entries to ``<log>/audit.d/<node_id>.jsonl`` (file log), or to
+    the shared log's ``audit`` table (``sink``: a PostgresLog)."""
 
-    def __init__(self, log_directory: str | os.PathLike[str], node_id: str) -> None:
-        self.directory = Path(log_directory) / AUDIT_DIR
+    def __init__(
+        self, log_directory: str | os.PathLike[str] | None, node_id: str, sink: Any = None
+    ) -> None:
+        self.sink = sink
+        self.directory = Path(log_directory or ".") / AUDIT_DIR
         self.path = self.directory / f"{node_id}.jsonl"
         self.node_id = node_id
         self._lock = threading.Lock()
@@ -84,6 +88,9 @@ class AuditTrail:
         entry = AuditEntry(
             time.time(), gtrid, resource, branch, action, reason, outcome, actor, self.node_id
         )
+        if self.sink is not None:
+            self.sink.audit(entry)
+            return entry
         line = json.dumps(asdict(entry), separators=(",", ":"), sort_keys=True) + "\n"
         with self._lock:
             try:

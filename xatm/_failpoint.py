@@ -6,10 +6,14 @@ reaches that step. The names, in protocol order:
 
 ``before_prepare``      the block ended normally; no branch is prepared yet
 ``after_prepare``       every branch is prepared; no decision is logged
+``before_decision``     the transaction passed its own timeout check; the COMMIT record is
+                        about to be written (a pause here tests fencing with the shared log)
 ``after_decision``      the COMMIT decision is durable; no branch is committed
 ``after_first_commit``  one branch is committed; the others are still prepared
 
-The variable is read once, at import: when unset, a failpoint costs one comparison.
+``XATM_FAILPOINT=<name>:stop`` stops the process with SIGSTOP instead (a paused coordinator:
+resume it with SIGCONT). The variable is read once, at import: when unset, a failpoint costs
+one comparison.
 """
 
 from __future__ import annotations
@@ -18,11 +22,15 @@ import os
 import signal
 
 NAMES = ("before_prepare", "after_prepare", "after_decision", "after_first_commit")
+#: also valid, but not part of the crash matrix (the same state as after_prepare)
+EXTRA_NAMES = ("before_decision",)
 
-_ACTIVE = os.environ.get("XATM_FAILPOINT") or None
+_SETTING = (os.environ.get("XATM_FAILPOINT") or "").partition(":")
+_ACTIVE = _SETTING[0] or None
+_SIGNAL = signal.SIGSTOP if _SETTING[2] == "stop" else signal.SIGKILL
 
 
 def hit(name: str) -> None:
-    """Crash the process here if the failpoint ``name`` is active."""
+    """Crash (or pause) the process here if the failpoint ``name`` is active."""
     if _ACTIVE is not None and name == _ACTIVE:
-        os.kill(os.getpid(), signal.SIGKILL)
+        os.kill(os.getpid(), _SIGNAL)

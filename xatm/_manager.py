@@ -25,13 +25,14 @@ from ._log import CoordinatorLog
 from ._mysql import MySQLParticipant
 from ._parallel import Fanout
 from ._participant import Connection, Participant
+from ._pglog import PostgresLog
 from ._pool import Pool
 from ._postgres import PostgresParticipant
 from ._recovery import RecoveryReport, run_pass
 from ._resolve import Resolution, resolve
 from ._sweeper import DEFAULT_INTERVAL, Sweeper, sweeper_settings
 from ._transaction import Branch, Transaction, describe_unknown_resource
-from ._urls import ResourceSpec, redact
+from ._urls import ResourceSpec, parse_url, redact
 from ._xid import new_gtrid, validate_node_id
 from .errors import ConfigurationError, ResourceNotFit, XatmError
 
@@ -92,12 +93,17 @@ class TransactionManager:
             }
         )
         if not isinstance(log, str | os.PathLike) or not str(log):
-            raise ConfigurationError("log must be a directory path")
+            raise ConfigurationError("log must be a directory path or a PostgreSQL URL")
+        self.shared_log: PostgresLog | None = None
+        self.log_directory: str | None = None
         if "://" in str(log):
-            raise ConfigurationError(
-                f"log {str(log)!r}: only a directory (the file log) is supported here"
-            )
-        self.log_directory: str | None = str(Path(log).resolve())
+            log_spec = parse_url(str(log))  # errors never show the password
+            if log_spec.kind != "postgresql":
+                raise ConfigurationError(
+                    f"log {log_spec.redacted()}: a shared log must be a PostgreSQL database"
+                )
+        else:
+            self.log_directory = str(Path(log).resolve())
         self._participants: dict[str, Participant] = {}
         self._pools: dict[str, Pool] = {}
         for name, spec in self._specs.items():
@@ -107,10 +113,23 @@ class TransactionManager:
                 self._pools[name] = _sqlalchemy.engine_pool(engines[name], participant, pool_size)
             else:
                 self._pools[name] = Pool(participant, max_idle=pool_size)
-        self._log: CoordinatorLog = FileLog(
-            self.log_directory, self.node_id, segment_bytes=segment_bytes, lock_timeout=lock_timeout
-        )
+        if self.log_directory is None:
+            self.shared_log = PostgresLog(log_spec, self.node_id)
+            self._log: CoordinatorLog = self.shared_log
+        else:
+            self._log = FileLog(
+                self.log_directory,
+                self.node_id,
+                segment_bytes=segment_bytes,
+                lock_timeout=lock_timeout,
+            )
         self.commit_markers = frozenset(commit_markers)
+        if self.commit_markers and self.shared_log is not None:
+            self.shared_log.close()
+            raise ConfigurationError(
+                "commit_markers cannot be combined with a shared log yet: a sweeper on another"
+                " host could not fence a paused coordinator's marker commit"
+            )
         unknown = self.commit_markers - set(self._specs)
         if unknown:
             raise ConfigurationError(
@@ -123,7 +142,7 @@ class TransactionManager:
         self._closed = False
         # recovery passes, sweeper passes and manual resolutions never overlap
         self._recovery_lock = threading.Lock()
-        self._audit = AuditTrail(self.log_directory, self.node_id)
+        self._audit = AuditTrail(self.log_directory, self.node_id, self.shared_log)
         self._expired_noted: set[str] = set()
         # resources seen holding commit-marker decision rows (recovery must read them)
         self._marker_resources: set[str] = set(self.commit_markers)
@@ -159,7 +178,7 @@ class TransactionManager:
             raise XatmError("this TransactionManager is closed")
         tx = Transaction(
             self,
-            new_gtrid(self.node_id),
+            new_gtrid(self.node_id, marker=bool(self.commit_markers)),
             self.timeout if timeout is None else validate_timeout(timeout),
         )
         with self._lock:

@@ -46,6 +46,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
+from ._audit import AuditEntry
 from ._log import DecisionNotLogged
 from ._records import LogRecord
 from ._urls import ResourceSpec, parse_url, redact
@@ -74,6 +75,12 @@ _MIGRATIONS: dict[int, list[str]] = {
         " ended_at timestamptz)",
         "CREATE INDEX IF NOT EXISTS decisions_open ON {schema}.decisions (decision)"
         " WHERE ended_at IS NULL",
+        "CREATE TABLE IF NOT EXISTS {schema}.audit ("
+        " id bigserial PRIMARY KEY, at double precision NOT NULL, gtrid varchar(64) NOT NULL,"
+        " resource text NOT NULL, branch text NOT NULL, action text NOT NULL,"
+        " reason text NOT NULL, outcome text NOT NULL, actor text NOT NULL,"
+        " node text NOT NULL)",
+        "CREATE INDEX IF NOT EXISTS audit_gtrid ON {schema}.audit (gtrid)",
     ],
 }
 
@@ -401,6 +408,45 @@ class PostgresLog:
     def release_sweep_lock(self) -> None:
         with self._read_lock:
             self._reader.execute("SELECT pg_advisory_unlock(%s)", (_SWEEP_LOCK,))
+
+    # -- the audit trail, shared like the decisions ---------------------------------------
+    def audit(self, entry: AuditEntry) -> None:
+        """Append one audit entry (see ``xatm._audit``); failures are logged, not raised."""
+        try:
+            with self._read_lock:
+                self._reader.execute(
+                    self._q(
+                        "INSERT INTO {schema}.audit (at, gtrid, resource, branch, action,"
+                        " reason, outcome, actor, node) VALUES"
+                        " (%s, %s, %s, %s, %s, %s, %s, %s, %s)"
+                    ),
+                    (
+                        entry.at,
+                        entry.gtrid,
+                        entry.resource,
+                        entry.branch,
+                        entry.action,
+                        entry.reason,
+                        entry.outcome,
+                        entry.actor,
+                        entry.node,
+                    ),
+                )
+        except psycopg.Error as e:
+            logger.error("cannot write the audit trail to the shared log: %s", redact(str(e)))
+
+    def read_audit(self, gtrid: str | None = None) -> list[AuditEntry]:
+        query = (
+            "SELECT at, gtrid, resource, branch, action, reason, outcome, actor, node"
+            " FROM {schema}.audit"
+        )
+        params: tuple[Any, ...] = ()
+        if gtrid is not None:
+            query += " WHERE gtrid = %s"
+            params = (gtrid,)
+        with self._read_lock:
+            rows = self._reader.execute(self._q(query + " ORDER BY at, id"), params).fetchall()
+        return [AuditEntry(float(r[0]), *(str(v) for v in r[1:])) for r in rows]
 
     def close(self) -> None:
         self.flush()

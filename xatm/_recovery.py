@@ -44,10 +44,19 @@ decision as a row of ``xatm_decisions`` inside one of its resources instead of t
 Every resource that has that table is read like a log (after the owner is known dead or
 finished, before the listing): a branch whose gtrid has a row is committed, and a row whose
 branches are all finished is deleted (recovery's END). Before presuming abort for a
-transaction with no decision anywhere, the decision tables are *probed*
+transaction whose gtrid carries the marker flag (its coordinator had commit markers
+configured; ``xatm._xid.FLAG_MARKER``) and has no decision anywhere, the decision tables
+are *probed*
 (``xatm._marker_recovery.probe_row``), which waits out a marker commit still running in the
 server; if a resource known to hold such a table cannot be reached, the transaction is left
-in doubt for a later pass.
+in doubt for a later pass (so is a resource that was not reached and has never been seen
+without the table). A transaction without the flag can only have its decision in the log.
+
+**Shared log.** With a PostgreSQL log every decision of every node is in one table, so no
+log is taken over. A logged decision is obeyed; with none, the transaction is aborted by a
+conditional ABORT write (which a late COMMIT then loses: fencing) once its coordinator can
+no longer act (this process, not running it; or a node with no session on the log) or it is
+older than its timeout. One process at a time resolves (a session-level advisory lock).
 
 A resource that cannot be reached (or fails in any other way) is skipped and reported; the
 pass goes on with the others. Passes are idempotent: a branch already finished by someone
@@ -68,15 +77,19 @@ from . import _marker_recovery
 from ._filelog import FileLog, list_nodes
 from ._inspect import owner_state, read_log
 from ._participant import Participant, PhaseTwo, PreparedBranch
+from ._pglog import PostgresLog
 from ._records import LogRecord
 from ._urls import redact
-from ._xid import parse_gtrid
+from ._xid import may_use_marker, parse_gtrid
 from .errors import ResourceError
 
 if TYPE_CHECKING:
     from ._manager import TransactionManager
 
 logger = logging.getLogger("xatm.recovery")
+
+#: seconds allowed for clock differences between hosts sharing a log, on top of the timeout
+SKEW = 5.0
 
 Action = Literal["commit", "rollback", "skip", "error", "heuristic", "verify", "end"]
 #: what pg_xact_status (or its absence) says about a branch that is no longer prepared
@@ -293,12 +306,18 @@ class _Pass:
                 return True
         return False
 
+    @property
+    def shared(self) -> PostgresLog | None:
+        return self.manager.shared_log
+
     def _owner_finished(self, gtrid: str) -> bool:
         """The coordinator of ``gtrid`` can take no further step: this node (not running
         it) or a dead peer."""
         node = parse_gtrid(gtrid)[0]
         if node == self.own_node:
             return self.manager._running(gtrid) is None
+        if self.shared is not None:
+            return not self.shared.node_alive(node)
         if node in self.peer_pending:
             return True
         return owner_state(self.manager.log_directory, node) == "dead"
@@ -328,7 +347,7 @@ class _Pass:
         """Peers whose coordinator is dead and whose log still holds a pending decision."""
         directory = self.manager.log_directory
         if directory is None:
-            return set()
+            return set()  # a shared log needs no take-over: every decision is in one place
         out = set()
         for node in list_nodes(Path(directory)):
             if node == self.own_node:
@@ -339,6 +358,8 @@ class _Pass:
 
     # -- step 2 ----------------------------------------------------------------------------
     def open_peers(self, nodes: set[str]) -> None:
+        if self.shared is not None:
+            return
         directory = self.manager.log_directory
         for node in sorted(nodes - {self.own_node}):
             if directory is None or not (Path(directory) / node / "lock").exists():
@@ -360,6 +381,10 @@ class _Pass:
 
     def take_snapshot(self, names: list[str]) -> None:
         self.read_markers(names)
+        if self.shared is not None:
+            for gtrid, record in self.shared.pending(all_nodes=True).items():
+                self.snapshot[gtrid] = (parse_gtrid(gtrid)[0], record)
+            return
         for gtrid, record in self.manager._log.pending().items():
             self.snapshot[gtrid] = (self.own_node, record)
         for node, pending in self.peer_pending.items():
@@ -432,9 +457,22 @@ class _Pass:
                 else:
                     leave("its transaction is still running in this process")
                 return
-            # Not running now, so it has finished: read its decision only now (a decision
-            # taken since the pass began is in the log already).
-            decided = gtrid in manager._log.pending()
+            if self.shared is not None:
+                shared_decided = self._shared_decision(
+                    gtrid, xid.created_at, leave, owner_done=True
+                )
+                if shared_decided is None:
+                    return
+                decided = shared_decided
+            else:
+                # Not running now, so it has finished: read its decision only now (a
+                # decision taken since the pass began is in the log already).
+                decided = gtrid in manager._log.pending()
+        elif self.shared is not None:
+            shared_decided = self._shared_decision(gtrid, xid.created_at, leave, owner_done=False)
+            if shared_decided is None:
+                return
+            decided = shared_decided
         elif node in self.peer_pending:
             decided = gtrid in self.peer_pending[node] or gtrid in self.markers
         else:
@@ -446,7 +484,7 @@ class _Pass:
             else:
                 leave(f"coordinator {node!r} was not examined in this pass: the next one will")
             return
-        if not decided and self.marker_resources:
+        if not decided and may_use_marker(gtrid) and self.marker_resources:
             # no decision in a log: a decision row may exist, or be committing right now
             row = self._probe_markers(gtrid)
             if row is None:
@@ -474,7 +512,27 @@ class _Pass:
             record("error", reason, f"failed: {_describe(e)}")
             return
         done = result is PhaseTwo.DONE
-        if decided and done:
+        if not done and participant.kind == "mysql":
+            # XA RECOVER listed it a moment ago: XAER_NOTA now most likely means a session
+            # still attached to it (MariaDB lets only that session finish it), not "gone".
+            # The next pass looks again; a branch really gone is then simply not listed.
+            leave("listed by XA RECOVER but XAER_NOTA: a live session still holds it")
+            return
+        if not done:
+            # listed a moment ago, gone now: its coordinator (or another pass) finished it
+            # in between. Nothing was done here, so nothing is audited.
+            self.actions.append(
+                RecoveryAction(
+                    gtrid,
+                    resource,
+                    xid.bqual,
+                    "skip",
+                    "finished by someone else during the pass",
+                    "not-found",
+                )
+            )
+            return
+        if decided:
             self.committed_here.add((gtrid, resource))
         logger.info(
             "recovery: %s %s branch %s on %r (%s)", action, gtrid, xid.bqual, resource, reason
@@ -500,7 +558,10 @@ class _Pass:
             if self.dry_run:
                 self._record(gtrid, "", "", "end", "every branch is finished", "planned")
                 continue
-            log = self.manager._log if node == self.own_node else self.peer_logs[node]
+            if self.shared is not None or node == self.own_node:
+                log: Any = self.manager._log
+            else:
+                log = self.peer_logs[node]
             log.log_end(gtrid)
             self._record(gtrid, "", "", "end", "every branch is finished", "done")
             ended += 1
@@ -536,6 +597,40 @@ class _Pass:
             else:  # the coordinator finished it itself: report, do not audit
                 self.actions.append(RecoveryAction(gtrid, resource, "", "end", reason, "done"))
         return ended
+
+    def _shared_decision(
+        self, gtrid: str, created_at: float, leave: Callable[[str], None], *, owner_done: bool
+    ) -> bool | None:
+        """With the shared log: True to commit, False to roll back, None when left.
+
+        A logged decision is obeyed. With none, the transaction may be aborted (a
+        conditional ABORT write, which a late COMMIT of its coordinator then loses) when its
+        coordinator cannot act on it any more (``owner_done``; or its node holds no session
+        on the log) or when it is older than the timeout; the write may find a COMMIT that
+        won the race, which is then obeyed."""
+        shared = self.shared
+        assert shared is not None
+        found = shared.decisions([gtrid]).get(gtrid)
+        if found is not None:
+            return not isinstance(found, str)
+        if gtrid in self.markers:
+            return True
+        node = parse_gtrid(gtrid)[0]
+        age = time.time() - created_at
+        if not owner_done and shared.node_alive(node) and age <= self.manager.timeout + SKEW:
+            leave(f"coordinator {node!r} is alive and the transaction is within its timeout")
+            return None
+        if may_use_marker(gtrid) and self.marker_resources:
+            row = self._probe_markers(gtrid)
+            if row is None:
+                where = ", ".join(sorted(self.marker_problems))
+                leave(f"its decision may be a commit-marker row on {where}, not reached")
+                return None
+            if row:
+                return True
+        if self.dry_run:
+            return False
+        return shared.log_abort(gtrid, by=self.actor) == "C"
 
     def _verify(self, gtrid: str, rec: LogRecord) -> bool:
         """Check each logged branch this pass did not commit; False if one is still open."""
@@ -591,7 +686,17 @@ def run_pass(
 ) -> RecoveryReport:
     """One recovery pass over every resource of ``manager`` (or those ``resources()`` names)."""
     with manager._recovery_lock:
-        return _run(manager, dry_run, resources, actor or f"recover@{manager.node_id}", progress)
+        shared = manager.shared_log
+        if shared is not None and not dry_run and not shared.try_sweep_lock():
+            logger.info("recovery: another process is resolving the shared log's transactions")
+            return RecoveryReport(dry_run=dry_run)
+        try:
+            return _run(
+                manager, dry_run, resources, actor or f"recover@{manager.node_id}", progress
+            )
+        finally:
+            if shared is not None and not dry_run:
+                shared.release_sweep_lock()
 
 
 def _run(
@@ -609,7 +714,12 @@ def _run(
     owners, found_any = p.survey(names)
     peers = p.dead_peers_with_decisions()
     ended = 0
-    if found_any or peers or manager._log.pending():
+    pending = (
+        manager.shared_log.pending(all_nodes=True)
+        if manager.shared_log is not None
+        else manager._log.pending()
+    )
+    if found_any or peers or pending:
         p.foreign = 0  # counted again by the full scan
         try:
             p.open_peers(owners | peers)

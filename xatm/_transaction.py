@@ -491,10 +491,12 @@ class Transaction:
 
     def _decide(self, branches: list[Branch]) -> None:
         self._fence_decision(branches)
+        _failpoint.hit("before_decision")
         txids = {b.resource: b.txid for b in branches if b.txid is not None}
         try:
             self._manager._log.log_commit(self.gtrid, [b.resource for b in branches], txids)
         except DecisionNotLogged as e:
+            # certainly not logged (or fenced: recovery logged ABORT first): roll back
             self._rollback_all()
             self._raise_rolled_back(f"the commit decision could not be logged: {e}", e)
         except (LogError, OSError) as e:

@@ -4,8 +4,9 @@ An XID is the triple (format_id, gtrid, bqual) of the X/Open XA standard:
 
 * ``format_id`` is :data:`FORMAT_ID`, the same for every xatm branch;
 * ``gtrid`` (global transaction id) is ``xatm.<node_id>.<txid>``, where ``txid`` is the
-  creation time in milliseconds (11 hex digits) and 64 random bits (16 hex digits), so a
-  gtrid says whose it is and how old it is even where the server keeps no timestamp;
+  creation time in milliseconds (11 hex digits), a flags digit (whether the decision may be
+  a commit-marker row) and 60 random bits (15 hex digits), so a gtrid says whose it is, how
+  old it is (even where the server keeps no timestamp) and where its decision may be;
 * ``bqual`` (branch qualifier) is the resource's name, unique within one transaction.
 
 Both parts are ASCII and at most 64 bytes, the MySQL limit. On PostgreSQL the gid is the
@@ -135,10 +136,25 @@ class Xid:
         return cls(int(format_id), gtrid, bqual)
 
 
-def new_gtrid(node_id: str) -> str:
-    """A fresh global transaction id for ``node_id`` (already validated)."""
+#: flag bit in the gtrid's 12th hex digit: the transaction may keep its decision in a
+#: commit-marker row (its coordinator has commit_markers), not only in the coordinator log
+FLAG_MARKER = 0x1
+
+
+def new_gtrid(node_id: str, *, marker: bool = False) -> str:
+    """A fresh global transaction id for ``node_id`` (already validated).
+
+    ``txid`` is 11 hex digits of milliseconds, 1 hex digit of flags (:data:`FLAG_MARKER`)
+    and 15 hex digits (60 bits) of randomness."""
     ms = int(time.time() * 1000)
-    return f"{NAMESPACE}.{node_id}.{ms:011x}{secrets.randbits(64):016x}"
+    flags = FLAG_MARKER if marker else 0
+    return f"{NAMESPACE}.{node_id}.{ms:011x}{flags:x}{secrets.randbits(60):015x}"
+
+
+def may_use_marker(gtrid: str) -> bool:
+    """True if the transaction's decision may be a commit-marker row (see FLAG_MARKER)."""
+    m = _GTRID_RE.fullmatch(gtrid)
+    return m is not None and bool(int(m.group(3)[0], 16) & FLAG_MARKER)
 
 
 def parse_gtrid(gtrid: str) -> tuple[str, float]:

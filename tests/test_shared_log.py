@@ -1,0 +1,160 @@
+"""A fleet sharing one coordinator log in PostgreSQL: commit, crash matrix, fencing."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+import xatm._recovery
+from tests.conftest import Servers
+from tests.support import Bank
+from xatm import FAILPOINTS, ConfigurationError, TransactionManager
+
+ROOT = Path(__file__).resolve().parent.parent
+MakeTM = Callable[..., TransactionManager]
+
+
+@pytest.fixture(scope="session")
+def log_url(servers: Servers) -> str:
+    """A database of its own on pg2 for the shared log."""
+    if servers.set is None:
+        return servers.urls["pg2"]
+    servers.set.pg2.create_database("xatmlog")
+    return servers.set.pg2.url("xatmlog")
+
+
+def worker(
+    cfg: dict[str, object], tmp_path: Path, failpoint: str | None, wait: bool = True
+) -> subprocess.Popen[str]:
+    path = tmp_path / f"{cfg['node_id']}.json"
+    path.write_text(json.dumps(cfg))
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)}
+    if failpoint:
+        env["XATM_FAILPOINT"] = failpoint
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tests.worker", "transfer", str(path)],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    if wait:
+        proc.wait(timeout=120)
+    return proc
+
+
+def test_commit_and_rollback_with_the_shared_log(bank: Bank, make_tm: MakeTM, log_url: str) -> None:
+    tm = make_tm(node_id="shared-a", log=log_url)
+    assert tm.shared_log is not None
+    with tm.transaction() as tx:
+        tx.execute("pg1", f"UPDATE {bank.table} SET bal = bal - 5 WHERE id = 1")
+        tx.execute("maria", f"UPDATE {bank.table} SET bal = bal + 5 WHERE id = 1")
+    assert tm.shared_log.decisions([tx.gtrid])  # the decision is in the shared table
+    with pytest.raises(RuntimeError), tm.transaction() as tx:
+        tx.execute("pg1", f"UPDATE {bank.table} SET bal = bal - 5 WHERE id = 1")
+        tx.execute("maria", f"UPDATE {bank.table} SET bal = bal + 5 WHERE id = 1")
+        raise RuntimeError("no")
+    assert bank.balance("pg1") == 995 and bank.balance("maria") == 1005
+
+
+def test_shared_log_refuses_commit_markers(log_url: str, bank: Bank) -> None:
+    with pytest.raises(ConfigurationError, match="commit_markers"):
+        TransactionManager(bank.urls, log_url, "m1", commit_markers=["pg1"])
+
+
+@pytest.mark.parametrize("failpoint", FAILPOINTS)
+def test_two_coordinators_crash_and_a_third_host_recovers(
+    failpoint: str, bank: Bank, make_tm: MakeTM, log_url: str, tmp_path: Path
+) -> None:
+    base = {"urls": bank.urls, "log": log_url, "table": bank.table, "journal": bank.journal}
+    a = worker(
+        {
+            **base,
+            "node_id": f"ca-{failpoint[:12]}",
+            "resources": ["pg1", "maria"],
+            "tid": f"a-{failpoint}",
+        },
+        tmp_path,
+        failpoint,
+    )
+    b = worker(
+        {
+            **base,
+            "node_id": f"cb-{failpoint[:12]}",
+            "resources": ["pg2", "pg1", "maria"],
+            "tid": f"b-{failpoint}",
+            "account": 2,
+        },
+        tmp_path,
+        failpoint,
+    )
+    assert a.returncode == b.returncode == -signal.SIGKILL
+    sweeper = make_tm(node_id="sweeper-host", log=log_url, sweeper=False)
+    report = sweeper.recover()
+    assert report.in_doubt == 0, report.actions
+    journal = bank.journal_ids()
+    for tid, resources in (
+        (f"a-{failpoint}", ["pg1", "maria"]),
+        (f"b-{failpoint}", ["pg2", "pg1", "maria"]),
+    ):
+        present = {r for r in resources if tid in journal[r]}
+        if failpoint in ("after_decision", "after_first_commit"):
+            assert present == set(resources)
+        else:
+            assert present == set()
+    assert bank.total() == bank.initial_total
+    assert bank.xatm_prepared() == {"pg1": [], "pg2": [], "maria": []}
+
+
+def _stopped(pid: int) -> bool:
+    state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    return state == "T"
+
+
+def test_paused_coordinator_obeys_the_sweepers_abort(
+    bank: Bank, make_tm: MakeTM, log_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SIGSTOP the coordinator just before it logs COMMIT, let a sweeper on another node abort
+    the transaction once it is past its timeout, then SIGCONT: the late COMMIT loses."""
+    base = {"urls": bank.urls, "log": log_url, "table": bank.table, "journal": bank.journal}
+    cfg = {
+        **base,
+        "node_id": "paused",
+        "resources": ["pg1", "maria"],
+        "tid": "paused-1",
+        "timeout": 1.0,
+    }
+    proc = worker(cfg, tmp_path, "before_decision:stop", wait=False)
+    deadline = time.monotonic() + 60
+    while not _stopped(proc.pid):
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    monkeypatch.setattr(xatm._recovery, "SKEW", 0.0)
+    time.sleep(1.2)  # past the transaction's timeout
+    sweeper = make_tm(node_id="sweeper-host", log=log_url, timeout=1.0, sweeper=False)
+    report = sweeper.recover()
+    assert report.committed == 0
+    assert report.rolled_back >= 1  # pg1's branch; maria's is held by the paused session
+    assert sweeper.shared_log is not None
+    assert any(
+        isinstance(d, str) and d == "A"
+        for d in sweeper.shared_log.decisions([a.gtrid for a in report.actions]).values()
+    )
+    proc.send_signal(signal.SIGCONT)
+    _out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 1
+    assert "TransactionRolledBack" in err and "could not be logged" in err
+    final = sweeper.recover()
+    assert final.committed == 0 and final.in_doubt == 0
+    assert bank.journal_ids() == {"pg1": set(), "pg2": set(), "maria": set()}
+    assert bank.total() == bank.initial_total
+    assert bank.xatm_prepared() == {"pg1": [], "pg2": [], "maria": []}
