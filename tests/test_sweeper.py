@@ -387,3 +387,36 @@ def test_marker_resource_down_and_backing_off_keeps_presumed_abort_waiting(
         ),
         what="the decision row to be deleted",
     )
+
+
+def test_two_sweepers_share_a_dead_peer_without_acting_twice(
+    bank: Bank, make_tm: MakeTM, tmp_path: Path
+) -> None:
+    """Two live nodes' sweepers race for a dead node's transactions: its log's lock lets
+    one of them at a time act; every branch is resolved exactly once, as its log says."""
+    log = tmp_path / "log"
+    decided = [
+        crash(bank, log, "dead", "after_decision", ("pg1", "maria"), f"d{a}", account=a)
+        for a in (1, 2)
+    ]
+    undecided = [
+        crash(bank, log, "dead", "after_prepare", ("pg2", "maria"), f"u{a}", account=a)
+        for a in (3, 4)
+    ]
+    one = make_tm(node_id="one", log=log, sweep_interval=0.05)
+    two = make_tm(node_id="two", log=log, sweep_interval=0.05)
+    wait_for(lambda: nothing_prepared(bank), what="the dead node's branches to be resolved")
+    wait_for(lambda: not read_log(log / "dead").pending, what="the decisions to be closed")
+    done = [
+        (e.gtrid, e.resource, e.action)
+        for e in one.audit_trail()
+        if e.action in ("commit", "rollback") and e.outcome == "done"
+    ]
+    assert sorted(done) == sorted(
+        [(g, r, "commit") for g in decided for r in ("pg1", "maria")]
+        + [(g, r, "rollback") for g in undecided for r in ("pg2", "maria")]
+    )
+    assert {e.actor for e in two.audit_trail()} <= {"sweeper@one", "sweeper@two"}
+    journal = bank.journal_ids()
+    assert journal == {"pg1": {"d1", "d2"}, "pg2": set(), "maria": {"d1", "d2"}}
+    assert bank.total() == bank.initial_total
