@@ -48,6 +48,15 @@ def pg_no2pc(servers: Servers) -> Iterator[str]:
         server.destroy()
 
 
+@pytest.fixture(scope="session")
+def log_url(servers: Servers) -> str:
+    """A database of its own on pg2 for the shared coordinator log."""
+    if servers.set is None:
+        return servers.urls["pg2"]
+    servers.set.pg2.create_database("xatmlog")
+    return servers.set.pg2.url("xatmlog")
+
+
 _table_numbers = itertools.count(1)
 
 

@@ -54,9 +54,9 @@ def lock_timeouts(urls: dict[str, str]) -> dict[str, str]:
 
 
 @pytest.mark.chaos
-@pytest.mark.parametrize("mode", ["strict", "marker"])
+@pytest.mark.parametrize("mode", ["strict", "marker", "shared"])
 def test_bank_transfers_under_chaos(
-    mode: str, servers: Servers, bank: Bank, make_tm: MakeTM, tmp_path: Path
+    mode: str, servers: Servers, bank: Bank, make_tm: MakeTM, tmp_path: Path, log_url: str
 ) -> None:
     if servers.set is None:
         pytest.skip("external servers are not killed")
@@ -64,12 +64,12 @@ def test_bank_transfers_under_chaos(
     bank.create(accounts=ACCOUNTS, balance=10_000)
     for name, url in bank.urls.items():
         prepare_foreign(url, f"chaos-{name}")
-    log = tmp_path / "log"
+    log: Path | str = tmp_path / "log" if mode != "shared" else log_url
     intents, acks = tmp_path / "intents", tmp_path / "acks"
     urls = lock_timeouts(bank.urls)
     base_cfg = {
         "urls": urls,
-        "log": str(log),
+        "log": str(log),  # a directory, or the shared PostgreSQL log
         "table": bank.table,
         "journal": bank.journal,
         "threads": THREADS,

@@ -13,21 +13,11 @@ from pathlib import Path
 import pytest
 
 import xatm._recovery
-from tests.conftest import Servers
 from tests.support import Bank
 from xatm import FAILPOINTS, ConfigurationError, TransactionManager
 
 ROOT = Path(__file__).resolve().parent.parent
 MakeTM = Callable[..., TransactionManager]
-
-
-@pytest.fixture(scope="session")
-def log_url(servers: Servers) -> str:
-    """A database of its own on pg2 for the shared log."""
-    if servers.set is None:
-        return servers.urls["pg2"]
-    servers.set.pg2.create_database("xatmlog")
-    return servers.set.pg2.url("xatmlog")
 
 
 def worker(

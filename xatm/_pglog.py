@@ -130,12 +130,22 @@ class PostgresLog:
         self.forced_records = 0
         self.hold_node_lock = hold_node_lock
         self._writer = self._connect()
-        self._reader = self._connect()
+        self._reader_conn = self._connect()
         self._migrate(self._writer)
         if hold_node_lock:
             self._lock_node(self._writer)
 
     # -- connections and schema -------------------------------------------------------------
+    @property
+    def _reader(self) -> psycopg.Connection[Any]:
+        """The connection for reads and recovery's writes (callers hold ``_read_lock``);
+        replaced by a new one once it broke (a restarted server costs one failed call)."""
+        if self._reader_conn.closed or self._reader_conn.broken:
+            with contextlib.suppress(psycopg.Error):
+                self._reader_conn.close()
+            self._reader_conn = self._connect()
+        return self._reader_conn
+
     def _connect(self) -> psycopg.Connection[Any]:
         s = self.spec
         options: dict[str, Any] = dict(s.options)
@@ -248,6 +258,13 @@ class PostgresLog:
         self, batch: list[tuple[int, LogRecord]], ends: list[str]
     ) -> dict[int, BaseException | None]:
         """Insert a batch of COMMITs; the result of each by sequence number."""
+        if self._writer.closed or self._writer.broken:
+            self._reconnect_writer()
+            if self._writer.closed or self._writer.broken:
+                refused = DecisionNotLogged(
+                    f"the shared log {self.spec.redacted()} cannot be reached; nothing was logged"
+                )
+                return {seq: refused for seq, _ in batch}
         rows = [
             (r.gtrid, self._node_id, json.dumps(list(r.branches)), json.dumps(dict(r.txids)))
             for _, r in batch
@@ -406,7 +423,8 @@ class PostgresLog:
         return bool(row and row[0])
 
     def release_sweep_lock(self) -> None:
-        with self._read_lock:
+        with self._read_lock, contextlib.suppress(psycopg.Error, LogError):
+            # a lost session has released the lock already
             self._reader.execute("SELECT pg_advisory_unlock(%s)", (_SWEEP_LOCK,))
 
     # -- the audit trail, shared like the decisions ---------------------------------------
@@ -450,7 +468,7 @@ class PostgresLog:
 
     def close(self) -> None:
         self.flush()
-        for conn in (self._writer, self._reader):
+        for conn in (self._writer, self._reader_conn):
             with contextlib.suppress(psycopg.Error):
                 conn.close()
 
