@@ -148,3 +148,14 @@ def test_paused_coordinator_obeys_the_sweepers_abort(
     assert bank.journal_ids() == {"pg1": set(), "pg2": set(), "maria": set()}
     assert bank.total() == bank.initial_total
     assert bank.xatm_prepared() == {"pg1": [], "pg2": [], "maria": []}
+
+
+def test_recovery_prunes_finished_decisions(bank: Bank, make_tm: MakeTM, log_url: str) -> None:
+    tm = make_tm(node_id="pruner", log=log_url, sweeper=False)
+    with tm.transaction() as tx:
+        tx.execute("pg1", f"UPDATE {bank.table} SET bal = bal - 1 WHERE id = 3")
+        tx.execute("maria", f"UPDATE {bank.table} SET bal = bal + 1 WHERE id = 3")
+    assert tm.shared_log is not None
+    tm.shared_log.flush()  # the END
+    tm.recover()
+    assert tm.shared_log.decisions([tx.gtrid]) == {}

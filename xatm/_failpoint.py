@@ -8,8 +8,11 @@ reaches that step. The names, in protocol order:
 ``after_prepare``       every branch is prepared; no decision is logged
 ``before_decision``     the transaction passed its own timeout check; the COMMIT record is
                         about to be written (a pause here tests fencing with the shared log)
-``after_decision``      the COMMIT decision is durable; no branch is committed
-``after_first_commit``  one branch is committed; the others are still prepared
+``after_decision``      the COMMIT decision is durable (in the log, or as the marker branch's
+                        commit); no prepared branch is committed. Also reached with no
+                        decision logged when only one branch wrote (it alone decides)
+``after_first_commit``  one branch is committed; the others are prepared, or committed too
+                        (phase 2 runs the branches in parallel)
 
 ``XATM_FAILPOINT=<name>:stop`` stops the process with SIGSTOP instead (a paused coordinator:
 resume it with SIGCONT). The variable is read once, at import: when unset, a failpoint costs

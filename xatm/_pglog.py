@@ -56,6 +56,10 @@ from .errors import ConfigurationError, LogError, LogLocked
 logger = logging.getLogger("xatm.log")
 
 SCHEMA_VERSION = 1
+#: seconds between two prunes of finished decisions by recovery passes
+PRUNE_EVERY = 60.0
+#: an ABORT row fences a late COMMIT of a paused coordinator: keep it at least this long
+MIN_ABORT_AGE = 86400.0
 _MIGRATION_LOCK = 0x78617401  # advisory lock key while creating / migrating the schema
 _NODE_LOCK_SPACE = 0x7861  # advisory lock class id (two-int form) for node identity
 _SWEEP_LOCK = 0x78617402  # advisory lock key held by the sweeper that is resolving
@@ -128,6 +132,7 @@ class PostgresLog:
         self._read_lock = threading.Lock()
         self.forces = 0
         self.forced_records = 0
+        self._last_prune = -PRUNE_EVERY
         self.hold_node_lock = hold_node_lock
         self._writer = self._connect()
         self._reader_conn = self._connect()
@@ -416,6 +421,18 @@ class PostgresLog:
             )
             return cur.rowcount
 
+    def maybe_prune(self, abort_age: float, every: float = PRUNE_EVERY) -> int:
+        """``prune`` at most once per ``every`` seconds (recovery calls this each pass)."""
+        now = time.monotonic()
+        if now - self._last_prune < every:
+            return 0
+        self._last_prune = now
+        try:
+            return self.prune(abort_age)
+        except psycopg.Error as e:
+            logger.warning("shared log: pruning failed: %s", redact(str(e)))
+            return 0
+
     def try_sweep_lock(self) -> bool:
         """Take the fleet-wide sweeper lock (session level) if free: one resolver at a time."""
         with self._read_lock:
@@ -468,6 +485,9 @@ class PostgresLog:
 
     def close(self) -> None:
         self.flush()
+        with contextlib.suppress(psycopg.Error):
+            # release the node's identity now, not when the server notices the session end
+            self._writer.execute("SELECT pg_advisory_unlock_all()")
         for conn in (self._writer, self._reader_conn):
             with contextlib.suppress(psycopg.Error):
                 conn.close()

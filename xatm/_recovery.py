@@ -77,7 +77,7 @@ from . import _marker_recovery
 from ._filelog import FileLog, list_nodes
 from ._inspect import owner_state, read_log
 from ._participant import Participant, PhaseTwo, PreparedBranch
-from ._pglog import PostgresLog
+from ._pglog import MIN_ABORT_AGE, PostgresLog
 from ._records import LogRecord
 from ._urls import redact
 from ._xid import may_use_marker, parse_gtrid
@@ -691,9 +691,13 @@ def run_pass(
             logger.info("recovery: another process is resolving the shared log's transactions")
             return RecoveryReport(dry_run=dry_run)
         try:
-            return _run(
+            report = _run(
                 manager, dry_run, resources, actor or f"recover@{manager.node_id}", progress
             )
+            if shared is not None and not dry_run:
+                # ended COMMITs go; ABORTs stay long enough to keep fencing late COMMITs
+                shared.maybe_prune(max(MIN_ABORT_AGE, 100 * manager.timeout))
+            return report
         finally:
             if shared is not None and not dry_run:
                 shared.release_sweep_lock()

@@ -214,6 +214,11 @@ class Transaction:
 
     # -- enlistment -------------------------------------------------------------------------
     def _branch(self, resource: str) -> Branch:
+        if self.state is not TransactionState.ACTIVE:
+            raise TransactionError(
+                f"transaction {self.gtrid} is {self.state.value}; no more work can be done in it",
+                gtrid=self.gtrid,
+            )
         branch = self._branches.get(resource)
         if branch is not None:
             if branch.conn is None:
@@ -224,11 +229,6 @@ class Transaction:
                 )
             self._check_time()
             return branch
-        if self.state is not TransactionState.ACTIVE:
-            raise TransactionError(
-                f"transaction {self.gtrid} is {self.state.value}; no more work can be done in it",
-                gtrid=self.gtrid,
-            )
         self._check_time()
         participant, pool = self._manager._resource(resource)
         xid = branch_xid(self.gtrid, resource)

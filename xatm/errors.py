@@ -95,10 +95,18 @@ class TransactionTimeout(TransactionRolledBack):
 
 
 class TransactionInDoubt(TransactionError):
-    """The outcome is not known here, and will be settled by recovery from the log.
+    """The outcome is not known here, and will be settled by recovery (or was settled
+    without this process being able to tell).
 
-    Raised only when xatm could not find out whether the commit decision reached the log
-    (for example the log's disk failed during the forced write). Every branch is prepared
-    and recovery resolves all of them the same way: commit if the decision is in the log,
-    roll back otherwise.
+    Raised when the connection carrying the deciding step was lost midway, so whether it
+    took effect cannot be known by the coordinator:
+
+    * forcing the COMMIT decision to the log failed midway (every branch stays prepared and
+      recovery resolves all of them by what the log holds);
+    * the connection dropped during a one-phase commit (the transaction's only branch, or
+      the only branch that wrote anything);
+    * the connection of the commit-marker branch dropped while it committed the decision
+      (recovery settles the other branches by whether the decision row is there).
+
+    In every case the branches end all the same way: never some committed, some not.
     """
