@@ -8,7 +8,7 @@ import click
 
 from cli import render
 from cli.context import GTRID, get
-from xatm import BranchInfo, InDoubtReport, TransactionInfo
+from xatm import BranchInfo, InDoubtReport, TransactionInfo, redact
 
 
 @click.command()
@@ -19,7 +19,8 @@ def doctor(ctx: click.Context, as_json: bool) -> None:
 
     Exit status 0 when everything fits, 1 otherwise (each failing check says what to change).
     """
-    report = get(ctx).inspector().doctor()
+    with get(ctx).inspector() as inspector:
+        report = inspector.doctor()
     if as_json:
         render.emit_json(report.to_json())
     else:
@@ -64,7 +65,8 @@ def indoubt(ctx: click.Context, as_json: bool) -> None:
     decision and what recovery will do; under it, each branch with its resource and state.
     Exit status 1 if a resource could not be asked (the list may then be incomplete).
     """
-    report: InDoubtReport = get(ctx).inspector().indoubt()
+    with get(ctx).inspector() as inspector:
+        report: InDoubtReport = inspector.indoubt()
     if as_json:
         render.emit_json([t.to_json() for t in report.transactions])
     elif not report.transactions:
@@ -121,7 +123,8 @@ def _show_human(info: TransactionInfo) -> None:
 @click.pass_context
 def show(ctx: click.Context, gtrid: str, as_json: bool) -> None:
     """Everything known about one global transaction, with its audit trail."""
-    info = get(ctx).inspector().show(gtrid)
+    with get(ctx).inspector() as inspector:
+        info = inspector.show(gtrid)
     if as_json:
         render.emit_json(info.to_json())
     else:
@@ -137,12 +140,19 @@ def log(ctx: click.Context, as_json: bool) -> None:
     """Inspect the coordinator logs: records, segments and sizes per node."""
     if ctx.invoked_subcommand is not None:
         return
-    logs = get(ctx).inspector().logs()
+    with get(ctx).inspector() as inspector:
+        logs = inspector.logs()
     if as_json:
         render.emit_json([n.to_json() for n in logs])
         return
     if not logs:
-        click.echo(f"no coordinator log under {get(ctx).settings.log}")
+        where = redact(get(ctx).settings.log)
+        shared = "://" in where
+        click.echo(
+            f"the coordinator log is shared, in {where}"
+            if shared
+            else f"no coordinator log under {where}"
+        )
         return
     rows = [
         (
@@ -168,7 +178,8 @@ def log(ctx: click.Context, as_json: bool) -> None:
 @click.pass_context
 def compact(ctx: click.Context, as_json: bool) -> None:
     """Compact the logs of dead coordinators (live ones compact their own)."""
-    done = get(ctx).inspector().compact_logs()
+    with get(ctx).inspector() as inspector:
+        done = inspector.compact_logs()
     if as_json:
         render.emit_json([c.to_json() for c in done])
         return

@@ -36,7 +36,7 @@ print("survived", flush=True)
 
 def crash(
     bank: Bank,
-    log: Path,
+    log: Path | str,
     node_id: str,
     failpoint: str,
     resources: tuple[str, ...] = ("pg1", "maria"),
@@ -44,8 +44,8 @@ def crash(
     markers: tuple[str, ...] = (),
     account: int = 1,
 ) -> str:
-    """Run one transfer (of 10 on ``account``) in a child coordinator that SIGKILLs itself
-    at ``failpoint``; return the gtrid it was working on. Branches it leaves prepared lock
+    """Run one transfer (of 10 on ``account``) in a child coordinator (its log: a directory,
+    or a shared log's URL) that SIGKILLs itself at ``failpoint``; return the gtrid it was working on. Branches it leaves prepared lock
     that account's rows: crash the next one on another account."""
     cfg = {
         "urls": bank.urls,

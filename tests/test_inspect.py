@@ -162,3 +162,47 @@ def test_audit_file_is_private_jsonl(bank: Bank, make_tm: MakeTM, tmp_path: Path
         for line in lines
     )
     assert "xatm-secret" not in path.read_text()
+
+
+def test_inspection_with_the_shared_log(
+    bank: Bank, make_tm: MakeTM, tmp_path: Path, log_url: str
+) -> None:
+    """With the coordinators sharing a log in PostgreSQL, the CLI reads decisions, liveness
+    and the audit trail from it."""
+    import json
+    import logging
+
+    from click.testing import CliRunner
+
+    from cli.main import main
+    from tests.recovery_support import write_config
+
+    gtrid = crash(bank, log_url, "shdead", "after_decision", ("pg1", "maria"), "sh")
+    config = tmp_path / "xatm.toml"
+    write_config(config, bank.urls, tmp_path / "unused")
+    config.write_text(
+        config.read_text().replace(f'log = "{tmp_path / "unused"}"', f'log = "{log_url}"')
+    )
+    logger = logging.getLogger("xatm")
+    level, handlers = logger.level, list(logger.handlers)
+    try:
+        result = CliRunner().invoke(main, ["--config", str(config), "indoubt", "--json"])
+        assert result.exit_code == 0, result.output
+        (row,) = [r for r in json.loads(result.stdout) if r["gtrid"] == gtrid]
+        assert (row["owner"], row["decision"]) == ("dead", "commit")
+        assert "shared log" in row["plan"]
+        ops = make_tm(node_id="shops", log=log_url, sweeper=False)
+        assert ops.recover().committed >= 2
+        result = CliRunner().invoke(main, ["--config", str(config), "show", gtrid, "--json"])
+        assert result.exit_code == 0, result.output
+        info = json.loads(result.stdout)
+        assert not info["in_doubt"]
+        assert {(e["resource"], e["action"]) for e in info["audit"]} >= {
+            ("pg1", "commit"),
+            ("maria", "commit"),
+        }
+        assert "xatm-secret" not in result.output
+    finally:
+        logger.setLevel(level)
+        logger.handlers[:] = handlers
+    assert bank.journal_ids()["pg1"] == bank.journal_ids()["maria"] == {"sh"}

@@ -321,8 +321,26 @@ class Compaction:
 # ----------------------------------------------------------------------------- the plan
 
 
-def plan(decision: Decision | None, owner: OwnerState, node: str, *, running: bool) -> str:
+def plan(
+    decision: Decision | None,
+    owner: OwnerState,
+    node: str,
+    *,
+    running: bool,
+    shared: bool = False,
+) -> str:
     """What recovery will do about a transaction's prepared branches, in words."""
+    if shared and (owner != "this-process" or not running):
+        # with a shared log any sweeper finishes a decision, and aborts an undecided
+        # transaction (a fenced ABORT) once its coordinator is dead or its timeout is past
+        if decision == "commit":
+            return "commit (decision logged in the shared log)"
+        if decision == "abort":
+            return "roll back (ABORT in the shared log, or its coordinator is gone)"
+        return (
+            f"left to its coordinator {node!r} (alive) until the timeout; then any sweeper"
+            " aborts it (a fenced ABORT in the shared log)"
+        )
     if owner == "this-process":
         if running:
             return "left to its coordinator: the transaction is running in this process"
@@ -393,8 +411,12 @@ class Inspector:
         running: Callable[[str], bool] | None = None,
         commit_markers: Iterable[str] = (),
         timeout: float = 30.0,
+        shared_log: Any = None,
     ) -> None:
         self._participants = dict(participants)
+        #: a ``PostgresLog`` when the coordinators share a log in PostgreSQL
+        self._shared = shared_log
+        self._shared_opened = False
         #: the shared log's URL when the log is a database (then ``log_directory`` is None)
         self.log_url: str | None = None
         self._markers = sorted(commit_markers)
@@ -419,7 +441,33 @@ class Inspector:
             timeout=settings.timeout,
         )
         inspector.log_url = settings.log if shared else None
+        inspector._shared_node = settings.node_id
         return inspector
+
+    _shared_node: str | None = None
+
+    @property
+    def shared_log(self) -> Any:
+        """The shared log (a ``PostgresLog``), opened on first use without taking any node's
+        lock; None with a file log."""
+        if self._shared is None and self.log_url is not None and self._shared_node:
+            from ._pglog import PostgresLog
+
+            self._shared = PostgresLog(self.log_url, self._shared_node, hold_node_lock=False)
+            self._shared_opened = True
+        return self._shared
+
+    def close(self) -> None:
+        """Close what this Inspector opened itself (the shared log's connections)."""
+        if self._shared_opened and self._shared is not None:
+            self._shared.close()
+            self._shared, self._shared_opened = None, False
+
+    def __enter__(self) -> Inspector:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     @classmethod
     def from_config(cls, path: str | os.PathLike[str]) -> Inspector:
@@ -481,9 +529,13 @@ class Inspector:
     def _owner(self, node: str) -> OwnerState:
         if node == self._own_node:
             return "this-process"
+        if self.shared_log is not None:
+            return "alive" if self.shared_log.node_alive(node) else "dead"
         return owner_state(self.log_directory, node)
 
     def _pending(self, node: str, owner: OwnerState) -> Mapping[str, LogRecord]:
+        if self.shared_log is not None:
+            return dict(self.shared_log.pending(all_nodes=True))
         if owner == "this-process" and self._own_pending is not None:
             return self._own_pending()
         if owner == "unknown" or self.log_directory is None:
@@ -496,13 +548,23 @@ class Inspector:
     def _is_running(self, gtrid: str, owner: OwnerState) -> bool:
         return owner == "this-process" and self._running is not None and self._running(gtrid)
 
-    @staticmethod
-    def _decision(record: LogRecord | None, owner: OwnerState, running: bool) -> Decision | None:
+    def _aborted(self, gtrid: str) -> bool:
+        """The shared log holds an ABORT decision for ``gtrid`` (fenced by a sweeper)."""
+        if self.shared_log is None:
+            return False
+        return bool(self.shared_log.decisions([gtrid]).get(gtrid) == "A")
+
+    def _decision(
+        self, gtrid: str, record: LogRecord | None, owner: OwnerState, running: bool
+    ) -> Decision | None:
         if record is not None:
             return "commit"
-        if owner == "dead" or (owner == "this-process" and not running):
+        if owner == "dead" or (owner == "this-process" and not running) or self._aborted(gtrid):
             return "abort"
         return None
+
+    def _plan(self, decision: Decision | None, owner: OwnerState, node: str, running: bool) -> str:
+        return plan(decision, owner, node, running=running, shared=self.shared_log is not None)
 
     # -- answers ----------------------------------------------------------------------------
     def indoubt(self) -> InDoubtReport:
@@ -520,10 +582,16 @@ class Inspector:
             return owners[node], pendings[node]
 
         gtrids = set(scan.found)
-        if scan.unreachable and self.log_directory is not None:
+        if scan.unreachable:
             # decided transactions may still have a branch on a resource not reached
-            for node in list_nodes(Path(self.log_directory)):
-                _, pending = node_info(node)
+            every: list[Mapping[str, LogRecord]]
+            if self.shared_log is not None:
+                every = [dict(self.shared_log.pending(all_nodes=True))]
+            elif self.log_directory is not None:
+                every = [node_info(n)[1] for n in list_nodes(Path(self.log_directory))]
+            else:
+                every = []
+            for pending in every:
                 for gtrid, logged in pending.items():
                     if any(r in scan.unreachable for r in logged.branches):
                         gtrids.add(gtrid)
@@ -533,7 +601,7 @@ class Inspector:
             owner, pending = node_info(node)
             record = pending.get(gtrid) or scan.markers.get(gtrid)
             running = self._is_running(gtrid, owner)
-            decision = self._decision(record, owner, running)
+            decision = self._decision(gtrid, record, owner, running)
             branches = self._branches(gtrid, scan, record)
             rows.append(
                 InDoubt(
@@ -544,7 +612,7 @@ class Inspector:
                     owner=owner,
                     decision=decision,
                     decided_at=None if record is None else record.at,
-                    plan=plan(decision, owner, node, running=running),
+                    plan=self._plan(decision, owner, node, running),
                     branches=branches,
                 )
             )
@@ -585,17 +653,17 @@ class Inspector:
         scan = self._scan(only=gtrid)
         owner = self._owner(node)
         record = self._pending(node, owner).get(gtrid) or scan.markers.get(gtrid)
-        audit = tuple(read_audit(self.log_directory, gtrid)) if self.log_directory else ()
+        audit = tuple(self.audit(gtrid))
         if not scan.found and record is None and not audit and not scan.unreachable:
             raise UnknownTransaction(
                 f"unknown transaction {gtrid}: no prepared branch on any resource, no pending"
                 " decision in its coordinator's log and no audit entry"
             )
         running = self._is_running(gtrid, owner)
-        decision = self._decision(record, owner, running)
+        decision = self._decision(gtrid, record, owner, running)
         in_doubt = bool(scan.found)
         if in_doubt:
-            what = plan(decision, owner, node, running=running)
+            what = self._plan(decision, owner, node, running)
         elif record is not None:
             what = "no branch is prepared: recovery closes the decision record (END)"
         else:
@@ -624,6 +692,8 @@ class Inspector:
         """The audit trail of every node (of one transaction if ``gtrid`` is given)."""
         if gtrid is not None:
             gtrid = validate_gtrid(gtrid)
+        if self.shared_log is not None:
+            return list(self.shared_log.read_audit(gtrid))
         if self.log_directory is None:
             return []
         return read_audit(self.log_directory, gtrid)

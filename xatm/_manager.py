@@ -212,6 +212,7 @@ class TransactionManager:
             running=lambda gtrid: self._running(gtrid) is not None,
             commit_markers=self.commit_markers,
             timeout=self.timeout,
+            shared_log=self.shared_log,
         )
 
     def indoubt(self) -> InDoubtReport:
