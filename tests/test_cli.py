@@ -348,3 +348,28 @@ def test_sweep_daemon_resolves_and_stops_cleanly(
     assert {e["actor"] for e in audit} == {"sweeper@app-sweep"}
     assert os.path.exists(log / "audit.d" / "app-sweep.jsonl")
     assert bank.journal_ids()["maria"] == {f"d{int(stop_with)}"}
+
+
+def test_manual_resolution_with_the_shared_log(
+    bank: Bank, tmp_path: Path, make_tm: MakeTM, log_url: str
+) -> None:
+    config = write_config(tmp_path / "xatm.toml", bank.urls, tmp_path / "unused")
+    config.write_text(
+        config.read_text().replace(f'log = "{tmp_path / "unused"}"', f'log = "{log_url}"')
+    )
+    decided = crash(bank, log_url, "shm1", "after_decision", ("pg1", "maria"), "s1", account=1)
+    undecided = crash(bank, log_url, "shm2", "after_prepare", ("pg2", "maria"), "s2", account=2)
+    refused = xatm(config, "rollback", decided)
+    assert refused.exit_code == 1 and "COMMIT decision is logged" in one_error_line(refused)
+    refused = xatm(config, "commit", undecided)
+    assert refused.exit_code == 1 and "presumed aborted" in one_error_line(refused)
+    assert xatm(config, "commit", decided).exit_code == 0
+    assert xatm(config, "rollback", undecided).exit_code == 0
+    looker = make_tm(node_id="shlook", log=log_url, sweeper=False)
+    assert looker.shared_log is not None
+    assert looker.shared_log.decisions([undecided]) == {undecided: "A"}  # fenced
+    assert decided not in looker.shared_log.pending(all_nodes=True)  # ended
+    journal = bank.journal_ids()
+    assert journal["pg1"] == journal["maria"] == {"s1"} and journal["pg2"] == set()
+    actions = {e.action for e in looker.audit_trail(undecided)}
+    assert {"decide", "rollback"} <= actions

@@ -31,9 +31,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from ._filelog import FileLog
-from ._inspect import Decision, OwnerState, owner_state, validate_gtrid
-from ._log import CoordinatorLog
+from ._inspect import Decision, OwnerState, owner_state, read_log, validate_gtrid
+from ._log import CoordinatorLog, DecisionNotLogged
 from ._participant import PhaseTwo
+from ._records import LogRecord
 from ._recovery import RecoveryAction
 from ._urls import redact
 from ._xid import Xid, parse_gtrid
@@ -129,6 +130,9 @@ class _Resolve:
 
     def run(self) -> Resolution:
         manager = self.manager
+        shared = getattr(manager, "shared_log", None)
+        if shared is not None:
+            return self._run_shared(shared)
         log: CoordinatorLog | None = None
         taken: FileLog | None = None
         owner: OwnerState
@@ -161,24 +165,55 @@ class _Resolve:
                     " here can tell what it decided"
                 )
         try:
-            return self._resolve(owner, log)
+            record = log.pending().get(self.gtrid) if log is not None else None
+            if record is None and owner == "alive" and manager.log_directory:
+                # look (without the lock) at what the live coordinator logged
+                path = Path(manager.log_directory) / self.node
+                record = read_log(path).pending.get(self.gtrid)
+            return self._resolve(owner, log, record)
         finally:
             if taken is not None:
                 taken.close()
 
-    def _resolve(self, owner: OwnerState, log: CoordinatorLog | None) -> Resolution:
-        record = log.pending().get(self.gtrid) if log is not None else None
-        if record is None and owner in ("alive", "unknown") and self.manager.log_directory:
-            # look (without the lock) at what a live or foreign coordinator logged
-            from ._inspect import read_log
-
+    def _run_shared(self, shared: Any) -> Resolution:
+        """The same with the shared PostgreSQL log: liveness is the node's advisory lock,
+        and the decision a row any process may write (conditionally: fenced)."""
+        owner: OwnerState
+        if self.node == self.manager.node_id:
+            owner = "this-process"
+            if self.manager._running(self.gtrid) is not None:
+                self.refuse_or_note("the transaction is running in this process")
+        else:
+            owner = "alive" if shared.node_alive(self.node) else "dead"
             if owner == "alive":
-                path = Path(self.manager.log_directory) / self.node
-                record = read_log(path).pending.get(self.gtrid)
+                self.refuse_or_note(
+                    f"its coordinator {self.node!r} is alive: it may be deciding right now,"
+                    " and it resolves its own branches"
+                )
+        found = shared.decisions([self.gtrid]).get(self.gtrid)
+        if found == "A":
+            if self.outcome == "commit":
+                raise ResolutionRefused(
+                    f"refused to commit {self.gtrid}: an ABORT decision is logged in the shared"
+                    " log (a sweeper aborted it); it cannot be committed any more"
+                )
+            return self._resolve(owner, shared, None, aborted=True)
+        record = found if isinstance(found, LogRecord) else None
+        return self._resolve(owner, shared, record)
+
+    def _resolve(
+        self,
+        owner: OwnerState,
+        log: CoordinatorLog | None,
+        record: LogRecord | None,
+        *,
+        aborted: bool = False,
+    ) -> Resolution:
+        shared = getattr(self.manager, "shared_log", None)
         decision: Decision | None
         if record is not None:
             decision = "commit"
-        elif owner in ("dead", "this-process"):
+        elif aborted or owner in ("dead", "this-process"):
             decision = "abort"
         else:
             decision = None
@@ -200,10 +235,23 @@ class _Resolve:
                 + (f" (not reached: {where})" if where else "")
                 + " and no pending decision: nothing to resolve"
             )
+        if shared is not None and self.outcome == "rollback" and record is None and not aborted:
+            # fence it: an ABORT row makes a late COMMIT of its coordinator lose
+            if shared.log_abort(self.gtrid, by=self.actor) == "C":
+                raise ResolutionRefused(
+                    f"refused to roll back {self.gtrid}: its coordinator logged COMMIT just"
+                    " now; run the command again to see it"
+                )
+            self.audit("", "decide", "manual rollback: ABORT decision logged", "done")
         if self.outcome == "commit" and record is None and log is not None and branches:
             # make the forced decision durable first: recovery then finishes the rest alike
             resources = sorted(set(branches) | set(self.unreachable))
-            log.log_commit(self.gtrid, resources)
+            try:
+                log.log_commit(self.gtrid, resources)
+            except DecisionNotLogged as e:
+                raise ResolutionRefused(
+                    f"refused to commit {self.gtrid}: the COMMIT decision could not be logged ({e})"
+                ) from None
             self.audit("", "decide", "manual commit: COMMIT decision logged", "done")
         elif self.outcome == "commit" and record is None:
             self.notes.append(
@@ -225,7 +273,12 @@ class _Resolve:
             and not self.unreachable
             and all(a.action != "error" for a in self.actions)
         ):
-            if (record is not None or self.outcome == "commit") and self.gtrid in log.pending():
+            pending = (
+                shared.decisions([self.gtrid]).get(self.gtrid)
+                if shared is not None
+                else log.pending().get(self.gtrid)
+            )
+            if (record is not None or self.outcome == "commit") and pending not in (None, "A"):
                 log.log_end(self.gtrid)
                 log.flush()
                 self.audit("", "end", f"manual {self.outcome}: every branch finished", "done")
