@@ -45,8 +45,9 @@ def crash(
     account: int = 1,
 ) -> str:
     """Run one transfer (of 10 on ``account``) in a child coordinator (its log: a directory,
-    or a shared log's URL) that SIGKILLs itself at ``failpoint``; return the gtrid it was working on. Branches it leaves prepared lock
-    that account's rows: crash the next one on another account."""
+    or a shared log's URL) that SIGKILLs itself at ``failpoint``; return the gtrid it was
+    working on. Branches it leaves prepared lock that account's rows: crash the next one on
+    another account."""
     cfg = {
         "urls": bank.urls,
         "log": str(log),
