@@ -23,7 +23,6 @@ from ._filelog import DEFAULT_SEGMENT_BYTES, FileLog
 from ._inspect import InDoubtReport, Inspector, NodeLog, TransactionInfo
 from ._log import CoordinatorLog
 from ._mysql import MySQLParticipant
-from ._parallel import Fanout
 from ._participant import Connection, Participant
 from ._pglog import PostgresLog
 from ._pool import Pool
@@ -56,7 +55,8 @@ class TransactionManager:
         live process sharing a log directory.
     :param timeout: seconds a transaction may take; past it, it is rolled back, and recovery
         may abort it.
-    :param parallel: prepare and commit the branches concurrently (default) or in turn.
+    :param parallel: overlap the branches' prepare and commit round trips (default), or
+        finish each branch's step before starting the next (see ``xatm._parallel``).
     :param commit_markers: resources that may carry the commit decision in their own
         ``xatm_decisions`` table (the commit-marker fast path, see ``xatm._marker``).
     :param sweeper: run recovery passes on a background thread (default); see
@@ -75,7 +75,7 @@ class TransactionManager:
         timeout: float = 30.0,
         *,
         parallel: bool = True,
-        pool_size: int = 8,
+        pool_size: int = 32,
         segment_bytes: int = DEFAULT_SEGMENT_BYTES,
         commit_markers: Iterable[str] = (),
         sweeper: bool = True,
@@ -136,7 +136,7 @@ class TransactionManager:
                 f"commit_markers names unknown resource(s): {', '.join(sorted(unknown))}"
             )
         self._finished: dict[str, list[str]] = {name: [] for name in self.commit_markers}
-        self._fanout = Fanout(parallel)
+        self.parallel = parallel
         self._lock = threading.Lock()
         self._active: dict[str, Transaction] = {}
         self._closed = False
@@ -258,7 +258,6 @@ class TransactionManager:
             return
         self._closed = True
         self.sweeper.stop()
-        self._fanout.close()
         for pool in self._pools.values():
             pool.close()
         self._log.close()

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import mysql.connector
@@ -109,11 +109,12 @@ class MySQLParticipant:
         return isinstance(exc, myerrors.Error) and exc.errno in _CONNECTION_ERRNOS
 
     def _run(self, conn: Any, statement: str) -> None:
-        cur = conn.cursor()
-        try:
-            cur.execute(statement)
-        finally:
-            cur.close()
+        """Send statements that return no rows (``;``-separated: one round trip)."""
+        if ";" in statement:
+            for _ in conn.cmd_query_iter(statement):
+                pass
+        else:
+            conn.cmd_query(statement)
 
     # -- the branch ------------------------------------------------------------------------
     def begin(self, conn: Any, xid: Xid) -> None:
@@ -125,9 +126,9 @@ class MySQLParticipant:
         return cur
 
     def prepare(self, conn: Any, xid: Xid) -> Prepared:
+        x = xid.to_mysql()
         try:
-            self._run(conn, f"XA END {xid.to_mysql()}")
-            self._run(conn, f"XA PREPARE {xid.to_mysql()}")
+            self._run(conn, f"XA END {x}; XA PREPARE {x}")
         except myerrors.Error as e:
             if not self.is_connection_error(e):
                 self._rollback_quietly(conn, xid)
@@ -135,22 +136,26 @@ class MySQLParticipant:
         # a read-only XA branch cannot be told apart here: it is prepared like any other
         return Prepared(Vote.PREPARED)
 
+    def start_prepare(self, conn: Any, xid: Xid) -> Callable[[], Prepared]:
+        """No asynchronous sending here: prepares now, and the call returns the vote."""
+        vote = self.prepare(conn, xid)
+        return lambda: vote
+
+    def start_commit_prepared(self, conn: Any, xid: Xid) -> Callable[[], PhaseTwo]:
+        result = self.commit_prepared(conn, xid)
+        return lambda: result
+
     def commit_one_phase(self, conn: Any, xid: Xid, before: Sequence[Statement] = ()) -> None:
+        x = xid.to_mysql()
         try:
             for query, params in before:
                 self.execute(conn, query, params).close()
-            self._run(conn, f"XA END {xid.to_mysql()}")
+            self._run(conn, f"XA END {x}; XA COMMIT {x} ONE PHASE")
         except myerrors.Error as e:
             if self.is_connection_error(e):
-                raise
+                raise  # the outcome is unknown
             self._rollback_quietly(conn, xid)
-            raise BranchVotedNo(f"the branch failed before its commit: {_describe(e)}", e) from e
-        try:
-            self._run(conn, f"XA COMMIT {xid.to_mysql()} ONE PHASE")
-        except myerrors.Error as e:
-            if self.is_connection_error(e):
-                raise
-            raise BranchVotedNo(f"XA COMMIT ONE PHASE failed: {_describe(e)}", e) from e
+            raise BranchVotedNo(f"the one-phase commit failed: {_describe(e)}", e) from e
 
     def commit_prepared(self, conn: Any, xid: Xid) -> PhaseTwo:
         return self._finish(conn, "COMMIT", xid)

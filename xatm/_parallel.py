@@ -1,23 +1,26 @@
-"""Run one step of the protocol on several branches at once.
+"""Run one step of the protocol on several branches at once, without threads.
 
-Prepare and commit are each one round trip per branch, and the branches live on different
-servers: doing them side by side makes a two-branch commit cost about one round trip per
-phase instead of two. The first branch runs on the calling thread; the others on a shared
-pool of worker threads. Every call runs to its end (no call is abandoned half-way), and the
-results, or the exceptions, come back in the order of the calls.
+Prepare and commit are each a round trip per branch, to different servers. A participant
+whose driver can send without waiting (psycopg's pipeline mode) *starts* the step: the
+command is on the wire when ``start`` returns, and the returned call waits for the answer.
+So the coordinator starts those branches first, then works through the others (which run
+their step when started), then collects the answers: the round trips overlap on one thread,
+with none of the cost of handing work to other threads. Every step runs to its end (none is
+abandoned half-way), and the results, or the exceptions, come back in the order of the
+branches. With ``overlap=False`` each branch's step is finished before the next begins.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Generic, TypeVar
 
 T = TypeVar("T")
+X = TypeVar("X")
 
 
 class Outcome(Generic[T]):
-    """The result of one call, or the exception it raised."""
+    """The result of one step, or the exception it raised."""
 
     __slots__ = ("error", "value")
 
@@ -26,31 +29,34 @@ class Outcome(Generic[T]):
         self.error = error
 
 
-def _call(fn: Callable[[], T]) -> Outcome[T]:
+def overlapped(
+    items: Sequence[X],
+    start: Callable[[X], Callable[[], T]],
+    *,
+    sends_first: Callable[[X], bool],
+    overlap: bool = True,
+) -> list[Outcome[T]]:
+    """Start every item's step (``sends_first`` ones before the others), then finish each."""
+    order = sorted(range(len(items)), key=lambda i: not sends_first(items[i]))
+    outcomes: list[Outcome[T]] = [Outcome() for _ in items]
+    pending: list[tuple[int, Callable[[], T]]] = []
+    for i in order:
+        try:
+            finish = start(items[i])
+        except BaseException as e:  # reported to the caller
+            outcomes[i] = Outcome(None, e)
+            continue
+        if overlap:
+            pending.append((i, finish))
+        else:
+            outcomes[i] = _finish(finish)
+    for i, finish in pending:
+        outcomes[i] = _finish(finish)
+    return outcomes
+
+
+def _finish(finish: Callable[[], T]) -> Outcome[T]:
     try:
-        return Outcome(fn())
+        return Outcome(finish())
     except BaseException as e:  # reported to the caller
         return Outcome(None, e)
-
-
-class Fanout:
-    """Runs a list of calls concurrently (or one after another if ``parallel`` is off)."""
-
-    def __init__(self, parallel: bool = True, max_workers: int = 32) -> None:
-        self.parallel = parallel
-        self._pool: ThreadPoolExecutor | None = None
-        self._max_workers = max_workers
-
-    def run(self, calls: Sequence[Callable[[], T]]) -> list[Outcome[T]]:
-        if not self.parallel or len(calls) < 2:
-            return [_call(fn) for fn in calls]
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(self._max_workers, thread_name_prefix="xatm-branch")
-        futures: list[Future[Outcome[T]]] = [self._pool.submit(_call, fn) for fn in calls[1:]]
-        first = _call(calls[0])
-        return [first, *(f.result() for f in futures)]
-
-    def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)
-            self._pool = None

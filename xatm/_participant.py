@@ -19,7 +19,7 @@ quoted literal or ``Xid.to_mysql`` (hex literals).
 from __future__ import annotations
 
 import enum
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -111,6 +111,15 @@ class Participant(Protocol):
 
     def prepare(self, conn: Connection, xid: Xid) -> Prepared:
         """Phase 1. Raise BranchVotedNo if the branch cannot commit."""
+
+    def start_prepare(self, conn: Connection, xid: Xid) -> Callable[[], Prepared]:
+        """Begin phase 1 and return a call that completes it (returns the vote or raises
+        like ``prepare``). Drivers that can send without waiting do so, letting the
+        coordinator overlap the branches' round trips without threads; others prepare at
+        once."""
+
+    def start_commit_prepared(self, conn: Connection, xid: Xid) -> Callable[[], PhaseTwo]:
+        """Like ``start_prepare``, for ``commit_prepared``."""
 
     def commit_one_phase(
         self, conn: Connection, xid: Xid, before: Sequence[Statement] = ()

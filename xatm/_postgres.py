@@ -16,7 +16,7 @@ Facts handled here (see ../shared/reference/xa-gotchas.md):
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import psycopg
@@ -99,6 +99,11 @@ class PostgresParticipant:
         return conn.execute(query, params)
 
     def prepare(self, conn: psycopg.Connection[Any], xid: Xid) -> Prepared:
+        return self.start_prepare(conn, xid)()
+
+    def start_prepare(self, conn: psycopg.Connection[Any], xid: Xid) -> Callable[[], Prepared]:
+        """Send the prepare without waiting (pipeline mode); the returned call waits for
+        the answer. Meanwhile the caller can work on other branches."""
         status = conn.info.transaction_status
         if status == TransactionStatus.INERROR:
             raise BranchVotedNo("the branch's transaction had already failed")
@@ -108,29 +113,41 @@ class PostgresParticipant:
                 " outside xatm, by a commit or rollback on the raw connection"
             )
         gid = sql.Literal(xid.to_pg_gid())
+        # one round trip: the branch's transaction id (NULL if it wrote nothing) and the
+        # prepare itself, both on the wire before this returns
+        pipeline = conn.pipeline()
         try:
-            # one round trip: the branch's transaction id (NULL if it wrote nothing) and
-            # the prepare itself
-            with conn.pipeline():
-                ids = conn.execute("SELECT pg_current_xact_id_if_assigned()::text")
-                cur = conn.execute(sql.SQL("PREPARE TRANSACTION {}").format(gid))
-            row = ids.fetchone()
-        except psycopg.Error as e:
-            raise BranchVotedNo(f"PREPARE TRANSACTION failed: {_describe(e)}", e) from e
-        if cur.statusmessage != "PREPARE TRANSACTION":
-            raise BranchVotedNo(
-                f"the server rolled the branch back instead of preparing it"
-                f" (command tag {cur.statusmessage!r})"
-            )
-        if row is None or row[0] is None:
-            # Read-only: nothing to commit, whatever the decision. Finish it now; if that
-            # fails it is an ordinary prepared branch (recovery presumes abort: harmless).
+            pipeline.__enter__()
+            ids = conn.execute("SELECT pg_current_xact_id_if_assigned()::text")
+            cur = conn.execute(sql.SQL("PREPARE TRANSACTION {}").format(gid))
+        except BaseException as e:
+            _leave(pipeline, e)
+            if isinstance(e, psycopg.Error):
+                raise BranchVotedNo(f"PREPARE TRANSACTION failed: {_describe(e)}", e) from e
+            raise
+
+        def finish() -> Prepared:
             try:
-                conn.execute(sql.SQL("COMMIT PREPARED {}").format(gid))
-            except psycopg.Error:
-                return Prepared(Vote.PREPARED)
-            return Prepared(Vote.READ_ONLY)
-        return Prepared(Vote.PREPARED, int(row[0]))
+                pipeline.__exit__(None, None, None)
+                row = ids.fetchone()
+            except psycopg.Error as e:
+                raise BranchVotedNo(f"PREPARE TRANSACTION failed: {_describe(e)}", e) from e
+            if cur.statusmessage != "PREPARE TRANSACTION":
+                raise BranchVotedNo(
+                    f"the server rolled the branch back instead of preparing it"
+                    f" (command tag {cur.statusmessage!r})"
+                )
+            if row is None or row[0] is None:
+                # Read-only: nothing to commit, whatever the decision. Finish it now; if
+                # that fails it is an ordinary prepared branch (presumed abort: harmless).
+                try:
+                    conn.execute(sql.SQL("COMMIT PREPARED {}").format(gid))
+                except psycopg.Error:
+                    return Prepared(Vote.PREPARED)
+                return Prepared(Vote.READ_ONLY)
+            return Prepared(Vote.PREPARED, int(row[0]))
+
+        return finish
 
     def commit_one_phase(
         self, conn: psycopg.Connection[Any], xid: Xid, before: Sequence[Statement] = ()
@@ -160,6 +177,29 @@ class PostgresParticipant:
 
     def commit_prepared(self, conn: psycopg.Connection[Any], xid: Xid) -> PhaseTwo:
         return self._finish(conn, "COMMIT PREPARED {}", xid)
+
+    def start_commit_prepared(
+        self, conn: psycopg.Connection[Any], xid: Xid
+    ) -> Callable[[], PhaseTwo]:
+        """Send COMMIT PREPARED without waiting; the returned call waits for the answer."""
+        pipeline = conn.pipeline()
+        try:
+            pipeline.__enter__()
+            conn.execute(sql.SQL("COMMIT PREPARED {}").format(sql.Literal(xid.to_pg_gid())))
+        except BaseException as e:
+            _leave(pipeline, e)
+            raise
+
+        def finish() -> PhaseTwo:
+            try:
+                pipeline.__exit__(None, None, None)
+            except psycopg.Error as e:
+                if e.sqlstate == UNDEFINED_OBJECT:
+                    return PhaseTwo.NOT_FOUND
+                raise
+            return PhaseTwo.DONE
+
+        return finish
 
     def rollback_prepared(self, conn: psycopg.Connection[Any], xid: Xid) -> PhaseTwo:
         return self._finish(conn, "ROLLBACK PREPARED {}", xid)
@@ -197,6 +237,12 @@ class PostgresParticipant:
                 " max_connections) and restart the server"
             )
         return problems
+
+
+def _leave(pipeline: Any, error: BaseException) -> None:
+    """Leave a pipeline block after ``error``, as ``with`` would."""
+    with contextlib.suppress(Exception):
+        pipeline.__exit__(type(error), error, error.__traceback__)
 
 
 def _describe(e: psycopg.Error) -> str:

@@ -28,7 +28,6 @@ the transaction is committed: recovery commits whatever branch is still prepared
 from __future__ import annotations
 
 import enum
-import functools
 import logging
 import threading
 import time
@@ -39,6 +38,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import _failpoint, _marker
 from ._log import DecisionNotLogged
+from ._parallel import overlapped
 from ._participant import BranchVotedNo, Connection, Cursor, Participant, PhaseTwo, Vote
 from ._pool import Pool
 from ._xid import Xid, branch_xid
@@ -444,16 +444,23 @@ class Transaction:
         """Phase 1 on every branch; returns the branches that voted PREPARED (the others
         are read-only and already finished). Rolls everything back on any no vote."""
 
-        def prepare(branch: Branch) -> None:
+        def start(branch: Branch) -> Callable[[], None]:
             assert branch.conn is not None
-            result = branch.participant.prepare(branch.conn, branch.xid)
-            if result.vote is Vote.READ_ONLY:
-                branch.state = BranchState.COMMITTED
-            else:
-                branch.state = BranchState.PREPARED
-                branch.txid = result.txid
+            finish = branch.participant.start_prepare(branch.conn, branch.xid)
 
-        outcomes = self._manager._fanout.run([functools.partial(prepare, b) for b in branches])
+            def done() -> None:
+                result = finish()
+                if result.vote is Vote.READ_ONLY:
+                    branch.state = BranchState.COMMITTED
+                else:
+                    branch.state = BranchState.PREPARED
+                    branch.txid = result.txid
+
+            return done
+
+        outcomes = overlapped(
+            branches, start, sends_first=_sends_first, overlap=self._manager.parallel
+        )
         failure: BaseException | None = None
         reason = ""
         for branch, outcome in zip(branches, outcomes, strict=True):
@@ -512,17 +519,25 @@ class Transaction:
     def _commit_all(
         self, branches: list[Branch], *, logged: bool, marker: str | None = None
     ) -> None:
-        first_done = threading.Event()
+        first_done = False
 
-        def commit(branch: Branch) -> PhaseTwo:
+        def start(branch: Branch) -> Callable[[], PhaseTwo]:
             assert branch.conn is not None
-            result = branch.participant.commit_prepared(branch.conn, branch.xid)
-            if not first_done.is_set():
-                first_done.set()
-                _failpoint.hit("after_first_commit")
-            return result
+            finish = branch.participant.start_commit_prepared(branch.conn, branch.xid)
 
-        outcomes = self._manager._fanout.run([functools.partial(commit, b) for b in branches])
+            def done() -> PhaseTwo:
+                nonlocal first_done
+                result = finish()
+                if not first_done:
+                    first_done = True
+                    _failpoint.hit("after_first_commit")
+                return result
+
+            return done
+
+        outcomes = overlapped(
+            branches, start, sends_first=_sends_first, overlap=self._manager.parallel
+        )
         for branch, outcome in zip(branches, outcomes, strict=True):
             if outcome.error is None and outcome.value is PhaseTwo.DONE:
                 branch.state = BranchState.COMMITTED
@@ -604,6 +619,11 @@ class Transaction:
 
     def __repr__(self) -> str:
         return f"<Transaction {self.gtrid} {self.state.value} branches={list(self._branches)}>"
+
+
+def _sends_first(branch: Branch) -> bool:
+    """PostgreSQL branches only send when started: start them before the others."""
+    return branch.participant.kind == "postgresql"
 
 
 def describe_unknown_resource(name: str, known: Sequence[str]) -> ConfigurationError:
