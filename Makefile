@@ -16,6 +16,12 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
+BENCH_STAMP := $(VENV)/.installed-bench
+
+$(BENCH_STAMP): $(STAMP)
+	$(PY) -m pip install --quiet -e '.[dev,bench]'
+	touch $(BENCH_STAMP)
+
 LINTED := $(wildcard xatm cli tests benchmarks)
 
 lint: $(STAMP)
@@ -36,7 +42,7 @@ chaos: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m cli.demo
 
-bench: $(STAMP)
+bench: $(BENCH_STAMP)
 	$(PY) -m benchmarks.run $(BENCH_ARGS)
 
 servers-up: $(STAMP)

@@ -94,3 +94,31 @@ def test_commit_marker_from_toml(bank: Bank, tmp_path: object) -> None:
         with tm.transaction() as tx:
             move(tx, bank, "pg1", "maria", "toml-1")
         assert tx.gtrid in decision_rows(bank, "pg1")
+
+
+def test_recoverys_fence_beats_a_late_decision_row(
+    bank: Bank, make_tm: MakeTM, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Recovery's probe commits an abort row when it finds no decision: a decision row that
+    arrives later (statements of a coordinator that died with them in flight) loses."""
+    import xatm._failpoint
+    from xatm import _marker_recovery
+
+    tm = make_tm(commit_markers=["pg1"], sweeper=False)
+    probes: list[str] = []
+
+    def hit(name: str) -> None:
+        if name == "after_prepare":
+            participant, _ = tm._resource("pg1")
+            probes.append(_marker_recovery.probe_row(participant, tx.gtrid))
+
+    monkeypatch.setattr(xatm._failpoint, "hit", hit)
+    with pytest.raises(TransactionRolledBack), tm.transaction() as tx:
+        move(tx, bank, "pg1", "maria", "late-1")
+    assert probes == ["no-row"]
+    assert tx.gtrid in decision_rows(bank, "pg1")  # the fence, not a decision
+    assert bank.journal_ids() == {"pg1": set(), "pg2": set(), "maria": set()}
+    assert bank.xatm_prepared() == {"pg1": [], "pg2": [], "maria": []}
+    assert tm.recover().committed == 0
+    participant, _ = tm._resource("pg1")
+    assert _marker_recovery.probe_row(participant, tx.gtrid, fence=False) == "no-row"

@@ -106,6 +106,15 @@ def read_segments(node_dir: Path) -> tuple[dict[str, LogRecord], list[tuple[Path
     return pending, segments
 
 
+class _Batch:
+    """Records appended between two flushes; its event wakes the threads waiting on them."""
+
+    __slots__ = ("signal",)
+
+    def __init__(self) -> None:
+        self.signal = threading.Event()
+
+
 class FileLog:
     """The coordinator log of one node_id in a local directory."""
 
@@ -127,6 +136,7 @@ class FileLog:
         self._appended = 0  # sequence number of the last appended record
         self._durable = 0  # every record up to this sequence number is on disk
         self._flushing = False
+        self._open = _Batch()  # the batch that appended records join until a flush takes it
         self._broken: BaseException | None = None
         self._pending: dict[str, LogRecord] = {}
         self._fd = -1
@@ -192,8 +202,8 @@ class FileLog:
         with self._cond:
             if self._broken is not None or self._fd < 0:
                 return
-            target = self._appended
-        self._wait_durable(target)
+            target, batch = self._appended, self._open
+        self._wait_durable(target, batch)
 
     def close(self) -> None:
         if self._fd >= 0:
@@ -273,41 +283,55 @@ class FileLog:
                 self._forced_in_buffer += 1
             self._appended += 1
             seq = self._appended
+            batch = self._open
             if record.kind == "COMMIT":
                 self._pending[record.gtrid] = record
             else:
                 self._pending.pop(record.gtrid, None)
         if force:
-            self._wait_durable(seq)
+            self._wait_durable(seq, batch)
 
-    def _wait_durable(self, seq: int) -> None:
-        with self._cond:
-            while self._durable < seq:
+    def _wait_durable(self, seq: int, batch: _Batch | None = None) -> None:
+        """Return once record ``seq`` is on disk, leading a flush if none is under way.
+
+        Waiters sleep on their own batch's event, so a flush wakes only the threads whose
+        records it wrote (and, when more records are waiting, hands the lead to them)."""
+        while True:
+            with self._cond:
+                if self._durable >= seq:
+                    return
                 if self._broken is not None:
                     raise LogError(f"forcing the coordinator log failed: {self._broken}")
                 if self._flushing:
-                    self._cond.wait()
-                    continue
-                self._flushing = True
-                batch, upto = self._buffer, self._appended
-                forced, self._forced_in_buffer = self._forced_in_buffer, 0
-                self._buffer = []
-                self._cond.release()
-                failure: BaseException | None = None
-                try:
-                    self._write(batch)
+                    wait_on = batch if batch is not None else self._open
+                    lead = False
+                else:
+                    self._flushing = True
+                    taken, self._open = self._open, _Batch()
+                    taken.signal.clear()  # from now on it means "written"
+                    frames, upto = self._buffer, self._appended
+                    forced, self._forced_in_buffer = self._forced_in_buffer, 0
+                    self._buffer = []
+                    lead = True
+            if not lead:
+                wait_on.signal.wait()
+                continue
+            failure: BaseException | None = None
+            try:
+                self._write(frames)
+            except BaseException as e:  # an OSError, or a signal's exception
+                failure = e
+            with self._cond:
+                self._flushing = False
+                if failure is None:
+                    self._durable = upto
                     self.forced_records += forced
-                except BaseException as e:  # an OSError, or a signal's exception
-                    failure = e
-                finally:
-                    self._cond.acquire()
-                    self._flushing = False
-                    if failure is None:
-                        self._durable = upto
-                    else:
-                        self._broken = failure
-                        logger.critical("coordinator log %s failed: %s", self.node_dir, failure)
-                    self._cond.notify_all()
+                else:
+                    self._broken = failure
+                    logger.critical("coordinator log %s failed: %s", self.node_dir, failure)
+                taken.signal.set()
+                if self._buffer or failure is not None:
+                    self._open.signal.set()  # records are waiting: one of them leads next
 
     def _write(self, batch: list[bytes]) -> None:
         """Write and fsync one batch (only the leader calls this); rotate if it is due."""

@@ -25,6 +25,11 @@ from ._participant import Connection, Participant, Statement
 from ._records import LogRecord
 
 TABLE = "xatm_decisions"
+#: the payload of a row that recovery commits to *abort* a transaction (a fence: the
+#: coordinator's own decision row, should it still come, then fails on the duplicate key)
+ABORT_PAYLOAD = '{"abort":1}'
+#: seconds an abort row is kept; long after any statement a dead coordinator left in flight
+ABORT_ROW_AGE = 3600.0
 #: finished gtrids deleted per marker transaction, at most
 DELETE_BATCH = 64
 #: deletes wait until this many finished gtrids have accumulated (one statement for many)
@@ -89,6 +94,8 @@ def read(participant: Participant, conn: Connection) -> dict[str, LogRecord]:
     out = {}
     for gtrid, payload, created in rows:
         body = json.loads(payload)
+        if body.get("abort"):
+            continue  # a fence left by recovery: this transaction is aborted
         out[str(gtrid)] = LogRecord(
             "COMMIT",
             str(gtrid),

@@ -7,16 +7,21 @@ whose ``xatm_decisions`` table exists may hold rows, and is read.
 
 Presuming abort needs more than "no row is visible": the coordinator may have sent the
 marker branch's commit just before it died, and the server may still be executing it (an
-uncommitted row is invisible). :func:`probe_row` settles that: it inserts a row with the
-same gtrid in a transaction of its own and rolls it back. The insert waits for any
-uncommitted insert of that key to end; a duplicate-key error then means the row is
-committed (the transaction is decided COMMIT), success means it is not and will not be (the
-statements a dead coordinator sent are already being executed by then).
+uncommitted row is invisible), or its statements may even still sit unread in the server's
+socket. :func:`probe_row` settles that with a *fence*: it inserts an abort row with the same
+gtrid and commits it. The insert waits for any uncommitted insert of that key to end; a
+duplicate-key error then means a row is there (the coordinator's decision row: COMMIT; or an
+earlier fence: abort); success means the transaction is aborted for good, since a decision
+row arriving later fails on the duplicate key and its branch rolls back. Abort rows are not
+decisions (``xatm._marker.read`` skips them) and are deleted after
+``xatm._marker.ABORT_ROW_AGE`` seconds. A dry run probes without committing (no fence).
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
+import time
 from typing import Any, Literal
 
 from . import _marker
@@ -66,63 +71,80 @@ def read_rows(participant: Participant, conn: Any) -> dict[str, LogRecord] | Non
         raise
 
 
-def probe_row(participant: Participant, gtrid: str) -> Probe:
+def probe_row(participant: Participant, gtrid: str, *, fence: bool = True) -> Probe:
     """Is the decision row of ``gtrid`` committed on this resource? Waits out an insert in
-    flight (see the module docstring). Raises on a connection error or a lock wait that
-    outlasts :data:`PROBE_LOCK_WAIT` (the answer is then unknown)."""
+    flight and, with ``fence``, leaves a committed abort row behind when there is none (see
+    the module docstring). Raises on a connection error or a lock wait that outlasts
+    :data:`PROBE_LOCK_WAIT` (the answer is then unknown)."""
     conn = participant.connect()  # its own connection: session settings stay here
     try:
         if participant.kind == "postgresql":
-            return _probe_pg(conn, gtrid)
-        return _probe_mysql(conn, gtrid)
+            return _probe_pg(conn, gtrid, fence)
+        return _probe_mysql(conn, gtrid, fence)
     finally:
         participant.close(conn)
 
 
-_INSERT = (
-    f"INSERT INTO {_marker.TABLE} (gtrid, branches, created_at) VALUES (%s, '{{\"probe\":1}}', 0)"
-)
+_INSERT = f"INSERT INTO {_marker.TABLE} (gtrid, branches, created_at) VALUES (%s, %s, %s)"
+_PAYLOAD = f"SELECT branches FROM {_marker.TABLE} WHERE gtrid = %s"
 
 
-def _probe_pg(conn: Any, gtrid: str) -> Probe:
+def _existing(rows: list[Any]) -> Probe:
+    """A row is there: the coordinator's decision, or an earlier fence (abort)."""
+    if rows and json.loads(rows[0][0]).get("abort"):
+        return "no-row"
+    return "row"
+
+
+def _probe_pg(conn: Any, gtrid: str, fence: bool) -> Probe:
     conn.execute("BEGIN")
     try:
         conn.execute(f"SET LOCAL lock_timeout = '{int(PROBE_LOCK_WAIT)}s'")
-        conn.execute(_INSERT, (gtrid,))
+        conn.execute(_INSERT, (gtrid, _marker.ABORT_PAYLOAD, time.time()))
     except Exception as e:
         code = _code(e)
+        with contextlib.suppress(Exception):
+            conn.execute("ROLLBACK")
         if code in _DUPLICATE:
-            return "row"
+            return _existing(conn.execute(_PAYLOAD, (gtrid,)).fetchall())
         if code in _NO_TABLE:
             return "no-table"
         raise
-    finally:
-        with contextlib.suppress(Exception):
-            conn.execute("ROLLBACK")
+    conn.execute("COMMIT" if fence else "ROLLBACK")
     return "no-row"
 
 
-def _probe_mysql(conn: Any, gtrid: str) -> Probe:
+def _probe_mysql(conn: Any, gtrid: str, fence: bool) -> Probe:
     cur = conn.cursor()
     try:
         cur.execute(f"SET SESSION innodb_lock_wait_timeout = {int(PROBE_LOCK_WAIT)}")
         cur.execute("START TRANSACTION")
         try:
-            cur.execute(_INSERT, (gtrid,))
+            cur.execute(_INSERT, (gtrid, _marker.ABORT_PAYLOAD, time.time()))
         except Exception as e:
             code = _code(e)
+            with contextlib.suppress(Exception):
+                cur.execute("ROLLBACK")
             if code in _DUPLICATE:
-                return "row"
+                cur.execute(_PAYLOAD, (gtrid,))
+                return _existing(cur.fetchall())
             if code in _NO_TABLE:
                 return "no-table"
             raise
-        finally:
-            with contextlib.suppress(Exception):
-                cur.execute("ROLLBACK")
+        cur.execute("COMMIT" if fence else "ROLLBACK")
         return "no-row"
     finally:
         with contextlib.suppress(Exception):
             cur.close()
+
+
+def delete_old_fences(participant: Participant, conn: Any) -> None:
+    """Delete abort rows older than ``xatm._marker.ABORT_ROW_AGE``."""
+    participant.execute(
+        conn,
+        f"DELETE FROM {_marker.TABLE} WHERE branches = %s AND created_at < %s",
+        (_marker.ABORT_PAYLOAD, time.time() - _marker.ABORT_ROW_AGE),
+    ).close()
 
 
 def delete_row(participant: Participant, conn: Any, gtrid: str) -> None:

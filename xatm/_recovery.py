@@ -66,6 +66,7 @@ Every action taken is appended to the audit trail (not in a dry run).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Callable, Mapping
@@ -278,6 +279,9 @@ class _Pass:
                 pool.discard(conn)
                 self.marker_problems[name] = _describe(e)
                 continue
+            if rows is not None and not self.dry_run:
+                with contextlib.suppress(Exception):
+                    _marker_recovery.delete_old_fences(participant, conn)
             pool.put(conn)
             if rows is None:
                 self.manager._markerless_resources.add(name)
@@ -298,7 +302,7 @@ class _Pass:
         for name in self.marker_resources:
             participant, _ = self.manager._resource(name)
             try:
-                answer = _marker_recovery.probe_row(participant, gtrid)
+                answer = _marker_recovery.probe_row(participant, gtrid, fence=not self.dry_run)
             except Exception as e:
                 self.marker_problems.setdefault(name, _describe(e))
                 return None
