@@ -325,12 +325,22 @@ class PostgresLog:
 
     def _reconnect_writer(self) -> None:
         try:
-            old, self._writer = self._writer, self._connect()
-            old.close()
-            if self.hold_node_lock:
-                self._lock_node(self._writer)
+            fresh = self._connect()
         except LogError as e:
             logger.warning("shared log: reconnect failed: %s", e)
+            return
+        if self.hold_node_lock:
+            try:
+                self._lock_node(fresh)
+            except (LogError, psycopg.Error) as e:
+                # without its node lock this process must not decide: stay broken
+                logger.error("shared log: reconnected, but %s", e)
+                with contextlib.suppress(psycopg.Error):
+                    fresh.close()
+                return
+        old, self._writer = self._writer, fresh
+        with contextlib.suppress(psycopg.Error):
+            old.close()
 
     def _end_rows(self, conn: psycopg.Connection[Any], gtrids: list[str]) -> None:
         conn.execute(

@@ -614,16 +614,18 @@ class _Pass:
         won the race, which is then obeyed."""
         shared = self.shared
         assert shared is not None
+        node = parse_gtrid(gtrid)[0]
+        age = time.time() - created_at
+        if not owner_done and age <= self.manager.timeout + SKEW and shared.node_alive(node):
+            # its live coordinator finishes it (also a COMMIT it is still carrying out:
+            # committing its branches under it would only make it report false heuristics)
+            leave(f"coordinator {node!r} is alive and the transaction is within its timeout")
+            return None
         found = shared.decisions([gtrid]).get(gtrid)
         if found is not None:
             return not isinstance(found, str)
         if gtrid in self.markers:
             return True
-        node = parse_gtrid(gtrid)[0]
-        age = time.time() - created_at
-        if not owner_done and shared.node_alive(node) and age <= self.manager.timeout + SKEW:
-            leave(f"coordinator {node!r} is alive and the transaction is within its timeout")
-            return None
         if may_use_marker(gtrid) and self.marker_resources:
             row = self._probe_markers(gtrid)
             if row is None:
@@ -736,6 +738,8 @@ def _run(
                 if name not in p.problems:
                     p.scan(name)
             ended = p.end_decided()
+            if manager.shared_log is not None and not dry_run:
+                manager.shared_log.flush()  # the ENDs: no COMMIT batch may come to carry them
         finally:
             p.close_logs()
     branch_actions = [a for a in p.actions if a.action in ("commit", "rollback", "skip", "error")]

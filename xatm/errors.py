@@ -103,8 +103,10 @@ class TransactionInDoubt(TransactionError):
 
     * forcing the COMMIT decision to the log failed midway (every branch stays prepared and
       recovery resolves all of them by what the log holds);
-    * the connection dropped during a one-phase commit (the transaction's only branch, or
-      the only branch that wrote anything);
+    * the connection dropped during the one-phase commit of the transaction's only branch;
+    * the commit of the only branch that wrote anything (the others were read-only) failed
+      midway or found the branch gone: with no decision logged, its own outcome is the
+      transaction's;
     * the connection of the commit-marker branch dropped while it committed the decision
       (recovery settles the other branches by whether the decision row is there).
 
