@@ -37,6 +37,9 @@ from .errors import ConfigurationError, ResourceNotFit, XatmError
 
 logger = logging.getLogger("xatm")
 
+#: overlap branch round trips only while at most this many transactions are active
+OVERLAP_MAX_ACTIVE = 2
+
 
 def make_participant(name: str, spec: ResourceSpec) -> Participant:
     """The participant adapter for ``spec``'s kind of server."""
@@ -104,6 +107,17 @@ class TransactionManager:
                 )
         else:
             self.log_directory = str(Path(log).resolve())
+        self.commit_markers = frozenset(commit_markers)
+        unknown = self.commit_markers - set(self._specs)
+        if unknown:
+            raise ConfigurationError(
+                f"commit_markers names unknown resource(s): {', '.join(sorted(unknown))}"
+            )
+        if self.commit_markers and self.log_directory is None:
+            raise ConfigurationError(
+                "commit_markers cannot be combined with a shared log yet: a sweeper on another"
+                " host could not fence a paused coordinator's marker commit"
+            )
         self._participants: dict[str, Participant] = {}
         self._pools: dict[str, Pool] = {}
         for name, spec in self._specs.items():
@@ -122,18 +136,6 @@ class TransactionManager:
                 self.node_id,
                 segment_bytes=segment_bytes,
                 lock_timeout=lock_timeout,
-            )
-        self.commit_markers = frozenset(commit_markers)
-        if self.commit_markers and self.shared_log is not None:
-            self.shared_log.close()
-            raise ConfigurationError(
-                "commit_markers cannot be combined with a shared log yet: a sweeper on another"
-                " host could not fence a paused coordinator's marker commit"
-            )
-        unknown = self.commit_markers - set(self._specs)
-        if unknown:
-            raise ConfigurationError(
-                f"commit_markers names unknown resource(s): {', '.join(sorted(unknown))}"
             )
         self._finished: dict[str, list[str]] = {name: [] for name in self.commit_markers}
         self.parallel = parallel
@@ -286,6 +288,12 @@ class TransactionManager:
         if participant is None:
             raise describe_unknown_resource(name, list(self._participants))
         return participant, self._pools[name]
+
+    def _overlap(self) -> bool:
+        """Overlap the branches' round trips? Only while few transactions are in flight:
+        it cuts one transaction's latency, but costs client CPU (pipeline mode), which is
+        what limits throughput once many run at once."""
+        return self.parallel and len(self._active) <= OVERLAP_MAX_ACTIVE
 
     def _marker_branch(self, branches: list[Branch]) -> Branch | None:
         """The branch to carry the decision (commit-marker path), or None for strict 2PC.

@@ -99,11 +99,23 @@ class PostgresParticipant:
         return conn.execute(query, params)
 
     def prepare(self, conn: psycopg.Connection[Any], xid: Xid) -> Prepared:
-        return self.start_prepare(conn, xid)()
+        self._check_open(conn)
+        gid = sql.Literal(xid.to_pg_gid())
+        try:
+            # one round trip, simple protocol: the branch's transaction id (NULL if it wrote
+            # nothing) and the prepare itself
+            cur = conn.execute(
+                sql.SQL(
+                    "SELECT pg_current_xact_id_if_assigned()::text; PREPARE TRANSACTION {}"
+                ).format(gid)
+            )
+            row = cur.fetchone()
+            cur.nextset()
+        except psycopg.Error as e:
+            raise BranchVotedNo(f"PREPARE TRANSACTION failed: {_describe(e)}", e) from e
+        return self._vote(conn, gid, cur.statusmessage, row)
 
-    def start_prepare(self, conn: psycopg.Connection[Any], xid: Xid) -> Callable[[], Prepared]:
-        """Send the prepare without waiting (pipeline mode); the returned call waits for
-        the answer. Meanwhile the caller can work on other branches."""
+    def _check_open(self, conn: psycopg.Connection[Any]) -> None:
         status = conn.info.transaction_status
         if status == TransactionStatus.INERROR:
             raise BranchVotedNo("the branch's transaction had already failed")
@@ -112,9 +124,31 @@ class PostgresParticipant:
                 f"the branch's transaction is not open (status {status.name}): it was ended"
                 " outside xatm, by a commit or rollback on the raw connection"
             )
+
+    def _vote(
+        self, conn: psycopg.Connection[Any], gid: sql.Literal, tag: str | None, row: Any
+    ) -> Prepared:
+        """The vote, from PREPARE's command tag and the branch's transaction id."""
+        if tag != "PREPARE TRANSACTION":
+            raise BranchVotedNo(
+                f"the server rolled the branch back instead of preparing it (command tag {tag!r})"
+            )
+        if row is None or row[0] is None:
+            # Read-only: nothing to commit, whatever the decision. Finish it now; if that
+            # fails it is an ordinary prepared branch (presumed abort: harmless).
+            try:
+                conn.execute(sql.SQL("COMMIT PREPARED {}").format(gid))
+            except psycopg.Error:
+                return Prepared(Vote.PREPARED)
+            return Prepared(Vote.READ_ONLY)
+        return Prepared(Vote.PREPARED, int(row[0]))
+
+    def start_prepare(self, conn: psycopg.Connection[Any], xid: Xid) -> Callable[[], Prepared]:
+        """Send the prepare without waiting (pipeline mode); the returned call waits for
+        the answer. Meanwhile the caller can work on other branches."""
+        self._check_open(conn)
         gid = sql.Literal(xid.to_pg_gid())
-        # one round trip: the branch's transaction id (NULL if it wrote nothing) and the
-        # prepare itself, both on the wire before this returns
+        # the transaction id query and the prepare, both on the wire before this returns
         pipeline = conn.pipeline()
         try:
             pipeline.__enter__()
@@ -132,20 +166,7 @@ class PostgresParticipant:
                 row = ids.fetchone()
             except psycopg.Error as e:
                 raise BranchVotedNo(f"PREPARE TRANSACTION failed: {_describe(e)}", e) from e
-            if cur.statusmessage != "PREPARE TRANSACTION":
-                raise BranchVotedNo(
-                    f"the server rolled the branch back instead of preparing it"
-                    f" (command tag {cur.statusmessage!r})"
-                )
-            if row is None or row[0] is None:
-                # Read-only: nothing to commit, whatever the decision. Finish it now; if
-                # that fails it is an ordinary prepared branch (presumed abort: harmless).
-                try:
-                    conn.execute(sql.SQL("COMMIT PREPARED {}").format(gid))
-                except psycopg.Error:
-                    return Prepared(Vote.PREPARED)
-                return Prepared(Vote.READ_ONLY)
-            return Prepared(Vote.PREPARED, int(row[0]))
+            return self._vote(conn, gid, cur.statusmessage, row)
 
         return finish
 

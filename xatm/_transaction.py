@@ -34,7 +34,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from . import _failpoint, _marker
 from ._log import DecisionNotLogged
@@ -57,6 +57,8 @@ if TYPE_CHECKING:
     from ._manager import TransactionManager
 
 logger = logging.getLogger("xatm.transaction")
+
+T = TypeVar("T")
 
 
 class TransactionState(enum.Enum):
@@ -444,9 +446,14 @@ class Transaction:
         """Phase 1 on every branch; returns the branches that voted PREPARED (the others
         are read-only and already finished). Rolls everything back on any no vote."""
 
+        overlap = self._manager._overlap()
+
         def start(branch: Branch) -> Callable[[], None]:
             assert branch.conn is not None
-            finish = branch.participant.start_prepare(branch.conn, branch.xid)
+            if overlap:
+                finish = branch.participant.start_prepare(branch.conn, branch.xid)
+            else:
+                finish = _now(branch.participant.prepare(branch.conn, branch.xid))
 
             def done() -> None:
                 result = finish()
@@ -458,9 +465,7 @@ class Transaction:
 
             return done
 
-        outcomes = overlapped(
-            branches, start, sends_first=_sends_first, overlap=self._manager.parallel
-        )
+        outcomes = overlapped(branches, start, sends_first=_sends_first, overlap=overlap)
         failure: BaseException | None = None
         reason = ""
         for branch, outcome in zip(branches, outcomes, strict=True):
@@ -520,10 +525,14 @@ class Transaction:
         self, branches: list[Branch], *, logged: bool, marker: str | None = None
     ) -> None:
         first_done = False
+        overlap = self._manager._overlap()
 
         def start(branch: Branch) -> Callable[[], PhaseTwo]:
             assert branch.conn is not None
-            finish = branch.participant.start_commit_prepared(branch.conn, branch.xid)
+            if overlap:
+                finish = branch.participant.start_commit_prepared(branch.conn, branch.xid)
+            else:
+                finish = _now(branch.participant.commit_prepared(branch.conn, branch.xid))
 
             def done() -> PhaseTwo:
                 nonlocal first_done
@@ -535,9 +544,7 @@ class Transaction:
 
             return done
 
-        outcomes = overlapped(
-            branches, start, sends_first=_sends_first, overlap=self._manager.parallel
-        )
+        outcomes = overlapped(branches, start, sends_first=_sends_first, overlap=overlap)
         for branch, outcome in zip(branches, outcomes, strict=True):
             if outcome.error is None and outcome.value is PhaseTwo.DONE:
                 branch.state = BranchState.COMMITTED
@@ -619,6 +626,11 @@ class Transaction:
 
     def __repr__(self) -> str:
         return f"<Transaction {self.gtrid} {self.state.value} branches={list(self._branches)}>"
+
+
+def _now(value: T) -> Callable[[], T]:
+    """A step already finished: its result, as a call."""
+    return lambda: value
 
 
 def _sends_first(branch: Branch) -> bool:
