@@ -57,6 +57,23 @@ def log_url(servers: Servers) -> str:
     return servers.set.pg2.url("xatmlog")
 
 
+@pytest.fixture
+def at_step(monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, Callable[[], None]]]:
+    """Run an action when the coordinator reaches a failpoint (instead of crashing there):
+    ``at_step["after_decision"] = fn`` runs ``fn`` once at that step."""
+    import xatm._failpoint
+
+    actions: dict[str, Callable[[], None]] = {}
+
+    def hit(name: str) -> None:
+        action = actions.pop(name, None)
+        if action is not None:
+            action()
+
+    monkeypatch.setattr(xatm._failpoint, "hit", hit)
+    yield actions
+
+
 _table_numbers = itertools.count(1)
 
 

@@ -7,30 +7,15 @@ finishes it. Before the decision, any such failure rolls everything back.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import pytest
 
-import xatm._failpoint
 from tests.conftest import Servers
 from tests.support import Bank, connect, run
 from xatm import BranchState, TransactionManager, TransactionRolledBack, TransactionState
 
 MakeTM = Callable[..., TransactionManager]
-
-
-@pytest.fixture
-def at_step(monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, Callable[[], None]]]:
-    """Run an action when the coordinator reaches a failpoint (instead of crashing)."""
-    actions: dict[str, Callable[[], None]] = {}
-
-    def hit(name: str) -> None:
-        action = actions.pop(name, None)
-        if action is not None:
-            action()
-
-    monkeypatch.setattr(xatm._failpoint, "hit", hit)
-    yield actions
 
 
 def cut_pg(bank: Bank, tx: object, resource: str) -> Callable[[], None]:

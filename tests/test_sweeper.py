@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import random
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -139,19 +139,6 @@ def test_sweeper_racing_live_coordinators_breaks_nothing(
     # no sweeper or recovery pass had anything to do with a live transaction
     assert one.audit_trail() == []
     assert one.sweeper.status().passes > 0 and two.sweeper.status().passes > 0
-
-
-@pytest.fixture
-def at_step(monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, Callable[[], None]]]:
-    actions: dict[str, Callable[[], None]] = {}
-
-    def hit(name: str) -> None:
-        action = actions.pop(name, None)
-        if action is not None:
-            action()
-
-    monkeypatch.setattr(xatm._failpoint, "hit", hit)
-    yield actions
 
 
 def test_sweeper_aborts_an_expired_undecided_transaction_and_only_that(
