@@ -159,3 +159,29 @@ def test_recovery_prunes_finished_decisions(bank: Bank, make_tm: MakeTM, log_url
     tm.shared_log.flush()  # the END
     tm.recover()
     assert tm.shared_log.decisions([tx.gtrid]) == {}
+
+
+def test_concurrent_sweepers_resolve_once_and_survive_one_dying(
+    bank: Bank, make_tm: MakeTM, log_url: str, tmp_path: Path
+) -> None:
+    """Two hosts sweep the same shared log: one resolves while it holds the fleet-wide
+    sweeper lock, the other skips; when the first goes away, the second takes over."""
+    base = {"urls": bank.urls, "log": log_url, "table": bank.table, "journal": bank.journal}
+    proc = worker(
+        {**base, "node_id": "gone-1", "resources": ["pg1", "maria"], "tid": "s-1", "account": 4},
+        tmp_path,
+        "after_decision",
+    )
+    assert proc.returncode == -signal.SIGKILL
+    first = make_tm(node_id="sweep-a", log=log_url, sweeper=False)
+    second = make_tm(node_id="sweep-b", log=log_url, sweeper=False)
+    assert first.shared_log is not None and second.shared_log is not None
+    assert first.shared_log.try_sweep_lock()  # first is in the middle of a pass
+    skipped = second.recover()
+    assert (skipped.committed, skipped.rolled_back) == (0, 0)
+    assert len(bank.xatm_prepared_on("maria")) == 1
+    first.close()  # the first sweeper dies: its session, and so its lock, is gone
+    report = second.recover()
+    assert report.committed == 2
+    assert bank.journal_ids()["maria"] == bank.journal_ids()["pg1"] == {"s-1"}
+    assert bank.total() == bank.initial_total
