@@ -36,12 +36,13 @@ a newer version than this code knows is refused.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import threading
 import time
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, TypeVar, cast
 
 import psycopg
 from psycopg import sql
@@ -87,6 +88,23 @@ _MIGRATIONS: dict[int, list[str]] = {
         "CREATE INDEX IF NOT EXISTS audit_gtrid ON {schema}.audit (gtrid)",
     ],
 }
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _log_errors(method: F) -> F:
+    """Report a database error of the shared log as LogError (the log, not a resource,
+    failed), with the password redacted."""
+
+    @functools.wraps(method)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return method(*args, **kwargs)
+        except psycopg.Error as e:
+            raise LogError(f"the shared log failed: {redact(str(e)).strip()}") from None
+
+    return cast(F, wrapper)
 
 
 class DecisionFenced(DecisionNotLogged):
@@ -217,6 +235,7 @@ class PostgresLog:
                 " shared log; every coordinator process needs its own node_id"
             )
 
+    @_log_errors
     def node_alive(self, node_id: str) -> bool:
         """True if some session holds ``node_id``'s advisory lock (its coordinator lives)."""
         with self._read_lock:
@@ -358,6 +377,7 @@ class PostgresLog:
         if flush_now:
             self.flush()
 
+    @_log_errors
     def log_abort(self, gtrid: str, by: str) -> str:
         """Try to log ABORT for ``gtrid``; return the decision that holds ('C' or 'A')."""
         from ._xid import parse_gtrid
@@ -379,6 +399,7 @@ class PostgresLog:
             ).fetchone()
         return str(got[0]) if got else "A"
 
+    @_log_errors
     def decisions(self, gtrids: Sequence[str]) -> dict[str, LogRecord | str]:
         """The logged decision of each of ``gtrids`` that has one: a COMMIT record, or 'A'."""
         if not gtrids:
@@ -394,6 +415,7 @@ class PostgresLog:
             ).fetchall()
         return {g: (_record(g, b, x, t) if d == "C" else "A") for g, d, b, x, t in rows}
 
+    @_log_errors
     def pending(self, all_nodes: bool = False) -> Mapping[str, LogRecord]:
         """COMMIT decisions not yet ended (this node's, or every node's)."""
         query = (
@@ -418,6 +440,7 @@ class PostgresLog:
                 except psycopg.Error as e:
                     logger.warning("shared log: could not record %d ENDs: %s", len(ends), e)
 
+    @_log_errors
     def prune(self, abort_age: float = 86400.0) -> int:
         """Delete ended COMMIT rows and ABORT rows older than ``abort_age`` seconds."""
         with self._read_lock:
@@ -443,6 +466,7 @@ class PostgresLog:
             logger.warning("shared log: pruning failed: %s", redact(str(e)))
             return 0
 
+    @_log_errors
     def try_sweep_lock(self) -> bool:
         """Take the fleet-wide sweeper lock (session level) if free: one resolver at a time."""
         with self._read_lock:
@@ -480,6 +504,7 @@ class PostgresLog:
         except psycopg.Error as e:
             logger.error("cannot write the audit trail to the shared log: %s", redact(str(e)))
 
+    @_log_errors
     def read_audit(self, gtrid: str | None = None) -> list[AuditEntry]:
         query = (
             "SELECT at, gtrid, resource, branch, action, reason, outcome, actor, node"

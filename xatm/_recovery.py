@@ -82,7 +82,7 @@ from ._pglog import MIN_ABORT_AGE, PostgresLog
 from ._records import LogRecord
 from ._urls import redact
 from ._xid import may_use_marker, parse_gtrid
-from .errors import ResourceError
+from .errors import LogError, ResourceError
 
 if TYPE_CHECKING:
     from ._manager import TransactionManager
@@ -413,6 +413,9 @@ class _Pass:
             found = participant.recover(conn)
             for branch in found:
                 self.settle(name, branch, conn)
+        except LogError:
+            pool.discard(conn)
+            raise  # the log failed, not this resource: the pass cannot go on
         except Exception as e:
             pool.discard(conn)
             if participant.is_connection_error(e):
