@@ -122,3 +122,23 @@ def test_recoverys_fence_beats_a_late_decision_row(
     assert tm.recover().committed == 0
     participant, _ = tm._resource("pg1")
     assert _marker_recovery.probe_row(participant, tx.gtrid, fence=False) == "no-row"
+
+
+def test_marker_connection_lost_at_commit_is_in_doubt_then_settled(
+    bank: Bank, make_tm: MakeTM, at_step: dict[str, object]
+) -> None:
+    from xatm import TransactionInDoubt
+
+    tm = make_tm(commit_markers=["pg1"], sweeper=False)
+    with pytest.raises(TransactionInDoubt), tm.transaction() as tx:
+        move(tx, bank, "pg1", "maria", "lost-1")
+        pid = tx.connection("pg1").info.backend_pid
+        at_step["after_prepare"] = lambda: run(
+            bank.conns["pg1"], "SELECT pg_terminate_backend(%s)", (pid,)
+        )
+    assert tx.state.value == "in-doubt"
+    report = tm.recover()  # no decision row (the commit never ran): maria is rolled back
+    assert report.rolled_back == 1 and report.committed == 0
+    assert bank.journal_ids() == {"pg1": set(), "pg2": set(), "maria": set()}
+    assert bank.total() == bank.initial_total
+    assert bank.xatm_prepared() == {"pg1": [], "pg2": [], "maria": []}

@@ -385,18 +385,19 @@ class Transaction:
             self._rollback_all()
             self._raise_rolled_back(f"{marker.resource}: {e.reason}", e.__cause__ or e)
         except BaseException as e:
+            # Not a certain "no" (those are BranchVotedNo): the decision row may or may not
+            # be committed. Leave every branch as it is, for recovery to settle.
             marker.error = e
-            if not marker.participant.is_connection_error(e):
-                self._rollback_all()
-                self._raise_rolled_back(f"{marker.resource}: commit failed: {e}", e)
             marker.state = BranchState.UNKNOWN
             self.state = TransactionState.IN_DOUBT
             for b in branches:
                 b.drop()
+            if not isinstance(e, Exception):
+                raise
             raise TransactionInDoubt(
-                f"the connection to {marker.resource!r} was lost while it committed the"
-                f" decision of {self.gtrid}; recovery settles the other branches by whether"
-                " the decision row is there",
+                f"the commit of the decision of {self.gtrid} on {marker.resource!r} failed"
+                f" midway ({e}); recovery settles the other branches by whether the"
+                " decision row is there",
                 gtrid=self.gtrid,
             ) from e
         marker.state = BranchState.COMMITTED
@@ -426,18 +427,19 @@ class Transaction:
             self._rollback_all()
             self._raise_rolled_back(f"{branch.resource}: {e.reason}", e.__cause__)
         except BaseException as e:
+            # Not a certain "no" (those are BranchVotedNo): a lost connection, or the call
+            # was interrupted. Whether the commit took effect is unknown.
             branch.error = e
-            if branch.participant.is_connection_error(e):
-                branch.state = BranchState.UNKNOWN
-                branch.drop()
-                self.state = TransactionState.IN_DOUBT
-                raise TransactionInDoubt(
-                    f"the connection to {branch.resource!r} was lost during the one-phase"
-                    f" commit of {self.gtrid}: whether it committed is unknown",
-                    gtrid=self.gtrid,
-                ) from e
-            self._rollback_all()
-            self._raise_rolled_back(f"{branch.resource}: commit failed: {e}", e)
+            branch.state = BranchState.UNKNOWN
+            branch.drop()
+            self.state = TransactionState.IN_DOUBT
+            if not isinstance(e, Exception):
+                raise
+            raise TransactionInDoubt(
+                f"the one-phase commit of {self.gtrid} on {branch.resource!r} failed midway"
+                f" ({e}): whether it committed is unknown",
+                gtrid=self.gtrid,
+            ) from e
         branch.state = BranchState.COMMITTED
         branch.release()
         self.state = TransactionState.COMMITTED
