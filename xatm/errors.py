@@ -103,11 +103,12 @@ class TransactionInDoubt(TransactionError):
 
     * forcing the COMMIT decision to the log failed midway (every branch stays prepared and
       recovery resolves all of them by what the log holds);
-    * the connection dropped during the one-phase commit of the transaction's only branch;
+    * the one-phase commit of the transaction's only branch failed midway (connection lost,
+      call interrupted);
     * the commit of the only branch that wrote anything (the others were read-only) failed
       midway or found the branch gone: with no decision logged, its own outcome is the
       transaction's;
-    * the connection of the commit-marker branch dropped while it committed the decision
+    * the commit-marker branch's commit (which is the decision) failed midway
       (recovery settles the other branches by whether the decision row is there).
 
     In every case the branches end all the same way: never some committed, some not.
