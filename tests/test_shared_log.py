@@ -185,3 +185,38 @@ def test_concurrent_sweepers_resolve_once_and_survive_one_dying(
     assert report.committed == 2
     assert bank.journal_ids()["maria"] == bank.journal_ids()["pg1"] == {"s-1"}
     assert bank.total() == bank.initial_total
+
+
+def test_a_longer_per_transaction_timeout_is_left_to_its_live_coordinator(
+    bank: Bank, make_tm: MakeTM, log_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A transaction given more time than its manager's default carries that in its gtrid:
+    another host's sweeper does not abort it by age while its coordinator lives."""
+    base = {"urls": bank.urls, "log": log_url, "table": bank.table, "journal": bank.journal}
+    cfg = {
+        **base,
+        "node_id": "patient",
+        "resources": ["pg1", "maria"],
+        "tid": "long-1",
+        "timeout": 1.0,
+        "tx_timeout": 120.0,
+        "account": 3,
+    }
+    proc = worker(cfg, tmp_path, "before_decision:stop", wait=False)
+    deadline = time.monotonic() + 60
+    while not _stopped(proc.pid):
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    monkeypatch.setattr(xatm._recovery, "SKEW", 0.0)
+    time.sleep(1.2)  # past the managers' default timeout, well within its own
+    sweeper = make_tm(node_id="sweeper-host", log=log_url, timeout=1.0, sweeper=False)
+    report = sweeper.recover()
+    assert report.rolled_back == 0 and report.committed == 0
+    assert all("alive" in a.reason for a in report.actions if a.action == "skip")
+    proc.send_signal(signal.SIGCONT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert '"committed"' in out
+    assert bank.journal_ids()["pg1"] == bank.journal_ids()["maria"] == {"long-1"}
+    assert bank.total() == bank.initial_total

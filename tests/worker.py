@@ -50,7 +50,7 @@ def one_transfer(cfg: dict[str, Any]) -> int:
         commit_markers=markers,
         sweeper=False,
     ) as tm:
-        with tm.transaction() as tx:
+        with tm.transaction(timeout=cfg.get("tx_timeout")) as tx:
             apply_transfer(tx, cfg, legs, cfg["tid"])
         print(json.dumps({"gtrid": tx.gtrid, "state": tx.state.value}), flush=True)
     return 0

@@ -178,11 +178,9 @@ class TransactionManager:
         """A new global transaction, to be used as ``with tm.transaction() as tx:``."""
         if self._closed:
             raise XatmError("this TransactionManager is closed")
-        tx = Transaction(
-            self,
-            new_gtrid(self.node_id, marker=bool(self.commit_markers)),
-            self.timeout if timeout is None else validate_timeout(timeout),
-        )
+        limit = self.timeout if timeout is None else validate_timeout(timeout)
+        gtrid = new_gtrid(self.node_id, marker=bool(self.commit_markers), long=limit > self.timeout)
+        tx = Transaction(self, gtrid, limit)
         with self._lock:
             self._active[tx.gtrid] = tx
         return tx

@@ -81,7 +81,7 @@ from ._participant import Participant, PhaseTwo, PreparedBranch
 from ._pglog import MIN_ABORT_AGE, PostgresLog
 from ._records import LogRecord
 from ._urls import redact
-from ._xid import may_use_marker, parse_gtrid
+from ._xid import has_long_timeout, may_use_marker, parse_gtrid
 from .errors import LogError, ResourceError
 
 if TYPE_CHECKING:
@@ -619,7 +619,8 @@ class _Pass:
         assert shared is not None
         node = parse_gtrid(gtrid)[0]
         age = time.time() - created_at
-        if not owner_done and age <= self.manager.timeout + SKEW and shared.node_alive(node):
+        young = age <= self.manager.timeout + SKEW or has_long_timeout(gtrid)
+        if not owner_done and young and shared.node_alive(node):
             # its live coordinator finishes it (also a COMMIT it is still carrying out:
             # committing its branches under it would only make it report false heuristics)
             leave(f"coordinator {node!r} is alive and the transaction is within its timeout")

@@ -139,16 +139,25 @@ class Xid:
 #: flag bit in the gtrid's 12th hex digit: the transaction may keep its decision in a
 #: commit-marker row (its coordinator has commit_markers), not only in the coordinator log
 FLAG_MARKER = 0x1
+#: flag bit: the transaction has a timeout longer than its coordinator's default, so only
+#: that coordinator (or its death) may end it: other hosts' sweepers do not judge its age
+FLAG_LONG = 0x2
 
 
-def new_gtrid(node_id: str, *, marker: bool = False) -> str:
+def new_gtrid(node_id: str, *, marker: bool = False, long: bool = False) -> str:
     """A fresh global transaction id for ``node_id`` (already validated).
 
-    ``txid`` is 11 hex digits of milliseconds, 1 hex digit of flags (:data:`FLAG_MARKER`)
-    and 15 hex digits (60 bits) of randomness."""
+    ``txid`` is 11 hex digits of milliseconds, 1 hex digit of flags (:data:`FLAG_MARKER`,
+    :data:`FLAG_LONG`) and 15 hex digits (60 bits) of randomness."""
     ms = int(time.time() * 1000)
-    flags = FLAG_MARKER if marker else 0
+    flags = (FLAG_MARKER if marker else 0) | (FLAG_LONG if long else 0)
     return f"{NAMESPACE}.{node_id}.{ms:011x}{flags:x}{secrets.randbits(60):015x}"
+
+
+def has_long_timeout(gtrid: str) -> bool:
+    """True if the transaction outlives its coordinator's default timeout (see FLAG_LONG)."""
+    m = _GTRID_RE.fullmatch(gtrid)
+    return m is not None and bool(int(m.group(3)[0], 16) & FLAG_LONG)
 
 
 def may_use_marker(gtrid: str) -> bool:
