@@ -109,6 +109,17 @@ def _stopped(pid: int) -> bool:
     return state == "T"
 
 
+def start_paused(cfg: dict[str, object], tmp_path: Path) -> subprocess.Popen[str]:
+    """A coordinator that stops itself (SIGSTOP) just before it writes its COMMIT."""
+    proc = worker(cfg, tmp_path, "before_decision:stop", wait=False)
+    deadline = time.monotonic() + 60
+    while not _stopped(proc.pid):
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    return proc
+
+
 def test_paused_coordinator_obeys_the_sweepers_abort(
     bank: Bank, make_tm: MakeTM, log_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -122,12 +133,7 @@ def test_paused_coordinator_obeys_the_sweepers_abort(
         "tid": "paused-1",
         "timeout": 1.0,
     }
-    proc = worker(cfg, tmp_path, "before_decision:stop", wait=False)
-    deadline = time.monotonic() + 60
-    while not _stopped(proc.pid):
-        assert proc.poll() is None, proc.communicate()
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
+    proc = start_paused(cfg, tmp_path)
     monkeypatch.setattr(xatm._recovery, "SKEW", 0.0)
     time.sleep(1.2)  # past the transaction's timeout
     sweeper = make_tm(node_id="sweeper-host", log=log_url, timeout=1.0, sweeper=False)
@@ -202,12 +208,7 @@ def test_a_longer_per_transaction_timeout_is_left_to_its_live_coordinator(
         "tx_timeout": 120.0,
         "account": 3,
     }
-    proc = worker(cfg, tmp_path, "before_decision:stop", wait=False)
-    deadline = time.monotonic() + 60
-    while not _stopped(proc.pid):
-        assert proc.poll() is None, proc.communicate()
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
+    proc = start_paused(cfg, tmp_path)
     monkeypatch.setattr(xatm._recovery, "SKEW", 0.0)
     time.sleep(1.2)  # past the managers' default timeout, well within its own
     sweeper = make_tm(node_id="sweeper-host", log=log_url, timeout=1.0, sweeper=False)

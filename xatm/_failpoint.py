@@ -25,8 +25,7 @@ import os
 import signal
 
 NAMES = ("before_prepare", "after_prepare", "after_decision", "after_first_commit")
-#: also valid, but not part of the crash matrix (the same state as after_prepare)
-EXTRA_NAMES = ("before_decision",)
+# before_decision is valid too, but not in NAMES: it is the crash matrix's after_prepare state
 
 _SETTING = (os.environ.get("XATM_FAILPOINT") or "").partition(":")
 _ACTIVE = _SETTING[0] or None

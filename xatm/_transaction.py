@@ -345,7 +345,7 @@ class Transaction:
             # Read-only votes left at most one branch with work: its commit alone decides
             # the outcome, so no decision needs logging (a crash before it commits leaves
             # nothing acknowledged, and presumed abort rolls the branch back).
-            self._fence_decision(prepared)
+            self._fence_decision()
         _failpoint.hit("after_decision")
         self.state = TransactionState.COMMITTING
         self._commit_all(prepared, logged=len(prepared) > 1)
@@ -372,7 +372,7 @@ class Transaction:
         _failpoint.hit("before_prepare")
         prepared = self._prepare_all([b for b in branches if b is not marker])
         _failpoint.hit("after_prepare")
-        self._fence_decision(prepared)
+        self._fence_decision()
         finished = self._manager._finished_markers(marker.resource)
         gtrid = self.gtrid if prepared else None  # no other writer: no decision row needed
         txids = {b.resource: b.txid for b in prepared if b.txid is not None}
@@ -493,7 +493,7 @@ class Transaction:
                 branch.release()
         return [b for b in branches if b.state is BranchState.PREPARED]
 
-    def _fence_decision(self, branches: list[Branch]) -> None:
+    def _fence_decision(self) -> None:
         """Pass the fence with recovery, or roll back if the transaction is past its time."""
         with self._fence:
             expired = self._aborted_by_recovery or time.monotonic() > self.deadline
@@ -504,7 +504,7 @@ class Transaction:
             self._raise_rolled_back("timeout")
 
     def _decide(self, branches: list[Branch]) -> None:
-        self._fence_decision(branches)
+        self._fence_decision()
         _failpoint.hit("before_decision")
         txids = {b.resource: b.txid for b in branches if b.txid is not None}
         try:
