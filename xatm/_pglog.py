@@ -520,10 +520,11 @@ class PostgresLog:
 
     def close(self) -> None:
         self.flush()
-        with contextlib.suppress(psycopg.Error):
-            # release the node's identity now, not when the server notices the session end
-            self._writer.execute("SELECT pg_advisory_unlock_all()")
         for conn in (self._writer, self._reader_conn):
+            with contextlib.suppress(psycopg.Error):
+                # release the node lock (writer) and the sweeper lock (reader) now, not
+                # when the server notices that the session has ended
+                conn.execute("SELECT pg_advisory_unlock_all()")
             with contextlib.suppress(psycopg.Error):
                 conn.close()
 
