@@ -119,6 +119,22 @@ class Bank:
             out[name] = found
         return out
 
+    def wait_for_dead_sessions(self, timeout: float = 10.0) -> None:
+        """Wait until MariaDB has dropped every other session of the test user: a killed
+        coordinator's session may linger a moment, and while it does MariaDB lets no other
+        session finish its prepared XA branch (XAER_NOTA; recovery leaves it for a later pass)."""
+        import time
+
+        deadline = time.monotonic() + timeout
+        conn = self.conns["maria"]
+        while run(
+            conn,
+            "SELECT COUNT(*) FROM information_schema.processlist"
+            " WHERE user = 'xatm' AND id <> CONNECTION_ID()",
+        )[0][0]:
+            assert time.monotonic() < deadline, "a dead coordinator's session lingers"
+            time.sleep(0.02)
+
     def xatm_prepared_on(self, name: str) -> list[Xid]:
         """xatm's prepared branches on one resource (only that server is asked)."""
         conn = self.conns[name]

@@ -90,6 +90,7 @@ def test_crash_at_failpoint_then_recover(
     else:  # after_first_commit: one branch committed, the others still prepared (some may
         assert left <= preparable - 1  # have been committed by the parallel phase 2 too)
     node = "crashy" if recover_as == "restarted" else "other"
+    bank.wait_for_dead_sessions()
     tm = make_tm(node_id=node, log=log)
     report = tm.recover()
     assert report.unreachable == ()
