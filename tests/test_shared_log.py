@@ -87,6 +87,7 @@ def test_two_coordinators_crash_and_a_third_host_recovers(
         failpoint,
     )
     assert a.returncode == b.returncode == -signal.SIGKILL
+    bank.wait_for_dead_sessions()
     sweeper = make_tm(node_id="sweeper-host", log=log_url, sweeper=False)
     report = sweeper.recover()
     assert report.in_doubt == 0, report.actions
@@ -179,6 +180,7 @@ def test_concurrent_sweepers_resolve_once_and_survive_one_dying(
         "after_decision",
     )
     assert proc.returncode == -signal.SIGKILL
+    bank.wait_for_dead_sessions()
     first = make_tm(node_id="sweep-a", log=log_url, sweeper=False)
     second = make_tm(node_id="sweep-b", log=log_url, sweeper=False)
     assert first.shared_log is not None and second.shared_log is not None
