@@ -78,7 +78,7 @@ def test_live_coordinator_is_reported_alive_and_undecided(
     (row,) = inspector.indoubt()
     assert row.gtrid == gtrid
     assert row.owner == "alive" and row.decision is None
-    assert "left to its coordinator 'owner' (alive)" in row.plan
+    assert "left prepared: its coordinator is alive" in row.plan
     # the owner's own view: not running in this process, so it is aborted
     (own,) = owner.indoubt()
     assert own.owner == "this-process" and own.decision == "abort"
@@ -190,7 +190,7 @@ def test_inspection_with_the_shared_log(
         assert result.exit_code == 0, result.output
         (row,) = [r for r in json.loads(result.stdout) if r["gtrid"] == gtrid]
         assert (row["owner"], row["decision"]) == ("dead", "commit")
-        assert "shared log" in row["plan"]
+        assert row["plan"] == "commit (decision COMMIT is logged)"
         ops = make_tm(node_id="shops", log=log_url, sweeper=False)
         assert ops.recover().committed >= 2
         result = CliRunner().invoke(main, ["--config", str(config), "show", gtrid, "--json"])

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-import xatm._recovery
+import xatm._decide
 from tests.support import Bank
 from xatm import FAILPOINTS, ConfigurationError, TransactionManager
 
@@ -135,7 +135,7 @@ def test_paused_coordinator_obeys_the_sweepers_abort(
         "timeout": 1.0,
     }
     proc = start_paused(cfg, tmp_path)
-    monkeypatch.setattr(xatm._recovery, "SKEW", 0.0)
+    monkeypatch.setattr(xatm._decide, "SKEW", 0.0)
     time.sleep(1.2)  # past the transaction's timeout
     sweeper = make_tm(node_id="sweeper-host", log=log_url, timeout=1.0, sweeper=False)
     report = sweeper.recover()
@@ -211,7 +211,7 @@ def test_a_longer_per_transaction_timeout_is_left_to_its_live_coordinator(
         "account": 3,
     }
     proc = start_paused(cfg, tmp_path)
-    monkeypatch.setattr(xatm._recovery, "SKEW", 0.0)
+    monkeypatch.setattr(xatm._decide, "SKEW", 0.0)
     time.sleep(1.2)  # past the managers' default timeout, well within its own
     sweeper = make_tm(node_id="sweeper-host", log=log_url, timeout=1.0, sweeper=False)
     report = sweeper.recover()

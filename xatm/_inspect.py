@@ -26,15 +26,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from . import _marker_recovery
+from . import _marker_recovery, _node_markers
 from ._audit import AuditEntry, format_time, read_audit
+from ._decide import Action, Facts, Logged, Marker, Owner, decide, describe, past_timeout
 from ._doctor import DoctorReport, diagnose
 from ._filelog import MAGIC, SEGMENT_GLOB, FileLog, list_nodes
 from ._participant import Connection, Participant, PreparedBranch
 from ._pool import Pool
 from ._records import LogRecord, read_frames
 from ._urls import redact
-from ._xid import is_xatm_gtrid, parse_gtrid, validate_node_id
+from ._xid import is_xatm_gtrid, may_use_marker, parse_gtrid, validate_node_id
 from .errors import ConfigurationError, LogLocked, ResourceError, XatmError
 
 logger = logging.getLogger("xatm.inspect")
@@ -321,47 +322,6 @@ class Compaction:
 # ----------------------------------------------------------------------------- the plan
 
 
-def plan(
-    decision: Decision | None,
-    owner: OwnerState,
-    node: str,
-    *,
-    running: bool,
-    shared: bool = False,
-) -> str:
-    """What recovery will do about a transaction's prepared branches, in words."""
-    if shared and (owner != "this-process" or not running):
-        # with a shared log any sweeper finishes a decision, and aborts an undecided
-        # transaction (a fenced ABORT) once its coordinator is dead or its timeout is past
-        if decision == "commit":
-            return "commit (decision logged in the shared log)"
-        if decision == "abort":
-            return "roll back (ABORT in the shared log, or its coordinator is gone)"
-        return (
-            f"left to its coordinator {node!r} (alive) until the timeout; then any sweeper"
-            " aborts it (a fenced ABORT in the shared log)"
-        )
-    if owner == "this-process":
-        if running:
-            return "left to its coordinator: the transaction is running in this process"
-        return "commit (decision logged)" if decision == "commit" else "roll back (presumed abort)"
-    if owner == "dead":
-        if decision == "commit":
-            return "commit (decision logged; its coordinator is dead)"
-        return "roll back (no decision logged and its coordinator is dead: presumed abort)"
-    if owner == "alive":
-        if decision == "commit":
-            return f"left to its coordinator {node!r} (alive), which commits it"
-        return (
-            f"left to its coordinator {node!r} (alive): it commits or rolls back; past the"
-            " timeout its own sweeper rolls it back"
-        )
-    return (
-        f"left alone: no log of coordinator {node!r} here, so nothing can tell what it"
-        " decided; resolve by hand (xatm commit/rollback GTRID --force)"
-    )
-
-
 # ----------------------------------------------------------------------------- the scan
 
 
@@ -373,28 +333,6 @@ class _Scan:
     unreachable: dict[str, str] = field(default_factory=dict)
     foreign: int = 0
     markers: dict[str, LogRecord] = field(default_factory=dict)  # commit-marker decision rows
-
-
-_PG_LOCKS = (
-    "SELECT count(*), coalesce(string_agg(DISTINCT l.relation::regclass::text, ','), '')"
-    " FROM pg_locks l WHERE l.pid IS NULL AND l.virtualtransaction = ("
-    "  SELECT t.virtualtransaction FROM pg_locks t JOIN pg_prepared_xacts p"
-    "  ON t.locktype = 'transactionid' AND t.transactionid = p.transaction"
-    "  WHERE p.gid = %s AND p.database = current_database() LIMIT 1)"
-)
-
-
-def _pg_locks(conn: Connection, gid: str) -> tuple[int | None, tuple[str, ...]]:
-    """How many locks a prepared PostgreSQL transaction holds, and on which relations."""
-    try:
-        row = conn.execute(_PG_LOCKS, (gid,)).fetchone()
-    except Exception as e:  # informative only: never fail a listing over it
-        logger.debug("cannot count the locks of %s: %s", gid, e)
-        return None, ()
-    if row is None:
-        return None, ()
-    relations = tuple(r for r in str(row[1]).split(",") if r)
-    return int(row[0]), relations
 
 
 class Inspector:
@@ -510,10 +448,7 @@ class Inspector:
                             continue
                         if only is not None and xid.gtrid != only:
                             continue
-                        locks: int | None = None
-                        relations: tuple[str, ...] = ()
-                        if participant.kind == "postgresql":
-                            locks, relations = _pg_locks(conn, branch.raw)
+                        locks, relations = participant.branch_locks(conn, branch)
                         scan.found.setdefault(xid.gtrid, []).append(
                             (name, branch, locks, relations)
                         )
@@ -554,17 +489,55 @@ class Inspector:
             return False
         return bool(self.shared_log.decisions([gtrid]).get(gtrid) == "A")
 
-    def _decision(
-        self, gtrid: str, record: LogRecord | None, owner: OwnerState, running: bool
-    ) -> Decision | None:
-        if record is not None:
-            return "commit"
-        if owner == "dead" or (owner == "this-process" and not running) or self._aborted(gtrid):
-            return "abort"
-        return None
-
-    def _plan(self, decision: Decision | None, owner: OwnerState, node: str, running: bool) -> str:
-        return plan(decision, owner, node, running=running, shared=self.shared_log is not None)
+    def _verdict(
+        self, gtrid: str, record: LogRecord | None, owner: OwnerState, running: bool, scan: _Scan
+    ) -> tuple[Decision | None, str]:
+        """The decision as far as it is known, and the plan: what the decision rule
+        (:func:`xatm._decide.decide`) says recovery will do, from what is seen here."""
+        node, created = parse_gtrid(gtrid)
+        shared = self.shared_log is not None
+        logged = Logged.NONE
+        if record is not None and gtrid not in scan.markers:
+            logged = Logged.COMMIT
+        elif self._aborted(gtrid):
+            logged = Logged.ABORT
+        marker = Marker.NOT_FLAGGED
+        if gtrid in scan.markers:
+            marker = Marker.ROW
+        elif may_use_marker(gtrid):
+            candidates = (
+                None
+                if self.log_directory is None
+                else _node_markers.read(Path(self.log_directory) / node)
+            )
+            if not candidates or any(
+                c not in self._participants or c in scan.unreachable for c in candidates
+            ):
+                marker = Marker.UNREAD
+            else:
+                marker = Marker.NO_ROW
+        owners = {
+            "alive": Owner.LIVE_PEER,
+            "dead": Owner.DEAD_PEER,
+            "unknown": Owner.UNKNOWN,
+            "this-process": Owner.RUNNING if running else Owner.FINISHED,
+        }
+        bquals = {b.xid.bqual for _, b, _, _ in scan.found.get(gtrid, []) if b.xid is not None}
+        facts = Facts(
+            owners[owner],
+            logged=logged,
+            marker=marker,
+            expired=shared and past_timeout(gtrid, created, time.time(), self.timeout),
+            shared_log=shared,
+            known_resource=bquals <= set(self._participants),
+        )
+        verdict = decide(facts)
+        decision: Decision | None = None
+        if logged is Logged.COMMIT or marker is Marker.ROW:
+            decision = "commit"
+        elif logged is Logged.ABORT or verdict.action is Action.ROLLBACK:
+            decision = "abort"
+        return decision, describe(verdict)
 
     # -- answers ----------------------------------------------------------------------------
     def indoubt(self) -> InDoubtReport:
@@ -601,7 +574,7 @@ class Inspector:
             owner, pending = node_info(node)
             record = pending.get(gtrid) or scan.markers.get(gtrid)
             running = self._is_running(gtrid, owner)
-            decision = self._decision(gtrid, record, owner, running)
+            decision, what = self._verdict(gtrid, record, owner, running, scan)
             branches = self._branches(gtrid, scan, record)
             rows.append(
                 InDoubt(
@@ -612,7 +585,7 @@ class Inspector:
                     owner=owner,
                     decision=decision,
                     decided_at=None if record is None else record.at,
-                    plan=self._plan(decision, owner, node, running),
+                    plan=what,
                     branches=branches,
                 )
             )
@@ -660,10 +633,10 @@ class Inspector:
                 " decision in its coordinator's log and no audit entry"
             )
         running = self._is_running(gtrid, owner)
-        decision = self._decision(gtrid, record, owner, running)
+        decision, what = self._verdict(gtrid, record, owner, running, scan)
         in_doubt = bool(scan.found)
         if in_doubt:
-            what = self._plan(decision, owner, node, running)
+            pass
         elif record is not None:
             what = "no branch is prepared: recovery closes the decision record (END)"
         else:

@@ -15,11 +15,12 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from . import _marker, _sqlalchemy
+from . import _marker, _node_markers, _sqlalchemy
 from ._audit import AuditEntry, AuditTrail
 from ._config import Settings, load_config, resource_specs, validate_timeout
 from ._doctor import DoctorReport
 from ._filelog import DEFAULT_SEGMENT_BYTES, FileLog
+from ._identity import IdentityLocks
 from ._inspect import InDoubtReport, Inspector, NodeLog, TransactionInfo
 from ._log import CoordinatorLog
 from ._mysql import MySQLParticipant
@@ -146,10 +147,15 @@ class TransactionManager:
         self._recovery_lock = threading.Lock()
         self._audit = AuditTrail(self.log_directory, self.node_id, self.shared_log)
         self._expired_noted: set[str] = set()
-        # resources seen holding commit-marker decision rows (recovery must read them)
-        self._marker_resources: set[str] = set(self.commit_markers)
-        # resources read and found without that table (so a down one of them hides nothing)
-        self._markerless_resources: set[str] = set()
+        self._identity = IdentityLocks(self._participants, self.node_id)
+        try:
+            if self.log_directory is not None:
+                # before any transaction can use a marker, say where its rows may be
+                _node_markers.record(Path(self.log_directory) / self.node_id, self.commit_markers)
+            self._identity.acquire(wait=lock_timeout)
+        except BaseException:
+            self._close_resources()
+            raise
         self.sweeper = Sweeper(self, sweep_interval)
         if sweeper:
             self.sweeper.start()
@@ -258,8 +264,12 @@ class TransactionManager:
             return
         self._closed = True
         self.sweeper.stop()
+        self._close_resources()
+
+    def _close_resources(self) -> None:
         for pool in self._pools.values():
             pool.close()
+        self._identity.close()
         self._log.close()
         self._audit.close()
 

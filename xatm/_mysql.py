@@ -26,8 +26,10 @@ import mysql.connector
 from mysql.connector import errors as myerrors
 
 from ._participant import (
+    CANNOT_TELL,
     BranchVotedNo,
     Cursor,
+    Finished,
     PhaseTwo,
     Prepared,
     PreparedBranch,
@@ -243,6 +245,44 @@ class MySQLParticipant:
         finally:
             cur.close()
         return problems
+
+    # -- node identity and what phase 2 / recovery need to know ---------------------------
+    #: MariaDB (and MySQL before 8.0.29) answer XAER_NOTA to another session while the
+    #: preparing session is still connected
+    nota_may_be_held = True
+    #: each XA statement waits for its answer
+    sends_without_waiting = False
+    #: the marker statements take a round trip each before the commit
+    marker_in_one_round_trip = False
+
+    def _scalar(self, conn: Any, query: str, params: tuple[Any, ...]) -> Any:
+        cur = conn.cursor()
+        try:
+            cur.execute(query, params)
+            row = cur.fetchone()
+        finally:
+            cur.close()
+        return None if row is None else row[0]
+
+    def take_identity(self, conn: Any, node_id: str) -> bool:
+        """``GET_LOCK`` of the node's name: server-wide, like ``XA RECOVER``."""
+        return bool(self._scalar(conn, "SELECT GET_LOCK(%s, 0)", (identity_name(node_id),)))
+
+    def identity_in_use(self, conn: Any, node_id: str) -> bool:
+        return self._scalar(conn, "SELECT IS_USED_LOCK(%s)", (identity_name(node_id),)) is not None
+
+    def verify_finished(self, conn: Any, txid: int | None) -> tuple[Finished, str]:
+        """MySQL keeps no status of finished XA transactions: nothing can be told."""
+        return "unknown", CANNOT_TELL
+
+    def branch_locks(self, conn: Any, branch: PreparedBranch) -> tuple[int | None, tuple[str, ...]]:
+        """Not known for XA branches (no per-XID lock view)."""
+        return None, ()
+
+
+def identity_name(node_id: str) -> str:
+    """The ``GET_LOCK`` name of a node's identity (at most 64 characters)."""
+    return f"xatm:node:{node_id}"
 
 
 def _describe(e: myerrors.Error) -> str:

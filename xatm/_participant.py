@@ -21,7 +21,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 from ._urls import Kind, ResourceSpec
 from ._xid import Xid
@@ -50,6 +50,11 @@ class Prepared:
 
     vote: Vote
     txid: int | None = None
+
+
+#: what the server can tell of a branch that is no longer prepared
+Finished = Literal["committed", "aborted", "in progress", "unknown"]
+CANNOT_TELL = "not found: committed earlier or resolved outside xatm (cannot tell)"
 
 
 class PhaseTwo(enum.Enum):
@@ -145,3 +150,32 @@ class Participant(Protocol):
 
     def check(self, conn: Connection) -> list[str]:
         """Problems that make the resource unfit for 2PC, each saying what to change."""
+
+    #: True when ``start_prepare`` / ``start_commit_prepared`` send without waiting for the
+    #: answer (so starting this branch's step first lets the others overlap with it)
+    sends_without_waiting: bool
+
+    #: True when a marker branch's decision row and its commit go in one round trip (such a
+    #: resource is preferred as the marker branch)
+    marker_in_one_round_trip: bool
+
+    #: True when committing or rolling back a branch that ``recover`` just listed can answer
+    #: "no such branch" while the branch still exists (MariaDB: a session still attached to
+    #: it); the branch must then be left for a later pass, never taken as finished
+    nota_may_be_held: bool
+
+    def take_identity(self, conn: Connection, node_id: str) -> bool:
+        """Take the session-level identity lock of ``node_id`` on this resource without
+        waiting; False if another session holds it."""
+
+    def identity_in_use(self, conn: Connection, node_id: str) -> bool:
+        """True if some session holds the identity lock of ``node_id`` on this resource."""
+
+    def verify_finished(self, conn: Connection, txid: int | None) -> tuple[Finished, str]:
+        """What became of a branch that is no longer prepared (``txid``: the server
+        transaction id logged with the decision), and a text saying so."""
+
+    def branch_locks(
+        self, conn: Connection, branch: PreparedBranch
+    ) -> tuple[int | None, tuple[str, ...]]:
+        """How many locks a prepared branch holds and on which relations (None: unknown)."""

@@ -16,6 +16,7 @@ Facts handled here (see ../shared/reference/xa-gotchas.md):
 from __future__ import annotations
 
 import contextlib
+import zlib
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -24,8 +25,10 @@ from psycopg import sql
 from psycopg.pq import TransactionStatus
 
 from ._participant import (
+    CANNOT_TELL,
     BranchVotedNo,
     Cursor,
+    Finished,
     PhaseTwo,
     Prepared,
     PreparedBranch,
@@ -258,6 +261,86 @@ class PostgresParticipant:
                 " max_connections) and restart the server"
             )
         return problems
+
+    # -- node identity and what phase 2 / recovery need to know ---------------------------
+    #: a commit/rollback of a listed gid that answers "unknown gid" means it is gone
+    nota_may_be_held = False
+    #: pipeline mode: prepare and commit are sent, and their answers read later
+    sends_without_waiting = True
+    #: the decision row and COMMIT go in one pipeline
+    marker_in_one_round_trip = True
+
+    def take_identity(self, conn: psycopg.Connection[Any], node_id: str) -> bool:
+        """Take the session advisory lock of ``node_id`` (this database) without waiting."""
+        row = conn.execute(
+            "SELECT pg_try_advisory_lock(%s, %s)", (IDENTITY_LOCK_SPACE, identity_key(node_id))
+        ).fetchone()
+        return bool(row and row[0])
+
+    def identity_in_use(self, conn: psycopg.Connection[Any], node_id: str) -> bool:
+        """Does any session of this database hold the advisory lock of ``node_id``?"""
+        row = conn.execute(
+            "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory'"
+            " AND classid = %s AND objid = %s AND objsubid = 2 AND granted"
+            " AND database = (SELECT oid FROM pg_database WHERE datname = current_database()))",
+            (IDENTITY_LOCK_SPACE, identity_key(node_id) & 0xFFFFFFFF),
+        ).fetchone()
+        return bool(row and row[0])
+
+    def verify_finished(
+        self, conn: psycopg.Connection[Any], txid: int | None
+    ) -> tuple[Finished, str]:
+        """What became of a branch no longer prepared, from ``pg_xact_status`` of its logged
+        server transaction id."""
+        if txid is None:
+            return "unknown", CANNOT_TELL + ": no transaction id was logged"
+        try:
+            row = conn.execute(
+                "SELECT pg_xact_status(%s::text::xid8)", (str(int(txid)),)
+            ).fetchone()
+        except psycopg.Error as e:
+            if self.is_connection_error(e):
+                raise
+            return "unknown", f"{CANNOT_TELL}: pg_xact_status failed: {redact(_describe(e))}"
+        status = None if row is None else row[0]
+        if status == "committed":
+            return "committed", f"committed (PostgreSQL transaction {txid})"
+        if status == "aborted":
+            return "aborted", f"rolled back (PostgreSQL transaction {txid} aborted)"
+        if status == "in progress":
+            return "in progress", f"PostgreSQL transaction {txid} is still in progress"
+        return "unknown", f"{CANNOT_TELL}: the status of transaction {txid} is no longer kept"
+
+    def branch_locks(
+        self, conn: psycopg.Connection[Any], branch: PreparedBranch
+    ) -> tuple[int | None, tuple[str, ...]]:
+        """How many locks a prepared branch holds, and on which relations."""
+        try:
+            row = conn.execute(_LOCKS, (branch.raw,)).fetchone()
+        except psycopg.Error:  # informative only: never fail a listing over it
+            return None, ()
+        if row is None:
+            return None, ()
+        return int(row[0]), tuple(r for r in str(row[1]).split(",") if r)
+
+
+#: advisory lock class id (two-int form) of node identity locks on resources
+IDENTITY_LOCK_SPACE = 0x786E
+
+
+def identity_key(node_id: str) -> int:
+    """The signed 32-bit advisory-lock key of ``node_id``."""
+    key = zlib.crc32(node_id.encode("ascii"))
+    return key - (1 << 32) if key >= 1 << 31 else key
+
+
+_LOCKS = (
+    "SELECT count(*), coalesce(string_agg(DISTINCT l.relation::regclass::text, ','), '')"
+    " FROM pg_locks l WHERE l.pid IS NULL AND l.virtualtransaction = ("
+    "  SELECT t.virtualtransaction FROM pg_locks t JOIN pg_prepared_xacts p"
+    "  ON t.locktype = 'transactionid' AND t.transactionid = p.transaction"
+    "  WHERE p.gid = %s AND p.database = current_database() LIMIT 1)"
+)
 
 
 def _leave(pipeline: Any, error: BaseException) -> None:

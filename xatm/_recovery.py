@@ -1,19 +1,13 @@
-"""One recovery pass: find xatm's prepared branches and settle each by the logged decision.
+"""One recovery pass: find xatm's prepared branches and settle each by the decision rule.
 
-The decision table (docs/protocol.md explains each row):
-
-================================  ============================  ==========================
-branch found prepared, owner ...  decision in the owner's log   action
-================================  ============================  ==========================
-not an xatm XID                   (not looked at)               never touched: *foreign*
-this node, transaction running    any                           left to its coordinator
-this node, not running            COMMIT                        COMMIT PREPARED / XA COMMIT
-this node, not running            none (presumed abort)         ROLLBACK PREPARED / XA ROLLBACK
-peer whose log lock is free       COMMIT                        commit (log taken over)
-peer whose log lock is free       none                          roll back
-peer whose log lock is held       any                           left to that live peer
-peer with no log here             unknown                       left alone, reported
-================================  ============================  ==========================
+For every xatm branch found prepared, the pass gathers the facts (:meth:`_Pass.facts`: whose
+it is, what its log says, whether a commit-marker row exists) and asks
+:func:`xatm._decide.decide`, the one place where "commit, roll back or leave" is written
+(docs/protocol.md prints its table). A ``probe`` verdict reads the decision row on the
+resources recorded for the gtrid's node (``xatm._node_markers``) and asks again; a fenced
+rollback with the shared log writes a conditional ABORT first. Phase 2 goes through
+:func:`xatm._settle.finish_prepared`, which says what a "no such branch" answer means.
+Foreign prepared transactions (not an xatm XID) are never touched.
 
 A running transaction of this node that is past its timeout and has not decided yet is marked
 aborted (``abort_if_expired``): its coordinator then rolls it back instead of deciding.
@@ -47,10 +41,10 @@ branches are all finished is deleted (recovery's END). Before presuming abort fo
 transaction whose gtrid carries the marker flag (its coordinator had commit markers
 configured; ``xatm._xid.FLAG_MARKER``) and has no decision anywhere, the decision tables
 are *probed*
-(``xatm._marker_recovery.probe_row``), which waits out a marker commit still running in the
-server; if a resource known to hold such a table cannot be reached, the transaction is left
-in doubt for a later pass (so is a resource that was not reached and has never been seen
-without the table). A transaction without the flag can only have its decision in the log.
+(``xatm._marker_recovery.probe_row``) on every resource recorded as a marker resource of
+its node, which waits out a marker commit still running in the server; if one of them is not
+configured here or cannot be reached, the transaction is left in doubt. A transaction
+without the flag can only have its decision in the log.
 
 **Shared log.** With a PostgreSQL log every decision of every node is in one table, so no
 log is taken over. A logged decision is obeyed; with none, the transaction is aborted by a
@@ -70,18 +64,21 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from . import _marker_recovery
+from . import _marker_recovery, _node_markers
+from ._decide import Action as Act
+from ._decide import Facts, Logged, Marker, Owner, decide, past_timeout
 from ._filelog import FileLog, list_nodes
 from ._inspect import owner_state, read_log
-from ._participant import Participant, PhaseTwo, PreparedBranch
+from ._participant import Connection, PreparedBranch
 from ._pglog import MIN_ABORT_AGE, PostgresLog
 from ._records import LogRecord
+from ._settle import Settled, finish_prepared
 from ._urls import redact
-from ._xid import has_long_timeout, may_use_marker, parse_gtrid
+from ._xid import Xid, may_use_marker, parse_gtrid
 from .errors import LogError, ResourceError
 
 if TYPE_CHECKING:
@@ -89,14 +86,8 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("xatm.recovery")
 
-#: seconds allowed for clock differences between hosts sharing a log, on top of the timeout
-SKEW = 5.0
 
 Action = Literal["commit", "rollback", "skip", "error", "heuristic", "verify", "end"]
-#: what pg_xact_status (or its absence) says about a branch that is no longer prepared
-Verdict = Literal["committed", "aborted", "in progress", "unknown"]
-
-CANNOT_TELL = "not found: committed earlier or resolved outside xatm (cannot tell)"
 #: a decision row is checked for deletion once this many seconds past ``timeout`` (by then
 #: its own coordinator has normally finished the transaction, and deletes its rows itself)
 MARKER_END_AGE = 5.0
@@ -165,34 +156,15 @@ class RecoveryReport:
         }
 
 
-def verify_branch(participant: Participant, conn: Any, txid: int | None) -> tuple[Verdict, str]:
-    """What became of a branch that is no longer prepared, as far as the server can tell."""
-    if participant.kind != "postgresql":
-        return "unknown", CANNOT_TELL
-    if txid is None:
-        return "unknown", CANNOT_TELL + ": no transaction id was logged"
-    try:
-        row = conn.execute("SELECT pg_xact_status(%s::text::xid8)", (str(int(txid)),)).fetchone()
-    except Exception as e:
-        if participant.is_connection_error(e):
-            raise
-        return "unknown", f"{CANNOT_TELL}: pg_xact_status failed: {redact(str(e).strip())}"
-    status = None if row is None else row[0]
-    if status == "committed":
-        return "committed", f"committed (PostgreSQL transaction {txid})"
-    if status == "aborted":
-        return "aborted", f"rolled back (PostgreSQL transaction {txid} aborted)"
-    if status == "in progress":
-        return "in progress", f"PostgreSQL transaction {txid} is still in progress"
-    return "unknown", f"{CANNOT_TELL}: the status of transaction {txid} is no longer kept"
-
-
 @dataclass
 class _Pass:
     manager: TransactionManager
     dry_run: bool
     actor: str
     progress: Callable[[str], None] | None = None
+    #: act on this gtrid only (manual resolution), and say why in every record
+    only: str | None = None
+    prefix: str = ""
     #: node -> its pending decisions, for every dead peer we act for (taken over)
     peer_pending: dict[str, Mapping[str, LogRecord]] = field(default_factory=dict)
     peer_logs: dict[str, FileLog] = field(default_factory=dict)
@@ -251,15 +223,6 @@ class _Pass:
         pool.put(conn)
         return found
 
-    @property
-    def marker_resources(self) -> list[str]:
-        """Resources that are (or were seen to be) holding commit-marker decision rows, and
-        those not reached in this pass that were never seen without the table: a resource
-        that may hold a decision row keeps presumed abort waiting until it is read."""
-        unread = set(self.problems) | self.skipped
-        unknown = {name for name in unread if name not in self.manager._markerless_resources}
-        return sorted(self.manager._marker_resources | unknown)
-
     def read_markers(self, names: list[str]) -> None:
         """(Re-)read the decision rows of every resource that has the table."""
         self.markers.clear()
@@ -283,32 +246,41 @@ class _Pass:
                 with contextlib.suppress(Exception):
                     _marker_recovery.delete_old_fences(participant, conn)
             pool.put(conn)
-            if rows is None:
-                self.manager._markerless_resources.add(name)
-                continue
-            self.manager._markerless_resources.discard(name)
-            self.manager._marker_resources.add(name)
-            for gtrid, record in rows.items():
+            for gtrid, record in (rows or {}).items():
                 self.markers[gtrid] = (name, record)
-        for name in self.marker_resources:
-            if name not in names or name in self.problems:
-                self.marker_problems.setdefault(name, "not reached in this pass")
 
-    def _probe_markers(self, gtrid: str) -> bool | None:
-        """Is a decision row of ``gtrid`` committed anywhere? Waits out a marker commit in
-        flight. None if a resource that may hold rows cannot be asked."""
-        if self.marker_problems:
+    def marker_candidates(self, node: str) -> frozenset[str] | None:
+        """The resources that may hold ``node``'s decision rows, as recorded in its log
+        directory (None: not recorded, or a shared log, which has no commit markers)."""
+        directory = self.manager.log_directory
+        if directory is None:
             return None
-        for name in self.marker_resources:
+        return _node_markers.read(Path(directory) / node)
+
+    def _probe_markers(self, gtrid: str) -> tuple[Marker, str]:
+        """Is a decision row of ``gtrid`` committed on a resource that may hold it? Waits
+        out a marker commit in flight and fences an absent row (not in a dry run)."""
+        node = parse_gtrid(gtrid)[0]
+        candidates = self.marker_candidates(node)
+        if not candidates:
+            return Marker.UNREAD, f"the commit-marker resources of node {node!r} are not recorded"
+        configured = set(self.manager.resource_names)
+        missing = sorted(candidates - configured)
+        if missing:
+            return Marker.UNREAD, f"{', '.join(missing)} (not configured here)"
+        unread = sorted(n for n in candidates if n in self.problems or n in self.skipped)
+        if unread:
+            return Marker.UNREAD, f"{', '.join(unread)} (not reached in this pass)"
+        for name in sorted(candidates):
             participant, _ = self.manager._resource(name)
             try:
                 answer = _marker_recovery.probe_row(participant, gtrid, fence=not self.dry_run)
             except Exception as e:
                 self.marker_problems.setdefault(name, _describe(e))
-                return None
+                return Marker.UNREAD, f"{name} ({_describe(e)})"
             if answer == "row":
-                return True
-        return False
+                return Marker.ROW, ""
+        return Marker.NO_ROW, ""
 
     @property
     def shared(self) -> PostgresLog | None:
@@ -430,17 +402,81 @@ class _Pass:
     def _record(
         self, gtrid: str, resource: str, branch: str, action: Action, reason: str, outcome: str
     ) -> None:
+        reason = self.prefix + reason
         self.actions.append(RecoveryAction(gtrid, resource, branch, action, reason, outcome))
         if not self.dry_run and action != "skip":
             self.manager._audit.record(gtrid, resource, branch, action, reason, outcome, self.actor)
 
-    def settle(self, resource: str, found: PreparedBranch, conn: object) -> None:
+    def facts(self, resource: str, xid: Xid, conn: Connection) -> tuple[Facts, str]:
+        """What is known about one of xatm's prepared branches (and a detail for the
+        reason), gathered for :func:`xatm._decide.decide`."""
+        gtrid, node = xid.gtrid, xid.node_id
+        manager = self.manager
+        shared = self.shared
+        marker = Marker.UNPROBED if may_use_marker(gtrid) else Marker.NOT_FLAGGED
+        if gtrid in self.markers:
+            marker = Marker.ROW
+        known = xid.bqual in manager.resources
+        expired = False
+        detail = ""
+        logged = Logged.NONE
+        if node == self.own_node:
+            running = manager._running(gtrid)
+            if running is not None:
+                if self.dry_run:
+                    expired_now = time.monotonic() > running.deadline
+                elif running.abort_if_expired():
+                    expired_now = True
+                    manager._note_expired(gtrid, resource, self.actor)
+                else:
+                    expired_now = False
+                return Facts(
+                    Owner.EXPIRED if expired_now else Owner.RUNNING, known_resource=known
+                ), ""
+            owner = Owner.FINISHED if manager._identity.held(resource) else Owner.UNFENCED
+            if shared is None:
+                # not running now, so it has finished: read its decision only now (a
+                # decision taken since the pass began is in the log already)
+                logged = Logged.COMMIT if gtrid in manager._log.pending() else Logged.NONE
+        elif shared is not None:
+            owner = Owner.LIVE_PEER if shared.node_alive(node) else Owner.DEAD_PEER
+        elif node in self.peer_pending:
+            owner = Owner.DEAD_PEER
+            if gtrid in self.peer_pending[node]:
+                logged = Logged.COMMIT
+        else:
+            state = self.peer_state.get(node, "unexamined")
+            owner = Owner.UNKNOWN if state == "unknown" else Owner.LIVE_PEER
+            if state == "unexamined":
+                detail = "not examined in this pass (the next one will)"
+        if owner is Owner.DEAD_PEER:
+            participant, _ = manager._resource(resource)
+            if participant.identity_in_use(conn, node):
+                owner = Owner.LIVE_PEER  # its log lock is free, but a process runs as it
+                detail = f"node {node!r} holds its identity lock on {resource!r}"
+        if shared is not None:
+            expired = past_timeout(gtrid, xid.created_at, time.time(), manager.timeout)
+            found = shared.decisions([gtrid]).get(gtrid) if known else None
+            if found is not None:
+                logged = Logged.ABORT if isinstance(found, str) else Logged.COMMIT
+        facts = Facts(
+            owner,
+            logged=logged,
+            marker=marker,
+            expired=expired,
+            shared_log=shared is not None,
+            known_resource=known,
+        )
+        return facts, detail
+
+    def settle(self, resource: str, found: PreparedBranch, conn: Connection) -> None:
         xid = found.xid
         if xid is None or not xid.is_xatm:
             self.foreign += 1
             return
-        gtrid, node = xid.gtrid, xid.node_id
-        manager = self.manager
+        gtrid = xid.gtrid
+        if self.only is not None and gtrid != self.only:
+            return
 
         def record(action: Action, reason: str, outcome: str) -> None:
             self._record(gtrid, resource, xid.bqual, action, reason, outcome)
@@ -449,68 +485,41 @@ class _Pass:
             self.remaining.setdefault(gtrid, set()).add(resource)
             record("skip", reason, "left")
 
-        if node == self.own_node:
-            running = manager._running(gtrid)
-            if running is not None:
-                if self.dry_run:
-                    expired = time.monotonic() > running.deadline
-                elif running.abort_if_expired():
-                    expired = True
-                    manager._note_expired(gtrid, resource, self.actor)
-                else:
-                    expired = False
-                if expired:
-                    leave("past its timeout: its coordinator will roll it back")
-                else:
-                    leave("its transaction is still running in this process")
-                return
-            if self.shared is not None:
-                shared_decided = self._shared_decision(
-                    gtrid, xid.created_at, leave, owner_done=True
+        facts, detail = self.facts(resource, xid, conn)
+        while True:
+            verdict = decide(facts)
+            if verdict.action is Act.PROBE:
+                marker, detail = self._probe_markers(gtrid)
+                facts = replace(facts, marker=marker)
+                continue
+            if verdict.action is Act.ROLLBACK and verdict.fence and not self.dry_run:
+                assert self.shared is not None
+                if self.shared.log_abort(gtrid, by=self.actor) == "C":
+                    facts = replace(facts, logged=Logged.COMMIT)  # a COMMIT won the race
+                    continue
+                self.manager._audit.record(
+                    gtrid,
+                    "",
+                    "",
+                    "decide",
+                    self.prefix + "ABORT decision logged (fenced)",
+                    "done",
+                    self.actor,
                 )
-                if shared_decided is None:
-                    return
-                decided = shared_decided
-            else:
-                # Not running now, so it has finished: read its decision only now (a
-                # decision taken since the pass began is in the log already).
-                decided = gtrid in manager._log.pending()
-        elif self.shared is not None:
-            shared_decided = self._shared_decision(gtrid, xid.created_at, leave, owner_done=False)
-            if shared_decided is None:
-                return
-            decided = shared_decided
-        elif node in self.peer_pending:
-            decided = gtrid in self.peer_pending[node] or gtrid in self.markers
-        else:
-            state = self.peer_state.get(node, "unexamined")
-            if state == "alive":
-                leave(f"coordinator {node!r} is alive and resolves its own branches")
-            elif state == "unknown":
-                leave(f"no log of coordinator {node!r} in this log directory")
-            else:
-                leave(f"coordinator {node!r} was not examined in this pass: the next one will")
+            break
+        reason = f"{verdict.reason}: {detail}" if detail else verdict.reason
+        if verdict.action is Act.LEAVE:
+            leave(reason)
             return
-        if not decided and may_use_marker(gtrid) and self.marker_resources:
-            # no decision in a log: a decision row may exist, or be committing right now
-            row = self._probe_markers(gtrid)
-            if row is None:
-                where = ", ".join(sorted(self.marker_problems))
-                leave(f"its decision may be a commit-marker row on {where}, not reached")
-                return
-            decided = row
-        action: Action = "commit" if decided else "rollback"
-        reason = "decision COMMIT is logged" if decided else "no COMMIT decision: presumed abort"
+        commit = verdict.action is Act.COMMIT
+        action: Action = "commit" if commit else "rollback"
         if self.dry_run:
             self.remaining.setdefault(gtrid, set()).add(resource)
             record(action, reason, "planned")
             return
-        participant, _ = manager._resource(resource)
+        participant, _ = self.manager._resource(resource)
         try:
-            if decided:
-                result = participant.commit_prepared(conn, xid)
-            else:
-                result = participant.rollback_prepared(conn, xid)
+            settled = finish_prepared(participant, conn, xid, commit)
         except Exception as e:
             if participant.is_connection_error(e):
                 raise
@@ -518,14 +527,13 @@ class _Pass:
             logger.error("recovery: %s of %s on %r failed: %s", action, gtrid, resource, e)
             record("error", reason, f"failed: {_describe(e)}")
             return
-        done = result is PhaseTwo.DONE
-        if not done and participant.kind == "mysql":
-            # XA RECOVER listed it a moment ago: XAER_NOTA now most likely means a session
-            # still attached to it (MariaDB lets only that session finish it), not "gone".
-            # The next pass looks again; a branch really gone is then simply not listed.
-            leave("listed by XA RECOVER but XAER_NOTA: a live session still holds it")
+        if settled is Settled.HELD:
+            leave(
+                "listed as prepared, but the server answers 'no such branch': a live session"
+                " still holds it"
+            )
             return
-        if not done:
+        if settled is Settled.GONE:
             # listed a moment ago, gone now: its coordinator (or another pass) finished it
             # in between. Nothing was done here, so nothing is audited.
             self.actions.append(
@@ -539,18 +547,20 @@ class _Pass:
                 )
             )
             return
-        if decided:
+        if commit:
             self.committed_here.add((gtrid, resource))
         logger.info(
             "recovery: %s %s branch %s on %r (%s)", action, gtrid, xid.bqual, resource, reason
         )
-        record(action, reason, "done" if done else "not-found")
+        record(action, reason, "done")
 
     def end_decided(self) -> int:
         """Close the COMMIT records whose branches are provably all finished; verify the
         branches this pass did not commit itself (heuristic detection)."""
         ended = 0
         for gtrid, (node, rec) in sorted(self.snapshot.items()):
+            if self.only is not None and gtrid != self.only:
+                continue
             if node == self.own_node and (
                 self.manager._running(gtrid) is not None
                 or gtrid not in self.manager._log.pending()  # its coordinator ended it
@@ -573,6 +583,8 @@ class _Pass:
             self._record(gtrid, "", "", "end", "every branch is finished", "done")
             ended += 1
         for gtrid in sorted(self.markers):
+            if self.only is not None and gtrid != self.only:
+                continue
             resource, rec = self.markers[gtrid]
             if gtrid in self.remaining or not self._may_end_marker(gtrid):
                 continue
@@ -605,43 +617,6 @@ class _Pass:
                 self.actions.append(RecoveryAction(gtrid, resource, "", "end", reason, "done"))
         return ended
 
-    def _shared_decision(
-        self, gtrid: str, created_at: float, leave: Callable[[str], None], *, owner_done: bool
-    ) -> bool | None:
-        """With the shared log: True to commit, False to roll back, None when left.
-
-        A logged decision is obeyed. With none, the transaction may be aborted (a
-        conditional ABORT write, which a late COMMIT of its coordinator then loses) when its
-        coordinator cannot act on it any more (``owner_done``; or its node holds no session
-        on the log) or when it is older than the timeout; the write may find a COMMIT that
-        won the race, which is then obeyed."""
-        shared = self.shared
-        assert shared is not None
-        node = parse_gtrid(gtrid)[0]
-        age = time.time() - created_at
-        young = age <= self.manager.timeout + SKEW or has_long_timeout(gtrid)
-        if not owner_done and young and shared.node_alive(node):
-            # its live coordinator finishes it (also a COMMIT it is still carrying out:
-            # committing its branches under it would only make it report false heuristics)
-            leave(f"coordinator {node!r} is alive and the transaction is within its timeout")
-            return None
-        found = shared.decisions([gtrid]).get(gtrid)
-        if found is not None:
-            return not isinstance(found, str)
-        if gtrid in self.markers:
-            return True
-        if may_use_marker(gtrid) and self.marker_resources:
-            row = self._probe_markers(gtrid)
-            if row is None:
-                where = ", ".join(sorted(self.marker_problems))
-                leave(f"its decision may be a commit-marker row on {where}, not reached")
-                return None
-            if row:
-                return True
-        if self.dry_run:
-            return False
-        return shared.log_abort(gtrid, by=self.actor) == "C"
-
     def _verify(self, gtrid: str, rec: LogRecord) -> bool:
         """Check each logged branch this pass did not commit; False if one is still open."""
         txids: Mapping[str, int] = getattr(rec, "txids", None) or {}
@@ -655,7 +630,7 @@ class _Pass:
                 self._unreachable(resource, str(e))
                 return False
             try:
-                verdict, text = verify_branch(participant, conn, txids.get(resource))
+                verdict, text = participant.verify_finished(conn, txids.get(resource))
             except Exception as e:
                 pool.discard(conn)
                 self._unreachable(resource, f"lost during the pass: {_describe(e)}")
@@ -696,33 +671,45 @@ def run_pass(
 ) -> RecoveryReport:
     """One recovery pass over every resource of ``manager`` (or those ``resources()`` names)."""
     with manager._recovery_lock:
-        shared = manager.shared_log
-        if shared is not None and not dry_run and not shared.try_sweep_lock():
-            logger.info("recovery: another process is resolving the shared log's transactions")
-            return RecoveryReport(dry_run=dry_run)
-        try:
-            report = _run(
-                manager, dry_run, resources, actor or f"recover@{manager.node_id}", progress
-            )
-            if shared is not None and not dry_run:
-                # ended COMMITs go; ABORTs stay long enough to keep fencing late COMMITs
-                shared.maybe_prune(max(MIN_ABORT_AGE, 100 * manager.timeout))
-            return report
-        finally:
-            if shared is not None and not dry_run:
-                shared.release_sweep_lock()
+        return locked_pass(
+            manager, dry_run=dry_run, resources=resources, actor=actor, progress=progress
+        )
+
+
+def locked_pass(
+    manager: TransactionManager,
+    *,
+    dry_run: bool = False,
+    resources: Callable[[], list[str]] | None = None,
+    actor: str | None = None,
+    progress: Callable[[str], None] | None = None,
+    only: str | None = None,
+    prefix: str = "",
+) -> RecoveryReport:
+    """:func:`run_pass` for a caller that holds the manager's recovery lock; ``only``
+    restricts it to one gtrid, ``prefix`` starts every reason (manual resolution)."""
+    shared = manager.shared_log
+    if shared is not None and not dry_run and not shared.try_sweep_lock():
+        logger.info("recovery: another process is resolving the shared log's transactions")
+        return RecoveryReport(dry_run=dry_run)
+    try:
+        p = _Pass(manager, dry_run, actor or f"recover@{manager.node_id}", progress, only, prefix)
+        report = _run(manager, p, resources)
+        if shared is not None and not dry_run:
+            # ended COMMITs go; ABORTs stay long enough to keep fencing late COMMITs
+            shared.maybe_prune(max(MIN_ABORT_AGE, 100 * manager.timeout))
+        return report
+    finally:
+        if shared is not None and not dry_run:
+            shared.release_sweep_lock()
 
 
 def _run(
-    manager: TransactionManager,
-    dry_run: bool,
-    resources: Callable[[], list[str]] | None,
-    actor: str,
-    progress: Callable[[str], None] | None,
+    manager: TransactionManager, p: _Pass, resources: Callable[[], list[str]] | None
 ) -> RecoveryReport:
     started = time.monotonic()
+    dry_run, progress = p.dry_run, p.progress
     names = resources() if resources is not None else list(manager.resource_names)
-    p = _Pass(manager, dry_run, actor, progress)
     if progress is not None:
         progress("listing prepared transactions")
     owners, found_any = p.survey(names)

@@ -30,12 +30,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+from ._decide import Action as Act
+from ._decide import Verdict, judge_request
 from ._filelog import FileLog
 from ._inspect import Decision, OwnerState, owner_state, read_log, validate_gtrid
 from ._log import CoordinatorLog, DecisionNotLogged
 from ._participant import PhaseTwo
 from ._records import LogRecord
-from ._recovery import RecoveryAction
+from ._recovery import RecoveryAction, RecoveryReport, locked_pass
+from ._settle import Settled, finish_prepared
 from ._urls import redact
 from ._xid import Xid, parse_gtrid
 from .errors import LogLocked, ResourceError, XatmError
@@ -70,7 +73,9 @@ class Resolution:
     @property
     def complete(self) -> bool:
         """Every resource was reached and every branch found was finished."""
-        return not self.unreachable and all(a.action != "error" for a in self.actions)
+        return not self.unreachable and all(
+            a.action != "error" and a.outcome != "left" for a in self.actions
+        )
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -99,13 +104,86 @@ def resolve(
     if outcome not in ("commit", "rollback"):
         raise XatmError(f"outcome must be 'commit' or 'rollback', got {outcome!r}")
     with manager._recovery_lock:
-        return _Resolve(manager, gtrid, outcome, force, actor).run()  # type: ignore[arg-type]
+        plan = locked_pass(manager, dry_run=True, only=gtrid, actor=actor)
+        rule, why = _rule(plan, gtrid, Act(outcome))
+        if rule is not None and why is None:
+            # the request is what recovery would do: let recovery do it, for this gtrid only
+            prefix = f"manual {outcome} by {actor}: "
+            report = locked_pass(manager, only=gtrid, actor=actor, prefix=prefix)
+            return _resolution(manager, gtrid, outcome, rule, report)
+        if rule is not None and not force:
+            raise ResolutionRefused(f"refused to {outcome} {gtrid}: {why}")
+        decided: Decision | None = None
+        if rule is Act.COMMIT:
+            decided = "commit"
+        elif rule is Act.ROLLBACK:
+            decided = "abort"
+        forced = _Resolve(manager, gtrid, outcome, force, actor, decided, why)  # type: ignore[arg-type]
+        return forced.run()
+
+
+def _rule(plan: RecoveryReport, gtrid: str, request: Act) -> tuple[Act | None, str | None]:
+    """What the decision rule says of ``gtrid``'s prepared branches (None: none is
+    prepared), and why ``request`` disagrees with it (None: it agrees)."""
+    verdicts = []
+    for a in plan.actions:
+        if a.gtrid != gtrid or a.action not in ("commit", "rollback", "skip"):
+            continue
+        act = Act.LEAVE if a.action == "skip" else Act(a.action)
+        verdicts.append(Verdict(act, a.reason))
+    if not verdicts:
+        return None, None
+    for verdict in verdicts:
+        why = judge_request(verdict, request)
+        if why is not None:
+            return verdict.action, why
+    return verdicts[0].action, None
+
+
+def _owner(manager: TransactionManager, node: str) -> OwnerState:
+    if node == manager.node_id:
+        return "this-process"
+    if manager.shared_log is not None:
+        return "alive" if manager.shared_log.node_alive(node) else "dead"
+    return owner_state(manager.log_directory, node)
+
+
+def _resolution(
+    manager: TransactionManager, gtrid: str, outcome: str, rule: Act, report: RecoveryReport
+) -> Resolution:
+    notes = [
+        f"{a.resource}: left prepared ({a.reason}); recovery finishes it later"
+        for a in report.actions
+        if a.outcome == "left"
+    ]
+    if report.problems:
+        notes.append("some resources were not reached: recovery finishes their branches later")
+    return Resolution(
+        gtrid=gtrid,
+        outcome=outcome,  # type: ignore[arg-type]
+        forced=False,
+        owner=_owner(manager, parse_gtrid(gtrid)[0]),
+        decision="commit" if rule is Act.COMMIT else "abort",
+        actions=report.actions,
+        unreachable=report.problems,
+        notes=tuple(notes),
+    )
 
 
 class _Resolve:
     def __init__(
-        self, manager: TransactionManager, gtrid: str, outcome: Outcome, force: bool, actor: str
+        self,
+        manager: TransactionManager,
+        gtrid: str,
+        outcome: Outcome,
+        force: bool,
+        actor: str,
+        rule: Decision | None = None,
+        why: str | None = None,
     ) -> None:
+        #: what the decision rule says (None: no branch is prepared), and why it disagrees
+        self.rule = rule
+        self.why = why
         self.manager = manager
         self.gtrid = gtrid
         self.outcome = outcome
@@ -211,18 +289,20 @@ class _Resolve:
     ) -> Resolution:
         shared = getattr(self.manager, "shared_log", None)
         decision: Decision | None
-        if record is not None:
+        if record is not None or self.rule == "commit":
             decision = "commit"
-        elif aborted or owner in ("dead", "this-process"):
+        elif aborted or owner in ("dead", "this-process") or self.rule == "abort":
             decision = "abort"
         else:
             decision = None
-        if self.outcome == "rollback" and decision == "commit":
+        if self.why is not None:
+            self.refuse_or_note(self.why)  # the decision rule disagrees with the request
+        elif self.outcome == "rollback" and decision == "commit":
             self.refuse_or_note(
                 "its COMMIT decision is logged: rolling it back leaves the branches committed"
                 " so far committed (a heuristic outcome)"
             )
-        if self.outcome == "commit" and decision != "commit":
+        elif self.outcome == "commit" and decision != "commit":
             self.refuse_or_note(
                 "no COMMIT decision is logged: the transaction is presumed aborted"
                 + (" and recovery will roll it back" if decision == "abort" else "")
@@ -271,7 +351,7 @@ class _Resolve:
         if (
             log is not None
             and not self.unreachable
-            and all(a.action != "error" for a in self.actions)
+            and all(a.action != "error" and a.outcome != "left" for a in self.actions)
         ):
             pending = (
                 shared.decisions([self.gtrid]).get(self.gtrid)
@@ -335,10 +415,7 @@ class _Resolve:
             self.unreachable[resource] = str(e)
             return
         try:
-            if self.outcome == "commit":
-                result = participant.commit_prepared(conn, xid)
-            else:
-                result = participant.rollback_prepared(conn, xid)
+            settled = finish_prepared(participant, conn, xid, self.outcome == "commit")
         except Exception as e:
             pool.discard(conn)
             text = f"failed: {redact(str(e).strip() or type(e).__name__)}"
@@ -348,6 +425,15 @@ class _Resolve:
             self.audit(resource, self.outcome, reason, text)
             return
         pool.put(conn)
+        if settled is Settled.HELD:
+            # MariaDB: a session still attached to it (only it may finish it): not gone
+            why = "listed as prepared, but the server answers 'no such branch': a live session"
+            self.actions.append(
+                RecoveryAction(self.gtrid, resource, resource, "skip", f"{why} holds it", "left")
+            )
+            self.notes.append(f"{resource}: {why} still holds it; recovery finishes it later")
+            return
+        result = PhaseTwo.DONE if settled is Settled.DONE else PhaseTwo.NOT_FOUND
         text = "done" if result is PhaseTwo.DONE else "not-found"
         self.actions.append(
             RecoveryAction(self.gtrid, resource, resource, self.outcome, reason, text)

@@ -1,0 +1,159 @@
+"""The decision rule (xatm._decide), from tables, without servers.
+
+Every rule of ``RULES`` has rows here, and the safety properties are checked over every
+combination of facts: nothing is committed without a COMMIT decision, nothing decided COMMIT
+is rolled back, nothing is done to a transaction someone else may still decide.
+"""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import pytest
+
+from xatm._decide import (
+    RULES,
+    Action,
+    Facts,
+    Logged,
+    Marker,
+    Owner,
+    Verdict,
+    decide,
+    judge_request,
+    past_timeout,
+    table_markdown,
+)
+from xatm._xid import new_gtrid
+
+C, R, L, P = Action.COMMIT, Action.ROLLBACK, Action.LEAVE, Action.PROBE
+W, G, M = Owner, Logged, Marker
+
+# (owner, logged, marker, expired, shared, known) -> (action, fence, rule number)
+TABLE = [
+    # 1: a branch qualifier naming no resource here is never acted on
+    ((W.DEAD_PEER, G.COMMIT, M.NOT_FLAGGED, False, False, False), L, False, 1),
+    ((W.FINISHED, G.NONE, M.NOT_FLAGGED, False, True, False), L, False, 1),
+    # 2, 3: running in this process
+    ((W.RUNNING, G.NONE, M.NOT_FLAGGED, False, False, True), L, False, 2),
+    ((W.RUNNING, G.COMMIT, M.ROW, True, True, True), L, False, 2),
+    ((W.EXPIRED, G.NONE, M.UNPROBED, True, False, True), L, False, 3),
+    # 4: a live peer decides its own (file log; shared log within its timeout)
+    ((W.LIVE_PEER, G.COMMIT, M.NOT_FLAGGED, False, False, True), L, False, 4),
+    ((W.LIVE_PEER, G.NONE, M.NOT_FLAGGED, True, False, True), L, False, 4),
+    ((W.LIVE_PEER, G.COMMIT, M.NOT_FLAGGED, False, True, True), L, False, 4),
+    # 5: no log of the owner here
+    ((W.UNKNOWN, G.NONE, M.NOT_FLAGGED, False, False, True), L, False, 5),
+    ((W.UNKNOWN, G.NONE, M.ROW, True, False, True), L, False, 5),
+    # 6: contradicting decisions are left to a human
+    ((W.DEAD_PEER, G.ABORT, M.ROW, False, True, True), L, False, 6),
+    # 7: COMMIT logged
+    ((W.FINISHED, G.COMMIT, M.NOT_FLAGGED, False, False, True), C, False, 7),
+    ((W.DEAD_PEER, G.COMMIT, M.UNREAD, False, False, True), C, False, 7),
+    ((W.UNFENCED, G.COMMIT, M.NOT_FLAGGED, False, False, True), C, False, 7),
+    ((W.LIVE_PEER, G.COMMIT, M.NOT_FLAGGED, True, True, True), C, False, 7),
+    # 8: ABORT logged (shared log)
+    ((W.DEAD_PEER, G.ABORT, M.NOT_FLAGGED, False, True, True), R, False, 8),
+    ((W.LIVE_PEER, G.ABORT, M.NOT_FLAGGED, True, True, True), R, False, 8),
+    # 9: a decision row
+    ((W.FINISHED, G.NONE, M.ROW, False, False, True), C, False, 9),
+    ((W.UNFENCED, G.NONE, M.ROW, False, False, True), C, False, 9),
+    ((W.DEAD_PEER, G.NONE, M.ROW, False, False, True), C, False, 9),
+    # 10: this node's, identity not held here: never presume abort
+    ((W.UNFENCED, G.NONE, M.NOT_FLAGGED, False, False, True), L, False, 10),
+    ((W.UNFENCED, G.NONE, M.UNPROBED, False, False, True), L, False, 10),
+    ((W.UNFENCED, G.NONE, M.NO_ROW, False, True, True), L, False, 10),
+    # 11: flagged: read the decision row first
+    ((W.FINISHED, G.NONE, M.UNPROBED, False, False, True), P, False, 11),
+    ((W.DEAD_PEER, G.NONE, M.UNPROBED, False, False, True), P, False, 11),
+    # 12: a resource that may hold the row not read
+    ((W.FINISHED, G.NONE, M.UNREAD, False, False, True), L, False, 12),
+    ((W.DEAD_PEER, G.NONE, M.UNREAD, True, True, True), L, False, 12),
+    # 13: presumed abort (fenced with the shared log)
+    ((W.FINISHED, G.NONE, M.NOT_FLAGGED, False, False, True), R, False, 13),
+    ((W.DEAD_PEER, G.NONE, M.NO_ROW, False, False, True), R, False, 13),
+    ((W.FINISHED, G.NONE, M.NOT_FLAGGED, False, True, True), R, True, 13),
+    ((W.DEAD_PEER, G.NONE, M.NOT_FLAGGED, False, True, True), R, True, 13),
+    ((W.LIVE_PEER, G.NONE, M.NOT_FLAGGED, True, True, True), R, True, 13),
+]
+
+
+def _facts(row: tuple[Owner, Logged, Marker, bool, bool, bool]) -> Facts:
+    owner, logged, marker, expired, shared, known = row
+    return Facts(owner, logged, marker, expired, shared, known)
+
+
+@pytest.mark.parametrize(("facts", "action", "fence", "rule"), TABLE)
+def test_table(
+    facts: tuple[Owner, Logged, Marker, bool, bool, bool], action: Action, fence: bool, rule: int
+) -> None:
+    verdict = decide(_facts(facts))
+    assert (verdict.action, verdict.fence) == (action, fence)
+    assert verdict.reason == RULES[rule - 1].reason
+
+
+def test_every_rule_has_rows() -> None:
+    assert {row[3] for row in TABLE} == set(range(1, len(RULES) + 1))
+
+
+ALL = [
+    Facts(*combo)
+    for combo in itertools.product(
+        list(Owner), list(Logged), list(Marker), [False, True], [False, True], [False, True]
+    )
+]
+
+
+def test_never_commits_without_a_commit_decision() -> None:
+    for f in ALL:
+        if decide(f).action is Action.COMMIT:
+            assert f.logged is Logged.COMMIT or f.marker is Marker.ROW, f
+
+
+def test_never_rolls_back_a_commit() -> None:
+    for f in ALL:
+        if f.logged is Logged.COMMIT or f.marker is Marker.ROW:
+            assert decide(f).action is not Action.ROLLBACK, f
+
+
+def test_never_acts_for_an_owner_that_may_still_decide() -> None:
+    for f in ALL:
+        verdict = decide(f)
+        may_decide = f.owner in (Owner.RUNNING, Owner.EXPIRED, Owner.UNKNOWN) or (
+            f.owner is Owner.LIVE_PEER and not (f.shared_log and f.expired)
+        )
+        if may_decide or not f.known_resource:
+            assert verdict.action is Action.LEAVE, f
+
+
+def test_presumed_abort_needs_every_marker_place_read_and_the_node_held() -> None:
+    for f in ALL:
+        verdict = decide(f)
+        if verdict.action is Action.ROLLBACK and f.logged is not Logged.ABORT:
+            assert f.marker in (Marker.NOT_FLAGGED, Marker.NO_ROW), f
+            assert f.owner is not Owner.UNFENCED, f
+            assert verdict.fence == f.shared_log, f
+        if verdict.action is Action.PROBE:
+            assert f.marker is Marker.UNPROBED and f.owner is not Owner.UNFENCED, f
+
+
+def test_manual_requests_are_judged_against_the_rule() -> None:
+    commit, rollback = Verdict(C, "x"), Verdict(R, "y")
+    assert judge_request(commit, C) is None and judge_request(rollback, R) is None
+    assert "COMMIT decision is logged" in (judge_request(commit, R) or "")
+    assert "presumed aborted" in (judge_request(rollback, C) or "")
+    assert judge_request(Verdict(L, "its coordinator is alive"), R) == "its coordinator is alive"
+
+
+def test_timeout_fact() -> None:
+    plain = new_gtrid("n")
+    long = new_gtrid("n", long=True)
+    assert not past_timeout(plain, 100.0, 130.0, 30.0)
+    assert past_timeout(plain, 100.0, 136.0, 30.0)
+    assert not past_timeout(long, 100.0, 1e9, 30.0)
+
+
+def test_docs_print_the_same_table() -> None:
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "protocol.md").read_text()
+    assert table_markdown() in doc

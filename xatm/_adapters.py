@@ -1,0 +1,15 @@
+"""The participant adapter for a resource: one per kind of database server."""
+
+from __future__ import annotations
+
+from ._mysql import MySQLParticipant
+from ._participant import Participant
+from ._postgres import PostgresParticipant
+from ._urls import ResourceSpec
+
+
+def make_participant(name: str, spec: ResourceSpec) -> Participant:
+    """The participant adapter for ``spec``'s kind of server."""
+    if spec.kind == "postgresql":
+        return PostgresParticipant(name, spec)
+    return MySQLParticipant(name, spec)

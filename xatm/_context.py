@@ -1,0 +1,211 @@
+"""The seam between a manager and the pieces that do its work.
+
+A :class:`TransactionManager <xatm.TransactionManager>` builds one :class:`Context` and hands
+it to its transactions, recovery passes, manual resolutions, inspector and sweeper, instead of
+itself. The context holds what they share: the :class:`Resources` (participants, pools, and
+the one way to borrow a connection), the coordinator log, the audit trail, the node's identity
+locks, and the registry of the transactions running in this process. No module outside
+``_manager`` needs the manager's private state, and none of them imports ``_manager``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Protocol
+
+from . import _marker
+from ._participant import Connection, Participant
+from ._pool import Pool
+from ._urls import redact
+from .errors import ConfigurationError, ResourceNotFit
+
+if TYPE_CHECKING:
+    from ._audit import AuditTrail
+    from ._identity import IdentityLocks
+    from ._log import CoordinatorLog
+    from ._pglog import PostgresLog
+
+logger = logging.getLogger("xatm")
+
+#: overlap branch round trips only while at most this many transactions are active
+OVERLAP_MAX_ACTIVE = 2
+
+
+def unknown_resource(name: str, known: Sequence[str]) -> ConfigurationError:
+    """The error for a resource name that is not configured (says which ones are)."""
+    return ConfigurationError(
+        f"unknown resource {name!r}; this transaction manager has: {', '.join(sorted(known))}"
+    )
+
+
+class Resources:
+    """The configured resources: a participant and a pool each, and borrowing."""
+
+    def __init__(self, participants: Mapping[str, Participant], pools: Mapping[str, Pool]) -> None:
+        self._participants = dict(participants)
+        self._pools = dict(pools)
+
+    @property
+    def names(self) -> list[str]:
+        return list(self._participants)
+
+    @property
+    def participants(self) -> Mapping[str, Participant]:
+        return dict(self._participants)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._participants
+
+    def get(self, name: str) -> tuple[Participant, Pool]:
+        """The participant and pool of ``name``; ConfigurationError if it is unknown."""
+        participant = self._participants.get(name)
+        if participant is None:
+            raise unknown_resource(name, list(self._participants))
+        return participant, self._pools[name]
+
+    @contextlib.contextmanager
+    def borrow(self, name: str) -> Iterator[tuple[Participant, Connection]]:
+        """A pooled connection of ``name`` for the ``with`` block: given back if the block
+        ends normally (the pool closes it unless it is idle), closed if the block raised
+        (its state is unknown). Getting it may raise ResourceError."""
+        participant, pool = self.get(name)
+        conn = pool.get()
+        try:
+            yield participant, conn
+        except BaseException:
+            pool.discard(conn)
+            raise
+        pool.put(conn)
+
+    def close(self) -> None:
+        for pool in self._pools.values():
+            pool.close()
+
+
+class Running(Protocol):
+    """A transaction running in this process, as recovery sees it."""
+
+    gtrid: str
+    deadline: float
+
+    def abort_if_expired(self) -> bool: ...
+
+
+@dataclass(eq=False)
+class Context:
+    """What a manager's transactions, recovery, resolution and sweeper share."""
+
+    node_id: str
+    timeout: float
+    started_at: float  # gtrids made from here on are this process's
+    resources: Resources
+    log: CoordinatorLog
+    shared_log: PostgresLog | None
+    log_directory: str | None
+    audit: AuditTrail
+    identity: IdentityLocks
+    commit_markers: frozenset[str] = frozenset()
+    parallel: bool = True
+    #: recovery passes, sweeper passes and manual resolutions never overlap
+    recovery_lock: threading.Lock = field(default_factory=threading.Lock)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+    _active: dict[str, Running] = field(default_factory=dict)
+    _expired_noted: set[str] = field(default_factory=set)
+    _finished: dict[str, list[str]] = field(default_factory=dict)
+
+    # -- transactions running here ---------------------------------------------------------
+    def register(self, tx: Running) -> None:
+        with self._lock:
+            self._active[tx.gtrid] = tx
+
+    def forget(self, tx: Running) -> None:
+        with self._lock:
+            self._active.pop(tx.gtrid, None)
+
+    def running(self, gtrid: str) -> Running | None:
+        with self._lock:
+            return self._active.get(gtrid)
+
+    def overlap(self) -> bool:
+        """Overlap the branches' round trips? Only while few transactions are in flight:
+        it cuts one transaction's latency, but costs client CPU (pipeline mode), which is
+        what limits throughput once many run at once."""
+        return self.parallel and len(self._active) <= OVERLAP_MAX_ACTIVE
+
+    def note_expired(self, gtrid: str, resource: str, actor: str) -> None:
+        """Audit (once per transaction) that recovery marked a running one aborted."""
+        with self._lock:
+            self._expired_noted &= set(self._active)
+            if gtrid in self._expired_noted:
+                return
+            self._expired_noted.add(gtrid)
+        logger.warning("transaction %s is past its timeout: marked aborted by recovery", gtrid)
+        self.audit.record(
+            gtrid,
+            resource,
+            resource,
+            "expire",
+            "past its timeout and not decided",
+            "marked aborted: its coordinator rolls it back",
+            actor,
+        )
+
+    def phase_two_incomplete(self, gtrid: str, pending: Iterable[str]) -> None:
+        """Called when a committed transaction left branches for recovery to finish."""
+        logger.warning(
+            "transaction %s committed with branches left for recovery: %s",
+            gtrid,
+            ", ".join(pending),
+        )
+
+    # -- commit markers --------------------------------------------------------------------
+    def marker_candidate(self, participants: Iterable[tuple[str, Participant]]) -> str | None:
+        """The enlisted resource to carry the decision (commit-marker path), or None for
+        strict 2PC. The first enlisted marker resource wins, preferring one whose decision
+        row and commit go in one round trip."""
+        candidates = [(n, p) for n, p in participants if n in self.commit_markers]
+        candidates.sort(key=lambda c: not c[1].marker_in_one_round_trip)
+        return candidates[0][0] if candidates else None
+
+    def finished_markers(self, resource: str) -> list[str]:
+        """A batch of finished gtrids whose decision rows on ``resource`` can be deleted."""
+        with self._lock:
+            done = self._finished.setdefault(resource, [])
+            if len(done) < _marker.DELETE_AFTER:
+                return []
+            batch, self._finished[resource] = (
+                done[: _marker.DELETE_BATCH],
+                done[_marker.DELETE_BATCH :],
+            )
+            return batch
+
+    def marker_finished(self, resource: str, gtrid: str) -> None:
+        with self._lock:
+            self._finished.setdefault(resource, []).append(gtrid)
+
+    def first_connection(self, participant: Participant, conn: Connection) -> None:
+        """Set-up on a resource's first connection: the marker table, if it carries markers."""
+        if participant.name in self.commit_markers:
+            try:
+                _marker.ensure_table(participant, conn)
+            except Exception as e:
+                if participant.is_connection_error(e):
+                    raise
+                raise ResourceNotFit(
+                    f"resource {participant.name!r} carries commit markers but its table"
+                    f" {_marker.TABLE} cannot be created: {redact(str(e))}",
+                    resource=participant.name,
+                ) from None
+
+    def close(self, *, log: bool = True) -> None:
+        """Close the pools, release the identity locks, and close the log and audit trail."""
+        self.resources.close()
+        self.identity.close()
+        if log:
+            self.log.close()
+        self.audit.close()
+
