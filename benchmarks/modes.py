@@ -286,7 +286,7 @@ class XatmMode:
             **tm_options,
         )
         # Open the pooled connections before timing (private API: fine in a benchmark).
-        for pool in self.tm._pools.values():
+        for pool in self.tm._ctx.resources.pools.values():
             conns = [pool.get() for _ in range(ctx.clients)]
             for conn in conns:
                 pool.put(conn)
@@ -295,7 +295,7 @@ class XatmMode:
         return XatmClient(self.tm, self.ctx.table)
 
     def log_counters(self) -> tuple[int, int] | None:
-        log: Any = self.tm._log
+        log: Any = self.tm._ctx.log
         return int(log.forces), int(log.forced_records)
 
     def close(self) -> None:

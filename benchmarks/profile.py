@@ -168,15 +168,15 @@ class TimedXatmMode:
         self.timer = timer
         tm: Any = self.mode.tm
         steps = ("begin", "execute", "prepare", "commit_prepared", "commit_one_phase")
-        for name, participant in tm._participants.items():
+        for name, participant in tm._ctx.resources.participants.items():
             for step in steps:
                 setattr(
                     participant, step, timer.timed(f"{name}.{step}", getattr(participant, step))
                 )
-        for name, pool in tm._pools.items():
+        for name, pool in tm._ctx.resources.pools.items():
             pool.get = timer.timed(f"{name}.pool.get", pool.get)
             pool.put = timer.timed(f"{name}.pool.put", pool.put)
-        log = tm._log
+        log = tm._ctx.log
         log.log_commit = timer.timed("log.commit (force)", log.log_commit)
         log.log_end = timer.timed("log.end", log.log_end)
         write = log._write

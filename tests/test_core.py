@@ -155,7 +155,7 @@ def test_mysql_deadlock_victim_votes_no(bank: Bank, make_tm: MakeTM) -> None:
 
 def test_one_branch_commits_in_one_phase_without_a_log_write(bank: Bank, make_tm: MakeTM) -> None:
     tm = make_tm()
-    log = tm._log
+    log = tm._ctx.log
     before = log.forced_records  # type: ignore[attr-defined]
     with tm.transaction() as tx:
         tx.execute("maria", f"UPDATE {bank.table} SET bal = bal + 5 WHERE id = 1")
@@ -169,7 +169,7 @@ def test_one_branch_commits_in_one_phase_without_a_log_write(bank: Bank, make_tm
 
 def test_two_branches_force_one_log_record(bank: Bank, make_tm: MakeTM) -> None:
     tm = make_tm()
-    log = tm._log
+    log = tm._ctx.log
     before = log.forced_records  # type: ignore[attr-defined]
     with tm.transaction() as tx:
         transfer(tx, bank, "pg1", "maria", 1, "t-log")
@@ -327,7 +327,7 @@ def test_manager_is_shared_between_threads(bank: Bank, make_tm: MakeTM) -> None:
 
 def test_read_only_postgres_branch_skips_phase_two_and_the_log(bank: Bank, make_tm: MakeTM) -> None:
     tm = make_tm()
-    log = tm._log
+    log = tm._ctx.log
     before = log.forced_records  # type: ignore[attr-defined]
     # one writer (maria) and one reader (pg2): no decision needs logging
     with tm.transaction() as tx:
@@ -343,13 +343,13 @@ def test_commit_record_names_writing_branches_with_postgres_txids(
 ) -> None:
     tm = make_tm()
     seen: list[tuple[str, list[str], dict[str, int]]] = []
-    real = tm._log.log_commit
+    real = tm._ctx.log.log_commit
 
     def spy(gtrid: str, branches: list[str], txids: dict[str, int] | None = None) -> None:
         seen.append((gtrid, list(branches), dict(txids or {})))
         real(gtrid, branches, txids)
 
-    monkeypatch.setattr(tm._log, "log_commit", spy)
+    monkeypatch.setattr(tm._ctx.log, "log_commit", spy)
     with tm.transaction() as tx:
         tx.execute("pg2", f"SELECT bal FROM {bank.table} WHERE id = 1").fetchall()
         tx.execute("pg1", f"UPDATE {bank.table} SET bal = bal - 1 WHERE id = 1")

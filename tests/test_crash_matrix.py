@@ -129,7 +129,7 @@ def test_crash_at_failpoint_then_recover(
         )
         assert rows == []
     if recover_as == "restarted":
-        assert tm._log.pending() == {}  # END appended (lazily)
+        assert tm._ctx.log.pending() == {}  # END appended (lazily)
     else:
         from xatm._filelog import read_segments
 

@@ -29,12 +29,12 @@ def test_commit_with_marker_writes_no_log_and_one_decision_row(
     marker: str, bank: Bank, make_tm: MakeTM
 ) -> None:
     tm = make_tm(commit_markers=[marker])
-    forced = tm._log.forced_records  # type: ignore[attr-defined]
+    forced = tm._ctx.log.forced_records  # type: ignore[attr-defined]
     with tm.transaction() as tx:
         move(tx, bank, "pg1", "maria", "m-1")
     assert tx.state is TransactionState.COMMITTED
     assert set(tx.branches.values()) == {BranchState.COMMITTED}
-    assert tm._log.forced_records == forced  # type: ignore[attr-defined]
+    assert tm._ctx.log.forced_records == forced  # type: ignore[attr-defined]
     assert tx.gtrid in decision_rows(bank, marker)
     assert bank.journal_ids()["pg1"] == bank.journal_ids()["maria"] == {"m-1"}
     assert bank.total() == bank.initial_total
@@ -109,7 +109,7 @@ def test_recoverys_fence_beats_a_late_decision_row(
 
     def hit(name: str) -> None:
         if name == "after_prepare":
-            participant, _ = tm._resource("pg1")
+            participant, _ = tm._ctx.resources.get("pg1")
             probes.append(_marker_recovery.probe_row(participant, tx.gtrid))
 
     monkeypatch.setattr(xatm._failpoint, "hit", hit)
@@ -120,7 +120,7 @@ def test_recoverys_fence_beats_a_late_decision_row(
     assert bank.journal_ids() == {"pg1": set(), "pg2": set(), "maria": set()}
     assert bank.xatm_prepared() == {"pg1": [], "pg2": [], "maria": []}
     assert tm.recover().committed == 0
-    participant, _ = tm._resource("pg1")
+    participant, _ = tm._ctx.resources.get("pg1")
     assert _marker_recovery.probe_row(participant, tx.gtrid, fence=False) == "no-row"
 
 

@@ -35,7 +35,8 @@ from xatm import (
     TransactionRolledBack,
     TransactionState,
 )
-from xatm._sqlalchemy import EnginePool, _enlisted
+from xatm._sa_session import _enlisted
+from xatm._sqlalchemy import EnginePool
 
 ROOT = Path(__file__).resolve().parent.parent
 MakeTM = Callable[..., TransactionManager]
@@ -318,7 +319,7 @@ def test_session_mistakes_are_clear_errors(orm: Orm, make_tm: MakeTM) -> None:
 
 def test_engine_pool_is_reused_and_given_back_as_it_was(orm: Orm, make_tm: MakeTM) -> None:
     tm = make_tm(sweeper=False, resources=orm.resources)
-    assert isinstance(tm._pools["ledger"], EnginePool)
+    assert isinstance(tm._ctx.resources.pools["ledger"], EnginePool)
     before = dict(orm.events)
     for n in range(3):
         with tm.transaction() as tx:
@@ -461,7 +462,7 @@ def test_session_on_url_resources(orm: Orm, make_tm: MakeTM, servers: Servers) -
         tx.session(binds=orm.binds).get(orm.ledger, 1)
     from xatm._sqlalchemy import _engines
 
-    assert sorted(_engines[tm]) == ["ledger", "wallet"]
+    assert sorted(_engines[tm._ctx]) == ["ledger", "wallet"]
 
 
 # -- a coordinator crash between the phases ----------------------------------------------------

@@ -165,7 +165,7 @@ def _vote(prepared: object) -> Vote:
 @pytest.mark.usefixtures("probe_tables")
 def test_prepared_branch_is_read_by_psycopg_tpc_recover(servers: Servers, make_tm: MakeTM) -> None:
     tm = make_tm(node_id="xid-pg")
-    participant, _ = tm._resource("pg1")
+    participant, _ = tm._ctx.resources.get("pg1")
     xid = branch_xid(new_gtrid(tm.node_id), "pg1")
     conn = participant.connect()
     try:
@@ -186,7 +186,7 @@ def test_prepared_branch_is_read_by_psycopg_tpc_recover(servers: Servers, make_t
 @pytest.mark.usefixtures("probe_tables")
 def test_prepared_branch_is_read_back_from_xa_recover(servers: Servers, make_tm: MakeTM) -> None:
     tm = make_tm(node_id="xid-maria")
-    participant, _ = tm._resource("maria")
+    participant, _ = tm._ctx.resources.get("maria")
     xid = branch_xid(new_gtrid(tm.node_id), "maria")
     conn = participant.connect()
     try:

@@ -13,9 +13,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from . import _marker
 from ._participant import Connection, Participant
@@ -56,6 +56,10 @@ class Resources:
     @property
     def participants(self) -> Mapping[str, Participant]:
         return dict(self._participants)
+
+    @property
+    def pools(self) -> Mapping[str, Pool]:
+        return dict(self._pools)
 
     def __contains__(self, name: object) -> bool:
         return name in self._participants
@@ -110,12 +114,21 @@ class Context:
     identity: IdentityLocks
     commit_markers: frozenset[str] = frozenset()
     parallel: bool = True
+    #: integrations a transaction offers (``tx.session()``...), wired by the manager
+    extensions: Mapping[str, Callable[..., Any]] = field(default_factory=dict)
     #: recovery passes, sweeper passes and manual resolutions never overlap
     recovery_lock: threading.Lock = field(default_factory=threading.Lock)
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _active: dict[str, Running] = field(default_factory=dict)
     _expired_noted: set[str] = field(default_factory=set)
     _finished: dict[str, list[str]] = field(default_factory=dict)
+
+    def extension(self, name: str) -> Callable[..., Any]:
+        """The integration ``name`` (ConfigurationError if it is not available)."""
+        found = self.extensions.get(name)
+        if found is None:
+            raise ConfigurationError(f"{name} is not available in this transaction manager")
+        return found
 
     # -- transactions running here ---------------------------------------------------------
     def register(self, tx: Running) -> None:
@@ -208,4 +221,3 @@ class Context:
         if log:
             self.log.close()
         self.audit.close()
-

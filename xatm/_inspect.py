@@ -27,12 +27,13 @@ from pathlib import Path
 from typing import Any, Literal
 
 from . import _marker_recovery, _node_markers
+from ._adapters import make_participant
 from ._audit import AuditEntry, format_time, read_audit
+from ._context import Resources
 from ._decide import Action, Facts, Logged, Marker, Owner, decide, describe, past_timeout
 from ._doctor import DoctorReport, diagnose
 from ._filelog import MAGIC, SEGMENT_GLOB, FileLog, list_nodes
 from ._participant import Connection, Participant, PreparedBranch
-from ._pool import Pool
 from ._records import LogRecord, read_frames
 from ._urls import redact
 from ._xid import is_xatm_gtrid, may_use_marker, parse_gtrid, validate_node_id
@@ -343,7 +344,7 @@ class Inspector:
         participants: Mapping[str, Participant],
         log_directory: str | os.PathLike[str] | None,
         *,
-        pools: Mapping[str, Pool] | None = None,
+        resources: Resources | None = None,
         own_node: str | None = None,
         own_pending: Callable[[], Mapping[str, LogRecord]] | None = None,
         running: Callable[[str], bool] | None = None,
@@ -360,7 +361,7 @@ class Inspector:
         self._markers = sorted(commit_markers)
         self.timeout = timeout
         self.log_directory = None if log_directory is None else str(log_directory)
-        self._pools = dict(pools or {})
+        self._resources = resources
         self._own_node = own_node
         self._own_pending = own_pending
         self._running = running
@@ -368,7 +369,6 @@ class Inspector:
     @classmethod
     def from_settings(cls, settings: Any) -> Inspector:
         """An Inspector over the resources and log directory of ``xatm.Settings``."""
-        from ._manager import make_participant  # here: _manager imports this module
 
         participants = {name: make_participant(name, s) for name, s in settings.resources.items()}
         shared = "://" in settings.log
@@ -421,20 +421,17 @@ class Inspector:
     # -- connections -----------------------------------------------------------------------
     @contextlib.contextmanager
     def _connection(self, name: str) -> Iterator[Connection]:
+        """A manager's pooled connection (borrowed), or a connection of our own."""
+        if self._resources is not None:
+            with self._resources.borrow(name) as (_, conn):
+                yield conn
+            return
         participant = self._participants[name]
-        pool = self._pools.get(name)
-        conn = pool.get() if pool is not None else participant.connect()
-        ok = False
+        conn = participant.connect()
         try:
             yield conn
-            ok = True
         finally:
-            if pool is not None and ok:
-                pool.put(conn)
-            elif pool is not None:
-                pool.discard(conn)
-            else:
-                participant.close(conn)
+            participant.close(conn)
 
     def _scan(self, only: str | None = None) -> _Scan:
         scan = _Scan()

@@ -8,45 +8,46 @@ from __future__ import annotations
 
 import logging
 import os
-import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from . import _marker, _node_markers, _sqlalchemy
+from . import _node_markers, _sqlalchemy
+from ._adapters import make_participant
 from ._audit import AuditEntry, AuditTrail
 from ._config import Settings, load_config, resource_specs, validate_timeout
+from ._context import Context, Resources
 from ._doctor import DoctorReport
 from ._filelog import DEFAULT_SEGMENT_BYTES, FileLog
 from ._identity import IdentityLocks
 from ._inspect import InDoubtReport, Inspector, NodeLog, TransactionInfo
 from ._log import CoordinatorLog
-from ._mysql import MySQLParticipant
-from ._participant import Connection, Participant
+from ._participant import Participant
 from ._pglog import PostgresLog
 from ._pool import Pool
-from ._postgres import PostgresParticipant
 from ._recovery import RecoveryReport, run_pass
 from ._resolve import Resolution, resolve
 from ._sweeper import DEFAULT_INTERVAL, Sweeper, sweeper_settings
-from ._transaction import Branch, Transaction, describe_unknown_resource
-from ._urls import ResourceSpec, parse_url, redact
+from ._transaction import Transaction
+from ._urls import ResourceSpec, parse_url
 from ._xid import new_gtrid, validate_node_id
-from .errors import ConfigurationError, ResourceNotFit, XatmError
+from .errors import ConfigurationError, XatmError
 
 logger = logging.getLogger("xatm")
 
-#: overlap branch round trips only while at most this many transactions are active
-OVERLAP_MAX_ACTIVE = 2
+
+def _sa_session(tx: Transaction, binds: Any = None, **kwargs: Any) -> Any:
+    from . import _sa_session  # SQLAlchemy is imported only when it is used
+
+    return _sa_session.session(tx, binds, **kwargs)
 
 
-def make_participant(name: str, spec: ResourceSpec) -> Participant:
-    """The participant adapter for ``spec``'s kind of server."""
-    if spec.kind == "postgresql":
-        return PostgresParticipant(name, spec)
-    return MySQLParticipant(name, spec)
+def _sa_connection(tx: Transaction, resource: str) -> Any:
+    from . import _sa_session
+
+    return _sa_session.sa_connection(tx, resource)
 
 
 class TransactionManager:
@@ -87,7 +88,7 @@ class TransactionManager:
         lock_timeout: float = 30.0,
     ) -> None:
         self.node_id = validate_node_id(node_id)
-        self._started_at = time.time() - 0.002  # gtrids made from here on are this process's
+        started_at = time.time() - 0.002  # gtrids made from here on are this process's
         self.timeout = validate_timeout(timeout)
         engines = {n: e for n, e in dict(resources).items() if _sqlalchemy.is_engine(e)}
         self._specs = resource_specs(
@@ -119,44 +120,51 @@ class TransactionManager:
                 "commit_markers cannot be combined with a shared log yet: a sweeper on another"
                 " host could not fence a paused coordinator's marker commit"
             )
-        self._participants: dict[str, Participant] = {}
-        self._pools: dict[str, Pool] = {}
+        participants: dict[str, Participant] = {}
+        pools: dict[str, Pool] = {}
         for name, spec in self._specs.items():
             participant = make_participant(name, spec)
-            self._participants[name] = participant
+            participants[name] = participant
             if name in engines:
-                self._pools[name] = _sqlalchemy.engine_pool(engines[name], participant, pool_size)
+                pools[name] = _sqlalchemy.engine_pool(engines[name], participant, pool_size)
             else:
-                self._pools[name] = Pool(participant, max_idle=pool_size)
+                pools[name] = Pool(participant, max_idle=pool_size)
+        log_impl: CoordinatorLog
         if self.log_directory is None:
             self.shared_log = PostgresLog(log_spec, self.node_id)
-            self._log: CoordinatorLog = self.shared_log
+            log_impl = self.shared_log
         else:
-            self._log = FileLog(
+            log_impl = FileLog(
                 self.log_directory,
                 self.node_id,
                 segment_bytes=segment_bytes,
                 lock_timeout=lock_timeout,
             )
-        self._finished: dict[str, list[str]] = {name: [] for name in self.commit_markers}
+        self._ctx = Context(
+            node_id=self.node_id,
+            timeout=self.timeout,
+            started_at=started_at,
+            resources=Resources(participants, pools),
+            log=log_impl,
+            shared_log=self.shared_log,
+            log_directory=self.log_directory,
+            audit=AuditTrail(self.log_directory, self.node_id, self.shared_log),
+            identity=IdentityLocks(participants, self.node_id),
+            commit_markers=self.commit_markers,
+            parallel=parallel,
+            extensions={"session": _sa_session, "sa_connection": _sa_connection},
+        )
         self.parallel = parallel
-        self._lock = threading.Lock()
-        self._active: dict[str, Transaction] = {}
         self._closed = False
-        # recovery passes, sweeper passes and manual resolutions never overlap
-        self._recovery_lock = threading.Lock()
-        self._audit = AuditTrail(self.log_directory, self.node_id, self.shared_log)
-        self._expired_noted: set[str] = set()
-        self._identity = IdentityLocks(self._participants, self.node_id)
         try:
             if self.log_directory is not None:
                 # before any transaction can use a marker, say where its rows may be
                 _node_markers.record(Path(self.log_directory) / self.node_id, self.commit_markers)
-            self._identity.acquire(wait=lock_timeout)
+            self._ctx.identity.acquire(wait=lock_timeout)
         except BaseException:
-            self._close_resources()
+            self._ctx.close()
             raise
-        self.sweeper = Sweeper(self, sweep_interval)
+        self.sweeper = Sweeper(self._ctx, sweep_interval)
         if sweeper:
             self.sweeper.start()
 
@@ -186,9 +194,8 @@ class TransactionManager:
             raise XatmError("this TransactionManager is closed")
         limit = self.timeout if timeout is None else validate_timeout(timeout)
         gtrid = new_gtrid(self.node_id, marker=bool(self.commit_markers), long=limit > self.timeout)
-        tx = Transaction(self, gtrid, limit)
-        with self._lock:
-            self._active[tx.gtrid] = tx
+        tx = Transaction(self._ctx, gtrid, limit)
+        self._ctx.register(tx)
         return tx
 
     def recover(
@@ -203,19 +210,20 @@ class TransactionManager:
         ``dry_run``: only report what the pass would do (nothing is changed, no log is
         locked). ``actor`` names who asked, in the audit trail (default ``recover@<node>``);
         ``progress`` is called with a short text as the pass goes."""
-        return run_pass(self, dry_run=dry_run, actor=actor, progress=progress)
+        return run_pass(self._ctx, dry_run=dry_run, actor=actor, progress=progress)
 
     # -- operations -------------------------------------------------------------------------
     @property
     def inspector(self) -> Inspector:
         """A read-only view of the resources, the logs and the audit trail."""
+        ctx = self._ctx
         return Inspector(
-            self._participants,
+            ctx.resources.participants,
             self.log_directory,
-            pools=self._pools,
+            resources=ctx.resources,
             own_node=self.node_id,
-            own_pending=self._log.pending,
-            running=lambda gtrid: self._running(gtrid) is not None,
+            own_pending=ctx.log.pending,
+            running=lambda gtrid: ctx.running(gtrid) is not None,
             commit_markers=self.commit_markers,
             timeout=self.timeout,
             shared_log=self.shared_log,
@@ -247,7 +255,7 @@ class TransactionManager:
         """Commit or roll back one in-doubt transaction by hand (see ``xatm._resolve``):
         refused (:class:`~xatm.ResolutionRefused`) when it could break atomicity, unless
         ``force``."""
-        return resolve(self, gtrid, outcome, force=force, actor=actor)
+        return resolve(self._ctx, gtrid, outcome, force=force, actor=actor)
 
     @property
     def resource_names(self) -> Iterable[str]:
@@ -264,14 +272,7 @@ class TransactionManager:
             return
         self._closed = True
         self.sweeper.stop()
-        self._close_resources()
-
-    def _close_resources(self) -> None:
-        for pool in self._pools.values():
-            pool.close()
-        self._identity.close()
-        self._log.close()
-        self._audit.close()
+        self._ctx.close()
 
     def __enter__(self) -> TransactionManager:
         return self
@@ -288,90 +289,4 @@ class TransactionManager:
         return (
             f"<TransactionManager node_id={self.node_id!r} resources={sorted(self._specs)}"
             f" log={self.log_directory!r}>"
-        )
-
-    # -- for Transaction and recovery -------------------------------------------------------
-    def _resource(self, name: str) -> tuple[Participant, Pool]:
-        participant = self._participants.get(name)
-        if participant is None:
-            raise describe_unknown_resource(name, list(self._participants))
-        return participant, self._pools[name]
-
-    def _overlap(self) -> bool:
-        """Overlap the branches' round trips? Only while few transactions are in flight:
-        it cuts one transaction's latency, but costs client CPU (pipeline mode), which is
-        what limits throughput once many run at once."""
-        return self.parallel and len(self._active) <= OVERLAP_MAX_ACTIVE
-
-    def _marker_branch(self, branches: list[Branch]) -> Branch | None:
-        """The branch to carry the decision (commit-marker path), or None for strict 2PC.
-
-        The first enlisted marker resource wins, PostgreSQL before MySQL (its decision row
-        and commit go in one round trip)."""
-        candidates = [b for b in branches if b.resource in self.commit_markers]
-        candidates.sort(key=lambda b: b.participant.kind != "postgresql")
-        return candidates[0] if candidates else None
-
-    def _finished_markers(self, resource: str) -> list[str]:
-        """A batch of finished gtrids whose decision rows on ``resource`` can be deleted."""
-        with self._lock:
-            done = self._finished[resource]
-            if len(done) < _marker.DELETE_AFTER:
-                return []
-            batch, self._finished[resource] = (
-                done[: _marker.DELETE_BATCH],
-                done[_marker.DELETE_BATCH :],
-            )
-            return batch
-
-    def _marker_finished(self, resource: str, gtrid: str) -> None:
-        with self._lock:
-            self._finished[resource].append(gtrid)
-
-    def _first_connection(self, participant: Participant, conn: Connection) -> None:
-        """Set-up on a resource's first connection: the marker table, if it carries markers."""
-        if participant.name in self.commit_markers:
-            try:
-                _marker.ensure_table(participant, conn)
-            except Exception as e:
-                if participant.is_connection_error(e):
-                    raise
-                raise ResourceNotFit(
-                    f"resource {participant.name!r} carries commit markers but its table"
-                    f" {_marker.TABLE} cannot be created: {redact(str(e))}",
-                    resource=participant.name,
-                ) from None
-
-    def _running(self, gtrid: str) -> Transaction | None:
-        with self._lock:
-            return self._active.get(gtrid)
-
-    def _note_expired(self, gtrid: str, resource: str, actor: str) -> None:
-        """Audit (once per transaction) that recovery marked a running one aborted."""
-        with self._lock:
-            self._expired_noted &= set(self._active)
-            if gtrid in self._expired_noted:
-                return
-            self._expired_noted.add(gtrid)
-        logger.warning("transaction %s is past its timeout: marked aborted by recovery", gtrid)
-        self._audit.record(
-            gtrid,
-            resource,
-            resource,
-            "expire",
-            "past its timeout and not decided",
-            "marked aborted: its coordinator rolls it back",
-            actor,
-        )
-
-    def _forget(self, tx: Transaction) -> None:
-        with self._lock:
-            self._active.pop(tx.gtrid, None)
-
-    def _phase_two_incomplete(self, tx: Transaction) -> None:
-        """Called when a committed transaction left branches for recovery to finish."""
-        logger.warning(
-            "transaction %s committed with branches left for recovery: %s",
-            tx.gtrid,
-            ", ".join(tx.pending_branches),
         )

@@ -54,7 +54,7 @@ older than its timeout. One process at a time resolves (a session-level advisory
 
 A resource that cannot be reached (or fails in any other way) is skipped and reported; the
 pass goes on with the others. Passes are idempotent: a branch already finished by someone
-else is "not found", which is fine. Passes of one TransactionManager never overlap (a lock).
+else is "not found", which is fine. Passes of one Context never overlap (a lock).
 Every action taken is appended to the audit trail (not in a dry run).
 """
 
@@ -82,7 +82,7 @@ from ._xid import Xid, may_use_marker, parse_gtrid
 from .errors import LogError, ResourceError
 
 if TYPE_CHECKING:
-    from ._manager import TransactionManager
+    from ._context import Context
 
 logger = logging.getLogger("xatm.recovery")
 
@@ -158,7 +158,7 @@ class RecoveryReport:
 
 @dataclass
 class _Pass:
-    manager: TransactionManager
+    ctx: Context
     dry_run: bool
     actor: str
     progress: Callable[[str], None] | None = None
@@ -184,14 +184,14 @@ class _Pass:
 
     @property
     def own_node(self) -> str:
-        return self.manager.node_id
+        return self.ctx.node_id
 
     # -- step 1 ----------------------------------------------------------------------------
     def survey(self, names: list[str]) -> tuple[set[str], bool]:
         """List every resource once: (nodes owning an xatm branch, anything to do)."""
         owners: set[str] = set()
         found_any = False
-        self.skipped = set(self.manager.resource_names) - set(names)
+        self.skipped = set(self.ctx.resources.names) - set(names)
         self.read_markers(names)
         if any(self._may_end_marker(g) for g in self.markers):
             found_any = True
@@ -208,20 +208,14 @@ class _Pass:
         return owners, found_any
 
     def _list(self, name: str) -> list[PreparedBranch] | None:
-        participant, pool = self.manager._resource(name)
         try:
-            conn = pool.get()
+            with self.ctx.resources.borrow(name) as (participant, conn):
+                return participant.recover(conn)
         except ResourceError as e:
             self._unreachable(name, str(e))
-            return None
-        try:
-            found = participant.recover(conn)
         except Exception as e:
-            pool.discard(conn)
             self._unreachable(name, _describe(e))
-            return None
-        pool.put(conn)
-        return found
+        return None
 
     def read_markers(self, names: list[str]) -> None:
         """(Re-)read the decision rows of every resource that has the table."""
@@ -230,29 +224,25 @@ class _Pass:
         for name in names:
             if name in self.problems:
                 continue
-            participant, pool = self.manager._resource(name)
             try:
-                conn = pool.get()
+                with self.ctx.resources.borrow(name) as (participant, conn):
+                    rows = _marker_recovery.read_rows(participant, conn)
+                    if rows is not None and not self.dry_run:
+                        with contextlib.suppress(Exception):
+                            _marker_recovery.delete_old_fences(participant, conn)
             except ResourceError as e:
                 self.marker_problems[name] = str(e)
                 continue
-            try:
-                rows = _marker_recovery.read_rows(participant, conn)
             except Exception as e:
-                pool.discard(conn)
                 self.marker_problems[name] = _describe(e)
                 continue
-            if rows is not None and not self.dry_run:
-                with contextlib.suppress(Exception):
-                    _marker_recovery.delete_old_fences(participant, conn)
-            pool.put(conn)
             for gtrid, record in (rows or {}).items():
                 self.markers[gtrid] = (name, record)
 
     def marker_candidates(self, node: str) -> frozenset[str] | None:
         """The resources that may hold ``node``'s decision rows, as recorded in its log
         directory (None: not recorded, or a shared log, which has no commit markers)."""
-        directory = self.manager.log_directory
+        directory = self.ctx.log_directory
         if directory is None:
             return None
         return _node_markers.read(Path(directory) / node)
@@ -264,7 +254,7 @@ class _Pass:
         candidates = self.marker_candidates(node)
         if not candidates:
             return Marker.UNREAD, f"the commit-marker resources of node {node!r} are not recorded"
-        configured = set(self.manager.resource_names)
+        configured = set(self.ctx.resources.names)
         missing = sorted(candidates - configured)
         if missing:
             return Marker.UNREAD, f"{', '.join(missing)} (not configured here)"
@@ -272,7 +262,7 @@ class _Pass:
         if unread:
             return Marker.UNREAD, f"{', '.join(unread)} (not reached in this pass)"
         for name in sorted(candidates):
-            participant, _ = self.manager._resource(name)
+            participant, _ = self.ctx.resources.get(name)
             try:
                 answer = _marker_recovery.probe_row(participant, gtrid, fence=not self.dry_run)
             except Exception as e:
@@ -284,19 +274,19 @@ class _Pass:
 
     @property
     def shared(self) -> PostgresLog | None:
-        return self.manager.shared_log
+        return self.ctx.shared_log
 
     def _owner_finished(self, gtrid: str) -> bool:
         """The coordinator of ``gtrid`` can take no further step: this node (not running
         it) or a dead peer."""
         node = parse_gtrid(gtrid)[0]
         if node == self.own_node:
-            return self.manager._running(gtrid) is None
+            return self.ctx.running(gtrid) is None
         if self.shared is not None:
             return not self.shared.node_alive(node)
         if node in self.peer_pending:
             return True
-        return owner_state(self.manager.log_directory, node) == "dead"
+        return owner_state(self.ctx.log_directory, node) == "dead"
 
     def _may_end_marker(self, gtrid: str) -> bool:
         """Is this decision row recovery's to delete (once its branches are finished)?
@@ -308,12 +298,12 @@ class _Pass:
         if not self._owner_finished(gtrid):
             return False
         node, created = parse_gtrid(gtrid)
-        if node != self.own_node or created < self.manager._started_at:
+        if node != self.own_node or created < self.ctx.started_at:
             return True
         if any(g == gtrid for g, _ in self.committed_here):
             return True
         _, record = self.markers[gtrid]
-        return time.time() - record.at > self.manager.timeout + MARKER_END_AGE
+        return time.time() - record.at > self.ctx.timeout + MARKER_END_AGE
 
     def _unreachable(self, name: str, why: str) -> None:
         self.problems.setdefault(name, why)
@@ -321,7 +311,7 @@ class _Pass:
 
     def dead_peers_with_decisions(self) -> set[str]:
         """Peers whose coordinator is dead and whose log still holds a pending decision."""
-        directory = self.manager.log_directory
+        directory = self.ctx.log_directory
         if directory is None:
             return set()  # a shared log needs no take-over: every decision is in one place
         out = set()
@@ -336,7 +326,7 @@ class _Pass:
     def open_peers(self, nodes: set[str]) -> None:
         if self.shared is not None:
             return
-        directory = self.manager.log_directory
+        directory = self.ctx.log_directory
         for node in sorted(nodes - {self.own_node}):
             if directory is None or not (Path(directory) / node / "lock").exists():
                 self.peer_state[node] = "unknown"
@@ -361,7 +351,7 @@ class _Pass:
             for gtrid, record in self.shared.pending(all_nodes=True).items():
                 self.snapshot[gtrid] = (parse_gtrid(gtrid)[0], record)
             return
-        for gtrid, record in self.manager._log.pending().items():
+        for gtrid, record in self.ctx.log.pending().items():
             self.snapshot[gtrid] = (self.own_node, record)
         for node, pending in self.peer_pending.items():
             for gtrid, record in pending.items():
@@ -375,28 +365,23 @@ class _Pass:
     def scan(self, name: str) -> None:
         if self.progress is not None:
             self.progress(f"scanning {name}")
-        participant, pool = self.manager._resource(name)
+        participant, _ = self.ctx.resources.get(name)
         try:
-            conn = pool.get()
+            with self.ctx.resources.borrow(name) as (_, conn):
+                for branch in participant.recover(conn):
+                    self.settle(name, branch, conn)
+        except LogError:
+            raise  # the log failed, not this resource: the pass cannot go on
         except ResourceError as e:
             self._unreachable(name, str(e))
             return
-        try:
-            found = participant.recover(conn)
-            for branch in found:
-                self.settle(name, branch, conn)
-        except LogError:
-            pool.discard(conn)
-            raise  # the log failed, not this resource: the pass cannot go on
         except Exception as e:
-            pool.discard(conn)
             if participant.is_connection_error(e):
                 self._unreachable(name, f"lost during the pass: {_describe(e)}")
             else:
                 logger.error("recovery: resource %r failed: %s", name, _describe(e))
                 self.problems.setdefault(name, _describe(e))
             return
-        pool.put(conn)
         self.scanned.add(name)
 
     def _record(
@@ -405,39 +390,39 @@ class _Pass:
         reason = self.prefix + reason
         self.actions.append(RecoveryAction(gtrid, resource, branch, action, reason, outcome))
         if not self.dry_run and action != "skip":
-            self.manager._audit.record(gtrid, resource, branch, action, reason, outcome, self.actor)
+            self.ctx.audit.record(gtrid, resource, branch, action, reason, outcome, self.actor)
 
     def facts(self, resource: str, xid: Xid, conn: Connection) -> tuple[Facts, str]:
         """What is known about one of xatm's prepared branches (and a detail for the
         reason), gathered for :func:`xatm._decide.decide`."""
         gtrid, node = xid.gtrid, xid.node_id
-        manager = self.manager
+        ctx = self.ctx
         shared = self.shared
         marker = Marker.UNPROBED if may_use_marker(gtrid) else Marker.NOT_FLAGGED
         if gtrid in self.markers:
             marker = Marker.ROW
-        known = xid.bqual in manager.resources
+        known = xid.bqual in ctx.resources
         expired = False
         detail = ""
         logged = Logged.NONE
         if node == self.own_node:
-            running = manager._running(gtrid)
+            running = ctx.running(gtrid)
             if running is not None:
                 if self.dry_run:
                     expired_now = time.monotonic() > running.deadline
                 elif running.abort_if_expired():
                     expired_now = True
-                    manager._note_expired(gtrid, resource, self.actor)
+                    ctx.note_expired(gtrid, resource, self.actor)
                 else:
                     expired_now = False
                 return Facts(
                     Owner.EXPIRED if expired_now else Owner.RUNNING, known_resource=known
                 ), ""
-            owner = Owner.FINISHED if manager._identity.held(resource) else Owner.UNFENCED
+            owner = Owner.FINISHED if ctx.identity.held(resource) else Owner.UNFENCED
             if shared is None:
                 # not running now, so it has finished: read its decision only now (a
                 # decision taken since the pass began is in the log already)
-                logged = Logged.COMMIT if gtrid in manager._log.pending() else Logged.NONE
+                logged = Logged.COMMIT if gtrid in ctx.log.pending() else Logged.NONE
         elif shared is not None:
             owner = Owner.LIVE_PEER if shared.node_alive(node) else Owner.DEAD_PEER
         elif node in self.peer_pending:
@@ -450,12 +435,12 @@ class _Pass:
             if state == "unexamined":
                 detail = "not examined in this pass (the next one will)"
         if owner is Owner.DEAD_PEER:
-            participant, _ = manager._resource(resource)
+            participant, _ = ctx.resources.get(resource)
             if participant.identity_in_use(conn, node):
                 owner = Owner.LIVE_PEER  # its log lock is free, but a process runs as it
                 detail = f"node {node!r} holds its identity lock on {resource!r}"
         if shared is not None:
-            expired = past_timeout(gtrid, xid.created_at, time.time(), manager.timeout)
+            expired = past_timeout(gtrid, xid.created_at, time.time(), ctx.timeout)
             found = shared.decisions([gtrid]).get(gtrid) if known else None
             if found is not None:
                 logged = Logged.ABORT if isinstance(found, str) else Logged.COMMIT
@@ -497,7 +482,7 @@ class _Pass:
                 if self.shared.log_abort(gtrid, by=self.actor) == "C":
                     facts = replace(facts, logged=Logged.COMMIT)  # a COMMIT won the race
                     continue
-                self.manager._audit.record(
+                self.ctx.audit.record(
                     gtrid,
                     "",
                     "",
@@ -517,7 +502,7 @@ class _Pass:
             self.remaining.setdefault(gtrid, set()).add(resource)
             record(action, reason, "planned")
             return
-        participant, _ = self.manager._resource(resource)
+        participant, _ = self.ctx.resources.get(resource)
         try:
             settled = finish_prepared(participant, conn, xid, commit)
         except Exception as e:
@@ -562,8 +547,8 @@ class _Pass:
             if self.only is not None and gtrid != self.only:
                 continue
             if node == self.own_node and (
-                self.manager._running(gtrid) is not None
-                or gtrid not in self.manager._log.pending()  # its coordinator ended it
+                self.ctx.running(gtrid) is not None
+                or gtrid not in self.ctx.log.pending()  # its coordinator ended it
             ):
                 continue
             if gtrid in self.remaining:
@@ -576,7 +561,7 @@ class _Pass:
                 self._record(gtrid, "", "", "end", "every branch is finished", "planned")
                 continue
             if self.shared is not None or node == self.own_node:
-                log: Any = self.manager._log
+                log: Any = self.ctx.log
             else:
                 log = self.peer_logs[node]
             log.log_end(gtrid)
@@ -598,15 +583,9 @@ class _Pass:
                     RecoveryAction(gtrid, resource, "", "end", "decision row", "planned")
                 )
                 continue
-            participant, pool = self.manager._resource(resource)
             try:
-                conn = pool.get()
-                try:
+                with self.ctx.resources.borrow(resource) as (participant, conn):
                     _marker_recovery.delete_row(participant, conn, gtrid)
-                except Exception:
-                    pool.discard(conn)
-                    raise
-                pool.put(conn)
             except Exception as e:
                 logger.warning("recovery: cannot delete the decision row of %s: %s", gtrid, e)
                 continue
@@ -623,19 +602,15 @@ class _Pass:
         for resource in rec.branches:
             if (gtrid, resource) in self.committed_here:
                 continue
-            participant, pool = self.manager._resource(resource)
             try:
-                conn = pool.get()
+                with self.ctx.resources.borrow(resource) as (participant, conn):
+                    verdict, text = participant.verify_finished(conn, txids.get(resource))
             except ResourceError as e:
                 self._unreachable(resource, str(e))
                 return False
-            try:
-                verdict, text = participant.verify_finished(conn, txids.get(resource))
             except Exception as e:
-                pool.discard(conn)
                 self._unreachable(resource, f"lost during the pass: {_describe(e)}")
                 return False
-            pool.put(conn)
             if verdict == "in progress":
                 return False
             if verdict == "aborted":
@@ -662,7 +637,7 @@ def _describe(e: BaseException) -> str:
 
 
 def run_pass(
-    manager: TransactionManager,
+    ctx: Context,
     *,
     dry_run: bool = False,
     resources: Callable[[], list[str]] | None = None,
@@ -670,14 +645,14 @@ def run_pass(
     progress: Callable[[str], None] | None = None,
 ) -> RecoveryReport:
     """One recovery pass over every resource of ``manager`` (or those ``resources()`` names)."""
-    with manager._recovery_lock:
+    with ctx.recovery_lock:
         return locked_pass(
-            manager, dry_run=dry_run, resources=resources, actor=actor, progress=progress
+            ctx, dry_run=dry_run, resources=resources, actor=actor, progress=progress
         )
 
 
 def locked_pass(
-    manager: TransactionManager,
+    ctx: Context,
     *,
     dry_run: bool = False,
     resources: Callable[[], list[str]] | None = None,
@@ -688,37 +663,33 @@ def locked_pass(
 ) -> RecoveryReport:
     """:func:`run_pass` for a caller that holds the manager's recovery lock; ``only``
     restricts it to one gtrid, ``prefix`` starts every reason (manual resolution)."""
-    shared = manager.shared_log
+    shared = ctx.shared_log
     if shared is not None and not dry_run and not shared.try_sweep_lock():
         logger.info("recovery: another process is resolving the shared log's transactions")
         return RecoveryReport(dry_run=dry_run)
     try:
-        p = _Pass(manager, dry_run, actor or f"recover@{manager.node_id}", progress, only, prefix)
-        report = _run(manager, p, resources)
+        p = _Pass(ctx, dry_run, actor or f"recover@{ctx.node_id}", progress, only, prefix)
+        report = _run(ctx, p, resources)
         if shared is not None and not dry_run:
             # ended COMMITs go; ABORTs stay long enough to keep fencing late COMMITs
-            shared.maybe_prune(max(MIN_ABORT_AGE, 100 * manager.timeout))
+            shared.maybe_prune(max(MIN_ABORT_AGE, 100 * ctx.timeout))
         return report
     finally:
         if shared is not None and not dry_run:
             shared.release_sweep_lock()
 
 
-def _run(
-    manager: TransactionManager, p: _Pass, resources: Callable[[], list[str]] | None
-) -> RecoveryReport:
+def _run(ctx: Context, p: _Pass, resources: Callable[[], list[str]] | None) -> RecoveryReport:
     started = time.monotonic()
     dry_run, progress = p.dry_run, p.progress
-    names = resources() if resources is not None else list(manager.resource_names)
+    names = resources() if resources is not None else list(ctx.resources.names)
     if progress is not None:
         progress("listing prepared transactions")
     owners, found_any = p.survey(names)
     peers = p.dead_peers_with_decisions()
     ended = 0
     pending = (
-        manager.shared_log.pending(all_nodes=True)
-        if manager.shared_log is not None
-        else manager._log.pending()
+        ctx.shared_log.pending(all_nodes=True) if ctx.shared_log is not None else ctx.log.pending()
     )
     if found_any or peers or pending:
         p.foreign = 0  # counted again by the full scan
@@ -729,8 +700,8 @@ def _run(
                 if name not in p.problems:
                     p.scan(name)
             ended = p.end_decided()
-            if manager.shared_log is not None and not dry_run:
-                manager.shared_log.flush()  # the ENDs: no COMMIT batch may come to carry them
+            if ctx.shared_log is not None and not dry_run:
+                ctx.shared_log.flush()  # the ENDs: no COMMIT batch may come to carry them
         finally:
             p.close_logs()
     branch_actions = [a for a in p.actions if a.action in ("commit", "rollback", "skip", "error")]

@@ -44,7 +44,7 @@ from ._xid import Xid, parse_gtrid
 from .errors import LogLocked, ResourceError, XatmError
 
 if TYPE_CHECKING:
-    from ._manager import TransactionManager
+    from ._context import Context
 
 logger = logging.getLogger("xatm.resolve")
 
@@ -92,7 +92,7 @@ class Resolution:
 
 
 def resolve(
-    manager: TransactionManager,
+    ctx: Context,
     gtrid: str,
     outcome: str,
     *,
@@ -103,14 +103,14 @@ def resolve(
     gtrid = validate_gtrid(gtrid)
     if outcome not in ("commit", "rollback"):
         raise XatmError(f"outcome must be 'commit' or 'rollback', got {outcome!r}")
-    with manager._recovery_lock:
-        plan = locked_pass(manager, dry_run=True, only=gtrid, actor=actor)
+    with ctx.recovery_lock:
+        plan = locked_pass(ctx, dry_run=True, only=gtrid, actor=actor)
         rule, why = _rule(plan, gtrid, Act(outcome))
         if rule is not None and why is None:
             # the request is what recovery would do: let recovery do it, for this gtrid only
             prefix = f"manual {outcome} by {actor}: "
-            report = locked_pass(manager, only=gtrid, actor=actor, prefix=prefix)
-            return _resolution(manager, gtrid, outcome, rule, report)
+            report = locked_pass(ctx, only=gtrid, actor=actor, prefix=prefix)
+            return _resolution(ctx, gtrid, outcome, rule, report)
         if rule is not None and not force:
             raise ResolutionRefused(f"refused to {outcome} {gtrid}: {why}")
         decided: Decision | None = None
@@ -118,7 +118,7 @@ def resolve(
             decided = "commit"
         elif rule is Act.ROLLBACK:
             decided = "abort"
-        forced = _Resolve(manager, gtrid, outcome, force, actor, decided, why)  # type: ignore[arg-type]
+        forced = _Resolve(ctx, gtrid, outcome, force, actor, decided, why)  # type: ignore[arg-type]
         return forced.run()
 
 
@@ -140,16 +140,16 @@ def _rule(plan: RecoveryReport, gtrid: str, request: Act) -> tuple[Act | None, s
     return verdicts[0].action, None
 
 
-def _owner(manager: TransactionManager, node: str) -> OwnerState:
-    if node == manager.node_id:
+def _owner(ctx: Context, node: str) -> OwnerState:
+    if node == ctx.node_id:
         return "this-process"
-    if manager.shared_log is not None:
-        return "alive" if manager.shared_log.node_alive(node) else "dead"
-    return owner_state(manager.log_directory, node)
+    if ctx.shared_log is not None:
+        return "alive" if ctx.shared_log.node_alive(node) else "dead"
+    return owner_state(ctx.log_directory, node)
 
 
 def _resolution(
-    manager: TransactionManager, gtrid: str, outcome: str, rule: Act, report: RecoveryReport
+    ctx: Context, gtrid: str, outcome: str, rule: Act, report: RecoveryReport
 ) -> Resolution:
     notes = [
         f"{a.resource}: left prepared ({a.reason}); recovery finishes it later"
@@ -162,7 +162,7 @@ def _resolution(
         gtrid=gtrid,
         outcome=outcome,  # type: ignore[arg-type]
         forced=False,
-        owner=_owner(manager, parse_gtrid(gtrid)[0]),
+        owner=_owner(ctx, parse_gtrid(gtrid)[0]),
         decision="commit" if rule is Act.COMMIT else "abort",
         actions=report.actions,
         unreachable=report.problems,
@@ -173,7 +173,7 @@ def _resolution(
 class _Resolve:
     def __init__(
         self,
-        manager: TransactionManager,
+        ctx: Context,
         gtrid: str,
         outcome: Outcome,
         force: bool,
@@ -184,7 +184,7 @@ class _Resolve:
         #: what the decision rule says (None: no branch is prepared), and why it disagrees
         self.rule = rule
         self.why = why
-        self.manager = manager
+        self.ctx = ctx
         self.gtrid = gtrid
         self.outcome = outcome
         self.force = force
@@ -195,9 +195,7 @@ class _Resolve:
         self.unreachable: dict[str, str] = {}
 
     def audit(self, resource: str, action: str, reason: str, result: str) -> None:
-        self.manager._audit.record(
-            self.gtrid, resource, resource, action, reason, result, self.actor
-        )
+        self.ctx.audit.record(self.gtrid, resource, resource, action, reason, result, self.actor)
 
     def refuse_or_note(self, why: str) -> None:
         if not self.force:
@@ -207,20 +205,20 @@ class _Resolve:
         logger.warning("manual %s of %s forced although %s", self.outcome, self.gtrid, why)
 
     def run(self) -> Resolution:
-        manager = self.manager
-        shared = getattr(manager, "shared_log", None)
+        ctx = self.ctx
+        shared = getattr(ctx, "shared_log", None)
         if shared is not None:
             return self._run_shared(shared)
         log: CoordinatorLog | None = None
         taken: FileLog | None = None
         owner: OwnerState
-        if self.node == manager.node_id:
+        if self.node == ctx.node_id:
             owner = "this-process"
-            log = manager._log
-            if manager._running(self.gtrid) is not None:
+            log = ctx.log
+            if ctx.running(self.gtrid) is not None:
                 self.refuse_or_note("the transaction is running in this process")
         else:
-            directory = manager.log_directory
+            directory = ctx.log_directory
             owner = owner_state(directory, self.node)
             if owner == "dead" and directory is not None:
                 try:
@@ -244,9 +242,9 @@ class _Resolve:
                 )
         try:
             record = log.pending().get(self.gtrid) if log is not None else None
-            if record is None and owner == "alive" and manager.log_directory:
+            if record is None and owner == "alive" and ctx.log_directory:
                 # look (without the lock) at what the live coordinator logged
-                path = Path(manager.log_directory) / self.node
+                path = Path(ctx.log_directory) / self.node
                 record = read_log(path).pending.get(self.gtrid)
             return self._resolve(owner, log, record)
         finally:
@@ -257,9 +255,9 @@ class _Resolve:
         """The same with the shared PostgreSQL log: liveness is the node's advisory lock,
         and the decision a row any process may write (conditionally: fenced)."""
         owner: OwnerState
-        if self.node == self.manager.node_id:
+        if self.node == self.ctx.node_id:
             owner = "this-process"
-            if self.manager._running(self.gtrid) is not None:
+            if self.ctx.running(self.gtrid) is not None:
                 self.refuse_or_note("the transaction is running in this process")
         else:
             owner = "alive" if shared.node_alive(self.node) else "dead"
@@ -287,7 +285,7 @@ class _Resolve:
         *,
         aborted: bool = False,
     ) -> Resolution:
-        shared = getattr(self.manager, "shared_log", None)
+        shared = getattr(self.ctx, "shared_log", None)
         decision: Decision | None
         if record is not None or self.rule == "commit":
             decision = "commit"
@@ -384,47 +382,39 @@ class _Resolve:
     def _find(self) -> dict[str, Xid]:
         """The resources holding a prepared branch of this gtrid, and its XID there."""
         found: dict[str, Xid] = {}
-        for name in self.manager.resource_names:
-            participant, pool = self.manager._resource(name)
+        for name in self.ctx.resources.names:
             try:
-                conn = pool.get()
+                with self.ctx.resources.borrow(name) as (participant, conn):
+                    branches = participant.recover(conn)
             except ResourceError as e:
                 self.unreachable[name] = str(e)
                 continue
-            try:
-                branches = participant.recover(conn)
             except Exception as e:
-                pool.discard(conn)
                 self.unreachable[name] = redact(str(e).strip() or type(e).__name__)
                 continue
-            pool.put(conn)
             for b in branches:
                 if b.xid is not None and b.xid.is_xatm and b.xid.gtrid == self.gtrid:
                     found[name] = b.xid
         return found
 
     def _finish(self, resource: str, xid: Xid, decision: Decision | None) -> None:
-        participant, pool = self.manager._resource(resource)
         heuristic = self.outcome == "rollback" and decision == "commit"
         reason = f"manual {self.outcome} by {self.actor}"
         if self.force:
             reason += " (forced)"
         try:
-            conn = pool.get()
+            with self.ctx.resources.borrow(resource) as (participant, conn):
+                settled = finish_prepared(participant, conn, xid, self.outcome == "commit")
         except ResourceError as e:
             self.unreachable[resource] = str(e)
             return
-        try:
-            settled = finish_prepared(participant, conn, xid, self.outcome == "commit")
         except Exception as e:
-            pool.discard(conn)
             text = f"failed: {redact(str(e).strip() or type(e).__name__)}"
             self.actions.append(
                 RecoveryAction(self.gtrid, resource, resource, "error", reason, text)
             )
             self.audit(resource, self.outcome, reason, text)
             return
-        pool.put(conn)
         if settled is Settled.HELD:
             # MariaDB: a session still attached to it (only it may finish it): not gone
             why = "listed as prepared, but the server answers 'no such branch': a live session"

@@ -74,11 +74,9 @@ class BranchProxy(PoolProxiedConnection):
 
     @property
     def _live(self) -> bool:
-        branch = self._tx._branches.get(self._resource)
         return (
             self._tx.state is TransactionState.ACTIVE
-            and branch is not None
-            and branch.conn is self._conn
+            and self._tx.branch_connection(self._resource) is self._conn
         )
 
     def cursor(self, *args: Any, **kwargs: Any) -> Any:
@@ -194,8 +192,8 @@ def open_connection(tx: Transaction, resource: str) -> BranchConnection:
             f"transaction {tx.gtrid} is {tx.state.value}; no more work can be done in it",
             gtrid=tx.gtrid,
         )
-    branch = tx._branch(resource)
-    engine = resource_engine(tx._manager, resource)
+    branch = tx.enlist(resource)
+    engine = resource_engine(tx.context, resource)
     proxy = BranchProxy(tx, resource, branch.conn, branch.participant.kind)
     return BranchConnection(engine, proxy, tx, resource)
 

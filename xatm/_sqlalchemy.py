@@ -34,20 +34,17 @@ from __future__ import annotations
 import contextlib
 import threading
 import weakref
-from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from ._pool import Pool
 from ._urls import ResourceSpec, parse_url, redact
-from .errors import ConfigurationError, ResourceUnavailable, TransactionError
+from .errors import ConfigurationError, ResourceUnavailable
 
 if TYPE_CHECKING:
     from sqlalchemy.engine import Engine
 
-    from ._manager import TransactionManager
+    from ._context import Context
     from ._participant import Connection, Participant
-    from ._sa_branch import BranchConnection, BranchSession
-    from ._transaction import Transaction
 
 SUPPORTED_DIALECTS = ("postgresql+psycopg", "mysql+mysqlconnector", "mariadb+mysqlconnector")
 #: ``proxied.info`` keys: a connection's own autocommit setting, and the isolation level
@@ -238,20 +235,18 @@ def _first_line(e: BaseException) -> str:
 
 # -- an Engine per resource (for its dialect) -------------------------------------------------
 
-_engines: weakref.WeakKeyDictionary[TransactionManager, dict[str, Engine]] = (
-    weakref.WeakKeyDictionary()
-)
+_engines: weakref.WeakKeyDictionary[Context, dict[str, Engine]] = weakref.WeakKeyDictionary()
 _engines_lock = threading.Lock()
 
 
-def resource_engine(manager: TransactionManager, resource: str) -> Engine:
+def resource_engine(ctx: Context, resource: str) -> Engine:
     """The Engine of ``resource``: the one given as the resource, or (for a URL) one made
     from the URL once per manager, for its dialect (its pool is never used for branches)."""
-    _, pool = manager._resource(resource)
+    _, pool = ctx.resources.get(resource)
     if isinstance(pool, EnginePool):
         return pool.engine
     with _engines_lock:
-        made = _engines.setdefault(manager, {})
+        made = _engines.setdefault(ctx, {})
         engine = made.get(resource)
         if engine is None:
             engine = _engine_from_spec(resource, pool.participant.spec)
@@ -298,103 +293,3 @@ def _engine_from_spec(resource: str, spec: ResourceSpec) -> Engine:
             resource=resource,
         ) from None
     return engine
-
-
-# -- per transaction --------------------------------------------------------------------------
-
-
-class _Enlisted:
-    """The SQLAlchemy objects of one transaction: flushed before prepare, closed at the end."""
-
-    def __init__(self, tx: Transaction) -> None:
-        self.sessions: list[BranchSession] = []
-        self.connections: dict[str, BranchConnection] = {}
-        self._tx = weakref.ref(tx)
-        tx._before_prepare.append(self.flush)
-        tx._after_end.append(self.close)
-
-    def flush(self) -> None:
-        for sess in self.sessions:
-            sess.flush()  # nothing to do: no round trip
-
-    def close(self) -> None:
-        tx = self._tx()
-        if tx is not None:  # the sessions refer to tx: the weak key would never go by itself
-            _enlisted.pop(tx, None)
-        sessions, self.sessions = self.sessions, []
-        connections, self.connections = self.connections, {}
-        for sess in sessions:
-            with contextlib.suppress(Exception):
-                sess.xatm_end()
-        for conn in connections.values():
-            with contextlib.suppress(Exception):
-                conn.close()
-
-
-_enlisted: weakref.WeakKeyDictionary[Transaction, _Enlisted] = weakref.WeakKeyDictionary()
-
-
-def _enlisted_for(tx: Transaction) -> _Enlisted:
-    from ._transaction import TransactionState
-
-    if tx.state is not TransactionState.ACTIVE:
-        raise TransactionError(
-            f"transaction {tx.gtrid} is {tx.state.value}; no more work can be done in it",
-            gtrid=tx.gtrid,
-        )
-    found = _enlisted.get(tx)
-    if found is None:
-        found = _enlisted[tx] = _Enlisted(tx)
-    return found
-
-
-def _check_resource(tx: Transaction, resource: object, what: str) -> str:
-    if not isinstance(resource, str):
-        raise ConfigurationError(
-            f"{what} must name a resource (a string), got {type(resource).__name__}"
-        )
-    tx._manager._resource(resource)  # raises ConfigurationError naming the known ones
-    return resource
-
-
-def session(tx: Transaction, binds: Any = None, **kwargs: Any) -> Any:
-    """An ORM Session whose work joins ``tx``: ``binds`` maps models (or tables, or a
-    declarative base) to resource names; ``bind="name"`` sets a default resource."""
-    from ._sa_branch import BranchSession, ResourceBind
-
-    for key in ("twophase", "join_transaction_mode"):
-        if key in kwargs:
-            raise ConfigurationError(f"tx.session() does not take {key}=: xatm ends the work")
-    if binds is not None and not isinstance(binds, Mapping):
-        raise ConfigurationError(
-            "binds must map models or tables to resource names, e.g. {Account: 'ledger'}"
-        )
-    bind = kwargs.pop("bind", None)
-    if not binds and bind is None:
-        raise ConfigurationError(
-            "tx.session() needs binds={Model: 'resource', ...} or bind='resource'"
-        )
-    session_binds = {
-        key: ResourceBind(_check_resource(tx, name, f"the bind of {key!r}"))
-        for key, name in (binds or {}).items()
-    }
-    if bind is not None:
-        kwargs["bind"] = ResourceBind(_check_resource(tx, bind, "bind"))
-    enlisted = _enlisted_for(tx)
-    sess = BranchSession(tx, binds=session_binds, **kwargs)
-    enlisted.sessions.append(sess)
-    return sess
-
-
-def sa_connection(tx: Transaction, resource: str) -> Any:
-    """A SQLAlchemy Connection on ``tx``'s branch on ``resource`` (the same one each time,
-    while it is open)."""
-    from ._sa_branch import open_connection
-
-    _check_resource(tx, resource, "the resource")
-    enlisted = _enlisted_for(tx)
-    conn = enlisted.connections.get(resource)
-    if conn is None or conn.closed:
-        conn = open_connection(tx, resource)
-        enlisted.connections[resource] = conn
-    return conn

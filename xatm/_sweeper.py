@@ -1,6 +1,6 @@
 """The sweeper: recovery passes on a background thread, every ``interval`` seconds.
 
-Every TransactionManager runs one unless it is built with ``sweeper=False`` (or the config
+Every Context runs one unless it is built with ``sweeper=False`` (or the config
 file says ``[sweeper] enabled = false``). It is what resolves, without anyone watching, the
 branches left prepared by a crash of this process (found when it starts again), by a dead
 peer sharing the log directory, or by a phase 2 that could not finish.
@@ -34,7 +34,7 @@ from ._recovery import RecoveryReport, run_pass
 from .errors import ConfigurationError
 
 if TYPE_CHECKING:
-    from ._manager import TransactionManager
+    from ._context import Context
 
 logger = logging.getLogger("xatm.sweeper")
 
@@ -102,20 +102,20 @@ class _Backoff:
 
 
 class Sweeper:
-    """Runs recovery passes of one TransactionManager on a daemon thread."""
+    """Runs recovery passes of one Context on a daemon thread."""
 
     def __init__(
         self,
-        manager: TransactionManager,
+        ctx: Context,
         interval: float = DEFAULT_INTERVAL,
         *,
         max_backoff: float = DEFAULT_MAX_BACKOFF,
         actor: str | None = None,
     ) -> None:
-        self._manager = manager
+        self._ctx = ctx
         self.interval = validate_interval(interval)
         self.max_backoff = max(validate_interval(max_backoff, "max_backoff"), self.interval)
-        self.actor = actor or f"sweeper@{manager.node_id}"
+        self.actor = actor or f"sweeper@{ctx.node_id}"
         self._wakeup = threading.Event()
         self._stopping = False
         self._thread: threading.Thread | None = None
@@ -136,7 +136,7 @@ class Sweeper:
             self._stopping = False
             self._wakeup.clear()
             self._thread = threading.Thread(
-                target=self._loop, name=f"xatm-sweeper-{self._manager.node_id}", daemon=True
+                target=self._loop, name=f"xatm-sweeper-{self._ctx.node_id}", daemon=True
             )
             self._thread.start()
 
@@ -185,10 +185,10 @@ class Sweeper:
         with self._lock:
             due = [
                 name
-                for name in self._manager.resource_names
+                for name in self._ctx.resources.names
                 if self._backoff.setdefault(name, _Backoff()).next_try <= now
             ]
-        report = run_pass(self._manager, resources=lambda: due, actor=self.actor)
+        report = run_pass(self._ctx, resources=lambda: due, actor=self.actor)
         problems = dict(report.problems)
         with self._lock:
             for name in due:

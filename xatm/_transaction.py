@@ -43,7 +43,6 @@ from ._participant import BranchVotedNo, Connection, Cursor, Participant, PhaseT
 from ._pool import Pool
 from ._xid import Xid, branch_xid
 from .errors import (
-    ConfigurationError,
     LogError,
     ResourceError,
     ResourceNotFit,
@@ -54,7 +53,7 @@ from .errors import (
 )
 
 if TYPE_CHECKING:
-    from ._manager import TransactionManager
+    from ._context import Context
 
 logger = logging.getLogger("xatm.transaction")
 
@@ -120,8 +119,8 @@ class Transaction:
     by one thread.
     """
 
-    def __init__(self, manager: TransactionManager, gtrid: str, timeout: float) -> None:
-        self._manager = manager
+    def __init__(self, ctx: Context, gtrid: str, timeout: float) -> None:
+        self._ctx = ctx
         self.gtrid = gtrid
         self.started = time.monotonic()
         self.deadline = self.started + timeout
@@ -151,7 +150,7 @@ class Transaction:
         tb: TracebackType | None,
     ) -> None:
         if self.state is not TransactionState.ACTIVE:
-            self._manager._forget(self)
+            self._ctx.forget(self)
             return
         if exc is not None:
             self.rollback()
@@ -190,19 +189,40 @@ class Transaction:
         ``binds`` maps models (or tables) to resource names. The session is flushed before
         prepare; commit and rollback happen through xatm when the block ends.
         """
-        from . import _sqlalchemy
-
-        return _sqlalchemy.session(self, binds, **session_kwargs)
+        return self._ctx.extension("session")(self, binds, **session_kwargs)
 
     def sa_connection(self, resource: str) -> Any:
         """A SQLAlchemy ``Connection`` on this transaction's branch on ``resource``."""
-        from . import _sqlalchemy
-
-        return _sqlalchemy.sa_connection(self, resource)
+        return self._ctx.extension("sa_connection")(self, resource)
 
     def set_rollback_only(self, reason: str = "set_rollback_only() was called") -> None:
         """Make the transaction unable to commit: leaving the block will roll it back."""
         self._rollback_only = reason
+
+    # -- for integrations (SQLAlchemy sessions, see xatm._sqlalchemy) ------------------------
+    def add_before_prepare_hook(self, callback: Callable[[], None]) -> None:
+        """Run ``callback`` when commit starts, before anything is prepared (it may still do
+        work and enlist branches); if it raises, the transaction rolls back."""
+        self._before_prepare.append(callback)
+
+    def add_after_end_hook(self, callback: Callable[[], None]) -> None:
+        """Run ``callback`` once the transaction has ended, whatever its outcome (a failure
+        of it is logged, never raised)."""
+        self._after_end.append(callback)
+
+    def enlist(self, resource: str) -> Branch:
+        """The branch on ``resource``, begun now if it is not enlisted yet."""
+        return self._branch(resource)
+
+    def branch_connection(self, resource: str) -> Connection | None:
+        """The driver connection the branch on ``resource`` holds now (None if none)."""
+        branch = self._branches.get(resource)
+        return None if branch is None else branch.conn
+
+    @property
+    def context(self) -> Context:
+        """The manager's shared context (resources, pools, log), for integrations."""
+        return self._ctx
 
     @property
     def branches(self) -> dict[str, BranchState]:
@@ -232,7 +252,7 @@ class Transaction:
             self._check_time()
             return branch
         self._check_time()
-        participant, pool = self._manager._resource(resource)
+        participant, pool = self._ctx.resources.get(resource)
         xid = branch_xid(self.gtrid, resource)
         conn = self._begin(participant, pool, xid)
         branch = Branch(resource, xid, participant, pool, conn)
@@ -252,7 +272,7 @@ class Transaction:
                             f" is not fit for two-phase commit: {'; '.join(problems)}",
                             resource=participant.name,
                         )
-                    self._manager._first_connection(participant, conn)
+                    self._ctx.first_connection(participant, conn)
                     pool.checked = True
                 participant.begin(conn, xid)
                 return conn
@@ -305,7 +325,7 @@ class Transaction:
             self._ended()
 
     def _ended(self) -> None:
-        self._manager._forget(self)
+        self._ctx.forget(self)
         callbacks, self._after_end = self._after_end, []
         for callback in callbacks:
             try:
@@ -331,7 +351,8 @@ class Transaction:
         if len(branches) == 1:
             self._commit_one_phase(branches[0])
             return
-        marker = self._manager._marker_branch(branches)
+        chosen = self._ctx.marker_candidate((b.resource, b.participant) for b in branches)
+        marker = self._branches[chosen] if chosen is not None else None
         if marker is not None:
             self._commit_with_marker(branches, marker)
             return
@@ -373,7 +394,7 @@ class Transaction:
         prepared = self._prepare_all([b for b in branches if b is not marker])
         _failpoint.hit("after_prepare")
         self._fence_decision()
-        finished = self._manager._finished_markers(marker.resource)
+        finished = self._ctx.finished_markers(marker.resource)
         gtrid = self.gtrid if prepared else None  # no other writer: no decision row needed
         txids = {b.resource: b.txid for b in prepared if b.txid is not None}
         statements = _marker.statements(gtrid, [b.resource for b in prepared], txids, finished)
@@ -448,7 +469,7 @@ class Transaction:
         """Phase 1 on every branch; returns the branches that voted PREPARED (the others
         are read-only and already finished). Rolls everything back on any no vote."""
 
-        overlap = self._manager._overlap()
+        overlap = self._ctx.overlap()
 
         def start(branch: Branch) -> Callable[[], None]:
             assert branch.conn is not None
@@ -508,7 +529,7 @@ class Transaction:
         _failpoint.hit("before_decision")
         txids = {b.resource: b.txid for b in branches if b.txid is not None}
         try:
-            self._manager._log.log_commit(self.gtrid, [b.resource for b in branches], txids)
+            self._ctx.log.log_commit(self.gtrid, [b.resource for b in branches], txids)
         except DecisionNotLogged as e:
             # certainly not logged (or fenced: recovery logged ABORT first): roll back
             self._rollback_all()
@@ -527,7 +548,7 @@ class Transaction:
         self, branches: list[Branch], *, logged: bool, marker: str | None = None
     ) -> None:
         first_done = False
-        overlap = self._manager._overlap()
+        overlap = self._ctx.overlap()
 
         def start(branch: Branch) -> Callable[[], PhaseTwo]:
             assert branch.conn is not None
@@ -585,14 +606,14 @@ class Transaction:
                 ) from branches[0].error
         elif all(b.state is BranchState.COMMITTED for b in branches):
             if marker is not None:
-                self._manager._marker_finished(marker, self.gtrid)
+                self._ctx.marker_finished(marker, self.gtrid)
                 return
             try:
-                self._manager._log.log_end(self.gtrid)
+                self._ctx.log.log_end(self.gtrid)
             except LogError as e:
                 logger.warning("could not record the end of %s: %s", self.gtrid, e)
         else:
-            self._manager._phase_two_incomplete(self)
+            self._ctx.phase_two_incomplete(self.gtrid, self.pending_branches)
 
     def _rollback_all(self) -> None:
         """Roll back every branch that may still hold work; never raises a driver error."""
@@ -636,11 +657,5 @@ def _now(value: T) -> Callable[[], T]:
 
 
 def _sends_first(branch: Branch) -> bool:
-    """PostgreSQL branches only send when started: start them before the others."""
-    return branch.participant.kind == "postgresql"
-
-
-def describe_unknown_resource(name: str, known: Sequence[str]) -> ConfigurationError:
-    return ConfigurationError(
-        f"unknown resource {name!r}; this transaction manager has: {', '.join(sorted(known))}"
-    )
+    """Branches that only send when started go first, so the others overlap with them."""
+    return branch.participant.sends_without_waiting
