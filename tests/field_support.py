@@ -195,3 +195,31 @@ def attempt(fn: Any) -> tuple[Any, BaseException | None]:
         return fn(), None
     except Exception as e:
         return None, e
+
+
+def transfer_books(bank: Bank, intents: Path, acks: Path) -> dict[str, Any]:
+    """Check the transfers of chaos-style workers (``tests.worker chaos``): each intended
+    transfer on all of its resources or on none, every acknowledged one on all of them."""
+    intended: dict[str, set[str]] = {}
+    if intents.exists():
+        for line in intents.read_text().splitlines():
+            tid, resources = line.split()
+            intended[tid] = set(resources.split(","))
+    acked = set(acks.read_text().split()) if acks.exists() else set()
+    journal = bank.journal_ids()
+    split, committed = [], 0
+    for tid, resources in sorted(intended.items()):
+        present = {r for r in resources if tid in journal[r]}
+        if present and present != resources:
+            split.append((tid, sorted(present), sorted(resources)))
+        elif present:
+            committed += 1
+    lost = sorted(t for t in acked if not all(t in journal[r] for r in intended[t]))
+    return {
+        "attempted": len(intended),
+        "committed": committed,
+        "acked": len(acked),
+        "split": split,
+        "lost": lost,
+        "balance_delta": bank.total() - bank.initial_total,
+    }
