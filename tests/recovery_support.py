@@ -43,13 +43,14 @@ def crash(
     tid: str = "t",
     markers: tuple[str, ...] = (),
     account: int = 1,
+    urls: dict[str, str] | None = None,
 ) -> str:
     """Run one transfer (of 10 on ``account``) in a child coordinator (its log: a directory,
     or a shared log's URL) that SIGKILLs itself at ``failpoint``; return the gtrid it was
     working on. Branches it leaves prepared lock that account's rows: crash the next one on
-    another account."""
+    another account. ``urls``: the child's resources, if not the bank's."""
     cfg = {
-        "urls": bank.urls,
+        "urls": urls or bank.urls,
         "log": str(log),
         "node_id": node_id,
         "table": bank.table,

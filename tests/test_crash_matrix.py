@@ -6,12 +6,13 @@ import json
 import signal
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import Servers
+from tests.field_support import roll_back_leftovers
 from tests.support import Bank, prepare_foreign, resolve_foreign, run
 from xatm import FAILPOINTS, TransactionManager
 
@@ -63,6 +64,90 @@ def test_crash_at_failpoint_then_recover(
     tmp_path: Path,
     foreign: object,
 ) -> None:
+    # marker mode: pg1 carries the decision (committed in one phase, never prepared)
+    markers = ["pg1"] if mode == "marker" else []
+    crash_and_recover(failpoint, resources, recover_as, markers, bank, make_tm, tmp_path)
+
+
+#: MariaDB-marker cases that fail today (issue 8 item 4: the MySQL probe never recognises
+#: mysql-connector's duplicate-key error, so the restarted node leaves its own decided
+#: transaction in doubt, and a second probe of one gtrid (after the first one's fence) fails
+#: and leaves the other branch). after_first_commit-3-branches-restarted fails the same way
+#: in the rare run where the parallel phase 2 left a branch prepared.
+MARIA_MARKER_FAILS = {
+    ("after_prepare", "3-branches", "restarted"),
+    ("after_prepare", "3-branches", "peer"),
+    ("after_decision", "2-branches", "restarted"),
+    ("after_decision", "3-branches", "restarted"),
+}
+
+
+def maria_marker_cases() -> list[object]:
+    cases = []
+    for failpoint in FAILPOINTS:
+        for ident, resources in (
+            ("2-branches", ("pg1", "maria")),
+            ("3-branches", ("pg1", "pg2", "maria")),
+        ):
+            for recover_as in ("restarted", "peer"):
+                marks = []
+                if (failpoint, ident, recover_as) in MARIA_MARKER_FAILS:
+                    marks.append(
+                        pytest.mark.xfail(
+                            strict=True,
+                            raises=AssertionError,
+                            reason="issue 8 item 4: the MySQL marker probe misreads the"
+                            " duplicate-key error: a branch is left in doubt after recovery",
+                        )
+                    )
+                cases.append(
+                    pytest.param(
+                        failpoint,
+                        resources,
+                        recover_as,
+                        id=f"{failpoint}-{ident}-{recover_as}",
+                        marks=marks,
+                    )
+                )
+    return cases
+
+
+@pytest.fixture
+def maria_markers(bank: Bank) -> Iterator[None]:
+    """The MariaDB decision table exists only for these tests (recovery reads every
+    resource that has one); what a failing case left prepared is rolled back."""
+    yield
+    roll_back_leftovers(bank, {"crashy"})
+    run(bank.conns["maria"], "DROP TABLE IF EXISTS xatm_decisions")
+
+
+@pytest.mark.parametrize(("failpoint", "resources", "recover_as"), maria_marker_cases())
+def test_crash_with_the_commit_marker_on_mariadb(
+    failpoint: str,
+    resources: tuple[str, ...],
+    recover_as: str,
+    bank: Bank,
+    make_tm: MakeTM,
+    tmp_path: Path,
+    foreign: object,
+    maria_markers: None,
+) -> None:
+    """The crash matrix's marker mode with the decision row on MariaDB: maria's branch is
+    committed in one phase with the row, the PostgreSQL branches are prepared."""
+    crash_and_recover(failpoint, resources, recover_as, ["maria"], bank, make_tm, tmp_path)
+
+
+def crash_and_recover(
+    failpoint: str,
+    resources: tuple[str, ...],
+    recover_as: str,
+    markers: list[str],
+    bank: Bank,
+    make_tm: MakeTM,
+    tmp_path: Path,
+) -> None:
+    """Run one transfer in a worker killed at ``failpoint``, recover, check the books."""
+    mode = "marker" if markers else "strict"
     log = tmp_path / "log"
     cfg = {
         "urls": bank.urls,
@@ -72,8 +157,7 @@ def test_crash_at_failpoint_then_recover(
         "journal": bank.journal,
         "resources": list(resources),
         "tid": f"crash-{failpoint}",
-        # marker mode: pg1 carries the decision (committed in one phase, never prepared)
-        "commit_markers": ["pg1"] if mode == "marker" else [],
+        "commit_markers": markers,
     }
     proc = run_worker("transfer", cfg, tmp_path, failpoint)
     assert proc.returncode == -signal.SIGKILL, proc.stderr
@@ -123,7 +207,7 @@ def test_crash_at_failpoint_then_recover(
     assert (again.committed, again.rolled_back, again.in_doubt) == (0, 0, 0)
     if mode == "marker":  # the decision row is deleted once every branch is finished
         rows = run(
-            bank.conns["pg1"],
+            bank.conns[markers[0]],
             "SELECT gtrid FROM xatm_decisions WHERE gtrid LIKE %s AND branches <> %s",
             ("xatm.crashy.%", '{"abort":1}'),  # recovery's abort fences stay a while
         )

@@ -8,7 +8,8 @@ nothing that was written).
 
 CONFIG is JSON: {"urls": {...}, "log": DIR, "node_id": ..., "table": ..., "journal": ...,
 plus per mode: "resources", "tid" (transfer) or "threads", "seconds", "seed", "accounts",
-"intents", "acks" (chaos)}.
+"intents", "acks" (chaos); optional in chaos: "sweep_interval" (the manager's sweeper),
+"tid_prefix" (transfer ids, default the node_id: two processes of one node_id need two)}.
 """
 
 from __future__ import annotations
@@ -63,12 +64,14 @@ def chaos(cfg: dict[str, Any]) -> int:
     deadline = time.monotonic() + float(cfg["seconds"])
     intents = os.open(cfg["intents"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     acks = os.open(cfg["acks"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    extra = {"sweep_interval": cfg["sweep_interval"]} if "sweep_interval" in cfg else {}
     tm = TransactionManager(
         cfg["urls"],
         cfg["log"],
         cfg["node_id"],
         timeout=5,
         commit_markers=cfg.get("commit_markers", []),
+        **extra,
     )
     tm.recover()
     counter = iter(range(10**9))
@@ -79,7 +82,7 @@ def chaos(cfg: dict[str, Any]) -> int:
         while time.monotonic() < deadline:
             with lock:
                 n = next(counter)
-            tid = f"{cfg['node_id']}-{n}"
+            tid = f"{cfg.get('tid_prefix', cfg['node_id'])}-{n}"
             k = 3 if r.random() < 0.25 else 2
             chosen = r.sample(names, k)
             amount = r.randint(1, 9)
