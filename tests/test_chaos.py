@@ -139,21 +139,8 @@ def operator(
             ),
         ),
         "operator",
-        pytest.param(
-            "operator-marker",
-            marks=pytest.mark.xfail(
-                strict=False,
-                reason="issue 8 items 1, 2: a manual rollback ignores the marker row, a manual"
-                " commit takes XAER_NOTA for gone: the operator can split a transfer",
-            ),
-        ),
-        pytest.param(
-            "twin",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="issue 8 item 6: a second process of a live node_id is not refused",
-            ),
-        ),
+        "operator-marker",
+        "twin",
     ],
 )
 def test_bank_transfers_under_chaos(
@@ -199,13 +186,16 @@ def test_bank_transfers_under_chaos(
     # twin mode: node -> (the twin process, its stderr file); the twinned worker is kept
     # alive until its twin has exited (or the run ends)
     twins: dict[str, tuple[subprocess.Popen[bytes], Path]] = {}
+    born: dict[str, float] = {}  # when each worker was started
 
     def spawn(failpoint: str | None = None, twin_of: str | None = None) -> None:
         node = twin_of or f"w{next(serial)}"
         nodes.add(node)
         cfg = dict(base_cfg, node_id=node, seed=rng.randrange(1 << 30))
         if twin_of is not None:  # the same node_id, its own log directory
-            cfg.update(log=str(tmp_path / f"twin-log-{node}"), tid_prefix=f"{node}-twin")
+            cfg.update(
+                log=str(tmp_path / f"twin-log-{node}"), tid_prefix=f"{node}-twin", lock_timeout=2.0
+            )
         path = tmp_path / f"{node}{'-twin' if twin_of else ''}.json"
         path.write_text(json.dumps(cfg))
         env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)}
@@ -226,6 +216,7 @@ def test_bank_transfers_under_chaos(
             twins[node] = (proc, err)
         else:
             procs[node] = proc
+            born[node] = time.monotonic()
 
     # the recoverer is not told which resource carries commit markers: it finds the tables
     sweeper = make_tm(node_id="sweeper", resources=urls, log=log)
@@ -270,7 +261,13 @@ def test_bank_transfers_under_chaos(
             elapsed = SECONDS - (deadline - time.monotonic())
             if twin_at and elapsed > twin_at[0]:
                 twin_at.pop(0)
-                live = [n for n in sorted(procs) if n not in with_failpoint | set(twins)]
+                # a twin of a worker that is up (its manager started: it holds its node_id)
+                up = time.monotonic() - 3.0
+                live = [
+                    n
+                    for n in sorted(procs)
+                    if n not in with_failpoint | set(twins) and born[n] < up
+                ]
                 pick = rng.choice(live) if live else None
                 if pick is not None and procs[pick].poll() is None:
                     spawn(twin_of=pick)

@@ -43,9 +43,6 @@ def names_node_and_a_resource(error: BaseException, node: str, resources: set[st
     return node in text and any(r in text for r in resources)
 
 
-@pytest.mark.xfail(
-    strict=True, reason="issue 8 item 6a: a second manager of a live node_id is not refused"
-)
 def test_a_second_manager_of_a_live_node_id_is_refused(make_tm: MakeTM, tmp_path: Path) -> None:
     first = make_tm(node_id="twin-a", log=tmp_path / "a", sweeper=False)
     with pytest.raises(ConfigurationError) as refused:  # today: DID NOT RAISE
@@ -55,11 +52,6 @@ def test_a_second_manager_of_a_live_node_id_is_refused(make_tm: MakeTM, tmp_path
     make_tm(node_id="twin-a", log=tmp_path / "b", sweeper=False).close()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="issue 8 item 6a: a twin's recovery rolls back the live node's in-flight branch",
-)
 def test_a_twin_cannot_roll_back_a_live_nodes_transaction(
     bank: Bank, make_tm: MakeTM, tmp_path: Path, at_step: dict[str, Callable[[], None]]
 ) -> None:
@@ -86,10 +78,6 @@ def transfer(tm: TransactionManager, bank: Bank, tid: str) -> None:
             tx.execute(r, f"INSERT INTO {bank.journal} (tid) VALUES (%s)", (tid,))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 8 item 6b: deployments sharing only MariaDB, one node_id: not refused",
-)
 def test_two_deployments_sharing_only_mariadb_cannot_use_one_node_id(
     servers: Servers, make_tm: MakeTM, tmp_path: Path
 ) -> None:
@@ -105,11 +93,6 @@ def test_two_deployments_sharing_only_mariadb_cannot_use_one_node_id(
     assert names_node_and_a_resource(refused.value, "api-1", {"maria"})
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="issue 8 item 6a: two processes of one node_id (two log dirs) split transfers",
-)
 def test_twin_processes_keep_the_books(servers: Servers, bank: Bank, tmp_path: Path) -> None:
     """Two coordinator processes with the same node_id and config but their own log
     directories run transfers for ~10 s with a sweeper every 0.2 s. Expected: the second is
@@ -135,6 +118,7 @@ def test_twin_processes_keep_the_books(servers: Servers, bank: Bank, tmp_path: P
             "intents": str(intents),
             "acks": str(acks),
             "sweep_interval": 0.2,
+            "lock_timeout": 1.0,  # a twin is refused after this wait, not after 30 s
         }
         path = tmp_path / f"twin{i}.json"
         path.write_text(json.dumps(cfg))

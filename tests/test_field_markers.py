@@ -41,15 +41,7 @@ def tidy(bank: Bank) -> Iterator[None]:
 @pytest.mark.parametrize(
     "peer_resources",
     [
-        pytest.param(
-            ("pg2", "maria"),
-            id="peer-without-the-marker-resource",
-            marks=pytest.mark.xfail(
-                strict=True,
-                raises=AssertionError,
-                reason="issue 8 item 3a: a peer without pg1 presumes abort, never reads the row",
-            ),
-        ),
+        pytest.param(("pg2", "maria"), id="peer-without-the-marker-resource"),
         pytest.param(("pg1", "pg2", "maria"), id="peer-without-commit-markers"),
     ],
 )
@@ -84,11 +76,6 @@ def test_peer_with_another_resource_set_takes_over_a_marker_transaction(
     assert bank.total() == bank.initial_total
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="issue 8 item 3b: pg1 once seen without the table, now down: presumed abort, split",
-)
 def test_a_marker_resource_seen_without_the_table_then_down_is_not_presumed_empty(
     servers: Servers, make_tm: MakeTM, tmp_path: Path
 ) -> None:

@@ -1,9 +1,8 @@
 """Field tests of issue 8 for manual resolution (items 1 and 2): an operator's commit or
 rollback without --force must never split a transaction.
 
-Each test reproduces one way it splits today against the real servers; the ones that fail
-on today's code are marked xfail(strict=True) with the issue item, and flip when it is
-fixed.
+Each test reproduces, against the real servers, one way version 0.1 split a transaction
+(issue 8, items 1 and 2); each failed before the decision rule was made one.
 """
 
 from __future__ import annotations
@@ -67,11 +66,6 @@ def test_show_and_recovery_follow_the_marker_row(
     assert books(bank, "base", ("pg1", "maria")) == {"pg1", "maria"}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="issue 8 item 1: resolve(rollback) reads only the log, not the marker row: split",
-)
 def test_manual_rollback_is_refused_when_the_marker_row_says_commit(
     bank: Bank, make_tm: MakeTM, tmp_path: Path, tidy: None
 ) -> None:
@@ -80,17 +74,13 @@ def test_manual_rollback_is_refused_when_the_marker_row_says_commit(
     other = make_tm(node_id="fr-other", log=log, sweeper=False, commit_markers=["pg1"])
     assert other.show(gtrid).decision == "commit"
     _, error = attempt(lambda: other.resolve(gtrid, "rollback", actor="test"))
-    books(bank, "r1", ("pg1", "maria"))  # today: SPLIT (maria rolled back)
     assert isinstance(error, ResolutionRefused), error
-    assert prepared_gtrids(bank)["maria"] == {gtrid}
+    assert prepared_gtrids(bank)["maria"] == {gtrid}  # in doubt, not rolled back
     assert other.show(gtrid).decision == "commit"
+    assert other.recover().committed == 1
+    assert books(bank, "r1", ("pg1", "maria")) == {"pg1", "maria"}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=ResolutionRefused,
-    reason="issue 8 item 1: resolve(commit) ignores the marker row and refuses (presumed abort)",
-)
 def test_manual_commit_follows_the_marker_row(
     bank: Bank, make_tm: MakeTM, tmp_path: Path, tidy: None
 ) -> None:
@@ -104,11 +94,6 @@ def test_manual_commit_follows_the_marker_row(
     assert bank.total() == bank.initial_total
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="issue 8 item 1: `xatm rollback` without --force splits a marker-committed transfer",
-)
 def test_cli_rollback_is_refused_and_commit_allowed_by_the_marker_row(
     bank: Bank, tmp_path: Path, tidy: None
 ) -> None:
@@ -122,7 +107,6 @@ def test_cli_rollback_is_refused_and_commit_allowed_by_the_marker_row(
     assert listed[gtrid]["decision"] == "commit"
 
     rolled = cli(config, "rollback", gtrid)
-    books(bank, "k1", ("pg1", "maria"))  # today: SPLIT (exit 0, maria rolled back)
     assert rolled.returncode == 1, rolled.stdout
     lines = [line for line in rolled.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("Error: ") and "--force" in lines[0]
@@ -138,11 +122,6 @@ def test_cli_rollback_is_refused_and_commit_allowed_by_the_marker_row(
 # -- item 2: XAER_NOTA from a lingering session is not "gone" --------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="issue 8 item 2: resolve(commit) takes XAER_NOTA for 'gone' and ENDs: split later",
-)
 def test_manual_commit_while_the_dead_coordinators_session_lingers(
     bank: Bank, make_tm: MakeTM, tmp_path: Path, tidy: None
 ) -> None:

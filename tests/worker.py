@@ -64,7 +64,7 @@ def chaos(cfg: dict[str, Any]) -> int:
     deadline = time.monotonic() + float(cfg["seconds"])
     intents = os.open(cfg["intents"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     acks = os.open(cfg["acks"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    extra = {"sweep_interval": cfg["sweep_interval"]} if "sweep_interval" in cfg else {}
+    extra = {k: cfg[k] for k in ("sweep_interval", "lock_timeout") if k in cfg}
     tm = TransactionManager(
         cfg["urls"],
         cfg["log"],

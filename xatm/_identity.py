@@ -13,6 +13,9 @@ database like the filtered ``pg_prepared_xacts``):
   (:class:`~xatm.ConfigurationError` naming the node and the resource), after waiting up to
   ``wait`` seconds (a killed predecessor's session may take a moment to go);
 * a resource that cannot be reached at start gets its lock when it is next asked for;
+* a keeper thread checks every lock once a second (a ping on its connection) and takes a
+  lost one back at once (its session cut, its server restarted), so that a second process
+  with the same node_id finds it held;
 * before an own-node presumed abort, recovery asks :meth:`IdentityLocks.held`, which checks
   that the lock's session is still alive (one round trip) and takes the lock again if the
   session was lost; where it cannot, recovery leaves the branch.
@@ -33,6 +36,9 @@ from .errors import ConfigurationError, ResourceError
 
 logger = logging.getLogger("xatm.identity")
 
+#: seconds between two checks of the identity locks by the keeper thread
+KEEP_INTERVAL = 1.0
+
 
 class IdentityLocks:
     """The identity locks of one node_id on every resource of one manager."""
@@ -42,7 +48,11 @@ class IdentityLocks:
         self.node_id = node_id
         self._conns: dict[str, Connection] = {}
         self._lock = threading.Lock()
+        self._checking = threading.Lock()  # one check at a time: a connection per thread
         self._closed = False
+        self._warned: set[str] = set()  # resources whose lock another process holds
+        self._stop = threading.Event()
+        self._keeper: threading.Thread | None = None
 
     def acquire(self, wait: float) -> None:
         """Take the lock on every reachable resource; raise ConfigurationError (releasing
@@ -88,9 +98,35 @@ class IdentityLocks:
             participant.close(old)
         return True
 
+    def keep(self, interval: float = KEEP_INTERVAL) -> None:
+        """Check every lock each ``interval`` seconds on a background thread, taking a lost
+        one (its session cut, its server restarted) back at once, before another process
+        with the same node_id could take it."""
+        if self._keeper is not None:
+            return
+
+        def loop() -> None:
+            while not self._stop.wait(interval):
+                for name in list(self._participants):
+                    if self._stop.is_set():
+                        return
+                    try:
+                        self.held(name)
+                    except Exception:  # a check must never end the thread
+                        logger.debug("identity check on %r failed", name, exc_info=True)
+
+        self._keeper = threading.Thread(
+            target=loop, name=f"xatm-identity-{self.node_id}", daemon=True
+        )
+        self._keeper.start()
+
     def held(self, name: str) -> bool:
         """Does this process (still) hold the node's identity on ``name``? Takes it again
         if its session was lost and nobody else has it. One round trip."""
+        with self._checking:
+            return self._held(name)
+
+    def _held(self, name: str) -> bool:
         participant = self._participants.get(name)
         if participant is None or self._closed:
             return False
@@ -100,9 +136,13 @@ class IdentityLocks:
             return True
         try:
             if self._take(name, participant):
+                self._warned.discard(name)
                 return True
         except ResourceError:
             return False
+        if name in self._warned:
+            return False
+        self._warned.add(name)
         logger.error(
             "node_id %r: another process holds this node's identity lock on %r: two processes"
             " run with the same node_id; recovery leaves this node's branches there alone",
@@ -113,6 +153,10 @@ class IdentityLocks:
 
     def close(self) -> None:
         """Release every lock (closing its session)."""
+        self._stop.set()
+        keeper = self._keeper
+        if keeper is not None and keeper is not threading.current_thread():
+            keeper.join(timeout=10.0)
         with self._lock:
             self._closed = True
             conns, self._conns = self._conns, {}

@@ -161,6 +161,7 @@ class TransactionManager:
                 # before any transaction can use a marker, say where its rows may be
                 _node_markers.record(Path(self.log_directory) / self.node_id, self.commit_markers)
             self._ctx.identity.acquire(wait=lock_timeout)
+            self._ctx.identity.keep()
         except BaseException:
             self._ctx.close()
             raise
