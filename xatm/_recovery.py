@@ -82,7 +82,7 @@ from ._pglog import MIN_ABORT_AGE, PostgresLog
 from ._records import LogRecord
 from ._urls import redact
 from ._xid import has_long_timeout, may_use_marker, parse_gtrid
-from .errors import LogError, ResourceError
+from .errors import LogCorrupt, LogError, ResourceError
 
 if TYPE_CHECKING:
     from ._manager import TransactionManager
@@ -356,8 +356,13 @@ class _Pass:
         for node in list_nodes(Path(directory)):
             if node == self.own_node:
                 continue
-            if owner_state(directory, node) == "dead" and read_log(Path(directory) / node).pending:
-                out.add(node)
+            if owner_state(directory, node) == "dead":
+                try:
+                    if read_log(Path(directory) / node).pending:
+                        out.add(node)
+                except LogCorrupt as e:
+                    logger.error("recovery: %s", e)
+                    out.add(node)  # examined (and left alone) by open_peers
         return out
 
     # -- step 2 ----------------------------------------------------------------------------
@@ -369,14 +374,18 @@ class _Pass:
             if directory is None or not (Path(directory) / node / "lock").exists():
                 self.peer_state[node] = "unknown"
                 continue
-            if self.dry_run:
-                # look, do not touch: no lock taken, no segment rewritten
-                if owner_state(directory, node) == "dead":
-                    self.peer_pending[node] = read_log(Path(directory) / node).pending
-                else:
-                    self.peer_state[node] = "alive"
+            try:
+                if self.dry_run:
+                    # look, do not touch: no lock taken, no segment rewritten
+                    if owner_state(directory, node) == "dead":
+                        self.peer_pending[node] = read_log(Path(directory) / node).pending
+                    else:
+                        self.peer_state[node] = "alive"
+                    continue
+                peer = FileLog.take_over(Path(directory), node)
+            except LogCorrupt:
+                self.peer_state[node] = "corrupt"  # its decisions are unknown: leave them
                 continue
-            peer = FileLog.take_over(Path(directory), node)
             if peer is None:
                 self.peer_state[node] = "alive"
                 continue
@@ -488,6 +497,8 @@ class _Pass:
                 leave(f"coordinator {node!r} is alive and resolves its own branches")
             elif state == "unknown":
                 leave(f"no log of coordinator {node!r} in this log directory")
+            elif state == "corrupt":
+                leave(f"the log of coordinator {node!r} is corrupt (see `xatm log`)")
             else:
                 leave(f"coordinator {node!r} was not examined in this pass: the next one will")
             return
