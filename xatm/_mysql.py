@@ -48,7 +48,7 @@ _BOOL_OPTIONS = frozenset({"ssl_disabled", "use_pure", "ssl_verify_cert", "ssl_v
 def _option(key: str, value: str) -> object:
     if key in _BOOL_OPTIONS:
         return value.lower() in ("1", "true", "yes", "on")
-    if value.isdigit():
+    if value.isascii() and value.isdigit():  # not "²", which int() refuses
         return int(value)
     return value
 
