@@ -678,7 +678,8 @@ class Inspector:
 
     def doctor(self) -> DoctorReport:
         """Check that every resource and the log directory are fit for two-phase commit."""
-        return diagnose(self._participants, self.log_directory, self.log_url)
+        shared = self._shared.spec if self._shared is not None else None  # a manager's
+        return diagnose(self._participants, self.log_directory, self.log_url or shared)
 
     def audit(self, gtrid: str | None = None) -> list[AuditEntry]:
         """The audit trail of every node (of one transaction if ``gtrid`` is given)."""

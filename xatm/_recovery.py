@@ -716,8 +716,12 @@ def run_pass(
                 manager, dry_run, resources, actor or f"recover@{manager.node_id}", progress
             )
             if shared is not None and not dry_run:
-                # ended COMMITs go; ABORTs stay long enough to keep fencing late COMMITs
-                shared.maybe_prune(max(MIN_ABORT_AGE, 100 * manager.timeout))
+                # ended COMMITs go; ABORTs stay long enough to keep fencing late COMMITs.
+                # Housekeeping only: its failure must not turn a good pass into an error.
+                try:
+                    shared.maybe_prune(max(MIN_ABORT_AGE, 100 * manager.timeout))
+                except Exception as e:
+                    logger.warning("recovery: pruning the shared log failed: %s", redact(str(e)))
             return report
         finally:
             if shared is not None and not dry_run:
