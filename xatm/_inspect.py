@@ -402,7 +402,6 @@ class Inspector:
         own_pending: Callable[[], Mapping[str, LogRecord]] | None = None,
         running: Callable[[str], bool] | None = None,
         commit_markers: Iterable[str] = (),
-        timeout: float = 30.0,
         shared_log: Any = None,
     ) -> None:
         self._participants = dict(participants)
@@ -412,7 +411,6 @@ class Inspector:
         #: the shared log's URL when the log is a database (then ``log_directory`` is None)
         self.log_url: str | None = None
         self._markers = sorted(commit_markers)
-        self.timeout = timeout
         self.log_directory = None if log_directory is None else str(log_directory)
         self._pools = dict(pools or {})
         self._own_node = own_node
@@ -430,7 +428,6 @@ class Inspector:
             participants,
             None if shared else settings.log,
             commit_markers=getattr(settings, "commit_markers", ()),
-            timeout=settings.timeout,
         )
         inspector.log_url = settings.log if shared else None
         inspector._shared_node = settings.node_id

@@ -139,7 +139,7 @@ class TransactionManager:
             participant = make_participant(name, spec)
             self._participants[name] = participant
             if name in engines:
-                self._pools[name] = _sqlalchemy.engine_pool(engines[name], participant, pool_size)
+                self._pools[name] = _sqlalchemy.engine_pool(engines[name], participant)
             else:
                 self._pools[name] = Pool(participant, max_idle=pool_size)
         if self.log_directory is None:
@@ -230,7 +230,6 @@ class TransactionManager:
             own_pending=self._log.pending,
             running=lambda gtrid: self._running(gtrid) is not None,
             commit_markers=self.commit_markers,
-            timeout=self.timeout,
             shared_log=self.shared_log,
         )
 

@@ -4,7 +4,7 @@ No Python MySQL driver has DB-API ``tpc_*`` methods, so the ``XA`` statements ar
 always with the XID as hex literals (``Xid.to_mysql``). Connections run in autocommit mode:
 ``XA START`` opens the branch and the application's statements run inside it.
 
-Facts handled here (see ../shared/reference/xa-gotchas.md):
+Facts handled here (numbered and sourced in docs/protocol.md, section 11):
 
 * XA errors come as ``IntegrityError``/``DatabaseError``: the code branches on ``errno``;
 * a deadlock or lock-wait timeout makes the branch rollback-only (1613/1614, 1402): it is
