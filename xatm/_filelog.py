@@ -345,6 +345,9 @@ class FileLog:
         self._open = _Batch()  # the batch that appended records join until a flush takes it
         self._broken: BaseException | None = None
         self._pending: dict[str, LogRecord] = {}
+        #: sequence number of each pending COMMIT appended by this process: one above
+        #: ``_durable`` is in memory only, and ``pending()`` does not show it
+        self._commit_seq: dict[str, int] = {}
         self._fd = -1
         self._segment: Path | None = None
         self._segment_size = 0
@@ -405,7 +408,10 @@ class FileLog:
                     f"the coordinator log {self.node_dir} failed ({self._broken}); its"
                     " decisions can be trusted again only after a restart re-reads it"
                 )
-            return dict(self._pending)
+            # Only what is on disk: a COMMIT still waiting for its fsync is not a decision
+            # yet (if the process died now, a restart would not find it).
+            durable, seqs = self._durable, self._commit_seq
+            return {g: r for g, r in self._pending.items() if seqs.get(g, 0) <= durable}
 
     def flush(self) -> None:
         with self._cond:
@@ -484,26 +490,49 @@ class FileLog:
 
     def _append(self, record: LogRecord, *, force: bool) -> None:
         frame = record.encode()
-        with self._cond:
-            if self._broken is not None:
-                raise DecisionNotLogged(
-                    f"the coordinator log {self.node_dir} failed earlier and accepts no more"
-                    f" decisions: {self._broken}"
-                )
-            if self._fd < 0:
-                raise DecisionNotLogged(f"the coordinator log {self.node_dir} is closed")
-            self._buffer.append(frame)
+        seq, batch = 0, None
+        try:
+            with self._cond:
+                if self._broken is not None:
+                    raise DecisionNotLogged(
+                        f"the coordinator log {self.node_dir} failed earlier and accepts no"
+                        f" more decisions: {self._broken}"
+                    )
+                if self._fd < 0:
+                    raise DecisionNotLogged(f"the coordinator log {self.node_dir} is closed")
+                self._appended += 1
+                seq = self._appended
+                batch = self._open
+                self._buffer.append(frame)
+                if force:
+                    self._forced_in_buffer += 1
+                if record.kind == "COMMIT":
+                    self._pending[record.gtrid] = record
+                    self._commit_seq[record.gtrid] = seq
+                else:
+                    self._pending.pop(record.gtrid, None)
+                    self._commit_seq.pop(record.gtrid, None)
             if force:
-                self._forced_in_buffer += 1
-            self._appended += 1
-            seq = self._appended
-            batch = self._open
-            if record.kind == "COMMIT":
-                self._pending[record.gtrid] = record
-            else:
-                self._pending.pop(record.gtrid, None)
-        if force:
-            self._wait_durable(seq, batch)
+                self._wait_durable(seq, batch)
+        except BaseException as e:
+            if not force or seq == 0 or isinstance(e, Exception):
+                raise
+            # KeyboardInterrupt, SystemExit... while the record waits for its fsync: settle
+            # it first (on disk, or the log broken), so that the caller's "in doubt" is
+            # resolved by what the disk holds, then let the interrupt through.
+            self._settle(seq, batch)
+            raise
+
+    def _settle(self, seq: int, batch: _Batch | None) -> None:
+        """Wait until record ``seq`` is on disk or the log is broken, whatever interrupts."""
+        while True:
+            try:
+                self._wait_durable(seq, batch)
+                return
+            except Exception:
+                return  # the log is broken: pending() refuses, nothing acts on it
+            except BaseException:  # another interrupt: the record is settled first
+                continue
 
     def _wait_durable(self, seq: int, batch: _Batch | None = None) -> None:
         """Return once record ``seq`` is on disk, leading a flush if none is under way.
@@ -532,20 +561,24 @@ class FileLog:
                 continue
             failure: BaseException | None = None
             try:
-                self._write(frames)
-            except BaseException as e:  # an OSError, or a signal's exception
-                failure = e
-            with self._cond:
-                self._flushing = False
-                if failure is None:
-                    self._durable = upto
-                    self.forced_records += forced
-                else:
-                    self._broken = failure
-                    logger.critical("coordinator log %s failed: %s", self.node_dir, failure)
-                taken.signal.set()
-                if self._buffer or failure is not None:
-                    self._open.signal.set()  # records are waiting: one of them leads next
+                try:
+                    self._write(frames)
+                except BaseException as e:  # an OSError, or a signal's exception
+                    failure = e
+            finally:  # whatever comes, the next flush must not wait for this one for ever
+                with self._cond:
+                    self._flushing = False
+                    if failure is None:
+                        self._durable = upto
+                        self.forced_records += forced
+                    else:
+                        self._broken = failure
+                        logger.critical("coordinator log %s failed: %s", self.node_dir, failure)
+                    taken.signal.set()
+                    if self._buffer or failure is not None:
+                        self._open.signal.set()  # records are waiting: one of them leads next
+            if failure is not None and not isinstance(failure, Exception):
+                raise failure  # an interrupt during the write: the log is broken, let it through
 
     def _write(self, batch: list[bytes]) -> None:
         """Write and fsync one batch (only the leader calls this); rotate if it is due."""
