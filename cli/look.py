@@ -7,9 +7,10 @@ import time
 
 import click
 
-from cli import render
-from cli.context import GTRID, actor, get
 from xatm import BranchInfo, InDoubtReport, TransactionInfo, redact, salvage_log
+
+from . import render
+from .context import GTRID, actor, get
 
 
 @click.command()
