@@ -540,45 +540,49 @@ class FileLog:
         Waiters sleep on their own batch's event, so a flush wakes only the threads whose
         records it wrote (and, when more records are waiting, hands the lead to them)."""
         while True:
-            with self._cond:
-                if self._durable >= seq:
-                    return
-                if self._broken is not None:
-                    raise LogError(f"forcing the coordinator log failed: {self._broken}")
-                if self._flushing:
-                    wait_on = batch if batch is not None else self._open
-                    lead = False
-                else:
-                    self._flushing = True
-                    taken, self._open = self._open, _Batch()
-                    taken.signal.clear()  # from now on it means "written"
-                    frames, upto = self._buffer, self._appended
-                    forced, self._forced_in_buffer = self._forced_in_buffer, 0
-                    self._buffer = []
-                    lead = True
-            if not lead:
-                wait_on.signal.wait()
-                continue
+            lead = False
+            taken: _Batch | None = None
+            frames: list[bytes] = []
+            upto = forced = 0
             failure: BaseException | None = None
             try:
-                try:
-                    self._write(frames)
-                except BaseException as e:  # an OSError, or a signal's exception
-                    failure = e
-            finally:  # whatever comes, the next flush must not wait for this one for ever
                 with self._cond:
-                    self._flushing = False
-                    if failure is None:
-                        self._durable = upto
-                        self.forced_records += forced
+                    if self._durable >= seq:
+                        return
+                    if self._broken is not None:
+                        raise LogError(f"forcing the coordinator log failed: {self._broken}")
+                    if self._flushing:
+                        wait_on = batch if batch is not None else self._open
                     else:
-                        self._broken = failure
-                        logger.critical("coordinator log %s failed: %s", self.node_dir, failure)
+                        lead = self._flushing = True  # one statement: no interrupt between
+                        taken, self._open = self._open, _Batch()
+                        taken.signal.clear()  # from now on it means "written"
+                        frames, upto = self._buffer, self._appended
+                        forced, self._forced_in_buffer = self._forced_in_buffer, 0
+                        self._buffer = []
+                if not lead:
+                    wait_on.signal.wait()
+                    continue
+                self._write(frames)
+            except BaseException as e:  # an OSError, or a signal's exception
+                if not lead:
+                    raise
+                failure = e  # what reached the disk is unknown: the log is broken
+            # the leader: whatever happened, the next flush must not wait for this one
+            with self._cond:
+                self._flushing = False
+                if failure is None:
+                    self._durable = upto
+                    self.forced_records += forced
+                else:
+                    self._broken = failure
+                    logger.critical("coordinator log %s failed: %s", self.node_dir, failure)
+                if taken is not None:
                     taken.signal.set()
-                    if self._buffer or failure is not None:
-                        self._open.signal.set()  # records are waiting: one of them leads next
+                if self._buffer or failure is not None:
+                    self._open.signal.set()  # records are waiting: one of them leads next
             if failure is not None and not isinstance(failure, Exception):
-                raise failure  # an interrupt during the write: the log is broken, let it through
+                raise failure  # an interrupt during the flush: the log is broken, let it through
 
     def _write(self, batch: list[bytes]) -> None:
         """Write and fsync one batch (only the leader calls this); rotate if it is due."""
