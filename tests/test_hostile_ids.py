@@ -229,3 +229,31 @@ def test_odd_foreign_gid_on_postgres_is_left_alone(bank: Bank, make_tm: MakeTM, 
             run(conn, f"ROLLBACK PREPARED '{gid}'")
         finally:
             conn.close()
+
+
+def test_odd_foreign_xid_on_mariadb_is_left_alone(bank: Bank, make_tm: MakeTM) -> None:
+    """xatm's own formatID, but a gtrid of non-ASCII bytes that merely looks like xatm's."""
+    gtrid = ("²xatm.n." + "0" * 27).encode().hex()
+    xid = f"X'{gtrid}',X'ff00',{FORMAT_ID}"
+    conn = connect(bank.urls["maria"])
+    try:
+        run(conn, "CREATE TABLE IF NOT EXISTS foreign_probe (id VARCHAR(64) PRIMARY KEY)")
+        run(conn, f"XA START {xid}")
+        run(conn, "INSERT INTO foreign_probe VALUES ('odd-xid')")
+        run(conn, f"XA END {xid}")
+        run(conn, f"XA PREPARE {xid}")
+    finally:
+        conn.close()
+    try:
+        tm = make_tm()
+        report = tm.recover()
+        assert report.foreign >= 1 and not report.problems, report
+        assert not tm.inspector.indoubt().transactions
+        rows = run(bank.conns["maria"], "XA RECOVER")
+        assert any(bytes(r[3]).hex().startswith(gtrid) for r in rows)
+    finally:
+        conn = connect(bank.urls["maria"])
+        try:
+            run(conn, f"XA ROLLBACK {xid}")
+        finally:
+            conn.close()
