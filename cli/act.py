@@ -9,8 +9,6 @@ from types import FrameType
 
 import click
 
-from cli import render
-from cli.context import GTRID, actor, get
 from xatm import (
     RecoveryAction,
     RecoveryReport,
@@ -18,6 +16,9 @@ from xatm import (
     ResolutionRefused,
     sweeper_settings,
 )
+
+from . import render
+from .context import GTRID, actor, get
 
 logger = logging.getLogger("xatm.cli")
 

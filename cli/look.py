@@ -1,4 +1,5 @@
-"""Read-only commands: ``doctor``, ``indoubt``, ``show`` and ``log`` (and ``log compact``)."""
+"""Log and inspection commands: ``doctor``, ``indoubt``, ``show`` and ``log`` (and
+``log compact``, ``log salvage``, the only ones here that change anything)."""
 
 from __future__ import annotations
 
@@ -6,9 +7,10 @@ import time
 
 import click
 
-from cli import render
-from cli.context import GTRID, get
-from xatm import BranchInfo, InDoubtReport, TransactionInfo, redact
+from xatm import BranchInfo, InDoubtReport, TransactionInfo, redact, salvage_log
+
+from . import render
+from .context import GTRID, actor, get
 
 
 @click.command()
@@ -170,7 +172,16 @@ def log(ctx: click.Context, as_json: bool) -> None:
     click.echo(render.table(headers, rows))
     torn = [(n.node, s) for n in logs for s in n.segments if s.torn_bytes]
     for node, seg in torn:
-        render.warn(f"{node}/{seg.name}: {seg.torn_bytes} bytes of torn or corrupt tail (ignored)")
+        if seg.corrupt is None:
+            render.warn(f"{node}/{seg.name}: {seg.torn_bytes} bytes of torn tail (ignored)")
+            continue
+        offset = seg.size - seg.torn_bytes
+        render.warn(
+            f"{node}/{seg.name}: CORRUPT at offset {offset}: {seg.corrupt}; this log is not"
+            f" used until an operator acts (docs/operations.md: `xatm log salvage {node}`)"
+        )
+    if any(s.corrupt for n in logs for s in n.segments):
+        ctx.exit(1)
 
 
 @log.command()
@@ -191,3 +202,56 @@ def compact(ctx: click.Context, as_json: bool) -> None:
         for c in done
     ]
     click.echo(render.table(("NODE", "COMPACTED", "BYTES BEFORE", "BYTES AFTER", "NOTE"), rows))
+
+
+@log.command()
+@click.argument("node")
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@click.option("--json", "as_json", is_flag=True, help="Print what was done as JSON.")
+@click.pass_context
+def salvage(ctx: click.Context, node: str, yes: bool, as_json: bool) -> None:
+    """Rebuild the corrupt log of a stopped NODE from every record still readable.
+
+    The old segments are moved aside into <log>/NODE/salvaged-<time>/, never deleted; a
+    decision that was in a damaged part is lost, so check the transactions of the time
+    window printed here before starting NODE again (docs/operations.md). Audited.
+    """
+    context = get(ctx)
+    settings = context.settings
+    if "://" in settings.log:
+        raise click.ClickException("the shared log has no segments to salvage")
+    if not yes:
+        click.confirm(
+            f"rebuild the log of node {node!r} from its readable records (old segments are"
+            " kept aside)?",
+            abort=True,
+        )
+    done = salvage_log(settings.log, node, actor=actor(), audit_node=context.own_node_id("cli"))
+    if as_json:
+        render.emit_json(
+            {
+                "node": done.node,
+                "kept": done.kept,
+                "records": done.records,
+                "damaged": [
+                    {"segment": name, "start": start, "end": end}
+                    for name, start, end in done.damaged
+                ],
+                "moved_to": None if done.moved_to is None else str(done.moved_to),
+            }
+        )
+        return
+    click.echo(
+        f"node {node}: kept {done.kept} pending decision(s) of {done.records} readable"
+        f" record(s); old segments moved to {done.moved_to}"
+    )
+    for (name, start, end), (before, after) in zip(done.damaged, done.around, strict=True):
+        click.echo(
+            f"damaged: {name} bytes {start}-{end}; decisions around it:"
+            f" {render.when(before)} .. {render.when(after)}"
+        )
+    if done.damaged:
+        render.warn(
+            "a COMMIT decision in a damaged part is lost: before starting the node, check"
+            " its transactions of those times with `xatm indoubt` (docs/operations.md)"
+        )

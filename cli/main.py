@@ -15,9 +15,10 @@ from typing import Any
 
 import click
 
-from cli import act, look
-from cli.context import Context
 from xatm import XatmError, redact
+
+from . import act, look
+from .context import Context
 
 
 class _Group(click.Group):

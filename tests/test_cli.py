@@ -373,3 +373,51 @@ def test_manual_resolution_with_the_shared_log(
     assert journal["pg1"] == journal["maria"] == {"s1"} and journal["pg2"] == set()
     actions = {e.action for e in looker.audit_trail(undecided)}
     assert {"decide", "rollback"} <= actions
+
+
+def test_corrupt_log_is_reported_left_alone_and_salvaged(
+    bank: Bank, config: Path, tmp_path: Path
+) -> None:
+    """A flipped bit in a dead node's COMMIT, good frames after it: nothing acts on that
+    node's branches, every command says which file and offset, and salvage is audited."""
+    from xatm import LogCorrupt
+    from xatm._records import HEADER, LogRecord
+
+    log = tmp_path / "log"
+    gtrid = crash(bank, log, "app", "after_decision", ("pg1", "maria"), "c1")
+    (seg,) = sorted((log / "app").glob("seg-*.xlog"))
+    data = bytearray(seg.read_bytes())
+    at = data.index(gtrid.encode()) - 12 - HEADER.size  # inside the COMMIT's frame
+    data[at + HEADER.size + 3] ^= 0x02
+    data += LogRecord("END", gtrid.replace("app", "zzz")).encode()  # a good frame after it
+    seg.write_bytes(bytes(data))
+    before = seg.read_bytes()
+
+    shown = xatm(config, "log")
+    assert shown.exit_code == 1 and "CORRUPT" in shown.stderr and "salvage" in shown.stderr
+    recovered = xatm(config, "recover", "--json")
+    assert recovered.exit_code == 0, recovered.output
+    reasons = {a["reason"] for a in json.loads(recovered.stdout)["actions"]}
+    assert any("corrupt" in r for r in reasons), reasons
+    assert gtrid in prepared_gtrids(bank)["pg1"] and gtrid in prepared_gtrids(bank)["maria"]
+    assert seg.read_bytes() == before
+    with pytest.raises(LogCorrupt, match=f"{seg}.*offset"):
+        TransactionManager(bank.urls, str(log), "app", sweeper=False)
+    refused = xatm(config, "commit", gtrid)
+    assert refused.exit_code == 1 and "corrupt" in one_error_line(refused)
+
+    salvaged = xatm(config, "log", "salvage", "app", "--yes")
+    assert salvaged.exit_code == 0, salvaged.output
+    assert "damaged" in salvaged.stdout and "xatm indoubt" in salvaged.stderr
+    kept = list((log / "app").glob("salvaged-*/seg-*.xlog"))
+    assert [p.read_bytes() for p in kept] == [before]
+    assert xatm(config, "log").exit_code == 0
+    audit = [e for e in json.loads(xatm(config, "show", gtrid, "--json").stdout)["audit"]]
+    assert not audit  # the salvage entry names no gtrid; the trail has it
+    from xatm._audit import read_audit
+
+    (entry,) = [e for e in read_audit(log) if e.action == "salvage"]
+    assert entry.node == "app-cli" and seg.name in entry.reason
+    # the operator settles the transaction by hand, as the runbook says
+    assert xatm(config, "commit", gtrid, "--force").exit_code == 0
+    assert bank.journal_ids()["maria"] == {"c1"}

@@ -18,6 +18,7 @@ from ._audit import AuditEntry
 from ._config import Settings, load_config
 from ._doctor import Check, DoctorReport
 from ._failpoint import NAMES as FAILPOINTS
+from ._filelog import Salvage, salvage_log
 from ._inspect import (
     BranchInfo,
     Compaction,
@@ -39,6 +40,7 @@ from ._urls import ResourceSpec, parse_url, redact
 from ._xid import FORMAT_ID, Xid
 from .errors import (
     ConfigurationError,
+    LogCorrupt,
     LogError,
     LogLocked,
     ResourceError,
@@ -66,6 +68,7 @@ __all__ = [
     "InDoubt",
     "InDoubtReport",
     "Inspector",
+    "LogCorrupt",
     "LogError",
     "LogLocked",
     "NodeLog",
@@ -78,6 +81,7 @@ __all__ = [
     "ResourceNotFit",
     "ResourceSpec",
     "ResourceUnavailable",
+    "Salvage",
     "SegmentInfo",
     "Settings",
     "Sweeper",
@@ -98,6 +102,7 @@ __all__ = [
     "load_config",
     "parse_url",
     "redact",
+    "salvage_log",
     "sweeper_settings",
     "validate_gtrid",
 ]

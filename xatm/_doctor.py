@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from ._participant import Connection, Participant
-from ._urls import redact
+from ._urls import ResourceSpec, redact
 from .errors import ConfigurationError, ResourceError
 
 _NETWORK_FS = frozenset(
@@ -196,13 +196,13 @@ def check_log_directory(directory: str | os.PathLike[str] | None) -> list[Check]
     return checks
 
 
-def check_shared_log(url: str) -> list[Check]:
+def check_shared_log(url: str | ResourceSpec) -> list[Check]:
     """A log kept in a PostgreSQL database: can it be reached?"""
     from ._postgres import PostgresParticipant
     from ._urls import parse_url
 
     try:
-        spec = parse_url(url)
+        spec = url if isinstance(url, ResourceSpec) else parse_url(url)
     except ConfigurationError as e:
         return [Check("log", "shared-log", False, str(e))]
     participant = PostgresParticipant("log", spec)
@@ -222,7 +222,7 @@ def check_shared_log(url: str) -> list[Check]:
 def diagnose(
     participants: Mapping[str, Participant],
     log_directory: str | os.PathLike[str] | None,
-    log_url: str | None = None,
+    log_url: str | ResourceSpec | None = None,
 ) -> DoctorReport:
     """Run every check (``log_url``: the log is a shared PostgreSQL log, not a directory)."""
     checks: list[Check] = []

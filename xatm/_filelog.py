@@ -34,13 +34,16 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Mapping, Sequence
+import zlib
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
+from ._audit import AuditTrail
 from ._log import DecisionNotLogged
-from ._records import LogRecord, read_frames
+from ._records import HEADER, MAX_PAYLOAD, LogRecord, frame_at, next_good_frame, read_frames
 from ._xid import validate_node_id
-from .errors import LogError, LogLocked
+from .errors import LogCorrupt, LogError, LogLocked
 
 logger = logging.getLogger("xatm.log")
 
@@ -55,6 +58,12 @@ def _segment_name(number: int) -> str:
 
 def _segment_number(path: Path) -> int:
     return int(path.stem.split("-", 1)[1])
+
+
+def _segment_files(node_dir: Path) -> list[Path]:
+    """The segment files of one node, oldest first (other names are not xatm's: ignored)."""
+    found = [p for p in node_dir.glob(SEGMENT_GLOB) if p.stem[4:].isdecimal() and p.is_file()]
+    return sorted(found, key=_segment_number)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -79,31 +88,228 @@ def list_nodes(directory: Path) -> list[str]:
     return nodes
 
 
-def read_segments(node_dir: Path) -> tuple[dict[str, LogRecord], list[tuple[Path, int, bool]]]:
-    """Replay every segment of one node: (pending COMMITs, [(segment, size, torn)])."""
+@dataclass(frozen=True, slots=True)
+class SegmentScan:
+    """One segment file as read from disk, up to its first bad frame."""
+
+    path: Path
+    size: int
+    records: tuple[LogRecord, ...]  # the good records before the first bad frame
+    good: int  # where the readable part ends (``size`` when every frame is good)
+    #: why the bytes from ``good`` on are corruption, not a torn tail (None: clean or torn)
+    corrupt: str | None = None
+
+    @property
+    def torn(self) -> int:
+        """Bytes ignored as a torn tail (0 when the segment is clean or corrupt)."""
+        return 0 if self.corrupt is not None else self.size - self.good
+
+
+def _damage(data: bytes, good: int, newest: bool) -> str | None:
+    """None if the bytes from ``good`` on can be a tail torn by a crash, else what makes
+    them corruption.
+
+    A crash tears only the last write, which is at the end of the newest segment, and what
+    it leaves is short (the file ends inside a frame) or zero-filled (blocks allocated but
+    never written). So a bad frame is corruption when it is in an older segment, when a good
+    frame follows it, or when it is complete (its length fits in the file), holds no zero
+    byte and still fails its CRC (a flipped bit) or passes its CRC but is no record."""
+    if not newest:
+        return "a bad frame in a segment that is not the newest (a crash tears only the newest)"
+    resumes = next_good_frame(data, good)
+    if resumes is not None:
+        return f"a bad frame followed by good frames (the next one at offset {resumes})"
+    if good >= len(MAGIC) and good + HEADER.size <= len(data):
+        length, crc = HEADER.unpack_from(data, good)
+        payload = data[good + HEADER.size : good + HEADER.size + length]
+        if 0 < length <= MAX_PAYLOAD and len(payload) == length and b"\0" not in payload:
+            if zlib.crc32(payload) == crc:
+                return "a frame whose checksum is right but whose payload is not a record"
+            return "a complete frame with a wrong checksum (a torn write leaves no such frame)"
+    return None
+
+
+def scan_segment(path: Path, *, newest: bool) -> SegmentScan:
+    """Read one segment; ``newest``: it is the last one (the only one a crash can tear)."""
+    data = path.read_bytes()
+    if MAGIC.startswith(data):
+        return SegmentScan(path, len(data), (), len(data))  # torn while being created: empty
+    records: list[LogRecord] = []
+    good = 0
+    if data.startswith(MAGIC):
+        good = len(MAGIC)
+        for end, record in read_frames(data, good):
+            records.append(record)
+            good = end
+    corrupt = None if good == len(data) else _damage(data, good, newest)
+    return SegmentScan(path, len(data), tuple(records), good, corrupt)
+
+
+def scan_log(node_dir: Path) -> list[SegmentScan]:
+    """Read every segment of one node's log, oldest first."""
+    paths = _segment_files(node_dir)
+    return [scan_segment(p, newest=i == len(paths) - 1) for i, p in enumerate(paths)]
+
+
+def replay(scans: Sequence[SegmentScan]) -> dict[str, LogRecord]:
+    """The pending COMMITs (no later END) of the records of ``scans``, in order."""
+    return _pending(r for scan in scans for r in scan.records)
+
+
+def _pending(records: Iterable[LogRecord]) -> dict[str, LogRecord]:
     pending: dict[str, LogRecord] = {}
-    segments = []
-    for seg in sorted(node_dir.glob(SEGMENT_GLOB), key=_segment_number):
-        data = seg.read_bytes()
-        good = 0
-        if data.startswith(MAGIC):
-            good = len(MAGIC)
-            for end, record in read_frames(data, len(MAGIC)):
-                good = end
-                if record.kind == "COMMIT":
-                    pending[record.gtrid] = record
-                else:
-                    pending.pop(record.gtrid, None)
-        torn = good != len(data)
-        if torn:
-            logger.warning(
-                "log segment %s: ignoring %d bytes of torn or corrupt tail after offset %d",
-                seg,
-                len(data) - good,
-                good,
+    for record in records:
+        if record.kind == "COMMIT":
+            pending[record.gtrid] = record
+        else:
+            pending.pop(record.gtrid, None)
+    return pending
+
+
+def check(scans: Sequence[SegmentScan]) -> None:
+    """Raise LogCorrupt for the first corrupt segment of ``scans``."""
+    for scan in scans:
+        if scan.corrupt is not None:
+            raise LogCorrupt(
+                f"the coordinator log is corrupt: {scan.path} at offset {scan.good}:"
+                f" {scan.corrupt}. The records from there on may hold COMMIT decisions, so"
+                " this log is not used and the file is left as it is; `xatm log` shows the"
+                " damage and `xatm log salvage` keeps every readable record (see"
+                " docs/operations.md, 'A corrupt coordinator log')",
+                path=str(scan.path),
+                offset=scan.good,
             )
-        segments.append((seg, len(data), torn))
-    return pending, segments
+
+
+def read_segments(node_dir: Path) -> tuple[dict[str, LogRecord], list[tuple[Path, int, bool]]]:
+    """Replay every segment of one node: (pending COMMITs, [(segment, size, torn)]).
+
+    Raises LogCorrupt if a segment is damaged anywhere but in a torn tail of the newest."""
+    scans = scan_log(node_dir)
+    check(scans)
+    for scan in scans:
+        if scan.torn:
+            logger.warning(
+                "log segment %s: ignoring %d bytes of torn tail after offset %d",
+                scan.path,
+                scan.torn,
+                scan.good,
+            )
+    return replay(scans), [(s.path, s.size, s.torn > 0) for s in scans]
+
+
+@dataclass(frozen=True, slots=True)
+class Salvage:
+    """What :func:`salvage` did to one node's log."""
+
+    node: str
+    kept: int  # pending COMMITs written to the new segment
+    records: int  # good records read in all
+    #: (segment name, start, end) of each run of bytes that could not be read
+    damaged: tuple[tuple[str, int, int], ...]
+    #: decision times of the last good record before and the first after each damaged run
+    around: tuple[tuple[float | None, float | None], ...]
+    moved_to: Path | None  # where the old segments went (None: the log was empty)
+
+
+def salvage_log(
+    directory: str | os.PathLike[str], node_id: str, *, actor: str, audit_node: str
+) -> Salvage:
+    """Rebuild a dead node's log from every good frame of its segments, skipping damage.
+
+    Takes the node's lock (LogLocked if its coordinator is alive), reads every segment
+    frame by frame and, past a bad frame, from the next good one; writes a new segment
+    holding the pending COMMITs (fsynced), and only then moves the old segments into
+    ``<node>/salvaged-<UTC time>/`` (kept for the operator, never read again by xatm). A
+    COMMIT that was in a damaged run is lost: ``around`` says which decision times bound
+    each run, so the operator can check the transactions of that window. The salvage is
+    recorded in the audit trail (action ``salvage``, by ``actor``, as node ``audit_node``)."""
+    node_dir = Path(directory) / validate_node_id(node_id)
+    if not (node_dir / "lock").exists():
+        raise LogError(f"no coordinator log of node_id {node_id!r} in {directory}")
+    lock_fd = os.open(node_dir / "lock", os.O_RDWR | os.O_CLOEXEC)
+    try:
+        try:
+            fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise LogLocked(
+                f"the log of node_id {node_id!r} in {directory} is held by a live process:"
+                " stop it first (a live coordinator never runs on a corrupt log)"
+            ) from None
+        done = _salvage_locked(node_dir, node_id)
+    finally:
+        os.close(lock_fd)  # releases the flock
+    runs = ", ".join(f"{name} bytes {start}-{end}" for name, start, end in done.damaged)
+    trail = AuditTrail(directory, audit_node)
+    trail.record(
+        "",
+        "",
+        "",
+        "salvage",
+        f"log of node {node_id}: {len(done.damaged)} damaged run(s){': ' if runs else ''}{runs}",
+        f"kept {done.kept} pending decision(s) of {done.records} good record(s);"
+        f" old segments moved to {done.moved_to}",
+        actor,
+    )
+    trail.close()
+    return done
+
+
+def _salvage_locked(node_dir: Path, node_id: str) -> Salvage:
+    paths = _segment_files(node_dir)
+    records: list[LogRecord] = []
+    damaged: list[tuple[str, int, int]] = []
+    around: list[tuple[float | None, float | None]] = []
+    gaps: list[int] = []  # index into records where each damaged run was
+    for path in paths:
+        data = path.read_bytes()
+        if MAGIC.startswith(data):
+            continue
+        pos = len(MAGIC) if data.startswith(MAGIC) else 0
+        while pos < len(data):
+            frame = frame_at(data, pos)
+            if frame is not None:
+                records.append(frame[1])
+                pos = frame[0]
+                continue
+            resumes = next_good_frame(data, pos)
+            end = len(data) if resumes is None else resumes
+            damaged.append((path.name, pos, end))
+            gaps.append(len(records))
+            pos = end
+    for gap in gaps:
+        before = next((r.at for r in reversed(records[:gap]) if r.kind == "COMMIT"), None)
+        after = next((r.at for r in records[gap:] if r.kind == "COMMIT"), None)
+        around.append((before, after))
+    pending = _pending(records)
+    if not paths:
+        return Salvage(node_id, 0, 0, (), (), None)
+    number = _segment_number(paths[-1]) + 1
+    new = node_dir / _segment_name(number)
+    fd = os.open(new, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.write(fd, MAGIC + b"".join(r.encode() for r in pending.values()))
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    _fsync_dir(node_dir)
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    keep = node_dir / f"salvaged-{stamp}"
+    keep.mkdir(mode=0o700)
+    for path in paths:
+        path.rename(keep / path.name)
+    _fsync_dir(keep)
+    _fsync_dir(node_dir)
+    logger.warning(
+        "salvaged the log of %s: kept %d pending decision(s) of %d good record(s);"
+        " %d damaged run(s); old segments moved to %s",
+        node_id,
+        len(pending),
+        len(records),
+        len(damaged),
+        keep,
+    )
+    return Salvage(node_id, len(pending), len(records), tuple(damaged), tuple(around), keep)
 
 
 class _Batch:
@@ -139,6 +345,9 @@ class FileLog:
         self._open = _Batch()  # the batch that appended records join until a flush takes it
         self._broken: BaseException | None = None
         self._pending: dict[str, LogRecord] = {}
+        #: sequence number of each pending COMMIT appended by this process: one above
+        #: ``_durable`` is in memory only, and ``pending()`` does not show it
+        self._commit_seq: dict[str, int] = {}
         self._fd = -1
         self._segment: Path | None = None
         self._segment_size = 0
@@ -164,6 +373,9 @@ class FileLog:
         except OSError as e:
             self.close()
             raise LogError(f"cannot open the coordinator log in {self.node_dir}: {e}") from e
+        except BaseException:  # LogCorrupt, or an interrupt: release the lock all the same
+            self.close()
+            raise
 
     @classmethod
     def take_over(cls, directory: Path, node_id: str) -> FileLog | None:
@@ -196,7 +408,10 @@ class FileLog:
                     f"the coordinator log {self.node_dir} failed ({self._broken}); its"
                     " decisions can be trusted again only after a restart re-reads it"
                 )
-            return dict(self._pending)
+            # Only what is on disk: a COMMIT still waiting for its fsync is not a decision
+            # yet (if the process died now, a restart would not find it).
+            durable, seqs = self._durable, self._commit_seq
+            return {g: r for g, r in self._pending.items() if seqs.get(g, 0) <= durable}
 
     def flush(self) -> None:
         with self._cond:
@@ -218,10 +433,7 @@ class FileLog:
     # -- inspection ------------------------------------------------------------------------
     def segments(self) -> list[tuple[Path, int]]:
         """(path, size in bytes) of each segment file, oldest first."""
-        return [
-            (p, p.stat().st_size)
-            for p in sorted(self.node_dir.glob(SEGMENT_GLOB), key=_segment_number)
-        ]
+        return [(p, p.stat().st_size) for p in _segment_files(self.node_dir)]
 
     @property
     def broken(self) -> bool:
@@ -242,7 +454,15 @@ class FileLog:
             time.sleep(0.05)
 
     def _open_segments(self) -> None:
-        pending, segments = read_segments(self.node_dir)
+        pending, segments = read_segments(self.node_dir)  # LogCorrupt: nothing is touched
+        if segments and segments[-1][2]:
+            # Cut the torn tail off first: if a crash comes before the older segments are
+            # deleted below, this one is no longer the newest, and must read as clean.
+            path, _, _ = segments[-1]
+            good = scan_segment(path, newest=True).good
+            with open(path, "r+b") as f:
+                f.truncate(good)
+                os.fsync(f.fileno())
         self._pending = pending
         last = max((_segment_number(p) for p, _, _ in segments), default=0)
         self._start_segment(last + 1, [p for p, _, _ in segments], list(pending.values()))
@@ -270,26 +490,49 @@ class FileLog:
 
     def _append(self, record: LogRecord, *, force: bool) -> None:
         frame = record.encode()
-        with self._cond:
-            if self._broken is not None:
-                raise DecisionNotLogged(
-                    f"the coordinator log {self.node_dir} failed earlier and accepts no more"
-                    f" decisions: {self._broken}"
-                )
-            if self._fd < 0:
-                raise DecisionNotLogged(f"the coordinator log {self.node_dir} is closed")
-            self._buffer.append(frame)
+        seq, batch = 0, None
+        try:
+            with self._cond:
+                if self._broken is not None:
+                    raise DecisionNotLogged(
+                        f"the coordinator log {self.node_dir} failed earlier and accepts no"
+                        f" more decisions: {self._broken}"
+                    )
+                if self._fd < 0:
+                    raise DecisionNotLogged(f"the coordinator log {self.node_dir} is closed")
+                self._appended += 1
+                seq = self._appended
+                batch = self._open
+                self._buffer.append(frame)
+                if force:
+                    self._forced_in_buffer += 1
+                if record.kind == "COMMIT":
+                    self._pending[record.gtrid] = record
+                    self._commit_seq[record.gtrid] = seq
+                else:
+                    self._pending.pop(record.gtrid, None)
+                    self._commit_seq.pop(record.gtrid, None)
             if force:
-                self._forced_in_buffer += 1
-            self._appended += 1
-            seq = self._appended
-            batch = self._open
-            if record.kind == "COMMIT":
-                self._pending[record.gtrid] = record
-            else:
-                self._pending.pop(record.gtrid, None)
-        if force:
-            self._wait_durable(seq, batch)
+                self._wait_durable(seq, batch)
+        except BaseException as e:
+            if not force or seq == 0 or isinstance(e, Exception):
+                raise
+            # KeyboardInterrupt, SystemExit... while the record waits for its fsync: settle
+            # it first (on disk, or the log broken), so that the caller's "in doubt" is
+            # resolved by what the disk holds, then let the interrupt through.
+            self._settle(seq, batch)
+            raise
+
+    def _settle(self, seq: int, batch: _Batch | None) -> None:
+        """Wait until record ``seq`` is on disk or the log is broken, whatever interrupts."""
+        while True:
+            try:
+                self._wait_durable(seq, batch)
+                return
+            except Exception:
+                return  # the log is broken: pending() refuses, nothing acts on it
+            except BaseException:  # another interrupt: the record is settled first
+                continue
 
     def _wait_durable(self, seq: int, batch: _Batch | None = None) -> None:
         """Return once record ``seq`` is on disk, leading a flush if none is under way.
@@ -297,30 +540,35 @@ class FileLog:
         Waiters sleep on their own batch's event, so a flush wakes only the threads whose
         records it wrote (and, when more records are waiting, hands the lead to them)."""
         while True:
-            with self._cond:
-                if self._durable >= seq:
-                    return
-                if self._broken is not None:
-                    raise LogError(f"forcing the coordinator log failed: {self._broken}")
-                if self._flushing:
-                    wait_on = batch if batch is not None else self._open
-                    lead = False
-                else:
-                    self._flushing = True
-                    taken, self._open = self._open, _Batch()
-                    taken.signal.clear()  # from now on it means "written"
-                    frames, upto = self._buffer, self._appended
-                    forced, self._forced_in_buffer = self._forced_in_buffer, 0
-                    self._buffer = []
-                    lead = True
-            if not lead:
-                wait_on.signal.wait()
-                continue
+            lead = False
+            taken: _Batch | None = None
+            frames: list[bytes] = []
+            upto = forced = 0
             failure: BaseException | None = None
             try:
+                with self._cond:
+                    if self._durable >= seq:
+                        return
+                    if self._broken is not None:
+                        raise LogError(f"forcing the coordinator log failed: {self._broken}")
+                    if self._flushing:
+                        wait_on = batch if batch is not None else self._open
+                    else:
+                        lead = self._flushing = True  # one statement: no interrupt between
+                        taken, self._open = self._open, _Batch()
+                        taken.signal.clear()  # from now on it means "written"
+                        frames, upto = self._buffer, self._appended
+                        forced, self._forced_in_buffer = self._forced_in_buffer, 0
+                        self._buffer = []
+                if not lead:
+                    wait_on.signal.wait()
+                    continue
                 self._write(frames)
             except BaseException as e:  # an OSError, or a signal's exception
-                failure = e
+                if not lead:
+                    raise
+                failure = e  # what reached the disk is unknown: the log is broken
+            # the leader: whatever happened, the next flush must not wait for this one
             with self._cond:
                 self._flushing = False
                 if failure is None:
@@ -329,9 +577,12 @@ class FileLog:
                 else:
                     self._broken = failure
                     logger.critical("coordinator log %s failed: %s", self.node_dir, failure)
-                taken.signal.set()
+                if taken is not None:
+                    taken.signal.set()
                 if self._buffer or failure is not None:
                     self._open.signal.set()  # records are waiting: one of them leads next
+            if failure is not None and not isinstance(failure, Exception):
+                raise failure  # an interrupt during the flush: the log is broken, let it through
 
     def _write(self, batch: list[bytes]) -> None:
         """Write and fsync one batch (only the leader calls this); rotate if it is due."""

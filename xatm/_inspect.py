@@ -32,12 +32,12 @@ from ._audit import AuditEntry, format_time, read_audit
 from ._context import Resources
 from ._decide import Action, Facts, Logged, Marker, Owner, decide, describe, past_timeout
 from ._doctor import DoctorReport, diagnose
-from ._filelog import MAGIC, SEGMENT_GLOB, FileLog, list_nodes
+from ._filelog import FileLog, check, list_nodes, replay, scan_log
 from ._participant import Connection, Participant, PreparedBranch
-from ._records import LogRecord, read_frames
+from ._records import LogRecord
 from ._urls import redact
 from ._xid import is_xatm_gtrid, may_use_marker, parse_gtrid, validate_node_id
-from .errors import ConfigurationError, LogLocked, ResourceError, XatmError
+from .errors import ConfigurationError, LogCorrupt, LogLocked, ResourceError, XatmError
 
 logger = logging.getLogger("xatm.inspect")
 
@@ -77,6 +77,7 @@ class SegmentInfo:
     size: int
     records: int
     torn_bytes: int  # bytes after the last good record (a torn or corrupt tail)
+    corrupt: str | None = None  # why those bytes are corruption, not a torn tail
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,43 +88,28 @@ class LogSnapshot:
     segments: tuple[SegmentInfo, ...]
 
 
-def read_log(node_dir: Path) -> LogSnapshot:
-    """Read a node's segments without its lock (tolerates a concurrent rotation)."""
+def read_log(node_dir: Path, *, strict: bool = True) -> LogSnapshot:
+    """Read a node's segments without its lock (tolerates a concurrent rotation).
+
+    A corrupt segment raises LogCorrupt (``strict``), or is reported in its SegmentInfo."""
     for _attempt in range(5):
         try:
-            return _read_log_once(node_dir)
+            return _read_log_once(node_dir, strict)
         except FileNotFoundError:
             continue  # a segment was rotated away while we read: read again
-    return _read_log_once(node_dir)
+    return _read_log_once(node_dir, strict)
 
 
-def _segment_key(path: Path) -> int:
-    try:
-        return int(path.stem.split("-", 1)[1])
-    except (IndexError, ValueError):
-        return -1
-
-
-def _read_log_once(node_dir: Path) -> LogSnapshot:
-    pending: dict[str, LogRecord] = {}
-    segments = []
+def _read_log_once(node_dir: Path, strict: bool) -> LogSnapshot:
     if not node_dir.is_dir():
         return LogSnapshot({}, ())
-    for seg in sorted(node_dir.glob(SEGMENT_GLOB), key=_segment_key):
-        data = seg.read_bytes()
-        good = 0
-        records = 0
-        if data.startswith(MAGIC):
-            good = len(MAGIC)
-            for end, record in read_frames(data, len(MAGIC)):
-                good = end
-                records += 1
-                if record.kind == "COMMIT":
-                    pending[record.gtrid] = record
-                else:
-                    pending.pop(record.gtrid, None)
-        segments.append(SegmentInfo(seg.name, len(data), records, len(data) - good))
-    return LogSnapshot(pending, tuple(segments))
+    scans = scan_log(node_dir)
+    if strict:
+        check(scans)  # LogCorrupt: the decisions after the damage are unknown
+    segments = tuple(
+        SegmentInfo(s.path.name, s.size, len(s.records), s.size - s.good, s.corrupt) for s in scans
+    )
+    return LogSnapshot(replay(scans), segments)
 
 
 def owner_state(log_directory: str | os.PathLike[str] | None, node: str) -> OwnerState:
@@ -294,7 +280,13 @@ class NodeLog:
                 None if self.oldest_pending_at is None else format_time(self.oldest_pending_at)
             ),
             "segments": [
-                {"name": s.name, "bytes": s.size, "records": s.records, "torn_bytes": s.torn_bytes}
+                {
+                    "name": s.name,
+                    "bytes": s.size,
+                    "records": s.records,
+                    "torn_bytes": s.torn_bytes,
+                    "corrupt": s.corrupt,
+                }
                 for s in self.segments
             ],
         }
@@ -359,6 +351,7 @@ class Inspector:
         #: the shared log's URL when the log is a database (then ``log_directory`` is None)
         self.log_url: str | None = None
         self._markers = sorted(commit_markers)
+        #: the transaction timeout, for the shared log's "past its timeout" fact
         self.timeout = timeout
         self.log_directory = None if log_directory is None else str(log_directory)
         self._resources = resources
@@ -656,7 +649,8 @@ class Inspector:
 
     def doctor(self) -> DoctorReport:
         """Check that every resource and the log directory are fit for two-phase commit."""
-        return diagnose(self._participants, self.log_directory, self.log_url)
+        shared = self._shared.spec if self._shared is not None else None  # a manager's
+        return diagnose(self._participants, self.log_directory, self.log_url or shared)
 
     def audit(self, gtrid: str | None = None) -> list[AuditEntry]:
         """The audit trail of every node (of one transaction if ``gtrid`` is given)."""
@@ -675,7 +669,7 @@ class Inspector:
         out = []
         for node in list_nodes(Path(self.log_directory)):
             owner = self._owner(node)
-            snap = read_log(Path(self.log_directory) / node)
+            snap = read_log(Path(self.log_directory) / node, strict=False)
             oldest = min((r.at for r in snap.pending.values()), default=None)
             out.append(NodeLog(node, owner, snap.segments, len(snap.pending), oldest))
         return out
@@ -689,7 +683,7 @@ class Inspector:
         directory = Path(self.log_directory)
         out = []
         for node in list_nodes(directory):
-            before = sum(s.size for s in read_log(directory / node).segments)
+            before = sum(s.size for s in read_log(directory / node, strict=False).segments)
             owner = self._owner(node)
             if owner != "dead":
                 why = "this process's own log" if owner == "this-process" else "alive"
@@ -699,6 +693,9 @@ class Inspector:
                 log = FileLog(directory, validate_node_id(node), wait_for_lock=False)
             except LogLocked:
                 out.append(Compaction(node, False, before, before, "skipped: became alive"))
+                continue
+            except LogCorrupt as e:
+                out.append(Compaction(node, False, before, before, f"skipped: {e}"))
                 continue
             try:
                 pending = len(log.pending())

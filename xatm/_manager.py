@@ -29,7 +29,7 @@ from ._pglog import PostgresLog
 from ._pool import Pool
 from ._recovery import RecoveryReport, run_pass
 from ._resolve import Resolution, resolve
-from ._sweeper import DEFAULT_INTERVAL, Sweeper, sweeper_settings
+from ._sweeper import DEFAULT_INTERVAL, Sweeper, sweeper_settings, validate_interval
 from ._transaction import Transaction
 from ._urls import ResourceSpec, parse_url
 from ._xid import new_gtrid, validate_node_id
@@ -48,6 +48,16 @@ def _sa_connection(tx: Transaction, resource: str) -> Any:
     from . import _sa_session
 
     return _sa_session.sa_connection(tx, resource)
+
+
+def _check_arguments(**values: object) -> None:
+    """Refuse a size or a wait that is not a number in range (ConfigurationError)."""
+    for name, value in values.items():
+        low = 0 if name == "lock_timeout" else 1
+        if isinstance(value, bool) or not isinstance(value, int | float) or not value >= low:
+            raise ConfigurationError(f"{name} must be a number >= {low}, got {value!r}")
+        if name != "lock_timeout" and not isinstance(value, int):
+            raise ConfigurationError(f"{name} must be an integer, got {value!r}")
 
 
 class TransactionManager:
@@ -87,7 +97,12 @@ class TransactionManager:
         sweep_interval: float = DEFAULT_INTERVAL,
         lock_timeout: float = 30.0,
     ) -> None:
+        # every argument is checked before anything is opened (a log, a lock, a connection)
         self.node_id = validate_node_id(node_id)
+        sweep_interval = validate_interval(sweep_interval)
+        _check_arguments(
+            pool_size=pool_size, segment_bytes=segment_bytes, lock_timeout=lock_timeout
+        )
         started_at = time.time() - 0.002  # gtrids made from here on are this process's
         self.timeout = validate_timeout(timeout)
         engines = {n: e for n, e in dict(resources).items() if _sqlalchemy.is_engine(e)}
@@ -126,7 +141,7 @@ class TransactionManager:
             participant = make_participant(name, spec)
             participants[name] = participant
             if name in engines:
-                pools[name] = _sqlalchemy.engine_pool(engines[name], participant, pool_size)
+                pools[name] = _sqlalchemy.engine_pool(engines[name], participant)
             else:
                 pools[name] = Pool(participant, max_idle=pool_size)
         log_impl: CoordinatorLog
@@ -167,7 +182,11 @@ class TransactionManager:
             raise
         self.sweeper = Sweeper(self._ctx, sweep_interval)
         if sweeper:
-            self.sweeper.start()
+            try:
+                self.sweeper.start()
+            except BaseException:
+                self.close()  # release the log (its lock) and the pools opened above
+                raise
 
     @classmethod
     def from_config(cls, path: str | os.PathLike[str]) -> TransactionManager:

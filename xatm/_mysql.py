@@ -4,7 +4,7 @@ No Python MySQL driver has DB-API ``tpc_*`` methods, so the ``XA`` statements ar
 always with the XID as hex literals (``Xid.to_mysql``). Connections run in autocommit mode:
 ``XA START`` opens the branch and the application's statements run inside it.
 
-Facts handled here (see ../shared/reference/xa-gotchas.md):
+Facts handled here (numbered and sourced in docs/protocol.md, section 11):
 
 * XA errors come as ``IntegrityError``/``DatabaseError``: the code branches on ``errno``;
 * a deadlock or lock-wait timeout makes the branch rollback-only (1613/1614, 1402): it is
@@ -50,7 +50,7 @@ _BOOL_OPTIONS = frozenset({"ssl_disabled", "use_pure", "ssl_verify_cert", "ssl_v
 def _option(key: str, value: str) -> object:
     if key in _BOOL_OPTIONS:
         return value.lower() in ("1", "true", "yes", "on")
-    if value.isdigit():
+    if value.isascii() and value.isdigit():  # not "²", which int() refuses
         return int(value)
     return value
 

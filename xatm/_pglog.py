@@ -121,8 +121,6 @@ def _node_key(node_id: str) -> int:
 class PostgresLog:
     """A coordinator log shared by many coordinators, in one PostgreSQL database."""
 
-    shared = True
-
     def __init__(
         self,
         url: str | ResourceSpec,
@@ -462,7 +460,7 @@ class PostgresLog:
         self._last_prune = now
         try:
             return self.prune(abort_age)
-        except psycopg.Error as e:
+        except (psycopg.Error, LogError) as e:  # prune reports psycopg's errors as LogError
             logger.warning("shared log: pruning failed: %s", redact(str(e)))
             return 0
 

@@ -4,7 +4,7 @@ Connections run in autocommit mode and the branch is opened with an explicit ``B
 ``COMMIT PREPARED`` / ``ROLLBACK PREPARED`` (which may not run inside a transaction block)
 can follow on the same connection without switching modes.
 
-Facts handled here (see ../shared/reference/xa-gotchas.md):
+Facts handled here (numbered and sourced in docs/protocol.md, section 11):
 
 * the gid is a string literal in the grammar: it is sent with ``psycopg.sql.Literal``;
 * ``PREPARE TRANSACTION`` in a failed transaction does not raise, it answers ``ROLLBACK``:

@@ -10,13 +10,16 @@ coordinator):
             Written lazily: losing it only makes recovery check the branches once more.
 
 On disk every record is framed as ``<length:u32 LE><crc32:u32 LE><payload>``, where the
-payload is compact JSON. A frame whose length runs past the end of the file or whose CRC does
-not match ends the readable part of its segment (a torn or corrupt tail).
+payload is compact JSON. A frame whose length is 0, over :data:`MAX_PAYLOAD` or runs past the
+end of the data, whose CRC does not match, or whose payload is not a record is *bad*: reading
+stops there. Whether a bad frame is a torn tail or corruption is decided by the file log
+(``_filelog``), with :func:`next_good_frame`.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import struct
 import zlib
 from collections.abc import Iterator, Mapping
@@ -54,44 +57,70 @@ class LogRecord:
 
     @classmethod
     def decode(cls, payload: bytes) -> LogRecord:
-        """Parse one payload (already checked against its CRC); ValueError if malformed."""
-        body = json.loads(payload)
+        """Parse one payload (already checked against its CRC); ValueError if malformed.
+
+        Any other content, however hostile (bad UTF-8, deep nesting, wrong types, huge
+        numbers), is a ValueError too, never another exception."""
+        try:
+            body = json.loads(payload)
+        except RecursionError:
+            raise ValueError("a record is nested too deeply") from None
         if not isinstance(body, dict):
             raise ValueError("a record is not a JSON object")
-        kind = body["k"]
+        kind = body.get("k")
         if kind not in ("COMMIT", "END"):
-            raise ValueError(f"unknown record kind {kind!r}")
-        gtrid = body["g"]
+            raise ValueError(f"unknown record kind {str(kind)[:40]!r}")
+        gtrid = body.get("g")
         if not isinstance(gtrid, str):
             raise ValueError("gtrid is not a string")
-        branches = tuple(str(b) for b in body.get("b", ()))
+        branches = body.get("b", [])
+        if not isinstance(branches, list) or not all(isinstance(b, str) for b in branches):
+            raise ValueError("branches is not a list of strings")
+        at = body.get("t", 0.0)
+        if isinstance(at, bool) or not isinstance(at, int | float) or not math.isfinite(at):
+            raise ValueError("the decision time is not a finite number")
         txids = body.get("x", {})
-        if not isinstance(txids, dict):
-            raise ValueError("txids is not a JSON object")
-        return cls(
-            kind,
-            gtrid,
-            branches,
-            float(body.get("t", 0.0)),
-            {str(k): int(v) for k, v in txids.items()},
-        )
+        if not isinstance(txids, dict) or not all(
+            isinstance(v, int) and not isinstance(v, bool) for v in txids.values()
+        ):
+            raise ValueError("txids is not a JSON object of integers")
+        return cls(kind, gtrid, tuple(branches), float(at), dict(txids))
+
+
+def frame_at(data: bytes, pos: int) -> tuple[int, LogRecord] | None:
+    """The (end offset, record) of a good frame starting at ``pos``, or None."""
+    if pos < 0 or pos + HEADER.size > len(data):
+        return None
+    length, crc = HEADER.unpack_from(data, pos)
+    end = pos + HEADER.size + length
+    if length == 0 or length > MAX_PAYLOAD or end > len(data):
+        return None
+    payload = data[pos + HEADER.size : end]
+    if zlib.crc32(payload) != crc:
+        return None
+    try:
+        return end, LogRecord.decode(payload)
+    except ValueError:
+        return None
 
 
 def read_frames(data: bytes, start: int) -> Iterator[tuple[int, LogRecord]]:
     """Yield (end offset, record) for each good frame from ``start``; stop at the first bad one."""
     pos = start
-    size = len(data)
-    while pos + HEADER.size <= size:
-        length, crc = HEADER.unpack_from(data, pos)
-        end = pos + HEADER.size + length
-        if length == 0 or length > MAX_PAYLOAD or end > size:
-            return
-        payload = data[pos + HEADER.size : end]
-        if zlib.crc32(payload) != crc:
-            return
-        try:
-            record = LogRecord.decode(payload)
-        except (ValueError, KeyError, TypeError):
-            return
-        yield end, record
-        pos = end
+    while (frame := frame_at(data, pos)) is not None:
+        yield frame
+        pos = frame[0]
+
+
+def next_good_frame(data: bytes, start: int) -> int | None:
+    """The offset of the first good frame starting at or after ``start``, or None.
+
+    Used after a bad frame: a good frame further on means the bad one is damage in the
+    middle of the data, not a write torn at its end. Every payload is a JSON object, so only
+    the offsets ``HEADER.size`` bytes before a ``{`` are tried."""
+    pos = start + HEADER.size
+    while (brace := data.find(b"{", pos)) >= 0:
+        if frame_at(data, brace - HEADER.size) is not None:
+            return brace - HEADER.size
+        pos = brace + 1
+    return None

@@ -79,7 +79,7 @@ from ._records import LogRecord
 from ._settle import Settled, finish_prepared
 from ._urls import redact
 from ._xid import Xid, may_use_marker, parse_gtrid
-from .errors import LogError, ResourceError
+from .errors import LogCorrupt, LogError, ResourceError
 
 if TYPE_CHECKING:
     from ._context import Context
@@ -318,8 +318,14 @@ class _Pass:
         for node in list_nodes(Path(directory)):
             if node == self.own_node:
                 continue
-            if owner_state(directory, node) == "dead" and read_log(Path(directory) / node).pending:
-                out.add(node)
+            if owner_state(directory, node) == "dead":
+                try:
+                    if read_log(Path(directory) / node).pending:
+                        out.add(node)
+                except LogCorrupt as e:
+                    if not self.dry_run:  # a dry run (a plan, or manual resolution) only looks
+                        logger.error("recovery: %s", e)
+                    out.add(node)  # examined (and left alone) by open_peers
         return out
 
     # -- step 2 ----------------------------------------------------------------------------
@@ -331,14 +337,18 @@ class _Pass:
             if directory is None or not (Path(directory) / node / "lock").exists():
                 self.peer_state[node] = "unknown"
                 continue
-            if self.dry_run:
-                # look, do not touch: no lock taken, no segment rewritten
-                if owner_state(directory, node) == "dead":
-                    self.peer_pending[node] = read_log(Path(directory) / node).pending
-                else:
-                    self.peer_state[node] = "alive"
+            try:
+                if self.dry_run:
+                    # look, do not touch: no lock taken, no segment rewritten
+                    if owner_state(directory, node) == "dead":
+                        self.peer_pending[node] = read_log(Path(directory) / node).pending
+                    else:
+                        self.peer_state[node] = "alive"
+                    continue
+                peer = FileLog.take_over(Path(directory), node)
+            except LogCorrupt:
+                self.peer_state[node] = "corrupt"  # its decisions are unknown: leave them
                 continue
-            peer = FileLog.take_over(Path(directory), node)
             if peer is None:
                 self.peer_state[node] = "alive"
                 continue
@@ -431,9 +441,11 @@ class _Pass:
                 logged = Logged.COMMIT
         else:
             state = self.peer_state.get(node, "unexamined")
-            owner = Owner.UNKNOWN if state == "unknown" else Owner.LIVE_PEER
+            owner = Owner.UNKNOWN if state in ("unknown", "corrupt") else Owner.LIVE_PEER
             if state == "unexamined":
                 detail = "not examined in this pass (the next one will)"
+            elif state == "corrupt":
+                detail = f"the log of coordinator {node!r} is corrupt (see `xatm log`)"
         if owner is Owner.DEAD_PEER:
             participant, _ = ctx.resources.get(resource)
             if participant.identity_in_use(conn, node):
@@ -671,8 +683,12 @@ def locked_pass(
         p = _Pass(ctx, dry_run, actor or f"recover@{ctx.node_id}", progress, only, prefix)
         report = _run(ctx, p, resources)
         if shared is not None and not dry_run:
-            # ended COMMITs go; ABORTs stay long enough to keep fencing late COMMITs
-            shared.maybe_prune(max(MIN_ABORT_AGE, 100 * ctx.timeout))
+            # ended COMMITs go; ABORTs stay long enough to keep fencing late COMMITs.
+            # Housekeeping only: its failure must not turn a good pass into an error.
+            try:
+                shared.maybe_prune(max(MIN_ABORT_AGE, 100 * ctx.timeout))
+            except Exception as e:
+                logger.warning("recovery: pruning the shared log failed: %s", redact(str(e)))
         return report
     finally:
         if shared is not None and not dry_run:

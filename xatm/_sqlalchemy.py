@@ -216,9 +216,9 @@ class EnginePool(Pool):
         return f"EnginePool(resource={self.participant.name!r}, engine={self.engine!r})"
 
 
-def engine_pool(engine: Any, participant: Participant, max_idle: int) -> Pool:
-    """A Pool drawing connections from the Engine's own pool (``max_idle`` is the engine's
-    business: its pool_size)."""
+def engine_pool(engine: Any, participant: Participant) -> Pool:
+    """A Pool drawing connections from the Engine's own pool (how many it keeps is the
+    engine's business: its ``pool_size``; the manager's ``pool_size`` does not apply)."""
     return EnginePool(engine, participant)
 
 

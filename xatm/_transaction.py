@@ -543,6 +543,15 @@ class Transaction:
                 " stays prepared and recovery settles them by what the log holds",
                 gtrid=self.gtrid,
             ) from e
+        except BaseException:
+            # Interrupted (KeyboardInterrupt, SystemExit) while the decision was being
+            # forced: the log has settled the record before letting the interrupt through
+            # (on disk, or the log broken), so the branches stay prepared for recovery,
+            # which decides by what the disk holds.
+            self.state = TransactionState.IN_DOUBT
+            for b in branches:
+                b.drop()
+            raise
 
     def _commit_all(
         self, branches: list[Branch], *, logged: bool, marker: str | None = None

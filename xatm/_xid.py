@@ -4,15 +4,22 @@ An XID is the triple (format_id, gtrid, bqual) of the X/Open XA standard:
 
 * ``format_id`` is :data:`FORMAT_ID`, the same for every xatm branch;
 * ``gtrid`` (global transaction id) is ``xatm.<node_id>.<txid>``, where ``txid`` is the
-  creation time in milliseconds (11 hex digits), a flags digit (whether the decision may be
-  a commit-marker row) and 60 random bits (15 hex digits), so a gtrid says whose it is, how
-  old it is (even where the server keeps no timestamp) and where its decision may be;
+  creation time in milliseconds (11 hex digits), a flags digit and 60 random bits (15 hex
+  digits). The flags are :data:`FLAG_MARKER` (the decision may be a commit-marker row) and
+  :data:`FLAG_LONG` (the transaction's timeout is longer than its coordinator's default, so
+  only that coordinator, or its death, ends it). So a gtrid says whose it is, how old it is
+  (even where the server keeps no timestamp), where its decision may be and who may judge
+  its age;
 * ``bqual`` (branch qualifier) is the resource's name, unique within one transaction.
 
 Both parts are ASCII and at most 64 bytes, the MySQL limit. On PostgreSQL the gid is the
 psycopg / PgJDBC encoding ``<format_id>_<base64(gtrid)>_<base64(bqual)>``, which
 ``psycopg.Connection.tpc_recover()`` parses back into an ``Xid``; on MySQL the XID is sent as
 hex literals, so no byte of it is ever interpreted as SQL.
+
+The decoders (:meth:`Xid.from_pg_gid`, :meth:`Xid.from_mysql`, :func:`parse_gtrid`, ...)
+read what the servers list, which includes other applications' prepared transactions: any
+input, however odd, gives "not xatm's" (None, False or ValueError), never another error.
 """
 
 from __future__ import annotations
@@ -36,6 +43,8 @@ MAX_NODE_ID = 30
 MAX_RESOURCE_NAME = 64
 
 _NAME_RE = re.compile(r"[A-Za-z0-9_-]+")
+#: the format_id part of a PostgreSQL gid: ASCII digits only (re's \d would take "٢")
+_PG_FORMAT_ID_RE = re.compile(r"-?[0-9]{1,10}")
 _GTRID_RE = re.compile(r"xatm\.([A-Za-z0-9_-]{1,30})\.([0-9a-f]{11})([0-9a-f]{16})")
 
 
@@ -101,19 +110,24 @@ class Xid:
 
     @classmethod
     def from_pg_gid(cls, gid: str) -> Xid | None:
-        """Parse a gid of the psycopg / PgJDBC shape, or return None for any other gid."""
+        """Parse a gid of the psycopg / PgJDBC shape, or return None for any other gid.
+
+        Never raises: a foreign gid, however odd, is simply not an Xid."""
         parts = gid.split("_")
-        if len(parts) != 3 or not parts[0].lstrip("-").isdigit():
+        if len(parts) != 3 or _PG_FORMAT_ID_RE.fullmatch(parts[0]) is None:
+            return None  # str.isdigit() would accept "²", which int() refuses
+        format_id = int(parts[0])
+        if not -(2**31) <= format_id < 2**31:
             return None
         try:
             gtrid = base64.b64decode(parts[1], validate=True).decode("ascii")
             bqual = base64.b64decode(parts[2], validate=True).decode("ascii")
-        except (binascii.Error, UnicodeDecodeError):
+        except (binascii.Error, ValueError):  # UnicodeDecodeError is a ValueError
             return None
-        xid = cls(int(parts[0]), gtrid, bqual)
-        # Only the canonical spelling names this XID: "٢_…" (non-ASCII digits), "01_…" or
-        # base64 with stray padding bits decode to the same triple, but COMMIT PREPARED of
-        # xid.to_pg_gid() would then name another transaction.
+        xid = cls(format_id, gtrid, bqual)
+        # Only the canonical spelling names this XID: "01_…", "+1_…" or base64 with stray
+        # padding bits decode to the same triple, but COMMIT PREPARED of xid.to_pg_gid()
+        # would then name another transaction.
         return xid if xid.to_pg_gid() == gid else None
 
     # -- MySQL / MariaDB -------------------------------------------------------------------
@@ -127,7 +141,15 @@ class Xid:
     def from_mysql(
         cls, format_id: int, gtrid_length: int, bqual_length: int, data: bytes
     ) -> Xid | None:
-        """Build an Xid from one row of ``XA RECOVER``, or None if it is not ASCII."""
+        """Build an Xid from one row of ``XA RECOVER``, or None if the row is not one that
+        xatm could have made (lengths that do not fit the data, non-ASCII bytes)."""
+        if not (
+            0 <= gtrid_length <= MAX_PART
+            and 0 <= bqual_length <= MAX_PART
+            and gtrid_length + bqual_length <= len(data)
+            and -(2**31) <= format_id < 2**31
+        ):
+            return None
         try:
             gtrid = data[:gtrid_length].decode("ascii")
             bqual = data[gtrid_length : gtrid_length + bqual_length].decode("ascii")

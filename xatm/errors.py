@@ -6,7 +6,8 @@
     │   ├── ResourceUnavailable     cannot connect (down, unreachable, bad credentials)
     │   └── ResourceNotFit          reachable, but not fit for two-phase commit
     ├── LogError                    the coordinator log cannot be opened or written
-    │   └── LogLocked               another live process owns that node's log
+    │   ├── LogLocked               another live process owns that node's log
+    │   └── LogCorrupt              a log file is damaged where no crash can have torn it
     └── TransactionError            the outcome of one global transaction
         ├── TransactionRolledBack   every branch was rolled back (a branch voted no, ...)
         │   └── TransactionTimeout  ... because the transaction outlived its timeout
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 __all__ = [
     "ConfigurationError",
+    "LogCorrupt",
     "LogError",
     "LogLocked",
     "ResourceError",
@@ -71,6 +73,22 @@ class LogError(XatmError):
 
 class LogLocked(LogError):
     """Another live process holds the log of this node_id."""
+
+
+class LogCorrupt(LogError):
+    """A segment of a file log is damaged somewhere a crash cannot have torn it.
+
+    A crash can only tear the end of the newest segment. A bad frame anywhere else (in an
+    older segment, or followed by good frames) may have held a COMMIT decision, so the log is
+    not used: nothing is deleted or rewritten, and ``path`` and ``offset`` say where the
+    damage starts. docs/operations.md says how an operator proceeds (``xatm log``,
+    ``xatm log salvage``).
+    """
+
+    def __init__(self, message: str, *, path: str, offset: int) -> None:
+        super().__init__(message)
+        self.path = path
+        self.offset = offset
 
 
 class TransactionError(XatmError):

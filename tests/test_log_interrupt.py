@@ -1,0 +1,159 @@
+"""An interrupt (KeyboardInterrupt, SystemExit) while a COMMIT waits for its group-commit
+fsync: the record is settled (on disk, or the log broken) before the interrupt goes
+through, ``pending()`` never shows a COMMIT that is only in memory, and the transaction is
+left in doubt for recovery to settle by what the disk holds.
+
+The interrupt is delivered deterministically where the waiter sleeps: the batch's event
+raises it, in the main thread, while the leader is held inside its write.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+import xatm._filelog as filelog
+from tests.recovery_support import wait_for
+from tests.support import Bank
+from xatm import TransactionManager
+from xatm._filelog import FileLog
+from xatm._inspect import read_log
+
+MakeTM = Callable[..., TransactionManager]
+NODE = "intr"
+
+
+def gtrid(i: int) -> str:
+    return f"xatm.{NODE}.{i:011x}{i:016x}"
+
+
+class Held:
+    """Holds the leader inside FileLog._write until released; interrupts the main thread's
+    wait for its batch once, running ``at_interrupt`` first."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, interrupt: type[BaseException]) -> None:
+        self.in_write = threading.Event()
+        self.release = threading.Event()
+        self.fired = False
+        self.at_interrupt: Callable[[], None] = lambda: None
+        original_write = FileLog._write
+        held = self
+
+        def write(log: FileLog, frames: list[bytes]) -> None:
+            if threading.current_thread() is not threading.main_thread():
+                held.in_write.set()
+                held.release.wait()
+            original_write(log, frames)
+
+        class Signal(threading.Event):
+            def wait(self, timeout: float | None = None) -> bool:
+                main = threading.current_thread() is threading.main_thread()
+                if main and not held.fired and held.in_write.is_set():
+                    held.fired = True
+                    held.at_interrupt()
+                    held.release.set()
+                    raise interrupt("interrupted while waiting for the group commit")
+                return super().wait(timeout)
+
+        class Batch:
+            __slots__ = ("signal",)
+
+            def __init__(self) -> None:
+                self.signal = Signal()
+
+        monkeypatch.setattr(FileLog, "_write", write)
+        monkeypatch.setattr(filelog, "_Batch", Batch)
+
+
+@pytest.fixture
+def log(tmp_path: Path) -> Iterator[FileLog]:
+    opened = FileLog(tmp_path / "log", NODE)
+    yield opened
+    opened.close()
+
+
+@pytest.mark.parametrize("interrupt", [KeyboardInterrupt, SystemExit])
+def test_interrupted_waiter_settles_its_commit_first(
+    log: FileLog, monkeypatch: pytest.MonkeyPatch, interrupt: type[BaseException]
+) -> None:
+    held = Held(monkeypatch, interrupt)
+    seen: dict[str, set[str]] = {}
+
+    def look() -> None:  # at the interrupt: the second COMMIT is in memory, not on disk
+        seen["memory"] = set(log.pending())
+        seen["disk"] = set(read_log(log.node_dir).pending)
+
+    held.at_interrupt = look
+    leader = threading.Thread(target=log.log_commit, args=(gtrid(1), ["a", "b"]))
+    leader.start()
+    held.in_write.wait()
+    with pytest.raises(interrupt):
+        log.log_commit(gtrid(2), ["a", "b"])
+    leader.join()
+    # pending() never showed what was only in memory ...
+    assert gtrid(2) not in seen["disk"]
+    assert seen["memory"] <= seen["disk"], "pending() showed a COMMIT not yet on disk"
+    # ... and the interrupt went through only once the record was on disk
+    assert set(read_log(log.node_dir).pending) == {gtrid(1), gtrid(2)}
+    assert set(log.pending()) == {gtrid(1), gtrid(2)}
+    assert not log.broken
+
+
+def test_interrupt_in_the_leaders_write_breaks_the_log(
+    log: FileLog, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def write(self: FileLog, frames: list[bytes]) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(FileLog, "_write", write)
+    with pytest.raises(KeyboardInterrupt):
+        log.log_commit(gtrid(3), ["a", "b"])
+    assert log.broken  # what reached the disk is unknown: nothing acts on memory
+    monkeypatch.undo()
+    with pytest.raises(filelog.LogError):
+        log.pending()
+
+
+def journal(tx: object, bank: Bank, tid: str) -> None:
+    for r in ("pg1", "maria"):
+        tx.execute(r, f"INSERT INTO {bank.journal} (tid) VALUES (%s)", (tid,))  # type: ignore[attr-defined]
+
+
+def test_interrupted_transaction_is_settled_by_the_log(
+    bank: Bank, make_tm: MakeTM, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tm = make_tm(NODE, sweeper=False)
+    node_dir = Path(str(tm.log_directory)) / NODE
+    held = Held(monkeypatch, KeyboardInterrupt)
+
+    def other() -> None:  # the leader: another transaction, held inside its fsync
+        with tm.transaction() as tx:
+            journal(tx, bank, "lead")
+
+    leader = threading.Thread(target=other)
+    leader.start()
+    held.in_write.wait()
+    with pytest.raises(KeyboardInterrupt), tm.transaction() as tx:
+        interrupted = tx.gtrid
+        journal(tx, bank, "intr")
+    leader.join()
+    # The interrupt went through only once the decision was on disk; before the fix it was
+    # in memory only, and a recovery pass would have committed branches on its word.
+    on_disk = read_log(node_dir).pending
+    assert interrupted in on_disk
+    plan = tm.recover(dry_run=True)
+    assert {a.gtrid for a in plan.actions if a.action == "commit"} <= set(on_disk)
+    # the branches were left prepared (their connections closed): recovery commits them
+    # (a pass may find the closed MariaDB session not yet gone, and leave it for the next)
+    committed = 0
+
+    def settled() -> bool:
+        nonlocal committed
+        committed += tm.recover().committed
+        return committed == 2
+
+    wait_for(settled, what="recovery to commit the interrupted transaction")
+    assert bank.journal_ids()["maria"] == bank.journal_ids()["pg1"] == {"lead", "intr"}
