@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -11,6 +12,75 @@ import psycopg
 
 from xatm import FORMAT_ID, Xid, parse_url
 from xatm.testing.servers import ServerSet
+
+#: the MySQL driver xatm uses in this test run (``XATM_TEST_MYSQL_DRIVER``): "" is the
+#: default (mysql-connector, whichever connection class loads); the others pin one
+MYSQL_DRIVER = os.environ.get("XATM_TEST_MYSQL_DRIVER", "")
+#: driver -> (URL scheme, query string, SQLAlchemy dialect)
+MYSQL_DRIVERS: dict[str, tuple[str, str, str]] = {
+    "": ("mysql", "", "mysql+mysqlconnector"),
+    "connector-pure": ("mysql", "use_pure=true", "mysql+mysqlconnector"),
+    "connector-c": ("mysql", "use_pure=false", "mysql+mysqlconnector"),
+    "pymysql": ("mysql+pymysql", "", "mysql+pymysql"),
+    "mysqldb": ("mysql+mysqldb", "", "mysql+mysqldb"),
+}
+
+
+def check_mysql_driver() -> str | None:
+    """Why the selected driver cannot be tested here (None if it can)."""
+    if MYSQL_DRIVER not in MYSQL_DRIVERS:
+        return (
+            f"XATM_TEST_MYSQL_DRIVER={MYSQL_DRIVER!r}: use one of"
+            f" {', '.join(d for d in MYSQL_DRIVERS if d)}"
+        )
+    if MYSQL_DRIVER == "connector-c":
+        from xatm._mysql_drivers import c_extension_loads
+
+        if not c_extension_loads():
+            return (
+                "XATM_TEST_MYSQL_DRIVER=connector-c but mysql-connector's C extension does not"
+                f" load here (mysql-connector-python {mysql.connector.__version__})"
+            )
+    return None
+
+
+def with_mysql_driver(url: str) -> str:
+    """A ``mysql://`` test URL rewritten for the selected driver."""
+    if not url.startswith("mysql://"):
+        return url
+    scheme, query, _ = MYSQL_DRIVERS[MYSQL_DRIVER]
+    url = scheme + url[len("mysql") :]
+    if query:
+        url += ("&" if "?" in url else "?") + query
+    return url
+
+
+def mysql_errors() -> tuple[type[BaseException], ...]:
+    """The exception classes xatm's MySQL driver of this run raises."""
+    from xatm._mysql_drivers import DRIVERS
+
+    return DRIVERS[MYSQL_DRIVERS[MYSQL_DRIVER][2].split("+")[1]].errors()
+
+
+def mysql_errno(e: BaseException) -> int | None:
+    """The MySQL error number of a driver error (mysql-connector ``errno``, else ``args[0]``)."""
+    from xatm._mysql_drivers import DRIVERS
+
+    return DRIVERS[MYSQL_DRIVERS[MYSQL_DRIVER][2].split("+")[1]].errno(e)
+
+
+def autocommit_of(conn: Any) -> bool:
+    """A driver connection's autocommit mode, for any driver."""
+    if isinstance(conn, psycopg.Connection):
+        return bool(conn.autocommit)
+    from xatm._mysql_drivers import for_connection
+
+    return for_connection(conn).get_autocommit(conn)
+
+
+def add_query(url: str, query: str) -> str:
+    """``url`` with ``query`` (``key=value``) appended to its query string."""
+    return url + ("&" if "?" in url else "?") + query
 
 
 @dataclass
@@ -38,7 +108,7 @@ def connect(url: str) -> Any:
         password=spec.password,
         database=spec.database,
         autocommit=True,
-        use_pure=True,
+        use_pure=True,  # the test's own checks: always the same, known driver
     )
 
 
