@@ -78,6 +78,14 @@ def autocommit_of(conn: Any) -> bool:
     return for_connection(conn).get_autocommit(conn)
 
 
+def mysql_connection_id(conn: Any) -> int:
+    """The server's id of a MySQL driver connection's session (for ``KILL``), any driver."""
+    found = getattr(conn, "connection_id", None)  # mysql-connector
+    if found is None:
+        found = conn.thread_id()  # PyMySQL, MySQLdb
+    return int(found)
+
+
 def add_query(url: str, query: str) -> str:
     """``url`` with ``query`` (``key=value``) appended to its query string."""
     return url + ("&" if "?" in url else "?") + query

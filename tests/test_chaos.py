@@ -54,7 +54,7 @@ def lock_timeouts(urls: dict[str, str]) -> dict[str, str]:
 
 
 @pytest.mark.chaos
-@pytest.mark.parametrize("mode", ["strict", "marker", "shared"])
+@pytest.mark.parametrize("mode", ["strict", "marker", "marker_maria", "shared"])
 def test_bank_transfers_under_chaos(
     mode: str, servers: Servers, bank: Bank, make_tm: MakeTM, tmp_path: Path, log_url: str
 ) -> None:
@@ -77,7 +77,7 @@ def test_bank_transfers_under_chaos(
         "accounts": ACCOUNTS,
         "intents": str(intents),
         "acks": str(acks),
-        "commit_markers": ["pg1"] if mode == "marker" else [],
+        "commit_markers": {"marker": ["pg1"], "marker_maria": ["maria"]}.get(mode, []),
     }
     stats = {
         "kills": 0,

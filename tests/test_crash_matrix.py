@@ -18,6 +18,7 @@ from xatm import FAILPOINTS, TransactionManager
 ROOT = Path(__file__).resolve().parent.parent
 MakeTM = Callable[..., TransactionManager]
 COMMITTED_AFTER = {"after_decision", "after_first_commit"}
+MARKER_OF = {"marker": ["pg1"], "marker_maria": ["maria"]}
 
 
 def run_worker(
@@ -47,7 +48,7 @@ def foreign(bank: Bank) -> object:
         resolve_foreign(url, f"matrix-{name}")
 
 
-@pytest.mark.parametrize("mode", ["strict", "marker"])
+@pytest.mark.parametrize("mode", ["strict", "marker", "marker_maria"])
 @pytest.mark.parametrize("recover_as", ["restarted", "peer"])
 @pytest.mark.parametrize(
     "resources", [("pg1", "maria"), ("pg1", "pg2", "maria")], ids=["2-branches", "3-branches"]
@@ -72,8 +73,9 @@ def test_crash_at_failpoint_then_recover(
         "journal": bank.journal,
         "resources": list(resources),
         "tid": f"crash-{failpoint}",
-        # marker mode: pg1 carries the decision (committed in one phase, never prepared)
-        "commit_markers": ["pg1"] if mode == "marker" else [],
+        # marker modes: pg1 (or maria) carries the decision (committed in one phase, never
+        # prepared)
+        "commit_markers": MARKER_OF.get(mode, []),
     }
     proc = run_worker("transfer", cfg, tmp_path, failpoint)
     assert proc.returncode == -signal.SIGKILL, proc.stderr
@@ -121,9 +123,9 @@ def test_crash_at_failpoint_then_recover(
     # a second pass finds nothing to do, and the decision was closed with END
     again = tm.recover()
     assert (again.committed, again.rolled_back, again.in_doubt) == (0, 0, 0)
-    if mode == "marker":  # the decision row is deleted once every branch is finished
+    if mode in MARKER_OF:  # the decision row is deleted once every branch is finished
         rows = run(
-            bank.conns["pg1"],
+            bank.conns[MARKER_OF[mode][0]],
             "SELECT gtrid FROM xatm_decisions WHERE gtrid LIKE %s AND branches <> %s",
             ("xatm.crashy.%", '{"abort":1}'),  # recovery's abort fences stay a while
         )

@@ -46,7 +46,7 @@ from ._participant import (
 )
 from ._urls import DEFAULT_CONNECT_TIMEOUT, Kind, ResourceSpec, redact
 from ._xid import Xid
-from .errors import ResourceUnavailable
+from .errors import ConfigurationError, ResourceUnavailable
 
 XAER_NOTA = 1397
 XAER_RMERR = 1401
@@ -88,6 +88,11 @@ class MySQLParticipant:
     def connect(self) -> Any:
         try:
             return self.driver.connect(self._kwargs)
+        except ImportError as e:  # use_pure=false where mysql-connector's C extension fails
+            raise ConfigurationError(
+                f"resource {self.name!r} ({self.spec.redacted()}): the driver cannot load"
+                f" what the URL asks for: {redact(str(e)).strip()}"
+            ) from None
         except self._errors_or_os as e:
             raise ResourceUnavailable(
                 f"cannot connect to resource {self.name!r} ({self.spec.redacted()}): "
