@@ -286,3 +286,34 @@ def test_rolling_back_a_read_only_branch_the_server_rolled_back_is_done(
     report = tm.recover()
     assert (report.rolled_back, report.in_doubt) == (1, 0)
     assert bank.xatm_prepared_on("maria") == []
+
+
+def test_an_engine_resource_runs_on_the_engines_own_driver(bank: Bank, make_tm: MakeTM) -> None:
+    """A SQLAlchemy Engine of this run's MySQL dialect as a resource: its connections (of its
+    driver) carry the branches; commit and rollback."""
+    from sqlalchemy import create_engine
+
+    from tests.sa_models import sa_url
+
+    engine = create_engine(sa_url(bank.urls["maria"]), pool_size=2)
+    try:
+        tm = make_tm(resources={"pg1": bank.urls["pg1"], "maria": engine})
+        t = bank.table
+        with tm.transaction() as tx:
+            tx.execute("pg1", f"UPDATE {t} SET bal = bal - 7 WHERE id = 1")
+            tx.execute("maria", f"UPDATE {t} SET bal = bal + 7 WHERE id = 1")
+            conn = tx.connection("maria")
+        assert type(conn).__module__.split(".")[0] == {
+            "mysqlconnector": "mysql",
+            "pymysql": "pymysql",
+            "mysqldb": "MySQLdb",
+        }[engine.url.get_driver_name()]
+        with pytest.raises(RuntimeError), tm.transaction() as tx:
+            tx.execute("pg1", f"UPDATE {t} SET bal = bal - 1 WHERE id = 2")
+            tx.execute("maria", f"UPDATE {t} SET bal = bal + 1 WHERE id = 2")
+            raise RuntimeError("the application changed its mind")
+        assert bank.balance("maria", 1) == 1007 and bank.balance("pg1", 1) == 993
+        assert bank.balance("maria", 2) == 1000 and bank.balance("pg1", 2) == 1000
+        assert engine.pool.checkedout() == 0  # type: ignore[attr-defined]
+    finally:
+        engine.dispose()
