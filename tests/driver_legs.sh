@@ -20,7 +20,7 @@ cd "$(dirname "$0")/.."
 
 VENV=${VENV:-.venv}
 CEXT_VENV=${CEXT_VENV:-.venv-cext}
-export XATM_CHAOS_SECONDS=${DRIVER_CHAOS_SECONDS:-8}
+export XATM_CHAOS_SECONDS=${DRIVER_CHAOS_SECONDS:-10}
 TESTS=(
     tests/test_drivers.py tests/test_core.py tests/test_marker.py tests/test_sqlalchemy.py
     tests/test_phase2_faults.py tests/test_inspect.py tests/test_crash_matrix.py

@@ -303,11 +303,14 @@ def test_an_engine_resource_runs_on_the_engines_own_driver(bank: Bank, make_tm: 
             tx.execute("pg1", f"UPDATE {t} SET bal = bal - 7 WHERE id = 1")
             tx.execute("maria", f"UPDATE {t} SET bal = bal + 7 WHERE id = 1")
             conn = tx.connection("maria")
-        assert type(conn).__module__.split(".")[0] == {
-            "mysqlconnector": "mysql",
-            "pymysql": "pymysql",
-            "mysqldb": "MySQLdb",
-        }[engine.url.get_driver_name()]
+        assert (
+            type(conn).__module__.split(".")[0]
+            == {
+                "mysqlconnector": "mysql",
+                "pymysql": "pymysql",
+                "mysqldb": "MySQLdb",
+            }[engine.url.get_driver_name()]
+        )
         with pytest.raises(RuntimeError), tm.transaction() as tx:
             tx.execute("pg1", f"UPDATE {t} SET bal = bal - 1 WHERE id = 2")
             tx.execute("maria", f"UPDATE {t} SET bal = bal + 1 WHERE id = 2")
@@ -317,3 +320,20 @@ def test_an_engine_resource_runs_on_the_engines_own_driver(bank: Bank, make_tm: 
         assert engine.pool.checkedout() == 0  # type: ignore[attr-defined]
     finally:
         engine.dispose()
+
+
+@pytest.mark.parametrize(
+    "row",
+    [
+        (2019652717, 5, 2, b"gtridbq"),  # mysql-connector pure, PyMySQL, mysqlclient
+        (2019652717, 5, 2, bytearray(b"gtridbq")),  # older mysql-connector
+        ("2019652717", "5", "2", "gtridbq"),  # a driver decoding every column to text
+        (b"2019652717", b"5", b"2", b"gtridbq"),  # raw (C extension with raw=True)
+    ],
+)
+def test_xa_recover_rows_of_any_type_are_read_alike(row: tuple[Any, ...]) -> None:
+    from xatm._mysql import _integer, _raw_bytes
+
+    assert tuple(_integer(v) for v in row[:3]) == (2019652717, 5, 2)
+    assert _raw_bytes(row[3]) == b"gtridbq"
+    assert _raw_bytes("\xff\x00") == b"\xff\x00"  # latin-1 text back to the server's bytes

@@ -75,6 +75,7 @@ class MySQLDriver:
 
     def __init__(self) -> None:
         self._module: Any = None
+        self._errors: tuple[type[BaseException], ...] | None = None
 
     # -- loading ---------------------------------------------------------------------------
     @property
@@ -128,6 +129,11 @@ class MySQLDriver:
 
     def errors(self) -> tuple[type[BaseException], ...]:
         """The exception classes the driver raises for MySQL and client errors."""
+        if self._errors is None:
+            self._errors = self._error_classes()
+        return self._errors
+
+    def _error_classes(self) -> tuple[type[BaseException], ...]:
         return (self.module.MySQLError,)
 
     def errno(self, exc: BaseException) -> int | None:
@@ -214,7 +220,7 @@ class MySQLConnector(MySQLDriver):
         kwargs["connection_timeout"] = kwargs.pop("connect_timeout")
         return kwargs
 
-    def errors(self) -> tuple[type[BaseException], ...]:
+    def _error_classes(self) -> tuple[type[BaseException], ...]:
         found: tuple[type[BaseException], ...] = (self.module.Error,)
         cext = _cext_error()
         return (*found, cext) if cext is not None else found
@@ -228,7 +234,9 @@ class MySQLConnector(MySQLDriver):
 
     def is_open(self, conn: Any) -> bool:
         if is_c_extension(conn):
-            return bool(conn.is_connected())  # asks the extension: no round trip
+            # the extension's own flag (``is_connected()`` would ping: a round trip)
+            handle = getattr(conn, "_cmysql", None)
+            return handle is not None and bool(handle.connected())
         return getattr(conn, "_socket", True) is not None
 
     def has_unread(self, conn: Any) -> bool:
