@@ -337,3 +337,34 @@ def test_xa_recover_rows_of_any_type_are_read_alike(row: tuple[Any, ...]) -> Non
     assert tuple(_integer(v) for v in row[:3]) == (2019652717, 5, 2)
     assert _raw_bytes(row[3]) == b"gtridbq"
     assert _raw_bytes("\xff\x00") == b"\xff\x00"  # latin-1 text back to the server's bytes
+
+
+def test_an_engine_without_multi_statements_sends_the_xa_statements_one_by_one(
+    bank: Bank, make_tm: MakeTM
+) -> None:
+    """SQLAlchemy's PyMySQL connections lack the MULTI_STATEMENTS flag; a mysqlclient Engine
+    may switch it off: ``XA END`` and ``XA PREPARE`` then go as two queries."""
+    from sqlalchemy import create_engine
+
+    from tests.sa_models import sa_url
+
+    url = sa_url(bank.urls["maria"])
+    if url.startswith("mysql+pymysql"):
+        engine = create_engine(url)
+    elif url.startswith("mysql+mysqldb"):
+        engine = create_engine(url, connect_args={"multi_statements": False})
+    else:
+        pytest.skip("mysql-connector's connections always allow several statements")
+    try:
+        tm = make_tm(resources={"pg1": bank.urls["pg1"], "maria": engine})
+        with tm.transaction() as tx:
+            tx.execute("pg1", f"UPDATE {bank.table} SET bal = bal - 3 WHERE id = 4")
+            tx.execute("maria", f"UPDATE {bank.table} SET bal = bal + 3 WHERE id = 4")
+            flags = tx.connection("maria").client_flag
+        assert not flags & _mysql_drivers.MULTI_STATEMENTS
+        with tm.transaction() as tx:  # one branch: XA END; XA COMMIT ... ONE PHASE
+            tx.execute("maria", f"UPDATE {bank.table} SET bal = bal - 3 WHERE id = 4")
+        assert bank.balance("maria", 4) == 1000 and bank.balance("pg1", 4) == 997
+        assert bank.xatm_prepared() == {"pg1": [], "pg2": [], "maria": []}
+    finally:
+        engine.dispose()

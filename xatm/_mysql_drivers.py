@@ -49,6 +49,9 @@ _SESSION_GONE = frozenset(
     }
 )
 
+#: the MySQL protocol's client capability flag allowing ``A; B`` in one query
+MULTI_STATEMENTS = 1 << 16
+
 _BOOL_OPTIONS = frozenset({"ssl_disabled", "use_pure", "ssl_verify_cert", "ssl_verify_identity"})
 
 
@@ -70,8 +73,6 @@ class MySQLDriver:
     module_name = ""
     #: the xatm extra that installs it (None: a default dependency)
     extra: str | None = None
-    #: whether the participant may send ``A; B`` as one query
-    multi_statements = True
 
     def __init__(self) -> None:
         self._module: Any = None
@@ -173,8 +174,10 @@ class MySQLDriver:
         return conn.cursor()
 
     def run(self, conn: Any, statements: list[str]) -> None:
-        """Send statements that return no rows, as one query where the driver allows it."""
-        if len(statements) > 1 and not self.multi_statements:
+        """Send statements that return no rows, as one query where the connection allows it
+        (its MULTI_STATEMENTS client flag: set on xatm's own connections; an Engine's may
+        lack it, and then the statements go one by one)."""
+        if len(statements) > 1 and not int(getattr(conn, "client_flag", 0)) & MULTI_STATEMENTS:
             for statement in statements:
                 self.run(conn, [statement])
             return
@@ -310,18 +313,9 @@ class PyMySQL(MySQLDriver):
     extra = "pymysql"
 
     def connect(self, kwargs: dict[str, Any]) -> Any:
-        flags = importlib.import_module("pymysql.constants.CLIENT")
         kwargs = dict(kwargs)
-        kwargs["client_flag"] = int(kwargs.get("client_flag", 0)) | flags.MULTI_STATEMENTS
+        kwargs["client_flag"] = int(kwargs.get("client_flag", 0)) | MULTI_STATEMENTS
         return self.module.connect(**kwargs)
-
-    def run(self, conn: Any, statements: list[str]) -> None:
-        flags = importlib.import_module("pymysql.constants.CLIENT")
-        if len(statements) > 1 and not conn.client_flag & flags.MULTI_STATEMENTS:
-            for statement in statements:
-                super().run(conn, [statement])
-            return
-        super().run(conn, statements)
 
     def is_open(self, conn: Any) -> bool:
         return bool(conn.open)
@@ -334,7 +328,7 @@ class PyMySQL(MySQLDriver):
 class MySQLdb(MySQLDriver):
     """mysqlclient (``MySQLdb``), a C extension over libmariadb/libmysqlclient. Its
     connections allow several statements per query unless made with
-    ``multi_statements=False``."""
+    ``multi_statements=False`` (then they go one by one)."""
 
     name = "mysqldb"
     distribution = "mysqlclient"
