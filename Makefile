@@ -4,7 +4,8 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: all venv test lint typecheck pytest chaos demo bench servers-up servers-down clean
+.PHONY: all venv test lint typecheck pytest drivers mysqlclient chaos demo bench servers-up \
+	servers-down clean
 
 all: test
 
@@ -15,6 +16,47 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 venv: $(STAMP)
+
+# -- MySQL driver legs (tests/driver_legs.sh) -------------------------------------------------
+# mysql-connector's C extension: 26.x needs OpenSSL 3.2 and falls back to pure Python on
+# Debian 12; 9.5.0's extension loads there. It gets a venv of its own.
+CEXT_VENV      := .venv-cext
+CEXT_STAMP     := $(CEXT_VENV)/.installed
+CEXT_CONNECTOR := mysql-connector-python==9.5.0
+
+$(CEXT_STAMP): pyproject.toml
+	$(PYTHON) -m venv $(CEXT_VENV)
+	$(CEXT_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(CEXT_VENV)/bin/python -m pip install --quiet -e '.[dev]' '$(CEXT_CONNECTOR)'
+	$(CEXT_VENV)/bin/python -c 'import mysql.connector as m; assert m.HAVE_CEXT, "the C extension of mysql-connector " + m.__version__ + " does not load"'
+	touch $(CEXT_STAMP)
+
+# mysqlclient builds against the MariaDB client library: its headers come from Debian's
+# libmariadb-dev (and pkg-config), installed here when missing and we are root (as CI is).
+# If it still cannot be built, the reason is kept and the mysqldb leg is reported as not run.
+MYSQLCLIENT_STAMP := $(VENV)/.installed-mysqlclient
+
+$(MYSQLCLIENT_STAMP): $(STAMP)
+	@rm -f $(VENV)/.mysqlclient-skipped
+	@if ! pkg-config --exists libmariadb 2>/dev/null && ! pkg-config --exists mysqlclient 2>/dev/null; then \
+	    if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	        echo "installing libmariadb-dev and pkg-config (to build mysqlclient)"; \
+	        apt-get install -y -qq libmariadb-dev pkg-config >/dev/null 2>&1 \
+	        || { apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq libmariadb-dev pkg-config >/dev/null 2>&1; } \
+	        || true; \
+	    fi; \
+	fi
+	@if $(PY) -m pip install --quiet 'mysqlclient>=2.1' >$(VENV)/.mysqlclient-build.log 2>&1; then \
+	    touch $(MYSQLCLIENT_STAMP); \
+	else \
+	    echo "mysqlclient could not be built (needs libmariadb-dev, pkg-config and a C compiler; see $(VENV)/.mysqlclient-build.log)" | tee $(VENV)/.mysqlclient-skipped; \
+	fi
+
+mysqlclient: $(STAMP)
+	@$(MAKE) --no-print-directory $(MYSQLCLIENT_STAMP)
+
+drivers: $(STAMP) $(CEXT_STAMP) mysqlclient
+	VENV=$(VENV) CEXT_VENV=$(CEXT_VENV) tests/driver_legs.sh
 
 BENCH_STAMP := $(VENV)/.installed-bench
 
@@ -34,7 +76,8 @@ typecheck: $(STAMP)
 pytest: $(STAMP)
 	$(VENV)/bin/pytest -ra -q $(PYTEST_ARGS)
 
-test: lint typecheck pytest
+# the full suite once (default driver), then the driver-sensitive tests per MySQL driver
+test: lint typecheck pytest drivers
 
 chaos: $(STAMP)
 	$(VENV)/bin/pytest -ra -q -m chaos $(PYTEST_ARGS)
@@ -52,4 +95,4 @@ servers-down: $(STAMP)
 	$(PY) -m xatm.testing.servers down --dir .xatm-dev
 
 clean: servers-down
-	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache *.egg-info
+	rm -rf $(VENV) $(CEXT_VENV) .mypy_cache .ruff_cache .pytest_cache *.egg-info

@@ -9,13 +9,15 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 
 def sa_url(url: str) -> str:
-    """A test server's URL with SQLAlchemy's driver name (psycopg / mysql-connector)."""
-    for plain, driver in (
-        ("postgresql://", "postgresql+psycopg://"),
-        ("mysql://", "mysql+mysqlconnector://"),
-    ):
-        if url.startswith(plain):
-            return driver + url[len(plain) :]
+    """A test server's URL with SQLAlchemy's driver name: psycopg, and for MySQL the driver
+    the URL names, or else the one of this test run (XATM_TEST_MYSQL_DRIVER: mysql-connector
+    by default)."""
+    from tests.support import MYSQL_DRIVER, MYSQL_DRIVERS
+
+    if url.startswith("postgresql://"):
+        return "postgresql+psycopg://" + url[len("postgresql://") :]
+    if url.startswith("mysql://"):  # a subprocess may not see XATM_TEST_MYSQL_DRIVER: a URL
+        return MYSQL_DRIVERS[MYSQL_DRIVER][2] + url[len("mysql") :]  # naming one keeps it
     return url
 
 

@@ -22,7 +22,7 @@ def main() -> int:
         cfg = json.load(f)
     _, ledger_cls, wallet_cls = make_models(cfg["suffix"])
     pg = create_engine(sa_url(cfg["pg_url"]))
-    my = create_engine(sa_url(cfg["mysql_url"]), connect_args={"use_pure": True})
+    my = create_engine(sa_url(cfg["mysql_url"]))
     resources = {"ledger": pg, "wallet": my}
     with TransactionManager(resources, cfg["log"], cfg["node_id"], timeout=30, sweeper=False) as tm:
         with tm.transaction() as tx:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -11,6 +12,83 @@ import psycopg
 
 from xatm import FORMAT_ID, Xid, parse_url
 from xatm.testing.servers import ServerSet
+
+#: the MySQL driver xatm uses in this test run (``XATM_TEST_MYSQL_DRIVER``): "" is the
+#: default (mysql-connector, whichever connection class loads); the others pin one
+MYSQL_DRIVER = os.environ.get("XATM_TEST_MYSQL_DRIVER", "")
+#: driver -> (URL scheme, query string, SQLAlchemy dialect)
+MYSQL_DRIVERS: dict[str, tuple[str, str, str]] = {
+    "": ("mysql", "", "mysql+mysqlconnector"),
+    "connector-pure": ("mysql", "use_pure=true", "mysql+mysqlconnector"),
+    "connector-c": ("mysql", "use_pure=false", "mysql+mysqlconnector"),
+    "pymysql": ("mysql+pymysql", "", "mysql+pymysql"),
+    "mysqldb": ("mysql+mysqldb", "", "mysql+mysqldb"),
+}
+
+
+def check_mysql_driver() -> str | None:
+    """Why the selected driver cannot be tested here (None if it can)."""
+    if MYSQL_DRIVER not in MYSQL_DRIVERS:
+        return (
+            f"XATM_TEST_MYSQL_DRIVER={MYSQL_DRIVER!r}: use one of"
+            f" {', '.join(d for d in MYSQL_DRIVERS if d)}"
+        )
+    if MYSQL_DRIVER == "connector-c":
+        from xatm._mysql_drivers import c_extension_loads
+
+        if not c_extension_loads():
+            return (
+                "XATM_TEST_MYSQL_DRIVER=connector-c but mysql-connector's C extension does not"
+                f" load here (mysql-connector-python {mysql.connector.__version__})"
+            )
+    return None
+
+
+def with_mysql_driver(url: str) -> str:
+    """A ``mysql://`` test URL rewritten for the selected driver."""
+    if not url.startswith("mysql://"):
+        return url
+    scheme, query, _ = MYSQL_DRIVERS[MYSQL_DRIVER]
+    url = scheme + url[len("mysql") :]
+    if query:
+        url += ("&" if "?" in url else "?") + query
+    return url
+
+
+def mysql_errors() -> tuple[type[BaseException], ...]:
+    """The exception classes xatm's MySQL driver of this run raises."""
+    from xatm._mysql_drivers import DRIVERS
+
+    return DRIVERS[MYSQL_DRIVERS[MYSQL_DRIVER][2].split("+")[1]].errors()
+
+
+def mysql_errno(e: BaseException) -> int | None:
+    """The MySQL error number of a driver error (mysql-connector ``errno``, else ``args[0]``)."""
+    from xatm._mysql_drivers import DRIVERS
+
+    return DRIVERS[MYSQL_DRIVERS[MYSQL_DRIVER][2].split("+")[1]].errno(e)
+
+
+def autocommit_of(conn: Any) -> bool:
+    """A driver connection's autocommit mode, for any driver."""
+    if isinstance(conn, psycopg.Connection):
+        return bool(conn.autocommit)
+    from xatm._mysql_drivers import for_connection
+
+    return for_connection(conn).get_autocommit(conn)
+
+
+def mysql_connection_id(conn: Any) -> int:
+    """The server's id of a MySQL driver connection's session (for ``KILL``), any driver."""
+    found = getattr(conn, "connection_id", None)  # mysql-connector
+    if found is None:
+        found = conn.thread_id()  # PyMySQL, MySQLdb
+    return int(found)
+
+
+def add_query(url: str, query: str) -> str:
+    """``url`` with ``query`` (``key=value``) appended to its query string."""
+    return url + ("&" if "?" in url else "?") + query
 
 
 @dataclass
@@ -38,7 +116,7 @@ def connect(url: str) -> Any:
         password=spec.password,
         database=spec.database,
         autocommit=True,
-        use_pure=True,
+        use_pure=True,  # the test's own checks: always the same, known driver
     )
 
 
@@ -120,19 +198,26 @@ class Bank:
         return out
 
     def wait_for_dead_sessions(self, timeout: float = 10.0) -> None:
-        """Wait until MariaDB has dropped every other session of the test user: a killed
+        """Wait until MariaDB has dropped the sessions of clients that are gone: a killed
         coordinator's session may linger a moment, and while it does MariaDB lets no other
-        session finish its prepared XA branch (XAER_NOTA; recovery leaves it for a later pass)."""
+        session finish its prepared XA branch (XAER_NOTA; recovery leaves it for a later
+        pass). A session whose client still has its socket open (a live manager's pooled or
+        identity connection) is not waited for."""
         import time
 
         deadline = time.monotonic() + timeout
         conn = self.conns["maria"]
-        while run(
-            conn,
-            "SELECT COUNT(*) FROM information_schema.processlist"
-            " WHERE user = 'xatm' AND id <> CONNECTION_ID()",
-        )[0][0]:
-            assert time.monotonic() < deadline, "a dead coordinator's session lingers"
+        while True:
+            rows = run(
+                conn,
+                "SELECT host FROM information_schema.processlist"
+                " WHERE user = 'xatm' AND id <> CONNECTION_ID()",
+            )
+            live = _established_local_ports()
+            gone = [h for (h,) in rows if _client_port(h) not in live]
+            if not gone:
+                return
+            assert time.monotonic() < deadline, f"a dead coordinator's session lingers: {gone}"
             time.sleep(0.02)
 
     def xatm_prepared_on(self, name: str) -> list[Xid]:
@@ -196,3 +281,26 @@ def resolve_foreign(url: str, tag: str) -> None:
             run(conn, f"XA ROLLBACK X'{gtrid}',X'01',{FORMAT_ID}")
     finally:
         conn.close()
+
+
+def _client_port(host: object) -> int | None:
+    """The client's port of a processlist ``host`` column (``127.0.0.1:54321``)."""
+    text = host.decode() if isinstance(host, bytes) else str(host)
+    _, _, port = text.rpartition(":")
+    return int(port) if port.isdigit() else None
+
+
+def _established_local_ports() -> set[int]:
+    """Local ports of this machine's established TCP connections (any process's)."""
+    ports: set[int] = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table) as f:
+                lines = f.read().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            if len(fields) > 3 and fields[3] == "01":  # ESTABLISHED
+                ports.add(int(fields[1].rsplit(":", 1)[1], 16))
+    return ports

@@ -39,7 +39,7 @@ import pytest
 
 from tests.conftest import Servers
 from tests.field_support import XATM, marker_config, roll_back_leftovers
-from tests.support import Bank, prepare_foreign, resolve_foreign, run
+from tests.support import Bank, add_query, prepare_foreign, resolve_foreign, run
 from xatm import FAILPOINTS, TransactionManager
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -59,9 +59,9 @@ def lock_timeouts(urls: dict[str, str]) -> dict[str, str]:
     out = {}
     for name, url in urls.items():
         if url.startswith("postgresql"):
-            out[name] = url + "?options=-c%20lock_timeout%3D2000"
+            out[name] = add_query(url, "options=-c%20lock_timeout%3D2000")
         else:
-            out[name] = url + "?init_command=SET%20innodb_lock_wait_timeout%3D2"
+            out[name] = add_query(url, "init_command=SET%20innodb_lock_wait_timeout%3D2")
     return out
 
 
@@ -130,14 +130,7 @@ def operator(
         "strict",
         "marker",
         "shared",
-        pytest.param(
-            "marker-maria",
-            marks=pytest.mark.xfail(
-                strict=False,
-                reason="issue 8 item 4: the MySQL marker probe misreads the duplicate-key"
-                " error: branches are left prepared after recovery",
-            ),
-        ),
+        "marker-maria",
         "operator",
         "operator-marker",
         "twin",

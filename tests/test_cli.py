@@ -7,6 +7,7 @@ import logging
 import os
 import signal
 import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -21,7 +22,7 @@ from xatm._inspect import read_log
 from xatm.testing.servers import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
-XATM = ROOT / ".venv" / "bin" / "xatm"
+XATM = Path(sys.executable).parent / "xatm"  # the console script of the running venv
 SECRET = "xatm-secret"
 MakeTM = Callable[..., TransactionManager]
 

@@ -6,11 +6,18 @@ import contextlib
 import time
 from collections.abc import Callable
 
-import mysql.connector
 import psycopg
 import pytest
 
-from tests.support import Bank, connect, prepare_foreign, resolve_foreign, run
+from tests.support import (
+    Bank,
+    connect,
+    mysql_errno,
+    mysql_errors,
+    prepare_foreign,
+    resolve_foreign,
+    run,
+)
 from xatm import (
     BranchState,
     ConfigurationError,
@@ -77,10 +84,10 @@ def test_sql_error_in_postgres_branch(bank: Bank, make_tm: MakeTM) -> None:
 
 def test_sql_error_in_mysql_branch(bank: Bank, make_tm: MakeTM) -> None:
     tm = make_tm()
-    with pytest.raises(mysql.connector.Error) as info, tm.transaction() as tx:
+    with pytest.raises(mysql_errors()) as info, tm.transaction() as tx:
         tx.execute("pg1", f"UPDATE {bank.table} SET bal = bal + 1 WHERE id = 1")
         tx.execute("maria", f"INSERT INTO {bank.table} VALUES (1, 1)")
-    assert info.value.errno == 1062
+    assert mysql_errno(info.value) == 1062
     assert bank.total() == bank.initial_total
 
 
@@ -141,14 +148,14 @@ def test_mysql_deadlock_victim_votes_no(bank: Bank, make_tm: MakeTM) -> None:
             time.sleep(0.3)
             try:
                 tx.execute("maria", f"UPDATE {t} SET bal = bal + 1 WHERE id = 4")
-            except mysql.connector.Error as e:
-                errors.append(e.errno)  # swallowed: the application tries to commit anyway
+            except mysql_errors() as e:
+                errors.append(mysql_errno(e))  # swallowed: the application tries to commit anyway
         waiter.join()
     finally:
         run(blocker, "ROLLBACK")
         blocker.close()
     assert errors == [1213]
-    assert isinstance(info.value.__cause__, mysql.connector.Error)
+    assert isinstance(info.value.__cause__, mysql_errors())
     assert bank.total() == bank.initial_total
     assert bank.xatm_prepared()["maria"] == []
 

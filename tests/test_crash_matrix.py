@@ -69,19 +69,6 @@ def test_crash_at_failpoint_then_recover(
     crash_and_recover(failpoint, resources, recover_as, markers, bank, make_tm, tmp_path)
 
 
-#: MariaDB-marker cases that fail today (issue 8 item 4: the MySQL probe never recognises
-#: mysql-connector's duplicate-key error, so the restarted node leaves its own decided
-#: transaction in doubt, and a second probe of one gtrid (after the first one's fence) fails
-#: and leaves the other branch). after_first_commit-3-branches-restarted fails the same way
-#: in the rare run where the parallel phase 2 left a branch prepared.
-MARIA_MARKER_FAILS = {
-    ("after_prepare", "3-branches", "restarted"),
-    ("after_prepare", "3-branches", "peer"),
-    ("after_decision", "2-branches", "restarted"),
-    ("after_decision", "3-branches", "restarted"),
-}
-
-
 def maria_marker_cases() -> list[object]:
     cases = []
     for failpoint in FAILPOINTS:
@@ -90,23 +77,9 @@ def maria_marker_cases() -> list[object]:
             ("3-branches", ("pg1", "pg2", "maria")),
         ):
             for recover_as in ("restarted", "peer"):
-                marks = []
-                if (failpoint, ident, recover_as) in MARIA_MARKER_FAILS:
-                    marks.append(
-                        pytest.mark.xfail(
-                            strict=True,
-                            raises=AssertionError,
-                            reason="issue 8 item 4: the MySQL marker probe misreads the"
-                            " duplicate-key error: a branch is left in doubt after recovery",
-                        )
-                    )
                 cases.append(
                     pytest.param(
-                        failpoint,
-                        resources,
-                        recover_as,
-                        id=f"{failpoint}-{ident}-{recover_as}",
-                        marks=marks,
+                        failpoint, resources, recover_as, id=f"{failpoint}-{ident}-{recover_as}"
                     )
                 )
     return cases
@@ -161,6 +134,9 @@ def crash_and_recover(
     }
     proc = run_worker("transfer", cfg, tmp_path, failpoint)
     assert proc.returncode == -signal.SIGKILL, proc.stderr
+    # the killed coordinator's MariaDB session may still be running its last XA COMMIT
+    # (after_first_commit): count the prepared branches once it is gone
+    bank.wait_for_dead_sessions()
     n = len(resources)
     preparable = n if mode == "strict" else n - 1
 

@@ -12,7 +12,7 @@ from collections.abc import Callable
 import pytest
 
 from tests.conftest import Servers
-from tests.support import Bank, connect, run
+from tests.support import Bank, connect, mysql_connection_id, run
 from xatm import BranchState, TransactionManager, TransactionRolledBack, TransactionState
 
 MakeTM = Callable[..., TransactionManager]
@@ -28,7 +28,7 @@ def cut_pg(bank: Bank, tx: object, resource: str) -> Callable[[], None]:
 
 
 def cut_maria(bank: Bank, tx: object) -> Callable[[], None]:
-    conn_id = tx.connection("maria").connection_id  # type: ignore[attr-defined]
+    conn_id = mysql_connection_id(tx.connection("maria"))  # type: ignore[attr-defined]
 
     def action() -> None:
         run(bank.conns["maria"], f"KILL CONNECTION {int(conn_id)}")

@@ -25,7 +25,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.pool import StaticPool
 
 from tests.sa_models import make_models, sa_url
-from tests.support import Bank, Servers
+from tests.support import Bank, Servers, autocommit_of
 from xatm import (
     BranchState,
     ConfigurationError,
@@ -87,7 +87,7 @@ def orm(servers: Servers) -> Iterator[Orm]:
     suffix = f"{os.getpid()}_{next(_numbers)}"
     base, ledger, wallet = make_models(suffix)
     pg = create_engine(sa_url(servers.urls["pg1"]))
-    my = create_engine(sa_url(servers.urls["maria"]), connect_args={"use_pure": True})
+    my = create_engine(sa_url(servers.urls["maria"]))
     ledger.__table__.create(pg)
     wallet.__table__.create(my)
     with pg.begin() as conn:
@@ -336,7 +336,7 @@ def test_engine_pool_is_reused_and_given_back_as_it_was(orm: Orm, make_tm: MakeT
     # SQLAlchemy transaction on them still rolls back
     for engine, model in ((orm.pg, orm.ledger), (orm.my, orm.wallet)):
         with engine.connect() as conn:
-            assert conn.connection.driver_connection.autocommit is False
+            assert autocommit_of(conn.connection.driver_connection) is False
             conn.execute(model.__table__.update().values(balance=-1))
             conn.rollback()
     assert orm.rows(orm.ledger)[1][1] == 2

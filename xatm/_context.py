@@ -43,11 +43,17 @@ def unknown_resource(name: str, known: Sequence[str]) -> ConfigurationError:
 
 
 class Resources:
-    """The configured resources: a participant and a pool each, and borrowing."""
+    """The configured resources: a participant and a pool each, and borrowing.
+
+    Recovery borrows from pools of its own (``recovery=True``), one connection kept per
+    resource apart from the transactions' pool, so that a server whose connections are all
+    taken by sessions waiting on in-doubt locks still lets this process's recovery in
+    (:meth:`reserve` opens them in the background at start)."""
 
     def __init__(self, participants: Mapping[str, Participant], pools: Mapping[str, Pool]) -> None:
         self._participants = dict(participants)
         self._pools = dict(pools)
+        self._recovery_pools = {n: Pool(p, max_idle=1) for n, p in self._participants.items()}
 
     @property
     def names(self) -> list[str]:
@@ -64,19 +70,22 @@ class Resources:
     def __contains__(self, name: object) -> bool:
         return name in self._participants
 
-    def get(self, name: str) -> tuple[Participant, Pool]:
-        """The participant and pool of ``name``; ConfigurationError if it is unknown."""
+    def get(self, name: str, *, recovery: bool = False) -> tuple[Participant, Pool]:
+        """The participant and pool of ``name`` (recovery's own pool with ``recovery``);
+        ConfigurationError if it is unknown."""
         participant = self._participants.get(name)
         if participant is None:
             raise unknown_resource(name, list(self._participants))
-        return participant, self._pools[name]
+        return participant, (self._recovery_pools if recovery else self._pools)[name]
 
     @contextlib.contextmanager
-    def borrow(self, name: str) -> Iterator[tuple[Participant, Connection]]:
+    def borrow(
+        self, name: str, *, recovery: bool = False
+    ) -> Iterator[tuple[Participant, Connection]]:
         """A pooled connection of ``name`` for the ``with`` block: given back if the block
         ends normally (the pool closes it unless it is idle), closed if the block raised
         (its state is unknown). Getting it may raise ResourceError."""
-        participant, pool = self.get(name)
+        participant, pool = self.get(name, recovery=recovery)
         conn = pool.get()
         try:
             yield participant, conn
@@ -85,8 +94,21 @@ class Resources:
             raise
         pool.put(conn)
 
+    def reserve(self) -> None:
+        """Open recovery's connection to each resource, on a background thread (a down one
+        is tried again by the first pass that needs it; a lost one is replaced)."""
+
+        def run() -> None:
+            for name, pool in self._recovery_pools.items():
+                try:
+                    pool.put(pool.get())
+                except Exception as e:  # a background thread: report, never raise
+                    logger.info("no recovery connection to %r yet: %s", name, redact(str(e)))
+
+        threading.Thread(target=run, name="xatm-reserve", daemon=True).start()
+
     def close(self) -> None:
-        for pool in self._pools.values():
+        for pool in [*self._pools.values(), *self._recovery_pools.values()]:
             pool.close()
 
 

@@ -87,7 +87,10 @@ def check_resource(name: str, participant: Participant) -> list[Check]:
         except Exception as e:
             return [Check(name, "reachable", False, redact(f"{where}: {e}".strip()))]
         short = version.split(" on ")[0] if participant.kind == "postgresql" else version
-        checks = [Check(name, "reachable", True, f"{where}: {short}")]
+        checks = [
+            Check(name, "reachable", True, f"{where}: {short}"),
+            Check(name, "driver", True, participant.driver_info(conn)),
+        ]
         try:
             problems = participant.check(conn)
         except Exception as e:

@@ -28,16 +28,10 @@ from . import _marker
 from ._participant import Participant
 from ._records import LogRecord
 
-_NO_TABLE = frozenset({"42P01", 1146})  # undefined table: PostgreSQL SQLSTATE, MySQL errno
-_DUPLICATE = frozenset({"23505", 1062})  # unique violation
 #: seconds the probe waits for an uncommitted decision row before it gives up (unknown)
 PROBE_LOCK_WAIT = 5
 
 Probe = Literal["row", "no-row", "no-table"]
-
-
-def _code(e: BaseException) -> object:
-    return getattr(e, "sqlstate", None) or getattr(e, "errno", None)
 
 
 def has_table(participant: Participant, conn: Any) -> bool:
@@ -66,7 +60,7 @@ def read_rows(participant: Participant, conn: Any) -> dict[str, LogRecord] | Non
     try:
         return _marker.read(participant, conn)
     except Exception as e:
-        if _code(e) in _NO_TABLE:
+        if participant.is_missing_table(e):
             return None
         raise
 
@@ -79,8 +73,8 @@ def probe_row(participant: Participant, gtrid: str, *, fence: bool = True) -> Pr
     conn = participant.connect()  # its own connection: session settings stay here
     try:
         if participant.kind == "postgresql":
-            return _probe_pg(conn, gtrid, fence)
-        return _probe_mysql(conn, gtrid, fence)
+            return _probe_pg(participant, conn, gtrid, fence)
+        return _probe_mysql(participant, conn, gtrid, fence)
     finally:
         participant.close(conn)
 
@@ -96,25 +90,24 @@ def _existing(rows: list[Any]) -> Probe:
     return "row"
 
 
-def _probe_pg(conn: Any, gtrid: str, fence: bool) -> Probe:
+def _probe_pg(participant: Participant, conn: Any, gtrid: str, fence: bool) -> Probe:
     conn.execute("BEGIN")
     try:
         conn.execute(f"SET LOCAL lock_timeout = '{int(PROBE_LOCK_WAIT)}s'")
         conn.execute(_INSERT, (gtrid, _marker.ABORT_PAYLOAD, time.time()))
     except Exception as e:
-        code = _code(e)
         with contextlib.suppress(Exception):
             conn.execute("ROLLBACK")
-        if code in _DUPLICATE:
+        if participant.is_duplicate_key(e):
             return _existing(conn.execute(_PAYLOAD, (gtrid,)).fetchall())
-        if code in _NO_TABLE:
+        if participant.is_missing_table(e):
             return "no-table"
         raise
     conn.execute("COMMIT" if fence else "ROLLBACK")
     return "no-row"
 
 
-def _probe_mysql(conn: Any, gtrid: str, fence: bool) -> Probe:
+def _probe_mysql(participant: Participant, conn: Any, gtrid: str, fence: bool) -> Probe:
     cur = conn.cursor()
     try:
         cur.execute(f"SET SESSION innodb_lock_wait_timeout = {int(PROBE_LOCK_WAIT)}")
@@ -122,13 +115,12 @@ def _probe_mysql(conn: Any, gtrid: str, fence: bool) -> Probe:
         try:
             cur.execute(_INSERT, (gtrid, _marker.ABORT_PAYLOAD, time.time()))
         except Exception as e:
-            code = _code(e)
             with contextlib.suppress(Exception):
                 cur.execute("ROLLBACK")
-            if code in _DUPLICATE:
+            if participant.is_duplicate_key(e):
                 cur.execute(_PAYLOAD, (gtrid,))
                 return _existing(cur.fetchall())
-            if code in _NO_TABLE:
+            if participant.is_missing_table(e):
                 return "no-table"
             raise
         cur.execute("COMMIT" if fence else "ROLLBACK")

@@ -1,30 +1,40 @@
-"""MySQL / MariaDB participant: branches as native XA transactions, via mysql-connector.
+"""MySQL / MariaDB participant: branches as native XA transactions, through any MySQL driver.
 
 No Python MySQL driver has DB-API ``tpc_*`` methods, so the ``XA`` statements are sent here,
 always with the XID as hex literals (``Xid.to_mysql``). Connections run in autocommit mode:
-``XA START`` opens the branch and the application's statements run inside it.
+``XA START`` opens the branch and the application's statements run inside it. What differs
+between the drivers (mysql-connector pure or C extension, PyMySQL, mysqlclient) lives in
+``xatm._mysql_drivers``; this adapter is the same for all of them.
 
 Facts handled here (numbered and sourced in docs/protocol.md, section 11):
 
-* XA errors come as ``IntegrityError``/``DatabaseError``: the code branches on ``errno``;
+* errors are told apart by their MySQL error number, never by exception class or SQLSTATE
+  (the drivers disagree on both);
 * a deadlock or lock-wait timeout makes the branch rollback-only (1613/1614, 1402): it is
   rolled back and votes no;
 * while the preparing session is connected only it may commit (MariaDB): phase 2 runs on
   the same connection, and a connection that fails in phase 2 is closed, so that recovery
   can finish the branch from another session;
-* ``XA RECOVER`` lists every application's prepared XIDs: the caller filters.
+* a connection is pooled again only when its XA state is known to be idle (no branch
+  ACTIVE, IDLE or PREPARED on it): one whose rollback failed is closed, since a branch left
+  ACTIVE keeps its row locks and makes the next ``XA START`` fail with 1399;
+* rolling back a branch that the server already rolled back (a read-only MariaDB branch
+  rolled back from another session, or a deadlock victim) answers an XA_RB* error: that
+  branch is rolled back, which is what was asked;
+* ``XA RECOVER`` lists every application's prepared XIDs: the caller filters. Its ``data``
+  column comes as bytes, bytearray or str depending on the driver and server.
 """
 
 from __future__ import annotations
 
 import contextlib
 import re
+import threading
+import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import mysql.connector
-from mysql.connector import errors as myerrors
-
+from ._mysql_drivers import MySQLDriver, by_name
 from ._participant import (
     CANNOT_TELL,
     BranchVotedNo,
@@ -38,21 +48,14 @@ from ._participant import (
 )
 from ._urls import DEFAULT_CONNECT_TIMEOUT, Kind, ResourceSpec, redact
 from ._xid import Xid
-from .errors import ResourceUnavailable
+from .errors import ConfigurationError, ResourceUnavailable
 
 XAER_NOTA = 1397
 XAER_RMERR = 1401
-#: client-side errnos that mean the connection is gone
-_CONNECTION_ERRNOS = frozenset({2002, 2003, 2006, 2013, 2055, 4031, 1927, 1053})
-_BOOL_OPTIONS = frozenset({"ssl_disabled", "use_pure", "ssl_verify_cert", "ssl_verify_identity"})
-
-
-def _option(key: str, value: str) -> object:
-    if key in _BOOL_OPTIONS:
-        return value.lower() in ("1", "true", "yes", "on")
-    if value.isascii() and value.isdigit():  # not "²", which int() refuses
-        return int(value)
-    return value
+ER_DUP_ENTRY = frozenset({1062, 1586})  # ER_DUP_ENTRY, ER_DUP_ENTRY_WITH_KEY_NAME
+ER_NO_SUCH_TABLE = 1146
+#: XA_RBROLLBACK, XA_RBTIMEOUT, XA_RBDEADLOCK: the branch was rolled back by the server
+XA_ROLLED_BACK = frozenset({1402, 1613, 1614})
 
 
 class MySQLParticipant:
@@ -61,18 +64,23 @@ class MySQLParticipant:
     def __init__(self, name: str, spec: ResourceSpec) -> None:
         self.name = name
         self.spec = spec
-        self._kwargs: dict[str, Any] = {
-            "host": spec.host,
-            "port": spec.port,
-            "user": spec.user or "",
-            "password": spec.password or "",
-            "connection_timeout": DEFAULT_CONNECT_TIMEOUT,
-            "autocommit": True,
-        }
-        if spec.database:
-            self._kwargs["database"] = spec.database
-        for key, value in spec.options:
-            self._kwargs[key] = _option(key, value)
+        self.driver: MySQLDriver = by_name(spec.driver)
+        self.driver.module  # noqa: B018 -- a missing driver is a ConfigurationError now
+        self._errors = self.driver.errors()
+        self._errors_or_os: tuple[type[BaseException], ...] = (*self._errors, OSError)
+        self._kwargs = self.driver.connect_kwargs(
+            host=spec.host,
+            port=spec.port,
+            user=spec.user or "",
+            password=spec.password or "",
+            database=spec.database,
+            timeout=DEFAULT_CONNECT_TIMEOUT,
+            options=spec.options,
+        )
+        # connections whose XA state is not known to be idle (a branch was started on them
+        # and not seen to end): never pooled
+        self._in_xa: weakref.WeakSet[Any] = weakref.WeakSet()
+        self._in_xa_lock = threading.Lock()
 
     @property
     def kind(self) -> Kind:
@@ -81,60 +89,86 @@ class MySQLParticipant:
     # -- connections -----------------------------------------------------------------------
     def connect(self) -> Any:
         try:
-            return mysql.connector.connect(**self._kwargs)
-        except (myerrors.Error, OSError) as e:
+            return self.driver.connect(self._kwargs)
+        except ImportError as e:  # use_pure=false where mysql-connector's C extension fails
+            raise ConfigurationError(
+                f"resource {self.name!r} ({self.spec.redacted()}): the driver cannot load"
+                f" what the URL asks for: {redact(str(e)).strip()}"
+            ) from None
+        except self._errors_or_os as e:
             raise ResourceUnavailable(
                 f"cannot connect to resource {self.name!r} ({self.spec.redacted()}): "
-                f"{redact(str(e)).strip()}",
+                f"{_describe(self.driver, e)}",
                 resource=self.name,
             ) from None
 
     def ping(self, conn: Any) -> bool:
         try:
-            conn.ping(reconnect=False)
-        except (myerrors.Error, OSError):
+            self.driver.ping(conn)
+        except self._errors_or_os:
             return False
         return True
 
     def is_idle(self, conn: Any) -> bool:
-        # No round trip here: connections are only given back after a clean end, and the
-        # pool pings those that sat idle for a while.
-        return getattr(conn, "_socket", True) is not None and not conn.unread_result
+        # No round trip here: the XA state is tracked, and the pool pings connections that
+        # sat idle for a while.
+        with self._in_xa_lock:
+            if conn in self._in_xa:
+                return False
+        return self.driver.is_open(conn) and not self.driver.has_unread(conn)
 
     def close(self, conn: Any) -> None:
         with contextlib.suppress(Exception):  # closing must never raise
             conn.close()
 
     def is_connection_error(self, exc: BaseException) -> bool:
-        if isinstance(exc, myerrors.InterfaceError | myerrors.OperationalError | OSError):
-            return True
-        return isinstance(exc, myerrors.Error) and exc.errno in _CONNECTION_ERRNOS
+        return self.driver.is_connection_error(exc)
 
-    def _run(self, conn: Any, statement: str) -> None:
-        """Send statements that return no rows (``;``-separated: one round trip)."""
-        if ";" in statement:
-            for _ in conn.cmd_query_iter(statement):
-                pass
-        else:
-            conn.cmd_query(statement)
+    def is_duplicate_key(self, exc: BaseException) -> bool:
+        """``exc`` is a unique-key violation (MySQL error 1062)."""
+        return isinstance(exc, self._errors) and self.driver.errno(exc) in ER_DUP_ENTRY
+
+    def is_missing_table(self, exc: BaseException) -> bool:
+        """``exc`` says a table does not exist (MySQL error 1146)."""
+        return isinstance(exc, self._errors) and self.driver.errno(exc) == ER_NO_SUCH_TABLE
+
+    def driver_info(self, conn: Any) -> str:
+        """The driver and connection class in use (for ``doctor``)."""
+        return self.driver.describe(conn)
+
+    def _run(self, conn: Any, *statements: str) -> None:
+        """Send statements that return no rows (one round trip where the driver allows)."""
+        self.driver.run(conn, list(statements))
+
+    def _errno(self, exc: BaseException) -> int | None:
+        return self.driver.errno(exc)
+
+    def _enter_xa(self, conn: Any) -> None:
+        with self._in_xa_lock:
+            self._in_xa.add(conn)
+
+    def _left_xa(self, conn: Any) -> None:
+        with self._in_xa_lock:
+            self._in_xa.discard(conn)
 
     # -- the branch ------------------------------------------------------------------------
     def begin(self, conn: Any, xid: Xid) -> None:
+        self._enter_xa(conn)  # before sending: a failed XA START leaves the state unknown
         self._run(conn, f"XA START {xid.to_mysql()}")
 
     def execute(self, conn: Any, query: Any, params: Sequence[Any] | Any = None) -> Cursor:
-        cur = conn.cursor(buffered=True)
+        cur = self.driver.cursor(conn)
         cur.execute(query, params)
         return cur
 
     def prepare(self, conn: Any, xid: Xid) -> Prepared:
         x = xid.to_mysql()
         try:
-            self._run(conn, f"XA END {x}; XA PREPARE {x}")
-        except myerrors.Error as e:
+            self._run(conn, f"XA END {x}", f"XA PREPARE {x}")
+        except self._errors as e:
             if not self.is_connection_error(e):
                 self._rollback_quietly(conn, xid)
-            raise BranchVotedNo(f"XA PREPARE failed: {_describe(e)}", e) from e
+            raise BranchVotedNo(f"XA PREPARE failed: {_describe(self.driver, e)}", e) from e
         # a read-only XA branch cannot be told apart here: it is prepared like any other
         return Prepared(Vote.PREPARED)
 
@@ -152,12 +186,15 @@ class MySQLParticipant:
         try:
             for query, params in before:
                 self.execute(conn, query, params).close()
-            self._run(conn, f"XA END {x}; XA COMMIT {x} ONE PHASE")
-        except myerrors.Error as e:
+            self._run(conn, f"XA END {x}", f"XA COMMIT {x} ONE PHASE")
+        except self._errors as e:
             if self.is_connection_error(e):
                 raise  # the outcome is unknown
             self._rollback_quietly(conn, xid)
-            raise BranchVotedNo(f"the one-phase commit failed: {_describe(e)}", e) from e
+            raise BranchVotedNo(
+                f"the one-phase commit failed: {_describe(self.driver, e)}", e
+            ) from e
+        self._left_xa(conn)
 
     def commit_prepared(self, conn: Any, xid: Xid) -> PhaseTwo:
         return self._finish(conn, "COMMIT", xid)
@@ -168,45 +205,67 @@ class MySQLParticipant:
     def _finish(self, conn: Any, verb: str, xid: Xid) -> PhaseTwo:
         try:
             self._run(conn, f"XA {verb} {xid.to_mysql()}")
-        except myerrors.Error as e:
-            if e.errno == XAER_NOTA:
+        except self._errors as e:
+            errno = self._errno(e)
+            if errno == XAER_NOTA:
                 return PhaseTwo.NOT_FOUND
+            if verb == "ROLLBACK" and errno in XA_ROLLED_BACK:
+                # already rolled back by the server (read-only MariaDB branch, deadlock
+                # victim): rolled back, as asked. This connection's state is not tracked
+                # further: it is closed rather than pooled.
+                return PhaseTwo.DONE
             raise
+        self._left_xa(conn)
         return PhaseTwo.DONE
 
     def rollback_active(self, conn: Any, xid: Xid) -> None:
-        if conn.unread_result:
-            conn.consume_results()
+        self.driver.consume(conn)
+        x = xid.to_mysql()
         try:
-            self._run(conn, f"XA END {xid.to_mysql()}")
-        except myerrors.Error as e:
+            self._run(conn, f"XA END {x}")
+        except self._errors as e:
             if self.is_connection_error(e):
                 raise
             # already IDLE, or rollback-only after a deadlock: XA ROLLBACK still applies
-        self._run(conn, f"XA ROLLBACK {xid.to_mysql()}")
+        try:
+            self._run(conn, f"XA ROLLBACK {x}")
+        except self._errors as e:
+            if self._errno(e) in XA_ROLLED_BACK:
+                return  # rolled back by the server already; the connection is not pooled
+            raise
+        self._left_xa(conn)
 
     def _rollback_quietly(self, conn: Any, xid: Xid) -> None:
-        with contextlib.suppress(myerrors.Error):
-            self._run(conn, f"XA ROLLBACK {xid.to_mysql()}")
+        """Roll back a branch whose prepare or one-phase commit failed, in whatever state
+        it is left (ACTIVE if the failure came before ``XA END``, IDLE after). If that does
+        not succeed, the connection stays marked as inside XA and is closed, not pooled."""
+        x = xid.to_mysql()
+        with contextlib.suppress(*self._errors):
+            self.driver.consume(conn)
+            with contextlib.suppress(*self._errors):
+                self._run(conn, f"XA END {x}")  # fails harmlessly if already IDLE
+            self._run(conn, f"XA ROLLBACK {x}")
+            self._left_xa(conn)
 
     # -- recovery and fitness --------------------------------------------------------------
     def recover(self, conn: Any) -> list[PreparedBranch]:
-        cur = conn.cursor()
+        cur = self.driver.cursor(conn)
         try:
             cur.execute("XA RECOVER")
             rows = cur.fetchall()
         finally:
             cur.close()
         found = []
-        for format_id, glen, blen, data in rows:
-            raw = bytes(data) if not isinstance(data, str) else data.encode("latin-1")
-            xid = Xid.from_mysql(int(format_id), int(glen), int(blen), raw)
+        for row in rows:
+            format_id, glen, blen = (_integer(v) for v in row[:3])
+            raw = _raw_bytes(row[3])
+            xid = Xid.from_mysql(format_id, glen, blen, raw)
             found.append(PreparedBranch(xid, f"{format_id}:{raw.hex()}:{glen}:{blen}"))
         return found
 
     def check(self, conn: Any) -> list[str]:
         problems = []
-        cur = conn.cursor()
+        cur = self.driver.cursor(conn)
         try:
             cur.execute("SELECT VERSION()")
             row = cur.fetchone()
@@ -235,8 +294,8 @@ class MySQLParticipant:
             try:
                 cur.execute("XA RECOVER")
                 cur.fetchall()
-            except myerrors.Error as e:
-                if e.errno != XAER_RMERR:
+            except self._errors as e:
+                if self._errno(e) != XAER_RMERR:
                     raise
                 problems.append(
                     "this user may not run XA RECOVER, so recovery cannot see prepared"
@@ -256,7 +315,7 @@ class MySQLParticipant:
     marker_in_one_round_trip = False
 
     def _scalar(self, conn: Any, query: str, params: tuple[Any, ...]) -> Any:
-        cur = conn.cursor()
+        cur = self.driver.cursor(conn)
         try:
             cur.execute(query, params)
             row = cur.fetchone()
@@ -285,5 +344,30 @@ def identity_name(node_id: str) -> str:
     return f"xatm:node:{node_id}"
 
 
-def _describe(e: myerrors.Error) -> str:
-    return redact(str(e).strip()) or type(e).__name__
+def _integer(value: Any) -> int:
+    """A number column of ``XA RECOVER``, whatever type the driver made of it."""
+    if isinstance(value, bytes | bytearray):
+        value = value.decode("ascii")
+    return int(value)
+
+
+def _raw_bytes(value: Any) -> bytes:
+    """The ``data`` column of ``XA RECOVER`` as the bytes the server holds (a driver that
+    decodes it to text did so from a single-byte or UTF-8 charset)."""
+    if isinstance(value, bytes | bytearray | memoryview):
+        return bytes(value)
+    text = str(value)
+    try:
+        return text.encode("latin-1")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "surrogateescape")
+
+
+def _describe(driver: MySQLDriver, e: BaseException) -> str:
+    """A driver error in one line, with its MySQL error number, password-free."""
+    args: tuple[Any, ...] = tuple(getattr(e, "args", ()))
+    if driver.name != "mysqlconnector" and len(args) >= 2 and isinstance(args[0], int):
+        text = f"{args[0]} {args[1]}"  # PyMySQL and MySQLdb: (errno, message)
+    else:
+        text = str(e)
+    return redact(text.strip()) or type(e).__name__

@@ -26,7 +26,7 @@ from typing import Any, Literal, Protocol
 from ._urls import Kind, ResourceSpec
 from ._xid import Xid
 
-Connection = Any  # a driver connection: psycopg.Connection or a mysql-connector connection
+Connection = Any  # a driver connection: psycopg's, or a MySQL driver's (xatm._mysql_drivers)
 Cursor = Any
 Statement = tuple[str, tuple[Any, ...]]  # SQL with %s placeholders, and its parameters
 
@@ -107,6 +107,15 @@ class Participant(Protocol):
     def is_connection_error(self, exc: BaseException) -> bool:
         """True if ``exc`` means the connection is unusable (the outcome of its last call
         is unknown)."""
+
+    def is_duplicate_key(self, exc: BaseException) -> bool:
+        """True if ``exc`` is a unique-key violation (the driver's own code for it)."""
+
+    def is_missing_table(self, exc: BaseException) -> bool:
+        """True if ``exc`` says the table does not exist."""
+
+    def driver_info(self, conn: Connection) -> str:
+        """The driver (and connection class) ``conn`` is, for ``doctor``."""
 
     def begin(self, conn: Connection, xid: Xid) -> None:
         """Start the branch ``xid`` on ``conn``."""

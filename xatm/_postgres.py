@@ -40,6 +40,8 @@ from ._xid import Xid
 from .errors import ResourceUnavailable
 
 UNDEFINED_OBJECT = "42704"
+UNIQUE_VIOLATION = "23505"
+UNDEFINED_TABLE = "42P01"
 
 
 class PostgresParticipant:
@@ -93,6 +95,16 @@ class PostgresParticipant:
         return isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError)
 
     # -- the branch ------------------------------------------------------------------------
+    def is_duplicate_key(self, exc: BaseException) -> bool:
+        return isinstance(exc, psycopg.Error) and exc.sqlstate == UNIQUE_VIOLATION
+
+    def is_missing_table(self, exc: BaseException) -> bool:
+        return isinstance(exc, psycopg.Error) and exc.sqlstate == UNDEFINED_TABLE
+
+    def driver_info(self, conn: psycopg.Connection[Any]) -> str:
+        impl = getattr(psycopg.pq, "__impl__", "?")
+        return f"psycopg {psycopg.__version__} ({type(conn).__name__}, {impl} libpq wrapper)"
+
     def begin(self, conn: psycopg.Connection[Any], xid: Xid) -> None:
         conn.execute("BEGIN")
 

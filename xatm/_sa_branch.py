@@ -29,6 +29,7 @@ from sqlalchemy.engine import Connection, Engine, RootTransaction
 from sqlalchemy.orm import Session
 from sqlalchemy.pool import PoolProxiedConnection
 
+from ._mysql_drivers import sa_cursor_kwargs
 from ._sqlalchemy import resource_engine
 from ._transaction import TransactionState
 from ._urls import redact
@@ -86,8 +87,8 @@ class BranchProxy(PoolProxiedConnection):
                 f" connection to {self._resource!r} can no longer be used",
                 gtrid=self._tx.gtrid,
             )
-        if self._kind == "mysql" and not args:
-            kwargs.setdefault("buffered", True)  # as SQLAlchemy's own connections are
+        if self._kind == "mysql" and not args:  # as SQLAlchemy's own connections are
+            kwargs = {**sa_cursor_kwargs(self._conn), **kwargs}
         return self._conn.cursor(*args, **kwargs)
 
     def commit(self) -> None:

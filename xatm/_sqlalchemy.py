@@ -3,7 +3,9 @@
 Three things live here (docs/sqlalchemy.md is the user's guide):
 
 * **Engines as resources.** ``TransactionManager(resources={"ledger": engine})`` takes an
-  Engine of the ``postgresql+psycopg`` or ``mysql+mysqlconnector`` dialect. Its branches
+  Engine of the ``postgresql+psycopg``, ``mysql+mysqlconnector``, ``mysql+pymysql`` or
+  ``mysql+mysqldb`` dialect (``mariadb+`` the same); ``postgresql+psycopg2`` is refused with
+  a ConfigurationError that says what to use instead. Its branches
   draw their connections from the engine's own pool (:class:`EnginePool`), so the engine's
   connection settings, pool size and events apply. xatm's participants drive a connection
   in autocommit mode (explicit ``BEGIN`` / ``XA START``): that is switched on at checkout
@@ -32,10 +34,12 @@ optional dependency.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import threading
 import weakref
 from typing import TYPE_CHECKING, Any
 
+from . import _mysql_drivers
 from ._pool import Pool
 from ._urls import ResourceSpec, parse_url, redact
 from .errors import ConfigurationError, ResourceUnavailable
@@ -46,7 +50,21 @@ if TYPE_CHECKING:
     from ._context import Context
     from ._participant import Connection, Participant
 
-SUPPORTED_DIALECTS = ("postgresql+psycopg", "mysql+mysqlconnector", "mariadb+mysqlconnector")
+SUPPORTED_DIALECTS = (
+    "postgresql+psycopg",
+    "mysql+mysqlconnector",
+    "mariadb+mysqlconnector",
+    "mysql+pymysql",
+    "mariadb+pymysql",
+    "mysql+mysqldb",
+    "mariadb+mysqldb",
+)
+#: SQLAlchemy's driver name for each of xatm's MySQL drivers (``ResourceSpec.driver``)
+_MYSQL_DIALECTS = {
+    None: "mysql+mysqlconnector",
+    "pymysql": "mysql+pymysql",
+    "mysqldb": "mysql+mysqldb",
+}
 #: ``proxied.info`` keys: a connection's own autocommit setting, and the isolation level
 #: already made the session default on it (PostgreSQL)
 _AUTOCOMMIT_KEY = "xatm.autocommit"
@@ -64,12 +82,19 @@ def _driver_name(engine: Any) -> str:
 
 
 def spec_from_engine(engine: Any) -> ResourceSpec:
-    """The ResourceSpec of an Engine's URL (psycopg and mysql-connector dialects)."""
+    """The ResourceSpec of an Engine's URL (the dialects of SUPPORTED_DIALECTS)."""
     driver = _driver_name(engine)
+    if driver == "postgresql+psycopg2":
+        raise ConfigurationError(
+            f"engine {redact(str(engine.url))}: psycopg2 engines are not supported; xatm"
+            " drives PostgreSQL through psycopg 3 (installed with xatm): give this resource an"
+            " Engine made with postgresql+psycopg://, or its URL as postgresql://. The rest of"
+            " the application may keep its psycopg2 engine (docs/sqlalchemy.md)"
+        )
     if driver not in SUPPORTED_DIALECTS:
         raise ConfigurationError(
-            f"engine dialect {driver!r} is not supported: use postgresql+psycopg or"
-            " mysql+mysqlconnector"
+            f"engine dialect {driver!r} is not supported: use one of"
+            f" {', '.join(SUPPORTED_DIALECTS)}"
         )
     pool_class = type(engine.pool).__name__
     if pool_class in ("StaticPool", "SingletonThreadPool", "AssertionPool"):
@@ -78,7 +103,13 @@ def spec_from_engine(engine: Any) -> ResourceSpec:
             " several users; xatm needs a connection of its own per branch (use the default"
             " QueuePool, or NullPool)"
         )
-    return parse_url(engine.url.render_as_string(hide_password=False))
+    spec = parse_url(engine.url.render_as_string(hide_password=False))
+    if spec.kind == "mysql":
+        # the engine's driver, even where its URL does not spell it (``mysql://`` is mysqldb
+        # to SQLAlchemy, mysql-connector to xatm)
+        name = engine.url.get_driver_name()
+        spec = dataclasses.replace(spec, driver=None if name == "mysqlconnector" else name)
+    return spec
 
 
 # -- engines as resources ---------------------------------------------------------------------
@@ -155,15 +186,15 @@ class EnginePool(Pool):
                 conn.execute(f"SET SESSION CHARACTERISTICS AS TRANSACTION ISOLATION LEVEL {words}")
                 info[_ISOLATION_KEY] = level
             return autocommit
+        driver = _mysql_drivers.for_connection(conn)
         if _AUTOCOMMIT_KEY not in info:
-            info[_AUTOCOMMIT_KEY] = bool(conn.autocommit)  # one round trip, once per connection
+            info[_AUTOCOMMIT_KEY] = driver.get_autocommit(conn)  # once per connection
         autocommit = bool(info[_AUTOCOMMIT_KEY])
-        if conn.unread_result:
-            conn.consume_results()
-        if conn.in_transaction:  # the engine's pool does not reset on return (no round trip
-            conn.rollback()  # to know: the flag comes with every server reply)
+        driver.consume(conn)
+        if driver.in_transaction(conn):  # the engine's pool does not reset on return
+            conn.rollback()  # (mysql-connector, PyMySQL: known without a round trip)
         if not autocommit:
-            conn.autocommit = True
+            driver.set_autocommit(conn, True)
         return autocommit
 
     def put(self, conn: Connection) -> None:
@@ -177,7 +208,7 @@ class EnginePool(Pool):
             return
         try:
             if not out.autocommit:
-                conn.autocommit = False
+                self._set_autocommit(conn, False)
         except Exception:
             self._invalidate(out)
             return
@@ -196,6 +227,12 @@ class EnginePool(Pool):
             self.participant.close(conn)
         else:
             self._invalidate(out)
+
+    def _set_autocommit(self, conn: Connection, on: bool) -> None:
+        if self.participant.kind == "postgresql":
+            conn.autocommit = on
+        else:
+            _mysql_drivers.for_connection(conn).set_autocommit(conn, on)
 
     @staticmethod
     def _invalidate(out: _Checkout) -> None:
@@ -260,13 +297,8 @@ def _engine_from_spec(resource: str, spec: ResourceSpec) -> Engine:
     from sqlalchemy.pool import NullPool
 
     options = dict(spec.options)
-    connect_args: dict[str, Any] = {}
-    if spec.kind == "postgresql":
-        drivername = "postgresql+psycopg"
-    else:
-        drivername = "mysql+mysqlconnector"
-        if "use_pure" not in options:
-            connect_args["use_pure"] = True  # the C extension is optional; pure always works
+    # the dialect of the driver whose connections the branches are (xatm's own)
+    drivername = "postgresql+psycopg" if spec.kind == "postgresql" else _MYSQL_DIALECTS[spec.driver]
     url = URL.create(
         drivername,
         username=spec.user,
@@ -276,7 +308,7 @@ def _engine_from_spec(resource: str, spec: ResourceSpec) -> Engine:
         database=spec.database,
         query=options,
     )
-    engine = create_engine(url, poolclass=NullPool, connect_args=connect_args)
+    engine = create_engine(url, poolclass=NullPool)
     if spec.kind == "mysql":
         # xatm's own MySQL connections report affected rows, not matched rows (no
         # CLIENT_FOUND_ROWS flag): an UPDATE that changes nothing counts 0. Tell the ORM not

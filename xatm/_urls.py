@@ -4,7 +4,13 @@ Accepted schemes:
 
 * PostgreSQL: ``postgresql://``, ``postgres://``, ``postgresql+psycopg://``
 * MySQL / MariaDB: ``mysql://``, ``mariadb://``, ``mysql+mysqlconnector://``,
-  ``mariadb+mysqlconnector://``
+  ``mariadb+mysqlconnector://`` (mysql-connector-python, the default driver);
+  ``mysql+pymysql://``, ``mariadb+pymysql://`` (PyMySQL); ``mysql+mysqldb://``,
+  ``mariadb+mysqldb://`` (mysqlclient). The driver part becomes ``ResourceSpec.driver``
+  (None for the default drivers: psycopg 3 and mysql-connector).
+
+``postgresql+psycopg2://`` is refused with a ConfigurationError saying what to use instead
+(xatm drives PostgreSQL through psycopg 3 only; see docs/sqlalchemy.md).
 
 ``user:password@host:port/database?option=value``; options are passed to the driver
 (for example ``sslmode`` for psycopg, ``unix_socket`` or ``ssl_disabled`` for
@@ -25,14 +31,26 @@ from .errors import ConfigurationError
 
 Kind = Literal["postgresql", "mysql"]
 
-_SCHEMES: dict[str, Kind] = {
-    "postgresql": "postgresql",
-    "postgres": "postgresql",
-    "postgresql+psycopg": "postgresql",
-    "mysql": "mysql",
-    "mariadb": "mysql",
-    "mysql+mysqlconnector": "mysql",
-    "mariadb+mysqlconnector": "mysql",
+_SCHEMES: dict[str, tuple[Kind, str | None]] = {
+    "postgresql": ("postgresql", None),
+    "postgres": ("postgresql", None),
+    "postgresql+psycopg": ("postgresql", None),
+    "mysql": ("mysql", None),
+    "mariadb": ("mysql", None),
+    "mysql+mysqlconnector": ("mysql", None),
+    "mariadb+mysqlconnector": ("mysql", None),
+    "mysql+pymysql": ("mysql", "pymysql"),
+    "mariadb+pymysql": ("mysql", "pymysql"),
+    "mysql+mysqldb": ("mysql", "mysqldb"),
+    "mariadb+mysqldb": ("mysql", "mysqldb"),
+}
+#: schemes refused with a hint at what to use instead
+_REFUSED_SCHEMES = {
+    "postgresql+psycopg2": (
+        "xatm drives PostgreSQL through psycopg 3 only (installed with xatm): write the URL"
+        " as postgresql:// (or postgresql+psycopg:// for SQLAlchemy); your application may"
+        " keep psycopg2 for its other work"
+    ),
 }
 _DEFAULT_PORT: dict[Kind, int] = {"postgresql": 5432, "mysql": 3306}
 # ``//user:password@``: the password may hold any character but whitespace (even '@' and '/',
@@ -81,6 +99,8 @@ class ResourceSpec:
     password: str | None = field(repr=False)
     database: str | None
     options: tuple[tuple[str, str], ...] = ()
+    #: the driver the URL names, when not the default one (``pymysql``, ``mysqldb``)
+    driver: str | None = None
 
     def redacted(self) -> str:
         """The URL with the password replaced by ``***``: safe to print and log."""
@@ -91,7 +111,8 @@ class ResourceSpec:
                 auth += ":***"
             auth += "@"
         host = f"[{self.host}]" if ":" in self.host else self.host
-        url = f"{self.kind}://{auth}{host}:{self.port}/{quote(self.database or '', safe='')}"
+        scheme = f"{self.kind}+{self.driver}" if self.driver else self.kind
+        url = f"{scheme}://{auth}{host}:{self.port}/{quote(self.database or '', safe='')}"
         if self.options:
             url += "?" + "&".join(
                 f"{k}={'***' if _is_secret_option(k) else quote(v, safe='')}"
@@ -125,7 +146,10 @@ def parse_url(url: object) -> ResourceSpec:
         raise ConfigurationError(
             f"resource URL {shown!r}: the port must be a number from 1 to 65535 ({_ENCODE_HINT})"
         ) from None
-    kind = _SCHEMES.get(parts.scheme.lower())
+    refused = _REFUSED_SCHEMES.get(parts.scheme.lower())
+    if refused is not None:
+        raise ConfigurationError(f"resource URL {shown!r}: {refused}")
+    kind, driver = _SCHEMES.get(parts.scheme.lower(), (None, None))
     if kind is None:
         known = ", ".join(sorted(_SCHEMES))
         raise ConfigurationError(
@@ -153,4 +177,5 @@ def parse_url(url: object) -> ResourceSpec:
         password=unquote(parts.password) if parts.password is not None else None,
         database=database,
         options=options,
+        driver=driver,
     )

@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# The driver-sensitive tests once per MySQL driver (`make drivers`, part of `make test`).
+#
+# The full suite runs once with the default driver (mysql-connector, whichever connection
+# class it picks); each leg here runs the MySQL-facing tests, the crash matrix and a short
+# chaos run again with one driver pinned by XATM_TEST_MYSQL_DRIVER (tests/support.py):
+#
+#   connector-pure  mysql-connector, MySQLConnection (use_pure=true)          in .venv
+#   connector-c     mysql-connector 9.5.0, CMySQLConnection (C extension)     in .venv-cext
+#                   (the run stops at once if the extension does not load, and
+#                   tests/test_drivers.py asserts the class of the connections in use)
+#   pymysql         PyMySQL                                                   in .venv
+#   mysqldb         mysqlclient (MySQLdb), if it could be built (`make mysqlclient`)
+#
+# Every leg prints its own pytest closing line; a summary of all of them comes last. Exits
+# non-zero if any leg failed (a leg that cannot run is reported, and fails only if it is
+# the C-extension leg, which must run).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+VENV=${VENV:-.venv}
+CEXT_VENV=${CEXT_VENV:-.venv-cext}
+export XATM_CHAOS_SECONDS=${DRIVER_CHAOS_SECONDS:-10}
+TESTS=(
+    tests/test_drivers.py tests/test_core.py tests/test_marker.py tests/test_sqlalchemy.py
+    tests/test_phase2_faults.py tests/test_inspect.py tests/test_crash_matrix.py
+    tests/test_chaos.py
+)
+# the chaos test in its strict mode only (short); the crash matrix with two branches (every
+# failpoint, mode and recoverer: the three-branch cases add coordinator logic, not driver
+# calls, and run in the full suite); the other tests in full
+SELECT='not (test_bank_transfers_under_chaos and not strict) and not 3-branches'
+
+summary=()
+status=0
+leg() {
+    local driver=$1 venv=$2 out rc
+    echo
+    echo "=== MySQL driver leg: $driver ($venv)"
+    out=$(mktemp)
+    XATM_TEST_MYSQL_DRIVER=$driver "$venv/bin/pytest" -ra -q -p no:cacheprovider \
+        -k "$SELECT" "${TESTS[@]}" 2>&1 | tee "$out"
+    rc=${PIPESTATUS[0]}
+    summary+=("$driver: $(tail -n 1 "$out")")
+    rm -f "$out"
+    if [ "$rc" -ne 0 ]; then status=1; fi
+}
+
+leg connector-pure "$VENV"
+leg connector-c "$CEXT_VENV"
+leg pymysql "$VENV"
+if "$VENV/bin/python" -c "import MySQLdb" 2>/dev/null; then
+    leg mysqldb "$VENV"
+else
+    summary+=("mysqldb: not run: mysqlclient is not installed in $VENV ($(cat "$VENV/.mysqlclient-skipped" 2>/dev/null || echo 'see make mysqlclient'))")
+fi
+
+echo
+echo "=== MySQL driver legs"
+printf '%s\n' "${summary[@]}"
+exit "$status"
