@@ -640,7 +640,11 @@ class _Pass:
                 return True
         if self.dry_run:
             return False
-        return shared.log_abort(gtrid, by=self.actor) == "C"
+        answer = shared.log_abort(gtrid, by=self.actor)
+        if answer == "busy":  # a COMMIT batch holds the row: never wait for it here
+            leave("its COMMIT may be being written (a batch of the shared log is open)")
+            return None
+        return answer == "C"
 
     def _verify(self, gtrid: str, rec: LogRecord) -> bool:
         """Check each logged branch this pass did not commit; False if one is still open."""

@@ -154,3 +154,21 @@ def parse_url(url: object) -> ResourceSpec:
         database=database,
         options=options,
     )
+
+
+_PG_SETTING_RE = re.compile(r"(?:-c\s*|--)([A-Za-z_][A-Za-z0-9_.]*)\s*=")
+
+
+def pg_settings_in(options: str) -> set[str]:
+    """The server settings a libpq ``options`` string sets (``-c name=value`` or
+    ``--name=value``), lower-cased: a URL's ``?options=...`` overrides xatm's defaults."""
+    return {m.group(1).lower() for m in _PG_SETTING_RE.finditer(options)}
+
+
+def with_pg_settings(options: str | None, defaults: dict[str, str]) -> str:
+    """``options`` plus ``-c name=value`` for each of ``defaults`` it does not set itself.
+    (Values must hold no spaces.)"""
+    given = options or ""
+    taken = pg_settings_in(given)
+    extra = [f"-c {k}={v}" for k, v in defaults.items() if k.lower() not in taken]
+    return " ".join([given, *extra]).strip()
