@@ -432,7 +432,10 @@ class Inspector:
         """An Inspector over the resources and log directory of ``xatm.Settings``."""
         from ._manager import make_participant  # here: _manager imports this module
 
-        participants = {name: make_participant(name, s) for name, s in settings.resources.items()}
+        participants = {
+            name: make_participant(name, s, settings.timeout)
+            for name, s in settings.resources.items()
+        }
         shared = "://" in settings.log
         inspector = cls(
             participants,
@@ -686,7 +689,7 @@ class Inspector:
 
     def doctor(self) -> DoctorReport:
         """Check that every resource and the log directory are fit for two-phase commit."""
-        return diagnose(self._participants, self.log_directory, self.log_url)
+        return diagnose(self._participants, self.log_directory, self.log_url, self.timeout)
 
     def audit(self, gtrid: str | None = None) -> list[AuditEntry]:
         """The audit trail of every node (of one transaction if ``gtrid`` is given)."""

@@ -41,10 +41,11 @@ logger = logging.getLogger("xatm")
 OVERLAP_MAX_ACTIVE = 2
 
 
-def make_participant(name: str, spec: ResourceSpec) -> Participant:
-    """The participant adapter for ``spec``'s kind of server."""
+def make_participant(name: str, spec: ResourceSpec, timeout: float | None = None) -> Participant:
+    """The participant adapter for ``spec``'s kind of server (``timeout``: the transaction
+    timeout, which bounds its sessions' waits where the adapter does so at connect)."""
     if spec.kind == "postgresql":
-        return PostgresParticipant(name, spec)
+        return PostgresParticipant(name, spec, timeout=timeout)
     return MySQLParticipant(name, spec)
 
 
@@ -121,7 +122,7 @@ class TransactionManager:
         self._participants: dict[str, Participant] = {}
         self._pools: dict[str, Pool] = {}
         for name, spec in self._specs.items():
-            participant = make_participant(name, spec)
+            participant = make_participant(name, spec, self.timeout)
             self._participants[name] = participant
             if name in engines:
                 self._pools[name] = _sqlalchemy.engine_pool(engines[name], participant, pool_size)
@@ -150,6 +151,13 @@ class TransactionManager:
         self._marker_resources: set[str] = set(self.commit_markers)
         # resources read and found without that table (so a down one of them hides nothing)
         self._markerless_resources: set[str] = set()
+        # recovery's own connections, one per resource, apart from the transactions' pools:
+        # opened now (in the background) and kept, so that a server full of waiting
+        # sessions still lets this process's recovery in (docs/operations.md)
+        self._recovery_pools = {n: Pool(p, max_idle=1) for n, p in self._participants.items()}
+        threading.Thread(
+            target=self._reserve_recovery_connections, name="xatm-reserve", daemon=True
+        ).start()
         self.sweeper = Sweeper(self, sweep_interval)
         if sweeper:
             self.sweeper.start()
@@ -258,7 +266,7 @@ class TransactionManager:
             return
         self._closed = True
         self.sweeper.stop()
-        for pool in self._pools.values():
+        for pool in [*self._pools.values(), *self._recovery_pools.values()]:
             pool.close()
         self._log.close()
         self._audit.close()
@@ -286,6 +294,20 @@ class TransactionManager:
         if participant is None:
             raise describe_unknown_resource(name, list(self._participants))
         return participant, self._pools[name]
+
+    def _recovery_resource(self, name: str) -> tuple[Participant, Pool]:
+        """Like ``_resource``, with recovery's own pool (one connection kept per resource)."""
+        participant, _ = self._resource(name)
+        return participant, self._recovery_pools[name]
+
+    def _reserve_recovery_connections(self) -> None:
+        """Open recovery's connection to each resource now (a down one is tried again by
+        the first pass that needs it; a lost one is replaced by the pool)."""
+        for name, pool in self._recovery_pools.items():
+            try:
+                pool.put(pool.get())
+            except Exception as e:  # a background thread: report, never raise
+                logger.info("no recovery connection to %r yet: %s", name, redact(str(e)))
 
     def _overlap(self) -> bool:
         """Overlap the branches' round trips? Only while few transactions are in flight:

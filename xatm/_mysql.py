@@ -117,7 +117,8 @@ class MySQLParticipant:
             conn.cmd_query(statement)
 
     # -- the branch ------------------------------------------------------------------------
-    def begin(self, conn: Any, xid: Xid) -> None:
+    def begin(self, conn: Any, xid: Xid, timeout: float | None = None) -> None:
+        # lock waits are bounded by the server's innodb_lock_wait_timeout (doctor checks it)
         self._run(conn, f"XA START {xid.to_mysql()}")
 
     def execute(self, conn: Any, query: Any, params: Sequence[Any] | Any = None) -> Cursor:

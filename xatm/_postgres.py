@@ -11,11 +11,22 @@ Facts handled here (see ../shared/reference/xa-gotchas.md):
   the command tag is checked, and a failed transaction votes no without asking;
 * ``COMMIT PREPARED`` of an unknown gid is SQLSTATE 42704 (``PhaseTwo.NOT_FOUND``);
 * ``pg_prepared_xacts`` lists every database of the cluster: only the connected one counts.
+
+**Bounded waits.** A backend waiting for a row lock does not notice that its client died,
+and a prepared branch holds its locks until recovery settles it: waits that nothing bounds
+pile up until the server refuses every connection, recovery's too. So every branch starts
+with ``BEGIN; SET LOCAL lock_timeout = <T>; SET LOCAL statement_timeout = <2T>`` (one
+round trip, as a plain ``BEGIN`` is), T being the time the transaction has left; and every
+connection xatm opens carries the same settings, from the manager's timeout, in its
+startup packet (``options=-c ...``), for the statements outside a branch (phase 2,
+recovery). A URL whose ``options`` sets either one (``?options=-c%20lock_timeout%3D5s``;
+``0`` turns it off) overrides xatm's value, at connect and at BEGIN.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -32,22 +43,44 @@ from ._participant import (
     Statement,
     Vote,
 )
-from ._urls import DEFAULT_CONNECT_TIMEOUT, Kind, ResourceSpec, redact
+from ._urls import (
+    DEFAULT_CONNECT_TIMEOUT,
+    Kind,
+    ResourceSpec,
+    pg_settings_in,
+    redact,
+    with_pg_settings,
+)
 from ._xid import Xid
 from .errors import ResourceUnavailable
 
 UNDEFINED_OBJECT = "42704"
 
 
-class PostgresParticipant:
-    """A PostgreSQL database taking part in global transactions."""
+def wait_bounds(timeout: float) -> dict[str, str]:
+    """The session settings that bound the waits of a transaction with ``timeout``
+    seconds: no lock wait outlasts it, and no statement outlasts twice that."""
+    ms = max(1, math.ceil(timeout * 1000))
+    return {"lock_timeout": f"{ms}ms", "statement_timeout": f"{2 * ms}ms"}
 
-    def __init__(self, name: str, spec: ResourceSpec) -> None:
+
+class PostgresParticipant:
+    """A PostgreSQL database taking part in global transactions.
+
+    ``timeout``: the manager's transaction timeout, which bounds the waits of every session
+    this participant opens (see the module docstring); None leaves the sessions as the
+    server and the URL set them."""
+
+    def __init__(self, name: str, spec: ResourceSpec, *, timeout: float | None = None) -> None:
         self.name = name
         self.spec = spec
         options = dict(spec.options)
         options.setdefault("connect_timeout", str(DEFAULT_CONNECT_TIMEOUT))
         options.setdefault("application_name", "xatm")
+        #: settings the URL's own ``options`` sets: xatm leaves those alone
+        self._user_settings = pg_settings_in(options.get("options", ""))
+        if timeout is not None:
+            options["options"] = with_pg_settings(options.get("options"), wait_bounds(timeout))
         self._kwargs: dict[str, Any] = {
             "host": spec.host,
             "port": spec.port,
@@ -90,8 +123,13 @@ class PostgresParticipant:
         return isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError)
 
     # -- the branch ------------------------------------------------------------------------
-    def begin(self, conn: psycopg.Connection[Any], xid: Xid) -> None:
-        conn.execute("BEGIN")
+    def begin(self, conn: psycopg.Connection[Any], xid: Xid, timeout: float | None = None) -> None:
+        statement = "BEGIN"
+        if timeout is not None:
+            for key, value in wait_bounds(timeout).items():
+                if key not in self._user_settings:
+                    statement += f"; SET LOCAL {key} = '{value}'"
+        conn.execute(statement)  # no parameters: one simple query, one round trip
 
     def execute(
         self, conn: psycopg.Connection[Any], query: Any, params: Sequence[Any] | Any = None

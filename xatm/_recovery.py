@@ -236,7 +236,7 @@ class _Pass:
         return owners, found_any
 
     def _list(self, name: str) -> list[PreparedBranch] | None:
-        participant, pool = self.manager._resource(name)
+        participant, pool = self.manager._recovery_resource(name)
         try:
             conn = pool.get()
         except ResourceError as e:
@@ -267,7 +267,7 @@ class _Pass:
         for name in names:
             if name in self.problems:
                 continue
-            participant, pool = self.manager._resource(name)
+            participant, pool = self.manager._recovery_resource(name)
             try:
                 conn = pool.get()
             except ResourceError as e:
@@ -300,7 +300,7 @@ class _Pass:
         if self.marker_problems:
             return None
         for name in self.marker_resources:
-            participant, _ = self.manager._resource(name)
+            participant, _ = self.manager._recovery_resource(name)
             try:
                 answer = _marker_recovery.probe_row(participant, gtrid, fence=not self.dry_run)
             except Exception as e:
@@ -403,7 +403,7 @@ class _Pass:
     def scan(self, name: str) -> None:
         if self.progress is not None:
             self.progress(f"scanning {name}")
-        participant, pool = self.manager._resource(name)
+        participant, pool = self.manager._recovery_resource(name)
         try:
             conn = pool.get()
         except ResourceError as e:
@@ -505,7 +505,7 @@ class _Pass:
             self.remaining.setdefault(gtrid, set()).add(resource)
             record(action, reason, "planned")
             return
-        participant, _ = manager._resource(resource)
+        participant, _ = manager._recovery_resource(resource)
         try:
             if decided:
                 result = participant.commit_prepared(conn, xid)
@@ -586,7 +586,7 @@ class _Pass:
                     RecoveryAction(gtrid, resource, "", "end", "decision row", "planned")
                 )
                 continue
-            participant, pool = self.manager._resource(resource)
+            participant, pool = self.manager._recovery_resource(resource)
             try:
                 conn = pool.get()
                 try:
@@ -652,7 +652,7 @@ class _Pass:
         for resource in rec.branches:
             if (gtrid, resource) in self.committed_here:
                 continue
-            participant, pool = self.manager._resource(resource)
+            participant, pool = self.manager._recovery_resource(resource)
             try:
                 conn = pool.get()
             except ResourceError as e:
