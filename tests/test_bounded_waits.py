@@ -26,7 +26,7 @@ import pytest
 from tests.support import Servers
 from xatm import TransactionManager
 from xatm._recovery import run_pass
-from xatm._urls import pg_settings_in, with_pg_settings
+from xatm._urls import pg_settings_in
 from xatm.testing import servers as devservers
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -180,11 +180,7 @@ def test_pg_settings_given_in_the_url_are_kept() -> None:
         "statement_timeout",
         "work_mem",
     }
-    assert with_pg_settings(None, {"lock_timeout": "1ms"}) == "-c lock_timeout=1ms"
-    assert (
-        with_pg_settings("-c lock_timeout=0", {"lock_timeout": "1ms", "statement_timeout": "2ms"})
-        == "-c lock_timeout=0 -c statement_timeout=2ms"
-    )
+    assert pg_settings_in("") == set()
 
 
 def test_doctor_advises_on_waits_and_recovery_headroom(

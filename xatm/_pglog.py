@@ -28,9 +28,10 @@ multi-row INSERT and one commit (one WAL flush for the batch). ``log_end`` is la
 are written with the next batch or on ``flush``. Ended COMMIT rows and old ABORT rows are
 pruned by ``prune``.
 
-**Bounded waits.** Every log session starts with ``lock_timeout`` (:data:`LOCK_TIMEOUT`),
+**Bounded waits.** Every log session sets ``lock_timeout`` (:data:`LOCK_TIMEOUT`),
 ``statement_timeout`` (:data:`STATEMENT_TIMEOUT`) and ``idle_in_transaction_session_timeout``
-(:data:`IDLE_IN_TRANSACTION_TIMEOUT`), unless the log URL's ``options`` sets them. A sweeper's
+(:data:`IDLE_IN_TRANSACTION_TIMEOUT`) when it connects, unless the log URL's ``options`` sets
+them. A sweeper's
 conditional ABORT that meets a COMMIT row still being inserted (a coordinator frozen inside
 a group-commit batch) gives up after ``lock_timeout`` and answers ``"busy"``: recovery leaves
 that gtrid for a later pass instead of waiting while it holds the fleet's sweeper lock. The
@@ -62,7 +63,7 @@ from . import _failpoint
 from ._audit import AuditEntry
 from ._log import DecisionNotLogged
 from ._records import LogRecord
-from ._urls import ResourceSpec, parse_url, redact, with_pg_settings
+from ._urls import ResourceSpec, parse_url, pg_settings_in, redact
 from ._xid import validate_node_id
 from .errors import ConfigurationError, LogError, LogLocked
 
@@ -199,16 +200,16 @@ class PostgresLog:
         options: dict[str, Any] = dict(s.options)
         options.setdefault("connect_timeout", "5")
         options.setdefault("application_name", "xatm-log")
-        options["options"] = with_pg_settings(
-            options.get("options"),
-            {
-                "lock_timeout": _ms(LOCK_TIMEOUT),
-                "statement_timeout": _ms(STATEMENT_TIMEOUT),
-                "idle_in_transaction_session_timeout": _ms(IDLE_IN_TRANSACTION_TIMEOUT),
-            },
-        )
+        given = pg_settings_in(options.get("options", ""))
+        bounds = {
+            "lock_timeout": _ms(LOCK_TIMEOUT),
+            "statement_timeout": _ms(STATEMENT_TIMEOUT),
+            "idle_in_transaction_session_timeout": _ms(IDLE_IN_TRANSACTION_TIMEOUT),
+        }
+        setup = "; ".join(f"SET {k} = '{v}'" for k, v in bounds.items() if k not in given)
+        conn = None
         try:
-            return psycopg.connect(
+            conn = psycopg.connect(
                 host=s.host,
                 port=s.port,
                 user=s.user,
@@ -217,10 +218,16 @@ class PostgresLog:
                 autocommit=True,
                 **options,
             )
+            if setup:  # a SET, not startup options: some connection poolers refuse those
+                conn.execute(setup)
         except psycopg.Error as e:
+            if conn is not None:
+                with contextlib.suppress(psycopg.Error):
+                    conn.close()
             raise LogError(
                 f"cannot connect to the shared log {s.redacted()}: {redact(str(e)).strip()}"
             ) from None
+        return conn
 
     def _q(self, text: str) -> sql.Composed:
         return sql.SQL(text).format(schema=self._ident)
@@ -228,10 +235,11 @@ class PostgresLog:
     def _migrate(self, conn: psycopg.Connection[Any]) -> None:
         try:
             # many processes starting at once queue here for a moment: wait longer than for
-            # a row (RESET goes back to the session's own setting)
+            # a row, then go back to the session's own setting
+            row = conn.execute("SELECT current_setting('lock_timeout')").fetchone()
             conn.execute(f"SET lock_timeout = '{_ms(MIGRATION_LOCK_WAIT)}'")
             conn.execute("SELECT pg_advisory_lock(%s)", (_MIGRATION_LOCK,))
-            conn.execute("RESET lock_timeout")
+            conn.execute("SELECT set_config('lock_timeout', %s, false)", (row[0] if row else "0",))
         except psycopg.Error as e:
             raise LogError(f"cannot set up the shared log schema: {redact(str(e))}") from None
         try:

@@ -17,10 +17,11 @@ and a prepared branch holds its locks until recovery settles it: waits that noth
 pile up until the server refuses every connection, recovery's too. So every branch starts
 with ``BEGIN; SET LOCAL lock_timeout = <T>; SET LOCAL statement_timeout = <2T>`` (one
 round trip, as a plain ``BEGIN`` is), T being the time the transaction has left; and every
-connection xatm opens carries the same settings, from the manager's timeout, in its
-startup packet (``options=-c ...``), for the statements outside a branch (phase 2,
-recovery). A URL whose ``options`` sets either one (``?options=-c%20lock_timeout%3D5s``;
-``0`` turns it off) overrides xatm's value, at connect and at BEGIN.
+connection xatm opens gets the same settings, from the manager's timeout, by one ``SET``
+when it is opened (not in the startup packet, which some connection poolers refuse), for
+the statements outside a branch (phase 2, recovery). A URL whose ``options`` sets either one
+(``?options=-c%20lock_timeout%3D5s``; ``0`` turns it off) overrides xatm's value, at
+connect and at BEGIN.
 """
 
 from __future__ import annotations
@@ -49,7 +50,6 @@ from ._urls import (
     ResourceSpec,
     pg_settings_in,
     redact,
-    with_pg_settings,
 )
 from ._xid import Xid
 from .errors import ResourceUnavailable
@@ -79,8 +79,9 @@ class PostgresParticipant:
         options.setdefault("application_name", "xatm")
         #: settings the URL's own ``options`` sets: xatm leaves those alone
         self._user_settings = pg_settings_in(options.get("options", ""))
-        if timeout is not None:
-            options["options"] = with_pg_settings(options.get("options"), wait_bounds(timeout))
+        #: sent once on each new connection (a SET, not the startup packet's ``options``,
+        #: which some connection poolers refuse)
+        self._session_setup = "" if timeout is None else self._set(timeout, local=False)
         self._kwargs: dict[str, Any] = {
             "host": spec.host,
             "port": spec.port,
@@ -95,15 +96,31 @@ class PostgresParticipant:
         return "postgresql"
 
     # -- connections -----------------------------------------------------------------------
+    def _set(self, timeout: float, *, local: bool) -> str:
+        """``SET [LOCAL]`` statements bounding waits by ``timeout`` (not those the URL's
+        ``options`` sets), ``;``-separated, each with a leading ``; ``."""
+        scope = " LOCAL" if local else ""
+        return "".join(
+            f"; SET{scope} {key} = '{value}'"
+            for key, value in wait_bounds(timeout).items()
+            if key not in self._user_settings
+        )
+
     def connect(self) -> psycopg.Connection[Any]:
+        conn = None
         try:
-            return psycopg.connect(autocommit=True, **self._kwargs)
+            conn = psycopg.connect(autocommit=True, **self._kwargs)
+            if self._session_setup:
+                conn.execute(self._session_setup[2:])  # one round trip, once per connection
         except psycopg.Error as e:
+            if conn is not None:
+                self.close(conn)
             raise ResourceUnavailable(
                 f"cannot connect to resource {self.name!r} ({self.spec.redacted()}): "
                 f"{redact(str(e)).strip()}",
                 resource=self.name,
             ) from None
+        return conn
 
     def ping(self, conn: psycopg.Connection[Any]) -> bool:
         try:
@@ -124,11 +141,7 @@ class PostgresParticipant:
 
     # -- the branch ------------------------------------------------------------------------
     def begin(self, conn: psycopg.Connection[Any], xid: Xid, timeout: float | None = None) -> None:
-        statement = "BEGIN"
-        if timeout is not None:
-            for key, value in wait_bounds(timeout).items():
-                if key not in self._user_settings:
-                    statement += f"; SET LOCAL {key} = '{value}'"
+        statement = "BEGIN" if timeout is None else "BEGIN" + self._set(timeout, local=True)
         conn.execute(statement)  # no parameters: one simple query, one round trip
 
     def execute(

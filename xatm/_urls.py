@@ -163,12 +163,3 @@ def pg_settings_in(options: str) -> set[str]:
     """The server settings a libpq ``options`` string sets (``-c name=value`` or
     ``--name=value``), lower-cased: a URL's ``?options=...`` overrides xatm's defaults."""
     return {m.group(1).lower() for m in _PG_SETTING_RE.finditer(options)}
-
-
-def with_pg_settings(options: str | None, defaults: dict[str, str]) -> str:
-    """``options`` plus ``-c name=value`` for each of ``defaults`` it does not set itself.
-    (Values must hold no spaces.)"""
-    given = options or ""
-    taken = pg_settings_in(given)
-    extra = [f"-c {k}={v}" for k, v in defaults.items() if k.lower() not in taken]
-    return " ".join([given, *extra]).strip()
