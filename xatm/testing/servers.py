@@ -452,6 +452,9 @@ class MariaDBServer:
             "--skip-name-resolve",
             "--innodb-buffer-pool-size=64M",
             "--innodb-log-file-size=48M",
+            # its own temp directory: servers bootstrapping at once in a shared /tmp (other
+            # pid namespaces) otherwise collide on '#sql-temptable-<pid>-...' names
+            f"--tmpdir={self.rundir}",
         ]
 
     def init(self) -> None:
