@@ -300,7 +300,7 @@ class _Pass:
         if self.marker_problems:
             return None
         for name in self.marker_resources:
-            participant, _ = self.manager._recovery_resource(name)
+            participant, _ = self.manager._resource(name)
             try:
                 answer = _marker_recovery.probe_row(participant, gtrid, fence=not self.dry_run)
             except Exception as e:
@@ -505,7 +505,7 @@ class _Pass:
             self.remaining.setdefault(gtrid, set()).add(resource)
             record(action, reason, "planned")
             return
-        participant, _ = manager._recovery_resource(resource)
+        participant, _ = manager._resource(resource)
         try:
             if decided:
                 result = participant.commit_prepared(conn, xid)
