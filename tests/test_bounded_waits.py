@@ -12,6 +12,7 @@ and a recovery connection kept by a running manager gets in while the server is 
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -50,6 +51,7 @@ def small_pg(servers: Servers) -> Iterator[devservers.PostgresServer]:
         yield server
     finally:
         server.destroy()
+        shutil.rmtree(base, ignore_errors=True)
 
 
 def _spawn(
