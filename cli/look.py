@@ -26,7 +26,11 @@ def doctor(ctx: click.Context, as_json: bool) -> None:
     if as_json:
         render.emit_json(report.to_json())
     else:
-        rows = [(c.subject, c.name, "ok" if c.ok else "FAIL", c.detail) for c in report.checks]
+        status = {(True, False): "ok", (True, True): "advice"}
+        rows = [
+            (c.subject, c.name, status.get((c.ok, c.advice), "FAIL"), c.detail)
+            for c in report.checks
+        ]
         click.echo(render.table(("SUBJECT", "CHECK", "STATUS", "DETAIL"), rows))
         bad = len(report.problems)
         click.echo("")

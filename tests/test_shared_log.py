@@ -6,6 +6,7 @@ import json
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -113,12 +114,17 @@ def _stopped(pid: int) -> bool:
 def start_paused(cfg: dict[str, object], tmp_path: Path) -> subprocess.Popen[str]:
     """A coordinator that stops itself (SIGSTOP) just before it writes its COMMIT."""
     proc = worker(cfg, tmp_path, "before_decision:stop", wait=False)
+    wait_stopped(proc)
+    return proc
+
+
+def wait_stopped(proc: subprocess.Popen[str]) -> None:
+    """Wait until ``proc`` has stopped itself at its failpoint."""
     deadline = time.monotonic() + 60
     while not _stopped(proc.pid):
         assert proc.poll() is None, proc.communicate()
         assert time.monotonic() < deadline
         time.sleep(0.05)
-    return proc
 
 
 def test_paused_coordinator_obeys_the_sweepers_abort(
@@ -223,3 +229,57 @@ def test_a_longer_per_transaction_timeout_is_left_to_its_live_coordinator(
     assert '"committed"' in out
     assert bank.journal_ids()["pg1"] == bank.journal_ids()["maria"] == {"long-1"}
     assert bank.total() == bank.initial_total
+
+
+def test_a_frozen_commit_batch_does_not_stall_recovery(
+    bank: Bank, make_tm: MakeTM, log_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A coordinator SIGSTOPped inside a group-commit batch (its COMMIT row inserted, not
+    committed) holds that row's lock. Another host's sweeper must not wait on it while it
+    holds the fleet-wide sweeper lock: the conditional ABORT gives up after the log's
+    lock_timeout, the gtrid is left for a later pass, and the pass ends. When the coordinator
+    resumes, its COMMIT (which nobody fenced) holds."""
+    # keep the frozen batch open however long this takes (see idle_in_transaction_... in
+    # xatm._pglog): the point here is a batch that stays open
+    frozen_log = log_url + "?options=-c%20idle_in_transaction_session_timeout%3D0"
+    cfg = {
+        "urls": bank.urls,
+        "log": frozen_log,
+        "table": bank.table,
+        "journal": bank.journal,
+        "node_id": "frozen",
+        "resources": ["pg1", "maria"],
+        "tid": "frozen-1",
+        "timeout": 1.0,
+        "account": 2,
+    }
+    proc = worker(cfg, tmp_path, "commit_batch_open:stop", wait=False)
+    try:
+        wait_stopped(proc)
+        monkeypatch.setattr(xatm._decide, "SKEW", 0.0)
+        time.sleep(1.2)  # past the transaction's timeout: the sweeper tries to abort it
+        sweeper = make_tm(node_id="sweeper-host", log=log_url, timeout=1.0, sweeper=False)
+        reports: list[xatm._recovery.RecoveryReport] = []
+        pass_thread = threading.Thread(target=lambda: reports.append(sweeper.recover()))
+        pass_thread.start()
+        pass_thread.join(timeout=60)  # a liveness bound, not a measurement
+        if pass_thread.is_alive():
+            proc.send_signal(signal.SIGCONT)
+            pass_thread.join()
+            pytest.fail("the recovery pass waited on the frozen coordinator's COMMIT batch")
+        (report,) = reports
+        assert (report.committed, report.rolled_back) == (0, 0), report.actions
+        skipped = [a for a in report.actions if a.action == "skip"]
+        assert len(skipped) == 2 and report.in_doubt == 2
+        assert all("being written" in a.reason for a in skipped), skipped
+        assert len(bank.xatm_prepared_on("pg1")) == 1
+    finally:
+        proc.send_signal(signal.SIGCONT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert '"committed"' in out  # nobody fenced it: its COMMIT holds
+    final = sweeper.recover()
+    assert final.in_doubt == 0 and final.rolled_back == 0, final.actions
+    assert bank.journal_ids()["pg1"] == bank.journal_ids()["maria"] == {"frozen-1"}
+    assert bank.total() == bank.initial_total
+    assert bank.xatm_prepared() == {"pg1": [], "pg2": [], "maria": []}

@@ -8,8 +8,9 @@ from ._postgres import PostgresParticipant
 from ._urls import ResourceSpec
 
 
-def make_participant(name: str, spec: ResourceSpec) -> Participant:
-    """The participant adapter for ``spec``'s kind of server."""
+def make_participant(name: str, spec: ResourceSpec, timeout: float | None = None) -> Participant:
+    """The participant adapter for ``spec``'s kind of server (``timeout``: the transaction
+    timeout, which bounds its sessions' waits where the adapter does so at connect)."""
     if spec.kind == "postgresql":
-        return PostgresParticipant(name, spec)
+        return PostgresParticipant(name, spec, timeout=timeout)
     return MySQLParticipant(name, spec)

@@ -9,6 +9,16 @@ Each check says what it looked at and, when it fails, exactly what to change:
   ``XA_RECOVER_ADMIN``) — the participants' own ``check()``;
 * the log directory exists (or can be created), is writable, fsyncs, supports ``flock``,
   and is not on a network file system (the lock that proves a coordinator dead would lie).
+
+And, as *advice* (``Check.advice``: reported, never a failure), what keeps waits on in-doubt
+branches bounded and lets recovery in when the server is full (docs/operations.md):
+
+* PostgreSQL: the sessions' ``lock_timeout`` is not 0 (xatm sets it unless the URL turns it
+  off); ``client_connection_check_interval`` (PostgreSQL 14+) is not 0, so that a backend
+  notices a dead client while it waits; connections are kept for recovery:
+  ``reserved_connections`` (PostgreSQL 16+), or a connection limit on the role below what
+  the server allows (older servers);
+* MySQL / MariaDB: ``innodb_lock_wait_timeout`` is not above the transaction timeout.
 """
 
 from __future__ import annotations
@@ -38,9 +48,16 @@ class Check:
     name: str
     ok: bool
     detail: str
+    advice: bool = False  # a recommendation (``ok`` stays True): worth doing, not required
 
     def to_json(self) -> dict[str, Any]:
-        return {"subject": self.subject, "check": self.name, "ok": self.ok, "detail": self.detail}
+        return {
+            "subject": self.subject,
+            "check": self.name,
+            "ok": self.ok,
+            "detail": self.detail,
+            "advice": self.advice,
+        }
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,6 +73,10 @@ class DoctorReport:
     @property
     def problems(self) -> tuple[Check, ...]:
         return tuple(c for c in self.checks if not c.ok)
+
+    @property
+    def advice(self) -> tuple[Check, ...]:
+        return tuple(c for c in self.checks if c.advice)
 
     def to_json(self) -> dict[str, Any]:
         return {"ok": self.ok, "checks": [c.to_json() for c in self.checks]}
@@ -74,8 +95,11 @@ def _one(participant: Participant, conn: Connection, sql: str) -> Any:
     return None if row is None else row[0]
 
 
-def check_resource(name: str, participant: Participant) -> list[Check]:
-    """Reachability and 2PC fitness of one resource."""
+def check_resource(
+    name: str, participant: Participant, timeout: float | None = None
+) -> list[Check]:
+    """Reachability and 2PC fitness of one resource (and advice on bounded waits, judged
+    against the transaction ``timeout``)."""
     where = participant.spec.redacted()
     try:
         conn = participant.connect()
@@ -104,9 +128,144 @@ def check_resource(name: str, participant: Participant) -> list[Check]:
             checks.append(
                 Check(name, "2pc", True, "prepared XA survives disconnect; XA RECOVER allowed")
             )
+        try:
+            if participant.kind == "postgresql":
+                checks += _postgres_waits(name, participant, conn)
+            else:
+                checks += _mysql_waits(name, participant, conn, timeout)
+        except Exception as e:
+            checks.append(
+                Check(name, "bounded-waits", True, redact(f"not checked: {e}".strip()), True)
+            )
         return checks
     finally:
         participant.close(conn)
+
+
+def _advice(name: str, check: str, detail: str) -> Check:
+    return Check(name, check, True, detail, advice=True)
+
+
+def _postgres_waits(name: str, participant: Participant, conn: Connection) -> list[Check]:
+    """Bounded lock waits, dead clients noticed, connections kept for recovery."""
+    checks = []
+    version = int(_one(participant, conn, "SHOW server_version_num"))
+    lock = str(_one(participant, conn, "SHOW lock_timeout"))
+    statement = str(_one(participant, conn, "SHOW statement_timeout"))
+    if lock == "0":
+        checks.append(
+            _advice(
+                name,
+                "lock-timeout",
+                "lock_timeout is 0 on xatm's sessions (the URL's options turn it off): a"
+                " session waiting for a row that an in-doubt branch holds waits forever, and"
+                " such sessions can take every connection; let xatm set it (drop lock_timeout"
+                " from the URL's options) or set a value",
+            )
+        )
+    else:
+        checks.append(
+            Check(
+                name,
+                "lock-timeout",
+                True,
+                f"lock_timeout = {lock}, statement_timeout = {statement} (each transaction"
+                " sets its own from the time it has left)",
+            )
+        )
+    if version >= 140000:
+        interval = str(_one(participant, conn, "SHOW client_connection_check_interval"))
+        if interval == "0":
+            checks.append(
+                _advice(
+                    name,
+                    "dead-clients",
+                    "client_connection_check_interval is 0: a backend waiting for a lock does"
+                    " not notice that its client died; set it (for example to '10s' in"
+                    " postgresql.conf, or ALTER ROLE ... SET) so such backends go at once",
+                )
+            )
+        else:
+            checks.append(
+                Check(name, "dead-clients", True, f"client_connection_check_interval = {interval}")
+            )
+    checks.append(_postgres_headroom(name, participant, conn, version))
+    return checks
+
+
+def _postgres_headroom(
+    name: str, participant: Participant, conn: Connection, version: int
+) -> Check:
+    """Can recovery still connect when the applications have taken every connection?"""
+    keep = " (each TransactionManager also keeps one recovery connection per resource open)"
+    if version >= 160000:
+        reserved = int(_one(participant, conn, "SHOW reserved_connections"))
+        if reserved > 0:
+            return Check(
+                name,
+                "recovery-headroom",
+                True,
+                f"reserved_connections = {reserved}: run `xatm recover` as a role granted"
+                " pg_use_reserved_connections",
+            )
+        return _advice(
+            name,
+            "recovery-headroom",
+            "no connections are kept for recovery: set reserved_connections (for example 3)"
+            " and GRANT pg_use_reserved_connections TO the role that runs `xatm recover`, so"
+            " that it gets in when waiting sessions have taken every connection" + keep,
+        )
+    limit = int(
+        _one(
+            participant,
+            conn,
+            "SELECT rolconnlimit FROM pg_roles WHERE rolname = current_user",
+        )
+    )
+    usable = int(
+        _one(
+            participant,
+            conn,
+            "SELECT current_setting('max_connections')::int"
+            " - current_setting('superuser_reserved_connections')::int",
+        )
+    )
+    if 0 <= limit < usable:
+        return Check(
+            name,
+            "recovery-headroom",
+            True,
+            f"this role may open {limit} of the {usable} connections: run `xatm recover` as"
+            " another role to use the rest",
+        )
+    return _advice(
+        name,
+        "recovery-headroom",
+        "no connections are kept for recovery (reserved_connections needs PostgreSQL 16):"
+        f" limit the applications' role below the {usable} connections the server allows"
+        " (ALTER ROLE ... CONNECTION LIMIT n) and run `xatm recover` as another role, or"
+        " as a superuser (superuser_reserved_connections)" + keep,
+    )
+
+
+def _mysql_waits(
+    name: str, participant: Participant, conn: Connection, timeout: float | None
+) -> list[Check]:
+    """InnoDB bounds every lock wait: by no more than the transaction timeout?"""
+    wait = float(_one(participant, conn, "SELECT @@innodb_lock_wait_timeout"))
+    if timeout is not None and wait > timeout:
+        return [
+            _advice(
+                name,
+                "lock-timeout",
+                f"innodb_lock_wait_timeout is {wait:g} s, above the transaction timeout"
+                f" ({timeout:g} s): a statement may still wait for a lock after its"
+                f" transaction ran out of time; set it to at most {int(timeout)}"
+                f" (SET GLOBAL innodb_lock_wait_timeout = {int(timeout)}, and in the"
+                " server's configuration)",
+            )
+        ]
+    return [Check(name, "lock-timeout", True, f"innodb_lock_wait_timeout = {wait:g} s")]
 
 
 def _filesystem(path: Path) -> str | None:
@@ -226,11 +385,13 @@ def diagnose(
     participants: Mapping[str, Participant],
     log_directory: str | os.PathLike[str] | None,
     log_url: str | ResourceSpec | None = None,
+    timeout: float | None = None,
 ) -> DoctorReport:
-    """Run every check (``log_url``: the log is a shared PostgreSQL log, not a directory)."""
+    """Run every check (``log_url``: the log is a shared PostgreSQL log, not a directory;
+    ``timeout``: the transaction timeout, which lock waits should not outlast)."""
     checks: list[Check] = []
     for name, participant in participants.items():
-        checks += check_resource(name, participant)
+        checks += check_resource(name, participant, timeout)
     if log_url is not None:
         checks += check_shared_log(log_url)
     else:

@@ -14,6 +14,9 @@ reaches that step. The names, in protocol order:
 ``after_first_commit``  one branch is committed; the others are prepared, or committed too
                         (phase 2 runs the branches in parallel)
 
+``commit_batch_open`` (shared log only) a group-commit batch's COMMIT rows are inserted but
+not committed yet: with ``:stop`` the rows' locks stay held, as by a frozen coordinator
+
 ``XATM_FAILPOINT=<name>:stop`` stops the process with SIGSTOP instead (a paused coordinator:
 resume it with SIGCONT). The variable is read once, at import: when unset, a failpoint costs
 one comparison.

@@ -363,7 +363,10 @@ class Inspector:
     def from_settings(cls, settings: Any) -> Inspector:
         """An Inspector over the resources and log directory of ``xatm.Settings``."""
 
-        participants = {name: make_participant(name, s) for name, s in settings.resources.items()}
+        participants = {
+            name: make_participant(name, s, settings.timeout)
+            for name, s in settings.resources.items()
+        }
         shared = "://" in settings.log
         inspector = cls(
             participants,
@@ -650,7 +653,9 @@ class Inspector:
     def doctor(self) -> DoctorReport:
         """Check that every resource and the log directory are fit for two-phase commit."""
         shared = self._shared.spec if self._shared is not None else None  # a manager's
-        return diagnose(self._participants, self.log_directory, self.log_url or shared)
+        return diagnose(
+            self._participants, self.log_directory, self.log_url or shared, self.timeout
+        )
 
     def audit(self, gtrid: str | None = None) -> list[AuditEntry]:
         """The audit trail of every node (of one transaction if ``gtrid`` is given)."""

@@ -138,7 +138,7 @@ class TransactionManager:
         participants: dict[str, Participant] = {}
         pools: dict[str, Pool] = {}
         for name, spec in self._specs.items():
-            participant = make_participant(name, spec)
+            participant = make_participant(name, spec, self.timeout)
             participants[name] = participant
             if name in engines:
                 pools[name] = _sqlalchemy.engine_pool(engines[name], participant)
@@ -177,6 +177,7 @@ class TransactionManager:
                 _node_markers.record(Path(self.log_directory) / self.node_id, self.commit_markers)
             self._ctx.identity.acquire(wait=lock_timeout)
             self._ctx.identity.keep()
+            self._ctx.resources.reserve()  # recovery's own connections, opened in the background
         except BaseException:
             self._ctx.close()
             raise

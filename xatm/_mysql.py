@@ -152,7 +152,8 @@ class MySQLParticipant:
             self._in_xa.discard(conn)
 
     # -- the branch ------------------------------------------------------------------------
-    def begin(self, conn: Any, xid: Xid) -> None:
+    def begin(self, conn: Any, xid: Xid, timeout: float | None = None) -> None:
+        # lock waits are bounded by the server's innodb_lock_wait_timeout (doctor checks it)
         self._enter_xa(conn)  # before sending: a failed XA START leaves the state unknown
         self._run(conn, f"XA START {xid.to_mysql()}")
 

@@ -117,8 +117,9 @@ class Participant(Protocol):
     def driver_info(self, conn: Connection) -> str:
         """The driver (and connection class) ``conn`` is, for ``doctor``."""
 
-    def begin(self, conn: Connection, xid: Xid) -> None:
-        """Start the branch ``xid`` on ``conn``."""
+    def begin(self, conn: Connection, xid: Xid, timeout: float | None = None) -> None:
+        """Start the branch ``xid`` on ``conn``; ``timeout``: the seconds its transaction
+        has left, to bound the branch's lock waits where the adapter can do so cheaply."""
 
     def execute(self, conn: Connection, sql: Any, params: Sequence[Any] | Any = None) -> Cursor:
         """Run application SQL inside the branch and return a cursor."""

@@ -28,6 +28,17 @@ multi-row INSERT and one commit (one WAL flush for the batch). ``log_end`` is la
 are written with the next batch or on ``flush``. Ended COMMIT rows and old ABORT rows are
 pruned by ``prune``.
 
+**Bounded waits.** Every log session sets ``lock_timeout`` (:data:`LOCK_TIMEOUT`),
+``statement_timeout`` (:data:`STATEMENT_TIMEOUT`) and ``idle_in_transaction_session_timeout``
+(:data:`IDLE_IN_TRANSACTION_TIMEOUT`) when it connects, unless the log URL's ``options`` sets
+them. A sweeper's
+conditional ABORT that meets a COMMIT row still being inserted (a coordinator frozen inside
+a group-commit batch) gives up after ``lock_timeout`` and answers ``"busy"``: recovery leaves
+that gtrid for a later pass instead of waiting while it holds the fleet's sweeper lock. The
+server ends a batch left open longer than ``idle_in_transaction_session_timeout`` (rolling
+it back, and releasing the frozen coordinator's node lock). ENDs skip rows locked by
+someone else (``SKIP LOCKED``): an END is never worth a wait, a later pass writes it.
+
 **Migrations.** ``meta.schema_version`` records the layout version. Opening a log creates
 the schema on first use (under an advisory lock) and upgrades older versions step by step;
 a newer version than this code knows is refused.
@@ -39,18 +50,20 @@ import contextlib
 import functools
 import json
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, TypeVar, cast
+from typing import Any, Literal, TypeVar, cast
 
 import psycopg
 from psycopg import sql
 
+from . import _failpoint
 from ._audit import AuditEntry
 from ._log import DecisionNotLogged
 from ._records import LogRecord
-from ._urls import ResourceSpec, parse_url, redact
+from ._urls import ResourceSpec, parse_url, pg_settings_in, redact
 from ._xid import validate_node_id
 from .errors import ConfigurationError, LogError, LogLocked
 
@@ -64,6 +77,19 @@ MIN_ABORT_AGE = 86400.0
 _MIGRATION_LOCK = 0x78617401  # advisory lock key while creating / migrating the schema
 _NODE_LOCK_SPACE = 0x7861  # advisory lock class id (two-int form) for node identity
 _SWEEP_LOCK = 0x78617402  # advisory lock key held by the sweeper that is resolving
+#: seconds a log statement waits for a lock: the log's rows are locked only for the moment
+#: of a write, so a longer wait means a writer that froze (or a sweeper racing a COMMIT)
+LOCK_TIMEOUT = 1.0
+#: seconds any log statement may run
+STATEMENT_TIMEOUT = 30.0
+#: seconds a log session may sit inside an open transaction (a batch takes milliseconds)
+IDLE_IN_TRANSACTION_TIMEOUT = 10.0
+#: seconds the schema check at start may wait for another process's migration
+MIGRATION_LOCK_WAIT = 60.0
+#: SQLSTATEs of a statement that gave up waiting: lock_timeout, statement_timeout
+_GAVE_UP = frozenset({"55P03", "57014"})
+
+Abort = Literal["C", "A", "busy"]
 
 _MIGRATIONS: dict[int, list[str]] = {
     1: [
@@ -172,8 +198,16 @@ class PostgresLog:
         options: dict[str, Any] = dict(s.options)
         options.setdefault("connect_timeout", "5")
         options.setdefault("application_name", "xatm-log")
+        given = pg_settings_in(options.get("options", ""))
+        bounds = {
+            "lock_timeout": _ms(LOCK_TIMEOUT),
+            "statement_timeout": _ms(STATEMENT_TIMEOUT),
+            "idle_in_transaction_session_timeout": _ms(IDLE_IN_TRANSACTION_TIMEOUT),
+        }
+        setup = "; ".join(f"SET {k} = '{v}'" for k, v in bounds.items() if k not in given)
+        conn = None
         try:
-            return psycopg.connect(
+            conn = psycopg.connect(
                 host=s.host,
                 port=s.port,
                 user=s.user,
@@ -182,16 +216,30 @@ class PostgresLog:
                 autocommit=True,
                 **options,
             )
+            if setup:  # a SET, not startup options: some connection poolers refuse those
+                conn.execute(setup)
         except psycopg.Error as e:
+            if conn is not None:
+                with contextlib.suppress(psycopg.Error):
+                    conn.close()
             raise LogError(
                 f"cannot connect to the shared log {s.redacted()}: {redact(str(e)).strip()}"
             ) from None
+        return conn
 
     def _q(self, text: str) -> sql.Composed:
         return sql.SQL(text).format(schema=self._ident)
 
     def _migrate(self, conn: psycopg.Connection[Any]) -> None:
-        conn.execute("SELECT pg_advisory_lock(%s)", (_MIGRATION_LOCK,))
+        try:
+            # many processes starting at once queue here for a moment: wait longer than for
+            # a row, then go back to the session's own setting
+            row = conn.execute("SELECT current_setting('lock_timeout')").fetchone()
+            conn.execute(f"SET lock_timeout = '{_ms(MIGRATION_LOCK_WAIT)}'")
+            conn.execute("SELECT pg_advisory_lock(%s)", (_MIGRATION_LOCK,))
+            conn.execute("SELECT set_config('lock_timeout', %s, false)", (row[0] if row else "0",))
+        except psycopg.Error as e:
+            raise LogError(f"cannot set up the shared log schema: {redact(str(e))}") from None
         try:
             exists = conn.execute(
                 "SELECT to_regclass(%s) IS NOT NULL", (f"{self.schema}.meta",)
@@ -319,6 +367,7 @@ class PostgresLog:
                     )
                 if ends:
                     self._end_rows(self._writer, ends)
+                _failpoint.hit("commit_batch_open")  # inserted, not committed yet
         except psycopg.Error as e:
             failure = LogError(f"writing to the shared log failed: {redact(str(e)).strip()}")
             if self._writer.closed or self._writer.broken:
@@ -362,8 +411,9 @@ class PostgresLog:
     def _end_rows(self, conn: psycopg.Connection[Any], gtrids: list[str]) -> None:
         conn.execute(
             self._q(
-                "UPDATE {schema}.decisions SET ended_at = now()"
-                " WHERE gtrid = ANY(%s) AND ended_at IS NULL"
+                "UPDATE {schema}.decisions SET ended_at = now() WHERE gtrid IN"
+                " (SELECT gtrid FROM {schema}.decisions WHERE gtrid = ANY(%s)"
+                " AND ended_at IS NULL FOR UPDATE SKIP LOCKED)"
             ),
             (gtrids,),
         )
@@ -376,26 +426,35 @@ class PostgresLog:
             self.flush()
 
     @_log_errors
-    def log_abort(self, gtrid: str, by: str) -> str:
-        """Try to log ABORT for ``gtrid``; return the decision that holds ('C' or 'A')."""
+    def log_abort(self, gtrid: str, by: str) -> Abort:
+        """Try to log ABORT for ``gtrid``; return the decision that holds ('C' or 'A'), or
+        ``"busy"`` when the write gave up waiting (another session is inserting a decision
+        for ``gtrid`` and has not committed: a COMMIT batch still open, perhaps of a frozen
+        coordinator). Nothing was written then; ask again later."""
         from ._xid import parse_gtrid
 
         node, _ = parse_gtrid(gtrid)
         with self._read_lock:
-            row = self._reader.execute(
-                self._q(
-                    "INSERT INTO {schema}.decisions (gtrid, node_id, decision, decided_by)"
-                    " VALUES (%s, %s, 'A', %s) ON CONFLICT (gtrid) DO NOTHING"
-                    " RETURNING decision"
-                ),
-                (gtrid, node, by),
-            ).fetchone()
+            try:
+                row = self._reader.execute(
+                    self._q(
+                        "INSERT INTO {schema}.decisions (gtrid, node_id, decision, decided_by)"
+                        " VALUES (%s, %s, 'A', %s) ON CONFLICT (gtrid) DO NOTHING"
+                        " RETURNING decision"
+                    ),
+                    (gtrid, node, by),
+                ).fetchone()
+            except psycopg.Error as e:
+                if e.sqlstate in _GAVE_UP and not self._reader_conn.broken:
+                    logger.info("shared log: the ABORT of %s waited too long: %s", gtrid, e)
+                    return "busy"
+                raise
             if row is not None:
                 return "A"
             got = self._reader.execute(
                 self._q("SELECT decision FROM {schema}.decisions WHERE gtrid = %s"), (gtrid,)
             ).fetchone()
-        return str(got[0]) if got else "A"
+        return "C" if got and got[0] == "C" else "A"
 
     @_log_errors
     def decisions(self, gtrids: Sequence[str]) -> dict[str, LogRecord | str]:
@@ -525,6 +584,11 @@ class PostgresLog:
                 conn.execute("SELECT pg_advisory_unlock_all()")
             with contextlib.suppress(psycopg.Error):
                 conn.close()
+
+
+def _ms(seconds: float) -> str:
+    """A PostgreSQL duration setting, in whole milliseconds (at least 1)."""
+    return f"{max(1, math.ceil(seconds * 1000))}ms"
 
 
 def _record(gtrid: str, branches: str, txids: str, at: float) -> LogRecord:

@@ -11,11 +11,23 @@ Facts handled here (numbered and sourced in docs/protocol.md, section 11):
   the command tag is checked, and a failed transaction votes no without asking;
 * ``COMMIT PREPARED`` of an unknown gid is SQLSTATE 42704 (``PhaseTwo.NOT_FOUND``);
 * ``pg_prepared_xacts`` lists every database of the cluster: only the connected one counts.
+
+**Bounded waits.** A backend waiting for a row lock does not notice that its client died,
+and a prepared branch holds its locks until recovery settles it: waits that nothing bounds
+pile up until the server refuses every connection, recovery's too. So every branch starts
+with ``BEGIN; SET LOCAL lock_timeout = <T>; SET LOCAL statement_timeout = <2T>`` (one
+round trip, as a plain ``BEGIN`` is), T being the time the transaction has left; and every
+connection xatm opens gets the same settings, from the manager's timeout, by one ``SET``
+when it is opened (not in the startup packet, which some connection poolers refuse), for
+the statements outside a branch (phase 2, recovery). A URL whose ``options`` sets either one
+(``?options=-c%20lock_timeout%3D5s``; ``0`` turns it off) overrides xatm's value, at
+connect and at BEGIN.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 import zlib
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -35,7 +47,13 @@ from ._participant import (
     Statement,
     Vote,
 )
-from ._urls import DEFAULT_CONNECT_TIMEOUT, Kind, ResourceSpec, redact
+from ._urls import (
+    DEFAULT_CONNECT_TIMEOUT,
+    Kind,
+    ResourceSpec,
+    pg_settings_in,
+    redact,
+)
 from ._xid import Xid
 from .errors import ResourceUnavailable
 
@@ -44,15 +62,31 @@ UNIQUE_VIOLATION = "23505"
 UNDEFINED_TABLE = "42P01"
 
 
-class PostgresParticipant:
-    """A PostgreSQL database taking part in global transactions."""
+def wait_bounds(timeout: float) -> dict[str, str]:
+    """The session settings that bound the waits of a transaction with ``timeout``
+    seconds: no lock wait outlasts it, and no statement outlasts twice that."""
+    ms = max(1, math.ceil(timeout * 1000))
+    return {"lock_timeout": f"{ms}ms", "statement_timeout": f"{2 * ms}ms"}
 
-    def __init__(self, name: str, spec: ResourceSpec) -> None:
+
+class PostgresParticipant:
+    """A PostgreSQL database taking part in global transactions.
+
+    ``timeout``: the manager's transaction timeout, which bounds the waits of every session
+    this participant opens (see the module docstring); None leaves the sessions as the
+    server and the URL set them."""
+
+    def __init__(self, name: str, spec: ResourceSpec, *, timeout: float | None = None) -> None:
         self.name = name
         self.spec = spec
         options = dict(spec.options)
         options.setdefault("connect_timeout", str(DEFAULT_CONNECT_TIMEOUT))
         options.setdefault("application_name", "xatm")
+        #: settings the URL's own ``options`` sets: xatm leaves those alone
+        self._user_settings = pg_settings_in(options.get("options", ""))
+        #: sent once on each new connection (a SET, not the startup packet's ``options``,
+        #: which some connection poolers refuse)
+        self._session_setup = "" if timeout is None else self._set(timeout, local=False)
         self._kwargs: dict[str, Any] = {
             "host": spec.host,
             "port": spec.port,
@@ -67,15 +101,31 @@ class PostgresParticipant:
         return "postgresql"
 
     # -- connections -----------------------------------------------------------------------
+    def _set(self, timeout: float, *, local: bool) -> str:
+        """``SET [LOCAL]`` statements bounding waits by ``timeout`` (not those the URL's
+        ``options`` sets), ``;``-separated, each with a leading ``; ``."""
+        scope = " LOCAL" if local else ""
+        return "".join(
+            f"; SET{scope} {key} = '{value}'"
+            for key, value in wait_bounds(timeout).items()
+            if key not in self._user_settings
+        )
+
     def connect(self) -> psycopg.Connection[Any]:
+        conn = None
         try:
-            return psycopg.connect(autocommit=True, **self._kwargs)
+            conn = psycopg.connect(autocommit=True, **self._kwargs)
+            if self._session_setup:
+                conn.execute(self._session_setup[2:])  # one round trip, once per connection
         except psycopg.Error as e:
+            if conn is not None:
+                self.close(conn)
             raise ResourceUnavailable(
                 f"cannot connect to resource {self.name!r} ({self.spec.redacted()}): "
                 f"{redact(str(e)).strip()}",
                 resource=self.name,
             ) from None
+        return conn
 
     def ping(self, conn: psycopg.Connection[Any]) -> bool:
         try:
@@ -105,8 +155,9 @@ class PostgresParticipant:
         impl = getattr(psycopg.pq, "__impl__", "?")
         return f"psycopg {psycopg.__version__} ({type(conn).__name__}, {impl} libpq wrapper)"
 
-    def begin(self, conn: psycopg.Connection[Any], xid: Xid) -> None:
-        conn.execute("BEGIN")
+    def begin(self, conn: psycopg.Connection[Any], xid: Xid, timeout: float | None = None) -> None:
+        statement = "BEGIN" if timeout is None else "BEGIN" + self._set(timeout, local=True)
+        conn.execute(statement)  # no parameters: one simple query, one round trip
 
     def execute(
         self, conn: psycopg.Connection[Any], query: Any, params: Sequence[Any] | Any = None

@@ -209,7 +209,7 @@ class _Pass:
 
     def _list(self, name: str) -> list[PreparedBranch] | None:
         try:
-            with self.ctx.resources.borrow(name) as (participant, conn):
+            with self.ctx.resources.borrow(name, recovery=True) as (participant, conn):
                 return participant.recover(conn)
         except ResourceError as e:
             self._unreachable(name, str(e))
@@ -225,7 +225,7 @@ class _Pass:
             if name in self.problems:
                 continue
             try:
-                with self.ctx.resources.borrow(name) as (participant, conn):
+                with self.ctx.resources.borrow(name, recovery=True) as (participant, conn):
                     rows = _marker_recovery.read_rows(participant, conn)
                     if rows is not None and not self.dry_run:
                         with contextlib.suppress(Exception):
@@ -377,7 +377,7 @@ class _Pass:
             self.progress(f"scanning {name}")
         participant, _ = self.ctx.resources.get(name)
         try:
-            with self.ctx.resources.borrow(name) as (_, conn):
+            with self.ctx.resources.borrow(name, recovery=True) as (_, conn):
                 for branch in participant.recover(conn):
                     self.settle(name, branch, conn)
         except LogError:
@@ -491,9 +491,13 @@ class _Pass:
                 continue
             if verdict.action is Act.ROLLBACK and verdict.fence and not self.dry_run:
                 assert self.shared is not None
-                if self.shared.log_abort(gtrid, by=self.actor) == "C":
+                answer = self.shared.log_abort(gtrid, by=self.actor)
+                if answer == "C":
                     facts = replace(facts, logged=Logged.COMMIT)  # a COMMIT won the race
                     continue
+                if answer == "busy":  # a COMMIT batch holds the row: never wait for it here
+                    leave("its COMMIT may be being written (a batch of the shared log is open)")
+                    return
                 self.ctx.audit.record(
                     gtrid,
                     "",
@@ -596,7 +600,7 @@ class _Pass:
                 )
                 continue
             try:
-                with self.ctx.resources.borrow(resource) as (participant, conn):
+                with self.ctx.resources.borrow(resource, recovery=True) as (participant, conn):
                     _marker_recovery.delete_row(participant, conn, gtrid)
             except Exception as e:
                 logger.warning("recovery: cannot delete the decision row of %s: %s", gtrid, e)
@@ -615,7 +619,7 @@ class _Pass:
             if (gtrid, resource) in self.committed_here:
                 continue
             try:
-                with self.ctx.resources.borrow(resource) as (participant, conn):
+                with self.ctx.resources.borrow(resource, recovery=True) as (participant, conn):
                     verdict, text = participant.verify_finished(conn, txids.get(resource))
             except ResourceError as e:
                 self._unreachable(resource, str(e))

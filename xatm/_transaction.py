@@ -274,7 +274,7 @@ class Transaction:
                         )
                     self._ctx.first_connection(participant, conn)
                     pool.checked = True
-                participant.begin(conn, xid)
+                participant.begin(conn, xid, max(self.deadline - time.monotonic(), 0.001))
                 return conn
             except ResourceError:
                 pool.discard(conn)

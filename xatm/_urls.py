@@ -179,3 +179,12 @@ def parse_url(url: object) -> ResourceSpec:
         options=options,
         driver=driver,
     )
+
+
+_PG_SETTING_RE = re.compile(r"(?:-c\s*|--)([A-Za-z_][A-Za-z0-9_.]*)\s*=")
+
+
+def pg_settings_in(options: str) -> set[str]:
+    """The server settings a libpq ``options`` string sets (``-c name=value`` or
+    ``--name=value``), lower-cased: a URL's ``?options=...`` overrides xatm's defaults."""
+    return {m.group(1).lower() for m in _PG_SETTING_RE.finditer(options)}

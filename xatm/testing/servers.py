@@ -224,6 +224,7 @@ class PostgresServer:
     max_prepared_transactions: int = 64
     fsync: bool = False
     pid: int | None = None
+    max_connections: int = 200
     _proc: subprocess.Popen[bytes] | None = field(default=None, init=False, repr=False)
 
     @property
@@ -254,7 +255,7 @@ class PostgresServer:
             "listen_addresses": "'127.0.0.1'",
             "unix_socket_directories": f"'{rundir}'",
             "max_prepared_transactions": str(self.max_prepared_transactions),
-            "max_connections": "200",
+            "max_connections": str(self.max_connections),
             "shared_buffers": "64MB",
             "fsync": "on" if self.fsync else "off",
             "synchronous_commit": "on",
@@ -380,11 +381,25 @@ class PostgresServer:
 
 
 def start_postgres(
-    basedir: Path, name: str = "pg1", *, max_prepared_transactions: int = 64, fsync: bool = False
+    basedir: Path,
+    name: str = "pg1",
+    *,
+    max_prepared_transactions: int = 64,
+    fsync: bool = False,
+    max_connections: int = 200,
 ) -> PostgresServer:
-    """initdb and start a private cluster under ``basedir/name``."""
+    """initdb and start a private cluster under ``basedir/name`` (a small
+    ``max_connections`` lets a test reach "too many clients" quickly)."""
     datadir, rundir = _make_dirs(basedir, name, _os_user("postgres"))
-    server = PostgresServer(name, free_port(), datadir, rundir, max_prepared_transactions, fsync)
+    server = PostgresServer(
+        name,
+        free_port(),
+        datadir,
+        rundir,
+        max_prepared_transactions,
+        fsync,
+        max_connections=max_connections,
+    )
     try:
         server.init()
         server.start()
@@ -437,6 +452,9 @@ class MariaDBServer:
             "--skip-name-resolve",
             "--innodb-buffer-pool-size=64M",
             "--innodb-log-file-size=48M",
+            # its own temp directory: servers bootstrapping at once in a shared /tmp (other
+            # pid namespaces) otherwise collide on '#sql-temptable-<pid>-...' names
+            f"--tmpdir={self.rundir}",
         ]
 
     def init(self) -> None:
