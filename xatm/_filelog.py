@@ -37,6 +37,7 @@ import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from . import _events
 from ._log import DecisionNotLogged
 from ._records import LogRecord, read_frames
 from ._xid import validate_node_id
@@ -344,6 +345,7 @@ class FileLog:
             os.fsync(self._fd)
             self._segment_size += len(data)
             self.forces += 1
+            _events.log_forced(self._node_id)
         if self._segment_size > self.segment_bytes and self._segment is not None:
             # Records appended from here on stay in the buffer and go to the new segment.
             with self._cond:

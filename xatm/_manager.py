@@ -15,7 +15,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from . import _marker, _sqlalchemy
+from . import _events, _marker, _sqlalchemy
 from ._audit import AuditEntry, AuditTrail
 from ._config import Settings, load_config, resource_specs, validate_timeout
 from ._doctor import DoctorReport
@@ -153,6 +153,7 @@ class TransactionManager:
         self.sweeper = Sweeper(self, sweep_interval)
         if sweeper:
             self.sweeper.start()
+        _events.manager_opened(self)  # loads the Prometheus exporter if installed
 
     @classmethod
     def from_config(cls, path: str | os.PathLike[str]) -> TransactionManager:
@@ -257,6 +258,7 @@ class TransactionManager:
         if self._closed:
             return
         self._closed = True
+        _events.manager_closed(self)
         self.sweeper.stop()
         for pool in self._pools.values():
             pool.close()

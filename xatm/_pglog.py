@@ -47,6 +47,7 @@ from typing import Any, TypeVar, cast
 import psycopg
 from psycopg import sql
 
+from . import _events
 from ._audit import AuditEntry
 from ._log import DecisionNotLogged
 from ._records import LogRecord
@@ -331,6 +332,7 @@ class PostgresLog:
             return {seq: failure for seq, _ in batch}
         self.forces += 1
         self.forced_records += len(batch)
+        _events.log_forced(self._node_id)
         out: dict[int, BaseException | None] = {}
         for seq, record in batch:
             if record.gtrid in won or existing.get(record.gtrid) == "C":

@@ -74,7 +74,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from . import _marker_recovery
+from . import _events, _marker_recovery
 from ._filelog import FileLog, list_nodes
 from ._inspect import owner_state, read_log
 from ._participant import Participant, PhaseTwo, PreparedBranch
@@ -686,6 +686,7 @@ def _describe(e: BaseException) -> str:
     return redact(text)
 
 
+@_events.observed_pass  # metrics and tracing, from the report
 def run_pass(
     manager: TransactionManager,
     *,

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from . import _failpoint, _marker
+from . import _events, _failpoint, _marker
 from ._log import DecisionNotLogged
 from ._parallel import overlapped
 from ._participant import BranchVotedNo, Connection, Cursor, Participant, PhaseTwo, Vote
@@ -139,6 +139,7 @@ class Transaction:
         # enlist branches); the second once the transaction has ended, whatever its outcome.
         self._before_prepare: list[Callable[[], None]] = []
         self._after_end: list[Callable[[], None]] = []
+        self._trace = _events.timeline(manager.node_id, gtrid)  # metrics and tracing
 
     # -- the application's side -------------------------------------------------------------
     def __enter__(self) -> Transaction:
@@ -233,6 +234,7 @@ class Transaction:
             return branch
         self._check_time()
         participant, pool = self._manager._resource(resource)
+        participant = self._trace.watch(participant)
         xid = branch_xid(self.gtrid, resource)
         conn = self._begin(participant, pool, xid)
         branch = Branch(resource, xid, participant, pool, conn)
@@ -306,6 +308,7 @@ class Transaction:
 
     def _ended(self) -> None:
         self._manager._forget(self)
+        self._trace.finish(self.state)
         callbacks, self._after_end = self._after_end, []
         for callback in callbacks:
             try:
@@ -419,6 +422,7 @@ class Transaction:
 
     def _commit_one_phase(self, branch: Branch) -> None:
         self.state = TransactionState.PREPARING
+        self._trace.phase("commit")
         assert branch.conn is not None
         try:
             branch.participant.commit_one_phase(branch.conn, branch.xid)
@@ -447,7 +451,7 @@ class Transaction:
     def _prepare_all(self, branches: list[Branch]) -> list[Branch]:
         """Phase 1 on every branch; returns the branches that voted PREPARED (the others
         are read-only and already finished). Rolls everything back on any no vote."""
-
+        self._trace.phase("prepare")
         overlap = self._manager._overlap()
 
         def start(branch: Branch) -> Callable[[], None]:
@@ -495,6 +499,7 @@ class Transaction:
 
     def _fence_decision(self) -> None:
         """Pass the fence with recovery, or roll back if the transaction is past its time."""
+        self._trace.phase("decide")
         with self._fence:
             expired = self._aborted_by_recovery or time.monotonic() > self.deadline
             if not expired:
@@ -526,6 +531,7 @@ class Transaction:
     def _commit_all(
         self, branches: list[Branch], *, logged: bool, marker: str | None = None
     ) -> None:
+        self._trace.phase("commit")
         first_done = False
         overlap = self._manager._overlap()
 
@@ -596,6 +602,7 @@ class Transaction:
 
     def _rollback_all(self) -> None:
         """Roll back every branch that may still hold work; never raises a driver error."""
+        self._trace.phase("rollback")
         self.state = TransactionState.ROLLED_BACK
         for branch in self._branches.values():
             conn = branch.conn
