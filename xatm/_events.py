@@ -1,9 +1,10 @@
 """Events: what the coordinator did, told to whoever listens (metrics and tracing exporters).
 
 The core says what happened; exporters (``xatm.prometheus``, ``xatm.otel``, or an
-application's own function) subscribe and turn it into metrics or spans. Nothing here depends
-on any exporter's library. With no subscriber the hooks cost a truthiness test of a tuple
-(``listening()``) and a few no-op calls per transaction: no event object is built.
+application's own function, through ``xatm.events``, the public face of this module)
+subscribe and turn it into metrics or spans. Nothing here depends on any exporter's library.
+With no subscriber the hooks cost a truthiness test of a tuple (``listening()``) and a few
+no-op calls per transaction: no event object is built.
 
 The events (frozen dataclasses, delivered on the thread where the thing happened):
 
@@ -33,7 +34,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Concatenate, NamedTuple, ParamSpec, Protocol, TypeVar
 
 from ._participant import Connection, Participant, PhaseTwo, Prepared, Statement
 from ._xid import Xid, parse_gtrid
@@ -72,8 +73,7 @@ class ManagerClosed(Event):
     manager: Any
 
 
-@dataclass(frozen=True, slots=True)
-class Phase:
+class Phase(NamedTuple):
     """One phase of a transaction's end; times are ``time.perf_counter()`` seconds."""
 
     name: str  # prepare, decide, commit, rollback
@@ -81,8 +81,7 @@ class Phase:
     end: float
 
 
-@dataclass(frozen=True, slots=True)
-class BranchOp:
+class BranchOp(NamedTuple):
     """One operation on one branch (``begin``, ``prepare``, ``commit``, ``rollback``,
     ``commit_one_phase``); ``phase`` is the phase it ran in ("" before any)."""
 
@@ -364,8 +363,8 @@ class Timeline(NullTimeline):
         outcome = _OUTCOMES.get(getattr(state, "value", ""), "in_doubt")
         if outcome == "committed" and self.heuristics:
             outcome = "heuristic"
-        ends = [t for _, t in self.marks[1:]] + [end]
-        phases = tuple(Phase(n, t, e) for (n, t), e in zip(self.marks, ends, strict=True))
+        ends = [t for _, t in self.marks[1:]] + [end]  # a phase lasts until the next one
+        phases = tuple(Phase(n, t, e) for (n, t), e in zip(self.marks, ends, strict=False))
         wall = time.time() - (end - self.start)
         emit(
             TransactionFinished(

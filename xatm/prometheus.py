@@ -129,12 +129,13 @@ class XatmCollector(Collector):
         self._unreachable: dict[str, int] = {}
         self._last_pass: dict[str, float] = {}
         self._managers: dict[str, weakref.WeakSet[Any]] = {}
+        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
         self._handlers: dict[type[_events.Event], Callable[[Any], None]] = {
             _events.ManagerOpened: self._opened,
             _events.ManagerClosed: self._closed,
             _events.TransactionFinished: self._transaction,
             _events.RecoveryPassFinished: self._recovery,
-            _events.LogForced: lambda e: self.fsyncs.labels(e.node).inc(),
+            _events.LogForced: lambda e: self._child(self.fsyncs, e.node).inc(),
         }
 
     # -- events ----------------------------------------------------------------------------
@@ -164,17 +165,26 @@ class XatmCollector(Collector):
         with self._lock:
             self._managers.get(e.node, weakref.WeakSet()).discard(e.manager)
 
+    def _child(self, metric: Any, *labels: str) -> Any:
+        """``metric.labels(*labels)``, cached (prometheus_client's lookup is the slow part)."""
+        key = (id(metric), labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
+
     def _transaction(self, e: _events.TransactionFinished) -> None:
-        self.transactions.labels(e.node, e.outcome).inc()
-        self.duration.labels(e.node).observe(e.duration)
+        child, node = self._child, e.node
+        child(self.transactions, node, e.outcome).inc()
+        child(self.duration, node).observe(e.duration)
         for phase in e.phases:
-            self.phases.labels(e.node, phase.name).observe(phase.end - phase.start)
+            child(self.phases, node, phase.name).observe(phase.end - phase.start)
         for op in e.ops:
-            self.branch_ops.labels(e.node, op.resource, op.op).observe(op.end - op.start)
+            child(self.branch_ops, node, op.resource, op.op).observe(op.end - op.start)
             if op.error is not None:
-                self.branch_errors.labels(e.node, op.resource, op.op).inc()
+                child(self.branch_errors, node, op.resource, op.op).inc()
         if e.heuristics:
-            self.heuristics.labels(e.node).inc(e.heuristics)
+            child(self.heuristics, node).inc(e.heuristics)
 
     def _recovery(self, e: _events.RecoveryPassFinished) -> None:
         if e.dry_run:
@@ -281,6 +291,12 @@ def install(registry: CollectorRegistry | None = None) -> XatmCollector:
             target.register(c)
             _installed.add(id(target))
     return c
+
+
+def installed(registry: CollectorRegistry | None = None) -> bool:
+    """True if the collector is registered in ``registry`` (default ``REGISTRY``)."""
+    with _lock:
+        return id(REGISTRY if registry is None else registry) in _installed
 
 
 def uninstall(registry: CollectorRegistry | None = None) -> None:
