@@ -284,6 +284,7 @@ def listen(exporter: str) -> Callable[[], None]:
     import xatm.otel
     import xatm.prometheus
 
+    xatm.prometheus.autoinstall()  # as any process with prometheus_client would have it
     was_installed = xatm.prometheus.installed()
     xatm.prometheus.uninstall()
     registry = CollectorRegistry()
