@@ -10,6 +10,7 @@ daemon thread; :meth:`MetricsServer.close` stops it.
 from __future__ import annotations
 
 import json
+import socket
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -54,6 +55,10 @@ def health(tm: TransactionManager, started: float) -> tuple[bool, dict[str, Any]
     }
 
 
+class _Server6(ThreadingHTTPServer):
+    address_family = socket.AF_INET6
+
+
 class MetricsServer:
     """Serves ``/metrics`` and ``/healthz`` for one sweeping TransactionManager."""
 
@@ -84,10 +89,12 @@ class MetricsServer:
             def log_message(self, format: str, *args: Any) -> None:
                 pass  # no access log on stderr
 
+        server_class = _Server6 if ":" in address else ThreadingHTTPServer
         try:
-            self._server = ThreadingHTTPServer((address, port), Handler)
+            self._server = server_class((address, port), Handler)
         except OSError as e:
-            raise XatmError(f"cannot serve metrics on {address}:{port}: {e.strerror}") from None
+            shown = f"[{address}]" if ":" in address else address
+            raise XatmError(f"cannot serve metrics on {shown}:{port}: {e.strerror or e}") from None
         self._server.daemon_threads = True
         host, self.port = self._server.server_address[:2]
         self.address = host if isinstance(host, str) else bytes(host).decode()
