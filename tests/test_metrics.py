@@ -103,6 +103,7 @@ def test_in_doubt_shows_until_recovery_settles_it(
     log = tmp_path / "log"
     crash(bank, log, "m-app", "after_decision", ("pg1", "maria"), "i1", account=1)
     crash(bank, log, "m-app", "after_prepare", ("pg1", "pg2", "maria"), "i2", account=2)
+    bank.wait_for_dead_sessions()  # else MariaDB may refuse the rollback for a moment
     owner = make_tm(node_id="m-app", log=log, sweeper=False)  # alive again: holds its log
     rec = make_tm(node_id="m-rec", log=log, sweeper=False, timeout=0.001)
     report = rec.recover()
@@ -262,6 +263,7 @@ def test_sweep_serves_metrics_while_it_sweeps(bank: Bank, make_tm: MakeTM, tmp_p
     config = write_config(tmp_path / "xatm.toml", bank.urls, log)
     config.write_text(config.read_text().replace("timeout = 30", "timeout = 0.5"))
     gtrid = crash(bank, log, "app", "after_prepare", ("pg1", "maria"), "w1")
+    bank.wait_for_dead_sessions()
     owner = make_tm(node_id="app", log=log, sweeper=False)  # the application is alive again
     port = free_port()
     env = {"PATH": "/usr/bin:/bin", "XATM_CONFIG": str(config)}
