@@ -332,3 +332,38 @@ def test_sweep_metrics_port_in_use_is_a_clear_error(bank: Bank, tmp_path: Path) 
     assert proc.returncode == 1
     assert "Traceback" not in proc.stderr
     assert f"cannot serve metrics on 127.0.0.1:{port}" in proc.stderr
+
+
+_PROBE = """
+import json, sys
+from xatm import TransactionManager, events
+LIBS = ("prometheus_client", "xatm.prometheus", "xatm.otel")
+before = [m for m in LIBS if m in sys.modules]
+tm = TransactionManager(json.loads(sys.argv[1]), sys.argv[2], "m-probe", sweeper=False)
+after = [m for m in LIBS if m in sys.modules]
+tm.close()
+print(json.dumps({"before": before, "after": after, "listening": events.listening()}))
+"""
+
+
+@pytest.mark.parametrize("setting", ["", "0"])
+def test_the_core_imports_no_exporter(bank: Bank, tmp_path: Path, setting: str) -> None:
+    """``import xatm`` loads no exporter; a manager loads the Prometheus one only if
+    prometheus_client is installed (it is, here) and XATM_PROMETHEUS is not 0. (The
+    opentelemetry API may be loaded anyway: mysql-connector imports it when installed.)"""
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT), "XATM_PROMETHEUS": setting}
+    python = str(ROOT / ".venv" / "bin" / "python")
+    proc = subprocess.run(
+        [python, "-c", _PROBE, json.dumps(bank.urls), str(tmp_path)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr
+    got = json.loads(proc.stdout)
+    if setting == "0":
+        assert got == {"before": [], "after": [], "listening": False}
+    else:
+        after = ["prometheus_client", "xatm.prometheus"]
+        assert got == {"before": [], "after": after, "listening": True}
