@@ -10,7 +10,11 @@ that the gains of the recommendations in ``docs/benchmarks.md`` can be estimated
   statements in a pipeline (xatm's prepare) vs two statements in one simple-query string vs
   one statement alone;
 * threads: handing a no-op to a ``ThreadPoolExecutor`` and waiting for it (xatm's fan-out);
-* ``xatm._xid.new_gtrid``.
+* ``xatm._xid.new_gtrid``;
+* the event hooks of one two-branch transaction (``xatm._events``: a timeline, its phase marks
+  and six branch operations through the watched participants), with nobody listening, with
+  the Prometheus collector listening, and with OpenTelemetry spans (SDK, no exporter). The
+  participants here do nothing, so only the hooks' own cost is measured.
 """
 
 from __future__ import annotations
@@ -23,9 +27,12 @@ from typing import Any
 
 from psycopg import sql
 
-from xatm._xid import new_gtrid
+from xatm import _events, parse_url
+from xatm._participant import PhaseTwo, Prepared, Vote
+from xatm._xid import branch_xid, new_gtrid
 
 from .env import BenchServers, mysql_connect, pg_connect
+from .modes import listen
 
 
 def measure(fn: Callable[[], Any], n: int) -> tuple[float, float]:
@@ -36,6 +43,87 @@ def measure(fn: Callable[[], Any], n: int) -> tuple[float, float]:
     for _ in range(n):
         fn()
     return 1e6 * (time.perf_counter() - w0) / n, 1e6 * (time.process_time() - c0) / n
+
+
+class _Idle:
+    """A participant that does nothing: what remains is the cost of xatm's hooks."""
+
+    def __init__(self, name: str, url: str) -> None:
+        self.name, self.spec = name, parse_url(url)
+        self.kind = self.spec.kind
+
+    def begin(self, conn: Any, xid: Any) -> None:
+        pass
+
+    def start_prepare(self, conn: Any, xid: Any) -> Callable[[], Prepared]:
+        return lambda: Prepared(Vote.PREPARED)
+
+    def start_commit_prepared(self, conn: Any, xid: Any) -> Callable[[], PhaseTwo]:
+        return lambda: PhaseTwo.DONE
+
+
+class _Committed:
+    value = "committed"
+
+
+def transaction_hooks() -> None:
+    """The hooks of one two-branch transaction, in the order the protocol runs them."""
+    gtrid = "xatm.bench.0000000000000000000000000000"
+    timeline = _events.timeline("bench", gtrid)
+    watched = [timeline.watch(p) for p in _PARTICIPANTS]  # type: ignore[arg-type]
+    xids = [branch_xid(gtrid, p.name) for p in watched]
+    for p, xid in zip(watched, xids, strict=True):
+        p.begin(None, xid)
+    timeline.phase("prepare")
+    for p, xid in zip(watched, xids, strict=True):
+        p.start_prepare(None, xid)()
+    timeline.phase("decide")
+    timeline.phase("commit")
+    for p, xid in zip(watched, xids, strict=True):
+        p.start_commit_prepared(None, xid)()
+    timeline.finish(_Committed())
+
+
+def bare_calls() -> None:
+    """The same participant calls as :func:`transaction_hooks`, with no hook at all."""
+    gtrid = "xatm.bench.0000000000000000000000000000"
+    xids = [branch_xid(gtrid, p.name) for p in _PARTICIPANTS]
+    for p, xid in zip(_PARTICIPANTS, xids, strict=True):
+        p.begin(None, xid)
+    for p, xid in zip(_PARTICIPANTS, xids, strict=True):
+        p.start_prepare(None, xid)()
+    for p, xid in zip(_PARTICIPANTS, xids, strict=True):
+        p.start_commit_prepared(None, xid)()
+
+
+_PARTICIPANTS = [
+    _Idle("pg", "postgresql://u@127.0.0.1:5432/db"),
+    _Idle("maria", "mysql://u@127.0.0.1:3306/db"),
+]
+
+
+def hook_rows(n: int) -> list[tuple[str, float, float]]:
+    restore = listen("none")
+    try:
+        rows = [("a 2-branch transaction's participant calls, no hooks", *measure(bare_calls, n))]
+    finally:
+        restore()
+    for exporter, label in (
+        ("none", "nobody listening"),
+        ("prometheus", "Prometheus collector"),
+        ("otel", "OpenTelemetry spans, SDK"),
+    ):
+        restore = listen(exporter)
+        try:
+            rows.append(
+                (
+                    f"event hooks of one 2-branch transaction: {label}",
+                    *measure(transaction_hooks, n),
+                )
+            )
+        finally:
+            restore()
+    return rows
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -116,11 +204,12 @@ def main(argv: list[str] | None = None) -> int:
             )
         )
     rows.append(("new_gtrid()", *measure(lambda: new_gtrid("bench"), n)))
+    rows += hook_rows(n)
 
     print("| call (one thread, idle machine as far as possible) | wall µs | CPU µs |")
     print("|---|---:|---:|")
     for name, wall, cpu in rows:
-        print(f"| {name} | {wall:.0f} | {cpu:.0f} |")
+        print(f"| {name} | {wall:.1f} | {cpu:.1f} |")
     return 0
 
 

@@ -15,6 +15,9 @@ Round trips per transfer, sequential unless noted (``||`` = the two run side by 
                   reset on check-in (a ROLLBACK round trip on MariaDB)
 * ``xatm``        as ``raw``, with prepare || prepare, a log fsync, commit || commit
 * ``xatm-serial`` as ``xatm`` with ``parallel=False`` (branches one after another)
+* ``xatm-metrics`` ``xatm`` with the Prometheus collector listening (``xatm`` itself runs
+                  with no event subscriber)
+* ``xatm-otel``   ``xatm`` with OpenTelemetry spans (SDK TracerProvider, no exporter)
 * ``xatm-fast``   commit marker on PostgreSQL: MariaDB: XA START, UPDATE, XA END, XA PREPARE;
                   then PG: BEGIN, UPDATE, INSERT decision row + COMMIT (pipelined: one
                   round trip) is the decision; then MariaDB: XA COMMIT. No log fsync.
@@ -272,11 +275,40 @@ class XatmClient:
         pass
 
 
-class XatmMode:
-    """One TransactionManager shared by every client thread; its log in a scratch dir."""
+def listen(exporter: str) -> Callable[[], None]:
+    """Make exactly ``exporter`` (``none``, ``prometheus``, ``otel``) listen to xatm's events;
+    returns the call that puts back what listened before."""
+    from opentelemetry.sdk.trace import TracerProvider
+    from prometheus_client import CollectorRegistry
 
-    def __init__(self, ctx: RunContext, **tm_options: Any) -> None:
+    import xatm.otel
+    import xatm.prometheus
+
+    xatm.prometheus.autoinstall()  # as any process with prometheus_client would have it
+    was_installed = xatm.prometheus.installed()
+    xatm.prometheus.uninstall()
+    registry = CollectorRegistry()
+    if exporter == "prometheus":
+        xatm.prometheus.install(registry)
+    elif exporter == "otel":
+        xatm.otel.instrument(TracerProvider())  # spans are built, then dropped
+
+    def restore() -> None:
+        xatm.otel.uninstrument()
+        xatm.prometheus.uninstall(registry)
+        if was_installed:
+            xatm.prometheus.install()
+
+    return restore
+
+
+class XatmMode:
+    """One TransactionManager shared by every client thread; its log in a scratch dir.
+    ``exporter``: what listens to its events (none, or the Prometheus or OTel exporter)."""
+
+    def __init__(self, ctx: RunContext, exporter: str = "none", **tm_options: Any) -> None:
         self.ctx = ctx
+        self._restore = listen(exporter)
         self.logdir = ctx.workdir / f"xatm-log-{next(_ids)}"
         tm_options.setdefault("pool_size", ctx.clients)  # as many idle connections as clients
         self.tm = TransactionManager(
@@ -300,6 +332,7 @@ class XatmMode:
 
     def close(self) -> None:
         self.tm.close()
+        self._restore()
         shutil.rmtree(self.logdir, ignore_errors=True)
 
 
@@ -319,6 +352,8 @@ MODES: dict[str, ModeFactory] = {
     "xatm": xatm_mode(),
     "xatm-serial": xatm_mode(parallel=False),
     "xatm-fast": xatm_mode(commit_markers=("pg",)),
+    "xatm-metrics": xatm_mode(exporter="prometheus"),
+    "xatm-otel": xatm_mode(exporter="otel"),
 }
 
 #: the modes every xatm mode is compared against

@@ -19,6 +19,7 @@ from xatm import (
 
 from . import render
 from .context import GTRID, actor, get
+from .metrics_http import MetricsServer
 
 logger = logging.getLogger("xatm.cli")
 
@@ -93,12 +94,28 @@ def recover(ctx: click.Context, dry_run: bool, as_json: bool) -> None:
     default=None,
     help="Seconds between passes (default: [sweeper] interval of the config, or 10).",
 )
+@click.option(
+    "--metrics-port",
+    type=click.IntRange(0, 65535),
+    default=None,
+    help="Serve /metrics (Prometheus) and /healthz on this port while sweeping (0: any free"
+    " port). Needs xatm[prometheus].",
+)
+@click.option(
+    "--metrics-address",
+    default="127.0.0.1",
+    show_default=True,
+    help="Address to bind the metrics endpoint to (0.0.0.0 for every interface).",
+)
 @click.pass_context
-def sweep(ctx: click.Context, interval: float | None) -> None:
+def sweep(
+    ctx: click.Context, interval: float | None, metrics_port: int | None, metrics_address: str
+) -> None:
     """Run the sweeper in the foreground until SIGINT or SIGTERM.
 
     For deployments that run recovery apart from the applications. It resolves what dead
     coordinators left; each live application's own sweeper resolves its own transactions.
+    With --metrics-port, Prometheus can scrape its metrics (docs/operations.md).
     """
     c = get(ctx)
     if interval is None:
@@ -116,17 +133,32 @@ def sweep(ctx: click.Context, interval: float | None) -> None:
                 f"xatm sweep: node {tm.node_id}, every {interval:g} s; SIGINT/SIGTERM stops",
                 err=True,
             )
-            tm.sweeper.start()
-            tm.sweeper.wake()  # a first pass at once
-            while not stop.wait(0.5):
-                pass
-            click.echo("xatm sweep: stopping", err=True)
-            tm.sweeper.stop()
-            status = tm.sweeper.status()
+            server = None
+            if metrics_port is not None:
+                server = MetricsServer(tm, metrics_address, metrics_port)
+                click.echo(
+                    f"xatm sweep: metrics on http://{_host(server.address)}:{server.port}/metrics",
+                    err=True,
+                )
+            try:
+                tm.sweeper.start()
+                tm.sweeper.wake()  # a first pass at once
+                while not stop.wait(0.5):
+                    pass
+                click.echo("xatm sweep: stopping", err=True)
+                tm.sweeper.stop()
+                status = tm.sweeper.status()
+            finally:
+                if server is not None:
+                    server.close()
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
     click.echo(f"xatm sweep: stopped after {status.passes} pass(es)", err=True)
+
+
+def _host(address: str) -> str:
+    return f"[{address}]" if ":" in address else address
 
 
 def _resolution(res: Resolution, as_json: bool) -> None:

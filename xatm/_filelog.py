@@ -39,6 +39,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import _events
 from ._audit import AuditTrail
 from ._log import DecisionNotLogged
 from ._records import HEADER, MAX_PAYLOAD, LogRecord, frame_at, next_good_frame, read_frames
@@ -595,6 +596,7 @@ class FileLog:
             os.fsync(self._fd)
             self._segment_size += len(data)
             self.forces += 1
+            _events.log_forced(self._node_id)
         if self._segment_size > self.segment_bytes and self._segment is not None:
             # Records appended from here on stay in the buffer and go to the new segment.
             with self._cond:

@@ -14,7 +14,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from . import _node_markers, _sqlalchemy
+from . import _events, _node_markers, _sqlalchemy
 from ._adapters import make_participant
 from ._audit import AuditEntry, AuditTrail
 from ._config import Settings, load_config, resource_specs, validate_timeout
@@ -188,6 +188,7 @@ class TransactionManager:
             except BaseException:
                 self.close()  # release the log (its lock) and the pools opened above
                 raise
+        _events.manager_opened(self)  # loads the Prometheus exporter if installed
 
     @classmethod
     def from_config(cls, path: str | os.PathLike[str]) -> TransactionManager:
@@ -292,6 +293,7 @@ class TransactionManager:
         if self._closed:
             return
         self._closed = True
+        _events.manager_closed(self)
         self.sweeper.stop()
         self._ctx.close()
 

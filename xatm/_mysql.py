@@ -61,6 +61,8 @@ XA_ROLLED_BACK = frozenset({1402, 1613, 1614})
 class MySQLParticipant:
     """A MySQL or MariaDB database taking part in global transactions."""
 
+    db_system = "mysql"  # "mariadb" once check() has seen the server's version (for tracing)
+
     def __init__(self, name: str, spec: ResourceSpec) -> None:
         self.name = name
         self.spec = spec
@@ -272,6 +274,7 @@ class MySQLParticipant:
             row = cur.fetchone()
             version = str(row[0]) if row else ""
             numbers = tuple(int(n) for n in re.findall(r"\d+", version)[:3])
+            self.db_system = "mariadb" if "mariadb" in version.lower() else "mysql"
             if "mariadb" in version.lower():
                 if numbers < (10, 5):
                     problems.append(

@@ -59,7 +59,7 @@ from typing import Any, Literal, TypeVar, cast
 import psycopg
 from psycopg import sql
 
-from . import _failpoint
+from . import _events, _failpoint
 from ._audit import AuditEntry
 from ._log import DecisionNotLogged
 from ._records import LogRecord
@@ -378,6 +378,7 @@ class PostgresLog:
             return {seq: failure for seq, _ in batch}
         self.forces += 1
         self.forced_records += len(batch)
+        _events.log_forced(self._node_id)
         out: dict[int, BaseException | None] = {}
         for seq, record in batch:
             if record.gtrid in won or existing.get(record.gtrid) == "C":

@@ -68,7 +68,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from . import _marker_recovery, _node_markers
+from . import _events, _marker_recovery, _node_markers
 from ._decide import Action as Act
 from ._decide import Facts, Logged, Marker, Owner, decide, past_timeout
 from ._filelog import FileLog, list_nodes
@@ -652,6 +652,7 @@ def _describe(e: BaseException) -> str:
     return redact(text)
 
 
+@_events.observed_pass  # metrics and tracing, from the report
 def run_pass(
     ctx: Context,
     *,

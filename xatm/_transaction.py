@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from . import _failpoint, _marker
+from . import _events, _failpoint, _marker
 from ._log import DecisionNotLogged
 from ._parallel import overlapped
 from ._participant import BranchVotedNo, Connection, Cursor, Participant, PhaseTwo, Vote
@@ -138,6 +138,7 @@ class Transaction:
         # enlist branches); the second once the transaction has ended, whatever its outcome.
         self._before_prepare: list[Callable[[], None]] = []
         self._after_end: list[Callable[[], None]] = []
+        self._trace = _events.timeline(ctx.node_id, gtrid)  # metrics and tracing
 
     # -- the application's side -------------------------------------------------------------
     def __enter__(self) -> Transaction:
@@ -253,6 +254,7 @@ class Transaction:
             return branch
         self._check_time()
         participant, pool = self._ctx.resources.get(resource)
+        participant = self._trace.watch(participant)
         xid = branch_xid(self.gtrid, resource)
         conn = self._begin(participant, pool, xid)
         branch = Branch(resource, xid, participant, pool, conn)
@@ -326,6 +328,7 @@ class Transaction:
 
     def _ended(self) -> None:
         self._ctx.forget(self)
+        self._trace.finish(self.state)
         callbacks, self._after_end = self._after_end, []
         for callback in callbacks:
             try:
@@ -440,6 +443,7 @@ class Transaction:
 
     def _commit_one_phase(self, branch: Branch) -> None:
         self.state = TransactionState.PREPARING
+        self._trace.phase("commit")
         assert branch.conn is not None
         try:
             branch.participant.commit_one_phase(branch.conn, branch.xid)
@@ -468,7 +472,7 @@ class Transaction:
     def _prepare_all(self, branches: list[Branch]) -> list[Branch]:
         """Phase 1 on every branch; returns the branches that voted PREPARED (the others
         are read-only and already finished). Rolls everything back on any no vote."""
-
+        self._trace.phase("prepare")
         overlap = self._ctx.overlap()
 
         def start(branch: Branch) -> Callable[[], None]:
@@ -516,6 +520,7 @@ class Transaction:
 
     def _fence_decision(self) -> None:
         """Pass the fence with recovery, or roll back if the transaction is past its time."""
+        self._trace.phase("decide")
         with self._fence:
             expired = self._aborted_by_recovery or time.monotonic() > self.deadline
             if not expired:
@@ -556,6 +561,7 @@ class Transaction:
     def _commit_all(
         self, branches: list[Branch], *, logged: bool, marker: str | None = None
     ) -> None:
+        self._trace.phase("commit")
         first_done = False
         overlap = self._ctx.overlap()
 
@@ -626,6 +632,7 @@ class Transaction:
 
     def _rollback_all(self) -> None:
         """Roll back every branch that may still hold work; never raises a driver error."""
+        self._trace.phase("rollback")
         self.state = TransactionState.ROLLED_BACK
         for branch in self._branches.values():
             conn = branch.conn

@@ -1,0 +1,32 @@
+"""The public face of xatm's event layer (``xatm._events``): subscribe to what the
+coordinators of this process do, to export it anywhere (docs/operations.md, section 12)."""
+
+from ._events import (
+    BranchOp,
+    Event,
+    LogForced,
+    ManagerClosed,
+    ManagerOpened,
+    Phase,
+    RecoveryPassFinished,
+    Subscriber,
+    TransactionFinished,
+    listening,
+    subscribe,
+    unsubscribe,
+)
+
+__all__ = [
+    "BranchOp",
+    "Event",
+    "LogForced",
+    "ManagerClosed",
+    "ManagerOpened",
+    "Phase",
+    "RecoveryPassFinished",
+    "Subscriber",
+    "TransactionFinished",
+    "listening",
+    "subscribe",
+    "unsubscribe",
+]

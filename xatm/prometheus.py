@@ -1,0 +1,323 @@
+"""Prometheus metrics of every TransactionManager in this process (extra ``xatm[prometheus]``).
+
+One collector per process (:func:`collector`) listens to ``xatm._events`` and keeps the
+metrics of every node (a TransactionManager's ``node_id``) seen in the process, labelled by
+``node``; several managers of one node_id add up. When ``prometheus_client`` is installed the
+first TransactionManager registers it in prometheus_client's default registry
+(:func:`autoinstall`), unless ``XATM_PROMETHEUS=0`` is set or :func:`install` /
+:func:`uninstall` was called first. An application with its own registry::
+
+    import xatm.prometheus
+    xatm.prometheus.install(my_registry)    # before the first TransactionManager: then the
+                                            # default registry is left alone
+
+The metrics (docs/operations.md has the list with what to alert on) are declared in
+:class:`XatmCollector`: a new one is one attribute there and one line in the handler of the
+event it comes from.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import weakref
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.metrics_core import Metric
+from prometheus_client.registry import Collector
+
+from . import _events
+
+OUTCOMES = ("committed", "rolled_back", "in_doubt", "heuristic")
+RECOVERY_ACTIONS = ("commit", "rollback", "skip", "error", "heuristic", "verify", "end")
+#: transaction and phase latencies: 0.5 ms to 30 s
+BUCKETS = (
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+)  # fmt: skip
+
+
+class XatmCollector(Collector):
+    """xatm's metrics, fed by events; ``collect`` adds the gauges computed at scrape time."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.transactions = Counter(
+            "xatm_transactions",
+            "Global transactions ended, by outcome (committed, rolled_back, in_doubt, heuristic)",
+            ["node", "outcome"],
+            registry=None,
+        )
+        self.duration = Histogram(
+            "xatm_transaction_duration_seconds",
+            "Seconds from tm.transaction() to the end of the transaction",
+            ["node"],
+            buckets=BUCKETS,
+            registry=None,
+        )
+        self.phases = Histogram(
+            "xatm_transaction_phase_duration_seconds",
+            "Seconds in each phase of a transaction's end (prepare, decide, commit, rollback)",
+            ["node", "phase"],
+            buckets=BUCKETS,
+            registry=None,
+        )
+        self.branch_ops = Histogram(
+            "xatm_branch_operation_duration_seconds",
+            "Seconds of each branch operation (begin, prepare, commit, commit_one_phase,"
+            " rollback), by resource name",
+            ["node", "resource", "operation"],
+            buckets=BUCKETS,
+            registry=None,
+        )
+        self.branch_errors = Counter(
+            "xatm_branch_operation_errors",
+            "Branch operations that raised, by resource name",
+            ["node", "resource", "operation"],
+            registry=None,
+        )
+        self.heuristics = Counter(
+            "xatm_heuristic_outcomes",
+            "Branches of committed transactions found rolled back outside xatm (at commit or"
+            " by recovery)",
+            ["node"],
+            registry=None,
+        )
+        self.recovery_actions = Counter(
+            "xatm_recovery_actions",
+            "Actions of recovery and sweeper passes (commit, rollback, skip, error, heuristic,"
+            " verify, end), one per branch (end: per decision record)",
+            ["node", "action"],
+            registry=None,
+        )
+        self.recovery_passes = Counter(
+            "xatm_recovery_passes",
+            "Recovery and sweeper passes (dry runs excluded), by result (ok, failed)",
+            ["node", "result"],
+            registry=None,
+        )
+        self.recovery_duration = Histogram(
+            "xatm_recovery_pass_duration_seconds",
+            "Seconds per recovery or sweeper pass",
+            ["node"],
+            buckets=BUCKETS,
+            registry=None,
+        )
+        self.fsyncs = Counter(
+            "xatm_log_fsyncs",
+            "Forced writes of the coordinator log (fsyncs of the file log, committed batches"
+            " of the shared log)",
+            ["node"],
+            registry=None,
+        )
+        self.metrics: tuple[Any, ...] = (
+            self.transactions,
+            self.duration,
+            self.phases,
+            self.branch_ops,
+            self.branch_errors,
+            self.heuristics,
+            self.recovery_actions,
+            self.recovery_passes,
+            self.recovery_duration,
+            self.fsyncs,
+        )
+        # node -> (in-doubt transactions, oldest one's creation time) of its last pass
+        self._in_doubt: dict[str, tuple[int, float | None]] = {}
+        self._unreachable: dict[str, int] = {}
+        self._last_pass: dict[str, float] = {}
+        self._managers: dict[str, weakref.WeakSet[Any]] = {}
+        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
+        self._handlers: dict[type[_events.Event], Callable[[Any], None]] = {
+            _events.ManagerOpened: self._opened,
+            _events.ManagerClosed: self._closed,
+            _events.TransactionFinished: self._transaction,
+            _events.RecoveryPassFinished: self._recovery,
+            _events.LogForced: lambda e: self._child(self.fsyncs, e.node).inc(),
+        }
+
+    # -- events ----------------------------------------------------------------------------
+    def __call__(self, event: _events.Event) -> None:
+        handler = self._handlers.get(type(event))
+        if handler is not None:
+            handler(event)
+
+    def _node(self, node: str) -> None:
+        """Create a node's labelled series at 0, so that they exist before the first event."""
+        for outcome in OUTCOMES:
+            self.transactions.labels(node, outcome)
+        for action in RECOVERY_ACTIONS:
+            self.recovery_actions.labels(node, action)
+        self.heuristics.labels(node)
+        self.fsyncs.labels(node)
+        self.duration.labels(node)
+        with self._lock:
+            self._in_doubt.setdefault(node, (0, None))
+
+    def _opened(self, e: _events.ManagerOpened) -> None:
+        self._node(e.node)
+        with self._lock:
+            self._managers.setdefault(e.node, weakref.WeakSet()).add(e.manager)
+
+    def _closed(self, e: _events.ManagerClosed) -> None:
+        with self._lock:
+            self._managers.get(e.node, weakref.WeakSet()).discard(e.manager)
+
+    def _child(self, metric: Any, *labels: str) -> Any:
+        """``metric.labels(*labels)``, cached (prometheus_client's lookup is the slow part)."""
+        key = (id(metric), labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
+
+    def _transaction(self, e: _events.TransactionFinished) -> None:
+        child, node = self._child, e.node
+        child(self.transactions, node, e.outcome).inc()
+        child(self.duration, node).observe(e.duration)
+        for phase in e.phases:
+            child(self.phases, node, phase.name).observe(phase.end - phase.start)
+        for op in e.ops:
+            child(self.branch_ops, node, op.resource, op.op).observe(op.end - op.start)
+            if op.error is not None:
+                child(self.branch_errors, node, op.resource, op.op).inc()
+        if e.heuristics:
+            child(self.heuristics, node).inc(e.heuristics)
+
+    def _recovery(self, e: _events.RecoveryPassFinished) -> None:
+        if e.dry_run:
+            return
+        self._node(e.node)
+        if e.report is None:
+            self.recovery_passes.labels(e.node, "failed").inc()
+            return
+        self.recovery_passes.labels(e.node, "ok").inc()
+        self.recovery_duration.labels(e.node).observe(e.duration)
+        for action in e.report.actions:
+            self.recovery_actions.labels(e.node, action.action).inc()
+        if e.report.heuristics:
+            self.heuristics.labels(e.node).inc(e.report.heuristics)
+        with self._lock:
+            self._in_doubt[e.node] = (e.in_doubt, e.oldest_created)
+            self._unreachable[e.node] = len(e.report.unreachable)
+            self._last_pass[e.node] = e.wall_start + e.duration
+
+    # -- scrape ----------------------------------------------------------------------------
+    def collect(self) -> Iterable[Metric]:
+        for metric in self.metrics:
+            yield from metric.collect()
+        yield from self._gauges()
+
+    def _gauges(self) -> Iterator[Metric]:
+        now = time.time()
+        in_doubt = GaugeMetricFamily(
+            "xatm_in_doubt_transactions",
+            "xatm transactions the last recovery or sweeper pass left prepared (a phase-2 call"
+            " failed, or left alone and older than the timeout)",
+            labels=["node"],
+        )
+        oldest = GaugeMetricFamily(
+            "xatm_oldest_in_doubt_age_seconds",
+            "Age of the oldest transaction counted in xatm_in_doubt_transactions (0 if none)",
+            labels=["node"],
+        )
+        unreachable = GaugeMetricFamily(
+            "xatm_recovery_unreachable_resources",
+            "Resources the last recovery or sweeper pass could not reach",
+            labels=["node"],
+        )
+        last = GaugeMetricFamily(
+            "xatm_recovery_last_pass_timestamp_seconds",
+            "When the last recovery or sweeper pass ended (seconds since the epoch)",
+            labels=["node"],
+        )
+        running = GaugeMetricFamily(
+            "xatm_sweeper_running",
+            "1 if a live TransactionManager of this node runs its sweeper thread, else 0",
+            labels=["node"],
+        )
+        with self._lock:
+            for node, (count, created) in sorted(self._in_doubt.items()):
+                in_doubt.add_metric([node], count)
+                age = max(0.0, now - created) if count and created is not None else 0.0
+                oldest.add_metric([node], age)
+            for node, n in sorted(self._unreachable.items()):
+                unreachable.add_metric([node], n)
+            for node, at in sorted(self._last_pass.items()):
+                last.add_metric([node], at)
+            managers = {node: list(ms) for node, ms in self._managers.items()}
+        for node, ms in sorted(managers.items()):
+            running.add_metric([node], 1 if any(_sweeping(m) for m in ms) else 0)
+        yield from (in_doubt, oldest, unreachable, last, running)
+
+
+def _sweeping(manager: Any) -> bool:
+    try:
+        return bool(manager.sweeper.running)
+    except Exception:
+        return False
+
+
+_lock = threading.Lock()
+_collector: XatmCollector | None = None
+_installed: set[int] = set()  # id() of the registries the collector is registered in
+_configured = False  # install() or uninstall() was called: autoinstall leaves it alone
+_unsubscribe: Callable[[], None] | None = None
+
+
+def collector() -> XatmCollector:
+    """The process's collector (created and subscribed to xatm's events on first use)."""
+    global _collector, _unsubscribe
+    with _lock:
+        if _collector is None:
+            _collector = XatmCollector()
+        if _unsubscribe is None:
+            _unsubscribe = _events.subscribe(_collector)
+        return _collector
+
+
+def install(registry: CollectorRegistry | None = None) -> XatmCollector:
+    """Register the collector in ``registry`` (default: prometheus_client's ``REGISTRY``).
+    Idempotent; called before the first TransactionManager, it stops the automatic
+    registration in the default registry."""
+    global _configured
+    target = REGISTRY if registry is None else registry
+    c = collector()
+    with _lock:
+        _configured = True
+        if id(target) not in _installed:
+            target.register(c)
+            _installed.add(id(target))
+    return c
+
+
+def installed(registry: CollectorRegistry | None = None) -> bool:
+    """True if the collector is registered in ``registry`` (default ``REGISTRY``)."""
+    with _lock:
+        return id(REGISTRY if registry is None else registry) in _installed
+
+
+def uninstall(registry: CollectorRegistry | None = None) -> None:
+    """Remove the collector from ``registry`` (default ``REGISTRY``); once it is in no
+    registry, it stops listening (its counts are kept for a later :func:`install`)."""
+    global _configured, _unsubscribe
+    target = REGISTRY if registry is None else registry
+    with _lock:
+        _configured = True
+        if _collector is not None and id(target) in _installed:
+            target.unregister(_collector)
+            _installed.discard(id(target))
+        if not _installed and _unsubscribe is not None:
+            _unsubscribe()
+            _unsubscribe = None
+
+
+def autoinstall() -> None:
+    """What the first TransactionManager calls: :func:`install` into the default registry,
+    unless the application already chose (``install``/``uninstall``)."""
+    with _lock:
+        if _configured:
+            return
+    install()
