@@ -33,6 +33,9 @@ from ._inspect import (
 from ._manager import TransactionManager
 from ._recovery import RecoveryAction, RecoveryReport
 from ._resolve import Resolution, ResolutionRefused
+from ._saga import Saga, SagaAbort, SagaError, SagaInProgress, SagaResult, SagaTakenOver
+from ._saga_runner import SagaRecoveryReport, SagaRefused
+from ._saga_store import SagaRecord
 from ._sweeper import ResourceBackoff, Sweeper, SweeperSettings, SweeperStatus, sweeper_settings
 from ._transaction import BranchState, Transaction, TransactionState
 from ._urls import ResourceSpec, parse_url, redact
@@ -78,6 +81,15 @@ __all__ = [
     "ResourceNotFit",
     "ResourceSpec",
     "ResourceUnavailable",
+    "Saga",
+    "SagaAbort",
+    "SagaError",
+    "SagaInProgress",
+    "SagaRecord",
+    "SagaRecoveryReport",
+    "SagaRefused",
+    "SagaResult",
+    "SagaTakenOver",
     "SegmentInfo",
     "Settings",
     "Sweeper",

@@ -29,6 +29,9 @@ from ._pool import Pool
 from ._postgres import PostgresParticipant
 from ._recovery import RecoveryReport, run_pass
 from ._resolve import Resolution, resolve
+from ._saga import Saga, SagaResult, registry
+from ._saga_runner import SagaRecoveryReport, SagaRunner
+from ._saga_store import SagaRecord
 from ._sweeper import DEFAULT_INTERVAL, Sweeper, sweeper_settings
 from ._transaction import Branch, Transaction, describe_unknown_resource
 from ._urls import ResourceSpec, parse_url, redact
@@ -68,6 +71,8 @@ class TransactionManager:
     :param sweep_interval: seconds between the sweeper's passes.
     :param lock_timeout: seconds to wait for this node's log lock at start (a previous
         process of the same node_id may still be exiting).
+    :param sagas: saga definitions (:class:`~xatm.Saga`, or ``"module:attribute"``) this
+        manager runs with :meth:`run_saga` and finishes in recovery (docs/sagas.md).
     """
 
     def __init__(
@@ -84,6 +89,7 @@ class TransactionManager:
         sweeper: bool = True,
         sweep_interval: float = DEFAULT_INTERVAL,
         lock_timeout: float = 30.0,
+        sagas: Iterable[Saga | str] = (),
     ) -> None:
         self.node_id = validate_node_id(node_id)
         self._started_at = time.time() - 0.002  # gtrids made from here on are this process's
@@ -150,6 +156,7 @@ class TransactionManager:
         self._marker_resources: set[str] = set(self.commit_markers)
         # resources read and found without that table (so a down one of them hides nothing)
         self._markerless_resources: set[str] = set()
+        self.sagas = SagaRunner(self, registry(sagas))
         self.sweeper = Sweeper(self, sweep_interval)
         if sweeper:
             self.sweeper.start()
@@ -171,6 +178,7 @@ class TransactionManager:
             commit_markers=settings.commit_markers,
             sweeper=sweep.enabled,
             sweep_interval=sweep.interval,
+            sagas=settings.extra.get("sagas", ()),
         )
 
     # -- transactions -----------------------------------------------------------------------
@@ -197,7 +205,45 @@ class TransactionManager:
         ``dry_run``: only report what the pass would do (nothing is changed, no log is
         locked). ``actor`` names who asked, in the audit trail (default ``recover@<node>``);
         ``progress`` is called with a short text as the pass goes."""
-        return run_pass(self, dry_run=dry_run, actor=actor, progress=progress)
+        report = run_pass(self, dry_run=dry_run, actor=actor, progress=progress)
+        if not dry_run:
+            self.recover_sagas(actor=actor or f"recover@{self.node_id}")
+        return report
+
+    # -- sagas (xatm._saga_runner) ----------------------------------------------------------
+    def run_saga(
+        self,
+        name: str,
+        data: Any = None,
+        key: str | None = None,
+        *,
+        wait: float = 30.0,
+        actor: str = "api",
+    ) -> SagaResult:
+        """Run the registered saga ``name`` on the JSON payload ``data``; see docs/sagas.md.
+
+        ``key``: an idempotency key; the same saga and key again (from any process sharing
+        the log) returns the first run's result without running anything, waiting up to
+        ``wait`` seconds if that run is still going (then :class:`~xatm.SagaInProgress`)."""
+        if self._closed:
+            raise XatmError("this TransactionManager is closed")
+        return self.sagas.run(name, data, key, wait=wait, actor=actor)
+
+    def recover_sagas(self, actor: str | None = None) -> SagaRecoveryReport:
+        """Finish the sagas whose owner died (``recover()`` and the sweeper call this)."""
+        return self.sagas.recover(actor or f"recover@{self.node_id}")
+
+    def saga(self, saga_id: str) -> SagaRecord | None:
+        """The durable record of one saga, or None."""
+        return self.sagas.get(saga_id)
+
+    def saga_action(
+        self, saga_id: str, what: str, *, force: bool = False, actor: str = "api"
+    ) -> SagaResult:
+        """``"retry"`` or ``"abort"`` one saga by hand (refused while its owner lives)."""
+        if what not in ("retry", "abort"):
+            raise ConfigurationError(f"a saga action is 'retry' or 'abort', not {what!r}")
+        return self.sagas.act(saga_id, what, force=force, actor=actor)
 
     # -- operations -------------------------------------------------------------------------
     @property
@@ -258,6 +304,7 @@ class TransactionManager:
             return
         self._closed = True
         self.sweeper.stop()
+        self.sagas.close()
         for pool in self._pools.values():
             pool.close()
         self._log.close()

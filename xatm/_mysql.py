@@ -247,3 +247,18 @@ class MySQLParticipant:
 
 def _describe(e: myerrors.Error) -> str:
     return redact(str(e).strip()) or type(e).__name__
+
+
+#: errnos worth retrying: lock wait timeout, deadlock, and the XA rollback-only states they
+#: leave (XA_RBTIMEOUT, XA_RBDEADLOCK)
+_TRANSIENT_ERRNOS = frozenset({1205, 1213, 1613, 1614})
+
+
+def is_transient_error(exc: BaseException) -> bool:
+    """True if ``exc`` is a mysql-connector error worth retrying (lost connection, deadlock,
+    lock wait timeout); used by saga steps (``xatm._saga_runner``)."""
+    if isinstance(exc, myerrors.InterfaceError | myerrors.OperationalError):
+        return True
+    return isinstance(exc, myerrors.Error) and (
+        exc.errno in _CONNECTION_ERRNOS or exc.errno in _TRANSIENT_ERRNOS
+    )

@@ -189,6 +189,7 @@ class Sweeper:
                 if self._backoff.setdefault(name, _Backoff()).next_try <= now
             ]
         report = run_pass(self._manager, resources=lambda: due, actor=self.actor)
+        self._manager.recover_sagas(actor=self.actor)  # after 2PC: in-doubt steps settled
         problems = dict(report.problems)
         with self._lock:
             for name in due:

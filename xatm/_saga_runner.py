@@ -1,0 +1,555 @@
+"""Running sagas: the state machine, retries, keys, recovery and operators' actions.
+
+::
+
+    run_saga(name, data, key)
+      │ the key is taken: return that run's result (or wait for it, or finish it if its
+      │ owner died)
+      ▼ record created, forced (the key's claim)                        state running
+    for each step, in order:
+      │ one xatm transaction on the step's resources: barrier rows, then the action
+      │ ├ committed (or the barrier says it committed before) ─ note the step done (lazy)
+      │ ├ transient error ─ retry with backoff, up to the step's max_attempts
+      │ └ SagaAbort, another error, attempts used up, or the barrier says its compensation
+      │   came first ─ switch to compensating (forced)              state compensating
+      ▼ every step done                                            state completed (forced)
+    compensating: the compensation of each step tried (done ones and the failed one), in
+      │ reverse, each in its own transaction behind its barrier; retried with backoff
+      │ └ still failing after compensation_attempts: left *stuck* (forced; the result says
+      │   "failed"); recovery passes retry it every STUCK_RETRY seconds, operators see it
+      ▼ every compensation done                                  state compensated (forced)
+
+Recovery (``recover``, from ``tm.recover()``, the sweeper and ``xatm sweep``) finishes every
+saga whose owner is dead and whose definition this manager has: forward if it was running,
+backward if it was compensating. Owners' liveness is the saga store's (``xatm._saga_store``);
+sagas running in this process are never touched. Every transition goes to the audit trail,
+with the saga id in place of a gtrid.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from . import _barrier, _failpoint, _mysql, _postgres
+from ._audit import AuditEntry, AuditTrail, read_audit
+from ._saga import MAX_KEY, Saga, SagaAbort, SagaError, SagaInProgress, SagaResult, Step
+from ._saga_store import Claim, SagaRecord, SagaStore, new_saga_id, open_store
+from .errors import (
+    ConfigurationError,
+    ResourceUnavailable,
+    TransactionInDoubt,
+    TransactionRolledBack,
+    XatmError,
+)
+
+if TYPE_CHECKING:
+    from ._manager import TransactionManager
+
+logger = logging.getLogger("xatm.saga")
+
+#: seconds between recovery's retries of a stuck saga's compensation
+STUCK_RETRY = 60.0
+#: finished sagas (and so their keys) are kept this long
+DEFAULT_RETENTION = 7 * 86400.0
+PRUNE_EVERY = 60.0
+
+
+class SagaRefused(SagaError):
+    """An operator's action on a saga was refused (owner alive, wrong state)."""
+
+
+@dataclass(frozen=True, slots=True)
+class SagaRecoveryReport:
+    """What one saga recovery pass did: (saga_id, state reached) and (saga_id, why left)."""
+
+    finished: tuple[tuple[str, str], ...] = ()
+    left: tuple[tuple[str, str], ...] = ()
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "finished": [{"saga_id": s, "state": st} for s, st in self.finished],
+            "left": [{"saga_id": s, "why": w} for s, w in self.left],
+        }
+
+
+def result_of(record: SagaRecord) -> SagaResult:
+    state = "failed" if record.stuck and record.state == "compensating" else record.state
+    return SagaResult(
+        record.saga_id,
+        record.name,
+        state,
+        record.key,
+        record.done,
+        record.compensated,
+        record.error,
+        record.stuck,
+        record.data,
+    )
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Worth retrying: a lost connection, deadlock, serialization failure, lock timeout,
+    an unreachable resource, or an outcome in doubt (the barrier makes a retry safe)."""
+    seen: set[int] = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, TransactionInDoubt | ResourceUnavailable):
+            return True
+        if _postgres.is_transient_error(e) or _mysql.is_transient_error(e):
+            return True
+        if isinstance(e, TransactionRolledBack) and e.__cause__ is None:
+            return True  # rollback-only after a lost connection, a timeout, a fenced decision
+        e = e.__cause__
+    return False
+
+
+def saga_history(log_directory: str | None, shared_log: Any, saga_id: str) -> list[AuditEntry]:
+    """The audit entries of one saga, from the file log's trail or the shared log's."""
+    if shared_log is not None:
+        return list(shared_log.read_audit(saga_id))
+    return read_audit(log_directory or ".", saga_id)
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return f"{type(exc).__name__}: {text}"[:500]
+
+
+@dataclass
+class _Outcome:
+    ok: bool
+    barrier: str = ""  # run | duplicate | hanging | empty
+    error: str = ""
+
+
+@dataclass
+class _Claimed:
+    claim: Claim
+    record: SagaRecord
+    actor: str
+    saga: Saga
+    notes: list[str] = field(default_factory=list)
+
+
+class SagaRunner:
+    """The sagas of one TransactionManager: runs them, recovers them, acts on them."""
+
+    def __init__(
+        self,
+        manager: TransactionManager,
+        sagas: dict[str, Saga],
+        *,
+        retention: float = DEFAULT_RETENTION,
+    ) -> None:
+        self._tm = manager
+        self.sagas = sagas
+        for saga in sagas.values():
+            saga.check_resources(manager.resource_names)
+        self.node_id = manager.node_id
+        self.store: SagaStore = open_store(
+            manager.log_directory, manager.shared_log, manager.node_id
+        )
+        self._audit = AuditTrail(manager.log_directory, manager.node_id, manager.shared_log)
+        self.retention = retention
+        self._lock = threading.Lock()
+        self._running: set[str] = set()
+        self._tables: set[str] = set()
+        self._stuck_next: dict[str, float] = {}
+        self._last_prune = -PRUNE_EVERY
+        self._sleep: Callable[[float], None] = time.sleep
+
+    # -- running ----------------------------------------------------------------------------
+    def run(self, name: str, data: Any, key: str | None, *, wait: float, actor: str) -> SagaResult:
+        saga = self.sagas.get(name)
+        if saga is None:
+            known = ", ".join(sorted(self.sagas)) or "none"
+            raise ConfigurationError(f"unknown saga {name!r} (registered: {known})")
+        if key is not None and (not isinstance(key, str) or not 0 < len(key) <= MAX_KEY):
+            raise ConfigurationError(f"a saga key must be a string of 1 to {MAX_KEY} characters")
+        try:
+            payload = json.loads(json.dumps(data))
+        except (TypeError, ValueError) as e:
+            raise ConfigurationError(f"saga {name!r}: data must be JSON: {e}") from None
+        record = SagaRecord(
+            new_saga_id(name, key), name, key, self.node_id, "running", payload, step=""
+        )
+        with self._lock:
+            self._running.add(record.saga_id)
+        try:
+            claim = self.store.create(record)
+        except BaseException:
+            claim = None
+            raise
+        finally:
+            if claim is None:
+                with self._lock:
+                    self._running.discard(record.saga_id)
+        if claim is None:
+            assert key is not None
+            return self._existing(saga, key, wait, actor)
+        self._audit.record(
+            record.saga_id, "", "", "saga-start", f"key {key!r}" if key else "", "running", actor
+        )
+        return self._drive(_Claimed(claim, record, actor, saga))
+
+    def _existing(self, saga: Saga, key: str, wait: float, actor: str) -> SagaResult:
+        """The key was used before: its result, once it has one (see docs/sagas.md)."""
+        deadline = time.monotonic() + wait
+        delay = 0.01
+        while True:
+            record = self.store.find_key(saga.name, key)
+            if record is None:  # pruned in between: rare; look again
+                time.sleep(delay)
+                continue
+            if record.final or record.stuck:
+                return result_of(record)
+            if not self._is_running_here(record.saga_id):
+                claimed = self._claim(record.saga_id, actor)
+                if claimed is not None:  # its owner died: finish it here
+                    if claimed.record.final:
+                        self.store.release(claimed.claim)
+                        return result_of(claimed.record)
+                    return self._drive(claimed)
+            if time.monotonic() >= deadline:
+                raise SagaInProgress(
+                    f"saga {record.saga_id} (key {key!r}) is still being run by node"
+                    f" {record.node}; ask again later",
+                    record.saga_id,
+                )
+            time.sleep(delay)
+            delay = min(delay * 2, 0.2)
+
+    def _is_running_here(self, saga_id: str) -> bool:
+        with self._lock:
+            return saga_id in self._running
+
+    def _claim(self, saga_id: str, actor: str, *, force: bool = False) -> _Claimed | None:
+        """Take a saga whose owner is dead (not one running in this process)."""
+        with self._lock:
+            if saga_id in self._running:
+                return None
+            self._running.add(saga_id)  # reserved while it is claimed
+        try:
+            claim = self.store.claim(saga_id, force=force)
+            if claim is None:
+                with self._lock:
+                    self._running.discard(saga_id)
+                return None
+            record = self.store.read(claim)
+        except BaseException:
+            with self._lock:
+                self._running.discard(saga_id)
+            raise
+        if record is None or record.name not in self.sagas:
+            self.store.release(claim)
+            with self._lock:
+                self._running.discard(saga_id)
+            return None
+        if record.node != self.node_id and not record.final:
+            self._audit.record(
+                saga_id,
+                "",
+                record.step,
+                "saga-takeover",
+                f"owner {record.node} is dead",
+                "claimed",
+                actor,
+            )
+            record = record.with_(node=self.node_id)
+        return _Claimed(claim, record, actor, self.sagas[record.name])
+
+    def _drive(self, c: _Claimed) -> SagaResult:
+        with self._lock:
+            self._running.add(c.record.saga_id)
+        try:
+            while not c.record.final:
+                if c.record.state == "running":
+                    self._forward(c)
+                elif not self._backward(c):
+                    break  # stuck
+            return result_of(c.record)
+        finally:
+            self.store.release(c.claim)
+            with self._lock:
+                self._running.discard(c.record.saga_id)
+
+    def _save(self, c: _Claimed, *, force: bool, **changes: Any) -> None:
+        c.record = c.record.with_(**changes)
+        self.store.save(c.claim, c.record, force=force)
+
+    def _forward(self, c: _Claimed) -> None:
+        saga, rec = c.saga, c.record
+        pending = [s for s in saga.steps if s.name not in rec.done]
+        if not pending:
+            self._save(c, force=True, state="completed", step="")
+            self._audit.record(
+                rec.saga_id, "", "", "saga-end", "every step done", "completed", c.actor
+            )
+            return
+        step = pending[0]
+        if rec.step != step.name:
+            c.record = c.record.with_(step=step.name)
+        out = self._attempt(c, step, "action")
+        if out.ok and out.barrier in ("run", "duplicate"):
+            self._save(c, force=False, done=(*c.record.done, step.name))
+            _failpoint.hit("saga_after_step")
+            return
+        reason = out.error or f"step {step.name!r} was compensated before its action ran"
+        attempted = [*c.record.done, step.name]
+        self._save(
+            c,
+            force=True,
+            state="compensating",
+            error=reason,
+            to_compensate=tuple(reversed(attempted)),
+        )
+        self._audit.record(
+            rec.saga_id,
+            ",".join(step.resources),
+            step.name,
+            "saga-abort",
+            reason,
+            "compensating",
+            c.actor,
+        )
+
+    def _backward(self, c: _Claimed) -> bool:
+        """Compensate what is left; False if a compensation keeps failing (stuck)."""
+        saga = c.saga
+        for name in c.record.to_compensate:
+            if name in c.record.compensated:
+                continue
+            step = saga.step_named(name)
+            if step is None or step.compensation is None:
+                self._save(c, force=False, compensated=(*c.record.compensated, name))
+                continue
+            c.record = c.record.with_(step=name)
+            out = self._attempt(c, step, "compensation")
+            if not out.ok:
+                self._save(c, force=True, stuck=True, error=out.error)
+                self._audit.record(
+                    c.record.saga_id,
+                    ",".join(step.resources),
+                    name,
+                    "saga-stuck",
+                    out.error,
+                    "left for recovery and an operator",
+                    c.actor,
+                )
+                logger.error(
+                    "saga %s: the compensation of step %r keeps failing (%s); it is left"
+                    " stuck for recovery and an operator (xatm sagas)",
+                    c.record.saga_id,
+                    name,
+                    out.error,
+                )
+                return False
+            self._save(c, force=False, compensated=(*c.record.compensated, name), stuck=False)
+            _failpoint.hit("saga_after_compensation")
+        self._save(c, force=True, state="compensated", step="", stuck=False)
+        self._audit.record(
+            c.record.saga_id, "", "", "saga-end", c.record.error, "compensated", c.actor
+        )
+        return True
+
+    def _attempt(self, c: _Claimed, step: Step, op: str) -> _Outcome:
+        """Run one step's action or compensation, retrying transient errors."""
+        saga, saga_id = c.saga, c.record.saga_id
+        compensating = op == "compensation"
+        limit = saga.compensation_attempts if compensating else step.max_attempts
+        fn = step.compensation if compensating else step.action
+        assert fn is not None
+        where = ",".join(step.resources)
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                barrier = self._transaction(c, step, op, fn)
+            except SagaAbort as e:
+                if not compensating:
+                    self._audit.record(
+                        saga_id, where, step.name, "saga-action", str(e), "aborted", c.actor
+                    )
+                    return _Outcome(False, error=f"step {step.name!r} aborted: {e}")
+                error: BaseException = e
+            except (XatmError, Exception) as e:
+                if isinstance(e, SagaError) and not isinstance(e, _barrier.SagaBarrierError):
+                    raise  # the store failed or the saga was taken over
+                error = e
+            else:
+                self._audit.record(
+                    saga_id, where, step.name, f"saga-{op}", _NOTE[barrier], "committed", c.actor
+                )
+                return _Outcome(True, barrier)
+            text = _describe(error)
+            retry = attempt < limit and (compensating or is_transient(error))
+            self._audit.record(
+                saga_id,
+                where,
+                step.name,
+                f"saga-{op}",
+                text,
+                f"attempt {attempt} failed" + ("; retrying" if retry else ""),
+                c.actor,
+            )
+            if not retry:
+                return _Outcome(False, error=f"{op} of step {step.name!r} failed: {text}")
+            self._sleep(min(saga.max_backoff, saga.backoff * 2 ** (attempt - 1)))
+
+    def _transaction(
+        self, c: _Claimed, step: Step, op: str, fn: Callable[[Any, Any], object]
+    ) -> str:
+        """One transaction of the step: barrier rows, then (if they say so) ``fn``."""
+        self._ensure_tables(step.resources)
+        specs = self._tm.resources
+        kinds = [(r, _barrier.kind_of(specs[r])) for r in step.resources]
+        saga_id = c.record.saga_id
+        with self._tm.transaction() as tx:
+            tx.idempotency_key = f"{saga_id}.{step.name}.{op}"
+            if op == "action":
+                barrier = _barrier.enter_action(tx, kinds, saga_id, step.name)
+            else:
+                barrier = _barrier.enter_compensation(tx, kinds, saga_id, step.name)
+            _failpoint.hit("saga_after_barrier")
+            if barrier == "run":
+                fn(tx, copy.deepcopy(c.record.data))
+                extra = set(tx.branches) - set(step.resources)
+                if extra:
+                    raise ConfigurationError(
+                        f"saga {c.saga.name!r}, step {step.name!r} wrote to"
+                        f" {', '.join(sorted(extra))}, which it does not name in resources="
+                    )
+        return barrier
+
+    def _ensure_tables(self, resources: tuple[str, ...]) -> None:
+        for name in resources:
+            if name not in self._tables:
+                _barrier.ensure_table(name, self._tm.resources[name])
+                self._tables.add(name)
+
+    # -- recovery ---------------------------------------------------------------------------
+    def recover(self, actor: str) -> SagaRecoveryReport:
+        """Finish every saga that has a dead owner (see the module docstring)."""
+        finished: list[tuple[str, str]] = []
+        left: list[tuple[str, str]] = []
+        now = time.monotonic()
+        for record in self.store.records():
+            if self._is_running_here(record.saga_id):
+                continue
+            if record.name not in self.sagas:
+                left.append((record.saga_id, f"saga {record.name!r} is not registered here"))
+                continue
+            if record.stuck and self._stuck_next.get(record.saga_id, 0.0) > now:
+                left.append((record.saga_id, "stuck: retried later"))
+                continue
+            claimed = self._claim(record.saga_id, actor)
+            if claimed is None:
+                left.append((record.saga_id, "its owner is alive"))
+                continue
+            if claimed.record.final:
+                self.store.release(claimed.claim)
+                with self._lock:
+                    self._running.discard(record.saga_id)
+                continue
+            result = self._drive(claimed)
+            if result.stuck:
+                self._stuck_next[record.saga_id] = time.monotonic() + STUCK_RETRY
+                left.append((record.saga_id, f"stuck: {result.error}"))
+            else:
+                self._stuck_next.pop(record.saga_id, None)
+                finished.append((record.saga_id, result.state))
+        if time.monotonic() - self._last_prune >= PRUNE_EVERY:
+            self._last_prune = time.monotonic()
+            try:
+                self.store.prune(self.retention)
+            except XatmError as e:
+                logger.warning("sagas: pruning failed: %s", e)
+        return SagaRecoveryReport(tuple(finished), tuple(left))
+
+    # -- operators --------------------------------------------------------------------------
+    def get(self, saga_id: str) -> SagaRecord | None:
+        return self.store.get(saga_id)
+
+    def history(self, saga_id: str) -> list[AuditEntry]:
+        """The saga's audit trail (every node's entries), oldest first."""
+        return saga_history(self._tm.log_directory, self._tm.shared_log, saga_id)
+
+    def act(self, saga_id: str, what: str, *, force: bool, actor: str) -> SagaResult:
+        """``retry``: run the saga on now; ``abort``: stop going forward and compensate (with
+        ``force``, abandon a stuck compensation: the saga ends ``failed``)."""
+        record = self.store.get(saga_id)
+        if record is None:
+            raise SagaError(f"no saga {saga_id!r} in this log")
+        if record.final:
+            raise SagaRefused(f"saga {saga_id} is already {record.state}")
+        if record.name not in self.sagas:
+            raise SagaRefused(f"saga {record.name!r} is not registered with this manager")
+        if what == "abort" and record.state == "compensating" and not force:
+            raise SagaRefused(
+                f"saga {saga_id} is already compensating: retry it, or abandon its"
+                " compensation with --force (it then ends failed, for you to clean up)"
+            )
+        claimed = self._claim(saga_id, actor, force=force)
+        if claimed is None:
+            raise SagaRefused(
+                f"saga {saga_id} is being run by a live process (node {record.node}); it is"
+                " left to it" + ("" if force else " (--force takes it over with a shared log)")
+            )
+        rec = claimed.record
+        self._audit.record(
+            saga_id,
+            "",
+            rec.step,
+            f"saga-{what}",
+            "by hand" + (" (forced)" if force else ""),
+            rec.state,
+            actor,
+        )
+        if what == "abort":
+            if rec.state == "compensating":
+                self._save(
+                    claimed,
+                    force=True,
+                    state="failed",
+                    stuck=False,
+                    error=rec.error + " (compensation abandoned by an operator)",
+                )
+                self.store.release(claimed.claim)
+                with self._lock:
+                    self._running.discard(saga_id)
+                return result_of(claimed.record)
+            step = claimed.saga.step_named(rec.step)
+            attempted = [*rec.done] + (
+                [rec.step] if step is not None and rec.step not in rec.done else []
+            )
+            self._save(
+                claimed,
+                force=True,
+                state="compensating",
+                error="aborted by an operator",
+                to_compensate=tuple(reversed(attempted)),
+            )
+        else:
+            self._stuck_next.pop(saga_id, None)
+            claimed.record = claimed.record.with_(stuck=False)
+        return self._drive(claimed)
+
+    def close(self) -> None:
+        self.store.close()
+        self._audit.close()
+
+
+_NOTE = {
+    "run": "",
+    "duplicate": "barrier: done before (duplicate), skipped",
+    "hanging": "barrier: compensated before, action skipped",
+    "empty": "barrier: the action never committed (empty compensation)",
+}

@@ -1,0 +1,519 @@
+"""Durable saga state, next to the coordinator log: a file per saga, or a shared table.
+
+A saga's record is one small JSON document (name, key, payload, direction, the steps done
+and compensated, the owner node, the last error), rewritten whole at each transition.
+
+**File store** (the log is a directory): ``<log>/sagas.d/<file id>.saga``, append-only,
+framed like the coordinator log (``<len:u32><crc32:u32><json>``); the last good frame is the
+saga's state, a torn tail is ignored. The file id is the saga id without its last part, and
+for a saga run with a key it is made from a hash of (saga name, key): creating the file is
+the key's claim. It is created complete (written and fsynced under a temporary name, then
+``link()``ed into place, which fails if the name exists), so nobody ever sees a half-made
+saga. The process that runs a saga holds an ``flock`` on its file for as long as it runs
+it: the kernel drops it when the process dies, however it dies, so "the lock can be taken"
+proves the owner is dead, as for the node logs (``xatm._filelog``), and only one process at
+a time can hold it. Forced writes (start, change of direction, end) are fsynced; the
+others (each step done) are plain ``write`` calls (they survive a process crash; losing one
+to an OS crash only makes recovery run that step again, which its barrier turns into a
+no-op).
+
+**Shared store** (the log is ``postgresql://``): table ``<schema>.sagas`` of the shared log
+(migration 2 of ``xatm._pglog``). The key's claim is the insert (a unique index on (name,
+key hash)); the owner is the ``node_id`` column, alive while its node lock is held (as for
+2PC); a recoverer claims a dead owner's saga with a conditional ``UPDATE ... WHERE
+node_id = <old owner>``, so exactly one wins; every write is conditional on still owning the
+saga. Unforced writes commit with ``synchronous_commit = off``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import secrets
+import struct
+import threading
+import time
+import zlib
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Protocol
+
+import psycopg
+from psycopg import sql
+
+from ._saga import FINAL_STATES, SagaTakenOver
+from ._urls import ResourceSpec, redact
+from .errors import LogError
+
+logger = logging.getLogger("xatm.saga")
+
+SAGA_DIR = "sagas.d"
+_HEADER = struct.Struct("<II")
+_MAX_FRAME = 1 << 24
+
+
+@dataclass(frozen=True)
+class SagaRecord:
+    """The durable state of one saga."""
+
+    saga_id: str
+    name: str
+    key: str | None
+    node: str  # the node that owns (runs) it
+    state: str  # running | compensating | completed | compensated | failed
+    data: Any
+    done: tuple[str, ...] = ()  # steps whose action committed, in order
+    compensated: tuple[str, ...] = ()  # steps whose compensation committed (or was empty)
+    to_compensate: tuple[str, ...] = ()  # steps to undo, in reverse order (set on abort)
+    step: str = ""  # the step it is at (for people)
+    error: str = ""
+    stuck: bool = False  # a compensation keeps failing: recovery retries, operators look
+    created_at: float = field(default_factory=time.time)
+    updated_at: float = field(default_factory=time.time)
+
+    @property
+    def final(self) -> bool:
+        return self.state in FINAL_STATES
+
+    def with_(self, **changes: Any) -> SagaRecord:
+        return replace(self, updated_at=time.time(), **changes)
+
+    def encode(self) -> bytes:
+        body = asdict(self)
+        for k in ("done", "compensated", "to_compensate"):
+            body[k] = list(body[k])
+        return json.dumps(body, separators=(",", ":"), sort_keys=True).encode("utf-8")
+
+    @classmethod
+    def decode(cls, payload: bytes | str) -> SagaRecord:
+        body = json.loads(payload)
+        if not isinstance(body, dict):
+            raise ValueError("a saga record is not a JSON object")
+        return cls(
+            saga_id=str(body["saga_id"]),
+            name=str(body["name"]),
+            key=None if body.get("key") is None else str(body["key"]),
+            node=str(body["node"]),
+            state=str(body["state"]),
+            data=body.get("data"),
+            done=tuple(str(s) for s in body.get("done", ())),
+            compensated=tuple(str(s) for s in body.get("compensated", ())),
+            to_compensate=tuple(str(s) for s in body.get("to_compensate", ())),
+            step=str(body.get("step", "")),
+            error=str(body.get("error", "")),
+            stuck=bool(body.get("stuck", False)),
+            created_at=float(body.get("created_at", 0.0)),
+            updated_at=float(body.get("updated_at", 0.0)),
+        )
+
+
+def key_hash(name: str, key: str) -> str:
+    return hashlib.sha256(f"{name}\0{key}".encode()).hexdigest()
+
+
+def new_saga_id(name: str, key: str | None) -> str:
+    """``<name>.<24 hex: hash of the key, or random>.<8 hex random>`` (at most 64 bytes)."""
+    middle = key_hash(name, key)[:24] if key is not None else secrets.token_hex(12)
+    return f"{name}.{middle}.{secrets.token_hex(4)}"
+
+
+def file_id(saga_id: str) -> str:
+    return saga_id.rsplit(".", 1)[0]
+
+
+class Claim(Protocol):
+    """The right to write one saga's record (held by the process that runs it)."""
+
+    saga_id: str
+
+
+class SagaStore(Protocol):
+    """Where saga records live; see the module docstring."""
+
+    def create(self, record: SagaRecord) -> Claim | None:
+        """Store a new saga, claimed by this process; None if its key is taken."""
+
+    def find_key(self, name: str, key: str) -> SagaRecord | None: ...
+
+    def get(self, saga_id: str) -> SagaRecord | None: ...
+
+    def claim(self, saga_id: str, *, force: bool = False) -> Claim | None:
+        """Take the saga over if its owner is dead (or if ``force``, where possible)."""
+
+    def read(self, claim: Claim) -> SagaRecord | None: ...
+
+    def save(self, claim: Claim, record: SagaRecord, *, force: bool) -> None: ...
+
+    def release(self, claim: Claim) -> None: ...
+
+    def owner_alive(self, record: SagaRecord) -> bool: ...
+
+    def records(self, *, include_final: bool = False) -> list[SagaRecord]: ...
+
+    def prune(self, retention: float) -> int: ...
+
+    def close(self) -> None: ...
+
+
+# -- the file store --------------------------------------------------------------------------
+@dataclass(eq=False)
+class FileClaim:
+    saga_id: str
+    fd: int
+    path: Path
+
+
+def _frame(record: SagaRecord) -> bytes:
+    payload = record.encode()
+    return _HEADER.pack(len(payload), zlib.crc32(payload)) + payload
+
+
+def _last_record(data: bytes) -> SagaRecord | None:
+    pos, last = 0, None
+    while pos + _HEADER.size <= len(data):
+        length, crc = _HEADER.unpack_from(data, pos)
+        end = pos + _HEADER.size + length
+        if length == 0 or length > _MAX_FRAME or end > len(data):
+            break
+        payload = data[pos + _HEADER.size : end]
+        if zlib.crc32(payload) != crc:
+            break
+        try:
+            last = SagaRecord.decode(payload)
+        except (ValueError, KeyError, TypeError):
+            break
+        pos = end
+    return last
+
+
+def _try_lock(fd: int) -> bool:
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except OSError as e:
+        if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            return False
+        raise
+
+
+class FileSagaStore:
+    """Saga records as files under ``<log>/sagas.d`` (see the module docstring)."""
+
+    def __init__(self, log_directory: str | os.PathLike[str]) -> None:
+        self.directory = Path(log_directory) / SAGA_DIR
+        self._final: set[str] = set()  # files known to hold a final state
+        self._lock = threading.Lock()
+
+    def _ensure_dir(self) -> None:
+        try:
+            self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        except OSError as e:
+            raise LogError(f"cannot create the saga directory {self.directory}: {e}") from e
+
+    def path(self, saga_id: str) -> Path:
+        return self.directory / f"{file_id(saga_id)}.saga"
+
+    def create(self, record: SagaRecord) -> FileClaim | None:
+        self._ensure_dir()
+        tmp = self.directory / f"tmp-{secrets.token_hex(8)}"
+        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_CLOEXEC, 0o600)
+        try:
+            if not _try_lock(fd):  # nobody else knows this name
+                raise LogError(f"cannot lock {tmp}")
+            os.write(fd, _frame(record))
+            os.fsync(fd)
+            path = self.path(record.saga_id)
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                os.close(fd)
+                fd = -1
+                return None
+            _fsync_dir(self.directory)
+            return FileClaim(record.saga_id, fd, path)
+        except OSError as e:
+            if fd >= 0:
+                os.close(fd)
+            raise LogError(f"cannot write the saga record {record.saga_id}: {e}") from e
+        finally:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+
+    def _read_path(self, path: Path) -> SagaRecord | None:
+        try:
+            return _last_record(path.read_bytes())
+        except FileNotFoundError:
+            return None
+
+    def find_key(self, name: str, key: str) -> SagaRecord | None:
+        return self._read_path(self.directory / f"{name}.{key_hash(name, key)[:24]}.saga")
+
+    def get(self, saga_id: str) -> SagaRecord | None:
+        record = self._read_path(self.path(saga_id))
+        return record if record is not None and record.saga_id == saga_id else None
+
+    def claim(self, saga_id: str, *, force: bool = False) -> FileClaim | None:
+        path = self.path(saga_id)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return None
+        if not _try_lock(fd):  # a live process runs it; ``force`` cannot break an flock
+            os.close(fd)
+            return None
+        return FileClaim(saga_id, fd, path)
+
+    def read(self, claim: Claim) -> SagaRecord | None:
+        assert isinstance(claim, FileClaim)
+        return self.get(claim.saga_id)
+
+    def save(self, claim: Claim, record: SagaRecord, *, force: bool) -> None:
+        assert isinstance(claim, FileClaim)
+        try:
+            os.write(claim.fd, _frame(record))
+            if force:
+                os.fsync(claim.fd)
+        except OSError as e:
+            raise LogError(f"cannot write the saga record {record.saga_id}: {e}") from e
+
+    def release(self, claim: Claim) -> None:
+        assert isinstance(claim, FileClaim)
+        if claim.fd >= 0:
+            os.close(claim.fd)  # drops the flock
+            claim.fd = -1
+
+    def owner_alive(self, record: SagaRecord) -> bool:
+        """True if a live process holds the saga's lock (probed and released at once)."""
+        probe = self.claim(record.saga_id)
+        if probe is None:
+            return self.path(record.saga_id).exists()
+        self.release(probe)
+        return False
+
+    def _files(self) -> Iterator[Path]:
+        if self.directory.is_dir():
+            yield from sorted(self.directory.glob("*.saga"))
+
+    def records(self, *, include_final: bool = False) -> list[SagaRecord]:
+        out = []
+        for path in self._files():
+            if not include_final and path.name in self._final:
+                continue
+            record = self._read_path(path)
+            if record is None:
+                continue
+            if record.final:
+                with self._lock:
+                    self._final.add(path.name)
+                if not include_final:
+                    continue
+            out.append(record)
+        return out
+
+    def prune(self, retention: float) -> int:
+        """Delete final sagas older than ``retention`` seconds (their keys become free)."""
+        cutoff = time.time() - retention
+        removed = 0
+        for path in self._files():
+            with contextlib.suppress(OSError):
+                if path.stat().st_mtime >= cutoff:
+                    continue
+                record = self._read_path(path)
+                if record is not None and record.final:
+                    path.unlink()
+                    removed += 1
+                    with self._lock:
+                        self._final.discard(path.name)
+        if self.directory.is_dir():
+            for tmp in self.directory.glob("tmp-*"):
+                with contextlib.suppress(OSError):
+                    if tmp.stat().st_mtime < time.time() - 3600:
+                        tmp.unlink()
+        return removed
+
+    def close(self) -> None:
+        pass
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# -- the shared store ------------------------------------------------------------------------
+@dataclass(eq=False)
+class SharedClaim:
+    saga_id: str
+
+
+class PostgresSagaStore:
+    """Saga records in the shared log's ``sagas`` table (see the module docstring).
+
+    ``log`` is the manager's (or an inspector's) PostgresLog: its connection settings and
+    schema, and ``node_alive`` for owners' liveness."""
+
+    def __init__(self, log: Any, node_id: str) -> None:
+        self._log = log
+        self.spec: ResourceSpec = log.spec
+        self.node_id = node_id
+        self._ident = sql.Identifier(log.schema)
+        self._idle: list[psycopg.Connection[Any]] = []
+        self._lock = threading.Lock()
+
+    def _q(self, text: str) -> sql.Composed:
+        return sql.SQL(text).format(schema=self._ident)
+
+    @contextlib.contextmanager
+    def _conn(self) -> Iterator[psycopg.Connection[Any]]:
+        with self._lock:
+            conn = self._idle.pop() if self._idle else None
+        if conn is None or conn.closed or conn.broken:
+            s = self.spec
+            options: dict[str, Any] = dict(s.options)
+            options.setdefault("connect_timeout", "5")
+            options.setdefault("application_name", "xatm-sagas")
+            try:
+                conn = psycopg.connect(
+                    host=s.host,
+                    port=s.port,
+                    user=s.user,
+                    password=s.password,
+                    dbname=s.database,
+                    autocommit=True,
+                    **options,
+                )
+            except psycopg.Error as e:
+                raise LogError(
+                    f"cannot connect to the shared log {s.redacted()}: {redact(str(e)).strip()}"
+                ) from None
+        try:
+            yield conn
+        except psycopg.Error as e:
+            with contextlib.suppress(psycopg.Error):
+                conn.close()
+            raise LogError(f"the shared saga store failed: {redact(str(e)).strip()}") from None
+        else:
+            with self._lock:
+                if len(self._idle) < 8:
+                    self._idle.append(conn)
+                    conn = None
+            if conn is not None:
+                conn.close()
+
+    def create(self, record: SagaRecord) -> SharedClaim | None:
+        khash = key_hash(record.name, record.key) if record.key is not None else None
+        with self._conn() as conn:
+            row = conn.execute(
+                self._q(
+                    "INSERT INTO {schema}.sagas (saga_id, name, key_hash, node_id, state, body)"
+                    " VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT DO NOTHING RETURNING saga_id"
+                ),
+                (
+                    record.saga_id,
+                    record.name,
+                    khash,
+                    record.node,
+                    record.state,
+                    record.encode().decode(),
+                ),
+            ).fetchone()
+        return SharedClaim(record.saga_id) if row else None
+
+    def _one(self, where: str, params: tuple[Any, ...]) -> SagaRecord | None:
+        with self._conn() as conn:
+            row = conn.execute(
+                self._q("SELECT node_id, body FROM {schema}.sagas WHERE " + where), params
+            ).fetchone()
+        if row is None:
+            return None
+        return replace(SagaRecord.decode(row[1]), node=str(row[0]))
+
+    def find_key(self, name: str, key: str) -> SagaRecord | None:
+        return self._one("name = %s AND key_hash = %s", (name, key_hash(name, key)))
+
+    def get(self, saga_id: str) -> SagaRecord | None:
+        return self._one("saga_id = %s", (saga_id,))
+
+    def claim(self, saga_id: str, *, force: bool = False) -> SharedClaim | None:
+        record = self.get(saga_id)
+        if record is None:
+            return None
+        if record.node != self.node_id and not force and self._log.node_alive(record.node):
+            return None
+        with self._conn() as conn:
+            cur = conn.execute(
+                self._q(
+                    "UPDATE {schema}.sagas SET node_id = %s WHERE saga_id = %s AND node_id = %s"
+                ),
+                (self.node_id, saga_id, record.node),
+            )
+            return SharedClaim(saga_id) if cur.rowcount == 1 else None
+
+    def read(self, claim: Claim) -> SagaRecord | None:
+        return self.get(claim.saga_id)
+
+    def save(self, claim: Claim, record: SagaRecord, *, force: bool) -> None:
+        record = replace(record, node=self.node_id)
+        update = self._q(
+            "UPDATE {schema}.sagas SET state = %s, body = %s, updated_at = now()"
+            " WHERE saga_id = %s AND node_id = %s"
+        )
+        params = (record.state, record.encode().decode(), record.saga_id, self.node_id)
+        with self._conn() as conn:
+            if force:
+                count = conn.execute(update, params).rowcount
+            else:
+                with conn.transaction():
+                    conn.execute("SET LOCAL synchronous_commit TO OFF")
+                    count = conn.execute(update, params).rowcount
+        if count != 1:
+            raise SagaTakenOver(f"saga {record.saga_id} was taken over by another process")
+
+    def release(self, claim: Claim) -> None:
+        pass
+
+    def owner_alive(self, record: SagaRecord) -> bool:
+        return bool(self._log.node_alive(record.node))
+
+    def records(self, *, include_final: bool = False) -> list[SagaRecord]:
+        where = "" if include_final else " WHERE state IN ('running', 'compensating')"
+        with self._conn() as conn:
+            rows = conn.execute(
+                self._q("SELECT node_id, body FROM {schema}.sagas" + where + " ORDER BY created_at")
+            ).fetchall()
+        return [replace(SagaRecord.decode(b), node=str(n)) for n, b in rows]
+
+    def prune(self, retention: float) -> int:
+        with self._conn() as conn:
+            cur = conn.execute(
+                self._q(
+                    "DELETE FROM {schema}.sagas WHERE state IN ('completed', 'compensated',"
+                    " 'failed') AND updated_at < now() - %s * interval '1 second'"
+                ),
+                (retention,),
+            )
+            return cur.rowcount
+
+    def close(self) -> None:
+        with self._lock:
+            idle, self._idle = self._idle, []
+        for conn in idle:
+            with contextlib.suppress(psycopg.Error):
+                conn.close()
+
+
+def open_store(log_directory: str | None, shared_log: Any, node_id: str) -> SagaStore:
+    """The saga store that goes with a manager's (or an inspector's) coordinator log."""
+    if shared_log is not None:
+        return PostgresSagaStore(shared_log, node_id)
+    assert log_directory is not None
+    return FileSagaStore(log_directory)
