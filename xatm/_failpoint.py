@@ -14,6 +14,14 @@ reaches that step. The names, in protocol order:
 ``after_first_commit``  one branch is committed; the others are prepared, or committed too
                         (phase 2 runs the branches in parallel)
 
+Inside sagas (``xatm._saga_runner``; the saga crash matrix, ``SAGA_NAMES``):
+
+``saga_after_barrier``       a step's barrier rows are inserted; its body has not run and its
+                             transaction is open
+``saga_after_step``          a step's transaction committed; the saga's record does not say so
+``saga_after_compensation``  a compensation committed (the first one: mid-compensation); the
+                             saga's record does not say so
+
 ``XATM_FAILPOINT=<name>:stop`` stops the process with SIGSTOP instead (a paused coordinator:
 resume it with SIGCONT). The variable is read once, at import: when unset, a failpoint costs
 one comparison.
@@ -25,6 +33,7 @@ import os
 import signal
 
 NAMES = ("before_prepare", "after_prepare", "after_decision", "after_first_commit")
+SAGA_NAMES = ("saga_after_barrier", "saga_after_step", "saga_after_compensation")
 # before_decision is valid too, but not in NAMES: it is the crash matrix's after_prepare state
 
 _SETTING = (os.environ.get("XATM_FAILPOINT") or "").partition(":")

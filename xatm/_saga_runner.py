@@ -238,6 +238,7 @@ class SagaRunner:
                 return None
             self._running.add(saga_id)  # reserved while it is claimed
         try:
+            before = self.store.get(saga_id)
             claim = self.store.claim(saga_id, force=force)
             if claim is None:
                 with self._lock:
@@ -253,13 +254,14 @@ class SagaRunner:
             with self._lock:
                 self._running.discard(saga_id)
             return None
-        if record.node != self.node_id and not record.final:
+        owner = before.node if before is not None else record.node
+        if owner != self.node_id and not record.final:
             self._audit.record(
                 saga_id,
                 "",
                 record.step,
                 "saga-takeover",
-                f"owner {record.node} is dead",
+                f"owner {owner} is dead",
                 "claimed",
                 actor,
             )
