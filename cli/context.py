@@ -86,6 +86,7 @@ class Context:
                 node,
                 settings.timeout,
                 commit_markers=settings.commit_markers,
+                sagas=settings.extra.get("sagas", ()),
                 **kwargs,
             )
         except LogLocked:

@@ -15,7 +15,7 @@ from typing import Any
 
 import click
 
-from cli import act, look
+from cli import act, look, sagas
 from cli.context import Context
 from xatm import XatmError, redact
 
@@ -95,6 +95,8 @@ for _command in (
     act.commit,
     act.rollback,
     look.log,
+    sagas.sagas,
+    sagas.saga,
 ):
     main.add_command(_command)
 

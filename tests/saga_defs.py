@@ -51,3 +51,18 @@ both.step(
     resources=["pg1", "maria"],
 )
 both.step("finish", action=finish, resources=["pg1"])
+
+
+def fragile_refund(tx: Any, d: dict[str, Any]) -> None:
+    """A compensation that fails while the file named by ``d["broken"]`` exists."""
+    import os
+
+    if os.path.exists(d["broken"]):
+        raise RuntimeError("the refund service is down")
+    refund(tx, d)
+
+
+# a saga whose compensation can be broken on purpose (stuck sagas, for operators)
+fragile = Saga("fragile", compensation_attempts=2, backoff=0.01, max_backoff=0.05)
+fragile.step("debit", action=debit, compensation=fragile_refund, resources=["pg1"])
+fragile.step("finish", action=finish, resources=["pg1"])

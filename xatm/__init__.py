@@ -36,6 +36,7 @@ from ._resolve import Resolution, ResolutionRefused
 from ._saga import Saga, SagaAbort, SagaError, SagaInProgress, SagaResult, SagaTakenOver
 from ._saga_runner import SagaRecoveryReport, SagaRefused
 from ._saga_store import SagaRecord
+from ._saga_view import SagaInfo, SagaView, validate_saga_id
 from ._sweeper import ResourceBackoff, Sweeper, SweeperSettings, SweeperStatus, sweeper_settings
 from ._transaction import BranchState, Transaction, TransactionState
 from ._urls import ResourceSpec, parse_url, redact
@@ -85,11 +86,13 @@ __all__ = [
     "SagaAbort",
     "SagaError",
     "SagaInProgress",
+    "SagaInfo",
     "SagaRecord",
     "SagaRecoveryReport",
     "SagaRefused",
     "SagaResult",
     "SagaTakenOver",
+    "SagaView",
     "SegmentInfo",
     "Settings",
     "Sweeper",
@@ -112,4 +115,5 @@ __all__ = [
     "redact",
     "sweeper_settings",
     "validate_gtrid",
+    "validate_saga_id",
 ]

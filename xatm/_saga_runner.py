@@ -179,7 +179,13 @@ class SagaRunner:
         except (TypeError, ValueError) as e:
             raise ConfigurationError(f"saga {name!r}: data must be JSON: {e}") from None
         record = SagaRecord(
-            new_saga_id(name, key), name, key, self.node_id, "running", payload, step=""
+            new_saga_id(name, key),
+            name,
+            key,
+            self.node_id,
+            "running",
+            payload,
+            step=saga.steps[0].name,
         )
         with self._lock:
             self._running.add(record.saga_id)
@@ -301,8 +307,9 @@ class SagaRunner:
             c.record = c.record.with_(step=step.name)
         out = self._attempt(c, step, "action")
         if out.ok and out.barrier in ("run", "duplicate"):
-            self._save(c, force=False, done=(*c.record.done, step.name))
             _failpoint.hit("saga_after_step")
+            following = pending[1].name if len(pending) > 1 else ""
+            self._save(c, force=False, done=(*c.record.done, step.name), step=following)
             return
         reason = out.error or f"step {step.name!r} was compensated before its action ran"
         attempted = [*c.record.done, step.name]
@@ -312,6 +319,7 @@ class SagaRunner:
             state="compensating",
             error=reason,
             to_compensate=tuple(reversed(attempted)),
+            step=step.name,
         )
         self._audit.record(
             rec.saga_id,
@@ -354,8 +362,10 @@ class SagaRunner:
                     out.error,
                 )
                 return False
-            self._save(c, force=False, compensated=(*c.record.compensated, name), stuck=False)
             _failpoint.hit("saga_after_compensation")
+            done = (*c.record.compensated, name)
+            following = next((s for s in c.record.to_compensate if s not in done), "")
+            self._save(c, force=False, compensated=done, stuck=False, step=following)
         self._save(c, force=True, state="compensated", step="", stuck=False)
         self._audit.record(
             c.record.saga_id, "", "", "saga-end", c.record.error, "compensated", c.actor

@@ -49,7 +49,7 @@ from psycopg import sql
 
 from ._saga import FINAL_STATES, SagaTakenOver
 from ._urls import ResourceSpec, redact
-from .errors import LogError
+from .errors import ConfigurationError, LogError
 
 logger = logging.getLogger("xatm.saga")
 
@@ -217,6 +217,8 @@ class FileSagaStore:
             raise LogError(f"cannot create the saga directory {self.directory}: {e}") from e
 
     def path(self, saga_id: str) -> Path:
+        if "/" in saga_id or saga_id.startswith("."):  # never a path outside the directory
+            raise ConfigurationError(f"not a saga id: {saga_id[:80]!r}")
         return self.directory / f"{file_id(saga_id)}.saga"
 
     def create(self, record: SagaRecord) -> FileClaim | None:
