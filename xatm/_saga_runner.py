@@ -402,6 +402,8 @@ class SagaRunner:
                 )
                 return _Outcome(True, barrier)
             text = _describe(error)
+            if isinstance(error, TransactionInDoubt):
+                self._settle(c.actor)
             retry = attempt < limit and (compensating or is_transient(error))
             self._audit.record(
                 saga_id,
@@ -415,6 +417,14 @@ class SagaRunner:
             if not retry:
                 return _Outcome(False, error=f"{op} of step {step.name!r} failed: {text}")
             self._sleep(min(saga.max_backoff, saga.backoff * 2 ** (attempt - 1)))
+
+    def _settle(self, actor: str) -> None:
+        """A step's transaction ended in doubt: its branches may hold the barrier rows'
+        locks until recovery settles them, so run a recovery pass before trying again."""
+        try:
+            self._tm.recover(actor=actor)
+        except XatmError as e:
+            logger.warning("sagas: the recovery pass after an in-doubt step failed: %s", e)
 
     def _transaction(
         self, c: _Claimed, step: Step, op: str, fn: Callable[[Any, Any], object]
