@@ -2,8 +2,9 @@
 
 MODE ``one``: run one saga (``saga``, ``data``, ``key`` from CONFIG), print its result as
 JSON, exit 0 (or die at the failpoint named by XATM_FAILPOINT). MODE ``chaos``: run
-transfer sagas in several threads until killed or until the deadline; each key is written to
-the intents file before its saga starts (some twice), and ``<key> <state>`` to the acks file
+transfer sagas in several threads until killed or until the deadline; each key (a JSON line
+with its payload) is written to the intents file before its saga starts (some keys twice,
+also keys of earlier workers: ``again``), and ``<key> <state>`` to the acks file
 once ``run_saga`` returned (both straight to the OS: a SIGKILL loses nothing written).
 
 CONFIG is JSON: {"urls": {...}, "log": DIR or URL, "node_id": ..., "table": ...,
@@ -50,7 +51,8 @@ def chaos(cfg: dict[str, Any]) -> int:
     tm.recover()
     counter = iter(range(10**9))
     lock = threading.Lock()
-    recent: list[tuple[str, dict[str, Any]]] = []
+    # keys to submit again: from this worker, and from earlier (killed) workers
+    recent: list[tuple[str, dict[str, Any]]] = [(k, d) for k, d in cfg.get("again", [])]
 
     def work(seed: int) -> None:
         r = random.Random(seed)
@@ -78,7 +80,8 @@ def chaos(cfg: dict[str, Any]) -> int:
                 with lock:
                     recent.append((key, data))
                     del recent[:-20]
-            os.write(intents, f"{key}\n".encode())
+            line = json.dumps({"key": key, "data": data}, separators=(",", ":"))
+            os.write(intents, (line + "\n").encode())
             try:
                 result = tm.run_saga("transfer", data=data, key=key, wait=5)
             except Exception:  # every failure is fine: it just is not acked
