@@ -297,7 +297,7 @@ class SagaRunner:
         saga, rec = c.saga, c.record
         pending = [s for s in saga.steps if s.name not in rec.done]
         if not pending:
-            self._save(c, force=True, state="completed", step="")
+            self._save(c, force=False, state="completed", step="")
             self._audit.record(
                 rec.saga_id, "", "", "saga-end", "every step done", "completed", c.actor
             )
@@ -366,7 +366,7 @@ class SagaRunner:
             done = (*c.record.compensated, name)
             following = next((s for s in c.record.to_compensate if s not in done), "")
             self._save(c, force=False, compensated=done, stuck=False, step=following)
-        self._save(c, force=True, state="compensated", step="", stuck=False)
+        self._save(c, force=False, state="compensated", step="", stuck=False)
         self._audit.record(
             c.record.saga_id, "", "", "saga-end", c.record.error, "compensated", c.actor
         )

@@ -12,10 +12,11 @@ the key's claim. It is created complete (written and fsynced under a temporary n
 saga. The process that runs a saga holds an ``flock`` on its file for as long as it runs
 it: the kernel drops it when the process dies, however it dies, so "the lock can be taken"
 proves the owner is dead, as for the node logs (``xatm._filelog``), and only one process at
-a time can hold it. Forced writes (start, change of direction, end) are fsynced; the
-others (each step done) are plain ``write`` calls (they survive a process crash; losing one
-to an OS crash only makes recovery run that step again, which its barrier turns into a
-no-op).
+a time can hold it. Forced writes (the start, the change of direction, a stuck compensation)
+are fsynced, and the directory too after a creation (one fsync for the links made
+concurrently: group commit); the others (each step done, the end) are plain ``write`` calls
+(they survive a process crash; losing one to an OS crash only makes recovery run those steps
+again, which their barriers turn into no-ops, to the same end).
 
 **Shared store** (the log is ``postgresql://``): table ``<schema>.sagas`` of the shared log
 (migration 2 of ``xatm._pglog``). The key's claim is the insert (a unique index on (name,
@@ -40,7 +41,7 @@ import threading
 import time
 import zlib
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -85,10 +86,23 @@ class SagaRecord:
         return replace(self, updated_at=time.time(), **changes)
 
     def encode(self) -> bytes:
-        body = asdict(self)
-        for k in ("done", "compensated", "to_compensate"):
-            body[k] = list(body[k])
-        return json.dumps(body, separators=(",", ":"), sort_keys=True).encode("utf-8")
+        body = {
+            "saga_id": self.saga_id,
+            "name": self.name,
+            "key": self.key,
+            "node": self.node,
+            "state": self.state,
+            "data": self.data,
+            "done": list(self.done),
+            "compensated": list(self.compensated),
+            "to_compensate": list(self.to_compensate),
+            "step": self.step,
+            "error": self.error,
+            "stuck": self.stuck,
+            "created_at": self.created_at,
+            "updated_at": self.updated_at,
+        }
+        return json.dumps(body, separators=(",", ":")).encode("utf-8")
 
     @classmethod
     def decode(cls, payload: bytes | str) -> SagaRecord:
@@ -209,6 +223,11 @@ class FileSagaStore:
         self.directory = Path(log_directory) / SAGA_DIR
         self._final: set[str] = set()  # files known to hold a final state
         self._lock = threading.Lock()
+        # group commit of the directory's fsync: one fsync covers every link made before it
+        self._dir_cond = threading.Condition(threading.Lock())
+        self._dir_asked = 0
+        self._dir_synced = 0
+        self._dir_syncing = False
 
     def _ensure_dir(self) -> None:
         try:
@@ -237,7 +256,7 @@ class FileSagaStore:
                 os.close(fd)
                 fd = -1
                 return None
-            _fsync_dir(self.directory)
+            self._sync_dir()
             return FileClaim(record.saga_id, fd, path)
         except OSError as e:
             if fd >= 0:
@@ -246,6 +265,26 @@ class FileSagaStore:
         finally:
             with contextlib.suppress(OSError):
                 tmp.unlink()
+
+    def _sync_dir(self) -> None:
+        """Make the links made so far durable (fsync of the directory, shared by the
+        concurrent callers: the first one leads, the others wait for its fsync)."""
+        with self._dir_cond:
+            self._dir_asked += 1
+            mine = self._dir_asked
+            while self._dir_synced < mine:
+                if self._dir_syncing:
+                    self._dir_cond.wait()
+                    continue
+                self._dir_syncing, target = True, self._dir_asked
+                self._dir_cond.release()
+                try:
+                    _fsync_dir(self.directory)
+                finally:
+                    self._dir_cond.acquire()
+                    self._dir_syncing = False
+                    self._dir_cond.notify_all()
+                self._dir_synced = max(self._dir_synced, target)
 
     def _read_path(self, path: Path) -> SagaRecord | None:
         try:
