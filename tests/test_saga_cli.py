@@ -162,3 +162,13 @@ def test_bad_saga_ids_are_usage_mistakes(config: Path) -> None:
         assert "not a saga id" in result.output
     unknown = xatm(config, "saga", "show", "transfer." + "0" * 24 + ".00000000")
     assert unknown.exit_code == 1 and "no saga" in unknown.output
+
+
+def test_recover_finishes_a_dead_saga_and_says_so(config: Path, bank: Bank, tmp_path: Path) -> None:
+    saga_id = crashed_saga(bank, tmp_path, "c3")
+    result = xatm(config, "recover")
+    assert result.exit_code == 0, result.output
+    assert f"sagas: 1 finished ({saga_id} completed), 0 left" in result.output
+    assert bank.balance("pg1", 1) == 995 and bank.balance("maria", 2) == 1005
+    again = json.loads(xatm(config, "recover", "--json").output)
+    assert again["sagas"] == {"finished": [], "left": []}

@@ -322,3 +322,23 @@ def test_sagas_on_the_shared_log(make_tm: MakeTM, bank: Bank, log_url: str) -> N
     record = b.saga(done.saga_id)
     assert record is not None and record.state == "completed" and record.node == "sa"
     assert [e.action for e in b.sagas.history(done.saga_id)][-1] == "saga-end"
+
+
+def test_the_sweeper_finishes_a_dead_owners_saga(make_tm: MakeTM, bank: Bank) -> None:
+    """A saga left by a dead owner (its record made, nothing run) is finished by another
+    manager's background sweeper, without anyone calling recover()."""
+    from tests.recovery_support import wait_for
+    from xatm._saga_store import FileSagaStore, SagaRecord
+
+    tm = make_tm(node_id="owner", sweeper=False, sagas=[saga_defs.transfer])
+    store = tm.sagas.store
+    assert isinstance(store, FileSagaStore)
+    saga_id = "transfer." + "5" * 24 + ".00000000"
+    claim = store.create(
+        SagaRecord(saga_id, "transfer", None, "gone", "running", payload(bank, "sw"))
+    )
+    assert claim is not None
+    store.release(claim)  # its owner died
+    sweeping = make_tm(node_id="sweeper", sweep_interval=0.2, sagas=[saga_defs.transfer])
+    wait_for(lambda: (r := sweeping.saga(saga_id)) is not None and r.final, what="the sweeper")
+    assert bank.balance("pg1", 1) == 995 and bank.balance("maria", 2) == 1005

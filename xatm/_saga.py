@@ -173,7 +173,8 @@ class SagaResult:
     """What a run of a saga came to (also what ``tm.saga(saga_id)`` reports).
 
     ``state``: ``completed`` (every step done), ``compensated`` (it ended early and every
-    step done was undone), ``failed`` (a compensation could not succeed: the saga is left
+    step done was undone; ``compensated`` lists the steps undone, in order, including those
+    that had nothing to undo), ``failed`` (a compensation could not succeed: the saga is left
     for recovery and an operator, see ``xatm sagas``), or, when read while it runs,
     ``running`` / ``compensating``."""
 

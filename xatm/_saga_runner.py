@@ -165,6 +165,8 @@ class SagaRunner:
         self._stuck_next: dict[str, float] = {}
         self._last_prune = -PRUNE_EVERY
         self._sleep: Callable[[float], None] = time.sleep
+        #: what the last recovery pass did (``xatm recover`` prints it)
+        self.last_report: SagaRecoveryReport | None = None
 
     # -- running ----------------------------------------------------------------------------
     def run(self, name: str, data: Any, key: str | None, *, wait: float, actor: str) -> SagaResult:
@@ -494,7 +496,8 @@ class SagaRunner:
                 self.store.prune(self.retention)
             except XatmError as e:
                 logger.warning("sagas: pruning failed: %s", e)
-        return SagaRecoveryReport(tuple(finished), tuple(left))
+        self.last_report = SagaRecoveryReport(tuple(finished), tuple(left))
+        return self.last_report
 
     # -- operators --------------------------------------------------------------------------
     def get(self, saga_id: str) -> SagaRecord | None:
