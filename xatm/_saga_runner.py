@@ -215,6 +215,8 @@ class SagaRunner:
         while True:
             record = self.store.find_key(saga.name, key)
             if record is None:  # pruned in between: rare; look again
+                if time.monotonic() >= deadline:
+                    raise SagaError(f"saga {saga.name!r}: the record of key {key!r} is gone")
                 time.sleep(delay)
                 continue
             if record.final or record.stuck:

@@ -7,9 +7,11 @@ and compensated, the owner node, the last error), rewritten whole at each transi
 framed like the coordinator log (``<len:u32><crc32:u32><json>``); the last good frame is the
 saga's state, a torn tail is ignored. The file id is the saga id without its last part, and
 for a saga run with a key it is made from a hash of (saga name, key): creating the file is
-the key's claim. It is created complete (written and fsynced under a temporary name, then
-``link()``ed into place, which fails if the name exists), so nobody ever sees a half-made
-saga. The process that runs a saga holds an ``flock`` on its file for as long as it runs
+the key's claim. It is created complete (written under a temporary name, then ``link()``ed
+into place, which fails if the name exists), so nobody ever sees a half-made saga; it is
+fsynced right after the link, before any step runs (a file without a record, which only an
+operating-system crash during a creation can leave, is removed by the next creation of that
+name). The process that runs a saga holds an ``flock`` on its file for as long as it runs
 it: the kernel drops it when the process dies, however it dies, so "the lock can be taken"
 proves the owner is dead, as for the node logs (``xatm._filelog``), and only one process at
 a time can hold it. Forced writes (the start, the change of direction, a stuck compensation)
@@ -242,20 +244,26 @@ class FileSagaStore:
 
     def create(self, record: SagaRecord) -> FileClaim | None:
         self._ensure_dir()
+        path = self.path(record.saga_id)
         tmp = self.directory / f"tmp-{secrets.token_hex(8)}"
         fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_CLOEXEC, 0o600)
         try:
             if not _try_lock(fd):  # nobody else knows this name
                 raise LogError(f"cannot lock {tmp}")
+            # complete before it gets its name, so no reader ever sees it half made
             os.write(fd, _frame(record))
+            while True:
+                try:
+                    os.link(tmp, path)
+                    break
+                except FileExistsError:
+                    if not self._remove_unborn(path):
+                        os.close(fd)
+                        fd = -1
+                        return None
+            # durable after its name: one fsync covers the file and its link (the journal
+            # commit of most file systems); the directory's fsync makes sure of the link
             os.fsync(fd)
-            path = self.path(record.saga_id)
-            try:
-                os.link(tmp, path)
-            except FileExistsError:
-                os.close(fd)
-                fd = -1
-                return None
             self._sync_dir()
             return FileClaim(record.saga_id, fd, path)
         except OSError as e:
@@ -265,6 +273,25 @@ class FileSagaStore:
         finally:
             with contextlib.suppress(OSError):
                 tmp.unlink()
+
+    def _remove_unborn(self, path: Path) -> bool:
+        """A file with no record under a saga's name: what an operating-system crash can
+        leave of a creation whose fsyncs did not finish (so none of its steps ran). Remove
+        it (under its lock) and return True; False if the name holds a saga."""
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return True
+        try:
+            if not _try_lock(fd):
+                return False  # a live creator or owner holds it
+            if self._read_path(path) is not None:
+                return False
+            path.unlink()
+            logger.warning("removed %s: a saga record that never became durable", path)
+            return True
+        finally:
+            os.close(fd)
 
     def _sync_dir(self) -> None:
         """Make the links made so far durable (fsync of the directory, shared by the
