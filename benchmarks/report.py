@@ -141,15 +141,16 @@ def saga_table(summaries: Sequence[Summary]) -> str:
     """Sagas per second and client CPU per saga, and the ratio to ``onepc`` (dtm: 0.29x)."""
     onepc = {s.clients: s.tps for s in summaries if s.mode == "onepc"}
     lines = [
-        "| clients | sagas/s | client CPU ms/saga | onepc tx/s | x onepc |",
-        "|---:|---:|---:|---:|---:|",
+        "| clients | mode | sagas/s | client CPU ms/saga | onepc tx/s | x onepc |",
+        "|---:|---|---:|---:|---:|---:|",
     ]
-    for s in sorted((s for s in summaries if s.mode == "xatm-saga"), key=lambda s: s.clients):
+    sagas = (s for s in summaries if s.mode.startswith("xatm-saga"))
+    for s in sorted(sagas, key=lambda s: (s.clients, s.mode)):
         base = onepc.get(s.clients)
         ratio = s.tps / base if base else None
         lines.append(
-            f"| {s.clients} | {s.tps:.0f} | {_f(s.cpu_ms_per_tx, '.2f')} | {_f(base, '.0f')}"
-            f" | {_f(ratio, '.2f')} |"
+            f"| {s.clients} | {s.mode} | {s.tps:.0f} | {_f(s.cpu_ms_per_tx, '.2f')}"
+            f" | {_f(base, '.0f')} | {_f(ratio, '.2f')} |"
         )
     return "\n".join(lines) if len(lines) > 2 else ""
 

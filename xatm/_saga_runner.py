@@ -271,7 +271,7 @@ class SagaRunner:
                 "",
                 record.step,
                 "saga-takeover",
-                f"owner {owner} is dead",
+                f"taken from {owner} by force" if force else f"owner {owner} is dead",
                 "claimed",
                 actor,
             )

@@ -25,7 +25,7 @@ again, which their barriers turn into no-ops, to the same end).
 key hash)); the owner is the ``node_id`` column, alive while its node lock is held (as for
 2PC); a recoverer claims a dead owner's saga with a conditional ``UPDATE ... WHERE
 node_id = <old owner>``, so exactly one wins; every write is conditional on still owning the
-saga. Unforced writes commit with ``synchronous_commit = off``.
+saga. Unforced writes go through connections set to ``synchronous_commit = off``.
 """
 
 from __future__ import annotations
@@ -434,16 +434,18 @@ class PostgresSagaStore:
         self.spec: ResourceSpec = log.spec
         self.node_id = node_id
         self._ident = sql.Identifier(log.schema)
-        self._idle: list[psycopg.Connection[Any]] = []
+        # idle connections: synchronous commits, and (for unforced writes) asynchronous ones
+        self._idle: dict[bool, list[psycopg.Connection[Any]]] = {True: [], False: []}
         self._lock = threading.Lock()
 
     def _q(self, text: str) -> sql.Composed:
         return sql.SQL(text).format(schema=self._ident)
 
     @contextlib.contextmanager
-    def _conn(self) -> Iterator[psycopg.Connection[Any]]:
+    def _conn(self, durable: bool = True) -> Iterator[psycopg.Connection[Any]]:
+        idle = self._idle[durable]
         with self._lock:
-            conn = self._idle.pop() if self._idle else None
+            conn = idle.pop() if idle else None
         if conn is None or conn.closed or conn.broken:
             s = self.spec
             options: dict[str, Any] = dict(s.options)
@@ -463,6 +465,8 @@ class PostgresSagaStore:
                 raise LogError(
                     f"cannot connect to the shared log {s.redacted()}: {redact(str(e)).strip()}"
                 ) from None
+            if not durable:  # its commits do not wait for the WAL flush
+                conn.execute("SET synchronous_commit TO OFF")
         try:
             yield conn
         except psycopg.Error as e:
@@ -471,8 +475,8 @@ class PostgresSagaStore:
             raise LogError(f"the shared saga store failed: {redact(str(e)).strip()}") from None
         else:
             with self._lock:
-                if len(self._idle) < 8:
-                    self._idle.append(conn)
+                if len(idle) < 8:
+                    idle.append(conn)
                     conn = None
             if conn is not None:
                 conn.close()
@@ -536,13 +540,8 @@ class PostgresSagaStore:
             " WHERE saga_id = %s AND node_id = %s"
         )
         params = (record.state, record.encode().decode(), record.saga_id, self.node_id)
-        with self._conn() as conn:
-            if force:
-                count = conn.execute(update, params).rowcount
-            else:
-                with conn.transaction():
-                    conn.execute("SET LOCAL synchronous_commit TO OFF")
-                    count = conn.execute(update, params).rowcount
+        with self._conn(durable=force) as conn:
+            count = conn.execute(update, params).rowcount
         if count != 1:
             raise SagaTakenOver(f"saga {record.saga_id} was taken over by another process")
 
@@ -573,7 +572,8 @@ class PostgresSagaStore:
 
     def close(self) -> None:
         with self._lock:
-            idle, self._idle = self._idle, []
+            idle = self._idle[True] + self._idle[False]
+            self._idle = {True: [], False: []}
         for conn in idle:
             with contextlib.suppress(psycopg.Error):
                 conn.close()
