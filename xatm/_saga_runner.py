@@ -463,7 +463,11 @@ class SagaRunner:
 
     # -- recovery ---------------------------------------------------------------------------
     def recover(self, actor: str) -> SagaRecoveryReport:
-        """Finish every saga that has a dead owner (see the module docstring)."""
+        """Finish every saga that has a dead owner (see the module docstring). A manager
+        with no saga definitions does not look (it could not finish any)."""
+        if not self.sagas:
+            self.last_report = SagaRecoveryReport()
+            return self.last_report
         finished: list[tuple[str, str]] = []
         left: list[tuple[str, str]] = []
         now = time.monotonic()
