@@ -342,3 +342,47 @@ def test_the_sweeper_finishes_a_dead_owners_saga(make_tm: MakeTM, bank: Bank) ->
     sweeping = make_tm(node_id="sweeper", sweep_interval=0.2, sagas=[saga_defs.transfer])
     wait_for(lambda: (r := sweeping.saga(saga_id)) is not None and r.final, what="the sweeper")
     assert bank.balance("pg1", 1) == 995 and bank.balance("maria", 2) == 1005
+
+
+def test_a_record_less_saga_file_is_removed_by_the_next_creation(
+    make_tm: MakeTM, bank: Bank
+) -> None:
+    """What an OS crash during a creation can leave: the name, without a record (its fsyncs
+    never finished, so none of its steps ran). The next run of that key takes the name."""
+    from xatm._saga_store import FileSagaStore, key_hash
+
+    tm = make_tm(sweeper=False, sagas=[saga_defs.transfer])
+    store = tm.sagas.store
+    assert isinstance(store, FileSagaStore)
+    store.directory.mkdir(parents=True, exist_ok=True)
+    unborn = store.directory / f"transfer.{key_hash('transfer', 'ub')[:24]}.saga"
+    unborn.write_bytes(b"")
+    assert tm.recover_sagas().finished == ()  # nothing to finish: it never started
+    result = tm.run_saga("transfer", data=payload(bank, "ub"), key="ub")
+    assert result.state == "completed"
+    assert bank.balance("pg1", 1) == 995
+
+
+def test_forced_retry_takes_a_live_owners_saga_on_the_shared_log(
+    make_tm: MakeTM, bank: Bank, log_url: str
+) -> None:
+    """With the shared log, --force takes a saga from a live owner (its node lock held);
+    the owner's next write then fails with SagaTakenOver."""
+    from xatm import SagaTakenOver
+    from xatm._saga_store import SagaRecord
+
+    owner = make_tm(node_id="fo-owner", log=log_url, sweeper=False, sagas=[saga_defs.transfer])
+    other = make_tm(node_id="fo-other", log=log_url, sweeper=False, sagas=[saga_defs.transfer])
+    saga_id = "transfer." + "f" * 24 + ".0000000f"
+    record = SagaRecord(saga_id, "transfer", None, "fo-owner", "running", payload(bank, "fo"))
+    claim = owner.sagas.store.create(record)
+    assert claim is not None
+    with pytest.raises(SagaRefused, match="live process"):
+        other.saga_action(saga_id, "retry")
+    result = other.saga_action(saga_id, "retry", force=True, actor="cli:test")
+    assert result.state == "completed"
+    with pytest.raises(SagaTakenOver):
+        owner.sagas.store.save(claim, record.with_(step="credit"), force=False)
+    history = other.sagas.history(saga_id)
+    assert any(e.action == "saga-takeover" and "by force" in e.reason for e in history)
+    assert bank.balance("pg1", 1) == 995
