@@ -386,3 +386,28 @@ def test_forced_retry_takes_a_live_owners_saga_on_the_shared_log(
     history = other.sagas.history(saga_id)
     assert any(e.action == "saga-takeover" and "by force" in e.reason for e in history)
     assert bank.balance("pg1", 1) == 995
+
+
+def test_finished_sagas_are_retired_and_their_keys_still_answer(
+    make_tm: MakeTM, bank: Bank
+) -> None:
+    import os
+
+    from xatm._saga_store import FileSagaStore
+
+    tm = make_tm(sweeper=False, sagas=[saga_defs.transfer])
+    store = tm.sagas.store
+    assert isinstance(store, FileSagaStore)
+    first = tm.run_saga("transfer", data=payload(bank, "rt1"), key="rt1")
+    [path] = store.directory.glob("*.saga")
+    os.utime(path, (1, 1))  # as if it ended long ago
+    assert store.retire(60) == 1
+    assert list(store.directory.glob("*.saga")) == []
+    assert (store.done_directory / path.name).exists()
+    again = tm.run_saga("transfer", data=payload(bank, "rt1"), key="rt1")
+    assert (again.saga_id, again.state) == (first.saga_id, "completed")
+    assert list(store.directory.glob("*.saga")) == []  # the name was given back
+    record = tm.saga(first.saga_id)
+    assert record is not None and record.final
+    assert [r.saga_id for r in store.records(include_final=True)] == [first.saga_id]
+    assert bank.balance("pg1", 1) == 995

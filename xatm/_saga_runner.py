@@ -59,6 +59,8 @@ STUCK_RETRY = 60.0
 #: finished sagas (and so their keys) are kept this long
 DEFAULT_RETENTION = 7 * 86400.0
 PRUNE_EVERY = 60.0
+#: finished sagas leave the file store's active directory this long after their end
+RETIRE_AFTER = 60.0
 
 
 class SagaRefused(SagaError):
@@ -499,6 +501,7 @@ class SagaRunner:
         if time.monotonic() - self._last_prune >= PRUNE_EVERY:
             self._last_prune = time.monotonic()
             try:
+                self.store.retire(RETIRE_AFTER)
                 self.store.prune(self.retention)
             except XatmError as e:
                 logger.warning("sagas: pruning failed: %s", e)

@@ -18,7 +18,11 @@ a time can hold it. Forced writes (the start, the change of direction, a stuck c
 are fsynced, and the directory too after a creation (one fsync for the links made
 concurrently: group commit); the others (each step done, the end) are plain ``write`` calls
 (they survive a process crash; losing one to an OS crash only makes recovery run those steps
-again, which their barriers turn into no-ops, to the same end).
+again, which their barriers turn into no-ops, to the same end). Recovery lists the
+directory at every pass, so finished sagas are *retired* a minute after their end: fsynced,
+linked into ``sagas.d/done/`` and unlinked from ``sagas.d`` (lookups by key or id read both;
+a creation that wins the name checks ``done/`` afterwards, so a key is never run twice);
+``done/`` is pruned after the retention.
 
 **Shared store** (the log is ``postgresql://``): table ``<schema>.sagas`` of the shared log
 (migration 2 of ``xatm._pglog``). The key's claim is the insert (a unique index on (name,
@@ -57,6 +61,7 @@ from .errors import ConfigurationError, LogError
 logger = logging.getLogger("xatm.saga")
 
 SAGA_DIR = "sagas.d"
+DONE_DIR = "done"
 _HEADER = struct.Struct("<II")
 _MAX_FRAME = 1 << 24
 
@@ -172,6 +177,9 @@ class SagaStore(Protocol):
 
     def records(self, *, include_final: bool = False) -> list[SagaRecord]: ...
 
+    def retire(self, age: float) -> int:
+        """Set final sagas older than ``age`` seconds apart from the ones in progress."""
+
     def prune(self, retention: float) -> int: ...
 
     def close(self) -> None: ...
@@ -223,7 +231,8 @@ class FileSagaStore:
 
     def __init__(self, log_directory: str | os.PathLike[str]) -> None:
         self.directory = Path(log_directory) / SAGA_DIR
-        self._final: set[str] = set()  # files known to hold a final state
+        self.done_directory = self.directory / DONE_DIR
+        self._final: set[str] = set()  # files of the active directory known to be final
         self._lock = threading.Lock()
         # group commit of the directory's fsync: one fsync covers every link made before it
         self._dir_cond = threading.Condition(threading.Lock())
@@ -233,7 +242,7 @@ class FileSagaStore:
 
     def _ensure_dir(self) -> None:
         try:
-            self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+            self.done_directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         except OSError as e:
             raise LogError(f"cannot create the saga directory {self.directory}: {e}") from e
 
@@ -261,6 +270,13 @@ class FileSagaStore:
                         os.close(fd)
                         fd = -1
                         return None
+            if (self.done_directory / path.name).exists():
+                # the key's saga finished and was retired (link into done/, then unlink
+                # from here) before this link: the key is taken after all
+                path.unlink()
+                os.close(fd)
+                fd = -1
+                return None
             # durable after its name: one fsync covers the file and its link (the journal
             # commit of most file systems); the directory's fsync makes sure of the link
             os.fsync(fd)
@@ -319,11 +335,19 @@ class FileSagaStore:
         except FileNotFoundError:
             return None
 
+    def _read_name(self, name: str) -> SagaRecord | None:
+        """The saga file ``name``, active or retired (a retirement links the file into
+        done/ before it unlinks it here, so one of the two reads finds it)."""
+        record = self._read_path(self.directory / name)
+        if record is None:
+            record = self._read_path(self.done_directory / name)
+        return record
+
     def find_key(self, name: str, key: str) -> SagaRecord | None:
-        return self._read_path(self.directory / f"{name}.{key_hash(name, key)[:24]}.saga")
+        return self._read_name(f"{name}.{key_hash(name, key)[:24]}.saga")
 
     def get(self, saga_id: str) -> SagaRecord | None:
-        record = self._read_path(self.path(saga_id))
+        record = self._read_name(self.path(saga_id).name)
         return record if record is not None and record.saga_id == saga_id else None
 
     def claim(self, saga_id: str, *, force: bool = False) -> FileClaim | None:
@@ -364,12 +388,18 @@ class FileSagaStore:
         self.release(probe)
         return False
 
-    def _files(self) -> Iterator[Path]:
-        if self.directory.is_dir():
-            yield from sorted(self.directory.glob("*.saga"))
+    def _files(self, directory: Path | None = None) -> Iterator[Path]:
+        directory = directory or self.directory
+        if directory.is_dir():
+            yield from sorted(directory.glob("*.saga"))
 
     def records(self, *, include_final: bool = False) -> list[SagaRecord]:
         out = []
+        if include_final:
+            for path in self._files(self.done_directory):
+                record = self._read_path(path)
+                if record is not None:
+                    out.append(record)
         for path in self._files():
             if not include_final and path.name in self._final:
                 continue
@@ -384,11 +414,45 @@ class FileSagaStore:
             out.append(record)
         return out
 
+    def retire(self, age: float) -> int:
+        """Move final sagas whose last write is older than ``age`` seconds into done/ (the
+        active directory, which recovery lists at every pass, keeps only recent ones).
+
+        Each file is fsynced first (its end was written without: by now the kernel has
+        usually written it out, so this costs little), then linked into done/ and unlinked
+        here; the two directories are fsynced once for the batch."""
+        cutoff = time.time() - age
+        moved = 0
+        for path in self._files():
+            with contextlib.suppress(OSError):
+                if path.stat().st_mtime >= cutoff:
+                    continue
+                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+                try:
+                    if not _try_lock(fd):
+                        continue  # still held by its runner
+                    record = self._read_path(path)
+                    if record is None or not record.final:
+                        continue
+                    os.fsync(fd)
+                    with contextlib.suppress(FileExistsError):
+                        os.link(path, self.done_directory / path.name)
+                    path.unlink()
+                    moved += 1
+                    with self._lock:
+                        self._final.discard(path.name)
+                finally:
+                    os.close(fd)
+        if moved:
+            _fsync_dir(self.done_directory)
+            _fsync_dir(self.directory)
+        return moved
+
     def prune(self, retention: float) -> int:
         """Delete final sagas older than ``retention`` seconds (their keys become free)."""
         cutoff = time.time() - retention
         removed = 0
-        for path in self._files():
+        for path in [*self._files(self.done_directory), *self._files()]:
             with contextlib.suppress(OSError):
                 if path.stat().st_mtime >= cutoff:
                     continue
@@ -558,6 +622,9 @@ class PostgresSagaStore:
                 self._q("SELECT node_id, body FROM {schema}.sagas" + where + " ORDER BY created_at")
             ).fetchall()
         return [replace(SagaRecord.decode(b), node=str(n)) for n, b in rows]
+
+    def retire(self, age: float) -> int:
+        return 0  # the index on open sagas keeps recovery's query small already
 
     def prune(self, retention: float) -> int:
         with self._conn() as conn:
