@@ -34,7 +34,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from . import _barrier, _failpoint, _mysql, _postgres
@@ -59,6 +59,8 @@ STUCK_RETRY = 60.0
 #: finished sagas (and so their keys) are kept this long
 DEFAULT_RETENTION = 7 * 86400.0
 PRUNE_EVERY = 60.0
+#: routine events kept in a saga's record (the audit trail has the rest)
+MAX_HISTORY = 64
 #: finished sagas leave the file store's active directory this long after their end
 RETIRE_AFTER = 60.0
 
@@ -113,11 +115,22 @@ def is_transient(exc: BaseException) -> bool:
     return False
 
 
-def saga_history(log_directory: str | None, shared_log: Any, saga_id: str) -> list[AuditEntry]:
-    """The audit entries of one saga, from the file log's trail or the shared log's."""
+def saga_history(
+    log_directory: str | None, shared_log: Any, saga_id: str, record: SagaRecord | None
+) -> list[AuditEntry]:
+    """One saga's history, oldest first: the routine events kept in its record and its
+    entries in the audit trail (the file log's or the shared log's)."""
     if shared_log is not None:
-        return list(shared_log.read_audit(saga_id))
-    return read_audit(log_directory or ".", saga_id)
+        entries = list(shared_log.read_audit(saga_id))
+    else:
+        entries = read_audit(log_directory or ".", saga_id)
+    if record is not None:
+        entries += [
+            AuditEntry(at, saga_id, "", step, action, reason, outcome, actor, record.node)
+            for at, step, action, outcome, actor, reason in record.history
+        ]
+    entries.sort(key=lambda e: e.at)
+    return entries
 
 
 def _describe(exc: BaseException) -> str:
@@ -138,7 +151,7 @@ class _Claimed:
     record: SagaRecord
     actor: str
     saga: Saga
-    notes: list[str] = field(default_factory=list)
+    routine: bool = False  # the run that started it (not recovery, not an operator)
 
 
 class SagaRunner:
@@ -190,6 +203,9 @@ class SagaRunner:
             "running",
             payload,
             step=saga.steps[0].name,
+            history=(
+                (time.time(), "", "saga-start", "running", actor, f"key {key!r}" if key else ""),
+            ),
         )
         with self._lock:
             self._running.add(record.saga_id)
@@ -205,10 +221,7 @@ class SagaRunner:
         if claim is None:
             assert key is not None
             return self._existing(saga, key, wait, actor)
-        self._audit.record(
-            record.saga_id, "", "", "saga-start", f"key {key!r}" if key else "", "running", actor
-        )
-        return self._drive(_Claimed(claim, record, actor, saga))
+        return self._drive(_Claimed(claim, record, actor, saga, routine=True))
 
     def _existing(self, saga: Saga, key: str, wait: float, actor: str) -> SagaResult:
         """The key was used before: its result, once it has one (see docs/sagas.md)."""
@@ -295,6 +308,25 @@ class SagaRunner:
             with self._lock:
                 self._running.discard(c.record.saga_id)
 
+    def _event(
+        self,
+        c: _Claimed,
+        resource: str,
+        step: str,
+        action: str,
+        reason: str,
+        outcome: str,
+        *,
+        routine: bool = False,
+    ) -> None:
+        """Note what happened: a routine event of the run that started the saga goes into
+        its record (written with its next save); anything else to the audit trail."""
+        if routine and c.routine:
+            entry = (time.time(), step, action, outcome, c.actor, reason)
+            c.record = c.record.with_(history=(*c.record.history, entry)[-MAX_HISTORY:])
+        else:
+            self._audit.record(c.record.saga_id, resource, step, action, reason, outcome, c.actor)
+
     def _save(self, c: _Claimed, *, force: bool, **changes: Any) -> None:
         c.record = c.record.with_(**changes)
         self.store.save(c.claim, c.record, force=force)
@@ -303,10 +335,8 @@ class SagaRunner:
         saga, rec = c.saga, c.record
         pending = [s for s in saga.steps if s.name not in rec.done]
         if not pending:
+            self._event(c, "", "", "saga-end", "every step done", "completed", routine=True)
             self._save(c, force=False, state="completed", step="")
-            self._audit.record(
-                rec.saga_id, "", "", "saga-end", "every step done", "completed", c.actor
-            )
             return
         step = pending[0]
         if rec.step != step.name:
@@ -372,10 +402,8 @@ class SagaRunner:
             done = (*c.record.compensated, name)
             following = next((s for s in c.record.to_compensate if s not in done), "")
             self._save(c, force=False, compensated=done, stuck=False, step=following)
+        self._event(c, "", "", "saga-end", c.record.error, "compensated", routine=True)
         self._save(c, force=False, state="compensated", step="", stuck=False)
-        self._audit.record(
-            c.record.saga_id, "", "", "saga-end", c.record.error, "compensated", c.actor
-        )
         return True
 
     def _attempt(self, c: _Claimed, step: Step, op: str) -> _Outcome:
@@ -403,8 +431,8 @@ class SagaRunner:
                     raise  # the store failed or the saga was taken over
                 error = e
             else:
-                self._audit.record(
-                    saga_id, where, step.name, f"saga-{op}", _NOTE[barrier], "committed", c.actor
+                self._event(
+                    c, where, step.name, f"saga-{op}", _NOTE[barrier], "committed", routine=True
                 )
                 return _Outcome(True, barrier)
             text = _describe(error)
@@ -514,7 +542,9 @@ class SagaRunner:
 
     def history(self, saga_id: str) -> list[AuditEntry]:
         """The saga's audit trail (every node's entries), oldest first."""
-        return saga_history(self._tm.log_directory, self._tm.shared_log, saga_id)
+        return saga_history(
+            self._tm.log_directory, self._tm.shared_log, saga_id, self.store.get(saga_id)
+        )
 
     def act(self, saga_id: str, what: str, *, force: bool, actor: str) -> SagaResult:
         """``retry``: run the saga on now; ``abort``: stop going forward and compensate (with

@@ -82,6 +82,9 @@ class SagaRecord:
     step: str = ""  # the step it is at (for people)
     error: str = ""
     stuck: bool = False  # a compensation keeps failing: recovery retries, operators look
+    #: the routine events of the run that started it: (at, step, action, outcome, actor,
+    #: reason); everything else (failures, recovery, operators) is in the audit trail
+    history: tuple[tuple[float, str, str, str, str, str], ...] = ()
     created_at: float = field(default_factory=time.time)
     updated_at: float = field(default_factory=time.time)
 
@@ -106,6 +109,7 @@ class SagaRecord:
             "step": self.step,
             "error": self.error,
             "stuck": self.stuck,
+            "history": [list(h) for h in self.history],
             "created_at": self.created_at,
             "updated_at": self.updated_at,
         }
@@ -129,6 +133,10 @@ class SagaRecord:
             step=str(body.get("step", "")),
             error=str(body.get("error", "")),
             stuck=bool(body.get("stuck", False)),
+            history=tuple(
+                (float(h[0]), str(h[1]), str(h[2]), str(h[3]), str(h[4]), str(h[5]))
+                for h in body.get("history", ())
+            ),
             created_at=float(body.get("created_at", 0.0)),
             updated_at=float(body.get("updated_at", 0.0)),
         )

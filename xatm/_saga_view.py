@@ -94,7 +94,7 @@ class SagaView:
         record = self.store.get(validate_saga_id(saga_id))
         if record is None:
             return None
-        history = saga_history(self._log_directory, self._shared, saga_id)
+        history = saga_history(self._log_directory, self._shared, saga_id, record)
         alive = False if record.final else self.store.owner_alive(record)
         return SagaInfo(record, alive, tuple(history))
 
