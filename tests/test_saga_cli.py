@@ -176,3 +176,18 @@ def test_recover_finishes_a_dead_saga_and_says_so(config: Path, bank: Bank, tmp_
     assert bank.balance("pg1", 1) == 995 and bank.balance("maria", 2) == 1005
     again = json.loads(xatm(config, "recover", "--json").output)
     assert again["sagas"] == {"finished": [], "left": []}
+
+
+def test_sagas_on_the_shared_log(bank: Bank, tmp_path: Path, make_tm: MakeTM, log_url: str) -> None:
+    lines = ['node_id = "shapp"', f'log = "{log_url}"', f"sagas = {json.dumps(SAGAS)}"]
+    for name, url in bank.urls.items():
+        lines += [f"[resources.{name}]", f'url = "{url}"']
+    config = tmp_path / "shared.toml"
+    config.write_text("\n".join(lines) + "\n")
+    tm = make_tm(node_id="shapp", log=log_url, sweeper=False, sagas=[saga_defs.transfer])
+    result = tm.run_saga("transfer", data=data(bank, "sh9"), key="cli-sh9")
+    listed = json.loads(xatm(config, "sagas", "--all", "--json").output)
+    mine = [s for s in listed if s["saga_id"] == result.saga_id]
+    assert mine and mine[0]["status"] == "completed" and mine[0]["key"] == "cli-sh9"
+    shown = xatm(config, "saga", "show", result.saga_id)
+    assert shown.exit_code == 0 and "completed" in shown.output and "saga-end" in shown.output
