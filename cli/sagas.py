@@ -124,7 +124,7 @@ def show(ctx: click.Context, saga_id: str, as_json: bool) -> None:
 
 
 def _act(ctx: click.Context, saga_id: str, what: str, force: bool, as_json: bool) -> None:
-    with get(ctx).manager("cli") as tm:
+    with get(ctx).manager("cli", need_sagas=True) as tm:
         try:
             result: SagaResult = tm.saga_action(saga_id, what, force=force, actor=actor())
         except SagaError as e:

@@ -191,3 +191,14 @@ def test_sagas_on_the_shared_log(bank: Bank, tmp_path: Path, make_tm: MakeTM, lo
     assert mine and mine[0]["status"] == "completed" and mine[0]["key"] == "cli-sh9"
     shown = xatm(config, "saga", "show", result.saga_id)
     assert shown.exit_code == 0 and "completed" in shown.output and "saga-end" in shown.output
+
+
+def test_a_saga_module_that_cannot_be_imported(config: Path, bank: Bank) -> None:
+    """2PC commands go on without the sagas (and say so); saga commands stop."""
+    config.write_text(config.read_text().replace("tests.saga_defs:fragile", "nowhere.at_all:x"))
+    recovered = xatm(config, "recover")
+    assert recovered.exit_code == 0
+    assert "cannot import 'nowhere.at_all'" in recovered.output
+    assert "recovers no saga" in recovered.output
+    refused = xatm(config, "saga", "retry", "transfer." + "0" * 24 + ".00000000")
+    assert refused.exit_code == 1 and "cannot import 'nowhere.at_all'" in refused.output

@@ -33,7 +33,15 @@ from ._inspect import (
 from ._manager import TransactionManager
 from ._recovery import RecoveryAction, RecoveryReport
 from ._resolve import Resolution, ResolutionRefused
-from ._saga import Saga, SagaAbort, SagaError, SagaInProgress, SagaResult, SagaTakenOver
+from ._saga import (
+    Saga,
+    SagaAbort,
+    SagaError,
+    SagaInProgress,
+    SagaResult,
+    SagaTakenOver,
+    load_sagas,
+)
 from ._saga_runner import SagaRecoveryReport, SagaRefused
 from ._saga_store import SagaRecord
 from ._saga_view import SagaInfo, SagaView, validate_saga_id
@@ -111,6 +119,7 @@ __all__ = [
     "Xid",
     "__version__",
     "load_config",
+    "load_sagas",
     "parse_url",
     "redact",
     "sweeper_settings",

@@ -219,6 +219,12 @@ def registry(sagas: Iterable[Saga | str] | Mapping[str, Saga]) -> dict[str, Saga
     return out
 
 
+def load_sagas(refs: Iterable[Saga | str]) -> list[Saga]:
+    """Saga definitions from Saga objects or ``"module:attribute"`` references (imported);
+    ConfigurationError naming the first that cannot be loaded."""
+    return list(registry(refs).values())
+
+
 def load_saga(ref: str) -> Saga:
     """Import ``"package.module:attribute"`` (the TOML ``sagas = [...]`` entries)."""
     module_name, _, attr = ref.partition(":")
