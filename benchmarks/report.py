@@ -137,6 +137,24 @@ def targets_table(summaries: Sequence[Summary]) -> str:
     return "\n".join(lines) if len(lines) > 2 else ""
 
 
+def saga_table(summaries: Sequence[Summary]) -> str:
+    """Sagas per second and client CPU per saga, and the ratio to ``onepc`` (dtm: 0.29x)."""
+    onepc = {s.clients: s.tps for s in summaries if s.mode == "onepc"}
+    lines = [
+        "| clients | mode | sagas/s | client CPU ms/saga | onepc tx/s | x onepc |",
+        "|---:|---|---:|---:|---:|---:|",
+    ]
+    sagas = (s for s in summaries if s.mode.startswith("xatm-saga"))
+    for s in sorted(sagas, key=lambda s: (s.clients, s.mode)):
+        base = onepc.get(s.clients)
+        ratio = s.tps / base if base else None
+        lines.append(
+            f"| {s.clients} | {s.mode} | {s.tps:.0f} | {_f(s.cpu_ms_per_tx, '.2f')}"
+            f" | {_f(base, '.0f')} | {_f(ratio, '.2f')} |"
+        )
+    return "\n".join(lines) if len(lines) > 2 else ""
+
+
 def _met(value: float | None, target: float | None) -> str:
     if target is None:
         return "-"
@@ -177,6 +195,9 @@ def render(
         "",
         results_table(summaries, modes),
     ]
+    sagas = saga_table(summaries)
+    if sagas:
+        parts += ["", "**Sagas against `onepc`** (same run; docs/sagas.md):", "", sagas]
     targets = targets_table(summaries)
     if targets:
         parts += [

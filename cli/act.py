@@ -69,13 +69,19 @@ def recover(ctx: click.Context, dry_run: bool, as_json: bool) -> None:
             report = tm.recover(dry_run=dry_run, actor=actor(), progress=progress)
         finally:
             progress.done()
+        sagas = None if dry_run else tm.sagas.last_report
     if as_json:
-        render.emit_json(report.to_json())
+        render.emit_json({**report.to_json(), **({"sagas": sagas.to_json()} if sagas else {})})
     else:
         if report.actions:
             click.echo(_actions_table(report.actions))
             click.echo("")
         click.echo(_summary(report))
+        if sagas is not None and (sagas.finished or sagas.left):
+            done = ", ".join(f"{saga_id} {state}" for saga_id, state in sagas.finished)
+            click.echo(
+                f"sagas: {len(sagas.finished)} finished ({done or '-'}), {len(sagas.left)} left"
+            )
     for resource, why in report.problems:
         render.warn(f"resource {resource!r} skipped: {why}")
     if report.heuristics:

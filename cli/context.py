@@ -23,6 +23,7 @@ from xatm import (
     Settings,
     TransactionManager,
     load_config,
+    load_sagas,
     validate_gtrid,
 )
 
@@ -66,9 +67,18 @@ class Context:
         return node
 
     def manager(
-        self, suffix: str, *, sweeper: bool = False, interval: float | None = None
+        self,
+        suffix: str,
+        *,
+        sweeper: bool = False,
+        interval: float | None = None,
+        need_sagas: bool = False,
     ) -> TransactionManager:
-        """A TransactionManager of this command's own node_id (never the application's)."""
+        """A TransactionManager of this command's own node_id (never the application's).
+
+        The config's sagas are imported for it; if that fails, a command that does not
+        need them (``recover``, ``sweep``, ``commit``...) says so and goes on without them
+        (it then finishes no saga), one that does (``saga retry|abort``) stops."""
         settings = self.settings
         node = self.own_node_id(suffix)
         if node == settings.node_id:
@@ -77,6 +87,12 @@ class Context:
                 " the application's log (pick another one)"
             )
         kwargs: dict[str, Any] = {"sweeper": sweeper, "lock_timeout": 5.0}
+        try:
+            kwargs["sagas"] = load_sagas(settings.extra.get("sagas", ()))
+        except ConfigurationError as e:
+            if need_sagas:
+                raise
+            click.echo(f"warning: {e}; this command recovers no saga", err=True)
         if interval is not None:
             kwargs["sweep_interval"] = interval
         try:

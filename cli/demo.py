@@ -14,7 +14,10 @@ MariaDB, as one global transaction. The demo
 6. shows that those branches still hold their row locks;
 7. runs ``xatm recover`` (the operator's command line), which takes over the dead
    coordinator's log, and ``xatm show`` for the transaction's audit trail;
-8. checks the invariant: no money created or lost, every transfer on both sides or neither.
+8. runs the same transfer as sagas (``cli/demo_sagas.py``): one completes, one is
+   compensated, one is killed mid-way, shown by ``xatm sagas`` and finished by recovery;
+9. checks the invariant: no money created or lost, every transfer on both sides or neither,
+   every saga completed or compensated.
 
 The servers and every file are deleted at the end, also on error or Ctrl-C. Exit status: 0 when
 the invariant holds, 1 when it does not (or the demo failed), 130 when interrupted.
@@ -51,6 +54,8 @@ from xatm import (
     redact,
 )
 from xatm.testing import servers as devservers
+
+from . import demo_sagas
 
 PASSWORD_ENV = "XATM_DEMO_PASSWORD"
 ACCOUNTS = 5
@@ -109,6 +114,7 @@ class Demo:
     refused: list[Transfer] = field(default_factory=list)  # rolled back, the app was told
     crashed: Transfer | None = None
     crashed_gtrid: str = ""
+    saga_states: dict[str, str] = field(default_factory=dict)
 
     @property
     def log_dir(self) -> Path:
@@ -157,13 +163,13 @@ def config_path(demo: Demo, node_id: str) -> Path:
     return demo.basedir / f"{node_id}.toml"
 
 
-def write_config(demo: Demo, node_id: str, *, sweeper: bool = True) -> Path:
+def write_config(demo: Demo, node_id: str, *, sweeper: bool = True, sagas: bool = False) -> Path:
     """The TOML config of one coordinator; the password stays in the environment."""
     path = config_path(demo, node_id)
     text = (
         f'node_id = "{node_id}"\n'
         'log = "log"          # relative to this file: every coordinator shares it\n'
-        "timeout = 10.0\n\n"
+        "timeout = 10.0\n" + (f'sagas = ["{demo_sagas.REFERENCE}"]\n' if sagas else "") + "\n"
         "[resources.ledger]\n"
         f'url = "postgresql://{demo.ledger.user}:${{{PASSWORD_ENV}}}'
         f'@{demo.ledger.host}:{demo.ledger.port}/{demo.ledger.database}"\n\n'
@@ -447,8 +453,17 @@ def show_unlocked(demo: Demo) -> None:
         maria.close()
 
 
+def run_sagas(demo: Demo) -> None:
+    step(8, "Sagas: the same transfer as a sequence of compensable steps")
+    config = write_config(demo, "demo-sagas", sagas=True)
+    crash_config = write_config(demo, "demo-saga-crashy", sagas=True)
+    demo.saga_states = demo_sagas.story(
+        config, crash_config, say, lambda *args: run_cli(demo, *args), CHILD_TIMEOUT
+    )
+
+
 def check_invariant(demo: Demo) -> bool:
-    step(8, "Checking the invariant")
+    step(9, "Checking the invariant")
     assert demo.crashed is not None
     with pg_connect(demo.ledger) as pg:
         ledger = dict(pg.execute("SELECT account, balance FROM ledger").fetchall())
@@ -513,6 +528,14 @@ def check_invariant(demo: Demo) -> bool:
         ),
         ("each side's balances agree with its journal", journals_match),
         (
+            "sagas: "
+            + ", ".join(f"{tid} {state}" for tid, state in sorted(demo.saga_states.items()))
+            + " (s02 moved and moved back on both sides)",
+            demo.saga_states == {"s01": "completed", "s02": "compensated", "s03": "completed"}
+            and {"s01", "s03"} <= set(ledger_moves) & set(wallet_moves)
+            and {"s02", "s02-r"} <= set(ledger_moves) & set(wallet_moves),
+        ),
+        (
             "no xatm branch is left prepared on either server",
             not pg_prepared and not maria_prepared,
         ),
@@ -523,7 +546,7 @@ def check_invariant(demo: Demo) -> bool:
 
 
 def destroy(servers: devservers.ServerSet | None, basedir: Path) -> None:
-    step(9, "Stopping the servers and deleting everything")
+    step(10, "Stopping the servers and deleting everything")
     if servers is not None:
         try:
             servers.destroy()
@@ -591,11 +614,12 @@ def story() -> int:
         create_tables(demo)
         run_workload(demo)
         crash_coordinator(demo)
-        ops_config = write_config(demo, OPS_NODE, sweeper=False)
+        ops_config = write_config(demo, OPS_NODE, sweeper=False, sagas=True)
         with TransactionManager.from_config(ops_config) as ops:
             show_in_doubt(demo, ops)
             show_locks(demo)
             recover(demo, ops)
+        run_sagas(demo)
         status = 0 if check_invariant(demo) else 1
     except (KeyboardInterrupt, _Interrupted):
         print("\ninterrupted: cleaning up", flush=True)

@@ -17,7 +17,7 @@ import click
 
 from xatm import XatmError, redact
 
-from . import act, look
+from . import act, look, sagas
 from .context import Context
 
 
@@ -96,6 +96,8 @@ for _command in (
     act.commit,
     act.rollback,
     look.log,
+    sagas.sagas,
+    sagas.saga,
 ):
     main.add_command(_command)
 

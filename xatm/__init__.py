@@ -32,8 +32,20 @@ from ._inspect import (
     validate_gtrid,
 )
 from ._manager import TransactionManager
-from ._recovery import RecoveryAction, RecoveryReport
+from ._report import RecoveryAction, RecoveryReport
 from ._resolve import Resolution, ResolutionRefused
+from ._saga import (
+    Saga,
+    SagaAbort,
+    SagaError,
+    SagaInProgress,
+    SagaResult,
+    SagaTakenOver,
+    load_sagas,
+)
+from ._saga_runner import SagaRecoveryReport, SagaRefused
+from ._saga_store import SagaRecord
+from ._saga_view import SagaInfo, SagaView, validate_saga_id
 from ._sweeper import ResourceBackoff, Sweeper, SweeperSettings, SweeperStatus, sweeper_settings
 from ._transaction import BranchState, Transaction, TransactionState
 from ._urls import ResourceSpec, parse_url, redact
@@ -81,6 +93,17 @@ __all__ = [
     "ResourceNotFit",
     "ResourceSpec",
     "ResourceUnavailable",
+    "Saga",
+    "SagaAbort",
+    "SagaError",
+    "SagaInProgress",
+    "SagaInfo",
+    "SagaRecord",
+    "SagaRecoveryReport",
+    "SagaRefused",
+    "SagaResult",
+    "SagaTakenOver",
+    "SagaView",
     "Salvage",
     "SegmentInfo",
     "Settings",
@@ -100,9 +123,11 @@ __all__ = [
     "Xid",
     "__version__",
     "load_config",
+    "load_sagas",
     "parse_url",
     "redact",
     "salvage_log",
     "sweeper_settings",
     "validate_gtrid",
+    "validate_saga_id",
 ]

@@ -5,6 +5,7 @@ A config file::
     node_id = "api-1"
     log = "/var/lib/xatm"          # relative paths are relative to the file's directory
     timeout = 30.0
+    sagas = ["myapp.sagas:transfer"]   # saga definitions to run and recover (optional)
 
     [resources.ledger]
     url = "postgresql://app:${LEDGER_PASSWORD}@db1:5432/ledger"
@@ -27,12 +28,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ._saga import saga_list
 from ._urls import ResourceSpec, parse_url, redact
 from ._xid import validate_node_id, validate_resource_name
 from .errors import ConfigurationError
 
 _ENV_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
-_KNOWN_KEYS = {"node_id", "log", "timeout", "resources", "sweeper"}
+_KNOWN_KEYS = {"node_id", "log", "timeout", "resources", "sweeper", "sagas"}
 _RESOURCE_KEYS = {"url", "commit_marker"}
 
 
@@ -120,6 +122,8 @@ def load_config(path: str | os.PathLike[str]) -> Settings:
             )
         if marker:
             markers.append(name)
+    if "sagas" in data:
+        saga_list(data["sagas"], where)  # imported when the manager is built
     log = data["log"]
     if not isinstance(log, str) or not log:
         raise ConfigurationError(f"{where}: 'log' must be a directory path (or a URL)")
@@ -132,7 +136,7 @@ def load_config(path: str | os.PathLike[str]) -> Settings:
             log=log,
             node_id=validate_node_id(data["node_id"]),
             timeout=validate_timeout(data.get("timeout", 30.0)),
-            extra={k: v for k, v in data.items() if k == "sweeper"},
+            extra={k: v for k, v in data.items() if k in ("sweeper", "sagas")},
             commit_markers=tuple(markers),
         )
     except ConfigurationError as e:

@@ -26,10 +26,7 @@ When ``prometheus_client`` is installed, the first TransactionManager loads
 from __future__ import annotations
 
 import functools
-import importlib
-import importlib.util
 import logging
-import os
 import threading
 import time
 from collections.abc import Callable
@@ -43,7 +40,7 @@ if TYPE_CHECKING:
     from collections.abc import Sequence
 
     from ._participant import Cursor, PreparedBranch
-    from ._recovery import RecoveryReport
+    from ._report import RecoveryReport
     from ._urls import Kind, ResourceSpec
 
 logger = logging.getLogger("xatm.events")
@@ -160,7 +157,6 @@ Subscriber = Callable[[Event], None]
 
 _lock = threading.Lock()
 _subscribers: tuple[Subscriber, ...] = ()
-_autoloaded = False
 
 
 def listening() -> bool:
@@ -195,8 +191,7 @@ def emit(event: Event) -> None:
 
 # -- hooks the core calls ---------------------------------------------------------------------
 def manager_opened(manager: Any) -> None:
-    """A TransactionManager is ready (loads the default exporters the first time)."""
-    _autoload()
+    """A TransactionManager is ready."""
     if _subscribers:
         emit(ManagerOpened(manager.node_id, manager))
 
@@ -210,21 +205,6 @@ def log_forced(node: str) -> None:
     """A coordinator log forced a batch to stable storage."""
     if _subscribers:
         emit(LogForced(node))
-
-
-def _autoload() -> None:
-    global _autoloaded
-    if _autoloaded:
-        return
-    _autoloaded = True
-    if os.environ.get("XATM_PROMETHEUS", "").strip().lower() in ("0", "off", "false", "no"):
-        return
-    if importlib.util.find_spec("prometheus_client") is None:
-        return
-    try:
-        importlib.import_module("xatm.prometheus").autoinstall()
-    except Exception:
-        logger.exception("could not install the Prometheus collector")
 
 
 # -- recovery passes ----------------------------------------------------------------------

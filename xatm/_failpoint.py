@@ -17,6 +17,14 @@ reaches that step. The names, in protocol order:
 ``commit_batch_open`` (shared log only) a group-commit batch's COMMIT rows are inserted but
 not committed yet: with ``:stop`` the rows' locks stay held, as by a frozen coordinator
 
+Inside sagas (``xatm._saga_runner``; the saga crash matrix, ``SAGA_NAMES``):
+
+``saga_after_barrier``       a step's barrier rows are inserted; its body has not run and its
+                             transaction is open
+``saga_after_step``          a step's transaction committed; the saga's record does not say so
+``saga_after_compensation``  a compensation committed (the first one: mid-compensation); the
+                             saga's record does not say so
+
 ``XATM_FAILPOINT=<name>:stop`` stops the process with SIGSTOP instead (a paused coordinator:
 resume it with SIGCONT). The variable is read once, at import: when unset, a failpoint costs
 one comparison.
@@ -28,6 +36,7 @@ import os
 import signal
 
 NAMES = ("before_prepare", "after_prepare", "after_decision", "after_first_commit")
+SAGA_NAMES = ("saga_after_barrier", "saga_after_step", "saga_after_compensation")
 # before_decision is valid too, but not in NAMES: it is the crash matrix's after_prepare state
 
 _SETTING = (os.environ.get("XATM_FAILPOINT") or "").partition(":")

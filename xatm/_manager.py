@@ -6,6 +6,7 @@ transaction it hands out is used by one thread.
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 import time
@@ -27,8 +28,12 @@ from ._log import CoordinatorLog
 from ._participant import Participant
 from ._pglog import PostgresLog
 from ._pool import Pool
-from ._recovery import RecoveryReport, run_pass
+from ._recovery import run_pass
+from ._report import RecoveryReport
 from ._resolve import Resolution, resolve
+from ._saga import Saga, SagaResult, registry
+from ._saga_runner import SagaRecoveryReport, SagaRunner
+from ._saga_store import SagaRecord
 from ._sweeper import DEFAULT_INTERVAL, Sweeper, sweeper_settings, validate_interval
 from ._transaction import Transaction
 from ._urls import ResourceSpec, parse_url
@@ -60,6 +65,28 @@ def _check_arguments(**values: object) -> None:
             raise ConfigurationError(f"{name} must be an integer, got {value!r}")
 
 
+_exporters_loaded = False
+
+
+def _load_exporters() -> None:
+    """Install the Prometheus collector in the default registry the first time a manager
+    is built, if prometheus_client is installed (``XATM_PROMETHEUS=0`` turns that off)."""
+    global _exporters_loaded
+    if _exporters_loaded:
+        return
+    _exporters_loaded = True
+    if os.environ.get("XATM_PROMETHEUS", "").strip().lower() in ("0", "off", "false", "no"):
+        return
+    if importlib.util.find_spec("prometheus_client") is None:
+        return
+    try:
+        from . import prometheus
+
+        prometheus.autoinstall()
+    except Exception:
+        logger.exception("could not install the Prometheus collector")
+
+
 class TransactionManager:
     """Coordinates global transactions over a fixed set of named resources.
 
@@ -80,6 +107,8 @@ class TransactionManager:
     :param sweep_interval: seconds between the sweeper's passes.
     :param lock_timeout: seconds to wait for this node's log lock at start (a previous
         process of the same node_id may still be exiting).
+    :param sagas: saga definitions (:class:`~xatm.Saga`, or ``"module:attribute"``) this
+        manager runs with :meth:`run_saga` and finishes in recovery (docs/sagas.md).
     """
 
     def __init__(
@@ -96,6 +125,7 @@ class TransactionManager:
         sweeper: bool = True,
         sweep_interval: float = DEFAULT_INTERVAL,
         lock_timeout: float = 30.0,
+        sagas: Iterable[Saga | str] = (),
     ) -> None:
         # every argument is checked before anything is opened (a log, a lock, a connection)
         self.node_id = validate_node_id(node_id)
@@ -181,14 +211,18 @@ class TransactionManager:
         except BaseException:
             self._ctx.close()
             raise
-        self.sweeper = Sweeper(self._ctx, sweep_interval)
+        self.sagas = SagaRunner(self, registry(sagas))
+        self.sweeper = Sweeper(
+            self._ctx, sweep_interval, after_pass=lambda actor: self.recover_sagas(actor=actor)
+        )
         if sweeper:
             try:
                 self.sweeper.start()
             except BaseException:
                 self.close()  # release the log (its lock) and the pools opened above
                 raise
-        _events.manager_opened(self)  # loads the Prometheus exporter if installed
+        _load_exporters()
+        _events.manager_opened(self)
 
     @classmethod
     def from_config(cls, path: str | os.PathLike[str]) -> TransactionManager:
@@ -207,6 +241,7 @@ class TransactionManager:
             commit_markers=settings.commit_markers,
             sweeper=sweep.enabled,
             sweep_interval=sweep.interval,
+            sagas=settings.extra.get("sagas", ()),
         )
 
     # -- transactions -----------------------------------------------------------------------
@@ -232,7 +267,45 @@ class TransactionManager:
         ``dry_run``: only report what the pass would do (nothing is changed, no log is
         locked). ``actor`` names who asked, in the audit trail (default ``recover@<node>``);
         ``progress`` is called with a short text as the pass goes."""
-        return run_pass(self._ctx, dry_run=dry_run, actor=actor, progress=progress)
+        report = run_pass(self._ctx, dry_run=dry_run, actor=actor, progress=progress)
+        if not dry_run:
+            self.recover_sagas(actor=actor or f"recover@{self.node_id}")
+        return report
+
+    # -- sagas (xatm._saga_runner) ----------------------------------------------------------
+    def run_saga(
+        self,
+        name: str,
+        data: Any = None,
+        key: str | None = None,
+        *,
+        wait: float = 30.0,
+        actor: str = "api",
+    ) -> SagaResult:
+        """Run the registered saga ``name`` on the JSON payload ``data``; see docs/sagas.md.
+
+        ``key``: an idempotency key; the same saga and key again (from any process sharing
+        the log) returns the first run's result without running anything, waiting up to
+        ``wait`` seconds if that run is still going (then :class:`~xatm.SagaInProgress`)."""
+        if self._closed:
+            raise XatmError("this TransactionManager is closed")
+        return self.sagas.run(name, data, key, wait=wait, actor=actor)
+
+    def recover_sagas(self, actor: str | None = None) -> SagaRecoveryReport:
+        """Finish the sagas whose owner died (``recover()`` and the sweeper call this)."""
+        return self.sagas.recover(actor or f"recover@{self.node_id}")
+
+    def saga(self, saga_id: str) -> SagaRecord | None:
+        """The durable record of one saga, or None."""
+        return self.sagas.get(saga_id)
+
+    def saga_action(
+        self, saga_id: str, what: str, *, force: bool = False, actor: str = "api"
+    ) -> SagaResult:
+        """``"retry"`` or ``"abort"`` one saga by hand (refused while its owner lives)."""
+        if what not in ("retry", "abort"):
+            raise ConfigurationError(f"a saga action is 'retry' or 'abort', not {what!r}")
+        return self.sagas.act(saga_id, what, force=force, actor=actor)
 
     # -- operations -------------------------------------------------------------------------
     @property
@@ -295,6 +368,7 @@ class TransactionManager:
         self._closed = True
         _events.manager_closed(self)
         self.sweeper.stop()
+        self.sagas.close()
         self._ctx.close()
 
     def __enter__(self) -> TransactionManager:

@@ -29,12 +29,13 @@ from __future__ import annotations
 
 import contextlib
 import re
+import sys
 import threading
 import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from ._mysql_drivers import MySQLDriver, by_name
+from ._mysql_drivers import DRIVERS, MySQLDriver, by_name
 from ._participant import (
     CANNOT_TELL,
     BranchVotedNo,
@@ -375,3 +376,20 @@ def _describe(driver: MySQLDriver, e: BaseException) -> str:
     else:
         text = str(e)
     return redact(text.strip()) or type(e).__name__
+
+
+#: errnos worth retrying: lock wait timeout, deadlock, and the XA rollback-only states they
+#: leave (XA_RBTIMEOUT, XA_RBDEADLOCK)
+_TRANSIENT_ERRNOS = frozenset({1205, 1213, 1613, 1614})
+
+
+def is_transient_error(exc: BaseException) -> bool:
+    """True if ``exc`` is a MySQL driver's error worth retrying (lost connection, deadlock,
+    lock wait timeout), whichever driver raised it; used by saga steps
+    (``xatm._saga_runner``). Only drivers already loaded are asked."""
+    for driver in DRIVERS.values():
+        if driver.module_name not in sys.modules:
+            continue
+        if isinstance(exc, driver.errors()):
+            return driver.is_connection_error(exc) or driver.errno(exc) in _TRANSIENT_ERRNOS
+    return isinstance(exc, OSError)

@@ -69,7 +69,7 @@ from .errors import ConfigurationError, LogError, LogLocked
 
 logger = logging.getLogger("xatm.log")
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 #: seconds between two prunes of finished decisions by recovery passes
 PRUNE_EVERY = 60.0
 #: an ABORT row fences a late COMMIT of a paused coordinator: keep it at least this long
@@ -112,6 +112,21 @@ _MIGRATIONS: dict[int, list[str]] = {
         " reason text NOT NULL, outcome text NOT NULL, actor text NOT NULL,"
         " node text NOT NULL)",
         "CREATE INDEX IF NOT EXISTS audit_gtrid ON {schema}.audit (gtrid)",
+    ],
+    # sagas: one row per saga, its state a JSON document (xatm._saga_store)
+    2: [
+        "CREATE TABLE IF NOT EXISTS {schema}.sagas ("
+        " saga_id varchar(64) PRIMARY KEY,"
+        " name varchar(30) NOT NULL,"
+        " key_hash varchar(64),"
+        " node_id varchar(30) NOT NULL,"
+        " state varchar(16) NOT NULL,"
+        " body text NOT NULL,"
+        " created_at timestamptz NOT NULL DEFAULT now(),"
+        " updated_at timestamptz NOT NULL DEFAULT now())",
+        "CREATE UNIQUE INDEX IF NOT EXISTS sagas_key ON {schema}.sagas (name, key_hash)",
+        "CREATE INDEX IF NOT EXISTS sagas_open ON {schema}.sagas (state)"
+        " WHERE state IN ('running', 'compensating')",
     ],
 }
 

@@ -415,3 +415,16 @@ def _leave(pipeline: Any, error: BaseException) -> None:
 def _describe(e: psycopg.Error) -> str:
     text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     return f"{e.sqlstate} {text}" if e.sqlstate else text
+
+
+#: SQLSTATEs of errors that a retry may not meet again: serialization failure, deadlock,
+#: lock not available (lock_timeout), query canceled (statement_timeout)
+_TRANSIENT_SQLSTATES = frozenset({"40001", "40P01", "55P03", "57014"})
+
+
+def is_transient_error(exc: BaseException) -> bool:
+    """True if ``exc`` is a psycopg error worth retrying (lost connection, deadlock,
+    serialization failure, lock timeout); used by saga steps (``xatm._saga_runner``)."""
+    if isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError):
+        return True
+    return isinstance(exc, psycopg.Error) and exc.sqlstate in _TRANSIENT_SQLSTATES

@@ -37,7 +37,8 @@ from ._inspect import Decision, OwnerState, owner_state, read_log, validate_gtri
 from ._log import CoordinatorLog, DecisionNotLogged
 from ._participant import PhaseTwo
 from ._records import LogRecord
-from ._recovery import RecoveryAction, RecoveryReport, locked_pass
+from ._recovery import locked_pass
+from ._report import RecoveryAction, RecoveryReport
 from ._settle import Settled, finish_prepared
 from ._urls import redact
 from ._xid import Xid, parse_gtrid

@@ -26,11 +26,12 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from ._recovery import RecoveryReport, run_pass
+from ._recovery import run_pass
+from ._report import RecoveryReport
 from .errors import ConfigurationError
 
 if TYPE_CHECKING:
@@ -111,8 +112,11 @@ class Sweeper:
         *,
         max_backoff: float = DEFAULT_MAX_BACKOFF,
         actor: str | None = None,
+        after_pass: Callable[[str], object] | None = None,
     ) -> None:
         self._ctx = ctx
+        #: run after each pass with the sweeper's actor (the manager's saga recovery)
+        self._after_pass = after_pass
         self.interval = validate_interval(interval)
         self.max_backoff = max(validate_interval(max_backoff, "max_backoff"), self.interval)
         self.actor = actor or f"sweeper@{ctx.node_id}"
@@ -189,6 +193,8 @@ class Sweeper:
                 if self._backoff.setdefault(name, _Backoff()).next_try <= now
             ]
         report = run_pass(self._ctx, resources=lambda: due, actor=self.actor)
+        if self._after_pass is not None:
+            self._after_pass(self.actor)  # sagas, after 2PC: their in-doubt steps are settled
         problems = dict(report.problems)
         with self._lock:
             for name in due:

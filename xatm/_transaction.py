@@ -139,6 +139,9 @@ class Transaction:
         self._before_prepare: list[Callable[[], None]] = []
         self._after_end: list[Callable[[], None]] = []
         self._trace = _events.timeline(ctx.node_id, gtrid)  # metrics and tracing
+        #: set for a saga step: stable per saga, step and op (action / compensation), the
+        #: same on every retry and after recovery, for outside services to deduplicate on
+        self.idempotency_key: str | None = None
 
     # -- the application's side -------------------------------------------------------------
     def __enter__(self) -> Transaction:
