@@ -67,7 +67,8 @@ def _segment_files(node_dir: Path) -> list[Path]:
     return sorted(found, key=_segment_number)
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """fsync a directory, so that the names created or renamed in it are durable."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
@@ -293,14 +294,14 @@ def _salvage_locked(node_dir: Path, node_id: str) -> Salvage:
         os.fsync(fd)
     finally:
         os.close(fd)
-    _fsync_dir(node_dir)
+    fsync_dir(node_dir)
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
     keep = node_dir / f"salvaged-{stamp}"
     keep.mkdir(mode=0o700)
     for path in paths:
         path.rename(keep / path.name)
-    _fsync_dir(keep)
-    _fsync_dir(node_dir)
+    fsync_dir(keep)
+    fsync_dir(node_dir)
     logger.warning(
         "salvaged the log of %s: kept %d pending decision(s) of %d good record(s);"
         " %d damaged run(s); old segments moved to %s",
@@ -476,7 +477,7 @@ class FileLog:
             data = MAGIC + b"".join(r.encode() for r in carried)
             os.write(fd, data)
             os.fsync(fd)
-            _fsync_dir(self.node_dir)
+            fsync_dir(self.node_dir)
         except BaseException:
             os.close(fd)
             raise
@@ -487,7 +488,7 @@ class FileLog:
             with contextlib.suppress(FileNotFoundError):
                 old.unlink()
         if obsolete:
-            _fsync_dir(self.node_dir)
+            fsync_dir(self.node_dir)
 
     def _append(self, record: LogRecord, *, force: bool) -> None:
         frame = record.encode()
