@@ -26,7 +26,7 @@ from tests.field_support import (
 from tests.recovery_support import crash, prepared_gtrids, wait_for
 from tests.support import Bank
 from xatm import TransactionManager
-from xatm._inspect import owner_state, read_log
+from xatm._filelog import owner_state, read_log
 from xatm.admin import ResolutionRefused
 
 MakeTM = Callable[..., TransactionManager]

@@ -14,7 +14,7 @@ What an application needs is in :mod:`xatm`; this module holds the types an oper
 from ._audit import AuditEntry
 from ._doctor import Check, DoctorReport
 from ._failpoint import NAMES as FAILPOINTS
-from ._filelog import Salvage, salvage_log
+from ._filelog import Salvage, SegmentInfo, salvage_log
 from ._inspect import (
     BranchInfo,
     Compaction,
@@ -22,7 +22,6 @@ from ._inspect import (
     InDoubtReport,
     Inspector,
     NodeLog,
-    SegmentInfo,
     TransactionInfo,
     UnknownTransaction,
     validate_gtrid,
