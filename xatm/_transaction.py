@@ -34,13 +34,31 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, NoReturn, Protocol, TypeVar
 
 from . import _events, _failpoint, _marker
 from ._log import DecisionNotLogged
-from ._parallel import overlapped
-from ._participant import BranchVotedNo, Connection, Cursor, Participant, PhaseTwo, Vote
+from ._parallel import Outcome, overlapped
+from ._participant import (
+    BranchVotedNo,
+    Connection,
+    Cursor,
+    Participant,
+    PhaseTwo,
+    Prepared,
+    Vote,
+)
 from ._pool import Pool
+from ._steps import (
+    CommitOnePhase,
+    CommitPrepared,
+    LogCommit,
+    LogEnd,
+    Operation,
+    Prepare,
+    Rollback,
+    Steps,
+)
 from ._xid import Xid, branch_xid
 from .errors import (
     LogError,
@@ -81,6 +99,15 @@ class BranchState(enum.Enum):
     UNKNOWN = "unknown"  # a call failed midway: recovery will settle it
 
 
+class BranchPool(Protocol):
+    """Where a branch's connection goes back: a :class:`~xatm._pool.Pool`, or an asyncio
+    pool (``xatm._aio_pool``)."""
+
+    def put(self, conn: Connection) -> None: ...
+
+    def discard(self, conn: Connection) -> None: ...
+
+
 @dataclass(eq=False)
 class Branch:
     """The part of a global transaction that runs on one resource."""
@@ -88,7 +115,7 @@ class Branch:
     resource: str
     xid: Xid
     participant: Participant
-    pool: Pool
+    pool: BranchPool
     conn: Connection | None
     state: BranchState = BranchState.ACTIVE
     error: BaseException | None = field(default=None, repr=False)
@@ -110,14 +137,10 @@ class Branch:
             self.pool.discard(conn)
 
 
-class Transaction:
-    """A global transaction; use it as ``with tm.transaction() as tx:``.
-
-    Leaving the block normally commits every branch or none (raising
-    :class:`~xatm.TransactionRolledBack` if it had to roll back); leaving it with an
-    exception rolls every branch back and lets the exception through. A transaction is used
-    by one thread.
-    """
+class TransactionCore:
+    """A global transaction's state and its commit protocol, free of I/O: the protocol is
+    generators yielding operations (``xatm._steps``), which :class:`Transaction` runs with
+    blocking drivers and ``xatm.aio.AsyncTransaction`` awaits."""
 
     def __init__(self, ctx: Context, gtrid: str, timeout: float) -> None:
         self._ctx = ctx
@@ -131,7 +154,7 @@ class Transaction:
         # Fencing with recovery inside this process: recovery may mark an expired,
         # undecided transaction aborted; the decision step refuses to log COMMIT after that.
         self._fence = threading.Lock()
-        self._aborted_by_recovery = False
+        self._stop: str | None = None  # why the decision is refused (recovery, cancelled)
         self._deciding = False
         # Callbacks of integrations (SQLAlchemy sessions, see xatm._sqlalchemy): the first run
         # at the start of commit, before anything is prepared (they may still do work and
@@ -142,6 +165,356 @@ class Transaction:
         #: set for a saga step: stable per saga, step and op (action / compensation), the
         #: same on every retry and after recovery, for outside services to deduplicate on
         self.idempotency_key: str | None = None
+
+    def set_rollback_only(self, reason: str = "set_rollback_only() was called") -> None:
+        """Make the transaction unable to commit: leaving the block will roll it back."""
+        self._rollback_only = reason
+
+    @property
+    def context(self) -> Context:
+        """The manager's shared context (resources, pools, log), for integrations."""
+        return self._ctx
+
+    @property
+    def branches(self) -> dict[str, BranchState]:
+        """The state of each enlisted branch, by resource name."""
+        return {name: b.state for name, b in self._branches.items()}
+
+    @property
+    def pending_branches(self) -> list[str]:
+        """Resources whose branch recovery still has to finish (after a phase-2 failure)."""
+        return [n for n, b in self._branches.items() if b.state is BranchState.UNKNOWN]
+
+    def _check_time(self) -> None:
+        if time.monotonic() > self.deadline:
+            self._rollback_only = "timeout"
+            raise TransactionTimeout(
+                f"transaction {self.gtrid} exceeded its timeout of {self.timeout:g} s",
+                gtrid=self.gtrid,
+            )
+
+    # -- fencing with recovery ------------------------------------------------------------
+    def abort_if_expired(self) -> bool:
+        """Recovery's request: mark this transaction aborted if it is past its deadline and
+        has not reached its decision. True if it is (now) marked aborted."""
+        with self._fence:
+            if self._deciding:
+                return False
+            if self._stop is not None:
+                return True
+            if time.monotonic() > self.deadline:
+                self._stop = "timeout"
+                return True
+            return False
+
+    def refuse_decision(self, reason: str) -> bool:
+        """Make the decision step refuse to commit (and roll back), unless the decision is
+        already being made. True if it will be refused."""
+        with self._fence:
+            if self._deciding:
+                return False
+            if self._stop is None:
+                self._stop = reason
+            return True
+
+    # -- the protocol, I/O-free: generators yielding operations (xatm._steps) ---------------
+    def _ended(self) -> None:
+        self._ctx.forget(self)
+        self._trace.finish(self.state)
+        callbacks, self._after_end = self._after_end, []
+        for callback in callbacks:
+            try:
+                callback()
+            except Exception:  # the outcome is settled: a callback's failure only gets logged
+                logger.exception("an end-of-transaction callback of %s failed", self.gtrid)
+
+    def _commit_steps(self) -> Steps[None]:
+        """The end of the block: commit every branch or none (docs/protocol.md)."""
+        if self.state is not TransactionState.ACTIVE:
+            raise TransactionError(
+                f"transaction {self.gtrid} is already {self.state.value}", gtrid=self.gtrid
+            )
+        branches = list(self._branches.values())
+        if self._rollback_only is not None or time.monotonic() > self.deadline:
+            reason = self._rollback_only or "timeout"
+            yield from self._rollback_steps()
+            self._raise_rolled_back(reason)
+        if not branches:
+            self.state = TransactionState.COMMITTED
+            return
+        if len(branches) == 1:
+            yield from self._one_phase_steps(branches[0])
+            return
+        chosen = self._ctx.marker_candidate((b.resource, b.participant) for b in branches)
+        marker = self._branches[chosen] if chosen is not None else None
+        if marker is not None:
+            yield from self._marker_steps(branches, marker)
+            return
+        self.state = TransactionState.PREPARING
+        _failpoint.hit("before_prepare")
+        prepared = yield from self._prepare_steps(branches)
+        _failpoint.hit("after_prepare")
+        if len(prepared) > 1:
+            yield from self._decide_steps(prepared)
+        else:
+            # Read-only votes left at most one branch with work: its commit alone decides
+            # the outcome, so no decision needs logging (a crash before it commits leaves
+            # nothing acknowledged, and presumed abort rolls the branch back).
+            yield from self._fence_steps()
+        _failpoint.hit("after_decision")
+        self.state = TransactionState.COMMITTING
+        yield from self._commit_all_steps(prepared, logged=len(prepared) > 1)
+
+    def _marker_steps(self, branches: list[Branch], marker: Branch) -> Steps[None]:
+        """The commit-marker path (see ``xatm._marker``): prepare the others, then commit
+        the marker branch in one phase with the decision row inside it."""
+        self.state = TransactionState.PREPARING
+        _failpoint.hit("before_prepare")
+        prepared = yield from self._prepare_steps([b for b in branches if b is not marker])
+        _failpoint.hit("after_prepare")
+        yield from self._fence_steps()
+        finished = self._ctx.finished_markers(marker.resource)
+        gtrid = self.gtrid if prepared else None  # no other writer: no decision row needed
+        txids = {b.resource: b.txid for b in prepared if b.txid is not None}
+        statements = _marker.statements(gtrid, [b.resource for b in prepared], txids, finished)
+        assert marker.conn is not None
+        e = (yield CommitOnePhase(marker, statements)).error
+        if isinstance(e, BranchVotedNo):
+            marker.state = BranchState.ROLLED_BACK
+            yield from self._rollback_steps()
+            self._raise_rolled_back(f"{marker.resource}: {e.reason}", e.__cause__ or e)
+        elif e is not None:
+            # Not a certain "no" (those are BranchVotedNo): the decision row may or may not
+            # be committed. Leave every branch as it is, for recovery to settle.
+            marker.error = e
+            marker.state = BranchState.UNKNOWN
+            self.state = TransactionState.IN_DOUBT
+            for b in branches:
+                b.drop()
+            if not isinstance(e, Exception):
+                raise e
+            raise TransactionInDoubt(
+                f"the commit of the decision of {self.gtrid} on {marker.resource!r} failed"
+                f" midway ({e}); recovery settles the other branches by whether the"
+                " decision row is there",
+                gtrid=self.gtrid,
+            ) from e
+        marker.state = BranchState.COMMITTED
+        marker.release()
+        _failpoint.hit("after_decision")
+        self.state = TransactionState.COMMITTING
+        yield from self._commit_all_steps(prepared, logged=bool(prepared), marker=marker.resource)
+
+    def _raise_rolled_back(self, reason: str, cause: BaseException | None = None) -> NoReturn:
+        if reason == "timeout":
+            raise TransactionTimeout(
+                f"transaction {self.gtrid} exceeded its timeout of {self.timeout:g} s and was"
+                " rolled back",
+                gtrid=self.gtrid,
+            ) from cause
+        raise TransactionRolledBack(
+            f"transaction {self.gtrid} was rolled back: {reason}", gtrid=self.gtrid
+        ) from cause
+
+    def _one_phase_steps(self, branch: Branch) -> Steps[None]:
+        self.state = TransactionState.PREPARING
+        self._trace.phase("commit")
+        assert branch.conn is not None
+        e = (yield CommitOnePhase(branch)).error
+        if isinstance(e, BranchVotedNo):
+            branch.state = BranchState.ROLLED_BACK
+            yield from self._rollback_steps()
+            self._raise_rolled_back(f"{branch.resource}: {e.reason}", e.__cause__)
+        if e is not None:
+            # Not a certain "no" (those are BranchVotedNo): a lost connection, or the call
+            # was interrupted. Whether the commit took effect is unknown.
+            branch.error = e
+            branch.state = BranchState.UNKNOWN
+            branch.drop()
+            self.state = TransactionState.IN_DOUBT
+            if not isinstance(e, Exception):
+                raise e
+            raise TransactionInDoubt(
+                f"the one-phase commit of {self.gtrid} on {branch.resource!r} failed midway"
+                f" ({e}): whether it committed is unknown",
+                gtrid=self.gtrid,
+            ) from e
+        branch.state = BranchState.COMMITTED
+        branch.release()
+        self.state = TransactionState.COMMITTED
+
+    def _prepare_steps(self, branches: list[Branch]) -> Steps[list[Branch]]:
+        """Phase 1 on every branch; returns the branches that voted PREPARED (the others
+        are read-only and already finished). Rolls everything back on any no vote."""
+        self._trace.phase("prepare")
+        outcomes: list[Outcome[Prepared]] = yield Prepare(branches)
+        failure: BaseException | None = None
+        reason = ""
+        for branch, outcome in zip(branches, outcomes, strict=True):
+            err = outcome.error
+            if err is None:
+                assert outcome.value is not None
+                if outcome.value.vote is Vote.READ_ONLY:
+                    branch.state = BranchState.COMMITTED
+                else:
+                    branch.state = BranchState.PREPARED
+                    branch.txid = outcome.value.txid
+                continue
+            branch.error = err
+            if isinstance(err, BranchVotedNo):
+                branch.state = BranchState.ROLLED_BACK
+                if failure is None:
+                    failure, reason = err.__cause__ or err, f"{branch.resource}: {err.reason}"
+            else:
+                branch.state = BranchState.UNKNOWN
+                if failure is None:
+                    failure, reason = err, f"{branch.resource}: prepare failed: {err}"
+        if failure is not None:
+            yield from self._rollback_steps()
+            if not isinstance(failure, Exception):
+                raise failure  # KeyboardInterrupt and the like, after rolling back
+            self._raise_rolled_back(reason, failure)
+        for branch in branches:
+            if branch.state is BranchState.COMMITTED:
+                branch.release()
+        return [b for b in branches if b.state is BranchState.PREPARED]
+
+    def _fence_steps(self) -> Steps[None]:
+        """Pass the fence with recovery, or roll back if the transaction is past its time
+        (or its caller gave up on it: a cancelled asyncio task)."""
+        self._trace.phase("decide")
+        with self._fence:
+            stop = self._stop
+            expired = stop is not None or time.monotonic() > self.deadline
+            if not expired:
+                self._deciding = True
+        if expired:
+            yield from self._rollback_steps()
+            self._raise_rolled_back(stop if stop is not None else "timeout")
+
+    def _decide_steps(self, branches: list[Branch]) -> Steps[None]:
+        yield from self._fence_steps()
+        _failpoint.hit("before_decision")
+        txids = {b.resource: b.txid for b in branches if b.txid is not None}
+        e = (yield LogCommit(self.gtrid, [b.resource for b in branches], txids)).error
+        if e is None:
+            return
+        if isinstance(e, DecisionNotLogged):
+            # certainly not logged (or fenced: recovery logged ABORT first): roll back
+            yield from self._rollback_steps()
+            self._raise_rolled_back(f"the commit decision could not be logged: {e}", e)
+        self.state = TransactionState.IN_DOUBT
+        for b in branches:
+            b.drop()
+        if isinstance(e, LogError | OSError):
+            raise TransactionInDoubt(
+                f"forcing the commit decision of {self.gtrid} to the log failed; every branch"
+                " stays prepared and recovery settles them by what the log holds",
+                gtrid=self.gtrid,
+            ) from e
+        # Interrupted (KeyboardInterrupt, SystemExit, a cancelled task) while the decision
+        # was being forced: the log settles the record (on disk, or the log broken), so the
+        # branches stay prepared for recovery, which decides by what the disk holds.
+        raise e
+
+    def _commit_all_steps(
+        self, branches: list[Branch], *, logged: bool, marker: str | None = None
+    ) -> Steps[None]:
+        self._trace.phase("commit")
+        outcomes: list[Outcome[PhaseTwo]] = yield CommitPrepared(branches, _after_first_commit)
+        for branch, outcome in zip(branches, outcomes, strict=True):
+            if outcome.error is None and outcome.value is PhaseTwo.DONE:
+                branch.state = BranchState.COMMITTED
+                branch.release()
+            elif outcome.error is None:
+                branch.state = BranchState.UNKNOWN
+                branch.drop()
+                logger.error(
+                    "HEURISTIC: branch %s of committed transaction %s was not found prepared"
+                    " on %r at commit time: it may have been rolled back by hand",
+                    branch.xid.bqual,
+                    self.gtrid,
+                    branch.resource,
+                )
+            else:
+                branch.state = BranchState.UNKNOWN
+                branch.error = outcome.error
+                branch.drop()
+                logger.warning(
+                    "transaction %s is committed, but its branch on %r could not be committed"
+                    " now (%s); recovery will commit it",
+                    self.gtrid,
+                    branch.resource,
+                    outcome.error,
+                )
+        self.state = TransactionState.COMMITTED
+        if not logged:
+            if branches and branches[0].state is BranchState.UNKNOWN:
+                # the only branch with work: its outcome is this transaction's outcome
+                self.state = TransactionState.IN_DOUBT
+                raise TransactionInDoubt(
+                    f"the commit of the only writing branch of {self.gtrid} on"
+                    f" {branches[0].resource!r} failed midway; with no logged decision,"
+                    " recovery will roll it back if it is still prepared",
+                    gtrid=self.gtrid,
+                ) from branches[0].error
+        elif all(b.state is BranchState.COMMITTED for b in branches):
+            if marker is not None:
+                self._ctx.marker_finished(marker, self.gtrid)
+                return
+            e = (yield LogEnd(self.gtrid)).error
+            if isinstance(e, LogError):
+                logger.warning("could not record the end of %s: %s", self.gtrid, e)
+            elif e is not None:
+                raise e
+        else:
+            self._ctx.phase_two_incomplete(self.gtrid, self.pending_branches)
+
+    def _rollback_steps(self) -> Steps[None]:
+        """Roll back every branch that may still hold work; never raises a driver error."""
+        self._trace.phase("rollback")
+        self.state = TransactionState.ROLLED_BACK
+        for branch in self._branches.values():
+            if branch.conn is None or branch.state is BranchState.ROLLED_BACK:
+                branch.release()
+                continue
+            if branch.state is BranchState.PREPARED:
+                prepared = True
+            elif branch.state is BranchState.ACTIVE:
+                prepared = False
+            else:  # UNKNOWN: a prepare whose answer was lost; recovery will see to it
+                branch.drop()
+                continue
+            e = (yield Rollback(branch, prepared)).error
+            if e is None:
+                branch.state = BranchState.ROLLED_BACK
+                branch.release()
+                continue
+            if not isinstance(e, Exception):
+                raise e
+            # rolling back must go on
+            branch.error = e
+            branch.drop()  # closing the connection rolls back unprepared work
+            if prepared:
+                branch.state = BranchState.UNKNOWN
+                logger.warning(
+                    "could not roll back prepared branch %s on %r (%s); recovery will",
+                    self.gtrid,
+                    branch.resource,
+                    e,
+                )
+            else:
+                branch.state = BranchState.ROLLED_BACK
+
+
+class Transaction(TransactionCore):
+    """A global transaction; use it as ``with tm.transaction() as tx:``.
+
+    Leaving the block normally commits every branch or none (raising
+    :class:`~xatm.TransactionRolledBack` if it had to roll back); leaving it with an
+    exception rolls every branch back and lets the exception through. A transaction is used
+    by one thread.
+    """
 
     # -- the application's side -------------------------------------------------------------
     def __enter__(self) -> Transaction:
@@ -199,10 +572,6 @@ class Transaction:
         """A SQLAlchemy ``Connection`` on this transaction's branch on ``resource``."""
         return self._ctx.extension("sa_connection")(self, resource)
 
-    def set_rollback_only(self, reason: str = "set_rollback_only() was called") -> None:
-        """Make the transaction unable to commit: leaving the block will roll it back."""
-        self._rollback_only = reason
-
     # -- for integrations (SQLAlchemy sessions, see xatm._sqlalchemy) ------------------------
     def add_before_prepare_hook(self, callback: Callable[[], None]) -> None:
         """Run ``callback`` when commit starts, before anything is prepared (it may still do
@@ -222,21 +591,6 @@ class Transaction:
         """The driver connection the branch on ``resource`` holds now (None if none)."""
         branch = self._branches.get(resource)
         return None if branch is None else branch.conn
-
-    @property
-    def context(self) -> Context:
-        """The manager's shared context (resources, pools, log), for integrations."""
-        return self._ctx
-
-    @property
-    def branches(self) -> dict[str, BranchState]:
-        """The state of each enlisted branch, by resource name."""
-        return {name: b.state for name, b in self._branches.items()}
-
-    @property
-    def pending_branches(self) -> list[str]:
-        """Resources whose branch recovery still has to finish (after a phase-2 failure)."""
-        return [n for n, b in self._branches.items() if b.state is BranchState.UNKNOWN]
 
     # -- enlistment -------------------------------------------------------------------------
     def _branch(self, resource: str) -> Branch:
@@ -291,28 +645,6 @@ class Transaction:
                 pool.clear()  # the server probably restarted: the others are dead too
         raise AssertionError("unreachable")
 
-    def _check_time(self) -> None:
-        if time.monotonic() > self.deadline:
-            self._rollback_only = "timeout"
-            raise TransactionTimeout(
-                f"transaction {self.gtrid} exceeded its timeout of {self.timeout:g} s",
-                gtrid=self.gtrid,
-            )
-
-    # -- fencing with recovery ------------------------------------------------------------
-    def abort_if_expired(self) -> bool:
-        """Recovery's request: mark this transaction aborted if it is past its deadline and
-        has not reached its decision. True if it is (now) marked aborted."""
-        with self._fence:
-            if self._deciding:
-                return False
-            if self._aborted_by_recovery:
-                return True
-            if time.monotonic() > self.deadline:
-                self._aborted_by_recovery = True
-                return True
-            return False
-
     # -- the end ----------------------------------------------------------------------------
     def commit(self) -> None:
         """End the transaction with commit (what leaving the block normally does)."""
@@ -329,16 +661,6 @@ class Transaction:
         finally:
             self._ended()
 
-    def _ended(self) -> None:
-        self._ctx.forget(self)
-        self._trace.finish(self.state)
-        callbacks, self._after_end = self._after_end, []
-        for callback in callbacks:
-            try:
-                callback()
-            except Exception:  # the outcome is settled: a callback's failure only gets logged
-                logger.exception("an end-of-transaction callback of %s failed", self.gtrid)
-
     def _commit(self) -> None:
         if self.state is not TransactionState.ACTIVE:
             raise TransactionError(
@@ -346,36 +668,7 @@ class Transaction:
             )
         if self._before_prepare and self._rollback_only is None:
             self._run_before_prepare()
-        branches = list(self._branches.values())
-        if self._rollback_only is not None or time.monotonic() > self.deadline:
-            reason = self._rollback_only or "timeout"
-            self._rollback_all()
-            self._raise_rolled_back(reason)
-        if not branches:
-            self.state = TransactionState.COMMITTED
-            return
-        if len(branches) == 1:
-            self._commit_one_phase(branches[0])
-            return
-        chosen = self._ctx.marker_candidate((b.resource, b.participant) for b in branches)
-        marker = self._branches[chosen] if chosen is not None else None
-        if marker is not None:
-            self._commit_with_marker(branches, marker)
-            return
-        self.state = TransactionState.PREPARING
-        _failpoint.hit("before_prepare")
-        prepared = self._prepare_all(branches)
-        _failpoint.hit("after_prepare")
-        if len(prepared) > 1:
-            self._decide(prepared)
-        else:
-            # Read-only votes left at most one branch with work: its commit alone decides
-            # the outcome, so no decision needs logging (a crash before it commits leaves
-            # nothing acknowledged, and presumed abort rolls the branch back).
-            self._fence_decision()
-        _failpoint.hit("after_decision")
-        self.state = TransactionState.COMMITTING
-        self._commit_all(prepared, logged=len(prepared) > 1)
+        self._drive(self._commit_steps())
 
     def _run_before_prepare(self) -> None:
         """Run the before-prepare callbacks (flush ORM sessions); any failure rolls back."""
@@ -392,179 +685,55 @@ class Transaction:
             first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
             self._raise_rolled_back(f"the work to do before prepare failed: {first_line}", e)
 
-    def _commit_with_marker(self, branches: list[Branch], marker: Branch) -> None:
-        """The commit-marker path (see ``xatm._marker``): prepare the others, then commit
-        the marker branch in one phase with the decision row inside it."""
-        self.state = TransactionState.PREPARING
-        _failpoint.hit("before_prepare")
-        prepared = self._prepare_all([b for b in branches if b is not marker])
-        _failpoint.hit("after_prepare")
-        self._fence_decision()
-        finished = self._ctx.finished_markers(marker.resource)
-        gtrid = self.gtrid if prepared else None  # no other writer: no decision row needed
-        txids = {b.resource: b.txid for b in prepared if b.txid is not None}
-        statements = _marker.statements(gtrid, [b.resource for b in prepared], txids, finished)
-        assert marker.conn is not None
-        try:
-            marker.participant.commit_one_phase(marker.conn, marker.xid, statements)
-        except BranchVotedNo as e:
-            marker.state = BranchState.ROLLED_BACK
-            self._rollback_all()
-            self._raise_rolled_back(f"{marker.resource}: {e.reason}", e.__cause__ or e)
-        except BaseException as e:
-            # Not a certain "no" (those are BranchVotedNo): the decision row may or may not
-            # be committed. Leave every branch as it is, for recovery to settle.
-            marker.error = e
-            marker.state = BranchState.UNKNOWN
-            self.state = TransactionState.IN_DOUBT
-            for b in branches:
-                b.drop()
-            if not isinstance(e, Exception):
-                raise
-            raise TransactionInDoubt(
-                f"the commit of the decision of {self.gtrid} on {marker.resource!r} failed"
-                f" midway ({e}); recovery settles the other branches by whether the"
-                " decision row is there",
-                gtrid=self.gtrid,
-            ) from e
-        marker.state = BranchState.COMMITTED
-        marker.release()
-        _failpoint.hit("after_decision")
-        self.state = TransactionState.COMMITTING
-        self._commit_all(prepared, logged=bool(prepared), marker=marker.resource)
+    def _rollback_all(self) -> None:
+        """Roll back every branch that may still hold work; never raises a driver error."""
+        self._drive(self._rollback_steps())
 
-    def _raise_rolled_back(self, reason: str, cause: BaseException | None = None) -> None:
-        if reason == "timeout":
-            raise TransactionTimeout(
-                f"transaction {self.gtrid} exceeded its timeout of {self.timeout:g} s and was"
-                " rolled back",
-                gtrid=self.gtrid,
-            ) from cause
-        raise TransactionRolledBack(
-            f"transaction {self.gtrid} was rolled back: {reason}", gtrid=self.gtrid
-        ) from cause
+    # -- the driver: runs the protocol's operations with the blocking drivers ---------------
+    def _drive(self, steps: Steps[None]) -> None:
+        send = steps.send
+        result: Any = None
+        while True:
+            try:
+                op = send(result)
+            except StopIteration:
+                return
+            result = self._run(op)
 
-    def _commit_one_phase(self, branch: Branch) -> None:
-        self.state = TransactionState.PREPARING
-        self._trace.phase("commit")
-        assert branch.conn is not None
-        try:
-            branch.participant.commit_one_phase(branch.conn, branch.xid)
-        except BranchVotedNo as e:
-            branch.state = BranchState.ROLLED_BACK
-            self._rollback_all()
-            self._raise_rolled_back(f"{branch.resource}: {e.reason}", e.__cause__)
-        except BaseException as e:
-            # Not a certain "no" (those are BranchVotedNo): a lost connection, or the call
-            # was interrupted. Whether the commit took effect is unknown.
-            branch.error = e
-            branch.state = BranchState.UNKNOWN
-            branch.drop()
-            self.state = TransactionState.IN_DOUBT
-            if not isinstance(e, Exception):
-                raise
-            raise TransactionInDoubt(
-                f"the one-phase commit of {self.gtrid} on {branch.resource!r} failed midway"
-                f" ({e}): whether it committed is unknown",
-                gtrid=self.gtrid,
-            ) from e
-        branch.state = BranchState.COMMITTED
-        branch.release()
-        self.state = TransactionState.COMMITTED
+    def _run(self, op: Operation) -> Any:
+        if isinstance(op, Rollback):
+            conn = op.branch.conn
+            participant = op.branch.participant
+            if op.prepared:
+                return _call(participant.rollback_prepared, conn, op.branch.xid)
+            return _call(participant.rollback_active, conn, op.branch.xid)
+        if isinstance(op, Prepare):
+            return self._prepare(op.branches)
+        if isinstance(op, CommitPrepared):
+            return self._commit_prepared(op)
+        if isinstance(op, CommitOnePhase):
+            branch = op.branch
+            if op.before:
+                return _call(
+                    branch.participant.commit_one_phase, branch.conn, branch.xid, op.before
+                )
+            return _call(branch.participant.commit_one_phase, branch.conn, branch.xid)
+        if isinstance(op, LogCommit):
+            return _call(self._ctx.log.log_commit, op.gtrid, op.resources, op.txids)
+        return _call(self._ctx.log.log_end, op.gtrid)
 
-    def _prepare_all(self, branches: list[Branch]) -> list[Branch]:
-        """Phase 1 on every branch; returns the branches that voted PREPARED (the others
-        are read-only and already finished). Rolls everything back on any no vote."""
-        self._trace.phase("prepare")
+    def _prepare(self, branches: list[Branch]) -> list[Outcome[Prepared]]:
         overlap = self._ctx.overlap()
 
-        def start(branch: Branch) -> Callable[[], None]:
+        def start(branch: Branch) -> Callable[[], Prepared]:
             assert branch.conn is not None
             if overlap:
-                finish = branch.participant.start_prepare(branch.conn, branch.xid)
-            else:
-                finish = _now(branch.participant.prepare(branch.conn, branch.xid))
+                return branch.participant.start_prepare(branch.conn, branch.xid)
+            return _now(branch.participant.prepare(branch.conn, branch.xid))
 
-            def done() -> None:
-                result = finish()
-                if result.vote is Vote.READ_ONLY:
-                    branch.state = BranchState.COMMITTED
-                else:
-                    branch.state = BranchState.PREPARED
-                    branch.txid = result.txid
+        return overlapped(branches, start, sends_first=_sends_first, overlap=overlap)
 
-            return done
-
-        outcomes = overlapped(branches, start, sends_first=_sends_first, overlap=overlap)
-        failure: BaseException | None = None
-        reason = ""
-        for branch, outcome in zip(branches, outcomes, strict=True):
-            if outcome.error is None:
-                continue
-            err = outcome.error
-            branch.error = err
-            if isinstance(err, BranchVotedNo):
-                branch.state = BranchState.ROLLED_BACK
-                if failure is None:
-                    failure, reason = err.__cause__ or err, f"{branch.resource}: {err.reason}"
-            else:
-                branch.state = BranchState.UNKNOWN
-                if failure is None:
-                    failure, reason = err, f"{branch.resource}: prepare failed: {err}"
-        if failure is not None:
-            self._rollback_all()
-            if not isinstance(failure, Exception):
-                raise failure  # KeyboardInterrupt and the like, after rolling back
-            self._raise_rolled_back(reason, failure)
-        for branch in branches:
-            if branch.state is BranchState.COMMITTED:
-                branch.release()
-        return [b for b in branches if b.state is BranchState.PREPARED]
-
-    def _fence_decision(self) -> None:
-        """Pass the fence with recovery, or roll back if the transaction is past its time."""
-        self._trace.phase("decide")
-        with self._fence:
-            expired = self._aborted_by_recovery or time.monotonic() > self.deadline
-            if not expired:
-                self._deciding = True
-        if expired:
-            self._rollback_all()
-            self._raise_rolled_back("timeout")
-
-    def _decide(self, branches: list[Branch]) -> None:
-        self._fence_decision()
-        _failpoint.hit("before_decision")
-        txids = {b.resource: b.txid for b in branches if b.txid is not None}
-        try:
-            self._ctx.log.log_commit(self.gtrid, [b.resource for b in branches], txids)
-        except DecisionNotLogged as e:
-            # certainly not logged (or fenced: recovery logged ABORT first): roll back
-            self._rollback_all()
-            self._raise_rolled_back(f"the commit decision could not be logged: {e}", e)
-        except (LogError, OSError) as e:
-            self.state = TransactionState.IN_DOUBT
-            for b in branches:
-                b.drop()
-            raise TransactionInDoubt(
-                f"forcing the commit decision of {self.gtrid} to the log failed; every branch"
-                " stays prepared and recovery settles them by what the log holds",
-                gtrid=self.gtrid,
-            ) from e
-        except BaseException:
-            # Interrupted (KeyboardInterrupt, SystemExit) while the decision was being
-            # forced: the log has settled the record before letting the interrupt through
-            # (on disk, or the log broken), so the branches stay prepared for recovery,
-            # which decides by what the disk holds.
-            self.state = TransactionState.IN_DOUBT
-            for b in branches:
-                b.drop()
-            raise
-
-    def _commit_all(
-        self, branches: list[Branch], *, logged: bool, marker: str | None = None
-    ) -> None:
-        self._trace.phase("commit")
+    def _commit_prepared(self, op: CommitPrepared) -> list[Outcome[PhaseTwo]]:
         first_done = False
         overlap = self._ctx.overlap()
 
@@ -580,94 +749,27 @@ class Transaction:
                 result = finish()
                 if not first_done:
                     first_done = True
-                    _failpoint.hit("after_first_commit")
+                    op.after_first()
                 return result
 
             return done
 
-        outcomes = overlapped(branches, start, sends_first=_sends_first, overlap=overlap)
-        for branch, outcome in zip(branches, outcomes, strict=True):
-            if outcome.error is None and outcome.value is PhaseTwo.DONE:
-                branch.state = BranchState.COMMITTED
-                branch.release()
-            elif outcome.error is None:
-                branch.state = BranchState.UNKNOWN
-                branch.drop()
-                logger.error(
-                    "HEURISTIC: branch %s of committed transaction %s was not found prepared"
-                    " on %r at commit time: it may have been rolled back by hand",
-                    branch.xid.bqual,
-                    self.gtrid,
-                    branch.resource,
-                )
-            else:
-                branch.state = BranchState.UNKNOWN
-                branch.error = outcome.error
-                branch.drop()
-                logger.warning(
-                    "transaction %s is committed, but its branch on %r could not be committed"
-                    " now (%s); recovery will commit it",
-                    self.gtrid,
-                    branch.resource,
-                    outcome.error,
-                )
-        self.state = TransactionState.COMMITTED
-        if not logged:
-            if branches and branches[0].state is BranchState.UNKNOWN:
-                # the only branch with work: its outcome is this transaction's outcome
-                self.state = TransactionState.IN_DOUBT
-                raise TransactionInDoubt(
-                    f"the commit of the only writing branch of {self.gtrid} on"
-                    f" {branches[0].resource!r} failed midway; with no logged decision,"
-                    " recovery will roll it back if it is still prepared",
-                    gtrid=self.gtrid,
-                ) from branches[0].error
-        elif all(b.state is BranchState.COMMITTED for b in branches):
-            if marker is not None:
-                self._ctx.marker_finished(marker, self.gtrid)
-                return
-            try:
-                self._ctx.log.log_end(self.gtrid)
-            except LogError as e:
-                logger.warning("could not record the end of %s: %s", self.gtrid, e)
-        else:
-            self._ctx.phase_two_incomplete(self.gtrid, self.pending_branches)
-
-    def _rollback_all(self) -> None:
-        """Roll back every branch that may still hold work; never raises a driver error."""
-        self._trace.phase("rollback")
-        self.state = TransactionState.ROLLED_BACK
-        for branch in self._branches.values():
-            conn = branch.conn
-            if conn is None or branch.state is BranchState.ROLLED_BACK:
-                branch.release()
-                continue
-            try:
-                if branch.state is BranchState.PREPARED:
-                    branch.participant.rollback_prepared(conn, branch.xid)
-                elif branch.state is BranchState.ACTIVE:
-                    branch.participant.rollback_active(conn, branch.xid)
-                else:  # UNKNOWN: a prepare whose answer was lost; recovery will see to it
-                    branch.drop()
-                    continue
-                branch.state = BranchState.ROLLED_BACK
-                branch.release()
-            except Exception as e:  # rolling back must go on
-                branch.error = e
-                branch.drop()  # closing the connection rolls back unprepared work
-                if branch.state is BranchState.PREPARED:
-                    branch.state = BranchState.UNKNOWN
-                    logger.warning(
-                        "could not roll back prepared branch %s on %r (%s); recovery will",
-                        self.gtrid,
-                        branch.resource,
-                        e,
-                    )
-                else:
-                    branch.state = BranchState.ROLLED_BACK
+        return overlapped(op.branches, start, sends_first=_sends_first, overlap=overlap)
 
     def __repr__(self) -> str:
         return f"<Transaction {self.gtrid} {self.state.value} branches={list(self._branches)}>"
+
+
+def _call(fn: Callable[..., T], *args: Any) -> Outcome[T]:
+    """``fn(*args)`` as an Outcome: its value, or whatever it raised."""
+    try:
+        return Outcome(fn(*args))
+    except BaseException as e:  # the protocol decides what it means
+        return Outcome(None, e)
+
+
+def _after_first_commit() -> None:
+    _failpoint.hit("after_first_commit")
 
 
 def _now(value: T) -> Callable[[], T]:
