@@ -185,6 +185,31 @@ class TransactionCore:
         """Resources whose branch recovery still has to finish (after a phase-2 failure)."""
         return [n for n, b in self._branches.items() if b.state is BranchState.UNKNOWN]
 
+    def _enlisted(self, resource: str) -> Branch | None:
+        """The branch on ``resource`` if it is enlisted (None: begin one), after checking
+        that work may still be done in this transaction."""
+        if self.state is not TransactionState.ACTIVE:
+            raise TransactionError(
+                f"transaction {self.gtrid} is {self.state.value}; no more work can be done in it",
+                gtrid=self.gtrid,
+            )
+        branch = self._branches.get(resource)
+        if branch is not None and branch.conn is None:
+            raise TransactionError(
+                f"the branch on {resource!r} lost its connection; the transaction will be"
+                " rolled back",
+                gtrid=self.gtrid,
+            )
+        self._check_time()
+        return branch
+
+    def _lost(self, branch: Branch, error: BaseException) -> None:
+        """The branch's connection failed (or its call was interrupted) during the work:
+        the server drops unprepared work, and the transaction can only roll back."""
+        branch.error = error
+        branch.state = BranchState.ROLLED_BACK
+        self._rollback_only = f"the connection of branch {branch.resource!r} was lost"
+
     def _check_time(self) -> None:
         if time.monotonic() > self.deadline:
             self._rollback_only = "timeout"
@@ -545,9 +570,7 @@ class Transaction(TransactionCore):
             return branch.participant.execute(branch.conn, query, params)
         except BaseException as e:
             if branch.participant.is_connection_error(e):
-                branch.error = e
-                branch.state = BranchState.ROLLED_BACK  # the server drops unprepared work
-                self._rollback_only = f"the connection of branch {resource!r} was lost"
+                self._lost(branch, e)
             raise
 
     def connection(self, resource: str) -> Connection:
@@ -594,22 +617,9 @@ class Transaction(TransactionCore):
 
     # -- enlistment -------------------------------------------------------------------------
     def _branch(self, resource: str) -> Branch:
-        if self.state is not TransactionState.ACTIVE:
-            raise TransactionError(
-                f"transaction {self.gtrid} is {self.state.value}; no more work can be done in it",
-                gtrid=self.gtrid,
-            )
-        branch = self._branches.get(resource)
+        branch = self._enlisted(resource)
         if branch is not None:
-            if branch.conn is None:
-                raise TransactionError(
-                    f"the branch on {resource!r} lost its connection; the transaction will be"
-                    " rolled back",
-                    gtrid=self.gtrid,
-                )
-            self._check_time()
             return branch
-        self._check_time()
         participant, pool = self._ctx.resources.get(resource)
         participant = self._trace.watch(participant)
         xid = branch_xid(self.gtrid, resource)
@@ -624,14 +634,7 @@ class Transaction(TransactionCore):
             conn = pool.get() if attempt == 1 else participant.connect()
             try:
                 if not pool.checked:
-                    problems = participant.check(conn)
-                    if problems:
-                        raise ResourceNotFit(
-                            f"resource {participant.name!r} ({participant.spec.redacted()})"
-                            f" is not fit for two-phase commit: {'; '.join(problems)}",
-                            resource=participant.name,
-                        )
-                    self._ctx.first_connection(participant, conn)
+                    check_fit(self._ctx, participant, conn)
                     pool.checked = True
                 participant.begin(conn, xid, max(self.deadline - time.monotonic(), 0.001))
                 return conn
@@ -758,6 +761,19 @@ class Transaction(TransactionCore):
 
     def __repr__(self) -> str:
         return f"<Transaction {self.gtrid} {self.state.value} branches={list(self._branches)}>"
+
+
+def check_fit(ctx: Context, participant: Participant, conn: Connection) -> None:
+    """A resource's first connection: refuse it (ResourceNotFit) if it is not fit for
+    two-phase commit, else do the context's set-up on it (the marker table)."""
+    problems = participant.check(conn)
+    if problems:
+        raise ResourceNotFit(
+            f"resource {participant.name!r} ({participant.spec.redacted()})"
+            f" is not fit for two-phase commit: {'; '.join(problems)}",
+            resource=participant.name,
+        )
+    ctx.first_connection(participant, conn)
 
 
 def _call(fn: Callable[..., T], *args: Any) -> Outcome[T]:
