@@ -56,16 +56,17 @@ class AsyncMySQL:
         import mysql.connector.aio
 
         try:
+            kwargs = self._kwargs
             try:
-                return await mysql.connector.aio.connect(**self._kwargs)
+                return await mysql.connector.aio.connect(**kwargs)
             except TypeError:
                 # mysql.connector.aio (9.x) fails after connecting to a server without TLS
                 # (its cipher check unpacks None): that connection was plain text already,
                 # so ask for plain text (a URL that requires TLS still gets an error)
-                if self._kwargs.get("ssl_disabled") or _requires_tls(self._kwargs):
+                if kwargs.get("ssl_disabled") or _requires_tls(kwargs):
                     raise
-                self._kwargs["ssl_disabled"] = True
-                return await mysql.connector.aio.connect(**self._kwargs)
+                self._kwargs = kwargs = {**kwargs, "ssl_disabled": True}
+                return await mysql.connector.aio.connect(**kwargs)
         except self._errors_or_os as e:
             raise self.sync.unavailable(e) from None
 

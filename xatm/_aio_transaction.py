@@ -6,13 +6,14 @@ driver connections, the log's forced write on a worker thread (``asyncio.to_thre
 that no fsync blocks the event loop.
 
 **Cancellation.** The end of the transaction (commit or rollback) runs in a task of its own
-that the caller awaits through ``asyncio.shield``. If the caller is cancelled meanwhile, the
-transaction is asked to refuse its decision (``refuse_decision``): before the decision that
-means it rolls back; once the decision is being made it commits, phase 2 included. Either
-way the caller waits for that end (its connections given back, nothing left waiting) and
-then gets its ``CancelledError``; ``tx.state`` says the outcome. A cancellation inside the
-block (at ``await tx.execute(...)``) makes the interrupted branch's connection unusable:
-it is closed, which rolls its unprepared work back, and the block's end rolls back the rest.
+that the caller awaits without ever cancelling it (a shield). If the caller is cancelled
+meanwhile, the transaction is asked to refuse its decision (``refuse_decision``): before the
+decision that means it rolls back; once the decision is being made it commits, phase 2
+included. Either way the caller waits for that end (its connections given back, nothing
+left waiting) and then gets its ``CancelledError``; ``tx.state`` says the outcome. A
+cancellation inside the block (at ``await tx.execute(...)``) makes the interrupted branch's
+connection unusable: it is closed, which rolls its unprepared work back, and the block's
+end rolls back the rest.
 """
 
 from __future__ import annotations
@@ -178,7 +179,7 @@ class AsyncTransaction(TransactionCore):
         try:
             while not task.done():
                 try:
-                    await asyncio.shield(task)
+                    await asyncio.wait([task])  # never cancels the task, nor raises its error
                 except asyncio.CancelledError:
                     cancelled = True
                     if not task.done():
