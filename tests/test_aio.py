@@ -122,3 +122,71 @@ def test_unknown_resource_is_a_clear_error(servers: Servers, tmp_path: Path) -> 
                     await tx.execute("nope", "SELECT 1")
 
     asyncio.run(main())
+
+
+# A cancellation reaches the task at its next await. Cancelled at before_prepare, the task
+# learns it while the prepares run, and the decision is refused. From after_prepare on,
+# the protocol passes the decision's fence before its next await (the log write, or the
+# marker branch's commit): the transaction is decided, so it commits.
+STEPS_BEFORE = ["before_prepare"]
+STEPS_AFTER = ["after_prepare", "before_decision", "after_decision", "after_first_commit"]
+
+
+@pytest.mark.parametrize("step", STEPS_BEFORE + STEPS_AFTER)
+@pytest.mark.parametrize("markers", [[], ["pg1"]], ids=["strict", "marker"])
+def test_cancelled_at_each_step(
+    step: str,
+    markers: list[str],
+    servers: Servers,
+    bank: Bank,
+    tmp_path: Path,
+    at_step: dict[str, Any],
+) -> None:
+    """Cancelled at a protocol step: rolled back before the decision, committed after it
+    (phase 2 finished all the same); the caller gets CancelledError either way."""
+    if step == "before_decision" and markers:
+        pytest.skip("the marker path has no logged decision")
+
+    async def main() -> Any:
+        async with manager(servers, tmp_path, commit_markers=markers) as tm:
+            task = asyncio.ensure_future(transfer(tm, bank, "x", ["pg1", "pg2", "maria"]))
+            at_step[step] = task.cancel
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            assert tm.in_use == {"pg1": 0, "pg2": 0, "maria": 0}
+            return tm
+
+    asyncio.run(main())
+    present = {r for r, ids in bank.journal_ids().items() if "x" in ids}
+    if step in STEPS_AFTER:
+        assert present == {"pg1", "pg2", "maria"}
+    else:
+        assert present == set()
+    assert bank.total() == bank.initial_total
+    assert bank.xatm_prepared() == {"pg1": [], "pg2": [], "maria": []}
+
+
+def test_cancelled_inside_the_block(servers: Servers, bank: Bank, tmp_path: Path) -> None:
+    """Cancelled while a statement runs (a lock wait): that connection is closed, the other
+    branches roll back, nothing stays locked."""
+
+    async def main() -> None:
+        async with manager(servers, tmp_path) as tm:
+            async with tm.transaction() as holder:
+                await holder.execute("maria", f"UPDATE {bank.table} SET bal = bal WHERE id = 3")
+
+                async def blocked() -> None:
+                    async with tm.transaction() as tx:
+                        await tx.execute("pg1", f"UPDATE {bank.table} SET bal = 0 WHERE id = 3")
+                        await tx.execute("maria", f"UPDATE {bank.table} SET bal = 0 WHERE id = 3")
+
+                task = asyncio.ensure_future(blocked())
+                await asyncio.sleep(0.3)  # let it reach the lock wait on maria
+                task.cancel()
+                with pytest.raises(asyncio.CancelledError):
+                    await task
+            assert tm.in_use == {"pg1": 0, "pg2": 0, "maria": 0}
+
+    asyncio.run(main())
+    assert bank.balances()["pg1"][3] == 1000
+    assert bank.balances()["maria"][3] == 1000
