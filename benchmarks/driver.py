@@ -103,6 +103,10 @@ def run_clients(
     """
     if accounts < 2 * clients:
         raise ValueError(f"{accounts} accounts are too few for {clients} clients")
+    if hasattr(mode, "async_client"):  # an asyncio mode: tasks on one loop, not threads
+        from .aio_driver import run_tasks
+
+        return run_tasks(name, mode, clients, accounts, seconds, warmup, round_no, during_window)
     made: list[Client] = []
     threads: list[threading.Thread] = []
     logs = [_ThreadLog() for _ in range(clients)]

@@ -26,6 +26,8 @@ Round trips per transfer, sequential unless noted (``||`` = the two run side by 
                   then MariaDB: XA START, barrier INSERT IGNORE, UPDATE, XA END + XA COMMIT
                   ONE PHASE; then the record's end (fsynced). Not atomic at one instant:
                   compared with ``onepc`` (dtm's published figure is 0.29x plain MySQL)
+* ``xatm-async``, ``raw-async``: the asyncio API and hand-written asyncio 2PC, as tasks on
+                  one event loop (``benchmarks/aio_modes.py``)
 """
 
 from __future__ import annotations
@@ -404,8 +406,18 @@ MODES: dict[str, ModeFactory] = {
     "xatm-saga": SagaMode,
 }
 
+
+def _add_async_modes() -> None:
+    from .aio_modes import RawAsyncMode, XatmAsyncMode  # asyncio tasks, not threads
+
+    MODES["xatm-async"] = XatmAsyncMode  # type: ignore[assignment]
+    MODES["raw-async"] = RawAsyncMode  # type: ignore[assignment]
+
+
+_add_async_modes()
+
 #: the modes every xatm mode is compared against
-BASELINES = ("raw", "sqlalchemy")
+BASELINES = ("raw", "sqlalchemy", "raw-async")
 
 
 def is_xatm(mode: str) -> bool:
