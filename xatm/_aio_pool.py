@@ -77,7 +77,14 @@ class AsyncPool:
         ResourceUnavailable)."""
         while self._idle and not fresh:
             conn, since = self._idle.pop()
-            if time.monotonic() - since < self.ping_after or await self.participant.ping(conn):
+            try:
+                alive = time.monotonic() - since < self.ping_after or await self.participant.ping(
+                    conn
+                )
+            except BaseException:  # cancelled during the ping: the connection is not kept
+                self._close(conn)
+                raise
+            if alive:
                 self.in_use += 1
                 return conn
             self._close(conn)

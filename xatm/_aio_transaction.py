@@ -19,8 +19,10 @@ end rolls back the rest.
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from collections.abc import Awaitable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -55,6 +57,10 @@ class AsyncResources:
         self.pools = {n: AsyncPool(p, max_idle=size) for n, p in participants.items()}
         self._checked: set[str] = set()
         self._check_lock = asyncio.Lock()
+        #: threads that wait for the log's forced writes: as many as transactions may wait
+        #: at once, so that group commit batches them (the loop's default executor has
+        #: only a few threads)
+        self.log_threads = ThreadPoolExecutor(max(size, 4), thread_name_prefix="xatm-aio-log")
 
     def get(self, name: str) -> tuple[AsyncParticipant, AsyncPool]:
         """ConfigurationError if ``name`` is not configured."""
@@ -78,6 +84,7 @@ class AsyncResources:
     async def aclose(self) -> None:
         for pool in self.pools.values():
             await pool.aclose()
+        await asyncio.to_thread(self.log_threads.shutdown)
 
 
 class AsyncTransaction(TransactionCore):
@@ -218,10 +225,9 @@ class AsyncTransaction(TransactionCore):
             return await _outcome(self._driver(b).commit_one_phase(b.conn, b.xid, op.before))
         if isinstance(op, LogCommit):
             # the forced write (fsync, or the shared log's commit) on a worker thread
-            log = self._ctx.log
-            return await _outcome(
-                asyncio.to_thread(log.log_commit, op.gtrid, op.resources, op.txids)
-            )
+            call = functools.partial(self._ctx.log.log_commit, op.gtrid, op.resources, op.txids)
+            loop = asyncio.get_running_loop()
+            return await _outcome(loop.run_in_executor(self._aio.log_threads, call))
         assert isinstance(op, LogEnd)
         if self._ctx.shared_log is not None:  # its END rows go out in batches: may block
             return await _outcome(asyncio.to_thread(self._ctx.log.log_end, op.gtrid))

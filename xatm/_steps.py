@@ -27,14 +27,14 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Prepare:
     """Phase 1 on each branch; result: ``list[Outcome[Prepared]]`` in the same order."""
 
     branches: list[Branch]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class CommitOnePhase:
     """Commit an unprepared branch, running ``before`` in it first; result ``Outcome[None]``."""
 
@@ -42,7 +42,7 @@ class CommitOnePhase:
     before: Sequence[Statement] = ()
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class LogCommit:
     """Force the COMMIT decision to the coordinator log; result ``Outcome[None]``."""
 
@@ -51,14 +51,14 @@ class LogCommit:
     txids: dict[str, int]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class LogEnd:
     """Append the END record (not forced); result ``Outcome[None]``."""
 
     gtrid: str
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class CommitPrepared:
     """Phase 2 on each branch; result ``list[Outcome[PhaseTwo]]``. ``after_first`` is called
     (no I/O: a failpoint) once the first branch's answer is in."""
@@ -67,7 +67,7 @@ class CommitPrepared:
     after_first: Callable[[], None]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Rollback:
     """Roll one branch back (``prepared``: ROLLBACK PREPARED, else the active branch);
     result ``Outcome[object]``."""

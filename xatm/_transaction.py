@@ -704,26 +704,26 @@ class Transaction(TransactionCore):
             result = self._run(op)
 
     def _run(self, op: Operation) -> Any:
-        if isinstance(op, Rollback):
-            conn = op.branch.conn
-            participant = op.branch.participant
-            if op.prepared:
-                return _call(participant.rollback_prepared, conn, op.branch.xid)
-            return _call(participant.rollback_active, conn, op.branch.xid)
+        # most frequent first: a strict two-branch commit is Prepare, LogCommit,
+        # CommitPrepared, LogEnd
         if isinstance(op, Prepare):
             return self._prepare(op.branches)
+        if isinstance(op, LogCommit):
+            return _call(self._ctx.log.log_commit, op.gtrid, op.resources, op.txids)
         if isinstance(op, CommitPrepared):
             return self._commit_prepared(op)
+        if isinstance(op, LogEnd):
+            return _call(self._ctx.log.log_end, op.gtrid)
+        branch = op.branch
         if isinstance(op, CommitOnePhase):
-            branch = op.branch
             if op.before:
                 return _call(
                     branch.participant.commit_one_phase, branch.conn, branch.xid, op.before
                 )
             return _call(branch.participant.commit_one_phase, branch.conn, branch.xid)
-        if isinstance(op, LogCommit):
-            return _call(self._ctx.log.log_commit, op.gtrid, op.resources, op.txids)
-        return _call(self._ctx.log.log_end, op.gtrid)
+        if op.prepared:
+            return _call(branch.participant.rollback_prepared, branch.conn, branch.xid)
+        return _call(branch.participant.rollback_active, branch.conn, branch.xid)
 
     def _prepare(self, branches: list[Branch]) -> list[Outcome[Prepared]]:
         overlap = self._ctx.overlap()
