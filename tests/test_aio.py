@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from tests.support import Bank, Servers
-from xatm import TransactionRolledBack
+from xatm import TransactionRolledBack, XatmError
 from xatm.aio import AsyncTransactionManager
 from xatm.errors import ConfigurationError
 
@@ -190,3 +190,18 @@ def test_cancelled_inside_the_block(servers: Servers, bank: Bank, tmp_path: Path
     asyncio.run(main())
     assert bank.balances()["pg1"][3] == 1000
     assert bank.balances()["maria"][3] == 1000
+
+
+def test_bad_arguments_are_clear_errors(servers: Servers, tmp_path: Path) -> None:
+    async def main() -> None:
+        with pytest.raises(ConfigurationError, match="node_id"):
+            async with manager(servers, tmp_path, node_id="no spaces allowed"):
+                pass
+        with pytest.raises(ConfigurationError, match="timeout"):
+            async with manager(servers, tmp_path, timeout=-1):
+                pass
+        tm = manager(servers, tmp_path)
+        with pytest.raises(XatmError, match="not open"):
+            tm.transaction()
+
+    asyncio.run(main())
