@@ -2,7 +2,7 @@
 
 :class:`AsyncTransaction` inherits the protocol (``TransactionCore``'s I/O-free steps, see
 ``xatm._steps``) and only runs its operations: the branches' calls concurrently on asyncio
-driver connections, the log's forced write on a worker thread (``asyncio.to_thread``), so
+driver connections, the log's forced write on a thread of a log pool of its own, so
 that no fsync blocks the event loop.
 
 **Cancellation.** The end of the transaction (commit or rollback) runs in a task of its own
