@@ -22,7 +22,7 @@ from typing import Any
 import mysql.connector
 import psycopg
 
-from xatm import parse_url, redact
+from xatm.admin import parse_url, redact
 from xatm.testing import servers as devservers
 
 INITIAL_BALANCE = 1_000_000

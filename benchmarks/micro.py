@@ -27,9 +27,10 @@ from typing import Any
 
 from psycopg import sql
 
-from xatm import _events, parse_url
+from xatm import _events
 from xatm._participant import PhaseTwo, Prepared, Vote
 from xatm._xid import branch_xid, new_gtrid
+from xatm.admin import parse_url
 
 from .env import BenchServers, mysql_connect, pg_connect
 from .modes import listen

@@ -9,13 +9,8 @@ from types import FrameType
 
 import click
 
-from xatm import (
-    RecoveryAction,
-    RecoveryReport,
-    Resolution,
-    ResolutionRefused,
-    sweeper_settings,
-)
+from xatm import RecoveryReport
+from xatm.admin import RecoveryAction, Resolution, ResolutionRefused, sweeper_settings
 
 from . import render
 from .context import GTRID, actor, get

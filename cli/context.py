@@ -1,6 +1,6 @@
 """What every ``xatm`` command shares: the config, the node_id, the actor, GTRID checking.
 
-Read-only commands use an :class:`xatm.Inspector` (no coordinator log of their own). Commands
+Read-only commands use an :class:`xatm.admin.Inspector` (no coordinator log of their own). Commands
 that act (``recover``, ``commit``, ``rollback``, ``sweep``) need a TransactionManager, hence a
 node_id of their own: the config's node_id with a suffix (``<node_id>-cli``,
 ``<node_id>-sweep``) unless ``--node-id`` is given. They must never take the application's own
@@ -16,16 +16,8 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from xatm import (
-    ConfigurationError,
-    Inspector,
-    LogLocked,
-    Settings,
-    TransactionManager,
-    load_config,
-    load_sagas,
-    validate_gtrid,
-)
+from xatm import ConfigurationError, LogLocked, Settings, TransactionManager, load_config
+from xatm.admin import Inspector, load_sagas, validate_gtrid
 
 MAX_NODE_ID = 30
 

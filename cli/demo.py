@@ -45,14 +45,8 @@ from typing import Any
 import mysql.connector
 import psycopg
 
-from xatm import (
-    ResourceSpec,
-    TransactionManager,
-    TransactionRolledBack,
-    Xid,
-    parse_url,
-    redact,
-)
+from xatm import TransactionManager, TransactionRolledBack
+from xatm.admin import ResourceSpec, Xid, parse_url, redact
 from xatm.testing import servers as devservers
 
 from . import demo_sagas

@@ -7,7 +7,7 @@ import time
 
 import click
 
-from xatm import BranchInfo, InDoubtReport, TransactionInfo, redact, salvage_log
+from xatm.admin import BranchInfo, InDoubtReport, TransactionInfo, redact, salvage_log
 
 from . import render
 from .context import GTRID, actor, get

@@ -15,7 +15,8 @@ from typing import Any
 
 import click
 
-from xatm import XatmError, redact
+from xatm import XatmError
+from xatm.admin import redact
 
 from . import act, look, sagas
 from .context import Context

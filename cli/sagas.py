@@ -10,15 +10,8 @@ import time
 
 import click
 
-from xatm import (
-    ConfigurationError,
-    Inspector,
-    SagaError,
-    SagaInfo,
-    SagaResult,
-    SagaView,
-    validate_saga_id,
-)
+from xatm import ConfigurationError, SagaError, SagaResult
+from xatm.admin import Inspector, SagaInfo, SagaView, validate_saga_id
 
 from . import render
 from .context import UsageMistake, actor, get

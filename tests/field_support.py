@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from tests.support import Bank, run
-from xatm import parse_url
+from xatm.admin import parse_url
 
 ROOT = Path(__file__).resolve().parent.parent
 XATM = ROOT / ".venv" / "bin" / "xatm"

@@ -23,6 +23,7 @@ import time
 from typing import Any
 
 from tests import saga_defs
+from tests.worker import run_threads
 from xatm import TransactionManager
 
 SAGAS = [saga_defs.transfer, saga_defs.both]
@@ -89,14 +90,7 @@ def chaos(cfg: dict[str, Any]) -> int:
                 continue
             os.write(acks, f"{key} {result.state}\n".encode())
 
-    threads = [
-        threading.Thread(target=work, args=(rng.randrange(1 << 30),), daemon=True)
-        for _ in range(int(cfg["threads"]))
-    ]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    run_threads(int(cfg["threads"]), work, rng)
     tm.close()
     return 0
 

@@ -10,7 +10,7 @@ from typing import Any
 import mysql.connector
 import psycopg
 
-from xatm import FORMAT_ID, Xid, parse_url
+from xatm.admin import FORMAT_ID, Xid, parse_url
 from xatm.testing.servers import ServerSet
 
 #: the MySQL driver xatm uses in this test run (``XATM_TEST_MYSQL_DRIVER``): "" is the

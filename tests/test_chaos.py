@@ -40,7 +40,8 @@ import pytest
 from tests.conftest import Servers
 from tests.field_support import XATM, marker_config, roll_back_leftovers
 from tests.support import Bank, add_query, prepare_foreign, resolve_foreign, run
-from xatm import FAILPOINTS, TransactionManager
+from xatm import TransactionManager
+from xatm.admin import FAILPOINTS
 
 ROOT = Path(__file__).resolve().parent.parent
 SECONDS = float(os.environ.get("XATM_CHAOS_SECONDS", "30"))

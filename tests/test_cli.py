@@ -18,7 +18,7 @@ from cli.main import main
 from tests.recovery_support import crash, prepared_gtrids, wait_for, write_config
 from tests.support import Bank
 from xatm import TransactionManager
-from xatm._inspect import read_log
+from xatm._filelog import read_log
 from xatm.testing.servers import free_port
 
 ROOT = Path(__file__).resolve().parent.parent

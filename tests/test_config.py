@@ -11,8 +11,9 @@ from urllib.parse import unquote
 
 import pytest
 
-from xatm import ConfigurationError, ResourceSpec, TransactionManager, parse_url, redact
+from xatm import ConfigurationError, TransactionManager
 from xatm._config import load_config
+from xatm.admin import ResourceSpec, parse_url, redact
 
 SECRET = "s3cr3t-Pw"
 

@@ -14,7 +14,8 @@ import pytest
 from tests.conftest import Servers
 from tests.field_support import roll_back_leftovers
 from tests.support import Bank, prepare_foreign, resolve_foreign, run
-from xatm import FAILPOINTS, TransactionManager
+from xatm import TransactionManager
+from xatm.admin import FAILPOINTS
 
 ROOT = Path(__file__).resolve().parent.parent
 MakeTM = Callable[..., TransactionManager]

@@ -13,7 +13,8 @@ from click.testing import CliRunner
 from cli.main import main
 from tests.recovery_support import write_config
 from tests.support import Bank
-from xatm import Inspector, load_config
+from xatm import load_config
+from xatm.admin import Inspector
 from xatm.testing.servers import free_port
 
 

@@ -22,11 +22,11 @@ from xatm import (
     TransactionRolledBack,
     _marker_recovery,
     _mysql_drivers,
-    parse_url,
 )
 from xatm._mysql import MySQLParticipant
 from xatm._participant import PhaseTwo
 from xatm._xid import branch_xid, new_gtrid
+from xatm.admin import parse_url
 
 MakeTM = Callable[..., TransactionManager]
 

@@ -25,8 +25,9 @@ from tests.field_support import (
 )
 from tests.recovery_support import crash, prepared_gtrids, wait_for
 from tests.support import Bank
-from xatm import ResolutionRefused, TransactionManager
-from xatm._inspect import owner_state, read_log
+from xatm import TransactionManager
+from xatm._filelog import owner_state, read_log
+from xatm.admin import ResolutionRefused
 
 MakeTM = Callable[..., TransactionManager]
 NODES = {"fr-mark", "fr-cli", "fr-linger"}

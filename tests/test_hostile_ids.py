@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from tests.support import Bank, connect, run
-from xatm import ConfigurationError, TransactionManager, Xid, validate_gtrid
+from xatm import ConfigurationError, TransactionManager
 from xatm._records import HEADER, LogRecord, frame_at, next_good_frame, read_frames
 from xatm._xid import (
     FORMAT_ID,
@@ -28,6 +28,7 @@ from xatm._xid import (
     new_gtrid,
     parse_gtrid,
 )
+from xatm.admin import Xid, validate_gtrid
 
 MakeTM = Callable[..., TransactionManager]
 

@@ -9,14 +9,8 @@ import pytest
 
 from tests.recovery_support import crash
 from tests.support import Bank, prepare_foreign, resolve_foreign
-from xatm import (
-    ConfigurationError,
-    Inspector,
-    TransactionManager,
-    UnknownTransaction,
-    load_config,
-    validate_gtrid,
-)
+from xatm import ConfigurationError, TransactionManager, load_config
+from xatm.admin import Inspector, UnknownTransaction, validate_gtrid
 
 MakeTM = Callable[..., TransactionManager]
 

@@ -17,11 +17,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from xatm import LogCorrupt, salvage_log
+from xatm import LogCorrupt
 from xatm._audit import read_audit
-from xatm._filelog import MAGIC, FileLog, read_segments, scan_segment
-from xatm._inspect import Inspector, read_log
+from xatm._filelog import MAGIC, FileLog, read_log, read_segments, scan_segment
+from xatm._inspect import Inspector
 from xatm._records import HEADER, LogRecord, read_frames
+from xatm.admin import salvage_log
 from xatm.errors import LogLocked
 
 NODE = "node-c"

@@ -19,8 +19,7 @@ import xatm._filelog as filelog
 from tests.recovery_support import wait_for
 from tests.support import Bank
 from xatm import TransactionManager
-from xatm._filelog import FileLog
-from xatm._inspect import read_log
+from xatm._filelog import FileLog, read_log
 
 MakeTM = Callable[..., TransactionManager]
 NODE = "intr"

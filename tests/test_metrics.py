@@ -25,7 +25,8 @@ import xatm.otel
 import xatm.prometheus
 from tests.recovery_support import crash, prepared_gtrids, wait_for, write_config
 from tests.support import Bank
-from xatm import FORMAT_ID, TransactionManager, TransactionRolledBack, Xid, _events
+from xatm import TransactionManager, TransactionRolledBack, _events
+from xatm.admin import FORMAT_ID, Xid
 from xatm.testing.servers import free_port
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -210,7 +210,7 @@ def test_a_live_owners_saga_is_left_to_it(bank: Bank, make_tm: MakeTM, tmp_path:
 
         with pytest.raises(SagaInProgress):
             tm.run_saga("transfer", data=data, key="lv", wait=0.2)
-        from xatm import SagaRefused
+        from xatm.admin import SagaRefused
 
         with pytest.raises(SagaRefused, match="live process"):
             tm.saga_action(report.left[0][0], "retry")

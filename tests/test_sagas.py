@@ -12,14 +12,8 @@ import pytest
 
 from tests import saga_defs
 from tests.support import Bank, connect, run
-from xatm import (
-    ConfigurationError,
-    Saga,
-    SagaAbort,
-    SagaRefused,
-    TransactionManager,
-    _barrier,
-)
+from xatm import ConfigurationError, Saga, SagaAbort, TransactionManager, _barrier
+from xatm.admin import SagaRefused
 
 MakeTM = Callable[..., TransactionManager]
 
@@ -368,8 +362,8 @@ def test_forced_retry_takes_a_live_owners_saga_on_the_shared_log(
 ) -> None:
     """With the shared log, --force takes a saga from a live owner (its node lock held);
     the owner's next write then fails with SagaTakenOver."""
-    from xatm import SagaTakenOver
     from xatm._saga_store import SagaRecord
+    from xatm.admin import SagaTakenOver
 
     owner = make_tm(node_id="fo-owner", log=log_url, sweeper=False, sagas=[saga_defs.transfer])
     other = make_tm(node_id="fo-other", log=log_url, sweeper=False, sagas=[saga_defs.transfer])

@@ -15,7 +15,8 @@ import pytest
 
 import xatm._decide
 from tests.support import Bank
-from xatm import FAILPOINTS, ConfigurationError, TransactionManager
+from xatm import ConfigurationError, TransactionManager
+from xatm.admin import FAILPOINTS
 
 ROOT = Path(__file__).resolve().parent.parent
 MakeTM = Callable[..., TransactionManager]

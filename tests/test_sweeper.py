@@ -15,15 +15,9 @@ import xatm._sweeper
 from tests.conftest import Servers
 from tests.recovery_support import crash, prepared_gtrids, wait_for
 from tests.support import Bank, prepare_foreign, resolve_foreign, run
-from xatm import (
-    ConfigurationError,
-    Inspector,
-    TransactionManager,
-    TransactionTimeout,
-    Xid,
-    load_config,
-)
-from xatm._inspect import read_log
+from xatm import ConfigurationError, TransactionManager, TransactionTimeout, load_config
+from xatm._filelog import read_log
+from xatm.admin import Inspector, Xid
 
 MakeTM = Callable[..., TransactionManager]
 
@@ -243,6 +237,7 @@ def test_vanished_mysql_branch_cannot_be_told_apart(
 ) -> None:
     log = tmp_path / "log"
     gtrid = crash(bank, log, "dead", "after_decision", ("pg1", "maria"), "v", account=4)
+    bank.wait_for_dead_sessions()  # until then only the dead coordinator's session may end it
     (xid,) = [x for x in bank.xatm_prepared()["maria"] if x.gtrid == gtrid]
     run(bank.conns["maria"], f"XA ROLLBACK {xid.to_mysql()}")
     tm = make_tm(node_id="judge", log=log, sweeper=False)

@@ -12,7 +12,7 @@ import psycopg
 import pytest
 
 from tests.support import Servers, connect, run
-from xatm import FORMAT_ID, ConfigurationError, TransactionManager, Xid
+from xatm import ConfigurationError, TransactionManager
 from xatm._participant import PhaseTwo, Vote
 from xatm._xid import (
     MAX_NODE_ID,
@@ -25,6 +25,7 @@ from xatm._xid import (
     validate_node_id,
     validate_resource_name,
 )
+from xatm.admin import FORMAT_ID, Xid
 
 MakeTM = Callable[..., TransactionManager]
 
@@ -206,7 +207,7 @@ def test_prepared_branch_is_read_back_from_xa_recover(servers: Servers, make_tm:
 
 
 def _pg_kwargs(url: str) -> dict[str, Any]:
-    from xatm import parse_url
+    from xatm.admin import parse_url
 
     spec = parse_url(url)
     return {

@@ -20,6 +20,7 @@ import random
 import sys
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 from xatm import TransactionManager, XatmError
@@ -97,16 +98,21 @@ def chaos(cfg: dict[str, Any]) -> int:
                 continue
             os.write(acks, f"{tid}\n".encode())
 
+    run_threads(int(cfg["threads"]), work, rng)
+    tm.close()
+    return 0
+
+
+def run_threads(n: int, work: Callable[[int], None], rng: random.Random) -> None:
+    """Run ``work(seed)`` on ``n`` threads, each with its own seed, until all have ended."""
     threads = [
         threading.Thread(target=work, args=(rng.randrange(1 << 30),), daemon=True)
-        for _ in range(int(cfg["threads"]))
+        for _ in range(n)
     ]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    tm.close()
-    return 0
 
 
 def main() -> int:

@@ -41,10 +41,10 @@ from pathlib import Path
 
 from . import _events
 from ._audit import AuditTrail
-from ._log import DecisionNotLogged
+from ._log import DecisionNotLogged, OwnerState
 from ._records import HEADER, MAX_PAYLOAD, LogRecord, frame_at, next_good_frame, read_frames
 from ._xid import validate_node_id
-from .errors import LogCorrupt, LogError, LogLocked
+from .errors import LogCorrupt, LogError, LogLocked, XatmError
 
 logger = logging.getLogger("xatm.log")
 
@@ -67,7 +67,8 @@ def _segment_files(node_dir: Path) -> list[Path]:
     return sorted(found, key=_segment_number)
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """fsync a directory, so that the names created or renamed in it are durable."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
@@ -293,14 +294,14 @@ def _salvage_locked(node_dir: Path, node_id: str) -> Salvage:
         os.fsync(fd)
     finally:
         os.close(fd)
-    _fsync_dir(node_dir)
+    fsync_dir(node_dir)
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
     keep = node_dir / f"salvaged-{stamp}"
     keep.mkdir(mode=0o700)
     for path in paths:
         path.rename(keep / path.name)
-    _fsync_dir(keep)
-    _fsync_dir(node_dir)
+    fsync_dir(keep)
+    fsync_dir(node_dir)
     logger.warning(
         "salvaged the log of %s: kept %d pending decision(s) of %d good record(s);"
         " %d damaged run(s); old segments moved to %s",
@@ -476,7 +477,7 @@ class FileLog:
             data = MAGIC + b"".join(r.encode() for r in carried)
             os.write(fd, data)
             os.fsync(fd)
-            _fsync_dir(self.node_dir)
+            fsync_dir(self.node_dir)
         except BaseException:
             os.close(fd)
             raise
@@ -487,7 +488,7 @@ class FileLog:
             with contextlib.suppress(FileNotFoundError):
                 old.unlink()
         if obsolete:
-            _fsync_dir(self.node_dir)
+            fsync_dir(self.node_dir)
 
     def _append(self, record: LogRecord, *, force: bool) -> None:
         frame = record.encode()
@@ -603,3 +604,78 @@ class FileLog:
                 carried = list(self._pending.values())
             current = self._segment
             self._start_segment(_segment_number(current) + 1, [current], carried)
+
+
+# -- reading a node's log without its lock (inspection, recovery's look at peers) ----------
+
+
+@dataclass(frozen=True, slots=True)
+class SegmentInfo:
+    """One segment file of a node's log."""
+
+    name: str
+    size: int
+    records: int
+    torn_bytes: int  # bytes after the last good record (a torn or corrupt tail)
+    corrupt: str | None = None  # why those bytes are corruption, not a torn tail
+
+
+@dataclass(frozen=True, slots=True)
+class LogSnapshot:
+    """A node's log as read from disk: its pending COMMIT records and its segments."""
+
+    pending: Mapping[str, LogRecord]
+    segments: tuple[SegmentInfo, ...]
+
+
+def read_log(node_dir: Path, *, strict: bool = True) -> LogSnapshot:
+    """Read a node's segments without its lock (tolerates a concurrent rotation).
+
+    A corrupt segment raises LogCorrupt (``strict``), or is reported in its SegmentInfo."""
+    for _attempt in range(5):
+        try:
+            return _read_log_once(node_dir, strict)
+        except FileNotFoundError:
+            continue  # a segment was rotated away while we read: read again
+    return _read_log_once(node_dir, strict)
+
+
+def _read_log_once(node_dir: Path, strict: bool) -> LogSnapshot:
+    if not node_dir.is_dir():
+        return LogSnapshot({}, ())
+    scans = scan_log(node_dir)
+    if strict:
+        check(scans)  # LogCorrupt: the decisions after the damage are unknown
+    segments = tuple(
+        SegmentInfo(s.path.name, s.size, len(s.records), s.size - s.good, s.corrupt) for s in scans
+    )
+    return LogSnapshot(replay(scans), segments)
+
+
+def owner_state(log_directory: str | os.PathLike[str] | None, node: str) -> OwnerState:
+    """Is the coordinator of ``node`` alive? Probes its log's lock without waiting.
+
+    "unknown" when ``node`` has no log in ``log_directory``. The probe holds the lock for
+    an instant only; a coordinator starting at that very moment waits for it (it polls).
+    A log held by *this* process through another descriptor also reads as "alive".
+    """
+    if log_directory is None:
+        return "unknown"
+    lock = Path(log_directory) / node / "lock"
+    try:
+        fd = os.open(lock, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return "unknown"
+    except OSError as e:
+        raise XatmError(f"cannot read the log lock {lock}: {e.strerror}") from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                return "alive"
+            raise XatmError(f"cannot probe the log lock {lock}: {e.strerror}") from None
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return "dead"
+    finally:
+        os.close(fd)

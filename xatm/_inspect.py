@@ -16,8 +16,6 @@ The answers are frozen dataclasses with a ``to_json()`` for the CLI's ``--json``
 from __future__ import annotations
 
 import contextlib
-import errno
-import fcntl
 import logging
 import os
 import time
@@ -32,7 +30,8 @@ from ._audit import AuditEntry, format_time, read_audit
 from ._context import Resources
 from ._decide import Action, Facts, Logged, Marker, Owner, decide, describe, past_timeout
 from ._doctor import DoctorReport, diagnose
-from ._filelog import FileLog, check, list_nodes, replay, scan_log
+from ._filelog import FileLog, SegmentInfo, list_nodes, owner_state, read_log
+from ._log import OwnerState
 from ._participant import Connection, Participant, PreparedBranch
 from ._records import LogRecord
 from ._urls import redact
@@ -42,7 +41,6 @@ from .errors import ConfigurationError, LogCorrupt, LogLocked, ResourceError, Xa
 logger = logging.getLogger("xatm.inspect")
 
 #: Whose a transaction is, seen from here: the coordinator of its node_id is ...
-OwnerState = Literal["this-process", "alive", "dead", "unknown"]
 Decision = Literal["commit", "abort"]
 
 
@@ -67,78 +65,6 @@ def validate_gtrid(gtrid: object) -> str:
 
 
 # ----------------------------------------------------------------------------- the logs
-
-
-@dataclass(frozen=True, slots=True)
-class SegmentInfo:
-    """One segment file of a node's log."""
-
-    name: str
-    size: int
-    records: int
-    torn_bytes: int  # bytes after the last good record (a torn or corrupt tail)
-    corrupt: str | None = None  # why those bytes are corruption, not a torn tail
-
-
-@dataclass(frozen=True, slots=True)
-class LogSnapshot:
-    """A node's log as read from disk: its pending COMMIT records and its segments."""
-
-    pending: Mapping[str, LogRecord]
-    segments: tuple[SegmentInfo, ...]
-
-
-def read_log(node_dir: Path, *, strict: bool = True) -> LogSnapshot:
-    """Read a node's segments without its lock (tolerates a concurrent rotation).
-
-    A corrupt segment raises LogCorrupt (``strict``), or is reported in its SegmentInfo."""
-    for _attempt in range(5):
-        try:
-            return _read_log_once(node_dir, strict)
-        except FileNotFoundError:
-            continue  # a segment was rotated away while we read: read again
-    return _read_log_once(node_dir, strict)
-
-
-def _read_log_once(node_dir: Path, strict: bool) -> LogSnapshot:
-    if not node_dir.is_dir():
-        return LogSnapshot({}, ())
-    scans = scan_log(node_dir)
-    if strict:
-        check(scans)  # LogCorrupt: the decisions after the damage are unknown
-    segments = tuple(
-        SegmentInfo(s.path.name, s.size, len(s.records), s.size - s.good, s.corrupt) for s in scans
-    )
-    return LogSnapshot(replay(scans), segments)
-
-
-def owner_state(log_directory: str | os.PathLike[str] | None, node: str) -> OwnerState:
-    """Is the coordinator of ``node`` alive? Probes its log's lock without waiting.
-
-    "unknown" when ``node`` has no log in ``log_directory``. The probe holds the lock for
-    an instant only; a coordinator starting at that very moment waits for it (it polls).
-    A log held by *this* process through another descriptor also reads as "alive".
-    """
-    if log_directory is None:
-        return "unknown"
-    lock = Path(log_directory) / node / "lock"
-    try:
-        fd = os.open(lock, os.O_RDONLY | os.O_CLOEXEC)
-    except FileNotFoundError:
-        return "unknown"
-    except OSError as e:
-        raise XatmError(f"cannot read the log lock {lock}: {e.strerror}") from None
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as e:
-            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                return "alive"
-            raise XatmError(f"cannot probe the log lock {lock}: {e.strerror}") from None
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        return "dead"
-    finally:
-        os.close(fd)
 
 
 # ----------------------------------------------------------------------------- answers

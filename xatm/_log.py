@@ -16,10 +16,13 @@ then resolved like the local log.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Protocol
+from typing import Literal, Protocol
 
 from ._records import LogRecord
 from .errors import LogError
+
+#: Whose a transaction is, seen from here: the coordinator of its node_id is ...
+OwnerState = Literal["this-process", "alive", "dead", "unknown"]
 
 
 class DecisionNotLogged(LogError):

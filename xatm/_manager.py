@@ -354,7 +354,7 @@ class TransactionManager:
         self, gtrid: str, outcome: str, *, force: bool = False, actor: str = "api"
     ) -> Resolution:
         """Commit or roll back one in-doubt transaction by hand (see ``xatm._resolve``):
-        refused (:class:`~xatm.ResolutionRefused`) when it could break atomicity, unless
+        refused (:class:`~xatm.admin.ResolutionRefused`) when it could break atomicity, unless
         ``force``."""
         return resolve(self._ctx, gtrid, outcome, force=force, actor=actor)
 

@@ -35,25 +35,10 @@ DELETE_BATCH = 64
 #: deletes wait until this many finished gtrids have accumulated (one statement for many)
 DELETE_AFTER = 32
 
-_DDL = {
-    "postgresql": (
-        f"CREATE TABLE IF NOT EXISTS {TABLE} ("
-        " gtrid VARCHAR(64) PRIMARY KEY,"
-        " branches TEXT NOT NULL,"
-        " created_at DOUBLE PRECISION NOT NULL)"
-    ),
-    "mysql": (
-        f"CREATE TABLE IF NOT EXISTS {TABLE} ("
-        " gtrid VARCHAR(64) CHARACTER SET ascii PRIMARY KEY,"
-        " branches TEXT NOT NULL,"
-        " created_at DOUBLE NOT NULL) ENGINE=InnoDB"
-    ),
-}
-
 
 def ensure_table(participant: Participant, conn: Connection) -> None:
     """Create the marker table if it does not exist (outside any branch)."""
-    participant.execute(conn, _DDL[participant.kind]).close()
+    participant.execute(conn, participant.marker_ddl).close()
 
 
 def statements(

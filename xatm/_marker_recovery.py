@@ -19,7 +19,6 @@ decisions (``xatm._marker.read`` skips them) and are deleted after
 
 from __future__ import annotations
 
-import contextlib
 import json
 import time
 from typing import Any, Literal
@@ -35,22 +34,8 @@ Probe = Literal["row", "no-row", "no-table"]
 
 
 def has_table(participant: Participant, conn: Any) -> bool:
-    """Does the resource have an ``xatm_decisions`` table (asked of the catalog, so a
-    missing table logs no error on the server)?"""
-    if participant.kind == "postgresql":
-        row = conn.execute("SELECT to_regclass(%s) IS NOT NULL", (_marker.TABLE,)).fetchone()
-        return bool(row and row[0])
-    cur = conn.cursor()
-    try:
-        cur.execute(
-            "SELECT COUNT(*) FROM information_schema.tables"
-            " WHERE table_schema = DATABASE() AND table_name = %s",
-            (_marker.TABLE,),
-        )
-        row = cur.fetchone()
-    finally:
-        cur.close()
-    return bool(row and int(row[0]))
+    """Does the resource have an ``xatm_decisions`` table?"""
+    return participant.table_exists(conn, _marker.TABLE)
 
 
 def read_rows(participant: Participant, conn: Any) -> dict[str, LogRecord] | None:
@@ -72,9 +57,24 @@ def probe_row(participant: Participant, gtrid: str, *, fence: bool = True) -> Pr
     :data:`PROBE_LOCK_WAIT` (the answer is then unknown)."""
     conn = participant.connect()  # its own connection: session settings stay here
     try:
-        if participant.kind == "postgresql":
-            return _probe_pg(participant, conn, gtrid, fence)
-        return _probe_mysql(participant, conn, gtrid, fence)
+        try:
+            participant.local_transaction(
+                conn,
+                [(_INSERT, (gtrid, _marker.ABORT_PAYLOAD, time.time()))],
+                lock_wait=PROBE_LOCK_WAIT,
+                commit=fence,
+            )
+        except Exception as e:
+            if participant.is_duplicate_key(e):
+                cur = participant.execute(conn, _PAYLOAD, (gtrid,))
+                try:
+                    return _existing(cur.fetchall())
+                finally:
+                    cur.close()
+            if participant.is_missing_table(e):
+                return "no-table"
+            raise
+        return "no-row"
     finally:
         participant.close(conn)
 
@@ -88,46 +88,6 @@ def _existing(rows: list[Any]) -> Probe:
     if rows and json.loads(rows[0][0]).get("abort"):
         return "no-row"
     return "row"
-
-
-def _probe_pg(participant: Participant, conn: Any, gtrid: str, fence: bool) -> Probe:
-    conn.execute("BEGIN")
-    try:
-        conn.execute(f"SET LOCAL lock_timeout = '{int(PROBE_LOCK_WAIT)}s'")
-        conn.execute(_INSERT, (gtrid, _marker.ABORT_PAYLOAD, time.time()))
-    except Exception as e:
-        with contextlib.suppress(Exception):
-            conn.execute("ROLLBACK")
-        if participant.is_duplicate_key(e):
-            return _existing(conn.execute(_PAYLOAD, (gtrid,)).fetchall())
-        if participant.is_missing_table(e):
-            return "no-table"
-        raise
-    conn.execute("COMMIT" if fence else "ROLLBACK")
-    return "no-row"
-
-
-def _probe_mysql(participant: Participant, conn: Any, gtrid: str, fence: bool) -> Probe:
-    cur = conn.cursor()
-    try:
-        cur.execute(f"SET SESSION innodb_lock_wait_timeout = {int(PROBE_LOCK_WAIT)}")
-        cur.execute("START TRANSACTION")
-        try:
-            cur.execute(_INSERT, (gtrid, _marker.ABORT_PAYLOAD, time.time()))
-        except Exception as e:
-            with contextlib.suppress(Exception):
-                cur.execute("ROLLBACK")
-            if participant.is_duplicate_key(e):
-                cur.execute(_PAYLOAD, (gtrid,))
-                return _existing(cur.fetchall())
-            if participant.is_missing_table(e):
-                return "no-table"
-            raise
-        cur.execute("COMMIT" if fence else "ROLLBACK")
-        return "no-row"
-    finally:
-        with contextlib.suppress(Exception):
-            cur.close()
 
 
 def delete_old_fences(participant: Participant, conn: Any) -> None:

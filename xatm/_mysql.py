@@ -319,6 +319,47 @@ class MySQLParticipant:
             cur.close()
         return problems
 
+    # -- tables of xatm's own (commit-marker rows), in the adapter's dialect --------------
+    #: the ``xatm_decisions`` table (xatm._marker)
+    marker_ddl = (
+        "CREATE TABLE IF NOT EXISTS xatm_decisions ("
+        " gtrid VARCHAR(64) CHARACTER SET ascii PRIMARY KEY,"
+        " branches TEXT NOT NULL,"
+        " created_at DOUBLE NOT NULL) ENGINE=InnoDB"
+    )
+
+    def table_exists(self, conn: Any, table: str) -> bool:
+        """Asked of the catalog, so a missing table logs no error on the server."""
+        count = self._scalar(
+            conn,
+            "SELECT COUNT(*) FROM information_schema.tables"
+            " WHERE table_schema = DATABASE() AND table_name = %s",
+            (table,),
+        )
+        return bool(count and int(count))
+
+    def local_transaction(
+        self, conn: Any, statements: Sequence[Statement], *, lock_wait: float, commit: bool
+    ) -> None:
+        """Run ``statements`` in one local transaction whose lock waits last at most
+        ``lock_wait`` seconds (a whole second at least: InnoDB counts in seconds), then
+        commit (or roll back); rolled back if one fails."""
+        cur = self.driver.cursor(conn)
+        try:
+            cur.execute(f"SET SESSION innodb_lock_wait_timeout = {max(1, round(lock_wait))}")
+            cur.execute("START TRANSACTION")
+            try:
+                for query, params in statements:
+                    cur.execute(query, params)
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    cur.execute("ROLLBACK")
+                raise
+            cur.execute("COMMIT" if commit else "ROLLBACK")
+        finally:
+            with contextlib.suppress(Exception):
+                cur.close()
+
     # -- node identity and what phase 2 / recovery need to know ---------------------------
     #: MariaDB (and MySQL before 8.0.29) answer XAER_NOTA to another session while the
     #: preparing session is still connected

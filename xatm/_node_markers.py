@@ -15,6 +15,8 @@ import os
 from collections.abc import Iterable
 from pathlib import Path
 
+from ._filelog import fsync_dir
+
 FILE = "markers"
 
 
@@ -46,8 +48,4 @@ def record(node_dir: Path, names: Iterable[str]) -> None:
     finally:
         os.close(fd)
     os.replace(tmp, node_dir / FILE)
-    dfd = os.open(node_dir, os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
+    fsync_dir(node_dir)

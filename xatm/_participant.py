@@ -161,6 +161,18 @@ class Participant(Protocol):
     def check(self, conn: Connection) -> list[str]:
         """Problems that make the resource unfit for 2PC, each saying what to change."""
 
+    #: ``CREATE TABLE IF NOT EXISTS xatm_decisions (...)`` in this server's dialect
+    marker_ddl: str
+
+    def table_exists(self, conn: Connection, table: str) -> bool:
+        """Does ``table`` exist in the connection's database (or schema)?"""
+
+    def local_transaction(
+        self, conn: Connection, statements: Sequence[Statement], *, lock_wait: float, commit: bool
+    ) -> None:
+        """Run ``statements`` in one local (not XA) transaction with lock waits bounded by
+        ``lock_wait`` seconds, then commit it (or roll it back); rolled back if one fails."""
+
     #: True when ``start_prepare`` / ``start_commit_prepared`` send without waiting for the
     #: answer (so starting this branch's step first lets the others overlap with it)
     sends_without_waiting: bool

@@ -159,6 +159,44 @@ def _node_key(node_id: str) -> int:
     return zlib.crc32(node_id.encode("ascii")) & 0x7FFFFFFF
 
 
+def connect(spec: ResourceSpec, application_name: str) -> psycopg.Connection[Any]:
+    """A connection to the shared log's database, autocommit, with its waits bounded
+    (``lock_timeout``, ``statement_timeout``, ``idle_in_transaction_session_timeout``, by one
+    ``SET``, unless the URL's ``options`` sets them); LogError (redacted) if it fails. Every
+    connection of the shared log (decisions, audit, sagas) is made here."""
+    options: dict[str, Any] = dict(spec.options)
+    options.setdefault("connect_timeout", "5")
+    options.setdefault("application_name", application_name)
+    given = pg_settings_in(options.get("options", ""))
+    bounds = {
+        "lock_timeout": _ms(LOCK_TIMEOUT),
+        "statement_timeout": _ms(STATEMENT_TIMEOUT),
+        "idle_in_transaction_session_timeout": _ms(IDLE_IN_TRANSACTION_TIMEOUT),
+    }
+    setup = "; ".join(f"SET {k} = '{v}'" for k, v in bounds.items() if k not in given)
+    conn = None
+    try:
+        conn = psycopg.connect(
+            host=spec.host,
+            port=spec.port,
+            user=spec.user,
+            password=spec.password,
+            dbname=spec.database,
+            autocommit=True,
+            **options,
+        )
+        if setup:  # a SET, not startup options: some connection poolers refuse those
+            conn.execute(setup)
+    except psycopg.Error as e:
+        if conn is not None:
+            with contextlib.suppress(psycopg.Error):
+                conn.close()
+        raise LogError(
+            f"cannot connect to the shared log {spec.redacted()}: {redact(str(e)).strip()}"
+        ) from None
+    return conn
+
+
 class PostgresLog:
     """A coordinator log shared by many coordinators, in one PostgreSQL database."""
 
@@ -209,38 +247,7 @@ class PostgresLog:
         return self._reader_conn
 
     def _connect(self) -> psycopg.Connection[Any]:
-        s = self.spec
-        options: dict[str, Any] = dict(s.options)
-        options.setdefault("connect_timeout", "5")
-        options.setdefault("application_name", "xatm-log")
-        given = pg_settings_in(options.get("options", ""))
-        bounds = {
-            "lock_timeout": _ms(LOCK_TIMEOUT),
-            "statement_timeout": _ms(STATEMENT_TIMEOUT),
-            "idle_in_transaction_session_timeout": _ms(IDLE_IN_TRANSACTION_TIMEOUT),
-        }
-        setup = "; ".join(f"SET {k} = '{v}'" for k, v in bounds.items() if k not in given)
-        conn = None
-        try:
-            conn = psycopg.connect(
-                host=s.host,
-                port=s.port,
-                user=s.user,
-                password=s.password,
-                dbname=s.database,
-                autocommit=True,
-                **options,
-            )
-            if setup:  # a SET, not startup options: some connection poolers refuse those
-                conn.execute(setup)
-        except psycopg.Error as e:
-            if conn is not None:
-                with contextlib.suppress(psycopg.Error):
-                    conn.close()
-            raise LogError(
-                f"cannot connect to the shared log {s.redacted()}: {redact(str(e)).strip()}"
-            ) from None
-        return conn
+        return connect(self.spec, "xatm-log")
 
     def _q(self, text: str) -> sql.Composed:
         return sql.SQL(text).format(schema=self._ident)

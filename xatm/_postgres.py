@@ -323,6 +323,41 @@ class PostgresParticipant:
             )
         return problems
 
+    # -- tables of xatm's own (commit-marker rows), in the adapter's dialect --------------
+    #: the ``xatm_decisions`` table (xatm._marker)
+    marker_ddl = (
+        "CREATE TABLE IF NOT EXISTS xatm_decisions ("
+        " gtrid VARCHAR(64) PRIMARY KEY,"
+        " branches TEXT NOT NULL,"
+        " created_at DOUBLE PRECISION NOT NULL)"
+    )
+
+    def table_exists(self, conn: psycopg.Connection[Any], table: str) -> bool:
+        """Asked of the catalog, so a missing table logs no error on the server."""
+        row = conn.execute("SELECT to_regclass(%s) IS NOT NULL", (table,)).fetchone()
+        return bool(row and row[0])
+
+    def local_transaction(
+        self,
+        conn: psycopg.Connection[Any],
+        statements: Sequence[Statement],
+        *,
+        lock_wait: float,
+        commit: bool,
+    ) -> None:
+        """Run ``statements`` in one local transaction whose lock waits last at most
+        ``lock_wait`` seconds, then commit (or roll back); rolled back if one fails."""
+        conn.execute("BEGIN")
+        try:
+            conn.execute(f"SET LOCAL lock_timeout = '{max(1, int(lock_wait * 1000))}ms'")
+            for query, params in statements:
+                conn.execute(query, params)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT" if commit else "ROLLBACK")
+
     # -- node identity and what phase 2 / recovery need to know ---------------------------
     #: a commit/rollback of a listed gid that answers "unknown gid" means it is gone
     nota_may_be_held = False

@@ -65,22 +65,19 @@ import logging
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from . import _events, _marker_recovery, _node_markers
+from . import _events, _marker_recovery
 from ._decide import Action as Act
 from ._decide import Facts, Logged, Marker, Owner, decide, past_timeout
-from ._filelog import FileLog, list_nodes
-from ._inspect import owner_state, read_log
+from ._fleet import Fleet, fleet_for
 from ._participant import Connection, PreparedBranch
-from ._pglog import MIN_ABORT_AGE, PostgresLog
 from ._records import LogRecord
 from ._report import Action, RecoveryAction, RecoveryReport
 from ._settle import Settled, finish_prepared
 from ._urls import redact
 from ._xid import Xid, may_use_marker, parse_gtrid
-from .errors import LogCorrupt, LogError, ResourceError
+from .errors import LogError, ResourceError
 
 if TYPE_CHECKING:
     from ._context import Context
@@ -102,11 +99,8 @@ class _Pass:
     #: act on this gtrid only (manual resolution), and say why in every record
     only: str | None = None
     prefix: str = ""
-    #: node -> its pending decisions, for every dead peer we act for (taken over)
-    peer_pending: dict[str, Mapping[str, LogRecord]] = field(default_factory=dict)
-    peer_logs: dict[str, FileLog] = field(default_factory=dict)
-    #: node -> "alive" | "unknown" | "unexamined" for peers whose branches are left alone
-    peer_state: dict[str, str] = field(default_factory=dict)
+    #: the log's view of every node's decisions (xatm._fleet), set by the pass
+    fleet: Fleet = field(default=None)  # type: ignore[assignment]
     snapshot: dict[str, tuple[str, LogRecord]] = field(default_factory=dict)
     #: gtrid -> (marker resource, record): decision rows read before the listing
     markers: dict[str, tuple[str, LogRecord]] = field(default_factory=dict)
@@ -179,10 +173,7 @@ class _Pass:
     def marker_candidates(self, node: str) -> frozenset[str] | None:
         """The resources that may hold ``node``'s decision rows, as recorded in its log
         directory (None: not recorded, or a shared log, which has no commit markers)."""
-        directory = self.ctx.log_directory
-        if directory is None:
-            return None
-        return _node_markers.read(Path(directory) / node)
+        return self.fleet.marker_resources(node)
 
     def _probe_markers(self, gtrid: str) -> tuple[Marker, str]:
         """Is a decision row of ``gtrid`` committed on a resource that may hold it? Waits
@@ -209,21 +200,13 @@ class _Pass:
                 return Marker.ROW, ""
         return Marker.NO_ROW, ""
 
-    @property
-    def shared(self) -> PostgresLog | None:
-        return self.ctx.shared_log
-
     def _owner_finished(self, gtrid: str) -> bool:
         """The coordinator of ``gtrid`` can take no further step: this node (not running
         it) or a dead peer."""
         node = parse_gtrid(gtrid)[0]
         if node == self.own_node:
             return self.ctx.running(gtrid) is None
-        if self.shared is not None:
-            return not self.shared.node_alive(node)
-        if node in self.peer_pending:
-            return True
-        return owner_state(self.ctx.log_directory, node) == "dead"
+        return self.fleet.coordinator_dead(node)
 
     def _may_end_marker(self, gtrid: str) -> bool:
         """Is this decision row recovery's to delete (once its branches are finished)?
@@ -248,66 +231,18 @@ class _Pass:
 
     def dead_peers_with_decisions(self) -> set[str]:
         """Peers whose coordinator is dead and whose log still holds a pending decision."""
-        directory = self.ctx.log_directory
-        if directory is None:
-            return set()  # a shared log needs no take-over: every decision is in one place
-        out = set()
-        for node in list_nodes(Path(directory)):
-            if node == self.own_node:
-                continue
-            if owner_state(directory, node) == "dead":
-                try:
-                    if read_log(Path(directory) / node).pending:
-                        out.add(node)
-                except LogCorrupt as e:
-                    if not self.dry_run:  # a dry run (a plan, or manual resolution) only looks
-                        logger.error("recovery: %s", e)
-                    out.add(node)  # examined (and left alone) by open_peers
-        return out
+        return self.fleet.dead_with_pending()
 
     # -- step 2 ----------------------------------------------------------------------------
     def open_peers(self, nodes: set[str]) -> None:
-        if self.shared is not None:
-            return
-        directory = self.ctx.log_directory
-        for node in sorted(nodes - {self.own_node}):
-            if directory is None or not (Path(directory) / node / "lock").exists():
-                self.peer_state[node] = "unknown"
-                continue
-            try:
-                if self.dry_run:
-                    # look, do not touch: no lock taken, no segment rewritten
-                    if owner_state(directory, node) == "dead":
-                        self.peer_pending[node] = read_log(Path(directory) / node).pending
-                    else:
-                        self.peer_state[node] = "alive"
-                    continue
-                peer = FileLog.take_over(Path(directory), node)
-            except LogCorrupt:
-                self.peer_state[node] = "corrupt"  # its decisions are unknown: leave them
-                continue
-            if peer is None:
-                self.peer_state[node] = "alive"
-                continue
-            self.peer_logs[node] = peer
-            self.peer_pending[node] = peer.pending()
+        self.fleet.open(nodes)
 
     def take_snapshot(self, names: list[str]) -> None:
         self.read_markers(names)
-        if self.shared is not None:
-            for gtrid, record in self.shared.pending(all_nodes=True).items():
-                self.snapshot[gtrid] = (parse_gtrid(gtrid)[0], record)
-            return
-        for gtrid, record in self.ctx.log.pending().items():
-            self.snapshot[gtrid] = (self.own_node, record)
-        for node, pending in self.peer_pending.items():
-            for gtrid, record in pending.items():
-                self.snapshot[gtrid] = (node, record)
+        self.snapshot = self.fleet.pending()
 
     def close_logs(self) -> None:
-        for log in self.peer_logs.values():
-            log.close()
-        self.peer_logs.clear()
+        self.fleet.close()
 
     def scan(self, name: str) -> None:
         if self.progress is not None:
@@ -344,7 +279,7 @@ class _Pass:
         reason), gathered for :func:`xatm._decide.decide`."""
         gtrid, node = xid.gtrid, xid.node_id
         ctx = self.ctx
-        shared = self.shared
+        fleet = self.fleet
         marker = Marker.UNPROBED if may_use_marker(gtrid) else Marker.NOT_FLAGGED
         if gtrid in self.markers:
             marker = Marker.ROW
@@ -365,40 +300,32 @@ class _Pass:
                 return Facts(
                     Owner.EXPIRED if expired_now else Owner.RUNNING, known_resource=known
                 ), ""
+            # not running now, so it has finished
             owner = Owner.FINISHED if ctx.identity.held(resource) else Owner.UNFENCED
-            if shared is None:
-                # not running now, so it has finished: read its decision only now (a
-                # decision taken since the pass began is in the log already)
-                logged = Logged.COMMIT if gtrid in ctx.log.pending() else Logged.NONE
-        elif shared is not None:
-            owner = Owner.LIVE_PEER if shared.node_alive(node) else Owner.DEAD_PEER
-        elif node in self.peer_pending:
-            owner = Owner.DEAD_PEER
-            if gtrid in self.peer_pending[node]:
-                logged = Logged.COMMIT
         else:
-            state = self.peer_state.get(node, "unexamined")
-            owner = Owner.UNKNOWN if state in ("unknown", "corrupt") else Owner.LIVE_PEER
+            state = fleet.peer(node)
+            owner = {"dead": Owner.DEAD_PEER, "unknown": Owner.UNKNOWN}.get(state, Owner.LIVE_PEER)
             if state == "unexamined":
                 detail = "not examined in this pass (the next one will)"
             elif state == "corrupt":
+                owner = Owner.UNKNOWN
                 detail = f"the log of coordinator {node!r} is corrupt (see `xatm log`)"
         if owner is Owner.DEAD_PEER:
             participant, _ = ctx.resources.get(resource)
             if participant.identity_in_use(conn, node):
                 owner = Owner.LIVE_PEER  # its log lock is free, but a process runs as it
                 detail = f"node {node!r} holds its identity lock on {resource!r}"
-        if shared is not None:
+        if known and owner in (Owner.FINISHED, Owner.UNFENCED, Owner.DEAD_PEER, Owner.LIVE_PEER):
+            # read now: a decision taken since the pass began is in the log already
+            logged = fleet.decision(gtrid, node)
+        if fleet.shared:
             expired = past_timeout(gtrid, xid.created_at, time.time(), ctx.timeout)
-            found = shared.decisions([gtrid]).get(gtrid) if known else None
-            if found is not None:
-                logged = Logged.ABORT if isinstance(found, str) else Logged.COMMIT
         facts = Facts(
             owner,
             logged=logged,
             marker=marker,
             expired=expired,
-            shared_log=shared is not None,
+            shared_log=fleet.shared,
             known_resource=known,
         )
         return facts, detail
@@ -427,8 +354,7 @@ class _Pass:
                 facts = replace(facts, marker=marker)
                 continue
             if verdict.action is Act.ROLLBACK and verdict.fence and not self.dry_run:
-                assert self.shared is not None
-                answer = self.shared.log_abort(gtrid, by=self.actor)
+                answer = self.fleet.abort(gtrid, by=self.actor)
                 if answer == "C":
                     facts = replace(facts, logged=Logged.COMMIT)  # a COMMIT won the race
                     continue
@@ -513,11 +439,7 @@ class _Pass:
             if self.dry_run:
                 self._record(gtrid, "", "", "end", "every branch is finished", "planned")
                 continue
-            if self.shared is not None or node == self.own_node:
-                log: Any = self.ctx.log
-            else:
-                log = self.peer_logs[node]
-            log.log_end(gtrid)
+            self.fleet.log_end(gtrid, node)
             self._record(gtrid, "", "", "end", "every branch is finished", "done")
             ended += 1
         for gtrid in sorted(self.markers):
@@ -617,24 +539,15 @@ def locked_pass(
 ) -> RecoveryReport:
     """:func:`run_pass` for a caller that holds the manager's recovery lock; ``only``
     restricts it to one gtrid, ``prefix`` starts every reason (manual resolution)."""
-    shared = ctx.shared_log
-    if shared is not None and not dry_run and not shared.try_sweep_lock():
-        logger.info("recovery: another process is resolving the shared log's transactions")
+    fleet = fleet_for(ctx, dry_run=dry_run)
+    if not fleet.begin():  # another process is resolving (shared log)
         return RecoveryReport(dry_run=dry_run)
     try:
         p = _Pass(ctx, dry_run, actor or f"recover@{ctx.node_id}", progress, only, prefix)
-        report = _run(ctx, p, resources)
-        if shared is not None and not dry_run:
-            # ended COMMITs go; ABORTs stay long enough to keep fencing late COMMITs.
-            # Housekeeping only: its failure must not turn a good pass into an error.
-            try:
-                shared.maybe_prune(max(MIN_ABORT_AGE, 100 * ctx.timeout))
-            except Exception as e:
-                logger.warning("recovery: pruning the shared log failed: %s", redact(str(e)))
-        return report
+        p.fleet = fleet
+        return _run(ctx, p, resources)
     finally:
-        if shared is not None and not dry_run:
-            shared.release_sweep_lock()
+        fleet.end(ctx.timeout)  # the ENDs flushed, old decisions pruned (shared log)
 
 
 def _run(ctx: Context, p: _Pass, resources: Callable[[], list[str]] | None) -> RecoveryReport:
@@ -646,10 +559,7 @@ def _run(ctx: Context, p: _Pass, resources: Callable[[], list[str]] | None) -> R
     owners, found_any = p.survey(names)
     peers = p.dead_peers_with_decisions()
     ended = 0
-    pending = (
-        ctx.shared_log.pending(all_nodes=True) if ctx.shared_log is not None else ctx.log.pending()
-    )
-    if found_any or peers or pending:
+    if found_any or peers or p.fleet.anything_pending():
         p.foreign = 0  # counted again by the full scan
         try:
             p.open_peers(owners | peers)
@@ -658,8 +568,6 @@ def _run(ctx: Context, p: _Pass, resources: Callable[[], list[str]] | None) -> R
                 if name not in p.problems:
                     p.scan(name)
             ended = p.end_decided()
-            if ctx.shared_log is not None and not dry_run:
-                ctx.shared_log.flush()  # the ENDs: no COMMIT batch may come to carry them
         finally:
             p.close_logs()
     branch_actions = [a for a in p.actions if a.action in ("commit", "rollback", "skip", "error")]

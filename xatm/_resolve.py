@@ -32,9 +32,9 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from ._decide import Action as Act
 from ._decide import Verdict, judge_request
-from ._filelog import FileLog
-from ._inspect import Decision, OwnerState, owner_state, read_log, validate_gtrid
-from ._log import CoordinatorLog, DecisionNotLogged
+from ._filelog import FileLog, owner_state, read_log
+from ._inspect import Decision, validate_gtrid
+from ._log import CoordinatorLog, DecisionNotLogged, OwnerState
 from ._participant import PhaseTwo
 from ._records import LogRecord
 from ._recovery import locked_pass

@@ -54,6 +54,8 @@ from typing import Any, Protocol
 import psycopg
 from psycopg import sql
 
+from . import _pglog
+from ._filelog import fsync_dir
 from ._saga import FINAL_STATES, SagaTakenOver
 from ._urls import ResourceSpec, redact
 from .errors import ConfigurationError, LogError
@@ -330,7 +332,7 @@ class FileSagaStore:
                 self._dir_syncing, target = True, self._dir_asked
                 self._dir_cond.release()
                 try:
-                    _fsync_dir(self.directory)
+                    fsync_dir(self.directory)
                 finally:
                     self._dir_cond.acquire()
                     self._dir_syncing = False
@@ -452,8 +454,8 @@ class FileSagaStore:
                 finally:
                     os.close(fd)
         if moved:
-            _fsync_dir(self.done_directory)
-            _fsync_dir(self.directory)
+            fsync_dir(self.done_directory)
+            fsync_dir(self.directory)
         return moved
 
     def prune(self, retention: float) -> int:
@@ -479,14 +481,6 @@ class FileSagaStore:
 
     def close(self) -> None:
         pass
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 # -- the shared store ------------------------------------------------------------------------
@@ -519,24 +513,7 @@ class PostgresSagaStore:
         with self._lock:
             conn = idle.pop() if idle else None
         if conn is None or conn.closed or conn.broken:
-            s = self.spec
-            options: dict[str, Any] = dict(s.options)
-            options.setdefault("connect_timeout", "5")
-            options.setdefault("application_name", "xatm-sagas")
-            try:
-                conn = psycopg.connect(
-                    host=s.host,
-                    port=s.port,
-                    user=s.user,
-                    password=s.password,
-                    dbname=s.database,
-                    autocommit=True,
-                    **options,
-                )
-            except psycopg.Error as e:
-                raise LogError(
-                    f"cannot connect to the shared log {s.redacted()}: {redact(str(e)).strip()}"
-                ) from None
+            conn = _pglog.connect(self.spec, "xatm-sagas")
             if not durable:  # its commits do not wait for the WAL flush
                 conn.execute("SET synchronous_commit TO OFF")
         try:

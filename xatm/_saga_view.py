@@ -1,6 +1,6 @@
 """A read-only view of the sagas in a log, for operators (``xatm sagas``, ``xatm saga show``).
 
-Built from an :class:`~xatm.Inspector` (so from a config file, without a manager and without
+Built from an :class:`~xatm.admin.Inspector` (so from a config file, without a manager and without
 the saga definitions): it lists the sagas that are not over (running, compensating, stuck),
 with their age, the step they are at and whether their owner is alive, and shows one saga with
 its audit trail. Acting on a saga needs a manager that has its definition
