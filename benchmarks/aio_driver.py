@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from .driver import MAX_ERRORS_PER_CLIENT, RunResult, _ThreadLog
+from .results import MAX_ERRORS_PER_CLIENT, RunResult, _ThreadLog
 
 
 async def _task_loop(

@@ -19,7 +19,7 @@ from typing import Any
 
 import psycopg
 
-from xatm import parse_url
+from xatm.admin import parse_url
 from xatm.aio import AsyncTransactionManager
 
 from .modes import RunContext, _credit_sql, _debit_sql, _one_row

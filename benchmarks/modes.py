@@ -394,6 +394,7 @@ def xatm_mode(**tm_options: Any) -> ModeFactory:
     return factory
 
 
+#: the threaded modes (``benchmarks.catalog.MODES`` adds the asyncio ones)
 MODES: dict[str, ModeFactory] = {
     "onepc": OnePCMode,
     "raw": RawMode,
@@ -406,15 +407,6 @@ MODES: dict[str, ModeFactory] = {
     "xatm-saga": SagaMode,
 }
 
-
-def _add_async_modes() -> None:
-    from .aio_modes import RawAsyncMode, XatmAsyncMode  # asyncio tasks, not threads
-
-    MODES["xatm-async"] = XatmAsyncMode  # type: ignore[assignment]
-    MODES["raw-async"] = RawAsyncMode  # type: ignore[assignment]
-
-
-_add_async_modes()
 
 #: the modes every xatm mode is compared against
 BASELINES = ("raw", "sqlalchemy", "raw-async")

@@ -20,7 +20,7 @@ import pytest
 from tests import test_crash_matrix
 from tests.support import Bank
 from tests.test_crash_matrix import ROOT, MakeTM, crash_and_recover, foreign  # noqa: F401
-from xatm import FAILPOINTS
+from xatm.admin import FAILPOINTS
 from xatm.aio import AsyncTransactionManager
 
 

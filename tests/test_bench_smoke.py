@@ -10,7 +10,7 @@ import json
 import os
 from pathlib import Path
 
-from benchmarks.modes import MODES
+from benchmarks.catalog import MODES
 from benchmarks.run import main
 from tests.support import Servers
 

@@ -30,6 +30,7 @@ from ._aio_pool import AsyncParticipant, AsyncPool
 from ._parallel import Outcome
 from ._participant import Connection, Cursor, PhaseTwo
 from ._steps import (
+    Branch,
     CommitOnePhase,
     CommitPrepared,
     LogCommit,
@@ -39,7 +40,7 @@ from ._steps import (
     Rollback,
     Steps,
 )
-from ._transaction import Branch, TransactionCore, TransactionState, check_fit
+from ._transaction import TransactionCore, TransactionState, check_fit
 from ._xid import Xid, branch_xid
 
 if TYPE_CHECKING:

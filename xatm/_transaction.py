@@ -32,9 +32,8 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, NoReturn, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 from . import _events, _failpoint, _marker
 from ._log import DecisionNotLogged
@@ -50,6 +49,8 @@ from ._participant import (
 )
 from ._pool import Pool
 from ._steps import (
+    Branch,
+    BranchState,
     CommitOnePhase,
     CommitPrepared,
     LogCommit,
@@ -87,54 +88,6 @@ class TransactionState(enum.Enum):
     COMMITTED = "committed"
     ROLLED_BACK = "rolled-back"
     IN_DOUBT = "in-doubt"  # outcome settled later by recovery
-
-
-class BranchState(enum.Enum):
-    """Where one branch is."""
-
-    ACTIVE = "active"
-    PREPARED = "prepared"
-    COMMITTED = "committed"
-    ROLLED_BACK = "rolled-back"
-    UNKNOWN = "unknown"  # a call failed midway: recovery will settle it
-
-
-class BranchPool(Protocol):
-    """Where a branch's connection goes back: a :class:`~xatm._pool.Pool`, or an asyncio
-    pool (``xatm._aio_pool``)."""
-
-    def put(self, conn: Connection) -> None: ...
-
-    def discard(self, conn: Connection) -> None: ...
-
-
-@dataclass(eq=False)
-class Branch:
-    """The part of a global transaction that runs on one resource."""
-
-    resource: str
-    xid: Xid
-    participant: Participant
-    pool: BranchPool
-    conn: Connection | None
-    state: BranchState = BranchState.ACTIVE
-    error: BaseException | None = field(default=None, repr=False)
-    txid: int | None = None  # the server's transaction id of the prepared branch, if known
-
-    def release(self) -> None:
-        """Give the connection back to the pool (or close it if it is not clean)."""
-        conn, self.conn = self.conn, None
-        if conn is not None:
-            if self.error is not None:
-                self.pool.discard(conn)
-            else:
-                self.pool.put(conn)
-
-    def drop(self) -> None:
-        """Close the connection: its state is unknown, or another session must finish."""
-        conn, self.conn = self.conn, None
-        if conn is not None:
-            self.pool.discard(conn)
 
 
 class TransactionCore:
