@@ -26,6 +26,8 @@ Round trips per transfer, sequential unless noted (``||`` = the two run side by 
                   then MariaDB: XA START, barrier INSERT IGNORE, UPDATE, XA END + XA COMMIT
                   ONE PHASE; then the record's end (fsynced). Not atomic at one instant:
                   compared with ``onepc`` (dtm's published figure is 0.29x plain MySQL)
+* ``xatm-async``, ``raw-async``: the asyncio API and hand-written asyncio 2PC, as tasks on
+                  one event loop (``benchmarks/aio_modes.py``)
 """
 
 from __future__ import annotations
@@ -392,6 +394,7 @@ def xatm_mode(**tm_options: Any) -> ModeFactory:
     return factory
 
 
+#: the threaded modes (``benchmarks.catalog.MODES`` adds the asyncio ones)
 MODES: dict[str, ModeFactory] = {
     "onepc": OnePCMode,
     "raw": RawMode,
@@ -404,8 +407,9 @@ MODES: dict[str, ModeFactory] = {
     "xatm-saga": SagaMode,
 }
 
+
 #: the modes every xatm mode is compared against
-BASELINES = ("raw", "sqlalchemy")
+BASELINES = ("raw", "sqlalchemy", "raw-async")
 
 
 def is_xatm(mode: str) -> bool:

@@ -105,14 +105,15 @@ def results_table(summaries: Sequence[Summary], modes: Sequence[str]) -> str:
     rows = sorted(summaries, key=lambda s: (s.clients, rank.get(s.mode, len(rank))))
     lines = [
         "| clients | mode | tx/s (median) | min-max | p50 ms | p99 ms | client CPU ms/tx"
-        " | x raw | x sqlalchemy | log fsyncs/tx | errors |",
-        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        " | x raw | x sqlalchemy | x raw-async | log fsyncs/tx | errors |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for s in rows:
         lines.append(
             f"| {s.clients} | {s.mode} | {s.tps:.0f} | {s.tps_min:.0f}-{s.tps_max:.0f}"
             f" | {_f(s.p50_ms, '.2f')} | {_f(s.p99_ms, '.2f')} | {_f(s.cpu_ms_per_tx, '.2f')}"
             f" | {_f(s.ratios.get('raw'), '.2f')} | {_f(s.ratios.get('sqlalchemy'), '.2f')}"
+            f" | {_f(s.ratios.get('raw-async'), '.2f')}"
             f" | {_f(s.fsyncs_per_tx, '.2f')} | {s.errors} |"
         )
     return "\n".join(lines)

@@ -22,9 +22,10 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from .catalog import MODES
 from .driver import RunResult, run_once
 from .env import BenchServers, ConservationError, Ledger
-from .modes import MODES, RunContext
+from .modes import RunContext
 from .report import plot, render, summarize, to_json, write_doc
 
 DEFAULT_DOC = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"

@@ -18,7 +18,8 @@ from ._config import Settings, load_config
 from ._manager import TransactionManager
 from ._report import RecoveryReport
 from ._saga import Saga, SagaAbort, SagaError, SagaInProgress, SagaResult
-from ._transaction import BranchState, Transaction, TransactionState
+from ._steps import BranchState
+from ._transaction import Transaction, TransactionState
 from .errors import (
     ConfigurationError,
     LogCorrupt,

@@ -244,6 +244,12 @@ class TransactionManager:
             sagas=settings.extra.get("sagas", ()),
         )
 
+    @property
+    def context(self) -> Context:
+        """What this manager's transactions, recovery and sweeper share (``xatm.aio``
+        builds its asyncio transactions on it)."""
+        return self._ctx
+
     # -- transactions -----------------------------------------------------------------------
     def transaction(self, timeout: float | None = None) -> Transaction:
         """A new global transaction, to be used as ``with tm.transaction() as tx:``."""

@@ -158,7 +158,7 @@ class MySQLParticipant:
     def begin(self, conn: Any, xid: Xid, timeout: float | None = None) -> None:
         # lock waits are bounded by the server's innodb_lock_wait_timeout (doctor checks it)
         self._enter_xa(conn)  # before sending: a failed XA START leaves the state unknown
-        self._run(conn, f"XA START {xid.to_mysql()}")
+        self._run(conn, start_statement(xid))
 
     def execute(self, conn: Any, query: Any, params: Sequence[Any] | Any = None) -> Cursor:
         cur = self.driver.cursor(conn)
@@ -166,13 +166,12 @@ class MySQLParticipant:
         return cur
 
     def prepare(self, conn: Any, xid: Xid) -> Prepared:
-        x = xid.to_mysql()
         try:
-            self._run(conn, f"XA END {x}", f"XA PREPARE {x}")
+            self._run(conn, *prepare_statements(xid))
         except self._errors as e:
             if not self.is_connection_error(e):
                 self._rollback_quietly(conn, xid)
-            raise BranchVotedNo(f"XA PREPARE failed: {_describe(self.driver, e)}", e) from e
+            raise self.prepare_failed(e) from e
         # a read-only XA branch cannot be told apart here: it is prepared like any other
         return Prepared(Vote.PREPARED)
 
@@ -186,18 +185,15 @@ class MySQLParticipant:
         return lambda: result
 
     def commit_one_phase(self, conn: Any, xid: Xid, before: Sequence[Statement] = ()) -> None:
-        x = xid.to_mysql()
         try:
             for query, params in before:
                 self.execute(conn, query, params).close()
-            self._run(conn, f"XA END {x}", f"XA COMMIT {x} ONE PHASE")
+            self._run(conn, *one_phase_statements(xid))
         except self._errors as e:
             if self.is_connection_error(e):
                 raise  # the outcome is unknown
             self._rollback_quietly(conn, xid)
-            raise BranchVotedNo(
-                f"the one-phase commit failed: {_describe(self.driver, e)}", e
-            ) from e
+            raise self.commit_failed(e) from e
         self._left_xa(conn)
 
     def commit_prepared(self, conn: Any, xid: Xid) -> PhaseTwo:
@@ -208,36 +204,49 @@ class MySQLParticipant:
 
     def _finish(self, conn: Any, verb: str, xid: Xid) -> PhaseTwo:
         try:
-            self._run(conn, f"XA {verb} {xid.to_mysql()}")
+            self._run(conn, finish_statement(verb, xid))
         except self._errors as e:
-            errno = self._errno(e)
-            if errno == XAER_NOTA:
-                return PhaseTwo.NOT_FOUND
-            if verb == "ROLLBACK" and errno in XA_ROLLED_BACK:
-                # already rolled back by the server (read-only MariaDB branch, deadlock
-                # victim): rolled back, as asked. This connection's state is not tracked
-                # further: it is closed rather than pooled.
-                return PhaseTwo.DONE
-            raise
+            result = finish_answer(verb, self._errno(e))
+            if result is None:
+                raise
+            return result
         self._left_xa(conn)
         return PhaseTwo.DONE
 
     def rollback_active(self, conn: Any, xid: Xid) -> None:
         self.driver.consume(conn)
-        x = xid.to_mysql()
         try:
-            self._run(conn, f"XA END {x}")
+            self._run(conn, end_statement(xid))
         except self._errors as e:
             if self.is_connection_error(e):
                 raise
             # already IDLE, or rollback-only after a deadlock: XA ROLLBACK still applies
         try:
-            self._run(conn, f"XA ROLLBACK {x}")
+            self._run(conn, finish_statement("ROLLBACK", xid))
         except self._errors as e:
             if self._errno(e) in XA_ROLLED_BACK:
                 return  # rolled back by the server already; the connection is not pooled
             raise
         self._left_xa(conn)
+
+    def prepare_failed(self, e: BaseException) -> BranchVotedNo:
+        return BranchVotedNo(f"XA PREPARE failed: {_describe(self.driver, e)}", e)
+
+    def commit_failed(self, e: BaseException) -> BranchVotedNo:
+        return BranchVotedNo(f"the one-phase commit failed: {_describe(self.driver, e)}", e)
+
+    def unavailable(self, e: BaseException) -> ResourceUnavailable:
+        """The error for a connection attempt that failed with ``e`` (password-free)."""
+        return ResourceUnavailable(
+            f"cannot connect to resource {self.name!r} ({self.spec.redacted()}): "
+            f"{_describe(self.driver, e)}",
+            resource=self.name,
+        )
+
+    @property
+    def connect_kwargs(self) -> dict[str, Any]:
+        """The driver's connection keyword arguments (autocommit on)."""
+        return dict(self._kwargs)
 
     def _rollback_quietly(self, conn: Any, xid: Xid) -> None:
         """Roll back a branch whose prepare or one-phase commit failed, in whatever state
@@ -383,6 +392,42 @@ class MySQLParticipant:
     def branch_locks(self, conn: Any, branch: PreparedBranch) -> tuple[int | None, tuple[str, ...]]:
         """Not known for XA branches (no per-XID lock view)."""
         return None, ()
+
+
+# -- statements and the meaning of answers, shared by the sync participant above and the
+# -- asyncio one (xatm._aio_mysql): the XA SQL and its quirks are written here only
+def start_statement(xid: Xid) -> str:
+    return f"XA START {xid.to_mysql()}"
+
+
+def end_statement(xid: Xid) -> str:
+    return f"XA END {xid.to_mysql()}"
+
+
+def prepare_statements(xid: Xid) -> tuple[str, str]:
+    x = xid.to_mysql()
+    return f"XA END {x}", f"XA PREPARE {x}"
+
+
+def one_phase_statements(xid: Xid) -> tuple[str, str]:
+    x = xid.to_mysql()
+    return f"XA END {x}", f"XA COMMIT {x} ONE PHASE"
+
+
+def finish_statement(verb: str, xid: Xid) -> str:
+    """``XA COMMIT`` or ``XA ROLLBACK`` (``verb``) of a prepared branch."""
+    return f"XA {verb} {xid.to_mysql()}"
+
+
+def finish_answer(verb: str, errno: int | None) -> PhaseTwo | None:
+    """What a phase-2 call's error ``errno`` means: NOT_FOUND (no such branch), DONE (a
+    rollback of a branch the server rolled back already: read-only MariaDB branch, deadlock
+    victim; its connection is closed rather than pooled), None (a real failure: raise)."""
+    if errno == XAER_NOTA:
+        return PhaseTwo.NOT_FOUND
+    if verb == "ROLLBACK" and errno in XA_ROLLED_BACK:
+        return PhaseTwo.DONE
+    return None
 
 
 def identity_name(node_id: str) -> str:

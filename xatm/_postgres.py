@@ -111,20 +111,34 @@ class PostgresParticipant:
             if key not in self._user_settings
         )
 
+    @property
+    def connect_kwargs(self) -> dict[str, Any]:
+        """The keyword arguments of ``connect`` (sync or async), autocommit on."""
+        return {"autocommit": True, **self._kwargs}
+
+    @property
+    def session_setup(self) -> str:
+        """The statement to send once on each new connection ('' for none)."""
+        return self._session_setup[2:]
+
+    def unavailable(self, e: BaseException) -> ResourceUnavailable:
+        """The error for a connection attempt that failed with ``e`` (password-free)."""
+        return ResourceUnavailable(
+            f"cannot connect to resource {self.name!r} ({self.spec.redacted()}): "
+            f"{redact(str(e)).strip()}",
+            resource=self.name,
+        )
+
     def connect(self) -> psycopg.Connection[Any]:
         conn = None
         try:
-            conn = psycopg.connect(autocommit=True, **self._kwargs)
+            conn = psycopg.connect(**self.connect_kwargs)
             if self._session_setup:
-                conn.execute(self._session_setup[2:])  # one round trip, once per connection
+                conn.execute(self.session_setup)  # one round trip, once per connection
         except psycopg.Error as e:
             if conn is not None:
                 self.close(conn)
-            raise ResourceUnavailable(
-                f"cannot connect to resource {self.name!r} ({self.spec.redacted()}): "
-                f"{redact(str(e)).strip()}",
-                resource=self.name,
-            ) from None
+            raise self.unavailable(e) from None
         return conn
 
     def ping(self, conn: psycopg.Connection[Any]) -> bool:
@@ -155,9 +169,12 @@ class PostgresParticipant:
         impl = getattr(psycopg.pq, "__impl__", "?")
         return f"psycopg {psycopg.__version__} ({type(conn).__name__}, {impl} libpq wrapper)"
 
+    def begin_statement(self, timeout: float | None) -> str:
+        """``BEGIN`` and the branch's wait bounds: no parameters, one simple query."""
+        return "BEGIN" if timeout is None else "BEGIN" + self._set(timeout, local=True)
+
     def begin(self, conn: psycopg.Connection[Any], xid: Xid, timeout: float | None = None) -> None:
-        statement = "BEGIN" if timeout is None else "BEGIN" + self._set(timeout, local=True)
-        conn.execute(statement)  # no parameters: one simple query, one round trip
+        conn.execute(self.begin_statement(timeout))  # one round trip
 
     def execute(
         self, conn: psycopg.Connection[Any], query: Any, params: Sequence[Any] | Any = None
@@ -170,44 +187,30 @@ class PostgresParticipant:
         try:
             # one round trip, simple protocol: the branch's transaction id (NULL if it wrote
             # nothing) and the prepare itself
-            cur = conn.execute(
-                sql.SQL(
-                    "SELECT pg_current_xact_id_if_assigned()::text; PREPARE TRANSACTION {}"
-                ).format(gid)
-            )
+            cur = conn.execute(prepare_statement(gid))
             row = cur.fetchone()
             cur.nextset()
         except psycopg.Error as e:
-            raise BranchVotedNo(f"PREPARE TRANSACTION failed: {_describe(e)}", e) from e
+            raise prepare_failed(e) from e
         return self._vote(conn, gid, cur.statusmessage, row)
 
     def _check_open(self, conn: psycopg.Connection[Any]) -> None:
-        status = conn.info.transaction_status
-        if status == TransactionStatus.INERROR:
-            raise BranchVotedNo("the branch's transaction had already failed")
-        if status != TransactionStatus.INTRANS:
-            raise BranchVotedNo(
-                f"the branch's transaction is not open (status {status.name}): it was ended"
-                " outside xatm, by a commit or rollback on the raw connection"
-            )
+        check_open(conn)
 
     def _vote(
         self, conn: psycopg.Connection[Any], gid: sql.Literal, tag: str | None, row: Any
     ) -> Prepared:
         """The vote, from PREPARE's command tag and the branch's transaction id."""
-        if tag != "PREPARE TRANSACTION":
-            raise BranchVotedNo(
-                f"the server rolled the branch back instead of preparing it (command tag {tag!r})"
-            )
-        if row is None or row[0] is None:
+        vote = vote_of(tag, row)
+        if vote is None:
             # Read-only: nothing to commit, whatever the decision. Finish it now; if that
             # fails it is an ordinary prepared branch (presumed abort: harmless).
             try:
-                conn.execute(sql.SQL("COMMIT PREPARED {}").format(gid))
+                conn.execute(finish_statement("COMMIT", gid))
             except psycopg.Error:
                 return Prepared(Vote.PREPARED)
             return Prepared(Vote.READ_ONLY)
-        return Prepared(Vote.PREPARED, int(row[0]))
+        return vote
 
     def start_prepare(self, conn: psycopg.Connection[Any], xid: Xid) -> Callable[[], Prepared]:
         """Send the prepare without waiting (pipeline mode); the returned call waits for
@@ -223,7 +226,7 @@ class PostgresParticipant:
         except BaseException as e:
             _leave(pipeline, e)
             if isinstance(e, psycopg.Error):
-                raise BranchVotedNo(f"PREPARE TRANSACTION failed: {_describe(e)}", e) from e
+                raise prepare_failed(e) from e
             raise
 
         def finish() -> Prepared:
@@ -231,7 +234,7 @@ class PostgresParticipant:
                 pipeline.__exit__(None, None, None)
                 row = ids.fetchone()
             except psycopg.Error as e:
-                raise BranchVotedNo(f"PREPARE TRANSACTION failed: {_describe(e)}", e) from e
+                raise prepare_failed(e) from e
             return self._vote(conn, gid, cur.statusmessage, row)
 
         return finish
@@ -239,11 +242,7 @@ class PostgresParticipant:
     def commit_one_phase(
         self, conn: psycopg.Connection[Any], xid: Xid, before: Sequence[Statement] = ()
     ) -> None:
-        status = conn.info.transaction_status
-        if status == TransactionStatus.INERROR:
-            raise BranchVotedNo("the branch's transaction had already failed")
-        if status != TransactionStatus.INTRANS:
-            raise BranchVotedNo("the branch's transaction was ended outside xatm")
+        check_one_phase(conn)
         try:
             if before:
                 with conn.pipeline():  # the statements and the commit: one round trip
@@ -258,12 +257,11 @@ class PostgresParticipant:
             with contextlib.suppress(psycopg.Error):
                 if conn.info.transaction_status != TransactionStatus.IDLE:
                     conn.execute("ROLLBACK")
-            raise BranchVotedNo(f"the commit failed: {_describe(e)}", e) from e
-        if cur.statusmessage != "COMMIT":
-            raise BranchVotedNo(f"the server answered {cur.statusmessage!r} to COMMIT")
+            raise commit_failed(e) from e
+        check_committed(cur.statusmessage)
 
     def commit_prepared(self, conn: psycopg.Connection[Any], xid: Xid) -> PhaseTwo:
-        return self._finish(conn, "COMMIT PREPARED {}", xid)
+        return self._finish(conn, "COMMIT", xid)
 
     def start_commit_prepared(
         self, conn: psycopg.Connection[Any], xid: Xid
@@ -272,7 +270,7 @@ class PostgresParticipant:
         pipeline = conn.pipeline()
         try:
             pipeline.__enter__()
-            conn.execute(sql.SQL("COMMIT PREPARED {}").format(sql.Literal(xid.to_pg_gid())))
+            conn.execute(finish_statement("COMMIT", sql.Literal(xid.to_pg_gid())))
         except BaseException as e:
             _leave(pipeline, e)
             raise
@@ -281,7 +279,7 @@ class PostgresParticipant:
             try:
                 pipeline.__exit__(None, None, None)
             except psycopg.Error as e:
-                if e.sqlstate == UNDEFINED_OBJECT:
+                if not_found(e):
                     return PhaseTwo.NOT_FOUND
                 raise
             return PhaseTwo.DONE
@@ -289,13 +287,13 @@ class PostgresParticipant:
         return finish
 
     def rollback_prepared(self, conn: psycopg.Connection[Any], xid: Xid) -> PhaseTwo:
-        return self._finish(conn, "ROLLBACK PREPARED {}", xid)
+        return self._finish(conn, "ROLLBACK", xid)
 
-    def _finish(self, conn: psycopg.Connection[Any], stmt: str, xid: Xid) -> PhaseTwo:
+    def _finish(self, conn: psycopg.Connection[Any], verb: str, xid: Xid) -> PhaseTwo:
         try:
-            conn.execute(sql.SQL(stmt).format(sql.Literal(xid.to_pg_gid())))
+            conn.execute(finish_statement(verb, sql.Literal(xid.to_pg_gid())))
         except psycopg.Error as e:
-            if e.sqlstate == UNDEFINED_OBJECT:
+            if not_found(e):
                 return PhaseTwo.NOT_FOUND
             raise
         return PhaseTwo.DONE
@@ -439,6 +437,72 @@ _LOCKS = (
     "  ON t.locktype = 'transactionid' AND t.transactionid = p.transaction"
     "  WHERE p.gid = %s AND p.database = current_database() LIMIT 1)"
 )
+
+
+# -- statements and the meaning of answers, shared by the sync participant above and the
+# -- asyncio one (xatm._aio_postgres): the SQL and its quirks are written here only
+def prepare_statement(gid: sql.Literal) -> sql.Composed:
+    """The branch's transaction id (NULL if it wrote nothing) and the prepare, one query."""
+    return sql.SQL("SELECT pg_current_xact_id_if_assigned()::text; PREPARE TRANSACTION {}").format(
+        gid
+    )
+
+
+def finish_statement(verb: str, gid: sql.Literal) -> sql.Composed:
+    """``COMMIT PREPARED`` or ``ROLLBACK PREPARED`` (``verb``) of ``gid``."""
+    return sql.SQL(f"{verb} PREPARED {{}}").format(gid)
+
+
+def check_open(conn: Any) -> None:
+    """Vote no (BranchVotedNo) unless the branch's transaction is open and sound."""
+    status = conn.info.transaction_status
+    if status == TransactionStatus.INERROR:
+        raise BranchVotedNo("the branch's transaction had already failed")
+    if status != TransactionStatus.INTRANS:
+        raise BranchVotedNo(
+            f"the branch's transaction is not open (status {status.name}): it was ended"
+            " outside xatm, by a commit or rollback on the raw connection"
+        )
+
+
+def check_one_phase(conn: Any) -> None:
+    """Refuse (BranchVotedNo) a one-phase commit of a branch that is not open and sound."""
+    status = conn.info.transaction_status
+    if status == TransactionStatus.INERROR:
+        raise BranchVotedNo("the branch's transaction had already failed")
+    if status != TransactionStatus.INTRANS:
+        raise BranchVotedNo("the branch's transaction was ended outside xatm")
+
+
+def vote_of(tag: str | None, row: Any) -> Prepared | None:
+    """The vote, from PREPARE's command tag and the branch's transaction id; None for a
+    read-only branch (to finish now with COMMIT PREPARED: READ_ONLY if that works)."""
+    if tag != "PREPARE TRANSACTION":
+        raise BranchVotedNo(
+            f"the server rolled the branch back instead of preparing it (command tag {tag!r})"
+        )
+    if row is None or row[0] is None:
+        return None
+    return Prepared(Vote.PREPARED, int(row[0]))
+
+
+def prepare_failed(e: psycopg.Error) -> BranchVotedNo:
+    return BranchVotedNo(f"PREPARE TRANSACTION failed: {_describe(e)}", e)
+
+
+def commit_failed(e: psycopg.Error) -> BranchVotedNo:
+    return BranchVotedNo(f"the commit failed: {_describe(e)}", e)
+
+
+def check_committed(tag: str | None) -> None:
+    """Vote no unless COMMIT's command tag says it committed."""
+    if tag != "COMMIT":
+        raise BranchVotedNo(f"the server answered {tag!r} to COMMIT")
+
+
+def not_found(e: psycopg.Error) -> bool:
+    """A phase-2 call's error meaning "no such prepared transaction"."""
+    return e.sqlstate == UNDEFINED_OBJECT
 
 
 def _leave(pipeline: Any, error: BaseException) -> None:

@@ -32,15 +32,34 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 from . import _events, _failpoint, _marker
 from ._log import DecisionNotLogged
-from ._parallel import overlapped
-from ._participant import BranchVotedNo, Connection, Cursor, Participant, PhaseTwo, Vote
+from ._parallel import Outcome, overlapped
+from ._participant import (
+    BranchVotedNo,
+    Connection,
+    Cursor,
+    Participant,
+    PhaseTwo,
+    Prepared,
+    Vote,
+)
 from ._pool import Pool
+from ._steps import (
+    Branch,
+    BranchState,
+    CommitOnePhase,
+    CommitPrepared,
+    LogCommit,
+    LogEnd,
+    Operation,
+    Prepare,
+    Rollback,
+    Steps,
+)
 from ._xid import Xid, branch_xid
 from .errors import (
     LogError,
@@ -71,53 +90,10 @@ class TransactionState(enum.Enum):
     IN_DOUBT = "in-doubt"  # outcome settled later by recovery
 
 
-class BranchState(enum.Enum):
-    """Where one branch is."""
-
-    ACTIVE = "active"
-    PREPARED = "prepared"
-    COMMITTED = "committed"
-    ROLLED_BACK = "rolled-back"
-    UNKNOWN = "unknown"  # a call failed midway: recovery will settle it
-
-
-@dataclass(eq=False)
-class Branch:
-    """The part of a global transaction that runs on one resource."""
-
-    resource: str
-    xid: Xid
-    participant: Participant
-    pool: Pool
-    conn: Connection | None
-    state: BranchState = BranchState.ACTIVE
-    error: BaseException | None = field(default=None, repr=False)
-    txid: int | None = None  # the server's transaction id of the prepared branch, if known
-
-    def release(self) -> None:
-        """Give the connection back to the pool (or close it if it is not clean)."""
-        conn, self.conn = self.conn, None
-        if conn is not None:
-            if self.error is not None:
-                self.pool.discard(conn)
-            else:
-                self.pool.put(conn)
-
-    def drop(self) -> None:
-        """Close the connection: its state is unknown, or another session must finish."""
-        conn, self.conn = self.conn, None
-        if conn is not None:
-            self.pool.discard(conn)
-
-
-class Transaction:
-    """A global transaction; use it as ``with tm.transaction() as tx:``.
-
-    Leaving the block normally commits every branch or none (raising
-    :class:`~xatm.TransactionRolledBack` if it had to roll back); leaving it with an
-    exception rolls every branch back and lets the exception through. A transaction is used
-    by one thread.
-    """
+class TransactionCore:
+    """A global transaction's state and its commit protocol, free of I/O: the protocol is
+    generators yielding operations (``xatm._steps``), which :class:`Transaction` runs with
+    blocking drivers and ``xatm.aio.AsyncTransaction`` awaits."""
 
     def __init__(self, ctx: Context, gtrid: str, timeout: float) -> None:
         self._ctx = ctx
@@ -131,7 +107,7 @@ class Transaction:
         # Fencing with recovery inside this process: recovery may mark an expired,
         # undecided transaction aborted; the decision step refuses to log COMMIT after that.
         self._fence = threading.Lock()
-        self._aborted_by_recovery = False
+        self._stop: str | None = None  # why the decision is refused (recovery, cancelled)
         self._deciding = False
         # Callbacks of integrations (SQLAlchemy sessions, see xatm._sqlalchemy): the first run
         # at the start of commit, before anything is prepared (they may still do work and
@@ -143,85 +119,9 @@ class Transaction:
         #: same on every retry and after recovery, for outside services to deduplicate on
         self.idempotency_key: str | None = None
 
-    # -- the application's side -------------------------------------------------------------
-    def __enter__(self) -> Transaction:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        if self.state is not TransactionState.ACTIVE:
-            self._ctx.forget(self)
-            return
-        if exc is not None:
-            self.rollback()
-        else:
-            self.commit()
-
-    def execute(self, resource: str, query: Any, params: Sequence[Any] | Any = None) -> Cursor:
-        """Run ``query`` with ``params`` on ``resource`` inside this transaction.
-
-        Returns the driver's cursor. The driver's own exception propagates on failure.
-        """
-        branch = self._branch(resource)
-        assert branch.conn is not None
-        try:
-            return branch.participant.execute(branch.conn, query, params)
-        except BaseException as e:
-            if branch.participant.is_connection_error(e):
-                branch.error = e
-                branch.state = BranchState.ROLLED_BACK  # the server drops unprepared work
-                self._rollback_only = f"the connection of branch {resource!r} was lost"
-            raise
-
-    def connection(self, resource: str) -> Connection:
-        """The driver connection of this transaction's branch on ``resource``.
-
-        Use it for anything the driver offers (cursors, COPY, ...), but do not commit, roll
-        back or close it: xatm does that.
-        """
-        branch = self._branch(resource)
-        assert branch.conn is not None
-        return branch.conn
-
-    def session(self, binds: Any = None, **session_kwargs: Any) -> Any:
-        """A SQLAlchemy ORM ``Session`` whose work joins this transaction (see docs/api.md).
-
-        ``binds`` maps models (or tables) to resource names. The session is flushed before
-        prepare; commit and rollback happen through xatm when the block ends.
-        """
-        return self._ctx.extension("session")(self, binds, **session_kwargs)
-
-    def sa_connection(self, resource: str) -> Any:
-        """A SQLAlchemy ``Connection`` on this transaction's branch on ``resource``."""
-        return self._ctx.extension("sa_connection")(self, resource)
-
     def set_rollback_only(self, reason: str = "set_rollback_only() was called") -> None:
         """Make the transaction unable to commit: leaving the block will roll it back."""
         self._rollback_only = reason
-
-    # -- for integrations (SQLAlchemy sessions, see xatm._sqlalchemy) ------------------------
-    def add_before_prepare_hook(self, callback: Callable[[], None]) -> None:
-        """Run ``callback`` when commit starts, before anything is prepared (it may still do
-        work and enlist branches); if it raises, the transaction rolls back."""
-        self._before_prepare.append(callback)
-
-    def add_after_end_hook(self, callback: Callable[[], None]) -> None:
-        """Run ``callback`` once the transaction has ended, whatever its outcome (a failure
-        of it is logged, never raised)."""
-        self._after_end.append(callback)
-
-    def enlist(self, resource: str) -> Branch:
-        """The branch on ``resource``, begun now if it is not enlisted yet."""
-        return self._branch(resource)
-
-    def branch_connection(self, resource: str) -> Connection | None:
-        """The driver connection the branch on ``resource`` holds now (None if none)."""
-        branch = self._branches.get(resource)
-        return None if branch is None else branch.conn
 
     @property
     def context(self) -> Context:
@@ -238,58 +138,30 @@ class Transaction:
         """Resources whose branch recovery still has to finish (after a phase-2 failure)."""
         return [n for n, b in self._branches.items() if b.state is BranchState.UNKNOWN]
 
-    # -- enlistment -------------------------------------------------------------------------
-    def _branch(self, resource: str) -> Branch:
+    def _enlisted(self, resource: str) -> Branch | None:
+        """The branch on ``resource`` if it is enlisted (None: begin one), after checking
+        that work may still be done in this transaction."""
         if self.state is not TransactionState.ACTIVE:
             raise TransactionError(
                 f"transaction {self.gtrid} is {self.state.value}; no more work can be done in it",
                 gtrid=self.gtrid,
             )
         branch = self._branches.get(resource)
-        if branch is not None:
-            if branch.conn is None:
-                raise TransactionError(
-                    f"the branch on {resource!r} lost its connection; the transaction will be"
-                    " rolled back",
-                    gtrid=self.gtrid,
-                )
-            self._check_time()
-            return branch
+        if branch is not None and branch.conn is None:
+            raise TransactionError(
+                f"the branch on {resource!r} lost its connection; the transaction will be"
+                " rolled back",
+                gtrid=self.gtrid,
+            )
         self._check_time()
-        participant, pool = self._ctx.resources.get(resource)
-        participant = self._trace.watch(participant)
-        xid = branch_xid(self.gtrid, resource)
-        conn = self._begin(participant, pool, xid)
-        branch = Branch(resource, xid, participant, pool, conn)
-        self._branches[resource] = branch
         return branch
 
-    def _begin(self, participant: Participant, pool: Pool, xid: Xid) -> Connection:
-        """A connection with the branch begun on it; one retry on a fresh connection."""
-        for attempt in (1, 2):
-            conn = pool.get() if attempt == 1 else participant.connect()
-            try:
-                if not pool.checked:
-                    problems = participant.check(conn)
-                    if problems:
-                        raise ResourceNotFit(
-                            f"resource {participant.name!r} ({participant.spec.redacted()})"
-                            f" is not fit for two-phase commit: {'; '.join(problems)}",
-                            resource=participant.name,
-                        )
-                    self._ctx.first_connection(participant, conn)
-                    pool.checked = True
-                participant.begin(conn, xid, max(self.deadline - time.monotonic(), 0.001))
-                return conn
-            except ResourceError:
-                pool.discard(conn)
-                raise
-            except BaseException as e:
-                pool.discard(conn)
-                if attempt == 2 or not participant.is_connection_error(e):
-                    raise
-                pool.clear()  # the server probably restarted: the others are dead too
-        raise AssertionError("unreachable")
+    def _lost(self, branch: Branch, error: BaseException) -> None:
+        """The branch's connection failed (or its call was interrupted) during the work:
+        the server drops unprepared work, and the transaction can only roll back."""
+        branch.error = error
+        branch.state = BranchState.ROLLED_BACK
+        self._rollback_only = f"the connection of branch {branch.resource!r} was lost"
 
     def _check_time(self) -> None:
         if time.monotonic() > self.deadline:
@@ -306,29 +178,24 @@ class Transaction:
         with self._fence:
             if self._deciding:
                 return False
-            if self._aborted_by_recovery:
+            if self._stop is not None:
                 return True
             if time.monotonic() > self.deadline:
-                self._aborted_by_recovery = True
+                self._stop = "timeout"
                 return True
             return False
 
-    # -- the end ----------------------------------------------------------------------------
-    def commit(self) -> None:
-        """End the transaction with commit (what leaving the block normally does)."""
-        try:
-            self._commit()
-        finally:
-            self._ended()
+    def refuse_decision(self, reason: str) -> bool:
+        """Make the decision step refuse to commit (and roll back), unless the decision is
+        already being made. True if it will be refused."""
+        with self._fence:
+            if self._deciding:
+                return False
+            if self._stop is None:
+                self._stop = reason
+            return True
 
-    def rollback(self) -> None:
-        """Roll every branch back (what leaving the block with an exception does)."""
-        try:
-            if self.state is TransactionState.ACTIVE:
-                self._rollback_all()
-        finally:
-            self._ended()
-
+    # -- the protocol, I/O-free: generators yielding operations (xatm._steps) ---------------
     def _ended(self) -> None:
         self._ctx.forget(self)
         self._trace.finish(self.state)
@@ -339,79 +206,62 @@ class Transaction:
             except Exception:  # the outcome is settled: a callback's failure only gets logged
                 logger.exception("an end-of-transaction callback of %s failed", self.gtrid)
 
-    def _commit(self) -> None:
+    def _commit_steps(self) -> Steps[None]:
+        """The end of the block: commit every branch or none (docs/protocol.md)."""
         if self.state is not TransactionState.ACTIVE:
             raise TransactionError(
                 f"transaction {self.gtrid} is already {self.state.value}", gtrid=self.gtrid
             )
-        if self._before_prepare and self._rollback_only is None:
-            self._run_before_prepare()
         branches = list(self._branches.values())
         if self._rollback_only is not None or time.monotonic() > self.deadline:
             reason = self._rollback_only or "timeout"
-            self._rollback_all()
+            yield from self._rollback_steps()
             self._raise_rolled_back(reason)
         if not branches:
             self.state = TransactionState.COMMITTED
             return
         if len(branches) == 1:
-            self._commit_one_phase(branches[0])
+            yield from self._one_phase_steps(branches[0])
             return
         chosen = self._ctx.marker_candidate((b.resource, b.participant) for b in branches)
         marker = self._branches[chosen] if chosen is not None else None
         if marker is not None:
-            self._commit_with_marker(branches, marker)
+            yield from self._marker_steps(branches, marker)
             return
         self.state = TransactionState.PREPARING
         _failpoint.hit("before_prepare")
-        prepared = self._prepare_all(branches)
+        prepared = yield from self._prepare_steps(branches)
         _failpoint.hit("after_prepare")
         if len(prepared) > 1:
-            self._decide(prepared)
+            yield from self._decide_steps(prepared)
         else:
             # Read-only votes left at most one branch with work: its commit alone decides
             # the outcome, so no decision needs logging (a crash before it commits leaves
             # nothing acknowledged, and presumed abort rolls the branch back).
-            self._fence_decision()
+            yield from self._fence_steps()
         _failpoint.hit("after_decision")
         self.state = TransactionState.COMMITTING
-        self._commit_all(prepared, logged=len(prepared) > 1)
+        yield from self._commit_all_steps(prepared, logged=len(prepared) > 1)
 
-    def _run_before_prepare(self) -> None:
-        """Run the before-prepare callbacks (flush ORM sessions); any failure rolls back."""
-        callbacks, self._before_prepare = self._before_prepare, []
-        try:
-            for callback in callbacks:
-                callback()
-        except BaseException as e:
-            self._rollback_all()
-            if not isinstance(e, Exception):
-                raise
-            if isinstance(e, TransactionTimeout):
-                self._raise_rolled_back("timeout", e)
-            first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
-            self._raise_rolled_back(f"the work to do before prepare failed: {first_line}", e)
-
-    def _commit_with_marker(self, branches: list[Branch], marker: Branch) -> None:
+    def _marker_steps(self, branches: list[Branch], marker: Branch) -> Steps[None]:
         """The commit-marker path (see ``xatm._marker``): prepare the others, then commit
         the marker branch in one phase with the decision row inside it."""
         self.state = TransactionState.PREPARING
         _failpoint.hit("before_prepare")
-        prepared = self._prepare_all([b for b in branches if b is not marker])
+        prepared = yield from self._prepare_steps([b for b in branches if b is not marker])
         _failpoint.hit("after_prepare")
-        self._fence_decision()
+        yield from self._fence_steps()
         finished = self._ctx.finished_markers(marker.resource)
         gtrid = self.gtrid if prepared else None  # no other writer: no decision row needed
         txids = {b.resource: b.txid for b in prepared if b.txid is not None}
         statements = _marker.statements(gtrid, [b.resource for b in prepared], txids, finished)
         assert marker.conn is not None
-        try:
-            marker.participant.commit_one_phase(marker.conn, marker.xid, statements)
-        except BranchVotedNo as e:
+        e = (yield CommitOnePhase(marker, statements)).error
+        if isinstance(e, BranchVotedNo):
             marker.state = BranchState.ROLLED_BACK
-            self._rollback_all()
+            yield from self._rollback_steps()
             self._raise_rolled_back(f"{marker.resource}: {e.reason}", e.__cause__ or e)
-        except BaseException as e:
+        elif e is not None:
             # Not a certain "no" (those are BranchVotedNo): the decision row may or may not
             # be committed. Leave every branch as it is, for recovery to settle.
             marker.error = e
@@ -420,7 +270,7 @@ class Transaction:
             for b in branches:
                 b.drop()
             if not isinstance(e, Exception):
-                raise
+                raise e
             raise TransactionInDoubt(
                 f"the commit of the decision of {self.gtrid} on {marker.resource!r} failed"
                 f" midway ({e}); recovery settles the other branches by whether the"
@@ -431,9 +281,9 @@ class Transaction:
         marker.release()
         _failpoint.hit("after_decision")
         self.state = TransactionState.COMMITTING
-        self._commit_all(prepared, logged=bool(prepared), marker=marker.resource)
+        yield from self._commit_all_steps(prepared, logged=bool(prepared), marker=marker.resource)
 
-    def _raise_rolled_back(self, reason: str, cause: BaseException | None = None) -> None:
+    def _raise_rolled_back(self, reason: str, cause: BaseException | None = None) -> NoReturn:
         if reason == "timeout":
             raise TransactionTimeout(
                 f"transaction {self.gtrid} exceeded its timeout of {self.timeout:g} s and was"
@@ -444,17 +294,16 @@ class Transaction:
             f"transaction {self.gtrid} was rolled back: {reason}", gtrid=self.gtrid
         ) from cause
 
-    def _commit_one_phase(self, branch: Branch) -> None:
+    def _one_phase_steps(self, branch: Branch) -> Steps[None]:
         self.state = TransactionState.PREPARING
         self._trace.phase("commit")
         assert branch.conn is not None
-        try:
-            branch.participant.commit_one_phase(branch.conn, branch.xid)
-        except BranchVotedNo as e:
+        e = (yield CommitOnePhase(branch)).error
+        if isinstance(e, BranchVotedNo):
             branch.state = BranchState.ROLLED_BACK
-            self._rollback_all()
+            yield from self._rollback_steps()
             self._raise_rolled_back(f"{branch.resource}: {e.reason}", e.__cause__)
-        except BaseException as e:
+        if e is not None:
             # Not a certain "no" (those are BranchVotedNo): a lost connection, or the call
             # was interrupted. Whether the commit took effect is unknown.
             branch.error = e
@@ -462,7 +311,7 @@ class Transaction:
             branch.drop()
             self.state = TransactionState.IN_DOUBT
             if not isinstance(e, Exception):
-                raise
+                raise e
             raise TransactionInDoubt(
                 f"the one-phase commit of {self.gtrid} on {branch.resource!r} failed midway"
                 f" ({e}): whether it committed is unknown",
@@ -472,36 +321,23 @@ class Transaction:
         branch.release()
         self.state = TransactionState.COMMITTED
 
-    def _prepare_all(self, branches: list[Branch]) -> list[Branch]:
+    def _prepare_steps(self, branches: list[Branch]) -> Steps[list[Branch]]:
         """Phase 1 on every branch; returns the branches that voted PREPARED (the others
         are read-only and already finished). Rolls everything back on any no vote."""
         self._trace.phase("prepare")
-        overlap = self._ctx.overlap()
-
-        def start(branch: Branch) -> Callable[[], None]:
-            assert branch.conn is not None
-            if overlap:
-                finish = branch.participant.start_prepare(branch.conn, branch.xid)
-            else:
-                finish = _now(branch.participant.prepare(branch.conn, branch.xid))
-
-            def done() -> None:
-                result = finish()
-                if result.vote is Vote.READ_ONLY:
-                    branch.state = BranchState.COMMITTED
-                else:
-                    branch.state = BranchState.PREPARED
-                    branch.txid = result.txid
-
-            return done
-
-        outcomes = overlapped(branches, start, sends_first=_sends_first, overlap=overlap)
+        outcomes: list[Outcome[Prepared]] = yield Prepare(branches)
         failure: BaseException | None = None
         reason = ""
         for branch, outcome in zip(branches, outcomes, strict=True):
-            if outcome.error is None:
-                continue
             err = outcome.error
+            if err is None:
+                assert outcome.value is not None
+                if outcome.value.vote is Vote.READ_ONLY:
+                    branch.state = BranchState.COMMITTED
+                else:
+                    branch.state = BranchState.PREPARED
+                    branch.txid = outcome.value.txid
+                continue
             branch.error = err
             if isinstance(err, BranchVotedNo):
                 branch.state = BranchState.ROLLED_BACK
@@ -512,7 +348,7 @@ class Transaction:
                 if failure is None:
                     failure, reason = err, f"{branch.resource}: prepare failed: {err}"
         if failure is not None:
-            self._rollback_all()
+            yield from self._rollback_steps()
             if not isinstance(failure, Exception):
                 raise failure  # KeyboardInterrupt and the like, after rolling back
             self._raise_rolled_back(reason, failure)
@@ -521,71 +357,49 @@ class Transaction:
                 branch.release()
         return [b for b in branches if b.state is BranchState.PREPARED]
 
-    def _fence_decision(self) -> None:
-        """Pass the fence with recovery, or roll back if the transaction is past its time."""
+    def _fence_steps(self) -> Steps[None]:
+        """Pass the fence with recovery, or roll back if the transaction is past its time
+        (or its caller gave up on it: a cancelled asyncio task)."""
         self._trace.phase("decide")
         with self._fence:
-            expired = self._aborted_by_recovery or time.monotonic() > self.deadline
+            stop = self._stop
+            expired = stop is not None or time.monotonic() > self.deadline
             if not expired:
                 self._deciding = True
         if expired:
-            self._rollback_all()
-            self._raise_rolled_back("timeout")
+            yield from self._rollback_steps()
+            self._raise_rolled_back(stop if stop is not None else "timeout")
 
-    def _decide(self, branches: list[Branch]) -> None:
-        self._fence_decision()
+    def _decide_steps(self, branches: list[Branch]) -> Steps[None]:
+        yield from self._fence_steps()
         _failpoint.hit("before_decision")
         txids = {b.resource: b.txid for b in branches if b.txid is not None}
-        try:
-            self._ctx.log.log_commit(self.gtrid, [b.resource for b in branches], txids)
-        except DecisionNotLogged as e:
+        e = (yield LogCommit(self.gtrid, [b.resource for b in branches], txids)).error
+        if e is None:
+            return
+        if isinstance(e, DecisionNotLogged):
             # certainly not logged (or fenced: recovery logged ABORT first): roll back
-            self._rollback_all()
+            yield from self._rollback_steps()
             self._raise_rolled_back(f"the commit decision could not be logged: {e}", e)
-        except (LogError, OSError) as e:
-            self.state = TransactionState.IN_DOUBT
-            for b in branches:
-                b.drop()
+        self.state = TransactionState.IN_DOUBT
+        for b in branches:
+            b.drop()
+        if isinstance(e, LogError | OSError):
             raise TransactionInDoubt(
                 f"forcing the commit decision of {self.gtrid} to the log failed; every branch"
                 " stays prepared and recovery settles them by what the log holds",
                 gtrid=self.gtrid,
             ) from e
-        except BaseException:
-            # Interrupted (KeyboardInterrupt, SystemExit) while the decision was being
-            # forced: the log has settled the record before letting the interrupt through
-            # (on disk, or the log broken), so the branches stay prepared for recovery,
-            # which decides by what the disk holds.
-            self.state = TransactionState.IN_DOUBT
-            for b in branches:
-                b.drop()
-            raise
+        # Interrupted (KeyboardInterrupt, SystemExit, a cancelled task) while the decision
+        # was being forced: the log settles the record (on disk, or the log broken), so the
+        # branches stay prepared for recovery, which decides by what the disk holds.
+        raise e
 
-    def _commit_all(
+    def _commit_all_steps(
         self, branches: list[Branch], *, logged: bool, marker: str | None = None
-    ) -> None:
+    ) -> Steps[None]:
         self._trace.phase("commit")
-        first_done = False
-        overlap = self._ctx.overlap()
-
-        def start(branch: Branch) -> Callable[[], PhaseTwo]:
-            assert branch.conn is not None
-            if overlap:
-                finish = branch.participant.start_commit_prepared(branch.conn, branch.xid)
-            else:
-                finish = _now(branch.participant.commit_prepared(branch.conn, branch.xid))
-
-            def done() -> PhaseTwo:
-                nonlocal first_done
-                result = finish()
-                if not first_done:
-                    first_done = True
-                    _failpoint.hit("after_first_commit")
-                return result
-
-            return done
-
-        outcomes = overlapped(branches, start, sends_first=_sends_first, overlap=overlap)
+        outcomes: list[Outcome[PhaseTwo]] = yield CommitPrepared(branches, _after_first_commit)
         for branch, outcome in zip(branches, outcomes, strict=True):
             if outcome.error is None and outcome.value is PhaseTwo.DONE:
                 branch.state = BranchState.COMMITTED
@@ -626,48 +440,305 @@ class Transaction:
             if marker is not None:
                 self._ctx.marker_finished(marker, self.gtrid)
                 return
-            try:
-                self._ctx.log.log_end(self.gtrid)
-            except LogError as e:
+            e = (yield LogEnd(self.gtrid)).error
+            if isinstance(e, LogError):
                 logger.warning("could not record the end of %s: %s", self.gtrid, e)
+            elif e is not None:
+                raise e
         else:
             self._ctx.phase_two_incomplete(self.gtrid, self.pending_branches)
 
-    def _rollback_all(self) -> None:
+    def _rollback_steps(self) -> Steps[None]:
         """Roll back every branch that may still hold work; never raises a driver error."""
         self._trace.phase("rollback")
         self.state = TransactionState.ROLLED_BACK
         for branch in self._branches.values():
-            conn = branch.conn
-            if conn is None or branch.state is BranchState.ROLLED_BACK:
+            if branch.conn is None or branch.state is BranchState.ROLLED_BACK:
                 branch.release()
                 continue
-            try:
-                if branch.state is BranchState.PREPARED:
-                    branch.participant.rollback_prepared(conn, branch.xid)
-                elif branch.state is BranchState.ACTIVE:
-                    branch.participant.rollback_active(conn, branch.xid)
-                else:  # UNKNOWN: a prepare whose answer was lost; recovery will see to it
-                    branch.drop()
-                    continue
+            if branch.state is BranchState.PREPARED:
+                prepared = True
+            elif branch.state is BranchState.ACTIVE:
+                prepared = False
+            else:  # UNKNOWN: a prepare whose answer was lost; recovery will see to it
+                branch.drop()
+                continue
+            e = (yield Rollback(branch, prepared)).error
+            if e is None:
                 branch.state = BranchState.ROLLED_BACK
                 branch.release()
-            except Exception as e:  # rolling back must go on
-                branch.error = e
-                branch.drop()  # closing the connection rolls back unprepared work
-                if branch.state is BranchState.PREPARED:
-                    branch.state = BranchState.UNKNOWN
-                    logger.warning(
-                        "could not roll back prepared branch %s on %r (%s); recovery will",
-                        self.gtrid,
-                        branch.resource,
-                        e,
-                    )
-                else:
-                    branch.state = BranchState.ROLLED_BACK
+                continue
+            if not isinstance(e, Exception):
+                raise e
+            # rolling back must go on
+            branch.error = e
+            branch.drop()  # closing the connection rolls back unprepared work
+            if prepared:
+                branch.state = BranchState.UNKNOWN
+                logger.warning(
+                    "could not roll back prepared branch %s on %r (%s); recovery will",
+                    self.gtrid,
+                    branch.resource,
+                    e,
+                )
+            else:
+                branch.state = BranchState.ROLLED_BACK
+
+
+class Transaction(TransactionCore):
+    """A global transaction; use it as ``with tm.transaction() as tx:``.
+
+    Leaving the block normally commits every branch or none (raising
+    :class:`~xatm.TransactionRolledBack` if it had to roll back); leaving it with an
+    exception rolls every branch back and lets the exception through. A transaction is used
+    by one thread.
+    """
+
+    # -- the application's side -------------------------------------------------------------
+    def __enter__(self) -> Transaction:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self.state is not TransactionState.ACTIVE:
+            self._ctx.forget(self)
+            return
+        if exc is not None:
+            self.rollback()
+        else:
+            self.commit()
+
+    def execute(self, resource: str, query: Any, params: Sequence[Any] | Any = None) -> Cursor:
+        """Run ``query`` with ``params`` on ``resource`` inside this transaction.
+
+        Returns the driver's cursor. The driver's own exception propagates on failure.
+        """
+        branch = self._branch(resource)
+        assert branch.conn is not None
+        try:
+            return branch.participant.execute(branch.conn, query, params)
+        except BaseException as e:
+            if branch.participant.is_connection_error(e):
+                self._lost(branch, e)
+            raise
+
+    def connection(self, resource: str) -> Connection:
+        """The driver connection of this transaction's branch on ``resource``.
+
+        Use it for anything the driver offers (cursors, COPY, ...), but do not commit, roll
+        back or close it: xatm does that.
+        """
+        branch = self._branch(resource)
+        assert branch.conn is not None
+        return branch.conn
+
+    def session(self, binds: Any = None, **session_kwargs: Any) -> Any:
+        """A SQLAlchemy ORM ``Session`` whose work joins this transaction (see docs/api.md).
+
+        ``binds`` maps models (or tables) to resource names. The session is flushed before
+        prepare; commit and rollback happen through xatm when the block ends.
+        """
+        return self._ctx.extension("session")(self, binds, **session_kwargs)
+
+    def sa_connection(self, resource: str) -> Any:
+        """A SQLAlchemy ``Connection`` on this transaction's branch on ``resource``."""
+        return self._ctx.extension("sa_connection")(self, resource)
+
+    # -- for integrations (SQLAlchemy sessions, see xatm._sqlalchemy) ------------------------
+    def add_before_prepare_hook(self, callback: Callable[[], None]) -> None:
+        """Run ``callback`` when commit starts, before anything is prepared (it may still do
+        work and enlist branches); if it raises, the transaction rolls back."""
+        self._before_prepare.append(callback)
+
+    def add_after_end_hook(self, callback: Callable[[], None]) -> None:
+        """Run ``callback`` once the transaction has ended, whatever its outcome (a failure
+        of it is logged, never raised)."""
+        self._after_end.append(callback)
+
+    def enlist(self, resource: str) -> Branch:
+        """The branch on ``resource``, begun now if it is not enlisted yet."""
+        return self._branch(resource)
+
+    def branch_connection(self, resource: str) -> Connection | None:
+        """The driver connection the branch on ``resource`` holds now (None if none)."""
+        branch = self._branches.get(resource)
+        return None if branch is None else branch.conn
+
+    # -- enlistment -------------------------------------------------------------------------
+    def _branch(self, resource: str) -> Branch:
+        branch = self._enlisted(resource)
+        if branch is not None:
+            return branch
+        participant, pool = self._ctx.resources.get(resource)
+        participant = self._trace.watch(participant)
+        xid = branch_xid(self.gtrid, resource)
+        conn = self._begin(participant, pool, xid)
+        branch = Branch(resource, xid, participant, pool, conn)
+        self._branches[resource] = branch
+        return branch
+
+    def _begin(self, participant: Participant, pool: Pool, xid: Xid) -> Connection:
+        """A connection with the branch begun on it; one retry on a fresh connection."""
+        for attempt in (1, 2):
+            conn = pool.get() if attempt == 1 else participant.connect()
+            try:
+                if not pool.checked:
+                    check_fit(self._ctx, participant, conn)
+                    pool.checked = True
+                participant.begin(conn, xid, max(self.deadline - time.monotonic(), 0.001))
+                return conn
+            except ResourceError:
+                pool.discard(conn)
+                raise
+            except BaseException as e:
+                pool.discard(conn)
+                if attempt == 2 or not participant.is_connection_error(e):
+                    raise
+                pool.clear()  # the server probably restarted: the others are dead too
+        raise AssertionError("unreachable")
+
+    # -- the end ----------------------------------------------------------------------------
+    def commit(self) -> None:
+        """End the transaction with commit (what leaving the block normally does)."""
+        try:
+            self._commit()
+        finally:
+            self._ended()
+
+    def rollback(self) -> None:
+        """Roll every branch back (what leaving the block with an exception does)."""
+        try:
+            if self.state is TransactionState.ACTIVE:
+                self._rollback_all()
+        finally:
+            self._ended()
+
+    def _commit(self) -> None:
+        if self.state is not TransactionState.ACTIVE:
+            raise TransactionError(
+                f"transaction {self.gtrid} is already {self.state.value}", gtrid=self.gtrid
+            )
+        if self._before_prepare and self._rollback_only is None:
+            self._run_before_prepare()
+        self._drive(self._commit_steps())
+
+    def _run_before_prepare(self) -> None:
+        """Run the before-prepare callbacks (flush ORM sessions); any failure rolls back."""
+        callbacks, self._before_prepare = self._before_prepare, []
+        try:
+            for callback in callbacks:
+                callback()
+        except BaseException as e:
+            self._rollback_all()
+            if not isinstance(e, Exception):
+                raise
+            if isinstance(e, TransactionTimeout):
+                self._raise_rolled_back("timeout", e)
+            first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            self._raise_rolled_back(f"the work to do before prepare failed: {first_line}", e)
+
+    def _rollback_all(self) -> None:
+        """Roll back every branch that may still hold work; never raises a driver error."""
+        self._drive(self._rollback_steps())
+
+    # -- the driver: runs the protocol's operations with the blocking drivers ---------------
+    def _drive(self, steps: Steps[None]) -> None:
+        send = steps.send
+        result: Any = None
+        while True:
+            try:
+                op = send(result)
+            except StopIteration:
+                return
+            result = self._run(op)
+
+    def _run(self, op: Operation) -> Any:
+        # most frequent first: a strict two-branch commit is Prepare, LogCommit,
+        # CommitPrepared, LogEnd
+        if isinstance(op, Prepare):
+            return self._prepare(op.branches)
+        if isinstance(op, LogCommit):
+            return _call(self._ctx.log.log_commit, op.gtrid, op.resources, op.txids)
+        if isinstance(op, CommitPrepared):
+            return self._commit_prepared(op)
+        if isinstance(op, LogEnd):
+            return _call(self._ctx.log.log_end, op.gtrid)
+        branch = op.branch
+        if isinstance(op, CommitOnePhase):
+            if op.before:
+                return _call(
+                    branch.participant.commit_one_phase, branch.conn, branch.xid, op.before
+                )
+            return _call(branch.participant.commit_one_phase, branch.conn, branch.xid)
+        if op.prepared:
+            return _call(branch.participant.rollback_prepared, branch.conn, branch.xid)
+        return _call(branch.participant.rollback_active, branch.conn, branch.xid)
+
+    def _prepare(self, branches: list[Branch]) -> list[Outcome[Prepared]]:
+        overlap = self._ctx.overlap()
+
+        def start(branch: Branch) -> Callable[[], Prepared]:
+            assert branch.conn is not None
+            if overlap:
+                return branch.participant.start_prepare(branch.conn, branch.xid)
+            return _now(branch.participant.prepare(branch.conn, branch.xid))
+
+        return overlapped(branches, start, sends_first=_sends_first, overlap=overlap)
+
+    def _commit_prepared(self, op: CommitPrepared) -> list[Outcome[PhaseTwo]]:
+        first_done = False
+        overlap = self._ctx.overlap()
+
+        def start(branch: Branch) -> Callable[[], PhaseTwo]:
+            assert branch.conn is not None
+            if overlap:
+                finish = branch.participant.start_commit_prepared(branch.conn, branch.xid)
+            else:
+                finish = _now(branch.participant.commit_prepared(branch.conn, branch.xid))
+
+            def done() -> PhaseTwo:
+                nonlocal first_done
+                result = finish()
+                if not first_done:
+                    first_done = True
+                    op.after_first()
+                return result
+
+            return done
+
+        return overlapped(op.branches, start, sends_first=_sends_first, overlap=overlap)
 
     def __repr__(self) -> str:
         return f"<Transaction {self.gtrid} {self.state.value} branches={list(self._branches)}>"
+
+
+def check_fit(ctx: Context, participant: Participant, conn: Connection) -> None:
+    """A resource's first connection: refuse it (ResourceNotFit) if it is not fit for
+    two-phase commit, else do the context's set-up on it (the marker table)."""
+    problems = participant.check(conn)
+    if problems:
+        raise ResourceNotFit(
+            f"resource {participant.name!r} ({participant.spec.redacted()})"
+            f" is not fit for two-phase commit: {'; '.join(problems)}",
+            resource=participant.name,
+        )
+    ctx.first_connection(participant, conn)
+
+
+def _call(fn: Callable[..., T], *args: Any) -> Outcome[T]:
+    """``fn(*args)`` as an Outcome: its value, or whatever it raised."""
+    try:
+        return Outcome(fn(*args))
+    except BaseException as e:  # the protocol decides what it means
+        return Outcome(None, e)
+
+
+def _after_first_commit() -> None:
+    _failpoint.hit("after_first_commit")
 
 
 def _now(value: T) -> Callable[[], T]:

@@ -1,0 +1,172 @@
+"""MySQL / MariaDB for asyncio: a branch's I/O on ``mysql.connector.aio`` connections.
+
+Only the I/O: the XA statements and what each error number means come from
+``xatm._mysql`` (the same functions its sync participant calls). mysql.connector.aio raises
+mysql-connector's own error classes, so errors are classified by the mysql-connector driver
+of ``xatm._mysql_drivers``. docs/api.md says why this driver and not aiomysql or asyncmy.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import weakref
+from collections.abc import Sequence
+from typing import Any
+
+from ._mysql import (
+    XA_ROLLED_BACK,
+    MySQLParticipant,
+    end_statement,
+    finish_answer,
+    finish_statement,
+    one_phase_statements,
+    prepare_statements,
+    start_statement,
+)
+from ._mysql_drivers import by_name
+from ._participant import Cursor, PhaseTwo, Prepared, Statement, Vote
+from ._xid import Xid
+
+
+class AsyncMySQL:
+    """A MySQL or MariaDB resource driven through ``mysql.connector.aio``."""
+
+    def __init__(self, sync: MySQLParticipant) -> None:
+        import mysql.connector.aio  # noqa: F401 -- a missing module fails here, at start
+
+        self.sync = sync
+        self.name = sync.name
+        self._driver = by_name("mysqlconnector")
+        self._errors = self._driver.errors()
+        self._errors_or_os: tuple[type[BaseException], ...] = (*self._errors, OSError)
+        spec = sync.spec
+        self._kwargs = self._driver.connect_kwargs(
+            host=spec.host,
+            port=spec.port,
+            user=spec.user or "",
+            password=spec.password or "",
+            database=spec.database,
+            timeout=10,
+            options=[(k, v) for k, v in spec.options if k not in ("use_pure", "driver")],
+        )
+        # connections whose XA state is not known to be idle: never pooled
+        self._in_xa: weakref.WeakSet[Any] = weakref.WeakSet()
+
+    async def connect(self) -> Any:
+        import mysql.connector.aio
+
+        try:
+            kwargs = self._kwargs
+            try:
+                return await mysql.connector.aio.connect(**kwargs)
+            except TypeError:
+                # mysql.connector.aio (9.x) fails after connecting to a server without TLS
+                # (its cipher check unpacks None): that connection was plain text already,
+                # so ask for plain text (a URL that requires TLS still gets an error)
+                if kwargs.get("ssl_disabled") or _requires_tls(kwargs):
+                    raise
+                self._kwargs = kwargs = {**kwargs, "ssl_disabled": True}
+                return await mysql.connector.aio.connect(**kwargs)
+        except self._errors_or_os as e:
+            raise self.sync.unavailable(e) from None
+
+    async def ping(self, conn: Any) -> bool:
+        try:
+            await conn.ping(reconnect=False)
+        except self._errors_or_os:
+            return False
+        return True
+
+    def is_idle(self, conn: Any) -> bool:
+        if conn in self._in_xa:
+            return False
+        return bool(conn.is_socket_connected()) and not conn.unread_result
+
+    async def close(self, conn: Any) -> None:
+        with contextlib.suppress(Exception):
+            await conn.close()
+
+    def is_connection_error(self, exc: BaseException) -> bool:
+        return self._driver.is_connection_error(exc)
+
+    async def _run(self, conn: Any, *statements: str) -> None:
+        for statement in statements:
+            await conn.cmd_query(statement)
+
+    async def begin(self, conn: Any, xid: Xid, timeout: float | None = None) -> None:
+        self._in_xa.add(conn)  # before sending: a failed XA START leaves the state unknown
+        await self._run(conn, start_statement(xid))
+
+    async def execute(self, conn: Any, query: Any, params: Any = None) -> Cursor:
+        cur = await conn.cursor(buffered=True)
+        await cur.execute(query, params)
+        return cur
+
+    async def prepare(self, conn: Any, xid: Xid) -> Prepared:
+        try:
+            await self._run(conn, *prepare_statements(xid))
+        except self._errors as e:
+            if not self.is_connection_error(e):
+                await self._rollback_quietly(conn, xid)
+            raise self.sync.prepare_failed(e) from e
+        return Prepared(Vote.PREPARED)
+
+    async def commit_one_phase(self, conn: Any, xid: Xid, before: Sequence[Statement] = ()) -> None:
+        try:
+            for query, params in before:
+                await (await self.execute(conn, query, params)).close()
+            await self._run(conn, *one_phase_statements(xid))
+        except self._errors as e:
+            if self.is_connection_error(e):
+                raise
+            await self._rollback_quietly(conn, xid)
+            raise self.sync.commit_failed(e) from e
+        self._in_xa.discard(conn)
+
+    async def commit_prepared(self, conn: Any, xid: Xid) -> PhaseTwo:
+        return await self._finish(conn, "COMMIT", xid)
+
+    async def rollback_prepared(self, conn: Any, xid: Xid) -> PhaseTwo:
+        return await self._finish(conn, "ROLLBACK", xid)
+
+    async def _finish(self, conn: Any, verb: str, xid: Xid) -> PhaseTwo:
+        try:
+            await self._run(conn, finish_statement(verb, xid))
+        except self._errors as e:
+            result = finish_answer(verb, self._driver.errno(e))
+            if result is None:
+                raise
+            return result
+        self._in_xa.discard(conn)
+        return PhaseTwo.DONE
+
+    async def rollback_active(self, conn: Any, xid: Xid) -> None:
+        await self._consume(conn)
+        try:
+            await self._run(conn, end_statement(xid))
+        except self._errors as e:
+            if self.is_connection_error(e):
+                raise
+        try:
+            await self._run(conn, finish_statement("ROLLBACK", xid))
+        except self._errors as e:
+            if self._driver.errno(e) in XA_ROLLED_BACK:
+                return
+            raise
+        self._in_xa.discard(conn)
+
+    async def _consume(self, conn: Any) -> None:
+        if conn.unread_result:
+            await conn.consume_results()
+
+    async def _rollback_quietly(self, conn: Any, xid: Xid) -> None:
+        with contextlib.suppress(*self._errors):
+            await self._consume(conn)
+            with contextlib.suppress(*self._errors):
+                await self._run(conn, end_statement(xid))
+            await self._run(conn, finish_statement("ROLLBACK", xid))
+            self._in_xa.discard(conn)
+
+
+def _requires_tls(kwargs: dict[str, Any]) -> bool:
+    return any(k.startswith("ssl_") and k != "ssl_disabled" and v for k, v in kwargs.items())

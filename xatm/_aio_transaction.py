@@ -1,0 +1,273 @@
+"""One global transaction for asyncio: the same protocol as ``xatm._transaction``, awaited.
+
+:class:`AsyncTransaction` inherits the protocol (``TransactionCore``'s I/O-free steps, see
+``xatm._steps``) and only runs its operations: the branches' calls concurrently on asyncio
+driver connections, the log's forced write on a thread of a log pool of its own, so
+that no fsync blocks the event loop.
+
+**Cancellation.** The end of the transaction (commit or rollback) runs in a task of its own
+that the caller awaits without ever cancelling it (a shield). If the caller is cancelled
+meanwhile, the transaction is asked to refuse its decision (``refuse_decision``): before the
+decision that means it rolls back; once the decision is being made it commits, phase 2
+included. Either way the caller waits for that end (its connections given back, nothing
+left waiting) and then gets its ``CancelledError``; ``tx.state`` says the outcome. A
+cancellation inside the block (at ``await tx.execute(...)``) makes the interrupted branch's
+connection unusable: it is closed, which rolls its unprepared work back, and the block's
+end rolls back the rest.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import time
+from collections.abc import Awaitable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from ._aio_pool import AsyncParticipant, AsyncPool
+from ._parallel import Outcome
+from ._participant import Connection, Cursor, PhaseTwo
+from ._steps import (
+    Branch,
+    CommitOnePhase,
+    CommitPrepared,
+    LogCommit,
+    LogEnd,
+    Operation,
+    Prepare,
+    Rollback,
+    Steps,
+)
+from ._transaction import TransactionCore, TransactionState, check_fit
+from ._xid import Xid, branch_xid
+
+if TYPE_CHECKING:
+    from ._context import Context
+
+T = TypeVar("T")
+
+
+class AsyncResources:
+    """The asyncio participants and pools of a manager's resources."""
+
+    def __init__(self, ctx: Context, participants: dict[str, AsyncParticipant], size: int):
+        self._ctx = ctx
+        self.participants = participants
+        self.pools = {n: AsyncPool(p, max_idle=size) for n, p in participants.items()}
+        self._checked: set[str] = set()
+        self._check_lock = asyncio.Lock()
+        #: threads that wait for the log's forced writes: as many as transactions may wait
+        #: at once, so that group commit batches them (the loop's default executor has
+        #: only a few threads)
+        self.log_threads = ThreadPoolExecutor(max(size, 4), thread_name_prefix="xatm-aio-log")
+
+    def get(self, name: str) -> tuple[AsyncParticipant, AsyncPool]:
+        """ConfigurationError if ``name`` is not configured."""
+        self._ctx.resources.get(name)  # the one place that says which names there are
+        return self.participants[name], self.pools[name]
+
+    async def check(self, name: str) -> None:
+        """The fitness check and set-up of a resource, once, on a worker thread (with a
+        sync connection: the same code as the threaded manager's)."""
+        if name in self._checked:
+            return
+        async with self._check_lock:
+            if name not in self._checked:
+                await asyncio.to_thread(self._check, name)
+                self._checked.add(name)
+
+    def _check(self, name: str) -> None:
+        with self._ctx.resources.borrow(name) as (participant, conn):
+            check_fit(self._ctx, participant, conn)
+
+    async def aclose(self) -> None:
+        for pool in self.pools.values():
+            await pool.aclose()
+        await asyncio.to_thread(self.log_threads.shutdown)
+
+
+class AsyncTransaction(TransactionCore):
+    """A global transaction; use it as ``async with tm.transaction() as tx:``.
+
+    Leaving the block normally commits every branch or none (raising
+    :class:`~xatm.TransactionRolledBack` if it had to roll back); leaving it with an
+    exception rolls every branch back and lets the exception through. Used by one task.
+    """
+
+    def __init__(self, ctx: Context, gtrid: str, timeout: float, aio: AsyncResources) -> None:
+        super().__init__(ctx, gtrid, timeout)
+        self._aio = aio
+        self._drivers: dict[str, AsyncParticipant] = {}
+
+    async def __aenter__(self) -> AsyncTransaction:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self.state is not TransactionState.ACTIVE:
+            self._ctx.forget(self)
+            return
+        if exc is not None:
+            await self.rollback()
+        else:
+            await self.commit()
+
+    async def execute(
+        self, resource: str, query: Any, params: Sequence[Any] | Any = None
+    ) -> Cursor:
+        """Run ``query`` with ``params`` on ``resource`` inside this transaction; returns the
+        driver's (async) cursor. The driver's own exception propagates on failure."""
+        branch = await self._branch(resource)
+        driver = self._drivers[resource]
+        try:
+            return await driver.execute(branch.conn, query, params)
+        except BaseException as e:
+            if isinstance(e, asyncio.CancelledError) or driver.is_connection_error(e):
+                self._lost(branch, e)  # interrupted midway: the connection is closed
+            raise
+
+    async def connection(self, resource: str) -> Connection:
+        """The asyncio driver connection of this transaction's branch on ``resource``
+        (psycopg ``AsyncConnection``, ``mysql.connector.aio`` connection). Do not commit,
+        roll back or close it: xatm does that."""
+        branch = await self._branch(resource)
+        return branch.conn
+
+    # -- enlistment -------------------------------------------------------------------------
+    async def _branch(self, resource: str) -> Branch:
+        branch = self._enlisted(resource)
+        if branch is not None:
+            return branch
+        driver, pool = self._aio.get(resource)
+        await self._aio.check(resource)
+        xid = branch_xid(self.gtrid, resource)
+        conn = await self._begin(driver, pool, xid)
+        branch = Branch(resource, xid, driver.sync, pool, conn)
+        self._branches[resource] = branch
+        self._drivers[resource] = driver
+        return branch
+
+    async def _begin(self, driver: AsyncParticipant, pool: AsyncPool, xid: Xid) -> Connection:
+        """A connection with the branch begun on it; one retry on a fresh connection."""
+        for attempt in (1, 2):
+            conn = await pool.get(fresh=attempt == 2)
+            try:
+                await driver.begin(conn, xid, max(self.deadline - time.monotonic(), 0.001))
+                return conn
+            except BaseException as e:
+                pool.discard(conn)
+                if attempt == 2 or not driver.is_connection_error(e):
+                    raise
+                pool.clear()  # the server probably restarted: the others are dead too
+        raise AssertionError("unreachable")
+
+    # -- the end ----------------------------------------------------------------------------
+    async def commit(self) -> None:
+        """End the transaction with commit (what leaving the block normally does)."""
+        await self._settle(self._commit_steps())
+
+    async def rollback(self) -> None:
+        """Roll every branch back (what leaving the block with an exception does)."""
+        if self.state is TransactionState.ACTIVE:
+            await self._settle(self._rollback_steps())
+        else:
+            self._ended()
+
+    async def _settle(self, steps: Steps[None]) -> None:
+        """Run ``steps`` to their end, even if the caller is cancelled meanwhile (see the
+        module docstring); then let the cancellation through."""
+        task = asyncio.ensure_future(self._drive(steps))
+        cancelled = False
+        try:
+            while not task.done():
+                try:
+                    await asyncio.wait([task])  # never cancels the task, nor raises its error
+                except asyncio.CancelledError:
+                    cancelled = True
+                    if not task.done():
+                        self.refuse_decision("cancelled")
+        finally:
+            if task.done():
+                self._ended()
+        if cancelled:
+            if not task.cancelled() and task.exception() is not None:
+                raise asyncio.CancelledError() from task.exception()
+            raise asyncio.CancelledError()
+        task.result()
+
+    async def _drive(self, steps: Steps[None]) -> None:
+        send = steps.send
+        result: Any = None
+        while True:
+            try:
+                op = send(result)
+            except StopIteration:
+                return
+            result = await self._run(op)
+
+    async def _run(self, op: Operation) -> Any:
+        if isinstance(op, Prepare):
+            return await _all(self._driver(b).prepare(b.conn, b.xid) for b in op.branches)
+        if isinstance(op, CommitPrepared):
+            return await self._commit_prepared(op)
+        if isinstance(op, Rollback):
+            b = op.branch
+            if op.prepared:
+                return await _outcome(self._driver(b).rollback_prepared(b.conn, b.xid))
+            return await _outcome(self._driver(b).rollback_active(b.conn, b.xid))
+        if isinstance(op, CommitOnePhase):
+            b = op.branch
+            return await _outcome(self._driver(b).commit_one_phase(b.conn, b.xid, op.before))
+        if isinstance(op, LogCommit):
+            # the forced write (fsync, or the shared log's commit) on a worker thread
+            call = functools.partial(self._ctx.log.log_commit, op.gtrid, op.resources, op.txids)
+            loop = asyncio.get_running_loop()
+            return await _outcome(loop.run_in_executor(self._aio.log_threads, call))
+        assert isinstance(op, LogEnd)
+        if self._ctx.shared_log is not None:  # its END rows go out in batches: may block
+            return await _outcome(asyncio.to_thread(self._ctx.log.log_end, op.gtrid))
+        try:  # the file log appends END without forcing it: no wait
+            self._ctx.log.log_end(op.gtrid)
+        except BaseException as e:
+            return Outcome(None, e)
+        return Outcome(None)
+
+    async def _commit_prepared(self, op: CommitPrepared) -> list[Outcome[PhaseTwo]]:
+        first_done = False
+
+        async def one(branch: Branch) -> PhaseTwo:
+            nonlocal first_done
+            result = await self._driver(branch).commit_prepared(branch.conn, branch.xid)
+            if not first_done:
+                first_done = True
+                op.after_first()
+            return result
+
+        return await _all(one(b) for b in op.branches)
+
+    def _driver(self, branch: Branch) -> AsyncParticipant:
+        return self._drivers[branch.resource]
+
+    def __repr__(self) -> str:
+        return f"<AsyncTransaction {self.gtrid} {self.state.value} branches={list(self._branches)}>"
+
+
+async def _outcome(call: Awaitable[T]) -> Outcome[T]:
+    try:
+        return Outcome(await call)
+    except BaseException as e:  # the protocol decides what it means
+        return Outcome(None, e)
+
+
+async def _all(calls: Any) -> list[Outcome[Any]]:
+    """Run the calls concurrently; their outcomes in order (every call runs to its end)."""
+    tasks = [asyncio.ensure_future(_outcome(c)) for c in calls]
+    if len(tasks) == 1:
+        return [await tasks[0]]
+    return list(await asyncio.gather(*tasks))
