@@ -250,7 +250,12 @@ class MySQLConnector(MySQLDriver):
             conn.consume_results()
 
     def cursor(self, conn: Any) -> Any:
-        return conn.cursor(buffered=True)
+        if is_c_extension(conn):
+            return conn.cursor(buffered=True)
+        # MySQLConnection.cursor() pings the server first (is_connected): a round trip per
+        # statement. A lost connection fails the statement itself just as well.
+        conn.handle_unread_result()
+        return _buffered_cursor_class()(conn)
 
     def run(self, conn: Any, statements: list[str]) -> None:
         query = "; ".join(statements)
@@ -355,6 +360,11 @@ def for_connection(conn: Any) -> MySQLDriver:
     if module.startswith("MySQLdb"):
         return DRIVERS["mysqldb"]
     return DRIVERS["mysqlconnector"]
+
+
+def _buffered_cursor_class() -> Any:
+    """mysql-connector's buffered cursor class of the pure-Python connection."""
+    return importlib.import_module("mysql.connector.cursor").MySQLCursorBuffered
 
 
 def _cext_error() -> type[BaseException] | None:
