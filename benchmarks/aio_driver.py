@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from .results import MAX_ERRORS_PER_CLIENT, RunResult, _ThreadLog
+from .results import MAX_ERRORS_PER_CLIENT, RunResult, _ThreadLog, window_result
 
 
 async def _task_loop(
@@ -82,19 +82,4 @@ def run_tasks(
         return cpu0, cpu1, w0, w1, log0, log1
 
     cpu0, cpu1, w0, w1, log0, log1 = asyncio.run(main())
-    inside = [lat for log in logs for at, lat in log.done if w0 <= at <= w1]
-    errors = [err for log in logs for err in log.errors]
-    return RunResult(
-        mode=name,
-        clients=clients,
-        round=round_no,
-        window=w1 - w0,
-        transactions=len(inside),
-        errors=len(errors),
-        latencies_ms=tuple(1000 * lat for lat in inside),
-        cpu_seconds=cpu1 - cpu0,
-        log_forces=None if log0 is None or log1 is None else log1[0] - log0[0],
-        log_records=None if log0 is None or log1 is None else log1[1] - log0[1],
-        committed_total=sum(len(log.done) for log in logs),
-        first_error=min(errors)[1] if errors else None,
-    )
+    return window_result(name, clients, round_no, logs, (w0, w1), (cpu0, cpu1), (log0, log1))

@@ -39,3 +39,36 @@ class RunResult:
 class _ThreadLog:
     done: list[tuple[float, float]] = field(default_factory=list)  # (finished at, latency)
     errors: list[tuple[float, str]] = field(default_factory=list)
+
+
+Counters = tuple[int, int] | None
+
+
+def window_result(
+    name: str,
+    clients: int,
+    round_no: int,
+    logs: list[_ThreadLog],
+    window: tuple[float, float],
+    cpu: tuple[float, float],
+    log_counters: tuple[Counters, Counters],
+) -> RunResult:
+    """The RunResult of one measured window, from every client's log, the process CPU time
+    and the coordinator log's (forces, records) counters at the window's start and end."""
+    (w0, w1), (cpu0, cpu1), (log0, log1) = window, cpu, log_counters
+    inside = [lat for log in logs for at, lat in log.done if w0 <= at <= w1]
+    errors = [err for log in logs for err in log.errors]
+    return RunResult(
+        mode=name,
+        clients=clients,
+        round=round_no,
+        window=w1 - w0,
+        transactions=len(inside),
+        errors=len(errors),
+        latencies_ms=tuple(1000 * lat for lat in inside),
+        cpu_seconds=cpu1 - cpu0,
+        log_forces=None if log0 is None or log1 is None else log1[0] - log0[0],
+        log_records=None if log0 is None or log1 is None else log1[1] - log0[1],
+        committed_total=sum(len(log.done) for log in logs),
+        first_error=min(errors)[1] if errors else None,
+    )
