@@ -82,4 +82,6 @@ def run_tasks(
         return cpu0, cpu1, w0, w1, log0, log1
 
     cpu0, cpu1, w0, w1, log0, log1 = asyncio.run(main())
-    return window_result(name, clients, round_no, logs, (w0, w1), (cpu0, cpu1), (log0, log1))
+    return window_result(
+        name, clients, round_no, logs, (w0, w1), (cpu0, cpu1), (log0, log1), mode.mysql_kind
+    )

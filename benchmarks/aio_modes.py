@@ -26,6 +26,9 @@ from .modes import RunContext, _credit_sql, _debit_sql, _one_row
 
 _ids = itertools.count(1)
 
+#: mysql.connector.aio has no C extension
+AIO_KIND = "pure Python (mysql.connector.aio)"
+
 
 async def _mysql_connect(url: str) -> Any:
     import mysql.connector.aio
@@ -101,6 +104,10 @@ class RawAsyncClient:
 
 
 class RawAsyncMode:
+    """``RawAsyncClient`` per task."""
+
+    mysql_kind = AIO_KIND
+
     def __init__(self, ctx: RunContext) -> None:
         self.ctx = ctx
 
@@ -138,6 +145,8 @@ class XatmAsyncClient:
 
 class XatmAsyncMode:
     """One AsyncTransactionManager shared by every task; its log in a scratch dir."""
+
+    mysql_kind = AIO_KIND
 
     def __init__(self, ctx: RunContext) -> None:
         self.ctx = ctx

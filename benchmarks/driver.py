@@ -14,9 +14,11 @@ import random
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import replace
 
 from .modes import Client, Mode, ModeFactory, RunContext
 from .results import MAX_ERRORS_PER_CLIENT, RunResult, _ThreadLog, window_result
+from .servermeter import ServerMeter
 
 
 def _client_loop(
@@ -60,14 +62,30 @@ def run_clients(
     warmup: float,
     round_no: int = 0,
     during_window: Callable[[float], None] | None = None,
+    before_window: Callable[[], None] | None = None,
+    first_index: int = 0,
+    total_clients: int | None = None,
 ) -> RunResult:
     """Run ``clients`` threads on ``mode`` (already set up) and measure one window.
 
     ``during_window(seconds)``, if given, is called at the start of the window in place of
     sleeping through it (a profiler uses it) and must return after about ``seconds``.
+    ``before_window()``, if given, is called once the clients run, in place of the warm-up
+    sleep. A process running some of a run's clients (``benchmarks.mp_child``) gives its
+    threads' ``first_index`` among ``total_clients`` (the account partitions are over all).
     """
-    if accounts < 2 * clients:
-        raise ValueError(f"{accounts} accounts are too few for {clients} clients")
+    total = clients if total_clients is None else total_clients
+    if accounts < 2 * total:
+        raise ValueError(f"{accounts} accounts are too few for {total} clients")
+    if hasattr(mode, "measure"):  # a multi-process mode: its children run the clients
+        return mode.measure(  # type: ignore[no-any-return]
+            name,
+            accounts=accounts,
+            seconds=seconds,
+            warmup=warmup,
+            round_no=round_no,
+            during_window=during_window,
+        )
     if hasattr(mode, "async_client"):  # an asyncio mode: tasks on one loop, not threads
         from .aio_driver import run_tasks
 
@@ -82,14 +100,17 @@ def run_clients(
         for i, client in enumerate(made):
             t = threading.Thread(
                 target=_client_loop,
-                args=(client, i, clients, accounts, round_no, start, stop, logs[i]),
+                args=(client, first_index + i, total, accounts, round_no, start, stop, logs[i]),
                 name=f"bench-client-{i}",
                 daemon=True,
             )
             t.start()
             threads.append(t)
         start.wait()
-        time.sleep(warmup)
+        if before_window is None:
+            time.sleep(warmup)
+        else:
+            before_window()
         log0 = mode.log_counters()
         cpu0, w0 = time.process_time(), time.perf_counter()
         if during_window is None:
@@ -105,7 +126,9 @@ def run_clients(
             t.join()
         for client in made:
             client.close()
-    return window_result(name, clients, round_no, logs, (w0, w1), (cpu0, cpu1), (log0, log1))
+    return window_result(
+        name, clients, round_no, logs, (w0, w1), (cpu0, cpu1), (log0, log1), mode.mysql_kind
+    )
 
 
 def run_once(
@@ -117,11 +140,13 @@ def run_once(
     seconds: float,
     warmup: float,
     round_no: int = 0,
+    meter: ServerMeter | None = None,
 ) -> RunResult:
-    """Set ``name``'s mode up for ``ctx.clients`` clients, measure one window, tear down."""
+    """Set ``name``'s mode up for ``ctx.clients`` clients, measure one window, tear down.
+    With a ``meter``, the servers' CPU time and fsyncs during the window are added."""
     mode = factory(ctx)
     try:
-        return run_clients(
+        result = run_clients(
             name,
             mode,
             clients=ctx.clients,
@@ -129,6 +154,17 @@ def run_once(
             seconds=seconds,
             warmup=warmup,
             round_no=round_no,
+            during_window=None if meter is None else meter.window,
         )
     finally:
         mode.close()
+    usage = None if meter is None else meter.last
+    if usage is None:
+        return result
+    return replace(
+        result,
+        pg_cpu=usage.pg_cpu,
+        maria_cpu=usage.maria_cpu,
+        pg_fsyncs=usage.pg_fsyncs,
+        maria_fsyncs=usage.maria_fsyncs,
+    )

@@ -38,23 +38,77 @@ class Urls:
 
     pg: str
     mysql: str
+    log: str = ""  # a PostgreSQL database for the shared coordinator log ("": pg's)
+
+    @property
+    def shared_log(self) -> str:
+        return self.log or self.pg
 
 
 def pg_connect(url: str, *, autocommit: bool = True) -> psycopg.Connection[Any]:
     return psycopg.connect(url, autocommit=autocommit)
 
 
-def mysql_connect(url: str, *, autocommit: bool = True) -> Any:
+class CExtensionUnavailable(RuntimeError):
+    """A mode asked for mysql-connector's C extension and got the pure-Python class."""
+
+
+#: what ``mysql_kind`` calls the two connection classes of mysql-connector
+C_EXTENSION, PURE = "C extension", "pure Python"
+
+
+def mysql_kind(conn: Any) -> str:
+    """``C_EXTENSION`` if ``conn`` is mysql-connector's ``CMySQLConnection``, else ``PURE``."""
+    return C_EXTENSION if type(conn).__name__ == "CMySQLConnection" else PURE
+
+
+def cext_unavailable() -> str | None:
+    """Why mysql-connector's C extension cannot be measured here, or None if it loads."""
+    if mysql.connector.HAVE_CEXT:
+        return None
+    return (
+        f"the C extension of mysql-connector-python {mysql.connector.__version__} does not"
+        " load in this interpreter (26.x needs OpenSSL 3.2; `make bench` runs from"
+        " .venv-cext, which has 9.5.0)"
+    )
+
+
+def require_kind(conn: Any, pure: bool, what: str) -> str:
+    """The connection's kind; CExtensionUnavailable if the C extension was asked for and
+    this is not it (a C-extension mode never silently runs pure)."""
+    kind = mysql_kind(conn)
+    if not pure and kind != C_EXTENSION:
+        raise CExtensionUnavailable(
+            f"{what}: asked for mysql-connector's C extension, got {type(conn).__name__}"
+            f" ({cext_unavailable() or 'HAVE_CEXT is true'})"
+        )
+    return kind
+
+
+def with_use_pure(url: str, pure: bool) -> str:
+    """``url`` with ``use_pure=true|false`` (xatm passes URL options to the driver)."""
+    sep = "&" if "?" in url else "?"
+    return f"{url}{sep}use_pure={'true' if pure else 'false'}"
+
+
+def mysql_connect(url: str, *, autocommit: bool = True, pure: bool = True) -> Any:
+    """A mysql-connector connection: pure Python, or the C extension (or an error)."""
     spec = parse_url(url)
-    return mysql.connector.connect(
+    conn = mysql.connector.connect(
         host=spec.host,
         port=spec.port,
         user=spec.user or "",
         password=spec.password or "",
         database=spec.database,
         autocommit=autocommit,
-        use_pure=True,
+        use_pure=pure,
     )
+    try:
+        require_kind(conn, pure, "mysql_connect")
+    except CExtensionUnavailable:
+        conn.close()
+        raise
+    return conn
 
 
 def mysql_run(conn: Any, statement: str, params: Any = None) -> list[tuple[Any, ...]]:
@@ -69,10 +123,12 @@ def mysql_run(conn: Any, statement: str, params: Any = None) -> list[tuple[Any, 
 class BenchServers:
     """The servers of one benchmark run: private ones (default) or the given URLs."""
 
-    def __init__(self, pg_url: str | None = None, mysql_url: str | None = None) -> None:
+    def __init__(
+        self, pg_url: str | None = None, mysql_url: str | None = None, log_url: str | None = None
+    ) -> None:
         if (pg_url is None) != (mysql_url is None):
             raise ValueError("give both --pg-url and --mysql-url, or neither")
-        self.urls = Urls(pg_url, mysql_url) if pg_url and mysql_url else None
+        self.urls = Urls(pg_url, mysql_url, log_url or "") if pg_url and mysql_url else None
         self.private = self.urls is None
         self._started: list[Any] = []
         self.basedir: Path | None = None
@@ -90,7 +146,8 @@ class BenchServers:
                 self.__exit__(None, None, None)
                 pg.result()
                 maria.result()  # re-raises the failure
-            self.urls = Urls(pg.result().url(), maria.result().url())
+            pg.result().create_database("benchlog")  # the shared coordinator log's
+            self.urls = Urls(pg.result().url(), maria.result().url(), pg.result().url("benchlog"))
         return self
 
     def __exit__(
@@ -119,6 +176,7 @@ class BenchServers:
             "servers": "private (started by the harness)" if self.private else "given by URL",
             "pg_url": redact(self.urls.pg),
             "mysql_url": redact(self.urls.mysql),
+            "log_url": redact(self.urls.shared_log),
         }
         with pg_connect(self.urls.pg) as conn:
             for name in ("server_version", "fsync", "synchronous_commit", "wal_sync_method"):
@@ -134,6 +192,15 @@ class BenchServers:
             conn2.close()
         info["drivers"] = _driver_versions()
         return info
+
+    def server_pids(self) -> dict[str, int]:
+        """The private servers' process ids ("pg": the postmaster, "maria"); {} if given by
+        URL (their CPU time cannot be read then)."""
+        pids: dict[str, int] = {}
+        for server, name in zip(self._started, ("pg", "maria"), strict=False):
+            if server.pid is not None:
+                pids[name] = int(server.pid)
+        return pids
 
 
 def _xid_bytes(data: Any) -> bytes:
@@ -151,9 +218,10 @@ def _cpu_model() -> str:
 def _driver_versions() -> str:
     import sqlalchemy
 
+    cext = "its C extension loads" if mysql.connector.HAVE_CEXT else "no C extension here"
     return (
-        f"psycopg {psycopg.__version__}, mysql-connector-python"
-        f" {mysql.connector.__version__} (pure Python), SQLAlchemy {sqlalchemy.__version__}"
+        f"psycopg {psycopg.__version__}, mysql-connector-python {mysql.connector.__version__}"
+        f" ({cext}), SQLAlchemy {sqlalchemy.__version__}"
     )
 
 

@@ -28,6 +28,11 @@ Round trips per transfer, sequential unless noted (``||`` = the two run side by 
                   compared with ``onepc`` (dtm's published figure is 0.29x plain MySQL)
 * ``xatm-async``, ``raw-async``: the asyncio API and hand-written asyncio 2PC, as tasks on
                   one event loop (``benchmarks/aio_modes.py``)
+* ``raw-cext``, ``xatm-cext``, ``xatm-fast-cext``: ``raw``, ``xatm``, ``xatm-fast`` on
+                  mysql-connector's C extension (``use_pure=false``); every other mode
+                  runs it pure (``use_pure=true``), whichever class would be the default
+* ``raw-mp``, ``xatm-mp``, ``xatm-mp-shared``: N coordinator processes
+                  (``benchmarks/mp.py``)
 """
 
 from __future__ import annotations
@@ -45,7 +50,7 @@ import sqlalchemy as sa
 from xatm import Saga, TransactionManager
 from xatm._barrier import ensure_table as ensure_barrier_table
 
-from .env import Urls, mysql_connect, pg_connect
+from .env import C_EXTENSION, PURE, Urls, mysql_connect, pg_connect, require_kind, with_use_pure
 
 _ids = itertools.count(1)
 
@@ -62,6 +67,9 @@ class Client(Protocol):
 class Mode(Protocol):
     """One commit mode set up for one run (one client count)."""
 
+    #: which mysql-connector class its MySQL connections are (``env.C_EXTENSION``/``PURE``)
+    mysql_kind: str
+
     def client(self) -> Client: ...
 
     def log_counters(self) -> tuple[int, int] | None:
@@ -72,12 +80,14 @@ class Mode(Protocol):
 
 @dataclass(frozen=True)
 class RunContext:
-    """What a mode factory gets: the servers, the table, the client count, a scratch dir."""
+    """What a mode factory gets: the servers, the table, the client count, a scratch dir,
+    and how many processes a multi-process mode spreads the clients over."""
 
     urls: Urls
     table: str
     clients: int
     workdir: Path
+    processes: int = 2
 
 
 ModeFactory = Callable[[RunContext], Mode]
@@ -101,6 +111,8 @@ def _credit_sql(table: str) -> str:
 
 
 class _NoLog:
+    mysql_kind = PURE
+
     def log_counters(self) -> tuple[int, int] | None:
         return None
 
@@ -151,10 +163,10 @@ class OnePCMode(_NoLog):
 class RawClient:
     """Hand-written 2PC: the statements a careful programmer would send, in order."""
 
-    def __init__(self, ctx: RunContext) -> None:
+    def __init__(self, ctx: RunContext, pure: bool = True) -> None:
         self.pg_url = ctx.urls.pg
         self.pg = pg_connect(ctx.urls.pg)
-        self.my = mysql_connect(ctx.urls.mysql)
+        self.my = mysql_connect(ctx.urls.mysql, pure=pure)
         self.cur = self.my.cursor()
         self.debit, self.credit = _debit_sql(ctx.table), _credit_sql(ctx.table)
         self.prefix = f"bench_{os.getpid()}_{next(_ids)}_"
@@ -205,11 +217,19 @@ class RawClient:
 
 
 class RawMode(_NoLog):
-    def __init__(self, ctx: RunContext) -> None:
+    """``RawClient`` per thread; ``pure=False``: on the C extension (checked on connect)."""
+
+    def __init__(self, ctx: RunContext, pure: bool = True) -> None:
         self.ctx = ctx
+        self.pure = pure
+        self.mysql_kind = PURE if pure else C_EXTENSION
 
     def client(self) -> Client:
-        return RawClient(self.ctx)
+        return RawClient(self.ctx, self.pure)
+
+
+def raw_cext(ctx: RunContext) -> Mode:
+    return RawMode(ctx, pure=False)
 
 
 # --------------------------------------------------------------------------- sqlalchemy
@@ -311,25 +331,46 @@ def listen(exporter: str) -> Callable[[], None]:
 
 
 class XatmMode:
-    """One TransactionManager shared by every client thread; its log in a scratch dir.
-    ``exporter``: what listens to its events (none, or the Prometheus or OTel exporter)."""
+    """One TransactionManager shared by every client thread; its log in a scratch dir
+    (or ``log``: a directory shared with other nodes, or a PostgreSQL URL).
+    ``exporter``: what listens to its events (none, or the Prometheus or OTel exporter);
+    ``pure``: mysql-connector pure (``use_pure=true``) or its C extension (checked)."""
 
-    def __init__(self, ctx: RunContext, exporter: str = "none", **tm_options: Any) -> None:
+    def __init__(
+        self,
+        ctx: RunContext,
+        exporter: str = "none",
+        *,
+        pure: bool = True,
+        node_id: str = "bench",
+        log: str | Path | None = None,
+        **tm_options: Any,
+    ) -> None:
         self.ctx = ctx
         self._restore = listen(exporter)
-        self.logdir = ctx.workdir / f"xatm-log-{next(_ids)}"
+        self.logdir = ctx.workdir / f"xatm-log-{next(_ids)}" if log is None else None
         tm_options.setdefault("pool_size", ctx.clients)  # as many idle connections as clients
-        self.tm = TransactionManager(
-            {"pg": ctx.urls.pg, "maria": ctx.urls.mysql},
-            log=self.logdir,
-            node_id="bench",
-            **tm_options,
-        )
-        # Open the pooled connections before timing (private API: fine in a benchmark).
-        for pool in self.tm._ctx.resources.pools.values():
-            conns = [pool.get() for _ in range(ctx.clients)]
-            for conn in conns:
-                pool.put(conn)
+        try:
+            self.tm = TransactionManager(
+                {"pg": ctx.urls.pg, "maria": with_use_pure(ctx.urls.mysql, pure)},
+                log=self.logdir or log or "",
+                node_id=node_id,
+                **tm_options,
+            )
+        except BaseException:
+            self._restore()
+            raise
+        try:
+            # Open the pooled connections before timing (private API: fine in a benchmark).
+            for name, pool in self.tm._ctx.resources.pools.items():
+                conns = [pool.get() for _ in range(ctx.clients)]
+                if name == "maria":
+                    self.mysql_kind = require_kind(conns[0], pure, "xatm's MariaDB pool")
+                for conn in conns:
+                    pool.put(conn)
+        except BaseException:
+            self.close()
+            raise
 
     def client(self) -> Client:
         return XatmClient(self.tm, self.ctx.table)
@@ -341,7 +382,8 @@ class XatmMode:
     def close(self) -> None:
         self.tm.close()
         self._restore()
-        shutil.rmtree(self.logdir, ignore_errors=True)
+        if self.logdir is not None:
+            shutil.rmtree(self.logdir, ignore_errors=True)
 
 
 class SagaClient:
@@ -405,12 +447,33 @@ MODES: dict[str, ModeFactory] = {
     "xatm-metrics": xatm_mode(exporter="prometheus"),
     "xatm-otel": xatm_mode(exporter="otel"),
     "xatm-saga": SagaMode,
+    "raw-cext": raw_cext,
+    "xatm-cext": xatm_mode(pure=False),
+    "xatm-fast-cext": xatm_mode(pure=False, commit_markers=("pg",)),
 }
 
 
-#: the modes every xatm mode is compared against
-BASELINES = ("raw", "sqlalchemy", "raw-async")
+#: the modes every other mode is compared against (where they ran)
+BASELINES = ("raw", "sqlalchemy", "raw-async", "raw-mp", "raw-cext")
 
 
 def is_xatm(mode: str) -> bool:
     return mode.startswith("xatm")
+
+
+def needs_cext(mode: str) -> bool:
+    """Does ``mode`` measure mysql-connector's C extension (and so need it to load)?"""
+    return mode.endswith("-cext")
+
+
+def like_for_like(mode: str) -> str:
+    """The hand-written baseline doing the same as ``mode`` the same way: ``raw-cext`` for
+    the C-extension modes, ``raw-mp`` for the multi-process ones, ``raw-async`` for
+    asyncio, ``raw`` otherwise."""
+    if needs_cext(mode):
+        return "raw-cext"
+    if "-mp" in mode:
+        return "raw-mp"
+    if mode.endswith("-async"):
+        return "raw-async"
+    return "raw"

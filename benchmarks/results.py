@@ -25,6 +25,12 @@ class RunResult:
     log_records: int | None  # records those fsyncs made durable
     committed_total: int  # every committed transfer, warm-up included (for the books)
     first_error: str | None = None
+    mysql: str = ""  # mysql-connector's class in this mode: "C extension" or "pure Python"
+    processes: int = 1  # coordinator processes (multi-process modes: their children)
+    pg_cpu: float | None = None  # PostgreSQL server CPU seconds in the window (private only)
+    maria_cpu: float | None = None  # MariaDB server CPU seconds in the window (private only)
+    pg_fsyncs: int | None = None  # PostgreSQL WAL fsyncs in the window (pg_stat_wal)
+    maria_fsyncs: int | None = None  # MariaDB redo log fsyncs in the window
 
     @property
     def throughput(self) -> float:
@@ -52,6 +58,7 @@ def window_result(
     window: tuple[float, float],
     cpu: tuple[float, float],
     log_counters: tuple[Counters, Counters],
+    mysql: str = "",
 ) -> RunResult:
     """The RunResult of one measured window, from every client's log, the process CPU time
     and the coordinator log's (forces, records) counters at the window's start and end."""
@@ -71,4 +78,5 @@ def window_result(
         log_records=None if log0 is None or log1 is None else log1[1] - log0[1],
         committed_total=sum(len(log.done) for log in logs),
         first_error=min(errors)[1] if errors else None,
+        mysql=mysql,
     )
