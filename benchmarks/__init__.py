@@ -10,7 +10,11 @@ Modules:
 
 * ``env``     -- the servers (private or given by URL) and the account tables;
 * ``modes``   -- the commit modes compared (``MODES``: name -> factory; add new ones there);
+* ``aio_modes``, ``aio_driver`` -- the asyncio modes, run as tasks on one event loop;
+* ``mp``, ``mp_child`` -- the multi-process modes, run as child coordinator processes;
+* ``catalog`` -- every mode by name;
 * ``driver``  -- runs one mode with N client threads for a timed window;
+* ``servermeter`` -- the servers' CPU time and fsyncs during the window;
 * ``report``  -- aggregates rounds, renders Markdown / JSON / PNG;
 * ``run``     -- the command line;
 * ``profile`` -- per-phase timing and py-spy sampling of xatm's commit.
