@@ -56,3 +56,12 @@ def test_quick_benchmark_runs_and_balances(servers: Servers, log_url: str, tmp_p
     assert "xatm-secret" not in text and "xatm-secret" not in out.read_text()
     if importlib.util.find_spec("matplotlib") is not None:
         assert png.stat().st_size > 0
+
+
+def test_multiprocess_modes_spread_the_clients_over_their_processes() -> None:
+    from benchmarks.mp import split
+
+    assert split(8, 2) == [4, 4]
+    assert split(33, 2) == [17, 16]
+    assert split(1, 2) == [1]  # never an empty process
+    assert sum(split(48, 5)) == 48
