@@ -29,6 +29,7 @@ connect and at BEGIN.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import re
 import zlib
@@ -456,6 +457,7 @@ FINISH = "{} PREPARED {}"
 _GID_SHAPE = re.compile(r"-?[0-9]{1,10}_[A-Za-z0-9+/=]*_[A-Za-z0-9+/=]*")
 
 
+@functools.lru_cache(maxsize=1024)  # prepare and commit of one branch: encoded once
 def gid_literal(xid: Xid) -> str:
     """The gid of ``xid`` as a quoted SQL string literal. Built as text (composing it with
     ``psycopg.sql.Literal`` costs as much client CPU as the statement itself): the gid's
