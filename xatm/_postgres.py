@@ -245,12 +245,16 @@ class PostgresParticipant:
         self, conn: psycopg.Connection[Any], xid: Xid, before: Sequence[Statement] = ()
     ) -> None:
         check_one_phase(conn)
+        cur: psycopg.Cursor[Any]
         try:
             if before:
-                with conn.pipeline():  # the statements and the commit: one round trip
-                    for query, params in before:
-                        conn.execute(query, params)
-                    cur = conn.execute("COMMIT")
+                # the statements and the commit: one round trip, as one simple query with
+                # the parameters bound by psycopg on the client (pipeline mode costs several
+                # sends and polls more); a failing statement skips the rest, COMMIT included
+                cur = client = psycopg.ClientCursor(conn)
+                client.execute("; ".join([*(client.mogrify(q, p) for q, p in before), "COMMIT"]))
+                while cur.nextset():
+                    pass
             else:
                 cur = conn.execute("COMMIT")
         except psycopg.Error as e:
