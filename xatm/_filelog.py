@@ -644,7 +644,7 @@ class FileLog:
     def _hand_over(self) -> None:
         """Records wait for the next flush: wake the flusher thread to lead it (the lock is
         held). One thread is woken, where waking the batch's waiters would wake them all."""
-        if self._flusher is None:
+        if self._flusher is None or not self._flusher.is_alive():  # (gone in a forked child)
             self._flusher = threading.Thread(
                 target=self._flusher_loop, name=f"xatm-log-{self._node_id}", daemon=True
             )
