@@ -655,14 +655,14 @@ class FileLog:
         """The flusher thread: lead each flush that waiting records need, until closed."""
         while True:
             with self._lock:
-                while not self._closing and (
+                while (
                     self._flushing
                     or self._broken is not None
                     or not (self._forced_in_buffer or self._flush_wanted)
                 ):
+                    if self._closing:  # nothing waits for a flush: done (records that
+                        return  # still come, racing close(), start a flusher again)
                     self._flusher_wake.wait()
-                if self._closing:
-                    return
                 self._flushing = True
                 taken, self._open = self._open, _Batch()
                 frames, upto, forced = self._take_records()
