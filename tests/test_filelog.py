@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from xatm._filelog import MAGIC, FileLog, list_nodes
+from xatm._filelog import MAGIC, FileLog, list_nodes, read_log
 from xatm._log import DecisionNotLogged
 from xatm._records import HEADER, MAX_PAYLOAD, LogRecord, read_frames
 from xatm._xid import new_gtrid
@@ -476,3 +476,37 @@ def test_broken_log_refuses_to_report_decisions(
         log.pending()
     monkeypatch.undo()
     log.close()
+
+
+def test_group_commit_hands_flushes_to_one_flusher_that_stops_at_close(
+    logdir: Path, opened: list[FileLog]
+) -> None:
+    """Concurrent committers share fsyncs; every COMMIT is durable when log_commit returns,
+    the END records queued without the lock reach the disk, and close() stops the flusher
+    thread that led the flushes records waited for."""
+    log = open_log(opened, logdir)
+    errors: list[BaseException] = []
+
+    def work(t: int) -> None:
+        try:
+            for i in range(40):
+                g = gtrid(t * 1000 + i)
+                log.log_commit(g, ["pg1", "maria"])
+                assert g in read_log(log.node_dir).pending  # on disk on return
+                if i % 4:
+                    log.log_end(g)
+        except BaseException as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(t,)) for t in range(8)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert errors == []
+    assert log.forces < 8 * 40  # fsyncs were shared
+    expected = {gtrid(t * 1000 + i) for t in range(8) for i in range(0, 40, 4)}
+    assert set(log.pending()) == expected
+    log.close()
+    assert not [t for t in threading.enumerate() if t.name.startswith("xatm-log-")]
+    assert set(read_log(log.node_dir).pending) == expected  # the ENDs were written

@@ -7,11 +7,17 @@ Layout under the log directory (all directories 0700, all files 0600)::
 
 Each segment starts with :data:`MAGIC` and holds framed records (see ``_records``).
 
-* **Forcing.** ``log_commit`` appends a COMMIT record and waits until it is on disk. The
-  first waiter becomes the *leader*: it writes everything appended so far in one ``write``
-  and one ``fsync``; the others wait for it (group commit). If a write or fsync fails, the log
-  is *broken*: waiters get :class:`~xatm.errors.LogError` and every later commit is refused,
-  because what reached the disk is no longer known.
+* **Forcing.** ``log_commit`` appends a COMMIT record and waits until it is on disk. A
+  waiter that finds no flush under way becomes the *leader*: it writes everything appended
+  so far in one ``write`` and one ``fsync``. Records appended meanwhile wait for the next
+  flush (group commit), each thread on its own batch's event, woken once, when its batch is
+  durable; the next flush is led by the log's flusher thread (started on first need), woken
+  by the leader that finishes, so no waiter is woken only to elect a leader. If a write or
+  fsync fails, the log is *broken*: waiters get :class:`~xatm.errors.LogError` and every
+  later commit is refused, because what reached the disk is no longer known.
+* **END records** are not forced: ``log_end`` only queues the record (no lock, nothing
+  woken); the next flush writes it, after the COMMIT it ends (that COMMIT is on disk before
+  ``log_end`` can be called).
 * **Opening.** All segments are read in order; a torn or corrupt tail ends a segment's
   readable part and is ignored. Then a new segment is started holding a copy of every
   pending COMMIT record, it is fsynced (with the directory), and the older segments are
@@ -27,6 +33,7 @@ Each segment starts with :data:`MAGIC` and holds framed records (see ``_records`
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import errno
 import fcntl
@@ -339,8 +346,11 @@ class FileLog:
         self.directory = Path(directory)
         self.node_dir = self.directory / node_id
         self.segment_bytes = segment_bytes
-        self._cond = threading.Condition(threading.Lock())
+        self._lock = threading.Lock()
         self._buffer: list[bytes] = []
+        #: END records queued by ``log_end`` without the lock (deque appends are atomic),
+        #: moved into the buffer by whoever next holds it (``_take_ends``)
+        self._ends: collections.deque[tuple[str, bytes]] = collections.deque()
         self._appended = 0  # sequence number of the last appended record
         self._durable = 0  # every record up to this sequence number is on disk
         self._flushing = False
@@ -357,6 +367,10 @@ class FileLog:
         self.forces = 0  # number of fsyncs issued for forced records (group commit metric)
         self.forced_records = 0  # COMMIT records forced (lazy END records not counted)
         self._forced_in_buffer = 0
+        self._flush_wanted = False  # flush() waits for records that no COMMIT forces
+        self._flusher: threading.Thread | None = None  # leads a flush that records wait for
+        self._flusher_wake = threading.Condition(self._lock)
+        self._closing = False
         try:
             for d in (self.directory, self.node_dir):
                 d.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -399,10 +413,12 @@ class FileLog:
         self._append(record, force=True)
 
     def log_end(self, gtrid: str) -> None:
-        self._append(LogRecord("END", gtrid), force=False)
+        # Queued without taking the lock that committers wait on: the next flush writes it.
+        self._ends.append((gtrid, LogRecord("END", gtrid).encode()))
 
     def pending(self) -> Mapping[str, LogRecord]:
-        with self._cond:
+        with self._lock:
+            self._take_ends()
             if self._broken is not None:
                 # What reached the disk is unknown: acting on the in-memory view could
                 # commit branches that a restart (reading the disk) would roll back.
@@ -416,16 +432,25 @@ class FileLog:
             return {g: r for g, r in self._pending.items() if seqs.get(g, 0) <= durable}
 
     def flush(self) -> None:
-        with self._cond:
+        with self._lock:
+            self._take_ends()
             if self._broken is not None or self._fd < 0:
                 return
             target, batch = self._appended, self._open
+            if target > self._durable:
+                self._flush_wanted = True  # no COMMIT may force these: the flusher must
         self._wait_durable(target, batch)
 
     def close(self) -> None:
         if self._fd >= 0:
             with contextlib.suppress(LogError):
                 self.flush()
+            with self._lock:
+                self._closing = True
+                self._flusher_wake.notify()
+                flusher = self._flusher
+            if flusher is not None and flusher is not threading.current_thread():
+                flusher.join()
             os.close(self._fd)
             self._fd = -1
         if self._lock_fd >= 0:
@@ -494,13 +519,13 @@ class FileLog:
         frame = record.encode()
         seq, batch = 0, None
         try:
-            with self._cond:
+            with self._lock:
                 if self._broken is not None:
                     raise DecisionNotLogged(
                         f"the coordinator log {self.node_dir} failed earlier and accepts no"
                         f" more decisions: {self._broken}"
                     )
-                if self._fd < 0:
+                if self._fd < 0 or self._closing:
                     raise DecisionNotLogged(f"the coordinator log {self.node_dir} is closed")
                 self._appended += 1
                 seq = self._appended
@@ -536,19 +561,32 @@ class FileLog:
             except BaseException:  # another interrupt: the record is settled first
                 continue
 
+    def _take_ends(self) -> None:
+        """Move the queued END records into the buffer (the lock is held)."""
+        ends = self._ends
+        while ends:
+            gtrid, frame = ends.popleft()
+            self._appended += 1
+            self._buffer.append(frame)
+            self._pending.pop(gtrid, None)
+            self._commit_seq.pop(gtrid, None)
+
     def _wait_durable(self, seq: int, batch: _Batch | None = None) -> None:
         """Return once record ``seq`` is on disk, leading a flush if none is under way.
 
         Waiters sleep on their own batch's event, so a flush wakes only the threads whose
-        records it wrote (and, when more records are waiting, hands the lead to them)."""
+        records it wrote; the flush that records wait for next is led by the flusher thread
+        (``_hand_over``), not by a waiter woken for it."""
         while True:
+            if self._durable >= seq:  # an int only ever raised: no lock needed to read it
+                return
             lead = False
             taken: _Batch | None = None
             frames: list[bytes] = []
             upto = forced = 0
             failure: BaseException | None = None
             try:
-                with self._cond:
+                with self._lock:
                     if self._durable >= seq:
                         return
                     if self._broken is not None:
@@ -556,12 +594,10 @@ class FileLog:
                     if self._flushing:
                         wait_on = batch if batch is not None else self._open
                     else:
+                        fresh = _Batch()
                         lead = self._flushing = True  # one statement: no interrupt between
-                        taken, self._open = self._open, _Batch()
-                        taken.signal.clear()  # from now on it means "written"
-                        frames, upto = self._buffer, self._appended
-                        forced, self._forced_in_buffer = self._forced_in_buffer, 0
-                        self._buffer = []
+                        taken, self._open = self._open, fresh
+                        frames, upto, forced = self._take_records()
                 if not lead:
                     wait_on.signal.wait()
                     continue
@@ -570,21 +606,72 @@ class FileLog:
                 if not lead:
                     raise
                 failure = e  # what reached the disk is unknown: the log is broken
-            # the leader: whatever happened, the next flush must not wait for this one
-            with self._cond:
-                self._flushing = False
-                if failure is None:
-                    self._durable = upto
-                    self.forced_records += forced
-                else:
-                    self._broken = failure
-                    logger.critical("coordinator log %s failed: %s", self.node_dir, failure)
-                if taken is not None:
-                    taken.signal.set()
-                if self._buffer or failure is not None:
-                    self._open.signal.set()  # records are waiting: one of them leads next
+            self._flushed(taken, upto, forced, failure)
             if failure is not None and not isinstance(failure, Exception):
                 raise failure  # an interrupt during the flush: the log is broken, let it through
+
+    def _take_records(self) -> tuple[list[bytes], int, int]:
+        """The leader takes every record appended so far: (frames, the last one's sequence
+        number, how many are forced). The lock is held."""
+        self._take_ends()
+        self._flush_wanted = False
+        frames, upto = self._buffer, self._appended
+        forced, self._forced_in_buffer = self._forced_in_buffer, 0
+        self._buffer = []
+        return frames, upto, forced
+
+    def _flushed(
+        self, taken: _Batch | None, upto: int, forced: int, failure: BaseException | None
+    ) -> None:
+        """The leader's flush of batch ``taken`` is over: records up to ``upto`` are durable,
+        or the log is broken (``failure``). Wakes the batch's waiters, and hands the next
+        flush over if records wait for one."""
+        with self._lock:
+            self._flushing = False
+            if failure is None:
+                self._durable = upto
+                self.forced_records += forced
+            else:
+                self._broken = failure
+                logger.critical("coordinator log %s failed: %s", self.node_dir, failure)
+            if taken is not None:
+                taken.signal.set()
+            if failure is not None:
+                self._open.signal.set()  # its waiters get the LogError
+            elif self._forced_in_buffer or self._flush_wanted:
+                self._hand_over()
+
+    def _hand_over(self) -> None:
+        """Records wait for the next flush: wake the flusher thread to lead it (the lock is
+        held). One thread is woken, where waking the batch's waiters would wake them all."""
+        if self._flusher is None or not self._flusher.is_alive():  # (gone in a forked child)
+            self._flusher = threading.Thread(
+                target=self._flusher_loop, name=f"xatm-log-{self._node_id}", daemon=True
+            )
+            self._flusher.start()
+        self._flusher_wake.notify()
+
+    def _flusher_loop(self) -> None:
+        """The flusher thread: lead each flush that waiting records need, until closed."""
+        while True:
+            with self._lock:
+                while (
+                    self._flushing
+                    or self._broken is not None
+                    or not (self._forced_in_buffer or self._flush_wanted)
+                ):
+                    if self._closing:  # nothing waits for a flush: done (records that
+                        return  # still come, racing close(), start a flusher again)
+                    self._flusher_wake.wait()
+                self._flushing = True
+                taken, self._open = self._open, _Batch()
+                frames, upto, forced = self._take_records()
+            failure: BaseException | None = None
+            try:
+                self._write(frames)
+            except BaseException as e:
+                failure = e
+            self._flushed(taken, upto, forced, failure)
 
     def _write(self, batch: list[bytes]) -> None:
         """Write and fsync one batch (only the leader calls this); rotate if it is due."""
@@ -600,7 +687,8 @@ class FileLog:
             _events.log_forced(self._node_id)
         if self._segment_size > self.segment_bytes and self._segment is not None:
             # Records appended from here on stay in the buffer and go to the new segment.
-            with self._cond:
+            with self._lock:
+                self._take_ends()
                 carried = list(self._pending.values())
             current = self._segment
             self._start_segment(_segment_number(current) + 1, [current], carried)

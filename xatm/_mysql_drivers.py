@@ -23,6 +23,7 @@ SQLSTATEs differently (PyMySQL raises ``OperationalError`` for XAER_NOTA, mysql-
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.metadata
 import sys
@@ -362,8 +363,10 @@ def for_connection(conn: Any) -> MySQLDriver:
     return DRIVERS["mysqlconnector"]
 
 
+@functools.cache
 def _buffered_cursor_class() -> Any:
-    """mysql-connector's buffered cursor class of the pure-Python connection."""
+    """mysql-connector's buffered cursor class of the pure-Python connection (looked up
+    once: this runs for every application statement)."""
     return importlib.import_module("mysql.connector.cursor").MySQLCursorBuffered
 
 

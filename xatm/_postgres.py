@@ -6,7 +6,9 @@ can follow on the same connection without switching modes.
 
 Facts handled here (numbered and sourced in docs/protocol.md, section 11):
 
-* the gid is a string literal in the grammar: it is sent with ``psycopg.sql.Literal``;
+* the gid is a string literal in the grammar: it is sent quoted (:func:`gid_literal`, which
+  refuses any gid that is not of the base64 shape xatm writes, so nothing in it needs
+  escaping; the asyncio participant composes it with ``psycopg.sql.Literal``);
 * ``PREPARE TRANSACTION`` in a failed transaction does not raise, it answers ``ROLLBACK``:
   the command tag is checked, and a failed transaction votes no without asking;
 * ``COMMIT PREPARED`` of an unknown gid is SQLSTATE 42704 (``PhaseTwo.NOT_FOUND``);
@@ -27,7 +29,9 @@ connect and at BEGIN.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
+import re
 import zlib
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -183,11 +187,11 @@ class PostgresParticipant:
 
     def prepare(self, conn: psycopg.Connection[Any], xid: Xid) -> Prepared:
         self._check_open(conn)
-        gid = sql.Literal(xid.to_pg_gid())
+        gid = gid_literal(xid)
         try:
             # one round trip, simple protocol: the branch's transaction id (NULL if it wrote
             # nothing) and the prepare itself
-            cur = conn.execute(prepare_statement(gid))
+            cur = conn.execute(PREPARE.format(gid))
             row = cur.fetchone()
             cur.nextset()
         except psycopg.Error as e:
@@ -197,16 +201,14 @@ class PostgresParticipant:
     def _check_open(self, conn: psycopg.Connection[Any]) -> None:
         check_open(conn)
 
-    def _vote(
-        self, conn: psycopg.Connection[Any], gid: sql.Literal, tag: str | None, row: Any
-    ) -> Prepared:
+    def _vote(self, conn: psycopg.Connection[Any], gid: str, tag: str | None, row: Any) -> Prepared:
         """The vote, from PREPARE's command tag and the branch's transaction id."""
         vote = vote_of(tag, row)
         if vote is None:
             # Read-only: nothing to commit, whatever the decision. Finish it now; if that
             # fails it is an ordinary prepared branch (presumed abort: harmless).
             try:
-                conn.execute(finish_statement("COMMIT", gid))
+                conn.execute(FINISH.format("COMMIT", gid))
             except psycopg.Error:
                 return Prepared(Vote.PREPARED)
             return Prepared(Vote.READ_ONLY)
@@ -216,13 +218,13 @@ class PostgresParticipant:
         """Send the prepare without waiting (pipeline mode); the returned call waits for
         the answer. Meanwhile the caller can work on other branches."""
         self._check_open(conn)
-        gid = sql.Literal(xid.to_pg_gid())
+        gid = gid_literal(xid)
         # the transaction id query and the prepare, both on the wire before this returns
         pipeline = conn.pipeline()
         try:
             pipeline.__enter__()
-            ids = conn.execute("SELECT pg_current_xact_id_if_assigned()::text")
-            cur = conn.execute(sql.SQL("PREPARE TRANSACTION {}").format(gid))
+            ids = conn.execute(TXID)
+            cur = conn.execute(PREPARE_ONLY.format(gid))
         except BaseException as e:
             _leave(pipeline, e)
             if isinstance(e, psycopg.Error):
@@ -243,12 +245,16 @@ class PostgresParticipant:
         self, conn: psycopg.Connection[Any], xid: Xid, before: Sequence[Statement] = ()
     ) -> None:
         check_one_phase(conn)
+        cur: psycopg.Cursor[Any]
         try:
             if before:
-                with conn.pipeline():  # the statements and the commit: one round trip
-                    for query, params in before:
-                        conn.execute(query, params)
-                    cur = conn.execute("COMMIT")
+                # the statements and the commit: one round trip, as one simple query with
+                # the parameters bound by psycopg on the client (pipeline mode costs several
+                # sends and polls more); a failing statement skips the rest, COMMIT included
+                cur = client = psycopg.ClientCursor(conn)
+                client.execute("; ".join([*(client.mogrify(q, p) for q, p in before), "COMMIT"]))
+                while cur.nextset():
+                    pass
             else:
                 cur = conn.execute("COMMIT")
         except psycopg.Error as e:
@@ -270,7 +276,7 @@ class PostgresParticipant:
         pipeline = conn.pipeline()
         try:
             pipeline.__enter__()
-            conn.execute(finish_statement("COMMIT", sql.Literal(xid.to_pg_gid())))
+            conn.execute(FINISH.format("COMMIT", gid_literal(xid)))
         except BaseException as e:
             _leave(pipeline, e)
             raise
@@ -291,7 +297,7 @@ class PostgresParticipant:
 
     def _finish(self, conn: psycopg.Connection[Any], verb: str, xid: Xid) -> PhaseTwo:
         try:
-            conn.execute(finish_statement(verb, sql.Literal(xid.to_pg_gid())))
+            conn.execute(FINISH.format(verb, gid_literal(xid)))
         except psycopg.Error as e:
             if not_found(e):
                 return PhaseTwo.NOT_FOUND
@@ -441,16 +447,39 @@ _LOCKS = (
 
 # -- statements and the meaning of answers, shared by the sync participant above and the
 # -- asyncio one (xatm._aio_postgres): the SQL and its quirks are written here only
+
+#: the branch's transaction id (NULL if it wrote nothing)
+TXID = "SELECT pg_current_xact_id_if_assigned()::text"
+#: ``PREPARE TRANSACTION`` of a quoted gid (``{}``: :func:`gid_literal`)
+PREPARE_ONLY = "PREPARE TRANSACTION {}"
+#: the transaction id and the prepare, one simple query (one round trip)
+PREPARE = TXID + "; " + PREPARE_ONLY
+#: ``COMMIT PREPARED`` or ``ROLLBACK PREPARED`` (the verb) of a quoted gid
+FINISH = "{} PREPARED {}"
+
+#: every gid ``Xid.to_pg_gid`` writes: digits, base64, and two underscores
+_GID_SHAPE = re.compile(r"-?[0-9]{1,10}_[A-Za-z0-9+/=]*_[A-Za-z0-9+/=]*")
+
+
+@functools.lru_cache(maxsize=1024)  # prepare and commit of one branch: encoded once
+def gid_literal(xid: Xid) -> str:
+    """The gid of ``xid`` as a quoted SQL string literal. Built as text (composing it with
+    ``psycopg.sql.Literal`` costs as much client CPU as the statement itself): the gid's
+    shape is checked, and that shape holds no quote or backslash, so nothing needs escaping."""
+    gid = xid.to_pg_gid()
+    if _GID_SHAPE.fullmatch(gid) is None:
+        raise ValueError(f"not a gid xatm writes: {gid[:80]!r}")
+    return f"'{gid}'"
+
+
 def prepare_statement(gid: sql.Literal) -> sql.Composed:
     """The branch's transaction id (NULL if it wrote nothing) and the prepare, one query."""
-    return sql.SQL("SELECT pg_current_xact_id_if_assigned()::text; PREPARE TRANSACTION {}").format(
-        gid
-    )
+    return sql.SQL(PREPARE).format(gid)
 
 
 def finish_statement(verb: str, gid: sql.Literal) -> sql.Composed:
     """``COMMIT PREPARED`` or ``ROLLBACK PREPARED`` (``verb``) of ``gid``."""
-    return sql.SQL(f"{verb} PREPARED {{}}").format(gid)
+    return sql.SQL(FINISH.replace("{}", verb, 1)).format(gid)
 
 
 def check_open(conn: Any) -> None:

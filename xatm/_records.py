@@ -32,6 +32,9 @@ MAX_PAYLOAD = 1 << 20
 
 RecordKind = Literal["COMMIT", "END"]
 
+#: compact JSON (``json.dumps`` with these separators would build an encoder per call)
+_JSON = json.JSONEncoder(separators=(",", ":"))
+
 
 @dataclass(frozen=True, slots=True)
 class LogRecord:
@@ -52,7 +55,7 @@ class LogRecord:
             body["t"] = round(self.at, 3)
             if self.txids:
                 body["x"] = dict(self.txids)
-        payload = json.dumps(body, separators=(",", ":")).encode("utf-8")
+        payload = _JSON.encode(body).encode("utf-8")
         return HEADER.pack(len(payload), zlib.crc32(payload)) + payload
 
     @classmethod

@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import base64
 import binascii
+import os
+import random
 import re
 import secrets
 import time
@@ -166,6 +168,21 @@ FLAG_MARKER = 0x1
 FLAG_LONG = 0x2
 
 
+#: the random bits of gtrids: a generator seeded from the OS once per process (and again in
+#: a forked child, which would otherwise repeat its parent's sequence), so that a new gtrid
+#: costs no system call (``secrets`` would read the OS's randomness, and release the GIL, for
+#: every transaction). The bits need to be unique, not secret: a gtrid also carries the node
+#: (one live process per node_id) and the millisecond.
+_random = random.Random(secrets.randbits(128))
+
+
+def _reseed() -> None:
+    _random.seed(secrets.randbits(128))
+
+
+os.register_at_fork(after_in_child=_reseed)
+
+
 def new_gtrid(node_id: str, *, marker: bool = False, long: bool = False) -> str:
     """A fresh global transaction id for ``node_id`` (already validated).
 
@@ -173,7 +190,7 @@ def new_gtrid(node_id: str, *, marker: bool = False, long: bool = False) -> str:
     :data:`FLAG_LONG`) and 15 hex digits (60 bits) of randomness."""
     ms = int(time.time() * 1000)
     flags = (FLAG_MARKER if marker else 0) | (FLAG_LONG if long else 0)
-    return f"{NAMESPACE}.{node_id}.{ms:011x}{flags:x}{secrets.randbits(60):015x}"
+    return f"{NAMESPACE}.{node_id}.{ms:011x}{flags:x}{_random.getrandbits(60):015x}"
 
 
 def has_long_timeout(gtrid: str) -> bool:
