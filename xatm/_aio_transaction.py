@@ -178,7 +178,7 @@ class AsyncTransaction(TransactionCore):
     async def _settle(self, steps: Steps[None]) -> None:
         """Run ``steps`` to their end, even if the caller is cancelled meanwhile (see the
         module docstring); then let the cancellation through."""
-        task = asyncio.ensure_future(self._drive(steps))
+        task = asyncio.get_running_loop().create_task(self._drive(steps))
         cancelled = False
         try:
             while not task.done():
@@ -265,7 +265,8 @@ async def _all(calls: Any) -> list[Outcome[Any]]:
     All but the last run in tasks of their own, the last in this one (a task fewer, and no
     gather): a branch's call then overlaps with the others' round trips."""
     *others, last = [_outcome(c) for c in calls]
-    tasks = [asyncio.ensure_future(c) for c in others]
+    loop = asyncio.get_running_loop()
+    tasks = [loop.create_task(c) for c in others]
     try:
         outcomes = [await last]
     finally:
