@@ -22,7 +22,7 @@ import psycopg
 from xatm.admin import parse_url
 from xatm.aio import AsyncTransactionManager
 
-from .modes import RunContext, _credit_sql, _debit_sql, _one_row
+from .modes import RunContext, _credit_sql, _debit_sql, _one_row, listen
 
 _ids = itertools.count(1)
 
@@ -144,12 +144,14 @@ class XatmAsyncClient:
 
 
 class XatmAsyncMode:
-    """One AsyncTransactionManager shared by every task; its log in a scratch dir."""
+    """One AsyncTransactionManager shared by every task; its log in a scratch dir. Nothing
+    listens to its events, as in ``xatm`` (``benchmarks.modes.listen``)."""
 
     mysql_kind = AIO_KIND
 
     def __init__(self, ctx: RunContext) -> None:
         self.ctx = ctx
+        self._restore = listen("none")
         self.logdir = ctx.workdir / f"xatm-async-log-{next(_ids)}"
         self.tm = AsyncTransactionManager(
             {"pg": ctx.urls.pg, "maria": ctx.urls.mysql},
@@ -172,4 +174,5 @@ class XatmAsyncMode:
         await self.tm.close()
 
     def close(self) -> None:
+        self._restore()
         shutil.rmtree(self.logdir, ignore_errors=True)

@@ -90,8 +90,14 @@ class AsyncMySQL:
         return self._driver.is_connection_error(exc)
 
     async def _run(self, conn: Any, *statements: str) -> None:
-        for statement in statements:
-            await conn.cmd_query(statement)
+        """Send statements that return no rows, in one query (one round trip), as the
+        threaded adapter does (mysql-connector sets MULTI_STATEMENTS by default): the server
+        stops at the first that fails, and its error is raised."""
+        if len(statements) == 1:
+            await conn.cmd_query(statements[0])
+            return
+        async for _ in conn.cmd_query_iter("; ".join(statements)):
+            pass
 
     async def begin(self, conn: Any, xid: Xid, timeout: float | None = None) -> None:
         self._in_xa.add(conn)  # before sending: a failed XA START leaves the state unknown

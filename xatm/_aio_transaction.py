@@ -2,8 +2,9 @@
 
 :class:`AsyncTransaction` inherits the protocol (``TransactionCore``'s I/O-free steps, see
 ``xatm._steps``) and only runs its operations: the branches' calls concurrently on asyncio
-driver connections, the log's forced write on a thread of a log pool of its own, so
-that no fsync blocks the event loop.
+driver connections, the log's forced write off the loop (``xatm._aio_log``: a flusher
+thread forces a batch of COMMIT records with one fsync), so that no fsync blocks the event
+loop.
 
 **Cancellation.** The end of the transaction (commit or rollback) runs in a task of its own
 that the caller awaits without ever cancelling it (a shield). If the caller is cancelled
@@ -19,13 +20,12 @@ end rolls back the rest.
 from __future__ import annotations
 
 import asyncio
-import functools
 import time
 from collections.abc import Awaitable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from ._aio_log import AsyncLog
 from ._aio_pool import AsyncParticipant, AsyncPool
 from ._parallel import Outcome
 from ._participant import Connection, Cursor, PhaseTwo
@@ -58,10 +58,7 @@ class AsyncResources:
         self.pools = {n: AsyncPool(p, max_idle=size) for n, p in participants.items()}
         self._checked: set[str] = set()
         self._check_lock = asyncio.Lock()
-        #: threads that wait for the log's forced writes: as many as transactions may wait
-        #: at once, so that group commit batches them (the loop's default executor has
-        #: only a few threads)
-        self.log_threads = ThreadPoolExecutor(max(size, 4), thread_name_prefix="xatm-aio-log")
+        self.log = AsyncLog(ctx.log, max(size, 4))
 
     def get(self, name: str) -> tuple[AsyncParticipant, AsyncPool]:
         """ConfigurationError if ``name`` is not configured."""
@@ -85,7 +82,7 @@ class AsyncResources:
     async def aclose(self) -> None:
         for pool in self.pools.values():
             await pool.aclose()
-        await asyncio.to_thread(self.log_threads.shutdown)
+        await asyncio.to_thread(self.log.shutdown)
 
 
 class AsyncTransaction(TransactionCore):
@@ -182,16 +179,18 @@ class AsyncTransaction(TransactionCore):
     async def _settle(self, steps: Steps[None]) -> None:
         """Run ``steps`` to their end, even if the caller is cancelled meanwhile (see the
         module docstring); then let the cancellation through."""
-        task = asyncio.ensure_future(self._drive(steps))
+        task = asyncio.get_running_loop().create_task(self._drive(steps))
         cancelled = False
         try:
             while not task.done():
                 try:
-                    await asyncio.wait([task])  # never cancels the task, nor raises its error
+                    await asyncio.shield(task)  # a cancellation stops here, not in the task
                 except asyncio.CancelledError:
                     cancelled = True
                     if not task.done():
                         self.refuse_decision("cancelled")
+                except BaseException:  # the task's error: raised below
+                    pass
         finally:
             if task.done():
                 self._ended()
@@ -225,18 +224,14 @@ class AsyncTransaction(TransactionCore):
             b = op.branch
             return await _outcome(self._driver(b).commit_one_phase(b.conn, b.xid, op.before))
         if isinstance(op, LogCommit):
-            # the forced write (fsync, or the shared log's commit) on a worker thread
-            call = functools.partial(self._ctx.log.log_commit, op.gtrid, op.resources, op.txids)
-            loop = asyncio.get_running_loop()
-            return await _outcome(loop.run_in_executor(self._aio.log_threads, call))
+            # the forced write off the loop (xatm._aio_log)
+            return await _outcome(self._aio.log.log_commit(op.gtrid, op.resources, op.txids))
         assert isinstance(op, LogEnd)
-        if self._ctx.shared_log is not None:  # its END rows go out in batches: may block
-            return await _outcome(asyncio.to_thread(self._ctx.log.log_end, op.gtrid))
-        try:  # the file log appends END without forcing it: no wait
-            self._ctx.log.log_end(op.gtrid)
+        try:
+            waiting = self._aio.log.log_end(op.gtrid)
         except BaseException as e:
             return Outcome(None, e)
-        return Outcome(None)
+        return Outcome(None) if waiting is None else await _outcome(waiting)
 
     async def _commit_prepared(self, op: CommitPrepared) -> list[Outcome[PhaseTwo]]:
         first_done = False
@@ -266,8 +261,21 @@ async def _outcome(call: Awaitable[T]) -> Outcome[T]:
 
 
 async def _all(calls: Any) -> list[Outcome[Any]]:
-    """Run the calls concurrently; their outcomes in order (every call runs to its end)."""
-    tasks = [asyncio.ensure_future(_outcome(c)) for c in calls]
-    if len(tasks) == 1:
-        return [await tasks[0]]
-    return list(await asyncio.gather(*tasks))
+    """Run the calls concurrently; their outcomes in order (every call runs to its end).
+
+    All but the last run in tasks of their own, the last in this one (a task fewer, and no
+    gather): a branch's call then overlaps with the others' round trips."""
+    *others, last = [_outcome(c) for c in calls]
+    loop = asyncio.get_running_loop()
+    tasks = [loop.create_task(c) for c in others]
+    try:
+        outcomes = [await last]
+    finally:
+        # every call runs to its end, whatever happens to this task meanwhile
+        for task in tasks:
+            while not task.done():
+                try:
+                    await asyncio.shield(task)
+                except asyncio.CancelledError:
+                    continue
+    return [t.result() for t in tasks] + outcomes

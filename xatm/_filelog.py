@@ -416,6 +416,18 @@ class FileLog:
         # Queued without taking the lock that committers wait on: the next flush writes it.
         self._ends.append((gtrid, LogRecord("END", gtrid).encode()))
 
+    def append_commit(
+        self, gtrid: str, branches: Sequence[str], txids: Mapping[str, int] | None = None
+    ) -> None:
+        """:meth:`log_commit` without its wait, for a caller that forces the log itself: the
+        COMMIT record is appended (no I/O) and counted as forced, and becomes a decision
+        once a :meth:`flush` begun after this call returns with the log not :attr:`broken`
+        (until then :meth:`pending` does not show it). The asyncio manager's flusher forces
+        a whole batch of them with one ``flush()`` (``xatm._aio_log``).
+        DecisionNotLogged if the log refuses it (nothing is written)."""
+        record = LogRecord("COMMIT", gtrid, tuple(branches), time.time(), dict(txids or {}))
+        self._append(record, force=True, wait=False)
+
     def pending(self) -> Mapping[str, LogRecord]:
         with self._lock:
             self._take_ends()
@@ -515,7 +527,7 @@ class FileLog:
         if obsolete:
             fsync_dir(self.node_dir)
 
-    def _append(self, record: LogRecord, *, force: bool) -> None:
+    def _append(self, record: LogRecord, *, force: bool, wait: bool = True) -> None:
         frame = record.encode()
         seq, batch = 0, None
         try:
@@ -539,10 +551,10 @@ class FileLog:
                 else:
                     self._pending.pop(record.gtrid, None)
                     self._commit_seq.pop(record.gtrid, None)
-            if force:
+            if force and wait:
                 self._wait_durable(seq, batch)
         except BaseException as e:
-            if not force or seq == 0 or isinstance(e, Exception):
+            if not (force and wait) or seq == 0 or isinstance(e, Exception):
                 raise
             # KeyboardInterrupt, SystemExit... while the record waits for its fsync: settle
             # it first (on disk, or the log broken), so that the caller's "in doubt" is
