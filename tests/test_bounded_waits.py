@@ -202,3 +202,19 @@ def test_doctor_advises_on_waits_and_recovery_headroom(
     assert "innodb_lock_wait_timeout" in by[("maria", "lock-timeout")].detail
     report = make_tm(node_id="doc2", timeout=60, sweeper=False).doctor()
     assert not any(c.advice for c in report.checks if c.subject == "maria")
+
+
+def test_a_tiny_transaction_timeout_does_not_starve_phase_two_and_recovery() -> None:
+    """Outside a branch (COMMIT PREPARED, recovery, inspection) a session's bounds never drop
+    below SESSION_WAIT_FLOOR: a manager with timeout=0.001 once gave recovery's statements a
+    2 ms statement_timeout, and they failed under load."""
+    from xatm._postgres import SESSION_WAIT_FLOOR, PostgresParticipant
+    from xatm._urls import parse_url
+
+    spec = parse_url("postgresql://u@127.0.0.1:5/db")
+    floor_ms = int(SESSION_WAIT_FLOOR * 1000)
+    for timeout, lock_ms in ((0.001, floor_ms), (1.0, floor_ms), (60.0, 60_000)):
+        setup = PostgresParticipant("pg", spec, timeout=timeout).session_setup
+        assert f"SET lock_timeout = '{lock_ms}ms'" in setup, (timeout, setup)
+        assert f"SET statement_timeout = '{2 * lock_ms}ms'" in setup, (timeout, setup)
+    assert PostgresParticipant("pg", spec, timeout=None).session_setup == ""

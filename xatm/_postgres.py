@@ -21,7 +21,8 @@ with ``BEGIN; SET LOCAL lock_timeout = <T>; SET LOCAL statement_timeout = <2T>``
 round trip, as a plain ``BEGIN`` is), T being the time the transaction has left; and every
 connection xatm opens gets the same settings, from the manager's timeout, by one ``SET``
 when it is opened (not in the startup packet, which some connection poolers refuse), for
-the statements outside a branch (phase 2, recovery). A URL whose ``options`` sets either one
+the statements outside a branch (phase 2, recovery), never below
+:data:`SESSION_WAIT_FLOOR` (5 s). A URL whose ``options`` sets either one
 (``?options=-c%20lock_timeout%3D5s``; ``0`` turns it off) overrides xatm's value, at
 connect and at BEGIN.
 """
@@ -66,6 +67,12 @@ UNIQUE_VIOLATION = "23505"
 UNDEFINED_TABLE = "42P01"
 
 
+#: the least bound of a session's waits outside a branch (phase 2, recovery, inspection):
+#: a manager with a tiny transaction timeout must not make its COMMIT PREPARED or its
+#: recovery statements fail under load (they wait for no row lock a client holds)
+SESSION_WAIT_FLOOR = 5.0
+
+
 def wait_bounds(timeout: float) -> dict[str, str]:
     """The session settings that bound the waits of a transaction with ``timeout``
     seconds: no lock wait outlasts it, and no statement outlasts twice that."""
@@ -90,7 +97,9 @@ class PostgresParticipant:
         self._user_settings = pg_settings_in(options.get("options", ""))
         #: sent once on each new connection (a SET, not the startup packet's ``options``,
         #: which some connection poolers refuse)
-        self._session_setup = "" if timeout is None else self._set(timeout, local=False)
+        self._session_setup = (
+            "" if timeout is None else self._set(max(timeout, SESSION_WAIT_FLOOR), local=False)
+        )
         self._kwargs: dict[str, Any] = {
             "host": spec.host,
             "port": spec.port,
