@@ -14,6 +14,7 @@ import os
 from pathlib import Path
 
 import mysql.connector
+import pytest
 
 from benchmarks.catalog import MODES
 from benchmarks.modes import needs_cext
@@ -65,3 +66,45 @@ def test_multiprocess_modes_spread_the_clients_over_their_processes() -> None:
     assert split(33, 2) == [17, 16]
     assert split(1, 2) == [1]  # never an empty process
     assert sum(split(48, 5)) == 48
+
+
+def test_profile_times_every_step(servers: Servers, capsys: pytest.CaptureFixture[str]) -> None:
+    from benchmarks import profile
+
+    argv = ["--clients", "1", "--seconds", "0.5", "--warmup", "0.2", "--rounds", "1"]
+    argv += ["--pg-url", servers.urls["pg1"], "--mysql-url", servers.urls["maria"], "--doc", "-"]
+
+    assert profile.main(argv) == 0
+
+    text = capsys.readouterr().out
+    head = "| step (1 client) | raw ms/tx | xatm ms/tx | xatm-serial ms/tx | xatm-fast ms/tx |"
+    assert head in text
+    for row in (
+        "PG: PREPARE TRANSACTION (send + answer)",
+        "MariaDB: XA COMMIT",
+        "**log: COMMIT record forced**",
+        "fsyncs per transaction",
+        "**PG: decision row + COMMIT (marker: the decision)**",
+        "**transaction, client-measured**",
+    ):
+        line = next(x for x in text.splitlines() if row in x)
+        assert line.count("|") == 6 and "nan" not in line
+
+
+def test_profile_classifies_pyspy_frames() -> None:
+    from benchmarks.profile import classify
+
+    def stack(*inner: str) -> list[str]:
+        return ["_client_loop (benchmarks/driver.py:80)", *inner]
+
+    pg_wait = "Connection.wait (psycopg/connection.py:950)"
+    maria_wait = "NetworkBrokerPlain._recv_chunk (mysql/connector/network.py:300)"
+    fsync = "FileLog._write (xatm/_filelog.py:700)"
+    waiting = ("FileLog._wait_durable (xatm/_filelog.py:600)", "Event.wait (threading.py:600)")
+    idle = ("FileLog._flusher_loop (xatm/_filelog.py:680)", "Condition.wait (threading.py:300)")
+    assert classify(stack(pg_wait)) == "PostgreSQL: waiting for the server (socket)"
+    assert classify(stack(maria_wait)) == "MariaDB: waiting for the server (socket)"
+    assert classify(stack(fsync)) == "log: write + fsync"
+    assert classify(stack(*waiting)) == "log: waiting for a flush led by another thread"
+    assert classify(list(idle)) == "log flusher: idle (no records wait for a flush)"
+    assert classify(stack("overlapped (xatm/_parallel.py:40)")).startswith("xatm Python")
