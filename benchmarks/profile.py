@@ -349,7 +349,9 @@ def classify(stack: list[str]) -> str:
                 if "_flusher_loop" in frame:
                     return "log flusher: idle (no records wait for a flush)"
                 return "log: waiting for a flush led by another thread"
-            return "log: write + fsync" if "FileLog._write" in frame else "xatm Python"
+            if "FileLog._write" in frame:
+                return "log: write + fsync"
+            return "xatm Python (or waiting for the GIL)"
         if "psycopg/" in frame:
             if "Connection.wait" in frame:
                 return "PostgreSQL: waiting for the server (socket)"
@@ -527,10 +529,13 @@ def per_tx(timer: StepTimer, label: str, txs: int) -> float | None:
         if fsyncs is None or not fsyncs[1]:
             return None
         return 100 * (slot[1] if slot is not None else 0) / fsyncs[1]
+    if unit == "%":  # a share of the transactions (0 where xatm timed the phase)
+        phase = label.split(":")[0]
+        if not txs or f"{phase}: outside the branch steps" not in timer.totals:
+            return None
+        return 100 * (slot[1] if slot is not None else 0) / txs
     if slot is None or not txs:
         return None
-    if unit == "%":  # a share of the transactions
-        return 100 * slot[1] / txs
     if unit == "ms":  # per call
         return 1000 * slot[0] / slot[1] if slot[1] else None
     return 1000 * slot[0] / txs
