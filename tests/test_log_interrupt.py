@@ -12,6 +12,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -47,21 +48,27 @@ class Held:
                 held.release.wait()
             original_write(log, frames)
 
-        class Signal(threading.Event):
-            def wait(self, timeout: float | None = None) -> bool:
+        class Parked:
+            """A waiter's parking lock whose wait the interrupt hits."""
+
+            def __init__(self, lock: threading.Lock) -> None:
+                self.lock = lock
+
+            def acquire(self) -> bool:
                 main = threading.current_thread() is threading.main_thread()
                 if main and not held.fired and held.in_write.is_set():
                     held.fired = True
                     held.at_interrupt()
                     held.release.set()
                     raise interrupt("interrupted while waiting for the group commit")
-                return super().wait(timeout)
+                return self.lock.acquire()
 
-        class Batch:
-            __slots__ = ("signal",)
+        class Batch(filelog._Batch):
+            __slots__ = ()
 
-            def __init__(self) -> None:
-                self.signal = Signal()
+            def park(self) -> Any:
+                parked = super().park()
+                return None if parked is None else Parked(parked)
 
         monkeypatch.setattr(FileLog, "_write", write)
         monkeypatch.setattr(filelog, "_Batch", Batch)

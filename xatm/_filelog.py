@@ -322,12 +322,36 @@ def _salvage_locked(node_dir: Path, node_id: str) -> Salvage:
 
 
 class _Batch:
-    """Records appended between two flushes; its event wakes the threads waiting on them."""
+    """Records appended between two flushes, and the threads waiting for them.
 
-    __slots__ = ("signal",)
+    Each waiter parks on a lock of its own, which the flush that settles the batch
+    releases: one wake-up per waiter and no lock they all contend for on waking (an
+    ``Event``'s waiters all take its condition's lock again, one after the other, a convoy
+    that cost about 0.1 ms of client CPU per transaction at 48 threads). Both methods are
+    called with the log's lock held."""
+
+    __slots__ = ("settled", "waiters")
 
     def __init__(self) -> None:
-        self.signal = threading.Event()
+        self.settled = False
+        self.waiters: list[threading.Lock] = []
+
+    def park(self) -> threading.Lock | None:
+        """A lock held for the caller, released when the batch is settled (acquire it to
+        wait); None if the batch is settled already."""
+        if self.settled:
+            return None
+        parked = threading.Lock()
+        parked.acquire()
+        self.waiters.append(parked)
+        return parked
+
+    def settle(self) -> None:
+        """Wake every waiter: the batch is on disk, or the log is broken."""
+        self.settled = True
+        waiters, self.waiters = self.waiters, []
+        for parked in waiters:
+            parked.release()
 
 
 class FileLog:
@@ -586,8 +610,8 @@ class FileLog:
     def _wait_durable(self, seq: int, batch: _Batch | None = None) -> None:
         """Return once record ``seq`` is on disk, leading a flush if none is under way.
 
-        Waiters sleep on their own batch's event, so a flush wakes only the threads whose
-        records it wrote; the flush that records wait for next is led by the flusher thread
+        Waiters park on their own batch (``_Batch.park``), so a flush wakes only the threads
+        whose records it wrote; the flush that records wait for next is led by the flusher thread
         (``_hand_over``), not by a waiter woken for it."""
         while True:
             if self._durable >= seq:  # an int only ever raised: no lock needed to read it
@@ -604,14 +628,15 @@ class FileLog:
                     if self._broken is not None:
                         raise LogError(f"forcing the coordinator log failed: {self._broken}")
                     if self._flushing:
-                        wait_on = batch if batch is not None else self._open
+                        parked = (batch if batch is not None else self._open).park()
                     else:
                         fresh = _Batch()
                         lead = self._flushing = True  # one statement: no interrupt between
                         taken, self._open = self._open, fresh
                         frames, upto, forced = self._take_records()
                 if not lead:
-                    wait_on.signal.wait()
+                    if parked is not None:
+                        parked.acquire()  # released when the batch is settled
                     continue
                 self._write(frames)
             except BaseException as e:  # an OSError, or a signal's exception
@@ -647,9 +672,9 @@ class FileLog:
                 self._broken = failure
                 logger.critical("coordinator log %s failed: %s", self.node_dir, failure)
             if taken is not None:
-                taken.signal.set()
+                taken.settle()
             if failure is not None:
-                self._open.signal.set()  # its waiters get the LogError
+                self._open.settle()  # its waiters get the LogError
             elif self._forced_in_buffer or self._flush_wanted:
                 self._hand_over()
 
