@@ -4,12 +4,13 @@ Single-threaded, against private servers (or ``--pg-url``/``--mysql-url``): the 
 CPU time of the driver calls xatm makes, next to cheaper ways to make the same calls, so
 that the gains of the recommendations in ``docs/benchmarks.md`` can be estimated:
 
-* MariaDB: a statement through a new cursor per statement (xatm's ``_run``), through one
-  reused cursor, and through ``connection.cmd_query`` (no cursor);
+* MariaDB: a statement through a new cursor per statement (what xatm's first version did),
+  through one reused cursor, and through ``connection.cmd_query`` (no cursor);
 * PostgreSQL: one statement; the gid composed with ``psycopg.sql`` vs pre-quoted text; two
   statements in a pipeline (xatm's prepare) vs two statements in one simple-query string vs
   one statement alone;
-* threads: handing a no-op to a ``ThreadPoolExecutor`` and waiting for it (xatm's fan-out);
+* threads: handing a no-op to a ``ThreadPoolExecutor`` and waiting for it (the first
+  version's fan-out of the branches; they are now overlapped on one thread, ``xatm._parallel``);
 * ``xatm._xid.new_gtrid``;
 * the event hooks of one two-branch transaction (``xatm._events``: a timeline, its phase marks
   and six branch operations through the watched participants), with nobody listening, with
@@ -153,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
             cur.close()
 
         reused = my.cursor()
-        rows.append(("MariaDB: statement via a new cursor (xatm _run)", *measure(new_cursor, n)))
+        rows.append(("MariaDB: statement via a new cursor per statement", *measure(new_cursor, n)))
         rows.append(
             ("MariaDB: statement via a new buffered cursor", *measure(new_buffered_cursor, n))
         )
@@ -193,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
                 *measure(lambda: pg.execute(f"SELECT {quoted}"), n),
             )
         )
-        rows.append(("PG: two statements in a pipeline (xatm prepare)", *measure(pipelined, n)))
+        rows.append(("PG: two statements in a pipeline", *measure(pipelined, n)))
         rows.append(("PG: two statements in one simple-query string", *measure(multi, n)))
         pg.close()
 

@@ -361,8 +361,8 @@ class XatmMode:
             self._restore()
             raise
         try:
-            # Open the pooled connections before timing (private API: fine in a benchmark).
-            for name, pool in self.tm._ctx.resources.pools.items():
+            # Open the pooled connections before timing (through the manager's context).
+            for name, pool in self.tm.context.resources.pools.items():
                 conns = [pool.get() for _ in range(ctx.clients)]
                 if name == "maria":
                     self.mysql_kind = require_kind(conns[0], pure, "xatm's MariaDB pool")
@@ -376,7 +376,7 @@ class XatmMode:
         return XatmClient(self.tm, self.ctx.table)
 
     def log_counters(self) -> tuple[int, int] | None:
-        log: Any = self.tm._ctx.log
+        log: Any = self.tm.context.log
         return int(log.forces), int(log.forced_records)
 
     def close(self) -> None:
