@@ -286,16 +286,22 @@ def test_rotation_bounds_the_log_and_carries_pending_commits(
     assert only_segment(log).stat().st_size < segment_bytes
 
 
-def test_rotation_under_concurrent_commits(logdir: Path, opened: list[FileLog]) -> None:
-    log = open_log(opened, logdir, segment_bytes=1024)
+def hammer(
+    log: FileLog, *, commits: int, end_unless_multiple_of: int, check_durable: bool = False
+) -> None:
+    """8 threads each log ``commits`` COMMITs at once, and the END of each one whose number
+    is not a multiple of ``end_unless_multiple_of``; ``check_durable``: each COMMIT is read
+    back from disk when log_commit returns."""
     errors: list[BaseException] = []
 
     def work(t: int) -> None:
         try:
-            for i in range(50):
+            for i in range(commits):
                 g = gtrid(t * 1000 + i)
-                log.log_commit(g, ["pg1"])
-                if i % 5:
+                log.log_commit(g, ["pg1", "maria"])
+                if check_durable:
+                    assert g in read_log(log.node_dir).pending  # on disk on return
+                if i % end_unless_multiple_of:
                     log.log_end(g)
         except BaseException as e:  # pragma: no cover - reported below
             errors.append(e)
@@ -306,6 +312,11 @@ def test_rotation_under_concurrent_commits(logdir: Path, opened: list[FileLog]) 
     for th in threads:
         th.join()
     assert errors == []
+
+
+def test_rotation_under_concurrent_commits(logdir: Path, opened: list[FileLog]) -> None:
+    log = open_log(opened, logdir, segment_bytes=1024)
+    hammer(log, commits=50, end_unless_multiple_of=5)
     expected = {gtrid(t * 1000 + i) for t in range(8) for i in range(0, 50, 5)}
     assert set(log.pending()) == expected
     log = reopen(opened, log)
@@ -485,25 +496,7 @@ def test_group_commit_hands_flushes_to_one_flusher_that_stops_at_close(
     the END records queued without the lock reach the disk, and close() stops the flusher
     thread that led the flushes records waited for."""
     log = open_log(opened, logdir)
-    errors: list[BaseException] = []
-
-    def work(t: int) -> None:
-        try:
-            for i in range(40):
-                g = gtrid(t * 1000 + i)
-                log.log_commit(g, ["pg1", "maria"])
-                assert g in read_log(log.node_dir).pending  # on disk on return
-                if i % 4:
-                    log.log_end(g)
-        except BaseException as e:  # pragma: no cover - reported below
-            errors.append(e)
-
-    threads = [threading.Thread(target=work, args=(t,)) for t in range(8)]
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join()
-    assert errors == []
+    hammer(log, commits=40, end_unless_multiple_of=4, check_durable=True)
     assert log.forces < 8 * 40  # fsyncs were shared
     expected = {gtrid(t * 1000 + i) for t in range(8) for i in range(0, 40, 4)}
     assert set(log.pending()) == expected
