@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ._participant import Connection, Participant
+from ._participant import Participant
 from ._urls import ResourceSpec, redact
 from .errors import ConfigurationError, ResourceError
 
@@ -82,19 +82,6 @@ class DoctorReport:
         return {"ok": self.ok, "checks": [c.to_json() for c in self.checks]}
 
 
-def _one(participant: Participant, conn: Connection, sql: str) -> Any:
-    if participant.kind == "postgresql":
-        row = conn.execute(sql).fetchone()
-    else:
-        cur = conn.cursor()
-        try:
-            cur.execute(sql)
-            row = cur.fetchone()
-        finally:
-            cur.close()
-    return None if row is None else row[0]
-
-
 def check_resource(
     name: str, participant: Participant, timeout: float | None = None
 ) -> list[Check]:
@@ -107,12 +94,11 @@ def check_resource(
         return [Check(name, "reachable", False, f"{e}; is the server up and the URL right?")]
     try:
         try:
-            version = str(_one(participant, conn, "SELECT version()"))
+            version = participant.server_version(conn)
         except Exception as e:
             return [Check(name, "reachable", False, redact(f"{where}: {e}".strip()))]
-        short = version.split(" on ")[0] if participant.kind == "postgresql" else version
         checks = [
-            Check(name, "reachable", True, f"{where}: {short}"),
+            Check(name, "reachable", True, f"{where}: {version}"),
             Check(name, "driver", True, participant.driver_info(conn)),
         ]
         try:
@@ -121,18 +107,13 @@ def check_resource(
             return [*checks, Check(name, "2pc", False, redact(f"the check failed: {e}".strip()))]
         if problems:
             checks += [Check(name, "2pc", False, p) for p in problems]
-        elif participant.kind == "postgresql":
-            slots = _one(participant, conn, "SHOW max_prepared_transactions")
-            checks.append(Check(name, "2pc", True, f"max_prepared_transactions = {slots}"))
         else:
-            checks.append(
-                Check(name, "2pc", True, "prepared XA survives disconnect; XA RECOVER allowed")
-            )
+            checks.append(Check(name, "2pc", True, participant.two_phase_detail(conn)))
         try:
-            if participant.kind == "postgresql":
-                checks += _postgres_waits(name, participant, conn)
-            else:
-                checks += _mysql_waits(name, participant, conn, timeout)
+            checks += [
+                Check(name, f.check, f.ok, f.detail, f.advice)
+                for f in participant.wait_findings(conn, timeout)
+            ]
         except Exception as e:
             checks.append(
                 Check(name, "bounded-waits", True, redact(f"not checked: {e}".strip()), True)
@@ -140,132 +121,6 @@ def check_resource(
         return checks
     finally:
         participant.close(conn)
-
-
-def _advice(name: str, check: str, detail: str) -> Check:
-    return Check(name, check, True, detail, advice=True)
-
-
-def _postgres_waits(name: str, participant: Participant, conn: Connection) -> list[Check]:
-    """Bounded lock waits, dead clients noticed, connections kept for recovery."""
-    checks = []
-    version = int(_one(participant, conn, "SHOW server_version_num"))
-    lock = str(_one(participant, conn, "SHOW lock_timeout"))
-    statement = str(_one(participant, conn, "SHOW statement_timeout"))
-    if lock == "0":
-        checks.append(
-            _advice(
-                name,
-                "lock-timeout",
-                "lock_timeout is 0 on xatm's sessions (the URL's options turn it off): a"
-                " session waiting for a row that an in-doubt branch holds waits forever, and"
-                " such sessions can take every connection; let xatm set it (drop lock_timeout"
-                " from the URL's options) or set a value",
-            )
-        )
-    else:
-        checks.append(
-            Check(
-                name,
-                "lock-timeout",
-                True,
-                f"lock_timeout = {lock}, statement_timeout = {statement} (each transaction"
-                " sets its own from the time it has left)",
-            )
-        )
-    if version >= 140000:
-        interval = str(_one(participant, conn, "SHOW client_connection_check_interval"))
-        if interval == "0":
-            checks.append(
-                _advice(
-                    name,
-                    "dead-clients",
-                    "client_connection_check_interval is 0: a backend waiting for a lock does"
-                    " not notice that its client died; set it (for example to '10s' in"
-                    " postgresql.conf, or ALTER ROLE ... SET) so such backends go at once",
-                )
-            )
-        else:
-            checks.append(
-                Check(name, "dead-clients", True, f"client_connection_check_interval = {interval}")
-            )
-    checks.append(_postgres_headroom(name, participant, conn, version))
-    return checks
-
-
-def _postgres_headroom(
-    name: str, participant: Participant, conn: Connection, version: int
-) -> Check:
-    """Can recovery still connect when the applications have taken every connection?"""
-    keep = " (each TransactionManager also keeps one recovery connection per resource open)"
-    if version >= 160000:
-        reserved = int(_one(participant, conn, "SHOW reserved_connections"))
-        if reserved > 0:
-            return Check(
-                name,
-                "recovery-headroom",
-                True,
-                f"reserved_connections = {reserved}: run `xatm recover` as a role granted"
-                " pg_use_reserved_connections",
-            )
-        return _advice(
-            name,
-            "recovery-headroom",
-            "no connections are kept for recovery: set reserved_connections (for example 3)"
-            " and GRANT pg_use_reserved_connections TO the role that runs `xatm recover`, so"
-            " that it gets in when waiting sessions have taken every connection" + keep,
-        )
-    limit = int(
-        _one(
-            participant,
-            conn,
-            "SELECT rolconnlimit FROM pg_roles WHERE rolname = current_user",
-        )
-    )
-    usable = int(
-        _one(
-            participant,
-            conn,
-            "SELECT current_setting('max_connections')::int"
-            " - current_setting('superuser_reserved_connections')::int",
-        )
-    )
-    if 0 <= limit < usable:
-        return Check(
-            name,
-            "recovery-headroom",
-            True,
-            f"this role may open {limit} of the {usable} connections: run `xatm recover` as"
-            " another role to use the rest",
-        )
-    return _advice(
-        name,
-        "recovery-headroom",
-        "no connections are kept for recovery (reserved_connections needs PostgreSQL 16):"
-        f" limit the applications' role below the {usable} connections the server allows"
-        " (ALTER ROLE ... CONNECTION LIMIT n) and run `xatm recover` as another role, or"
-        " as a superuser (superuser_reserved_connections)" + keep,
-    )
-
-
-def _mysql_waits(
-    name: str, participant: Participant, conn: Connection, timeout: float | None
-) -> list[Check]:
-    """InnoDB bounds every lock wait: by no more than the transaction timeout?"""
-    wait = float(_one(participant, conn, "SELECT @@innodb_lock_wait_timeout"))
-    if timeout is not None and wait > timeout:
-        return [
-            _advice(
-                name,
-                "lock-timeout",
-                f"innodb_lock_wait_timeout is {wait:g} s, above the transaction timeout"
-                f" ({timeout:g} s): a statement may still wait for a lock after its"
-                f" transaction ran out of time; set it to at most {int(timeout)}"
-                f" (SET GLOBAL innodb_lock_wait_timeout = {int(timeout)}, and in the"
-                " server's configuration)",
-            )
-        ]
-    return [Check(name, "lock-timeout", True, f"innodb_lock_wait_timeout = {wait:g} s")]
 
 
 def _filesystem(path: Path) -> str | None:
@@ -373,7 +228,7 @@ def check_shared_log(url: str | ResourceSpec) -> list[Check]:
     except ResourceError as e:
         return [Check("log", "shared-log", False, f"{e}; is the server up and the URL right?")]
     try:
-        version = str(_one(participant, conn, "SHOW server_version"))
+        version = str(participant.scalar(conn, "SHOW server_version"))
     except Exception as e:
         return [Check("log", "shared-log", False, redact(f"{spec.redacted()}: {e}".strip()))]
     finally:

@@ -35,11 +35,13 @@ import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from ._mysql_drivers import DRIVERS, MySQLDriver, by_name
+from . import _mysql_health as _health
+from ._mysql_drivers import DRIVERS, MySQLDriver, by_name, for_connection
 from ._participant import (
     CANNOT_TELL,
     BranchVotedNo,
     Cursor,
+    Finding,
     Finished,
     PhaseTwo,
     Prepared,
@@ -51,6 +53,8 @@ from ._urls import DEFAULT_CONNECT_TIMEOUT, Kind, ResourceSpec, redact
 from ._xid import Xid
 from .errors import ConfigurationError, ResourceUnavailable
 
+#: where ``adopt`` keeps a pooled connection's own autocommit setting
+_AUTOCOMMIT_KEY = "xatm.autocommit"
 XAER_NOTA = 1397
 XAER_RMERR = 1401
 ER_DUP_ENTRY = frozenset({1062, 1586})  # ER_DUP_ENTRY, ER_DUP_ENTRY_WITH_KEY_NAME
@@ -275,6 +279,33 @@ class MySQLParticipant:
             xid = Xid.from_mysql(format_id, glen, blen, raw)
             found.append(PreparedBranch(xid, f"{format_id}:{raw.hex()}:{glen}:{blen}"))
         return found
+
+    def adopt(self, conn: Any, info: dict[str, Any]) -> bool:
+        driver = for_connection(conn)
+        if _AUTOCOMMIT_KEY not in info:
+            info[_AUTOCOMMIT_KEY] = driver.get_autocommit(conn)  # once per connection
+        autocommit = bool(info[_AUTOCOMMIT_KEY])
+        driver.consume(conn)
+        if driver.in_transaction(conn):  # an engine's pool does not reset on return
+            conn.rollback()  # (mysql-connector, PyMySQL: known without a round trip)
+        if not autocommit:
+            driver.set_autocommit(conn, True)
+        return autocommit
+
+    def set_autocommit(self, conn: Any, on: bool) -> None:
+        for_connection(conn).set_autocommit(conn, on)
+
+    def scalar(self, conn: Any, sql: str) -> Any:
+        return _health.scalar(conn, sql)
+
+    def server_version(self, conn: Any) -> str:
+        return str(_health.scalar(conn, "SELECT version()"))
+
+    def two_phase_detail(self, conn: Any) -> str:
+        return "prepared XA survives disconnect; XA RECOVER allowed"
+
+    def wait_findings(self, conn: Any, timeout: float | None) -> list[Finding]:
+        return _health.wait_findings(conn, timeout)
 
     def check(self, conn: Any) -> list[str]:
         problems = []

@@ -83,6 +83,17 @@ class PreparedBranch:
     owner: str | None = None  # the role that prepared it, where the server knows it
 
 
+@dataclass(frozen=True, slots=True)
+class Finding:
+    """One thing ``xatm doctor`` reports of a resource's configuration: ``ok`` False makes
+    the resource unfit; ``advice``: fit, but a setting an operator should change."""
+
+    check: str
+    ok: bool
+    detail: str
+    advice: bool = False
+
+
 class Participant(Protocol):
     """Drives one resource through its driver."""
 
@@ -160,6 +171,29 @@ class Participant(Protocol):
 
     def check(self, conn: Connection) -> list[str]:
         """Problems that make the resource unfit for 2PC, each saying what to change."""
+
+    def adopt(self, conn: Connection, info: dict[str, Any]) -> bool:
+        """Take a connection from an application's pool (a SQLAlchemy engine's) for a
+        branch: roll back what the pool left open, switch it to autocommit (xatm begins its
+        branches itself) and match its session to the engine's settings; returns the
+        connection's own autocommit setting, to be given back. ``info`` is the pool's
+        dictionary of this connection (what is learnt once per connection is kept there)."""
+
+    def set_autocommit(self, conn: Connection, on: bool) -> None:
+        """Switch a connection's autocommit (to give an adopted connection back)."""
+
+    def scalar(self, conn: Connection, sql: str) -> Any:
+        """The first column of the first row of ``sql`` (None if it returns no row)."""
+
+    def server_version(self, conn: Connection) -> str:
+        """The server's name and version, short (for ``xatm doctor``)."""
+
+    def two_phase_detail(self, conn: Connection) -> str:
+        """What makes a resource that ``check`` passed fit for 2PC, in a few words."""
+
+    def wait_findings(self, conn: Connection, timeout: float | None) -> list[Finding]:
+        """``xatm doctor``'s findings on bounded waits and recovery's headroom, judged
+        against the transaction ``timeout``."""
 
     #: ``CREATE TABLE IF NOT EXISTS xatm_decisions (...)`` in this server's dialect
     marker_ddl: str

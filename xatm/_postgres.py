@@ -41,10 +41,12 @@ import psycopg
 from psycopg import sql
 from psycopg.pq import TransactionStatus
 
+from . import _postgres_health as _health
 from ._participant import (
     CANNOT_TELL,
     BranchVotedNo,
     Cursor,
+    Finding,
     Finished,
     PhaseTwo,
     Prepared,
@@ -63,6 +65,8 @@ from ._xid import Xid
 from .errors import ResourceUnavailable
 
 UNDEFINED_OBJECT = "42704"
+#: where ``adopt`` notes the isolation level it set on a pooled connection
+_ISOLATION_KEY = "xatm.isolation"
 UNIQUE_VIOLATION = "23505"
 UNDEFINED_TABLE = "42P01"
 
@@ -326,6 +330,38 @@ class PostgresParticipant:
         return [
             PreparedBranch(Xid.from_pg_gid(gid), gid, float(at), owner) for gid, at, owner in rows
         ]
+
+    def adopt(self, conn: psycopg.Connection[Any], info: dict[str, Any]) -> bool:
+        if conn.info.transaction_status != TransactionStatus.IDLE:
+            conn.rollback()  # an engine's pool does not reset on return: do it here
+        autocommit = bool(conn.autocommit)
+        if not autocommit:
+            conn.autocommit = True  # client-side only: no round trip
+        level = conn.isolation_level
+        if level is not None and info.get(_ISOLATION_KEY) != level:
+            # psycopg applies an engine's isolation_level to the transactions it begins
+            # itself; xatm's explicit BEGIN takes the session default: make it the same
+            # (once per connection; harmless to psycopg's own, explicit, BEGINs)
+            words = str(level.name).replace("_", " ")
+            conn.execute(f"SET SESSION CHARACTERISTICS AS TRANSACTION ISOLATION LEVEL {words}")
+            info[_ISOLATION_KEY] = level
+        return autocommit
+
+    def set_autocommit(self, conn: psycopg.Connection[Any], on: bool) -> None:
+        conn.autocommit = on
+
+    def scalar(self, conn: psycopg.Connection[Any], sql: str) -> Any:
+        return _health.scalar(conn, sql)
+
+    def server_version(self, conn: psycopg.Connection[Any]) -> str:
+        return str(_health.scalar(conn, "SELECT version()")).split(" on ")[0]
+
+    def two_phase_detail(self, conn: psycopg.Connection[Any]) -> str:
+        slots = _health.scalar(conn, "SHOW max_prepared_transactions")
+        return f"max_prepared_transactions = {slots}"
+
+    def wait_findings(self, conn: psycopg.Connection[Any], timeout: float | None) -> list[Finding]:
+        return _health.wait_findings(conn)
 
     def check(self, conn: psycopg.Connection[Any]) -> list[str]:
         problems = []

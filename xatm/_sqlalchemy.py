@@ -39,7 +39,6 @@ import threading
 import weakref
 from typing import TYPE_CHECKING, Any
 
-from . import _mysql_drivers
 from ._pool import Pool
 from ._urls import ResourceSpec, parse_url, redact
 from .errors import ConfigurationError, ResourceUnavailable
@@ -67,8 +66,6 @@ _MYSQL_DIALECTS = {
 }
 #: ``proxied.info`` keys: a connection's own autocommit setting, and the isolation level
 #: already made the session default on it (PostgreSQL)
-_AUTOCOMMIT_KEY = "xatm.autocommit"
-_ISOLATION_KEY = "xatm.isolation"
 
 
 def is_engine(value: object) -> bool:
@@ -151,7 +148,7 @@ class EnginePool(Pool):
             ) from None
         conn = proxied.driver_connection
         try:
-            autocommit = self._enter_autocommit(proxied, conn)
+            autocommit = self.participant.adopt(conn, proxied.info)
         except Exception as e:
             with contextlib.suppress(Exception):
                 proxied.invalidate(e)
@@ -166,37 +163,6 @@ class EnginePool(Pool):
             self._out[id(conn)] = _Checkout(proxied, autocommit)
         return conn
 
-    def _enter_autocommit(self, proxied: Any, conn: Any) -> bool:
-        """Switch ``conn`` to autocommit; returns its own setting (kept in ``proxied.info``)."""
-        info = proxied.info
-        if self.participant.kind == "postgresql":
-            from psycopg.pq import TransactionStatus
-
-            if conn.info.transaction_status != TransactionStatus.IDLE:
-                conn.rollback()  # the engine's pool does not reset on return: do it here
-            autocommit = bool(conn.autocommit)
-            if not autocommit:
-                conn.autocommit = True  # client-side only: no round trip
-            level = conn.isolation_level
-            if level is not None and info.get(_ISOLATION_KEY) != level:
-                # psycopg applies an engine's isolation_level to the transactions it begins
-                # itself; xatm's explicit BEGIN takes the session default: make it the same
-                # (once per connection; harmless to psycopg's own, explicit, BEGINs)
-                words = str(level.name).replace("_", " ")
-                conn.execute(f"SET SESSION CHARACTERISTICS AS TRANSACTION ISOLATION LEVEL {words}")
-                info[_ISOLATION_KEY] = level
-            return autocommit
-        driver = _mysql_drivers.for_connection(conn)
-        if _AUTOCOMMIT_KEY not in info:
-            info[_AUTOCOMMIT_KEY] = driver.get_autocommit(conn)  # once per connection
-        autocommit = bool(info[_AUTOCOMMIT_KEY])
-        driver.consume(conn)
-        if driver.in_transaction(conn):  # the engine's pool does not reset on return
-            conn.rollback()  # (mysql-connector, PyMySQL: known without a round trip)
-        if not autocommit:
-            driver.set_autocommit(conn, True)
-        return autocommit
-
     def put(self, conn: Connection) -> None:
         with self._lock:
             out = self._out.pop(id(conn), None)
@@ -208,7 +174,7 @@ class EnginePool(Pool):
             return
         try:
             if not out.autocommit:
-                self._set_autocommit(conn, False)
+                self.participant.set_autocommit(conn, False)
         except Exception:
             self._invalidate(out)
             return
@@ -227,12 +193,6 @@ class EnginePool(Pool):
             self.participant.close(conn)
         else:
             self._invalidate(out)
-
-    def _set_autocommit(self, conn: Connection, on: bool) -> None:
-        if self.participant.kind == "postgresql":
-            conn.autocommit = on
-        else:
-            _mysql_drivers.for_connection(conn).set_autocommit(conn, on)
 
     @staticmethod
     def _invalidate(out: _Checkout) -> None:
