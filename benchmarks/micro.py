@@ -54,7 +54,7 @@ class _Idle:
         self.name, self.spec = name, parse_url(url)
         self.kind = self.spec.kind
 
-    def begin(self, conn: Any, xid: Any) -> None:
+    def begin(self, conn: Any, xid: Any, timeout: float | None = None) -> None:
         pass
 
     def start_prepare(self, conn: Any, xid: Any) -> Callable[[], Prepared]:
