@@ -11,7 +11,6 @@ from collections.abc import Sequence
 from typing import Any
 
 import psycopg
-from psycopg import sql
 from psycopg.pq import TransactionStatus
 
 from ._participant import Cursor, PhaseTwo, Prepared, Statement, Vote
@@ -76,9 +75,8 @@ class AsyncPostgres:
 
     async def prepare(self, conn: AsyncConn, xid: Xid) -> Prepared:
         check_open(conn)
-        gid = sql.Literal(xid.to_pg_gid())
         try:
-            cur = await conn.execute(prepare_statement(gid))
+            cur = await conn.execute(prepare_statement(xid))
             row = await cur.fetchone()
             cur.nextset()
         except psycopg.Error as e:
@@ -87,7 +85,7 @@ class AsyncPostgres:
         if vote is not None:
             return vote
         try:  # read-only: finish it now (if that fails, an ordinary prepared branch)
-            await conn.execute(finish_statement("COMMIT", gid))
+            await conn.execute(finish_statement("COMMIT", xid))
         except psycopg.Error:
             return Prepared(Vote.PREPARED)
         return Prepared(Vote.READ_ONLY)
@@ -121,7 +119,7 @@ class AsyncPostgres:
 
     async def _finish(self, conn: AsyncConn, verb: str, xid: Xid) -> PhaseTwo:
         try:
-            await conn.execute(finish_statement(verb, sql.Literal(xid.to_pg_gid())))
+            await conn.execute(finish_statement(verb, xid))
         except psycopg.Error as e:
             if not_found(e):
                 return PhaseTwo.NOT_FOUND

@@ -8,7 +8,7 @@ Facts handled here (numbered and sourced in docs/protocol.md, section 11):
 
 * the gid is a string literal in the grammar: it is sent quoted (:func:`gid_literal`, which
   refuses any gid that is not of the base64 shape xatm writes, so nothing in it needs
-  escaping; the asyncio participant composes it with ``psycopg.sql.Literal``);
+  escaping), by the sync and the asyncio participant alike;
 * ``PREPARE TRANSACTION`` in a failed transaction does not raise, it answers ``ROLLBACK``:
   the command tag is checked, and a failed transaction votes no without asking;
 * ``COMMIT PREPARED`` of an unknown gid is SQLSTATE 42704 (``PhaseTwo.NOT_FOUND``);
@@ -38,7 +38,6 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import psycopg
-from psycopg import sql
 from psycopg.pq import TransactionStatus
 
 from . import _postgres_health as _health
@@ -200,28 +199,27 @@ class PostgresParticipant:
 
     def prepare(self, conn: psycopg.Connection[Any], xid: Xid) -> Prepared:
         self._check_open(conn)
-        gid = gid_literal(xid)
         try:
             # one round trip, simple protocol: the branch's transaction id (NULL if it wrote
             # nothing) and the prepare itself
-            cur = conn.execute(PREPARE.format(gid))
+            cur = conn.execute(prepare_statement(xid))
             row = cur.fetchone()
             cur.nextset()
         except psycopg.Error as e:
             raise prepare_failed(e) from e
-        return self._vote(conn, gid, cur.statusmessage, row)
+        return self._vote(conn, xid, cur.statusmessage, row)
 
     def _check_open(self, conn: psycopg.Connection[Any]) -> None:
         check_open(conn)
 
-    def _vote(self, conn: psycopg.Connection[Any], gid: str, tag: str | None, row: Any) -> Prepared:
+    def _vote(self, conn: psycopg.Connection[Any], xid: Xid, tag: str | None, row: Any) -> Prepared:
         """The vote, from PREPARE's command tag and the branch's transaction id."""
         vote = vote_of(tag, row)
         if vote is None:
             # Read-only: nothing to commit, whatever the decision. Finish it now; if that
             # fails it is an ordinary prepared branch (presumed abort: harmless).
             try:
-                conn.execute(FINISH.format("COMMIT", gid))
+                conn.execute(finish_statement("COMMIT", xid))
             except psycopg.Error:
                 return Prepared(Vote.PREPARED)
             return Prepared(Vote.READ_ONLY)
@@ -231,13 +229,12 @@ class PostgresParticipant:
         """Send the prepare without waiting (pipeline mode); the returned call waits for
         the answer. Meanwhile the caller can work on other branches."""
         self._check_open(conn)
-        gid = gid_literal(xid)
         # the transaction id query and the prepare, both on the wire before this returns
         pipeline = conn.pipeline()
         try:
             pipeline.__enter__()
             ids = conn.execute(TXID)
-            cur = conn.execute(PREPARE_ONLY.format(gid))
+            cur = conn.execute(PREPARE_ONLY.format(gid_literal(xid)))
         except BaseException as e:
             _leave(pipeline, e)
             if isinstance(e, psycopg.Error):
@@ -250,7 +247,7 @@ class PostgresParticipant:
                 row = ids.fetchone()
             except psycopg.Error as e:
                 raise prepare_failed(e) from e
-            return self._vote(conn, gid, cur.statusmessage, row)
+            return self._vote(conn, xid, cur.statusmessage, row)
 
         return finish
 
@@ -289,7 +286,7 @@ class PostgresParticipant:
         pipeline = conn.pipeline()
         try:
             pipeline.__enter__()
-            conn.execute(FINISH.format("COMMIT", gid_literal(xid)))
+            conn.execute(finish_statement("COMMIT", xid))
         except BaseException as e:
             _leave(pipeline, e)
             raise
@@ -310,7 +307,7 @@ class PostgresParticipant:
 
     def _finish(self, conn: psycopg.Connection[Any], verb: str, xid: Xid) -> PhaseTwo:
         try:
-            conn.execute(FINISH.format(verb, gid_literal(xid)))
+            conn.execute(finish_statement(verb, xid))
         except psycopg.Error as e:
             if not_found(e):
                 return PhaseTwo.NOT_FOUND
@@ -517,14 +514,14 @@ def gid_literal(xid: Xid) -> str:
     return f"'{gid}'"
 
 
-def prepare_statement(gid: sql.Literal) -> sql.Composed:
+def prepare_statement(xid: Xid) -> str:
     """The branch's transaction id (NULL if it wrote nothing) and the prepare, one query."""
-    return sql.SQL(PREPARE).format(gid)
+    return PREPARE.format(gid_literal(xid))
 
 
-def finish_statement(verb: str, gid: sql.Literal) -> sql.Composed:
-    """``COMMIT PREPARED`` or ``ROLLBACK PREPARED`` (``verb``) of ``gid``."""
-    return sql.SQL(FINISH.replace("{}", verb, 1)).format(gid)
+def finish_statement(verb: str, xid: Xid) -> str:
+    """``COMMIT PREPARED`` or ``ROLLBACK PREPARED`` (``verb``) of ``xid``."""
+    return FINISH.format(verb, gid_literal(xid))
 
 
 def check_open(conn: Any) -> None:
