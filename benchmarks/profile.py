@@ -16,6 +16,9 @@ Two instruments, on the same private servers as ``benchmarks.run``:
   write+fsync, fsyncs per transaction and the share led by the log's flusher thread. The
   report gives the mean milliseconds per transaction of every step, raw next to xatm, and
   what remains (Python overhead of xatm outside the steps).
+* **Client CPU per step.** The same wrappers also take each step's `time.thread_time()`:
+  CPU adds up where round trips overlap, so the transaction's CPU minus its steps' (and
+  minus the wrappers' own cost, measured with a timed no-op) is xatm's own Python.
 * **Sampling** (``--pyspy``, needs ``py-spy``: ``pip install py-spy`` into the venv). py-spy
   samples every thread of this process (idle ones too) during one xatm window; each
   client-thread sample is put in a category by its innermost frame: waiting on a
@@ -65,39 +68,51 @@ END_MARK = "<!-- profile: end -->"
 
 
 class StepTimer:
-    """Thread-safe totals: label -> (seconds, calls)."""
+    """Thread-safe totals: label -> [wall seconds, calls, client-thread CPU seconds].
+
+    The CPU is ``time.thread_time()`` of the thread that ran the step: unlike wall time it
+    adds up even where round trips overlap, so a transaction's CPU minus its steps' CPU is
+    the coordinator's own Python around them."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self.totals: dict[str, list[float]] = collections.defaultdict(lambda: [0.0, 0])
+        self.totals: dict[str, list[float]] = collections.defaultdict(lambda: [0.0, 0, 0.0])
         self.enabled = False
 
-    def add(self, label: str, seconds: float) -> None:
+    def add(self, label: str, seconds: float, cpu: float = 0.0) -> None:
         if self.enabled:
             with self._lock:
                 slot = self.totals[label]
                 slot[0] += seconds
                 slot[1] += 1
+                slot[2] += cpu
 
     def reset(self) -> None:
         with self._lock:
             self.totals.clear()
 
     def timed(self, label: str, fn: Callable[..., Any]) -> Callable[..., Any]:
-        perf = time.perf_counter
+        perf, cpu = time.perf_counter, time.thread_time
 
         @functools.wraps(fn)
         def wrapper(*args: Any, **kwargs: Any) -> Any:
-            t0 = perf()
+            t0, c0 = perf(), cpu()
             try:
                 return fn(*args, **kwargs)
             finally:
-                self.add(label, perf() - t0)
+                self.add(label, perf() - t0, cpu() - c0)
 
         return wrapper
 
 
 # --------------------------------------------------------------------------- raw, timed
+
+
+class _Clock:
+    @staticmethod
+    def now() -> tuple[float, float]:
+        """(wall, this thread's CPU) seconds."""
+        return time.perf_counter(), time.thread_time()
 
 
 class TimedRawClient:
@@ -116,7 +131,7 @@ class TimedRawClient:
         self.n += 1
         gid = f"{self.prefix}{self.n}"
         xid = f"X'{gid.encode().hex()}'"
-        perf, add = time.perf_counter, self.t.add
+        perf, add = _Clock.now, self.t.add
         t0 = perf()
         self.pg.execute("BEGIN")
         t1 = perf()
@@ -149,7 +164,7 @@ class TimedRawClient:
             ("phase2", t6, t8),
             ("transaction", t0, t8),
         ):
-            add(label, b - a)
+            add(label, b[0] - a[0], b[1] - a[1])
 
     def close(self) -> None:
         self.pg.close()
@@ -219,9 +234,9 @@ class _TimedClient:
     def transfer(self, debit: int, credit: int, amount: int) -> None:
         self.phases.spans.clear()
         self.phases.overlapped.clear()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.thread_time()
         self.inner.transfer(debit, credit, amount)
-        self.timer.add("transaction", time.perf_counter() - t0)
+        self.timer.add("transaction", time.perf_counter() - t0, time.thread_time() - c0)
         self.phases.flush(self.timer)
 
     def close(self) -> None:
@@ -262,18 +277,18 @@ class TimedXatmMode:
     def _timed_step(
         self, resource: str, step: str, method: str, fn: Callable[..., Any], answer: bool
     ) -> Callable[..., Any]:
-        timer, phases, perf = self.timer, self.phases, time.perf_counter
+        timer, phases, perf, cpu = self.timer, self.phases, time.perf_counter, time.thread_time
         label, phase = f"{resource}.{step}", _PHASES.get(step)
         started = method.startswith("start_")
 
         def finishing(finish: Callable[[], Any]) -> Callable[[], Any]:
             def done() -> Any:
-                s = perf()
+                s, cs = perf(), cpu()
                 try:
                     return finish()
                 finally:
                     e = perf()
-                    timer.add(label, e - s)
+                    timer.add(label, e - s, cpu() - cs)
                     if answer:
                         timer.add(f"{label}: wait for the answer", e - s)
                     phases.note(phase, s, e)
@@ -285,13 +300,13 @@ class TimedXatmMode:
             if phases.depth:  # e.g. MariaDB's start_prepare calling prepare: timed once
                 return fn(*args, **kwargs)
             phases.depth += 1
-            t0 = perf()
+            t0, c0 = perf(), cpu()
             try:
                 out = fn(*args, **kwargs)
             finally:
                 phases.depth -= 1
                 t1 = perf()
-                timer.add(label, t1 - t0)
+                timer.add(label, t1 - t0, cpu() - c0)
                 phases.note(phase, t0, t1)
             if started:
                 if phase is not None:
@@ -302,15 +317,15 @@ class TimedXatmMode:
         return wrapper
 
     def _timed_write(self, write: Callable[[list[bytes]], None]) -> Callable[[list[bytes]], None]:
-        timer, perf = self.timer, time.perf_counter
+        timer, perf, cpu = self.timer, time.perf_counter, time.thread_time
 
         def wrapped(batch: list[bytes]) -> None:
-            t0 = perf()
+            t0, c0 = perf(), cpu()
             try:
                 write(batch)
             finally:
                 if batch:
-                    timer.add("log fsync", perf() - t0)
+                    timer.add("log fsync", perf() - t0, cpu() - c0)
                     if threading.current_thread().name.startswith("xatm-log-"):
                         timer.add("log fsync by the flusher thread", 0.0)
 
@@ -580,6 +595,101 @@ def step_table(
     return "\n".join(lines)
 
 
+#: leaf steps of the client thread, for the CPU table (CPU adds up where round trips
+#: overlap, so phases are given by their branch steps)
+CPU_ROWS = (
+    ("tm.transaction()", "new Transaction (gtrid, registry)"),
+    ("pg.pool.get", "PG: pool get"),
+    ("pg.begin", "PG: BEGIN"),
+    ("pg.execute", "PG: UPDATE (debit)"),
+    ("maria.pool.get", "MariaDB: pool get"),
+    ("maria.begin", "MariaDB: XA START"),
+    ("maria.execute", "MariaDB: UPDATE (credit)"),
+    ("pg.prepare", "PG: PREPARE TRANSACTION"),
+    ("maria.prepare", "MariaDB: XA END + XA PREPARE"),
+    ("log.commit (force)", "log: COMMIT record forced (this thread's write+fsync, or its wait)"),
+    ("pg.commit_one_phase", "PG: decision row + COMMIT (marker: the decision)"),
+    ("pg.commit_prepared", "PG: COMMIT PREPARED"),
+    ("maria.commit_prepared", "MariaDB: XA COMMIT"),
+    ("log.end", "log: END record (queued, lazy)"),
+    ("pg.pool.put", "PG: pool put"),
+    ("maria.pool.put", "MariaDB: pool put"),
+)
+
+
+def cpu_per_tx(timer: StepTimer, label: str, txs: int) -> float | None:
+    """Microseconds of client-thread CPU per transaction spent in ``label``."""
+    slot = timer.totals.get(label)
+    if slot is None or not txs:
+        return None
+    return 1e6 * slot[2] / txs
+
+
+def wrapper_cost(n: int = 20_000) -> float:
+    """Client CPU, in µs, that one ``StepTimer.timed`` wrapper adds to the call it times."""
+    timer = StepTimer()
+    timer.enabled = True
+
+    def noop() -> None:
+        pass
+
+    timed = timer.timed("noop", noop)
+    c0 = time.thread_time()
+    for _ in range(n):
+        noop()
+    bare = time.thread_time() - c0
+    c0 = time.thread_time()
+    for _ in range(n):
+        timed()
+    return max(0.0, 1e6 * (time.thread_time() - c0 - bare) / n)
+
+
+def cpu_table(
+    clients: int,
+    timings: dict[str, tuple[StepTimer, int, float]],
+    modes: Sequence[str],
+    wrapper_us: float,
+) -> str:
+    """Client-thread CPU per step (``time.thread_time``), µs per transaction: unlike the
+    wall times it adds up, so the transaction's CPU minus its steps' (and minus the timing
+    wrappers' own cost, ``wrapper_us`` per wrapped call) is the coordinator's own Python."""
+    head = " | ".join(f"{m} CPU µs/tx" for m in modes)
+    plural = "s" if clients > 1 else ""
+    lines = [f"| client-thread CPU per step ({clients} client{plural}) | {head} |"]
+    lines.append("|---|" + "---:|" * len(modes))
+
+    def fmt(v: float | None) -> str:
+        return "-" if v is None else f"{v:.1f}"
+
+    def row(text: str, cells: Sequence[str]) -> None:
+        lines.append(f"| {text} | " + " | ".join(cells) + " |")
+
+    for label, text in CPU_ROWS:
+        values = [cpu_per_tx(timings[m][0], label, timings[m][1]) for m in modes]
+        if any(v is not None for v in values):
+            row(text, [fmt(v) for v in values])
+    outside, totals, wrappers, fsync_cpu = [], [], [], []
+    for m in modes:
+        timer, txs, _ = timings[m]
+        total = cpu_per_tx(timer, "transaction", txs)
+        steps = [cpu_per_tx(timer, label, txs) for label, _ in CPU_ROWS]
+        inside = sum(v for v in steps if v is not None)
+        # xatm's steps are timed by wrappers, whose own CPU lands outside the steps
+        calls = sum(timer.totals[label][1] for label, _ in CPU_ROWS if label in timer.totals)
+        cost = calls / txs * wrapper_us if txs and m != "raw" else 0.0
+        wrappers.append("-" if m == "raw" else f"{cost:.1f}")
+        outside.append(fmt(None if total is None else total - inside - cost))
+        totals.append(fmt(total))
+        slot = timer.totals.get("log fsync")
+        fsync_cpu.append("-" if slot is None or not slot[1] else f"{1e6 * slot[2] / slot[1]:.1f}")
+    row(f"the timing wrappers' own CPU ({wrapper_us:.1f} µs per wrapped call)", wrappers)
+    row("outside the steps (raw: the harness; xatm: its own Python)", outside)
+    row("**transaction, client thread**", totals)
+    if any(v != "-" for v in fsync_cpu):
+        row("one log write+fsync: CPU of the thread leading it, per fsync", fsync_cpu)
+    return "\n".join(lines)
+
+
 def spy_table(clients: int, found: dict[str, collections.Counter[str]]) -> str:
     lines = [
         f"| where xatm's client threads are ({clients} clients, py-spy) | share of samples |",
@@ -768,7 +878,11 @@ def main(argv: list[str] | None = None) -> int:
             for clients in client_counts:
                 ctx = RunContext(servers.urls, "bench_prof", clients, workdir)
                 timings = _timed_rounds(ctx, args, ledger)
-                part = [step_table(clients, timings, PROFILED)]
+                part = [
+                    step_table(clients, timings, PROFILED),
+                    "",
+                    cpu_table(clients, timings, PROFILED, wrapper_cost()),
+                ]
                 if args.pyspy:
                     wall, gil = _sampled_runs(ctx, args, ledger, workdir)
                     part += ["", spy_table(clients, wall), "", gil_table(clients, gil)]

@@ -89,6 +89,18 @@ def test_profile_times_every_step(servers: Servers, capsys: pytest.CaptureFixtur
     ):
         line = next(x for x in text.splitlines() if row in x)
         assert line.count("|") == 6 and "nan" not in line
+    # the client-thread CPU of every step, which adds up where the wall times overlap
+    cpu_head = "| client-thread CPU per step (1 client) | raw CPU µs/tx | xatm CPU µs/tx |"
+    assert cpu_head in text
+    for row in (
+        "| PG: COMMIT PREPARED |",
+        "| log: COMMIT record forced",
+        "| outside the steps (raw: the harness; xatm: its own Python) |",
+        "| **transaction, client thread** |",
+        "| one log write+fsync: CPU of the thread leading it, per fsync |",
+    ):
+        line = next(x for x in text.splitlines() if x.startswith(row))
+        assert line.count("|") == 6 and "nan" not in line
 
 
 def test_micro_benchmark_runs(servers: Servers, capsys: pytest.CaptureFixture[str]) -> None:
