@@ -16,7 +16,7 @@ Two instruments, on the same private servers as ``benchmarks.run``:
   write+fsync, fsyncs per transaction and the share led by the log's flusher thread. The
   report gives the mean milliseconds per transaction of every step, raw next to xatm, and
   what remains (Python overhead of xatm outside the steps).
-* **Client CPU per step.** The same wrappers also take each step's `time.thread_time()`:
+* **Client CPU per step.** The same wrappers also take each step's ``time.thread_time()``:
   CPU adds up where round trips overlap, so the transaction's CPU minus its steps' (and
   minus the wrappers' own cost, measured with a timed no-op) is xatm's own Python.
 * **Sampling** (``--pyspy``, needs ``py-spy``: ``pip install py-spy`` into the venv). py-spy
