@@ -325,3 +325,99 @@ def test_a_flipped_bit_in_the_last_records_checksum_or_payload_is_corruption(
     with tempfile.TemporaryDirectory() as tmp:
         corrupt, _ = scan(Path(tmp), bytes(flipped))
     assert corrupt is not None, (offset, bit)
+
+
+# -- preallocated segments: the newest one ends in zeros never written ----------------------
+
+
+@PROPERTY
+@given(records, st.integers(1, 4096))
+def test_a_preallocated_tail_of_the_newest_segment_is_unused_space(
+    recs: list[LogRecord], zeros: int
+) -> None:
+    segment, _ = _segment(recs)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "seg-00000001.xlog"
+        path.write_bytes(segment + bytes(zeros))
+        result = scan_segment(path, newest=True)
+        # every record, nothing torn, nothing corrupt: the zeros are space never written
+        assert (result.corrupt, list(result.records)) == (None, recs)
+        assert (result.size, result.torn, result.unused) == (len(segment), 0, zeros)
+        # an older segment was cut to its written length before a newer one began: zeros
+        # at its end are damage
+        assert scan_segment(path, newest=False).corrupt is not None
+
+
+@PROPERTY
+@given(records, st.data())
+def test_a_flipped_bit_in_the_last_record_is_corruption_in_preallocated_space(
+    recs: list[LogRecord], data: st.DataObject
+) -> None:
+    segment, starts = _segment(recs)
+    offset = data.draw(st.integers(starts[-1] + 4, len(segment) - 1))  # not its length field
+    bit = data.draw(st.integers(0, 7))
+    flipped = bytearray(segment)
+    flipped[offset] ^= 1 << bit
+    if flipped[offset] == 0:
+        return  # a zero byte is what a torn write leaves: indistinguishable, by design
+    with tempfile.TemporaryDirectory() as tmp:
+        corrupt, _ = scan(Path(tmp), bytes(flipped) + bytes(data.draw(st.integers(1, 4096))))
+    assert corrupt is not None, (offset, bit)
+
+
+def test_a_killed_coordinators_preallocated_segment_reads_clean_everywhere(
+    logdir: Path,
+) -> None:
+    """A segment left as a killed process left it (preallocated, never cut) is read with
+    every record by the log, by unlocked readers and by salvage, with no torn or damaged
+    bytes reported; reopening cuts the unused space off before starting a new segment."""
+    log = FileLog(logdir, NODE, segment_bytes=64 * 1024)
+    for i in range(1, 6):
+        log.log_commit(gtrid(i), ["pg1", "maria"])
+    log.log_end(gtrid(1))
+    log.flush()
+    (seg, used), *rest = log.segments()
+    assert not rest and seg.stat().st_size == 64 * 1024 > used  # preallocated
+    # what a SIGKILL leaves: the file as it is now (close() would cut it)
+    left = seg.read_bytes()
+    log.close()
+    seg.write_bytes(left)
+    expected = {gtrid(i) for i in range(2, 6)}
+    snap = read_log(logdir / NODE)
+    assert set(snap.pending) == expected
+    ((info),) = snap.segments
+    assert (info.size, info.torn_bytes, info.corrupt) == (used, 0, None)
+    reopened = FileLog(logdir, NODE, segment_bytes=64 * 1024)
+    try:
+        assert set(reopened.pending()) == expected
+    finally:
+        reopened.close()
+    seg.write_bytes(left)  # once more, for salvage
+    for other in seg.parent.glob("seg-*.xlog"):
+        if other != seg:
+            other.unlink()
+    done = salvage_log(logdir, NODE, actor="cli:test", audit_node="ops-cli")
+    assert done.damaged == () and done.kept == 4
+
+
+def test_rotation_and_close_cut_the_preallocated_space(logdir: Path) -> None:
+    """Only the newest segment may end in zeros: the one a rotation leaves behind is cut to
+    its written length before the next begins, and close() cuts the last one."""
+    log = FileLog(logdir, NODE, segment_bytes=2048)
+    try:
+        first = log.segments()[0][0]
+        assert first.stat().st_size == 2048
+        i = 0
+        while first.exists() and i < 1000:
+            i += 1
+            log.log_commit(gtrid(i), ["pg1"])
+            log.log_end(gtrid(i))
+            if first.exists() and len(log.segments()) > 1:  # pragma: no cover - a race
+                break
+        (seg, used), *rest = log.segments()
+        assert not rest and seg != first and seg.stat().st_size == 2048 > used
+    finally:
+        log.close()
+    (seg, used), *rest = log.segments()
+    assert not rest and seg.stat().st_size == used  # cut at close
+    assert read_segments(logdir / NODE)[1] == [(seg, used, False)]

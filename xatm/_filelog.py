@@ -83,6 +83,27 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _write_at(fd: int, data: bytes, offset: int) -> None:
+    """Write all of ``data`` at ``offset``."""
+    view = memoryview(data)
+    while view:
+        n = os.pwrite(fd, view, offset)
+        view, offset = view[n:], offset + n
+
+
+def _preallocate(fd: int, size: int) -> None:
+    """Reserve the segment's blocks up to ``size`` bytes (a file that does not grow makes
+    each later fsync cheaper: no size to journal; measured in docs/benchmarks.md). Where
+    the file system cannot (or the disk is too full), the segment grows as it is written,
+    as it would without this."""
+    if size <= 0 or not hasattr(os, "posix_fallocate"):
+        return
+    try:
+        os.posix_fallocate(fd, 0, size)
+    except OSError as e:
+        logger.debug("log segment not preallocated: %s", e)
+
+
 def list_nodes(directory: Path) -> list[str]:
     """The node_ids that have a log under ``directory``."""
     if not directory.is_dir():
@@ -102,11 +123,14 @@ class SegmentScan:
     """One segment file as read from disk, up to its first bad frame."""
 
     path: Path
-    size: int
+    size: int  # bytes in use: the file's size less a never written preallocated tail
     records: tuple[LogRecord, ...]  # the good records before the first bad frame
     good: int  # where the readable part ends (``size`` when every frame is good)
     #: why the bytes from ``good`` on are corruption, not a torn tail (None: clean or torn)
     corrupt: str | None = None
+    #: bytes of preallocated space after ``size`` that were never written (zeros; the
+    #: newest segment of a live log only)
+    unused: int = 0
 
     @property
     def torn(self) -> int:
@@ -138,8 +162,16 @@ def _damage(data: bytes, good: int, newest: bool) -> str | None:
     return None
 
 
+def in_use(data: bytes, good: int) -> int:
+    """Where the written part of a segment's bytes ends: after the last non-zero byte, and
+    not before ``good`` (a frame's last byte is never zero: its payload ends with ``}``).
+    The zeros after it are preallocated space never written (:meth:`FileLog._start_segment`)."""
+    return max(good, len(data.rstrip(b"\0")))
+
+
 def scan_segment(path: Path, *, newest: bool) -> SegmentScan:
-    """Read one segment; ``newest``: it is the last one (the only one a crash can tear)."""
+    """Read one segment; ``newest``: it is the last one (the only one a crash can tear,
+    and the only one that may end in preallocated, never written space)."""
     data = path.read_bytes()
     if MAGIC.startswith(data):
         return SegmentScan(path, len(data), (), len(data))  # torn while being created: empty
@@ -150,8 +182,11 @@ def scan_segment(path: Path, *, newest: bool) -> SegmentScan:
         for end, record in read_frames(data, good):
             records.append(record)
             good = end
-    corrupt = None if good == len(data) else _damage(data, good, newest)
-    return SegmentScan(path, len(data), tuple(records), good, corrupt)
+    # An older segment was cut to its written length before a newer one began, so zeros at
+    # its end are damage like any other bad bytes.
+    used = in_use(data, good) if newest else len(data)
+    corrupt = None if good == used else _damage(data, good, newest)
+    return SegmentScan(path, used, tuple(records), good, corrupt, len(data) - used)
 
 
 def scan_log(node_dir: Path) -> list[SegmentScan]:
@@ -272,6 +307,8 @@ def _salvage_locked(node_dir: Path, node_id: str) -> Salvage:
     gaps: list[int] = []  # index into records where each damaged run was
     for path in paths:
         data = path.read_bytes()
+        if path == paths[-1]:
+            data = data[: in_use(data, 0)]  # the newest one's preallocated, unwritten tail
         if MAGIC.startswith(data):
             continue
         pos = len(MAGIC) if data.startswith(MAGIC) else 0
@@ -487,6 +524,12 @@ class FileLog:
                 flusher = self._flusher
             if flusher is not None and flusher is not threading.current_thread():
                 flusher.join()
+            if self._broken is None:
+                # a closed log's files hold only what was written (a restart would cut the
+                # preallocated tail all the same); best effort: it is also cut at open
+                with contextlib.suppress(OSError):
+                    os.ftruncate(self._fd, self._segment_size)
+                    os.fsync(self._fd)
             os.close(self._fd)
             self._fd = -1
         if self._lock_fd >= 0:
@@ -495,8 +538,12 @@ class FileLog:
 
     # -- inspection ------------------------------------------------------------------------
     def segments(self) -> list[tuple[Path, int]]:
-        """(path, size in bytes) of each segment file, oldest first."""
-        return [(p, p.stat().st_size) for p in _segment_files(self.node_dir)]
+        """(path, bytes in use) of each segment file, oldest first (the newest one's file is
+        longer: it ends in preallocated space)."""
+        current, used = self._segment, self._segment_size
+        return [
+            (p, used if p == current else p.stat().st_size) for p in _segment_files(self.node_dir)
+        ]
 
     @property
     def broken(self) -> bool:
@@ -518,14 +565,16 @@ class FileLog:
 
     def _open_segments(self) -> None:
         pending, segments = read_segments(self.node_dir)  # LogCorrupt: nothing is touched
-        if segments and segments[-1][2]:
-            # Cut the torn tail off first: if a crash comes before the older segments are
-            # deleted below, this one is no longer the newest, and must read as clean.
+        if segments:
+            # Cut a torn tail, or preallocated space never written, off first: if a crash
+            # comes before the older segments are deleted below, this one is no longer the
+            # newest, and must read as clean.
             path, _, _ = segments[-1]
             good = scan_segment(path, newest=True).good
-            with open(path, "r+b") as f:
-                f.truncate(good)
-                os.fsync(f.fileno())
+            if path.stat().st_size > good:
+                with open(path, "r+b") as f:
+                    f.truncate(good)
+                    os.fsync(f.fileno())
         self._pending = pending
         last = max((_segment_number(p) for p, _, _ in segments), default=0)
         self._start_segment(last + 1, [p for p, _, _ in segments], list(pending.values()))
@@ -533,10 +582,11 @@ class FileLog:
     def _start_segment(self, number: int, obsolete: list[Path], carried: list[LogRecord]) -> None:
         """Begin segment ``number`` holding the ``carried`` COMMITs; delete ``obsolete``."""
         path = self.node_dir / _segment_name(number)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o600)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
             data = MAGIC + b"".join(r.encode() for r in carried)
-            os.write(fd, data)
+            _write_at(fd, data, 0)
+            _preallocate(fd, self.segment_bytes)
             os.fsync(fd)
             fsync_dir(self.node_dir)
         except BaseException:
@@ -714,10 +764,7 @@ class FileLog:
         """Write and fsync one batch (only the leader calls this); rotate if it is due."""
         if batch:
             data = b"".join(batch)
-            view = memoryview(data)
-            while view:
-                n = os.write(self._fd, view)
-                view = view[n:]
+            _write_at(self._fd, data, self._segment_size)
             os.fsync(self._fd)
             self._segment_size += len(data)
             self.forces += 1
@@ -728,6 +775,10 @@ class FileLog:
                 self._take_ends()
                 carried = list(self._pending.values())
             current = self._segment
+            # Cut the preallocated space off the segment that stops being the newest: only
+            # the newest may end in zeros (``scan_segment``)
+            os.ftruncate(self._fd, self._segment_size)
+            os.fsync(self._fd)
             self._start_segment(_segment_number(current) + 1, [current], carried)
 
 
