@@ -12,6 +12,8 @@ that the gains of the recommendations in ``docs/benchmarks.md`` can be estimated
 * threads: handing a no-op to a ``ThreadPoolExecutor`` and waiting for it (the first
   version's fan-out of the branches; they are now overlapped on one thread, ``xatm._parallel``);
 * ``xatm._xid.new_gtrid``;
+* the file log's forced COMMIT (write + fsync in a preallocated segment), next to the same
+  bytes appended and fsynced to a growing file;
 * the event hooks of one two-branch transaction (``xatm._events``: a timeline, its phase marks
   and six branch operations through the watched participants), with nobody listening, with
   the Prometheus collector listening, and with OpenTelemetry spans (SDK, no exporter). The
@@ -21,15 +23,22 @@ that the gains of the recommendations in ``docs/benchmarks.md`` can be estimated
 from __future__ import annotations
 
 import argparse
+import itertools
+import os
+import shutil
+import tempfile
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 from psycopg import sql
 
 from xatm import _events
+from xatm._filelog import FileLog
 from xatm._participant import PhaseTwo, Prepared, Vote
+from xatm._records import LogRecord
 from xatm._xid import branch_xid, new_gtrid
 from xatm.admin import parse_url
 
@@ -128,6 +137,38 @@ def hook_rows(n: int) -> list[tuple[str, float, float]]:
     return rows
 
 
+def log_rows(n: int) -> list[tuple[str, float, float]]:
+    """The file log's forced COMMIT (and its lazy END) on one thread, next to the same
+    bytes appended and fsynced to a file that grows with each write (what the log did
+    before its segments were preallocated): a temp dir on the disk the servers use."""
+    workdir = Path(tempfile.mkdtemp(prefix="xatm-micro-log-"))
+    try:
+        log = FileLog(workdir / "log", "micro")
+        count = itertools.count()
+
+        def commit() -> None:
+            gtrid = new_gtrid("micro")
+            log.log_commit(gtrid, ("pg", "maria"), {"pg": next(count)})
+            log.log_end(gtrid)
+
+        rows = [("file log: log_commit + log_end (preallocated segment)", *measure(commit, n))]
+        log.close()
+        frame = LogRecord("COMMIT", new_gtrid("micro"), ("pg", "maria"), time.time()).encode()
+        fd = os.open(workdir / "growing", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        try:
+
+            def append() -> None:
+                os.write(fd, frame)
+                os.fsync(fd)
+
+            rows.append(("the same bytes: append + fsync to a growing file", *measure(append, n)))
+        finally:
+            os.close(fd)
+        return rows
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.micro", description=__doc__)
     p.add_argument("-n", type=int, default=2000, help="calls per measurement")
@@ -206,6 +247,7 @@ def main(argv: list[str] | None = None) -> int:
             )
         )
     rows.append(("new_gtrid()", *measure(lambda: new_gtrid("bench"), n)))
+    rows += log_rows(n)
     rows += hook_rows(n)
 
     print("| call (one thread, idle machine as far as possible) | wall µs | CPU µs |")

@@ -113,6 +113,7 @@ def test_micro_benchmark_runs(servers: Servers, capsys: pytest.CaptureFixture[st
     text = capsys.readouterr().out
     assert "| call (one thread, idle machine as far as possible) | wall µs | CPU µs |" in text
     assert "event hooks of one 2-branch transaction: nobody listening" in text
+    assert "| file log: log_commit + log_end (preallocated segment) |" in text
 
 
 def test_profile_classifies_pyspy_frames() -> None:
