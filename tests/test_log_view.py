@@ -283,7 +283,8 @@ def test_a_dead_nodes_file_log_held_by_another_process_is_refused(
     bank: Bank, make_tm: MakeTM, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The lock is taken between the probe and the take-over (a recovery pass, or the
-    coordinator restarting): resolution refuses after TAKE_OVER_WAIT, touching nothing."""
+    coordinator restarting): a forced commit is refused after TAKE_OVER_WAIT, nothing
+    touched. (The probe says "dead" for the planning dry run too: it plans a rollback.)"""
     log = tmp_path / "log"
     gtrid = crash(bank, log, "lvheld", "after_prepare", ("pg1", "maria"), "lv3", account=3)
     ops = make_tm(node_id="lvops3", log=log, sweeper=False)
@@ -295,11 +296,11 @@ def test_a_dead_nodes_file_log_held_by_another_process_is_refused(
         )
         monkeypatch.setattr(_resolve, "TAKE_OVER_WAIT", 0.2)
         with pytest.raises(ResolutionRefused) as refused:
-            ops.resolve(gtrid, "rollback", force=True, actor="test")
+            ops.resolve(gtrid, "commit", force=True, actor="test")
     finally:
         holder.close()
     assert str(refused.value) == (
-        f"refused to rollback {gtrid}: the log of 'lvheld' is held by another process (a"
+        f"refused to commit {gtrid}: the log of 'lvheld' is held by another process (a"
         " recovery pass, or its coordinator restarting): try again in a moment"
     )
     assert gtrid in prepared_gtrids(bank)["pg1"] and gtrid in prepared_gtrids(bank)["maria"]
