@@ -13,7 +13,10 @@ switching on the kind:
 
 :class:`FileFleet` is a directory of node logs (``xatm._filelog``), :class:`SharedFleet` the
 shared PostgreSQL table (``xatm._pglog``). :func:`fleet_for` picks one for a manager's
-context.
+context. What inspection and manual resolution ask too (the state of a node's coordinator, a
+node's log read without its lock, its commit-marker resources) each fleet asks the read-side
+view of the same kind (``xatm._log_view``); what only a pass does (taking logs over for the
+pass, the snapshot, ENDs, the fenced abort, the sweeper lock) is here.
 """
 
 from __future__ import annotations
@@ -23,9 +26,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal, Protocol
 
-from . import _node_markers
 from ._decide import Logged
-from ._filelog import FileLog, list_nodes, owner_state, read_log
+from ._filelog import FileLog
+from ._log_view import AbortAnswer, FileLogs, SharedLogs
 from ._pglog import MIN_ABORT_AGE
 from ._records import LogRecord
 from ._urls import redact
@@ -42,8 +45,6 @@ logger = logging.getLogger("xatm.recovery")
 #: ``unknown`` (no log of it here), ``corrupt`` (its log cannot be trusted), ``unexamined``
 #: (it appeared after the pass opened the logs)
 PeerState = Literal["dead", "alive", "unknown", "corrupt", "unexamined"]
-#: the answer of a conditional ABORT: it landed, a COMMIT won, or it gave up waiting
-AbortAnswer = Literal["A", "C", "busy"]
 
 
 class Fleet(Protocol):
@@ -88,6 +89,7 @@ class FileFleet:
     def __init__(self, ctx: Context, directory: str, *, dry_run: bool) -> None:
         self._ctx = ctx
         self._dir = Path(directory)
+        self._view = FileLogs(directory, own_node=ctx.node_id, own_log=ctx.log)
         self._dry_run = dry_run
         self._pending: dict[str, Mapping[str, LogRecord]] = {}  # opened peer -> its pending
         self._logs: dict[str, FileLog] = {}
@@ -101,11 +103,11 @@ class FileFleet:
 
     def dead_with_pending(self) -> set[str]:
         out = set()
-        for node in list_nodes(self._dir):
-            if node == self._ctx.node_id or owner_state(self._dir, node) != "dead":
+        for node in self._view.nodes():
+            if node == self._ctx.node_id or self._view.owner(node) != "dead":
                 continue
             try:
-                if read_log(self._dir / node).pending:
+                if self._view.read(node).pending:
                     out.add(node)
             except LogCorrupt as e:
                 if not self._dry_run:  # a dry run (a plan, or manual resolution) only looks
@@ -120,8 +122,8 @@ class FileFleet:
                 continue
             try:
                 if self._dry_run:  # look, do not touch: no lock taken, no segment rewritten
-                    if owner_state(self._dir, node) == "dead":
-                        self._pending[node] = read_log(self._dir / node).pending
+                    if self._view.owner(node) == "dead":
+                        self._pending[node] = self._view.read(node).pending
                         self._state[node] = "dead"
                     else:
                         self._state[node] = "alive"
@@ -142,7 +144,7 @@ class FileFleet:
         return self._state.get(node, "unexamined")
 
     def coordinator_dead(self, node: str) -> bool:
-        return self._state.get(node) == "dead" or owner_state(self._dir, node) == "dead"
+        return self._state.get(node) == "dead" or self._view.owner(node) == "dead"
 
     def pending(self) -> dict[str, tuple[str, LogRecord]]:
         out = {g: (self._ctx.node_id, r) for g, r in self._ctx.log.pending().items()}
@@ -167,7 +169,7 @@ class FileFleet:
         log.log_end(gtrid)
 
     def marker_resources(self, node: str) -> frozenset[str] | None:
-        return _node_markers.read(self._dir / node)
+        return self._view.marker_resources(node)
 
     def close(self) -> None:
         for log in self._logs.values():
@@ -183,6 +185,7 @@ class SharedFleet:
 
     def __init__(self, log: PostgresLog, *, dry_run: bool) -> None:
         self._log = log
+        self._view = SharedLogs(log)  # no own node: this pass asks only of its peers
         self._dry_run = dry_run
         self._locked = False
 
@@ -216,10 +219,10 @@ class SharedFleet:
         pass
 
     def peer(self, node: str) -> PeerState:
-        return "alive" if self._log.node_alive(node) else "dead"
+        return "alive" if self._view.owner(node) == "alive" else "dead"
 
     def coordinator_dead(self, node: str) -> bool:
-        return not self._log.node_alive(node)
+        return self._view.owner(node) == "dead"
 
     def pending(self) -> dict[str, tuple[str, LogRecord]]:
         return {g: (parse_gtrid(g)[0], r) for g, r in self._log.pending(all_nodes=True).items()}
@@ -240,7 +243,7 @@ class SharedFleet:
         self._log.log_end(gtrid)
 
     def marker_resources(self, node: str) -> frozenset[str] | None:
-        return None  # commit markers cannot be combined with the shared log
+        return self._view.marker_resources(node)  # None: no commit markers with it
 
     def close(self) -> None:
         pass

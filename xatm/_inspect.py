@@ -1,12 +1,13 @@
 """Read-only inspection: in-doubt transactions, one transaction in detail, and the logs.
 
-Nothing here changes anything, takes a log's lock for longer than a probe, or needs a
-coordinator log of its own:
+Nothing here changes anything (but ``compact_logs``), takes a log's lock for longer than a
+probe, or needs a coordinator log of its own. The logs are asked through
+:mod:`xatm._log_view`, whatever their kind:
 
-* a node's log is read *without* its lock (:func:`read_log`): the COMMIT records are forced
-  before any branch is committed, so what is on disk is at least every decision taken;
+* a node's log is read *without* its lock: the COMMIT records are forced before any branch
+  is committed, so what is on disk is at least every decision taken;
 * whether a node's coordinator is alive is probed by trying its ``flock`` without waiting and
-  releasing it at once (:func:`owner_state`);
+  releasing it at once (with the shared log: whether a session holds its node lock);
 * each resource is asked for its prepared transactions (``pg_prepared_xacts``, ``XA RECOVER``)
   and only xatm's are kept; for PostgreSQL the locks each branch holds are counted.
 
@@ -21,21 +22,21 @@ import os
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal
 
-from . import _marker_recovery, _node_markers
+from . import _marker_recovery
 from ._adapters import make_participant
-from ._audit import AuditEntry, format_time, read_audit
+from ._audit import AuditEntry, format_time
 from ._context import Resources
 from ._decide import Action, Facts, Logged, Marker, Owner, decide, describe, past_timeout
 from ._doctor import DoctorReport, diagnose
-from ._filelog import FileLog, SegmentInfo, list_nodes, owner_state, read_log
+from ._filelog import SegmentInfo
 from ._log import OwnerState
+from ._log_view import LogView, log_view
 from ._participant import Connection, Participant, PreparedBranch
 from ._records import LogRecord
 from ._urls import redact
-from ._xid import is_xatm_gtrid, may_use_marker, parse_gtrid, validate_node_id
+from ._xid import is_xatm_gtrid, may_use_marker, parse_gtrid
 from .errors import ConfigurationError, LogCorrupt, LogLocked, ResourceError, XatmError
 
 logger = logging.getLogger("xatm.inspect")
@@ -380,33 +381,17 @@ class Inspector:
         return scan
 
     # -- whose, and what was decided --------------------------------------------------------
-    def _owner(self, node: str) -> OwnerState:
-        if node == self._own_node:
-            return "this-process"
-        if self.shared_log is not None:
-            return "alive" if self.shared_log.node_alive(node) else "dead"
-        return owner_state(self.log_directory, node)
-
-    def _pending(self, node: str, owner: OwnerState) -> Mapping[str, LogRecord]:
-        if self.shared_log is not None:
-            return dict(self.shared_log.pending(all_nodes=True))
-        if owner == "this-process" and self._own_pending is not None:
-            return self._own_pending()
-        if owner == "unknown" or self.log_directory is None:
-            return {}
-        try:
-            return read_log(Path(self.log_directory) / node).pending
-        except OSError as e:
-            raise XatmError(f"cannot read the log of node {node!r}: {e}") from None
+    def _logs(self) -> LogView:
+        """The logs, whatever their kind (the shared log is opened here on first use)."""
+        return log_view(
+            self.log_directory,
+            self.shared_log,
+            own_node=self._own_node,
+            own_pending=self._own_pending,
+        )
 
     def _is_running(self, gtrid: str, owner: OwnerState) -> bool:
         return owner == "this-process" and self._running is not None and self._running(gtrid)
-
-    def _aborted(self, gtrid: str) -> bool:
-        """The shared log holds an ABORT decision for ``gtrid`` (fenced by a sweeper)."""
-        if self.shared_log is None:
-            return False
-        return bool(self.shared_log.decisions([gtrid]).get(gtrid) == "A")
 
     def _verdict(
         self, gtrid: str, record: LogRecord | None, owner: OwnerState, running: bool, scan: _Scan
@@ -414,21 +399,18 @@ class Inspector:
         """The decision as far as it is known, and the plan: what the decision rule
         (:func:`xatm._decide.decide`) says recovery will do, from what is seen here."""
         node, created = parse_gtrid(gtrid)
-        shared = self.shared_log is not None
+        logs = self._logs()
+        shared = logs.shared
         logged = Logged.NONE
         if record is not None and gtrid not in scan.markers:
             logged = Logged.COMMIT
-        elif self._aborted(gtrid):
+        elif logs.aborted(gtrid):  # an ABORT decision (the shared log: fenced by a sweeper)
             logged = Logged.ABORT
         marker = Marker.NOT_FLAGGED
         if gtrid in scan.markers:
             marker = Marker.ROW
         elif may_use_marker(gtrid):
-            candidates = (
-                None
-                if self.log_directory is None
-                else _node_markers.read(Path(self.log_directory) / node)
-            )
+            candidates = logs.marker_resources(node)
             if not candidates or any(
                 c not in self._participants or c in scan.unreachable for c in candidates
             ):
@@ -469,20 +451,15 @@ class Inspector:
 
         def node_info(node: str) -> tuple[OwnerState, Mapping[str, LogRecord]]:
             if node not in owners:
-                owners[node] = self._owner(node)
-                pendings[node] = self._pending(node, owners[node])
+                logs = self._logs()
+                owners[node] = logs.owner(node)
+                pendings[node] = logs.pending(node, owners[node])
             return owners[node], pendings[node]
 
         gtrids = set(scan.found)
         if scan.unreachable:
             # decided transactions may still have a branch on a resource not reached
-            every: list[Mapping[str, LogRecord]]
-            if self.shared_log is not None:
-                every = [dict(self.shared_log.pending(all_nodes=True))]
-            elif self.log_directory is not None:
-                every = [node_info(n)[1] for n in list_nodes(Path(self.log_directory))]
-            else:
-                every = []
+            every = self._logs().every_pending(lambda n: node_info(n)[1])
             for pending in every:
                 for gtrid, logged in pending.items():
                     if any(r in scan.unreachable for r in logged.branches):
@@ -543,8 +520,9 @@ class Inspector:
         gtrid = validate_gtrid(gtrid)
         node, created = parse_gtrid(gtrid)
         scan = self._scan(only=gtrid)
-        owner = self._owner(node)
-        record = self._pending(node, owner).get(gtrid) or scan.markers.get(gtrid)
+        logs = self._logs()
+        owner = logs.owner(node)
+        record = logs.pending(node, owner).get(gtrid) or scan.markers.get(gtrid)
         audit = tuple(self.audit(gtrid))
         if not scan.found and record is None and not audit and not scan.unreachable:
             raise UnknownTransaction(
@@ -587,20 +565,17 @@ class Inspector:
         """The audit trail of every node (of one transaction if ``gtrid`` is given)."""
         if gtrid is not None:
             gtrid = validate_gtrid(gtrid)
-        if self.shared_log is not None:
-            return list(self.shared_log.read_audit(gtrid))
-        if self.log_directory is None:
-            return []
-        return read_audit(self.log_directory, gtrid)
+        return self._logs().audit(gtrid)
 
     def logs(self) -> list[NodeLog]:
         """Every node's coordinator log under the log directory."""
         if self.log_directory is None:
-            return []
+            return []  # no log files (the shared log's are rows): nothing to open
+        logs = self._logs()
         out = []
-        for node in list_nodes(Path(self.log_directory)):
-            owner = self._owner(node)
-            snap = read_log(Path(self.log_directory) / node, strict=False)
+        for node in logs.nodes():
+            owner = logs.owner(node)
+            snap = logs.read(node, strict=False)
             oldest = min((r.at for r in snap.pending.values()), default=None)
             out.append(NodeLog(node, owner, snap.segments, len(snap.pending), oldest))
         return out
@@ -610,28 +585,27 @@ class Inspector:
         only its pending decisions. Live coordinators compact their own logs (at start and
         whenever a segment fills up); they are left alone."""
         if self.log_directory is None:
-            return []
-        directory = Path(self.log_directory)
+            return []  # no log files (the shared log's are rows): nothing to open
+        logs = self._logs()
         out = []
-        for node in list_nodes(directory):
-            before = sum(s.size for s in read_log(directory / node, strict=False).segments)
-            owner = self._owner(node)
+        for node in logs.nodes():
+            before = sum(s.size for s in logs.read(node, strict=False).segments)
+            owner = logs.owner(node)
             if owner != "dead":
                 why = "this process's own log" if owner == "this-process" else "alive"
                 out.append(Compaction(node, False, before, before, f"skipped: {why}"))
                 continue
-            try:
-                log = FileLog(directory, validate_node_id(node), wait_for_lock=False)
-            except LogLocked:
-                out.append(Compaction(node, False, before, before, "skipped: became alive"))
-                continue
-            except LogCorrupt as e:
-                out.append(Compaction(node, False, before, before, f"skipped: {e}"))
-                continue
-            try:
+            with contextlib.ExitStack() as held:
+                try:
+                    # opening a dead node's log rewrites it: one segment, its pending kept
+                    log = held.enter_context(logs.take_over(node, wait=0.0))
+                except LogLocked:
+                    out.append(Compaction(node, False, before, before, "skipped: became alive"))
+                    continue
+                except LogCorrupt as e:
+                    out.append(Compaction(node, False, before, before, f"skipped: {e}"))
+                    continue
                 pending = len(log.pending())
-            finally:
-                log.close()
-            after = sum(s.size for s in read_log(directory / node).segments)
+            after = sum(s.size for s in logs.read(node).segments)
             out.append(Compaction(node, True, before, after, f"{pending} pending decision(s) kept"))
         return out

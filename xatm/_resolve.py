@@ -25,16 +25,16 @@ every refusal overridden and every heuristic outcome goes to the audit trail.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from ._decide import Action as Act
 from ._decide import Verdict, judge_request
-from ._filelog import FileLog, owner_state, read_log
 from ._inspect import Decision, validate_gtrid
-from ._log import CoordinatorLog, DecisionNotLogged, OwnerState
+from ._log import DecisionNotLogged, OwnerState
+from ._log_view import OpenedLog, context_view
 from ._participant import PhaseTwo
 from ._records import LogRecord
 from ._recovery import locked_pass
@@ -141,14 +141,6 @@ def _rule(plan: RecoveryReport, gtrid: str, request: Act) -> tuple[Act | None, s
     return verdicts[0].action, None
 
 
-def _owner(ctx: Context, node: str) -> OwnerState:
-    if node == ctx.node_id:
-        return "this-process"
-    if ctx.shared_log is not None:
-        return "alive" if ctx.shared_log.node_alive(node) else "dead"
-    return owner_state(ctx.log_directory, node)
-
-
 def _resolution(
     ctx: Context, gtrid: str, outcome: str, rule: Act, report: RecoveryReport
 ) -> Resolution:
@@ -163,7 +155,7 @@ def _resolution(
         gtrid=gtrid,
         outcome=outcome,  # type: ignore[arg-type]
         forced=False,
-        owner=_owner(ctx, parse_gtrid(gtrid)[0]),
+        owner=context_view(ctx).owner(parse_gtrid(gtrid)[0]),
         decision="commit" if rule is Act.COMMIT else "abort",
         actions=report.actions,
         unreachable=report.problems,
@@ -207,86 +199,53 @@ class _Resolve:
 
     def run(self) -> Resolution:
         ctx = self.ctx
-        shared = getattr(ctx, "shared_log", None)
-        if shared is not None:
-            return self._run_shared(shared)
-        log: CoordinatorLog | None = None
-        taken: FileLog | None = None
-        owner: OwnerState
-        if self.node == ctx.node_id:
-            owner = "this-process"
-            log = ctx.log
+        logs = context_view(ctx)  # the node logs in a directory, or the shared log
+        owner = logs.owner(self.node)
+        if owner == "this-process":
             if ctx.running(self.gtrid) is not None:
                 self.refuse_or_note("the transaction is running in this process")
-        else:
-            directory = ctx.log_directory
-            owner = owner_state(directory, self.node)
-            if owner == "dead" and directory is not None:
-                try:
-                    taken = FileLog(Path(directory), self.node, lock_timeout=TAKE_OVER_WAIT)
-                    log = taken
-                except LogLocked:
-                    raise ResolutionRefused(
-                        f"refused to {self.outcome} {self.gtrid}: the log of {self.node!r} is"
-                        " held by another process (a recovery pass, or its coordinator"
-                        " restarting): try again in a moment"
-                    ) from None
-            if owner == "alive":
-                self.refuse_or_note(
-                    f"its coordinator {self.node!r} is alive: it may be deciding right now,"
-                    " and it resolves its own branches"
+        elif owner == "alive":
+            self.refuse_or_note(
+                f"its coordinator {self.node!r} is alive: it may be deciding right now,"
+                " and it resolves its own branches"
+            )
+        elif owner == "unknown":
+            self.refuse_or_note(
+                f"there is no log of coordinator {self.node!r} in {ctx.log_directory}, so"
+                " nothing here can tell what it decided"
+            )
+        with contextlib.ExitStack() as held:
+            try:
+                # a dead coordinator's file log is taken over (locked) for the duration
+                opened = held.enter_context(
+                    logs.open_for_decision(self.node, owner, TAKE_OVER_WAIT)
                 )
-            elif owner == "unknown":
-                self.refuse_or_note(
-                    f"there is no log of coordinator {self.node!r} in {directory}, so nothing"
-                    " here can tell what it decided"
-                )
-        try:
-            record = log.pending().get(self.gtrid) if log is not None else None
-            if record is None and owner == "alive" and ctx.log_directory:
-                # look (without the lock) at what the live coordinator logged
-                path = Path(ctx.log_directory) / self.node
-                record = read_log(path).pending.get(self.gtrid)
-            return self._resolve(owner, log, record)
-        finally:
-            if taken is not None:
-                taken.close()
-
-    def _run_shared(self, shared: Any) -> Resolution:
-        """The same with the shared PostgreSQL log: liveness is the node's advisory lock,
-        and the decision a row any process may write (conditionally: fenced)."""
-        owner: OwnerState
-        if self.node == self.ctx.node_id:
-            owner = "this-process"
-            if self.ctx.running(self.gtrid) is not None:
-                self.refuse_or_note("the transaction is running in this process")
-        else:
-            owner = "alive" if shared.node_alive(self.node) else "dead"
-            if owner == "alive":
-                self.refuse_or_note(
-                    f"its coordinator {self.node!r} is alive: it may be deciding right now,"
-                    " and it resolves its own branches"
-                )
-        found = shared.decisions([self.gtrid]).get(self.gtrid)
-        if found == "A":
-            if self.outcome == "commit":
+            except LogLocked:
                 raise ResolutionRefused(
-                    f"refused to commit {self.gtrid}: an ABORT decision is logged in the shared"
-                    " log (a sweeper aborted it); it cannot be committed any more"
-                )
-            return self._resolve(owner, shared, None, aborted=True)
-        record = found if isinstance(found, LogRecord) else None
-        return self._resolve(owner, shared, record)
+                    f"refused to {self.outcome} {self.gtrid}: the log of {self.node!r} is"
+                    " held by another process (a recovery pass, or its coordinator"
+                    " restarting): try again in a moment"
+                ) from None
+            found = opened.decision(self.gtrid)
+            if found == "A":
+                if self.outcome == "commit":
+                    raise ResolutionRefused(
+                        f"refused to commit {self.gtrid}: an ABORT decision is logged in the"
+                        " shared log (a sweeper aborted it); it cannot be committed any more"
+                    )
+                return self._resolve(owner, opened, None, aborted=True)
+            record = found if isinstance(found, LogRecord) else None
+            return self._resolve(owner, opened, record)
 
     def _resolve(
         self,
         owner: OwnerState,
-        log: CoordinatorLog | None,
+        opened: OpenedLog,
         record: LogRecord | None,
         *,
         aborted: bool = False,
     ) -> Resolution:
-        shared = getattr(self.ctx, "shared_log", None)
+        log = opened.log  # None: the coordinator's log is not held here
         decision: Decision | None
         if record is not None or self.rule == "commit":
             decision = "commit"
@@ -314,14 +273,17 @@ class _Resolve:
                 + (f" (not reached: {where})" if where else "")
                 + " and no pending decision: nothing to resolve"
             )
-        if shared is not None and self.outcome == "rollback" and record is None and not aborted:
-            # fence it: an ABORT row makes a late COMMIT of its coordinator lose
-            if shared.log_abort(self.gtrid, by=self.actor) == "C":
+        if self.outcome == "rollback" and record is None and not aborted:
+            # fence it where the log can (the shared log): an ABORT row makes a late COMMIT
+            # of its coordinator lose; a file log's presumed abort writes nothing (None)
+            answer = opened.fence_abort(self.gtrid, by=self.actor)
+            if answer == "C":
                 raise ResolutionRefused(
                     f"refused to roll back {self.gtrid}: its coordinator logged COMMIT just"
                     " now; run the command again to see it"
                 )
-            self.audit("", "decide", "manual rollback: ABORT decision logged", "done")
+            if answer is not None:
+                self.audit("", "decide", "manual rollback: ABORT decision logged", "done")
         if self.outcome == "commit" and record is None and log is not None and branches:
             # make the forced decision durable first: recovery then finishes the rest alike
             resources = sorted(set(branches) | set(self.unreachable))
@@ -352,11 +314,7 @@ class _Resolve:
             and not self.unreachable
             and all(a.action != "error" and a.outcome != "left" for a in self.actions)
         ):
-            pending = (
-                shared.decisions([self.gtrid]).get(self.gtrid)
-                if shared is not None
-                else log.pending().get(self.gtrid)
-            )
+            pending = opened.decision(self.gtrid)  # read again: it may have ended meanwhile
             if (record is not None or self.outcome == "commit") and pending not in (None, "A"):
                 log.log_end(self.gtrid)
                 log.flush()
