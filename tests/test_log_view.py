@@ -308,3 +308,41 @@ def test_a_dead_nodes_file_log_held_by_another_process_is_refused(
     monkeypatch.undo()
     assert ops.resolve(gtrid, "rollback", actor="test").complete
     assert bank.total() == bank.initial_total
+
+
+def test_forced_rollback_is_refused_while_another_session_writes_a_decision(
+    bank: Bank, make_tm: MakeTM, log_url: str
+) -> None:
+    """A session is inserting the transaction's decision row and has not committed (its
+    live coordinator's COMMIT batch): an operator's forced rollback cannot write the ABORT
+    that would fence it ("busy"). Rolling back then could split the transaction when that
+    COMMIT lands, so the rollback is refused and nothing is touched. Once the COMMIT has
+    landed, the branches are committed."""
+    import psycopg
+
+    gtrid = crash(bank, log_url, "lvbusy", "after_prepare", ("pg1", "maria"), "lv5", account=3)
+    make_tm(node_id="lvbusy", log=log_url, sweeper=False)  # its coordinator is back
+    ops = make_tm(node_id="lvops5", log=log_url, sweeper=False)
+    with psycopg.connect(log_url) as batch:  # the COMMIT batch, still open
+        batch.execute(
+            "INSERT INTO xatm.decisions (gtrid, node_id, decision, branches)"
+            " VALUES (%s, 'lvbusy', 'C', %s)",
+            (gtrid, '["pg1", "maria"]'),
+        )
+        with pytest.raises(ResolutionRefused, match="is alive"):
+            ops.resolve(gtrid, "rollback", actor="test")
+        with pytest.raises(ResolutionRefused) as refused:
+            ops.resolve(gtrid, "rollback", force=True, actor="test")
+        assert str(refused.value) == (
+            f"refused to roll back {gtrid}: another session is writing a decision for it in"
+            " the shared log right now (a COMMIT batch still open), so no ABORT could be"
+            " logged to fence it; run the command again in a moment"
+        )
+        assert all(gtrid in prepared_gtrids(bank)[r] for r in ("pg1", "maria"))
+        batch.commit()  # the COMMIT lands
+    with pytest.raises(ResolutionRefused, match="is alive"):
+        ops.resolve(gtrid, "rollback", actor="test")
+    res = ops.resolve(gtrid, "commit", force=True, actor="test")  # what its coordinator does
+    assert res.complete
+    assert not any(gtrid in v for v in prepared_gtrids(bank).values())
+    assert bank.total() == bank.initial_total

@@ -282,6 +282,15 @@ class _Resolve:
                     f"refused to roll back {self.gtrid}: its coordinator logged COMMIT just"
                     " now; run the command again to see it"
                 )
+            if answer == "busy":
+                # a session is writing a decision for it and has not committed (a COMMIT
+                # batch still open, perhaps of a paused coordinator): no ABORT could be
+                # written, so nothing fences that COMMIT; rolling back now could split it
+                raise ResolutionRefused(
+                    f"refused to roll back {self.gtrid}: another session is writing a decision"
+                    " for it in the shared log right now (a COMMIT batch still open), so no"
+                    " ABORT could be logged to fence it; run the command again in a moment"
+                )
             if answer is not None:
                 self.audit("", "decide", "manual rollback: ABORT decision logged", "done")
         if self.outcome == "commit" and record is None and log is not None and branches:
