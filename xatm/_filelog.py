@@ -11,10 +11,11 @@ Each segment starts with :data:`MAGIC` and holds framed records (see ``_records`
   waiter that finds no flush under way becomes the *leader*: it writes everything appended
   so far in one ``write`` and one ``fsync``. Records appended meanwhile wait for the next
   flush (group commit), each thread parked on a lock of its own (``_Batch``), woken once,
-  when its batch is durable; the next flush is led by the log's flusher thread (started on first need), woken
-  by the leader that finishes, so no waiter is woken only to elect a leader. If a write or
-  fsync fails, the log is *broken*: waiters get :class:`~xatm.errors.LogError` and every
-  later commit is refused, because what reached the disk is no longer known.
+  when its batch is durable; the next flush is led by the log's flusher thread (started on
+  first need), woken by the leader that finishes, so no waiter is woken only to elect a
+  leader. If a write or fsync fails, the log is *broken*: waiters get
+  :class:`~xatm.errors.LogError` and every later commit is refused, because what reached
+  the disk is no longer known.
 * **Forcing without a waiting thread** (the asyncio manager, ``xatm._aio_log``):
   ``append_commit`` appends a COMMIT record, leaves a callback and a waiter with the
   record's batch, and returns at once. If no flush is under way it wakes the flusher thread
