@@ -232,7 +232,8 @@ def test_a_broken_log_tells_every_waiter_and_refuses_later_commits(
 
     thread = threading.Thread(target=commit)
     thread.start()
-    time.sleep(0.05)  # appended and parked on the open batch
+    while not log._open.waiters:  # g3 appended, its thread parked on the open batch
+        time.sleep(0.005)
     gated.fail.append(OSError(5, "Input/output error"))
     with caplog.at_level(logging.CRITICAL, logger="xatm.log"):
         gated.let_through()
@@ -243,6 +244,7 @@ def test_a_broken_log_tells_every_waiter_and_refuses_later_commits(
         assert isinstance(error, LogError) and not isinstance(error, DecisionNotLogged)
         assert "Input/output error" in str(error)
     assert len(threaded) == 1 and isinstance(threaded[0], LogError)
+    assert not isinstance(threaded[0], DecisionNotLogged)
     assert log.broken
     with pytest.raises(DecisionNotLogged):
         log.append_commit("g4", ["pg"], {}, told, "w4")
@@ -281,7 +283,8 @@ def test_asyncio_and_threaded_commits_share_a_flush_and_the_loop_is_woken_once_p
         tasks = [asyncio.ensure_future(alog.log_commit(g, ["pg"], {})) for g in later]
         await asyncio.sleep(0)  # all appended
         committer = asyncio.ensure_future(asyncio.to_thread(log.log_commit, threaded, ["pg"]))
-        await asyncio.sleep(0.05)  # the threaded record appended and parked
+        while not log._open.waiters:  # the threaded record appended, its thread parked
+            await asyncio.sleep(0.005)
         gated.let_through()
         await asyncio.wait_for(head, 10)
         await asyncio.to_thread(gated.wait_entered)  # flush 2: the twenty and the thread's
