@@ -1,11 +1,15 @@
 """The coordinator log for asyncio: COMMIT decisions forced in batches, off the event loop.
 
 With a file log (``xatm._filelog.FileLog``) a transaction appends its COMMIT record on the
-event loop (:meth:`~xatm._filelog.FileLog.append_commit`: a buffer, no I/O) and awaits a
-future. One flusher thread forces every record appended meanwhile with a single ``flush()``
-(group commit: the fsync never runs on the loop) and wakes the loop once for the whole
-batch, which resolves the batch's futures; records appended during a flush go in the next.
-No thread is parked per waiting transaction, and no thread hop is made per record.
+event loop (:meth:`~xatm._filelog.FileLog.append_commit`: a buffer, no I/O) with a future
+and awaits that future. The file log's own group commit forces the record: its flusher
+thread (woken by the append if no flush is under way), or a threaded committer of the same
+log that leads a flush, writes every record appended meanwhile with one ``fsync`` (never on
+the loop). The flush that settles a batch calls back once for all of this loop's records in
+it, and that callback wakes the loop once (one ``call_soon_threadsafe``), which resolves the
+batch's futures; records appended during a flush go in the next. No thread is parked per
+waiting transaction, no thread of this module's own stands between the loop and the log,
+and no thread hop is made per record.
 
 Any other log (the shared PostgreSQL log) is called as the threaded manager calls it:
 ``log_commit`` on a worker thread per waiting transaction, whose group commit batches them.
@@ -16,27 +20,45 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 from ._log import CoordinatorLog
 from .errors import LogError
 
+#: what a batched log calls once a flush has settled records (``xatm._filelog.Settled``)
+Settled = Callable[[list[Any], LogError | None], None]
+
 
 @runtime_checkable
 class BatchedLog(Protocol):
-    """A log whose COMMIT records can be appended now and forced later, many at once."""
-
-    @property
-    def broken(self) -> bool: ...
+    """A log whose COMMIT records can be appended now and are reported settled later, a
+    whole flush's worth in one call (``xatm._filelog.FileLog.append_commit``)."""
 
     def append_commit(
-        self, gtrid: str, branches: Sequence[str], txids: Mapping[str, int] | None = None
+        self,
+        gtrid: str,
+        branches: Sequence[str],
+        txids: Mapping[str, int] | None,
+        settled: Settled,
+        waiter: object,
     ) -> None: ...
 
-    def flush(self) -> None: ...
+
+class _Loop:
+    """The records of one event loop: told by the log that some are settled, it wakes
+    that loop once to resolve their futures."""
+
+    __slots__ = ("loop",)
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+
+    def settled(self, waiters: list[asyncio.Future[None]], error: LogError | None) -> None:
+        """On the thread that ran the flush (the log's ``Settled``): one wake of the loop."""
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits
+            self.loop.call_soon_threadsafe(_resolve, waiters, error)
 
 
 class AsyncLog:
@@ -45,14 +67,12 @@ class AsyncLog:
     def __init__(self, log: CoordinatorLog, threads: int) -> None:
         self._log = log
         self._batched: BatchedLog | None = log if isinstance(log, BatchedLog) else None
-        #: the flusher (batched) or the threads that wait in ``log_commit`` (as many as
-        #: transactions may wait at once, so that the log's group commit batches them)
-        self._threads = ThreadPoolExecutor(
-            1 if self._batched is not None else threads, thread_name_prefix="xatm-aio-log"
-        )
-        self._lock = threading.Lock()
-        self._waiting: list[asyncio.Future[None]] = []  # appended, for the next flush
-        self._flushing = False  # the flusher thread runs (or is about to)
+        #: the threads that wait in ``log_commit`` (as many as transactions may wait at
+        #: once, so that the log's group commit batches them); none for a batched log
+        self._threads: ThreadPoolExecutor | None = None
+        if self._batched is None:
+            self._threads = ThreadPoolExecutor(threads, thread_name_prefix="xatm-aio-log")
+        self._loop: _Loop | None = None  # the loop of the last commit, told by the log
 
     async def log_commit(
         self, gtrid: str, branches: Sequence[str], txids: Mapping[str, int]
@@ -64,42 +84,15 @@ class AsyncLog:
             call = functools.partial(self._log.log_commit, gtrid, branches, txids)
             await loop.run_in_executor(self._threads, call)
             return
-        log.append_commit(gtrid, branches, txids)  # DecisionNotLogged: nothing was written
+        told = self._loop
+        if told is None or told.loop is not loop:
+            told = self._loop = _Loop(loop)
         done = loop.create_future()
-        with self._lock:
-            self._waiting.append(done)
-            start, self._flushing = not self._flushing, True
-        if start:
-            try:
-                self._threads.submit(self._flusher, loop)
-            except BaseException:  # shut down: nothing will force the record
-                with self._lock:
-                    self._flushing = False
-                raise
+        # DecisionNotLogged: nothing was written, and ``done`` is never resolved
+        log.append_commit(gtrid, branches, txids, told.settled, done)
         # Cancelled while waiting: the flush goes on all the same and settles the record
         # (on disk, or the log broken); the caller is left in doubt, as with log_commit.
         await done
-
-    def _flusher(self, loop: asyncio.AbstractEventLoop) -> None:
-        """The flusher thread: force what is appended, wake the loop for that batch, and
-        go on while more records wait."""
-        log = self._batched
-        assert log is not None
-        while True:
-            with self._lock:
-                batch, self._waiting = self._waiting, []
-                if not batch:
-                    self._flushing = False
-                    return
-            error: BaseException | None = None
-            try:
-                log.flush()  # every record appended before the batch's futures were added
-                if log.broken:
-                    error = LogError("the coordinator log failed: the decision may not be durable")
-            except BaseException as e:  # a LogError: the log broke during this flush
-                error = e
-            with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits
-                loop.call_soon_threadsafe(_resolve, batch, error)
 
     def log_end(self, gtrid: str) -> asyncio.Future[None] | None:
         """Record the END of ``gtrid``: None if done (a file log appends it, no wait),
@@ -110,11 +103,13 @@ class AsyncLog:
         return asyncio.get_running_loop().run_in_executor(self._threads, self._log.log_end, gtrid)
 
     def shutdown(self) -> None:
-        """Stop the threads (blocking: call it on a worker thread)."""
-        self._threads.shutdown()
+        """Stop the threads, if any (blocking: call it on a worker thread). Records of a
+        batched log still waiting are settled by its flushes (at the latest its close)."""
+        if self._threads is not None:
+            self._threads.shutdown()
 
 
-def _resolve(batch: list[asyncio.Future[None]], error: BaseException | None) -> None:
+def _resolve(batch: list[asyncio.Future[None]], error: LogError | None) -> None:
     """On the loop: the batch's records are durable (``error`` None) or in doubt."""
     for done in batch:
         if done.done():  # its waiter was cancelled
@@ -122,7 +117,6 @@ def _resolve(batch: list[asyncio.Future[None]], error: BaseException | None) -> 
         if error is None:
             done.set_result(None)
         else:
-            text = str(error) if isinstance(error, LogError) else f"forcing it failed: {error}"
-            failure = LogError(text)
-            failure.__cause__ = error
+            failure = LogError(str(error))  # one exception per waiter (each gets a traceback)
+            failure.__cause__ = error.__cause__
             done.set_exception(failure)

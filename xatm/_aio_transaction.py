@@ -2,9 +2,9 @@
 
 :class:`AsyncTransaction` inherits the protocol (``TransactionCore``'s I/O-free steps, see
 ``xatm._steps``) and only runs its operations: the branches' calls concurrently on asyncio
-driver connections, the log's forced write off the loop (``xatm._aio_log``: a flusher
-thread forces a batch of COMMIT records with one fsync), so that no fsync blocks the event
-loop.
+driver connections, the log's forced write off the loop (``xatm._aio_log``: the file log's
+group commit forces a batch of COMMIT records with one fsync and wakes the loop once for
+it), so that no fsync blocks the event loop.
 
 **Cancellation.** The end of the transaction (commit or rollback) runs in a task of its own
 that the caller awaits without ever cancelling it (a shield). If the caller is cancelled

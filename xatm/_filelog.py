@@ -10,11 +10,19 @@ Each segment starts with :data:`MAGIC` and holds framed records (see ``_records`
 * **Forcing.** ``log_commit`` appends a COMMIT record and waits until it is on disk. A
   waiter that finds no flush under way becomes the *leader*: it writes everything appended
   so far in one ``write`` and one ``fsync``. Records appended meanwhile wait for the next
-  flush (group commit), each thread on its own batch's event, woken once, when its batch is
-  durable; the next flush is led by the log's flusher thread (started on first need), woken
-  by the leader that finishes, so no waiter is woken only to elect a leader. If a write or
-  fsync fails, the log is *broken*: waiters get :class:`~xatm.errors.LogError` and every
-  later commit is refused, because what reached the disk is no longer known.
+  flush (group commit), each thread parked on a lock of its own (``_Batch``), woken once,
+  when its batch is durable; the next flush is led by the log's flusher thread (started on
+  first need), woken by the leader that finishes, so no waiter is woken only to elect a
+  leader. If a write or fsync fails, the log is *broken*: waiters get
+  :class:`~xatm.errors.LogError` and every later commit is refused, because what reached
+  the disk is no longer known.
+* **Forcing without a waiting thread** (the asyncio manager, ``xatm._aio_log``):
+  ``append_commit`` appends a COMMIT record, leaves a callback and a waiter with the
+  record's batch, and returns at once. If no flush is under way it wakes the flusher thread
+  to lead one (else the flush under way hands the next one over, as above). The flush that
+  settles the batch, on whichever thread led it, calls each callback once with all of its
+  waiters of that batch (records durable, or the log broken), after the lock is released.
+  Such records share flushes with ``log_commit``'s.
 * **END records** are not forced: ``log_end`` only queues the record (no lock, nothing
   woken); the next flush writes it, after the COMMIT it ends (that COMMIT is on disk before
   ``log_end`` can be called).
@@ -42,9 +50,10 @@ import os
 import threading
 import time
 import zlib
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from . import _events
 from ._audit import AuditTrail
@@ -54,6 +63,12 @@ from ._xid import validate_node_id
 from .errors import LogCorrupt, LogError, LogLocked, XatmError
 
 logger = logging.getLogger("xatm.log")
+
+#: Told by the log that records appended with :meth:`FileLog.append_commit` are settled:
+#: ``(their waiters, in append order; None if they are durable, else the LogError that
+#: leaves them in doubt)``. Called on the thread that ran the flush, without the log's lock:
+#: it must return quickly and must not wait for the log.
+Settled = Callable[[list[Any], LogError | None], None]
 
 MAGIC = b"XATMLOG1\n"
 SEGMENT_GLOB = "seg-*.xlog"
@@ -359,19 +374,23 @@ def _salvage_locked(node_dir: Path, node_id: str) -> Salvage:
 
 
 class _Batch:
-    """Records appended between two flushes, and the threads waiting for them.
+    """Records appended between two flushes, and who waits for them.
 
-    Each waiter parks on a lock of its own, which the flush that settles the batch
+    Each waiting thread parks on a lock of its own, which the flush that settles the batch
     releases: one wake-up per waiter and no lock they all contend for on waking (an
     ``Event``'s waiters all take its condition's lock again, one after the other, a convoy
-    that cost about 0.1 ms of client CPU per transaction at 48 threads). Both methods are
-    called with the log's lock held."""
+    that cost about 0.1 ms of client CPU per transaction at 48 threads). Records appended
+    without a waiting thread (``append_commit``) leave a callback and a waiter instead,
+    grouped by callback, so that settling calls each callback once. Every method is called
+    with the log's lock held."""
 
-    __slots__ = ("settled", "waiters")
+    __slots__ = ("listeners", "settled", "waiters")
 
     def __init__(self) -> None:
         self.settled = False
         self.waiters: list[threading.Lock] = []
+        #: callback -> the waiters it is told about (None until a record leaves one)
+        self.listeners: dict[Settled, list[Any]] | None = None
 
     def park(self) -> threading.Lock | None:
         """A lock held for the caller, released when the batch is settled (acquire it to
@@ -383,12 +402,28 @@ class _Batch:
         self.waiters.append(parked)
         return parked
 
-    def settle(self) -> None:
-        """Wake every waiter: the batch is on disk, or the log is broken."""
+    def listen(self, settled: Settled, waiter: object) -> None:
+        """Have ``settled`` told about ``waiter`` when the batch is settled (not settled
+        yet: a record is appended to it only while the log is not broken)."""
+        listeners = self.listeners
+        if listeners is None:
+            self.listeners = {settled: [waiter]}
+        else:
+            waiters = listeners.get(settled)
+            if waiters is None:
+                listeners[settled] = [waiter]
+            else:
+                waiters.append(waiter)
+
+    def settle(self) -> dict[Settled, list[Any]] | None:
+        """Wake every waiting thread: the batch is on disk, or the log is broken. Returns the
+        callbacks to tell (outside the lock: :meth:`FileLog._tell`)."""
         self.settled = True
         waiters, self.waiters = self.waiters, []
         for parked in waiters:
             parked.release()
+        listeners, self.listeners = self.listeners, None
+        return listeners
 
 
 class FileLog:
@@ -478,16 +513,24 @@ class FileLog:
         self._ends.append((gtrid, LogRecord("END", gtrid).encode()))
 
     def append_commit(
-        self, gtrid: str, branches: Sequence[str], txids: Mapping[str, int] | None = None
+        self,
+        gtrid: str,
+        branches: Sequence[str],
+        txids: Mapping[str, int] | None,
+        settled: Settled,
+        waiter: object,
     ) -> None:
-        """:meth:`log_commit` without its wait, for a caller that forces the log itself: the
-        COMMIT record is appended (no I/O) and counted as forced, and becomes a decision
-        once a :meth:`flush` begun after this call returns with the log not :attr:`broken`
-        (until then :meth:`pending` does not show it). The asyncio manager's flusher forces
-        a whole batch of them with one ``flush()`` (``xatm._aio_log``).
-        DecisionNotLogged if the log refuses it (nothing is written)."""
+        """:meth:`log_commit` without its wait, for a caller that must not block (the
+        asyncio manager, ``xatm._aio_log``): the COMMIT record is appended (no I/O) and
+        counted as forced, the flusher thread is woken if no flush is under way, and returns.
+        Once the flush that writes the record is over, ``settled`` is called with ``waiter``
+        (and the other waiters that records of that flush left with the same ``settled``,
+        one call for all): ``None`` if the record is durable (a decision, shown by
+        :meth:`pending`), else the :class:`~xatm.errors.LogError` of the broken log (in
+        doubt). See :data:`Settled` for where it is called. DecisionNotLogged if the log
+        refuses the record (nothing is written, ``settled`` is never called)."""
         record = LogRecord("COMMIT", gtrid, tuple(branches), time.time(), dict(txids or {}))
-        self._append(record, force=True, wait=False)
+        self._append(record, force=True, settled=settled, waiter=waiter)
 
     def pending(self) -> Mapping[str, LogRecord]:
         with self._lock:
@@ -601,8 +644,18 @@ class FileLog:
         if obsolete:
             fsync_dir(self.node_dir)
 
-    def _append(self, record: LogRecord, *, force: bool, wait: bool = True) -> None:
+    def _append(
+        self,
+        record: LogRecord,
+        *,
+        force: bool,
+        settled: Settled | None = None,
+        waiter: object = None,
+    ) -> None:
+        """Append ``record``; if ``force``, wait until it is on disk, or (``settled``) have
+        its batch tell ``settled`` about ``waiter`` and see that a flush will write it."""
         frame = record.encode()
+        wait = force and settled is None
         seq, batch = 0, None
         try:
             with self._lock:
@@ -625,10 +678,14 @@ class FileLog:
                 else:
                     self._pending.pop(record.gtrid, None)
                     self._commit_seq.pop(record.gtrid, None)
-            if force and wait:
+                if settled is not None:
+                    self._open.listen(settled, waiter)
+                    if not self._flushing:  # else the flush under way hands the next over
+                        self._hand_over()
+            if wait:
                 self._wait_durable(seq, batch)
         except BaseException as e:
-            if not (force and wait) or seq == 0 or isinstance(e, Exception):
+            if not wait or seq == 0 or isinstance(e, Exception):
                 raise
             # KeyboardInterrupt, SystemExit... while the record waits for its fsync: settle
             # it first (on disk, or the log broken), so that the caller's "in doubt" is
@@ -711,8 +768,9 @@ class FileLog:
         self, taken: _Batch | None, upto: int, forced: int, failure: BaseException | None
     ) -> None:
         """The leader's flush of batch ``taken`` is over: records up to ``upto`` are durable,
-        or the log is broken (``failure``). Wakes the batch's waiters, and hands the next
-        flush over if records wait for one."""
+        or the log is broken (``failure``). Wakes the batch's waiters, hands the next flush
+        over if records wait for one, and then tells the batch's callbacks."""
+        told = broken = None
         with self._lock:
             self._flushing = False
             if failure is None:
@@ -722,11 +780,36 @@ class FileLog:
                 self._broken = failure
                 logger.critical("coordinator log %s failed: %s", self.node_dir, failure)
             if taken is not None:
-                taken.settle()
+                told = taken.settle()
             if failure is not None:
-                self._open.settle()  # its waiters get the LogError
+                broken = self._open.settle()  # its waiters get the LogError
             elif self._forced_in_buffer or self._flush_wanted:
                 self._hand_over()
+        if told is not None or broken is not None:
+            error = None
+            if failure is not None:
+                error = LogError(f"forcing the coordinator log failed: {failure}")
+                error.__cause__ = failure
+            self._tell(told, error)
+            self._tell(broken, error)
+
+    def _tell(self, listeners: dict[Settled, list[Any]] | None, error: LogError | None) -> None:
+        """Call each callback of a settled batch once with its waiters (the lock is not
+        held). A callback that raises is logged: the flush that called it is over all the
+        same, and the thread that ran it (a committer, maybe) must not fail for it. An
+        interrupt is let through once every other callback is told."""
+        if listeners is None:
+            return
+        interrupt: BaseException | None = None
+        for settled, waiters in listeners.items():
+            try:
+                settled(waiters, error)
+            except Exception:
+                logger.exception("coordinator log %s: a durability callback failed", self.node_dir)
+            except BaseException as e:
+                interrupt = e
+        if interrupt is not None:
+            raise interrupt
 
     def _hand_over(self) -> None:
         """Records wait for the next flush: wake the flusher thread to lead it (the lock is
