@@ -89,6 +89,9 @@ $(CEXT_BENCH_STAMP): $(CEXT_STAMP)
 	$(CEXT_VENV)/bin/python -c 'import mysql.connector as m; assert m.HAVE_CEXT, "the C extension of mysql-connector " + m.__version__ + " does not load"'
 	touch $(CEXT_BENCH_STAMP)
 
+#: every run also keeps its numbers (JSON) and its plot; override to change or drop them
+BENCH_ARGS ?= --json benchmarks/results/latest.json --plot benchmarks/results/throughput.png
+
 bench: $(CEXT_BENCH_STAMP)
 	$(CEXT_VENV)/bin/python -m benchmarks.run $(BENCH_ARGS)
 

@@ -364,8 +364,11 @@ def classify(stack: list[str]) -> str:
                 if "_flusher_loop" in frame:
                     return "log flusher: idle (no records wait for a flush)"
                 return "log: waiting for a flush led by another thread"
-            if "FileLog._write" in frame:
+            if "FileLog._write" in frame or "_write_at" in frame:
                 return "log: write + fsync"
+            if "FileLog._wait_durable" in frame:
+                # innermost: parked on its own lock (``_Batch.park``) until a flush settles
+                return "log: waiting for a flush led by another thread"
             return "xatm Python (or waiting for the GIL)"
         if "psycopg/" in frame:
             if "Connection.wait" in frame:

@@ -131,5 +131,8 @@ def test_profile_classifies_pyspy_frames() -> None:
     assert classify(stack(maria_wait)) == "MariaDB: waiting for the server (socket)"
     assert classify(stack(fsync)) == "log: write + fsync"
     assert classify(stack(*waiting)) == "log: waiting for a flush led by another thread"
+    parked = "FileLog._wait_durable (xatm/_filelog.py:640)"  # acquiring its parking lock
+    assert classify(stack(parked)) == "log: waiting for a flush led by another thread"
+    assert classify(stack("_write_at (xatm/_filelog.py:80)")) == "log: write + fsync"
     assert classify(list(idle)) == "log flusher: idle (no records wait for a flush)"
     assert classify(stack("overlapped (xatm/_parallel.py:40)")).startswith("xatm Python")
