@@ -476,7 +476,8 @@ def pyspy_window(out: Path, rate: int, *, gil: bool = False) -> Callable[[float]
 
 # --------------------------------------------------------------------------- report
 
-STEP_ROWS = (
+#: the steps before phase 1, named alike in the wall-time and the CPU tables
+_OPENING_ROWS = (
     ("tm.transaction()", "new Transaction (gtrid, registry)"),
     ("pg.pool.get", "PG: pool get"),
     ("pg.begin", "PG: BEGIN"),
@@ -484,6 +485,9 @@ STEP_ROWS = (
     ("maria.pool.get", "MariaDB: pool get"),
     ("maria.begin", "MariaDB: XA START"),
     ("maria.execute", "MariaDB: UPDATE (credit)"),
+)
+STEP_ROWS = (
+    *_OPENING_ROWS,
     ("phase1", "**phase 1 (prepare), wall**"),
     ("phase1: overlapped (share)", "  round trips overlapped (share of transactions)"),
     ("pg.prepare", "  PG: PREPARE TRANSACTION (send + answer)"),
@@ -601,13 +605,7 @@ def step_table(
 #: leaf steps of the client thread, for the CPU table (CPU adds up where round trips
 #: overlap, so phases are given by their branch steps)
 CPU_ROWS = (
-    ("tm.transaction()", "new Transaction (gtrid, registry)"),
-    ("pg.pool.get", "PG: pool get"),
-    ("pg.begin", "PG: BEGIN"),
-    ("pg.execute", "PG: UPDATE (debit)"),
-    ("maria.pool.get", "MariaDB: pool get"),
-    ("maria.begin", "MariaDB: XA START"),
-    ("maria.execute", "MariaDB: UPDATE (credit)"),
+    *_OPENING_ROWS,
     ("pg.prepare", "PG: PREPARE TRANSACTION"),
     ("maria.prepare", "MariaDB: XA END + XA PREPARE"),
     ("log.commit (force)", "log: COMMIT record forced (this thread's write+fsync, or its wait)"),
