@@ -38,7 +38,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 from . import _barrier, _failpoint, _mysql, _postgres
-from ._audit import AuditEntry, AuditTrail, read_audit
+from ._audit import AuditEntry, AuditTrail
+from ._log_view import log_view
 from ._saga import MAX_KEY, Saga, SagaAbort, SagaError, SagaInProgress, SagaResult, Step
 from ._saga_store import Claim, SagaRecord, SagaStore, new_saga_id, open_store
 from .errors import (
@@ -139,11 +140,8 @@ def saga_history(
     log_directory: str | None, shared_log: Any, saga_id: str, record: SagaRecord | None
 ) -> list[AuditEntry]:
     """One saga's history, oldest first: the routine events kept in its record and its
-    entries in the audit trail (the file log's or the shared log's)."""
-    if shared_log is not None:
-        entries = list(shared_log.read_audit(saga_id))
-    else:
-        entries = read_audit(log_directory or ".", saga_id)
+    entries in the audit trail (the file log's or the shared log's: ``xatm._log_view``)."""
+    entries = log_view(log_directory, shared_log).audit(saga_id)
     if record is not None:
         entries += [
             AuditEntry(at, saga_id, "", step, action, reason, outcome, actor, record.node)
