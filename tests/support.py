@@ -304,3 +304,12 @@ def _established_local_ports() -> set[int]:
             if len(fields) > 3 and fields[3] == "01":  # ESTABLISHED
                 ports.add(int(fields[1].rsplit(":", 1)[1], 16))
     return ports
+
+
+def journaled_transfer(tm: Any, bank: Bank, tid: str) -> None:
+    """Move 10 from pg1's account 1 to maria's, and journal ``tid`` on both sides."""
+    with tm.transaction() as tx:
+        tx.execute("pg1", f"UPDATE {bank.table} SET bal = bal - 10 WHERE id = 1")
+        tx.execute("maria", f"UPDATE {bank.table} SET bal = bal + 10 WHERE id = 1")
+        for r in ("pg1", "maria"):
+            tx.execute(r, f"INSERT INTO {bank.journal} (tid) VALUES (%s)", (tid,))

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import Bank
+from tests.support import Bank, journaled_transfer
 from xatm import TransactionManager
 from xatm.errors import LogError, TransactionInDoubt, TransactionRolledBack
 
@@ -58,14 +58,6 @@ def fill(disk: Path) -> Path:
     return filler
 
 
-def transfer(tm: TransactionManager, bank: Bank, tid: str) -> None:
-    with tm.transaction() as tx:
-        tx.execute("pg1", f"UPDATE {bank.table} SET bal = bal - 10 WHERE id = 1")
-        tx.execute("maria", f"UPDATE {bank.table} SET bal = bal + 10 WHERE id = 1")
-        for r in ("pg1", "maria"):
-            tx.execute(r, f"INSERT INTO {bank.journal} (tid) VALUES (%s)", (tid,))
-
-
 def test_a_full_disk_under_the_log_splits_nothing_and_loses_nothing(
     bank: Bank, make_tm: MakeTM, small_disk: Path
 ) -> None:
@@ -82,7 +74,7 @@ def test_a_full_disk_under_the_log_splits_nothing_and_loses_nothing(
 
     def attempt(tid: str) -> None:
         try:
-            transfer(tm, bank, tid)
+            journaled_transfer(tm, bank, tid)
         except TransactionInDoubt:
             outcome[tid] = "in doubt"
         except TransactionRolledBack:

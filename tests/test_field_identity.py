@@ -23,7 +23,7 @@ import pytest
 from tests.conftest import Servers
 from tests.field_support import attempt, books, roll_back_leftovers, transfer_books
 from tests.recovery_support import prepared_gtrids, wait_for
-from tests.support import Bank
+from tests.support import Bank, journaled_transfer
 from tests.test_chaos import lock_timeouts
 from xatm import ConfigurationError, TransactionManager
 
@@ -62,20 +62,12 @@ def test_a_twin_cannot_roll_back_a_live_nodes_transaction(
     twin, refused = attempt(lambda: make_tm(node_id="twin-b", log=tmp_path / "b", sweeper=False))
     if twin is not None:
         at_step["after_decision"] = lambda: twin.recover()
-    _, failed = attempt(lambda: transfer(live, bank, "tw1"))
+    _, failed = attempt(lambda: journaled_transfer(live, bank, "tw1"))
     books(bank, "tw1", ("pg1", "maria"))  # today: SPLIT (pg1 rolled back by the twin)
     assert failed is None, failed
     assert isinstance(refused, ConfigurationError), refused
     assert names_node_and_a_resource(refused, "twin-b", set(live.resource_names))
     assert all(not v for v in prepared_gtrids(bank).values())
-
-
-def transfer(tm: TransactionManager, bank: Bank, tid: str) -> None:
-    with tm.transaction() as tx:
-        tx.execute("pg1", f"UPDATE {bank.table} SET bal = bal - 10 WHERE id = 1")
-        tx.execute("maria", f"UPDATE {bank.table} SET bal = bal + 10 WHERE id = 1")
-        for r in ("pg1", "maria"):
-            tx.execute(r, f"INSERT INTO {bank.journal} (tid) VALUES (%s)", (tid,))
 
 
 def test_two_deployments_sharing_only_mariadb_cannot_use_one_node_id(
