@@ -20,15 +20,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Protocol, runtime_checkable
+from typing import Protocol, runtime_checkable
 
-from ._log import CoordinatorLog
+from ._log import CoordinatorLog, Settled
 from .errors import LogError
-
-#: what a batched log calls once a flush has settled records (``xatm._filelog.Settled``)
-Settled = Callable[[list[Any], LogError | None], None]
 
 
 @runtime_checkable

@@ -50,25 +50,19 @@ import os
 import threading
 import time
 import zlib
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from . import _events
 from ._audit import AuditTrail
-from ._log import DecisionNotLogged, OwnerState
+from ._log import DecisionNotLogged, OwnerState, Settled
 from ._records import HEADER, MAX_PAYLOAD, LogRecord, frame_at, next_good_frame, read_frames
 from ._xid import validate_node_id
 from .errors import LogCorrupt, LogError, LogLocked, XatmError
 
 logger = logging.getLogger("xatm.log")
-
-#: Told by the log that records appended with :meth:`FileLog.append_commit` are settled:
-#: ``(their waiters, in append order; None if they are durable, else the LogError that
-#: leaves them in doubt)``. Called on the thread that ran the flush, without the log's lock:
-#: it must return quickly and must not wait for the log.
-Settled = Callable[[list[Any], LogError | None], None]
 
 MAGIC = b"XATMLOG1\n"
 SEGMENT_GLOB = "seg-*.xlog"
@@ -240,10 +234,9 @@ def check(scans: Sequence[SegmentScan]) -> None:
             )
 
 
-def read_segments(node_dir: Path) -> tuple[dict[str, LogRecord], list[tuple[Path, int, bool]]]:
-    """Replay every segment of one node: (pending COMMITs, [(segment, size, torn)]).
-
-    Raises LogCorrupt if a segment is damaged anywhere but in a torn tail of the newest."""
+def _checked_scans(node_dir: Path) -> list[SegmentScan]:
+    """Every segment of one node, read; LogCorrupt if one is damaged anywhere but in a torn
+    tail of the newest (a torn tail is logged and ignored)."""
     scans = scan_log(node_dir)
     check(scans)
     for scan in scans:
@@ -254,6 +247,14 @@ def read_segments(node_dir: Path) -> tuple[dict[str, LogRecord], list[tuple[Path
                 scan.torn,
                 scan.good,
             )
+    return scans
+
+
+def read_segments(node_dir: Path) -> tuple[dict[str, LogRecord], list[tuple[Path, int, bool]]]:
+    """Replay every segment of one node: (pending COMMITs, [(segment, size, torn)]).
+
+    Raises LogCorrupt if a segment is damaged anywhere but in a torn tail of the newest."""
+    scans = _checked_scans(node_dir)
     return replay(scans), [(s.path, s.size, s.torn > 0) for s in scans]
 
 
@@ -607,20 +608,18 @@ class FileLog:
             time.sleep(0.05)
 
     def _open_segments(self) -> None:
-        pending, segments = read_segments(self.node_dir)  # LogCorrupt: nothing is touched
-        if segments:
+        scans = _checked_scans(self.node_dir)  # LogCorrupt: nothing is touched
+        pending = replay(scans)
+        if scans and scans[-1].good < scans[-1].size + scans[-1].unused:
             # Cut a torn tail, or preallocated space never written, off first: if a crash
             # comes before the older segments are deleted below, this one is no longer the
             # newest, and must read as clean.
-            path, _, _ = segments[-1]
-            good = scan_segment(path, newest=True).good
-            if path.stat().st_size > good:
-                with open(path, "r+b") as f:
-                    f.truncate(good)
-                    os.fsync(f.fileno())
+            with open(scans[-1].path, "r+b") as f:
+                f.truncate(scans[-1].good)
+                os.fsync(f.fileno())
         self._pending = pending
-        last = max((_segment_number(p) for p, _, _ in segments), default=0)
-        self._start_segment(last + 1, [p for p, _, _ in segments], list(pending.values()))
+        last = max((_segment_number(s.path) for s in scans), default=0)
+        self._start_segment(last + 1, [s.path for s in scans], list(pending.values()))
 
     def _start_segment(self, number: int, obsolete: list[Path], carried: list[LogRecord]) -> None:
         """Begin segment ``number`` holding the ``carried`` COMMITs; delete ``obsolete``."""

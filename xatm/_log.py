@@ -15,14 +15,21 @@ then resolved like the local log.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from typing import Literal, Protocol
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Literal, Protocol
 
 from ._records import LogRecord
 from .errors import LogError
 
 #: Whose a transaction is, seen from here: the coordinator of its node_id is ...
 OwnerState = Literal["this-process", "alive", "dead", "unknown"]
+
+#: Told by a batched log (``xatm._filelog.FileLog.append_commit``, used by
+#: ``xatm._aio_log``) that records appended without a waiting thread are settled: ``(their
+#: waiters, in append order; None if they are durable, else the LogError that leaves them in
+#: doubt)``. Called on the thread that ran the flush, without the log's lock: it must return
+#: quickly and must not wait for the log.
+Settled = Callable[[list[Any], LogError | None], None]
 
 
 class DecisionNotLogged(LogError):
