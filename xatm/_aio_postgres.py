@@ -13,6 +13,7 @@ from typing import Any
 import psycopg
 from psycopg.pq import TransactionStatus
 
+from . import _deadline
 from ._participant import Cursor, PhaseTwo, Prepared, Statement, Vote
 from ._postgres import (
     PostgresParticipant,
@@ -24,6 +25,7 @@ from ._postgres import (
     not_found,
     prepare_failed,
     prepare_statement,
+    socket_of,
     vote_of,
 )
 from ._xid import Xid
@@ -41,14 +43,19 @@ class AsyncPostgres:
     async def connect(self) -> AsyncConn:
         conn = None
         try:
-            conn = await psycopg.AsyncConnection.connect(**self.sync.connect_kwargs)
+            with _deadline.waiting(self, "a connect"):  # bounded by connect_timeout
+                conn = await psycopg.AsyncConnection.connect(**self.sync.connect_kwargs)
             if self.sync.session_setup:
-                await conn.execute(self.sync.session_setup)
+                with _deadline.bounded(self, conn, _deadline.GRACE, "the session set-up"):
+                    await conn.execute(self.sync.session_setup)
         except psycopg.Error as e:
             if conn is not None:
                 await self.close(conn)
             raise self.sync.unavailable(e) from None
         return conn
+
+    def socket_of(self, conn: AsyncConn) -> int | None:
+        return socket_of(conn)
 
     async def ping(self, conn: AsyncConn) -> bool:
         try:

@@ -31,6 +31,7 @@ import threading
 import time
 from collections.abc import Mapping
 
+from . import _deadline
 from ._participant import Connection, Participant
 from .errors import ConfigurationError, ResourceError
 
@@ -81,7 +82,8 @@ class IdentityLocks:
         """Connect and take the lock; True if taken (kept), False if another holds it."""
         conn = participant.connect()
         try:
-            got = participant.take_identity(conn, self.node_id)
+            with _deadline.bounded(participant, conn, _deadline.GRACE, "an identity check"):
+                got = participant.take_identity(conn, self.node_id)
         except Exception as e:
             participant.close(conn)
             raise ResourceError(str(e), resource=name) from None
@@ -132,7 +134,7 @@ class IdentityLocks:
             return False
         with self._lock:
             conn = self._conns.get(name)
-        if conn is not None and participant.ping(conn):
+        if conn is not None and _ping(participant, conn):
             return True
         try:
             if self._take(name, participant):
@@ -162,3 +164,10 @@ class IdentityLocks:
             conns, self._conns = self._conns, {}
         for name, conn in conns.items():
             self._participants[name].close(conn)
+
+
+def _ping(participant: Participant, conn: Connection) -> bool:
+    """A ping of a lock's session, bounded (``xatm._deadline``): a silent server is a lost
+    session."""
+    with _deadline.bounded(participant, conn, _deadline.GRACE, "an identity check"):
+        return participant.ping(conn)

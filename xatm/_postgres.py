@@ -40,6 +40,7 @@ from typing import Any
 import psycopg
 from psycopg.pq import TransactionStatus
 
+from . import _deadline
 from . import _postgres_health as _health
 from ._participant import (
     CANNOT_TELL,
@@ -76,6 +77,30 @@ UNDEFINED_TABLE = "42P01"
 SESSION_WAIT_FLOOR = 5.0
 
 
+def dead_peer_settings(timeout: float | None) -> dict[str, str]:
+    """libpq settings that notice a dead peer (a host gone, a path cut) on a connection:
+    TCP keepalives on an idle one, and ``tcp_user_timeout`` for data the peer never
+    acknowledges, at twice the transaction ``timeout`` plus the connect timeout. (A server
+    that is alive but silent acknowledges everything: ``xatm._deadline`` ends those calls.)"""
+    backstop = 2 * (30.0 if timeout is None else timeout) + DEFAULT_CONNECT_TIMEOUT
+    return {
+        "keepalives": "1",
+        "keepalives_idle": "10",
+        "keepalives_interval": "5",
+        "keepalives_count": "3",
+        "tcp_user_timeout": str(math.ceil(backstop * 1000)),
+    }
+
+
+def socket_of(conn: Any) -> int | None:
+    """The socket of a psycopg connection, sync or asyncio (None once it is closed)."""
+    try:
+        fd = conn.pgconn.socket
+    except psycopg.Error:
+        return None
+    return fd if isinstance(fd, int) and fd >= 0 else None
+
+
 def wait_bounds(timeout: float) -> dict[str, str]:
     """The session settings that bound the waits of a transaction with ``timeout``
     seconds: no lock wait outlasts it, and no statement outlasts twice that."""
@@ -96,6 +121,8 @@ class PostgresParticipant:
         options = dict(spec.options)
         options.setdefault("connect_timeout", str(DEFAULT_CONNECT_TIMEOUT))
         options.setdefault("application_name", "xatm")
+        for key, value in dead_peer_settings(timeout).items():
+            options.setdefault(key, value)
         #: settings the URL's own ``options`` sets: xatm leaves those alone
         self._user_settings = pg_settings_in(options.get("options", ""))
         #: sent once on each new connection (a SET, not the startup packet's ``options``,
@@ -148,14 +175,19 @@ class PostgresParticipant:
     def connect(self) -> psycopg.Connection[Any]:
         conn = None
         try:
-            conn = psycopg.connect(**self.connect_kwargs)
+            with _deadline.waiting(self, "a connect"):  # bounded by connect_timeout
+                conn = psycopg.connect(**self.connect_kwargs)
             if self._session_setup:
-                conn.execute(self.session_setup)  # one round trip, once per connection
+                with _deadline.bounded(self, conn, _deadline.GRACE, "the session set-up"):
+                    conn.execute(self.session_setup)  # one round trip, once per connection
         except psycopg.Error as e:
             if conn is not None:
                 self.close(conn)
             raise self.unavailable(e) from None
         return conn
+
+    def socket_of(self, conn: Any) -> int | None:
+        return socket_of(conn)
 
     def ping(self, conn: psycopg.Connection[Any]) -> bool:
         try:

@@ -39,6 +39,7 @@ import threading
 import weakref
 from typing import TYPE_CHECKING, Any
 
+from . import _deadline
 from ._pool import Pool
 from ._urls import ResourceSpec, parse_url, redact
 from .errors import ConfigurationError, ResourceUnavailable
@@ -137,7 +138,7 @@ class EnginePool(Pool):
         self.engine = engine
         self._out: dict[int, _Checkout] = {}
 
-    def get(self) -> Connection:
+    def get(self, bound: float = _deadline.GRACE) -> Connection:
         try:
             proxied = self.engine.raw_connection()
         except Exception as e:
@@ -148,7 +149,8 @@ class EnginePool(Pool):
             ) from None
         conn = proxied.driver_connection
         try:
-            autocommit = self.participant.adopt(conn, proxied.info)
+            with _deadline.bounded(self.participant, conn, bound, "taking a connection over"):
+                autocommit = self.participant.adopt(conn, proxied.info)
         except Exception as e:
             with contextlib.suppress(Exception):
                 proxied.invalidate(e)

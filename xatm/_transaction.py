@@ -35,7 +35,7 @@ from collections.abc import Callable, Sequence
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
-from . import _events, _failpoint, _marker
+from . import _deadline, _events, _failpoint, _marker
 from ._log import DecisionNotLogged
 from ._parallel import Outcome, overlapped
 from ._participant import (
@@ -161,7 +161,40 @@ class TransactionCore:
         the server drops unprepared work, and the transaction can only roll back."""
         branch.error = error
         branch.state = BranchState.ROLLED_BACK
-        self._rollback_only = f"the connection of branch {branch.resource!r} was lost"
+        if branch.cut:
+            self._rollback_only = "timeout"
+        else:
+            self._rollback_only = f"the connection of branch {branch.resource!r} was lost"
+
+    def _statement_lost(self, branch: Branch, error: BaseException) -> TransactionTimeout | None:
+        """A statement of the block failed with a connection error: the transaction can
+        only roll back. If the deadline cut it (its server did not answer in time), the
+        error to raise instead of the driver's."""
+        self._lost(branch, error)
+        return self._silent(branch.resource) if branch.cut else None
+
+    def _silent(self, resource: str) -> TransactionTimeout:
+        """The error of a call on ``resource`` that the deadline cut (the transaction can
+        only roll back)."""
+        self._rollback_only = "timeout"
+        return TransactionTimeout(
+            f"transaction {self.gtrid} exceeded its timeout of {self.timeout:g} s: resource"
+            f" {resource!r} did not answer in time, and its connection was cut",
+            gtrid=self.gtrid,
+        )
+
+    def _watch(self, owner: _deadline.Sockets, conn: Connection) -> _deadline.Watch:
+        """The deadline of a branch's connection, from enlistment until it is given back:
+        the transaction's own until its decision, then :meth:`_finishing`'s."""
+        return _deadline.arm(owner, conn, self.deadline, f"transaction {self.gtrid}", busy=0)
+
+    def _finishing(self) -> None:
+        """The steps that end the branches (commit, rollback) may run until the deadline
+        plus :data:`xatm._deadline.GRACE`: no call outlives the timeout plus that."""
+        limit = self.deadline + _deadline.GRACE
+        for branch in self._branches.values():
+            if branch.watch is not None:
+                branch.watch.extend_to(limit)
 
     def _check_time(self) -> None:
         if time.monotonic() > self.deadline:
@@ -285,9 +318,11 @@ class TransactionCore:
 
     def _raise_rolled_back(self, reason: str, cause: BaseException | None = None) -> NoReturn:
         if reason == "timeout":
+            silent = [repr(b.resource) for b in self._branches.values() if b.cut]
+            detail = f" ({', '.join(silent)} did not answer in time)" if silent else ""
             raise TransactionTimeout(
                 f"transaction {self.gtrid} exceeded its timeout of {self.timeout:g} s and was"
-                " rolled back",
+                f" rolled back{detail}",
                 gtrid=self.gtrid,
             ) from cause
         raise TransactionRolledBack(
@@ -297,6 +332,7 @@ class TransactionCore:
     def _one_phase_steps(self, branch: Branch) -> Steps[None]:
         self.state = TransactionState.PREPARING
         self._trace.phase("commit")
+        self._finishing()
         assert branch.conn is not None
         e = (yield CommitOnePhase(branch)).error
         if isinstance(e, BranchVotedNo):
@@ -339,15 +375,19 @@ class TransactionCore:
                     branch.txid = outcome.value.txid
                 continue
             branch.error = err
-            if isinstance(err, BranchVotedNo):
+            if isinstance(err, BranchVotedNo) and not branch.cut:
                 branch.state = BranchState.ROLLED_BACK
                 if failure is None:
                     failure, reason = err.__cause__ or err, f"{branch.resource}: {err.reason}"
             else:
+                # not a certain no: the prepare may have reached the server (its answer was
+                # lost, or the deadline cut the call): left to recovery, which rolls it back
                 branch.state = BranchState.UNKNOWN
                 if failure is None:
                     failure, reason = err, f"{branch.resource}: prepare failed: {err}"
         if failure is not None:
+            if any(b.cut for b in branches):
+                reason = "timeout"
             yield from self._rollback_steps()
             if not isinstance(failure, Exception):
                 raise failure  # KeyboardInterrupt and the like, after rolling back
@@ -366,6 +406,8 @@ class TransactionCore:
             expired = stop is not None or time.monotonic() > self.deadline
             if not expired:
                 self._deciding = True
+        if not expired:
+            self._finishing()
         if expired:
             yield from self._rollback_steps()
             self._raise_rolled_back(stop if stop is not None else "timeout")
@@ -423,7 +465,7 @@ class TransactionCore:
                     " now (%s); recovery will commit it",
                     self.gtrid,
                     branch.resource,
-                    outcome.error,
+                    "no answer in time: its connection was cut" if branch.cut else outcome.error,
                 )
         self.state = TransactionState.COMMITTED
         if not logged:
@@ -452,6 +494,7 @@ class TransactionCore:
         """Roll back every branch that may still hold work; never raises a driver error."""
         self._trace.phase("rollback")
         self.state = TransactionState.ROLLED_BACK
+        self._finishing()
         for branch in self._branches.values():
             if branch.conn is None or branch.state is BranchState.ROLLED_BACK:
                 branch.release()
@@ -520,10 +563,13 @@ class Transaction(TransactionCore):
         branch = self._branch(resource)
         assert branch.conn is not None
         try:
-            return branch.participant.execute(branch.conn, query, params)
+            with _deadline.calling(branch.watch):
+                return branch.participant.execute(branch.conn, query, params)
         except BaseException as e:
             if branch.participant.is_connection_error(e):
-                self._lost(branch, e)
+                timeout = self._statement_lost(branch, e)
+                if timeout is not None:
+                    raise timeout from e
             raise
 
     def connection(self, resource: str) -> Connection:
@@ -534,7 +580,7 @@ class Transaction(TransactionCore):
         """
         branch = self._branch(resource)
         assert branch.conn is not None
-        return branch.conn
+        return branch.hand_out()
 
     def session(self, binds: Any = None, **session_kwargs: Any) -> Any:
         """A SQLAlchemy ORM ``Session`` whose work joins this transaction (see docs/api.md).
@@ -560,8 +606,11 @@ class Transaction(TransactionCore):
         self._after_end.append(callback)
 
     def enlist(self, resource: str) -> Branch:
-        """The branch on ``resource``, begun now if it is not enlisted yet."""
-        return self._branch(resource)
+        """The branch on ``resource``, begun now if it is not enlisted yet; its connection
+        is the integration's to use (``Branch.hand_out``)."""
+        branch = self._branch(resource)
+        branch.hand_out()
+        return branch
 
     def branch_connection(self, resource: str) -> Connection | None:
         """The driver connection the branch on ``resource`` holds now (None if none)."""
@@ -576,29 +625,40 @@ class Transaction(TransactionCore):
         participant, pool = self._ctx.resources.get(resource)
         participant = self._trace.watch(participant)
         xid = branch_xid(self.gtrid, resource)
-        conn = self._begin(participant, pool, xid)
-        branch = Branch(resource, xid, participant, pool, conn)
+        conn, watch = self._begin(participant, pool, xid)
+        branch = Branch(resource, xid, participant, pool, conn, watch=watch)
         self._branches[resource] = branch
         return branch
 
-    def _begin(self, participant: Participant, pool: Pool, xid: Xid) -> Connection:
-        """A connection with the branch begun on it; one retry on a fresh connection."""
+    def _begin(
+        self, participant: Participant, pool: Pool, xid: Xid
+    ) -> tuple[Connection, _deadline.Watch]:
+        """A connection with the branch begun on it, under the transaction's deadline; one
+        retry on a fresh connection, if there is time left."""
         for attempt in (1, 2):
             conn = pool.get() if attempt == 1 else participant.connect()
+            watch = self._watch(participant, conn)
             try:
-                if not pool.checked:
-                    check_fit(self._ctx, participant, conn)
-                    pool.checked = True
-                participant.begin(conn, xid, max(self.deadline - time.monotonic(), 0.001))
-                return conn
+                with _deadline.calling(watch):
+                    if not pool.checked:
+                        check_fit(self._ctx, participant, conn)
+                        pool.checked = True
+                    participant.begin(conn, xid, max(self.deadline - time.monotonic(), 0.001))
+                return conn, watch
             except ResourceError:
+                _deadline.disarm(watch)
                 pool.discard(conn)
                 raise
             except BaseException as e:
+                _deadline.disarm(watch)
                 pool.discard(conn)
+                if watch.fired:
+                    raise self._silent(participant.name) from e
                 if attempt == 2 or not participant.is_connection_error(e):
                     raise
                 pool.clear()  # the server probably restarted: the others are dead too
+                if time.monotonic() > self.deadline:
+                    raise
         raise AssertionError("unreachable")
 
     # -- the end ----------------------------------------------------------------------------
@@ -668,24 +728,28 @@ class Transaction(TransactionCore):
         if isinstance(op, LogEnd):
             return _call(self._ctx.log.log_end, op.gtrid)
         branch = op.branch
-        if isinstance(op, CommitOnePhase):
-            if op.before:
-                return _call(
-                    branch.participant.commit_one_phase, branch.conn, branch.xid, op.before
-                )
-            return _call(branch.participant.commit_one_phase, branch.conn, branch.xid)
-        if op.prepared:
-            return _call(branch.participant.rollback_prepared, branch.conn, branch.xid)
-        return _call(branch.participant.rollback_active, branch.conn, branch.xid)
+        with _deadline.calling(branch.watch):
+            if isinstance(op, CommitOnePhase):
+                if op.before:
+                    return _call(
+                        branch.participant.commit_one_phase, branch.conn, branch.xid, op.before
+                    )
+                return _call(branch.participant.commit_one_phase, branch.conn, branch.xid)
+            if op.prepared:
+                return _call(branch.participant.rollback_prepared, branch.conn, branch.xid)
+            return _call(branch.participant.rollback_active, branch.conn, branch.xid)
 
     def _prepare(self, branches: list[Branch]) -> list[Outcome[Prepared]]:
         overlap = self._ctx.overlap()
 
         def start(branch: Branch) -> Callable[[], Prepared]:
             assert branch.conn is not None
-            if overlap:
-                return branch.participant.start_prepare(branch.conn, branch.xid)
-            return _now(branch.participant.prepare(branch.conn, branch.xid))
+            with _deadline.calling(branch.watch):
+                if overlap:
+                    return _waiting(
+                        branch, branch.participant.start_prepare(branch.conn, branch.xid)
+                    )
+                return _now(branch.participant.prepare(branch.conn, branch.xid))
 
         return overlapped(branches, start, sends_first=_sends_first, overlap=overlap)
 
@@ -695,10 +759,13 @@ class Transaction(TransactionCore):
 
         def start(branch: Branch) -> Callable[[], PhaseTwo]:
             assert branch.conn is not None
-            if overlap:
-                finish = branch.participant.start_commit_prepared(branch.conn, branch.xid)
-            else:
-                finish = _now(branch.participant.commit_prepared(branch.conn, branch.xid))
+            with _deadline.calling(branch.watch):
+                if overlap:
+                    finish = _waiting(
+                        branch, branch.participant.start_commit_prepared(branch.conn, branch.xid)
+                    )
+                else:
+                    finish = _now(branch.participant.commit_prepared(branch.conn, branch.xid))
 
             def done() -> PhaseTwo:
                 nonlocal first_done
@@ -739,6 +806,18 @@ def _call(fn: Callable[..., T], *args: Any) -> Outcome[T]:
 
 def _after_first_commit() -> None:
     _failpoint.hit("after_first_commit")
+
+
+def _waiting(branch: Branch, finish: Callable[[], T]) -> Callable[[], T]:
+    """``finish`` as a call on ``branch``'s connection (``xatm._deadline``): a branch whose
+    step was started counts as in a call only while its answer is being waited for, not
+    while the other branches' steps run."""
+
+    def call() -> T:
+        with _deadline.calling(branch.watch):
+            return finish()
+
+    return call
 
 
 def _now(value: T) -> Callable[[], T]:
