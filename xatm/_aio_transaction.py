@@ -123,9 +123,11 @@ class AsyncTransaction(TransactionCore):
         driver's (async) cursor. The driver's own exception propagates on failure."""
         branch = await self._branch(resource)
         driver = self._drivers[resource]
+        watch = branch.watch
+        if watch is not None:
+            watch.busy += 1  # a call in flight (xatm._deadline), inline: once per statement
         try:
-            with _deadline.calling(branch.watch):
-                return await driver.execute(branch.conn, query, params)
+            return await driver.execute(branch.conn, query, params)
         except BaseException as e:
             if isinstance(e, asyncio.CancelledError) or driver.is_connection_error(e):
                 # interrupted midway: the connection is closed
@@ -133,6 +135,9 @@ class AsyncTransaction(TransactionCore):
                 if timeout is not None and not isinstance(e, asyncio.CancelledError):
                     raise timeout from e
             raise
+        finally:
+            if watch is not None:
+                watch.busy -= 1
 
     async def connection(self, resource: str) -> Connection:
         """The asyncio driver connection of this transaction's branch on ``resource``

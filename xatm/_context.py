@@ -89,7 +89,7 @@ class Resources:
 
     @contextlib.contextmanager
     def borrow(
-        self, name: str, *, recovery: bool = False, what: str = "a call of recovery"
+        self, name: str, *, recovery: bool = False, what: str = "a recovery step"
     ) -> Iterator[tuple[Participant, Connection]]:
         """A pooled connection of ``name`` for the ``with`` block: given back if the block
         ends normally (the pool closes it unless it is idle), closed if the block raised

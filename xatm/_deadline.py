@@ -18,7 +18,7 @@ driver. A connection is watched by one deadline at a time: arming it again insid
 block watches it by the inner deadline until that block ends, then by the outer one again.
 
 Cost: arming is one small object and one dictionary insert, disarming one uncontended lock
-and one removal (about a microsecond together: ``python -m benchmarks.micro deadline``); the
+and one removal (a few microseconds together: ``python -m benchmarks.micro``); the
 thread only runs while something is armed. A connect has no socket to cut until it returns:
 its bound is the driver's connect timeout, and :func:`waiting` only makes it visible to
 :func:`report_waits`, with which the ``xatm`` command says early what it is waiting for.
@@ -215,22 +215,20 @@ class until:
 
 class calling:
     """``with calling(watch):`` marks a call in flight on a long-lived watch (None: no
-    watch); ``with calling(*watches):`` several at once (a protocol step on every branch)."""
+    watch, nothing to mark)."""
 
-    __slots__ = ("watches",)
+    __slots__ = ("watch",)
 
-    def __init__(self, *watches: Watch | None) -> None:
-        self.watches = watches
+    def __init__(self, watch: Watch | None) -> None:
+        self.watch = watch
 
     def __enter__(self) -> None:
-        for watch in self.watches:
-            if watch is not None:
-                watch.busy += 1
+        if self.watch is not None:
+            self.watch.busy += 1
 
     def __exit__(self, *exc: object) -> None:
-        for watch in self.watches:
-            if watch is not None:
-                watch.busy -= 1
+        if self.watch is not None:
+            self.watch.busy -= 1
 
 
 def bounded(owner: Sockets, conn: Any, seconds: float, what: str = "a call") -> until:
@@ -289,16 +287,27 @@ def _start() -> None:
             _thread = thread
 
 
+#: scans with nothing armed before the thread sleeps until the next arm (so that a steady
+#: load, whose table empties between transactions, never pays for waking it)
+IDLE_SCANS = 50
+
+
 def _run() -> None:
     global _sleeping
+    idle = 0
     while True:
         time.sleep(TICK)
-        if not _armed and not _waits:
-            _sleeping = True
-            _wake.clear()
-            if not _armed and not _waits:  # an arm after the flag was set wakes the event
-                _wake.wait()
-            _sleeping = False
+        if _armed or _waits:
+            idle = 0
+        else:
+            idle += 1
+            if idle >= IDLE_SCANS:
+                _sleeping = True
+                _wake.clear()
+                if not _armed and not _waits:  # an arm after the flag was set wakes it
+                    _wake.wait()
+                _sleeping = False
+                idle = 0
             continue
         try:
             _scan()

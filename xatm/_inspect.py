@@ -348,17 +348,17 @@ class Inspector:
     def _connection(self, name: str) -> Iterator[Connection]:
         """A manager's pooled connection (borrowed), or a connection of our own."""
         if self._resources is not None:
-            with self._resources.borrow(name, what="inspection") as (_, conn):
+            with self._resources.borrow(name, what="an inspection step") as (_, conn):
                 yield conn
             return
         participant = self._participants[name]
         conn = participant.connect()
         try:
-            with _deadline.bounded(participant, conn, self._bound, "inspection") as watch:
+            with _deadline.bounded(participant, conn, self._bound, "an inspection step") as watch:
                 yield conn
         except Exception as e:
             if watch.fired and participant.is_connection_error(e):
-                raise silent(participant, self._bound, "inspection") from e
+                raise silent(participant, self._bound, "an inspection step") from e
             raise
         finally:
             participant.close(conn)

@@ -57,7 +57,8 @@ def probe_row(participant: Participant, gtrid: str, *, fence: bool = True) -> Pr
     :data:`PROBE_LOCK_WAIT` (the answer is then unknown)."""
     conn = participant.connect()  # its own connection: session settings stay here
     try:
-        with _deadline.bounded(participant, conn, PROBE_LOCK_WAIT + _deadline.GRACE, "a probe"):
+        bound = PROBE_LOCK_WAIT + _deadline.GRACE
+        with _deadline.bounded(participant, conn, bound, "a decision-row probe"):
             try:
                 participant.local_transaction(
                     conn,

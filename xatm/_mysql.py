@@ -501,7 +501,7 @@ def _describe(driver: MySQLDriver, e: BaseException) -> str:
         text = f"{args[0]} {args[1]}"  # PyMySQL and MySQLdb: (errno, message)
     else:
         text = str(e)
-    return redact(text.strip()) or type(e).__name__
+    return redact(" ".join(text.split())) or type(e).__name__  # one line, as promised
 
 
 #: errnos worth retrying: lock wait timeout, deadlock, and the XA rollback-only states they

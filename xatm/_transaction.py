@@ -562,15 +562,20 @@ class Transaction(TransactionCore):
         """
         branch = self._branch(resource)
         assert branch.conn is not None
+        watch = branch.watch
+        if watch is not None:
+            watch.busy += 1  # a call in flight (xatm._deadline), inline: once per statement
         try:
-            with _deadline.calling(branch.watch):
-                return branch.participant.execute(branch.conn, query, params)
+            return branch.participant.execute(branch.conn, query, params)
         except BaseException as e:
             if branch.participant.is_connection_error(e):
                 timeout = self._statement_lost(branch, e)
                 if timeout is not None:
                     raise timeout from e
             raise
+        finally:
+            if watch is not None:
+                watch.busy -= 1
 
     def connection(self, resource: str) -> Connection:
         """The driver connection of this transaction's branch on ``resource``.
