@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -94,7 +95,13 @@ def _waiting(obj: Context) -> Callable[[Wait], None]:
     """Say on stderr, once a wait on a resource has lasted a second, what the command is
     waiting for: a silent or unreachable server shows at once, not when the command ends."""
 
+    said: dict[tuple[str, str], float] = {}
+
     def notice(wait: Wait) -> None:
+        now = time.monotonic()
+        if now - said.get((wait.resource, wait.what), -60.0) < 10.0:
+            return  # the same wait, by another thread of the command (once is enough)
+        said[(wait.resource, wait.what)] = now
         try:
             spec = obj.settings.resources.get(wait.resource)
             where = f" ({spec.redacted()})" if spec is not None else ""

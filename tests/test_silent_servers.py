@@ -20,17 +20,24 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import subprocess
 import sys
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
+from tests.field_support import XATM
 from tests.omission_support import Load, frozen, settle
+from tests.recovery_support import crash
 from tests.support import Bank, Servers
-from xatm._deadline import GRACE
+from xatm import TransactionManager
+from xatm._deadline import GRACE, step_bound
+
+MakeTM = Callable[..., TransactionManager]
 
 FREEZE = float(os.environ.get("XATM_FREEZE_SECONDS", "25"))
 TIMEOUT = float(os.environ.get("XATM_FREEZE_TIMEOUT", "3"))
@@ -140,3 +147,86 @@ def test_a_frozen_server_holds_no_caller_past_the_bound(
         assert stats["longest_s"] <= BOUND, (api, stats)
         assert stats["others_committed_during_freeze"] > 0, (api, stats)
         assert stats["committed"] > 0
+
+
+def test_a_recovery_pass_with_a_frozen_resource_finishes_the_others(
+    servers: Servers, bank: Bank, make_tm: MakeTM, tmp_path: Path
+) -> None:
+    """A dead coordinator left decided transactions on pg1+pg2, pg1+maria and pg2+maria,
+    and an undecided one on pg1+pg2. With maria frozen, a pass commits every branch on
+    pg1 and pg2 (and rolls back the undecided one) within its bound, reports maria, and
+    closes only the decision whose branches are all finished; after the thaw, the next
+    pass finishes maria's."""
+    if servers.set is None:
+        pytest.skip("external servers are not frozen")
+    log = tmp_path / "log"
+    decided = {
+        crash(bank, log, "dead", "after_decision", pair, tid=f"t{i}", account=i): pair
+        for i, pair in enumerate((("pg1", "pg2"), ("pg1", "maria"), ("pg2", "maria")), 1)
+    }
+    undecided = crash(bank, log, "dead", "after_prepare", ("pg1", "pg2"), tid="t4", account=4)
+    tm = make_tm(node_id="rec", log=log, timeout=TIMEOUT, sweeper=False)
+    bound = step_bound(TIMEOUT) + GRACE + SLACK  # one cut step on maria, a connect, slack
+    with frozen(servers.set.maria, 120):
+        t0 = time.monotonic()
+        report = tm.recover()
+        took = time.monotonic() - t0
+        on_pg = {name: {x.gtrid for x in bank.xatm_prepared_on(name)} for name in ("pg1", "pg2")}
+    print(f"\nrecovery pass with maria frozen: {took:.1f} s, {report}", file=sys.stderr)
+    assert took <= bound, (took, bound)
+    assert report.unreachable == ("maria",)
+    assert on_pg == {"pg1": set(), "pg2": set()}, on_pg
+    assert report.committed == 4 and report.rolled_back == 2, report
+    assert report.ended == 1, report  # pg1+pg2: both finished; the two others wait for maria
+    settle([tm], bank, {"dead", "rec"}, SETTLE_BOUND)
+    journal = bank.journal_ids()
+    for i, (gtrid, pair) in enumerate(decided.items(), 1):
+        assert {r for r in RESOURCES if f"t{i}" in journal[r]} == set(pair), gtrid
+    assert not any("t4" in journal[r] for r in RESOURCES), undecided
+    assert bank.total() == bank.initial_total
+
+
+def test_recover_and_indoubt_say_early_what_they_wait_for(
+    servers: Servers, bank: Bank, tmp_path: Path
+) -> None:
+    """``xatm indoubt`` and ``xatm recover`` with maria frozen: a line on stderr names the
+    resource and what is waited for within seconds, long before the command ends (and it
+    ends, each of its waits bounded), exit status 1."""
+    if servers.set is None:
+        pytest.skip("external servers are not frozen")
+    lines = ['node_id = "ops"', f'log = "{tmp_path / "log"}"', f"timeout = {TIMEOUT:g}"]
+    for name, url in bank.urls.items():
+        lines += [f"[resources.{name}]", f'url = "{url}"']
+    config = tmp_path / "xatm.toml"
+    config.write_text("\n".join(lines) + "\n")
+    results = {}
+    with frozen(servers.set.maria, 180):
+        for command in ("indoubt", "recover"):
+            results[command] = _timed_run(config, command, timeout=120)
+    for command, (rc, stderr, took) in results.items():
+        print(f"\nxatm {command} with maria frozen: {took:.1f} s, exit {rc}", file=sys.stderr)
+        for at, line in stderr:
+            print(f"  {at:5.1f} s  {line}", file=sys.stderr)
+        waits = [at for at, line in stderr if "waiting for resource 'maria'" in line]
+        assert rc == 1, (command, stderr)
+        assert waits, (command, stderr)
+        assert waits[0] <= took - 3.0, (command, waits[0], took)  # early, not at the end
+        assert not any("Traceback" in line for _, line in stderr)
+        assert not any("xatm-secret" in line for _, line in stderr)  # no password shown
+        assert took <= 3 * GRACE + step_bound(TIMEOUT) + SLACK, (command, took)
+
+
+def _timed_run(
+    config: Path, command: str, timeout: float
+) -> tuple[int, list[tuple[float, str]], float]:
+    """Run the ``xatm`` command; its exit status, each stderr line with the second it came
+    at, and how long it ran."""
+    env = {"PATH": "/usr/bin:/bin", "XATM_CONFIG": str(config), "XATM_ACTOR": "cli:silent"}
+    t0 = time.monotonic()
+    proc = subprocess.Popen(
+        [str(XATM), command], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
+    assert proc.stderr is not None
+    lines = [(time.monotonic() - t0, line.rstrip("\n")) for line in proc.stderr]
+    rc = proc.wait(timeout)
+    return rc, lines, time.monotonic() - t0
