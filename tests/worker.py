@@ -9,7 +9,9 @@ nothing that was written).
 CONFIG is JSON: {"urls": {...}, "log": DIR, "node_id": ..., "table": ..., "journal": ...,
 plus per mode: "resources", "tid" (transfer) or "threads", "seconds", "seed", "accounts",
 "intents", "acks" (chaos); optional in chaos: "sweep_interval" (the manager's sweeper),
-"tid_prefix" (transfer ids, default the node_id: two processes of one node_id need two)}.
+"tid_prefix" (transfer ids, default the node_id: two processes of one node_id need two),
+"timeout" (the manager's, default 5), "durations" (a file that gets a line
+``<tid> <seconds> <outcome>`` for every transfer: how long its caller waited)}.
 """
 
 from __future__ import annotations
@@ -65,12 +67,15 @@ def chaos(cfg: dict[str, Any]) -> int:
     deadline = time.monotonic() + float(cfg["seconds"])
     intents = os.open(cfg["intents"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     acks = os.open(cfg["acks"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    durations = None
+    if "durations" in cfg:
+        durations = os.open(cfg["durations"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     extra = {k: cfg[k] for k in ("sweep_interval", "lock_timeout") if k in cfg}
     tm = TransactionManager(
         cfg["urls"],
         cfg["log"],
         cfg["node_id"],
-        timeout=5,
+        timeout=cfg.get("timeout", 5),
         commit_markers=cfg.get("commit_markers", []),
         **extra,
     )
@@ -90,10 +95,17 @@ def chaos(cfg: dict[str, Any]) -> int:
             legs = [(chosen[0], r.randint(1, accounts), -amount * (k - 1))]
             legs += [(res, r.randint(1, accounts), amount) for res in chosen[1:]]
             os.write(intents, f"{tid} {','.join(sorted(chosen))}\n".encode())
+            started = time.monotonic()
+            outcome = "committed"
             try:
                 with tm.transaction() as tx:
                     apply_transfer(tx, cfg, legs, tid)
-            except (XatmError, Exception):  # every failure is fine: it just is not acked
+            except (XatmError, Exception) as e:  # every failure is fine: it is not acked
+                outcome = type(e).__name__
+            if durations is not None:
+                line = f"{tid} {time.monotonic() - started:.3f} {outcome}\n"
+                os.write(durations, line.encode())
+            if outcome != "committed":
                 time.sleep(0.05)
                 continue
             os.write(acks, f"{tid}\n".encode())
