@@ -3,7 +3,10 @@
 XA on MySQL and MariaDB is plain SQL, so one participant (``xatm._mysql``) serves every
 driver; this module holds only what the drivers do differently: how to connect, how to read
 an error's MySQL error number, how to send several statements in one round trip, how to tell
-whether a connection is open and has nothing unread, and how to switch autocommit.
+whether a connection is open and has nothing unread, how to switch autocommit, where a
+connection's socket is (``socket_of``, for ``xatm._deadline`` to cut a call its server does
+not answer), and the driver's own read and write timeouts where it has them (PyMySQL,
+mysqlclient: a backstop for a dead peer, and PyMySQL's handshake within the connect timeout).
 
 Drivers, by URL scheme (``mysql://`` and ``mariadb://`` mean mysql-connector):
 

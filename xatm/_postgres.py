@@ -24,7 +24,10 @@ when it is opened (not in the startup packet, which some connection poolers refu
 the statements outside a branch (phase 2, recovery), never below
 :data:`SESSION_WAIT_FLOOR` (5 s). A URL whose ``options`` sets either one
 (``?options=-c%20lock_timeout%3D5s``; ``0`` turns it off) overrides xatm's value, at
-connect and at BEGIN.
+connect and at BEGIN. Those are the server's bounds; a server that stops answering is the
+client's business (``xatm._deadline``, which finds a connection's socket with
+:func:`socket_of`), with TCP keepalives and ``tcp_user_timeout`` for a dead peer
+(:func:`dead_peer_settings`).
 """
 
 from __future__ import annotations
