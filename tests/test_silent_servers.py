@@ -17,6 +17,7 @@ the MySQL driver legs (tests/driver_legs.sh), which freeze MariaDB only.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -147,6 +148,71 @@ def test_a_frozen_server_holds_no_caller_past_the_bound(
         assert stats["longest_s"] <= BOUND, (api, stats)
         assert stats["others_committed_during_freeze"] > 0, (api, stats)
         assert stats["committed"] > 0
+
+
+def _connects(server: str, urls: dict[str, str]) -> dict[str, Callable[[], object]]:
+    """One connect per driver this run can use to ``server`` (xatm's own participants)."""
+    import importlib.util
+
+    from xatm._adapters import make_participant
+    from xatm._mysql_drivers import c_extension_loads
+    from xatm.admin import parse_url
+    from xatm.aio import _async_participant
+
+    if server == "pg1":
+        variants = {"psycopg": urls["pg1"]}
+    else:
+        plain = urls["maria"]
+        variants = {"mysql-connector (pure)": plain + "?use_pure=true"}
+        if c_extension_loads():
+            variants["mysql-connector (C extension)"] = plain + "?use_pure=false"
+        for module, scheme in (("pymysql", "mysql+pymysql"), ("MySQLdb", "mysql+mysqldb")):
+            if importlib.util.find_spec(module) is not None:
+                variants[module] = scheme + plain[len("mysql") :]
+    out: dict[str, Callable[[], object]] = {}
+    for name, url in variants.items():
+        participant = make_participant(server, parse_url(url), TIMEOUT)
+        out[name] = participant.connect
+        if name in ("psycopg", "mysql-connector (pure)"):
+            aio = _async_participant(participant)
+            out[f"{name}, asyncio"] = lambda aio=aio: asyncio.run(aio.connect())  # type: ignore[misc]
+    return out
+
+
+@pytest.mark.parametrize("silent", ["maria", "pg1"])
+def test_a_connect_to_a_frozen_server_gives_up_at_the_connect_timeout(
+    silent: str, servers: Servers
+) -> None:
+    """The server accepts TCP connections (its kernel does) but never greets: every
+    driver's connect, sync and asyncio, gives up within the connect timeout, the
+    handshake included (PyMySQL's connect_timeout does not bound the greeting, nor
+    mysql.connector.aio's: xatm bounds those)."""
+    if servers.set is None:
+        pytest.skip("external servers are not frozen")
+    urls = servers.set.urls()
+    attempts = _connects(silent, urls)
+    results: dict[str, tuple[float, str]] = {}
+
+    def attempt(name: str, connect: Callable[[], object]) -> None:
+        t0 = time.monotonic()
+        try:
+            connect()
+            outcome = "connected"
+        except Exception as e:
+            outcome = type(e).__name__
+        results[name] = (time.monotonic() - t0, outcome)
+
+    threads = [threading.Thread(target=attempt, args=item) for item in attempts.items()]
+    with frozen(getattr(servers.set, silent), 60):
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(GRACE + 30)
+    print(f"\nconnects to {silent} frozen: {results}", file=sys.stderr)
+    assert set(results) == set(attempts), results
+    for name, (seconds, outcome) in results.items():
+        assert outcome == "ResourceUnavailable", (name, outcome)
+        assert seconds <= GRACE + SLACK, (name, seconds)
 
 
 def test_a_recovery_pass_with_a_frozen_resource_finishes_the_others(
