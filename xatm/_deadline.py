@@ -346,12 +346,18 @@ def _fire(watch: Watch) -> None:
         if _armed.get(id(watch.conn)) is not watch or watch.fired or watch.done or not watch.busy:
             return
         watch.fired = True
+        fd = watch.fd
         try:
-            fd = watch.fd if watch.fd is not None else watch.owner.socket_of(watch.conn)
-            if fd is None or fd < 0:
-                problem = "its socket cannot be found"
+            current = watch.owner.socket_of(watch.conn)
+        except Exception:  # a driver that refuses to be asked during a call: open, then
+            current = fd
+        try:
+            if current is None or current < 0 or (fd is not None and current != fd):
+                # closed behind xatm's back (an application closing a connection it was
+                # handed): its descriptor may be another socket's by now
+                problem = "its socket cannot be found (is the connection closed?)"
             else:
-                cut(fd)
+                cut(current)
         except Exception as e:
             problem = f"shutting its socket down failed: {e}"
     late = time.monotonic() - watch.deadline

@@ -383,10 +383,11 @@ class MySQLdb(MySQLDriver):
         return self.module.connect(**kwargs)
 
     def socket_of(self, conn: Any) -> int | None:
-        try:
-            fd = conn.fileno()
-        except Exception:  # closed
+        """mysqlclient's ``fileno()`` raises if another thread is in a call on ``conn``
+        (its ``open`` flag can be read any time): ``xatm._deadline`` asks when it arms."""
+        if not getattr(conn, "open", False):
             return None
+        fd = conn.fileno()
         return fd if isinstance(fd, int) and fd >= 0 else None
 
     def ping(self, conn: Any) -> None:
