@@ -75,8 +75,8 @@ class Sockets(Protocol):
 
 class Watch:
     """One deadline on one connection (or, with no connection, a wait that is only
-    reported). ``fired``: the deadline passed during a call and the connection's socket was
-    shut down.
+    reported). ``fired``: the deadline passed during a call, and the connection's socket was
+    shut down (unless it could not be found: that is logged as an error).
 
     Only a connection in a call is cut: ``busy`` counts the calls in flight (1 for the
     ``with`` forms; a watch kept over a longer span, such as a transaction's branch, is

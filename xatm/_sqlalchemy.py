@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import _deadline
 from ._pool import Pool
-from ._urls import ResourceSpec, parse_url, redact
+from ._urls import DEFAULT_CONNECT_TIMEOUT, ResourceSpec, parse_url, redact
 from .errors import ConfigurationError, ResourceUnavailable
 
 if TYPE_CHECKING:
@@ -259,6 +259,11 @@ def _engine_from_spec(resource: str, spec: ResourceSpec) -> Engine:
     from sqlalchemy.pool import NullPool
 
     options = dict(spec.options)
+    # the dialect's first connect is bounded as xatm's own are (a silent server's greeting)
+    timeout_key = "connection_timeout" if spec.kind == "mysql" and spec.driver is None else None
+    options.setdefault(timeout_key or "connect_timeout", str(DEFAULT_CONNECT_TIMEOUT))
+    if spec.driver == "pymysql":  # its connect_timeout does not bound the server's greeting
+        options.setdefault("read_timeout", str(DEFAULT_CONNECT_TIMEOUT))
     # the dialect of the driver whose connections the branches are (xatm's own)
     drivername = "postgresql+psycopg" if spec.kind == "postgresql" else _MYSQL_DIALECTS[spec.driver]
     url = URL.create(
