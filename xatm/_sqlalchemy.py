@@ -176,7 +176,8 @@ class EnginePool(Pool):
             return
         try:
             if not out.autocommit:
-                self.participant.set_autocommit(conn, False)
+                with _deadline.bounded(self.participant, conn, _deadline.GRACE, "a reset"):
+                    self.participant.set_autocommit(conn, False)
         except Exception:
             self._invalidate(out)
             return
