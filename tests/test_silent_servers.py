@@ -31,7 +31,6 @@ from pathlib import Path
 
 import pytest
 
-from tests.field_support import XATM
 from tests.omission_support import Load, frozen, settle
 from tests.recovery_support import crash
 from tests.support import Bank, Servers
@@ -39,6 +38,7 @@ from xatm import TransactionManager
 from xatm._deadline import GRACE, step_bound
 
 MakeTM = Callable[..., TransactionManager]
+XATM = Path(sys.executable).parent / "xatm"  # the console script of the running venv
 
 FREEZE = float(os.environ.get("XATM_FREEZE_SECONDS", "25"))
 TIMEOUT = float(os.environ.get("XATM_FREEZE_TIMEOUT", "3"))
