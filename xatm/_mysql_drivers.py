@@ -26,6 +26,7 @@ SQLSTATEs differently (PyMySQL raises ``OperationalError`` for XAER_NOTA, mysql-
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import importlib
@@ -442,6 +443,9 @@ def _cext_socket(conn: Any) -> int | None:
     handle = getattr(conn, "_cmysql", None)
     if handle is None:
         return None
+    cached = getattr(conn, _CEXT_SOCKET, None)
+    if cached is not None and cached[0] is handle:  # found once per connection
+        return cached[1] if handle.connected() else None
     try:
         if not handle.connected():
             return None
@@ -455,10 +459,19 @@ def _cext_socket(conn: Any) -> int | None:
         return None
     unix = getattr(conn, "unix_socket", None)
     if isinstance(peer, str):
-        return fd if unix and os.path.realpath(peer) == os.path.realpath(unix) else None
-    if isinstance(peer, tuple) and len(peer) >= 2 and peer[1] == getattr(conn, "server_port", None):
-        return fd
-    return None
+        ours = bool(unix) and os.path.realpath(peer) == os.path.realpath(str(unix))
+    else:
+        ours = isinstance(peer, tuple) and len(peer) >= 2
+        ours = ours and peer[1] == getattr(conn, "server_port", None)
+    if not ours:
+        return None
+    with contextlib.suppress(AttributeError):
+        setattr(conn, _CEXT_SOCKET, (handle, fd))
+    return fd
+
+
+#: where a C-extension connection keeps its socket once found (with the handle it is of)
+_CEXT_SOCKET = "_xatm_socket"
 
 
 def _cext_error() -> type[BaseException] | None:
