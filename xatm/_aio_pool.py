@@ -91,7 +91,7 @@ class AsyncPool:
             except BaseException:  # cancelled during the ping: the connection is not kept
                 self._close(conn)
                 raise
-            if alive:
+            if alive and not watch.fired:
                 self.in_use += 1
                 return conn
             self._close(conn)

@@ -17,8 +17,8 @@ How to find a connection's socket is the participant's business (``socket_of``, 
 driver. A connection is watched by one deadline at a time: arming it again inside a watched
 block watches it by the inner deadline until that block ends, then by the outer one again.
 
-Cost: arming is one small object and one dictionary insert, disarming one uncontended lock
-and one removal (a few microseconds together: ``python -m benchmarks.micro``); the
+Cost: arming is one small object and one dictionary insert, disarming a removal, no lock
+(a few microseconds together: ``python -m benchmarks.micro``); the
 thread only runs while something is armed. A connect has no socket to cut until it returns:
 its bound is the driver's connect timeout, and :func:`waiting` only makes it visible to
 :func:`report_waits`, with which the ``xatm`` command says early what it is waiting for.
@@ -91,6 +91,7 @@ class Watch:
         "done",
         "fd",
         "fired",
+        "firing",
         "noticed",
         "owner",
         "since",
@@ -107,6 +108,7 @@ class Watch:
         self.busy = busy
         self.since = time.monotonic()
         self.fired = False
+        self.firing = False  # the watchdog is cutting it now
         self.noticed = False
         self.done = False  # disarmed
         self._outer: Watch | None = None
@@ -146,7 +148,6 @@ class Wait:
 # -- the table: connection id -> its watch; waits without a connection ---------------------
 _armed: dict[int, Watch] = {}
 _waits: dict[int, Watch] = {}
-_lock = threading.Lock()  # disarming and cutting exclude each other
 _wake = threading.Event()
 _sleeping = False
 _thread: threading.Thread | None = None
@@ -174,18 +175,25 @@ def arm(
 
 
 def disarm(watch: Watch) -> bool:
-    """Stop watching; True if the deadline had passed and the connection was cut."""
+    """Stop watching; True if the deadline had passed and the connection was cut.
+
+    No lock on this path (it runs for every branch, on every thread): the watchdog says it
+    is cutting (``firing``) before it checks ``done`` one last time, and this sets ``done``
+    before it checks ``firing``; so either the watchdog sees ``done`` and leaves the
+    connection alone, or this waits for the cut to end. Either way the connection is never
+    given back, closed and its descriptor reused while it is being cut."""
+    watch.done = True
+    while watch.firing:
+        time.sleep(0.001)
     key = id(watch.conn)
-    with _lock:
-        watch.done = True
-        if _armed.get(key) is watch:
-            outer = watch._outer
-            while outer is not None and outer.done:  # disarmed out of order meanwhile
-                outer = outer._outer
-            if outer is None:
-                del _armed[key]
-            else:
-                _armed[key] = outer
+    if _armed.get(key) is watch:
+        outer = watch._outer
+        while outer is not None and outer.done:  # disarmed out of order meanwhile
+            outer = outer._outer
+        if outer is None:
+            _armed.pop(key, None)
+        else:
+            _armed[key] = outer
     return watch.fired
 
 
@@ -339,11 +347,15 @@ def _scan() -> None:
 
 
 def _fire(watch: Watch) -> None:
-    """Cut ``watch``'s connection if it is still watched by it (under the lock, so that the
-    connection cannot have been given back and closed, and its descriptor reused)."""
+    """Cut ``watch``'s connection if it is still watched by it and in a call (the handshake
+    with :func:`disarm`: the connection cannot have been given back, closed and its
+    descriptor reused meanwhile)."""
+    if _armed.get(id(watch.conn)) is not watch or watch.fired or watch.done:
+        return
     problem = None
-    with _lock:
-        if _armed.get(id(watch.conn)) is not watch or watch.fired or watch.done or not watch.busy:
+    watch.firing = True
+    try:
+        if watch.done or not watch.busy:
             return
         watch.fired = True
         fd = watch.fd
@@ -360,6 +372,8 @@ def _fire(watch: Watch) -> None:
                 cut(current)
         except Exception as e:
             problem = f"shutting its socket down failed: {e}"
+    finally:
+        watch.firing = False
     late = time.monotonic() - watch.deadline
     if problem is None:
         logger.warning(
@@ -380,10 +394,9 @@ def _fire(watch: Watch) -> None:
 
 def _after_fork() -> None:
     """A forked child has no watchdog thread: it starts its own on its first arm."""
-    global _thread, _sleeping, _lock, _start_lock, _wake
+    global _thread, _sleeping, _start_lock, _wake
     _thread = None
     _sleeping = False
-    _lock = threading.Lock()
     _start_lock = threading.Lock()
     _wake = threading.Event()
     _armed.clear()

@@ -55,7 +55,7 @@ class Pool:
                 return conn
             with _deadline.bounded(self.participant, conn, bound, "a ping") as watch:
                 alive = self.participant.ping(conn)
-            if alive:
+            if alive and not watch.fired:
                 return conn
             self.participant.close(conn)
             if watch.fired:
