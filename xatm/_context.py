@@ -21,6 +21,7 @@ from . import _marker
 from ._participant import Connection, Participant
 from ._pool import Pool
 from ._urls import redact
+from ._xid import incarnation_of, new_gtrid, new_incarnation
 from .errors import ConfigurationError, ResourceNotFit
 
 if TYPE_CHECKING:
@@ -136,6 +137,10 @@ class Context:
     identity: IdentityLocks
     commit_markers: frozenset[str] = frozenset()
     parallel: bool = True
+    #: this manager's incarnation, carried in every gtrid it makes (``xatm._incarnations``)
+    incarnation: str = field(default_factory=new_incarnation)
+    #: the incarnations this node's file log lists, this one's included (None: shared log)
+    incarnations: frozenset[str] | None = None
     #: integrations a transaction offers (``tx.session()``...), wired by the manager
     extensions: Mapping[str, Callable[..., Any]] = field(default_factory=dict)
     #: recovery passes, sweeper passes and manual resolutions never overlap
@@ -144,6 +149,7 @@ class Context:
     _active: dict[str, Running] = field(default_factory=dict)
     _expired_noted: set[str] = field(default_factory=set)
     _finished: dict[str, list[str]] = field(default_factory=dict)
+    _strangers_noted: set[str] = field(default_factory=set)
 
     def extension(self, name: str) -> Callable[..., Any]:
         """The integration ``name`` (ConfigurationError if it is not available)."""
@@ -153,6 +159,15 @@ class Context:
         return found
 
     # -- transactions running here ---------------------------------------------------------
+    def new_gtrid(self, timeout: float) -> str:
+        """The gtrid of a new transaction of this manager with ``timeout`` seconds."""
+        return new_gtrid(
+            self.node_id,
+            marker=bool(self.commit_markers),
+            long=timeout > self.timeout,
+            incarnation=self.incarnation,
+        )
+
     def register(self, tx: Running) -> None:
         with self._lock:
             self._active[tx.gtrid] = tx
@@ -187,6 +202,23 @@ class Context:
             "past its timeout and not decided",
             "marked aborted: its coordinator rolls it back",
             actor,
+        )
+
+    def note_stranger(self, gtrid: str, resource: str) -> None:
+        """Report (once per transaction) a prepared branch of this node made by a process
+        that this node's log does not list: a second process runs with this node_id."""
+        with self._lock:
+            if gtrid in self._strangers_noted:
+                return
+            self._strangers_noted.add(gtrid)
+        logger.error(
+            "node_id %r: transaction %s (prepared on %r) was made by another process with this"
+            " node_id, whose log is not this one (incarnation %s): recovery leaves it; give"
+            " every coordinator process its own node_id (docs/operations.md)",
+            self.node_id,
+            gtrid,
+            resource,
+            incarnation_of(gtrid),
         )
 
     def phase_two_incomplete(self, gtrid: str, pending: Iterable[str]) -> None:

@@ -77,6 +77,8 @@ class Fleet(Protocol):
 
     def marker_resources(self, node: str) -> frozenset[str] | None: ...
 
+    def incarnations(self, node: str) -> frozenset[str] | None: ...
+
     def close(self) -> None: ...
 
 
@@ -94,6 +96,7 @@ class FileFleet:
         self._pending: dict[str, Mapping[str, LogRecord]] = {}  # opened peer -> its pending
         self._logs: dict[str, FileLog] = {}
         self._state: dict[str, PeerState] = {}
+        self._incarnations: dict[str, frozenset[str] | None] = {}
 
     def begin(self) -> bool:
         return True
@@ -171,6 +174,13 @@ class FileFleet:
     def marker_resources(self, node: str) -> frozenset[str] | None:
         return self._view.marker_resources(node)
 
+    def incarnations(self, node: str) -> frozenset[str] | None:
+        if node == self._ctx.node_id:
+            return self._ctx.incarnations
+        if node not in self._incarnations:
+            self._incarnations[node] = self._view.incarnations(node)
+        return self._incarnations[node]
+
     def close(self) -> None:
         for log in self._logs.values():
             log.close()
@@ -244,6 +254,9 @@ class SharedFleet:
 
     def marker_resources(self, node: str) -> frozenset[str] | None:
         return self._view.marker_resources(node)  # None: no commit markers with it
+
+    def incarnations(self, node: str) -> frozenset[str] | None:
+        return None  # every decision is in the table, and a presumed abort is fenced there
 
     def close(self) -> None:
         pass

@@ -28,15 +28,28 @@ from . import _marker_recovery
 from ._adapters import make_participant
 from ._audit import AuditEntry, format_time
 from ._context import Resources
-from ._decide import Action, Facts, Logged, Marker, Owner, decide, describe, past_timeout
-from ._doctor import DoctorReport, diagnose
+from ._decide import (
+    Action,
+    Facts,
+    Logged,
+    Marker,
+    NodeLogState,
+    Owner,
+    decide,
+    describe,
+    owner_of,
+    past_timeout,
+    tenure,
+)
+from ._doctor import Check, DoctorReport, diagnose
 from ._filelog import SegmentInfo
+from ._identity import IdentityStatus
 from ._log import OwnerState
 from ._log_view import LogView, log_view
 from ._participant import Connection, Participant, PreparedBranch
 from ._records import LogRecord
 from ._urls import redact
-from ._xid import is_xatm_gtrid, may_use_marker, parse_gtrid
+from ._xid import incarnation_of, is_xatm_gtrid, may_use_marker, parse_gtrid
 from .errors import ConfigurationError, LogCorrupt, LogLocked, ResourceError, XatmError
 
 logger = logging.getLogger("xatm.inspect")
@@ -270,8 +283,14 @@ class Inspector:
         commit_markers: Iterable[str] = (),
         timeout: float = 30.0,
         shared_log: Any = None,
+        own_incarnation: str | None = None,
+        identity: Callable[[], list[IdentityStatus]] | None = None,
     ) -> None:
         self._participants = dict(participants)
+        #: the incarnation of the manager inspecting (its own gtrids are "mine")
+        self._own_incarnation = own_incarnation
+        #: the inspecting manager's identity leases (``xatm._identity``), for ``doctor``
+        self._identity = identity
         #: a ``PostgresLog`` when the coordinators share a log in PostgreSQL
         self._shared = shared_log
         self._shared_opened = False
@@ -417,15 +436,25 @@ class Inspector:
                 marker = Marker.UNREAD
             else:
                 marker = Marker.NO_ROW
-        owners = {
-            "alive": Owner.LIVE_PEER,
-            "dead": Owner.DEAD_PEER,
-            "unknown": Owner.UNKNOWN,
-            "this-process": Owner.RUNNING if running else Owner.FINISHED,
-        }
+        own = owner == "this-process"
+        log: NodeLogState = "held"
+        if owner in ("alive", "unknown"):
+            log = "alive" if owner == "alive" else "unknown"
+        if shared:
+            log = "alive" if owner == "alive" else "shared"
+        made_by = tenure(
+            incarnation_of(gtrid),
+            self._own_incarnation if own else None,
+            None if shared else logs.incarnations(node),
+        )
+        owner_fact = (
+            Owner.RUNNING
+            if running
+            else owner_of(own_node=own, made_by=made_by, log=log, legacy_lock=own)
+        )
         bquals = {b.xid.bqual for _, b, _, _ in scan.found.get(gtrid, []) if b.xid is not None}
         facts = Facts(
-            owners[owner],
+            owner_fact,
             logged=logged,
             marker=marker,
             expired=shared and past_timeout(gtrid, created, time.time(), self.timeout),
@@ -557,9 +586,16 @@ class Inspector:
     def doctor(self) -> DoctorReport:
         """Check that every resource and the log directory are fit for two-phase commit."""
         shared = self._shared.spec if self._shared is not None else None  # a manager's
-        return diagnose(
+        report = diagnose(
             self._participants, self.log_directory, self.log_url or shared, self.timeout
         )
+        if self._identity is None:
+            return report
+        identity = tuple(
+            Check(s.resource, "node identity", s.held, s.detail or "held by this process")
+            for s in self._identity()
+        )
+        return DoctorReport(report.checks + identity)
 
     def audit(self, gtrid: str | None = None) -> list[AuditEntry]:
         """The audit trail of every node (of one transaction if ``gtrid`` is given)."""

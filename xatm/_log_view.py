@@ -31,7 +31,7 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal, Protocol
 
-from . import _node_markers
+from . import _incarnations, _node_markers
 from ._audit import AuditEntry, read_audit
 from ._filelog import FileLog, LogSnapshot, list_nodes, owner_state, read_log
 from ._log import CoordinatorLog, OwnerState
@@ -97,6 +97,11 @@ class LogView(Protocol):
     def marker_resources(self, node: str) -> frozenset[str] | None:
         """The resources recorded as ``node``'s commit-marker resources (None: none are
         recorded, or the shared log, which has no commit markers)."""
+        ...
+
+    def incarnations(self, node: str) -> frozenset[str] | None:
+        """The incarnations (processes) that held ``node``'s file log (None: none recorded,
+        or the shared log, where a presumed abort is fenced and needs no such proof)."""
         ...
 
     def audit(self, gtrid: str | None = None) -> list[AuditEntry]:
@@ -196,6 +201,11 @@ class FileLogs:
             return None
         return _node_markers.read(Path(self.directory) / node)
 
+    def incarnations(self, node: str) -> frozenset[str] | None:
+        if self.directory is None:
+            return None
+        return _incarnations.read(Path(self.directory) / node)
+
     def audit(self, gtrid: str | None = None) -> list[AuditEntry]:
         if self.directory is None:
             return []
@@ -283,6 +293,9 @@ class SharedLogs:
 
     def marker_resources(self, node: str) -> frozenset[str] | None:
         return None  # commit markers cannot be combined with the shared log
+
+    def incarnations(self, node: str) -> frozenset[str] | None:
+        return None  # a presumed abort is a fenced ABORT write here
 
     def audit(self, gtrid: str | None = None) -> list[AuditEntry]:
         return list(self._log.read_audit(gtrid))

@@ -15,7 +15,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from . import _events, _node_markers, _sqlalchemy
+from . import _events, _incarnations, _node_markers, _sqlalchemy
 from ._adapters import make_participant
 from ._audit import AuditEntry, AuditTrail
 from ._config import Settings, load_config, resource_specs, validate_timeout
@@ -37,7 +37,7 @@ from ._saga_store import SagaRecord
 from ._sweeper import DEFAULT_INTERVAL, Sweeper, sweeper_settings, validate_interval
 from ._transaction import Transaction
 from ._urls import ResourceSpec, parse_url
-from ._xid import new_gtrid, validate_node_id
+from ._xid import validate_node_id
 from .errors import ConfigurationError, XatmError
 
 logger = logging.getLogger("xatm")
@@ -203,8 +203,12 @@ class TransactionManager:
         self._closed = False
         try:
             if self.log_directory is not None:
+                node_dir = Path(self.log_directory) / self.node_id
                 # before any transaction can use a marker, say where its rows may be
-                _node_markers.record(Path(self.log_directory) / self.node_id, self.commit_markers)
+                _node_markers.record(node_dir, self.commit_markers)
+                # and, holding the log's lock, that this process's gtrids are this log's
+                _incarnations.record(node_dir, self._ctx.incarnation)
+                self._ctx.incarnations = _incarnations.read(node_dir)
             self._ctx.identity.acquire(wait=lock_timeout)
             self._ctx.identity.keep()
             self._ctx.resources.reserve()  # recovery's own connections, opened in the background
@@ -256,8 +260,7 @@ class TransactionManager:
         if self._closed:
             raise XatmError("this TransactionManager is closed")
         limit = self.timeout if timeout is None else validate_timeout(timeout)
-        gtrid = new_gtrid(self.node_id, marker=bool(self.commit_markers), long=limit > self.timeout)
-        tx = Transaction(self._ctx, gtrid, limit)
+        tx = Transaction(self._ctx, self._ctx.new_gtrid(limit), limit)
         self._ctx.register(tx)
         return tx
 
@@ -328,6 +331,8 @@ class TransactionManager:
             commit_markers=self.commit_markers,
             timeout=self.timeout,
             shared_log=self.shared_log,
+            own_incarnation=ctx.incarnation,
+            identity=ctx.identity.status,
         )
 
     def indoubt(self) -> InDoubtReport:

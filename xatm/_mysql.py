@@ -413,8 +413,23 @@ class MySQLParticipant:
         """``GET_LOCK`` of the node's name: server-wide, like ``XA RECOVER``."""
         return bool(self._scalar(conn, "SELECT GET_LOCK(%s, 0)", (identity_name(node_id),)))
 
-    def identity_in_use(self, conn: Any, node_id: str) -> bool:
-        return self._scalar(conn, "SELECT IS_USED_LOCK(%s)", (identity_name(node_id),)) is not None
+    def identity_holder(self, conn: Any, node_id: str) -> int | None:
+        """The connection id of the session holding the node's ``GET_LOCK``, or None."""
+        holder = self._scalar(conn, "SELECT IS_USED_LOCK(%s)", (identity_name(node_id),))
+        return None if holder is None else _integer(holder)
+
+    def identity_session(self, conn: Any) -> tuple[str, int]:
+        """Where a ``GET_LOCK`` lives (the server: its host name and port; the lock is
+        server-wide) and this session's connection id."""
+        cur = self.driver.cursor(conn)
+        try:
+            cur.execute("SELECT CONCAT(@@hostname, ':', @@port), CONNECTION_ID()")
+            row = cur.fetchone()
+        finally:
+            cur.close()
+        assert row is not None
+        where = row[0].decode() if isinstance(row[0], bytes | bytearray) else str(row[0])
+        return where, _integer(row[1])
 
     def verify_finished(self, conn: Any, txid: int | None) -> tuple[Finished, str]:
         """MySQL keeps no status of finished XA transactions: nothing can be told."""

@@ -421,15 +421,27 @@ class PostgresParticipant:
         ).fetchone()
         return bool(row and row[0])
 
-    def identity_in_use(self, conn: psycopg.Connection[Any], node_id: str) -> bool:
-        """Does any session of this database hold the advisory lock of ``node_id``?"""
+    def identity_holder(self, conn: psycopg.Connection[Any], node_id: str) -> int | None:
+        """The backend pid of the session holding ``node_id``'s advisory lock in this
+        database, or None."""
         row = conn.execute(
-            "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory'"
+            "SELECT pid FROM pg_locks WHERE locktype = 'advisory'"
             " AND classid = %s AND objid = %s AND objsubid = 2 AND granted"
-            " AND database = (SELECT oid FROM pg_database WHERE datname = current_database()))",
+            " AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+            " LIMIT 1",
             (IDENTITY_LOCK_SPACE, identity_key(node_id) & 0xFFFFFFFF),
         ).fetchone()
-        return bool(row and row[0])
+        return None if row is None or row[0] is None else int(row[0])
+
+    def identity_session(self, conn: psycopg.Connection[Any]) -> tuple[str, int]:
+        """Where an advisory lock lives (the server, by its start time and port, and the
+        database) and this session's backend pid."""
+        row = conn.execute(
+            "SELECT pg_postmaster_start_time()::text || ':' || current_setting('port')"
+            " || '/' || current_database(), pg_backend_pid()"
+        ).fetchone()
+        assert row is not None
+        return str(row[0]), int(row[1])
 
     def verify_finished(
         self, conn: psycopg.Connection[Any], txid: int | None

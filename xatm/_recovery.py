@@ -69,14 +69,24 @@ from typing import TYPE_CHECKING
 
 from . import _events, _marker_recovery
 from ._decide import Action as Act
-from ._decide import Facts, Logged, Marker, Owner, decide, past_timeout
+from ._decide import (
+    Facts,
+    Logged,
+    Marker,
+    NodeLogState,
+    Owner,
+    decide,
+    owner_of,
+    past_timeout,
+    tenure,
+)
 from ._fleet import Fleet, fleet_for
 from ._participant import Connection, PreparedBranch
 from ._records import LogRecord
 from ._report import Action, RecoveryAction, RecoveryReport
 from ._settle import Settled, finish_prepared
 from ._urls import redact
-from ._xid import Xid, may_use_marker, parse_gtrid
+from ._xid import Xid, incarnation_of, may_use_marker, parse_gtrid
 from .errors import LogError, ResourceError
 
 if TYPE_CHECKING:
@@ -111,6 +121,7 @@ class _Pass:
     scanned: set[str] = field(default_factory=set)
     problems: dict[str, str] = field(default_factory=dict)
     skipped: set[str] = field(default_factory=set)  # resources not in this pass (backoff)
+    strangers: set[str] = field(default_factory=set)  # gtrids of processes no log here lists
     foreign: int = 0
 
     @property
@@ -287,7 +298,8 @@ class _Pass:
         expired = False
         detail = ""
         logged = Logged.NONE
-        if node == self.own_node:
+        own = node == self.own_node
+        if own:
             running = ctx.running(gtrid)
             if running is not None:
                 if self.dry_run:
@@ -300,22 +312,46 @@ class _Pass:
                 return Facts(
                     Owner.EXPIRED if expired_now else Owner.RUNNING, known_resource=known
                 ), ""
-            # not running now, so it has finished
-            owner = Owner.FINISHED if ctx.identity.held(resource) else Owner.UNFENCED
+        made_by = tenure(
+            incarnation_of(gtrid),
+            ctx.incarnation if own else None,
+            fleet.incarnations(node),
+        )
+        log: NodeLogState
+        if fleet.shared:
+            log = "alive" if not own and fleet.peer(node) == "alive" else "shared"
+        elif own:
+            log = "held"
         else:
             state = fleet.peer(node)
-            owner = {"dead": Owner.DEAD_PEER, "unknown": Owner.UNKNOWN}.get(state, Owner.LIVE_PEER)
+            log = "held" if state == "dead" else state
             if state == "unexamined":
                 detail = "not examined in this pass (the next one will)"
             elif state == "corrupt":
-                owner = Owner.UNKNOWN
                 detail = f"the log of coordinator {node!r} is corrupt (see `xatm log`)"
-        if owner is Owner.DEAD_PEER:
-            participant, _ = ctx.resources.get(resource)
-            if participant.identity_in_use(conn, node):
-                owner = Owner.LIVE_PEER  # its log lock is free, but a process runs as it
-                detail = f"node {node!r} holds its identity lock on {resource!r}"
-        if known and owner in (Owner.FINISHED, Owner.UNFENCED, Owner.DEAD_PEER, Owner.LIVE_PEER):
+        legacy_lock = False
+        if made_by == "legacy" and log == "held":
+            if own:  # this node's, made by xatm 0.2: fenced by the identity lock only
+                legacy_lock = ctx.identity.held(resource)
+            else:  # its log lock is free, but a process may run as it
+                participant, _ = ctx.resources.get(resource)
+                legacy_lock = participant.identity_holder(conn, node) is not None
+                if legacy_lock:
+                    detail = f"node {node!r} holds its identity lock on {resource!r}"
+        owner = owner_of(own_node=own, made_by=made_by, log=log, legacy_lock=legacy_lock)
+        if owner is Owner.STRANGER:
+            detail = f"incarnation {incarnation_of(gtrid)} of node {node!r}"
+            self.strangers.add(gtrid)
+            if not self.dry_run:
+                ctx.note_stranger(gtrid, resource)
+        if known and owner in (
+            Owner.FINISHED,
+            Owner.PREVIOUS,
+            Owner.STRANGER,
+            Owner.UNFENCED,
+            Owner.DEAD_PEER,
+            Owner.LIVE_PEER,
+        ):
             # read now: a decision taken since the pass began is in the log already
             logged = fleet.decision(gtrid, node)
         if fleet.shared:
@@ -586,6 +622,9 @@ def _run(ctx: Context, p: _Pass, resources: Callable[[], list[str]] | None) -> R
         heuristics=sum(1 for a in p.actions if a.action == "heuristic"),
         problems=tuple((n, p.problems[n]) for n in names if n in p.problems),
         dry_run=dry_run,
+        strangers=sum(
+            1 for a in p.actions if a.gtrid in p.strangers and a.outcome in ("left", "planned")
+        ),
     )
     logger.debug("recovery pass took %.3f s: %s", time.monotonic() - started, report)
     return report

@@ -52,6 +52,8 @@ class RecoveryReport:
     heuristics: int = 0  # branches of committed transactions found rolled back outside xatm
     problems: tuple[tuple[str, str], ...] = field(default=(), repr=False)  # (resource, why)
     dry_run: bool = False
+    #: branches of this node_id made by a process its log does not list: left (a twin)
+    strangers: int = 0
 
     @property
     def clean(self) -> bool:
@@ -66,6 +68,7 @@ class RecoveryReport:
             "in_doubt": self.in_doubt,
             "heuristics": self.heuristics,
             "foreign": self.foreign,
+            "strangers": self.strangers,
             "ended": self.ended,
             "unreachable": [{"resource": r, "error": m} for r, m in self.problems],
             "actions": [a.to_json() for a in self.actions],

@@ -154,6 +154,8 @@ class TransactionCore:
                 gtrid=self.gtrid,
             )
         self._check_time()
+        if branch is None:
+            self._ctx.identity.require(resource)  # enlist only where the node's lease is held
         return branch
 
     def _lost(self, branch: Branch, error: BaseException) -> None:
@@ -361,14 +363,22 @@ class TransactionCore:
         """Pass the fence with recovery, or roll back if the transaction is past its time
         (or its caller gave up on it: a cancelled asyncio task)."""
         self._trace.phase("decide")
+        # decide only where this node's identity lease is held now (xatm._identity)
+        live = (BranchState.PREPARED, BranchState.ACTIVE)
+        lost = self._ctx.identity.unheld(
+            b.resource for b in self._branches.values() if b.state in live
+        )
         with self._fence:
             stop = self._stop
             expired = stop is not None or time.monotonic() > self.deadline
-            if not expired:
+            if not expired and lost is None:
                 self._deciding = True
         if expired:
             yield from self._rollback_steps()
             self._raise_rolled_back(stop if stop is not None else "timeout")
+        if lost is not None:
+            yield from self._rollback_steps()
+            self._raise_rolled_back(str(lost), lost)
 
     def _decide_steps(self, branches: list[Branch]) -> Steps[None]:
         yield from self._fence_steps()

@@ -127,6 +127,7 @@ class XatmCollector(Collector):
         # node -> (in-doubt transactions, oldest one's creation time) of its last pass
         self._in_doubt: dict[str, tuple[int, float | None]] = {}
         self._unreachable: dict[str, int] = {}
+        self._strangers: dict[str, int] = {}
         self._last_pass: dict[str, float] = {}
         self._managers: dict[str, weakref.WeakSet[Any]] = {}
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
@@ -202,6 +203,7 @@ class XatmCollector(Collector):
         with self._lock:
             self._in_doubt[e.node] = (e.in_doubt, e.oldest_created)
             self._unreachable[e.node] = len(e.report.unreachable)
+            self._strangers[e.node] = e.report.strangers
             self._last_pass[e.node] = e.wall_start + e.duration
 
     # -- scrape ----------------------------------------------------------------------------
@@ -238,6 +240,19 @@ class XatmCollector(Collector):
             "1 if a live TransactionManager of this node runs its sweeper thread, else 0",
             labels=["node"],
         )
+        identity = GaugeMetricFamily(
+            "xatm_identity_held",
+            "1 if this process holds its node's identity lease on the resource now, else 0"
+            " (0: another process with the same node_id holds it, or its session is lost or"
+            " silent: nothing is enlisted, prepared or decided there)",
+            labels=["node", "resource"],
+        )
+        strangers = GaugeMetricFamily(
+            "xatm_stranger_transactions",
+            "Branches the last recovery pass found prepared for this node_id by a process"
+            " that its log does not list (a second process with the same node_id): left alone",
+            labels=["node"],
+        )
         with self._lock:
             for node, (count, created) in sorted(self._in_doubt.items()):
                 in_doubt.add_metric([node], count)
@@ -248,9 +263,24 @@ class XatmCollector(Collector):
             for node, at in sorted(self._last_pass.items()):
                 last.add_metric([node], at)
             managers = {node: list(ms) for node, ms in self._managers.items()}
+            for node, n in sorted(self._strangers.items()):
+                strangers.add_metric([node], n)
         for node, ms in sorted(managers.items()):
             running.add_metric([node], 1 if any(_sweeping(m) for m in ms) else 0)
-        yield from (in_doubt, oldest, unreachable, last, running)
+            held: dict[str, bool] = {}
+            for m in ms:
+                for status in _identity(m):
+                    held[status.resource] = held.get(status.resource, False) or status.held
+            for resource, ok in sorted(held.items()):
+                identity.add_metric([node, resource], 1 if ok else 0)
+        yield from (in_doubt, oldest, unreachable, last, running, identity, strangers)
+
+
+def _identity(manager: Any) -> list[Any]:
+    try:
+        return list(manager.context.identity.status())
+    except Exception:
+        return []
 
 
 def _sweeping(manager: Any) -> bool:
