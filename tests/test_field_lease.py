@@ -14,8 +14,14 @@ there with an error naming node and resource.
 from __future__ import annotations
 
 import contextlib
+import json
+import os
+import signal
 import socket
+import subprocess
+import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -23,12 +29,14 @@ from typing import Any
 import pytest
 
 from tests.conftest import Servers
-from tests.field_support import attempt, books, roll_back_leftovers
+from tests.field_support import attempt, books, roll_back_leftovers, transfer_books
 from tests.recovery_support import prepared_gtrids, wait_for
-from tests.support import Bank, journaled_transfer, run
+from tests.support import Bank, add_query, journaled_transfer, run
+from tests.test_chaos import lock_timeouts
 from xatm import IdentityNotHeld, TransactionManager, TransactionRolledBack
 from xatm.admin import parse_url
 
+ROOT = Path(__file__).resolve().parent.parent
 MakeTM = Callable[..., TransactionManager]
 NODES = {"lease-a", "lease-b", "lease-c", "lease-d", "lease-e", "lease-f"}
 
@@ -323,3 +331,77 @@ class Forwarder:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def test_a_coordinator_paused_past_the_servers_session_timeout_splits_nothing(
+    servers: Servers, bank: Bank, tmp_path: Path
+) -> None:
+    """A coordinator process is frozen (SIGSTOP) longer than the servers' session timeouts
+    (``idle_session_timeout``, ``wait_timeout``) and its lease: the servers end its idle
+    sessions, its identity locks with them, and a twin takes them and recovers. When the
+    first one thaws it must find its lease gone and not decide on top of the twin."""
+    bank.create(accounts=4, balance=10_000)
+    urls = {
+        name: add_query(
+            url,
+            "options=-c%20idle_session_timeout%3D1500"
+            if name.startswith("pg")
+            else "init_command=SET%20SESSION%20wait_timeout%3D2",
+        )
+        for name, url in lock_timeouts(bank.urls).items()
+    }
+    intents, acks, calls = tmp_path / "intents", tmp_path / "acks", tmp_path / "calls"
+    cfg = {
+        "urls": urls,
+        "log": str(tmp_path / "a"),
+        "node_id": "lease-e",
+        "table": bank.table,
+        "journal": bank.journal,
+        "threads": 2,
+        "seconds": 16,
+        "seed": 5,
+        "accounts": 4,
+        "intents": str(intents),
+        "acks": str(acks),
+        "calls": str(calls),
+        "sweep_interval": 0.5,
+    }
+    path = tmp_path / "a.json"
+    path.write_text(json.dumps(cfg))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tests.worker", "chaos", str(path)],
+        cwd=ROOT,
+        env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_for(lambda: acks.exists() and acks.stat().st_size > 0, what="the first transfers")
+        os.kill(proc.pid, signal.SIGSTOP)
+        try:
+            # the servers end its idle sessions (its identity locks) within a few seconds
+            with TransactionManager(
+                urls, tmp_path / "b", "lease-e", sweeper=False, lock_timeout=8
+            ) as twin:
+                report = twin.recover()
+                assert report.rolled_back == 0, report.actions
+                time.sleep(6.0)  # past the first one's lease (LEASE = 5 s)
+                os.kill(proc.pid, signal.SIGCONT)
+                time.sleep(2.0)  # it thaws while the twin holds its identity
+                assert twin.recover().rolled_back == 0
+        finally:
+            os.kill(proc.pid, signal.SIGCONT)
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    bank.wait_for_dead_sessions()
+    for log in ("a", "b"):
+        with TransactionManager(bank.urls, tmp_path / log, "lease-e", sweeper=False) as tm:
+            tm.recover()
+    result = transfer_books(bank, intents, acks)
+    assert result["split"] == [] and result["lost"] == [], result
+    assert result["balance_delta"] == 0
+    assert not any(bank.xatm_prepared().values())
+    assert result["acked"] > 0

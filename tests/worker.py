@@ -9,7 +9,8 @@ nothing that was written).
 CONFIG is JSON: {"urls": {...}, "log": DIR, "node_id": ..., "table": ..., "journal": ...,
 plus per mode: "resources", "tid" (transfer) or "threads", "seconds", "seed", "accounts",
 "intents", "acks" (chaos); optional in chaos: "sweep_interval" (the manager's sweeper),
-"tid_prefix" (transfer ids, default the node_id: two processes of one node_id need two)}.
+"tid_prefix" (transfer ids, default the node_id: two processes of one node_id need two),
+"calls" (a file to which each transaction's duration in seconds is appended)}.
 """
 
 from __future__ import annotations
@@ -77,6 +78,16 @@ def chaos(cfg: dict[str, Any]) -> int:
     tm.recover()
     counter = iter(range(10**9))
     lock = threading.Lock()
+    calls = (
+        os.open(cfg["calls"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        if "calls" in cfg
+        else None
+    )
+
+    def took(started: float) -> None:
+        """Note how long one transaction took (the ``calls`` file: one line each)."""
+        if calls is not None:
+            os.write(calls, f"{time.monotonic() - started:.3f}\n".encode())
 
     def work(seed: int) -> None:
         r = random.Random(seed)
@@ -90,12 +101,15 @@ def chaos(cfg: dict[str, Any]) -> int:
             legs = [(chosen[0], r.randint(1, accounts), -amount * (k - 1))]
             legs += [(res, r.randint(1, accounts), amount) for res in chosen[1:]]
             os.write(intents, f"{tid} {','.join(sorted(chosen))}\n".encode())
+            started = time.monotonic()
             try:
                 with tm.transaction() as tx:
                     apply_transfer(tx, cfg, legs, tid)
             except (XatmError, Exception):  # every failure is fine: it just is not acked
+                took(started)
                 time.sleep(0.05)
                 continue
+            took(started)
             os.write(acks, f"{tid}\n".encode())
 
     run_threads(int(cfg["threads"]), work, rng)
@@ -106,8 +120,7 @@ def chaos(cfg: dict[str, Any]) -> int:
 def run_threads(n: int, work: Callable[[int], None], rng: random.Random) -> None:
     """Run ``work(seed)`` on ``n`` threads, each with its own seed, until all have ended."""
     threads = [
-        threading.Thread(target=work, args=(rng.randrange(1 << 30),), daemon=True)
-        for _ in range(n)
+        threading.Thread(target=work, args=(rng.randrange(1 << 30),), daemon=True) for _ in range(n)
     ]
     for t in threads:
         t.start()
