@@ -142,6 +142,9 @@ class AsyncTransaction(TransactionCore):
         if branch is not None:
             return branch
         driver, pool = self._aio.get(resource)
+        identity = self._ctx.identity
+        if not identity.holds(resource):  # enlist only where the node's lease is held
+            await asyncio.to_thread(identity.require, resource)
         await self._aio.check(resource)
         xid = branch_xid(self.gtrid, resource)
         conn = await self._begin(driver, pool, xid)

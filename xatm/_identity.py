@@ -280,13 +280,28 @@ class IdentityLocks:
             return "the transaction manager is closed"
         return f"its identity lock there could not be taken yet: {lock.why}"
 
+    def holds(self, name: str) -> bool:
+        """Is the lease on ``name`` held now? (No I/O.)"""
+        return name not in self._locks or self._reason(name, time.monotonic()) is None
+
     def require(self, name: str) -> None:
-        """Raise IdentityNotHeld unless this manager holds its identity on ``name`` now (no
-        I/O: a lock not held is taken back by its keeper thread)."""
-        if name in self._locks:
-            why = self._reason(name, time.monotonic())
-            if why is not None:
-                raise self.error(name, why)
+        """Raise IdentityNotHeld unless this manager holds its identity on ``name`` now. A
+        lock whose session was lost (a server restart) or never taken is tried once here, if
+        its keeper is not busy with it: this costs what enlisting on a fresh connection
+        costs, and spares the first transaction after a restart (blocking: the asyncio
+        manager calls it on a worker thread)."""
+        if self.holds(name):
+            return
+        lock = self._lock_of(name)
+        if lock.state != "taken" and lock.checking.acquire(timeout=0.05):
+            try:
+                if self._reason(name, time.monotonic()) is not None:
+                    self._check(lock, name)
+            finally:
+                lock.checking.release()
+        why = self._reason(name, time.monotonic())
+        if why is not None:
+            raise self.error(name, why)
 
     def unheld(self, names: Iterable[str]) -> IdentityNotHeld | None:
         """The error for the first of ``names`` whose lease is not held now (None if every

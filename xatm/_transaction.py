@@ -154,8 +154,6 @@ class TransactionCore:
                 gtrid=self.gtrid,
             )
         self._check_time()
-        if branch is None:
-            self._ctx.identity.require(resource)  # enlist only where the node's lease is held
         return branch
 
     def _lost(self, branch: Branch, error: BaseException) -> None:
@@ -584,6 +582,7 @@ class Transaction(TransactionCore):
         if branch is not None:
             return branch
         participant, pool = self._ctx.resources.get(resource)
+        self._ctx.identity.require(resource)  # enlist only where the node's lease is held
         participant = self._trace.watch(participant)
         xid = branch_xid(self.gtrid, resource)
         conn = self._begin(participant, pool, xid)
