@@ -238,8 +238,8 @@ def test_bank_transfers_under_chaos(
                 target=operator, args=(config, stop, op_rng, stats, op_errors), daemon=True
             )
         )
-    for _ in range(WORKERS):
-        spawn()
+    for i in range(WORKERS):  # one dies at a failpoint from the start, even in a short run
+        spawn(rng.choice(FAILPOINTS) if i == 0 else None)
     for t in threads:
         t.start()
     deadline = time.monotonic() + SECONDS
@@ -272,8 +272,13 @@ def test_bank_transfers_under_chaos(
                         stats["failpoint_crashes"] += 1
                     del procs[node]
                     spawn(rng.choice(FAILPOINTS) if rng.random() < 0.5 else None)
-            # SIGKILL a random live coordinator (not one whose twin is starting)
-            node = rng.choice(sorted(set(procs) - protected()) or sorted(procs))
+            # SIGKILL a random live coordinator (not one whose twin is starting, nor one that
+            # is to die at its failpoint)
+            node = rng.choice(
+                sorted(set(procs) - protected() - with_failpoint)
+                or sorted(set(procs) - protected())
+                or sorted(procs)
+            )
             procs.pop(node).kill()
             stats["kills"] += 1
             spawn(rng.choice(FAILPOINTS) if rng.random() < 0.5 else None)
