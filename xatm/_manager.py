@@ -257,9 +257,7 @@ class TransactionManager:
             raise XatmError("this TransactionManager is closed")
         limit = self.timeout if timeout is None else validate_timeout(timeout)
         gtrid = new_gtrid(self.node_id, marker=bool(self.commit_markers), long=limit > self.timeout)
-        tx = Transaction(self._ctx, gtrid, limit)
-        self._ctx.register(tx)
-        return tx
+        return Transaction(self._ctx, gtrid, limit)  # registered once it enlists a branch
 
     def recover(
         self,

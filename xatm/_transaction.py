@@ -49,6 +49,7 @@ from ._participant import (
 )
 from ._pool import Pool
 from ._steps import (
+    AwaitWork,
     Branch,
     BranchState,
     CommitOnePhase,
@@ -106,9 +107,12 @@ class TransactionCore:
         self._rollback_only: str | None = None
         # Fencing with recovery inside this process: recovery may mark an expired,
         # undecided transaction aborted; the decision step refuses to log COMMIT after that.
-        self._fence = threading.Lock()
+        # The same lock counts the work running in several tasks or threads at once.
+        self._fence = threading.Condition(threading.Lock())
         self._stop: str | None = None  # why the decision is refused (recovery, cancelled)
         self._deciding = False
+        self._working = 0  # statements and enlistments running now (any task or thread)
+        self._ending = False  # commit or rollback has begun: no new work
         # Callbacks of integrations (SQLAlchemy sessions, see xatm._sqlalchemy): the first run
         # at the start of commit, before anything is prepared (they may still do work and
         # enlist branches); the second once the transaction has ended, whatever its outcome.
@@ -154,7 +158,64 @@ class TransactionCore:
                 gtrid=self.gtrid,
             )
         self._check_time()
+        if branch is None:
+            # running in this process from its first branch on (recovery asks); one that
+            # never enlists anything is never registered
+            self._ctx.register(self)
         return branch
+
+    # -- several tasks or threads in one transaction ----------------------------------------
+    # The drivers serialise enlistment and statements per resource (a lock each); the rule
+    # is here: the end (commit or rollback) refuses new work, waits for the work still
+    # running, and a commit that had to wait rolls back (that work may be half done).
+    def _start_work(self) -> None:
+        """A statement or an enlistment begins, in whatever task or thread: refused once
+        the transaction's end has begun."""
+        with self._fence:
+            if self.state is not TransactionState.ACTIVE:
+                raise TransactionError(
+                    f"transaction {self.gtrid} is {self.state.value}; no more work can be"
+                    " done in it",
+                    gtrid=self.gtrid,
+                )
+            if self._ending:
+                raise TransactionError(
+                    f"transaction {self.gtrid} is ending (its commit or rollback has begun);"
+                    " no more work can be done in it",
+                    gtrid=self.gtrid,
+                )
+            self._working += 1
+
+    def _end_work(self) -> bool:
+        """That work is over. True if the transaction's end waits for it and it was the
+        last (the asyncio driver then wakes the end; threads are notified here)."""
+        with self._fence:
+            self._working -= 1
+            if self._working or not self._ending:
+                return False
+            self._fence.notify_all()
+            return True
+
+    def _stop_work_steps(self) -> Steps[int]:
+        """The end begins: refuse new work, then wait for the statements and enlistments
+        still running in other tasks or threads. Returns how many were running."""
+        with self._fence:
+            self._ending = True
+            running = self._working
+        if self._branches:
+            self._ctx.register(self, hold=True)  # kept until its end, whoever refers to it
+        if running:
+            e = (yield AwaitWork()).error
+            if e is not None:
+                # Interrupted while that work runs on the branches' connections: they cannot
+                # be used for the rollback. Closing them makes each server roll its branch
+                # back (nothing is prepared yet).
+                self.state = TransactionState.ROLLED_BACK
+                for branch in self._branches.values():
+                    branch.state = BranchState.ROLLED_BACK
+                    branch.drop()
+                raise e
+        return running
 
     def _lost(self, branch: Branch, error: BaseException) -> None:
         """The branch's connection failed (or its call was interrupted) during the work:
@@ -211,6 +272,13 @@ class TransactionCore:
         if self.state is not TransactionState.ACTIVE:
             raise TransactionError(
                 f"transaction {self.gtrid} is already {self.state.value}", gtrid=self.gtrid
+            )
+        running = yield from self._stop_work_steps()
+        if running and self._rollback_only is None:
+            self._rollback_only = (
+                f"its commit began while {running} statement(s) or enlistment(s) of it were"
+                " still running in other tasks or threads (their work may not be complete:"
+                " await every statement before the block ends)"
             )
         branches = list(self._branches.values())
         if self._rollback_only is not None or time.monotonic() > self.deadline:
@@ -298,6 +366,10 @@ class TransactionCore:
         self.state = TransactionState.PREPARING
         self._trace.phase("commit")
         assert branch.conn is not None
+        stop = self._pass_fence()  # the commit is the decision: refused like any other
+        if stop is not None:
+            yield from self._rollback_steps()
+            self._raise_rolled_back(stop)
         e = (yield CommitOnePhase(branch)).error
         if isinstance(e, BranchVotedNo):
             branch.state = BranchState.ROLLED_BACK
@@ -361,14 +433,23 @@ class TransactionCore:
         """Pass the fence with recovery, or roll back if the transaction is past its time
         (or its caller gave up on it: a cancelled asyncio task)."""
         self._trace.phase("decide")
+        stop = self._pass_fence()
+        if stop is not None:
+            yield from self._rollback_steps()
+            self._raise_rolled_back(stop)
+
+    def _pass_fence(self) -> str | None:
+        """The fence before the decision (a logged COMMIT, a marker branch's commit, or the
+        one-phase commit of the only branch): None if passed (from here on nothing can
+        refuse the decision), else why it is refused (recovery marked it aborted, its caller
+        was cancelled, "timeout")."""
         with self._fence:
             stop = self._stop
-            expired = stop is not None or time.monotonic() > self.deadline
-            if not expired:
+            if stop is None and time.monotonic() > self.deadline:
+                stop = "timeout"
+            if stop is None:
                 self._deciding = True
-        if expired:
-            yield from self._rollback_steps()
-            self._raise_rolled_back(stop if stop is not None else "timeout")
+        return stop
 
     def _decide_steps(self, branches: list[Branch]) -> Steps[None]:
         yield from self._fence_steps()
@@ -448,6 +529,12 @@ class TransactionCore:
         else:
             self._ctx.phase_two_incomplete(self.gtrid, self.pending_branches)
 
+    def _abort_steps(self) -> Steps[None]:
+        """What ``rollback()`` runs: wait for the work still running in other tasks or
+        threads, then roll every branch back."""
+        yield from self._stop_work_steps()
+        yield from self._rollback_steps()
+
     def _rollback_steps(self) -> Steps[None]:
         """Roll back every branch that may still hold work; never raises a driver error."""
         self._trace.phase("rollback")
@@ -490,9 +577,15 @@ class Transaction(TransactionCore):
 
     Leaving the block normally commits every branch or none (raising
     :class:`~xatm.TransactionRolledBack` if it had to roll back); leaving it with an
-    exception rolls every branch back and lets the exception through. A transaction is used
-    by one thread.
+    exception rolls every branch back and lets the exception through. A transaction is meant
+    for one thread; if several use it, each resource is enlisted once and its statements run
+    one at a time, and a commit that finds a statement still running in another thread waits
+    for it, then rolls back.
     """
+
+    def __init__(self, ctx: Context, gtrid: str, timeout: float) -> None:
+        super().__init__(ctx, gtrid, timeout)
+        self._locks: dict[str, threading.Lock] = {}  # per resource: enlistment, statements
 
     # -- the application's side -------------------------------------------------------------
     def __enter__(self) -> Transaction:
@@ -517,14 +610,19 @@ class Transaction(TransactionCore):
 
         Returns the driver's cursor. The driver's own exception propagates on failure.
         """
-        branch = self._branch(resource)
-        assert branch.conn is not None
+        self._start_work()
         try:
-            return branch.participant.execute(branch.conn, query, params)
-        except BaseException as e:
-            if branch.participant.is_connection_error(e):
-                self._lost(branch, e)
-            raise
+            with self._lock(resource):
+                branch = self._branch(resource)
+                assert branch.conn is not None
+                try:
+                    return branch.participant.execute(branch.conn, query, params)
+                except BaseException as e:
+                    if branch.participant.is_connection_error(e):
+                        self._lost(branch, e)
+                    raise
+        finally:
+            self._end_work()
 
     def connection(self, resource: str) -> Connection:
         """The driver connection of this transaction's branch on ``resource``.
@@ -532,7 +630,7 @@ class Transaction(TransactionCore):
         Use it for anything the driver offers (cursors, COPY, ...), but do not commit, roll
         back or close it: xatm does that.
         """
-        branch = self._branch(resource)
+        branch = self.enlist(resource)
         assert branch.conn is not None
         return branch.conn
 
@@ -561,7 +659,12 @@ class Transaction(TransactionCore):
 
     def enlist(self, resource: str) -> Branch:
         """The branch on ``resource``, begun now if it is not enlisted yet."""
-        return self._branch(resource)
+        self._start_work()
+        try:
+            with self._lock(resource):
+                return self._branch(resource)
+        finally:
+            self._end_work()
 
     def branch_connection(self, resource: str) -> Connection | None:
         """The driver connection the branch on ``resource`` holds now (None if none)."""
@@ -569,7 +672,17 @@ class Transaction(TransactionCore):
         return None if branch is None else branch.conn
 
     # -- enlistment -------------------------------------------------------------------------
+    def _lock(self, resource: str) -> threading.Lock:
+        """The lock of ``resource`` in this transaction: held while its branch is enlisted
+        and while a statement runs on it."""
+        lock = self._locks.get(resource)
+        if lock is None:
+            with self._fence:
+                lock = self._locks.setdefault(resource, threading.Lock())
+        return lock
+
     def _branch(self, resource: str) -> Branch:
+        """The branch on ``resource``, begun if it is not enlisted yet (its lock is held)."""
         branch = self._enlisted(resource)
         if branch is not None:
             return branch
@@ -642,8 +755,9 @@ class Transaction(TransactionCore):
             self._raise_rolled_back(f"the work to do before prepare failed: {first_line}", e)
 
     def _rollback_all(self) -> None:
-        """Roll back every branch that may still hold work; never raises a driver error."""
-        self._drive(self._rollback_steps())
+        """Roll back every branch that may still hold work (once the work still running in
+        other threads is over); never raises a driver error."""
+        self._drive(self._abort_steps())
 
     # -- the driver: runs the protocol's operations with the blocking drivers ---------------
     def _drive(self, steps: Steps[None]) -> None:
@@ -667,6 +781,8 @@ class Transaction(TransactionCore):
             return self._commit_prepared(op)
         if isinstance(op, LogEnd):
             return _call(self._ctx.log.log_end, op.gtrid)
+        if isinstance(op, AwaitWork):
+            return _call(self._await_work)
         branch = op.branch
         if isinstance(op, CommitOnePhase):
             if op.before:
@@ -677,6 +793,10 @@ class Transaction(TransactionCore):
         if op.prepared:
             return _call(branch.participant.rollback_prepared, branch.conn, branch.xid)
         return _call(branch.participant.rollback_active, branch.conn, branch.xid)
+
+    def _await_work(self) -> None:
+        with self._fence:
+            self._fence.wait_for(lambda: self._working == 0)
 
     def _prepare(self, branches: list[Branch]) -> list[Outcome[Prepared]]:
         overlap = self._ctx.overlap()

@@ -131,9 +131,8 @@ class AsyncTransactionManager:
             raise XatmError("this AsyncTransactionManager is not open")
         limit = tm.timeout if timeout is None else validate_timeout(timeout)
         gtrid = new_gtrid(tm.node_id, marker=bool(tm.commit_markers), long=limit > tm.timeout)
-        tx = AsyncTransaction(tm.context, gtrid, limit, aio)
-        tm.context.register(tx)
-        return tx
+        # registered (as running here) once it enlists a branch
+        return AsyncTransaction(tm.context, gtrid, limit, aio)
 
     async def recover(
         self,
