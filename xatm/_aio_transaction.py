@@ -106,8 +106,6 @@ class AsyncTransaction(TransactionCore):
         super().__init__(ctx, gtrid, timeout)
         self._aio = aio
         self._drivers: dict[str, AsyncParticipant] = {}
-        self._locks: dict[str, asyncio.Lock] = {}  # per resource: enlistment, statements
-        self._quiet: asyncio.Event | None = None  # set when the work the end waits for is over
 
     async def __aenter__(self) -> AsyncTransaction:
         return self
@@ -131,30 +129,22 @@ class AsyncTransaction(TransactionCore):
     ) -> Cursor:
         """Run ``query`` with ``params`` on ``resource`` inside this transaction; returns the
         driver's (async) cursor. The driver's own exception propagates on failure."""
-        self._start_work()
-        try:
-            async with self._lock(resource):
-                branch = await self._branch(resource)
-                driver = self._drivers[resource]
-                try:
-                    return await driver.execute(branch.conn, query, params)
-                except BaseException as e:
-                    if isinstance(e, asyncio.CancelledError) or driver.is_connection_error(e):
-                        self._lost(branch, e)  # interrupted midway: the connection is closed
-                    raise
-        finally:
-            self._work_over()
+        async with self._lock(resource):
+            branch = await self._branch(resource)
+            driver = self._drivers[resource]
+            try:
+                return await driver.execute(branch.conn, query, params)
+            except BaseException as e:
+                if isinstance(e, asyncio.CancelledError) or driver.is_connection_error(e):
+                    self._lost(branch, e)  # interrupted midway: the connection is closed
+                raise
 
     async def connection(self, resource: str) -> Connection:
         """The asyncio driver connection of this transaction's branch on ``resource``
         (psycopg ``AsyncConnection``, ``mysql.connector.aio`` connection). Do not commit,
         roll back or close it: xatm does that."""
-        self._start_work()
-        try:
-            async with self._lock(resource):
-                branch = await self._branch(resource)
-        finally:
-            self._work_over()
+        async with self._lock(resource):
+            branch = await self._branch(resource)
         return branch.conn
 
     # -- several tasks in one transaction (the rule: TransactionCore._stop_work_steps) -------
@@ -163,18 +153,16 @@ class AsyncTransaction(TransactionCore):
         and while a statement runs on it."""
         lock = self._locks.get(resource)
         if lock is None:
-            lock = self._locks[resource] = asyncio.Lock()
+            lock = asyncio.Lock()
+            self._locks[resource] = lock
+        assert isinstance(lock, asyncio.Lock)
         return lock
 
-    def _work_over(self) -> None:
-        if self._end_work() and self._quiet is not None:
-            self._quiet.set()
-
     async def _await_work(self) -> None:
-        while self._working:
-            self._quiet = asyncio.Event()
-            await self._quiet.wait()
-        self._quiet = None
+        for lock in list(self._locks.values()):
+            assert isinstance(lock, asyncio.Lock)
+            async with lock:
+                pass
 
     # -- enlistment -------------------------------------------------------------------------
     async def _branch(self, resource: str) -> Branch:

@@ -33,7 +33,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Any, NoReturn, Protocol, TypeVar, cast
 
 from . import _events, _failpoint, _marker
 from ._log import DecisionNotLogged
@@ -107,11 +107,12 @@ class TransactionCore:
         self._rollback_only: str | None = None
         # Fencing with recovery inside this process: recovery may mark an expired,
         # undecided transaction aborted; the decision step refuses to log COMMIT after that.
-        # The same lock counts the work running in several tasks or threads at once.
-        self._fence = threading.Condition(threading.Lock())
+        self._fence = threading.Lock()
         self._stop: str | None = None  # why the decision is refused (recovery, cancelled)
         self._deciding = False
-        self._working = 0  # statements and enlistments running now (any task or thread)
+        #: per resource, held while its branch is enlisted and while a statement runs on it
+        #: (a threading.Lock or an asyncio.Lock, made by the driver: ``_lock``)
+        self._locks: dict[str, _Lock] = {}
         self._ending = False  # commit or rollback has begun: no new work
         # Callbacks of integrations (SQLAlchemy sessions, see xatm._sqlalchemy): the first run
         # at the start of commit, before anything is prepared (they may still do work and
@@ -144,10 +145,16 @@ class TransactionCore:
 
     def _enlisted(self, resource: str) -> Branch | None:
         """The branch on ``resource`` if it is enlisted (None: begin one), after checking
-        that work may still be done in this transaction."""
+        that work may still be done in this transaction. The resource's lock is held."""
         if self.state is not TransactionState.ACTIVE:
             raise TransactionError(
                 f"transaction {self.gtrid} is {self.state.value}; no more work can be done in it",
+                gtrid=self.gtrid,
+            )
+        if self._ending:
+            raise TransactionError(
+                f"transaction {self.gtrid} is ending (its commit or rollback has begun); no"
+                " more work can be done in it",
                 gtrid=self.gtrid,
             )
         branch = self._branches.get(resource)
@@ -165,43 +172,19 @@ class TransactionCore:
         return branch
 
     # -- several tasks or threads in one transaction ----------------------------------------
-    # The drivers serialise enlistment and statements per resource (a lock each); the rule
-    # is here: the end (commit or rollback) refuses new work, waits for the work still
-    # running, and a commit that had to wait rolls back (that work may be half done).
-    def _start_work(self) -> None:
-        """A statement or an enlistment begins, in whatever task or thread: refused once
-        the transaction's end has begun."""
-        with self._fence:
-            if self.state is not TransactionState.ACTIVE:
-                raise TransactionError(
-                    f"transaction {self.gtrid} is {self.state.value}; no more work can be"
-                    " done in it",
-                    gtrid=self.gtrid,
-                )
-            if self._ending:
-                raise TransactionError(
-                    f"transaction {self.gtrid} is ending (its commit or rollback has begun);"
-                    " no more work can be done in it",
-                    gtrid=self.gtrid,
-                )
-            self._working += 1
-
-    def _end_work(self) -> bool:
-        """That work is over. True if the transaction's end waits for it and it was the
-        last (the asyncio driver then wakes the end; threads are notified here)."""
-        with self._fence:
-            self._working -= 1
-            if self._working or not self._ending:
-                return False
-            self._fence.notify_all()
-            return True
-
+    # The drivers hold a resource's lock while its branch is enlisted and while a statement
+    # runs on it (and check ``_enlisted`` under it); the rule is here: the end (commit or
+    # rollback) refuses new work, waits for the work still running, and a commit that had
+    # to wait rolls back (that work may be half done).
     def _stop_work_steps(self) -> Steps[int]:
         """The end begins: refuse new work, then wait for the statements and enlistments
-        still running in other tasks or threads. Returns how many were running."""
-        with self._fence:
-            self._ending = True
-            running = self._working
+        still running in other tasks or threads. Returns how many were running.
+
+        Safe without a lock of its own: a statement checks ``_ending`` once it holds its
+        resource's lock, so it either holds that lock now (counted, waited for) or will
+        find ``_ending`` set and run nothing."""
+        self._ending = True
+        running = sum(1 for lock in list(self._locks.values()) if lock.locked())
         if self._branches:
             self._ctx.register(self, hold=True)  # kept until its end, whoever refers to it
         if running:
@@ -276,9 +259,9 @@ class TransactionCore:
         running = yield from self._stop_work_steps()
         if running and self._rollback_only is None:
             self._rollback_only = (
-                f"its commit began while {running} statement(s) or enlistment(s) of it were"
-                " still running in other tasks or threads (their work may not be complete:"
-                " await every statement before the block ends)"
+                f"its commit began while work of it (a statement, an enlistment) was still"
+                f" running in other tasks or threads on {running} resource(s); that work may"
+                " not be complete: await every statement before the block ends"
             )
         branches = list(self._branches.values())
         if self._rollback_only is not None or time.monotonic() > self.deadline:
@@ -583,10 +566,6 @@ class Transaction(TransactionCore):
     for it, then rolls back.
     """
 
-    def __init__(self, ctx: Context, gtrid: str, timeout: float) -> None:
-        super().__init__(ctx, gtrid, timeout)
-        self._locks: dict[str, threading.Lock] = {}  # per resource: enlistment, statements
-
     # -- the application's side -------------------------------------------------------------
     def __enter__(self) -> Transaction:
         return self
@@ -610,19 +589,15 @@ class Transaction(TransactionCore):
 
         Returns the driver's cursor. The driver's own exception propagates on failure.
         """
-        self._start_work()
-        try:
-            with self._lock(resource):
-                branch = self._branch(resource)
-                assert branch.conn is not None
-                try:
-                    return branch.participant.execute(branch.conn, query, params)
-                except BaseException as e:
-                    if branch.participant.is_connection_error(e):
-                        self._lost(branch, e)
-                    raise
-        finally:
-            self._end_work()
+        with self._lock(resource):
+            branch = self._branch(resource)
+            assert branch.conn is not None
+            try:
+                return branch.participant.execute(branch.conn, query, params)
+            except BaseException as e:
+                if branch.participant.is_connection_error(e):
+                    self._lost(branch, e)
+                raise
 
     def connection(self, resource: str) -> Connection:
         """The driver connection of this transaction's branch on ``resource``.
@@ -659,12 +634,8 @@ class Transaction(TransactionCore):
 
     def enlist(self, resource: str) -> Branch:
         """The branch on ``resource``, begun now if it is not enlisted yet."""
-        self._start_work()
-        try:
-            with self._lock(resource):
-                return self._branch(resource)
-        finally:
-            self._end_work()
+        with self._lock(resource):
+            return self._branch(resource)
 
     def branch_connection(self, resource: str) -> Connection | None:
         """The driver connection the branch on ``resource`` holds now (None if none)."""
@@ -679,7 +650,7 @@ class Transaction(TransactionCore):
         if lock is None:
             with self._fence:
                 lock = self._locks.setdefault(resource, threading.Lock())
-        return lock
+        return cast("threading.Lock", lock)
 
     def _branch(self, resource: str) -> Branch:
         """The branch on ``resource``, begun if it is not enlisted yet (its lock is held)."""
@@ -795,8 +766,9 @@ class Transaction(TransactionCore):
         return _call(branch.participant.rollback_active, branch.conn, branch.xid)
 
     def _await_work(self) -> None:
-        with self._fence:
-            self._fence.wait_for(lambda: self._working == 0)
+        for lock in list(self._locks.values()):
+            with cast("threading.Lock", lock):
+                pass
 
     def _prepare(self, branches: list[Branch]) -> list[Outcome[Prepared]]:
         overlap = self._ctx.overlap()
@@ -834,6 +806,12 @@ class Transaction(TransactionCore):
 
     def __repr__(self) -> str:
         return f"<Transaction {self.gtrid} {self.state.value} branches={list(self._branches)}>"
+
+
+class _Lock(Protocol):
+    """A resource's lock in a transaction: ``threading.Lock`` or ``asyncio.Lock``."""
+
+    def locked(self) -> bool: ...
 
 
 def check_fit(ctx: Context, participant: Participant, conn: Connection) -> None:
