@@ -62,7 +62,6 @@ from .errors import ConfigurationError, ResourceUnavailable
 _AUTOCOMMIT_KEY = "xatm.autocommit"
 XAER_NOTA = 1397
 XAER_RMERR = 1401
-ER_QUERY_INTERRUPTED = 1317
 ER_DUP_ENTRY = frozenset({1062, 1586})  # ER_DUP_ENTRY, ER_DUP_ENTRY_WITH_KEY_NAME
 ER_NO_SUCH_TABLE = 1146
 #: XA_RBROLLBACK, XA_RBTIMEOUT, XA_RBDEADLOCK: the branch was rolled back by the server
