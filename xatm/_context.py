@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
+import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
@@ -146,7 +147,14 @@ class Context:
     #: recovery passes, sweeper passes and manual resolutions never overlap
     recovery_lock: threading.Lock = field(default_factory=threading.Lock)
     _lock: threading.Lock = field(default_factory=threading.Lock)
-    _active: dict[str, Running] = field(default_factory=dict)
+    #: the transactions running here, from their first branch on; weakly held, so that one
+    #: the application dropped without ending it is collected (with its connections, whose
+    #: servers then roll its unprepared work back) ...
+    _active: weakref.WeakValueDictionary[str, Running] = field(
+        default_factory=weakref.WeakValueDictionary
+    )
+    #: ... except from the start of its end (commit or rollback) until it is over
+    _held: dict[str, Running] = field(default_factory=dict)
     _expired_noted: set[str] = field(default_factory=set)
     _finished: dict[str, list[str]] = field(default_factory=dict)
     _strangers_noted: set[str] = field(default_factory=set)
@@ -168,13 +176,18 @@ class Context:
             incarnation=self.incarnation,
         )
 
-    def register(self, tx: Running) -> None:
+    def register(self, tx: Running, *, hold: bool = False) -> None:
+        """``tx`` runs in this process (recovery leaves its branches to it); ``hold``: and
+        is kept registered until :meth:`forget`, even if nothing else refers to it."""
         with self._lock:
             self._active[tx.gtrid] = tx
+            if hold:
+                self._held[tx.gtrid] = tx
 
     def forget(self, tx: Running) -> None:
         with self._lock:
             self._active.pop(tx.gtrid, None)
+            self._held.pop(tx.gtrid, None)
 
     def running(self, gtrid: str) -> Running | None:
         with self._lock:

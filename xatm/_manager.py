@@ -260,9 +260,8 @@ class TransactionManager:
         if self._closed:
             raise XatmError("this TransactionManager is closed")
         limit = self.timeout if timeout is None else validate_timeout(timeout)
-        tx = Transaction(self._ctx, self._ctx.new_gtrid(limit), limit)
-        self._ctx.register(tx)
-        return tx
+        # registered (as running here) once it enlists a branch
+        return Transaction(self._ctx, self._ctx.new_gtrid(limit), limit)
 
     def recover(
         self,

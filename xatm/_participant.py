@@ -154,7 +154,8 @@ class Participant(Protocol):
 
         ``before``: statements to run in the branch first, sent with the commit in as few
         round trips as the driver allows. Raise BranchVotedNo if the branch is certainly
-        rolled back; a connection error means the outcome is unknown.
+        rolled back; anything else raised (a connection error, an answer after which the
+        commit may have happened) means the outcome is unknown.
         """
 
     def commit_prepared(self, conn: Connection, xid: Xid) -> PhaseTwo:

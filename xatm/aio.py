@@ -129,9 +129,8 @@ class AsyncTransactionManager:
         if tm is None or aio is None:
             raise XatmError("this AsyncTransactionManager is not open")
         limit = tm.timeout if timeout is None else validate_timeout(timeout)
-        tx = AsyncTransaction(tm.context, tm.context.new_gtrid(limit), limit, aio)
-        tm.context.register(tx)
-        return tx
+        # registered (as running here) once it enlists a branch
+        return AsyncTransaction(tm.context, tm.context.new_gtrid(limit), limit, aio)
 
     async def recover(
         self,
