@@ -43,6 +43,7 @@ def opened(logdir: Path) -> Iterator[list[FileLog]]:
 
 
 def open_log(logs: list[FileLog], directory: Path, node_id: str = NODE, **kw: object) -> FileLog:
+    kw.setdefault("retain", 0.0)  # the log's mechanics; retention has tests of its own
     log = FileLog(directory, node_id, **kw)  # type: ignore[arg-type]
     logs.append(log)
     return log

@@ -29,9 +29,18 @@ Each segment starts with :data:`MAGIC` and holds framed records (see ``_records`
 * **Opening.** All segments are read in order; a torn or corrupt tail ends a segment's
   readable part and is ignored. Then a new segment is started holding a copy of every
   pending COMMIT record, it is fsynced (with the directory), and the older segments are
-  deleted. The same *carry-forward* happens whenever the current segment outgrows
-  ``segment_bytes``, so the log never holds more than one full segment plus the pending
-  records.
+  deleted once they are out of the retention window (below). The same *carry-forward*
+  happens whenever the current segment outgrows ``segment_bytes``, so the log holds about
+  the segments written in the last ``retain`` seconds plus the pending records.
+* **Retention.** Ended COMMIT decisions are kept for ``retain`` seconds (``DEFAULT_RETAIN``):
+  an older segment is deleted only once it was last written more than ``retain`` seconds
+  ago, oldest first. After a PostgreSQL failover a branch whose ``COMMIT PREPARED`` the new
+  primary never received is prepared again although its decision was ended: recovery finds
+  the decision among the retained ones (:func:`retained_decisions`) and commits it, and the
+  failover report lists the decisions of the window before the switch (``xatm._failover``).
+  The *horizon* (:func:`horizon`, the file ``<node>/horizon``) is the time before which
+  decisions may have been deleted: it is written (fsynced) before a segment is deleted, so
+  every COMMIT decided after it is still on disk.
 * **Ownership.** The ``lock`` file is flock()ed exclusively for as long as the log is open.
   The kernel drops the lock when the process dies, however it dies, so "the lock can be
   taken" proves that no live process owns that node's log. Recovery uses that to take over
@@ -67,6 +76,10 @@ logger = logging.getLogger("xatm.log")
 MAGIC = b"XATMLOG1\n"
 SEGMENT_GLOB = "seg-*.xlog"
 DEFAULT_SEGMENT_BYTES = 8 << 20
+#: seconds ended COMMIT decisions are kept on disk (segments are deleted only once older)
+DEFAULT_RETAIN = 300.0
+#: the file holding a node log's horizon: decisions older than it may have been deleted
+HORIZON_FILE = "horizon"
 
 
 def _segment_name(number: int) -> str:
@@ -125,6 +138,96 @@ def list_nodes(directory: Path) -> list[str]:
             except ValueError:
                 continue
     return nodes
+
+
+def horizon(node_dir: Path) -> float:
+    """The time (seconds since the epoch) since which every COMMIT decision of the node is
+    on disk, ended or not: decisions older than that may have been deleted.
+
+    Written before each deletion of segments (:func:`_raise_horizon`). A log whose first
+    segment is still there never deleted any (0.0); one without the file whose first
+    segment is gone was trimmed by an older xatm: the oldest segment's last write is the
+    safe answer then (anything decided later is in it or after it)."""
+    try:
+        return float((node_dir / HORIZON_FILE).read_text("ascii").strip())
+    except FileNotFoundError:
+        pass
+    except (OSError, ValueError, UnicodeDecodeError):
+        return time.time()  # unreadable: nothing older can be vouched for
+    paths = _segment_files(node_dir)
+    if not paths or _segment_number(paths[0]) == 1:
+        return 0.0
+    try:
+        return paths[0].stat().st_mtime
+    except OSError:
+        return time.time()
+
+
+def _raise_horizon(node_dir: Path, at: float) -> None:
+    """Make the horizon at least ``at``, durably (before what is older is deleted)."""
+    if (node_dir / HORIZON_FILE).exists() and horizon(node_dir) >= at:
+        return
+    tmp = node_dir / f"{HORIZON_FILE}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.write(fd, f"{at:.6f}\n".encode("ascii"))
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, node_dir / HORIZON_FILE)
+    fsync_dir(node_dir)
+
+
+def _trim_segments(
+    node_dir: Path, keep_from: int, retain: float, reference: float | None = None
+) -> None:
+    """Delete the segments numbered below ``keep_from`` that were last written more than
+    ``retain`` seconds before ``reference`` (default: now), oldest first, stopping at the
+    first one still in the window (so what is kept is always a run of consecutive
+    segments); the horizon is raised to the newest deleted segment's last write first."""
+    cutoff = (time.time() if reference is None else reference) - retain
+    if retain <= 0:
+        cutoff = float("inf")  # nothing retained: every older segment goes
+    doomed: list[Path] = []
+    newest = 0.0
+    for path in _segment_files(node_dir):
+        if _segment_number(path) >= keep_from:
+            break
+        try:
+            mtime = path.stat().st_mtime
+        except FileNotFoundError:
+            continue
+        if mtime >= cutoff:
+            break
+        doomed.append(path)
+        newest = max(newest, mtime)
+    if not doomed:
+        return
+    _raise_horizon(node_dir, newest)
+    for old in doomed:
+        with contextlib.suppress(FileNotFoundError):
+            old.unlink()
+    fsync_dir(node_dir)
+
+
+def retained_decisions(node_dir: Path) -> dict[str, LogRecord]:
+    """Every COMMIT decision still on disk in the node's segments, pending or ended (the
+    last copy of each), read without the log's lock. A damaged segment is read up to its
+    damage (the horizon does not vouch for what follows it)."""
+    for _attempt in range(5):
+        try:
+            scans = scan_log(node_dir)
+            break
+        except FileNotFoundError:
+            continue  # a segment was trimmed while we read: read again
+    else:
+        scans = scan_log(node_dir)
+    out: dict[str, LogRecord] = {}
+    for scan in scans:
+        for record in scan.records:
+            if record.kind == "COMMIT":
+                out[record.gtrid] = record
+    return out
 
 
 @dataclass(frozen=True, slots=True)
@@ -355,6 +458,7 @@ def _salvage_locked(node_dir: Path, node_id: str) -> Salvage:
     finally:
         os.close(fd)
     fsync_dir(node_dir)
+    _raise_horizon(node_dir, time.time())  # only the pending decisions are kept
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
     keep = node_dir / f"salvaged-{stamp}"
     keep.mkdir(mode=0o700)
@@ -438,11 +542,14 @@ class FileLog:
         segment_bytes: int = DEFAULT_SEGMENT_BYTES,
         lock_timeout: float = 10.0,
         wait_for_lock: bool = True,
+        retain: float = DEFAULT_RETAIN,
     ) -> None:
         self._node_id = validate_node_id(node_id)
         self.directory = Path(directory)
         self.node_dir = self.directory / node_id
         self.segment_bytes = segment_bytes
+        self.retain = retain
+        self._reference: float | None = None  # the time the log was last written before opening
         self._lock = threading.Lock()
         self._buffer: list[bytes] = []
         #: END records queued by ``log_end`` without the lock (deque appends are atomic),
@@ -491,10 +598,12 @@ class FileLog:
             raise
 
     @classmethod
-    def take_over(cls, directory: Path, node_id: str) -> FileLog | None:
+    def take_over(
+        cls, directory: Path, node_id: str, *, retain: float = DEFAULT_RETAIN
+    ) -> FileLog | None:
         """Open a peer's log if its owner is dead (its lock is free), else return None."""
         try:
-            return cls(directory, node_id, wait_for_lock=False)
+            return cls(directory, node_id, wait_for_lock=False, retain=retain)
         except LogLocked:
             return None
 
@@ -610,6 +719,9 @@ class FileLog:
     def _open_segments(self) -> None:
         scans = _checked_scans(self.node_dir)  # LogCorrupt: nothing is touched
         pending = replay(scans)
+        # the window is kept back from the log's last write, not from now: after a long
+        # stop, the last decisions of the process that stopped are still there to look at
+        self._reference = scans[-1].path.stat().st_mtime if scans else None
         if scans and scans[-1].good < scans[-1].size + scans[-1].unused:
             # Cut a torn tail, or preallocated space never written, off first: if a crash
             # comes before the older segments are deleted below, this one is no longer the
@@ -622,7 +734,9 @@ class FileLog:
         self._start_segment(last + 1, [s.path for s in scans], list(pending.values()))
 
     def _start_segment(self, number: int, obsolete: list[Path], carried: list[LogRecord]) -> None:
-        """Begin segment ``number`` holding the ``carried`` COMMITs; delete ``obsolete``."""
+        """Begin segment ``number`` holding the ``carried`` COMMITs; delete the older
+        segments that are out of the retention window (``obsolete`` says whether any
+        older one may be)."""
         path = self.node_dir / _segment_name(number)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
@@ -637,11 +751,9 @@ class FileLog:
         if self._fd >= 0:
             os.close(self._fd)
         self._fd, self._segment, self._segment_size = fd, path, len(data)
-        for old in obsolete:
-            with contextlib.suppress(FileNotFoundError):
-                old.unlink()
         if obsolete:
-            fsync_dir(self.node_dir)
+            reference, self._reference = self._reference, None  # the first trim only
+            _trim_segments(self.node_dir, number, self.retain, reference)
 
     def _append(
         self,
