@@ -9,6 +9,9 @@ questions of either kind of log, and ask them here instead of switching on the k
   logged for a gtrid, where N's commit-marker rows may be, and the audit trail;
 * the node logs kept as files (to list and compact), read without their lock, and a dead
   node's log taken over (locked) and closed again;
+* what N's log still retains of its decisions, ended ones included (``retain`` seconds),
+  and since when it retains all of them (its horizon); each node's record of its
+  PostgreSQL resources' timelines (``xatm._timelines``);
 * N's log opened to write a decision for one of its transactions
   (:meth:`LogView.open_for_decision`): its own log for this process's node, a dead node's log
   taken over for the duration, the shared table for anyone; with what it holds for the gtrid
@@ -33,9 +36,18 @@ from typing import TYPE_CHECKING, Literal, Protocol
 
 from . import _node_markers
 from ._audit import AuditEntry, read_audit
-from ._filelog import FileLog, LogSnapshot, list_nodes, owner_state, read_log
+from ._filelog import (
+    FileLog,
+    LogSnapshot,
+    horizon,
+    list_nodes,
+    owner_state,
+    read_log,
+    retained_decisions,
+)
 from ._log import CoordinatorLog, OwnerState
 from ._records import LogRecord
+from ._timelines import FileTimelines, SharedTimelines, TimelineStore
 from .errors import XatmError
 
 if TYPE_CHECKING:
@@ -103,6 +115,22 @@ class LogView(Protocol):
         """The audit trail of every node (of one transaction if ``gtrid`` is given)."""
         ...
 
+    def retained(self, node: str, gtrid: str) -> LogRecord | None:
+        """``node``'s COMMIT decision of ``gtrid`` if its log still holds it, ended or not."""
+        ...
+
+    def decided_between(self, node: str, start: float, end: float) -> list[LogRecord]:
+        """``node``'s COMMIT decisions still held, made in ``[start, end)``, ended or not."""
+        ...
+
+    def horizon(self, node: str) -> float:
+        """The time since which ``node``'s log holds every COMMIT it decided."""
+        ...
+
+    def timelines(self) -> TimelineStore:
+        """Where the nodes' records of their resources' timelines are kept."""
+        ...
+
     def nodes(self) -> list[str]:
         """The nodes whose log is kept as files here (none for the shared log)."""
         ...
@@ -113,10 +141,11 @@ class LogView(Protocol):
         ...
 
     def take_over(
-        self, node: str, wait: float
+        self, node: str, wait: float, *, keep_ended: bool = True
     ) -> contextlib.AbstractContextManager[CoordinatorLog]:
         """``node``'s log, held while the context lasts: a file log locked (LogLocked if its
-        lock stays held for ``wait`` seconds) and closed again; the shared log as it is."""
+        lock stays held for ``wait`` seconds) and closed again; the shared log as it is.
+        ``keep_ended`` False drops a file log's retained ended decisions (compaction)."""
         ...
 
     def open_for_decision(
@@ -167,11 +196,34 @@ class FileLogs:
         self._own_node = own_node
         self._own_log = own_log
         self._own_pending = own_pending
+        self._retained: dict[str, dict[str, LogRecord]] = {}  # read once per view
 
     def owner(self, node: str) -> OwnerState:
         if node == self._own_node:
             return "this-process"
         return owner_state(self.directory, node)
+
+    def _every_retained(self, node: str) -> dict[str, LogRecord]:
+        if self.directory is None:
+            return {}
+        if node not in self._retained:
+            self._retained[node] = retained_decisions(Path(self.directory) / node)
+        return self._retained[node]
+
+    def retained(self, node: str, gtrid: str) -> LogRecord | None:
+        return self._every_retained(node).get(gtrid)
+
+    def decided_between(self, node: str, start: float, end: float) -> list[LogRecord]:
+        found = [r for r in self._every_retained(node).values() if start <= r.at < end]
+        return sorted(found, key=lambda r: (r.at, r.gtrid))
+
+    def horizon(self, node: str) -> float:
+        if self.directory is None:
+            return float("inf")
+        return horizon(Path(self.directory) / node)
+
+    def timelines(self) -> TimelineStore:
+        return FileTimelines(self.directory or ".")
 
     def pending(self, node: str, owner: OwnerState) -> Mapping[str, LogRecord]:
         if owner == "this-process" and self._own_pending is not None:
@@ -212,10 +264,15 @@ class FileLogs:
         return read_log(Path(self.directory) / node, strict=strict)
 
     @contextlib.contextmanager
-    def take_over(self, node: str, wait: float) -> Iterator[CoordinatorLog]:
+    def take_over(
+        self, node: str, wait: float, *, keep_ended: bool = True
+    ) -> Iterator[CoordinatorLog]:
         if self.directory is None:
             raise XatmError(f"there is no log directory to take the log of {node!r} over in")
-        log = FileLog(Path(self.directory), node, lock_timeout=wait)
+        if keep_ended:
+            log = FileLog(Path(self.directory), node, lock_timeout=wait)
+        else:
+            log = FileLog(Path(self.directory), node, lock_timeout=wait, retain=0.0)
         try:
             yield log
         finally:
@@ -281,6 +338,19 @@ class SharedLogs:
     def aborted(self, gtrid: str) -> bool:
         return bool(self._log.decisions([gtrid]).get(gtrid) == "A")
 
+    def retained(self, node: str, gtrid: str) -> LogRecord | None:
+        found = self._log.decisions([gtrid]).get(gtrid)  # ended rows stay until pruned
+        return found if isinstance(found, LogRecord) else None
+
+    def decided_between(self, node: str, start: float, end: float) -> list[LogRecord]:
+        return self._log.decided_between(node, start, end)
+
+    def horizon(self, node: str) -> float:
+        return self._log.horizon()
+
+    def timelines(self) -> TimelineStore:
+        return SharedTimelines(self._log)
+
     def marker_resources(self, node: str) -> frozenset[str] | None:
         return None  # commit markers cannot be combined with the shared log
 
@@ -294,7 +364,9 @@ class SharedLogs:
         return LogSnapshot({}, ())
 
     @contextlib.contextmanager
-    def take_over(self, node: str, wait: float) -> Iterator[CoordinatorLog]:
+    def take_over(
+        self, node: str, wait: float, *, keep_ended: bool = True
+    ) -> Iterator[CoordinatorLog]:
         yield self._log  # nothing to take over: any process writes the table
 
     @contextlib.contextmanager
