@@ -235,24 +235,29 @@ def _resurrect(
 
     at_step["after_prepare"] = hold_replication
     gtrid = transfer(tm, books, "r-1")
-    tm.context.log.flush()  # the END is on disk: the decision is no longer pending
+    tm.context.log.flush()  # the END is written: the decision is no longer pending
     assert gtrid not in tm.context.log.pending()
     fail_over(ha, books)
     assert [x.gtrid for x in books.xatm_prepared_on("pg")] == [gtrid]  # it came back
     return gtrid
 
 
+@pytest.mark.parametrize("log_kind", ["file", "shared"])
 def test_a_branch_a_failover_brings_back_is_committed(
     ha: PostgresPair,
     books: Bank,
     make_tm: MakeTM,
     at_step: dict[str, Callable[[], None]],
+    log_kind: str,
+    log_url: str,
 ) -> None:
     """Asynchronous replication lost a COMMIT PREPARED: the branch is prepared again on the
     new primary, its decision long ended. Presumed abort would roll it back while MariaDB
-    has committed (a split xatm made); the retained decision commits it instead."""
+    has committed (a split xatm made); the retained decision commits it instead. With the
+    shared log, the ended row is what is retained, and the node's timelines are rows too."""
     urls = {"pg": ha.url(), "maria": books.urls["maria"]}
-    tm = make_tm(node_id="fo-back", resources=urls, sweeper=False)
+    extra: dict[str, Any] = {"log": log_url} if log_kind == "shared" else {}
+    tm = make_tm(node_id=f"fo-back-{log_kind}", resources=urls, sweeper=False, **extra)
     gtrid = _resurrect(ha, books, tm, at_step)
     plan = indoubt(tm)
     assert [t.gtrid for t in plan] == [gtrid]
@@ -260,7 +265,8 @@ def test_a_branch_a_failover_brings_back_is_committed(
     reports = settle(tm)
     commits = [a for r in reports for a in r.actions if a.action == "commit"]
     assert [(a.gtrid, a.resource) for a in commits] == [(gtrid, "pg")]
-    assert "failover" in commits[0].reason
+    if log_kind == "file":  # the shared log finds the ended row like any other decision
+        assert "failover" in commits[0].reason
     assert books.journal_ids() == {"pg": {"r-1"}, "maria": {"r-1"}}
     assert books.xatm_prepared() == {"pg": [], "maria": []}
 
@@ -294,8 +300,9 @@ def test_a_branch_older_than_the_retained_decisions_is_left_in_doubt(
     assert books.journal_ids() == {"pg": {"r-1"}, "maria": {"r-1"}}
 
 
+@pytest.mark.parametrize("log_kind", ["file", "shared"])
 def test_the_report_lists_what_the_failover_lost(
-    ha: PostgresPair, books: Bank, make_tm: MakeTM, tmp_path: Path
+    ha: PostgresPair, books: Bank, make_tm: MakeTM, tmp_path: Path, log_kind: str, log_url: str
 ) -> None:
     """Transfers committed while the standby got nothing are lost by the promotion: each is
     reported as a heuristic outcome (certain: their transaction ids were never assigned on
@@ -305,7 +312,9 @@ def test_the_report_lists_what_the_failover_lost(
 
     collector = prometheus.collector()
     urls = {"pg": ha.url(), "maria": books.urls["maria"]}
-    tm = make_tm(node_id="fo-lost", resources=urls, sweeper=False)
+    node = f"fo-lost-{log_kind}"
+    log = log_url if log_kind == "shared" else str(tmp_path / "log")
+    tm = make_tm(node_id=node, resources=urls, sweeper=False, log=log)
     transfer(tm, books, "kept")
     ha.wait_replayed()
     ha.replication.pause()
@@ -319,24 +328,25 @@ def test_the_report_lists_what_the_failover_lost(
     assert sum(r.heuristics for r in reports) == 3
     assert books.journal_ids()["pg"] == {"kept"}  # what PostgreSQL lost
     assert {"lost-0", "lost-1", "lost-2"} <= books.journal_ids()["maria"]
-    audited = [e for e in tm.audit_trail() if e.action == "heuristic"]
+    audited = [e for e in tm.audit_trail() if e.action == "heuristic" and e.node == node]
     assert sorted(e.gtrid for e in audited) == sorted(lost)
     report = indoubt(tm)
-    assert sorted((x.gtrid, x.status) for x in report.possibly_lost) == sorted(
+    assert sorted((x.gtrid, x.status) for x in report.possibly_lost if x.node == node) == sorted(
         (g, "lost") for g in lost
     )
-    value = collector.failover_losses.labels("fo-lost", "pg", "lost")._value.get()
+    value = collector.failover_losses.labels(node, "pg", "lost")._value.get()
     assert value == 3
     # the checked switch is not checked again
     assert tm.recover().heuristics == 0
     config = tmp_path / "xatm.toml"
     config.write_text(
-        f'node_id = "fo-lost-cli"\nlog = "{tmp_path / "log"}"\n'
+        f'node_id = "{node}-cli"\nlog = "{log}"\n'
         + "".join(f'[resources.{n}]\nurl = "{u}"\n' for n, u in urls.items())
     )
     result = CliRunner().invoke(main, ["--config", str(config), "indoubt", "--lost", "--json"])
     assert result.exit_code == 0, result.output
-    assert sorted(r["gtrid"] for r in json.loads(result.output)) == sorted(lost)
+    listed = [r["gtrid"] for r in json.loads(result.output) if r["node"] == node]
+    assert sorted(listed) == sorted(lost)
     human = CliRunner().invoke(main, ["--config", str(config), "indoubt"])
     assert "LOST" in human.output and lost[0] in human.output
 
@@ -378,3 +388,71 @@ def test_reused_transaction_ids_are_told_as_far_as_they_can_be(
             c.execute("ROLLBACK PREPARED 'fo-reuse-other'")
         other.close()
     assert parse_gtrid(lost[0])[0] == "fo-reuse"
+
+
+def test_doctor_warns_of_asynchronous_standbys_and_weak_commits(
+    ha: PostgresPair, make_tm: MakeTM
+) -> None:
+    def findings(url: str) -> dict[str, Any]:
+        tm = make_tm(node_id=f"fo-doc-{next(_numbers)}", resources={"pg": url}, sweeper=False)
+        report = tm.doctor()
+        tm.close()
+        return {c.name: c for c in report.checks if c.subject == "pg"}
+
+    found = findings(ha.url())
+    assert found["standbys"].advice and "asynchronously" in found["standbys"].detail
+    assert not found["synchronous-commit"].advice
+    weak = findings(ha.url() + "?options=-c%20synchronous_commit%3Dlocal")
+    assert weak["synchronous-commit"].advice and "= local" in weak["synchronous-commit"].detail
+    admin = psycopg.connect(ha.primary.admin_dsn(), autocommit=True)
+    try:
+        admin.execute("ALTER SYSTEM SET synchronous_standby_names = '*'")
+        admin.execute("SELECT pg_reload_conf()")
+        hidden = findings(ha.url())  # this role cannot see sync_state
+        assert not hidden["standbys"].advice and "pg_monitor" in hidden["standbys"].detail
+        admin.execute("GRANT pg_monitor TO xatm")
+        shown = findings(ha.url())
+        assert not shown["standbys"].advice and "1 synchronous standby" in shown["standbys"].detail
+    finally:
+        admin.execute("REVOKE pg_monitor FROM xatm")
+        admin.execute("ALTER SYSTEM RESET synchronous_standby_names")
+        admin.execute("SELECT pg_reload_conf()")
+        admin.close()
+
+
+def test_the_asyncio_manager_detects_a_failover_too(
+    ha: PostgresPair, books: Bank, tmp_path: Path
+) -> None:
+    import asyncio
+
+    from xatm.aio import AsyncTransactionManager
+
+    urls = {"pg": ha.url(), "maria": books.urls["maria"]}
+
+    async def go() -> None:
+        async with AsyncTransactionManager(
+            resources=urls, log=tmp_path / "alog", node_id="fo-aio", sweeper=False
+        ) as tm:
+            async with tm.transaction() as tx:
+                await tx.execute("pg", f"INSERT INTO {books.journal} VALUES ('a-1')")
+                await tx.execute("maria", f"INSERT INTO {books.journal} VALUES ('a-1')")
+            fail_over(ha, books)
+            for _ in range(4):  # the pooled connection to the old primary costs a try
+                try:
+                    async with tm.transaction() as tx:
+                        await tx.execute("pg", f"INSERT INTO {books.journal} VALUES ('a-2')")
+                        await tx.execute("maria", f"INSERT INTO {books.journal} VALUES ('a-2')")
+                    break
+                except Exception:
+                    await asyncio.sleep(0.2)
+
+    asyncio.run(go())
+    (switch,) = FileTimelines(tmp_path / "alog").load("fo-aio")["pg"].switches
+    assert switch.new == ha.timeline() and switch.next_xid is not None
+
+
+def test_a_retention_must_be_a_number(make_tm: MakeTM) -> None:
+    from xatm import ConfigurationError
+
+    with pytest.raises(ConfigurationError, match="decision_retention"):
+        make_tm(node_id="fo-bad", decision_retention=-1)

@@ -34,10 +34,14 @@ Each segment starts with :data:`MAGIC` and holds framed records (see ``_records`
   the segments written in the last ``retain`` seconds plus the pending records.
 * **Retention.** Ended COMMIT decisions are kept for ``retain`` seconds (``DEFAULT_RETAIN``):
   an older segment is deleted only once it was last written more than ``retain`` seconds
-  ago, oldest first. After a PostgreSQL failover a branch whose ``COMMIT PREPARED`` the new
-  primary never received is prepared again although its decision was ended: recovery finds
-  the decision among the retained ones (:func:`retained_decisions`) and commits it, and the
-  failover report lists the decisions of the window before the switch (``xatm._failover``).
+  before the log's last write (at a rotation: before now), oldest first. Opening reads only
+  the segments from the newest one known to begin with every pending COMMIT (the file
+  ``<node>/carried``, written once that segment is fsynced): the retained ones before it
+  hold only ended decisions, so they cost disk, not start-up time. After a PostgreSQL
+  failover a branch whose ``COMMIT PREPARED`` the new primary never received is prepared
+  again although its decision was ended: recovery finds the decision among the retained
+  ones (:func:`retained_decisions`, every segment read) and commits it, and the failover
+  report lists the decisions of the window before the switch (``xatm._failover``).
   The *horizon* (:func:`horizon`, the file ``<node>/horizon``) is the time before which
   decisions may have been deleted: it is written (fsynced) before a segment is deleted, so
   every COMMIT decided after it is still on disk.
@@ -80,6 +84,9 @@ DEFAULT_SEGMENT_BYTES = 8 << 20
 DEFAULT_RETAIN = 300.0
 #: the file holding a node log's horizon: decisions older than it may have been deleted
 HORIZON_FILE = "horizon"
+#: the file naming the newest segment known to begin with every COMMIT pending when it was
+#: started: replay starts there (the older segments hold only retained, ended decisions)
+CARRIED_FILE = "carried"
 
 
 def _segment_name(number: int) -> str:
@@ -163,19 +170,35 @@ def horizon(node_dir: Path) -> float:
         return time.time()
 
 
+def _write_small(node_dir: Path, name: str, text: str) -> None:
+    """Replace the small file ``name`` of a node's log with ``text``, durably."""
+    tmp = node_dir / f"{name}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.write(fd, text.encode("ascii"))
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, node_dir / name)
+    fsync_dir(node_dir)
+
+
 def _raise_horizon(node_dir: Path, at: float) -> None:
     """Make the horizon at least ``at``, durably (before what is older is deleted)."""
     if (node_dir / HORIZON_FILE).exists() and horizon(node_dir) >= at:
         return
-    tmp = node_dir / f"{HORIZON_FILE}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    _write_small(node_dir, HORIZON_FILE, f"{at:.6f}\n")
+
+
+def _carried_from(node_dir: Path) -> int:
+    """The number of the newest segment known to begin with every COMMIT that was pending
+    when it was started (:data:`CARRIED_FILE`, written once that segment was fsynced); 0
+    when unknown: replay must then read every segment."""
     try:
-        os.write(fd, f"{at:.6f}\n".encode("ascii"))
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, node_dir / HORIZON_FILE)
-    fsync_dir(node_dir)
+        number = int((node_dir / CARRIED_FILE).read_text("ascii").strip())
+    except (OSError, ValueError, UnicodeDecodeError):
+        return 0
+    return number if (node_dir / _segment_name(number)).is_file() else 0
 
 
 def _trim_segments(
@@ -210,10 +233,19 @@ def _trim_segments(
     fsync_dir(node_dir)
 
 
-def retained_decisions(node_dir: Path) -> dict[str, LogRecord]:
+@dataclass(frozen=True, slots=True)
+class Retained:
+    """A node's COMMIT decisions still on disk, and since when all of them are."""
+
+    decisions: Mapping[str, LogRecord]
+    horizon: float
+
+
+def retained_decisions(node_dir: Path) -> Retained:
     """Every COMMIT decision still on disk in the node's segments, pending or ended (the
-    last copy of each), read without the log's lock. A damaged segment is read up to its
-    damage (the horizon does not vouch for what follows it)."""
+    last copy of each), read without the log's lock (every segment: this is only asked
+    after a failover). A damaged segment is read up to its damage, and the horizon is
+    moved past its last write (what followed the damage is unknown)."""
     for _attempt in range(5):
         try:
             scans = scan_log(node_dir)
@@ -223,11 +255,15 @@ def retained_decisions(node_dir: Path) -> dict[str, LogRecord]:
     else:
         scans = scan_log(node_dir)
     out: dict[str, LogRecord] = {}
+    since = horizon(node_dir)
     for scan in scans:
+        if scan.corrupt is not None:
+            with contextlib.suppress(OSError):
+                since = max(since, scan.path.stat().st_mtime)
         for record in scan.records:
             if record.kind == "COMMIT":
                 out[record.gtrid] = record
-    return out
+    return Retained(out, since)
 
 
 @dataclass(frozen=True, slots=True)
@@ -301,10 +337,14 @@ def scan_segment(path: Path, *, newest: bool) -> SegmentScan:
     return SegmentScan(path, used, tuple(records), good, corrupt, len(data) - used)
 
 
-def scan_log(node_dir: Path) -> list[SegmentScan]:
-    """Read every segment of one node's log, oldest first."""
+def scan_log(node_dir: Path, *, since: int = 0) -> list[SegmentScan]:
+    """Read the segments of one node's log numbered ``since`` or more, oldest first."""
     paths = _segment_files(node_dir)
-    return [scan_segment(p, newest=i == len(paths) - 1) for i, p in enumerate(paths)]
+    return [
+        scan_segment(p, newest=i == len(paths) - 1)
+        for i, p in enumerate(paths)
+        if _segment_number(p) >= since
+    ]
 
 
 def replay(scans: Sequence[SegmentScan]) -> dict[str, LogRecord]:
@@ -338,9 +378,12 @@ def check(scans: Sequence[SegmentScan]) -> None:
 
 
 def _checked_scans(node_dir: Path) -> list[SegmentScan]:
-    """Every segment of one node, read; LogCorrupt if one is damaged anywhere but in a torn
-    tail of the newest (a torn tail is logged and ignored)."""
-    scans = scan_log(node_dir)
+    """The segments of one node that hold its pending decisions (from the newest one known
+    to begin with every pending COMMIT, :func:`_carried_from`), read; LogCorrupt if one is
+    damaged anywhere but in a torn tail of the newest (a torn tail is logged and ignored).
+    The older segments hold only ended decisions kept for the retention window: they are
+    not read when a log is opened."""
+    scans = scan_log(node_dir, since=_carried_from(node_dir))
     check(scans)
     for scan in scans:
         if scan.torn:
@@ -458,6 +501,7 @@ def _salvage_locked(node_dir: Path, node_id: str) -> Salvage:
     finally:
         os.close(fd)
     fsync_dir(node_dir)
+    _write_small(node_dir, CARRIED_FILE, f"{number}\n")
     _raise_horizon(node_dir, time.time())  # only the pending decisions are kept
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
     keep = node_dir / f"salvaged-{stamp}"
@@ -751,6 +795,7 @@ class FileLog:
         if self._fd >= 0:
             os.close(self._fd)
         self._fd, self._segment, self._segment_size = fd, path, len(data)
+        _write_small(self.node_dir, CARRIED_FILE, f"{number}\n")  # replay starts here now
         if obsolete:
             reference, self._reference = self._reference, None  # the first trim only
             _trim_segments(self.node_dir, number, self.retain, reference)
@@ -998,22 +1043,23 @@ class LogSnapshot:
     segments: tuple[SegmentInfo, ...]
 
 
-def read_log(node_dir: Path, *, strict: bool = True) -> LogSnapshot:
-    """Read a node's segments without its lock (tolerates a concurrent rotation).
+def read_log(node_dir: Path, *, strict: bool = True, every: bool = False) -> LogSnapshot:
+    """Read a node's segments without its lock (tolerates a concurrent rotation): those
+    that hold its pending decisions, or with ``every`` all of them (the retained ones too).
 
     A corrupt segment raises LogCorrupt (``strict``), or is reported in its SegmentInfo."""
     for _attempt in range(5):
         try:
-            return _read_log_once(node_dir, strict)
+            return _read_log_once(node_dir, strict, every)
         except FileNotFoundError:
             continue  # a segment was rotated away while we read: read again
-    return _read_log_once(node_dir, strict)
+    return _read_log_once(node_dir, strict, every)
 
 
-def _read_log_once(node_dir: Path, strict: bool) -> LogSnapshot:
+def _read_log_once(node_dir: Path, strict: bool, every: bool) -> LogSnapshot:
     if not node_dir.is_dir():
         return LogSnapshot({}, ())
-    scans = scan_log(node_dir)
+    scans = scan_log(node_dir, since=0 if every else _carried_from(node_dir))
     if strict:
         check(scans)  # LogCorrupt: the decisions after the damage are unknown
     segments = tuple(

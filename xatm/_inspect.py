@@ -687,7 +687,7 @@ class Inspector:
         out = []
         for node in logs.nodes():
             owner = logs.owner(node)
-            snap = logs.read(node, strict=False)
+            snap = logs.read(node, strict=False, every=True)
             oldest = min((r.at for r in snap.pending.values()), default=None)
             out.append(NodeLog(node, owner, snap.segments, len(snap.pending), oldest))
         return out
@@ -703,7 +703,7 @@ class Inspector:
         logs = self._logs()
         out = []
         for node in logs.nodes():
-            before = sum(s.size for s in logs.read(node, strict=False).segments)
+            before = sum(s.size for s in logs.read(node, strict=False, every=True).segments)
             owner = logs.owner(node)
             if owner != "dead":
                 why = "this process's own log" if owner == "this-process" else "alive"
@@ -720,6 +720,6 @@ class Inspector:
                     out.append(Compaction(node, False, before, before, f"skipped: {e}"))
                     continue
                 pending = len(log.pending())
-            after = sum(s.size for s in logs.read(node).segments)
+            after = sum(s.size for s in logs.read(node, every=True).segments)
             out.append(Compaction(node, True, before, after, f"{pending} pending decision(s) kept"))
         return out

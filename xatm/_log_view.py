@@ -39,7 +39,7 @@ from ._audit import AuditEntry, read_audit
 from ._filelog import (
     FileLog,
     LogSnapshot,
-    horizon,
+    Retained,
     list_nodes,
     owner_state,
     read_log,
@@ -135,9 +135,10 @@ class LogView(Protocol):
         """The nodes whose log is kept as files here (none for the shared log)."""
         ...
 
-    def read(self, node: str, *, strict: bool = True) -> LogSnapshot:
+    def read(self, node: str, *, strict: bool = True, every: bool = False) -> LogSnapshot:
         """``node``'s log files as they are on disk, read without the lock (the shared log
-        keeps no files: nothing). ``strict``: a corrupt segment raises LogCorrupt."""
+        keeps no files: nothing): those holding its pending decisions, or ``every`` one
+        (the retained ones too). ``strict``: a corrupt segment raises LogCorrupt."""
         ...
 
     def take_over(
@@ -196,31 +197,29 @@ class FileLogs:
         self._own_node = own_node
         self._own_log = own_log
         self._own_pending = own_pending
-        self._retained: dict[str, dict[str, LogRecord]] = {}  # read once per view
+        self._retained: dict[str, Retained] = {}  # read once per view
 
     def owner(self, node: str) -> OwnerState:
         if node == self._own_node:
             return "this-process"
         return owner_state(self.directory, node)
 
-    def _every_retained(self, node: str) -> dict[str, LogRecord]:
+    def _every_retained(self, node: str) -> Retained:
         if self.directory is None:
-            return {}
+            return Retained({}, float("inf"))
         if node not in self._retained:
             self._retained[node] = retained_decisions(Path(self.directory) / node)
         return self._retained[node]
 
     def retained(self, node: str, gtrid: str) -> LogRecord | None:
-        return self._every_retained(node).get(gtrid)
+        return self._every_retained(node).decisions.get(gtrid)
 
     def decided_between(self, node: str, start: float, end: float) -> list[LogRecord]:
-        found = [r for r in self._every_retained(node).values() if start <= r.at < end]
-        return sorted(found, key=lambda r: (r.at, r.gtrid))
+        every = self._every_retained(node).decisions.values()
+        return sorted((r for r in every if start <= r.at < end), key=lambda r: (r.at, r.gtrid))
 
     def horizon(self, node: str) -> float:
-        if self.directory is None:
-            return float("inf")
-        return horizon(Path(self.directory) / node)
+        return self._every_retained(node).horizon
 
     def timelines(self) -> TimelineStore:
         return FileTimelines(self.directory or ".")
@@ -258,10 +257,10 @@ class FileLogs:
             return []
         return list_nodes(Path(self.directory))
 
-    def read(self, node: str, *, strict: bool = True) -> LogSnapshot:
+    def read(self, node: str, *, strict: bool = True, every: bool = False) -> LogSnapshot:
         if self.directory is None:
             return LogSnapshot({}, ())
-        return read_log(Path(self.directory) / node, strict=strict)
+        return read_log(Path(self.directory) / node, strict=strict, every=every)
 
     @contextlib.contextmanager
     def take_over(
@@ -360,7 +359,7 @@ class SharedLogs:
     def nodes(self) -> list[str]:
         return []  # the decisions are rows of one table, not files per node
 
-    def read(self, node: str, *, strict: bool = True) -> LogSnapshot:
+    def read(self, node: str, *, strict: bool = True, every: bool = False) -> LogSnapshot:
         return LogSnapshot({}, ())
 
     @contextlib.contextmanager
