@@ -398,7 +398,7 @@ def test_bank_transfers_under_chaos(
 # -- PostgreSQL failover ----------------------------------------------------------------------
 
 #: seconds of transfers before each promotion (and after the last one)
-FAILOVER_PHASE = float(os.environ.get("XATM_FAILOVER_CHAOS_SECONDS", "6"))
+FAILOVER_PHASE = float(os.environ.get("XATM_FAILOVER_CHAOS_SECONDS", "5"))
 FAILOVER_PROMOTIONS = 2
 FAILOVER_THREADS = 6
 #: the protocol steps at which the primary may be crashed
@@ -577,6 +577,11 @@ def test_transfers_across_postgresql_failovers(
             "indoubt_listed": len(possibly),
         },
         "lost_by_postgresql": len(only_maria),
+        "brought_back_and_committed": sum(
+            1
+            for e in audit
+            if e.action == "commit" and e.resource == "pg" and "brought the branch back" in e.reason
+        ),
         "violations": {
             "split_pg_only": len(only_pg),
             "split_unreported": len(unreported),
