@@ -2,7 +2,8 @@
 
 Every rule of ``RULES`` has rows here, and the safety properties are checked over every
 combination of facts: nothing is committed without a COMMIT decision, nothing decided COMMIT
-is rolled back, nothing is done to a transaction someone else may still decide.
+is rolled back, nothing is done to a transaction someone else may still decide, nothing
+prepared before a failover beyond the retained decisions is presumed aborted.
 """
 
 from __future__ import annotations
@@ -34,8 +35,8 @@ from xatm._xid import new_gtrid
 C, R, L, P = Action.COMMIT, Action.ROLLBACK, Action.LEAVE, Action.PROBE
 W, G, M = Owner, Logged, Marker
 
-# (owner, logged, marker, expired, shared, known) -> (action, fence, rule number)
-TABLE = [
+# (owner, logged, marker, expired, shared, known[, failover]) -> (action, fence, rule number)
+TABLE: list[tuple[tuple[object, ...], Action, bool, int]] = [
     # 1: a branch qualifier naming no resource here is never acted on
     ((W.DEAD_PEER, G.COMMIT, M.NOT_FLAGGED, False, False, False), L, False, 1),
     ((W.FINISHED, G.NONE, M.NOT_FLAGGED, False, True, False), L, False, 1),
@@ -81,26 +82,30 @@ TABLE = [
     # 13: a resource that may hold the row not read
     ((W.FINISHED, G.NONE, M.UNREAD, False, False, True), L, False, 13),
     ((W.DEAD_PEER, G.NONE, M.UNREAD, True, True, True), L, False, 13),
-    # 14: presumed abort (fenced with the shared log)
-    ((W.FINISHED, G.NONE, M.NOT_FLAGGED, False, False, True), R, False, 14),
-    ((W.PREVIOUS, G.NONE, M.NOT_FLAGGED, False, False, True), R, False, 14),
-    ((W.PREVIOUS, G.NONE, M.NOT_FLAGGED, False, True, True), R, True, 14),
-    ((W.DEAD_PEER, G.NONE, M.NO_ROW, False, False, True), R, False, 14),
-    ((W.FINISHED, G.NONE, M.NOT_FLAGGED, False, True, True), R, True, 14),
-    ((W.DEAD_PEER, G.NONE, M.NOT_FLAGGED, False, True, True), R, True, 14),
-    ((W.LIVE_PEER, G.NONE, M.NOT_FLAGGED, True, True, True), R, True, 14),
+    # 14: prepared before a failover, and the retained decisions do not reach back
+    ((W.FINISHED, G.NONE, M.NOT_FLAGGED, False, False, True, True), L, False, 14),
+    ((W.PREVIOUS, G.NONE, M.NOT_FLAGGED, False, False, True, True), L, False, 14),
+    ((W.DEAD_PEER, G.NONE, M.NO_ROW, False, True, True, True), L, False, 14),
+    ((W.LIVE_PEER, G.NONE, M.NOT_FLAGGED, True, True, True, True), L, False, 14),
+    # ... but a COMMIT found (retained, ended or not) is obeyed
+    ((W.FINISHED, G.COMMIT, M.NOT_FLAGGED, False, False, True, True), C, False, 7),
+    # 15: presumed abort (fenced with the shared log)
+    ((W.FINISHED, G.NONE, M.NOT_FLAGGED, False, False, True), R, False, 15),
+    ((W.PREVIOUS, G.NONE, M.NOT_FLAGGED, False, False, True), R, False, 15),
+    ((W.PREVIOUS, G.NONE, M.NOT_FLAGGED, False, True, True), R, True, 15),
+    ((W.DEAD_PEER, G.NONE, M.NO_ROW, False, False, True), R, False, 15),
+    ((W.FINISHED, G.NONE, M.NOT_FLAGGED, False, True, True), R, True, 15),
+    ((W.DEAD_PEER, G.NONE, M.NOT_FLAGGED, False, True, True), R, True, 15),
+    ((W.LIVE_PEER, G.NONE, M.NOT_FLAGGED, True, True, True), R, True, 15),
 ]
 
 
-def _facts(row: tuple[Owner, Logged, Marker, bool, bool, bool]) -> Facts:
-    owner, logged, marker, expired, shared, known = row
-    return Facts(owner, logged, marker, expired, shared, known)
+def _facts(row: tuple[object, ...]) -> Facts:
+    return Facts(*row)  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize(("facts", "action", "fence", "rule"), TABLE)
-def test_table(
-    facts: tuple[Owner, Logged, Marker, bool, bool, bool], action: Action, fence: bool, rule: int
-) -> None:
+def test_table(facts: tuple[object, ...], action: Action, fence: bool, rule: int) -> None:
     verdict = decide(_facts(facts))
     assert (verdict.action, verdict.fence) == (action, fence)
     assert verdict.reason == RULES[rule - 1].reason
@@ -113,7 +118,13 @@ def test_every_rule_has_rows() -> None:
 ALL = [
     Facts(*combo)
     for combo in itertools.product(
-        list(Owner), list(Logged), list(Marker), [False, True], [False, True], [False, True]
+        list(Owner),
+        list(Logged),
+        list(Marker),
+        [False, True],
+        [False, True],
+        [False, True],
+        [False, True],
     )
 ]
 
@@ -154,6 +165,12 @@ def test_presumed_abort_needs_every_marker_place_read_and_the_node_held() -> Non
         if verdict.action is Action.PROBE:
             assert f.marker is Marker.UNPROBED, f
             assert f.owner not in (Owner.UNFENCED, Owner.STRANGER), f
+
+
+def test_never_presumes_abort_across_a_failover_beyond_the_retained_decisions() -> None:
+    for f in ALL:
+        if f.failover and f.logged is Logged.NONE and f.marker is not Marker.ROW:
+            assert decide(f).action in (Action.LEAVE, Action.PROBE), f
 
 
 def test_manual_requests_are_judged_against_the_rule() -> None:

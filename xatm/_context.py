@@ -27,6 +27,7 @@ from .errors import ConfigurationError, ResourceNotFit
 
 if TYPE_CHECKING:
     from ._audit import AuditTrail
+    from ._failover import FailoverWatch
     from ._identity import IdentityLocks
     from ._log import CoordinatorLog
     from ._pglog import PostgresLog
@@ -142,6 +143,10 @@ class Context:
     incarnation: str = field(default_factory=new_incarnation)
     #: the incarnations this node's file log lists, this one's included (None: shared log)
     incarnations: frozenset[str] | None = None
+    #: the node's view of its PostgreSQL resources' timelines (failover detection)
+    failover: FailoverWatch | None = None
+    #: seconds ended COMMIT decisions are kept (the logs' retention window)
+    retain: float = 300.0
     #: integrations a transaction offers (``tx.session()``...), wired by the manager
     extensions: Mapping[str, Callable[..., Any]] = field(default_factory=dict)
     #: recovery passes, sweeper passes and manual resolutions never overlap

@@ -13,7 +13,10 @@ The facts about a branch found prepared (:class:`Facts`):
   transaction (only used with the shared log, where any host may abort an old transaction);
 * ``shared_log``: the log is the shared PostgreSQL table (a presumed abort is then first
   written as a conditional ABORT row, which a late COMMIT loses: fencing);
-* ``known_resource``: the branch qualifier names a resource configured here.
+* ``known_resource``: the branch qualifier names a resource configured here;
+* ``failover``: the branch's resource failed over (a new PostgreSQL timeline) after the
+  branch was created, and the log's retained decisions do not reach back to its creation
+  (``xatm._failover``): an ended COMMIT decision of it may have been dropped already.
 
 :data:`RULES` is the table, read top to bottom; the first rule that matches gives the verdict.
 docs/protocol.md prints the same table (a test checks that it matches :func:`table_markdown`).
@@ -143,6 +146,7 @@ class Facts:
     expired: bool = False
     shared_log: bool = False
     known_resource: bool = True
+    failover: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -252,6 +256,13 @@ RULES: tuple[Rule, ...] = (
         lambda f: f.marker is Marker.UNREAD,
         Action.LEAVE,
         "its decision may be a commit-marker row on a resource not read",
+    ),
+    Rule(
+        "no decision found; its resource failed over since, beyond the decisions retained",
+        lambda f: f.failover,
+        Action.LEAVE,
+        "its resource failed over after it was prepared and the log no longer holds the"
+        " decisions of that time: it may have been decided COMMIT (resolve by hand)",
     ),
     Rule(
         "no decision; owner finished, ended (an earlier process of the node), dead, or"

@@ -32,7 +32,9 @@ from prometheus_client.registry import Collector
 from . import _events
 
 OUTCOMES = ("committed", "rolled_back", "in_doubt", "heuristic")
-RECOVERY_ACTIONS = ("commit", "rollback", "skip", "error", "heuristic", "verify", "end")
+RECOVERY_ACTIONS = (
+    "commit", "rollback", "skip", "error", "heuristic", "verify", "end", "possibly-lost"
+)  # fmt: skip
 #: transaction and phase latencies: 0.5 ms to 30 s
 BUCKETS = (
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
@@ -112,6 +114,19 @@ class XatmCollector(Collector):
             ["node"],
             registry=None,
         )
+        self.failovers = Counter(
+            "xatm_failovers",
+            "PostgreSQL resources found on a new timeline (a promoted standby, a restore)",
+            ["node", "resource"],
+            registry=None,
+        )
+        self.failover_losses = Counter(
+            "xatm_failover_lost_transactions",
+            "Transactions committed on a resource before it failed over that the new primary"
+            " lacks (certainty=lost) or cannot vouch for (certainty=unknown): see xatm indoubt",
+            ["node", "resource", "certainty"],
+            registry=None,
+        )
         self.metrics: tuple[Any, ...] = (
             self.transactions,
             self.duration,
@@ -123,6 +138,8 @@ class XatmCollector(Collector):
             self.recovery_passes,
             self.recovery_duration,
             self.fsyncs,
+            self.failovers,
+            self.failover_losses,
         )
         # node -> (in-doubt transactions, oldest one's creation time) of its last pass
         self._in_doubt: dict[str, tuple[int, float | None]] = {}
@@ -137,6 +154,8 @@ class XatmCollector(Collector):
             _events.TransactionFinished: self._transaction,
             _events.RecoveryPassFinished: self._recovery,
             _events.LogForced: lambda e: self._child(self.fsyncs, e.node).inc(),
+            _events.FailoverDetected: self._failover,
+            _events.FailoverChecked: self._failover_checked,
         }
 
     # -- events ----------------------------------------------------------------------------
@@ -205,6 +224,15 @@ class XatmCollector(Collector):
             self._unreachable[e.node] = len(e.report.unreachable)
             self._strangers[e.node] = e.report.strangers
             self._last_pass[e.node] = e.wall_start + e.duration
+
+    def _failover(self, e: _events.FailoverDetected) -> None:
+        self.failovers.labels(e.node, e.resource).inc()
+        for certainty in ("lost", "unknown"):
+            self.failover_losses.labels(e.node, e.resource, certainty)
+
+    def _failover_checked(self, e: _events.FailoverChecked) -> None:
+        self.failover_losses.labels(e.node, e.resource, "lost").inc(e.lost)
+        self.failover_losses.labels(e.node, e.resource, "unknown").inc(e.possibly_lost)
 
     # -- scrape ----------------------------------------------------------------------------
     def collect(self) -> Iterable[Metric]:
