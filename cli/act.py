@@ -39,6 +39,7 @@ def _summary(report: RecoveryReport) -> str:
         f"{verb}roll back {rollbacks}" if verb else f"{rollbacks} rolled back",
         f"{left} left in doubt",
         f"{report.heuristics} heuristic outcome(s)",
+        *([f"{report.possibly_lost} possibly lost in a failover"] if report.possibly_lost else []),
         f"{report.foreign} foreign prepared transaction(s) untouched",
     ]
     if not report.dry_run:
@@ -55,8 +56,8 @@ def recover(ctx: click.Context, dry_run: bool, as_json: bool) -> None:
 
     Commits the branches of transactions whose COMMIT is logged and rolls back those of
     dead coordinators that decided nothing; leaves live coordinators' transactions alone.
-    Exit status 1 if a resource could not be reached, a phase-2 call failed or a heuristic
-    outcome was found.
+    Exit status 1 if a resource could not be reached, a phase-2 call failed, or a heuristic
+    outcome or a transaction possibly lost in a failover was found.
     """
     progress = render.Progress()
     with get(ctx).manager("cli") as tm:
@@ -84,8 +85,14 @@ def recover(ctx: click.Context, dry_run: bool, as_json: bool) -> None:
             f"{report.heuristics} HEURISTIC outcome(s): branches of committed transactions were"
             " rolled back outside xatm; see docs/operations.md"
         )
+    if report.possibly_lost:
+        render.warn(
+            f"{report.possibly_lost} transaction(s) possibly lost in a PostgreSQL failover:"
+            " `xatm indoubt --lost`; see docs/operations.md"
+        )
     failed = any(a.action == "error" for a in report.actions)
-    ctx.exit(1 if report.unreachable or report.heuristics or failed else 0)
+    attention = report.heuristics or report.possibly_lost or failed
+    ctx.exit(1 if report.unreachable or attention else 0)
 
 
 @click.command()

@@ -63,16 +63,27 @@ def _unreachable(report_unreachable: tuple[tuple[str, str], ...]) -> None:
 
 @click.command()
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON array.")
+@click.option(
+    "--lost",
+    is_flag=True,
+    help="List the transactions that recent PostgreSQL failovers lost or may have lost instead.",
+)
 @click.pass_context
-def indoubt(ctx: click.Context, as_json: bool) -> None:
+def indoubt(ctx: click.Context, as_json: bool, lost: bool) -> None:
     """List every in-doubt global transaction across all resources, oldest first.
 
     One row per transaction: its gtrid, the node that created it, its age, the logged
     decision and what recovery will do; under it, each branch with its resource and state.
-    Exit status 1 if a resource could not be asked (the list may then be incomplete).
+    Then the transactions that a recent failover of a PostgreSQL resource lost, or may have
+    lost (``--lost`` lists only those). Exit status 1 if a resource could not be asked (the
+    list may then be incomplete).
     """
     with get(ctx).inspector() as inspector:
         report: InDoubtReport = inspector.indoubt()
+    if lost:
+        _possibly_lost(report, as_json)
+        _unreachable(report.unreachable)
+        ctx.exit(1 if report.unreachable else 0)
     if as_json:
         render.emit_json([t.to_json() for t in report.transactions])
     elif not report.transactions:
@@ -90,8 +101,38 @@ def indoubt(ctx: click.Context, as_json: bool) -> None:
             for b in t.branches:
                 click.echo(f"    {_branch_line(b)}")
         click.echo(f"\n{len(report.transactions)} in-doubt transaction(s)")
+    if report.possibly_lost and not as_json:
+        click.echo("")
+        _possibly_lost(report, False)
     _unreachable(report.unreachable)
     ctx.exit(1 if report.unreachable else 0)
+
+
+def _possibly_lost(report: InDoubtReport, as_json: bool) -> None:
+    """The transactions recent PostgreSQL failovers lost or may have lost."""
+    if as_json:
+        render.emit_json([x.to_json() for x in report.possibly_lost])
+        return
+    if not report.possibly_lost:
+        click.echo("no transaction lost in a recent failover")
+        return
+    rows = [
+        (
+            x.gtrid,
+            x.resource,
+            f"{x.timeline[0]}->{x.timeline[1]}",
+            render.when(x.decided_at),
+            "LOST" if x.status == "lost" else "possibly lost",
+            x.detail,
+        )
+        for x in report.possibly_lost
+    ]
+    click.echo("committed before a PostgreSQL failover, missing from the new primary:")
+    click.echo(render.table(("GTRID", "RESOURCE", "TIMELINE", "DECIDED", "STATUS", "WHY"), rows))
+    click.echo(
+        f"\n{len(report.possibly_lost)} transaction(s): check their data on that resource"
+        " (docs/operations.md, 'After a PostgreSQL failover')"
+    )
 
 
 def _show_human(info: TransactionInfo) -> None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -313,3 +315,39 @@ def journaled_transfer(tm: Any, bank: Bank, tid: str) -> None:
         tx.execute("maria", f"UPDATE {bank.table} SET bal = bal + 10 WHERE id = 1")
         for r in ("pg1", "maria"):
             tx.execute(r, f"INSERT INTO {bank.journal} (tid) VALUES (%s)", (tid,))
+
+
+class CommitsBlocked:
+    """MariaDB's ``BACKUP STAGE BLOCK_COMMIT``: statements run, every commit waits ("Waiting
+    for backup lock"); :meth:`interrupt` sends ``KILL QUERY`` to a session once its commit
+    waits there, which answers it 1317 (query interrupted)."""
+
+    def __init__(self, url: str) -> None:
+        self.admin = connect(url)
+        self.blocker = connect(url)
+        run(self.blocker, "BACKUP STAGE START")
+        run(self.blocker, "BACKUP STAGE BLOCK_COMMIT")
+
+    def interrupt(self, connection_id: Callable[[], int | None]) -> None:
+        def waiting() -> bool:
+            cid = connection_id()
+            if cid is None:
+                return False
+            rows = run(
+                self.admin,
+                "SELECT COUNT(*) FROM information_schema.processlist"
+                " WHERE id = %s AND state = 'Waiting for backup lock'",
+                (cid,),
+            )
+            return int(rows[0][0]) == 1
+
+        deadline = time.monotonic() + 30
+        while not waiting():
+            assert time.monotonic() < deadline, "the commit never waited for the backup lock"
+            time.sleep(0.05)
+        run(self.admin, f"KILL QUERY {connection_id()}")
+
+    def close(self) -> None:
+        run(self.blocker, "BACKUP STAGE END")
+        self.blocker.close()
+        self.admin.close()

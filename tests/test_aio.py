@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
-from tests.support import Bank, Servers
-from xatm import TransactionRolledBack, XatmError
+from tests.support import Bank, CommitsBlocked, Servers
+from xatm import TransactionInDoubt, TransactionRolledBack, TransactionState, XatmError
 from xatm.aio import AsyncTransactionManager
 from xatm.errors import ConfigurationError
 
@@ -205,3 +205,35 @@ def test_bad_arguments_are_clear_errors(servers: Servers, tmp_path: Path) -> Non
             tm.transaction()
 
     asyncio.run(main())
+
+
+def test_an_interrupted_one_phase_commit_is_in_doubt(
+    servers: Servers, bank: Bank, tmp_path: Path
+) -> None:
+    """mysql.connector.aio: ``XA COMMIT ... ONE PHASE`` answered 1317 (query interrupted)
+    leaves the outcome unknown (TransactionInDoubt), as in the threaded manager; before, it
+    was read as a certain no (TransactionRolledBack)."""
+    cid: list[int] = []
+
+    async def main() -> None:
+        async with manager(servers, tmp_path) as tm:
+            async with tm.transaction() as tx:  # the resource is checked
+                await tx.execute("maria", "SELECT 1")
+            blocked = await asyncio.to_thread(CommitsBlocked, bank.urls["maria"])
+            try:
+                interrupter = asyncio.ensure_future(
+                    asyncio.to_thread(blocked.interrupt, lambda: cid[0] if cid else None)
+                )
+                with pytest.raises(TransactionInDoubt):
+                    async with tm.transaction() as tx:
+                        await tx.execute("maria", f"UPDATE {bank.table} SET bal = 0 WHERE id = 1")
+                        cid.append((await tx.connection("maria")).connection_id)
+                await interrupter
+            finally:
+                await asyncio.to_thread(blocked.close)
+            assert tx.state is TransactionState.IN_DOUBT
+            assert tm.in_use == {"pg1": 0, "pg2": 0, "maria": 0}
+
+    asyncio.run(main())
+    assert bank.balances()["maria"][1] == 1000  # MariaDB rolled it back, as it happens
+    assert bank.xatm_prepared() == {"pg1": [], "pg2": [], "maria": []}

@@ -1,16 +1,23 @@
 """Cancellation safety of the asyncio API, under load: many concurrent transfers, tasks
 cancelled at random points (inside the block, at its end, in the middle of commit), then a
 recovery pass; the books must show every transfer on all its branches or on none, balances
-conserved, nothing prepared, and no connection left out of the pools."""
+conserved, nothing prepared, and no connection left out of the pools. The same after
+``asyncio.run()`` cancels the transfers left at its shutdown, in coordinator processes."""
 
 from __future__ import annotations
 
 import asyncio
+import json
+import os
 import random
+import subprocess
+import sys
 from collections import Counter
 from pathlib import Path
 
+from tests.recovery_support import ROOT, wait_for
 from tests.support import Bank, Servers, run
+from xatm import TransactionManager
 from xatm.aio import AsyncTransaction, AsyncTransactionManager
 
 TASKS = 400
@@ -114,3 +121,86 @@ def test_random_cancellations_leave_the_books_straight(
     assert bank.total() == bank.initial_total
     assert bank.xatm_prepared() == {n: [] for n in names}
     assert results["cancelled"] > 0 and states["committed"] > 0
+
+
+SHUTDOWN_RUNS = int(os.environ.get("XATM_AIO_SHUTDOWN_RUNS", "16"))
+
+
+def recover_all(tm: TransactionManager, bank: Bank) -> None:
+    """Recovery passes until nothing is left prepared (a session of a dead process may
+    still wait for a row lock of a prepared branch: recovery frees it); then close."""
+    try:
+        wait_for(
+            lambda: tm.recover().in_doubt == 0 and not any(bank.xatm_prepared().values()),
+            timeout=120,
+            what="recovery after the shutdown",
+        )
+    finally:
+        tm.close()
+
+
+def test_asyncio_run_shutdown_at_random_points_leaves_the_books_straight(
+    servers: Servers, bank: Bank, tmp_path: Path
+) -> None:
+    """A coordinator process whose ``main`` returns while its transfers run: ``asyncio.run()``
+    cancels them at its shutdown, wherever they are (a statement, a prepare, the COMMIT
+    record's fsync, phase 2), sometimes with the manager closed under them first; the process
+    exits. A recovery pass of the same node then finds every transfer on all its branches
+    or on none, each acknowledged one everywhere, each rolled-back one nowhere."""
+    rng = random.Random(17)
+    names = sorted(servers.urls)
+    reported: dict[str, tuple[list[str], str]] = {}
+    for run_no in range(SHUTDOWN_RUNS):
+        transfers = [
+            {
+                "tid": f"s{run_no}-{k}",
+                "resources": rng.sample(names, rng.choice([2, 3])),
+                "account": rng.randint(1, 4),
+            }
+            for k in range(6)
+        ]
+        cfg = {
+            "urls": servers.urls,
+            "log": str(tmp_path / "log"),
+            "node_id": "aioshut",
+            "table": bank.table,
+            "journal": bank.journal,
+            "transfers": transfers,
+            "delay": rng.uniform(0.0, 0.4),
+            "close": run_no % 3 == 2,
+        }
+        path = tmp_path / "shutdown.json"
+        path.write_text(json.dumps(cfg))
+        proc = subprocess.run(
+            [sys.executable, "-m", "tests.aio_worker", "shutdown", str(path)],
+            cwd=ROOT,
+            env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)},
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert proc.returncode == 0, proc.stderr
+        for line in proc.stdout.splitlines():
+            out = json.loads(line)
+            reported[out["tid"]] = (out["resources"], out["state"])
+        # the node restarts and recovers (a session of the dead process may still wait for
+        # a row lock of a prepared branch: recovery frees it)
+        tm = TransactionManager(servers.urls, tmp_path / "log", "aioshut", sweeper=False)
+        recover_all(tm, bank)
+    assert len(reported) == 6 * SHUTDOWN_RUNS  # every transfer ended, however
+    journal = bank.journal_ids()
+    states: Counter[str] = Counter()
+    violations = []
+    for tid, (chosen, state) in reported.items():
+        states[state] += 1
+        present = sorted(r for r in names if tid in journal[r])
+        if present and present != sorted(chosen):
+            violations.append((tid, "split", chosen, present))
+        if state == "committed" and present != sorted(chosen):
+            violations.append((tid, "acknowledged but not everywhere", chosen, present))
+        if state == "rolled-back" and present:
+            violations.append((tid, "rolled back but present", chosen, present))
+    print(f"shutdown runs {SHUTDOWN_RUNS}: states {dict(states)}")
+    assert violations == []
+    assert bank.total() == bank.initial_total
+    assert bank.xatm_prepared() == {n: [] for n in names}

@@ -295,7 +295,7 @@ def test_the_cli_never_takes_the_applications_node(
 ) -> None:
     log = tmp_path / "log"
     gtrid = crash(bank, log, "app", "after_prepare", ("pg1", "maria"), "n1")
-    make_tm(node_id="app", log=log, sweeper=False)  # the application is running
+    app = make_tm(node_id="app", log=log, sweeper=False)  # the application is running
     result = xatm(config, "recover", "--json")
     assert result.exit_code == 0
     report = json.loads(result.stdout)
@@ -305,6 +305,8 @@ def test_the_cli_never_takes_the_applications_node(
     assert (log / "app-cli").is_dir()
     refused = xatm(config, "--node-id", "app", "recover")
     assert refused.exit_code == 1 and "application's own node_id" in one_error_line(refused)
+    app.recover()  # the application settles its own (its log lists the crashed process)
+    assert not any(prepared_gtrids(bank).values())
 
 
 def test_log_and_log_compact(bank: Bank, config: Path, tmp_path: Path) -> None:

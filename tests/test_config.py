@@ -405,3 +405,15 @@ def test_bad_url_in_config_hides_the_password(
     message = load_error(path)
     assert expected in message and "'ledger'" in message
     assert_hidden(message, "from-env-")
+
+
+def test_decision_retention(tmp_path: Path) -> None:
+    path = _write_config(
+        tmp_path, f'node_id = "n"\nlog = "/x"\ndecision_retention = 600\n{RESOURCE}'
+    )
+    assert load_config(path).extra == {"decision_retention": 600}
+    for bad in ('"600"', "-1", "true", "inf", "nan"):
+        path = _write_config(
+            tmp_path, f'node_id = "n"\nlog = "/x"\ndecision_retention = {bad}\n{RESOURCE}'
+        )
+        assert "decision_retention must be a number of seconds >= 0" in load_error(path)

@@ -2,7 +2,8 @@
 
 Every rule of ``RULES`` has rows here, and the safety properties are checked over every
 combination of facts: nothing is committed without a COMMIT decision, nothing decided COMMIT
-is rolled back, nothing is done to a transaction someone else may still decide.
+is rolled back, nothing is done to a transaction someone else may still decide, nothing
+prepared before a failover beyond the retained decisions is presumed aborted.
 """
 
 from __future__ import annotations
@@ -18,20 +19,24 @@ from xatm._decide import (
     Facts,
     Logged,
     Marker,
+    NodeLogState,
     Owner,
+    Tenure,
     Verdict,
     decide,
     judge_request,
+    owner_of,
     past_timeout,
     table_markdown,
+    tenure,
 )
 from xatm._xid import new_gtrid
 
 C, R, L, P = Action.COMMIT, Action.ROLLBACK, Action.LEAVE, Action.PROBE
 W, G, M = Owner, Logged, Marker
 
-# (owner, logged, marker, expired, shared, known) -> (action, fence, rule number)
-TABLE = [
+# (owner, logged, marker, expired, shared, known[, failover]) -> (action, fence, rule number)
+TABLE: list[tuple[tuple[object, ...], Action, bool, int]] = [
     # 1: a branch qualifier naming no resource here is never acted on
     ((W.DEAD_PEER, G.COMMIT, M.NOT_FLAGGED, False, False, False), L, False, 1),
     ((W.FINISHED, G.NONE, M.NOT_FLAGGED, False, True, False), L, False, 1),
@@ -52,6 +57,7 @@ TABLE = [
     ((W.FINISHED, G.COMMIT, M.NOT_FLAGGED, False, False, True), C, False, 7),
     ((W.DEAD_PEER, G.COMMIT, M.UNREAD, False, False, True), C, False, 7),
     ((W.UNFENCED, G.COMMIT, M.NOT_FLAGGED, False, False, True), C, False, 7),
+    ((W.STRANGER, G.COMMIT, M.NOT_FLAGGED, False, False, True), C, False, 7),
     ((W.LIVE_PEER, G.COMMIT, M.NOT_FLAGGED, True, True, True), C, False, 7),
     # 8: ABORT logged (shared log)
     ((W.DEAD_PEER, G.ABORT, M.NOT_FLAGGED, False, True, True), R, False, 8),
@@ -60,34 +66,46 @@ TABLE = [
     ((W.FINISHED, G.NONE, M.ROW, False, False, True), C, False, 9),
     ((W.UNFENCED, G.NONE, M.ROW, False, False, True), C, False, 9),
     ((W.DEAD_PEER, G.NONE, M.ROW, False, False, True), C, False, 9),
-    # 10: this node's, identity not held here: never presume abort
-    ((W.UNFENCED, G.NONE, M.NOT_FLAGGED, False, False, True), L, False, 10),
-    ((W.UNFENCED, G.NONE, M.UNPROBED, False, False, True), L, False, 10),
-    ((W.UNFENCED, G.NONE, M.NO_ROW, False, True, True), L, False, 10),
-    # 11: flagged: read the decision row first
-    ((W.FINISHED, G.NONE, M.UNPROBED, False, False, True), P, False, 11),
-    ((W.DEAD_PEER, G.NONE, M.UNPROBED, False, False, True), P, False, 11),
-    # 12: a resource that may hold the row not read
-    ((W.FINISHED, G.NONE, M.UNREAD, False, False, True), L, False, 12),
-    ((W.DEAD_PEER, G.NONE, M.UNREAD, True, True, True), L, False, 12),
-    # 13: presumed abort (fenced with the shared log)
-    ((W.FINISHED, G.NONE, M.NOT_FLAGGED, False, False, True), R, False, 13),
-    ((W.DEAD_PEER, G.NONE, M.NO_ROW, False, False, True), R, False, 13),
-    ((W.FINISHED, G.NONE, M.NOT_FLAGGED, False, True, True), R, True, 13),
-    ((W.DEAD_PEER, G.NONE, M.NOT_FLAGGED, False, True, True), R, True, 13),
-    ((W.LIVE_PEER, G.NONE, M.NOT_FLAGGED, True, True, True), R, True, 13),
+    ((W.STRANGER, G.NONE, M.ROW, False, False, True), C, False, 9),
+    # 10: made by a process its node's log does not list (a twin with another log)
+    ((W.STRANGER, G.NONE, M.NOT_FLAGGED, False, False, True), L, False, 10),
+    ((W.STRANGER, G.NONE, M.UNPROBED, True, False, True), L, False, 10),
+    ((W.STRANGER, G.NONE, M.NO_ROW, False, False, True), L, False, 10),
+    # 11: this node's (0.2 gtrid), identity not held here: never presume abort
+    ((W.UNFENCED, G.NONE, M.NOT_FLAGGED, False, False, True), L, False, 11),
+    ((W.UNFENCED, G.NONE, M.UNPROBED, False, False, True), L, False, 11),
+    ((W.UNFENCED, G.NONE, M.NO_ROW, False, True, True), L, False, 11),
+    # 12: flagged: read the decision row first
+    ((W.FINISHED, G.NONE, M.UNPROBED, False, False, True), P, False, 12),
+    ((W.DEAD_PEER, G.NONE, M.UNPROBED, False, False, True), P, False, 12),
+    ((W.PREVIOUS, G.NONE, M.UNPROBED, False, False, True), P, False, 12),
+    # 13: a resource that may hold the row not read
+    ((W.FINISHED, G.NONE, M.UNREAD, False, False, True), L, False, 13),
+    ((W.DEAD_PEER, G.NONE, M.UNREAD, True, True, True), L, False, 13),
+    # 14: prepared before a failover, and the retained decisions do not reach back
+    ((W.FINISHED, G.NONE, M.NOT_FLAGGED, False, False, True, True), L, False, 14),
+    ((W.PREVIOUS, G.NONE, M.NOT_FLAGGED, False, False, True, True), L, False, 14),
+    ((W.DEAD_PEER, G.NONE, M.NO_ROW, False, True, True, True), L, False, 14),
+    ((W.LIVE_PEER, G.NONE, M.NOT_FLAGGED, True, True, True, True), L, False, 14),
+    # ... but a COMMIT found (retained, ended or not) is obeyed
+    ((W.FINISHED, G.COMMIT, M.NOT_FLAGGED, False, False, True, True), C, False, 7),
+    # 15: presumed abort (fenced with the shared log)
+    ((W.FINISHED, G.NONE, M.NOT_FLAGGED, False, False, True), R, False, 15),
+    ((W.PREVIOUS, G.NONE, M.NOT_FLAGGED, False, False, True), R, False, 15),
+    ((W.PREVIOUS, G.NONE, M.NOT_FLAGGED, False, True, True), R, True, 15),
+    ((W.DEAD_PEER, G.NONE, M.NO_ROW, False, False, True), R, False, 15),
+    ((W.FINISHED, G.NONE, M.NOT_FLAGGED, False, True, True), R, True, 15),
+    ((W.DEAD_PEER, G.NONE, M.NOT_FLAGGED, False, True, True), R, True, 15),
+    ((W.LIVE_PEER, G.NONE, M.NOT_FLAGGED, True, True, True), R, True, 15),
 ]
 
 
-def _facts(row: tuple[Owner, Logged, Marker, bool, bool, bool]) -> Facts:
-    owner, logged, marker, expired, shared, known = row
-    return Facts(owner, logged, marker, expired, shared, known)
+def _facts(row: tuple[object, ...]) -> Facts:
+    return Facts(*row)  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize(("facts", "action", "fence", "rule"), TABLE)
-def test_table(
-    facts: tuple[Owner, Logged, Marker, bool, bool, bool], action: Action, fence: bool, rule: int
-) -> None:
+def test_table(facts: tuple[object, ...], action: Action, fence: bool, rule: int) -> None:
     verdict = decide(_facts(facts))
     assert (verdict.action, verdict.fence) == (action, fence)
     assert verdict.reason == RULES[rule - 1].reason
@@ -100,7 +118,13 @@ def test_every_rule_has_rows() -> None:
 ALL = [
     Facts(*combo)
     for combo in itertools.product(
-        list(Owner), list(Logged), list(Marker), [False, True], [False, True], [False, True]
+        list(Owner),
+        list(Logged),
+        list(Marker),
+        [False, True],
+        [False, True],
+        [False, True],
+        [False, True],
     )
 ]
 
@@ -125,6 +149,10 @@ def test_never_acts_for_an_owner_that_may_still_decide() -> None:
         )
         if may_decide or not f.known_resource:
             assert verdict.action is Action.LEAVE, f
+        # a process no log here lists may be alive and may have logged COMMIT elsewhere:
+        # only a decision seen here (logged, or a decision row) is acted on
+        if f.owner is Owner.STRANGER and f.logged is Logged.NONE and f.marker is not M.ROW:
+            assert verdict.action is Action.LEAVE, f
 
 
 def test_presumed_abort_needs_every_marker_place_read_and_the_node_held() -> None:
@@ -132,10 +160,17 @@ def test_presumed_abort_needs_every_marker_place_read_and_the_node_held() -> Non
         verdict = decide(f)
         if verdict.action is Action.ROLLBACK and f.logged is not Logged.ABORT:
             assert f.marker in (Marker.NOT_FLAGGED, Marker.NO_ROW), f
-            assert f.owner is not Owner.UNFENCED, f
+            assert f.owner not in (Owner.UNFENCED, Owner.STRANGER), f
             assert verdict.fence == f.shared_log, f
         if verdict.action is Action.PROBE:
-            assert f.marker is Marker.UNPROBED and f.owner is not Owner.UNFENCED, f
+            assert f.marker is Marker.UNPROBED, f
+            assert f.owner not in (Owner.UNFENCED, Owner.STRANGER), f
+
+
+def test_never_presumes_abort_across_a_failover_beyond_the_retained_decisions() -> None:
+    for f in ALL:
+        if f.failover and f.logged is Logged.NONE and f.marker is not Marker.ROW:
+            assert decide(f).action in (Action.LEAVE, Action.PROBE), f
 
 
 def test_manual_requests_are_judged_against_the_rule() -> None:
@@ -157,3 +192,71 @@ def test_timeout_fact() -> None:
 def test_docs_print_the_same_table() -> None:
     doc = (Path(__file__).resolve().parent.parent / "docs" / "protocol.md").read_text()
     assert table_markdown() in doc
+
+
+# -- whose branch: tenure (incarnations) and the owner fact -----------------------------------
+MINE, OTHER, TWIN = "aaaaaaaaaa", "bbbbbbbbbb", "cccccccccc"
+LISTED = frozenset({MINE, OTHER})
+
+TENURES = [
+    # (incarnation in the gtrid, this process's, listed by the node's log) -> tenure
+    (None, MINE, LISTED, "legacy"),
+    (MINE, MINE, LISTED, "mine"),
+    (OTHER, MINE, LISTED, "previous"),
+    (TWIN, MINE, LISTED, "stranger"),
+    (OTHER, None, LISTED, "previous"),  # a dead peer's log lists it
+    (TWIN, None, LISTED, "stranger"),
+    (OTHER, None, None, "stranger"),  # a log that lists nobody (0.2, or unreadable)
+    (OTHER, None, frozenset(), "stranger"),
+]
+
+
+@pytest.mark.parametrize(("incarnation", "own", "listed", "expected"), TENURES)
+def test_tenure(
+    incarnation: str | None, own: str | None, listed: frozenset[str] | None, expected: str
+) -> None:
+    assert tenure(incarnation, own, listed) == expected
+
+
+OWNERS = [
+    # (own node, made by, the node's log, legacy lock) -> owner
+    (True, "mine", "held", False, W.FINISHED),
+    (True, "previous", "held", False, W.PREVIOUS),
+    (True, "stranger", "held", True, W.STRANGER),  # holding the lock proves nothing
+    (True, "legacy", "held", True, W.FINISHED),
+    (True, "legacy", "held", False, W.UNFENCED),
+    (False, "previous", "held", False, W.DEAD_PEER),
+    (False, "stranger", "held", False, W.STRANGER),
+    (False, "legacy", "held", False, W.DEAD_PEER),
+    (False, "legacy", "held", True, W.LIVE_PEER),
+    (False, "previous", "alive", False, W.LIVE_PEER),
+    (False, "previous", "unexamined", False, W.LIVE_PEER),
+    (False, "previous", "unknown", False, W.UNKNOWN),
+    (False, "previous", "corrupt", False, W.UNKNOWN),
+    # the shared log fences every presumed abort with a conditional ABORT row
+    (True, "mine", "shared", False, W.FINISHED),
+    (True, "stranger", "shared", False, W.PREVIOUS),
+    (True, "legacy", "shared", False, W.PREVIOUS),
+    (False, "stranger", "shared", False, W.DEAD_PEER),
+    (False, "stranger", "alive", False, W.LIVE_PEER),
+]
+
+
+@pytest.mark.parametrize(("own", "made_by", "log", "lock", "expected"), OWNERS)
+def test_owner_of(
+    own: bool, made_by: Tenure, log: NodeLogState, lock: bool, expected: Owner
+) -> None:
+    assert owner_of(own_node=own, made_by=made_by, log=log, legacy_lock=lock) is expected
+
+
+def test_a_process_no_log_here_lists_is_never_presumed_aborted() -> None:
+    """Whatever the log kind and lock: a file log's stranger is never rolled back without a
+    decision seen here (its process may be alive, with a COMMIT in a log of its own)."""
+    for own, log, lock in itertools.product(
+        [False, True], ["held", "alive", "unknown", "corrupt", "unexamined"], [False, True]
+    ):
+        owner = owner_of(own_node=own, made_by="stranger", log=log, legacy_lock=lock)  # type: ignore[arg-type]
+        for marker, expired, known in itertools.product(list(Marker), [False, True], [False, True]):
+            f = Facts(owner, Logged.NONE, marker, expired, False, known)
+            if marker is not Marker.ROW:
+                assert decide(f).action in (Action.LEAVE,), f

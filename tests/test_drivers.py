@@ -8,6 +8,7 @@ and server-side rollbacks hold for every driver.
 from __future__ import annotations
 
 import signal
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -15,9 +16,20 @@ from typing import Any
 
 import pytest
 
-from tests.support import MYSQL_DRIVER, Bank, connect, mysql_errors, run
+from tests.recovery_support import wait_for
+from tests.support import (
+    MYSQL_DRIVER,
+    Bank,
+    CommitsBlocked,
+    connect,
+    mysql_connection_id,
+    mysql_errno,
+    mysql_errors,
+    run,
+)
 from xatm import (
     ConfigurationError,
+    TransactionInDoubt,
     TransactionManager,
     TransactionRolledBack,
     _marker_recovery,
@@ -368,3 +380,100 @@ def test_an_engine_without_multi_statements_sends_the_xa_statements_one_by_one(
         assert bank.xatm_prepared() == {"pg1": [], "pg2": [], "maria": []}
     finally:
         engine.dispose()
+
+
+# -- issue 17, review item c: an answer to XA COMMIT ... ONE PHASE that is not a certain "no" -----
+
+
+def no_open_xa(bank: Bank) -> bool:
+    return (
+        int(run(bank.conns["maria"], "SELECT COUNT(*) FROM information_schema.innodb_trx")[0][0])
+        == 0
+    )
+
+
+@pytest.mark.parametrize("markers", [[], ["maria"]], ids=["only-branch", "marker-branch"])
+def test_an_interrupted_one_phase_commit_is_in_doubt(
+    markers: list[str], bank: Bank, make_tm: MakeTM
+) -> None:
+    """``XA COMMIT ... ONE PHASE`` answered 1317 (query interrupted): the commit may have
+    happened (here MariaDB rolled it back, but an answer after the commit looks the same),
+    so the outcome is unknown: TransactionInDoubt, never a "no" that would roll the other
+    branches back (a split, had the marker branch committed its decision row). Recovery then
+    settles the others by the decision row. Before: read as a certain no
+    (TransactionRolledBack)."""
+    tm = make_tm("onephase", sweeper=False, commit_markers=markers)
+    with tm.transaction() as tx:  # the marker table exists, the resources are checked
+        tx.execute("maria", "SELECT 1")
+    names = ["pg1", "maria"] if markers else ["maria"]
+    cid: list[int] = []
+    outcome: list[BaseException] = []
+
+    def work() -> None:
+        try:
+            with tm.transaction() as tx:
+                for name in names:
+                    tx.execute(name, f"UPDATE {bank.table} SET bal = bal - 7 WHERE id = 1")
+                cid.append(mysql_connection_id(tx.connection("maria")))
+        except BaseException as e:
+            outcome.append(e)
+
+    blocked = CommitsBlocked(bank.urls["maria"])
+    try:
+        worker = threading.Thread(target=work)
+        worker.start()
+        blocked.interrupt(lambda: cid[0] if cid else None)
+        worker.join(30)
+    finally:
+        blocked.close()
+    assert len(outcome) == 1 and isinstance(outcome[0], TransactionInDoubt), outcome
+    assert mysql_errno(outcome[0].__cause__) == 1317  # type: ignore[arg-type]
+    wait_for(lambda: no_open_xa(bank), timeout=30, what="the closed session to end")
+    if markers:
+        # pg1 stays prepared; the decision row is not there: recovery rolls it back
+        wait_for(lambda: tm.recover().in_doubt == 0 and not bank.xatm_prepared()["pg1"])
+    balances = bank.balances()
+    assert {balances[n][1] for n in names} == {1000}  # the same outcome everywhere
+    assert bank.xatm_prepared() == {"pg1": [], "pg2": [], "maria": []}
+
+
+@pytest.mark.parametrize("errno", [1317, 1401, 1180])
+def test_ambiguous_answers_to_a_one_phase_commit_are_unknown_for_every_driver(
+    errno: int,
+) -> None:
+    """How each MySQL driver installed here raises the server's answer ``errno`` to
+    ``XA COMMIT ... ONE PHASE`` (as its own error classes would for that server error
+    packet: mysql-connector pure and C extension build theirs with ``get_mysql_exception``,
+    PyMySQL parses the packet, mysqlclient raises ``OperationalError(errno, message)``),
+    and that xatm reads every one as "outcome unknown": not a connection error (which says
+    the same, but for another reason), and not a certain "no"."""
+    from xatm._mysql import one_phase_refused
+
+    raised: dict[str, BaseException] = {}
+    from mysql.connector.errors import get_mysql_exception
+
+    raised["mysqlconnector"] = get_mysql_exception(errno, "the server's message", "XAE03")
+    try:
+        import pymysql.err
+
+        packet = b"\xff" + errno.to_bytes(2, "little") + b"#XAE03the server's message"
+        try:
+            pymysql.err.raise_mysql_exception(packet)
+        except pymysql.err.MySQLError as e:
+            raised["pymysql"] = e
+    except ImportError:
+        pass
+    try:
+        import MySQLdb
+
+        raised["mysqldb"] = MySQLdb.OperationalError(errno, "the server's message")
+    except ImportError:
+        pass
+    for name, error in raised.items():
+        driver = _mysql_drivers.DRIVERS[name]
+        assert isinstance(error, driver.errors()), name
+        assert driver.errno(error) == errno, name
+        assert not driver.is_connection_error(error), name
+        assert not one_phase_refused(driver.errno(error)), name
+    for refused in (1397, 1399, 1402, 1613, 1614, 1205, 1213):
+        assert one_phase_refused(refused)

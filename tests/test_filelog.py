@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from xatm._filelog import MAGIC, FileLog, list_nodes, read_log
+from xatm._filelog import MAGIC, FileLog, horizon, list_nodes, read_log, retained_decisions
 from xatm._log import DecisionNotLogged
 from xatm._records import HEADER, MAX_PAYLOAD, LogRecord, read_frames
 from xatm._xid import new_gtrid
@@ -43,6 +43,7 @@ def opened(logdir: Path) -> Iterator[list[FileLog]]:
 
 
 def open_log(logs: list[FileLog], directory: Path, node_id: str = NODE, **kw: object) -> FileLog:
+    kw.setdefault("retain", 0.0)  # the log's mechanics; retention has tests of its own
     log = FileLog(directory, node_id, **kw)  # type: ignore[arg-type]
     logs.append(log)
     return log
@@ -316,6 +317,125 @@ def hammer(
     assert errors == []
 
 
+def _age(path: Path, seconds: float) -> None:
+    """Make a file look last written ``seconds`` ago."""
+    at = time.time() - seconds
+    os.utime(path, (at, at))
+
+
+def test_ended_decisions_are_retained_for_the_window(logdir: Path, opened: list[FileLog]) -> None:
+    """Ended COMMITs stay on disk (found by retained_decisions) while their segment was
+    written within ``retain`` seconds; older segments go, oldest first, and the horizon is
+    raised to their last write before they are deleted."""
+    log = open_log(opened, logdir, segment_bytes=1024, retain=60.0)
+    node_dir = logdir / NODE
+    assert horizon(node_dir) == 0.0  # nothing deleted yet: every decision is there
+    for i in range(30):
+        log.log_commit(gtrid(i), ["pg1", "maria"], {"pg1": 1000 + i})
+        log.log_end(gtrid(i))
+    log.flush()
+    segments = [p for p, _ in log.segments()]
+    assert len(segments) > 2  # rotated, and nothing out of the window was deleted
+    kept = retained_decisions(node_dir).decisions
+    assert set(kept) == {gtrid(i) for i in range(30)} and kept[gtrid(7)].txids == {"pg1": 1007}
+    assert log.pending() == {}
+    # the two oldest segments age out of the window; the next rotation deletes them
+    for old in segments[:2]:
+        _age(old, 120.0)
+    for i in range(30, 45):
+        log.log_commit(gtrid(i), ["pg1"])
+        log.log_end(gtrid(i))
+    log.flush()
+    assert not segments[0].exists() and not segments[1].exists() and segments[2].exists()
+    aged = time.time() - 120.0
+    assert aged - 1 < horizon(node_dir) < aged + 1
+    assert gtrid(29) in retained_decisions(node_dir).decisions
+    # opening reads only the segments that hold pending decisions: not the retained ones
+    log.close()
+    reopened = open_log(opened, logdir, retain=60.0)
+    assert reopened.pending() == {}
+    assert (node_dir / "carried").read_text().strip() == str(
+        int(reopened.segments()[-1][0].stem[4:])
+    )
+
+
+def test_an_aged_segment_between_two_fresh_ones_is_kept(
+    logdir: Path, opened: list[FileLog]
+) -> None:
+    """Only a run of the oldest segments is deleted: what is kept stays consecutive."""
+    log = open_log(opened, logdir, segment_bytes=1024, retain=60.0)
+    for i in range(30):
+        log.log_commit(gtrid(i), ["pg1"])
+        log.log_end(gtrid(i))
+    segments = [p for p, _ in log.segments()]
+    _age(segments[1], 120.0)
+    log.close()
+    open_log(opened, logdir, retain=60.0)
+    assert all(p.exists() for p in segments)
+
+
+def test_a_log_reopened_after_a_long_stop_keeps_its_last_window(
+    logdir: Path, opened: list[FileLog]
+) -> None:
+    """The window is counted back from the log's last write: a coordinator that was down
+    for longer than ``retain`` still finds the decisions of its last moments (what the
+    failover report checks), while a log with nothing retained keeps only what is pending."""
+    log = open_log(opened, logdir, retain=60.0)
+    for i in range(5):
+        log.log_commit(gtrid(i), ["pg1"])
+        log.log_end(gtrid(i))
+    log.close()
+    (seg,) = [p for p, _ in log.segments()]
+    _age(seg, 3600.0)  # stopped an hour ago
+    open_log(opened, logdir, retain=60.0).close()
+    assert set(retained_decisions(logdir / NODE).decisions) == {gtrid(i) for i in range(5)}
+    assert horizon(logdir / NODE) == 0.0
+    open_log(opened, logdir, retain=0.0).close()
+    assert retained_decisions(logdir / NODE).decisions == {}
+    assert horizon(logdir / NODE) > time.time() - 5
+
+
+def test_a_horizon_of_an_older_log_without_its_file(logdir: Path, opened: list[FileLog]) -> None:
+    """A log trimmed by an xatm that kept no horizon: its oldest segment's last write is the
+    safe answer (anything decided later is there)."""
+    node_dir = logdir / NODE
+    node_dir.mkdir(parents=True)
+    (node_dir / "lock").touch()
+    seg = node_dir / "seg-00000005.xlog"
+    seg.write_bytes(MAGIC)
+    _age(seg, 100.0)
+    assert abs(horizon(node_dir) - (time.time() - 100.0)) < 1
+    (node_dir / "horizon").write_text("garbage")
+    assert horizon(node_dir) > time.time() - 5  # unreadable: nothing older is vouched for
+
+
+def test_opening_does_not_read_the_retained_segments(
+    logdir: Path, opened: list[FileLog], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Replay starts at the segment named in ``carried`` (it began with every pending
+    COMMIT): a damaged retained segment before it neither slows nor stops the opening, and
+    the decisions after its damage no longer count as retained (the horizon moves)."""
+    log = open_log(opened, logdir, segment_bytes=1024, retain=60.0)
+    log.log_commit(gtrid(999), ["pg1"])  # pending throughout: carried into every segment
+    for i in range(30):
+        log.log_commit(gtrid(i), ["pg1"])
+        log.log_end(gtrid(i))
+    log.close()
+    first = log.segments()[0][0]
+    data = bytearray(first.read_bytes())
+    data[len(MAGIC) + HEADER.size + 2] ^= 0x20  # a flipped bit in its first frame
+    first.write_bytes(bytes(data))
+    reopened = open_log(opened, logdir, retain=60.0)
+    assert set(reopened.pending()) == {gtrid(999)}
+    kept = retained_decisions(logdir / NODE)
+    assert kept.horizon >= first.stat().st_mtime - 1
+    # without the file, every segment is read again, and the damage refuses the log
+    reopened.close()
+    (logdir / NODE / "carried").unlink()
+    with pytest.raises(LogError, match="corrupt"):
+        FileLog(logdir, NODE, retain=60.0)
+
+
 def test_rotation_under_concurrent_commits(logdir: Path, opened: list[FileLog]) -> None:
     log = open_log(opened, logdir, segment_bytes=1024)
     hammer(log, commits=50, end_unless_multiple_of=5)
@@ -337,7 +457,7 @@ def test_files_are_private(logdir: Path, opened: list[FileLog]) -> None:
     for d in (logdir, logdir / NODE):
         assert stat.S_IMODE(d.stat().st_mode) == 0o700, d
     files = list((logdir / NODE).iterdir())
-    assert {f.name for f in files} >= {"lock"} and len(files) == 2
+    assert {f.name for f in files} == {"lock", "carried", "seg-00000001.xlog"}
     for f in files:
         assert stat.S_IMODE(f.stat().st_mode) == 0o600, f
 

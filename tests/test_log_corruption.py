@@ -47,7 +47,7 @@ def opened() -> Iterator[list[FileLog]]:
 
 def five_commits(logdir: Path) -> tuple[Path, list[tuple[int, int]]]:
     """A closed log whose one segment holds COMMITs 1..5: (segment, frame bounds)."""
-    log = FileLog(logdir, NODE)
+    log = FileLog(logdir, NODE, retain=0)
     for i in range(1, 6):
         log.log_commit(gtrid(i), ["pg1", "maria"], {"pg1": 100 + i})
     log.close()
@@ -72,7 +72,7 @@ def damage(seg: Path, offset: int, mask: int = 0x01) -> bytes:
 def assert_refused(logdir: Path, seg: Path, offset: int, before: bytes) -> LogCorrupt:
     files = sorted(p.name for p in seg.parent.iterdir())
     with pytest.raises(LogCorrupt) as info:
-        FileLog(logdir, NODE)
+        FileLog(logdir, NODE, retain=0)
     err = info.value
     assert err.path == str(seg) and err.offset == offset
     assert str(seg) in str(err) and f"offset {offset}" in str(err)
@@ -81,7 +81,7 @@ def assert_refused(logdir: Path, seg: Path, offset: int, before: bytes) -> LogCo
     assert seg.read_bytes() == before
     assert sorted(p.name for p in seg.parent.iterdir()) == files
     with pytest.raises(LogCorrupt):  # not LogLocked: the refused open released its lock
-        FileLog(logdir, NODE, wait_for_lock=False)
+        FileLog(logdir, NODE, wait_for_lock=False, retain=0)
     return err
 
 
@@ -143,7 +143,7 @@ def test_torn_tails_are_still_ignored_and_cut(logdir: Path, opened: list[FileLog
         for old in seg.parent.glob("seg-*.xlog"):
             old.unlink()
         seg.write_bytes(content)
-        log = FileLog(logdir, NODE)
+        log = FileLog(logdir, NODE, retain=0)
         opened.append(log)
         want = {gtrid(i) for i in range(1, 6)} - ({gtrid(5)} if name != "zero-filled" else set())
         assert set(log.pending()) == want, name
@@ -163,7 +163,7 @@ def test_a_segment_torn_while_being_created_holds_nothing(logdir: Path) -> None:
     )
     (node_dir / "seg-00000002.xlog").write_bytes(b"")  # not the newest, but empty
     (node_dir / "seg-00000003.xlog").write_bytes(MAGIC[:4])
-    log = FileLog(logdir, NODE)
+    log = FileLog(logdir, NODE, retain=0)
     assert set(log.pending()) == {gtrid(1)}
     log.close()
 
@@ -191,18 +191,18 @@ def test_a_torn_tail_is_cut_before_the_next_segment_is_started(
 
     monkeypatch.setattr(FileLog, "_start_segment", crash)
     with pytest.raises(Exception, match="simulated crash"):
-        FileLog(logdir, NODE)
+        FileLog(logdir, NODE, retain=0)
     monkeypatch.undo()
     assert seg.stat().st_size == bounds[-1][0]
     (seg.parent / "seg-00000099.xlog").write_bytes(MAGIC)  # the next one, started
-    log = FileLog(logdir, NODE)
+    log = FileLog(logdir, NODE, retain=0)
     assert set(log.pending()) == {gtrid(i) for i in range(1, 5)}
     log.close()
 
 
 def test_salvage_keeps_every_readable_record_and_the_old_files(logdir: Path) -> None:
     seg, bounds = five_commits(logdir)
-    log = FileLog(logdir, NODE)
+    log = FileLog(logdir, NODE, retain=0)
     log.log_end(gtrid(4))
     log.close()
     seg = log.segments()[0][0]
@@ -214,12 +214,12 @@ def test_salvage_keeps_every_readable_record_and_the_old_files(logdir: Path) -> 
         start = end
     before = damage(seg, bounds[1][0] + HEADER.size + 3, 0x08)  # gtrid(2)'s COMMIT
     with pytest.raises(LogCorrupt):
-        FileLog(logdir, NODE)
+        FileLog(logdir, NODE, retain=0)
     done = salvage_log(logdir, NODE, actor="cli:test", audit_node="ops-cli")
     assert done.kept == 3  # 1, 3 and 5: 2 was damaged, 4 has its END
     assert done.damaged == ((seg.name, bounds[1][0], bounds[1][1]),)
     assert done.moved_to is not None and (done.moved_to / seg.name).read_bytes() == before
-    log = FileLog(logdir, NODE)
+    log = FileLog(logdir, NODE, retain=0)
     assert set(log.pending()) == {gtrid(1), gtrid(3), gtrid(5)}
     # a live owner blocks salvage
     with pytest.raises(LogLocked):
@@ -355,7 +355,7 @@ def test_a_killed_coordinators_preallocated_segment_reads_clean_everywhere(
     """A segment left as a killed process left it (preallocated, never cut) is read with
     every record by the log, by unlocked readers and by salvage, with no torn or damaged
     bytes reported; reopening cuts the unused space off before starting a new segment."""
-    log = FileLog(logdir, NODE, segment_bytes=64 * 1024)
+    log = FileLog(logdir, NODE, segment_bytes=64 * 1024, retain=0)
     for i in range(1, 6):
         log.log_commit(gtrid(i), ["pg1", "maria"])
     log.log_end(gtrid(1))
@@ -371,7 +371,7 @@ def test_a_killed_coordinators_preallocated_segment_reads_clean_everywhere(
     assert set(snap.pending) == expected
     ((info),) = snap.segments
     assert (info.size, info.torn_bytes, info.corrupt) == (used, 0, None)
-    reopened = FileLog(logdir, NODE, segment_bytes=64 * 1024)
+    reopened = FileLog(logdir, NODE, segment_bytes=64 * 1024, retain=0)
     try:
         assert set(reopened.pending()) == expected
     finally:
@@ -387,7 +387,7 @@ def test_a_killed_coordinators_preallocated_segment_reads_clean_everywhere(
 def test_rotation_and_close_cut_the_preallocated_space(logdir: Path) -> None:
     """Only the newest segment may end in zeros: the one a rotation leaves behind is cut to
     its written length before the next begins, and close() cuts the last one."""
-    log = FileLog(logdir, NODE, segment_bytes=2048)
+    log = FileLog(logdir, NODE, segment_bytes=2048, retain=0)
     try:
         first = log.segments()[0][0]
         assert first.stat().st_size == 2048

@@ -9,6 +9,8 @@ raises it, in the main thread, while the leader is held inside its write.
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -18,9 +20,10 @@ import pytest
 
 import xatm._filelog as filelog
 from tests.recovery_support import wait_for
-from tests.support import Bank
-from xatm import TransactionManager
+from tests.support import Bank, Servers
+from xatm import RecoveryReport, TransactionManager
 from xatm._filelog import FileLog, read_log
+from xatm.aio import AsyncTransaction, AsyncTransactionManager
 
 MakeTM = Callable[..., TransactionManager]
 NODE = "intr"
@@ -163,3 +166,68 @@ def test_interrupted_transaction_is_settled_by_the_log(
 
     wait_for(settled, what="recovery to commit the interrupted transaction")
     assert bank.journal_ids()["maria"] == bank.journal_ids()["pg1"] == {"lead", "intr"}
+
+
+def test_cancelled_asyncio_transaction_is_settled_by_the_log(
+    servers: Servers,
+    bank: Bank,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    at_step: dict[str, Callable[[], None]],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """asyncio: the task driving a commit is cancelled while its COMMIT record waits for
+    the fsync (``asyncio.run()`` cancels every task left at its shutdown, the shielded one
+    that ends a transaction included). The transaction must stay "running here" until the
+    record is settled: before the fix it was forgotten at once, a recovery pass presumed
+    abort and rolled both branches back, then the record reached the disk and the next pass
+    reported a HEURISTIC outcome (a split, had the fsync ended between the two branches)."""
+    in_write, gate = threading.Event(), threading.Event()
+    original_write = FileLog._write
+
+    def write(log: FileLog, frames: list[bytes]) -> None:
+        if frames and not gate.is_set():
+            in_write.set()
+            gate.wait(30)
+        original_write(log, frames)
+
+    monkeypatch.setattr(FileLog, "_write", write)
+    drive: list[asyncio.Task[Any]] = []
+    at_step["before_decision"] = lambda: drive.append(asyncio.current_task())  # type: ignore[arg-type]
+    seen: list[AsyncTransaction] = []
+    reports: list[RecoveryReport] = []
+
+    async def transfer(tm: AsyncTransactionManager) -> None:
+        async with tm.transaction() as tx:
+            seen.append(tx)
+            for r in ("pg1", "maria"):
+                await tx.execute(r, f"INSERT INTO {bank.journal} (tid) VALUES (%s)", ("acan",))
+
+    async def main() -> None:
+        async with AsyncTransactionManager(
+            servers.urls, tmp_path / "log", NODE, sweeper=False
+        ) as tm:
+            task = asyncio.ensure_future(transfer(tm))
+            assert await asyncio.to_thread(in_write.wait, 30), "the COMMIT was never flushed"
+            drive[0].cancel()  # as asyncio.run() does at its shutdown
+            for _ in range(10):
+                await asyncio.sleep(0)
+            reports.append(await tm.recover())  # the record is not on disk yet
+            gate.set()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            assert seen[0].state.value == "in-doubt"
+            for _ in range(60):  # the closed MariaDB session may take a moment to go
+                reports.append(await tm.recover())
+                if not any(bank.xatm_prepared().values()):
+                    break
+                await asyncio.sleep(0.5)
+            assert tm.in_use == {"pg1": 0, "pg2": 0, "maria": 0}
+
+    with caplog.at_level(logging.ERROR, logger="xatm"):
+        asyncio.run(main())
+    assert [r.heuristics for r in reports] == [0] * len(reports)
+    assert not [r for r in caplog.records if "HEURISTIC" in r.getMessage()]
+    assert reports[0].rolled_back == 0  # left to its coordinator, still running here
+    assert bank.journal_ids()["pg1"] == bank.journal_ids()["maria"] == {"acan"}
+    assert bank.xatm_prepared() == {"pg1": [], "pg2": [], "maria": []}

@@ -16,6 +16,7 @@ import pytest
 import xatm._decide
 from tests.support import Bank
 from xatm import ConfigurationError, TransactionManager
+from xatm._xid import parse_gtrid
 from xatm.admin import FAILPOINTS
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -165,14 +166,24 @@ def test_paused_coordinator_obeys_the_sweepers_abort(
 
 
 def test_recovery_prunes_finished_decisions(bank: Bank, make_tm: MakeTM, log_url: str) -> None:
-    tm = make_tm(node_id="pruner", log=log_url, sweeper=False)
-    with tm.transaction() as tx:
-        tx.execute("pg1", f"UPDATE {bank.table} SET bal = bal - 1 WHERE id = 3")
-        tx.execute("maria", f"UPDATE {bank.table} SET bal = bal + 1 WHERE id = 3")
-    assert tm.shared_log is not None
-    tm.shared_log.flush()  # the END
-    tm.recover()
-    assert tm.shared_log.decisions([tx.gtrid]) == {}
+    """An ended COMMIT is kept for ``decision_retention`` seconds after its decision (a
+    failover may bring its branch back), then pruned, the horizon raised past it."""
+    keeper = make_tm(node_id="keeper", log=log_url, sweeper=False)  # the default retention
+    tm = make_tm(node_id="pruner", log=log_url, sweeper=False, decision_retention=0)
+    gtrids = []
+    for manager in (keeper, tm):
+        with manager.transaction() as tx:
+            tx.execute("pg1", f"UPDATE {bank.table} SET bal = bal - 1 WHERE id = 3")
+            tx.execute("maria", f"UPDATE {bank.table} SET bal = bal + 1 WHERE id = 3")
+        assert manager.shared_log is not None
+        manager.shared_log.flush()  # the END
+        gtrids.append(tx.gtrid)
+    assert keeper.shared_log is not None and tm.shared_log is not None
+    keeper.recover()  # within its retention: both ended COMMITs stay
+    assert set(keeper.shared_log.decisions(gtrids)) == set(gtrids)
+    tm.recover()  # retention 0: they go, and the horizon passes them
+    assert tm.shared_log.decisions(gtrids) == {}
+    assert tm.shared_log.horizon() >= max(parse_gtrid(g)[1] for g in gtrids)
 
 
 def test_concurrent_sweepers_resolve_once_and_survive_one_dying(

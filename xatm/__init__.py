@@ -22,6 +22,7 @@ from ._steps import BranchState
 from ._transaction import Transaction, TransactionState
 from .errors import (
     ConfigurationError,
+    IdentityNotHeld,
     LogCorrupt,
     LogError,
     LogLocked,
@@ -40,6 +41,7 @@ __version__ = "0.1.0"
 __all__ = [
     "BranchState",
     "ConfigurationError",
+    "IdentityNotHeld",
     "LogCorrupt",
     "LogError",
     "LogLocked",

@@ -13,6 +13,12 @@ and no thread hop is made per record.
 
 Any other log (the shared PostgreSQL log) is called as the threaded manager calls it:
 ``log_commit`` on a worker thread per waiting transaction, whose group commit batches them.
+
+A waiter cancelled while its record waits (``asyncio.run()`` cancels every task left at its
+shutdown, the shielded one that ends a transaction included) waits on until the record is
+settled (durable, or the log broken), then lets the cancellation through: as the file log
+does for a thread interrupted in ``log_commit``. Until then its transaction is still running
+here, so no recovery pass presumes it aborted while its COMMIT is about to reach the disk.
 """
 
 from __future__ import annotations
@@ -79,7 +85,7 @@ class AsyncLog:
         log = self._batched
         if log is None:
             call = functools.partial(self._log.log_commit, gtrid, branches, txids)
-            await loop.run_in_executor(self._threads, call)
+            await _settled(loop.run_in_executor(self._threads, call))
             return
         told = self._loop
         if told is None or told.loop is not loop:
@@ -89,7 +95,7 @@ class AsyncLog:
         log.append_commit(gtrid, branches, txids, told.settled, done)
         # Cancelled while waiting: the flush goes on all the same and settles the record
         # (on disk, or the log broken); the caller is left in doubt, as with log_commit.
-        await done
+        await _settled(done)
 
     def log_end(self, gtrid: str) -> asyncio.Future[None] | None:
         """Record the END of ``gtrid``: None if done (a file log appends it, no wait),
@@ -104,6 +110,25 @@ class AsyncLog:
         batched log still waiting are settled by its flushes (at the latest its close)."""
         if self._threads is not None:
             self._threads.shutdown()
+
+
+async def _settled(waiting: asyncio.Future[None]) -> None:
+    """Await ``waiting``; if cancelled meanwhile, go on waiting until it is settled (it
+    always is: a flush or the log's close settles every record), then raise the
+    cancellation."""
+    cancelled: asyncio.CancelledError | None = None
+    while not waiting.done():
+        try:
+            await asyncio.shield(waiting)  # never cancels ``waiting`` itself
+        except asyncio.CancelledError as e:
+            if waiting.cancelled():  # cancelled by someone else: nothing to settle
+                raise
+            cancelled = e
+        except BaseException:
+            break  # the record is settled with an error: raised below, or the cancellation
+    if cancelled is not None:
+        raise cancelled
+    waiting.result()
 
 
 def _resolve(batch: list[asyncio.Future[None]], error: LogError | None) -> None:

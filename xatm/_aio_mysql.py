@@ -21,6 +21,7 @@ from ._mysql import (
     end_statement,
     finish_answer,
     finish_statement,
+    one_phase_refused,
     one_phase_statements,
     prepare_statements,
     start_statement,
@@ -155,13 +156,17 @@ class AsyncMySQL:
         return Prepared(Vote.PREPARED)
 
     async def commit_one_phase(self, conn: Any, xid: Xid, before: Sequence[Statement] = ()) -> None:
+        committing = False
         try:
             for query, params in before:
                 await (await self.execute(conn, query, params)).close()
+            committing = True
             await self._run(conn, *one_phase_statements(xid))
         except self._errors as e:
             if self.is_connection_error(e):
                 raise
+            if committing and not one_phase_refused(self._driver.errno(e)):
+                raise  # the commit may have happened: unknown
             await self._rollback_quietly(conn, xid)
             raise self.sync.commit_failed(e) from e
         self._in_xa.discard(conn)

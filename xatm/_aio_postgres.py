@@ -6,6 +6,7 @@ Only the I/O: the statements, the vote and what each error means come from
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import Sequence
 from typing import Any
@@ -16,6 +17,7 @@ from psycopg.pq import TransactionStatus
 from . import _deadline
 from ._participant import Cursor, PhaseTwo, Prepared, Statement, Vote
 from ._postgres import (
+    CHECKPOINT,
     PostgresParticipant,
     check_committed,
     check_one_phase,
@@ -25,6 +27,8 @@ from ._postgres import (
     not_found,
     prepare_failed,
     prepare_statement,
+    promotion_bound,
+    server_state,
     socket_of,
     vote_of,
 )
@@ -41,21 +45,54 @@ class AsyncPostgres:
         self.name = sync.name
 
     async def connect(self) -> AsyncConn:
+        sync = self.sync
         conn = None
         try:
             with _deadline.waiting(self, "a connect"):  # bounded by connect_timeout
-                conn = await psycopg.AsyncConnection.connect(**self.sync.connect_kwargs)
-            if self.sync.session_setup:
+                conn = await psycopg.AsyncConnection.connect(**sync.connect_kwargs)
+            setup = sync.session_setup
+            if setup:
                 with _deadline.bounded(self, conn, _deadline.GRACE, "the session set-up"):
-                    await conn.execute(self.sync.session_setup)
+                    try:
+                        cur = await conn.execute(setup)
+                    except psycopg.Error as e:
+                        if not sync.state_refused(e):
+                            raise
+                        if sync.session_setup:
+                            await conn.execute(sync.session_setup)
+                    else:
+                        if sync.reads_state:
+                            await self._observe(conn, await cur.fetchone())
         except psycopg.Error as e:
             if conn is not None:
                 await self.close(conn)
-            raise self.sync.unavailable(e) from None
+            raise sync.unavailable(e) from None
+        except BaseException:
+            if conn is not None:
+                await self.close(conn)
+            raise
         return conn
 
     def socket_of(self, conn: AsyncConn) -> int | None:
         return socket_of(conn)
+
+    async def _observe(self, conn: AsyncConn, row: Any) -> None:
+        """``PostgresParticipant.observe`` on the loop: the durable record of a change is
+        written on a worker thread."""
+        watch = self.sync.watch
+        timeline, next_xid = server_state(row)
+        if watch is None or timeline is None:
+            return
+        if watch.changed(self.name, timeline, next_xid) == "same":
+            return
+        bound = None
+        try:
+            cur = await conn.execute(CHECKPOINT)
+            bound = promotion_bound(await cur.fetchone(), timeline)
+        except psycopg.Error as e:
+            if self.is_connection_error(e):
+                raise
+        await asyncio.to_thread(watch.record, self.name, timeline, next_xid, bound)
 
     async def ping(self, conn: AsyncConn) -> bool:
         try:

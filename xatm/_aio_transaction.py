@@ -15,6 +15,11 @@ left waiting) and then gets its ``CancelledError``; ``tx.state`` says the outcom
 cancellation inside the block (at ``await tx.execute(...)``) makes the interrupted branch's
 connection unusable: it is closed, which rolls its unprepared work back, and the block's
 end rolls back the rest.
+
+**Several tasks** (``asyncio.gather`` over ``tx.execute``): an ``asyncio.Lock`` per resource
+is held while its branch is enlisted and while a statement runs on it; the end waits for the
+statements still running, and a commit that had to wait rolls back
+(``TransactionCore._stop_work_steps``).
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from ._aio_pool import AsyncParticipant, AsyncPool
 from ._parallel import Outcome
 from ._participant import Connection, Cursor, PhaseTwo, Prepared
 from ._steps import (
+    AwaitWork,
     Branch,
     CommitOnePhase,
     CommitPrepared,
@@ -91,7 +97,10 @@ class AsyncTransaction(TransactionCore):
 
     Leaving the block normally commits every branch or none (raising
     :class:`~xatm.TransactionRolledBack` if it had to roll back); leaving it with an
-    exception rolls every branch back and lets the exception through. Used by one task.
+    exception rolls every branch back and lets the exception through. Several tasks may use
+    it at once (``asyncio.gather``): each resource is enlisted once and its statements run
+    one at a time; the end waits for the statements still running (a commit that had to
+    wait rolls back instead: docs/api.md).
     """
 
     def __init__(self, ctx: Context, gtrid: str, timeout: float, aio: AsyncResources) -> None:
@@ -121,37 +130,60 @@ class AsyncTransaction(TransactionCore):
     ) -> Cursor:
         """Run ``query`` with ``params`` on ``resource`` inside this transaction; returns the
         driver's (async) cursor. The driver's own exception propagates on failure."""
-        branch = await self._branch(resource)
-        driver = self._drivers[resource]
-        watch = branch.watch
-        if watch is not None:
-            watch.busy += 1  # a call in flight (xatm._deadline), inline: once per statement
-        try:
-            return await driver.execute(branch.conn, query, params)
-        except BaseException as e:
-            if isinstance(e, asyncio.CancelledError) or driver.is_connection_error(e):
-                # interrupted midway: the connection is closed
-                timeout = self._statement_lost(branch, e)
-                if timeout is not None and not isinstance(e, asyncio.CancelledError):
-                    raise timeout from e
-            raise
-        finally:
+        async with self._lock(resource):
+            branch = await self._branch(resource)
+            driver = self._drivers[resource]
+            watch = branch.watch
             if watch is not None:
-                watch.busy -= 1
+                watch.busy += 1  # a call in flight (xatm._deadline), inline: per statement
+            try:
+                return await driver.execute(branch.conn, query, params)
+            except BaseException as e:
+                if isinstance(e, asyncio.CancelledError) or driver.is_connection_error(e):
+                    # interrupted midway: the connection is closed
+                    timeout = self._statement_lost(branch, e)
+                    if timeout is not None and not isinstance(e, asyncio.CancelledError):
+                        raise timeout from e
+                raise
+            finally:
+                if watch is not None:
+                    watch.busy -= 1
 
     async def connection(self, resource: str) -> Connection:
         """The asyncio driver connection of this transaction's branch on ``resource``
         (psycopg ``AsyncConnection``, ``mysql.connector.aio`` connection). Do not commit,
         roll back or close it: xatm does that."""
-        branch = await self._branch(resource)
+        async with self._lock(resource):
+            branch = await self._branch(resource)
         return branch.hand_out()
+
+    # -- several tasks in one transaction (the rule: TransactionCore._stop_work_steps) -------
+    def _lock(self, resource: str) -> asyncio.Lock:
+        """The lock of ``resource`` in this transaction: held while its branch is enlisted
+        and while a statement runs on it."""
+        lock = self._locks.get(resource)
+        if lock is None:
+            lock = asyncio.Lock()
+            self._locks[resource] = lock
+        assert isinstance(lock, asyncio.Lock)
+        return lock
+
+    async def _await_work(self) -> None:
+        for lock in list(self._locks.values()):
+            assert isinstance(lock, asyncio.Lock)
+            async with lock:
+                pass
 
     # -- enlistment -------------------------------------------------------------------------
     async def _branch(self, resource: str) -> Branch:
+        """The branch on ``resource``, begun if it is not enlisted yet (its lock is held)."""
         branch = self._enlisted(resource)
         if branch is not None:
             return branch
         driver, pool = self._aio.get(resource)
+        identity = self._ctx.identity
+        if not identity.holds(resource):  # enlist only where the node's lease is held
+            await asyncio.to_thread(identity.require, resource)
         await self._aio.check(resource)
         xid = branch_xid(self.gtrid, resource)
         conn, watch = await self._begin(driver, pool, xid)
@@ -192,7 +224,7 @@ class AsyncTransaction(TransactionCore):
     async def rollback(self) -> None:
         """Roll every branch back (what leaving the block with an exception does)."""
         if self.state is TransactionState.ACTIVE:
-            await self._settle(self._rollback_steps())
+            await self._settle(self._abort_steps())
         else:
             self._ended()
 
@@ -248,6 +280,8 @@ class AsyncTransaction(TransactionCore):
         if isinstance(op, LogCommit):
             # the forced write off the loop (xatm._aio_log)
             return await _outcome(self._aio.log.log_commit(op.gtrid, op.resources, op.txids))
+        if isinstance(op, AwaitWork):
+            return await _outcome(self._await_work())
         assert isinstance(op, LogEnd)
         try:
             waiting = self._aio.log.log_end(op.gtrid)

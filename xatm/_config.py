@@ -5,6 +5,7 @@ A config file::
     node_id = "api-1"
     log = "/var/lib/xatm"          # relative paths are relative to the file's directory
     timeout = 30.0
+    decision_retention = 300.0     # seconds ended COMMIT decisions are kept (optional)
     sagas = ["myapp.sagas:transfer"]   # saga definitions to run and recover (optional)
 
     [resources.ledger]
@@ -34,7 +35,7 @@ from ._xid import validate_node_id, validate_resource_name
 from .errors import ConfigurationError
 
 _ENV_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
-_KNOWN_KEYS = {"node_id", "log", "timeout", "resources", "sweeper", "sagas"}
+_KNOWN_KEYS = {"node_id", "log", "timeout", "resources", "sweeper", "sagas", "decision_retention"}
 _RESOURCE_KEYS = {"url", "commit_marker"}
 
 
@@ -66,6 +67,18 @@ def validate_timeout(timeout: object) -> float:
     if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not timeout > 0:
         raise ConfigurationError(f"timeout must be a positive number of seconds, got {timeout!r}")
     return float(timeout)
+
+
+def validate_retention(retention: object) -> float:
+    if (
+        isinstance(retention, bool)
+        or not isinstance(retention, int | float)
+        or not 0 <= retention < float("inf")
+    ):
+        raise ConfigurationError(
+            f"decision_retention must be a number of seconds >= 0, got {retention!r}"
+        )
+    return float(retention)
 
 
 def resource_specs(resources: object) -> dict[str, ResourceSpec]:
@@ -124,6 +137,11 @@ def load_config(path: str | os.PathLike[str]) -> Settings:
             markers.append(name)
     if "sagas" in data:
         saga_list(data["sagas"], where)  # imported when the manager is built
+    if "decision_retention" in data:
+        try:
+            validate_retention(data["decision_retention"])
+        except ConfigurationError as e:
+            raise ConfigurationError(f"{where}: {e}") from None
     log = data["log"]
     if not isinstance(log, str) or not log:
         raise ConfigurationError(f"{where}: 'log' must be a directory path (or a URL)")
@@ -136,7 +154,9 @@ def load_config(path: str | os.PathLike[str]) -> Settings:
             log=log,
             node_id=validate_node_id(data["node_id"]),
             timeout=validate_timeout(data.get("timeout", 30.0)),
-            extra={k: v for k, v in data.items() if k in ("sweeper", "sagas")},
+            extra={
+                k: v for k, v in data.items() if k in ("sweeper", "sagas", "decision_retention")
+            },
             commit_markers=tuple(markers),
         )
     except ConfigurationError as e:

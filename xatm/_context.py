@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
+import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
@@ -21,10 +22,12 @@ from . import _deadline, _marker
 from ._participant import Connection, Participant
 from ._pool import Pool, silent
 from ._urls import redact
+from ._xid import incarnation_of, new_gtrid, new_incarnation
 from .errors import ConfigurationError, ResourceNotFit
 
 if TYPE_CHECKING:
     from ._audit import AuditTrail
+    from ._failover import FailoverWatch
     from ._identity import IdentityLocks
     from ._log import CoordinatorLog
     from ._pglog import PostgresLog
@@ -153,14 +156,30 @@ class Context:
     identity: IdentityLocks
     commit_markers: frozenset[str] = frozenset()
     parallel: bool = True
+    #: this manager's incarnation, carried in every gtrid it makes (``xatm._incarnations``)
+    incarnation: str = field(default_factory=new_incarnation)
+    #: the incarnations this node's file log lists, this one's included (None: shared log)
+    incarnations: frozenset[str] | None = None
+    #: the node's view of its PostgreSQL resources' timelines (failover detection)
+    failover: FailoverWatch | None = None
+    #: seconds ended COMMIT decisions are kept (the logs' retention window)
+    retain: float = 300.0
     #: integrations a transaction offers (``tx.session()``...), wired by the manager
     extensions: Mapping[str, Callable[..., Any]] = field(default_factory=dict)
     #: recovery passes, sweeper passes and manual resolutions never overlap
     recovery_lock: threading.Lock = field(default_factory=threading.Lock)
     _lock: threading.Lock = field(default_factory=threading.Lock)
-    _active: dict[str, Running] = field(default_factory=dict)
+    #: the transactions running here, from their first branch on; weakly held, so that one
+    #: the application dropped without ending it is collected (with its connections, whose
+    #: servers then roll its unprepared work back) ...
+    _active: weakref.WeakValueDictionary[str, Running] = field(
+        default_factory=weakref.WeakValueDictionary
+    )
+    #: ... except from the start of its end (commit or rollback) until it is over
+    _held: dict[str, Running] = field(default_factory=dict)
     _expired_noted: set[str] = field(default_factory=set)
     _finished: dict[str, list[str]] = field(default_factory=dict)
+    _strangers_noted: set[str] = field(default_factory=set)
 
     def extension(self, name: str) -> Callable[..., Any]:
         """The integration ``name`` (ConfigurationError if it is not available)."""
@@ -170,13 +189,27 @@ class Context:
         return found
 
     # -- transactions running here ---------------------------------------------------------
-    def register(self, tx: Running) -> None:
+    def new_gtrid(self, timeout: float) -> str:
+        """The gtrid of a new transaction of this manager with ``timeout`` seconds."""
+        return new_gtrid(
+            self.node_id,
+            marker=bool(self.commit_markers),
+            long=timeout > self.timeout,
+            incarnation=self.incarnation,
+        )
+
+    def register(self, tx: Running, *, hold: bool = False) -> None:
+        """``tx`` runs in this process (recovery leaves its branches to it); ``hold``: and
+        is kept registered until :meth:`forget`, even if nothing else refers to it."""
         with self._lock:
             self._active[tx.gtrid] = tx
+            if hold:
+                self._held[tx.gtrid] = tx
 
     def forget(self, tx: Running) -> None:
         with self._lock:
             self._active.pop(tx.gtrid, None)
+            self._held.pop(tx.gtrid, None)
 
     def running(self, gtrid: str) -> Running | None:
         with self._lock:
@@ -204,6 +237,23 @@ class Context:
             "past its timeout and not decided",
             "marked aborted: its coordinator rolls it back",
             actor,
+        )
+
+    def note_stranger(self, gtrid: str, resource: str) -> None:
+        """Report (once per transaction) a prepared branch of this node made by a process
+        that this node's log does not list: a second process runs with this node_id."""
+        with self._lock:
+            if gtrid in self._strangers_noted:
+                return
+            self._strangers_noted.add(gtrid)
+        logger.error(
+            "node_id %r: transaction %s (prepared on %r) was made by another process with this"
+            " node_id, whose log is not this one (incarnation %s): recovery leaves it; give"
+            " every coordinator process its own node_id (docs/operations.md)",
+            self.node_id,
+            gtrid,
+            resource,
+            incarnation_of(gtrid),
         )
 
     def phase_two_incomplete(self, gtrid: str, pending: Iterable[str]) -> None:

@@ -13,7 +13,10 @@ The facts about a branch found prepared (:class:`Facts`):
   transaction (only used with the shared log, where any host may abort an old transaction);
 * ``shared_log``: the log is the shared PostgreSQL table (a presumed abort is then first
   written as a conditional ABORT row, which a late COMMIT loses: fencing);
-* ``known_resource``: the branch qualifier names a resource configured here.
+* ``known_resource``: the branch qualifier names a resource configured here;
+* ``failover``: the branch's resource failed over (a new PostgreSQL timeline) after the
+  branch was created, and the log's retained decisions do not reach back to its creation
+  (``xatm._failover``): an ended COMMIT decision of it may have been dropped already.
 
 :data:`RULES` is the table, read top to bottom; the first rule that matches gives the verdict.
 docs/protocol.md prints the same table (a test checks that it matches :func:`table_markdown`).
@@ -26,6 +29,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Literal
 
 from ._xid import has_long_timeout
 
@@ -44,12 +48,69 @@ class Owner(enum.Enum):
 
     RUNNING = "running"  # this process runs it, within its timeout
     EXPIRED = "expired"  # this process runs it, past its timeout, undecided: marked aborted
-    FINISHED = "finished"  # this node's, not running here, and this process holds the node
-    UNFENCED = "unfenced"  # this node's, not running here, but the node's identity lock on
-    # the branch's resource is not held by this process (another process may own the node)
+    FINISHED = "finished"  # made by this process (its incarnation), not running any more
+    PREVIOUS = "previous"  # this node's, made by an earlier process of it that held this
+    # node's log (its incarnation is listed there) and has ended; with the shared log, any
+    # other process of this node (a presumed abort there is a fenced ABORT write)
+    STRANGER = "stranger"  # this node's (or a dead peer's), made by a process whose
+    # incarnation the node's log does not list: a second process with the same node_id and
+    # another log. Nothing here knows what it decided
+    UNFENCED = "unfenced"  # a gtrid without incarnation (xatm 0.2) of this node, not running
+    # here, whose node identity lock on the branch's resource is not held by this process
     LIVE_PEER = "live-peer"  # another node whose coordinator is alive
     DEAD_PEER = "dead-peer"  # another node whose coordinator is dead (its log held here)
     UNKNOWN = "unknown"  # no log of its node here: nothing can tell what it decided
+
+
+#: whose tenure made a gtrid, seen from the log that holds its node: ``mine`` (this process),
+#: ``previous`` (an incarnation that log lists), ``stranger`` (one it does not list),
+#: ``legacy`` (a gtrid without incarnation, made by xatm 0.2)
+Tenure = Literal["mine", "previous", "stranger", "legacy"]
+#: the log of a gtrid's node, seen from here: ``held`` (this node's log, or a dead peer's
+#: taken over by this pass), ``shared`` (the shared table), ``alive`` (a live peer holds it),
+#: ``unknown`` (no log of the node here), ``corrupt``, ``unexamined`` (not looked at yet)
+NodeLogState = Literal["held", "shared", "alive", "unknown", "corrupt", "unexamined"]
+
+
+def tenure(incarnation: str | None, own: str | None, listed: frozenset[str] | None) -> Tenure:
+    """Whose tenure made a gtrid of ``incarnation``: ``own`` is this process's (None when
+    the node is not this one), ``listed`` the incarnations the node's log lists."""
+    if incarnation is None:
+        return "legacy"
+    if incarnation == own:
+        return "mine"
+    return "previous" if listed is not None and incarnation in listed else "stranger"
+
+
+def owner_of(
+    *,
+    own_node: bool,
+    made_by: Tenure,
+    log: NodeLogState,
+    legacy_lock: bool = False,
+) -> Owner:
+    """The ``owner`` fact of a branch that this process is not running.
+
+    ``legacy_lock`` matters only for gtrids without incarnation: for this node's, whether
+    this process holds the node's identity lock on the branch's resource; for a peer's,
+    whether some session holds that peer's identity lock there (it then counts as alive)."""
+    if log == "shared":
+        if own_node:
+            return Owner.FINISHED if made_by == "mine" else Owner.PREVIOUS
+        return Owner.DEAD_PEER  # the caller asked the log: a peer alive there is LIVE_PEER
+    if log in ("unknown", "corrupt"):
+        return Owner.UNKNOWN
+    if log in ("alive", "unexamined"):
+        return Owner.LIVE_PEER
+    if made_by == "legacy":
+        if own_node:
+            return Owner.FINISHED if legacy_lock else Owner.UNFENCED
+        return Owner.LIVE_PEER if legacy_lock else Owner.DEAD_PEER
+    if made_by == "stranger":
+        return Owner.STRANGER
+    if own_node:
+        return Owner.FINISHED if made_by == "mine" else Owner.PREVIOUS
+    return Owner.DEAD_PEER
 
 
 class Logged(enum.Enum):
@@ -85,6 +146,7 @@ class Facts:
     expired: bool = False
     shared_log: bool = False
     known_resource: bool = True
+    failover: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -170,7 +232,14 @@ RULES: tuple[Rule, ...] = (
         "its commit-marker decision row is committed",
     ),
     Rule(
-        "this node's, identity lock on the resource not held here",
+        "made by a process its node's log does not list (a twin with another log)",
+        lambda f: f.owner is Owner.STRANGER,
+        Action.LEAVE,
+        "made by a process of its node_id that its node's log does not list (a second"
+        " process with the same node_id, with another log): nothing here knows its decision",
+    ),
+    Rule(
+        "this node's (made by xatm 0.2), identity lock on the resource not held here",
         lambda f: f.owner is Owner.UNFENCED,
         Action.LEAVE,
         "this process does not hold its node's identity lock on the resource: another"
@@ -189,7 +258,15 @@ RULES: tuple[Rule, ...] = (
         "its decision may be a commit-marker row on a resource not read",
     ),
     Rule(
-        "no decision; owner finished, dead, or (shared log) past its timeout",
+        "no decision found; its resource failed over since, beyond the decisions retained",
+        lambda f: f.failover,
+        Action.LEAVE,
+        "its resource failed over after it was prepared and the log no longer holds the"
+        " decisions of that time: it may have been decided COMMIT (resolve by hand)",
+    ),
+    Rule(
+        "no decision; owner finished, ended (an earlier process of the node), dead, or"
+        " (shared log) past its timeout",
         lambda f: True,
         Action.ROLLBACK,
         "no COMMIT decision: presumed abort",

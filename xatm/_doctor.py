@@ -18,6 +18,9 @@ branches bounded and lets recovery in when the server is full (docs/operations.m
   notices a dead client while it waits; connections are kept for recovery:
   ``reserved_connections`` (PostgreSQL 16+), or a connection limit on the role below what
   the server allows (older servers);
+* PostgreSQL: no standby replicates asynchronously, and ``synchronous_commit`` is ``on`` or
+  ``remote_apply``: otherwise a failover can lose what xatm committed (``xatm._failover``
+  reports it afterwards);
 * MySQL / MariaDB: ``innodb_lock_wait_timeout`` is not above the transaction timeout.
 """
 

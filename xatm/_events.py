@@ -15,7 +15,10 @@ The events (frozen dataclasses, delivered on the thread where the thing happened
 * :class:`RecoveryPassFinished`: a recovery or sweeper pass ended (its RecoveryReport, and
   the in-doubt transactions it left: count and oldest creation time), or failed;
 * :class:`LogForced`: a coordinator log made records durable (an fsync of the file log, a
-  committed batch of the shared log).
+  committed batch of the shared log);
+* :class:`FailoverDetected`: a PostgreSQL resource is on a new timeline (a promoted standby,
+  a restore: ``xatm._failover``); :class:`FailoverChecked`: recovery checked what a switch
+  may have lost (transactions checked, certainly lost, possibly lost).
 
 A subscriber's exception is logged and swallowed: an exporter never breaks a transaction.
 When ``prometheus_client`` is installed, the first TransactionManager loads
@@ -153,6 +156,29 @@ class LogForced(Event):
     node: str
 
 
+@dataclass(frozen=True, slots=True)
+class FailoverDetected(Event):
+    """Node ``node`` found PostgreSQL resource ``resource`` on timeline ``new`` (was ``old``;
+    equal for a restore that went back in the same timeline)."""
+
+    node: str
+    resource: str
+    old: int
+    new: int
+
+
+@dataclass(frozen=True, slots=True)
+class FailoverChecked(Event):
+    """Recovery checked the transactions node ``node`` committed on ``resource`` before a
+    switch: ``checked`` of them, ``lost`` certainly lost, ``possibly_lost`` unknown."""
+
+    node: str
+    resource: str
+    checked: int
+    lost: int
+    possibly_lost: int
+
+
 Subscriber = Callable[[Event], None]
 
 _lock = threading.Lock()
@@ -205,6 +231,16 @@ def log_forced(node: str) -> None:
     """A coordinator log forced a batch to stable storage."""
     if _subscribers:
         emit(LogForced(node))
+
+
+def failover_detected(node: str, resource: str, old: int, new: int) -> None:
+    if _subscribers:
+        emit(FailoverDetected(node, resource, old, new))
+
+
+def failover_checked(node: str, resource: str, checked: int, lost: int, unknown: int) -> None:
+    if _subscribers:
+        emit(FailoverChecked(node, resource, checked, lost, unknown))
 
 
 # -- recovery passes ----------------------------------------------------------------------

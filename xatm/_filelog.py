@@ -29,9 +29,22 @@ Each segment starts with :data:`MAGIC` and holds framed records (see ``_records`
 * **Opening.** All segments are read in order; a torn or corrupt tail ends a segment's
   readable part and is ignored. Then a new segment is started holding a copy of every
   pending COMMIT record, it is fsynced (with the directory), and the older segments are
-  deleted. The same *carry-forward* happens whenever the current segment outgrows
-  ``segment_bytes``, so the log never holds more than one full segment plus the pending
-  records.
+  deleted once they are out of the retention window (below). The same *carry-forward*
+  happens whenever the current segment outgrows ``segment_bytes``, so the log holds about
+  the segments written in the last ``retain`` seconds plus the pending records.
+* **Retention.** Ended COMMIT decisions are kept for ``retain`` seconds (``DEFAULT_RETAIN``):
+  an older segment is deleted only once it was last written more than ``retain`` seconds
+  before the log's last write (at a rotation: before now), oldest first. Opening reads only
+  the segments from the newest one known to begin with every pending COMMIT (the file
+  ``<node>/carried``, written once that segment is fsynced): the retained ones before it
+  hold only ended decisions, so they cost disk, not start-up time. After a PostgreSQL
+  failover a branch whose ``COMMIT PREPARED`` the new primary never received is prepared
+  again although its decision was ended: recovery finds the decision among the retained
+  ones (:func:`retained_decisions`, every segment read) and commits it, and the failover
+  report lists the decisions of the window before the switch (``xatm._failover``).
+  The *horizon* (:func:`horizon`, the file ``<node>/horizon``) is the time before which
+  decisions may have been deleted: it is written (fsynced) before a segment is deleted, so
+  every COMMIT decided after it is still on disk.
 * **Ownership.** The ``lock`` file is flock()ed exclusively for as long as the log is open.
   The kernel drops the lock when the process dies, however it dies, so "the lock can be
   taken" proves that no live process owns that node's log. Recovery uses that to take over
@@ -67,6 +80,13 @@ logger = logging.getLogger("xatm.log")
 MAGIC = b"XATMLOG1\n"
 SEGMENT_GLOB = "seg-*.xlog"
 DEFAULT_SEGMENT_BYTES = 8 << 20
+#: seconds ended COMMIT decisions are kept on disk (segments are deleted only once older)
+DEFAULT_RETAIN = 300.0
+#: the file holding a node log's horizon: decisions older than it may have been deleted
+HORIZON_FILE = "horizon"
+#: the file naming the newest segment known to begin with every COMMIT pending when it was
+#: started: replay starts there (the older segments hold only retained, ended decisions)
+CARRIED_FILE = "carried"
 
 
 def _segment_name(number: int) -> str:
@@ -125,6 +145,125 @@ def list_nodes(directory: Path) -> list[str]:
             except ValueError:
                 continue
     return nodes
+
+
+def horizon(node_dir: Path) -> float:
+    """The time (seconds since the epoch) since which every COMMIT decision of the node is
+    on disk, ended or not: decisions older than that may have been deleted.
+
+    Written before each deletion of segments (:func:`_raise_horizon`). A log whose first
+    segment is still there never deleted any (0.0); one without the file whose first
+    segment is gone was trimmed by an older xatm: the oldest segment's last write is the
+    safe answer then (anything decided later is in it or after it)."""
+    try:
+        return float((node_dir / HORIZON_FILE).read_text("ascii").strip())
+    except FileNotFoundError:
+        pass
+    except (OSError, ValueError, UnicodeDecodeError):
+        return time.time()  # unreadable: nothing older can be vouched for
+    paths = _segment_files(node_dir)
+    if not paths or _segment_number(paths[0]) == 1:
+        return 0.0
+    try:
+        return paths[0].stat().st_mtime
+    except OSError:
+        return time.time()
+
+
+def _write_small(node_dir: Path, name: str, text: str) -> None:
+    """Replace the small file ``name`` of a node's log with ``text``, durably."""
+    tmp = node_dir / f"{name}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.write(fd, text.encode("ascii"))
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, node_dir / name)
+    fsync_dir(node_dir)
+
+
+def _raise_horizon(node_dir: Path, at: float) -> None:
+    """Make the horizon at least ``at``, durably (before what is older is deleted)."""
+    if (node_dir / HORIZON_FILE).exists() and horizon(node_dir) >= at:
+        return
+    _write_small(node_dir, HORIZON_FILE, f"{at:.6f}\n")
+
+
+def _carried_from(node_dir: Path) -> int:
+    """The number of the newest segment known to begin with every COMMIT that was pending
+    when it was started (:data:`CARRIED_FILE`, written once that segment was fsynced); 0
+    when unknown: replay must then read every segment."""
+    try:
+        number = int((node_dir / CARRIED_FILE).read_text("ascii").strip())
+    except (OSError, ValueError, UnicodeDecodeError):
+        return 0
+    return number if (node_dir / _segment_name(number)).is_file() else 0
+
+
+def _trim_segments(
+    node_dir: Path, keep_from: int, retain: float, reference: float | None = None
+) -> None:
+    """Delete the segments numbered below ``keep_from`` that were last written more than
+    ``retain`` seconds before ``reference`` (default: now), oldest first, stopping at the
+    first one still in the window (so what is kept is always a run of consecutive
+    segments); the horizon is raised to the newest deleted segment's last write first."""
+    cutoff = (time.time() if reference is None else reference) - retain
+    if retain <= 0:
+        cutoff = float("inf")  # nothing retained: every older segment goes
+    doomed: list[Path] = []
+    newest = 0.0
+    for path in _segment_files(node_dir):
+        if _segment_number(path) >= keep_from:
+            break
+        try:
+            mtime = path.stat().st_mtime
+        except FileNotFoundError:
+            continue
+        if mtime >= cutoff:
+            break
+        doomed.append(path)
+        newest = max(newest, mtime)
+    if not doomed:
+        return
+    _raise_horizon(node_dir, newest)
+    for old in doomed:
+        with contextlib.suppress(FileNotFoundError):
+            old.unlink()
+    fsync_dir(node_dir)
+
+
+@dataclass(frozen=True, slots=True)
+class Retained:
+    """A node's COMMIT decisions still on disk, and since when all of them are."""
+
+    decisions: Mapping[str, LogRecord]
+    horizon: float
+
+
+def retained_decisions(node_dir: Path) -> Retained:
+    """Every COMMIT decision still on disk in the node's segments, pending or ended (the
+    last copy of each), read without the log's lock (every segment: this is only asked
+    after a failover). A damaged segment is read up to its damage, and the horizon is
+    moved past its last write (what followed the damage is unknown)."""
+    for _attempt in range(5):
+        try:
+            scans = scan_log(node_dir)
+            break
+        except FileNotFoundError:
+            continue  # a segment was trimmed while we read: read again
+    else:
+        scans = scan_log(node_dir)
+    out: dict[str, LogRecord] = {}
+    since = horizon(node_dir)
+    for scan in scans:
+        if scan.corrupt is not None:
+            with contextlib.suppress(OSError):
+                since = max(since, scan.path.stat().st_mtime)
+        for record in scan.records:
+            if record.kind == "COMMIT":
+                out[record.gtrid] = record
+    return Retained(out, since)
 
 
 @dataclass(frozen=True, slots=True)
@@ -198,10 +337,14 @@ def scan_segment(path: Path, *, newest: bool) -> SegmentScan:
     return SegmentScan(path, used, tuple(records), good, corrupt, len(data) - used)
 
 
-def scan_log(node_dir: Path) -> list[SegmentScan]:
-    """Read every segment of one node's log, oldest first."""
+def scan_log(node_dir: Path, *, since: int = 0) -> list[SegmentScan]:
+    """Read the segments of one node's log numbered ``since`` or more, oldest first."""
     paths = _segment_files(node_dir)
-    return [scan_segment(p, newest=i == len(paths) - 1) for i, p in enumerate(paths)]
+    return [
+        scan_segment(p, newest=i == len(paths) - 1)
+        for i, p in enumerate(paths)
+        if _segment_number(p) >= since
+    ]
 
 
 def replay(scans: Sequence[SegmentScan]) -> dict[str, LogRecord]:
@@ -235,9 +378,12 @@ def check(scans: Sequence[SegmentScan]) -> None:
 
 
 def _checked_scans(node_dir: Path) -> list[SegmentScan]:
-    """Every segment of one node, read; LogCorrupt if one is damaged anywhere but in a torn
-    tail of the newest (a torn tail is logged and ignored)."""
-    scans = scan_log(node_dir)
+    """The segments of one node that hold its pending decisions (from the newest one known
+    to begin with every pending COMMIT, :func:`_carried_from`), read; LogCorrupt if one is
+    damaged anywhere but in a torn tail of the newest (a torn tail is logged and ignored).
+    The older segments hold only ended decisions kept for the retention window: they are
+    not read when a log is opened."""
+    scans = scan_log(node_dir, since=_carried_from(node_dir))
     check(scans)
     for scan in scans:
         if scan.torn:
@@ -355,6 +501,8 @@ def _salvage_locked(node_dir: Path, node_id: str) -> Salvage:
     finally:
         os.close(fd)
     fsync_dir(node_dir)
+    _write_small(node_dir, CARRIED_FILE, f"{number}\n")
+    _raise_horizon(node_dir, time.time())  # only the pending decisions are kept
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
     keep = node_dir / f"salvaged-{stamp}"
     keep.mkdir(mode=0o700)
@@ -438,11 +586,14 @@ class FileLog:
         segment_bytes: int = DEFAULT_SEGMENT_BYTES,
         lock_timeout: float = 10.0,
         wait_for_lock: bool = True,
+        retain: float = DEFAULT_RETAIN,
     ) -> None:
         self._node_id = validate_node_id(node_id)
         self.directory = Path(directory)
         self.node_dir = self.directory / node_id
         self.segment_bytes = segment_bytes
+        self.retain = retain
+        self._reference: float | None = None  # the time the log was last written before opening
         self._lock = threading.Lock()
         self._buffer: list[bytes] = []
         #: END records queued by ``log_end`` without the lock (deque appends are atomic),
@@ -491,10 +642,12 @@ class FileLog:
             raise
 
     @classmethod
-    def take_over(cls, directory: Path, node_id: str) -> FileLog | None:
+    def take_over(
+        cls, directory: Path, node_id: str, *, retain: float = DEFAULT_RETAIN
+    ) -> FileLog | None:
         """Open a peer's log if its owner is dead (its lock is free), else return None."""
         try:
-            return cls(directory, node_id, wait_for_lock=False)
+            return cls(directory, node_id, wait_for_lock=False, retain=retain)
         except LogLocked:
             return None
 
@@ -610,6 +763,9 @@ class FileLog:
     def _open_segments(self) -> None:
         scans = _checked_scans(self.node_dir)  # LogCorrupt: nothing is touched
         pending = replay(scans)
+        # the window is kept back from the log's last write, not from now: after a long
+        # stop, the last decisions of the process that stopped are still there to look at
+        self._reference = scans[-1].path.stat().st_mtime if scans else None
         if scans and scans[-1].good < scans[-1].size + scans[-1].unused:
             # Cut a torn tail, or preallocated space never written, off first: if a crash
             # comes before the older segments are deleted below, this one is no longer the
@@ -622,7 +778,9 @@ class FileLog:
         self._start_segment(last + 1, [s.path for s in scans], list(pending.values()))
 
     def _start_segment(self, number: int, obsolete: list[Path], carried: list[LogRecord]) -> None:
-        """Begin segment ``number`` holding the ``carried`` COMMITs; delete ``obsolete``."""
+        """Begin segment ``number`` holding the ``carried`` COMMITs; delete the older
+        segments that are out of the retention window (``obsolete`` says whether any
+        older one may be)."""
         path = self.node_dir / _segment_name(number)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
@@ -637,11 +795,10 @@ class FileLog:
         if self._fd >= 0:
             os.close(self._fd)
         self._fd, self._segment, self._segment_size = fd, path, len(data)
-        for old in obsolete:
-            with contextlib.suppress(FileNotFoundError):
-                old.unlink()
+        _write_small(self.node_dir, CARRIED_FILE, f"{number}\n")  # replay starts here now
         if obsolete:
-            fsync_dir(self.node_dir)
+            reference, self._reference = self._reference, None  # the first trim only
+            _trim_segments(self.node_dir, number, self.retain, reference)
 
     def _append(
         self,
@@ -886,22 +1043,23 @@ class LogSnapshot:
     segments: tuple[SegmentInfo, ...]
 
 
-def read_log(node_dir: Path, *, strict: bool = True) -> LogSnapshot:
-    """Read a node's segments without its lock (tolerates a concurrent rotation).
+def read_log(node_dir: Path, *, strict: bool = True, every: bool = False) -> LogSnapshot:
+    """Read a node's segments without its lock (tolerates a concurrent rotation): those
+    that hold its pending decisions, or with ``every`` all of them (the retained ones too).
 
     A corrupt segment raises LogCorrupt (``strict``), or is reported in its SegmentInfo."""
     for _attempt in range(5):
         try:
-            return _read_log_once(node_dir, strict)
+            return _read_log_once(node_dir, strict, every)
         except FileNotFoundError:
             continue  # a segment was rotated away while we read: read again
-    return _read_log_once(node_dir, strict)
+    return _read_log_once(node_dir, strict, every)
 
 
-def _read_log_once(node_dir: Path, strict: bool) -> LogSnapshot:
+def _read_log_once(node_dir: Path, strict: bool, every: bool) -> LogSnapshot:
     if not node_dir.is_dir():
         return LogSnapshot({}, ())
-    scans = scan_log(node_dir)
+    scans = scan_log(node_dir, since=0 if every else _carried_from(node_dir))
     if strict:
         check(scans)  # LogCorrupt: the decisions after the damage are unknown
     segments = tuple(

@@ -8,6 +8,8 @@ switching on the kind:
   log is taken over by its flock; the shared table needs nothing);
 * the state of a peer's coordinator, the decisions pending (the snapshot), the decision of one
   gtrid, the END of a decision, and where a node's commit-marker rows may be;
+* what a node's log retains of its ended decisions, since when, and its record of its
+  resources' timelines (after a PostgreSQL failover, ``xatm._failover``);
 * a presumed abort written first where the log can fence it (only the shared log: a
   conditional ABORT row), and the housekeeping after the pass.
 
@@ -31,6 +33,7 @@ from ._filelog import FileLog
 from ._log_view import AbortAnswer, FileLogs, SharedLogs
 from ._pglog import MIN_ABORT_AGE
 from ._records import LogRecord
+from ._timelines import ResourceTimeline
 from ._urls import redact
 from ._xid import parse_gtrid
 from .errors import LogCorrupt
@@ -77,10 +80,42 @@ class Fleet(Protocol):
 
     def marker_resources(self, node: str) -> frozenset[str] | None: ...
 
+    def incarnations(self, node: str) -> frozenset[str] | None: ...
+
+    def retained(self, gtrid: str, node: str) -> bool: ...
+
+    def horizon(self, node: str) -> float: ...
+
+    def decided_between(self, node: str, start: float, end: float) -> list[LogRecord]: ...
+
+    def timelines(self, node: str) -> dict[str, ResourceTimeline]: ...
+
     def close(self) -> None: ...
 
 
-class FileFleet:
+class _Retained:
+    """What both fleets read from their log's view about retained decisions and
+    timelines (``self._view``), each at most once per pass."""
+
+    _view: FileLogs | SharedLogs
+    _timelines: dict[str, dict[str, ResourceTimeline]]
+
+    def retained(self, gtrid: str, node: str) -> bool:
+        return self._view.retained(node, gtrid) is not None
+
+    def horizon(self, node: str) -> float:
+        return self._view.horizon(node)
+
+    def decided_between(self, node: str, start: float, end: float) -> list[LogRecord]:
+        return self._view.decided_between(node, start, end)
+
+    def timelines(self, node: str) -> dict[str, ResourceTimeline]:
+        if node not in self._timelines:
+            self._timelines[node] = self._view.timelines().load(node)
+        return self._timelines[node]
+
+
+class FileFleet(_Retained):
     """The node logs of one directory; a dead peer's log is taken over (locked) while the
     pass acts for it, or only read in a dry run."""
 
@@ -94,6 +129,8 @@ class FileFleet:
         self._pending: dict[str, Mapping[str, LogRecord]] = {}  # opened peer -> its pending
         self._logs: dict[str, FileLog] = {}
         self._state: dict[str, PeerState] = {}
+        self._incarnations: dict[str, frozenset[str] | None] = {}
+        self._timelines = {}
 
     def begin(self) -> bool:
         return True
@@ -128,7 +165,7 @@ class FileFleet:
                     else:
                         self._state[node] = "alive"
                     continue
-                peer = FileLog.take_over(self._dir, node)
+                peer = FileLog.take_over(self._dir, node, retain=self._ctx.retain)
             except LogCorrupt:
                 self._state[node] = "corrupt"  # its decisions are unknown: leave them
                 continue
@@ -171,23 +208,32 @@ class FileFleet:
     def marker_resources(self, node: str) -> frozenset[str] | None:
         return self._view.marker_resources(node)
 
+    def incarnations(self, node: str) -> frozenset[str] | None:
+        if node == self._ctx.node_id:
+            return self._ctx.incarnations
+        if node not in self._incarnations:
+            self._incarnations[node] = self._view.incarnations(node)
+        return self._incarnations[node]
+
     def close(self) -> None:
         for log in self._logs.values():
             log.close()
         self._logs.clear()
 
 
-class SharedFleet:
+class SharedFleet(_Retained):
     """The shared PostgreSQL log: every node's decisions in one table, nothing to take over;
     a node is alive while a session holds its node lock; one process resolves at a time."""
 
     shared = True
 
-    def __init__(self, log: PostgresLog, *, dry_run: bool) -> None:
+    def __init__(self, log: PostgresLog, *, dry_run: bool, retain: float) -> None:
         self._log = log
         self._view = SharedLogs(log)  # no own node: this pass asks only of its peers
         self._dry_run = dry_run
         self._locked = False
+        self._retain = retain
+        self._timelines = {}
 
     def begin(self) -> bool:
         if self._dry_run:
@@ -205,7 +251,7 @@ class SharedFleet:
             # ended COMMITs go; ABORTs stay long enough to keep fencing late COMMITs.
             # Housekeeping only: its failure must not turn a good pass into an error.
             try:
-                self._log.maybe_prune(max(MIN_ABORT_AGE, 100 * timeout))
+                self._log.maybe_prune(max(MIN_ABORT_AGE, 100 * timeout), retain=self._retain)
             except Exception as e:
                 logger.warning("recovery: pruning the shared log failed: %s", redact(str(e)))
         finally:
@@ -245,6 +291,9 @@ class SharedFleet:
     def marker_resources(self, node: str) -> frozenset[str] | None:
         return self._view.marker_resources(node)  # None: no commit markers with it
 
+    def incarnations(self, node: str) -> frozenset[str] | None:
+        return None  # every decision is in the table, and a presumed abort is fenced there
+
     def close(self) -> None:
         pass
 
@@ -252,6 +301,6 @@ class SharedFleet:
 def fleet_for(ctx: Context, *, dry_run: bool) -> Fleet:
     """The fleet of ``ctx``'s log."""
     if ctx.shared_log is not None:
-        return SharedFleet(ctx.shared_log, dry_run=dry_run)
+        return SharedFleet(ctx.shared_log, dry_run=dry_run, retain=ctx.retain)
     assert ctx.log_directory is not None
     return FileFleet(ctx, ctx.log_directory, dry_run=dry_run)

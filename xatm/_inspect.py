@@ -24,20 +24,35 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from . import _deadline, _marker_recovery
+from . import _deadline, _failover, _marker_recovery
 from ._adapters import make_participant
 from ._audit import AuditEntry, format_time
 from ._context import Resources
-from ._decide import Action, Facts, Logged, Marker, Owner, decide, describe, past_timeout
-from ._doctor import DoctorReport, diagnose
+from ._decide import (
+    Action,
+    Facts,
+    Logged,
+    Marker,
+    NodeLogState,
+    Owner,
+    decide,
+    describe,
+    owner_of,
+    past_timeout,
+    tenure,
+)
+from ._doctor import Check, DoctorReport, diagnose
 from ._filelog import SegmentInfo
+from ._identity import IdentityStatus
 from ._log import OwnerState
 from ._log_view import LogView, log_view
 from ._participant import Connection, Participant, PreparedBranch
 from ._pool import silent
+from ._postgres import PostgresParticipant
 from ._records import LogRecord
+from ._timelines import Loss, Switch
 from ._urls import redact
-from ._xid import is_xatm_gtrid, may_use_marker, parse_gtrid
+from ._xid import incarnation_of, is_xatm_gtrid, may_use_marker, parse_gtrid
 from .errors import ConfigurationError, LogCorrupt, LogLocked, ResourceError, XatmError
 
 logger = logging.getLogger("xatm.inspect")
@@ -129,12 +144,59 @@ class InDoubt:
 
 
 @dataclass(frozen=True, slots=True)
+class PossiblyLost:
+    """A transaction committed on a PostgreSQL resource before it failed over, that the new
+    primary lacks (``status`` ``lost``) or cannot vouch for (``unknown``): found by the
+    failover check of node ``node`` (``xatm._failover``)."""
+
+    gtrid: str
+    node: str
+    resource: str
+    status: str
+    decided_at: float
+    txid: int | None
+    timeline: tuple[int, int]  # (old, new)
+    detected_at: float
+    detail: str
+
+    @classmethod
+    def of(cls, node: str, resource: str, switch: Switch, loss: Loss) -> PossiblyLost:
+        return cls(
+            loss.gtrid,
+            node,
+            resource,
+            loss.status,
+            loss.decided_at,
+            loss.txid,
+            (switch.old, switch.new),
+            switch.detected_at,
+            loss.detail,
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "gtrid": self.gtrid,
+            "node": self.node,
+            "resource": self.resource,
+            "status": self.status,
+            "decided_at": format_time(self.decided_at),
+            "txid": self.txid,
+            "timeline": list(self.timeline),
+            "failover_detected_at": format_time(self.detected_at),
+            "detail": self.detail,
+        }
+
+
+@dataclass(frozen=True, slots=True)
 class InDoubtReport:
-    """Every in-doubt transaction found, oldest first, and the resources not reached."""
+    """Every in-doubt transaction found, oldest first, and the resources not reached;
+    ``possibly_lost``: what the checks of recent PostgreSQL failovers found
+    (``xatm._failover``), oldest failover first."""
 
     transactions: tuple[InDoubt, ...]
     unreachable: tuple[tuple[str, str], ...] = ()  # (resource, why)
     foreign: int = 0  # prepared transactions that are not xatm's (never touched)
+    possibly_lost: tuple[PossiblyLost, ...] = ()
 
     def __iter__(self) -> Iterator[InDoubt]:
         return iter(self.transactions)
@@ -271,8 +333,22 @@ class Inspector:
         commit_markers: Iterable[str] = (),
         timeout: float = 30.0,
         shared_log: Any = None,
+        own_incarnation: str | None = None,
+        identity: Callable[[], list[IdentityStatus]] | None = None,
+        failover: _failover.FailoverWatch | None = None,
     ) -> None:
         self._participants = dict(participants)
+        #: the incarnation of the manager inspecting (its own gtrids are "mine")
+        self._own_incarnation = own_incarnation
+        #: the inspecting manager's identity leases (``xatm._identity``), for ``doctor``
+        self._identity = identity
+        if failover is None:  # our own connections: follow the timelines, record nothing
+            failover = _failover.FailoverWatch(own_node or "", None, writable=False)
+            for participant in self._participants.values():
+                if isinstance(participant, PostgresParticipant) and participant.watch is None:
+                    participant.watch = failover
+        #: the timelines seen (a manager's watch, or one of our own)
+        self._watch = failover
         #: a ``PostgresLog`` when the coordinators share a log in PostgreSQL
         self._shared = shared_log
         self._shared_opened = False
@@ -305,9 +381,12 @@ class Inspector:
         )
         inspector.log_url = settings.log if shared else None
         inspector._shared_node = settings.node_id
+        inspector._records_node = settings.node_id
         return inspector
 
     _shared_node: str | None = None
+    #: the node whose timeline records count with the branch's own (the application's)
+    _records_node: str | None = None
 
     @property
     def shared_log(self) -> Any:
@@ -425,21 +504,44 @@ class Inspector:
                 marker = Marker.UNREAD
             else:
                 marker = Marker.NO_ROW
-        owners = {
-            "alive": Owner.LIVE_PEER,
-            "dead": Owner.DEAD_PEER,
-            "unknown": Owner.UNKNOWN,
-            "this-process": Owner.RUNNING if running else Owner.FINISHED,
-        }
+        own = owner == "this-process"
+        log: NodeLogState = "held"
+        if owner in ("alive", "unknown"):
+            log = "alive" if owner == "alive" else "unknown"
+        if shared:
+            log = "alive" if owner == "alive" else "shared"
+        made_by = tenure(
+            incarnation_of(gtrid),
+            self._own_incarnation if own else None,
+            None if shared else logs.incarnations(node),
+        )
+        owner_fact = (
+            Owner.RUNNING
+            if running
+            else owner_of(own_node=own, made_by=made_by, log=log, legacy_lock=own)
+        )
         bquals = {b.xid.bqual for _, b, _, _ in scan.found.get(gtrid, []) if b.xid is not None}
         facts = Facts(
-            owners[owner],
+            owner_fact,
             logged=logged,
             marker=marker,
             expired=shared and past_timeout(gtrid, created, time.time(), self.timeout),
             shared_log=shared,
             known_resource=bquals <= set(self._participants),
         )
+        if logged is Logged.NONE and marker is not Marker.ROW and owner != "unknown":
+            found = self._after_failover(logs, gtrid, node, created, scan)
+            if found == "commit":
+                logged = Logged.COMMIT
+            facts = Facts(
+                facts.owner,
+                logged=logged,
+                marker=facts.marker,
+                expired=facts.expired,
+                shared_log=facts.shared_log,
+                known_resource=facts.known_resource,
+                failover=found == "unknown",
+            )
         verdict = decide(facts)
         decision: Decision | None = None
         if logged is Logged.COMMIT or marker is Marker.ROW:
@@ -447,6 +549,38 @@ class Inspector:
         elif logged is Logged.ABORT or verdict.action is Action.ROLLBACK:
             decision = "abort"
         return decision, describe(verdict)
+
+    def _after_failover(
+        self, logs: LogView, gtrid: str, node: str, created: float, scan: _Scan
+    ) -> _failover.AfterFailover:
+        """:func:`xatm._failover.after_failover` over the transaction's prepared branches:
+        ``commit`` if one of them finds a retained COMMIT, ``unknown`` if one cannot tell."""
+        store = logs.timelines()
+        nodes = {node, *(n for n in (self._own_node, self._records_node) if n)}
+        outcome: _failover.AfterFailover = "none"
+        for resource, _, _, _ in scan.found.get(gtrid, []):
+            records = [store.load(n).get(resource) for n in sorted(nodes)]
+            found = _failover.after_failover(
+                records,
+                created,
+                self._watch.current(resource),
+                lambda: logs.retained(node, gtrid) is not None,
+                lambda: logs.horizon(node),
+            )
+            if found == "commit":
+                return "commit"
+            if found == "unknown":
+                outcome = "unknown"
+        return outcome
+
+    def possibly_lost(self) -> list[PossiblyLost]:
+        """What the checks of recent PostgreSQL failovers found lost or possibly lost, by
+        every node (``xatm._failover``)."""
+        records = self._logs().timelines().every_node()
+        return [
+            PossiblyLost.of(node, resource, switch, loss)
+            for node, resource, switch, loss in _failover.recent_losses(records, time.time())
+        ]
 
     # -- answers ----------------------------------------------------------------------------
     def indoubt(self) -> InDoubtReport:
@@ -494,7 +628,14 @@ class Inspector:
                 )
             )
         rows.sort(key=lambda r: (r.created_at, r.gtrid))
-        return InDoubtReport(tuple(rows), tuple(sorted(scan.unreachable.items())), scan.foreign)
+        try:
+            lost = tuple(self.possibly_lost())
+        except XatmError as e:  # the shared log unreachable: the in-doubt list still counts
+            logger.warning("cannot read the failover records: %s", e)
+            lost = ()
+        return InDoubtReport(
+            tuple(rows), tuple(sorted(scan.unreachable.items())), scan.foreign, lost
+        )
 
     def _branches(
         self, gtrid: str, scan: _Scan, record: LogRecord | None
@@ -565,9 +706,16 @@ class Inspector:
     def doctor(self) -> DoctorReport:
         """Check that every resource and the log directory are fit for two-phase commit."""
         shared = self._shared.spec if self._shared is not None else None  # a manager's
-        return diagnose(
+        report = diagnose(
             self._participants, self.log_directory, self.log_url or shared, self.timeout
         )
+        if self._identity is None:
+            return report
+        identity = tuple(
+            Check(s.resource, "node identity", s.held, s.detail or "held by this process")
+            for s in self._identity()
+        )
+        return DoctorReport(report.checks + identity)
 
     def audit(self, gtrid: str | None = None) -> list[AuditEntry]:
         """The audit trail of every node (of one transaction if ``gtrid`` is given)."""
@@ -583,21 +731,23 @@ class Inspector:
         out = []
         for node in logs.nodes():
             owner = logs.owner(node)
-            snap = logs.read(node, strict=False)
+            snap = logs.read(node, strict=False, every=True)
             oldest = min((r.at for r in snap.pending.values()), default=None)
             out.append(NodeLog(node, owner, snap.segments, len(snap.pending), oldest))
         return out
 
     def compact_logs(self) -> list[Compaction]:
         """Rewrite the log of every node whose coordinator is dead into one segment holding
-        only its pending decisions. Live coordinators compact their own logs (at start and
-        whenever a segment fills up); they are left alone."""
+        only its pending decisions (its retained ended decisions go: a failover that brings
+        one of its branches back later leaves that branch in doubt). Live coordinators
+        compact their own logs (at start and whenever a segment fills up); they are left
+        alone."""
         if self.log_directory is None:
             return []  # no log files (the shared log's are rows): nothing to open
         logs = self._logs()
         out = []
         for node in logs.nodes():
-            before = sum(s.size for s in logs.read(node, strict=False).segments)
+            before = sum(s.size for s in logs.read(node, strict=False, every=True).segments)
             owner = logs.owner(node)
             if owner != "dead":
                 why = "this process's own log" if owner == "this-process" else "alive"
@@ -606,7 +756,7 @@ class Inspector:
             with contextlib.ExitStack() as held:
                 try:
                     # opening a dead node's log rewrites it: one segment, its pending kept
-                    log = held.enter_context(logs.take_over(node, wait=0.0))
+                    log = held.enter_context(logs.take_over(node, wait=0.0, keep_ended=False))
                 except LogLocked:
                     out.append(Compaction(node, False, before, before, "skipped: became alive"))
                     continue
@@ -614,6 +764,6 @@ class Inspector:
                     out.append(Compaction(node, False, before, before, f"skipped: {e}"))
                     continue
                 pending = len(log.pending())
-            after = sum(s.size for s in logs.read(node).segments)
+            after = sum(s.size for s in logs.read(node, every=True).segments)
             out.append(Compaction(node, True, before, after, f"{pending} pending decision(s) kept"))
         return out

@@ -9,6 +9,9 @@ questions of either kind of log, and ask them here instead of switching on the k
   logged for a gtrid, where N's commit-marker rows may be, and the audit trail;
 * the node logs kept as files (to list and compact), read without their lock, and a dead
   node's log taken over (locked) and closed again;
+* what N's log still retains of its decisions, ended ones included (``retain`` seconds),
+  and since when it retains all of them (its horizon); each node's record of its
+  PostgreSQL resources' timelines (``xatm._timelines``);
 * N's log opened to write a decision for one of its transactions
   (:meth:`LogView.open_for_decision`): its own log for this process's node, a dead node's log
   taken over for the duration, the shared table for anyone; with what it holds for the gtrid
@@ -31,11 +34,20 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal, Protocol
 
-from . import _node_markers
+from . import _incarnations, _node_markers
 from ._audit import AuditEntry, read_audit
-from ._filelog import FileLog, LogSnapshot, list_nodes, owner_state, read_log
+from ._filelog import (
+    FileLog,
+    LogSnapshot,
+    Retained,
+    list_nodes,
+    owner_state,
+    read_log,
+    retained_decisions,
+)
 from ._log import CoordinatorLog, OwnerState
 from ._records import LogRecord
+from ._timelines import FileTimelines, SharedTimelines, TimelineStore
 from .errors import XatmError
 
 if TYPE_CHECKING:
@@ -99,24 +111,47 @@ class LogView(Protocol):
         recorded, or the shared log, which has no commit markers)."""
         ...
 
+    def incarnations(self, node: str) -> frozenset[str] | None:
+        """The incarnations (processes) that held ``node``'s file log (None: none recorded,
+        or the shared log, where a presumed abort is fenced and needs no such proof)."""
+        ...
+
     def audit(self, gtrid: str | None = None) -> list[AuditEntry]:
         """The audit trail of every node (of one transaction if ``gtrid`` is given)."""
+        ...
+
+    def retained(self, node: str, gtrid: str) -> LogRecord | None:
+        """``node``'s COMMIT decision of ``gtrid`` if its log still holds it, ended or not."""
+        ...
+
+    def decided_between(self, node: str, start: float, end: float) -> list[LogRecord]:
+        """``node``'s COMMIT decisions still held, made in ``[start, end)``, ended or not."""
+        ...
+
+    def horizon(self, node: str) -> float:
+        """The time since which ``node``'s log holds every COMMIT it decided."""
+        ...
+
+    def timelines(self) -> TimelineStore:
+        """Where the nodes' records of their resources' timelines are kept."""
         ...
 
     def nodes(self) -> list[str]:
         """The nodes whose log is kept as files here (none for the shared log)."""
         ...
 
-    def read(self, node: str, *, strict: bool = True) -> LogSnapshot:
+    def read(self, node: str, *, strict: bool = True, every: bool = False) -> LogSnapshot:
         """``node``'s log files as they are on disk, read without the lock (the shared log
-        keeps no files: nothing). ``strict``: a corrupt segment raises LogCorrupt."""
+        keeps no files: nothing): those holding its pending decisions, or ``every`` one
+        (the retained ones too). ``strict``: a corrupt segment raises LogCorrupt."""
         ...
 
     def take_over(
-        self, node: str, wait: float
+        self, node: str, wait: float, *, keep_ended: bool = True
     ) -> contextlib.AbstractContextManager[CoordinatorLog]:
         """``node``'s log, held while the context lasts: a file log locked (LogLocked if its
-        lock stays held for ``wait`` seconds) and closed again; the shared log as it is."""
+        lock stays held for ``wait`` seconds) and closed again; the shared log as it is.
+        ``keep_ended`` False drops a file log's retained ended decisions (compaction)."""
         ...
 
     def open_for_decision(
@@ -167,11 +202,32 @@ class FileLogs:
         self._own_node = own_node
         self._own_log = own_log
         self._own_pending = own_pending
+        self._retained: dict[str, Retained] = {}  # read once per view
 
     def owner(self, node: str) -> OwnerState:
         if node == self._own_node:
             return "this-process"
         return owner_state(self.directory, node)
+
+    def _every_retained(self, node: str) -> Retained:
+        if self.directory is None:
+            return Retained({}, float("inf"))
+        if node not in self._retained:
+            self._retained[node] = retained_decisions(Path(self.directory) / node)
+        return self._retained[node]
+
+    def retained(self, node: str, gtrid: str) -> LogRecord | None:
+        return self._every_retained(node).decisions.get(gtrid)
+
+    def decided_between(self, node: str, start: float, end: float) -> list[LogRecord]:
+        every = self._every_retained(node).decisions.values()
+        return sorted((r for r in every if start <= r.at < end), key=lambda r: (r.at, r.gtrid))
+
+    def horizon(self, node: str) -> float:
+        return self._every_retained(node).horizon
+
+    def timelines(self) -> TimelineStore:
+        return FileTimelines(self.directory or ".")
 
     def pending(self, node: str, owner: OwnerState) -> Mapping[str, LogRecord]:
         if owner == "this-process" and self._own_pending is not None:
@@ -196,6 +252,11 @@ class FileLogs:
             return None
         return _node_markers.read(Path(self.directory) / node)
 
+    def incarnations(self, node: str) -> frozenset[str] | None:
+        if self.directory is None:
+            return None
+        return _incarnations.read(Path(self.directory) / node)
+
     def audit(self, gtrid: str | None = None) -> list[AuditEntry]:
         if self.directory is None:
             return []
@@ -206,16 +267,21 @@ class FileLogs:
             return []
         return list_nodes(Path(self.directory))
 
-    def read(self, node: str, *, strict: bool = True) -> LogSnapshot:
+    def read(self, node: str, *, strict: bool = True, every: bool = False) -> LogSnapshot:
         if self.directory is None:
             return LogSnapshot({}, ())
-        return read_log(Path(self.directory) / node, strict=strict)
+        return read_log(Path(self.directory) / node, strict=strict, every=every)
 
     @contextlib.contextmanager
-    def take_over(self, node: str, wait: float) -> Iterator[CoordinatorLog]:
+    def take_over(
+        self, node: str, wait: float, *, keep_ended: bool = True
+    ) -> Iterator[CoordinatorLog]:
         if self.directory is None:
             raise XatmError(f"there is no log directory to take the log of {node!r} over in")
-        log = FileLog(Path(self.directory), node, lock_timeout=wait)
+        if keep_ended:
+            log = FileLog(Path(self.directory), node, lock_timeout=wait)
+        else:
+            log = FileLog(Path(self.directory), node, lock_timeout=wait, retain=0.0)
         try:
             yield log
         finally:
@@ -281,8 +347,24 @@ class SharedLogs:
     def aborted(self, gtrid: str) -> bool:
         return bool(self._log.decisions([gtrid]).get(gtrid) == "A")
 
+    def retained(self, node: str, gtrid: str) -> LogRecord | None:
+        found = self._log.decisions([gtrid]).get(gtrid)  # ended rows stay until pruned
+        return found if isinstance(found, LogRecord) else None
+
+    def decided_between(self, node: str, start: float, end: float) -> list[LogRecord]:
+        return self._log.decided_between(node, start, end)
+
+    def horizon(self, node: str) -> float:
+        return self._log.horizon()
+
+    def timelines(self) -> TimelineStore:
+        return SharedTimelines(self._log)
+
     def marker_resources(self, node: str) -> frozenset[str] | None:
         return None  # commit markers cannot be combined with the shared log
+
+    def incarnations(self, node: str) -> frozenset[str] | None:
+        return None  # a presumed abort is a fenced ABORT write here
 
     def audit(self, gtrid: str | None = None) -> list[AuditEntry]:
         return list(self._log.read_audit(gtrid))
@@ -290,11 +372,13 @@ class SharedLogs:
     def nodes(self) -> list[str]:
         return []  # the decisions are rows of one table, not files per node
 
-    def read(self, node: str, *, strict: bool = True) -> LogSnapshot:
+    def read(self, node: str, *, strict: bool = True, every: bool = False) -> LogSnapshot:
         return LogSnapshot({}, ())
 
     @contextlib.contextmanager
-    def take_over(self, node: str, wait: float) -> Iterator[CoordinatorLog]:
+    def take_over(
+        self, node: str, wait: float, *, keep_ended: bool = True
+    ) -> Iterator[CoordinatorLog]:
         yield self._log  # nothing to take over: any process writes the table
 
     @contextlib.contextmanager

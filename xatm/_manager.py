@@ -15,20 +15,22 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from . import _events, _node_markers, _sqlalchemy
+from . import _events, _incarnations, _node_markers, _sqlalchemy, _timelines
 from ._adapters import make_participant
 from ._audit import AuditEntry, AuditTrail
-from ._config import Settings, load_config, resource_specs, validate_timeout
+from ._config import Settings, load_config, resource_specs, validate_retention, validate_timeout
 from ._context import Context, Resources
 from ._deadline import step_bound
 from ._doctor import DoctorReport
-from ._filelog import DEFAULT_SEGMENT_BYTES, FileLog
+from ._failover import FailoverWatch
+from ._filelog import DEFAULT_RETAIN, DEFAULT_SEGMENT_BYTES, FileLog
 from ._identity import IdentityLocks
 from ._inspect import InDoubtReport, Inspector, NodeLog, TransactionInfo
 from ._log import CoordinatorLog
 from ._participant import Participant
 from ._pglog import PostgresLog
 from ._pool import Pool
+from ._postgres import PostgresParticipant
 from ._recovery import run_pass
 from ._report import RecoveryReport
 from ._resolve import Resolution, resolve
@@ -38,7 +40,7 @@ from ._saga_store import SagaRecord
 from ._sweeper import DEFAULT_INTERVAL, Sweeper, sweeper_settings, validate_interval
 from ._transaction import Transaction
 from ._urls import ResourceSpec, parse_url
-from ._xid import new_gtrid, validate_node_id
+from ._xid import validate_node_id
 from .errors import ConfigurationError, XatmError
 
 logger = logging.getLogger("xatm")
@@ -110,6 +112,9 @@ class TransactionManager:
         process of the same node_id may still be exiting).
     :param sagas: saga definitions (:class:`~xatm.Saga`, or ``"module:attribute"``) this
         manager runs with :meth:`run_saga` and finishes in recovery (docs/sagas.md).
+    :param decision_retention: seconds ended COMMIT decisions are kept in the log, so that
+        a branch that a PostgreSQL failover brings back prepared is still committed, and the
+        failover report can list what the switch may have lost (``xatm._failover``).
     """
 
     def __init__(
@@ -127,6 +132,7 @@ class TransactionManager:
         sweep_interval: float = DEFAULT_INTERVAL,
         lock_timeout: float = 30.0,
         sagas: Iterable[Saga | str] = (),
+        decision_retention: float = DEFAULT_RETAIN,
     ) -> None:
         # every argument is checked before anything is opened (a log, a lock, a connection)
         self.node_id = validate_node_id(node_id)
@@ -136,6 +142,7 @@ class TransactionManager:
         )
         started_at = time.time() - 0.002  # gtrids made from here on are this process's
         self.timeout = validate_timeout(timeout)
+        retain = validate_retention(decision_retention)
         engines = {n: e for n, e in dict(resources).items() if _sqlalchemy.is_engine(e)}
         self._specs = resource_specs(
             {
@@ -185,7 +192,19 @@ class TransactionManager:
                 self.node_id,
                 segment_bytes=segment_bytes,
                 lock_timeout=lock_timeout,
+                retain=retain,
             )
+        try:
+            # before any connection: each one's timeline is compared with the node's record
+            watch = FailoverWatch(
+                self.node_id, _timelines.store_for(self.log_directory, self.shared_log)
+            )
+        except BaseException:
+            log_impl.close()
+            raise
+        for participant in participants.values():
+            if isinstance(participant, PostgresParticipant):
+                participant.watch = watch
         self._ctx = Context(
             node_id=self.node_id,
             timeout=self.timeout,
@@ -199,13 +218,19 @@ class TransactionManager:
             commit_markers=self.commit_markers,
             parallel=parallel,
             extensions={"session": _sa_session, "sa_connection": _sa_connection},
+            failover=watch,
+            retain=retain,
         )
         self.parallel = parallel
         self._closed = False
         try:
             if self.log_directory is not None:
+                node_dir = Path(self.log_directory) / self.node_id
                 # before any transaction can use a marker, say where its rows may be
-                _node_markers.record(Path(self.log_directory) / self.node_id, self.commit_markers)
+                _node_markers.record(node_dir, self.commit_markers)
+                # and, holding the log's lock, that this process's gtrids are this log's
+                _incarnations.record(node_dir, self._ctx.incarnation)
+                self._ctx.incarnations = _incarnations.read(node_dir)
             self._ctx.identity.acquire(wait=lock_timeout)
             self._ctx.identity.keep()
             self._ctx.resources.reserve()  # recovery's own connections, opened in the background
@@ -243,6 +268,7 @@ class TransactionManager:
             sweeper=sweep.enabled,
             sweep_interval=sweep.interval,
             sagas=settings.extra.get("sagas", ()),
+            decision_retention=settings.extra.get("decision_retention", DEFAULT_RETAIN),
         )
 
     @property
@@ -257,10 +283,8 @@ class TransactionManager:
         if self._closed:
             raise XatmError("this TransactionManager is closed")
         limit = self.timeout if timeout is None else validate_timeout(timeout)
-        gtrid = new_gtrid(self.node_id, marker=bool(self.commit_markers), long=limit > self.timeout)
-        tx = Transaction(self._ctx, gtrid, limit)
-        self._ctx.register(tx)
-        return tx
+        # registered (as running here) once it enlists a branch
+        return Transaction(self._ctx, self._ctx.new_gtrid(limit), limit)
 
     def recover(
         self,
@@ -329,6 +353,9 @@ class TransactionManager:
             commit_markers=self.commit_markers,
             timeout=self.timeout,
             shared_log=self.shared_log,
+            own_incarnation=ctx.incarnation,
+            identity=ctx.identity.status,
+            failover=ctx.failover,
         )
 
     def indoubt(self) -> InDoubtReport:

@@ -21,6 +21,11 @@ Facts handled here (numbered and sourced in docs/protocol.md, section 11):
 * rolling back a branch that the server already rolled back (a read-only MariaDB branch
   rolled back from another session, or a deadlock victim) answers an XA_RB* error: that
   branch is rolled back, which is what was asked;
+* an error answering ``XA COMMIT ... ONE PHASE`` is a certain "no" only when it says the
+  branch was rolled back or the statement was refused in the branch's state
+  (``one_phase_refused``); any other (the query interrupted, 1317; XAER_RMERR, 1401: the
+  engines' commit failed after it began) leaves the outcome unknown: the connection is
+  closed, and the transaction is in doubt;
 * ``XA RECOVER`` lists every application's prepared XIDs: the caller filters. Its ``data``
   column comes as bytes, bytearray or str depending on the driver and server.
 """
@@ -62,6 +67,12 @@ ER_DUP_ENTRY = frozenset({1062, 1586})  # ER_DUP_ENTRY, ER_DUP_ENTRY_WITH_KEY_NA
 ER_NO_SUCH_TABLE = 1146
 #: XA_RBROLLBACK, XA_RBTIMEOUT, XA_RBDEADLOCK: the branch was rolled back by the server
 XA_ROLLED_BACK = frozenset({1402, 1613, 1614})
+#: answers to ``XA END; XA COMMIT ... ONE PHASE`` after which the branch is certainly not
+#: committed: rolled back by the server (XA_RB*), or the statement refused in the branch's
+#: state (XAER_NOTA, XAER_INVAL, XAER_RMFAIL, XAER_OUTSIDE), or the wait for the commit lock
+#: (``FLUSH TABLES WITH READ LOCK``, a backup) timed out or deadlocked (the server rolls the
+#: branch back). Any other error may come after the commit happened.
+ONE_PHASE_REFUSED = XA_ROLLED_BACK | {XAER_NOTA, 1398, 1399, 1400, 1205, 1213}
 
 
 class MySQLParticipant:
@@ -198,13 +209,17 @@ class MySQLParticipant:
         return lambda: result
 
     def commit_one_phase(self, conn: Any, xid: Xid, before: Sequence[Statement] = ()) -> None:
+        committing = False
         try:
-            for query, params in before:
+            for query, params in before:  # the commit is not sent yet: a failure is a "no"
                 self.execute(conn, query, params).close()
+            committing = True
             self._run(conn, *one_phase_statements(xid))
         except self._errors as e:
             if self.is_connection_error(e):
                 raise  # the outcome is unknown
+            if committing and not one_phase_refused(self._errno(e)):
+                raise  # the commit may have happened: unknown (the connection is closed)
             self._rollback_quietly(conn, xid)
             raise self.commit_failed(e) from e
         self._left_xa(conn)
@@ -422,8 +437,23 @@ class MySQLParticipant:
         """``GET_LOCK`` of the node's name: server-wide, like ``XA RECOVER``."""
         return bool(self._scalar(conn, "SELECT GET_LOCK(%s, 0)", (identity_name(node_id),)))
 
-    def identity_in_use(self, conn: Any, node_id: str) -> bool:
-        return self._scalar(conn, "SELECT IS_USED_LOCK(%s)", (identity_name(node_id),)) is not None
+    def identity_holder(self, conn: Any, node_id: str) -> int | None:
+        """The connection id of the session holding the node's ``GET_LOCK``, or None."""
+        holder = self._scalar(conn, "SELECT IS_USED_LOCK(%s)", (identity_name(node_id),))
+        return None if holder is None else _integer(holder)
+
+    def identity_session(self, conn: Any) -> tuple[str, int]:
+        """Where a ``GET_LOCK`` lives (the server: its host name and port; the lock is
+        server-wide) and this session's connection id."""
+        cur = self.driver.cursor(conn)
+        try:
+            cur.execute("SELECT CONCAT(@@hostname, ':', @@port), CONNECTION_ID()")
+            row = cur.fetchone()
+        finally:
+            cur.close()
+        assert row is not None
+        where = row[0].decode() if isinstance(row[0], bytes | bytearray) else str(row[0])
+        return where, _integer(row[1])
 
     def verify_finished(self, conn: Any, txid: int | None) -> tuple[Finished, str]:
         """MySQL keeps no status of finished XA transactions: nothing can be told."""
@@ -457,6 +487,13 @@ def one_phase_statements(xid: Xid) -> tuple[str, str]:
 def finish_statement(verb: str, xid: Xid) -> str:
     """``XA COMMIT`` or ``XA ROLLBACK`` (``verb``) of a prepared branch."""
     return f"XA {verb} {xid.to_mysql()}"
+
+
+def one_phase_refused(errno: int | None) -> bool:
+    """Is ``errno``, answering ``XA END; XA COMMIT ... ONE PHASE``, a certain "not
+    committed"? (False: the commit may have happened, e.g. 1317 query interrupted, 1401
+    XAER_RMERR, 1180 error during commit; the outcome is unknown.)"""
+    return errno in ONE_PHASE_REFUSED
 
 
 def finish_answer(verb: str, errno: int | None) -> PhaseTwo | None:

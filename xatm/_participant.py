@@ -159,7 +159,8 @@ class Participant(Protocol):
 
         ``before``: statements to run in the branch first, sent with the commit in as few
         round trips as the driver allows. Raise BranchVotedNo if the branch is certainly
-        rolled back; a connection error means the outcome is unknown.
+        rolled back; anything else raised (a connection error, an answer after which the
+        commit may have happened) means the outcome is unknown.
         """
 
     def commit_prepared(self, conn: Connection, xid: Xid) -> PhaseTwo:
@@ -229,8 +230,14 @@ class Participant(Protocol):
         """Take the session-level identity lock of ``node_id`` on this resource without
         waiting; False if another session holds it."""
 
-    def identity_in_use(self, conn: Connection, node_id: str) -> bool:
-        """True if some session holds the identity lock of ``node_id`` on this resource."""
+    def identity_holder(self, conn: Connection, node_id: str) -> int | None:
+        """The session id (connection id, backend pid) of whoever holds the identity lock of
+        ``node_id`` on this resource, or None if nobody does."""
+
+    def identity_session(self, conn: Connection) -> tuple[str, int]:
+        """Where this resource's identity locks live (a string naming the server, and the
+        database where locks are per database) and ``conn``'s session id there: two
+        resources with the same place share one identity lock."""
 
     def verify_finished(self, conn: Connection, txid: int | None) -> tuple[Finished, str]:
         """What became of a branch that is no longer prepared (``txid``: the server

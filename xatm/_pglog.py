@@ -3,7 +3,8 @@
 Several coordinator processes, on any number of hosts, share one log; any surviving host
 can finish a dead host's transactions. Layout, in its own schema (default ``xatm``)::
 
-    <schema>.meta       (key text primary key, value text)       -- schema_version
+    <schema>.meta       (key text primary key, value text)       -- schema_version,
+                                                                 -- decision_horizon
     <schema>.decisions  (gtrid    varchar(64) primary key,
                          node_id  varchar(30),
                          decision char(1)  'C' commit | 'A' abort,
@@ -11,6 +12,7 @@ can finish a dead host's transactions. Layout, in its own schema (default ``xatm
                          txids    text     JSON {resource: PostgreSQL txid},
                          decided_by text   e.g. "coordinator" or "sweeper@host-2",
                          created_at timestamptz, ended_at timestamptz)
+    <schema>.timelines  (node_id, resource, body text JSON)       -- xatm._timelines
 
 **Fencing without clocks.** The coordinator's COMMIT and a sweeper's ABORT for one gtrid are
 both ``INSERT ... ON CONFLICT (gtrid) DO NOTHING``: the first to land wins and the other
@@ -23,10 +25,16 @@ node_id for as long as its log is open: two live processes cannot share a node_i
 free lock proves the node has no live session (its undecided transactions may be aborted
 at once; fencing keeps even a wrong guess safe).
 
+**Retention.** An ended COMMIT row is kept for ``retain`` seconds after its decision (a
+PostgreSQL failover can bring a branch back prepared after its END: recovery must still find
+its COMMIT, ``xatm._failover``); ``prune`` deletes older ones and raises
+``meta.decision_horizon`` in the same transaction: every COMMIT decided after the horizon
+is still in the table.
+
 **Group commit.** Concurrent ``log_commit`` calls are batched by a leader into one
 multi-row INSERT and one commit (one WAL flush for the batch). ``log_end`` is lazy: ENDs
 are written with the next batch or on ``flush``. Ended COMMIT rows and old ABORT rows are
-pruned by ``prune``.
+pruned by ``prune`` (ended COMMITs once out of the retention window).
 
 **Bounded waits.** Every log session sets ``lock_timeout`` (:data:`LOCK_TIMEOUT`),
 ``statement_timeout`` (:data:`STATEMENT_TIMEOUT`) and ``idle_in_transaction_session_timeout``
@@ -69,7 +77,7 @@ from .errors import ConfigurationError, LogError, LogLocked
 
 logger = logging.getLogger("xatm.log")
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 #: seconds between two prunes of finished decisions by recovery passes
 PRUNE_EVERY = 60.0
 #: an ABORT row fences a late COMMIT of a paused coordinator: keep it at least this long
@@ -127,6 +135,18 @@ _MIGRATIONS: dict[int, list[str]] = {
         "CREATE UNIQUE INDEX IF NOT EXISTS sagas_key ON {schema}.sagas (name, key_hash)",
         "CREATE INDEX IF NOT EXISTS sagas_open ON {schema}.sagas (state)"
         " WHERE state IN ('running', 'compensating')",
+    ],
+    # failover detection: each node's last timeline seen per resource (xatm._timelines),
+    # and the horizon of retained decisions (ended COMMITs pruned before version 3 were
+    # not recorded: the horizon starts at the migration)
+    3: [
+        "CREATE TABLE IF NOT EXISTS {schema}.timelines ("
+        " node_id varchar(30) NOT NULL,"
+        " resource text NOT NULL,"
+        " body text NOT NULL,"
+        " PRIMARY KEY (node_id, resource))",
+        "INSERT INTO {schema}.meta VALUES ('decision_horizon',"
+        " extract(epoch FROM now())::text) ON CONFLICT (key) DO NOTHING",
     ],
 }
 
@@ -521,30 +541,93 @@ class PostgresLog:
                     logger.warning("shared log: could not record %d ENDs: %s", len(ends), e)
 
     @_log_errors
-    def prune(self, abort_age: float = 86400.0) -> int:
-        """Delete ended COMMIT rows and ABORT rows older than ``abort_age`` seconds."""
+    def prune(self, abort_age: float = 86400.0, retain: float = 0.0) -> int:
+        """Delete ended COMMIT rows decided more than ``retain`` seconds ago, and ABORT rows
+        older than ``abort_age`` seconds; the horizon is raised in the same transaction."""
         with self._read_lock:
-            cur = self._reader.execute(
-                self._q(
-                    "DELETE FROM {schema}.decisions WHERE (decision = 'C' AND ended_at IS"
-                    " NOT NULL) OR (decision = 'A' AND created_at < now() - %s *"
-                    " interval '1 second')"
-                ),
-                (abort_age,),
-            )
-            return cur.rowcount
+            conn = self._reader
+            with conn.transaction():
+                rows = conn.execute(
+                    self._q(
+                        "DELETE FROM {schema}.decisions WHERE (decision = 'C' AND ended_at IS"
+                        " NOT NULL AND created_at < now() - %s * interval '1 second')"
+                        " OR (decision = 'A' AND created_at < now() - %s * interval '1 second')"
+                        " RETURNING decision, extract(epoch FROM created_at)::float8"
+                    ),
+                    (retain, abort_age),
+                ).fetchall()
+                newest = max((float(t) for d, t in rows if d == "C"), default=None)
+                if newest is not None:
+                    conn.execute(
+                        self._q(
+                            "INSERT INTO {schema}.meta VALUES ('decision_horizon', %s)"
+                            " ON CONFLICT (key) DO UPDATE SET value = GREATEST("
+                            "{schema}.meta.value::float8, EXCLUDED.value::float8)::text"
+                        ),
+                        (repr(newest),),
+                    )
+            return len(rows)
 
-    def maybe_prune(self, abort_age: float, every: float = PRUNE_EVERY) -> int:
+    def maybe_prune(self, abort_age: float, every: float = PRUNE_EVERY, retain: float = 0.0) -> int:
         """``prune`` at most once per ``every`` seconds (recovery calls this each pass)."""
         now = time.monotonic()
         if now - self._last_prune < every:
             return 0
         self._last_prune = now
         try:
-            return self.prune(abort_age)
+            return self.prune(abort_age, retain)
         except (psycopg.Error, LogError) as e:  # prune reports psycopg's errors as LogError
             logger.warning("shared log: pruning failed: %s", redact(str(e)))
             return 0
+
+    @_log_errors
+    def horizon(self) -> float:
+        """The time since which every COMMIT decision is still in the table."""
+        with self._read_lock:
+            row = self._reader.execute(
+                self._q("SELECT value FROM {schema}.meta WHERE key = 'decision_horizon'")
+            ).fetchone()
+        return float(row[0]) if row else 0.0
+
+    @_log_errors
+    def decided_between(self, node: str, start: float, end: float) -> list[LogRecord]:
+        """``node``'s COMMIT decisions (pending or ended) made in ``[start, end)``."""
+        with self._read_lock:
+            rows = self._reader.execute(
+                self._q(
+                    "SELECT gtrid, branches, txids, extract(epoch FROM created_at)::float8"
+                    " FROM {schema}.decisions WHERE node_id = %s AND decision = 'C'"
+                    " AND created_at >= to_timestamp(%s) AND created_at < to_timestamp(%s)"
+                    " ORDER BY created_at"
+                ),
+                (node, start, end),
+            ).fetchall()
+        return [_record(g, b, x, t) for g, b, x, t in rows]
+
+    # -- each node's view of its resources' timelines (xatm._timelines) -----------------
+    @_log_errors
+    def timelines(self, node: str | None = None) -> list[tuple[str, str, str]]:
+        """(node, resource, body) of ``node``'s recorded timelines (every node's if None)."""
+        query = "SELECT node_id, resource, body FROM {schema}.timelines"
+        params: tuple[Any, ...] = ()
+        if node is not None:
+            query += " WHERE node_id = %s"
+            params = (node,)
+        with self._read_lock:
+            rows = self._reader.execute(self._q(query), params).fetchall()
+        return [(str(n), str(r), str(b)) for n, r, b in rows]
+
+    @_log_errors
+    def save_timeline(self, node: str, resource: str, body: str) -> None:
+        """Record ``node``'s view of one resource's timeline (committed when this returns)."""
+        with self._read_lock:
+            self._reader.execute(
+                self._q(
+                    "INSERT INTO {schema}.timelines VALUES (%s, %s, %s)"
+                    " ON CONFLICT (node_id, resource) DO UPDATE SET body = EXCLUDED.body"
+                ),
+                (node, resource, body),
+            )
 
     @_log_errors
     def try_sweep_lock(self) -> bool:

@@ -28,17 +28,27 @@ connect and at BEGIN. Those are the server's bounds; a server that stops answeri
 client's business (``xatm._deadline``, which finds a connection's socket with
 :func:`socket_of`), with TCP keepalives and ``tcp_user_timeout`` for a dead peer
 (:func:`dead_peer_settings`).
+
+**Failover detection.** The same round trip, once per new connection, reads the server's
+timeline (the first 8 hex digits of ``pg_walfile_name(pg_current_wal_lsn())``: a promoted
+standby starts a new one; NULL on a standby) and its next transaction id
+(``pg_snapshot_xmax(pg_current_snapshot())``), both readable without privileges, and hands
+them to the manager's failover watch (``xatm._failover``, the ``watch`` attribute) before the
+connection is used. Where the server refuses that query (a function revoked, a PostgreSQL
+flavour without WAL files), the connection is set up without it and detection is off for
+the resource (a warning says so once).
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 import math
 import re
 import zlib
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, Literal, Protocol
 
 import psycopg
 from psycopg.pq import TransactionStatus
@@ -67,9 +77,15 @@ from ._urls import (
 from ._xid import Xid
 from .errors import ResourceUnavailable
 
+logger = logging.getLogger("xatm")
+
 UNDEFINED_OBJECT = "42704"
+#: ``pg_xact_status`` of a transaction id not assigned yet on this server
+INVALID_PARAMETER_VALUE = "22023"
 #: where ``adopt`` notes the isolation level it set on a pooled connection
 _ISOLATION_KEY = "xatm.isolation"
+#: where ``adopt`` notes that it told the failover watch the connection's state
+_STATE_KEY = "xatm.state"
 UNIQUE_VIOLATION = "23505"
 UNDEFINED_TABLE = "42P01"
 
@@ -104,6 +120,61 @@ def socket_of(conn: Any) -> int | None:
     return fd if isinstance(fd, int) and fd >= 0 else None
 
 
+#: the server's timeline (hex text; NULL on a standby) and next transaction id, read with
+#: the session set-up of every new connection (failover detection)
+SERVER_STATE = (
+    "SELECT CASE WHEN pg_is_in_recovery() THEN NULL"
+    " ELSE substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8) END,"
+    " pg_snapshot_xmax(pg_current_snapshot())::text"
+)
+
+#: what the failover watch makes of a connection's state: nothing new, or a timeline not
+#: recorded yet (the first one seen, or another one: a promotion, a restore)
+Change = Literal["same", "timeline"]
+
+
+class Watch(Protocol):
+    """The failover watch a participant reports each new connection's state to
+    (``xatm._failover.FailoverWatch``)."""
+
+    def changed(self, resource: str, timeline: int, next_xid: int | None) -> Change: ...
+
+    def record(
+        self, resource: str, timeline: int, next_xid: int | None, bound: int | None
+    ) -> None: ...
+
+
+def server_state(row: Any) -> tuple[int | None, int | None]:
+    """(timeline, next transaction id) from a :data:`SERVER_STATE` row."""
+    if row is None:
+        return None, None
+    timeline = int(str(row[0]), 16) if row[0] is not None else None
+    next_xid = int(str(row[1])) if row[1] is not None else None
+    return timeline, next_xid
+
+
+#: the latest checkpoint's timeline and next transaction id (``epoch:xid``)
+CHECKPOINT = "SELECT timeline_id, next_xid FROM pg_control_checkpoint()"
+
+
+def promotion_bound(row: Any, timeline: int) -> int | None:
+    """From a :data:`CHECKPOINT` row: the next transaction id of a checkpoint made on
+    ``timeline`` (the new one), which is at least the next transaction id at the promotion;
+    None if the latest checkpoint is older than the promotion."""
+    if row is None or row[0] is None or int(row[0]) != timeline:
+        return None
+    epoch, _, xid = str(row[1]).partition(":")
+    return (int(epoch) << 32) | int(xid) if xid else int(epoch)
+
+
+#: the status of each of a list of transaction ids (as text), without the error
+#: "transaction ID ... is in the future" for one not assigned yet
+XACT_STATUSES = (
+    "SELECT x, CASE WHEN x::xid8 < pg_snapshot_xmax(pg_current_snapshot())"
+    " THEN pg_xact_status(x::xid8) ELSE 'future' END FROM unnest(%s::text[]) AS x"
+)
+
+
 def wait_bounds(timeout: float) -> dict[str, str]:
     """The session settings that bound the waits of a transaction with ``timeout``
     seconds: no lock wait outlasts it, and no statement outlasts twice that."""
@@ -130,9 +201,13 @@ class PostgresParticipant:
         self._user_settings = pg_settings_in(options.get("options", ""))
         #: sent once on each new connection (a SET, not the startup packet's ``options``,
         #: which some connection poolers refuse)
-        self._session_setup = (
+        self._session_bounds = (
             "" if timeout is None else self._set(max(timeout, SESSION_WAIT_FLOOR), local=False)
         )
+        #: told the state of every new connection (set by the manager: ``xatm._failover``)
+        self.watch: Watch | None = None
+        #: the server answered the state query (False once it refused it: detection off)
+        self.reads_state = True
         self._kwargs: dict[str, Any] = {
             "host": spec.host,
             "port": spec.port,
@@ -164,8 +239,11 @@ class PostgresParticipant:
 
     @property
     def session_setup(self) -> str:
-        """The statement to send once on each new connection ('' for none)."""
-        return self._session_setup[2:]
+        """The statement to send once on each new connection: the server's state
+        (:data:`SERVER_STATE`, first) and the session's wait bounds."""
+        if not self.reads_state:
+            return self._session_bounds[2:]
+        return SERVER_STATE + self._session_bounds
 
     def unavailable(self, e: BaseException) -> ResourceUnavailable:
         """The error for a connection attempt that failed with ``e`` (password-free)."""
@@ -175,18 +253,62 @@ class PostgresParticipant:
             resource=self.name,
         )
 
+    def state_refused(self, e: psycopg.Error) -> bool:
+        """The state query failed with ``e`` for a reason of the server's (not a lost
+        connection): set up without it from now on, and say so once. True if so."""
+        if self.is_connection_error(e) or not self.reads_state:
+            return False
+        self.reads_state = False
+        logger.warning(
+            "resource %r: the server refuses to tell its timeline (%s): failover detection"
+            " is off for it",
+            self.name,
+            redact(_describe(e)),
+        )
+        return True
+
+    def observe(self, conn: psycopg.Connection[Any], row: Any) -> None:
+        """Tell the watch a new connection's state (:data:`SERVER_STATE` row)."""
+        watch = self.watch
+        timeline, next_xid = server_state(row)
+        if watch is None or timeline is None:
+            return
+        if watch.changed(self.name, timeline, next_xid) == "same":
+            return
+        bound = None
+        try:
+            bound = promotion_bound(conn.execute(CHECKPOINT).fetchone(), timeline)
+        except psycopg.Error as e:
+            if self.is_connection_error(e):
+                raise
+        watch.record(self.name, timeline, next_xid, bound)
+
     def connect(self) -> psycopg.Connection[Any]:
         conn = None
         try:
             with _deadline.waiting(self, "a connect"):  # bounded by connect_timeout
                 conn = psycopg.connect(**self.connect_kwargs)
-            if self._session_setup:
+            setup = self.session_setup
+            if setup:
                 with _deadline.bounded(self, conn, _deadline.GRACE, "the session set-up"):
-                    conn.execute(self.session_setup)  # one round trip, once per connection
+                    try:
+                        cur = conn.execute(setup)  # one round trip, once per connection
+                    except psycopg.Error as e:
+                        if not self.state_refused(e):
+                            raise
+                        if self.session_setup:
+                            conn.execute(self.session_setup)
+                    else:
+                        if self.reads_state:
+                            self.observe(conn, cur.fetchone())
         except psycopg.Error as e:
             if conn is not None:
                 self.close(conn)
             raise self.unavailable(e) from None
+        except BaseException:
+            if conn is not None:
+                self.close(conn)
+            raise
         return conn
 
     def socket_of(self, conn: Any) -> int | None:
@@ -369,6 +491,16 @@ class PostgresParticipant:
         autocommit = bool(conn.autocommit)
         if not autocommit:
             conn.autocommit = True  # client-side only: no round trip
+        if self.watch is not None and self.reads_state and _STATE_KEY not in info:
+            # an engine's connection: xatm sent no session set-up, so ask once here
+            info[_STATE_KEY] = True
+            try:
+                row = conn.execute(SERVER_STATE).fetchone()
+            except psycopg.Error as e:
+                if not self.state_refused(e):
+                    raise
+            else:
+                self.observe(conn, row)
         level = conn.isolation_level
         if level is not None and info.get(_ISOLATION_KEY) != level:
             # psycopg applies an engine's isolation_level to the transactions it begins
@@ -393,7 +525,7 @@ class PostgresParticipant:
         return f"max_prepared_transactions = {slots}"
 
     def wait_findings(self, conn: psycopg.Connection[Any], timeout: float | None) -> list[Finding]:
-        return _health.wait_findings(conn)
+        return [*_health.wait_findings(conn), *_health.replication_findings(conn)]
 
     def check(self, conn: psycopg.Connection[Any]) -> list[str]:
         problems = []
@@ -456,15 +588,27 @@ class PostgresParticipant:
         ).fetchone()
         return bool(row and row[0])
 
-    def identity_in_use(self, conn: psycopg.Connection[Any], node_id: str) -> bool:
-        """Does any session of this database hold the advisory lock of ``node_id``?"""
+    def identity_holder(self, conn: psycopg.Connection[Any], node_id: str) -> int | None:
+        """The backend pid of the session holding ``node_id``'s advisory lock in this
+        database, or None."""
         row = conn.execute(
-            "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory'"
+            "SELECT pid FROM pg_locks WHERE locktype = 'advisory'"
             " AND classid = %s AND objid = %s AND objsubid = 2 AND granted"
-            " AND database = (SELECT oid FROM pg_database WHERE datname = current_database()))",
+            " AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+            " LIMIT 1",
             (IDENTITY_LOCK_SPACE, identity_key(node_id) & 0xFFFFFFFF),
         ).fetchone()
-        return bool(row and row[0])
+        return None if row is None or row[0] is None else int(row[0])
+
+    def identity_session(self, conn: psycopg.Connection[Any]) -> tuple[str, int]:
+        """Where an advisory lock lives (the server, by its start time and port, and the
+        database) and this session's backend pid."""
+        row = conn.execute(
+            "SELECT pg_postmaster_start_time()::text || ':' || current_setting('port')"
+            " || '/' || current_database(), pg_backend_pid()"
+        ).fetchone()
+        assert row is not None
+        return str(row[0]), int(row[1])
 
     def verify_finished(
         self, conn: psycopg.Connection[Any], txid: int | None
@@ -480,6 +624,11 @@ class PostgresParticipant:
         except psycopg.Error as e:
             if self.is_connection_error(e):
                 raise
+            if e.sqlstate == INVALID_PARAMETER_VALUE and "future" in str(e):
+                return "aborted", (
+                    f"lost: PostgreSQL transaction {txid} was never assigned on this server's"
+                    " history (a failover or a restore lost it)"
+                )
             return "unknown", f"{CANNOT_TELL}: pg_xact_status failed: {redact(_describe(e))}"
         status = None if row is None else row[0]
         if status == "committed":
@@ -489,6 +638,17 @@ class PostgresParticipant:
         if status == "in progress":
             return "in progress", f"PostgreSQL transaction {txid} is still in progress"
         return "unknown", f"{CANNOT_TELL}: the status of transaction {txid} is no longer kept"
+
+    def xact_statuses(
+        self, conn: psycopg.Connection[Any], txids: Iterable[int]
+    ) -> dict[int, str | None]:
+        """``pg_xact_status`` of each of ``txids``: ``committed``, ``aborted``, ``in
+        progress``, ``future`` (not assigned yet here), or None (no longer kept)."""
+        wanted = sorted({int(t) for t in txids})
+        if not wanted:
+            return {}
+        rows = conn.execute(XACT_STATUSES, ([str(t) for t in wanted],)).fetchall()
+        return {int(x): (None if status is None else str(status)) for x, status in rows}
 
     def branch_locks(
         self, conn: psycopg.Connection[Any], branch: PreparedBranch

@@ -1,5 +1,7 @@
 """What ``xatm doctor`` checks of a PostgreSQL resource beyond 2PC fitness (the adapter's
-``wait_findings``): bounded lock waits, dead clients noticed, connections kept for recovery.
+``wait_findings``): bounded lock waits, dead clients noticed, connections kept for recovery,
+and whether a failover to a standby can lose commits (asynchronous standbys, or
+``synchronous_commit`` below ``on``).
 
 The settings are read with plain ``SHOW``/``SELECT`` on a connection xatm opened (so the
 session settings xatm sets on its connections are what is judged)."""
@@ -110,3 +112,84 @@ def _headroom(conn: Any, version: int) -> Finding:
         " (ALTER ROLE ... CONNECTION LIMIT n) and run `xatm recover` as another role, or"
         " as a superuser (superuser_reserved_connections)" + keep,
     )
+
+
+#: ``synchronous_commit`` values that acknowledge a commit (or a PREPARE) before a
+#: synchronous standby has flushed it
+_WEAK_COMMIT = ("off", "local", "remote_write")
+
+
+def replication_findings(conn: Any) -> list[Finding]:
+    """Can a failover to a standby of this server lose what xatm was told is committed?
+
+    ``pg_stat_replication`` lists the standbys to any role, but shows their ``sync_state``
+    only to a role with ``pg_read_all_stats`` (``pg_monitor``); without it, an empty
+    ``synchronous_standby_names`` still says that every standby is asynchronous."""
+    checks = []
+    names = str(scalar(conn, "SHOW synchronous_standby_names")).strip()
+    commit = str(scalar(conn, "SHOW synchronous_commit"))
+    rows = conn.execute(
+        "SELECT coalesce(application_name, '?'), sync_state FROM pg_stat_replication"
+    ).fetchall()
+    lose = (
+        " a failover to it can lose transactions xatm committed (recovery reports them after"
+        " the switch, docs/operations.md): set synchronous_standby_names (with"
+        " synchronous_commit = on or remote_apply) so that a commit waits for the standby"
+    )
+    visible = [(str(n), str(s)) for n, s in rows if s is not None]
+    if visible:
+        weak = sorted(f"{n} ({s})" for n, s in visible if s in ("async", "potential"))
+        if weak:
+            checks.append(
+                _advice("standbys", f"standby(s) {', '.join(weak)} replicate asynchronously:{lose}")
+            )
+        else:
+            checks.append(
+                Finding("standbys", True, f"{len(visible)} synchronous standby(s) ({names})")
+            )
+    elif rows and not names:
+        checks.append(
+            _advice(
+                "standbys",
+                f"{len(rows)} standby(s) stream from this server and synchronous_standby_names"
+                f" is empty, so every one replicates asynchronously:{lose}",
+            )
+        )
+    elif rows:
+        checks.append(
+            Finding(
+                "standbys",
+                True,
+                f"{len(rows)} standby(s), synchronous_standby_names = {names!r}; which of them"
+                " are synchronous is not shown to this role (grant it pg_monitor to let doctor"
+                " tell)",
+            )
+        )
+    elif names:
+        checks.append(
+            _advice(
+                "standbys",
+                f"synchronous_standby_names = {names!r} but no standby is connected: every"
+                " commit and PREPARE waits until one is",
+            )
+        )
+    else:
+        checks.append(Finding("standbys", True, "no standby streams from this server"))
+    if commit in _WEAK_COMMIT:
+        checks.append(
+            _advice(
+                "synchronous-commit",
+                f"synchronous_commit = {commit}: a commit or PREPARE is acknowledged before a"
+                " synchronous standby has flushed it"
+                + (
+                    " (and, with off, before it is on this server's disk)"
+                    if commit == "off"
+                    else ""
+                )
+                + ": a failover (or a crash) can lose transactions xatm committed; set it to on"
+                " or remote_apply (ALTER ROLE ... SET, or postgresql.conf)",
+            )
+        )
+    else:
+        checks.append(Finding("synchronous-commit", True, f"synchronous_commit = {commit}"))
+    return checks

@@ -52,6 +52,14 @@ conditional ABORT write (which a late COMMIT then loses: fencing) once its coord
 no longer act (this process, not running it; or a node with no session on the log) or it is
 older than its timeout. One process at a time resolves (a session-level advisory lock).
 
+**Failover** (``xatm._failover``). When a branch's PostgreSQL resource failed over after the
+branch was created, a branch with no pending decision may be one whose ``COMMIT PREPARED``
+the new primary never received: its decision is looked up among the log's retained (ended)
+ones, and committed if found; if the retained decisions do not reach back to its creation,
+it is left in doubt (fact ``failover``). A logged branch missing after the switch whose
+transaction id the new primary had not assigned is a heuristic outcome. After the settling,
+each switch not checked yet gets its report (:func:`xatm._failover.check`).
+
 A resource that cannot be reached (or fails in any other way) is skipped and reported; the
 pass goes on with the others. Passes are idempotent: a branch already finished by someone
 else is "not found", which is fine. Passes of one Context never overlap (a lock).
@@ -67,16 +75,26 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
-from . import _deadline, _events, _marker_recovery
+from . import _deadline, _events, _failover, _marker_recovery
 from ._decide import Action as Act
-from ._decide import Facts, Logged, Marker, Owner, decide, past_timeout
+from ._decide import (
+    Facts,
+    Logged,
+    Marker,
+    NodeLogState,
+    Owner,
+    decide,
+    owner_of,
+    past_timeout,
+    tenure,
+)
 from ._fleet import Fleet, fleet_for
 from ._participant import Connection, PreparedBranch
 from ._records import LogRecord
 from ._report import Action, RecoveryAction, RecoveryReport
 from ._settle import Settled, finish_prepared
 from ._urls import redact
-from ._xid import Xid, may_use_marker, parse_gtrid
+from ._xid import Xid, incarnation_of, may_use_marker, parse_gtrid
 from .errors import LogError, ResourceError
 
 if TYPE_CHECKING:
@@ -111,6 +129,7 @@ class _Pass:
     scanned: set[str] = field(default_factory=set)
     problems: dict[str, str] = field(default_factory=dict)
     skipped: set[str] = field(default_factory=set)  # resources not in this pass (backoff)
+    strangers: set[str] = field(default_factory=set)  # gtrids of processes no log here lists
     foreign: int = 0
 
     @property
@@ -293,7 +312,8 @@ class _Pass:
         expired = False
         detail = ""
         logged = Logged.NONE
-        if node == self.own_node:
+        own = node == self.own_node
+        if own:
             running = ctx.running(gtrid)
             if running is not None:
                 if self.dry_run:
@@ -306,24 +326,52 @@ class _Pass:
                 return Facts(
                     Owner.EXPIRED if expired_now else Owner.RUNNING, known_resource=known
                 ), ""
-            # not running now, so it has finished
-            owner = Owner.FINISHED if ctx.identity.held(resource) else Owner.UNFENCED
+        made_by = tenure(
+            incarnation_of(gtrid),
+            ctx.incarnation if own else None,
+            fleet.incarnations(node),
+        )
+        log: NodeLogState
+        if fleet.shared:
+            log = "alive" if not own and fleet.peer(node) == "alive" else "shared"
+        elif own:
+            log = "held"
         else:
             state = fleet.peer(node)
-            owner = {"dead": Owner.DEAD_PEER, "unknown": Owner.UNKNOWN}.get(state, Owner.LIVE_PEER)
+            log = "held" if state == "dead" else state
             if state == "unexamined":
                 detail = "not examined in this pass (the next one will)"
             elif state == "corrupt":
-                owner = Owner.UNKNOWN
                 detail = f"the log of coordinator {node!r} is corrupt (see `xatm log`)"
-        if owner is Owner.DEAD_PEER:
-            participant, _ = ctx.resources.get(resource)
-            if participant.identity_in_use(conn, node):
-                owner = Owner.LIVE_PEER  # its log lock is free, but a process runs as it
-                detail = f"node {node!r} holds its identity lock on {resource!r}"
-        if known and owner in (Owner.FINISHED, Owner.UNFENCED, Owner.DEAD_PEER, Owner.LIVE_PEER):
+        legacy_lock = False
+        if made_by == "legacy" and log == "held":
+            if own:  # this node's, made by xatm 0.2: fenced by the identity lock only
+                legacy_lock = ctx.identity.held(resource)
+            else:  # its log lock is free, but a process may run as it
+                participant, _ = ctx.resources.get(resource)
+                legacy_lock = participant.identity_holder(conn, node) is not None
+                if legacy_lock:
+                    detail = f"node {node!r} holds its identity lock on {resource!r}"
+        owner = owner_of(own_node=own, made_by=made_by, log=log, legacy_lock=legacy_lock)
+        if owner is Owner.STRANGER:
+            detail = f"incarnation {incarnation_of(gtrid)} of node {node!r}"
+            self.strangers.add(gtrid)
+            if not self.dry_run:
+                ctx.note_stranger(gtrid, resource)
+        if known and owner in (
+            Owner.FINISHED,
+            Owner.PREVIOUS,
+            Owner.STRANGER,
+            Owner.UNFENCED,
+            Owner.DEAD_PEER,
+            Owner.LIVE_PEER,
+        ):
             # read now: a decision taken since the pass began is in the log already
             logged = fleet.decision(gtrid, node)
+        failover = False
+        if known and logged is Logged.NONE and owner is not Owner.UNKNOWN:
+            logged, failover, note = self._after_failover(resource, xid)
+            detail = note or detail
         if fleet.shared:
             expired = past_timeout(gtrid, xid.created_at, time.time(), ctx.timeout)
         facts = Facts(
@@ -333,8 +381,34 @@ class _Pass:
             expired=expired,
             shared_log=fleet.shared,
             known_resource=known,
+            failover=failover,
         )
         return facts, detail
+
+    def _after_failover(self, resource: str, xid: Xid) -> tuple[Logged, bool, str]:
+        """For a branch with no decision found: (the decision, the ``failover`` fact, a
+        detail), by :func:`xatm._failover.after_failover`."""
+        watch = self.ctx.failover
+        if watch is None:
+            return Logged.NONE, False, ""
+        node, gtrid = xid.node_id, xid.gtrid
+        records = [watch.records().get(resource)]
+        if node != self.own_node:
+            records.append(self.fleet.timelines(node).get(resource))
+        found = _failover.after_failover(
+            records,
+            xid.created_at,
+            watch.current(resource),
+            lambda: self.fleet.retained(gtrid, node),
+            lambda: self.fleet.horizon(node),
+        )
+        if found == "commit":
+            return (
+                Logged.COMMIT,
+                False,
+                f"its COMMIT was ended before a failover of {resource!r} brought the branch back",
+            )
+        return Logged.NONE, found == "unknown", ""
 
     def settle(self, resource: str, found: PreparedBranch, conn: Connection) -> None:
         xid = found.xid
@@ -480,14 +554,31 @@ class _Pass:
     def _verify(self, gtrid: str, rec: LogRecord) -> bool:
         """Check each logged branch this pass did not commit; False if one is still open."""
         txids: Mapping[str, int] = getattr(rec, "txids", None) or {}
+        watch = self.ctx.failover
         for resource in rec.branches:
             if (gtrid, resource) in self.committed_here:
                 continue
             if resource in self.problems:  # unreachable in this pass: the next one checks
                 return False
+            switch = (
+                None if watch is None else watch.lost_txid(resource, txids.get(resource), rec.at)
+            )
             try:
-                with self.ctx.resources.borrow(resource, recovery=True) as (participant, conn):
-                    verdict, text = participant.verify_finished(conn, txids.get(resource))
+                if switch is not None:  # its id was never assigned on the new primary
+                    verdict, text = (
+                        "aborted",
+                        (
+                            f"lost in the failover of {resource!r} (timeline {switch.old} ->"
+                            f" {switch.new}): PostgreSQL transaction {txids.get(resource)} was"
+                            " never assigned on the new primary"
+                        ),
+                    )
+                else:
+                    with self.ctx.resources.borrow(resource, recovery=True) as (
+                        participant,
+                        conn,
+                    ):
+                        verdict, text = participant.verify_finished(conn, txids.get(resource))
             except ResourceError as e:
                 self._unreachable(resource, str(e))
                 return False
@@ -512,6 +603,31 @@ class _Pass:
                     )
                 )
         return True
+
+    def check_failovers(self) -> None:
+        """The report of each switch not checked yet (``xatm._failover.check``). Decisions
+        still pending are recovery's own to verify (their losses are reported when they are
+        closed), so they are not listed twice."""
+        watch = self.ctx.failover
+        if watch is None or not any(
+            s.checked_at is None for r in watch.records().values() for s in r.switches
+        ):
+            return
+        skip = set(self.snapshot) | {a.gtrid for a in self.actions if a.action == "heuristic"}
+        try:
+            skip |= set(self.ctx.log.pending())
+        except LogError:
+            return  # the log failed: nothing it says can be trusted now
+        own = self.own_node
+
+        def between(node: str, start: float, end: float) -> list[LogRecord]:
+            return [r for r in self.fleet.decided_between(node, start, end) if r.gtrid not in skip]
+
+        def report(kind: str, gtrid: str, resource: str, reason: str, outcome: str) -> None:
+            action: Action = "heuristic" if kind == "heuristic" else "possibly-lost"
+            self._record(gtrid, resource, resource, action, reason, outcome)
+
+        _failover.check(self.ctx, between, self.fleet.horizon(own), report)
 
 
 def _describe(e: BaseException) -> str:
@@ -578,6 +694,8 @@ def _run(ctx: Context, p: _Pass, resources: Callable[[], list[str]] | None) -> R
             ended = p.end_decided()
         finally:
             p.close_logs()
+    if not dry_run and p.only is None:
+        p.check_failovers()
     branch_actions = [a for a in p.actions if a.action in ("commit", "rollback", "skip", "error")]
     report = RecoveryReport(
         committed=sum(1 for a in branch_actions if a.action == "commit" and a.outcome != "planned"),
@@ -592,8 +710,12 @@ def _run(ctx: Context, p: _Pass, resources: Callable[[], list[str]] | None) -> R
         unreachable=tuple(n for n in names if n in p.problems),
         actions=tuple(p.actions),
         heuristics=sum(1 for a in p.actions if a.action == "heuristic"),
+        possibly_lost=sum(1 for a in p.actions if a.action == "possibly-lost"),
         problems=tuple((n, p.problems[n]) for n in names if n in p.problems),
         dry_run=dry_run,
+        strangers=sum(
+            1 for a in p.actions if a.gtrid in p.strangers and a.outcome in ("left", "planned")
+        ),
     )
     logger.debug("recovery pass took %.3f s: %s", time.monotonic() - started, report)
     return report

@@ -6,7 +6,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-Action = Literal["commit", "rollback", "skip", "error", "heuristic", "verify", "end"]
+Action = Literal[
+    "commit", "rollback", "skip", "error", "heuristic", "verify", "end", "possibly-lost"
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -16,8 +18,10 @@ class RecoveryAction:
     ``action`` is one of: ``commit``, ``rollback`` (phase 2 sent), ``skip`` (left prepared,
     ``reason`` says why), ``error`` (phase 2 failed), ``verify`` (a logged branch that was not
     prepared any more: ``outcome`` says what is known of it), ``heuristic`` (a branch of a
-    committed transaction that was rolled back outside xatm), ``end`` (the decision record
-    closed; ``branch`` is empty).
+    committed transaction that was rolled back outside xatm, or lost in a failover of its
+    PostgreSQL resource), ``end`` (the decision record closed; ``branch`` is empty),
+    ``possibly-lost`` (a transaction committed on a resource before it failed over, whose
+    branch the new primary cannot vouch for: ``xatm._failover``).
     """
 
     gtrid: str
@@ -50,8 +54,12 @@ class RecoveryReport:
     unreachable: tuple[str, ...] = ()  # resources skipped (down, or failing)
     actions: tuple[RecoveryAction, ...] = field(default=(), repr=False)
     heuristics: int = 0  # branches of committed transactions found rolled back outside xatm
+    #: transactions committed before a failover whose branch the new primary cannot vouch for
+    possibly_lost: int = 0
     problems: tuple[tuple[str, str], ...] = field(default=(), repr=False)  # (resource, why)
     dry_run: bool = False
+    #: branches of this node_id made by a process its log does not list: left (a twin)
+    strangers: int = 0
 
     @property
     def clean(self) -> bool:
@@ -65,7 +73,9 @@ class RecoveryReport:
             "rolled_back": self.rolled_back,
             "in_doubt": self.in_doubt,
             "heuristics": self.heuristics,
+            "possibly_lost": self.possibly_lost,
             "foreign": self.foreign,
+            "strangers": self.strangers,
             "ended": self.ended,
             "unreachable": [{"resource": r, "error": m} for r, m in self.problems],
             "actions": [a.to_json() for a in self.actions],

@@ -148,7 +148,13 @@ class Rollback:
     prepared: bool
 
 
-Operation = Prepare | CommitOnePhase | LogCommit | LogEnd | CommitPrepared | Rollback
+@dataclass(slots=True)
+class AwaitWork:
+    """Wait until no statement or enlistment of the transaction runs any more in another
+    task or thread (new ones are refused already); result ``None``."""
+
+
+Operation = Prepare | CommitOnePhase | LogCommit | LogEnd | CommitPrepared | Rollback | AwaitWork
 
 #: a protocol run: yields operations, receives their results, returns at the end
 Steps = Generator[Operation, Any, T]

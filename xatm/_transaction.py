@@ -33,7 +33,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Any, NoReturn, Protocol, TypeVar, cast
 
 from . import _deadline, _events, _failpoint, _marker
 from ._log import DecisionNotLogged
@@ -49,6 +49,7 @@ from ._participant import (
 )
 from ._pool import Pool
 from ._steps import (
+    AwaitWork,
     Branch,
     BranchState,
     CommitOnePhase,
@@ -109,6 +110,10 @@ class TransactionCore:
         self._fence = threading.Lock()
         self._stop: str | None = None  # why the decision is refused (recovery, cancelled)
         self._deciding = False
+        #: per resource, held while its branch is enlisted and while a statement runs on it
+        #: (a threading.Lock or an asyncio.Lock, made by the driver: ``_lock``)
+        self._locks: dict[str, _Lock] = {}
+        self._ending = False  # commit or rollback has begun: no new work
         # Callbacks of integrations (SQLAlchemy sessions, see xatm._sqlalchemy): the first run
         # at the start of commit, before anything is prepared (they may still do work and
         # enlist branches); the second once the transaction has ended, whatever its outcome.
@@ -140,10 +145,16 @@ class TransactionCore:
 
     def _enlisted(self, resource: str) -> Branch | None:
         """The branch on ``resource`` if it is enlisted (None: begin one), after checking
-        that work may still be done in this transaction."""
+        that work may still be done in this transaction. The resource's lock is held."""
         if self.state is not TransactionState.ACTIVE:
             raise TransactionError(
                 f"transaction {self.gtrid} is {self.state.value}; no more work can be done in it",
+                gtrid=self.gtrid,
+            )
+        if self._ending:
+            raise TransactionError(
+                f"transaction {self.gtrid} is ending (its commit or rollback has begun); no"
+                " more work can be done in it",
                 gtrid=self.gtrid,
             )
         branch = self._branches.get(resource)
@@ -154,7 +165,40 @@ class TransactionCore:
                 gtrid=self.gtrid,
             )
         self._check_time()
+        if branch is None:
+            # running in this process from its first branch on (recovery asks); one that
+            # never enlists anything is never registered
+            self._ctx.register(self)
         return branch
+
+    # -- several tasks or threads in one transaction ----------------------------------------
+    # The drivers hold a resource's lock while its branch is enlisted and while a statement
+    # runs on it (and check ``_enlisted`` under it); the rule is here: the end (commit or
+    # rollback) refuses new work, waits for the work still running, and a commit that had
+    # to wait rolls back (that work may be half done).
+    def _stop_work_steps(self) -> Steps[int]:
+        """The end begins: refuse new work, then wait for the statements and enlistments
+        still running in other tasks or threads. Returns how many were running.
+
+        Safe without a lock of its own: a statement checks ``_ending`` once it holds its
+        resource's lock, so it either holds that lock now (counted, waited for) or will
+        find ``_ending`` set and run nothing."""
+        self._ending = True
+        running = sum(1 for lock in list(self._locks.values()) if lock.locked())
+        if self._branches:
+            self._ctx.register(self, hold=True)  # kept until its end, whoever refers to it
+        if running:
+            e = (yield AwaitWork()).error
+            if e is not None:
+                # Interrupted while that work runs on the branches' connections: they cannot
+                # be used for the rollback. Closing them makes each server roll its branch
+                # back (nothing is prepared yet).
+                self.state = TransactionState.ROLLED_BACK
+                for branch in self._branches.values():
+                    branch.state = BranchState.ROLLED_BACK
+                    branch.drop()
+                raise e
+        return running
 
     def _lost(self, branch: Branch, error: BaseException) -> None:
         """The branch's connection failed (or its call was interrupted) during the work:
@@ -245,6 +289,13 @@ class TransactionCore:
             raise TransactionError(
                 f"transaction {self.gtrid} is already {self.state.value}", gtrid=self.gtrid
             )
+        running = yield from self._stop_work_steps()
+        if running and self._rollback_only is None:
+            self._rollback_only = (
+                f"its commit began while work of it (a statement, an enlistment) was still"
+                f" running in other tasks or threads on {running} resource(s); that work may"
+                " not be complete: await every statement before the block ends"
+            )
         branches = list(self._branches.values())
         if self._rollback_only is not None or time.monotonic() > self.deadline:
             reason = self._rollback_only or "timeout"
@@ -332,8 +383,11 @@ class TransactionCore:
     def _one_phase_steps(self, branch: Branch) -> Steps[None]:
         self.state = TransactionState.PREPARING
         self._trace.phase("commit")
-        self._finishing()
         assert branch.conn is not None
+        stop = self._pass_fence()  # the commit is the decision: refused like any other
+        if stop is not None:
+            yield from self._rollback_steps()
+            self._raise_rolled_back(stop)
         e = (yield CommitOnePhase(branch)).error
         if isinstance(e, BranchVotedNo):
             branch.state = BranchState.ROLLED_BACK
@@ -401,16 +455,32 @@ class TransactionCore:
         """Pass the fence with recovery, or roll back if the transaction is past its time
         (or its caller gave up on it: a cancelled asyncio task)."""
         self._trace.phase("decide")
+        # decide only where this node's identity lease is held now (xatm._identity)
+        live = (BranchState.PREPARED, BranchState.ACTIVE)
+        lost = self._ctx.identity.unheld(
+            b.resource for b in self._branches.values() if b.state in live
+        )
+        stop = self._pass_fence(None if lost is None else str(lost))
+        if stop is not None:
+            yield from self._rollback_steps()
+            self._raise_rolled_back(stop, lost)
+
+    def _pass_fence(self, refuse: str | None = None) -> str | None:
+        """The fence before the decision (a logged COMMIT, a marker branch's commit, or the
+        one-phase commit of the only branch): None if passed (from here on nothing can
+        refuse the decision), else why it is refused (recovery marked it aborted, its caller
+        was cancelled, "timeout", or ``refuse``: the node's identity lease is not held)."""
         with self._fence:
             stop = self._stop
-            expired = stop is not None or time.monotonic() > self.deadline
-            if not expired:
+            if stop is None and time.monotonic() > self.deadline:
+                stop = "timeout"
+            if stop is None:
+                stop = refuse
+            if stop is None:
                 self._deciding = True
-        if not expired:
+        if stop is None:
             self._finishing()
-        if expired:
-            yield from self._rollback_steps()
-            self._raise_rolled_back(stop if stop is not None else "timeout")
+        return stop
 
     def _decide_steps(self, branches: list[Branch]) -> Steps[None]:
         yield from self._fence_steps()
@@ -490,6 +560,12 @@ class TransactionCore:
         else:
             self._ctx.phase_two_incomplete(self.gtrid, self.pending_branches)
 
+    def _abort_steps(self) -> Steps[None]:
+        """What ``rollback()`` runs: wait for the work still running in other tasks or
+        threads, then roll every branch back."""
+        yield from self._stop_work_steps()
+        yield from self._rollback_steps()
+
     def _rollback_steps(self) -> Steps[None]:
         """Roll back every branch that may still hold work; never raises a driver error."""
         self._trace.phase("rollback")
@@ -533,8 +609,10 @@ class Transaction(TransactionCore):
 
     Leaving the block normally commits every branch or none (raising
     :class:`~xatm.TransactionRolledBack` if it had to roll back); leaving it with an
-    exception rolls every branch back and lets the exception through. A transaction is used
-    by one thread.
+    exception rolls every branch back and lets the exception through. A transaction is meant
+    for one thread; if several use it, each resource is enlisted once and its statements run
+    one at a time, and a commit that finds a statement still running in another thread waits
+    for it, then rolls back.
     """
 
     # -- the application's side -------------------------------------------------------------
@@ -560,22 +638,23 @@ class Transaction(TransactionCore):
 
         Returns the driver's cursor. The driver's own exception propagates on failure.
         """
-        branch = self._branch(resource)
-        assert branch.conn is not None
-        watch = branch.watch
-        if watch is not None:
-            watch.busy += 1  # a call in flight (xatm._deadline), inline: once per statement
-        try:
-            return branch.participant.execute(branch.conn, query, params)
-        except BaseException as e:
-            if branch.participant.is_connection_error(e):
-                timeout = self._statement_lost(branch, e)
-                if timeout is not None:
-                    raise timeout from e
-            raise
-        finally:
+        with self._lock(resource):
+            branch = self._branch(resource)
+            assert branch.conn is not None
+            watch = branch.watch
             if watch is not None:
-                watch.busy -= 1
+                watch.busy += 1  # a call in flight (xatm._deadline), inline: per statement
+            try:
+                return branch.participant.execute(branch.conn, query, params)
+            except BaseException as e:
+                if branch.participant.is_connection_error(e):
+                    timeout = self._statement_lost(branch, e)
+                    if timeout is not None:
+                        raise timeout from e
+                raise
+            finally:
+                if watch is not None:
+                    watch.busy -= 1
 
     def connection(self, resource: str) -> Connection:
         """The driver connection of this transaction's branch on ``resource``.
@@ -583,7 +662,7 @@ class Transaction(TransactionCore):
         Use it for anything the driver offers (cursors, COPY, ...), but do not commit, roll
         back or close it: xatm does that.
         """
-        branch = self._branch(resource)
+        branch = self.enlist(resource)
         assert branch.conn is not None
         return branch.hand_out()
 
@@ -613,7 +692,8 @@ class Transaction(TransactionCore):
     def enlist(self, resource: str) -> Branch:
         """The branch on ``resource``, begun now if it is not enlisted yet; its connection
         is the integration's to use (``Branch.hand_out``)."""
-        branch = self._branch(resource)
+        with self._lock(resource):
+            branch = self._branch(resource)
         branch.hand_out()
         return branch
 
@@ -623,11 +703,22 @@ class Transaction(TransactionCore):
         return None if branch is None else branch.conn
 
     # -- enlistment -------------------------------------------------------------------------
+    def _lock(self, resource: str) -> threading.Lock:
+        """The lock of ``resource`` in this transaction: held while its branch is enlisted
+        and while a statement runs on it."""
+        lock = self._locks.get(resource)
+        if lock is None:
+            with self._fence:
+                lock = self._locks.setdefault(resource, threading.Lock())
+        return cast("threading.Lock", lock)
+
     def _branch(self, resource: str) -> Branch:
+        """The branch on ``resource``, begun if it is not enlisted yet (its lock is held)."""
         branch = self._enlisted(resource)
         if branch is not None:
             return branch
         participant, pool = self._ctx.resources.get(resource)
+        self._ctx.identity.require(resource)  # enlist only where the node's lease is held
         participant = self._trace.watch(participant)
         xid = branch_xid(self.gtrid, resource)
         conn, watch = self._begin(participant, pool, xid)
@@ -707,8 +798,9 @@ class Transaction(TransactionCore):
             self._raise_rolled_back(f"the work to do before prepare failed: {first_line}", e)
 
     def _rollback_all(self) -> None:
-        """Roll back every branch that may still hold work; never raises a driver error."""
-        self._drive(self._rollback_steps())
+        """Roll back every branch that may still hold work (once the work still running in
+        other threads is over); never raises a driver error."""
+        self._drive(self._abort_steps())
 
     # -- the driver: runs the protocol's operations with the blocking drivers ---------------
     def _drive(self, steps: Steps[None]) -> None:
@@ -732,6 +824,8 @@ class Transaction(TransactionCore):
             return self._commit_prepared(op)
         if isinstance(op, LogEnd):
             return _call(self._ctx.log.log_end, op.gtrid)
+        if isinstance(op, AwaitWork):
+            return _call(self._await_work)
         branch = op.branch
         with _deadline.calling(branch.watch):
             if isinstance(op, CommitOnePhase):
@@ -743,6 +837,11 @@ class Transaction(TransactionCore):
             if op.prepared:
                 return _call(branch.participant.rollback_prepared, branch.conn, branch.xid)
             return _call(branch.participant.rollback_active, branch.conn, branch.xid)
+
+    def _await_work(self) -> None:
+        for lock in list(self._locks.values()):
+            with cast("threading.Lock", lock):
+                pass
 
     def _prepare(self, branches: list[Branch]) -> list[Outcome[Prepared]]:
         overlap = self._ctx.overlap()
@@ -786,6 +885,12 @@ class Transaction(TransactionCore):
 
     def __repr__(self) -> str:
         return f"<Transaction {self.gtrid} {self.state.value} branches={list(self._branches)}>"
+
+
+class _Lock(Protocol):
+    """A resource's lock in a transaction: ``threading.Lock`` or ``asyncio.Lock``."""
+
+    def locked(self) -> bool: ...
 
 
 def check_fit(ctx: Context, participant: Participant, conn: Connection) -> None:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import itertools
 import os
 import random
 import re
@@ -166,6 +167,12 @@ FLAG_MARKER = 0x1
 #: flag bit: the transaction has a timeout longer than its coordinator's default, so only
 #: that coordinator (or its death) may end it: other hosts' sweepers do not judge its age
 FLAG_LONG = 0x2
+#: flag bit: the last 15 hex digits are the creating process's incarnation (10 hex digits,
+#: random per manager) and a sequence number (5 hex digits), not 60 random bits; a gtrid
+#: without it was made by xatm 0.2 (see :func:`incarnation_of`)
+FLAG_INCARNATION = 0x4
+#: hex digits of an incarnation in a gtrid
+INCARNATION_DIGITS = 10
 
 
 #: the random bits of gtrids: a generator seeded from the OS once per process (and again in
@@ -183,14 +190,41 @@ def _reseed() -> None:
 os.register_at_fork(after_in_child=_reseed)
 
 
-def new_gtrid(node_id: str, *, marker: bool = False, long: bool = False) -> str:
+#: the sequence part of gtrids with an incarnation (wraps at 2**20; with the millisecond and
+#: the incarnation it keeps every gtrid of a process unique)
+_sequence = itertools.count()
+
+
+def new_incarnation() -> str:
+    """A fresh incarnation: 40 random bits, naming one manager (one process's tenure of its
+    node_id) in every gtrid it makes."""
+    return f"{secrets.randbits(4 * INCARNATION_DIGITS):0{INCARNATION_DIGITS}x}"
+
+
+def new_gtrid(
+    node_id: str, *, marker: bool = False, long: bool = False, incarnation: str | None = None
+) -> str:
     """A fresh global transaction id for ``node_id`` (already validated).
 
     ``txid`` is 11 hex digits of milliseconds, 1 hex digit of flags (:data:`FLAG_MARKER`,
-    :data:`FLAG_LONG`) and 15 hex digits (60 bits) of randomness."""
+    :data:`FLAG_LONG`, :data:`FLAG_INCARNATION`) and 15 hex digits: the ``incarnation`` (10)
+    and a sequence number (5) when one is given (every manager gives its own), else 60
+    random bits (the 0.2 layout, kept for tools and tests)."""
     ms = int(time.time() * 1000)
     flags = (FLAG_MARKER if marker else 0) | (FLAG_LONG if long else 0)
-    return f"{NAMESPACE}.{node_id}.{ms:011x}{flags:x}{_random.getrandbits(60):015x}"
+    if incarnation is None:
+        return f"{NAMESPACE}.{node_id}.{ms:011x}{flags:x}{_random.getrandbits(60):015x}"
+    seq = next(_sequence) & 0xFFFFF
+    return f"{NAMESPACE}.{node_id}.{ms:011x}{flags | FLAG_INCARNATION:x}{incarnation}{seq:05x}"
+
+
+def incarnation_of(gtrid: str) -> str | None:
+    """The incarnation of the manager that made ``gtrid`` (None for a gtrid without one, or
+    not an xatm gtrid)."""
+    m = _GTRID_RE.fullmatch(gtrid)
+    if m is None or not int(m.group(3)[0], 16) & FLAG_INCARNATION:
+        return None
+    return m.group(3)[1 : 1 + INCARNATION_DIGITS]
 
 
 def has_long_timeout(gtrid: str) -> bool:

@@ -33,7 +33,6 @@ from ._manager import TransactionManager
 from ._participant import Participant
 from ._report import RecoveryReport
 from ._urls import ResourceSpec
-from ._xid import new_gtrid
 from .errors import ConfigurationError, XatmError
 
 __all__ = ["AsyncTransaction", "AsyncTransactionManager"]
@@ -130,10 +129,8 @@ class AsyncTransactionManager:
         if tm is None or aio is None:
             raise XatmError("this AsyncTransactionManager is not open")
         limit = tm.timeout if timeout is None else validate_timeout(timeout)
-        gtrid = new_gtrid(tm.node_id, marker=bool(tm.commit_markers), long=limit > tm.timeout)
-        tx = AsyncTransaction(tm.context, gtrid, limit, aio)
-        tm.context.register(tx)
-        return tx
+        # registered (as running here) once it enlists a branch
+        return AsyncTransaction(tm.context, tm.context.new_gtrid(limit), limit, aio)
 
     async def recover(
         self,

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 __all__ = [
     "ConfigurationError",
+    "IdentityNotHeld",
     "LogCorrupt",
     "LogError",
     "LogLocked",
@@ -57,6 +58,13 @@ class ResourceError(XatmError):
 
 class ResourceUnavailable(ResourceError):
     """The resource could not be reached or refused the login."""
+
+
+class IdentityNotHeld(ResourceUnavailable):
+    """This manager does not hold its node's identity on the resource now: another live
+    process with the same node_id holds it, or its identity session was lost or went silent
+    (``xatm._identity``). Nothing is enlisted, prepared or decided there until it is held
+    again."""
 
 
 class ResourceNotFit(ResourceError):

@@ -4,6 +4,8 @@ coordinators of this process do, to export it anywhere (docs/operations.md, sect
 from ._events import (
     BranchOp,
     Event,
+    FailoverChecked,
+    FailoverDetected,
     LogForced,
     ManagerClosed,
     ManagerOpened,
@@ -19,6 +21,8 @@ from ._events import (
 __all__ = [
     "BranchOp",
     "Event",
+    "FailoverChecked",
+    "FailoverDetected",
     "LogForced",
     "ManagerClosed",
     "ManagerOpened",

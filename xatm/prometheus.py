@@ -32,7 +32,9 @@ from prometheus_client.registry import Collector
 from . import _events
 
 OUTCOMES = ("committed", "rolled_back", "in_doubt", "heuristic")
-RECOVERY_ACTIONS = ("commit", "rollback", "skip", "error", "heuristic", "verify", "end")
+RECOVERY_ACTIONS = (
+    "commit", "rollback", "skip", "error", "heuristic", "verify", "end", "possibly-lost"
+)  # fmt: skip
 #: transaction and phase latencies: 0.5 ms to 30 s
 BUCKETS = (
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
@@ -112,6 +114,19 @@ class XatmCollector(Collector):
             ["node"],
             registry=None,
         )
+        self.failovers = Counter(
+            "xatm_failovers",
+            "PostgreSQL resources found on a new timeline (a promoted standby, a restore)",
+            ["node", "resource"],
+            registry=None,
+        )
+        self.failover_losses = Counter(
+            "xatm_failover_lost_transactions",
+            "Transactions committed on a resource before it failed over that the new primary"
+            " lacks (certainty=lost) or cannot vouch for (certainty=unknown): see xatm indoubt",
+            ["node", "resource", "certainty"],
+            registry=None,
+        )
         self.metrics: tuple[Any, ...] = (
             self.transactions,
             self.duration,
@@ -123,10 +138,13 @@ class XatmCollector(Collector):
             self.recovery_passes,
             self.recovery_duration,
             self.fsyncs,
+            self.failovers,
+            self.failover_losses,
         )
         # node -> (in-doubt transactions, oldest one's creation time) of its last pass
         self._in_doubt: dict[str, tuple[int, float | None]] = {}
         self._unreachable: dict[str, int] = {}
+        self._strangers: dict[str, int] = {}
         self._last_pass: dict[str, float] = {}
         self._managers: dict[str, weakref.WeakSet[Any]] = {}
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
@@ -136,6 +154,8 @@ class XatmCollector(Collector):
             _events.TransactionFinished: self._transaction,
             _events.RecoveryPassFinished: self._recovery,
             _events.LogForced: lambda e: self._child(self.fsyncs, e.node).inc(),
+            _events.FailoverDetected: self._failover,
+            _events.FailoverChecked: self._failover_checked,
         }
 
     # -- events ----------------------------------------------------------------------------
@@ -202,7 +222,17 @@ class XatmCollector(Collector):
         with self._lock:
             self._in_doubt[e.node] = (e.in_doubt, e.oldest_created)
             self._unreachable[e.node] = len(e.report.unreachable)
+            self._strangers[e.node] = e.report.strangers
             self._last_pass[e.node] = e.wall_start + e.duration
+
+    def _failover(self, e: _events.FailoverDetected) -> None:
+        self.failovers.labels(e.node, e.resource).inc()
+        for certainty in ("lost", "unknown"):
+            self.failover_losses.labels(e.node, e.resource, certainty)
+
+    def _failover_checked(self, e: _events.FailoverChecked) -> None:
+        self.failover_losses.labels(e.node, e.resource, "lost").inc(e.lost)
+        self.failover_losses.labels(e.node, e.resource, "unknown").inc(e.possibly_lost)
 
     # -- scrape ----------------------------------------------------------------------------
     def collect(self) -> Iterable[Metric]:
@@ -238,6 +268,19 @@ class XatmCollector(Collector):
             "1 if a live TransactionManager of this node runs its sweeper thread, else 0",
             labels=["node"],
         )
+        identity = GaugeMetricFamily(
+            "xatm_identity_held",
+            "1 if this process holds its node's identity lease on the resource now, else 0"
+            " (0: another process with the same node_id holds it, or its session is lost or"
+            " silent: nothing is enlisted, prepared or decided there)",
+            labels=["node", "resource"],
+        )
+        strangers = GaugeMetricFamily(
+            "xatm_stranger_transactions",
+            "Branches the last recovery pass found prepared for this node_id by a process"
+            " that its log does not list (a second process with the same node_id): left alone",
+            labels=["node"],
+        )
         with self._lock:
             for node, (count, created) in sorted(self._in_doubt.items()):
                 in_doubt.add_metric([node], count)
@@ -248,9 +291,24 @@ class XatmCollector(Collector):
             for node, at in sorted(self._last_pass.items()):
                 last.add_metric([node], at)
             managers = {node: list(ms) for node, ms in self._managers.items()}
+            for node, n in sorted(self._strangers.items()):
+                strangers.add_metric([node], n)
         for node, ms in sorted(managers.items()):
             running.add_metric([node], 1 if any(_sweeping(m) for m in ms) else 0)
-        yield from (in_doubt, oldest, unreachable, last, running)
+            held: dict[str, bool] = {}
+            for m in ms:
+                for status in _identity(m):
+                    held[status.resource] = held.get(status.resource, False) or status.held
+            for resource, ok in sorted(held.items()):
+                identity.add_metric([node, resource], 1 if ok else 0)
+        yield from (in_doubt, oldest, unreachable, last, running, identity, strangers)
+
+
+def _identity(manager: Any) -> list[Any]:
+    try:
+        return list(manager.context.identity.status())
+    except Exception:
+        return []
 
 
 def _sweeping(manager: Any) -> bool:
