@@ -33,6 +33,7 @@ import os
 import socket
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -84,14 +85,15 @@ class Watch:
     while idle is cut as soon as a call starts on it."""
 
     __slots__ = (
+        "_conn",
         "_outer",
         "busy",
-        "conn",
         "deadline",
         "done",
         "fd",
         "fired",
         "firing",
+        "key",
         "noticed",
         "owner",
         "since",
@@ -102,7 +104,10 @@ class Watch:
         self, owner: Sockets, conn: Any, deadline: float, what: str, busy: int = 1
     ) -> None:
         self.owner = owner
-        self.conn = conn
+        # the connection, weakly: a transaction dropped unended must not be kept alive by
+        # its deadline (its connection closes, and the server rolls its work back)
+        self._conn: Callable[[], Any] = _ref(conn)
+        self.key = id(conn) if conn is not None else id(self)
         self.deadline = deadline
         self.what = what
         self.busy = busy
@@ -120,6 +125,11 @@ class Watch:
                 self.fd = owner.socket_of(conn)
             except Exception:
                 self.fd = None
+
+    @property
+    def conn(self) -> Any:
+        """The connection (None once it is gone)."""
+        return self._conn()
 
     def renew(self, seconds: float) -> None:
         """Move the deadline to ``seconds`` from now (a loop of steps, each bounded)."""
@@ -145,6 +155,28 @@ class Wait:
     limit: float | None  # seconds from its start to its deadline (None: the driver's own)
 
 
+def _ref(conn: Any) -> Callable[[], Any]:
+    """A weak reference to ``conn`` that drops its watch from the table when ``conn`` goes
+    (a strong one for an object that allows no weak reference)."""
+    if conn is None:
+        return lambda: None
+    key = id(conn)
+
+    def gone(_: object) -> None:
+        watch = _armed.get(key)
+        while watch is not None and watch.conn is None:  # this connection's, now dead
+            watch = watch._outer
+        if watch is None:
+            _armed.pop(key, None)
+        else:
+            _armed[key] = watch
+
+    try:
+        return weakref.ref(conn, gone)
+    except TypeError:
+        return lambda: conn
+
+
 # -- the table: connection id -> its watch; waits without a connection ---------------------
 _armed: dict[int, Watch] = {}
 _waits: dict[int, Watch] = {}
@@ -162,7 +194,7 @@ def arm(
     """Watch ``conn`` until :func:`disarm`: past ``deadline`` (``time.monotonic()``) a
     call on it (``busy``: one is in flight now; 0: see :class:`calling`) is cut."""
     watch = Watch(owner, conn, deadline, what, busy)
-    key = id(conn)
+    key = watch.key
     outer = _armed.get(key)
     if outer is not None:
         watch._outer = outer
@@ -185,7 +217,7 @@ def disarm(watch: Watch) -> bool:
     watch.done = True
     while watch.firing:
         time.sleep(0.001)
-    key = id(watch.conn)
+    key = watch.key
     if _armed.get(key) is watch:
         outer = watch._outer
         while outer is not None and outer.done:  # disarmed out of order meanwhile
@@ -250,7 +282,7 @@ def waiting(owner: Sockets, what: str) -> Iterator[None]:
     """A wait with no socket to cut yet (a connect, bounded by its driver's timeout): only
     made visible to :func:`report_waits`."""
     watch = Watch(owner, None, math.inf, what)
-    key = id(watch)
+    key = watch.key
     _waits[key] = watch
     if _thread is None:
         _start()
@@ -350,17 +382,18 @@ def _fire(watch: Watch) -> None:
     """Cut ``watch``'s connection if it is still watched by it and in a call (the handshake
     with :func:`disarm`: the connection cannot have been given back, closed and its
     descriptor reused meanwhile)."""
-    if _armed.get(id(watch.conn)) is not watch or watch.fired or watch.done:
+    if _armed.get(watch.key) is not watch or watch.fired or watch.done:
         return
     problem = None
     watch.firing = True
     try:
-        if watch.done or not watch.busy:
+        conn = watch.conn
+        if watch.done or not watch.busy or conn is None:
             return
         watch.fired = True
         fd = watch.fd
         try:
-            current = watch.owner.socket_of(watch.conn)
+            current = watch.owner.socket_of(conn)
         except Exception:  # a driver that refuses to be asked during a call: open, then
             current = fd
         try:
