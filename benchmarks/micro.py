@@ -14,6 +14,9 @@ that the gains of the recommendations in ``docs/benchmarks.md`` can be estimated
 * ``xatm._xid.new_gtrid``;
 * the file log's forced COMMIT (write + fsync in a preallocated segment), next to the same
   bytes appended and fsynced to a growing file;
+* the client-side deadline (``xatm._deadline``): arming and disarming a connection's watch
+  (a branch's, once per branch), marking a call in flight on it (once per call), and a
+  ``bounded`` block, on a PostgreSQL and a MariaDB connection; the watchdog thread running;
 * the event hooks of one two-branch transaction (``xatm._events``: a timeline, its phase marks
   and six branch operations through the watched participants), with nobody listening, with
   the Prometheus collector listening, and with OpenTelemetry spans (SDK, no exporter). The
@@ -35,7 +38,8 @@ from typing import Any
 
 from psycopg import sql
 
-from xatm import _events
+from xatm import _deadline, _events
+from xatm._adapters import make_participant
 from xatm._filelog import FileLog
 from xatm._participant import PhaseTwo, Prepared, Vote
 from xatm._records import LogRecord
@@ -169,6 +173,46 @@ def log_rows(n: int) -> list[tuple[str, float, float]]:
         shutil.rmtree(workdir, ignore_errors=True)
 
 
+class _Owner:
+    """A participant as ``xatm._deadline`` sees it: a name, and the socket of a connection."""
+
+    def __init__(self, name: str, url: str) -> None:
+        self.name = name
+        self.participant = make_participant(name, parse_url(url))
+
+    def socket_of(self, conn: Any) -> int | None:
+        return self.participant.socket_of(conn)
+
+
+def deadline_rows(name: str, owner: _Owner, conn: Any, n: int) -> list[tuple[str, float, float]]:
+    """The deadline's own costs on one real connection (no call is made on it)."""
+    far = time.monotonic() + 3600.0
+
+    def arm_disarm() -> None:
+        _deadline.disarm(_deadline.arm(owner, conn, far, "a bench", busy=0))
+
+    watch = _deadline.arm(owner, conn, far, "a bench", busy=0)
+    try:
+
+        def calling() -> None:
+            with _deadline.calling(watch):
+                pass
+
+        rows = [
+            (f"deadline, {name}: arm + disarm (once per branch)", *measure(arm_disarm, n)),
+            (f"deadline, {name}: a call marked in flight (once per call)", *measure(calling, n)),
+        ]
+    finally:
+        _deadline.disarm(watch)
+
+    def bounded() -> None:
+        with _deadline.bounded(owner, conn, 3600.0, "a bench"):
+            pass
+
+    rows.append((f"deadline, {name}: a bounded() block", *measure(bounded, n)))
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.micro", description=__doc__)
     p.add_argument("-n", type=int, default=2000, help="calls per measurement")
@@ -208,9 +252,11 @@ def main(argv: list[str] | None = None) -> int:
                 *measure(lambda: my.cmd_query(stmt), n),
             )
         )
+        rows += deadline_rows("MariaDB", _Owner("maria", servers.urls.mysql), my, n)
         my.close()
 
         pg = pg_connect(servers.urls.pg)
+        rows += deadline_rows("PG", _Owner("pg", servers.urls.pg), pg, n)
         gid = "1145324612_eGF0bS5iZW5jaC4wMTIzNDU2Nzg5YWJjZGVm_cGc="
         quoted = "'" + gid.replace("'", "''") + "'"
 

@@ -11,12 +11,14 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import time
+from collections.abc import Callable
 from typing import Any
 
 import click
 
 from xatm import XatmError
-from xatm.admin import redact
+from xatm.admin import Wait, redact, report_waits
 
 from . import act, look, sagas
 from .context import Context
@@ -86,6 +88,37 @@ def main(ctx: click.Context, config_path: str | None, node_id: str | None, verbo
     """
     _logging(verbose)
     ctx.obj = Context(config_path, node_id)
+    report_waits(_waiting(ctx.obj))
+
+
+def _waiting(obj: Context) -> Callable[[Wait], None]:
+    """Say on stderr, once a wait on a resource has lasted a second, what the command is
+    waiting for: a silent or unreachable server shows at once, not when the command ends."""
+
+    said: dict[tuple[str, str], float] = {}
+
+    def notice(wait: Wait) -> None:
+        now = time.monotonic()
+        if now - said.get((wait.resource, wait.what), -60.0) < 10.0:
+            return  # the same wait, by another thread of the command (once is enough)
+        said[(wait.resource, wait.what)] = now
+        try:
+            spec = obj.settings.resources.get(wait.resource)
+            where = f" ({spec.redacted()})" if spec is not None else ""
+        except Exception:  # never let a notice fail the command
+            where = ""
+        limit = (
+            f"gives up after {wait.limit:.3g} s"
+            if wait.limit is not None
+            else "gives up at the connect timeout"
+        )
+        click.echo(
+            f"xatm: waiting for resource {wait.resource!r}{where}: {wait.what} has had no"
+            f" answer for {wait.waited:.0f} s ({limit})",
+            err=True,
+        )
+
+    return notice
 
 
 for _command in (

@@ -40,9 +40,11 @@ from typing import Any
 import pytest
 
 from tests.conftest import Servers
-from tests.field_support import XATM, marker_config, roll_back_leftovers
+from tests.field_support import XATM, marker_config, roll_back_leftovers, transfer_books
+from tests.omission_support import BlackholeProxy, frozen, settle
 from tests.support import Bank, add_query, prepare_foreign, resolve_foreign, run
 from xatm import TransactionManager
+from xatm._deadline import GRACE
 from xatm.admin import FAILPOINTS
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -612,3 +614,152 @@ def test_transfers_across_postgresql_failovers(
     assert longest[0] < 5 + 10 + 10  # timeout + connect timeout, and room for the crash
     if replication == "sync":
         assert only_maria == set() and lost_acks == [], lost_acks[:5]
+
+
+#: omission chaos: the workers' transaction timeout, and what a caller may wait beyond it
+#: and the connect timeout (the watchdog's scan, a loaded machine)
+OMISSION_TIMEOUT = 3.0
+OMISSION_SLACK = 5.0
+#: seconds of faults: one that outlasts the bound, then short ones
+OMISSION_SECONDS = float(os.environ.get("XATM_OMISSION_SECONDS", "24"))
+
+
+@pytest.mark.chaos
+@pytest.mark.parametrize("mode", ["freeze", "blackhole"])
+def test_transfers_under_omission_faults(
+    mode: str, servers: Servers, bank: Bank, make_tm: MakeTM, tmp_path: Path
+) -> None:
+    """Omission faults under load, with the same books as the chaos above, plus the wait
+    bound: no transfer's caller waited past timeout + connect timeout (+ slack).
+
+    * ``freeze``: a server (pg1, pg2 or maria: every process of it) is stopped with SIGSTOP
+      and resumed, again and again; one freeze outlasts the bound;
+    * ``blackhole``: one coordinator process reaches maria through a loopback proxy, which
+      stops forwarding (both ways, keeping every socket open) for a while and then heals,
+      again and again; another coordinator reaches maria directly all along.
+
+    The workers are not killed until the end (the faults are the point); their own sweepers
+    (every second) recover their transactions meanwhile; at the end they are killed and a
+    recovery pass of another node takes their logs over and settles the rest."""
+    if servers.set is None:
+        pytest.skip("external servers are not frozen")
+    rng = random.Random(int(os.environ.get("XATM_CHAOS_SEED", "20261207")))
+    bank.create(accounts=ACCOUNTS, balance=10_000)
+    for name, url in bank.urls.items():
+        prepare_foreign(url, f"omission-{name}")
+    log = tmp_path / "log"
+    intents, acks, calls = tmp_path / "intents", tmp_path / "acks", tmp_path / "calls"
+    urls = lock_timeouts(bank.urls)
+    bound = OMISSION_TIMEOUT + GRACE + OMISSION_SLACK
+    proxy = BlackholeProxy(urls["maria"]) if mode == "blackhole" else None
+    base_cfg = {
+        "log": str(log),
+        "table": bank.table,
+        "journal": bank.journal,
+        "threads": THREADS,
+        "seconds": OMISSION_SECONDS + 60,
+        "accounts": ACCOUNTS,
+        "intents": str(intents),
+        "acks": str(acks),
+        "calls": str(calls),
+        "timeout": OMISSION_TIMEOUT,
+        "sweep_interval": 1.0,
+    }
+    procs: dict[str, subprocess.Popen[bytes]] = {}
+    for i in range(WORKERS):
+        node = f"o{i}"
+        worker_urls = dict(urls)
+        if proxy is not None and i == 0:
+            worker_urls["maria"] = proxy.url  # only this coordinator's path is cut
+        cfg = dict(base_cfg, urls=worker_urls, node_id=node, seed=rng.randrange(1 << 30))
+        path = tmp_path / f"{node}.json"
+        path.write_text(json.dumps(cfg))
+        procs[node] = subprocess.Popen(
+            [sys.executable, "-m", "tests.worker", "chaos", str(path)],
+            cwd=ROOT,
+            env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)},
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+    sweeper = make_tm(node_id="osweeper", resources=urls, log=log, timeout=OMISSION_TIMEOUT)
+    faults: list[tuple[str, float]] = []  # (what, seconds)
+    last_fault_end = time.monotonic()
+    try:
+        time.sleep(3.0)  # the workers start and transfer
+        deadline = time.monotonic() + OMISSION_SECONDS
+        first = True
+        while time.monotonic() < deadline:
+            # the first fault outlasts the bound (a wait it does not cut shows); then short
+            # ones, so that recovery works between faults
+            seconds = bound + 4.0 if first else rng.uniform(2.0, 6.0)
+            first = False
+            if proxy is not None:
+                proxy.blackhole()
+                try:
+                    time.sleep(seconds)
+                finally:
+                    proxy.heal()
+                faults.append(("blackhole maria for o0", seconds))
+            else:
+                name = rng.choice(["pg1", "pg2", "maria"])
+                with frozen(getattr(servers.set, name), seconds + 30):
+                    time.sleep(seconds)
+                faults.append((f"freeze {name}", seconds))
+            last_fault_end = time.monotonic()
+            time.sleep(rng.uniform(1.0, 3.0))
+    finally:
+        if proxy is not None:
+            proxy.heal()
+        for p in procs.values():
+            p.kill()
+        for p in procs.values():
+            p.wait()
+        if proxy is not None:
+            proxy.close()  # the sessions it kept open on maria end
+
+    for name in bank.conns:
+        bank.reconnect(name)
+    settle_s = settle([sweeper], bank, set(procs) | {"osweeper"}, 120.0)
+    settled_after_last_fault = time.monotonic() - last_fault_end
+    books = transfer_books(bank, intents, acks)
+    waits = [float(line) for line in calls.read_text().split()]
+    longest = max(waits)
+    stray = {r: len(v) for r, v in bank.xatm_prepared().items() if v}
+    everything = bank.prepared()
+    foreign_kept = all(any(isinstance(x, str) for x in everything[n]) for n in bank.conns)
+    summary = {
+        "mode": f"omission-{mode}",
+        "seconds": OMISSION_SECONDS,
+        "faults_injected": len(faults),
+        "faults": [f"{what} {seconds:.1f} s" for what, seconds in faults],
+        "transfers_attempted": books["attempted"],
+        "transfers_committed": books["committed"],
+        "transfers_acked": books["acked"],
+        "longest_call_s": round(longest, 2),
+        "bound_s": bound,
+        "settle_s": round(settle_s, 2),
+        "settled_after_last_fault_s": round(settled_after_last_fault, 2),
+        "violations": {
+            "split": len(books["split"]),
+            "lost_acks": len(books["lost"]),
+            "balance_delta": books["balance_delta"],
+            "xatm_prepared_left": stray,
+            "foreign_touched": not foreign_kept,
+            "waits_past_bound": sum(1 for w in waits if w > bound),
+        },
+    }
+    out = os.environ.get("XATM_CHAOS_REPORT")
+    if out:
+        Path(f"{out}.omission-{mode}.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print("\nchaos summary: " + json.dumps(summary), file=sys.stderr)
+    for name, url in bank.urls.items():
+        resolve_foreign(url, f"omission-{name}")
+    roll_back_leftovers(bank, set(procs) | {"osweeper"})
+    assert books["split"] == [], books["split"][:5]
+    assert books["lost"] == [], books["lost"][:5]
+    assert books["balance_delta"] == 0
+    assert stray == {}
+    assert foreign_kept
+    assert longest <= bound, longest
+    assert books["committed"] > 0 and books["acked"] > 0
+    assert faults and faults[0][1] > bound

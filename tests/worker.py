@@ -10,7 +10,8 @@ CONFIG is JSON: {"urls": {...}, "log": DIR, "node_id": ..., "table": ..., "journ
 plus per mode: "resources", "tid" (transfer) or "threads", "seconds", "seed", "accounts",
 "intents", "acks" (chaos); optional in chaos: "sweep_interval" (the manager's sweeper),
 "tid_prefix" (transfer ids, default the node_id: two processes of one node_id need two),
-"calls" (a file to which each transaction's duration in seconds is appended)}.
+"calls" (a file to which each transaction's duration in seconds is appended), "timeout"
+(the manager's, default 5)}.
 """
 
 from __future__ import annotations
@@ -71,7 +72,7 @@ def chaos(cfg: dict[str, Any]) -> int:
         cfg["urls"],
         cfg["log"],
         cfg["node_id"],
-        timeout=5,
+        timeout=cfg.get("timeout", 5),
         commit_markers=cfg.get("commit_markers", []),
         **extra,
     )

@@ -10,7 +10,7 @@ from ._urls import ResourceSpec
 
 def make_participant(name: str, spec: ResourceSpec, timeout: float | None = None) -> Participant:
     """The participant adapter for ``spec``'s kind of server (``timeout``: the transaction
-    timeout, which bounds its sessions' waits where the adapter does so at connect)."""
+    timeout, which bounds its sessions' waits and sets its drivers' backstops at connect)."""
     if spec.kind == "postgresql":
         return PostgresParticipant(name, spec, timeout=timeout)
-    return MySQLParticipant(name, spec)
+    return MySQLParticipant(name, spec, timeout=timeout)

@@ -8,11 +8,13 @@ of ``xatm._mysql_drivers``. docs/api.md says why this driver and not aiomysql or
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import weakref
 from collections.abc import Sequence
 from typing import Any
 
+from . import _deadline
 from ._mysql import (
     XA_ROLLED_BACK,
     MySQLParticipant,
@@ -26,6 +28,7 @@ from ._mysql import (
 )
 from ._mysql_drivers import by_name
 from ._participant import Cursor, PhaseTwo, Prepared, Statement, Vote
+from ._urls import DEFAULT_CONNECT_TIMEOUT
 from ._xid import Xid
 
 
@@ -47,29 +50,63 @@ class AsyncMySQL:
             user=spec.user or "",
             password=spec.password or "",
             database=spec.database,
-            timeout=10,
+            timeout=DEFAULT_CONNECT_TIMEOUT,
             options=[(k, v) for k, v in spec.options if k not in ("use_pure", "driver")],
         )
         # connections whose XA state is not known to be idle: never pooled
         self._in_xa: weakref.WeakSet[Any] = weakref.WeakSet()
 
     async def connect(self) -> Any:
-        import mysql.connector.aio
-
         try:
-            kwargs = self._kwargs
-            try:
-                return await mysql.connector.aio.connect(**kwargs)
-            except TypeError:
-                # mysql.connector.aio (9.x) fails after connecting to a server without TLS
-                # (its cipher check unpacks None): that connection was plain text already,
-                # so ask for plain text (a URL that requires TLS still gets an error)
-                if kwargs.get("ssl_disabled") or _requires_tls(kwargs):
-                    raise
-                self._kwargs = kwargs = {**kwargs, "ssl_disabled": True}
-                return await mysql.connector.aio.connect(**kwargs)
+            with _deadline.waiting(self, "a connect"):
+                kwargs = self._kwargs
+                try:
+                    return await self._connect(kwargs)
+                except TypeError:
+                    # mysql.connector.aio (9.x) fails after connecting to a server without
+                    # TLS (its cipher check unpacks None): that connection was plain text
+                    # already, so ask for plain text (a URL that requires TLS still fails)
+                    if kwargs.get("ssl_disabled") or _requires_tls(kwargs):
+                        raise
+                    self._kwargs = kwargs = {**kwargs, "ssl_disabled": True}
+                    return await self._connect(kwargs)
         except self._errors_or_os as e:
             raise self.sync.unavailable(e) from None
+
+    async def _connect(self, kwargs: dict[str, Any]) -> Any:
+        """A connection, its handshake included within the connect timeout:
+        mysql.connector.aio's ``connection_timeout`` bounds the TCP connect only, and a
+        server that accepts but never greets would hold the handshake for ever."""
+        import mysql.connector.aio
+
+        if _SPECIAL.intersection(kwargs):  # the driver's own connect() handles those
+            async with asyncio.timeout(DEFAULT_CONNECT_TIMEOUT):
+                return await mysql.connector.aio.connect(**kwargs)
+        conn = mysql.connector.aio.MySQLConnection(**kwargs)
+        try:
+            async with asyncio.timeout(DEFAULT_CONNECT_TIMEOUT):
+                await conn.connect()
+        except TimeoutError:
+            await conn.shutdown()  # closes the socket; sends nothing
+            raise self._driver.module.errors.OperationalError(
+                errno=2013,
+                msg="Lost connection to MySQL server at 'handshake': no answer within the"
+                f" connect timeout ({DEFAULT_CONNECT_TIMEOUT} s)",
+            ) from None
+        except BaseException:
+            await conn.shutdown()
+            raise
+        return conn
+
+    def socket_of(self, conn: Any) -> int | None:
+        """The socket under ``conn``'s asyncio stream (None once it is closed)."""
+        writer = getattr(getattr(conn, "_socket", None), "_writer", None)
+        sock = None if writer is None else writer.get_extra_info("socket")
+        try:
+            fd = None if sock is None else sock.fileno()
+        except OSError:
+            return None
+        return fd if isinstance(fd, int) and fd >= 0 else None
 
     async def ping(self, conn: Any) -> bool:
         try:
@@ -177,6 +214,13 @@ class AsyncMySQL:
                 await self._run(conn, end_statement(xid))
             await self._run(conn, finish_statement("ROLLBACK", xid))
             self._in_xa.discard(conn)
+
+
+#: connection arguments that mysql.connector.aio's ``connect()`` turns into something else
+#: than one plain connection (failover hosts, option files, DNS SRV, a pool)
+_SPECIAL = frozenset(
+    {"failover", "option_files", "read_default_file", "dns_srv", "pool_name", "pool_size"}
+)
 
 
 def _requires_tls(kwargs: dict[str, Any]) -> bool:

@@ -18,7 +18,9 @@ import time
 from collections.abc import Sequence
 from typing import Any, Protocol
 
+from . import _deadline
 from ._participant import Connection, Cursor, Participant, PhaseTwo, Prepared, Statement
+from ._pool import silent
 from ._xid import Xid
 
 
@@ -40,6 +42,9 @@ class AsyncParticipant(Protocol):
     async def close(self, conn: Connection) -> None: ...
 
     def is_connection_error(self, exc: BaseException) -> bool: ...
+
+    def socket_of(self, conn: Connection) -> int | None:
+        """The file descriptor of ``conn``'s socket (``xatm._deadline``), or None."""
 
     async def begin(self, conn: Connection, xid: Xid, timeout: float | None = None) -> None: ...
 
@@ -72,22 +77,27 @@ class AsyncPool:
         self._closed = False
         self.in_use = 0  # handed out, not given back yet
 
-    async def get(self, *, fresh: bool = False) -> Connection:
+    async def get(self, *, fresh: bool = False, bound: float = _deadline.GRACE) -> Connection:
         """A live connection (pooled unless ``fresh``, or new: may raise
-        ResourceUnavailable)."""
+        ResourceUnavailable); a ping gets ``bound`` seconds, as in ``xatm._pool``."""
         while self._idle and not fresh:
             conn, since = self._idle.pop()
+            if time.monotonic() - since < self.ping_after:
+                self.in_use += 1
+                return conn
             try:
-                alive = time.monotonic() - since < self.ping_after or await self.participant.ping(
-                    conn
-                )
+                with _deadline.bounded(self.participant, conn, bound, "a ping") as watch:
+                    alive = await self.participant.ping(conn)
             except BaseException:  # cancelled during the ping: the connection is not kept
                 self._close(conn)
                 raise
-            if alive:
+            if alive and not watch.fired:
                 self.in_use += 1
                 return conn
             self._close(conn)
+            if watch.fired:
+                self.clear()
+                raise silent(self.participant.sync, bound)
         conn = await self.participant.connect()
         self.in_use += 1
         return conn

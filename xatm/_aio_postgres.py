@@ -14,6 +14,7 @@ from typing import Any
 import psycopg
 from psycopg.pq import TransactionStatus
 
+from . import _deadline
 from ._participant import Cursor, PhaseTwo, Prepared, Statement, Vote
 from ._postgres import (
     CHECKPOINT,
@@ -28,6 +29,7 @@ from ._postgres import (
     prepare_statement,
     promotion_bound,
     server_state,
+    socket_of,
     vote_of,
 )
 from ._xid import Xid
@@ -46,19 +48,21 @@ class AsyncPostgres:
         sync = self.sync
         conn = None
         try:
-            conn = await psycopg.AsyncConnection.connect(**sync.connect_kwargs)
+            with _deadline.waiting(self, "a connect"):  # bounded by connect_timeout
+                conn = await psycopg.AsyncConnection.connect(**sync.connect_kwargs)
             setup = sync.session_setup
             if setup:
-                try:
-                    cur = await conn.execute(setup)
-                except psycopg.Error as e:
-                    if not sync.state_refused(e):
-                        raise
-                    if sync.session_setup:
-                        await conn.execute(sync.session_setup)
-                else:
-                    if sync.reads_state:
-                        await self._observe(conn, await cur.fetchone())
+                with _deadline.bounded(self, conn, _deadline.GRACE, "the session set-up"):
+                    try:
+                        cur = await conn.execute(setup)
+                    except psycopg.Error as e:
+                        if not sync.state_refused(e):
+                            raise
+                        if sync.session_setup:
+                            await conn.execute(sync.session_setup)
+                    else:
+                        if sync.reads_state:
+                            await self._observe(conn, await cur.fetchone())
         except psycopg.Error as e:
             if conn is not None:
                 await self.close(conn)
@@ -68,6 +72,9 @@ class AsyncPostgres:
                 await self.close(conn)
             raise
         return conn
+
+    def socket_of(self, conn: AsyncConn) -> int | None:
+        return socket_of(conn)
 
     async def _observe(self, conn: AsyncConn, row: Any) -> None:
         """``PostgresParticipant.observe`` on the loop: the durable record of a change is

@@ -30,10 +30,11 @@ from collections.abc import Awaitable, Sequence
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from . import _deadline
 from ._aio_log import AsyncLog
 from ._aio_pool import AsyncParticipant, AsyncPool
 from ._parallel import Outcome
-from ._participant import Connection, Cursor, PhaseTwo
+from ._participant import Connection, Cursor, PhaseTwo, Prepared
 from ._steps import (
     AwaitWork,
     Branch,
@@ -132,12 +133,21 @@ class AsyncTransaction(TransactionCore):
         async with self._lock(resource):
             branch = await self._branch(resource)
             driver = self._drivers[resource]
+            watch = branch.watch
+            if watch is not None:
+                watch.busy += 1  # a call in flight (xatm._deadline), inline: per statement
             try:
                 return await driver.execute(branch.conn, query, params)
             except BaseException as e:
                 if isinstance(e, asyncio.CancelledError) or driver.is_connection_error(e):
-                    self._lost(branch, e)  # interrupted midway: the connection is closed
+                    # interrupted midway: the connection is closed
+                    timeout = self._statement_lost(branch, e)
+                    if timeout is not None and not isinstance(e, asyncio.CancelledError):
+                        raise timeout from e
                 raise
+            finally:
+                if watch is not None:
+                    watch.busy -= 1
 
     async def connection(self, resource: str) -> Connection:
         """The asyncio driver connection of this transaction's branch on ``resource``
@@ -145,7 +155,7 @@ class AsyncTransaction(TransactionCore):
         roll back or close it: xatm does that."""
         async with self._lock(resource):
             branch = await self._branch(resource)
-        return branch.conn
+        return branch.hand_out()
 
     # -- several tasks in one transaction (the rule: TransactionCore._stop_work_steps) -------
     def _lock(self, resource: str) -> asyncio.Lock:
@@ -176,24 +186,34 @@ class AsyncTransaction(TransactionCore):
             await asyncio.to_thread(identity.require, resource)
         await self._aio.check(resource)
         xid = branch_xid(self.gtrid, resource)
-        conn = await self._begin(driver, pool, xid)
-        branch = Branch(resource, xid, driver.sync, pool, conn)
+        conn, watch = await self._begin(driver, pool, xid)
+        branch = Branch(resource, xid, driver.sync, pool, conn, watch=watch)
         self._branches[resource] = branch
         self._drivers[resource] = driver
         return branch
 
-    async def _begin(self, driver: AsyncParticipant, pool: AsyncPool, xid: Xid) -> Connection:
-        """A connection with the branch begun on it; one retry on a fresh connection."""
+    async def _begin(
+        self, driver: AsyncParticipant, pool: AsyncPool, xid: Xid
+    ) -> tuple[Connection, _deadline.Watch]:
+        """A connection with the branch begun on it, under the transaction's deadline; one
+        retry on a fresh connection, if there is time left."""
         for attempt in (1, 2):
             conn = await pool.get(fresh=attempt == 2)
+            watch = self._watch(driver, conn)
             try:
-                await driver.begin(conn, xid, max(self.deadline - time.monotonic(), 0.001))
-                return conn
+                with _deadline.calling(watch):
+                    await driver.begin(conn, xid, max(self.deadline - time.monotonic(), 0.001))
+                return conn, watch
             except BaseException as e:
+                _deadline.disarm(watch)
                 pool.discard(conn)
+                if watch.fired:
+                    raise self._silent(driver.name) from e
                 if attempt == 2 or not driver.is_connection_error(e):
                     raise
                 pool.clear()  # the server probably restarted: the others are dead too
+                if time.monotonic() > self.deadline:
+                    raise
         raise AssertionError("unreachable")
 
     # -- the end ----------------------------------------------------------------------------
@@ -244,17 +264,19 @@ class AsyncTransaction(TransactionCore):
 
     async def _run(self, op: Operation) -> Any:
         if isinstance(op, Prepare):
-            return await _all(self._driver(b).prepare(b.conn, b.xid) for b in op.branches)
+            return await _all(self._prepare(b) for b in op.branches)
         if isinstance(op, CommitPrepared):
             return await self._commit_prepared(op)
         if isinstance(op, Rollback):
             b = op.branch
-            if op.prepared:
-                return await _outcome(self._driver(b).rollback_prepared(b.conn, b.xid))
-            return await _outcome(self._driver(b).rollback_active(b.conn, b.xid))
+            with _deadline.calling(b.watch):
+                if op.prepared:
+                    return await _outcome(self._driver(b).rollback_prepared(b.conn, b.xid))
+                return await _outcome(self._driver(b).rollback_active(b.conn, b.xid))
         if isinstance(op, CommitOnePhase):
             b = op.branch
-            return await _outcome(self._driver(b).commit_one_phase(b.conn, b.xid, op.before))
+            with _deadline.calling(b.watch):
+                return await _outcome(self._driver(b).commit_one_phase(b.conn, b.xid, op.before))
         if isinstance(op, LogCommit):
             # the forced write off the loop (xatm._aio_log)
             return await _outcome(self._aio.log.log_commit(op.gtrid, op.resources, op.txids))
@@ -272,13 +294,18 @@ class AsyncTransaction(TransactionCore):
 
         async def one(branch: Branch) -> PhaseTwo:
             nonlocal first_done
-            result = await self._driver(branch).commit_prepared(branch.conn, branch.xid)
+            with _deadline.calling(branch.watch):
+                result = await self._driver(branch).commit_prepared(branch.conn, branch.xid)
             if not first_done:
                 first_done = True
                 op.after_first()
             return result
 
         return await _all(one(b) for b in op.branches)
+
+    async def _prepare(self, branch: Branch) -> Prepared:
+        with _deadline.calling(branch.watch):
+            return await self._driver(branch).prepare(branch.conn, branch.xid)
 
     def _driver(self, branch: Branch) -> AsyncParticipant:
         return self._drivers[branch.resource]

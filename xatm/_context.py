@@ -18,9 +18,9 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
-from . import _marker
+from . import _deadline, _marker
 from ._participant import Connection, Participant
-from ._pool import Pool
+from ._pool import Pool, silent
 from ._urls import redact
 from ._xid import incarnation_of, new_gtrid, new_incarnation
 from .errors import ConfigurationError, ResourceNotFit
@@ -53,10 +53,19 @@ class Resources:
     taken by sessions waiting on in-doubt locks still lets this process's recovery in
     (:meth:`reserve` opens them in the background at start)."""
 
-    def __init__(self, participants: Mapping[str, Participant], pools: Mapping[str, Pool]) -> None:
+    def __init__(
+        self,
+        participants: Mapping[str, Participant],
+        pools: Mapping[str, Pool],
+        *,
+        bound: float = 30.0 + _deadline.GRACE,
+    ) -> None:
         self._participants = dict(participants)
         self._pools = dict(pools)
         self._recovery_pools = {n: Pool(p, max_idle=1) for n, p in self._participants.items()}
+        #: seconds a borrowed connection's calls may take (``xatm._deadline``), renewed at
+        #: each step of a long loop (``xatm._deadline.renew``)
+        self.bound = bound
 
     @property
     def names(self) -> list[str]:
@@ -83,19 +92,27 @@ class Resources:
 
     @contextlib.contextmanager
     def borrow(
-        self, name: str, *, recovery: bool = False
+        self, name: str, *, recovery: bool = False, what: str = "a recovery step"
     ) -> Iterator[tuple[Participant, Connection]]:
         """A pooled connection of ``name`` for the ``with`` block: given back if the block
         ends normally (the pool closes it unless it is idle), closed if the block raised
-        (its state is unknown). Getting it may raise ResourceError."""
+        (its state is unknown). Getting it may raise ResourceError. Its calls are bounded
+        by :attr:`bound` seconds (``xatm._deadline``: a silent server's call is cut, and
+        fails as a lost connection)."""
         participant, pool = self.get(name, recovery=recovery)
         conn = pool.get()
         try:
-            yield participant, conn
-        except BaseException:
+            with _deadline.bounded(participant, conn, self.bound, what) as watch:
+                yield participant, conn
+        except BaseException as e:
             pool.discard(conn)
+            if watch.fired and isinstance(e, Exception) and participant.is_connection_error(e):
+                raise silent(participant, self.bound, what) from e
             raise
-        pool.put(conn)
+        if watch.fired:
+            pool.discard(conn)
+        else:
+            pool.put(conn)
 
     def reserve(self) -> None:
         """Open recovery's connection to each resource, on a background thread (a down one

@@ -34,6 +34,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from . import _deadline
+from ._deadline import step_bound
 from ._participant import Participant
 from ._urls import ResourceSpec, redact
 from .errors import ConfigurationError, ResourceError
@@ -95,35 +97,47 @@ def check_resource(
         conn = participant.connect()
     except ResourceError as e:
         return [Check(name, "reachable", False, f"{e}; is the server up and the URL right?")]
+    bound = step_bound(30.0 if timeout is None else timeout)
     try:
-        try:
-            version = participant.server_version(conn)
-        except Exception as e:
-            return [Check(name, "reachable", False, redact(f"{where}: {e}".strip()))]
-        checks = [
-            Check(name, "reachable", True, f"{where}: {version}"),
-            Check(name, "driver", True, participant.driver_info(conn)),
-        ]
-        try:
-            problems = participant.check(conn)
-        except Exception as e:
-            return [*checks, Check(name, "2pc", False, redact(f"the check failed: {e}".strip()))]
-        if problems:
-            checks += [Check(name, "2pc", False, p) for p in problems]
-        else:
-            checks.append(Check(name, "2pc", True, participant.two_phase_detail(conn)))
-        try:
-            checks += [
-                Check(name, f.check, f.ok, f.detail, f.advice)
-                for f in participant.wait_findings(conn, timeout)
-            ]
-        except Exception as e:
-            checks.append(
-                Check(name, "bounded-waits", True, redact(f"not checked: {e}".strip()), True)
-            )
-        return checks
+        with _deadline.bounded(participant, conn, bound, "a doctor's check") as watch:
+            checks = _checks(name, participant, conn, timeout)
     finally:
         participant.close(conn)
+    if watch.fired:
+        checks = [c for c in checks if c.ok]
+        checks.append(
+            Check(name, "reachable", False, f"{where}: no answer within {bound:g} s (cut)")
+        )
+    return checks
+
+
+def _checks(name: str, participant: Participant, conn: Any, timeout: float | None) -> list[Check]:
+    """The checks of one resource on ``conn`` (each failure becomes a failed check)."""
+    where = participant.spec.redacted()
+    try:
+        version = participant.server_version(conn)
+    except Exception as e:
+        return [Check(name, "reachable", False, redact(f"{where}: {e}".strip()))]
+    checks = [
+        Check(name, "reachable", True, f"{where}: {version}"),
+        Check(name, "driver", True, participant.driver_info(conn)),
+    ]
+    try:
+        problems = participant.check(conn)
+    except Exception as e:
+        return [*checks, Check(name, "2pc", False, redact(f"the check failed: {e}".strip()))]
+    if problems:
+        checks += [Check(name, "2pc", False, p) for p in problems]
+    else:
+        checks.append(Check(name, "2pc", True, participant.two_phase_detail(conn)))
+    try:
+        checks += [
+            Check(name, f.check, f.ok, f.detail, f.advice)
+            for f in participant.wait_findings(conn, timeout)
+        ]
+    except Exception as e:
+        checks.append(Check(name, "bounded-waits", True, redact(f"not checked: {e}".strip()), True))
+    return checks
 
 
 def _filesystem(path: Path) -> str | None:

@@ -40,6 +40,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Literal
 
+from . import _deadline
 from ._participant import Connection, Participant
 from ._urls import redact
 from .errors import ConfigurationError, IdentityNotHeld, ResourceError
@@ -186,7 +187,10 @@ class IdentityLocks:
             return
         conn = lock.conn
         if conn is not None:
-            if lock.participant.ping(conn):
+            bound = _deadline.bounded(lock.participant, conn, _deadline.GRACE, "an identity check")
+            with bound as watch:  # a silent server: the session counts as lost
+                alive = lock.participant.ping(conn) and not watch.fired
+            if alive:
                 lock.confirmed = time.monotonic()
                 return
             lock.conn = None
@@ -207,9 +211,10 @@ class IdentityLocks:
             lock.state, lock.why = "unreached", redact(str(e))
             return
         try:
-            got = participant.take_identity(conn, self.node_id)
-            place, session = participant.identity_session(conn)
-            holder = None if got else participant.identity_holder(conn, self.node_id)
+            with _deadline.bounded(participant, conn, _deadline.GRACE, "an identity check"):
+                got = participant.take_identity(conn, self.node_id)
+                place, session = participant.identity_session(conn)
+                holder = None if got else participant.identity_holder(conn, self.node_id)
         except Exception as e:
             participant.close(conn)
             lock.state, lock.why = "unreached", _first_line(e)

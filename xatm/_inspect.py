@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from . import _failover, _marker_recovery
+from . import _deadline, _failover, _marker_recovery
 from ._adapters import make_participant
 from ._audit import AuditEntry, format_time
 from ._context import Resources
@@ -47,6 +47,7 @@ from ._identity import IdentityStatus
 from ._log import OwnerState
 from ._log_view import LogView, log_view
 from ._participant import Connection, Participant, PreparedBranch
+from ._pool import silent
 from ._postgres import PostgresParticipant
 from ._records import LogRecord
 from ._timelines import Loss, Switch
@@ -356,6 +357,7 @@ class Inspector:
         self._markers = sorted(commit_markers)
         #: the transaction timeout, for the shared log's "past its timeout" fact
         self.timeout = timeout
+        self._bound = _deadline.step_bound(timeout)  # of one step on one resource
         self.log_directory = None if log_directory is None else str(log_directory)
         self._resources = resources
         self._own_node = own_node
@@ -425,13 +427,18 @@ class Inspector:
     def _connection(self, name: str) -> Iterator[Connection]:
         """A manager's pooled connection (borrowed), or a connection of our own."""
         if self._resources is not None:
-            with self._resources.borrow(name) as (_, conn):
+            with self._resources.borrow(name, what="an inspection step") as (_, conn):
                 yield conn
             return
         participant = self._participants[name]
         conn = participant.connect()
         try:
-            yield conn
+            with _deadline.bounded(participant, conn, self._bound, "an inspection step") as watch:
+                yield conn
+        except Exception as e:
+            if watch.fired and participant.is_connection_error(e):
+                raise silent(participant, self._bound, "an inspection step") from e
+            raise
         finally:
             participant.close(conn)
 
@@ -441,6 +448,7 @@ class Inspector:
             try:
                 with self._connection(name) as conn:
                     for branch in participant.recover(conn):
+                        _deadline.renew(conn, self._bound)  # each branch: a step
                         xid = branch.xid
                         if xid is None or not xid.is_xatm:
                             scan.foreign += 1

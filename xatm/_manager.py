@@ -20,6 +20,7 @@ from ._adapters import make_participant
 from ._audit import AuditEntry, AuditTrail
 from ._config import Settings, load_config, resource_specs, validate_retention, validate_timeout
 from ._context import Context, Resources
+from ._deadline import step_bound
 from ._doctor import DoctorReport
 from ._failover import FailoverWatch
 from ._filelog import DEFAULT_RETAIN, DEFAULT_SEGMENT_BYTES, FileLog
@@ -208,7 +209,7 @@ class TransactionManager:
             node_id=self.node_id,
             timeout=self.timeout,
             started_at=started_at,
-            resources=Resources(participants, pools),
+            resources=Resources(participants, pools, bound=step_bound(self.timeout)),
             log=log_impl,
             shared_log=self.shared_log,
             log_directory=self.log_directory,

@@ -23,7 +23,7 @@ import json
 import time
 from typing import Any, Literal
 
-from . import _marker
+from . import _deadline, _marker
 from ._participant import Participant
 from ._records import LogRecord
 
@@ -57,24 +57,26 @@ def probe_row(participant: Participant, gtrid: str, *, fence: bool = True) -> Pr
     :data:`PROBE_LOCK_WAIT` (the answer is then unknown)."""
     conn = participant.connect()  # its own connection: session settings stay here
     try:
-        try:
-            participant.local_transaction(
-                conn,
-                [(_INSERT, (gtrid, _marker.ABORT_PAYLOAD, time.time()))],
-                lock_wait=PROBE_LOCK_WAIT,
-                commit=fence,
-            )
-        except Exception as e:
-            if participant.is_duplicate_key(e):
-                cur = participant.execute(conn, _PAYLOAD, (gtrid,))
-                try:
-                    return _existing(cur.fetchall())
-                finally:
-                    cur.close()
-            if participant.is_missing_table(e):
-                return "no-table"
-            raise
-        return "no-row"
+        bound = PROBE_LOCK_WAIT + _deadline.GRACE
+        with _deadline.bounded(participant, conn, bound, "a decision-row probe"):
+            try:
+                participant.local_transaction(
+                    conn,
+                    [(_INSERT, (gtrid, _marker.ABORT_PAYLOAD, time.time()))],
+                    lock_wait=PROBE_LOCK_WAIT,
+                    commit=fence,
+                )
+            except Exception as e:
+                if participant.is_duplicate_key(e):
+                    cur = participant.execute(conn, _PAYLOAD, (gtrid,))
+                    try:
+                        return _existing(cur.fetchall())
+                    finally:
+                        cur.close()
+                if participant.is_missing_table(e):
+                    return "no-table"
+                raise
+            return "no-row"
     finally:
         participant.close(conn)
 

@@ -40,6 +40,7 @@ import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from . import _deadline
 from . import _mysql_health as _health
 from ._mysql_drivers import DRIVERS, MySQLDriver, by_name, for_connection
 from ._participant import (
@@ -79,7 +80,7 @@ class MySQLParticipant:
 
     db_system = "mysql"  # "mariadb" once check() has seen the server's version (for tracing)
 
-    def __init__(self, name: str, spec: ResourceSpec) -> None:
+    def __init__(self, name: str, spec: ResourceSpec, *, timeout: float | None = None) -> None:
         self.name = name
         self.spec = spec
         self.driver: MySQLDriver = by_name(spec.driver)
@@ -95,6 +96,10 @@ class MySQLParticipant:
             timeout=DEFAULT_CONNECT_TIMEOUT,
             options=spec.options,
         )
+        # the driver's own read/write timeouts, where it has them (PyMySQL, mysqlclient): a
+        # backstop for a dead peer, at twice the transaction timeout plus the connect
+        # timeout (a URL's own values win); xatm._deadline bounds each call more closely
+        self._backstop = 2 * (30.0 if timeout is None else timeout) + DEFAULT_CONNECT_TIMEOUT
         # connections whose XA state is not known to be idle (a branch was started on them
         # and not seen to end): never pooled
         self._in_xa: weakref.WeakSet[Any] = weakref.WeakSet()
@@ -107,7 +112,8 @@ class MySQLParticipant:
     # -- connections -----------------------------------------------------------------------
     def connect(self) -> Any:
         try:
-            return self.driver.connect(self._kwargs)
+            with _deadline.waiting(self, "a connect"):  # bounded by the connect timeout
+                return self.driver.connect(self._kwargs, self._backstop)
         except ImportError as e:  # use_pure=false where mysql-connector's C extension fails
             raise ConfigurationError(
                 f"resource {self.name!r} ({self.spec.redacted()}): the driver cannot load"
@@ -141,6 +147,9 @@ class MySQLParticipant:
 
     def is_connection_error(self, exc: BaseException) -> bool:
         return self.driver.is_connection_error(exc)
+
+    def socket_of(self, conn: Any) -> int | None:
+        return for_connection(conn).socket_of(conn)
 
     def is_duplicate_key(self, exc: BaseException) -> bool:
         """``exc`` is a unique-key violation (MySQL error 1062)."""
@@ -529,7 +538,7 @@ def _describe(driver: MySQLDriver, e: BaseException) -> str:
         text = f"{args[0]} {args[1]}"  # PyMySQL and MySQLdb: (errno, message)
     else:
         text = str(e)
-    return redact(text.strip()) or type(e).__name__
+    return redact(" ".join(text.split())) or type(e).__name__  # one line, as promised
 
 
 #: errnos worth retrying: lock wait timeout, deadlock, and the XA rollback-only states they

@@ -3,7 +3,10 @@
 XA on MySQL and MariaDB is plain SQL, so one participant (``xatm._mysql``) serves every
 driver; this module holds only what the drivers do differently: how to connect, how to read
 an error's MySQL error number, how to send several statements in one round trip, how to tell
-whether a connection is open and has nothing unread, and how to switch autocommit.
+whether a connection is open and has nothing unread, how to switch autocommit, where a
+connection's socket is (``socket_of``, for ``xatm._deadline`` to cut a call its server does
+not answer), and the driver's own read and write timeouts where it has them (PyMySQL,
+mysqlclient: a backstop for a dead peer, and PyMySQL's handshake within the connect timeout).
 
 Drivers, by URL scheme (``mysql://`` and ``mariadb://`` mean mysql-connector):
 
@@ -23,9 +26,15 @@ SQLSTATEs differently (PyMySQL raises ``OperationalError`` for XAER_NOTA, mysql-
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import functools
 import importlib
 import importlib.metadata
+import math
+import os
+import socket
+import stat
 import sys
 from collections.abc import Iterable
 from typing import Any
@@ -126,8 +135,14 @@ class MySQLDriver:
             kwargs[key] = _option(key, value)
         return kwargs
 
-    def connect(self, kwargs: dict[str, Any]) -> Any:
+    def connect(self, kwargs: dict[str, Any], backstop: float | None = None) -> Any:
+        """A connection; ``backstop``: seconds for the driver's own read and write timeouts,
+        where it has them and the URL does not set them (a bound for a dead peer)."""
         return self.module.connect(**kwargs)
+
+    def socket_of(self, conn: Any) -> int | None:
+        """The file descriptor of ``conn``'s socket (None if closed or not known)."""
+        return None
 
     def errors(self) -> tuple[type[BaseException], ...]:
         """The exception classes the driver raises for MySQL and client errors."""
@@ -243,6 +258,12 @@ class MySQLConnector(MySQLDriver):
             return handle is not None and bool(handle.connected())
         return getattr(conn, "_socket", True) is not None
 
+    def socket_of(self, conn: Any) -> int | None:
+        if is_c_extension(conn):
+            return _cext_socket(conn)
+        sock = getattr(getattr(conn, "_socket", None), "sock", None)
+        return _fileno(sock)
+
     def has_unread(self, conn: Any) -> bool:
         return bool(conn.unread_result)
 
@@ -318,10 +339,23 @@ class PyMySQL(MySQLDriver):
     module_name = "pymysql"
     extra = "pymysql"
 
-    def connect(self, kwargs: dict[str, Any]) -> Any:
+    def connect(self, kwargs: dict[str, Any], backstop: float | None = None) -> Any:
         kwargs = dict(kwargs)
         kwargs["client_flag"] = int(kwargs.get("client_flag", 0)) | MULTI_STATEMENTS
-        return self.module.connect(**kwargs)
+        # PyMySQL's connect_timeout bounds the TCP connect, not the server's greeting, whose
+        # read read_timeout bounds: the handshake gets the connect timeout as its read and
+        # write timeouts, the connection the backstop once connected (PyMySQL reads them
+        # at every read and write); a URL's own values are kept throughout
+        unset = [k for k in ("read_timeout", "write_timeout") if kwargs.get(k) is None]
+        for key in unset:
+            kwargs[key] = kwargs.get("connect_timeout")
+        conn = self.module.connect(**kwargs)
+        for key in unset:
+            setattr(conn, f"_{key}", backstop)
+        return conn
+
+    def socket_of(self, conn: Any) -> int | None:
+        return _fileno(getattr(conn, "_sock", None))
 
     def is_open(self, conn: Any) -> bool:
         return bool(conn.open)
@@ -340,6 +374,22 @@ class MySQLdb(MySQLDriver):
     distribution = "mysqlclient"
     module_name = "MySQLdb"
     extra = "mysqlclient"
+
+    def connect(self, kwargs: dict[str, Any], backstop: float | None = None) -> Any:
+        # the client library's read and write timeouts, in whole seconds (its connect
+        # timeout bounds the handshake already)
+        if backstop is not None:
+            seconds = math.ceil(backstop)
+            kwargs = {"read_timeout": seconds, "write_timeout": seconds, **kwargs}
+        return self.module.connect(**kwargs)
+
+    def socket_of(self, conn: Any) -> int | None:
+        """mysqlclient's ``fileno()`` raises if another thread is in a call on ``conn``
+        (its ``open`` flag can be read any time): ``xatm._deadline`` asks when it arms."""
+        if not getattr(conn, "open", False):
+            return None
+        fd = conn.fileno()
+        return fd if isinstance(fd, int) and fd >= 0 else None
 
     def ping(self, conn: Any) -> None:
         conn.ping()
@@ -368,6 +418,60 @@ def _buffered_cursor_class() -> Any:
     """mysql-connector's buffered cursor class of the pure-Python connection (looked up
     once: this runs for every application statement)."""
     return importlib.import_module("mysql.connector.cursor").MySQLCursorBuffered
+
+
+def _fileno(sock: Any) -> int | None:
+    """A Python socket's descriptor (None for no socket, or a closed one)."""
+    if sock is None:
+        return None
+    try:
+        fd = sock.fileno()
+    except OSError:
+        return None
+    return fd if isinstance(fd, int) and fd >= 0 else None
+
+
+def _cext_socket(conn: Any) -> int | None:
+    """The socket of a C-extension connection (``CMySQLConnection``).
+
+    The extension does not show its descriptor, but its connection object (``_cmysql``)
+    holds libmysqlclient's ``MYSQL`` struct right after the object's header
+    (mysql-connector's ``src/include/mysql_capi.h``), and that struct begins with ``NET``,
+    whose sixth member, after five pointers, is the socket (``my_socket fd``). The number
+    read there is used only if it is a socket connected to this connection's server (its
+    port, or its unix socket path); otherwise None: the call then waits for the driver."""
+    handle = getattr(conn, "_cmysql", None)
+    if handle is None:
+        return None
+    cached = getattr(conn, _CEXT_SOCKET, None)
+    if cached is not None and cached[0] is handle:  # found once per connection
+        return cached[1] if handle.connected() else None
+    try:
+        if not handle.connected():
+            return None
+        offset = object.__basicsize__ + 5 * ctypes.sizeof(ctypes.c_void_p)
+        fd = ctypes.c_int.from_address(id(handle) + offset).value
+        if fd < 0 or not stat.S_ISSOCK(os.fstat(fd).st_mode):
+            return None
+        with socket.socket(fileno=os.dup(fd)) as sock:
+            peer = sock.getpeername()
+    except (OSError, ValueError, AttributeError):
+        return None
+    unix = getattr(conn, "unix_socket", None)
+    if isinstance(peer, str):
+        ours = bool(unix) and os.path.realpath(peer) == os.path.realpath(str(unix))
+    else:
+        ours = isinstance(peer, tuple) and len(peer) >= 2
+        ours = ours and peer[1] == getattr(conn, "server_port", None)
+    if not ours:
+        return None
+    with contextlib.suppress(AttributeError):
+        setattr(conn, _CEXT_SOCKET, (handle, fd))
+    return fd
+
+
+#: where a C-extension connection keeps its socket once found (with the handle it is of)
+_CEXT_SOCKET = "_xatm_socket"
 
 
 def _cext_error() -> type[BaseException] | None:

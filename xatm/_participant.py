@@ -119,6 +119,11 @@ class Participant(Protocol):
         """True if ``exc`` means the connection is unusable (the outcome of its last call
         is unknown)."""
 
+    def socket_of(self, conn: Connection) -> int | None:
+        """The file descriptor of ``conn``'s socket, for ``xatm._deadline`` to cut a call
+        the server does not answer in time (None if it cannot be found, or ``conn`` is
+        closed)."""
+
     def is_duplicate_key(self, exc: BaseException) -> bool:
         """True if ``exc`` is a unique-key violation (the driver's own code for it)."""
 

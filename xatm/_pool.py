@@ -4,7 +4,8 @@ Connections are handed out one per branch and given back only when they are know
 clean (outside any transaction). A connection that failed in any way is closed instead of
 being pooled. A pooled connection that sat idle for more than ``ping_after`` seconds is
 pinged before it is handed out, so a restarted server costs one failed ping, not a failed
-transaction. The pool never blocks: past ``max_idle`` a returned connection is closed.
+transaction; the ping is bounded (``xatm._deadline``), so a silent server costs that bound,
+not its silence. The pool never blocks: past ``max_idle`` a returned connection is closed.
 """
 
 from __future__ import annotations
@@ -13,7 +14,18 @@ import threading
 import time
 from typing import Any
 
+from . import _deadline
 from ._participant import Connection, Participant
+from .errors import ResourceUnavailable
+
+
+def silent(participant: Participant, seconds: float, what: str = "a ping") -> ResourceUnavailable:
+    """The error for a call whose server did not answer in time (``xatm._deadline`` cut it)."""
+    return ResourceUnavailable(
+        f"resource {participant.name!r} ({participant.spec.redacted()}) did not answer {what}"
+        f" within {seconds:.3g} s: its connection was cut",
+        resource=participant.name,
+    )
 
 
 class Pool:
@@ -30,16 +42,25 @@ class Pool:
         self._closed = False
         self.checked = False  # set once the resource passed its fitness check
 
-    def get(self) -> Connection:
-        """A live connection (pooled, or new: may raise ResourceUnavailable)."""
+    def get(self, bound: float = _deadline.GRACE) -> Connection:
+        """A live connection (pooled, or new: may raise ResourceUnavailable). A ping gets
+        ``bound`` seconds; one that gets no answer in that time means the server is silent:
+        every idle connection is closed and ResourceUnavailable raised, with no connect."""
         while True:
             with self._lock:
                 if not self._idle:
                     break
                 conn, since = self._idle.pop()
-            if time.monotonic() - since < self.ping_after or self.participant.ping(conn):
+            if time.monotonic() - since < self.ping_after:
+                return conn
+            with _deadline.bounded(self.participant, conn, bound, "a ping") as watch:
+                alive = self.participant.ping(conn)
+            if alive and not watch.fired:
                 return conn
             self.participant.close(conn)
+            if watch.fired:
+                self.clear()
+                raise silent(self.participant, bound)
         return self.participant.connect()
 
     def put(self, conn: Connection) -> None:

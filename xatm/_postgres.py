@@ -24,7 +24,10 @@ when it is opened (not in the startup packet, which some connection poolers refu
 the statements outside a branch (phase 2, recovery), never below
 :data:`SESSION_WAIT_FLOOR` (5 s). A URL whose ``options`` sets either one
 (``?options=-c%20lock_timeout%3D5s``; ``0`` turns it off) overrides xatm's value, at
-connect and at BEGIN.
+connect and at BEGIN. Those are the server's bounds; a server that stops answering is the
+client's business (``xatm._deadline``, which finds a connection's socket with
+:func:`socket_of`), with TCP keepalives and ``tcp_user_timeout`` for a dead peer
+(:func:`dead_peer_settings`).
 
 **Failover detection.** The same round trip, once per new connection, reads the server's
 timeline (the first 8 hex digits of ``pg_walfile_name(pg_current_wal_lsn())``: a promoted
@@ -50,6 +53,7 @@ from typing import Any, Literal, Protocol
 import psycopg
 from psycopg.pq import TransactionStatus
 
+from . import _deadline
 from . import _postgres_health as _health
 from ._participant import (
     CANNOT_TELL,
@@ -90,6 +94,30 @@ UNDEFINED_TABLE = "42P01"
 #: a manager with a tiny transaction timeout must not make its COMMIT PREPARED or its
 #: recovery statements fail under load (they wait for no row lock a client holds)
 SESSION_WAIT_FLOOR = 5.0
+
+
+def dead_peer_settings(timeout: float | None) -> dict[str, str]:
+    """libpq settings that notice a dead peer (a host gone, a path cut) on a connection:
+    TCP keepalives on an idle one, and ``tcp_user_timeout`` for data the peer never
+    acknowledges, at twice the transaction ``timeout`` plus the connect timeout. (A server
+    that is alive but silent acknowledges everything: ``xatm._deadline`` ends those calls.)"""
+    backstop = 2 * (30.0 if timeout is None else timeout) + DEFAULT_CONNECT_TIMEOUT
+    return {
+        "keepalives": "1",
+        "keepalives_idle": "10",
+        "keepalives_interval": "5",
+        "keepalives_count": "3",
+        "tcp_user_timeout": str(math.ceil(backstop * 1000)),
+    }
+
+
+def socket_of(conn: Any) -> int | None:
+    """The socket of a psycopg connection, sync or asyncio (None once it is closed)."""
+    try:
+        fd = conn.pgconn.socket
+    except psycopg.Error:
+        return None
+    return fd if isinstance(fd, int) and fd >= 0 else None
 
 
 #: the server's timeline (hex text; NULL on a standby) and next transaction id, read with
@@ -167,6 +195,8 @@ class PostgresParticipant:
         options = dict(spec.options)
         options.setdefault("connect_timeout", str(DEFAULT_CONNECT_TIMEOUT))
         options.setdefault("application_name", "xatm")
+        for key, value in dead_peer_settings(timeout).items():
+            options.setdefault(key, value)
         #: settings the URL's own ``options`` sets: xatm leaves those alone
         self._user_settings = pg_settings_in(options.get("options", ""))
         #: sent once on each new connection (a SET, not the startup packet's ``options``,
@@ -256,19 +286,21 @@ class PostgresParticipant:
     def connect(self) -> psycopg.Connection[Any]:
         conn = None
         try:
-            conn = psycopg.connect(**self.connect_kwargs)
+            with _deadline.waiting(self, "a connect"):  # bounded by connect_timeout
+                conn = psycopg.connect(**self.connect_kwargs)
             setup = self.session_setup
             if setup:
-                try:
-                    cur = conn.execute(setup)  # one round trip, once per connection
-                except psycopg.Error as e:
-                    if not self.state_refused(e):
-                        raise
-                    if self.session_setup:
-                        conn.execute(self.session_setup)
-                else:
-                    if self.reads_state:
-                        self.observe(conn, cur.fetchone())
+                with _deadline.bounded(self, conn, _deadline.GRACE, "the session set-up"):
+                    try:
+                        cur = conn.execute(setup)  # one round trip, once per connection
+                    except psycopg.Error as e:
+                        if not self.state_refused(e):
+                            raise
+                        if self.session_setup:
+                            conn.execute(self.session_setup)
+                    else:
+                        if self.reads_state:
+                            self.observe(conn, cur.fetchone())
         except psycopg.Error as e:
             if conn is not None:
                 self.close(conn)
@@ -278,6 +310,9 @@ class PostgresParticipant:
                 self.close(conn)
             raise
         return conn
+
+    def socket_of(self, conn: Any) -> int | None:
+        return socket_of(conn)
 
     def ping(self, conn: psycopg.Connection[Any]) -> bool:
         try:

@@ -75,7 +75,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
-from . import _events, _failover, _marker_recovery
+from . import _deadline, _events, _failover, _marker_recovery
 from ._decide import Action as Act
 from ._decide import (
     Facts,
@@ -158,6 +158,8 @@ class _Pass:
         return owners, found_any
 
     def _list(self, name: str) -> list[PreparedBranch] | None:
+        if name in self.problems:  # found unreachable already in this pass
+            return None
         try:
             with self.ctx.resources.borrow(name, recovery=True) as (participant, conn):
                 return participant.recover(conn)
@@ -182,9 +184,12 @@ class _Pass:
                             _marker_recovery.delete_old_fences(participant, conn)
             except ResourceError as e:
                 self.marker_problems[name] = str(e)
+                self._unreachable(name, str(e))  # one wait for it per pass, not one per step
                 continue
             except Exception as e:
                 self.marker_problems[name] = _describe(e)
+                if self.ctx.resources.get(name)[0].is_connection_error(e):
+                    self._unreachable(name, f"lost during the pass: {_describe(e)}")
                 continue
             for gtrid, record in (rows or {}).items():
                 self.markers[gtrid] = (name, record)
@@ -270,6 +275,7 @@ class _Pass:
         try:
             with self.ctx.resources.borrow(name, recovery=True) as (_, conn):
                 for branch in participant.recover(conn):
+                    _deadline.renew(conn, self.ctx.resources.bound)  # each branch: a step
                     self.settle(name, branch, conn)
         except LogError:
             raise  # the log failed, not this resource: the pass cannot go on
@@ -552,6 +558,8 @@ class _Pass:
         for resource in rec.branches:
             if (gtrid, resource) in self.committed_here:
                 continue
+            if resource in self.problems:  # unreachable in this pass: the next one checks
+                return False
             switch = (
                 None if watch is None else watch.lost_txid(resource, txids.get(resource), rec.at)
             )

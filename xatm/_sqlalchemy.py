@@ -39,8 +39,9 @@ import threading
 import weakref
 from typing import TYPE_CHECKING, Any
 
+from . import _deadline
 from ._pool import Pool
-from ._urls import ResourceSpec, parse_url, redact
+from ._urls import DEFAULT_CONNECT_TIMEOUT, ResourceSpec, parse_url, redact
 from .errors import ConfigurationError, ResourceUnavailable
 
 if TYPE_CHECKING:
@@ -137,7 +138,7 @@ class EnginePool(Pool):
         self.engine = engine
         self._out: dict[int, _Checkout] = {}
 
-    def get(self) -> Connection:
+    def get(self, bound: float = _deadline.GRACE) -> Connection:
         try:
             proxied = self.engine.raw_connection()
         except Exception as e:
@@ -148,7 +149,8 @@ class EnginePool(Pool):
             ) from None
         conn = proxied.driver_connection
         try:
-            autocommit = self.participant.adopt(conn, proxied.info)
+            with _deadline.bounded(self.participant, conn, bound, "taking a connection over"):
+                autocommit = self.participant.adopt(conn, proxied.info)
         except Exception as e:
             with contextlib.suppress(Exception):
                 proxied.invalidate(e)
@@ -174,7 +176,8 @@ class EnginePool(Pool):
             return
         try:
             if not out.autocommit:
-                self.participant.set_autocommit(conn, False)
+                with _deadline.bounded(self.participant, conn, _deadline.GRACE, "a reset"):
+                    self.participant.set_autocommit(conn, False)
         except Exception:
             self._invalidate(out)
             return
@@ -257,6 +260,11 @@ def _engine_from_spec(resource: str, spec: ResourceSpec) -> Engine:
     from sqlalchemy.pool import NullPool
 
     options = dict(spec.options)
+    # the dialect's first connect is bounded as xatm's own are (a silent server's greeting)
+    timeout_key = "connection_timeout" if spec.kind == "mysql" and spec.driver is None else None
+    options.setdefault(timeout_key or "connect_timeout", str(DEFAULT_CONNECT_TIMEOUT))
+    if spec.driver == "pymysql":  # its connect_timeout does not bound the server's greeting
+        options.setdefault("read_timeout", str(DEFAULT_CONNECT_TIMEOUT))
     # the dialect of the driver whose connections the branches are (xatm's own)
     drivername = "postgresql+psycopg" if spec.kind == "postgresql" else _MYSQL_DIALECTS[spec.driver]
     url = URL.create(

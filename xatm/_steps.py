@@ -20,6 +20,7 @@ from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
+from ._deadline import Watch, disarm
 from ._participant import Connection, Participant, Statement
 from ._xid import Xid
 
@@ -55,12 +56,33 @@ class Branch:
     state: BranchState = BranchState.ACTIVE
     error: BaseException | None = field(default=None, repr=False)
     txid: int | None = None  # the server's transaction id of the prepared branch, if known
+    #: the connection's deadline (``xatm._deadline``), from enlistment until it is given back
+    watch: Watch | None = field(default=None, repr=False)
+
+    #: the application was given the connection itself (``tx.connection()``, a SQLAlchemy
+    #: session): xatm cannot tell when it is in a call, so it always counts as in one
+    handed_out: bool = field(default=False, repr=False)
+
+    @property
+    def cut(self) -> bool:
+        """The connection was cut: its server did not answer within the deadline."""
+        return self.watch is not None and self.watch.fired
+
+    def hand_out(self) -> Connection:
+        """The connection, for the application to use directly (see ``handed_out``)."""
+        if not self.handed_out:
+            self.handed_out = True
+            if self.watch is not None:
+                self.watch.busy += 1
+        return self.conn
 
     def release(self) -> None:
         """Give the connection back to the pool (or close it if it is not clean)."""
         conn, self.conn = self.conn, None
         if conn is not None:
-            if self.error is not None:
+            if self.watch is not None:
+                disarm(self.watch)
+            if self.error is not None or self.cut:
                 self.pool.discard(conn)
             else:
                 self.pool.put(conn)
@@ -69,6 +91,8 @@ class Branch:
         """Close the connection: its state is unknown, or another session must finish."""
         conn, self.conn = self.conn, None
         if conn is not None:
+            if self.watch is not None:
+                disarm(self.watch)
             self.pool.discard(conn)
 
 

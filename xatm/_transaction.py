@@ -35,7 +35,7 @@ from collections.abc import Callable, Sequence
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, NoReturn, Protocol, TypeVar, cast
 
-from . import _events, _failpoint, _marker
+from . import _deadline, _events, _failpoint, _marker
 from ._log import DecisionNotLogged
 from ._parallel import Outcome, overlapped
 from ._participant import (
@@ -205,7 +205,40 @@ class TransactionCore:
         the server drops unprepared work, and the transaction can only roll back."""
         branch.error = error
         branch.state = BranchState.ROLLED_BACK
-        self._rollback_only = f"the connection of branch {branch.resource!r} was lost"
+        if branch.cut:
+            self._rollback_only = "timeout"
+        else:
+            self._rollback_only = f"the connection of branch {branch.resource!r} was lost"
+
+    def _statement_lost(self, branch: Branch, error: BaseException) -> TransactionTimeout | None:
+        """A statement of the block failed with a connection error: the transaction can
+        only roll back. If the deadline cut it (its server did not answer in time), the
+        error to raise instead of the driver's."""
+        self._lost(branch, error)
+        return self._silent(branch.resource) if branch.cut else None
+
+    def _silent(self, resource: str) -> TransactionTimeout:
+        """The error of a call on ``resource`` that the deadline cut (the transaction can
+        only roll back)."""
+        self._rollback_only = "timeout"
+        return TransactionTimeout(
+            f"transaction {self.gtrid} exceeded its timeout of {self.timeout:g} s: resource"
+            f" {resource!r} did not answer in time, and its connection was cut",
+            gtrid=self.gtrid,
+        )
+
+    def _watch(self, owner: _deadline.Sockets, conn: Connection) -> _deadline.Watch:
+        """The deadline of a branch's connection, from enlistment until it is given back:
+        the transaction's own until its decision, then :meth:`_finishing`'s."""
+        return _deadline.arm(owner, conn, self.deadline, f"transaction {self.gtrid}", busy=0)
+
+    def _finishing(self) -> None:
+        """The steps that end the branches (commit, rollback) may run until the deadline
+        plus :data:`xatm._deadline.GRACE`: no call outlives the timeout plus that."""
+        limit = self.deadline + _deadline.GRACE
+        for branch in self._branches.values():
+            if branch.watch is not None:
+                branch.watch.extend_to(limit)
 
     def _check_time(self) -> None:
         if time.monotonic() > self.deadline:
@@ -336,9 +369,11 @@ class TransactionCore:
 
     def _raise_rolled_back(self, reason: str, cause: BaseException | None = None) -> NoReturn:
         if reason == "timeout":
+            silent = [repr(b.resource) for b in self._branches.values() if b.cut]
+            detail = f" ({', '.join(silent)} did not answer in time)" if silent else ""
             raise TransactionTimeout(
                 f"transaction {self.gtrid} exceeded its timeout of {self.timeout:g} s and was"
-                " rolled back",
+                f" rolled back{detail}",
                 gtrid=self.gtrid,
             ) from cause
         raise TransactionRolledBack(
@@ -394,15 +429,19 @@ class TransactionCore:
                     branch.txid = outcome.value.txid
                 continue
             branch.error = err
-            if isinstance(err, BranchVotedNo):
+            if isinstance(err, BranchVotedNo) and not branch.cut:
                 branch.state = BranchState.ROLLED_BACK
                 if failure is None:
                     failure, reason = err.__cause__ or err, f"{branch.resource}: {err.reason}"
             else:
+                # not a certain no: the prepare may have reached the server (its answer was
+                # lost, or the deadline cut the call): left to recovery, which rolls it back
                 branch.state = BranchState.UNKNOWN
                 if failure is None:
                     failure, reason = err, f"{branch.resource}: prepare failed: {err}"
         if failure is not None:
+            if any(b.cut for b in branches):
+                reason = "timeout"
             yield from self._rollback_steps()
             if not isinstance(failure, Exception):
                 raise failure  # KeyboardInterrupt and the like, after rolling back
@@ -439,6 +478,8 @@ class TransactionCore:
                 stop = refuse
             if stop is None:
                 self._deciding = True
+        if stop is None:
+            self._finishing()
         return stop
 
     def _decide_steps(self, branches: list[Branch]) -> Steps[None]:
@@ -494,7 +535,7 @@ class TransactionCore:
                     " now (%s); recovery will commit it",
                     self.gtrid,
                     branch.resource,
-                    outcome.error,
+                    "no answer in time: its connection was cut" if branch.cut else outcome.error,
                 )
         self.state = TransactionState.COMMITTED
         if not logged:
@@ -529,6 +570,7 @@ class TransactionCore:
         """Roll back every branch that may still hold work; never raises a driver error."""
         self._trace.phase("rollback")
         self.state = TransactionState.ROLLED_BACK
+        self._finishing()
         for branch in self._branches.values():
             if branch.conn is None or branch.state is BranchState.ROLLED_BACK:
                 branch.release()
@@ -599,12 +641,20 @@ class Transaction(TransactionCore):
         with self._lock(resource):
             branch = self._branch(resource)
             assert branch.conn is not None
+            watch = branch.watch
+            if watch is not None:
+                watch.busy += 1  # a call in flight (xatm._deadline), inline: per statement
             try:
                 return branch.participant.execute(branch.conn, query, params)
             except BaseException as e:
                 if branch.participant.is_connection_error(e):
-                    self._lost(branch, e)
+                    timeout = self._statement_lost(branch, e)
+                    if timeout is not None:
+                        raise timeout from e
                 raise
+            finally:
+                if watch is not None:
+                    watch.busy -= 1
 
     def connection(self, resource: str) -> Connection:
         """The driver connection of this transaction's branch on ``resource``.
@@ -614,7 +664,7 @@ class Transaction(TransactionCore):
         """
         branch = self.enlist(resource)
         assert branch.conn is not None
-        return branch.conn
+        return branch.hand_out()
 
     def session(self, binds: Any = None, **session_kwargs: Any) -> Any:
         """A SQLAlchemy ORM ``Session`` whose work joins this transaction (see docs/api.md).
@@ -640,9 +690,12 @@ class Transaction(TransactionCore):
         self._after_end.append(callback)
 
     def enlist(self, resource: str) -> Branch:
-        """The branch on ``resource``, begun now if it is not enlisted yet."""
+        """The branch on ``resource``, begun now if it is not enlisted yet; its connection
+        is the integration's to use (``Branch.hand_out``)."""
         with self._lock(resource):
-            return self._branch(resource)
+            branch = self._branch(resource)
+        branch.hand_out()
+        return branch
 
     def branch_connection(self, resource: str) -> Connection | None:
         """The driver connection the branch on ``resource`` holds now (None if none)."""
@@ -668,29 +721,40 @@ class Transaction(TransactionCore):
         self._ctx.identity.require(resource)  # enlist only where the node's lease is held
         participant = self._trace.watch(participant)
         xid = branch_xid(self.gtrid, resource)
-        conn = self._begin(participant, pool, xid)
-        branch = Branch(resource, xid, participant, pool, conn)
+        conn, watch = self._begin(participant, pool, xid)
+        branch = Branch(resource, xid, participant, pool, conn, watch=watch)
         self._branches[resource] = branch
         return branch
 
-    def _begin(self, participant: Participant, pool: Pool, xid: Xid) -> Connection:
-        """A connection with the branch begun on it; one retry on a fresh connection."""
+    def _begin(
+        self, participant: Participant, pool: Pool, xid: Xid
+    ) -> tuple[Connection, _deadline.Watch]:
+        """A connection with the branch begun on it, under the transaction's deadline; one
+        retry on a fresh connection, if there is time left."""
         for attempt in (1, 2):
             conn = pool.get() if attempt == 1 else participant.connect()
+            watch = self._watch(participant, conn)
             try:
-                if not pool.checked:
-                    check_fit(self._ctx, participant, conn)
-                    pool.checked = True
-                participant.begin(conn, xid, max(self.deadline - time.monotonic(), 0.001))
-                return conn
+                with _deadline.calling(watch):
+                    if not pool.checked:
+                        check_fit(self._ctx, participant, conn)
+                        pool.checked = True
+                    participant.begin(conn, xid, max(self.deadline - time.monotonic(), 0.001))
+                return conn, watch
             except ResourceError:
+                _deadline.disarm(watch)
                 pool.discard(conn)
                 raise
             except BaseException as e:
+                _deadline.disarm(watch)
                 pool.discard(conn)
+                if watch.fired:
+                    raise self._silent(participant.name) from e
                 if attempt == 2 or not participant.is_connection_error(e):
                     raise
                 pool.clear()  # the server probably restarted: the others are dead too
+                if time.monotonic() > self.deadline:
+                    raise
         raise AssertionError("unreachable")
 
     # -- the end ----------------------------------------------------------------------------
@@ -763,15 +827,16 @@ class Transaction(TransactionCore):
         if isinstance(op, AwaitWork):
             return _call(self._await_work)
         branch = op.branch
-        if isinstance(op, CommitOnePhase):
-            if op.before:
-                return _call(
-                    branch.participant.commit_one_phase, branch.conn, branch.xid, op.before
-                )
-            return _call(branch.participant.commit_one_phase, branch.conn, branch.xid)
-        if op.prepared:
-            return _call(branch.participant.rollback_prepared, branch.conn, branch.xid)
-        return _call(branch.participant.rollback_active, branch.conn, branch.xid)
+        with _deadline.calling(branch.watch):
+            if isinstance(op, CommitOnePhase):
+                if op.before:
+                    return _call(
+                        branch.participant.commit_one_phase, branch.conn, branch.xid, op.before
+                    )
+                return _call(branch.participant.commit_one_phase, branch.conn, branch.xid)
+            if op.prepared:
+                return _call(branch.participant.rollback_prepared, branch.conn, branch.xid)
+            return _call(branch.participant.rollback_active, branch.conn, branch.xid)
 
     def _await_work(self) -> None:
         for lock in list(self._locks.values()):
@@ -783,9 +848,12 @@ class Transaction(TransactionCore):
 
         def start(branch: Branch) -> Callable[[], Prepared]:
             assert branch.conn is not None
-            if overlap:
-                return branch.participant.start_prepare(branch.conn, branch.xid)
-            return _now(branch.participant.prepare(branch.conn, branch.xid))
+            with _deadline.calling(branch.watch):
+                if overlap:
+                    return _waiting(
+                        branch, branch.participant.start_prepare(branch.conn, branch.xid)
+                    )
+                return _now(branch.participant.prepare(branch.conn, branch.xid))
 
         return overlapped(branches, start, sends_first=_sends_first, overlap=overlap)
 
@@ -795,10 +863,13 @@ class Transaction(TransactionCore):
 
         def start(branch: Branch) -> Callable[[], PhaseTwo]:
             assert branch.conn is not None
-            if overlap:
-                finish = branch.participant.start_commit_prepared(branch.conn, branch.xid)
-            else:
-                finish = _now(branch.participant.commit_prepared(branch.conn, branch.xid))
+            with _deadline.calling(branch.watch):
+                if overlap:
+                    finish = _waiting(
+                        branch, branch.participant.start_commit_prepared(branch.conn, branch.xid)
+                    )
+                else:
+                    finish = _now(branch.participant.commit_prepared(branch.conn, branch.xid))
 
             def done() -> PhaseTwo:
                 nonlocal first_done
@@ -845,6 +916,18 @@ def _call(fn: Callable[..., T], *args: Any) -> Outcome[T]:
 
 def _after_first_commit() -> None:
     _failpoint.hit("after_first_commit")
+
+
+def _waiting(branch: Branch, finish: Callable[[], T]) -> Callable[[], T]:
+    """``finish`` as a call on ``branch``'s connection (``xatm._deadline``): a branch whose
+    step was started counts as in a call only while its answer is being waited for, not
+    while the other branches' steps run."""
+
+    def call() -> T:
+        with _deadline.calling(branch.watch):
+            return finish()
+
+    return call
 
 
 def _now(value: T) -> Callable[[], T]:

@@ -12,6 +12,7 @@ What an application needs is in :mod:`xatm`; this module holds the types an oper
 """
 
 from ._audit import AuditEntry
+from ._deadline import Wait, report_waits
 from ._doctor import Check, DoctorReport
 from ._failpoint import NAMES as FAILPOINTS
 from ._filelog import Salvage, SegmentInfo, salvage_log
@@ -67,10 +68,12 @@ __all__ = [
     "SweeperStatus",
     "TransactionInfo",
     "UnknownTransaction",
+    "Wait",
     "Xid",
     "load_sagas",
     "parse_url",
     "redact",
+    "report_waits",
     "salvage_log",
     "sweeper_settings",
     "validate_gtrid",

@@ -130,6 +130,14 @@ def _is_ours(pid: int | None, datadir: Path) -> bool:
     return pid is not None and _pid_alive(pid) and pid in _procs_in(datadir)
 
 
+def _server_processes(pid: int | None, datadir: Path) -> list[int]:
+    """A running server's processes, its main one first (for a test that stops them)."""
+    if not _is_ours(pid, datadir):
+        return []
+    assert pid is not None
+    return [pid, *sorted(p for p in _procs_in(datadir) if p != pid)]
+
+
 def _port_open(port: int) -> bool:
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=0.5):
@@ -349,6 +357,10 @@ class PostgresServer:
         self.stop()
         self.start()
 
+    def processes(self) -> list[int]:
+        """Every process of the cluster: the postmaster first, then its children."""
+        return _server_processes(self.pid, self.datadir)
+
     def create_database(self, name: str) -> None:
         """Create database ``name`` owned by role xatm, unless it exists."""
         with psycopg.connect(self.admin_dsn(), autocommit=True) as conn:
@@ -539,6 +551,10 @@ class MariaDBServer:
         """Start again (after kill(): InnoDB crash recovery runs); stops first if running."""
         self.stop()
         self.start()
+
+    def processes(self) -> list[int]:
+        """The server's processes (mariadbd: one, with its threads)."""
+        return _server_processes(self.pid, self.datadir)
 
     def _admin(self, *statements: str) -> None:
         conn = mysql.connector.connect(autocommit=True, **self.admin_params())
