@@ -183,7 +183,7 @@ class AsyncTransaction(TransactionCore):
         driver, pool = self._aio.get(resource)
         identity = self._ctx.identity
         if not identity.holds(resource):  # enlist only where the node's lease is held
-            await asyncio.to_thread(identity.require, resource)
+            await asyncio.to_thread(identity.require, resource, self.deadline - time.monotonic())
         await self._aio.check(resource)
         xid = branch_xid(self.gtrid, resource)
         conn, watch = await self._begin(driver, pool, xid)

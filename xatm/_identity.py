@@ -203,15 +203,16 @@ class IdentityLocks:
             )
         self._take(lock, name, report)
 
-    def _take(self, lock: _Lock, name: str, report: bool) -> None:
+    def _take(self, lock: _Lock, name: str, report: bool, *, bound: float | None = None) -> None:
         participant = self._participants[name]
         try:
             conn = participant.connect()
         except ResourceError as e:
             lock.state, lock.why = "unreached", redact(str(e))
             return
+        seconds = _deadline.GRACE if bound is None else max(0.001, min(bound, _deadline.GRACE))
         try:
-            with _deadline.bounded(participant, conn, _deadline.GRACE, "an identity check"):
+            with _deadline.bounded(participant, conn, seconds, "an identity check"):
                 got = participant.take_identity(conn, self.node_id)
                 place, session = participant.identity_session(conn)
                 holder = None if got else participant.identity_holder(conn, self.node_id)
@@ -289,19 +290,21 @@ class IdentityLocks:
         """Is the lease on ``name`` held now? (No I/O.)"""
         return name not in self._locks or self._reason(name, time.monotonic()) is None
 
-    def require(self, name: str) -> None:
+    def require(self, name: str, budget: float | None = None) -> None:
         """Raise IdentityNotHeld unless this manager holds its identity on ``name`` now. A
-        lock whose session was lost (a server restart) or never taken is tried once here, if
-        its keeper is not busy with it: this costs what enlisting on a fresh connection
-        costs, and spares the first transaction after a restart (blocking: the asyncio
-        manager calls it on a worker thread)."""
+        lock whose session is gone (a server restart) or was never taken is taken here, once,
+        if its keeper is not busy with it: a connect, as enlisting on a fresh connection
+        costs, and the take bounded by ``budget`` (the seconds the caller's transaction has
+        left), so a first transaction after a restart need not fail. A lease that lapsed on
+        a session that stopped answering is not waited for. Blocking: the asyncio manager
+        calls it on a worker thread."""
         if self.holds(name):
             return
         lock = self._lock_of(name)
-        if lock.state != "taken" and lock.checking.acquire(timeout=0.05):
+        if lock.state != "taken" and lock.conn is None and lock.checking.acquire(timeout=0.05):
             try:
-                if self._reason(name, time.monotonic()) is not None:
-                    self._check(lock, name)
+                if lock.conn is None and self._reason(name, time.monotonic()) is not None:
+                    self._take(lock, name, True, bound=budget)
             finally:
                 lock.checking.release()
         why = self._reason(name, time.monotonic())

@@ -718,7 +718,8 @@ class Transaction(TransactionCore):
         if branch is not None:
             return branch
         participant, pool = self._ctx.resources.get(resource)
-        self._ctx.identity.require(resource)  # enlist only where the node's lease is held
+        # enlist only where the node's lease is held
+        self._ctx.identity.require(resource, self.deadline - time.monotonic())
         participant = self._trace.watch(participant)
         xid = branch_xid(self.gtrid, resource)
         conn, watch = self._begin(participant, pool, xid)
