@@ -55,11 +55,12 @@ def recover(ctx: click.Context, dry_run: bool, as_json: bool) -> None:
 
     Commits the branches of transactions whose COMMIT is logged and rolls back those of
     dead coordinators that decided nothing; leaves live coordinators' transactions alone.
-    Exit status 1 if a resource could not be reached, a phase-2 call failed or a heuristic
-    outcome was found.
+    Exit status 1 if a resource could not be reached, a phase-2 call failed, a heuristic
+    outcome was found, or the config's sagas could not be imported (none was recovered).
     """
     progress = render.Progress()
-    with get(ctx).manager("cli") as tm:
+    c = get(ctx)
+    with c.manager("cli", sagas="recover") as tm:
         try:
             report = tm.recover(dry_run=dry_run, actor=actor(), progress=progress)
         finally:
@@ -84,8 +85,11 @@ def recover(ctx: click.Context, dry_run: bool, as_json: bool) -> None:
             f"{report.heuristics} HEURISTIC outcome(s): branches of committed transactions were"
             " rolled back outside xatm; see docs/operations.md"
         )
+    for what in c.skipped:
+        render.warn(what)
     failed = any(a.action == "error" for a in report.actions)
-    ctx.exit(1 if report.unreachable or report.heuristics or failed else 0)
+    skipped = bool(c.skipped) and not dry_run
+    ctx.exit(1 if report.unreachable or report.heuristics or failed or skipped else 0)
 
 
 @click.command()
@@ -129,7 +133,7 @@ def sweep(
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        with c.manager("sweep", sweeper=False, interval=interval) as tm:
+        with c.manager("sweep", sweeper=False, interval=interval, sagas="need") as tm:
             click.echo(
                 f"xatm sweep: node {tm.node_id}, every {interval:g} s; SIGINT/SIGTERM stops",
                 err=True,

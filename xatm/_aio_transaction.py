@@ -26,14 +26,16 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Self, TypeVar, overload
 
+from . import _ambient
 from ._aio_log import AsyncLog
 from ._aio_pool import AsyncParticipant, AsyncPool
+from ._dbapi import AsyncDBConnection, AsyncDBCursor, C, Params, as_kind
 from ._parallel import Outcome
-from ._participant import Connection, Cursor, PhaseTwo
+from ._participant import Connection, PhaseTwo
 from ._steps import (
     AwaitWork,
     Branch,
@@ -107,7 +109,8 @@ class AsyncTransaction(TransactionCore):
         self._aio = aio
         self._drivers: dict[str, AsyncParticipant] = {}
 
-    async def __aenter__(self) -> AsyncTransaction:
+    async def __aenter__(self) -> Self:
+        _ambient.enter(self)  # a second transaction of this manager inside is refused
         return self
 
     async def __aexit__(
@@ -116,6 +119,7 @@ class AsyncTransaction(TransactionCore):
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
+        _ambient.leave(self)
         if self.state is not TransactionState.ACTIVE:
             self._ctx.forget(self)
             return
@@ -124,28 +128,35 @@ class AsyncTransaction(TransactionCore):
         else:
             await self.commit()
 
-    async def execute(
-        self, resource: str, query: Any, params: Sequence[Any] | Any = None
-    ) -> Cursor:
+    async def execute(self, resource: str, query: Any, params: Params = None) -> AsyncDBCursor:
         """Run ``query`` with ``params`` on ``resource`` inside this transaction; returns the
-        driver's (async) cursor. The driver's own exception propagates on failure."""
+        driver's (async) cursor, an :class:`~xatm.aio.AsyncDBCursor`. The driver's own
+        exception propagates on failure."""
         async with self._lock(resource):
             branch = await self._branch(resource)
             driver = self._drivers[resource]
             try:
-                return await driver.execute(branch.conn, query, params)
+                cursor: AsyncDBCursor = await driver.execute(branch.conn, query, params)
+                return cursor
             except BaseException as e:
                 if isinstance(e, asyncio.CancelledError) or driver.is_connection_error(e):
                     self._lost(branch, e)  # interrupted midway: the connection is closed
                 raise
 
-    async def connection(self, resource: str) -> Connection:
+    @overload
+    async def connection(self, resource: str) -> AsyncDBConnection: ...
+
+    @overload
+    async def connection(self, resource: str, kind: type[C]) -> C: ...
+
+    async def connection(self, resource: str, kind: type[C] | None = None) -> AsyncDBConnection | C:
         """The asyncio driver connection of this transaction's branch on ``resource``
         (psycopg ``AsyncConnection``, ``mysql.connector.aio`` connection). Do not commit,
-        roll back or close it: xatm does that."""
+        roll back or close it: xatm does that. ``kind`` (``psycopg.AsyncConnection``...)
+        types the result as that class, after checking it is one (``TypeError`` otherwise)."""
         async with self._lock(resource):
             branch = await self._branch(resource)
-        return branch.conn
+        return as_kind(resource, branch.conn, kind)
 
     # -- several tasks in one transaction (the rule: TransactionCore._stop_work_steps) -------
     def _lock(self, resource: str) -> asyncio.Lock:

@@ -6,6 +6,7 @@ A config file::
     log = "/var/lib/xatm"          # relative paths are relative to the file's directory
     timeout = 30.0
     sagas = ["myapp.sagas:transfer"]   # saga definitions to run and recover (optional)
+    fail_fast = true               # refuse to start unless every resource is ready (optional)
 
     [resources.ledger]
     url = "postgresql://app:${LEDGER_PASSWORD}@db1:5432/ledger"
@@ -34,7 +35,7 @@ from ._xid import validate_node_id, validate_resource_name
 from .errors import ConfigurationError
 
 _ENV_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
-_KNOWN_KEYS = {"node_id", "log", "timeout", "resources", "sweeper", "sagas"}
+_KNOWN_KEYS = {"node_id", "log", "timeout", "resources", "sweeper", "sagas", "fail_fast"}
 _RESOURCE_KEYS = {"url", "commit_marker"}
 
 
@@ -66,6 +67,13 @@ def validate_timeout(timeout: object) -> float:
     if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not timeout > 0:
         raise ConfigurationError(f"timeout must be a positive number of seconds, got {timeout!r}")
     return float(timeout)
+
+
+def validate_timeout_or_zero(value: object) -> float:
+    """A number of seconds >= 0 (ConfigurationError otherwise)."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value >= 0:
+        raise ConfigurationError(f"expected a number of seconds >= 0, got {value!r}")
+    return float(value)
 
 
 def resource_specs(resources: object) -> dict[str, ResourceSpec]:
@@ -124,6 +132,8 @@ def load_config(path: str | os.PathLike[str]) -> Settings:
             markers.append(name)
     if "sagas" in data:
         saga_list(data["sagas"], where)  # imported when the manager is built
+    if not isinstance(data.get("fail_fast", False), bool):
+        raise ConfigurationError(f"{where}: 'fail_fast' must be true or false")
     log = data["log"]
     if not isinstance(log, str) or not log:
         raise ConfigurationError(f"{where}: 'log' must be a directory path (or a URL)")
@@ -136,7 +146,7 @@ def load_config(path: str | os.PathLike[str]) -> Settings:
             log=log,
             node_id=validate_node_id(data["node_id"]),
             timeout=validate_timeout(data.get("timeout", 30.0)),
-            extra={k: v for k, v in data.items() if k in ("sweeper", "sagas")},
+            extra={k: v for k, v in data.items() if k in ("sweeper", "sagas", "fail_fast")},
             commit_markers=tuple(markers),
         )
     except ConfigurationError as e:

@@ -122,6 +122,8 @@ class Running(Protocol):
 
     def abort_if_expired(self) -> bool: ...
 
+    def refuse_decision(self, reason: str) -> bool: ...
+
 
 @dataclass(eq=False)
 class Context:
@@ -144,6 +146,8 @@ class Context:
     incarnations: frozenset[str] | None = None
     #: integrations a transaction offers (``tx.session()``...), wired by the manager
     extensions: Mapping[str, Callable[..., Any]] = field(default_factory=dict)
+    #: why the manager no longer begins transactions (it is closing: ``xatm._drain``)
+    closing: str | None = None
     #: recovery passes, sweeper passes and manual resolutions never overlap
     recovery_lock: threading.Lock = field(default_factory=threading.Lock)
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -192,6 +196,11 @@ class Context:
     def running(self, gtrid: str) -> Running | None:
         with self._lock:
             return self._active.get(gtrid)
+
+    def in_flight(self) -> list[Running]:
+        """The transactions running here now (from their first branch to their end)."""
+        with self._lock:
+            return list(self._active.values())
 
     def overlap(self) -> bool:
         """Overlap the branches' round trips? Only while few transactions are in flight:

@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from ._participant import Connection, Participant
-from ._urls import redact
+from ._urls import describe_error, redact
 from .errors import ConfigurationError, IdentityNotHeld, ResourceError
 
 logger = logging.getLogger("xatm.identity")
@@ -359,5 +359,4 @@ class IdentityLocks:
 
 
 def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return redact(text.splitlines()[0] if text else type(e).__name__)
+    return describe_error(e)
