@@ -64,7 +64,9 @@ def test_mypy_strict_passes_on_the_typed_app_and_catches_mistakes(tmp_path: Path
 
 def test_the_typed_app_runs(bank: Bank, tmp_path: Path) -> None:
     from examples.typed_app import bank as app
-    from examples.typed_app import sagas, service
+    from examples.typed_app import sagas, service, web
+
+    assert any(getattr(r, "path", "") == "/transfer" for r in web.app.routes)
 
     t = bank.table
     tm = app.open_manager(bank.urls["pg1"], bank.urls["maria"], str(tmp_path / "log"))

@@ -46,7 +46,7 @@ from __future__ import annotations
 import inspect
 import logging
 import os
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Annotated, Any
 
@@ -177,8 +177,10 @@ async def _in_doubt(request: Request, exc: Exception) -> Response:
     return JSONResponse(_body(detail, exc), status_code=500)
 
 
-#: exception class -> handler, for ``FastAPI(exception_handlers=...)``
-exception_handlers: Mapping[type[Exception], Callable[[Request, Exception], Any]] = {
+#: exception class -> handler, for ``FastAPI(exception_handlers=...)`` (a copy: ``dict(...)``)
+exception_handlers: dict[
+    int | type[Exception], Callable[[Request, Any], Coroutine[Any, Any, Response]]
+] = {
     TransactionRolledBack: _rolled_back,
     ResourceUnavailable: _unavailable,
     TransactionInDoubt: _in_doubt,
