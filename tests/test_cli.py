@@ -442,6 +442,8 @@ def test_a_forced_commit_of_a_transaction_that_never_existed_leaves_no_trace(
         shown = xatm(config, "show", gtrid)
         assert shown.exit_code == 1 and "unknown transaction" in one_error_line(shown)
     assert not [e for e in _audit(tmp_path / "log") if e.gtrid.endswith("0" * 27)]
+    assert xatm(config, "recover").exit_code == 0  # the crashed transfer: left to no one
+    assert not any(prepared_gtrids(bank).values())
 
 
 def _audit(log: Path) -> list:  # type: ignore[type-arg]
