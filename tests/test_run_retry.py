@@ -14,7 +14,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from tests.support import Bank, CommitsBlocked, Servers, connect, run
+from tests.support import Bank, CommitsBlocked, Servers, connect, mysql_connection_id, run
 from xatm import (
     ConfigurationError,
     SagaTransaction,
@@ -163,7 +163,7 @@ def test_an_in_doubt_outcome_is_never_retried(bank: Bank, make_tm: MakeTM) -> No
         nonlocal attempts
         attempts += 1
         tx.execute("maria", f"UPDATE {bank.table} SET bal = 0 WHERE id = 1")
-        cid.append(tx.connection("maria").connection_id)  # type: ignore[attr-defined]
+        cid.append(mysql_connection_id(tx.connection("maria")))
 
     blocked = CommitsBlocked(bank.urls["maria"])
     try:
