@@ -58,7 +58,7 @@ mysqlclient: $(STAMP)
 drivers: $(STAMP) $(CEXT_STAMP) mysqlclient
 	VENV=$(VENV) CEXT_VENV=$(CEXT_VENV) tests/driver_legs.sh
 
-LINTED := $(wildcard xatm cli tests benchmarks)
+LINTED := $(wildcard xatm cli tests benchmarks examples)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check $(LINTED)

@@ -56,11 +56,13 @@ def recover(ctx: click.Context, dry_run: bool, as_json: bool) -> None:
 
     Commits the branches of transactions whose COMMIT is logged and rolls back those of
     dead coordinators that decided nothing; leaves live coordinators' transactions alone.
-    Exit status 1 if a resource could not be reached, a phase-2 call failed, or a heuristic
-    outcome or a transaction possibly lost in a failover was found.
+    Exit status 1 if a resource could not be reached, a phase-2 call failed, a heuristic
+    outcome or a transaction possibly lost in a failover was found, or the config's sagas
+    could not be imported (none was recovered).
     """
     progress = render.Progress()
-    with get(ctx).manager("cli") as tm:
+    c = get(ctx)
+    with c.manager("cli", sagas="recover") as tm:
         try:
             report = tm.recover(dry_run=dry_run, actor=actor(), progress=progress)
         finally:
@@ -90,8 +92,11 @@ def recover(ctx: click.Context, dry_run: bool, as_json: bool) -> None:
             f"{report.possibly_lost} transaction(s) possibly lost in a PostgreSQL failover:"
             " `xatm indoubt --lost`; see docs/operations.md"
         )
+    for what in c.skipped:
+        render.warn(what)
     failed = any(a.action == "error" for a in report.actions)
-    attention = report.heuristics or report.possibly_lost or failed
+    skipped = bool(c.skipped) and not dry_run
+    attention = report.heuristics or report.possibly_lost or failed or skipped
     ctx.exit(1 if report.unreachable or attention else 0)
 
 
@@ -136,7 +141,7 @@ def sweep(
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        with c.manager("sweep", sweeper=False, interval=interval) as tm:
+        with c.manager("sweep", sweeper=False, interval=interval, sagas="need") as tm:
             click.echo(
                 f"xatm sweep: node {tm.node_id}, every {interval:g} s; SIGINT/SIGTERM stops",
                 err=True,

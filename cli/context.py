@@ -12,12 +12,12 @@ from __future__ import annotations
 import getpass
 import os
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import click
 
-from xatm import ConfigurationError, LogLocked, Settings, TransactionManager, load_config
-from xatm.admin import Inspector, load_sagas, validate_gtrid
+from xatm import ConfigurationError, LogLocked, Saga, Settings, TransactionManager, load_config
+from xatm.admin import Inspector, gtrid_of, load_sagas, sweeper_settings
 
 MAX_NODE_ID = 30
 
@@ -35,6 +35,8 @@ class Context:
     config_path: str | None
     node_id: str | None
     _settings: Settings | None = field(default=None, repr=False)
+    #: work a command skipped (it then exits non-zero)
+    skipped: list[str] = field(default_factory=list)
 
     @property
     def settings(self) -> Settings:
@@ -64,13 +66,15 @@ class Context:
         *,
         sweeper: bool = False,
         interval: float | None = None,
-        need_sagas: bool = False,
+        sagas: Literal["none", "recover", "need"] = "none",
     ) -> TransactionManager:
         """A TransactionManager of this command's own node_id (never the application's).
 
-        The config's sagas are imported for it; if that fails, a command that does not
-        need them (``recover``, ``sweep``, ``commit``...) says so and goes on without them
-        (it then finishes no saga), one that does (``saga retry|abort``) stops."""
+        ``sagas``: whether the config's sagas are imported for it: ``"none"`` (``commit``,
+        ``rollback``: they act on one gtrid, never on a saga), ``"recover"`` (``recover``:
+        if they cannot be imported, it says so, recovers the transactions, and exits 1
+        since it skipped the sagas: :attr:`skipped`), ``"need"`` (``saga retry|abort``,
+        ``sweep``: they stop with the import error)."""
         settings = self.settings
         node = self.own_node_id(suffix)
         if node == settings.node_id:
@@ -78,15 +82,19 @@ class Context:
                 f"--node-id {node!r} is the application's own node_id: a command must not take"
                 " the application's log (pick another one)"
             )
-        kwargs: dict[str, Any] = {"sweeper": sweeper, "lock_timeout": 5.0}
-        try:
-            kwargs["sagas"] = load_sagas(settings.extra.get("sagas", ()))
-        except ConfigurationError as e:
-            if need_sagas:
-                raise
-            click.echo(f"warning: {e}; this command recovers no saga", err=True)
-        if interval is not None:
-            kwargs["sweep_interval"] = interval
+        loaded: list[Saga] = []
+        if sagas != "none":
+            try:
+                loaded = load_sagas(settings.extra.get("sagas", ()))
+            except ConfigurationError as e:
+                hint = (
+                    f"{e} (this command imports them from the current directory or --app-dir,"
+                    " and from PYTHONPATH)"
+                )
+                if sagas == "need":
+                    raise ConfigurationError(hint) from None
+                self.skipped.append(f"no saga was recovered: {hint}")
+                click.echo(f"warning: {hint}; this command recovers no saga", err=True)
         try:
             return TransactionManager(
                 dict(settings.resources),
@@ -94,7 +102,12 @@ class Context:
                 node,
                 settings.timeout,
                 commit_markers=settings.commit_markers,
-                **kwargs,
+                sweeper=sweeper,
+                sweep_interval=sweeper_settings(settings.extra).interval
+                if interval is None
+                else interval,
+                lock_timeout=5.0,
+                sagas=loaded,
             )
         except LogLocked:
             raise click.ClickException(
@@ -122,13 +135,15 @@ else:
 
 
 class GtridType(_ParamType):
-    """A gtrid argument: refused unless it has xatm's gtrid shape."""
+    """A gtrid argument: an xatm gtrid, or any form a database shows one of its branches' ids
+    in (a ``pg_prepared_xacts`` gid, an ``XA RECOVER`` data column: ``xatm.admin.gtrid_of``);
+    anything else is refused."""
 
     name = "GTRID"
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
         try:
-            return validate_gtrid(value)
+            return gtrid_of(value)
         except ConfigurationError as e:
             raise UsageMistake(str(e)) from None
 

@@ -18,26 +18,60 @@ from typing import Any
 import click
 
 from xatm import XatmError
-from xatm.admin import Wait, redact, report_waits
+from xatm.admin import Wait, describe_error, redact, report_waits
 
 from . import act, look, sagas
 from .context import Context
 
+#: the exit status of a command whose reader went away (``xatm indoubt | head -1``): a
+#: process killed by SIGPIPE reports 128 + 13, as every Unix tool in a pipe does
+EXIT_BROKEN_PIPE = 128 + 13
+
+
+def _quiet_stdout() -> None:
+    """Point stdout at /dev/null: whatever is still buffered for a reader that went away
+    is dropped (its flush at exit would raise BrokenPipeError again)."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):  # not a real file (a test's runner)
+        pass
+
 
 class _Group(click.Group):
-    """Turns xatm's errors (and any unexpected one) into a one-line message and exit 1."""
+    """Turns xatm's errors (and any unexpected one) into a one-line message and exit 1; a
+    closed pipe on stdout ends the command quietly (status 141, like SIGPIPE)."""
+
+    def main(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            try:
+                return super().main(*args, **kwargs)
+            finally:
+                sys.stdout.flush()  # a reader gone before the last write: raised here
+        except BrokenPipeError:
+            _quiet_stdout()
+            sys.exit(EXIT_BROKEN_PIPE)
+        except SystemExit as e:
+            # click's own handling of a closed pipe (while it printed help, say): status 1
+            if e.code == 1 and type(sys.stdout).__name__.endswith("PacifyFlushWrapper"):
+                sys.exit(EXIT_BROKEN_PIPE)
+            raise
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
         except (click.exceptions.Exit, click.ClickException, click.Abort):
             raise
+        except BrokenPipeError:
+            _quiet_stdout()
+            raise click.exceptions.Exit(EXIT_BROKEN_PIPE) from None
         except XatmError as e:
             raise click.ClickException(redact(str(e)).strip() or type(e).__name__) from None
         except Exception as e:
             if os.environ.get("XATM_DEBUG"):
                 raise
-            text = redact(str(e).strip().splitlines()[0] if str(e).strip() else "")
+            text = describe_error(e) if str(e).strip() else ""
             raise click.ClickException(
                 f"unexpected error: {type(e).__name__}: {text} (XATM_DEBUG=1 shows more)"
             ) from None
@@ -78,15 +112,27 @@ def _logging(verbose: int) -> None:
     metavar="ID",
     help="node_id of this command's own log (default: the config's node_id + '-cli').",
 )
+@click.option(
+    "--app-dir",
+    envvar="XATM_APP_DIR",
+    default=".",
+    show_default=True,
+    metavar="DIR",
+    help="Import the config's sagas (sagas = [...]) from DIR first, as the application does"
+    " (default: the current directory; $XATM_APP_DIR).",
+)
 @click.option("-v", "--verbose", count=True, help="Log more (-vv: debug).")
 @click.version_option(package_name="xatm")
 @click.pass_context
-def main(ctx: click.Context, config_path: str | None, node_id: str | None, verbose: int) -> None:
+def main(
+    ctx: click.Context, config_path: str | None, node_id: str | None, app_dir: str, verbose: int
+) -> None:
     """xatm: inspect and resolve in-doubt global transactions.
 
     docs/operations.md is the on-call runbook.
     """
     _logging(verbose)
+    _app_dir(app_dir)
     ctx.obj = Context(config_path, node_id)
     report_waits(_waiting(ctx.obj))
 
@@ -119,6 +165,16 @@ def _waiting(obj: Context) -> Callable[[Wait], None]:
         )
 
     return notice
+
+
+def _app_dir(path: str) -> None:
+    """Put the application's folder first on sys.path (as celery and uvicorn do), so that
+    the config's ``sagas = ["module:attribute"]`` import as they do in the application."""
+    folder = os.path.abspath(path)
+    if not os.path.isdir(folder):
+        raise click.BadParameter(f"{path!r} is not a directory", param_hint="--app-dir")
+    if folder not in sys.path:
+        sys.path.insert(0, folder)
 
 
 for _command in (

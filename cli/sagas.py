@@ -118,15 +118,22 @@ def show(ctx: click.Context, saga_id: str, as_json: bool) -> None:
 
 
 def _act(ctx: click.Context, saga_id: str, what: str, force: bool, as_json: bool) -> None:
-    with get(ctx).manager("cli", need_sagas=True) as tm:
+    with get(ctx).manager("cli", sagas="need") as tm:
         try:
             result: SagaResult = tm.saga_action(saga_id, what, force=force, actor=actor())
         except SagaError as e:
             raise click.ClickException(str(e)) from None
     if as_json:
         render.emit_json(result.to_json())
+    elif result.state == "completed":
+        click.echo(f"saga {result.saga_id}: completed")
+    elif result.state == "compensated":
+        click.echo(f"saga {result.saga_id}: compensated (every step done is undone)")
+        if result.error:
+            click.echo(f"why it compensated: {result.error}")
     else:
-        click.echo(f"saga {result.saga_id}: {result.state}")
+        still = " (still stuck: recovery retries it)" if result.stuck else ""
+        click.echo(f"saga {result.saga_id}: {result.state}{still}")
         if result.error:
             click.echo(f"error: {result.error}")
     ctx.exit(0 if result.state in ("completed", "compensated") else 1)

@@ -237,3 +237,64 @@ def test_an_interrupted_one_phase_commit_is_in_doubt(
     asyncio.run(main())
     assert bank.balances()["maria"][1] == 1000  # MariaDB rolled it back, as it happens
     assert bank.xatm_prepared() == {"pg1": [], "pg2": [], "maria": []}
+
+
+# -- built like the threaded manager (from a config, the same checked arguments) ------------
+
+
+def test_the_same_arguments_as_the_threaded_manager() -> None:
+    """Every argument of TransactionManager, with the same defaults and annotations: no
+    ``**kwargs`` for a typo to hide in."""
+    import inspect
+
+    from xatm import TransactionManager
+
+    threaded = inspect.signature(TransactionManager.__init__).parameters
+    asyncio_ = inspect.signature(AsyncTransactionManager.__init__).parameters
+    assert list(threaded) == list(asyncio_)
+    for name, p in threaded.items():
+        q = asyncio_[name]
+        assert (p.kind, p.default, p.annotation) == (q.kind, q.default, q.annotation), name
+    assert not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in asyncio_.values())
+
+
+def test_bad_arguments_fail_at_construction(servers: Servers, tmp_path: Path) -> None:
+    """A typo is a TypeError and a bad value a ConfigurationError, raised by the constructor
+    itself (not later, at ``async with``, from a worker thread); nothing is opened."""
+    with pytest.raises(TypeError, match="sweep_intervall"):
+        AsyncTransactionManager(servers.urls, tmp_path / "log", "aio", sweep_intervall=3)  # type: ignore[call-arg]
+    for bad, match in (
+        ({"sweep_interval": 0}, "interval"),
+        ({"pool_size": "8"}, "pool_size"),
+        ({"commit_markers": ["nowhere"]}, "commit_markers"),
+        ({"sagas": ["no.such.module:x"]}, "cannot import"),
+        ({"resources": {"bad": "oracle://h/db"}}, "unsupported scheme"),
+        ({"fail_fast": "yes"}, "fail_fast"),
+    ):
+        with pytest.raises(ConfigurationError, match=match):
+            manager(servers, tmp_path, **bad)
+    assert not (tmp_path / "log").exists()
+
+
+def test_from_config_and_run_saga(servers: Servers, bank: Bank, tmp_path: Path) -> None:
+    """AsyncTransactionManager.from_config reads the file the threaded manager reads (its
+    [sweeper] table and sagas included); ``await tm.run_saga`` runs a saga."""
+    from tests.recovery_support import write_config
+
+    config = write_config(tmp_path / "xatm.toml", bank.urls, tmp_path / "log", node_id="aiocfg")
+    text = config.read_text()
+    config.write_text(
+        'sagas = ["tests.saga_defs:transfer"]\n' + text + "[sweeper]\nenabled = false\n"
+    )
+
+    async def main() -> None:
+        tm = AsyncTransactionManager.from_config(config)
+        async with tm:
+            assert tm.node_id == "aiocfg" and tm.sync.sweeper.status().passes == 0
+            assert not tm.sync.sweeper.running
+            data = {"table": bank.table, "journal": bank.journal, "tid": "as1", "src": 1}
+            result = await tm.run_saga("transfer", {**data, "dst": 2, "amt": 5}, key="as1")
+            assert result.state == "completed", result
+
+    asyncio.run(main())
+    assert bank.balance("pg1", 1) == 995 and bank.balance("maria", 2) == 1005

@@ -19,6 +19,7 @@ from tests.recovery_support import crash, prepared_gtrids, wait_for, write_confi
 from tests.support import Bank
 from xatm import TransactionManager
 from xatm._filelog import read_log
+from xatm.admin import Xid
 from xatm.testing.servers import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -424,3 +425,126 @@ def test_corrupt_log_is_reported_left_alone_and_salvaged(
     # the operator settles the transaction by hand, as the runbook says
     assert xatm(config, "commit", gtrid, "--force").exit_code == 0
     assert bank.journal_ids()["maria"] == {"c1"}
+
+
+# -- what an operator pastes, pipes and reads ------------------------------------------------
+
+
+def test_a_forced_commit_of_a_transaction_that_never_existed_leaves_no_trace(
+    bank: Bank, config: Path, tmp_path: Path
+) -> None:
+    crash(bank, tmp_path / "log", "app", "after_decision", ("pg1", "maria"), "nx")  # a dead "app"
+    for gtrid in ("xatm.nobody." + "0" * 27, "xatm.app." + "0" * 27):
+        for outcome in ("commit", "rollback"):
+            result = xatm(config, outcome, gtrid, "--force")
+            assert result.exit_code == 1
+            assert "nothing to resolve" in one_error_line(result)
+        shown = xatm(config, "show", gtrid)
+        assert shown.exit_code == 1 and "unknown transaction" in one_error_line(shown)
+    assert not [e for e in _audit(tmp_path / "log") if e.gtrid.endswith("0" * 27)]
+    assert xatm(config, "recover").exit_code == 0  # the crashed transfer: left to no one
+    assert not any(prepared_gtrids(bank).values())
+
+
+def _audit(log: Path) -> list:  # type: ignore[type-arg]
+    from xatm.admin import Inspector
+
+    with Inspector({}, str(log)) as look:
+        return look.audit()
+
+
+def test_every_gid_form_the_databases_show_names_its_transaction(
+    bank: Bank, config: Path, tmp_path: Path
+) -> None:
+    """pg_prepared_xacts gids and XA RECOVER's data (raw, FORMAT='SQL') are accepted, and
+    map to the xatm gtrid; another application's gid is a clear error."""
+    from tests.support import prepare_foreign, resolve_foreign, run
+
+    gtrid = crash(bank, tmp_path / "log", "app", "after_decision", ("pg1", "maria"), "g1")
+    gids = [r[0] for r in run(bank.conns["pg1"], "SELECT gid FROM pg_prepared_xacts")]
+    (pg_gid,) = [g for g in gids if (x := Xid.from_pg_gid(g)) is not None and x.gtrid == gtrid]
+
+    def text(value: object) -> str:
+        return value.decode() if isinstance(value, bytes | bytearray) else str(value)
+
+    raw = [text(r[3]) for r in run(bank.conns["maria"], "XA RECOVER")]
+    (data,) = [d for d in raw if d.startswith(gtrid)]
+    sql = [text(r[3]) for r in run(bank.conns["maria"], "XA RECOVER FORMAT='SQL'")]
+    (sql_data,) = [d for d in sql if d.startswith("X'" + gtrid.encode().hex())]
+    assert pg_gid.startswith("2019652717_") and data.startswith(gtrid) and sql_data.startswith("X'")
+    for form in (pg_gid, data, sql_data, f"'{pg_gid}'"):
+        shown = xatm(config, "show", form, "--json")
+        assert shown.exit_code == 0, (form, shown.output)
+        assert json.loads(shown.stdout)["gtrid"] == gtrid
+    done = xatm(config, "commit", sql_data)
+    assert done.exit_code == 0, done.output
+    assert f"manual commit of {gtrid}: complete" in done.stdout
+    foreign = prepare_foreign(bank.urls["pg2"], "cli-gid")
+    try:
+        refused = xatm(config, "show", f"1_{_b64('other')}_{_b64('b')}")
+        assert refused.exit_code == 2 and "another application's" in one_error_line(refused)
+        refused = xatm(config, "rollback", foreign)
+        assert refused.exit_code == 2 and "not an xatm gtrid" in one_error_line(refused)
+    finally:
+        resolve_foreign(bank.urls["pg2"], "cli-gid")
+
+
+def _b64(text: str) -> str:
+    import base64
+
+    return base64.b64encode(text.encode()).decode()
+
+
+def test_a_reader_that_goes_away_ends_the_command_quietly(config: Path) -> None:
+    """``xatm indoubt | head -1``: no BrokenPipeError, no message, status 141 (SIGPIPE's)."""
+    for args in (["indoubt"], ["indoubt", "--json"], ["--help"]):
+        proc = subprocess.Popen(
+            [str(XATM), *args],
+            env={"PATH": "/usr/bin:/bin", "XATM_CONFIG": str(config)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        assert proc.stdout is not None and proc.stderr is not None
+        proc.stdout.close()  # the reader is gone before anything is written
+        err = proc.stderr.read()
+        assert proc.wait(timeout=120) == 141, err
+        assert err == "", err
+
+
+def test_the_drivers_advice_never_reaches_the_operator(
+    bank: Bank, config: Path, tmp_path: Path, make_tm: MakeTM
+) -> None:
+    """mysql-connector's "consider using the reconnect() option" is cut wherever xatm shows a
+    driver's error: here a saga step whose statement outlives the connection's read_timeout
+    (a real ReadTimeoutError, with the pure-Python connection class that raises it)."""
+    import mysql.connector.errors
+
+    from tests.support import add_query
+    from xatm import Saga
+    from xatm._urls import redact
+
+    for error in (
+        mysql.connector.errors.ReadTimeoutError(),
+        mysql.connector.errors.WriteTimeoutError(),
+    ):
+        text = redact(str(error).strip())
+        assert "reconnect()" not in text and "timed out (the connection was closed)." in text
+        first = redact(str(error).strip().splitlines()[0])
+        assert first == text, first
+    if "+" in bank.urls["maria"].split("://")[0]:
+        pytest.skip("read_timeout is mysql-connector's")
+    slow = add_query(bank.urls["maria"], "read_timeout=1&use_pure=true")
+
+    def sleepy(tx: object, data: object) -> None:
+        tx.execute("slow", "SELECT SLEEP(5)")  # type: ignore[attr-defined]
+
+    saga = Saga("sleepy", max_attempts=1)
+    saga.step("wait", action=sleepy, resources=["slow"])
+    tm = make_tm(node_id="adv", resources={**bank.urls, "slow": slow}, sweeper=False, sagas=[saga])
+    result = tm.run_saga("sleepy")
+    assert result.state == "compensated", result
+    assert "timed out" in result.error and "reconnect()" not in result.error, result.error
+    config = write_config(tmp_path / "adv.toml", {**bank.urls, "slow": slow}, tmp_path / "log")
+    shown = xatm(config, "saga", "show", result.saga_id)
+    assert "timed out" in shown.stdout and "reconnect()" not in shown.stdout, shown.stdout

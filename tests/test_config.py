@@ -417,3 +417,32 @@ def test_decision_retention(tmp_path: Path) -> None:
             tmp_path, f'node_id = "n"\nlog = "/x"\ndecision_retention = {bad}\n{RESOURCE}'
         )
         assert "decision_retention must be a number of seconds >= 0" in load_error(path)
+
+
+# -- XATM_FAILPOINT ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("value", ["after_decison", "after_decision:pause", "AFTER_PREPARE"])
+def test_a_failpoint_typo_is_an_error(
+    value: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A typo in XATM_FAILPOINT would test nothing, silently: a manager refuses to start,
+    naming the valid values; nothing is opened."""
+    from xatm.aio import AsyncTransactionManager
+
+    monkeypatch.setenv("XATM_FAILPOINT", value)
+    resources = {"db": "postgresql://u@127.0.0.1:1/db"}
+    for make in (TransactionManager, AsyncTransactionManager):
+        with pytest.raises(ConfigurationError) as raised:
+            make(resources, tmp_path / "log", "fp")
+        assert repr(value) in str(raised.value)
+        assert "after_decision" in str(raised.value) and "saga_after_step" in str(raised.value)
+    assert not (tmp_path / "log").exists()
+
+
+def test_valid_failpoints_are_accepted(monkeypatch: pytest.MonkeyPatch) -> None:
+    from xatm import _failpoint
+
+    for value in ("", "after_decision", "before_decision:stop", "commit_batch_open"):
+        monkeypatch.setenv("XATM_FAILPOINT", value)
+        _failpoint.check()

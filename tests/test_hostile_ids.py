@@ -28,7 +28,7 @@ from xatm._xid import (
     new_gtrid,
     parse_gtrid,
 )
-from xatm.admin import Xid, validate_gtrid
+from xatm.admin import Xid, gtrid_of, validate_gtrid
 
 MakeTM = Callable[..., TransactionManager]
 
@@ -126,6 +126,55 @@ def test_gtrid_decoders_never_raise(gtrid: str) -> None:
 def test_validate_gtrid_refuses_any_non_string(value: object) -> None:
     with pytest.raises(ConfigurationError):
         validate_gtrid(value)
+
+
+def _sql_form(gtrid: str, bqual: str, format_id: int) -> str:
+    return f"X'{gtrid.encode().hex()}',X'{bqual.encode().hex()}',{format_id}"
+
+
+operator_text = st.one_of(
+    any_gid,
+    hostile_gtrid,
+    st.builds(lambda g, b: g + b, hostile_gtrid, st.text(max_size=70)),
+    st.builds(_sql_form, st.text(max_size=70), st.text(max_size=70), st.integers()),
+    st.builds(lambda b: "0x" + b.hex(), st.binary(max_size=140)),
+    st.text(alphabet="Xx'0123456789abcdefABCDEF,-_ ", max_size=120),
+)
+
+
+@FUZZ
+@given(operator_text)
+@example("X'zz',X'00',2019652717")
+@example("0x")
+@example("'" * 3)
+@example(_sql_form("xatm.n." + "0" * 27, "r", 1))
+def test_gtrid_of_maps_or_refuses_any_text(text: str) -> None:
+    """What an operator pastes (``xatm show <...>``): an xatm gtrid, or ConfigurationError;
+    never another error, never a gtrid that is not xatm's shape."""
+    try:
+        found = gtrid_of(text)
+    except ConfigurationError:
+        return
+    assert is_xatm_gtrid(found) and validate_gtrid(found) == found
+
+
+@FUZZ
+@given(st.builds(lambda: new_gtrid("n1")), st.from_regex(r"[A-Za-z0-9_-]{1,64}", fullmatch=True))
+def test_gtrid_of_reads_every_form_of_a_real_branch(gtrid: str, resource: str) -> None:
+    xid = Xid(FORMAT_ID, gtrid, resource)
+    for form in (
+        gtrid,
+        xid.to_pg_gid(),
+        gtrid + resource,
+        _sql_form(gtrid, resource, FORMAT_ID),
+        "0x" + (gtrid + resource).encode().hex(),
+        f" '{xid.to_pg_gid()}' ",
+    ):
+        assert gtrid_of(form) == gtrid, form
+    with pytest.raises(ConfigurationError):
+        gtrid_of(_sql_form(gtrid, resource, FORMAT_ID + 1))
+    with pytest.raises(ConfigurationError):
+        gtrid_of(Xid(FORMAT_ID + 1, gtrid, resource).to_pg_gid())
 
 
 json_values = st.recursive(

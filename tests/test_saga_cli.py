@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import signal
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -14,6 +17,7 @@ from click.testing import CliRunner, Result
 
 from cli.main import main
 from tests import saga_defs
+from tests.recovery_support import write_config
 from tests.support import Bank
 from tests.test_saga_crash import run_saga_worker
 from xatm import TransactionManager
@@ -143,6 +147,11 @@ def test_a_stuck_saga_is_shown_and_retried(
     broken.unlink()
     fixed = xatm(config, "saga", "retry", result.saga_id)
     assert fixed.exit_code == 0 and "compensated" in fixed.output
+    # the retry succeeded: the old stuck error is not printed as if it had failed
+    assert "refund service is down" not in fixed.output and "error:" not in fixed.output
+    assert "why it compensated: step 'finish'" in fixed.output, fixed.output
+    body = json.loads(xatm(config, "saga", "show", result.saga_id, "--json").output)
+    assert "refund service is down" not in body["error"] and body["status"] == "compensated"
     assert bank.balance("pg1", 1) == 1000
 
 
@@ -194,11 +203,55 @@ def test_sagas_on_the_shared_log(bank: Bank, tmp_path: Path, make_tm: MakeTM, lo
 
 
 def test_a_saga_module_that_cannot_be_imported(config: Path, bank: Bank) -> None:
-    """2PC commands go on without the sagas (and say so); saga commands stop."""
+    """recover still recovers the transactions, says it skipped the sagas, and exits 1
+    (skipped work never exits 0); saga commands and sweep stop; commit and rollback do not
+    need the sagas at all."""
     config.write_text(config.read_text().replace("tests.saga_defs:fragile", "nowhere.at_all:x"))
     recovered = xatm(config, "recover")
-    assert recovered.exit_code == 0
+    assert recovered.exit_code == 1
     assert "cannot import 'nowhere.at_all'" in recovered.output
-    assert "recovers no saga" in recovered.output
+    assert "recovers no saga" in recovered.output and "--app-dir" in recovered.output
+    assert "0 committed" in recovered.output  # the transactions' pass ran
+    assert xatm(config, "recover", "--dry-run").exit_code == 0  # a dry run skips nothing
     refused = xatm(config, "saga", "retry", "transfer." + "0" * 24 + ".00000000")
     assert refused.exit_code == 1 and "cannot import 'nowhere.at_all'" in refused.output
+    sweep = xatm(config, "sweep", "--interval", "1")
+    assert sweep.exit_code == 1 and "cannot import 'nowhere.at_all'" in sweep.output
+    unknown = "xatm.app." + "0" * 27
+    nothing = xatm(config, "rollback", unknown, "--force")
+    assert nothing.exit_code == 1 and "nothing to resolve" in nothing.output
+    assert "nowhere" not in nothing.output
+
+
+def test_sagas_are_imported_from_the_app_folder(bank: Bank, tmp_path: Path) -> None:
+    """As celery and uvicorn do: the current directory (or --app-dir) is on sys.path, so
+    ``sagas = ["shop_sync:checkout"]`` with shop_sync.py in the app's folder imports."""
+    app = tmp_path / "app"
+    app.mkdir()
+    module = f"shop_sync_{os.getpid()}"
+    (app / f"{module}.py").write_text(
+        "from xatm import Saga\n"
+        "def noop(tx, data):\n    tx.execute('pg1', 'SELECT 1')\n"
+        "checkout = Saga('checkout')\n"
+        "checkout.step('pay', action=noop, resources=['pg1'])\n"
+    )
+    config = write_config(tmp_path / "xatm.toml", bank.urls, tmp_path / "log")
+    config.write_text(f'sagas = ["{module}:checkout"]\n' + config.read_text())
+    env = {"PATH": "/usr/bin:/bin", "XATM_CONFIG": str(config)}
+    xatm_bin = Path(sys.executable).parent / "xatm"
+
+    def run(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [str(xatm_bin), *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=120
+        )
+
+    elsewhere = run("recover", cwd=tmp_path)
+    assert elsewhere.returncode == 1 and f"cannot import '{module}'" in elsewhere.stderr
+    assert "Traceback" not in elsewhere.stderr
+    here = run("recover", cwd=app)
+    assert here.returncode == 0, here.stderr
+    assert "recovers no saga" not in here.stderr
+    by_option = run("--app-dir", str(app), "recover", cwd=tmp_path)
+    assert by_option.returncode == 0, by_option.stderr
+    bad = run("--app-dir", str(tmp_path / "missing"), "recover", cwd=tmp_path)
+    assert bad.returncode == 2 and "--app-dir" in bad.stderr and "Traceback" not in bad.stderr

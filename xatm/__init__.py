@@ -14,12 +14,14 @@
 Leaving the block commits every branch or none. See docs/protocol.md for how.
 """
 
+from ._barrier import SagaBarrierError
 from ._config import Settings, load_config
+from ._dbapi import DBConnection, DBCursor
 from ._manager import TransactionManager
 from ._report import RecoveryReport
 from ._saga import Saga, SagaAbort, SagaError, SagaInProgress, SagaResult
 from ._steps import BranchState
-from ._transaction import Transaction, TransactionState
+from ._transaction import SagaTransaction, Transaction, TransactionState
 from .errors import (
     ConfigurationError,
     IdentityNotHeld,
@@ -41,6 +43,8 @@ __version__ = "0.1.0"
 __all__ = [
     "BranchState",
     "ConfigurationError",
+    "DBConnection",
+    "DBCursor",
     "IdentityNotHeld",
     "LogCorrupt",
     "LogError",
@@ -51,9 +55,11 @@ __all__ = [
     "ResourceUnavailable",
     "Saga",
     "SagaAbort",
+    "SagaBarrierError",
     "SagaError",
     "SagaInProgress",
     "SagaResult",
+    "SagaTransaction",
     "Settings",
     "Transaction",
     "TransactionError",

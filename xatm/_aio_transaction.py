@@ -26,15 +26,16 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Self, TypeVar, overload
 
-from . import _deadline
+from . import _ambient, _deadline
 from ._aio_log import AsyncLog
 from ._aio_pool import AsyncParticipant, AsyncPool
+from ._dbapi import AsyncDBConnection, AsyncDBCursor, C, Params, as_kind
 from ._parallel import Outcome
-from ._participant import Connection, Cursor, PhaseTwo, Prepared
+from ._participant import Connection, PhaseTwo, Prepared
 from ._steps import (
     AwaitWork,
     Branch,
@@ -108,7 +109,8 @@ class AsyncTransaction(TransactionCore):
         self._aio = aio
         self._drivers: dict[str, AsyncParticipant] = {}
 
-    async def __aenter__(self) -> AsyncTransaction:
+    async def __aenter__(self) -> Self:
+        _ambient.enter(self)  # a second transaction of this manager inside is refused
         return self
 
     async def __aexit__(
@@ -117,6 +119,7 @@ class AsyncTransaction(TransactionCore):
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
+        _ambient.leave(self)
         if self.state is not TransactionState.ACTIVE:
             self._ctx.forget(self)
             return
@@ -125,11 +128,10 @@ class AsyncTransaction(TransactionCore):
         else:
             await self.commit()
 
-    async def execute(
-        self, resource: str, query: Any, params: Sequence[Any] | Any = None
-    ) -> Cursor:
+    async def execute(self, resource: str, query: Any, params: Params = None) -> AsyncDBCursor:
         """Run ``query`` with ``params`` on ``resource`` inside this transaction; returns the
-        driver's (async) cursor. The driver's own exception propagates on failure."""
+        driver's (async) cursor, an :class:`~xatm.aio.AsyncDBCursor`. The driver's own
+        exception propagates on failure."""
         async with self._lock(resource):
             branch = await self._branch(resource)
             driver = self._drivers[resource]
@@ -137,7 +139,8 @@ class AsyncTransaction(TransactionCore):
             if watch is not None:
                 watch.busy += 1  # a call in flight (xatm._deadline), inline: per statement
             try:
-                return await driver.execute(branch.conn, query, params)
+                cursor: AsyncDBCursor = await driver.execute(branch.conn, query, params)
+                return cursor
             except BaseException as e:
                 if isinstance(e, asyncio.CancelledError) or driver.is_connection_error(e):
                     # interrupted midway: the connection is closed
@@ -149,13 +152,20 @@ class AsyncTransaction(TransactionCore):
                 if watch is not None:
                     watch.busy -= 1
 
-    async def connection(self, resource: str) -> Connection:
+    @overload
+    async def connection(self, resource: str) -> AsyncDBConnection: ...
+
+    @overload
+    async def connection(self, resource: str, kind: type[C]) -> C: ...
+
+    async def connection(self, resource: str, kind: type[C] | None = None) -> AsyncDBConnection | C:
         """The asyncio driver connection of this transaction's branch on ``resource``
         (psycopg ``AsyncConnection``, ``mysql.connector.aio`` connection). Do not commit,
-        roll back or close it: xatm does that."""
+        roll back or close it: xatm does that. ``kind`` (``psycopg.AsyncConnection``...)
+        types the result as that class, after checking it is one (``TypeError`` otherwise)."""
         async with self._lock(resource):
             branch = await self._branch(resource)
-        return branch.hand_out()
+        return as_kind(resource, branch.hand_out(), kind)
 
     # -- several tasks in one transaction (the rule: TransactionCore._stop_work_steps) -------
     def _lock(self, resource: str) -> asyncio.Lock:

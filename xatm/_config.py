@@ -7,6 +7,7 @@ A config file::
     timeout = 30.0
     decision_retention = 300.0     # seconds ended COMMIT decisions are kept (optional)
     sagas = ["myapp.sagas:transfer"]   # saga definitions to run and recover (optional)
+    fail_fast = true               # refuse to start unless every resource is ready (optional)
 
     [resources.ledger]
     url = "postgresql://app:${LEDGER_PASSWORD}@db1:5432/ledger"
@@ -35,7 +36,16 @@ from ._xid import validate_node_id, validate_resource_name
 from .errors import ConfigurationError
 
 _ENV_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
-_KNOWN_KEYS = {"node_id", "log", "timeout", "resources", "sweeper", "sagas", "decision_retention"}
+_KNOWN_KEYS = {
+    "node_id",
+    "log",
+    "timeout",
+    "resources",
+    "sweeper",
+    "sagas",
+    "decision_retention",
+    "fail_fast",
+}
 _RESOURCE_KEYS = {"url", "commit_marker"}
 
 
@@ -79,6 +89,13 @@ def validate_retention(retention: object) -> float:
             f"decision_retention must be a number of seconds >= 0, got {retention!r}"
         )
     return float(retention)
+
+
+def validate_timeout_or_zero(value: object) -> float:
+    """A number of seconds >= 0 (ConfigurationError otherwise)."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value >= 0:
+        raise ConfigurationError(f"expected a number of seconds >= 0, got {value!r}")
+    return float(value)
 
 
 def resource_specs(resources: object) -> dict[str, ResourceSpec]:
@@ -142,6 +159,8 @@ def load_config(path: str | os.PathLike[str]) -> Settings:
             validate_retention(data["decision_retention"])
         except ConfigurationError as e:
             raise ConfigurationError(f"{where}: {e}") from None
+    if not isinstance(data.get("fail_fast", False), bool):
+        raise ConfigurationError(f"{where}: 'fail_fast' must be true or false")
     log = data["log"]
     if not isinstance(log, str) or not log:
         raise ConfigurationError(f"{where}: 'log' must be a directory path (or a URL)")
@@ -155,7 +174,9 @@ def load_config(path: str | os.PathLike[str]) -> Settings:
             node_id=validate_node_id(data["node_id"]),
             timeout=validate_timeout(data.get("timeout", 30.0)),
             extra={
-                k: v for k, v in data.items() if k in ("sweeper", "sagas", "decision_retention")
+                k: v
+                for k, v in data.items()
+                if k in ("sweeper", "sagas", "decision_retention", "fail_fast")
             },
             commit_markers=tuple(markers),
         )

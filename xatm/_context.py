@@ -140,6 +140,8 @@ class Running(Protocol):
 
     def abort_if_expired(self) -> bool: ...
 
+    def refuse_decision(self, reason: str) -> bool: ...
+
 
 @dataclass(eq=False)
 class Context:
@@ -166,6 +168,8 @@ class Context:
     retain: float = 300.0
     #: integrations a transaction offers (``tx.session()``...), wired by the manager
     extensions: Mapping[str, Callable[..., Any]] = field(default_factory=dict)
+    #: why the manager no longer begins transactions (it is closing: ``xatm._drain``)
+    closing: str | None = None
     #: recovery passes, sweeper passes and manual resolutions never overlap
     recovery_lock: threading.Lock = field(default_factory=threading.Lock)
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -214,6 +218,11 @@ class Context:
     def running(self, gtrid: str) -> Running | None:
         with self._lock:
             return self._active.get(gtrid)
+
+    def in_flight(self) -> list[Running]:
+        """The transactions running here now (from their first branch to their end)."""
+        with self._lock:
+            return list(self._active.values())
 
     def overlap(self) -> bool:
         """Overlap the branches' round trips? Only while few transactions are in flight:

@@ -27,7 +27,8 @@ Inside sagas (``xatm._saga_runner``; the saga crash matrix, ``SAGA_NAMES``):
 
 ``XATM_FAILPOINT=<name>:stop`` stops the process with SIGSTOP instead (a paused coordinator:
 resume it with SIGCONT). The variable is read once, at import: when unset, a failpoint costs
-one comparison.
+one comparison. A value that names no failpoint (a typo) is refused when a manager is built
+(:func:`check`: ConfigurationError listing the valid names), never silently ignored.
 """
 
 from __future__ import annotations
@@ -35,13 +36,31 @@ from __future__ import annotations
 import os
 import signal
 
+from .errors import ConfigurationError
+
 NAMES = ("before_prepare", "after_prepare", "after_decision", "after_first_commit")
 SAGA_NAMES = ("saga_after_barrier", "saga_after_step", "saga_after_compensation")
 # before_decision is valid too, but not in NAMES: it is the crash matrix's after_prepare state
+#: every failpoint the code has
+ALL = (*NAMES, "before_decision", "commit_batch_open", *SAGA_NAMES)
 
 _SETTING = (os.environ.get("XATM_FAILPOINT") or "").partition(":")
 _ACTIVE = _SETTING[0] or None
 _SIGNAL = signal.SIGSTOP if _SETTING[2] == "stop" else signal.SIGKILL
+
+
+def check() -> None:
+    """Raise ConfigurationError if ``XATM_FAILPOINT`` is set to something that names no
+    failpoint (a typo would otherwise test nothing, silently)."""
+    value = os.environ.get("XATM_FAILPOINT") or ""
+    if not value:
+        return
+    name, colon, how = value.partition(":")
+    if name not in ALL or (colon and how != "stop"):
+        raise ConfigurationError(
+            f"XATM_FAILPOINT={value!r} names no failpoint; the valid values are"
+            f" {', '.join(ALL)}, each optionally followed by ':stop'"
+        )
 
 
 def hit(name: str) -> None:

@@ -42,7 +42,7 @@ from typing import Literal
 
 from . import _deadline
 from ._participant import Connection, Participant
-from ._urls import redact
+from ._urls import describe_error, redact
 from .errors import ConfigurationError, IdentityNotHeld, ResourceError
 
 logger = logging.getLogger("xatm.identity")
@@ -367,5 +367,4 @@ class IdentityLocks:
 
 
 def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return redact(text.splitlines()[0] if text else type(e).__name__)
+    return describe_error(e)

@@ -13,12 +13,13 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
-from . import _events, _incarnations, _node_markers, _sqlalchemy, _timelines
+from . import _ambient, _drain, _events, _incarnations, _node_markers, _sqlalchemy, _timelines
 from ._adapters import make_participant
+from ._arguments import ManagerArguments, check_arguments, settings_arguments
 from ._audit import AuditEntry, AuditTrail
-from ._config import Settings, load_config, resource_specs, validate_retention, validate_timeout
+from ._config import Settings, load_config, validate_timeout, validate_timeout_or_zero
 from ._context import Context, Resources
 from ._deadline import step_bound
 from ._doctor import DoctorReport
@@ -31,19 +32,25 @@ from ._participant import Participant
 from ._pglog import PostgresLog
 from ._pool import Pool
 from ._postgres import PostgresParticipant
+from ._ready import check_ready
 from ._recovery import run_pass
 from ._report import RecoveryReport
 from ._resolve import Resolution, resolve
-from ._saga import Saga, SagaResult, registry
+from ._retry import RetryPolicy
+from ._saga import Saga, SagaResult
 from ._saga_runner import SagaRecoveryReport, SagaRunner
 from ._saga_store import SagaRecord
-from ._sweeper import DEFAULT_INTERVAL, Sweeper, sweeper_settings, validate_interval
-from ._transaction import Transaction
-from ._urls import ResourceSpec, parse_url
-from ._xid import validate_node_id
+from ._sweeper import DEFAULT_INTERVAL, Sweeper
+from ._transaction import SagaTransaction, Transaction
+from ._urls import ResourceSpec
 from .errors import ConfigurationError, XatmError
 
+if TYPE_CHECKING:
+    from ._arguments import ResourceLike
+
 logger = logging.getLogger("xatm")
+
+T = TypeVar("T")
 
 
 def _sa_session(tx: Transaction, binds: Any = None, **kwargs: Any) -> Any:
@@ -56,16 +63,6 @@ def _sa_connection(tx: Transaction, resource: str) -> Any:
     from . import _sa_session
 
     return _sa_session.sa_connection(tx, resource)
-
-
-def _check_arguments(**values: object) -> None:
-    """Refuse a size or a wait that is not a number in range (ConfigurationError)."""
-    for name, value in values.items():
-        low = 0 if name == "lock_timeout" else 1
-        if isinstance(value, bool) or not isinstance(value, int | float) or not value >= low:
-            raise ConfigurationError(f"{name} must be a number >= {low}, got {value!r}")
-        if name != "lock_timeout" and not isinstance(value, int):
-            raise ConfigurationError(f"{name} must be an integer, got {value!r}")
 
 
 _exporters_loaded = False
@@ -119,7 +116,7 @@ class TransactionManager:
 
     def __init__(
         self,
-        resources: Mapping[str, str | ResourceSpec | Any],
+        resources: Mapping[str, ResourceLike],
         log: str | os.PathLike[str],
         node_id: str,
         timeout: float = 30.0,
@@ -132,66 +129,66 @@ class TransactionManager:
         sweep_interval: float = DEFAULT_INTERVAL,
         lock_timeout: float = 30.0,
         sagas: Iterable[Saga | str] = (),
+        fail_fast: bool = False,
         decision_retention: float = DEFAULT_RETAIN,
     ) -> None:
         # every argument is checked before anything is opened (a log, a lock, a connection)
-        self.node_id = validate_node_id(node_id)
-        sweep_interval = validate_interval(sweep_interval)
-        _check_arguments(
-            pool_size=pool_size, segment_bytes=segment_bytes, lock_timeout=lock_timeout
+        self._start(
+            check_arguments(
+                resources,
+                log,
+                node_id,
+                timeout,
+                parallel=parallel,
+                pool_size=pool_size,
+                segment_bytes=segment_bytes,
+                commit_markers=commit_markers,
+                sweeper=sweeper,
+                sweep_interval=sweep_interval,
+                lock_timeout=lock_timeout,
+                sagas=sagas,
+                fail_fast=fail_fast,
+                decision_retention=decision_retention,
+            )
         )
+
+    @classmethod
+    def _started(cls, args: ManagerArguments) -> TransactionManager:
+        """A manager started with arguments checked already (``xatm.aio`` opens its
+        threaded manager so)."""
+        tm = cls.__new__(cls)
+        tm._start(args)
+        return tm
+
+    def _start(self, args: ManagerArguments) -> None:
         started_at = time.time() - 0.002  # gtrids made from here on are this process's
-        self.timeout = validate_timeout(timeout)
-        retain = validate_retention(decision_retention)
-        engines = {n: e for n, e in dict(resources).items() if _sqlalchemy.is_engine(e)}
-        self._specs = resource_specs(
-            {
-                n: _sqlalchemy.spec_from_engine(engines[n]) if n in engines else v
-                for n, v in dict(resources).items()
-            }
-        )
-        if not isinstance(log, str | os.PathLike) or not str(log):
-            raise ConfigurationError("log must be a directory path or a PostgreSQL URL")
+        self.node_id = args.node_id
+        self.timeout = args.timeout
+        self._specs = args.specs
+        retain = args.decision_retention
         self.shared_log: PostgresLog | None = None
-        self.log_directory: str | None = None
-        if "://" in str(log):
-            log_spec = parse_url(str(log))  # errors never show the password
-            if log_spec.kind != "postgresql":
-                raise ConfigurationError(
-                    f"log {log_spec.redacted()}: a shared log must be a PostgreSQL database"
-                )
-        else:
-            self.log_directory = str(Path(log).resolve())
-        self.commit_markers = frozenset(commit_markers)
-        unknown = self.commit_markers - set(self._specs)
-        if unknown:
-            raise ConfigurationError(
-                f"commit_markers names unknown resource(s): {', '.join(sorted(unknown))}"
-            )
-        if self.commit_markers and self.log_directory is None:
-            raise ConfigurationError(
-                "commit_markers cannot be combined with a shared log yet: a sweeper on another"
-                " host could not fence a paused coordinator's marker commit"
-            )
+        self.log_directory: str | None = args.log_directory
+        self.commit_markers = args.commit_markers
         participants: dict[str, Participant] = {}
         pools: dict[str, Pool] = {}
         for name, spec in self._specs.items():
             participant = make_participant(name, spec, self.timeout)
             participants[name] = participant
-            if name in engines:
-                pools[name] = _sqlalchemy.engine_pool(engines[name], participant)
+            if name in args.engines:
+                pools[name] = _sqlalchemy.engine_pool(args.engines[name], participant)
             else:
-                pools[name] = Pool(participant, max_idle=pool_size)
+                pools[name] = Pool(participant, max_idle=args.pool_size)
         log_impl: CoordinatorLog
         if self.log_directory is None:
-            self.shared_log = PostgresLog(log_spec, self.node_id)
+            assert args.log_spec is not None
+            self.shared_log = PostgresLog(args.log_spec, self.node_id)
             log_impl = self.shared_log
         else:
             log_impl = FileLog(
                 self.log_directory,
                 self.node_id,
-                segment_bytes=segment_bytes,
-                lock_timeout=lock_timeout,
+                segment_bytes=args.segment_bytes,
+                lock_timeout=args.lock_timeout,
                 retain=retain,
             )
         try:
@@ -216,12 +213,13 @@ class TransactionManager:
             audit=AuditTrail(self.log_directory, self.node_id, self.shared_log),
             identity=IdentityLocks(participants, self.node_id),
             commit_markers=self.commit_markers,
-            parallel=parallel,
+            parallel=args.parallel,
             extensions={"session": _sa_session, "sa_connection": _sa_connection},
             failover=watch,
             retain=retain,
         )
-        self.parallel = parallel
+        self.parallel = args.parallel
+        self.pool_size = args.pool_size
         self._closed = False
         try:
             if self.log_directory is not None:
@@ -231,17 +229,19 @@ class TransactionManager:
                 # and, holding the log's lock, that this process's gtrids are this log's
                 _incarnations.record(node_dir, self._ctx.incarnation)
                 self._ctx.incarnations = _incarnations.read(node_dir)
-            self._ctx.identity.acquire(wait=lock_timeout)
+            if args.fail_fast:
+                check_ready(self._ctx)  # every resource reachable and fit, or one error
+            self._ctx.identity.acquire(wait=args.lock_timeout)
             self._ctx.identity.keep()
             self._ctx.resources.reserve()  # recovery's own connections, opened in the background
         except BaseException:
             self._ctx.close()
             raise
-        self.sagas = SagaRunner(self, registry(sagas))
+        self.sagas = SagaRunner(self, args.sagas)
         self.sweeper = Sweeper(
-            self._ctx, sweep_interval, after_pass=lambda actor: self.recover_sagas(actor=actor)
+            self._ctx, args.sweep_interval, after_pass=lambda actor: self.recover_sagas(actor=actor)
         )
-        if sweeper:
+        if args.sweeper:
             try:
                 self.sweeper.start()
             except BaseException:
@@ -253,22 +253,23 @@ class TransactionManager:
     @classmethod
     def from_config(cls, path: str | os.PathLike[str]) -> TransactionManager:
         """Build a manager from a TOML config file (see ``xatm._config``)."""
-        settings = load_config(path)
-        return cls.from_settings(settings)
+        return cls.from_settings(load_config(path))
 
     @classmethod
     def from_settings(cls, settings: Settings) -> TransactionManager:
-        sweep = sweeper_settings(settings.extra)
+        """Build a manager from settings read by :func:`xatm.load_config`."""
+        a = settings_arguments(settings)
         return cls(
-            dict(settings.resources),
-            settings.log,
-            settings.node_id,
-            settings.timeout,
-            commit_markers=settings.commit_markers,
-            sweeper=sweep.enabled,
-            sweep_interval=sweep.interval,
-            sagas=settings.extra.get("sagas", ()),
-            decision_retention=settings.extra.get("decision_retention", DEFAULT_RETAIN),
+            a.resources,
+            a.log,
+            a.node_id,
+            a.timeout,
+            commit_markers=a.commit_markers,
+            sweeper=a.sweeper,
+            sweep_interval=a.sweep_interval,
+            sagas=a.sagas,
+            fail_fast=a.fail_fast,
+            decision_retention=a.decision_retention,
         )
 
     @property
@@ -279,12 +280,59 @@ class TransactionManager:
 
     # -- transactions -----------------------------------------------------------------------
     def transaction(self, timeout: float | None = None) -> Transaction:
-        """A new global transaction, to be used as ``with tm.transaction() as tx:``."""
+        """A new global transaction, to be used as ``with tm.transaction() as tx:``.
+
+        Refused (:class:`~xatm.TransactionError`) inside the block of another transaction
+        of this manager in the same thread or task: xatm does not nest transactions
+        (``xatm._ambient``)."""
         if self._closed:
             raise XatmError("this TransactionManager is closed")
         limit = self.timeout if timeout is None else validate_timeout(timeout)
+        _ambient.refuse_nested(self._ctx)
         # registered (as running here) once it enlists a branch
         return Transaction(self._ctx, self._ctx.new_gtrid(limit), limit)
+
+    def _saga_transaction(self, idempotency_key: str) -> SagaTransaction:
+        """The transaction of one saga step (``xatm._saga_runner``)."""
+        if self._closed:
+            raise XatmError("this TransactionManager is closed")
+        _ambient.refuse_nested(self._ctx)
+        gtrid = self._ctx.new_gtrid(self.timeout)
+        return SagaTransaction(self._ctx, gtrid, self.timeout, idempotency_key)
+
+    def run(
+        self,
+        fn: Callable[[Transaction], T],
+        *,
+        retries: int = 3,
+        timeout: float | None = None,
+        backoff: float = 0.05,
+        max_backoff: float = 2.0,
+    ) -> T:
+        """Run ``fn(tx)`` in a transaction and commit it; run it again (up to ``retries``
+        more times, after a backoff) when it failed in a way that is safe to retry: a
+        deadlock, a serialization failure, a lock timeout or a lost connection before the
+        decision, never an in-doubt outcome (``xatm._retry``). Returns what ``fn`` returned
+        in the run that committed; raises the last error otherwise."""
+        policy = RetryPolicy.of(retries, backoff, max_backoff)
+        attempt = 0
+        while True:
+            attempt += 1
+            tx = self.transaction(timeout)
+            try:
+                with tx:
+                    result = fn(tx)
+                return result
+            except Exception as e:
+                wait = policy.delay(attempt, e, tx.gtrid)
+                if wait is None:
+                    raise
+            time.sleep(wait)
+
+    @property
+    def closed(self) -> bool:
+        """True once :meth:`close` has begun: no transaction begins any more."""
+        return self._closed
 
     def recover(
         self,
@@ -320,6 +368,7 @@ class TransactionManager:
         ``wait`` seconds if that run is still going (then :class:`~xatm.SagaInProgress`)."""
         if self._closed:
             raise XatmError("this TransactionManager is closed")
+        _ambient.refuse_nested(self._ctx)  # its steps are transactions of their own
         return self.sagas.run(name, data, key, wait=wait, actor=actor)
 
     def recover_sagas(self, actor: str | None = None) -> SagaRecoveryReport:
@@ -336,6 +385,7 @@ class TransactionManager:
         """``"retry"`` or ``"abort"`` one saga by hand (refused while its owner lives)."""
         if what not in ("retry", "abort"):
             raise ConfigurationError(f"a saga action is 'retry' or 'abort', not {what!r}")
+        _ambient.refuse_nested(self._ctx)
         return self.sagas.act(saga_id, what, force=force, actor=actor)
 
     # -- operations -------------------------------------------------------------------------
@@ -395,11 +445,20 @@ class TransactionManager:
         """The resources, by name (their ``repr`` hides passwords)."""
         return dict(self._specs)
 
-    def close(self) -> None:
-        """Flush the log, close every pooled connection and release the log's lock."""
+    def close(self, drain: float | None = None) -> None:
+        """Let the transactions in flight finish, then flush the log, close every pooled
+        connection and release the log's lock.
+
+        No transaction begins once this is called; those running (in other threads) are
+        waited for up to ``drain`` seconds (the manager's ``timeout`` by default), and the
+        ones still running then are rolled back, with an error saying that the manager was
+        closed (``xatm._drain``)."""
         if self._closed:
             return
         self._closed = True
+        wait = self.timeout if drain is None else validate_timeout_or_zero(drain)
+        own = _ambient.current(self._ctx)
+        _drain.drain(self._ctx, wait, own=None if own is None else own.gtrid)
         _events.manager_closed(self)
         self.sweeper.stop()
         self.sagas.close()

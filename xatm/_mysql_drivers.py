@@ -33,6 +33,7 @@ import importlib
 import importlib.metadata
 import math
 import os
+import re
 import socket
 import stat
 import sys
@@ -40,6 +41,26 @@ from collections.abc import Iterable
 from typing import Any
 
 from .errors import ConfigurationError
+
+#: mysql-connector's advice to the programmer, in the text of its ReadTimeoutError and
+#: WriteTimeoutError ("<errno>: \n The Read Operation timed out. As a consequence ... consider
+#: using the reconnect() option ..."): not for an operator, and wrong for xatm (which never
+#: reconnects a branch). Also matched when cut after its first line.
+_ADVICE_RE = re.compile(
+    r"\s*The (Read|Write) Operation timed out\.?"
+    r"(?:\s*As a consequence the current connection has been closed to avoid"
+    r"(?:\s+any unstable behaviou?r, consider using the reconnect\(\) option"
+    r"\s+(?:and|to)\s+continue\s+with\s+the\s+current\s+session's\s+workflow\.?)?)?\s*"
+)
+
+
+def without_advice(text: str) -> str:
+    """``text`` (a driver's error message) without mysql-connector's advice to the
+    programmer, in one line; ``xatm._urls.redact`` applies it to everything xatm shows."""
+    if "Operation timed out" not in text:
+        return text
+    return _ADVICE_RE.sub(r" The \1 Operation timed out (the connection was closed).", text).strip()
+
 
 #: the driver of ``mysql://`` / ``mariadb://`` URLs
 DEFAULT = "mysqlconnector"

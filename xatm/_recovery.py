@@ -93,7 +93,7 @@ from ._participant import Connection, PreparedBranch
 from ._records import LogRecord
 from ._report import Action, RecoveryAction, RecoveryReport
 from ._settle import Settled, finish_prepared
-from ._urls import redact
+from ._urls import describe_error
 from ._xid import Xid, incarnation_of, may_use_marker, parse_gtrid
 from .errors import LogError, ResourceError
 
@@ -631,8 +631,7 @@ class _Pass:
 
 
 def _describe(e: BaseException) -> str:
-    text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    return redact(text)
+    return describe_error(e)
 
 
 @_events.observed_pass  # metrics and tracing, from the report

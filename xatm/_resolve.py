@@ -184,6 +184,7 @@ class _Resolve:
         self.actor = actor
         self.node = parse_gtrid(gtrid)[0]
         self.notes: list[str] = []
+        self.overrides: list[str] = []  # refusals overridden (force), audited once acting
         self.actions: list[RecoveryAction] = []
         self.unreachable: dict[str, str] = {}
 
@@ -191,11 +192,19 @@ class _Resolve:
         self.ctx.audit.record(self.gtrid, resource, resource, action, reason, result, self.actor)
 
     def refuse_or_note(self, why: str) -> None:
+        """Refuse (no ``force``), or note the override: it is audited once there is
+        something to resolve (:meth:`record_overrides`), never for a gtrid that has
+        nothing (a transaction that never existed gets no audit entry)."""
         if not self.force:
             raise ResolutionRefused(f"refused to {self.outcome} {self.gtrid}: {why}")
         self.notes.append(f"forced although {why}")
-        self.audit("", "override", why, f"forced {self.outcome}")
-        logger.warning("manual %s of %s forced although %s", self.outcome, self.gtrid, why)
+        self.overrides.append(why)
+
+    def record_overrides(self) -> None:
+        for why in self.overrides:
+            self.audit("", "override", why, f"forced {self.outcome}")
+            logger.warning("manual %s of %s forced although %s", self.outcome, self.gtrid, why)
+        self.overrides = []
 
     def run(self) -> Resolution:
         ctx = self.ctx
@@ -273,6 +282,7 @@ class _Resolve:
                 + (f" (not reached: {where})" if where else "")
                 + " and no pending decision: nothing to resolve"
             )
+        self.record_overrides()
         if self.outcome == "rollback" and record is None and not aborted:
             # fence it where the log can (the shared log): an ABORT row makes a late COMMIT
             # of its coordinator lose; a file log's presumed abort writes nothing (None)

@@ -11,7 +11,8 @@ resources, one XA transaction) xatm transaction with an optional compensating tr
     result = tm.run_saga("transfer", data={"amt": 5}, key="req-42")
 
 An action or compensation is called as ``fn(tx, data)``: ``tx`` is the step's
-:class:`~xatm.Transaction` (``tx.idempotency_key`` is stable for that saga, step and op),
+:class:`~xatm.SagaTransaction` (a ``Transaction`` whose ``idempotency_key``, a ``str``, is
+stable for that saga, step and op),
 ``data`` a copy of the saga's JSON payload. An action raising :class:`SagaAbort` ends the
 saga: what was done is compensated in reverse. How a saga runs is in ``xatm._saga_runner``;
 docs/sagas.md has the whole design.
@@ -23,12 +24,16 @@ import importlib
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 from ._xid import validate_resource_name
 from .errors import ConfigurationError, XatmError
 
-StepFunction = Callable[[Any, Any], object]
+if TYPE_CHECKING:
+    from ._transaction import SagaTransaction
+
+#: a step's action or compensation: ``fn(tx, data)``
+StepFunction: TypeAlias = "Callable[[SagaTransaction, Any], object]"
 
 _NAME_RE = re.compile(r"[A-Za-z0-9_-]{1,30}")
 _STEP_RE = re.compile(r"[A-Za-z0-9_-]{1,40}")

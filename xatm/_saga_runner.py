@@ -40,8 +40,18 @@ from typing import TYPE_CHECKING, Any, Protocol
 from . import _barrier, _failpoint, _mysql, _postgres
 from ._audit import AuditEntry, AuditTrail
 from ._log_view import log_view
-from ._saga import MAX_KEY, Saga, SagaAbort, SagaError, SagaInProgress, SagaResult, Step
+from ._saga import (
+    MAX_KEY,
+    Saga,
+    SagaAbort,
+    SagaError,
+    SagaInProgress,
+    SagaResult,
+    Step,
+    StepFunction,
+)
 from ._saga_store import Claim, SagaRecord, SagaStore, new_saga_id, open_store
+from ._urls import describe_error
 from .errors import (
     ConfigurationError,
     ResourceUnavailable,
@@ -51,7 +61,7 @@ from .errors import (
 )
 
 if TYPE_CHECKING:
-    from ._transaction import Transaction
+    from ._transaction import SagaTransaction
     from ._urls import ResourceSpec
 
 
@@ -68,7 +78,10 @@ class SagaHost(Protocol):
     @property
     def resources(self) -> Mapping[str, ResourceSpec]: ...
 
-    def transaction(self, timeout: float | None = None) -> Transaction: ...
+    @property
+    def closed(self) -> bool: ...
+
+    def _saga_transaction(self, idempotency_key: str) -> SagaTransaction: ...
 
     def recover(self, *, dry_run: bool = False, actor: str | None = None) -> Any: ...
 
@@ -152,8 +165,22 @@ def saga_history(
 
 
 def _describe(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    text = describe_error(exc) if str(exc).strip() else ""
     return f"{type(exc).__name__}: {text}"[:500]
+
+
+#: a stuck saga's error: why it compensates, then this, then why a compensation fails
+_STUCK = " | stuck: "
+
+
+def _stuck(error: str, failure: str) -> str:
+    """The error of a saga left stuck: why it compensates, and why it is stuck."""
+    return f"{_reason(error)}{_STUCK}{failure}"
+
+
+def _reason(error: str) -> str:
+    """Why a saga compensates, without why a compensation was stuck (once it is done)."""
+    return error.partition(_STUCK)[0]
 
 
 @dataclass
@@ -398,7 +425,7 @@ class SagaRunner:
             c.record = c.record.with_(step=name)
             out = self._attempt(c, step, "compensation")
             if not out.ok:
-                self._save(c, force=True, stuck=True, error=out.error)
+                self._save(c, force=True, stuck=True, error=_stuck(c.record.error, out.error))
                 self._audit.record(
                     c.record.saga_id,
                     ",".join(step.resources),
@@ -420,8 +447,9 @@ class SagaRunner:
             done = (*c.record.compensated, name)
             following = next((s for s in c.record.to_compensate if s not in done), "")
             self._save(c, force=False, compensated=done, stuck=False, step=following)
-        self._event(c, "", "", "saga-end", c.record.error, "compensated", routine=True)
-        self._save(c, force=False, state="compensated", step="", stuck=False)
+        reason = _reason(c.record.error)  # why it compensated, not a stuck step's error
+        self._event(c, "", "", "saga-end", reason, "compensated", routine=True)
+        self._save(c, force=False, state="compensated", step="", stuck=False, error=reason)
         return True
 
     def _attempt(self, c: _Claimed, step: Step, op: str) -> _Outcome:
@@ -447,6 +475,12 @@ class SagaRunner:
             except (XatmError, Exception) as e:
                 if isinstance(e, SagaError) and not isinstance(e, _barrier.SagaBarrierError):
                     raise  # the store failed or the saga was taken over
+                if self._tm.closed:
+                    # not the step's failure: the saga stays as it is, for recovery
+                    raise SagaError(
+                        f"saga {saga_id}: the transaction manager was closed during step"
+                        f" {step.name!r}; the saga is left as it is, for recovery to finish"
+                    ) from e
                 error = e
             else:
                 self._event(
@@ -478,16 +512,13 @@ class SagaRunner:
         except XatmError as e:
             logger.warning("sagas: the recovery pass after an in-doubt step failed: %s", e)
 
-    def _transaction(
-        self, c: _Claimed, step: Step, op: str, fn: Callable[[Any, Any], object]
-    ) -> str:
+    def _transaction(self, c: _Claimed, step: Step, op: str, fn: StepFunction) -> str:
         """One transaction of the step: barrier rows, then (if they say so) ``fn``."""
         self._ensure_tables(step.resources)
         specs = self._tm.resources
         kinds = [(r, _barrier.kind_of(specs[r])) for r in step.resources]
         saga_id = c.record.saga_id
-        with self._tm.transaction() as tx:
-            tx.idempotency_key = f"{saga_id}.{step.name}.{op}"
+        with self._tm._saga_transaction(f"{saga_id}.{step.name}.{op}") as tx:
             if op == "action":
                 barrier = _barrier.enter_action(tx, kinds, saga_id, step.name)
             else:

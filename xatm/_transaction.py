@@ -31,17 +31,17 @@ import enum
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, NoReturn, Protocol, TypeVar, cast
+from typing import TYPE_CHECKING, Any, NoReturn, Protocol, Self, TypeVar, cast, overload
 
-from . import _deadline, _events, _failpoint, _marker
+from . import _ambient, _deadline, _events, _failpoint, _marker
+from ._dbapi import C, DBConnection, DBCursor, Params, as_kind
 from ._log import DecisionNotLogged
 from ._parallel import Outcome, overlapped
 from ._participant import (
     BranchVotedNo,
     Connection,
-    Cursor,
     Participant,
     PhaseTwo,
     Prepared,
@@ -61,6 +61,7 @@ from ._steps import (
     Rollback,
     Steps,
 )
+from ._urls import describe_error
 from ._xid import Xid, branch_xid
 from .errors import (
     LogError,
@@ -73,6 +74,9 @@ from .errors import (
 )
 
 if TYPE_CHECKING:
+    from sqlalchemy import Connection as SAConnection
+    from sqlalchemy.orm import Session
+
     from ._context import Context
 
 logger = logging.getLogger("xatm.transaction")
@@ -114,6 +118,8 @@ class TransactionCore:
         #: (a threading.Lock or an asyncio.Lock, made by the driver: ``_lock``)
         self._locks: dict[str, _Lock] = {}
         self._ending = False  # commit or rollback has begun: no new work
+        #: the error that made the transaction rollback-only, if one did (a lost connection)
+        self._rollback_cause: BaseException | None = None
         # Callbacks of integrations (SQLAlchemy sessions, see xatm._sqlalchemy): the first run
         # at the start of commit, before anything is prepared (they may still do work and
         # enlist branches); the second once the transaction has ended, whatever its outcome.
@@ -127,6 +133,12 @@ class TransactionCore:
     def set_rollback_only(self, reason: str = "set_rollback_only() was called") -> None:
         """Make the transaction unable to commit: leaving the block will roll it back."""
         self._rollback_only = reason
+        self._rollback_cause = None
+
+    @property
+    def open(self) -> bool:
+        """True until its end (commit or rollback) has begun."""
+        return self.state is TransactionState.ACTIVE and not self._ending
 
     @property
     def context(self) -> Context:
@@ -155,6 +167,15 @@ class TransactionCore:
             raise TransactionError(
                 f"transaction {self.gtrid} is ending (its commit or rollback has begun); no"
                 " more work can be done in it",
+                gtrid=self.gtrid,
+            )
+        closing = self._ctx.closing
+        if closing is not None and (not self._branches or self._stop is not None):
+            # a closing manager lets the transactions in flight finish (xatm._drain), but
+            # none begins, and none it gave up waiting for goes on
+            self._rollback_only = closing
+            raise TransactionError(
+                f"transaction {self.gtrid} cannot go on: {closing}; it is rolled back",
                 gtrid=self.gtrid,
             )
         branch = self._branches.get(resource)
@@ -209,6 +230,7 @@ class TransactionCore:
             self._rollback_only = "timeout"
         else:
             self._rollback_only = f"the connection of branch {branch.resource!r} was lost"
+        self._rollback_cause = error  # chained to TransactionRolledBack (tm.run retries it)
 
     def _statement_lost(self, branch: Branch, error: BaseException) -> TransactionTimeout | None:
         """A statement of the block failed with a connection error: the transaction can
@@ -300,7 +322,7 @@ class TransactionCore:
         if self._rollback_only is not None or time.monotonic() > self.deadline:
             reason = self._rollback_only or "timeout"
             yield from self._rollback_steps()
-            self._raise_rolled_back(reason)
+            self._raise_rolled_back(reason, self._rollback_cause)
         if not branches:
             self.state = TransactionState.COMMITTED
             return
@@ -357,7 +379,7 @@ class TransactionCore:
                 raise e
             raise TransactionInDoubt(
                 f"the commit of the decision of {self.gtrid} on {marker.resource!r} failed"
-                f" midway ({e}); recovery settles the other branches by whether the"
+                f" midway ({_text(e)}); recovery settles the other branches by whether the"
                 " decision row is there",
                 gtrid=self.gtrid,
             ) from e
@@ -404,7 +426,7 @@ class TransactionCore:
                 raise e
             raise TransactionInDoubt(
                 f"the one-phase commit of {self.gtrid} on {branch.resource!r} failed midway"
-                f" ({e}): whether it committed is unknown",
+                f" ({_text(e)}): whether it committed is unknown",
                 gtrid=self.gtrid,
             ) from e
         branch.state = BranchState.COMMITTED
@@ -438,7 +460,7 @@ class TransactionCore:
                 # lost, or the deadline cut the call): left to recovery, which rolls it back
                 branch.state = BranchState.UNKNOWN
                 if failure is None:
-                    failure, reason = err, f"{branch.resource}: prepare failed: {err}"
+                    failure, reason = err, f"{branch.resource}: prepare failed: {_text(err)}"
         if failure is not None:
             if any(b.cut for b in branches):
                 reason = "timeout"
@@ -535,7 +557,9 @@ class TransactionCore:
                     " now (%s); recovery will commit it",
                     self.gtrid,
                     branch.resource,
-                    "no answer in time: its connection was cut" if branch.cut else outcome.error,
+                    "no answer in time: its connection was cut"
+                    if branch.cut
+                    else _text(outcome.error),
                 )
         self.state = TransactionState.COMMITTED
         if not logged:
@@ -616,7 +640,8 @@ class Transaction(TransactionCore):
     """
 
     # -- the application's side -------------------------------------------------------------
-    def __enter__(self) -> Transaction:
+    def __enter__(self) -> Self:
+        _ambient.enter(self)  # a second transaction of this manager inside is refused
         return self
 
     def __exit__(
@@ -625,6 +650,7 @@ class Transaction(TransactionCore):
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
+        _ambient.leave(self)
         if self.state is not TransactionState.ACTIVE:
             self._ctx.forget(self)
             return
@@ -633,10 +659,11 @@ class Transaction(TransactionCore):
         else:
             self.commit()
 
-    def execute(self, resource: str, query: Any, params: Sequence[Any] | Any = None) -> Cursor:
+    def execute(self, resource: str, query: Any, params: Params = None) -> DBCursor:
         """Run ``query`` with ``params`` on ``resource`` inside this transaction.
 
-        Returns the driver's cursor. The driver's own exception propagates on failure.
+        Returns the driver's cursor (a :class:`~xatm.DBCursor`). The driver's own exception
+        propagates on failure.
         """
         with self._lock(resource):
             branch = self._branch(resource)
@@ -645,7 +672,8 @@ class Transaction(TransactionCore):
             if watch is not None:
                 watch.busy += 1  # a call in flight (xatm._deadline), inline: per statement
             try:
-                return branch.participant.execute(branch.conn, query, params)
+                cursor: DBCursor = branch.participant.execute(branch.conn, query, params)
+                return cursor
             except BaseException as e:
                 if branch.participant.is_connection_error(e):
                     timeout = self._statement_lost(branch, e)
@@ -656,27 +684,37 @@ class Transaction(TransactionCore):
                 if watch is not None:
                     watch.busy -= 1
 
-    def connection(self, resource: str) -> Connection:
+    @overload
+    def connection(self, resource: str) -> DBConnection: ...
+
+    @overload
+    def connection(self, resource: str, kind: type[C]) -> C: ...
+
+    def connection(self, resource: str, kind: type[C] | None = None) -> DBConnection | C:
         """The driver connection of this transaction's branch on ``resource``.
 
         Use it for anything the driver offers (cursors, COPY, ...), but do not commit, roll
-        back or close it: xatm does that.
+        back or close it: xatm does that. ``kind`` (``psycopg.Connection``,
+        ``mysql.connector.MySQLConnection``...) types the result as the driver's own class,
+        after checking it is one (``TypeError`` otherwise).
         """
         branch = self.enlist(resource)
         assert branch.conn is not None
-        return branch.hand_out()
+        return as_kind(resource, branch.hand_out(), kind)
 
-    def session(self, binds: Any = None, **session_kwargs: Any) -> Any:
+    def session(self, binds: Mapping[Any, str] | None = None, **session_kwargs: Any) -> Session:
         """A SQLAlchemy ORM ``Session`` whose work joins this transaction (see docs/api.md).
 
         ``binds`` maps models (or tables) to resource names. The session is flushed before
         prepare; commit and rollback happen through xatm when the block ends.
         """
-        return self._ctx.extension("session")(self, binds, **session_kwargs)
+        session: Session = self._ctx.extension("session")(self, binds, **session_kwargs)
+        return session
 
-    def sa_connection(self, resource: str) -> Any:
+    def sa_connection(self, resource: str) -> SAConnection:
         """A SQLAlchemy ``Connection`` on this transaction's branch on ``resource``."""
-        return self._ctx.extension("sa_connection")(self, resource)
+        conn: SAConnection = self._ctx.extension("sa_connection")(self, resource)
+        return conn
 
     # -- for integrations (SQLAlchemy sessions, see xatm._sqlalchemy) ------------------------
     def add_before_prepare_hook(self, callback: Callable[[], None]) -> None:
@@ -888,6 +926,19 @@ class Transaction(TransactionCore):
         return f"<Transaction {self.gtrid} {self.state.value} branches={list(self._branches)}>"
 
 
+class SagaTransaction(Transaction):
+    """The transaction of one saga step (``action(tx, data)``, ``compensation(tx, data)``):
+    a :class:`Transaction` whose ``idempotency_key`` is always set,
+    ``<saga_id>.<step>.<action|compensation>``, the same on every retry and after recovery,
+    for outside services to deduplicate on (docs/sagas.md)."""
+
+    idempotency_key: str
+
+    def __init__(self, ctx: Context, gtrid: str, timeout: float, idempotency_key: str) -> None:
+        super().__init__(ctx, gtrid, timeout)
+        self.idempotency_key = idempotency_key
+
+
 class _Lock(Protocol):
     """A resource's lock in a transaction: ``threading.Lock`` or ``asyncio.Lock``."""
 
@@ -905,6 +956,11 @@ def check_fit(ctx: Context, participant: Participant, conn: Connection) -> None:
             resource=participant.name,
         )
     ctx.first_connection(participant, conn)
+
+
+def _text(e: BaseException) -> str:
+    """A driver's error as xatm shows it (``xatm._urls.describe_error``)."""
+    return describe_error(e)
 
 
 def _call(fn: Callable[..., T], *args: Any) -> Outcome[T]:

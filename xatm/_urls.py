@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 from urllib.parse import parse_qsl, quote, unquote, urlsplit
 
+from ._mysql_drivers import without_advice
 from .errors import ConfigurationError
 
 Kind = Literal["postgresql", "mysql"]
@@ -68,8 +69,19 @@ DEFAULT_CONNECT_TIMEOUT = 5
 
 
 def redact(text: str) -> str:
-    """Replace any ``user:password@`` and ``password=...`` in ``text`` with ``***``."""
-    return _SECRET_OPTION_RE.sub(r"\1=***", _PASSWORD_RE.sub(r"\1***\3", text))
+    """Make a driver's text fit to show: any ``user:password@`` and ``password=...`` replaced
+    with ``***``, and a driver's advice to the programmer cut (mysql-connector's "consider
+    using the reconnect() option ...": ``xatm._mysql_drivers.without_advice``). Everything
+    xatm puts in an error, a report, the audit trail or the CLI's output passes here."""
+    text = _SECRET_OPTION_RE.sub(r"\1=***", _PASSWORD_RE.sub(r"\1***\3", text))
+    return without_advice(text)
+
+
+def describe_error(e: BaseException) -> str:
+    """An error's text as xatm shows it: :func:`redact`, then its first line (or the
+    error's type when it has no text)."""
+    text = redact(str(e)).strip()
+    return text.splitlines()[0] if text else type(e).__name__
 
 
 def _redact_url(url: str) -> str:

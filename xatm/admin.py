@@ -16,6 +16,7 @@ from ._deadline import Wait, report_waits
 from ._doctor import Check, DoctorReport
 from ._failpoint import NAMES as FAILPOINTS
 from ._filelog import Salvage, SegmentInfo, salvage_log
+from ._gid_forms import gtrid_of
 from ._inspect import (
     BranchInfo,
     Compaction,
@@ -34,7 +35,7 @@ from ._saga_runner import SagaRecoveryReport, SagaRefused
 from ._saga_store import SagaRecord
 from ._saga_view import SagaInfo, SagaView, validate_saga_id
 from ._sweeper import ResourceBackoff, Sweeper, SweeperSettings, SweeperStatus, sweeper_settings
-from ._urls import ResourceSpec, parse_url, redact
+from ._urls import ResourceSpec, describe_error, parse_url, redact
 from ._xid import FORMAT_ID, Xid
 
 __all__ = [
@@ -70,6 +71,8 @@ __all__ = [
     "UnknownTransaction",
     "Wait",
     "Xid",
+    "describe_error",
+    "gtrid_of",
     "load_sagas",
     "parse_url",
     "redact",

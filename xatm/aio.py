@@ -22,20 +22,31 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
+from . import _ambient, _drain
 from ._aio_pool import AsyncParticipant
 from ._aio_transaction import AsyncResources, AsyncTransaction
-from ._config import validate_timeout
+from ._arguments import check_arguments, settings_arguments
+from ._config import Settings, load_config, validate_timeout, validate_timeout_or_zero
+from ._dbapi import AsyncDBConnection, AsyncDBCursor
+from ._filelog import DEFAULT_RETAIN, DEFAULT_SEGMENT_BYTES
 from ._manager import TransactionManager
 from ._participant import Participant
 from ._report import RecoveryReport
-from ._urls import ResourceSpec
+from ._retry import RetryPolicy
+from ._saga import Saga, SagaResult
+from ._sweeper import DEFAULT_INTERVAL
 from .errors import ConfigurationError, XatmError
 
-__all__ = ["AsyncTransaction", "AsyncTransactionManager"]
+if TYPE_CHECKING:
+    from ._arguments import ResourceLike
+
+T = TypeVar("T")
+
+__all__ = ["AsyncDBConnection", "AsyncDBCursor", "AsyncTransaction", "AsyncTransactionManager"]
 
 
 def _async_participant(participant: Participant) -> AsyncParticipant:
@@ -61,35 +72,86 @@ def _async_participant(participant: Participant) -> AsyncParticipant:
 
 class AsyncTransactionManager:
     """Coordinates global transactions for asyncio code; takes the arguments of
-    :class:`xatm.TransactionManager`. Use it as ``async with`` (or ``await open()`` and
-    ``await close()``)."""
+    :class:`xatm.TransactionManager`, checked here (a bad one raises
+    :class:`~xatm.ConfigurationError`, an unknown one ``TypeError``, before anything is
+    opened). Use it as ``async with`` (or ``await open()`` and ``await close()``)."""
 
     def __init__(
         self,
-        resources: Mapping[str, str | ResourceSpec | Any],
+        resources: Mapping[str, ResourceLike],
         log: str | os.PathLike[str],
         node_id: str,
         timeout: float = 30.0,
-        **kwargs: Any,
+        *,
+        parallel: bool = True,
+        pool_size: int = 32,
+        segment_bytes: int = DEFAULT_SEGMENT_BYTES,
+        commit_markers: Iterable[str] = (),
+        sweeper: bool = True,
+        sweep_interval: float = DEFAULT_INTERVAL,
+        lock_timeout: float = 30.0,
+        sagas: Iterable[Saga | str] = (),
+        fail_fast: bool = False,
+        decision_retention: float = DEFAULT_RETAIN,
     ) -> None:
-        self._args: tuple[Any, ...] = (resources, log, node_id, timeout)
-        self._kwargs = kwargs
+        self._args = check_arguments(
+            resources,
+            log,
+            node_id,
+            timeout,
+            parallel=parallel,
+            pool_size=pool_size,
+            segment_bytes=segment_bytes,
+            commit_markers=commit_markers,
+            sweeper=sweeper,
+            sweep_interval=sweep_interval,
+            lock_timeout=lock_timeout,
+            sagas=sagas,
+            fail_fast=fail_fast,
+            decision_retention=decision_retention,
+        )
         self._tm: TransactionManager | None = None
         self._aio: AsyncResources | None = None
+        self._closing = False
+
+    @classmethod
+    def from_config(cls, path: str | os.PathLike[str]) -> AsyncTransactionManager:
+        """A manager built from a TOML config file (as :meth:`TransactionManager.from_config`;
+        opened by ``async with`` or :meth:`open`)."""
+        return cls.from_settings(load_config(path))
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> AsyncTransactionManager:
+        """A manager built from settings read by :func:`xatm.load_config`."""
+        a = settings_arguments(settings)
+        return cls(
+            a.resources,
+            a.log,
+            a.node_id,
+            a.timeout,
+            commit_markers=a.commit_markers,
+            sweeper=a.sweeper,
+            sweep_interval=a.sweep_interval,
+            sagas=a.sagas,
+            fail_fast=a.fail_fast,
+            decision_retention=a.decision_retention,
+        )
 
     async def open(self) -> AsyncTransactionManager:
         """Open the log, take the node's identity and start the sweeper (on a worker
-        thread); the argument errors of :class:`xatm.TransactionManager` are raised here."""
+        thread); with ``fail_fast``, every resource is checked first."""
         if self._tm is not None:
             return self
-        tm = await asyncio.to_thread(TransactionManager, *self._args, **self._kwargs)
+        if self._closing:
+            raise XatmError("this AsyncTransactionManager is closed")
+        tm = await asyncio.to_thread(TransactionManager._started, self._args)
         try:
             ctx = tm.context
             participants = {n: _async_participant(p) for n, p in ctx.resources.participants.items()}
         except BaseException:
-            await asyncio.to_thread(tm.close)
+            await asyncio.to_thread(tm.close, 0)
             raise
-        self._aio = AsyncResources(ctx, participants, int(self._kwargs.get("pool_size", 32)))
+        self._aio = AsyncResources(ctx, participants, self._args.pool_size)
         self._tm = tm
         return self
 
@@ -114,7 +176,11 @@ class AsyncTransactionManager:
 
     @property
     def node_id(self) -> str:
-        return self.sync.node_id
+        return self._args.node_id
+
+    @property
+    def timeout(self) -> float:
+        return self._args.timeout
 
     @property
     def in_use(self) -> dict[str, int]:
@@ -124,13 +190,64 @@ class AsyncTransactionManager:
         return {n: p.in_use for n, p in self._aio.pools.items()}
 
     def transaction(self, timeout: float | None = None) -> AsyncTransaction:
-        """A new global transaction, for ``async with tm.transaction() as tx:``."""
+        """A new global transaction, for ``async with tm.transaction() as tx:``.
+
+        Refused (:class:`~xatm.TransactionError`) inside the block of another transaction
+        of this manager in the same task: xatm does not nest transactions."""
         tm, aio = self._tm, self._aio
-        if tm is None or aio is None:
-            raise XatmError("this AsyncTransactionManager is not open")
+        if tm is None or aio is None or self._closing:
+            raise XatmError(
+                "this AsyncTransactionManager is "
+                + ("closed" if self._closing else "not open: use async with, or await open()")
+            )
         limit = tm.timeout if timeout is None else validate_timeout(timeout)
+        _ambient.refuse_nested(tm.context)
         # registered (as running here) once it enlists a branch
         return AsyncTransaction(tm.context, tm.context.new_gtrid(limit), limit, aio)
+
+    async def run(
+        self,
+        fn: Callable[[AsyncTransaction], Awaitable[T]],
+        *,
+        retries: int = 3,
+        timeout: float | None = None,
+        backoff: float = 0.05,
+        max_backoff: float = 2.0,
+    ) -> T:
+        """``await fn(tx)`` in a transaction and commit it; run it again (up to
+        ``retries`` more times, after a backoff) when it failed in a way that is safe to
+        retry, as :meth:`xatm.TransactionManager.run` (the same rule, ``xatm._retry``)."""
+        policy = RetryPolicy.of(retries, backoff, max_backoff)
+        attempt = 0
+        while True:
+            attempt += 1
+            tx = self.transaction(timeout)
+            try:
+                async with tx:
+                    result = await fn(tx)
+                return result
+            except Exception as e:
+                wait = policy.delay(attempt, e, tx.gtrid)
+                if wait is None:
+                    raise
+            await asyncio.sleep(wait)
+
+    async def run_saga(
+        self,
+        name: str,
+        data: Any = None,
+        key: str | None = None,
+        *,
+        wait: float = 30.0,
+        actor: str = "api",
+    ) -> SagaResult:
+        """Run the registered saga ``name`` (as :meth:`xatm.TransactionManager.run_saga`, on a
+        worker thread: its steps are plain functions using a threaded ``tx``)."""
+        tm = self.sync
+        if self._closing:
+            raise XatmError("this AsyncTransactionManager is closed")
+        _ambient.refuse_nested(tm.context)
+        return await asyncio.to_thread(tm.run_saga, name, data, key, wait=wait, actor=actor)
 
     async def recover(
         self,
@@ -146,11 +263,25 @@ class AsyncTransactionManager:
             lambda: tm.recover(dry_run=dry_run, actor=actor, progress=progress)
         )
 
-    async def close(self) -> None:
-        """Close the connections, stop the sweeper, release the log and identity locks."""
+    async def close(self, drain: float | None = None) -> None:
+        """Let the transactions in flight finish, then close the connections, stop the
+        sweeper, release the log and identity locks.
+
+        No transaction begins once this is called; those running (in other tasks) are
+        waited for up to ``drain`` seconds (the manager's ``timeout`` by default), and the
+        ones still running then are rolled back, with an error saying that the manager was
+        closed (``xatm._drain``, the threaded manager's rule)."""
         tm, aio = self._tm, self._aio
+        if self._closing:
+            return
+        self._closing = True
+        if tm is None or aio is None:
+            return
+        wait = tm.timeout if drain is None else validate_timeout_or_zero(drain)
+        own = _ambient.current(tm.context)
+        await asyncio.to_thread(
+            _drain.drain, tm.context, wait, own=None if own is None else own.gtrid
+        )
         self._tm = self._aio = None
-        if aio is not None:
-            await aio.aclose()
-        if tm is not None:
-            await asyncio.to_thread(tm.close)
+        await aio.aclose()
+        await asyncio.to_thread(tm.close, 0)

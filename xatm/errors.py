@@ -23,6 +23,8 @@ Where xatm itself ends a transaction because of a driver error, that error is ch
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 __all__ = [
     "ConfigurationError",
     "IdentityNotHeld",
@@ -49,11 +51,21 @@ class ConfigurationError(XatmError, ValueError):
 
 
 class ResourceError(XatmError):
-    """A participant (resource) could not be used."""
+    """A participant (resource) could not be used.
 
-    def __init__(self, message: str, *, resource: str | None = None) -> None:
+    ``resource`` names it; ``problems`` (a fail-fast start, ``fail_fast=True``) maps every
+    resource that is not ready to why."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        resource: str | None = None,
+        problems: Mapping[str, str] | None = None,
+    ) -> None:
         super().__init__(message)
         self.resource = resource
+        self.problems: dict[str, str] = dict(problems or {})
 
 
 class ResourceUnavailable(ResourceError):
