@@ -26,6 +26,8 @@ NOT_PYTHON = {
     "xatm.identity",
     "xatm.saga",
     "xatm.cli",
+    "xatm.failover",
+    "xatm.deadline",
     # spans and their attributes
     "xatm.prepare",
     "xatm.decide",
@@ -43,6 +45,7 @@ NOT_PYTHON = {
     # files and tables
     "xatm.toml",
     "xatm.decisions",
+    "xatm.timelines",
     "xatm.meta",
     "xatm.sagas",
     "xatm.api",
