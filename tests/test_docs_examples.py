@@ -15,7 +15,8 @@ The convention (also stated in docs/getting-started.md):
   (resources ``ledger`` on db1 and ``wallet`` on db2, log ``./xatm-log``), so
   ``TransactionManager.from_config("xatm.toml")`` works as in getting-started.md.
 - Each database has a table ``acc (id INT PRIMARY KEY, bal INT NOT NULL)`` with accounts 1 to 4
-  holding 1000 each, made afresh for every example.
+  holding 1000 each, made afresh for every example (the tables ``ledger`` and ``wallet`` that
+  examples create are dropped first).
 - ```sh / ```console / ```bash blocks and the command lists of operations.md are checked
   for their ``xatm`` commands: every subcommand and every option must exist in the CLI.
 """
@@ -132,12 +133,17 @@ def _config(urls: dict[str, str]) -> str:
     )
 
 
+#: tables the examples make (dropped before each one)
+EXAMPLE_TABLES = ("acc", "ledger", "wallet")
+
+
 def _fresh_accounts(urls: dict[str, str]) -> None:
     for name in ("db1", "db2"):
         conn = connect(urls[name])
         try:
             engine = " ENGINE=InnoDB" if name == "db2" else ""
-            run(conn, "DROP TABLE IF EXISTS acc")
+            for table in EXAMPLE_TABLES:
+                run(conn, f"DROP TABLE IF EXISTS {table}")
             run(conn, f"CREATE TABLE acc (id INT PRIMARY KEY, bal INT NOT NULL){engine}")
             run(conn, "INSERT INTO acc VALUES (1, 1000), (2, 1000), (3, 1000), (4, 1000)")
         finally:
@@ -183,8 +189,7 @@ def test_a_python_example_runs(
         timeout=120,
     )
     assert done.returncode == 0, (
-        f"{block.id} exited {done.returncode}\n--- stdout\n{done.stdout}\n--- stderr\n"
-        f"{done.stderr}"
+        f"{block.id} exited {done.returncode}\n--- stdout\n{done.stdout}\n--- stderr\n{done.stderr}"
     )
     assert _prepared_left(urls) == [], f"{block.id} left prepared transactions"
 
