@@ -257,15 +257,16 @@ def test_bank_transfers_under_chaos(
         """Until the deadline; on a slow machine, a while longer until a worker has died at
         its failpoint (the run is meant to have at least one such crash)."""
         now = time.monotonic()
-        return now < deadline or (stats["failpoint_crashes"] == 0 and now < deadline + SECONDS)
+        wanting = stats["failpoint_crashes"] == 0 or (mode == "twin" and not twins)
+        return now < deadline or (wanting and now < deadline + SECONDS)
 
     try:
         while running():
             time.sleep(rng.uniform(0.8, 2.0))
             elapsed = SECONDS - (deadline - time.monotonic())
             if twin_at and elapsed > twin_at[0]:
-                twin_at.pop(0)
-                # a twin of a worker that is up (its manager started: it holds its node_id)
+                # a twin of a worker that is up (its manager started: it holds its node_id);
+                # on a slow machine there may be none yet: the next round tries again
                 up = time.monotonic() - 3.0
                 live = [
                     n
@@ -274,6 +275,7 @@ def test_bank_transfers_under_chaos(
                 ]
                 pick = rng.choice(live) if live else None
                 if pick is not None and procs[pick].poll() is None:
+                    twin_at.pop(0)
                     spawn(twin_of=pick)
             # replace workers that died at a failpoint
             for node, p in list(procs.items()):
