@@ -14,6 +14,10 @@
 Leaving the block commits every branch or none. See docs/protocol.md for how.
 """
 
+import importlib.util
+import os
+
+from . import _events
 from ._barrier import SagaBarrierError
 from ._config import Settings, load_config
 from ._dbapi import DBConnection, DBCursor
@@ -39,6 +43,21 @@ from .errors import (
 )
 
 __version__ = "0.1.0"
+
+
+def _install_prometheus() -> None:
+    """Install the Prometheus collector in the default registry when the first manager is
+    built, if prometheus_client is installed (``XATM_PROMETHEUS=0`` turns that off)."""
+    if os.environ.get("XATM_PROMETHEUS", "").strip().lower() in ("0", "off", "false", "no"):
+        return
+    if importlib.util.find_spec("prometheus_client") is None:
+        return
+    from . import prometheus
+
+    prometheus.autoinstall()
+
+
+_events.on_first_manager(_install_prometheus)
 
 __all__ = [
     "BranchState",

@@ -25,12 +25,11 @@ from __future__ import annotations
 import os
 import re
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ._saga import saga_list
 from ._urls import ResourceSpec, parse_url, redact
 from ._xid import validate_node_id, validate_resource_name
 from .errors import ConfigurationError
@@ -182,3 +181,10 @@ def load_config(path: str | os.PathLike[str]) -> Settings:
         )
     except ConfigurationError as e:
         raise ConfigurationError(f"{where}: {redact(str(e))}") from None
+
+
+def saga_list(value: object, where: str) -> Sequence[str]:
+    """Validate the TOML ``sagas`` setting: a list of ``"module:attribute"`` strings."""
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ConfigurationError(f"{where}: 'sagas' must be a list of 'module:attribute' strings")
+    return list(value)

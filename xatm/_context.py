@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     from ._failover import FailoverWatch
     from ._identity import IdentityLocks
     from ._log import CoordinatorLog
+    from ._log_view import LogView
     from ._pglog import PostgresLog
 
 logger = logging.getLogger("xatm")
@@ -193,6 +194,13 @@ class Context:
         return found
 
     # -- transactions running here ---------------------------------------------------------
+    def log_view(self) -> LogView:
+        """The view of this manager's logs: its node is this process's, its log its own."""
+        from ._log_view import log_view
+
+        directory, shared = self.log_directory, self.shared_log
+        return log_view(directory, shared, own_node=self.node_id, own_log=self.log)
+
     def new_gtrid(self, timeout: float) -> str:
         """The gtrid of a new transaction of this manager with ``timeout`` seconds."""
         return new_gtrid(

@@ -215,9 +215,28 @@ def emit(event: Event) -> None:
             logger.exception("an xatm event subscriber failed on %s", type(event).__name__)
 
 
+_first_manager_hooks: list[Callable[[], None]] = []
+
+
+def on_first_manager(hook: Callable[[], None]) -> None:
+    """Call ``hook()`` once, when the process's first TransactionManager is ready: how the
+    public modules install exporters (Prometheus) without the core importing them."""
+    with _lock:
+        _first_manager_hooks.append(hook)
+
+
 # -- hooks the core calls ---------------------------------------------------------------------
 def manager_opened(manager: Any) -> None:
     """A TransactionManager is ready."""
+    if _first_manager_hooks:
+        with _lock:
+            hooks = list(_first_manager_hooks)
+            _first_manager_hooks.clear()
+        for hook in hooks:
+            try:
+                hook()
+            except Exception:
+                logger.exception("an xatm exporter could not be installed")
     if _subscribers:
         emit(ManagerOpened(manager.node_id, manager))
 

@@ -51,7 +51,6 @@ from ._timelines import FileTimelines, SharedTimelines, TimelineStore
 from .errors import XatmError
 
 if TYPE_CHECKING:
-    from ._context import Context
     from ._pglog import PostgresLog
 
 #: what a log holds for one gtrid: its COMMIT record, an ABORT decision ("A"), or nothing
@@ -398,8 +397,3 @@ def log_view(
     if shared is not None:
         return SharedLogs(shared, own_node=own_node)
     return FileLogs(directory, own_node=own_node, own_log=own_log, own_pending=own_pending)
-
-
-def context_view(ctx: Context) -> LogView:
-    """The view of a manager's logs: its node is this process's, its log its own."""
-    return log_view(ctx.log_directory, ctx.shared_log, own_node=ctx.node_id, own_log=ctx.log)

@@ -6,7 +6,6 @@ transaction it hands out is used by one thread.
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import os
 import time
@@ -63,28 +62,6 @@ def _sa_connection(tx: Transaction, resource: str) -> Any:
     from . import _sa_session
 
     return _sa_session.sa_connection(tx, resource)
-
-
-_exporters_loaded = False
-
-
-def _load_exporters() -> None:
-    """Install the Prometheus collector in the default registry the first time a manager
-    is built, if prometheus_client is installed (``XATM_PROMETHEUS=0`` turns that off)."""
-    global _exporters_loaded
-    if _exporters_loaded:
-        return
-    _exporters_loaded = True
-    if os.environ.get("XATM_PROMETHEUS", "").strip().lower() in ("0", "off", "false", "no"):
-        return
-    if importlib.util.find_spec("prometheus_client") is None:
-        return
-    try:
-        from . import prometheus
-
-        prometheus.autoinstall()
-    except Exception:
-        logger.exception("could not install the Prometheus collector")
 
 
 class TransactionManager:
@@ -247,7 +224,6 @@ class TransactionManager:
             except BaseException:
                 self.close()  # release the log (its lock) and the pools opened above
                 raise
-        _load_exporters()
         _events.manager_opened(self)
 
     @classmethod

@@ -40,6 +40,7 @@ import sys
 from collections.abc import Iterable
 from typing import Any
 
+from ._urls import add_scrubber
 from .errors import ConfigurationError
 
 #: mysql-connector's advice to the programmer, in the text of its ReadTimeoutError and
@@ -60,6 +61,9 @@ def without_advice(text: str) -> str:
     if "Operation timed out" not in text:
         return text
     return _ADVICE_RE.sub(r" The \1 Operation timed out (the connection was closed).", text).strip()
+
+
+add_scrubber(without_advice)
 
 
 #: the driver of ``mysql://`` / ``mariadb://`` URLs

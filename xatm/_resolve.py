@@ -34,7 +34,7 @@ from ._decide import Action as Act
 from ._decide import Verdict, judge_request
 from ._inspect import Decision, validate_gtrid
 from ._log import DecisionNotLogged, OwnerState
-from ._log_view import OpenedLog, context_view
+from ._log_view import OpenedLog
 from ._participant import PhaseTwo
 from ._records import LogRecord
 from ._recovery import locked_pass
@@ -155,7 +155,7 @@ def _resolution(
         gtrid=gtrid,
         outcome=outcome,  # type: ignore[arg-type]
         forced=False,
-        owner=context_view(ctx).owner(parse_gtrid(gtrid)[0]),
+        owner=ctx.log_view().owner(parse_gtrid(gtrid)[0]),
         decision="commit" if rule is Act.COMMIT else "abort",
         actions=report.actions,
         unreachable=report.problems,
@@ -208,7 +208,7 @@ class _Resolve:
 
     def run(self) -> Resolution:
         ctx = self.ctx
-        logs = context_view(ctx)  # the node logs in a directory, or the shared log
+        logs = ctx.log_view()  # the node logs in a directory, or the shared log
         owner = logs.owner(self.node)
         if owner == "this-process":
             if ctx.running(self.gtrid) is not None:

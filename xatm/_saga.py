@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import importlib
 import re
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeAlias
 
@@ -243,10 +243,3 @@ def load_saga(ref: str) -> Saga:
     if not isinstance(saga, Saga):
         raise ConfigurationError(f"sagas: {ref!r} is not a Saga (got {type(saga).__name__})")
     return saga
-
-
-def saga_list(value: object, where: str) -> Sequence[str]:
-    """Validate the TOML ``sagas`` setting: a list of ``"module:attribute"`` strings."""
-    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        raise ConfigurationError(f"{where}: 'sagas' must be a list of 'module:attribute' strings")
-    return list(value)

@@ -23,11 +23,11 @@ message is built from the redacted form. A user name or password must percent-en
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 from urllib.parse import parse_qsl, quote, unquote, urlsplit
 
-from ._mysql_drivers import without_advice
 from .errors import ConfigurationError
 
 Kind = Literal["postgresql", "mysql"]
@@ -70,11 +70,24 @@ DEFAULT_CONNECT_TIMEOUT = 5
 
 def redact(text: str) -> str:
     """Make a driver's text fit to show: any ``user:password@`` and ``password=...`` replaced
-    with ``***``, and a driver's advice to the programmer cut (mysql-connector's "consider
-    using the reconnect() option ...": ``xatm._mysql_drivers.without_advice``). Everything
-    xatm puts in an error, a report, the audit trail or the CLI's output passes here."""
+    with ``***``, and what a participant registered to cut (:func:`add_scrubber`: a driver's
+    advice to the programmer). Everything xatm puts in an error, a report, the audit trail or
+    the CLI's output passes here."""
     text = _SECRET_OPTION_RE.sub(r"\1=***", _PASSWORD_RE.sub(r"\1***\3", text))
-    return without_advice(text)
+    for scrub in _SCRUBBERS:
+        text = scrub(text)
+    return text
+
+
+#: what participants cut from a driver's text before it is shown (see :func:`add_scrubber`)
+_SCRUBBERS: list[Callable[[str], str]] = []
+
+
+def add_scrubber(scrub: Callable[[str], str]) -> None:
+    """Have :func:`redact` also pass every text through ``scrub``: a participant's way to cut
+    its driver's quirks out of what xatm shows, without this module knowing the driver."""
+    if scrub not in _SCRUBBERS:
+        _SCRUBBERS.append(scrub)
 
 
 def describe_error(e: BaseException) -> str:
