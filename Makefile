@@ -77,7 +77,7 @@ chaos: $(STAMP)
 	$(VENV)/bin/pytest -ra -q -m chaos $(PYTEST_ARGS)
 
 demo: $(STAMP)
-	$(PY) -m cli.demo
+	$(PY) -m examples.demo
 
 # The harness runs from .venv-cext (mysql-connector 9.5.0, whose C extension loads on Debian 12)
 # so that one run measures the pure-Python modes and the C-extension ones (raw-cext, xatm-cext,

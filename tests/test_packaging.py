@@ -22,7 +22,7 @@ def test_no_top_level_cli_package_is_installed() -> None:
     assert packages == {"xatm", "xatm.testing", "xatm_cli"}
     assert not any(p == "cli" or p.startswith("cli.") for p in packages)
     assert tool["package-dir"] == {"xatm_cli": "cli"}
-    assert PROJECT["project"]["scripts"]["xatm"] == "xatm_cli.main:main"
+    assert PROJECT["project"]["scripts"]["xatm"] == "xatm.cli.main:main"
     # every package directory that exists in the source tree is listed
     listed = {ROOT / tool["package-dir"].get(p, p.replace(".", "/")) for p in packages}
     assert all((d / "__init__.py").is_file() for d in listed)

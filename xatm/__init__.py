@@ -17,16 +17,13 @@ Leaving the block commits every branch or none. See docs/protocol.md for how.
 import importlib.util
 import os
 
-from . import _events
-from ._barrier import SagaBarrierError
-from ._config import Settings, load_config
-from ._dbapi import DBConnection, DBCursor
-from ._manager import TransactionManager
-from ._report import RecoveryReport
-from ._saga import Saga, SagaAbort, SagaError, SagaInProgress, SagaResult
-from ._steps import BranchState
-from ._transaction import SagaTransaction, Transaction, TransactionState
-from .errors import (
+from xatm.coordinator.manager import TransactionManager
+from xatm.core import events as _events
+from xatm.core.config import Settings, load_config
+from xatm.core.dbapi import DBConnection, DBCursor
+from xatm.core.report import RecoveryReport
+from xatm.core.steps import BranchState
+from xatm.errors import (
     ConfigurationError,
     IdentityNotHeld,
     LogCorrupt,
@@ -41,6 +38,9 @@ from .errors import (
     TransactionTimeout,
     XatmError,
 )
+from xatm.sagas.barrier import SagaBarrierError
+from xatm.sagas.definition import Saga, SagaAbort, SagaError, SagaInProgress, SagaResult
+from xatm.transactions.transaction import SagaTransaction, Transaction, TransactionState
 
 __version__ = "0.1.0"
 
@@ -52,7 +52,7 @@ def _install_prometheus() -> None:
         return
     if importlib.util.find_spec("prometheus_client") is None:
         return
-    from . import prometheus
+    from xatm import prometheus
 
     prometheus.autoinstall()
 
