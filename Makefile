@@ -58,14 +58,14 @@ mysqlclient: $(STAMP)
 drivers: $(STAMP) $(CEXT_STAMP) mysqlclient
 	VENV=$(VENV) CEXT_VENV=$(CEXT_VENV) tests/driver_legs.sh
 
-LINTED := $(wildcard xatm cli tests benchmarks examples)
+LINTED := $(wildcard xatm tests benchmarks examples)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check $(LINTED)
-	$(VENV)/bin/ruff format --check xatm cli
+	$(VENV)/bin/ruff format --check xatm
 
 typecheck: $(STAMP)
-	$(VENV)/bin/mypy --strict xatm cli
+	$(VENV)/bin/mypy --strict xatm
 
 pytest: $(STAMP)
 	$(VENV)/bin/pytest -ra -q $(PYTEST_ARGS)
