@@ -14,7 +14,7 @@ MariaDB, as one global transaction. The demo
 6. shows that those branches still hold their row locks;
 7. runs ``xatm recover`` (the operator's command line), which takes over the dead
    coordinator's log, and ``xatm show`` for the transaction's audit trail;
-8. runs the same transfer as sagas (``cli/demo_sagas.py``): one completes, one is
+8. runs the same transfer as sagas (``examples/demo_sagas.py``): one completes, one is
    compensated, one is killed mid-way, shown by ``xatm sagas`` and finished by recovery;
 9. checks the invariant: no money created or lost, every transfer on both sides or neither,
    every saga completed or compensated.

@@ -11,10 +11,9 @@ import click
 
 from xatm import RecoveryReport
 from xatm.admin import RecoveryAction, Resolution, ResolutionRefused, sweeper_settings
-
-from . import render
-from .context import GTRID, actor, get
-from .metrics_http import MetricsServer
+from xatm.cli import render
+from xatm.cli.context import GTRID, actor, get
+from xatm.cli.metrics_http import MetricsServer
 
 logger = logging.getLogger("xatm.cli")
 

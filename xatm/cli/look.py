@@ -8,9 +8,8 @@ import time
 import click
 
 from xatm.admin import BranchInfo, InDoubtReport, TransactionInfo, redact, salvage_log
-
-from . import render
-from .context import GTRID, actor, get
+from xatm.cli import render
+from xatm.cli.context import GTRID, actor, get
 
 
 @click.command()

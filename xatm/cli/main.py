@@ -19,9 +19,8 @@ import click
 
 from xatm import XatmError
 from xatm.admin import Wait, describe_error, redact, report_waits
-
-from . import act, look, sagas
-from .context import Context
+from xatm.cli import act, look, sagas
+from xatm.cli.context import Context
 
 #: the exit status of a command whose reader went away (``xatm indoubt | head -1``): a
 #: process killed by SIGPIPE reports 128 + 13, as every Unix tool in a pipe does

@@ -59,9 +59,8 @@ T = TypeVar("T")
 
 
 def _sa_session(tx: Transaction, binds: Any = None, **kwargs: Any) -> Any:
-    from xatm.integrations.sqlalchemy import (
-        session as _sa_session,  # SQLAlchemy is imported only when it is used
-    )
+    # SQLAlchemy is imported only when it is used
+    from xatm.integrations.sqlalchemy import session as _sa_session
 
     return _sa_session.session(tx, binds, **kwargs)
 
