@@ -5,7 +5,7 @@ round; client CPU per transaction is total CPU over total transactions (summed o
 processes of a multi-process mode), and so are the servers' CPU and fsyncs per transaction.
 The ratios compare each mode's median throughput with the baselines (``raw``, ``sqlalchemy``,
 and the like-for-like one: ``raw-cext``, ``raw-mp``, ``raw-async``) at the same client count;
-``TARGETS`` are issue 11's.
+``TARGETS`` are the project's performance targets (CHANGELOG.md, 0.2).
 ``write_doc`` replaces only the generated part of ``docs/benchmarks.md`` (between the
 markers), so the hand-written analysis around it survives a re-run.
 """
@@ -40,7 +40,7 @@ class Target:
     versus_clients: int | None = None
 
 
-#: issue 11's targets
+#: the performance targets (CHANGELOG.md, 0.2)
 TARGETS = (
     Target("xatm", "raw", 0.95, (1, 8, 32)),
     Target("xatm-fast", "raw", 1.1, (8, 32)),
@@ -290,7 +290,7 @@ def render(
     if targets:
         parts += [
             "",
-            "**Against the issue 11 targets** (ratios of this run's medians; CPU: client CPU"
+            "**Against the performance targets** (ratios of this run's medians; CPU: client CPU"
             " per transaction):",
             "",
             targets,

@@ -237,6 +237,30 @@ class Bank:
             ]
         return [x for x in xids if x is not None and x.is_xatm]
 
+    def roll_back_xatm_leftovers(self, timeout: float) -> list[str]:
+        """Roll back every prepared xatm branch on the bank's servers (a test's clean-up);
+        waits out a killed coordinator's lingering MariaDB session up to ``timeout``.
+        Returns the gtrids rolled back or still left."""
+        deadline = time.monotonic() + timeout
+        seen: list[str] = []
+        while True:
+            left = False
+            for name, xids in self.xatm_prepared().items():
+                for xid in xids:
+                    seen.append(f"{name}:{xid.gtrid}")
+                    sql = (
+                        f"ROLLBACK PREPARED '{xid.to_pg_gid()}'"
+                        if name.startswith("pg")
+                        else f"XA ROLLBACK {xid.to_mysql()}"
+                    )
+                    try:
+                        run(self.conns[name], sql)
+                    except Exception:
+                        left = True
+            if not left or time.monotonic() > deadline:
+                return sorted(set(seen))
+            time.sleep(0.2)
+
     def xatm_prepared(self) -> dict[str, list[Xid]]:
         return {
             name: [x for x in found if isinstance(x, Xid)]

@@ -50,7 +50,7 @@ def test_quick_benchmark_runs_and_balances(servers: Servers, log_url: str, tmp_p
     assert set(xatm["ratios"]) >= {"raw", "sqlalchemy", "raw-async"}
     text = doc.read_text()
     assert "| clients | mode | tx/s (median)" in text
-    assert "Against the issue 11 targets" in text
+    assert "Against the performance targets" in text
     if not cext:
         assert "`xatm-cext` not run: the C extension" in text
     assert "balanced after every one" in text
