@@ -58,14 +58,14 @@ mysqlclient: $(STAMP)
 drivers: $(STAMP) $(CEXT_STAMP) mysqlclient
 	VENV=$(VENV) CEXT_VENV=$(CEXT_VENV) tests/driver_legs.sh
 
-LINTED := $(wildcard xatm cli tests benchmarks examples)
+LINTED := $(wildcard xatm tests benchmarks examples)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check $(LINTED)
-	$(VENV)/bin/ruff format --check xatm cli
+	$(VENV)/bin/ruff format --check xatm
 
 typecheck: $(STAMP)
-	$(VENV)/bin/mypy --strict xatm cli
+	$(VENV)/bin/mypy --strict xatm
 
 pytest: $(STAMP)
 	$(VENV)/bin/pytest -ra -q $(PYTEST_ARGS)
@@ -77,7 +77,7 @@ chaos: $(STAMP)
 	$(VENV)/bin/pytest -ra -q -m chaos $(PYTEST_ARGS)
 
 demo: $(STAMP)
-	$(PY) -m cli.demo
+	$(PY) -m examples.demo
 
 # The harness runs from .venv-cext (mysql-connector 9.5.0, whose C extension loads on Debian 12)
 # so that one run measures the pure-Python modes and the C-extension ones (raw-cext, xatm-cext,

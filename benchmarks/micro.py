@@ -10,14 +10,14 @@ that the gains of the recommendations in ``docs/benchmarks.md`` can be estimated
   statements in a pipeline (xatm's prepare) vs two statements in one simple-query string vs
   one statement alone;
 * threads: handing a no-op to a ``ThreadPoolExecutor`` and waiting for it (the first
-  version's fan-out of the branches; they are now overlapped on one thread, ``xatm._parallel``);
-* ``xatm._xid.new_gtrid``;
+  version's fan-out of the branches; they are now overlapped on one thread, ``xatm.core.parallel``);
+* ``xatm.core.xid.new_gtrid``;
 * the file log's forced COMMIT (write + fsync in a preallocated segment), next to the same
   bytes appended and fsynced to a growing file;
-* the client-side deadline (``xatm._deadline``): arming and disarming a connection's watch
+* the client-side deadline (``xatm.core.deadline``): arming and disarming a connection's watch
   (a branch's, once per branch), marking a call in flight on it (once per call), and a
   ``bounded`` block, on a PostgreSQL and a MariaDB connection; the watchdog thread running;
-* the event hooks of one two-branch transaction (``xatm._events``: a timeline, its phase marks
+* the event hooks of one two-branch transaction (``xatm.core.events``: a timeline, its phase marks
   and six branch operations through the watched participants), with nobody listening, with
   the Prometheus collector listening, and with OpenTelemetry spans (SDK, no exporter). The
   participants here do nothing, so only the hooks' own cost is measured.
@@ -38,13 +38,14 @@ from typing import Any
 
 from psycopg import sql
 
-from xatm import _deadline, _events
-from xatm._adapters import make_participant
-from xatm._filelog import FileLog
-from xatm._participant import PhaseTwo, Prepared, Vote
-from xatm._records import LogRecord
-from xatm._xid import branch_xid, new_gtrid
 from xatm.admin import parse_url
+from xatm.core import deadline as _deadline
+from xatm.core import events as _events
+from xatm.core.participant import PhaseTwo, Prepared, Vote
+from xatm.core.records import LogRecord
+from xatm.core.xid import branch_xid, new_gtrid
+from xatm.log.file import FileLog
+from xatm.participants.adapters import make_participant
 
 from .env import BenchServers, mysql_connect, pg_connect
 from .modes import listen
@@ -174,7 +175,7 @@ def log_rows(n: int) -> list[tuple[str, float, float]]:
 
 
 class _Owner:
-    """A participant as ``xatm._deadline`` sees it: a name, and the socket of a connection."""
+    """A participant as ``xatm.core.deadline`` sees it: a name, and the socket of a connection."""
 
     def __init__(self, name: str, url: str) -> None:
         self.name = name

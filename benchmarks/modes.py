@@ -48,7 +48,7 @@ from typing import Any, Protocol
 import sqlalchemy as sa
 
 from xatm import Saga, TransactionManager
-from xatm._barrier import ensure_table as ensure_barrier_table
+from xatm.sagas.barrier import ensure_table as ensure_barrier_table
 
 from .env import C_EXTENSION, PURE, Urls, mysql_connect, pg_connect, require_kind, with_use_pure
 

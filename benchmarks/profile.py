@@ -7,7 +7,7 @@ Two instruments, on the same private servers as ``benchmarks.run``:
   ``commit_prepared``/``start_commit_prepared``, ``commit_one_phase``), the pools and the
   log, reached through the manager's ``context``, are wrapped (instance attributes,
   benchmark-only) so each protocol step is timed where it runs. The coordinator overlaps
-  the branches' round trips on one thread (``xatm._parallel``): PostgreSQL's prepare or
+  the branches' round trips on one thread (``xatm.core.parallel``): PostgreSQL's prepare or
   commit is sent, MariaDB's step runs, then PostgreSQL's answer is read; so a branch's
   time is its send plus its answer, and the report also gives each phase's wall time, the
   wait for PostgreSQL's answer after the other branch's step, and how often the round

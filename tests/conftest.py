@@ -81,7 +81,7 @@ def log_url(servers: Servers) -> str:
 def at_step(monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, Callable[[], None]]]:
     """Run an action when the coordinator reaches a failpoint (instead of crashing there):
     ``at_step["after_decision"] = fn`` runs ``fn`` once at that step."""
-    import xatm._failpoint
+    import xatm.core.failpoint
 
     actions: dict[str, Callable[[], None]] = {}
 
@@ -90,7 +90,7 @@ def at_step(monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, Callable[[], 
         if action is not None:
             action()
 
-    monkeypatch.setattr(xatm._failpoint, "hit", hit)
+    monkeypatch.setattr(xatm.core.failpoint, "hit", hit)
     yield actions
 
 

@@ -36,7 +36,7 @@ def check_mysql_driver() -> str | None:
             f" {', '.join(d for d in MYSQL_DRIVERS if d)}"
         )
     if MYSQL_DRIVER == "connector-c":
-        from xatm._mysql_drivers import c_extension_loads
+        from xatm.participants.mysql.drivers import c_extension_loads
 
         if not c_extension_loads():
             return (
@@ -59,14 +59,14 @@ def with_mysql_driver(url: str) -> str:
 
 def mysql_errors() -> tuple[type[BaseException], ...]:
     """The exception classes xatm's MySQL driver of this run raises."""
-    from xatm._mysql_drivers import DRIVERS
+    from xatm.participants.mysql.drivers import DRIVERS
 
     return DRIVERS[MYSQL_DRIVERS[MYSQL_DRIVER][2].split("+")[1]].errors()
 
 
 def mysql_errno(e: BaseException) -> int | None:
     """The MySQL error number of a driver error (mysql-connector ``errno``, else ``args[0]``)."""
-    from xatm._mysql_drivers import DRIVERS
+    from xatm.participants.mysql.drivers import DRIVERS
 
     return DRIVERS[MYSQL_DRIVERS[MYSQL_DRIVER][2].split("+")[1]].errno(e)
 
@@ -75,7 +75,7 @@ def autocommit_of(conn: Any) -> bool:
     """A driver connection's autocommit mode, for any driver."""
     if isinstance(conn, psycopg.Connection):
         return bool(conn.autocommit)
-    from xatm._mysql_drivers import for_connection
+    from xatm.participants.mysql.drivers import for_connection
 
     return for_connection(conn).get_autocommit(conn)
 

@@ -1,4 +1,4 @@
-"""The asyncio side of the file log (``xatm._aio_log``): COMMIT records appended on the loop
+"""The asyncio side of the file log (``xatm.log.aio``): COMMIT records appended on the loop
 and forced in batches by the file log's own group commit, which calls back once per settled
 batch; a decision is acknowledged only once durable, a failed flush leaves every waiter in
 doubt (LogError, not DecisionNotLogged), and no waiter is left waiting."""
@@ -16,11 +16,11 @@ from typing import Any
 
 import pytest
 
-from xatm._aio_log import AsyncLog
-from xatm._filelog import FileLog, read_log
-from xatm._log import DecisionNotLogged
-from xatm._xid import new_gtrid
+from xatm.core.xid import new_gtrid
 from xatm.errors import LogError
+from xatm.log.aio import AsyncLog
+from xatm.log.base import DecisionNotLogged
+from xatm.log.file import FileLog, read_log
 
 
 def test_concurrent_commits_are_durable_and_share_fsyncs(
@@ -271,7 +271,7 @@ def test_asyncio_and_threaded_commits_share_a_flush_and_the_loop_is_woken_once_p
         real_wake = loop.call_soon_threadsafe
 
         def counting_wake(callback: Callable[..., object], *args: Any) -> asyncio.Handle:
-            if callback.__module__ == "xatm._aio_log":
+            if callback.__module__ == "xatm.log.aio":
                 wakes.append(callback)
             return real_wake(callback, *args)
 

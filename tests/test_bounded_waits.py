@@ -26,8 +26,8 @@ import pytest
 
 from tests.support import Servers
 from xatm import TransactionManager
-from xatm._recovery import run_pass
-from xatm._urls import pg_settings_in
+from xatm.core.urls import pg_settings_in
+from xatm.recovery.run import run_pass
 from xatm.testing import servers as devservers
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -208,8 +208,8 @@ def test_a_tiny_transaction_timeout_does_not_starve_phase_two_and_recovery() -> 
     """Outside a branch (COMMIT PREPARED, recovery, inspection) a session's bounds never drop
     below SESSION_WAIT_FLOOR: a manager with timeout=0.001 once gave recovery's statements a
     2 ms statement_timeout, and they failed under load."""
-    from xatm._postgres import SESSION_WAIT_FLOOR, PostgresParticipant
-    from xatm._urls import parse_url
+    from xatm.core.urls import parse_url
+    from xatm.participants.postgres.participant import SESSION_WAIT_FLOOR, PostgresParticipant
 
     spec = parse_url("postgresql://u@127.0.0.1:5/db")
     floor_ms = int(SESSION_WAIT_FLOOR * 1000)

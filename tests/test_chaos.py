@@ -44,8 +44,8 @@ from tests.field_support import XATM, marker_config, roll_back_leftovers, transf
 from tests.omission_support import BlackholeProxy, frozen, settle
 from tests.support import Bank, add_query, prepare_foreign, resolve_foreign, run
 from xatm import TransactionManager
-from xatm._deadline import GRACE
 from xatm.admin import FAILPOINTS
+from xatm.core.deadline import GRACE
 
 ROOT = Path(__file__).resolve().parent.parent
 SECONDS = float(os.environ.get("XATM_CHAOS_SECONDS", "30"))
@@ -436,7 +436,7 @@ def test_transfers_across_postgresql_failovers(
     PostgreSQL lost is only ever a transfer missing on PostgreSQL, each one reported (a
     heuristic outcome or a possibly lost transaction) and never rolled back by xatm; what
     is reported as certainly lost is really missing; nothing else is split."""
-    import xatm._failpoint
+    import xatm.core.failpoint
     from xatm.testing.replica import start_pair
     from xatm.testing.servers import make_basedir
 
@@ -466,7 +466,7 @@ def test_transfers_across_postgresql_failovers(
             reached.set()
             go.wait(15)
 
-        monkeypatch.setattr(xatm._failpoint, "hit", hit)
+        monkeypatch.setattr(xatm.core.failpoint, "hit", hit)
         stop = threading.Event()
         ledger: dict[str, tuple[str, int]] = {}  # tid -> (gtrid, pg delta) once acked
         attempted: dict[str, int] = {}  # tid -> pg delta

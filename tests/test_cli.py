@@ -14,12 +14,12 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner, Result
 
-from cli.main import main
 from tests.recovery_support import crash, prepared_gtrids, wait_for, write_config
 from tests.support import Bank
 from xatm import TransactionManager
-from xatm._filelog import read_log
 from xatm.admin import Xid
+from xatm.cli.main import main
+from xatm.log.file import read_log
 from xatm.testing.servers import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -385,7 +385,7 @@ def test_corrupt_log_is_reported_left_alone_and_salvaged(
     """A flipped bit in a dead node's COMMIT, good frames after it: nothing acts on that
     node's branches, every command says which file and offset, and salvage is audited."""
     from xatm import LogCorrupt
-    from xatm._records import HEADER, LogRecord
+    from xatm.core.records import HEADER, LogRecord
 
     log = tmp_path / "log"
     gtrid = crash(bank, log, "app", "after_decision", ("pg1", "maria"), "c1")
@@ -418,7 +418,7 @@ def test_corrupt_log_is_reported_left_alone_and_salvaged(
     assert xatm(config, "log").exit_code == 0
     audit = [e for e in json.loads(xatm(config, "show", gtrid, "--json").stdout)["audit"]]
     assert not audit  # the salvage entry names no gtrid; the trail has it
-    from xatm._audit import read_audit
+    from xatm.log.audit import read_audit
 
     (entry,) = [e for e in read_audit(log) if e.action == "salvage"]
     assert entry.node == "app-cli" and seg.name in entry.reason
@@ -522,7 +522,7 @@ def test_the_drivers_advice_never_reaches_the_operator(
 
     from tests.support import add_query
     from xatm import Saga
-    from xatm._urls import redact
+    from xatm.core.urls import redact
 
     for error in (
         mysql.connector.errors.ReadTimeoutError(),

@@ -16,12 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests.support import Bank, Servers
-from xatm import (
-    TransactionError,
-    TransactionManager,
-    TransactionRolledBack,
-    XatmError,
-)
+from xatm import TransactionError, TransactionManager, TransactionRolledBack, XatmError
 from xatm.aio import AsyncTransactionManager
 
 MakeTM = Callable[..., TransactionManager]

@@ -1,4 +1,4 @@
-"""Unit tests of resource URLs (``xatm._urls``) and TOML config files (``xatm._config``).
+"""Unit tests of resource URLs (``xatm.core.urls``) and TOML config files (``xatm.core.config``).
 
 No database server is needed: a TransactionManager does not connect until it is used.
 """
@@ -12,8 +12,8 @@ from urllib.parse import unquote
 import pytest
 
 from xatm import ConfigurationError, TransactionManager
-from xatm._config import load_config
 from xatm.admin import ResourceSpec, parse_url, redact
+from xatm.core.config import load_config
 
 SECRET = "s3cr3t-Pw"
 
@@ -441,7 +441,7 @@ def test_a_failpoint_typo_is_an_error(
 
 
 def test_valid_failpoints_are_accepted(monkeypatch: pytest.MonkeyPatch) -> None:
-    from xatm import _failpoint
+    from xatm.core import failpoint as _failpoint
 
     for value in ("", "after_decision", "before_decision:stop", "commit_batch_open"):
         monkeypatch.setenv("XATM_FAILPOINT", value)

@@ -192,7 +192,7 @@ def crash_and_recover(
     if recover_as == "restarted":
         assert tm._ctx.log.pending() == {}  # END appended (lazily)
     else:
-        from xatm._filelog import read_segments
+        from xatm.log.file import read_segments
 
         pending, _ = read_segments(log / "crashy")  # the peer log was closed: END on disk
         assert pending == {}

@@ -1,4 +1,4 @@
-"""The client-side deadline (``xatm._deadline``) on its own, on a socket pair: a call that
+"""The client-side deadline (``xatm.core.deadline``) on its own, on a socket pair: a call that
 gets no answer is cut at its deadline and only then; an idle connection is not cut until a
 call starts on it; an inner deadline governs while its block runs; long waits are reported.
 (The drivers and the servers are in tests/test_silent_servers.py.)"""
@@ -12,7 +12,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from xatm import _deadline
+from xatm.core import deadline as _deadline
 
 
 class _Owner:

@@ -1,4 +1,4 @@
-"""The decision rule (xatm._decide), from tables, without servers.
+"""The decision rule (xatm.core.decide), from tables, without servers.
 
 Every rule of ``RULES`` has rows here, and the safety properties are checked over every
 combination of facts: nothing is committed without a COMMIT decision, nothing decided COMMIT
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from xatm._decide import (
+from xatm.core.decide import (
     RULES,
     Action,
     Facts,
@@ -30,7 +30,7 @@ from xatm._decide import (
     table_markdown,
     tenure,
 )
-from xatm._xid import new_gtrid
+from xatm.core.xid import new_gtrid
 
 C, R, L, P = Action.COMMIT, Action.ROLLBACK, Action.LEAVE, Action.PROBE
 W, G, M = Owner, Logged, Marker

@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 
-from xatm._config import load_config
+from xatm.core.config import load_config
 from xatm.testing import containers
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -234,7 +234,7 @@ def _options(cmd: click.Command) -> set[str]:
 
 @pytest.mark.parametrize(("where", "line"), COMMANDS, ids=[w for w, _ in COMMANDS])
 def test_a_documented_command_exists(where: str, line: str) -> None:
-    from cli.main import main
+    from xatm.cli.main import main
 
     tokens = shlex.split(line.replace("[", " ").replace("]", " "))[1:]
     cmd: click.Command = main

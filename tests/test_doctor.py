@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from cli.main import main
 from tests.recovery_support import write_config
 from tests.support import Bank
 from xatm import load_config
 from xatm.admin import Inspector
+from xatm.cli.main import main
 from xatm.testing.servers import free_port
 
 

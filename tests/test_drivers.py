@@ -27,18 +27,13 @@ from tests.support import (
     mysql_errors,
     run,
 )
-from xatm import (
-    ConfigurationError,
-    TransactionInDoubt,
-    TransactionManager,
-    TransactionRolledBack,
-    _marker_recovery,
-    _mysql_drivers,
-)
-from xatm._mysql import MySQLParticipant
-from xatm._participant import PhaseTwo
-from xatm._xid import branch_xid, new_gtrid
+from xatm import ConfigurationError, TransactionInDoubt, TransactionManager, TransactionRolledBack
 from xatm.admin import parse_url
+from xatm.core.participant import PhaseTwo
+from xatm.core.xid import branch_xid, new_gtrid
+from xatm.participants.mysql import drivers as _mysql_drivers
+from xatm.participants.mysql.participant import MySQLParticipant
+from xatm.recovery import markers as _marker_recovery
 
 MakeTM = Callable[..., TransactionManager]
 
@@ -344,7 +339,7 @@ def test_an_engine_resource_runs_on_the_engines_own_driver(bank: Bank, make_tm: 
     ],
 )
 def test_xa_recover_rows_of_any_type_are_read_alike(row: tuple[Any, ...]) -> None:
-    from xatm._mysql import _integer, _raw_bytes
+    from xatm.participants.mysql.participant import _integer, _raw_bytes
 
     assert tuple(_integer(v) for v in row[:3]) == (2019652717, 5, 2)
     assert _raw_bytes(row[3]) == b"gtridbq"
@@ -447,7 +442,7 @@ def test_ambiguous_answers_to_a_one_phase_commit_are_unknown_for_every_driver(
     PyMySQL parses the packet, mysqlclient raises ``OperationalError(errno, message)``),
     and that xatm reads every one as "outcome unknown": not a connection error (which says
     the same, but for another reason), and not a certain "no"."""
-    from xatm._mysql import one_phase_refused
+    from xatm.participants.mysql.participant import one_phase_refused
 
     raised: dict[str, BaseException] = {}
     from mysql.connector.errors import get_mysql_exception

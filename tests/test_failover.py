@@ -1,4 +1,4 @@
-"""PostgreSQL failover (xatm._failover): detection, decisions kept for a resurrected branch,
+"""PostgreSQL failover (xatm.node.failover): detection, decisions kept for a resurrected branch,
 and the report of what a switch may have lost.
 
 The server tests run a private primary with a streaming standby behind a TCP proxy
@@ -20,13 +20,13 @@ import psycopg
 import pytest
 from click.testing import CliRunner
 
-from cli.main import main
 from tests.support import Bank, connect, run
 from xatm import TransactionManager
-from xatm._failover import FailoverWatch, after_failover, classify, covered, switched_since
-from xatm._postgres import promotion_bound, server_state
-from xatm._timelines import FileTimelines, Loss, ResourceTimeline, Switch
-from xatm._xid import parse_gtrid
+from xatm.cli.main import main
+from xatm.core.xid import parse_gtrid
+from xatm.log.timelines import FileTimelines, Loss, ResourceTimeline, Switch
+from xatm.node.failover import FailoverWatch, after_failover, classify, covered, switched_since
+from xatm.participants.postgres.participant import promotion_bound, server_state
 from xatm.testing.replica import PostgresPair, start_pair
 from xatm.testing.servers import make_basedir
 

@@ -26,8 +26,8 @@ from tests.field_support import (
 from tests.recovery_support import crash, prepared_gtrids, wait_for
 from tests.support import Bank
 from xatm import TransactionManager
-from xatm._filelog import owner_state, read_log
 from xatm.admin import ResolutionRefused
+from xatm.log.file import owner_state, read_log
 
 MakeTM = Callable[..., TransactionManager]
 NODES = {"fr-mark", "fr-cli", "fr-linger"}

@@ -1,4 +1,4 @@
-"""Unit tests of the embedded coordinator log (``xatm._filelog``) and its record framing.
+"""Unit tests of the embedded coordinator log (``xatm.log.file``) and its record framing.
 
 No database server is needed: every test works on a log directory in tmp_path.
 """
@@ -19,11 +19,11 @@ from pathlib import Path
 
 import pytest
 
-from xatm._filelog import MAGIC, FileLog, horizon, list_nodes, read_log, retained_decisions
-from xatm._log import DecisionNotLogged
-from xatm._records import HEADER, MAX_PAYLOAD, LogRecord, read_frames
-from xatm._xid import new_gtrid
+from xatm.core.records import HEADER, MAX_PAYLOAD, LogRecord, read_frames
+from xatm.core.xid import new_gtrid
 from xatm.errors import ConfigurationError, LogError, LogLocked
+from xatm.log.base import DecisionNotLogged
+from xatm.log.file import MAGIC, FileLog, horizon, list_nodes, read_log, retained_decisions
 
 NODE = "node-a"
 
@@ -502,7 +502,7 @@ def test_take_over_after_the_owner_was_killed(logdir: Path, opened: list[FileLog
     code = textwrap.dedent(
         f"""
         import os, signal
-        from xatm._filelog import FileLog
+        from xatm.log.file import FileLog
         log = FileLog({str(logdir)!r}, "victim")
         log.log_commit({g!r}, ["pg1", "maria"])
         os.kill(os.getpid(), signal.SIGKILL)
@@ -595,7 +595,7 @@ def test_broken_log_refuses_to_report_decisions(
 ) -> None:
     """After a failed fsync the in-memory decisions may not match the disk: recovery must not
     act on them in this process."""
-    import xatm._filelog as fl
+    import xatm.log.file as fl
 
     log = fl.FileLog(tmp_path, "n1")
 

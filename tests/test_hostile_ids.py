@@ -19,8 +19,9 @@ from hypothesis import strategies as st
 
 from tests.support import Bank, connect, run
 from xatm import ConfigurationError, TransactionManager
-from xatm._records import HEADER, LogRecord, frame_at, next_good_frame, read_frames
-from xatm._xid import (
+from xatm.admin import Xid, gtrid_of, validate_gtrid
+from xatm.core.records import HEADER, LogRecord, frame_at, next_good_frame, read_frames
+from xatm.core.xid import (
     FORMAT_ID,
     has_long_timeout,
     is_xatm_gtrid,
@@ -28,7 +29,6 @@ from xatm._xid import (
     new_gtrid,
     parse_gtrid,
 )
-from xatm.admin import Xid, gtrid_of, validate_gtrid
 
 MakeTM = Callable[..., TransactionManager]
 

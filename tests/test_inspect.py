@@ -168,8 +168,8 @@ def test_inspection_with_the_shared_log(
 
     from click.testing import CliRunner
 
-    from cli.main import main
     from tests.recovery_support import write_config
+    from xatm.cli.main import main
 
     gtrid = crash(bank, log_url, "shdead", "after_decision", ("pg1", "maria"), "sh")
     config = tmp_path / "xatm.toml"

@@ -18,12 +18,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from xatm import LogCorrupt
-from xatm._audit import read_audit
-from xatm._filelog import MAGIC, FileLog, read_log, read_segments, scan_segment
-from xatm._inspect import Inspector
-from xatm._records import HEADER, LogRecord, read_frames
 from xatm.admin import salvage_log
+from xatm.core.records import HEADER, LogRecord, read_frames
 from xatm.errors import LogLocked
+from xatm.log.audit import read_audit
+from xatm.log.file import MAGIC, FileLog, read_log, read_segments, scan_segment
+from xatm.ops.inspect import Inspector
 
 NODE = "node-c"
 

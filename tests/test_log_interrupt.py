@@ -18,12 +18,12 @@ from typing import Any
 
 import pytest
 
-import xatm._filelog as filelog
+import xatm.log.file as filelog
 from tests.recovery_support import wait_for
 from tests.support import Bank, Servers
 from xatm import RecoveryReport, TransactionManager
-from xatm._filelog import FileLog, read_log
 from xatm.aio import AsyncTransaction, AsyncTransactionManager
+from xatm.log.file import FileLog, read_log
 
 MakeTM = Callable[..., TransactionManager]
 NODE = "intr"

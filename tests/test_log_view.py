@@ -1,4 +1,4 @@
-"""The read-side view of the coordinator logs (xatm._log_view): the same questions asked of a
+"""The read-side view of the coordinator logs (xatm.log.view): the same questions asked of a
 directory of file logs and of the shared PostgreSQL log, answered by the real logs.
 
 Each world has this process's node (``me``, its log open here), a live peer (``live``, its
@@ -20,15 +20,17 @@ import pytest
 from tests.conftest import Servers
 from tests.recovery_support import crash, prepared_gtrids
 from tests.support import Bank
-from xatm import LogLocked, TransactionManager, _log_view, _resolve
-from xatm._audit import AuditTrail
-from xatm._filelog import FileLog, owner_state
-from xatm._log import CoordinatorLog
-from xatm._log_view import FileLogs, LogView, SharedLogs, log_view
-from xatm._node_markers import record as record_markers
-from xatm._pglog import PostgresLog
-from xatm._xid import new_gtrid
+from xatm import LogLocked, TransactionManager
 from xatm.admin import ResolutionRefused
+from xatm.core.xid import new_gtrid
+from xatm.log import view as _log_view
+from xatm.log.audit import AuditTrail
+from xatm.log.base import CoordinatorLog
+from xatm.log.file import FileLog, owner_state
+from xatm.log.node_markers import record as record_markers
+from xatm.log.shared import PostgresLog
+from xatm.log.view import FileLogs, LogView, SharedLogs, log_view
+from xatm.ops import resolve as _resolve
 
 _n = itertools.count(1)
 

@@ -13,14 +13,9 @@ import pytest
 
 from tests.recovery_support import wait_for
 from tests.support import Bank, Servers, connect, run
-from xatm import (
-    ConfigurationError,
-    TransactionManager,
-    TransactionRolledBack,
-    TransactionState,
-)
-from xatm._sweeper import Sweeper
+from xatm import ConfigurationError, TransactionManager, TransactionRolledBack, TransactionState
 from xatm.aio import AsyncTransactionManager
+from xatm.recovery.sweeper import Sweeper
 
 MakeTM = Callable[..., TransactionManager]
 INNODB_TRX = "SELECT count(*) FROM information_schema.innodb_trx"

@@ -101,8 +101,8 @@ def test_recoverys_fence_beats_a_late_decision_row(
 ) -> None:
     """Recovery's probe commits an abort row when it finds no decision: a decision row that
     arrives later (statements of a coordinator that died with them in flight) loses."""
-    import xatm._failpoint
-    from xatm import _marker_recovery
+    import xatm.core.failpoint
+    from xatm.recovery import markers as _marker_recovery
 
     tm = make_tm(commit_markers=["pg1"], sweeper=False)
     probes: list[str] = []
@@ -112,7 +112,7 @@ def test_recoverys_fence_beats_a_late_decision_row(
             participant, _ = tm._ctx.resources.get("pg1")
             probes.append(_marker_recovery.probe_row(participant, tx.gtrid))
 
-    monkeypatch.setattr(xatm._failpoint, "hit", hit)
+    monkeypatch.setattr(xatm.core.failpoint, "hit", hit)
     with pytest.raises(TransactionRolledBack), tm.transaction() as tx:
         move(tx, bank, "pg1", "maria", "late-1")
     assert probes == ["no-row"]

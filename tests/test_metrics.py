@@ -25,8 +25,9 @@ import xatm.otel
 import xatm.prometheus
 from tests.recovery_support import crash, prepared_gtrids, wait_for, write_config
 from tests.support import Bank
-from xatm import TransactionManager, TransactionRolledBack, _events
+from xatm import TransactionManager, TransactionRolledBack
 from xatm.admin import FORMAT_ID, Xid
+from xatm.core import events as _events
 from xatm.testing.servers import free_port
 
 ROOT = Path(__file__).resolve().parent.parent

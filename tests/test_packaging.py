@@ -1,48 +1,86 @@
-"""What ``pip install xatm`` puts into site-packages: xatm, xatm.testing and the command's
-code under an import name of xatm's own (``xatm_cli``, from the folder ``cli/``), never a
-top-level package named ``cli``. Checked from pyproject.toml and the sources (building a
-wheel would need the network); docs/operations.md has the manual check with a scratch venv.
+"""What ``pip install xatm`` puts into site-packages: the package ``xatm`` and its
+subpackages (the command is ``xatm.cli``), never tests, benchmarks or examples; and the
+layers of the package import only downwards.
 """
 
 from __future__ import annotations
 
 import ast
-import re
 import tomllib
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 PROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
 
+#: the layers, lowest first: a module may import its own layer and the ones below it
+LAYERS = [
+    "core",
+    "participants",
+    "log",
+    "node",
+    "recovery",
+    "ops",
+    "transactions",
+    "integrations",
+    "sagas",
+    "coordinator",
+]
+#: the public modules (and the command) sit on top; errors is everyone's leaf
+PUBLIC = {"admin", "aio", "events", "fastapi", "otel", "prometheus", "testing", "cli", "__main__"}
 
-def test_no_top_level_cli_package_is_installed() -> None:
+
+def test_only_xatm_is_installed() -> None:
     tool = PROJECT["tool"]["setuptools"]
-    assert "find" not in tool.get("packages", {}), "package discovery would pick up cli/"
-    packages = set(tool["packages"])
-    assert packages == {"xatm", "xatm.testing", "xatm_cli"}
-    assert not any(p == "cli" or p.startswith("cli.") for p in packages)
-    assert tool["package-dir"] == {"xatm_cli": "cli"}
-    assert PROJECT["project"]["scripts"]["xatm"] == "xatm_cli.main:main"
-    # every package directory that exists in the source tree is listed
-    listed = {ROOT / tool["package-dir"].get(p, p.replace(".", "/")) for p in packages}
-    assert all((d / "__init__.py").is_file() for d in listed)
+    assert tool["packages"]["find"]["include"] == ["xatm", "xatm.*"]
+    assert PROJECT["project"]["scripts"]["xatm"] == "xatm.cli.main:main"
+    assert "package-dir" not in tool
 
 
-def test_the_command_imports_itself_relatively() -> None:
-    """Installed as xatm_cli, an absolute ``import cli...`` would fail (or find another
-    project's ``cli``)."""
-    for path in sorted((ROOT / "cli").glob("*.py")):
-        tree = ast.parse(path.read_text())
-        for node in ast.walk(tree):
-            if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-                assert node.module.split(".")[0] != "cli", f"{path.name}: from {node.module}"
-            if isinstance(node, ast.Import):
-                assert all(a.name.split(".")[0] != "cli" for a in node.names), path.name
-        assert '"-m", "cli.' not in path.read_text(), f"{path.name} runs cli.* by name"
+def test_every_package_directory_is_a_package() -> None:
+    for d in (ROOT / "xatm").rglob("*"):
+        if d.is_dir() and d.name != "__pycache__" and any(d.glob("*.py")):
+            assert (d / "__init__.py").is_file(), d
 
 
-def test_license_is_an_spdx_expression() -> None:
-    assert PROJECT["project"]["license"] == "Apache-2.0"
-    (requirement,) = PROJECT["build-system"]["requires"]
-    match = re.fullmatch(r"setuptools>=(\d+)", requirement)
-    assert match is not None and int(match.group(1)) >= 77  # SPDX license strings: >= 77
+def layer_of(module: str) -> int:
+    """The rank of an ``xatm.<pkg>...`` module (public modules rank above every layer)."""
+    parts = module.split(".")
+    if len(parts) < 2 or parts[1] == "errors":
+        return -1
+    if parts[1] in LAYERS:
+        return LAYERS.index(parts[1])
+    return len(LAYERS)
+
+
+def imports_of(path: Path) -> set[str]:
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            if node.module == "xatm":
+                found.update(f"xatm.{a.name}" for a in node.names)
+            elif node.module.startswith("xatm."):
+                found.add(node.module)
+        elif isinstance(node, ast.Import):
+            found.update(a.name for a in node.names if a.name.startswith("xatm."))
+    return found
+
+
+def test_layers_import_only_downwards() -> None:
+    wrong = []
+    for path in sorted((ROOT / "xatm").rglob("*.py")):
+        module = ".".join(path.relative_to(ROOT).with_suffix("").parts)
+        own = layer_of(module)
+        for target in imports_of(path):
+            if layer_of(target) > own:
+                wrong.append(f"{module} -> {target}")
+    assert wrong == []
+
+
+def test_the_command_uses_the_public_api_only() -> None:
+    """xatm.cli is built on xatm's public modules, like any application."""
+    for path in sorted((ROOT / "xatm" / "cli").glob("*.py")):
+        for target in imports_of(path):
+            parts = target.split(".")
+            assert parts[1] in PUBLIC | {"errors", "cli"} or len(parts) == 2, (
+                f"{path.name}: {target}"
+            )

@@ -11,9 +11,9 @@ import pytest
 
 from tests.conftest import Servers
 from xatm import LogLocked
-from xatm._log import DecisionNotLogged
-from xatm._pglog import DecisionFenced, PostgresLog
-from xatm._xid import new_gtrid
+from xatm.core.xid import new_gtrid
+from xatm.log.base import DecisionNotLogged
+from xatm.log.shared import DecisionFenced, PostgresLog
 
 _n = itertools.count(1)
 
@@ -114,7 +114,7 @@ def test_schema_is_versioned_and_reopened(open_log, servers: Servers, schema: st
         row = conn.execute(
             f"SELECT value FROM {schema}.meta WHERE key = 'schema_version'"
         ).fetchone()
-    from xatm._pglog import SCHEMA_VERSION
+    from xatm.log.shared import SCHEMA_VERSION
 
     assert row == (str(SCHEMA_VERSION),)
 

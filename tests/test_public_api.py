@@ -26,4 +26,4 @@ def test_every_exported_name_exists() -> None:
 def test_admin_holds_the_operator_types() -> None:
     for name in ("Inspector", "InDoubtReport", "Resolution", "ResolutionRefused", "Xid"):
         assert name in xatm.admin.__all__
-    assert importlib.import_module("xatm.admin").Inspector.__module__ == "xatm._inspect"
+    assert importlib.import_module("xatm.admin").Inspector.__module__ == "xatm.ops.inspect"

@@ -24,8 +24,8 @@ from xatm import (
     TransactionRolledBack,
     TransactionTimeout,
 )
-from xatm._retry import retryable
 from xatm.aio import AsyncTransaction, AsyncTransactionManager
+from xatm.transactions.retry import retryable
 
 MakeTM = Callable[..., TransactionManager]
 
@@ -180,7 +180,7 @@ def test_an_in_doubt_outcome_is_never_retried(bank: Bank, make_tm: MakeTM) -> No
 
 
 def test_the_rule(bank: Bank) -> None:
-    """The classification itself (``xatm._retry.retryable``), on errors made by hand."""
+    """The classification itself (``xatm.transactions.retry.retryable``), on errors made by hand."""
     cause = psycopg.errors.DeadlockDetected("deadlock detected")
     rolled = TransactionRolledBack("x")
     rolled.__cause__ = cause

@@ -34,7 +34,7 @@ from tests.conftest import Servers
 from tests.support import Bank
 from tests.test_chaos import lock_timeouts
 from xatm import TransactionManager
-from xatm._failpoint import SAGA_NAMES
+from xatm.core.failpoint import SAGA_NAMES
 
 ROOT = Path(__file__).resolve().parent.parent
 SECONDS = float(os.environ.get("XATM_CHAOS_SECONDS", "30"))

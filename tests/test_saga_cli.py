@@ -15,12 +15,12 @@ from typing import Any
 import pytest
 from click.testing import CliRunner, Result
 
-from cli.main import main
 from tests import saga_defs
 from tests.recovery_support import write_config
 from tests.support import Bank
 from tests.test_saga_crash import run_saga_worker
 from xatm import TransactionManager
+from xatm.cli.main import main
 
 MakeTM = Callable[..., TransactionManager]
 SAGAS = ["tests.saga_defs:transfer", "tests.saga_defs:both", "tests.saga_defs:fragile"]

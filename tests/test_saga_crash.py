@@ -18,7 +18,7 @@ import pytest
 from tests import saga_defs
 from tests.support import Bank
 from xatm import TransactionManager, XatmError
-from xatm._failpoint import SAGA_NAMES
+from xatm.core.failpoint import SAGA_NAMES
 
 ROOT = Path(__file__).resolve().parent.parent
 MakeTM = Callable[..., TransactionManager]

@@ -12,8 +12,9 @@ import pytest
 
 from tests import saga_defs
 from tests.support import Bank, connect, run
-from xatm import ConfigurationError, Saga, SagaAbort, TransactionManager, _barrier
+from xatm import ConfigurationError, Saga, SagaAbort, TransactionManager
 from xatm.admin import SagaRefused
+from xatm.sagas import barrier as _barrier
 
 MakeTM = Callable[..., TransactionManager]
 
@@ -252,7 +253,7 @@ def test_a_late_action_after_its_compensation_is_blocked(make_tm: MakeTM, bank: 
     saga_id = "transfer.hang0000000000000000000000.00000000"
     with tm.transaction() as tx:
         assert _barrier.enter_compensation(tx, [("pg1", "postgresql")], saga_id, "debit") == "empty"
-    from xatm._saga_store import FileSagaStore, SagaRecord
+    from xatm.sagas.store import FileSagaStore, SagaRecord
 
     store = tm.sagas.store
     assert isinstance(store, FileSagaStore)
@@ -322,7 +323,7 @@ def test_the_sweeper_finishes_a_dead_owners_saga(make_tm: MakeTM, bank: Bank) ->
     """A saga left by a dead owner (its record made, nothing run) is finished by another
     manager's background sweeper, without anyone calling recover()."""
     from tests.recovery_support import wait_for
-    from xatm._saga_store import FileSagaStore, SagaRecord
+    from xatm.sagas.store import FileSagaStore, SagaRecord
 
     tm = make_tm(node_id="owner", sweeper=False, sagas=[saga_defs.transfer])
     store = tm.sagas.store
@@ -343,7 +344,7 @@ def test_a_record_less_saga_file_is_removed_by_the_next_creation(
 ) -> None:
     """What an OS crash during a creation can leave: the name, without a record (its fsyncs
     never finished, so none of its steps ran). The next run of that key takes the name."""
-    from xatm._saga_store import FileSagaStore, key_hash
+    from xatm.sagas.store import FileSagaStore, key_hash
 
     tm = make_tm(sweeper=False, sagas=[saga_defs.transfer])
     store = tm.sagas.store
@@ -362,8 +363,8 @@ def test_forced_retry_takes_a_live_owners_saga_on_the_shared_log(
 ) -> None:
     """With the shared log, --force takes a saga from a live owner (its node lock held);
     the owner's next write then fails with SagaTakenOver."""
-    from xatm._saga_store import SagaRecord
     from xatm.admin import SagaTakenOver
+    from xatm.sagas.store import SagaRecord
 
     owner = make_tm(node_id="fo-owner", log=log_url, sweeper=False, sagas=[saga_defs.transfer])
     other = make_tm(node_id="fo-other", log=log_url, sweeper=False, sagas=[saga_defs.transfer])
@@ -387,7 +388,7 @@ def test_finished_sagas_are_retired_and_their_keys_still_answer(
 ) -> None:
     import os
 
-    from xatm._saga_store import FileSagaStore
+    from xatm.sagas.store import FileSagaStore
 
     tm = make_tm(sweeper=False, sagas=[saga_defs.transfer])
     store = tm.sagas.store

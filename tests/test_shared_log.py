@@ -13,11 +13,11 @@ from pathlib import Path
 
 import pytest
 
-import xatm._decide
+import xatm.core.decide
 from tests.support import Bank
 from xatm import ConfigurationError, TransactionManager
-from xatm._xid import parse_gtrid
 from xatm.admin import FAILPOINTS
+from xatm.core.xid import parse_gtrid
 
 ROOT = Path(__file__).resolve().parent.parent
 MakeTM = Callable[..., TransactionManager]
@@ -143,7 +143,7 @@ def test_paused_coordinator_obeys_the_sweepers_abort(
         "timeout": 1.0,
     }
     proc = start_paused(cfg, tmp_path)
-    monkeypatch.setattr(xatm._decide, "SKEW", 0.0)
+    monkeypatch.setattr(xatm.core.decide, "SKEW", 0.0)
     time.sleep(1.2)  # past the transaction's timeout
     sweeper = make_tm(node_id="sweeper-host", log=log_url, timeout=1.0, sweeper=False)
     report = sweeper.recover()
@@ -229,7 +229,7 @@ def test_a_longer_per_transaction_timeout_is_left_to_its_live_coordinator(
         "account": 3,
     }
     proc = start_paused(cfg, tmp_path)
-    monkeypatch.setattr(xatm._decide, "SKEW", 0.0)
+    monkeypatch.setattr(xatm.core.decide, "SKEW", 0.0)
     time.sleep(1.2)  # past the managers' default timeout, well within its own
     sweeper = make_tm(node_id="sweeper-host", log=log_url, timeout=1.0, sweeper=False)
     report = sweeper.recover()
@@ -252,7 +252,7 @@ def test_a_frozen_commit_batch_does_not_stall_recovery(
     lock_timeout, the gtrid is left for a later pass, and the pass ends. When the coordinator
     resumes, its COMMIT (which nobody fenced) holds."""
     # keep the frozen batch open however long this takes (see idle_in_transaction_... in
-    # xatm._pglog): the point here is a batch that stays open
+    # xatm.log.shared): the point here is a batch that stays open
     frozen_log = log_url + "?options=-c%20idle_in_transaction_session_timeout%3D0"
     cfg = {
         "urls": bank.urls,
@@ -268,10 +268,10 @@ def test_a_frozen_commit_batch_does_not_stall_recovery(
     proc = worker(cfg, tmp_path, "commit_batch_open:stop", wait=False)
     try:
         wait_stopped(proc)
-        monkeypatch.setattr(xatm._decide, "SKEW", 0.0)
+        monkeypatch.setattr(xatm.core.decide, "SKEW", 0.0)
         time.sleep(1.2)  # past the transaction's timeout: the sweeper tries to abort it
         sweeper = make_tm(node_id="sweeper-host", log=log_url, timeout=1.0, sweeper=False)
-        reports: list[xatm._recovery.RecoveryReport] = []
+        reports: list[xatm.recovery.run.RecoveryReport] = []
         pass_thread = threading.Thread(target=lambda: reports.append(sweeper.recover()))
         pass_thread.start()
         pass_thread.join(timeout=60)  # a liveness bound, not a measurement

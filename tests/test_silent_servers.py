@@ -4,7 +4,7 @@ answers again.
 
 A server is frozen (SIGSTOP: a MariaDB server, or every process of a PostgreSQL cluster)
 while 8 threads (threaded API) and 8 tasks (asyncio API) move money between two of pg1, pg2
-and maria at a time, with ``timeout=3``. Before the client-side deadline (``xatm._deadline``)
+and maria at a time, with ``timeout=3``. Before the client-side deadline (``xatm.core.deadline``)
 every call in flight on the frozen server waited for the whole freeze. Checked: no transfer
 (the caller's whole ``with`` block) took longer than timeout + connect timeout + slack;
 transfers that do not touch the frozen server went on meanwhile; once it is thawed,
@@ -35,7 +35,7 @@ from tests.omission_support import Load, frozen, settle
 from tests.recovery_support import crash
 from tests.support import Bank, Servers
 from xatm import TransactionManager
-from xatm._deadline import GRACE, step_bound
+from xatm.core.deadline import GRACE, step_bound
 
 MakeTM = Callable[..., TransactionManager]
 XATM = Path(sys.executable).parent / "xatm"  # the console script of the running venv
@@ -154,10 +154,10 @@ def _connects(server: str, urls: dict[str, str]) -> dict[str, Callable[[], objec
     """One connect per driver this run can use to ``server`` (xatm's own participants)."""
     import importlib.util
 
-    from xatm._adapters import make_participant
-    from xatm._mysql_drivers import c_extension_loads
     from xatm.admin import parse_url
     from xatm.aio import _async_participant
+    from xatm.participants.adapters import make_participant
+    from xatm.participants.mysql.drivers import c_extension_loads
 
     if server == "pg1":
         variants = {"psycopg": urls["pg1"]}

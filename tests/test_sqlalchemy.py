@@ -35,8 +35,8 @@ from xatm import (
     TransactionRolledBack,
     TransactionState,
 )
-from xatm._sa_session import _enlisted
-from xatm._sqlalchemy import EnginePool
+from xatm.integrations.sqlalchemy.resources import EnginePool
+from xatm.integrations.sqlalchemy.session import _enlisted
 
 ROOT = Path(__file__).resolve().parent.parent
 MakeTM = Callable[..., TransactionManager]
@@ -460,7 +460,7 @@ def test_session_on_url_resources(orm: Orm, make_tm: MakeTM, servers: Servers) -
     assert orm.rows(orm.wallet)[1] == ("bob", 1100)
     with tm.transaction() as tx:  # the dialect Engine of a URL resource is made once
         tx.session(binds=orm.binds).get(orm.ledger, 1)
-    from xatm._sqlalchemy import _engines
+    from xatm.integrations.sqlalchemy.resources import _engines
 
     assert sorted(_engines[tm._ctx]) == ["ledger", "wallet"]
 

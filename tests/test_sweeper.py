@@ -10,14 +10,14 @@ from pathlib import Path
 
 import pytest
 
-import xatm._failpoint
-import xatm._sweeper
+import xatm.core.failpoint
+import xatm.recovery.sweeper
 from tests.conftest import Servers
 from tests.recovery_support import crash, prepared_gtrids, wait_for
 from tests.support import Bank, prepare_foreign, resolve_foreign, run
 from xatm import ConfigurationError, TransactionManager, TransactionTimeout, load_config
-from xatm._filelog import read_log
 from xatm.admin import Inspector, Xid
+from xatm.log.file import read_log
 
 MakeTM = Callable[..., TransactionManager]
 
@@ -288,7 +288,7 @@ def test_foreign_prepared_transactions_are_untouched_by_the_sweeper(
 def test_a_failing_pass_does_not_stop_the_sweeper(
     make_tm: MakeTM, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    real = xatm._sweeper.run_pass
+    real = xatm.recovery.sweeper.run_pass
     calls = {"n": 0}
 
     def flaky(*args: object, **kwargs: object) -> object:
@@ -297,7 +297,7 @@ def test_a_failing_pass_does_not_stop_the_sweeper(
             raise RuntimeError("boom")
         return real(*args, **kwargs)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(xatm._sweeper, "run_pass", flaky)
+    monkeypatch.setattr(xatm.recovery.sweeper, "run_pass", flaky)
     tm = make_tm(node_id="stubborn", sweep_interval=0.05)
     wait_for(lambda: tm.sweeper.status().passes >= 2, what="passes after the failures")
     status = tm.sweeper.status()

@@ -1,4 +1,4 @@
-"""Unit tests of transaction identifiers (``xatm._xid``), and their compatibility with psycopg
+"""Unit tests of transaction identifiers (``xatm.core.xid``), and their compatibility with psycopg
 and with the servers' own views of prepared transactions."""
 
 from __future__ import annotations
@@ -13,8 +13,9 @@ import pytest
 
 from tests.support import Servers, connect, run
 from xatm import ConfigurationError, TransactionManager
-from xatm._participant import PhaseTwo, Vote
-from xatm._xid import (
+from xatm.admin import FORMAT_ID, Xid
+from xatm.core.participant import PhaseTwo, Vote
+from xatm.core.xid import (
     MAX_NODE_ID,
     MAX_PART,
     MAX_RESOURCE_NAME,
@@ -25,7 +26,6 @@ from xatm._xid import (
     validate_node_id,
     validate_resource_name,
 )
-from xatm.admin import FORMAT_ID, Xid
 
 MakeTM = Callable[..., TransactionManager]
 
@@ -273,7 +273,7 @@ def test_validate_resource_name_accepts(good: str) -> None:
 
 
 def test_gtrid_carries_the_marker_flag() -> None:
-    from xatm._xid import may_use_marker
+    from xatm.core.xid import may_use_marker
 
     plain, marked = new_gtrid("api-1"), new_gtrid("api-1", marker=True)
     assert not may_use_marker(plain) and may_use_marker(marked)

@@ -14,15 +14,16 @@
 Leaving the block commits every branch or none. See docs/protocol.md for how.
 """
 
-from ._barrier import SagaBarrierError
-from ._config import Settings, load_config
-from ._dbapi import DBConnection, DBCursor
-from ._manager import TransactionManager
-from ._report import RecoveryReport
-from ._saga import Saga, SagaAbort, SagaError, SagaInProgress, SagaResult
-from ._steps import BranchState
-from ._transaction import SagaTransaction, Transaction, TransactionState
-from .errors import (
+import importlib.util
+import os
+
+from xatm.coordinator.manager import TransactionManager
+from xatm.core import events as _events
+from xatm.core.config import Settings, load_config
+from xatm.core.dbapi import DBConnection, DBCursor
+from xatm.core.report import RecoveryReport
+from xatm.core.steps import BranchState
+from xatm.errors import (
     ConfigurationError,
     IdentityNotHeld,
     LogCorrupt,
@@ -37,8 +38,26 @@ from .errors import (
     TransactionTimeout,
     XatmError,
 )
+from xatm.sagas.barrier import SagaBarrierError
+from xatm.sagas.definition import Saga, SagaAbort, SagaError, SagaInProgress, SagaResult
+from xatm.transactions.transaction import SagaTransaction, Transaction, TransactionState
 
 __version__ = "0.1.0"
+
+
+def _install_prometheus() -> None:
+    """Install the Prometheus collector in the default registry when the first manager is
+    built, if prometheus_client is installed (``XATM_PROMETHEUS=0`` turns that off)."""
+    if os.environ.get("XATM_PROMETHEUS", "").strip().lower() in ("0", "off", "false", "no"):
+        return
+    if importlib.util.find_spec("prometheus_client") is None:
+        return
+    from xatm import prometheus
+
+    prometheus.autoinstall()
+
+
+_events.on_first_manager(_install_prometheus)
 
 __all__ = [
     "BranchState",

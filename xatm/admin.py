@@ -11,13 +11,16 @@ What an application needs is in :mod:`xatm`; this module holds the types an oper
             print(row.gtrid, row.plan)
 """
 
-from ._audit import AuditEntry
-from ._deadline import Wait, report_waits
-from ._doctor import Check, DoctorReport
-from ._failpoint import NAMES as FAILPOINTS
-from ._filelog import Salvage, SegmentInfo, salvage_log
-from ._gid_forms import gtrid_of
-from ._inspect import (
+from xatm.core.deadline import Wait, report_waits
+from xatm.core.failpoint import NAMES as FAILPOINTS
+from xatm.core.report import RecoveryAction, RecoveryReport
+from xatm.core.urls import ResourceSpec, describe_error, parse_url, redact
+from xatm.core.xid import FORMAT_ID, Xid
+from xatm.log.audit import AuditEntry
+from xatm.log.file import Salvage, SegmentInfo, salvage_log
+from xatm.ops.doctor import Check, DoctorReport
+from xatm.ops.gid_forms import gtrid_of
+from xatm.ops.inspect import (
     BranchInfo,
     Compaction,
     InDoubt,
@@ -28,15 +31,18 @@ from ._inspect import (
     UnknownTransaction,
     validate_gtrid,
 )
-from ._report import RecoveryAction, RecoveryReport
-from ._resolve import Resolution, ResolutionRefused
-from ._saga import SagaTakenOver, load_sagas
-from ._saga_runner import SagaRecoveryReport, SagaRefused
-from ._saga_store import SagaRecord
-from ._saga_view import SagaInfo, SagaView, validate_saga_id
-from ._sweeper import ResourceBackoff, Sweeper, SweeperSettings, SweeperStatus, sweeper_settings
-from ._urls import ResourceSpec, describe_error, parse_url, redact
-from ._xid import FORMAT_ID, Xid
+from xatm.ops.resolve import Resolution, ResolutionRefused
+from xatm.recovery.sweeper import (
+    ResourceBackoff,
+    Sweeper,
+    SweeperSettings,
+    SweeperStatus,
+    sweeper_settings,
+)
+from xatm.sagas.definition import SagaTakenOver, load_sagas
+from xatm.sagas.runner import SagaRecoveryReport, SagaRefused
+from xatm.sagas.store import SagaRecord
+from xatm.sagas.view import SagaInfo, SagaView, validate_saga_id
 
 __all__ = [
     "FAILPOINTS",

@@ -12,7 +12,7 @@
 
 Same arguments, protocol, log, recovery, identity locks, failpoints and audit trail as
 :class:`xatm.TransactionManager`: the asyncio manager is built on one (``sync``), sharing
-its context, and its transactions run the same protocol steps (``xatm._steps``) with
+its context, and its transactions run the same protocol steps (``xatm.core.steps``) with
 asyncio drivers: psycopg 3's ``AsyncConnection`` for PostgreSQL, ``mysql.connector.aio``
 for MySQL/MariaDB. Starting, closing, recovery and the sweeper run the threaded code on
 worker threads (they never block the event loop). docs/api.md has the details.
@@ -26,23 +26,24 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from . import _ambient, _drain
-from ._aio_pool import AsyncParticipant
-from ._aio_transaction import AsyncResources, AsyncTransaction
-from ._arguments import check_arguments, settings_arguments
-from ._config import Settings, load_config, validate_timeout, validate_timeout_or_zero
-from ._dbapi import AsyncDBConnection, AsyncDBCursor
-from ._filelog import DEFAULT_RETAIN, DEFAULT_SEGMENT_BYTES
-from ._manager import TransactionManager
-from ._participant import Participant
-from ._report import RecoveryReport
-from ._retry import RetryPolicy
-from ._saga import Saga, SagaResult
-from ._sweeper import DEFAULT_INTERVAL
-from .errors import ConfigurationError, XatmError
+from xatm.coordinator.arguments import check_arguments, settings_arguments
+from xatm.coordinator.manager import TransactionManager
+from xatm.core.config import Settings, load_config, validate_timeout, validate_timeout_or_zero
+from xatm.core.dbapi import AsyncDBConnection, AsyncDBCursor
+from xatm.core.participant import Participant
+from xatm.core.report import RecoveryReport
+from xatm.errors import ConfigurationError, XatmError
+from xatm.log.file import DEFAULT_RETAIN, DEFAULT_SEGMENT_BYTES
+from xatm.participants.aio_pool import AsyncParticipant
+from xatm.recovery.sweeper import DEFAULT_INTERVAL
+from xatm.sagas.definition import Saga, SagaResult
+from xatm.transactions import ambient as _ambient
+from xatm.transactions import drain as _drain
+from xatm.transactions.aio import AsyncResources, AsyncTransaction
+from xatm.transactions.retry import RetryPolicy
 
 if TYPE_CHECKING:
-    from ._arguments import ResourceLike
+    from xatm.coordinator.arguments import ResourceLike
 
 T = TypeVar("T")
 
@@ -50,16 +51,16 @@ __all__ = ["AsyncDBConnection", "AsyncDBCursor", "AsyncTransaction", "AsyncTrans
 
 
 def _async_participant(participant: Participant) -> AsyncParticipant:
-    from ._mysql import MySQLParticipant
-    from ._postgres import PostgresParticipant
+    from xatm.participants.mysql.participant import MySQLParticipant
+    from xatm.participants.postgres.participant import PostgresParticipant
 
     if isinstance(participant, PostgresParticipant):
-        from ._aio_postgres import AsyncPostgres
+        from xatm.participants.postgres.aio import AsyncPostgres
 
         return AsyncPostgres(participant)
     if isinstance(participant, MySQLParticipant):
         try:
-            from ._aio_mysql import AsyncMySQL
+            from xatm.participants.mysql.aio import AsyncMySQL
 
             return AsyncMySQL(participant)
         except ImportError:
@@ -216,7 +217,8 @@ class AsyncTransactionManager:
     ) -> T:
         """``await fn(tx)`` in a transaction and commit it; run it again (up to
         ``retries`` more times, after a backoff) when it failed in a way that is safe to
-        retry, as :meth:`xatm.TransactionManager.run` (the same rule, ``xatm._retry``)."""
+        retry, as :meth:`xatm.TransactionManager.run` (the same rule,
+        ``xatm.transactions.retry``)."""
         policy = RetryPolicy.of(retries, backoff, max_backoff)
         attempt = 0
         while True:
@@ -270,7 +272,7 @@ class AsyncTransactionManager:
         No transaction begins once this is called; those running (in other tasks) are
         waited for up to ``drain`` seconds (the manager's ``timeout`` by default), and the
         ones still running then are rolled back, with an error saying that the manager was
-        closed (``xatm._drain``, the threaded manager's rule)."""
+        closed (``xatm.transactions.drain``, the threaded manager's rule)."""
         tm, aio = self._tm, self._aio
         if self._closing:
             return

@@ -75,7 +75,7 @@ class ResourceUnavailable(ResourceError):
 class IdentityNotHeld(ResourceUnavailable):
     """This manager does not hold its node's identity on the resource now: another live
     process with the same node_id holds it, or its identity session was lost or went silent
-    (``xatm._identity``). Nothing is enlisted, prepared or decided there until it is held
+    (``xatm.node.identity``). Nothing is enlisted, prepared or decided there until it is held
     again."""
 
 

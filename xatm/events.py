@@ -1,7 +1,7 @@
-"""The public face of xatm's event layer (``xatm._events``): subscribe to what the
+"""The public face of xatm's event layer (``xatm.core.events``): subscribe to what the
 coordinators of this process do, to export it anywhere (docs/operations.md, section 12)."""
 
-from ._events import (
+from xatm.core.events import (
     BranchOp,
     Event,
     FailoverChecked,

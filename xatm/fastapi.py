@@ -53,15 +53,15 @@ from typing import Annotated, Any
 from fastapi import Depends, Request
 from starlette.responses import JSONResponse, Response
 
-from ._transaction import Transaction
-from .aio import AsyncTransaction, AsyncTransactionManager
-from .errors import (
+from xatm.aio import AsyncTransaction, AsyncTransactionManager
+from xatm.errors import (
     ConfigurationError,
     ResourceUnavailable,
     TransactionError,
     TransactionInDoubt,
     TransactionRolledBack,
 )
+from xatm.transactions.transaction import Transaction
 
 __all__ = [
     "ManagerDep",

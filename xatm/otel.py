@@ -31,7 +31,7 @@ from opentelemetry import trace
 from opentelemetry.context import Context
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode, Tracer, TracerProvider
 
-from . import _events
+from xatm.core import events as _events
 
 _lock = threading.Lock()
 _unsubscribe: Callable[[], None] | None = None

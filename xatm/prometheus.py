@@ -1,6 +1,6 @@
 """Prometheus metrics of every TransactionManager in this process (extra ``xatm[prometheus]``).
 
-One collector per process (:func:`collector`) listens to ``xatm._events`` and keeps the
+One collector per process (:func:`collector`) listens to ``xatm.core.events`` and keeps the
 metrics of every node (a TransactionManager's ``node_id``) seen in the process, labelled by
 ``node``; several managers of one node_id add up. When ``prometheus_client`` is installed the
 first TransactionManager registers it in prometheus_client's default registry
@@ -29,7 +29,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
-from . import _events
+from xatm.core import events as _events
 
 OUTCOMES = ("committed", "rolled_back", "in_doubt", "heuristic")
 RECOVERY_ACTIONS = (

@@ -36,7 +36,7 @@ from typing import Any
 import psycopg
 from psycopg.conninfo import make_conninfo
 
-from .servers import (
+from xatm.testing.servers import (
     PostgresServer,
     _make_dirs,
     _os_user,

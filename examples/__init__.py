@@ -1,0 +1,1 @@
+"""Examples: the demo of `make demo`, and a small typed app."""

@@ -1,0 +1,1 @@
+"""The TransactionManager: its arguments, and the pieces it puts together."""

@@ -1,0 +1,1 @@
+"""The protocol's vocabulary: ids, records, decisions, steps, events, deadlines, URLs."""

@@ -1,0 +1,1 @@
+"""Integrations that join xatm through its public hooks."""

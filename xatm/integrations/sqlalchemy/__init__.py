@@ -1,0 +1,1 @@
+"""SQLAlchemy: Engines as resources, Sessions joined to a branch."""

@@ -1,0 +1,1 @@
+"""The coordinator log: file and shared logs, the audit trail, each node's side files."""

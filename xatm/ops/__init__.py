@@ -1,0 +1,1 @@
+"""Operators' tools: inspection, manual resolution with an audit trail, doctor."""

@@ -1,0 +1,1 @@
+"""The participants: each database server's two-phase commit, quirks and pools."""

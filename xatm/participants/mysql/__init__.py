@@ -1,0 +1,1 @@
+"""MySQL / MariaDB: native XA through any common driver."""

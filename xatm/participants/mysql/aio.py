@@ -1,0 +1,228 @@
+"""MySQL / MariaDB for asyncio: a branch's I/O on ``mysql.connector.aio`` connections.
+
+Only the I/O: the XA statements and what each error number means come from
+``xatm.participants.mysql.participant`` (the same functions its sync participant calls).
+mysql.connector.aio raises mysql-connector's own error classes, so errors are classified by the
+mysql-connector driver of ``xatm.participants.mysql.drivers``. docs/api.md says why this driver and
+not aiomysql or asyncmy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import weakref
+from collections.abc import Sequence
+from typing import Any
+
+from xatm.core import deadline as _deadline
+from xatm.core.participant import Cursor, PhaseTwo, Prepared, Statement, Vote
+from xatm.core.urls import DEFAULT_CONNECT_TIMEOUT
+from xatm.core.xid import Xid
+from xatm.participants.mysql.drivers import by_name
+from xatm.participants.mysql.participant import (
+    XA_ROLLED_BACK,
+    MySQLParticipant,
+    end_statement,
+    finish_answer,
+    finish_statement,
+    one_phase_refused,
+    one_phase_statements,
+    prepare_statements,
+    start_statement,
+)
+
+
+class AsyncMySQL:
+    """A MySQL or MariaDB resource driven through ``mysql.connector.aio``."""
+
+    def __init__(self, sync: MySQLParticipant) -> None:
+        import mysql.connector.aio  # noqa: F401 -- a missing module fails here, at start
+
+        self.sync = sync
+        self.name = sync.name
+        self._driver = by_name("mysqlconnector")
+        self._errors = self._driver.errors()
+        self._errors_or_os: tuple[type[BaseException], ...] = (*self._errors, OSError)
+        spec = sync.spec
+        self._kwargs = self._driver.connect_kwargs(
+            host=spec.host,
+            port=spec.port,
+            user=spec.user or "",
+            password=spec.password or "",
+            database=spec.database,
+            timeout=DEFAULT_CONNECT_TIMEOUT,
+            options=[(k, v) for k, v in spec.options if k not in ("use_pure", "driver")],
+        )
+        # connections whose XA state is not known to be idle: never pooled
+        self._in_xa: weakref.WeakSet[Any] = weakref.WeakSet()
+
+    async def connect(self) -> Any:
+        try:
+            with _deadline.waiting(self, "a connect"):
+                kwargs = self._kwargs
+                try:
+                    return await self._connect(kwargs)
+                except TypeError:
+                    # mysql.connector.aio (9.x) fails after connecting to a server without
+                    # TLS (its cipher check unpacks None): that connection was plain text
+                    # already, so ask for plain text (a URL that requires TLS still fails)
+                    if kwargs.get("ssl_disabled") or _requires_tls(kwargs):
+                        raise
+                    self._kwargs = kwargs = {**kwargs, "ssl_disabled": True}
+                    return await self._connect(kwargs)
+        except self._errors_or_os as e:
+            raise self.sync.unavailable(e) from None
+
+    async def _connect(self, kwargs: dict[str, Any]) -> Any:
+        """A connection, its handshake included within the connect timeout:
+        mysql.connector.aio's ``connection_timeout`` bounds the TCP connect only, and a
+        server that accepts but never greets would hold the handshake for ever."""
+        import mysql.connector.aio
+
+        if _SPECIAL.intersection(kwargs):  # the driver's own connect() handles those
+            async with asyncio.timeout(DEFAULT_CONNECT_TIMEOUT):
+                return await mysql.connector.aio.connect(**kwargs)
+        conn = mysql.connector.aio.MySQLConnection(**kwargs)
+        try:
+            async with asyncio.timeout(DEFAULT_CONNECT_TIMEOUT):
+                await conn.connect()
+        except TimeoutError:
+            await conn.shutdown()  # closes the socket; sends nothing
+            raise self._driver.module.errors.OperationalError(
+                errno=2013,
+                msg="Lost connection to MySQL server at 'handshake': no answer within the"
+                f" connect timeout ({DEFAULT_CONNECT_TIMEOUT} s)",
+            ) from None
+        except BaseException:
+            await conn.shutdown()
+            raise
+        return conn
+
+    def socket_of(self, conn: Any) -> int | None:
+        """The socket under ``conn``'s asyncio stream (None once it is closed)."""
+        writer = getattr(getattr(conn, "_socket", None), "_writer", None)
+        sock = None if writer is None else writer.get_extra_info("socket")
+        try:
+            fd = None if sock is None else sock.fileno()
+        except OSError:
+            return None
+        return fd if isinstance(fd, int) and fd >= 0 else None
+
+    async def ping(self, conn: Any) -> bool:
+        try:
+            await conn.ping(reconnect=False)
+        except self._errors_or_os:
+            return False
+        return True
+
+    def is_idle(self, conn: Any) -> bool:
+        if conn in self._in_xa:
+            return False
+        return bool(conn.is_socket_connected()) and not conn.unread_result
+
+    async def close(self, conn: Any) -> None:
+        with contextlib.suppress(Exception):
+            await conn.close()
+
+    def is_connection_error(self, exc: BaseException) -> bool:
+        return self._driver.is_connection_error(exc)
+
+    async def _run(self, conn: Any, *statements: str) -> None:
+        """Send statements that return no rows, in one query (one round trip), as the
+        threaded adapter does (mysql-connector sets MULTI_STATEMENTS by default): the server
+        stops at the first that fails, and its error is raised."""
+        if len(statements) == 1:
+            await conn.cmd_query(statements[0])
+            return
+        async for _ in conn.cmd_query_iter("; ".join(statements)):
+            pass
+
+    async def begin(self, conn: Any, xid: Xid, timeout: float | None = None) -> None:
+        self._in_xa.add(conn)  # before sending: a failed XA START leaves the state unknown
+        await self._run(conn, start_statement(xid))
+
+    async def execute(self, conn: Any, query: Any, params: Any = None) -> Cursor:
+        cur = await conn.cursor(buffered=True)
+        await cur.execute(query, params)
+        return cur
+
+    async def prepare(self, conn: Any, xid: Xid) -> Prepared:
+        try:
+            await self._run(conn, *prepare_statements(xid))
+        except self._errors as e:
+            if not self.is_connection_error(e):
+                await self._rollback_quietly(conn, xid)
+            raise self.sync.prepare_failed(e) from e
+        return Prepared(Vote.PREPARED)
+
+    async def commit_one_phase(self, conn: Any, xid: Xid, before: Sequence[Statement] = ()) -> None:
+        committing = False
+        try:
+            for query, params in before:
+                await (await self.execute(conn, query, params)).close()
+            committing = True
+            await self._run(conn, *one_phase_statements(xid))
+        except self._errors as e:
+            if self.is_connection_error(e):
+                raise
+            if committing and not one_phase_refused(self._driver.errno(e)):
+                raise  # the commit may have happened: unknown
+            await self._rollback_quietly(conn, xid)
+            raise self.sync.commit_failed(e) from e
+        self._in_xa.discard(conn)
+
+    async def commit_prepared(self, conn: Any, xid: Xid) -> PhaseTwo:
+        return await self._finish(conn, "COMMIT", xid)
+
+    async def rollback_prepared(self, conn: Any, xid: Xid) -> PhaseTwo:
+        return await self._finish(conn, "ROLLBACK", xid)
+
+    async def _finish(self, conn: Any, verb: str, xid: Xid) -> PhaseTwo:
+        try:
+            await self._run(conn, finish_statement(verb, xid))
+        except self._errors as e:
+            result = finish_answer(verb, self._driver.errno(e))
+            if result is None:
+                raise
+            return result
+        self._in_xa.discard(conn)
+        return PhaseTwo.DONE
+
+    async def rollback_active(self, conn: Any, xid: Xid) -> None:
+        await self._consume(conn)
+        try:
+            await self._run(conn, end_statement(xid))
+        except self._errors as e:
+            if self.is_connection_error(e):
+                raise
+        try:
+            await self._run(conn, finish_statement("ROLLBACK", xid))
+        except self._errors as e:
+            if self._driver.errno(e) in XA_ROLLED_BACK:
+                return
+            raise
+        self._in_xa.discard(conn)
+
+    async def _consume(self, conn: Any) -> None:
+        if conn.unread_result:
+            await conn.consume_results()
+
+    async def _rollback_quietly(self, conn: Any, xid: Xid) -> None:
+        with contextlib.suppress(*self._errors):
+            await self._consume(conn)
+            with contextlib.suppress(*self._errors):
+                await self._run(conn, end_statement(xid))
+            await self._run(conn, finish_statement("ROLLBACK", xid))
+            self._in_xa.discard(conn)
+
+
+#: connection arguments that mysql.connector.aio's ``connect()`` turns into something else
+#: than one plain connection (failover hosts, option files, DNS SRV, a pool)
+_SPECIAL = frozenset(
+    {"failover", "option_files", "read_default_file", "dns_srv", "pool_name", "pool_size"}
+)
+
+
+def _requires_tls(kwargs: dict[str, Any]) -> bool:
+    return any(k.startswith("ssl_") and k != "ssl_disabled" and v for k, v in kwargs.items())

@@ -1,0 +1,1 @@
+"""PostgreSQL: native prepared transactions through psycopg 3."""

@@ -1,0 +1,1 @@
+"""Recovery: settle xatm's prepared branches by the decision rule; the sweeper."""

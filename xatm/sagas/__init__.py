@@ -1,0 +1,1 @@
+"""Sagas: definitions, the durable runner, its store, the barrier, operators' view."""

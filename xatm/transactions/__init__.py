@@ -1,0 +1,1 @@
+"""One global transaction, threaded and asyncio: the commit protocol driven."""
