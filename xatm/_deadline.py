@@ -38,6 +38,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from ._logfields import log_fields
 from ._urls import DEFAULT_CONNECT_TIMEOUT
 
 logger = logging.getLogger("xatm.deadline")
@@ -414,6 +415,7 @@ def _fire(watch: Watch) -> None:
             watch.owner.name,
             watch.what,
             late,
+            extra=log_fields(resource=watch.owner.name),
         )
     else:
         logger.error(
@@ -422,6 +424,7 @@ def _fire(watch: Watch) -> None:
             watch.what,
             late,
             problem,
+            extra=log_fields(resource=watch.owner.name),
         )
 
 

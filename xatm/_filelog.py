@@ -71,6 +71,7 @@ from typing import Any
 from . import _events
 from ._audit import AuditTrail
 from ._log import DecisionNotLogged, OwnerState, Settled
+from ._logfields import log_fields
 from ._records import HEADER, MAX_PAYLOAD, LogRecord, frame_at, next_good_frame, read_frames
 from ._xid import validate_node_id
 from .errors import LogCorrupt, LogError, LogLocked, XatmError
@@ -934,7 +935,12 @@ class FileLog:
                 self.forced_records += forced
             else:
                 self._broken = failure
-                logger.critical("coordinator log %s failed: %s", self.node_dir, failure)
+                logger.critical(
+                    "coordinator log %s failed: %s",
+                    self.node_dir,
+                    failure,
+                    extra=log_fields(self._node_id),
+                )
             if taken is not None:
                 told = taken.settle()
             if failure is not None:

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Literal, Protocol
 from ._decide import Logged
 from ._filelog import FileLog
 from ._log_view import AbortAnswer, FileLogs, SharedLogs
+from ._logfields import log_fields
 from ._pglog import MIN_ABORT_AGE
 from ._records import LogRecord
 from ._timelines import ResourceTimeline
@@ -148,7 +149,7 @@ class FileFleet(_Retained):
                     out.add(node)
             except LogCorrupt as e:
                 if not self._dry_run:  # a dry run (a plan, or manual resolution) only looks
-                    logger.error("recovery: %s", e)
+                    logger.error("recovery: %s", e, extra=log_fields(self._ctx.node_id))
                 out.add(node)  # examined (and left alone) by open
         return out
 

@@ -35,6 +35,7 @@ from ._decide import Verdict, judge_request
 from ._inspect import Decision, validate_gtrid
 from ._log import DecisionNotLogged, OwnerState
 from ._log_view import OpenedLog, context_view
+from ._logfields import log_fields
 from ._participant import PhaseTwo
 from ._records import LogRecord
 from ._recovery import locked_pass
@@ -203,7 +204,13 @@ class _Resolve:
     def record_overrides(self) -> None:
         for why in self.overrides:
             self.audit("", "override", why, f"forced {self.outcome}")
-            logger.warning("manual %s of %s forced although %s", self.outcome, self.gtrid, why)
+            logger.warning(
+                "manual %s of %s forced although %s",
+                self.outcome,
+                self.gtrid,
+                why,
+                extra=log_fields(self.ctx.node_id, self.gtrid),
+            )
         self.overrides = []
 
     def run(self) -> Resolution:
@@ -413,6 +420,7 @@ class _Resolve:
                 " decided",
                 resource,
                 self.gtrid,
+                extra=log_fields(self.ctx.node_id, self.gtrid, resource),
             )
             self.audit(resource, "heuristic", "decision is COMMIT", "rolled back by hand (xatm)")
             self.actions.append(

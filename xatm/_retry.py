@@ -33,6 +33,7 @@ import random
 from dataclasses import dataclass
 
 from . import _mysql, _postgres
+from ._logfields import log_fields
 from .errors import (
     ConfigurationError,
     ResourceUnavailable,
@@ -111,5 +112,6 @@ class RetryPolicy:
             type(error).__name__,
             text,
             wait,
+            extra=log_fields(gtrid=gtrid),
         )
         return wait

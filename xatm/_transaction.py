@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Any, NoReturn, Protocol, Self, TypeVar, cast, 
 from . import _ambient, _deadline, _events, _failpoint, _marker
 from ._dbapi import C, DBConnection, DBCursor, Params, as_kind
 from ._log import DecisionNotLogged
+from ._logfields import log_fields
 from ._parallel import Outcome, overlapped
 from ._participant import (
     BranchVotedNo,
@@ -303,7 +304,11 @@ class TransactionCore:
             try:
                 callback()
             except Exception:  # the outcome is settled: a callback's failure only gets logged
-                logger.exception("an end-of-transaction callback of %s failed", self.gtrid)
+                logger.exception(
+                    "an end-of-transaction callback of %s failed",
+                    self.gtrid,
+                    extra=log_fields(self._ctx.node_id, self.gtrid),
+                )
 
     def _commit_steps(self) -> Steps[None]:
         """The end of the block: commit every branch or none (docs/protocol.md)."""
@@ -547,6 +552,7 @@ class TransactionCore:
                     branch.xid.bqual,
                     self.gtrid,
                     branch.resource,
+                    extra=log_fields(self._ctx.node_id, self.gtrid, branch.resource),
                 )
             else:
                 branch.state = BranchState.UNKNOWN
@@ -560,6 +566,7 @@ class TransactionCore:
                     "no answer in time: its connection was cut"
                     if branch.cut
                     else _text(outcome.error),
+                    extra=log_fields(self._ctx.node_id, self.gtrid, branch.resource),
                 )
         self.state = TransactionState.COMMITTED
         if not logged:
@@ -578,7 +585,12 @@ class TransactionCore:
                 return
             e = (yield LogEnd(self.gtrid)).error
             if isinstance(e, LogError):
-                logger.warning("could not record the end of %s: %s", self.gtrid, e)
+                logger.warning(
+                    "could not record the end of %s: %s",
+                    self.gtrid,
+                    e,
+                    extra=log_fields(self._ctx.node_id, self.gtrid),
+                )
             elif e is not None:
                 raise e
         else:
@@ -623,6 +635,7 @@ class TransactionCore:
                     self.gtrid,
                     branch.resource,
                     e,
+                    extra=log_fields(self._ctx.node_id, self.gtrid, branch.resource),
                 )
             else:
                 branch.state = BranchState.ROLLED_BACK
