@@ -40,7 +40,7 @@ from ._retry import RetryPolicy
 from ._saga import Saga, SagaResult
 from ._saga_runner import SagaRecoveryReport, SagaRunner
 from ._saga_store import SagaRecord
-from ._sweeper import DEFAULT_INTERVAL, Sweeper
+from ._sweeper import DEFAULT_INTERVAL, Sweeper, sweeper_settings
 from ._transaction import SagaTransaction, Transaction
 from ._urls import ResourceSpec
 from .errors import ConfigurationError, XatmError
@@ -259,7 +259,7 @@ class TransactionManager:
     def from_settings(cls, settings: Settings) -> TransactionManager:
         """Build a manager from settings read by :func:`xatm.load_config`."""
         a = settings_arguments(settings)
-        return cls(
+        tm = cls(
             a.resources,
             a.log,
             a.node_id,
@@ -271,6 +271,8 @@ class TransactionManager:
             fail_fast=a.fail_fast,
             decision_retention=a.decision_retention,
         )
+        tm.sweeper.log_retention = sweeper_settings(settings.extra).log_retention
+        return tm
 
     @property
     def context(self) -> Context:

@@ -17,6 +17,7 @@ from ._doctor import Check, DoctorReport
 from ._failpoint import NAMES as FAILPOINTS
 from ._filelog import Salvage, SegmentInfo, salvage_log
 from ._gid_forms import gtrid_of
+from ._identity import NodeInUse
 from ._inspect import (
     BranchInfo,
     Compaction,
@@ -30,6 +31,7 @@ from ._inspect import (
 )
 from ._report import RecoveryAction, RecoveryReport
 from ._resolve import Resolution, ResolutionRefused
+from ._retention import Retirement
 from ._saga import SagaTakenOver, load_sagas
 from ._saga_runner import SagaRecoveryReport, SagaRefused
 from ._saga_store import SagaRecord
@@ -49,6 +51,7 @@ __all__ = [
     "InDoubt",
     "InDoubtReport",
     "Inspector",
+    "NodeInUse",
     "NodeLog",
     "RecoveryAction",
     "RecoveryReport",
@@ -56,6 +59,7 @@ __all__ = [
     "ResolutionRefused",
     "ResourceBackoff",
     "ResourceSpec",
+    "Retirement",
     "SagaInfo",
     "SagaRecord",
     "SagaRecoveryReport",
