@@ -19,6 +19,8 @@ import click
 from xatm import ConfigurationError, LogLocked, Saga, Settings, TransactionManager, load_config
 from xatm.admin import Inspector, gtrid_of, load_sagas, sweeper_settings
 
+from . import render
+
 MAX_NODE_ID = 30
 
 
@@ -98,7 +100,7 @@ class Context:
                 if sagas == "need":
                     raise ConfigurationError(hint) from None
                 self.skipped.append(f"no saga was recovered: {hint}")
-                click.echo(f"warning: {hint}; this command recovers no saga", err=True)
+                render.warn(f"{hint}; this command recovers no saga")
         try:
             tm = TransactionManager(
                 dict(settings.resources),
