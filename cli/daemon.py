@@ -168,7 +168,8 @@ def _open(
     """The daemon's manager, once this process holds the node (None: stopped before)."""
     waiting = False
     while not stop.event.is_set():
-        life.enter("starting")
+        if not waiting:  # a standby stays one (its probes say so) until it takes over
+            life.enter("starting")
         stop.what = "opening the coordinator log and the resources"
         try:
             tm = c.manager(

@@ -18,6 +18,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Literal
 
 from xatm import TransactionManager, XatmError
+from xatm.admin import SweeperStatus
 
 #: ``standby``: waiting for another live process to give up this node (its log lock);
 #: ``starting``: opening the manager; ``running``: sweeping; ``stopping``: after SIGTERM
@@ -29,7 +30,7 @@ class Lifecycle:
     """The state of an ``xatm sweep`` process, as its probes report it."""
 
     node: str
-    stuck_after: float | None = None  # None: the sweeper's own bound
+    stuck_after: float | None = None  # None: the sweeper's own bound, once it runs
     phase: Phase = "starting"
     since: float = field(default_factory=time.time)  # when the phase began
     tm: TransactionManager | None = None
@@ -37,32 +38,36 @@ class Lifecycle:
     def enter(self, phase: Phase, tm: TransactionManager | None = None) -> None:
         if tm is not None:
             self.tm = tm
+            if self.stuck_after is None:
+                self.stuck_after = tm.sweeper.stuck_after
         if phase != self.phase:
             self.phase, self.since = phase, time.time()
 
-
-def _bound(life: Lifecycle, tm: TransactionManager | None) -> float:
-    if life.stuck_after is not None:
-        return life.stuck_after
-    return tm.sweeper.stuck_after if tm is not None else 60.0
+    def status(self) -> SweeperStatus | None:
+        """The sweeper's status, once the daemon runs one."""
+        return None if self.tm is None else self.tm.sweeper.status()
 
 
-def liveness(life: Lifecycle, now: float | None = None) -> tuple[bool, dict[str, Any]]:
+#: the bound of opening the manager before the sweeper's own is known
+START_BOUND = 60.0
+
+
+def liveness(
+    life: Lifecycle, status: SweeperStatus | None, now: float
+) -> tuple[bool, dict[str, Any]]:
     """(alive, details): alive unless the sweeper thread is gone, a pass has been in flight
     for longer than its bound (a server that stopped answering holds it), no pass began
     for an interval plus that bound, opening the manager takes that long, or it stops."""
-    now = time.time() if now is None else now
-    tm, phase = life.tm, life.phase
-    bound = _bound(life, tm)
+    phase = life.phase
+    bound = life.stuck_after if life.stuck_after is not None else START_BOUND
     details: dict[str, Any] = {"node": life.node, "phase": phase, "stuck_after": bound}
     if phase == "standby":
         return True, {**details, "status": "standby"}
     if phase == "stopping":
         return False, {**details, "status": "stopping"}
-    if phase == "starting" or tm is None:
+    if phase == "starting" or status is None:
         late = now - life.since > bound
         return not late, {**details, "status": "stuck" if late else "starting"}
-    status = tm.sweeper.status()
     report = status.last_report
     details.update(
         passes=status.passes,
@@ -88,12 +93,14 @@ def liveness(life: Lifecycle, now: float | None = None) -> tuple[bool, dict[str,
     return True, {**details, "status": "ok"}
 
 
-def readiness(life: Lifecycle, now: float | None = None) -> tuple[bool, dict[str, Any]]:
+def readiness(
+    life: Lifecycle, status: SweeperStatus | None, now: float
+) -> tuple[bool, dict[str, Any]]:
     """(ready, details): ready once a first pass is done, while the daemon is alive."""
-    alive, details = liveness(life, now)
-    if not alive or life.phase != "running" or life.tm is None:
+    alive, details = liveness(life, status, now)
+    if not alive or life.phase != "running" or status is None:
         return False, details
-    if life.tm.sweeper.status().passes < 1:
+    if status.passes < 1:
         return False, {**details, "status": "no pass done yet"}
     return True, {**details, "status": "ready"}
 
@@ -129,7 +136,7 @@ class MetricsServer:
                     self._send(200, prometheus_client.CONTENT_TYPE_LATEST, body)
                 elif path in ("/livez", "/healthz", "/health", "/readyz"):
                     probe = readiness if path == "/readyz" else liveness
-                    ok, details = probe(life)
+                    ok, details = probe(life, life.status(), time.time())
                     body = (json.dumps(details) + "\n").encode()
                     self._send(200 if ok else 503, "application/json", body)
                 else:
