@@ -5,6 +5,7 @@ real servers."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import signal
@@ -270,3 +271,17 @@ def test_a_stuck_pass_fails_liveness_and_sigterm_ends_within_the_grace(
     assert daemon.returncode == 1, err
     assert f"did not complete within the grace period of {grace:g} s" in err
     assert "Traceback" not in err
+
+
+def test_an_applications_formatter_finds_the_fields_on_xatms_records(
+    bank: Bank, tmp_path: Path, make_tm: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """What python-json-logger or structlog would emit: the record's attributes."""
+    log = tmp_path / "log"
+    gtrid = crash(bank, log, "gone", "after_decision", ("pg1", "maria"), "f1")
+    tm = make_tm(node_id="app", log=log, sweeper=False)
+    with caplog.at_level(logging.INFO, logger="xatm"):
+        assert tm.recover().committed == 2
+    mine = [r for r in caplog.records if getattr(r, "gtrid", None) == gtrid]
+    assert {r.resource for r in mine} == {"pg1", "maria"}  # type: ignore[attr-defined]
+    assert {r.node for r in mine} == {"app"}  # type: ignore[attr-defined]
