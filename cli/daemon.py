@@ -98,7 +98,7 @@ class _Stop:
     type=click.FloatRange(min=0.1),
     default=None,
     help="Seconds after which a pass in flight is stuck: /livez answers 503 (default: two"
-    " bounded steps, 2 x (max(timeout, 5) + 10)).",
+    " bounded steps, 2 x (max(timeout, 5) + the connect timeout of 5)).",
 )
 @click.option(
     "--standby/--no-standby",
