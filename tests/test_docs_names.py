@@ -28,6 +28,7 @@ NOT_PYTHON = {
     "xatm.cli",
     "xatm.failover",
     "xatm.deadline",
+    "xatm.retention",
     # spans and their attributes
     "xatm.prepare",
     "xatm.decide",

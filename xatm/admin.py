@@ -18,6 +18,7 @@ from xatm.core.urls import ResourceSpec, describe_error, parse_url, redact
 from xatm.core.xid import FORMAT_ID, Xid
 from xatm.log.audit import AuditEntry
 from xatm.log.file import Salvage, SegmentInfo, salvage_log
+from xatm.node.identity import NodeInUse
 from xatm.ops.doctor import Check, DoctorReport
 from xatm.ops.gid_forms import gtrid_of
 from xatm.ops.inspect import (
@@ -32,6 +33,7 @@ from xatm.ops.inspect import (
     validate_gtrid,
 )
 from xatm.ops.resolve import Resolution, ResolutionRefused
+from xatm.recovery.retention import Retirement
 from xatm.recovery.sweeper import (
     ResourceBackoff,
     Sweeper,
@@ -55,6 +57,7 @@ __all__ = [
     "InDoubt",
     "InDoubtReport",
     "Inspector",
+    "NodeInUse",
     "NodeLog",
     "RecoveryAction",
     "RecoveryReport",
@@ -62,6 +65,7 @@ __all__ = [
     "ResolutionRefused",
     "ResourceBackoff",
     "ResourceSpec",
+    "Retirement",
     "SagaInfo",
     "SagaRecord",
     "SagaRecoveryReport",

@@ -1,19 +1,16 @@
-"""Commands that change things: ``recover``, ``sweep``, ``commit`` and ``rollback``."""
+"""Commands that change things: ``recover``, ``commit`` and ``rollback`` (``sweep``:
+xatm.cli.daemon)."""
 
 from __future__ import annotations
 
 import logging
-import signal
-import threading
-from types import FrameType
 
 import click
 
 from xatm import RecoveryReport
-from xatm.admin import RecoveryAction, Resolution, ResolutionRefused, sweeper_settings
+from xatm.admin import RecoveryAction, Resolution, ResolutionRefused
 from xatm.cli import render
 from xatm.cli.context import GTRID, actor, get
-from xatm.cli.metrics_http import MetricsServer
 
 logger = logging.getLogger("xatm.cli")
 
@@ -97,80 +94,6 @@ def recover(ctx: click.Context, dry_run: bool, as_json: bool) -> None:
     skipped = bool(c.skipped) and not dry_run
     attention = report.heuristics or report.possibly_lost or failed or skipped
     ctx.exit(1 if report.unreachable or attention else 0)
-
-
-@click.command()
-@click.option(
-    "--interval",
-    type=click.FloatRange(min=0.05),
-    default=None,
-    help="Seconds between passes (default: [sweeper] interval of the config, or 10).",
-)
-@click.option(
-    "--metrics-port",
-    type=click.IntRange(0, 65535),
-    default=None,
-    help="Serve /metrics (Prometheus) and /healthz on this port while sweeping (0: any free"
-    " port). Needs xatm[prometheus].",
-)
-@click.option(
-    "--metrics-address",
-    default="127.0.0.1",
-    show_default=True,
-    help="Address to bind the metrics endpoint to (0.0.0.0 for every interface).",
-)
-@click.pass_context
-def sweep(
-    ctx: click.Context, interval: float | None, metrics_port: int | None, metrics_address: str
-) -> None:
-    """Run the sweeper in the foreground until SIGINT or SIGTERM.
-
-    For deployments that run recovery apart from the applications. It resolves what dead
-    coordinators left; each live application's own sweeper resolves its own transactions.
-    With --metrics-port, Prometheus can scrape its metrics (docs/operations.md).
-    """
-    c = get(ctx)
-    if interval is None:
-        interval = sweeper_settings(c.settings.extra).interval
-    logging.getLogger("xatm").setLevel(logging.INFO)
-    stop = threading.Event()
-
-    def on_signal(signum: int, frame: FrameType | None) -> None:
-        stop.set()
-
-    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        with c.manager("sweep", sweeper=False, interval=interval, sagas="need") as tm:
-            click.echo(
-                f"xatm sweep: node {tm.node_id}, every {interval:g} s; SIGINT/SIGTERM stops",
-                err=True,
-            )
-            server = None
-            if metrics_port is not None:
-                server = MetricsServer(tm, metrics_address, metrics_port)
-                click.echo(
-                    f"xatm sweep: metrics on http://{_host(server.address)}:{server.port}/metrics",
-                    err=True,
-                )
-            try:
-                tm.sweeper.start()
-                tm.sweeper.wake()  # a first pass at once
-                while not stop.wait(0.5):
-                    pass
-                click.echo("xatm sweep: stopping", err=True)
-                tm.sweeper.stop()
-                status = tm.sweeper.status()
-            finally:
-                if server is not None:
-                    server.close()
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
-    click.echo(f"xatm sweep: stopped after {status.passes} pass(es)", err=True)
-
-
-def _host(address: str) -> str:
-    return f"[{address}]" if ":" in address else address
 
 
 def _resolution(res: Resolution, as_json: bool) -> None:

@@ -18,6 +18,7 @@ import click
 
 from xatm import ConfigurationError, LogLocked, Saga, Settings, TransactionManager, load_config
 from xatm.admin import Inspector, gtrid_of, load_sagas, sweeper_settings
+from xatm.cli import render
 
 MAX_NODE_ID = 30
 
@@ -67,6 +68,8 @@ class Context:
         sweeper: bool = False,
         interval: float | None = None,
         sagas: Literal["none", "recover", "need"] = "none",
+        lock_timeout: float = 5.0,
+        busy_raises: bool = False,
     ) -> TransactionManager:
         """A TransactionManager of this command's own node_id (never the application's).
 
@@ -74,7 +77,9 @@ class Context:
         ``rollback``: they act on one gtrid, never on a saga), ``"recover"`` (``recover``:
         if they cannot be imported, it says so, recovers the transactions, and exits 1
         since it skipped the sagas: :attr:`skipped`), ``"need"`` (``saga retry|abort``,
-        ``sweep``: they stop with the import error)."""
+        ``sweep``: they stop with the import error). A node_id held by another live
+        process (its log lock, after ``lock_timeout`` seconds, or its identity lock on a
+        resource) is a one-line error; with ``busy_raises`` it raises LogLocked (or NodeInUse)."""
         settings = self.settings
         node = self.own_node_id(suffix)
         if node == settings.node_id:
@@ -94,9 +99,9 @@ class Context:
                 if sagas == "need":
                     raise ConfigurationError(hint) from None
                 self.skipped.append(f"no saga was recovered: {hint}")
-                click.echo(f"warning: {hint}; this command recovers no saga", err=True)
+                render.warn(f"{hint}; this command recovers no saga")
         try:
-            return TransactionManager(
+            tm = TransactionManager(
                 dict(settings.resources),
                 settings.log,
                 node,
@@ -106,14 +111,18 @@ class Context:
                 sweep_interval=sweeper_settings(settings.extra).interval
                 if interval is None
                 else interval,
-                lock_timeout=5.0,
+                lock_timeout=lock_timeout,
                 sagas=loaded,
             )
-        except LogLocked:
+        except LogLocked:  # NodeInUse (the identity lock) says what it is itself
+            if busy_raises:
+                raise
             raise click.ClickException(
                 f"node_id {node!r} is in use by another running xatm command (its log is"
                 " locked): wait for it, or pass another --node-id"
             ) from None
+        tm.sweeper.log_retention = sweeper_settings(settings.extra).log_retention
+        return tm
 
 
 def actor() -> str:

@@ -19,7 +19,7 @@ import click
 
 from xatm import XatmError
 from xatm.admin import Wait, describe_error, redact, report_waits
-from xatm.cli import act, look, sagas
+from xatm.cli import act, daemon, logs, look, sagas
 from xatm.cli.context import Context
 
 #: the exit status of a command whose reader went away (``xatm indoubt | head -1``): a
@@ -59,6 +59,16 @@ class _Group(click.Group):
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
+            return self._invoke(ctx)
+        except click.ClickException as e:
+            if not logs.is_json():
+                raise
+            # a JSON line like every other one on stderr (the text format: click's own)
+            logs.notice(logs.one_line(e.format_message()), logging.ERROR)
+            raise click.exceptions.Exit(e.exit_code) from None
+
+    def _invoke(self, ctx: click.Context) -> Any:
+        try:
             return super().invoke(ctx)
         except (click.exceptions.Exit, click.ClickException, click.Abort):
             raise
@@ -66,7 +76,7 @@ class _Group(click.Group):
             _quiet_stdout()
             raise click.exceptions.Exit(EXIT_BROKEN_PIPE) from None
         except XatmError as e:
-            raise click.ClickException(redact(str(e)).strip() or type(e).__name__) from None
+            raise click.ClickException(logs.one_line(redact(str(e))) or type(e).__name__) from None
         except Exception as e:
             if os.environ.get("XATM_DEBUG"):
                 raise
@@ -74,28 +84,6 @@ class _Group(click.Group):
             raise click.ClickException(
                 f"unexpected error: {type(e).__name__}: {text} (XATM_DEBUG=1 shows more)"
             ) from None
-
-
-class _Stderr(logging.StreamHandler):  # type: ignore[type-arg]
-    """Writes to whatever ``sys.stderr`` is when a record is emitted."""
-
-    @property
-    def stream(self) -> Any:
-        return sys.stderr
-
-    @stream.setter
-    def stream(self, value: Any) -> None:
-        pass
-
-
-def _logging(verbose: int) -> None:
-    logger = logging.getLogger("xatm")
-    for old in [h for h in logger.handlers if isinstance(h, _Stderr)]:
-        logger.removeHandler(old)
-    handler = _Stderr()
-    handler.setFormatter(logging.Formatter("xatm: %(levelname)s: %(message)s"))
-    logger.addHandler(handler)
-    logger.setLevel(logging.DEBUG if verbose > 1 else logging.INFO if verbose else logging.ERROR)
 
 
 @click.group(cls=_Group)
@@ -121,16 +109,30 @@ def _logging(verbose: int) -> None:
     " (default: the current directory; $XATM_APP_DIR).",
 )
 @click.option("-v", "--verbose", count=True, help="Log more (-vv: debug).")
+@click.option(
+    "--log-format",
+    type=click.Choice(logs.FORMATS),
+    envvar="XATM_LOG_FORMAT",
+    default="text",
+    show_default=True,
+    help="stderr as text lines with a UTC timestamp, or one JSON object per line"
+    " ($XATM_LOG_FORMAT).",
+)
 @click.version_option(package_name="xatm")
 @click.pass_context
 def main(
-    ctx: click.Context, config_path: str | None, node_id: str | None, app_dir: str, verbose: int
+    ctx: click.Context,
+    config_path: str | None,
+    node_id: str | None,
+    app_dir: str,
+    verbose: int,
+    log_format: str,
 ) -> None:
     """xatm: inspect and resolve in-doubt global transactions.
 
     docs/operations.md is the on-call runbook.
     """
-    _logging(verbose)
+    logs.configure(verbose, log_format)
     _app_dir(app_dir)
     ctx.obj = Context(config_path, node_id)
     report_waits(_waiting(ctx.obj))
@@ -157,10 +159,11 @@ def _waiting(obj: Context) -> Callable[[Wait], None]:
             if wait.limit is not None
             else "gives up at the connect timeout"
         )
-        click.echo(
+        logs.notice(
             f"xatm: waiting for resource {wait.resource!r}{where}: {wait.what} has had no"
             f" answer for {wait.waited:.0f} s ({limit})",
-            err=True,
+            logging.WARNING,
+            resource=wait.resource,
         )
 
     return notice
@@ -181,7 +184,7 @@ for _command in (
     look.indoubt,
     look.show,
     act.recover,
-    act.sweep,
+    daemon.sweep,
     act.commit,
     act.rollback,
     look.log,

@@ -1,10 +1,10 @@
-"""The HTTP endpoint of ``xatm sweep --metrics-port``: ``/metrics`` and ``/healthz``.
+"""The HTTP endpoint of ``xatm sweep --metrics-port``: ``/metrics``, ``/livez``, ``/readyz``.
 
 ``/metrics`` is the Prometheus text format of prometheus_client's default registry (where
-``xatm.prometheus`` puts xatm's collector). ``/healthz`` answers 200 while the sweeper thread
-runs and its last pass is recent (within three intervals plus a minute; before the first pass
-the time since the start counts), else 503; the body is a small JSON object. Served on a
-daemon thread; :meth:`MetricsServer.close` stops it.
+``xatm.prometheus`` puts xatm's collector). ``/livez`` (also ``/healthz``) is the liveness of
+the daemon, ``/readyz`` its readiness, both from :func:`liveness` and :func:`readiness`: 200
+or 503 with a small JSON object. Served on a daemon thread; :meth:`MetricsServer.close`
+stops it.
 """
 
 from __future__ import annotations
@@ -13,13 +13,96 @@ import json
 import socket
 import threading
 import time
+from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import Any, Literal
 
 from xatm import TransactionManager, XatmError
+from xatm.admin import SweeperStatus
 
-#: a pass may take a while on many resources: stale only after this much more than 3 intervals
-STALE_GRACE = 60.0
+#: ``standby``: waiting for another live process to give up this node (its log lock);
+#: ``starting``: opening the manager; ``running``: sweeping; ``stopping``: after SIGTERM
+Phase = Literal["standby", "starting", "running", "stopping"]
+
+
+@dataclass
+class Lifecycle:
+    """The state of an ``xatm sweep`` process, as its probes report it."""
+
+    node: str
+    stuck_after: float | None = None  # None: the sweeper's own bound, once it runs
+    phase: Phase = "starting"
+    since: float = field(default_factory=time.time)  # when the phase began
+    tm: TransactionManager | None = None
+
+    def enter(self, phase: Phase, tm: TransactionManager | None = None) -> None:
+        if tm is not None:
+            self.tm = tm
+            if self.stuck_after is None:
+                self.stuck_after = tm.sweeper.stuck_after
+        if phase != self.phase:
+            self.phase, self.since = phase, time.time()
+
+    def status(self) -> SweeperStatus | None:
+        """The sweeper's status, once the daemon runs one."""
+        return None if self.tm is None else self.tm.sweeper.status()
+
+
+#: the bound of opening the manager before the sweeper's own is known
+START_BOUND = 60.0
+
+
+def liveness(
+    life: Lifecycle, status: SweeperStatus | None, now: float
+) -> tuple[bool, dict[str, Any]]:
+    """(alive, details): alive unless the sweeper thread is gone, a pass has been in flight
+    for longer than its bound (a server that stopped answering holds it), no pass began
+    for an interval plus that bound, opening the manager takes that long, or it stops."""
+    phase = life.phase
+    bound = life.stuck_after if life.stuck_after is not None else START_BOUND
+    details: dict[str, Any] = {"node": life.node, "phase": phase, "stuck_after": bound}
+    if phase == "standby":
+        return True, {**details, "status": "standby"}
+    if phase == "stopping":
+        return False, {**details, "status": "stopping"}
+    if phase == "starting" or status is None:
+        late = now - life.since > bound
+        return not late, {**details, "status": "stuck" if late else "starting"}
+    report = status.last_report
+    details.update(
+        passes=status.passes,
+        failed_passes=status.failed_passes,
+        seconds_since_last_pass=None
+        if status.last_pass_at is None
+        else round(now - status.last_pass_at, 3),
+        pass_in_flight_seconds=None
+        if status.pass_started_at is None
+        else round(now - status.pass_started_at, 3),
+        in_doubt_branches=None if report is None else report.in_doubt,
+        unreachable=[] if report is None else list(report.unreachable),
+    )
+    if not status.running:
+        return False, {**details, "status": "stopped"}
+    if status.pass_started_at is not None:
+        if now - status.pass_started_at > bound:
+            return False, {**details, "status": "stuck"}
+        return True, {**details, "status": "ok"}
+    last = max(status.last_pass_at or life.since, life.since)
+    if now - last > status.interval + bound:
+        return False, {**details, "status": "stale"}
+    return True, {**details, "status": "ok"}
+
+
+def readiness(
+    life: Lifecycle, status: SweeperStatus | None, now: float
+) -> tuple[bool, dict[str, Any]]:
+    """(ready, details): ready once a first pass is done, while the daemon is alive."""
+    alive, details = liveness(life, status, now)
+    if not alive or life.phase != "running" or status is None:
+        return False, details
+    if status.passes < 1:
+        return False, {**details, "status": "no pass done yet"}
+    return True, {**details, "status": "ready"}
 
 
 def _prometheus() -> Any:
@@ -35,36 +118,15 @@ def _prometheus() -> Any:
     return prometheus_client
 
 
-def health(tm: TransactionManager, started: float) -> tuple[bool, dict[str, Any]]:
-    """(healthy, details) of ``tm``'s sweeper."""
-    status = tm.sweeper.status()
-    now = time.time()
-    last = status.last_pass_at if status.last_pass_at is not None else started
-    age = now - last
-    fresh = age <= 3 * status.interval + STALE_GRACE
-    ok = status.running and fresh
-    report = status.last_report
-    return ok, {
-        "status": "ok" if ok else ("stopped" if not status.running else "stale"),
-        "node": tm.node_id,
-        "passes": status.passes,
-        "failed_passes": status.failed_passes,
-        "seconds_since_last_pass": None if status.last_pass_at is None else round(age, 3),
-        "in_doubt_branches": None if report is None else report.in_doubt,
-        "unreachable": [] if report is None else list(report.unreachable),
-    }
-
-
 class _Server6(ThreadingHTTPServer):
     address_family = socket.AF_INET6
 
 
 class MetricsServer:
-    """Serves ``/metrics`` and ``/healthz`` for one sweeping TransactionManager."""
+    """Serves ``/metrics``, ``/livez`` (``/healthz``) and ``/readyz`` for one daemon."""
 
-    def __init__(self, tm: TransactionManager, address: str, port: int) -> None:
+    def __init__(self, life: Lifecycle, address: str, port: int) -> None:
         prometheus_client = _prometheus()
-        started = time.time()
 
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:
@@ -72,12 +134,15 @@ class MetricsServer:
                 if path == "/metrics":
                     body = prometheus_client.generate_latest(prometheus_client.REGISTRY)
                     self._send(200, prometheus_client.CONTENT_TYPE_LATEST, body)
-                elif path in ("/healthz", "/health"):
-                    ok, details = health(tm, started)
+                elif path in ("/livez", "/healthz", "/health", "/readyz"):
+                    probe = readiness if path == "/readyz" else liveness
+                    ok, details = probe(life, life.status(), time.time())
                     body = (json.dumps(details) + "\n").encode()
                     self._send(200 if ok else 503, "application/json", body)
                 else:
-                    self._send(404, "text/plain; charset=utf-8", b"try /metrics or /healthz\n")
+                    self._send(
+                        404, "text/plain; charset=utf-8", b"try /metrics, /livez or /readyz\n"
+                    )
 
             def _send(self, code: int, content_type: str, body: bytes) -> None:
                 self.send_response(code)

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import logging
 import sys
 import time
 from collections.abc import Sequence
 from typing import Any
 
 import click
+
+from xatm.cli import logs
 
 
 def age(seconds: float | None) -> str:
@@ -50,7 +53,7 @@ def emit_json(data: Any) -> None:
 
 
 def warn(message: str) -> None:
-    click.echo(f"warning: {message}", err=True)
+    logs.notice(message, logging.WARNING, text=f"warning: {message}")
 
 
 class Progress:

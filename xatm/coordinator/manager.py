@@ -40,7 +40,7 @@ from xatm.participants.adapters import make_participant
 from xatm.participants.pool import Pool
 from xatm.participants.postgres.participant import PostgresParticipant
 from xatm.recovery.run import run_pass
-from xatm.recovery.sweeper import DEFAULT_INTERVAL, Sweeper
+from xatm.recovery.sweeper import DEFAULT_INTERVAL, Sweeper, sweeper_settings
 from xatm.sagas.definition import Saga, SagaResult
 from xatm.sagas.runner import SagaRecoveryReport, SagaRunner
 from xatm.sagas.store import SagaRecord
@@ -242,7 +242,7 @@ class TransactionManager:
     def from_settings(cls, settings: Settings) -> TransactionManager:
         """Build a manager from settings read by :func:`xatm.load_config`."""
         a = settings_arguments(settings)
-        return cls(
+        tm = cls(
             a.resources,
             a.log,
             a.node_id,
@@ -254,6 +254,8 @@ class TransactionManager:
             fail_fast=a.fail_fast,
             decision_retention=a.decision_retention,
         )
+        tm.sweeper.log_retention = sweeper_settings(settings.extra).log_retention
+        return tm
 
     @property
     def context(self) -> Context:

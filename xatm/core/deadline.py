@@ -39,6 +39,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from xatm.core.logfields import log_fields
 from xatm.core.urls import DEFAULT_CONNECT_TIMEOUT
 
 logger = logging.getLogger("xatm.deadline")
@@ -416,6 +417,7 @@ def _fire(watch: Watch) -> None:
             watch.owner.name,
             watch.what,
             late,
+            extra=log_fields(resource=watch.owner.name),
         )
     else:
         logger.error(
@@ -424,6 +426,7 @@ def _fire(watch: Watch) -> None:
             watch.what,
             late,
             problem,
+            extra=log_fields(resource=watch.owner.name),
         )
 
 

@@ -69,6 +69,7 @@ from pathlib import Path
 from typing import Any
 
 from xatm.core import events as _events
+from xatm.core.logfields import log_fields
 from xatm.core.records import HEADER, MAX_PAYLOAD, LogRecord, frame_at, next_good_frame, read_frames
 from xatm.core.xid import validate_node_id
 from xatm.errors import LogCorrupt, LogError, LogLocked, XatmError
@@ -934,7 +935,12 @@ class FileLog:
                 self.forced_records += forced
             else:
                 self._broken = failure
-                logger.critical("coordinator log %s failed: %s", self.node_dir, failure)
+                logger.critical(
+                    "coordinator log %s failed: %s",
+                    self.node_dir,
+                    failure,
+                    extra=log_fields(self._node_id),
+                )
             if taken is not None:
                 told = taken.settle()
             if failure is not None:

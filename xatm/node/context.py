@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 from xatm.core import deadline as _deadline
+from xatm.core.logfields import log_fields
 from xatm.core.participant import Connection, Participant
 from xatm.core.urls import redact
 from xatm.core.xid import incarnation_of, new_gtrid, new_incarnation
@@ -125,7 +126,12 @@ class Resources:
                 try:
                     pool.put(pool.get())
                 except Exception as e:  # a background thread: report, never raise
-                    logger.info("no recovery connection to %r yet: %s", name, redact(str(e)))
+                    logger.info(
+                        "no recovery connection to %r yet: %s",
+                        name,
+                        redact(str(e)),
+                        extra=log_fields(resource=name),
+                    )
 
         threading.Thread(target=run, name="xatm-reserve", daemon=True).start()
 
@@ -246,7 +252,11 @@ class Context:
             if gtrid in self._expired_noted:
                 return
             self._expired_noted.add(gtrid)
-        logger.warning("transaction %s is past its timeout: marked aborted by recovery", gtrid)
+        logger.warning(
+            "transaction %s is past its timeout: marked aborted by recovery",
+            gtrid,
+            extra=log_fields(self.node_id, gtrid, resource),
+        )
         self.audit.record(
             gtrid,
             resource,
@@ -272,6 +282,7 @@ class Context:
             gtrid,
             resource,
             incarnation_of(gtrid),
+            extra=log_fields(self.node_id, gtrid, resource),
         )
 
     def phase_two_incomplete(self, gtrid: str, pending: Iterable[str]) -> None:
@@ -280,6 +291,7 @@ class Context:
             "transaction %s committed with branches left for recovery: %s",
             gtrid,
             ", ".join(pending),
+            extra=log_fields(self.node_id, gtrid),
         )
 
     # -- commit markers --------------------------------------------------------------------

@@ -57,6 +57,7 @@ from dataclasses import replace
 from typing import TYPE_CHECKING, Literal
 
 from xatm.core import events as _events
+from xatm.core.logfields import log_fields
 from xatm.core.records import LogRecord
 from xatm.core.urls import redact
 from xatm.log.timelines import Loss, LossStatus, ResourceTimeline, Switch, TimelineStore
@@ -139,6 +140,7 @@ class FailoverWatch:
                 event.old,
                 event.new,
                 next_xid,
+                extra=log_fields(self.node, resource=resource),
             )
             _events.failover_detected(self.node, resource, event.old, event.new)
 
@@ -153,6 +155,7 @@ class FailoverWatch:
                 " failover again, later)",
                 resource,
                 redact(str(e)),
+                extra=log_fields(self.node, resource=resource),
             )
 
     # -- what recovery and inspection ask --------------------------------------------------
@@ -295,6 +298,7 @@ def check(
                         switch.old,
                         switch.new,
                         redact(str(e).strip().splitlines()[0] if str(e).strip() else repr(e)),
+                        extra=log_fields(ctx.node_id, resource=resource),
                     )
                     previous = switch
                     continue
@@ -361,6 +365,7 @@ def _report(
             resource,
             where,
             loss.detail,
+            extra=log_fields(ctx.node_id, loss.gtrid, resource),
         )
         record_action("heuristic", loss.gtrid, resource, f"lost in {where}", loss.detail)
     for loss in unknown:
@@ -371,6 +376,7 @@ def _report(
             resource,
             where,
             loss.detail,
+            extra=log_fields(ctx.node_id, loss.gtrid, resource),
         )
         record_action("possibly-lost", loss.gtrid, resource, f"after {where}", loss.detail)
     since = switch.window_start or 0.0
@@ -384,6 +390,7 @@ def _report(
         time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(since)) if since else "the log's start",
         len(lost),
         len(unknown),
+        extra=log_fields(ctx.node_id, resource=resource),
     )
     _events.failover_checked(ctx.node_id, resource, switch.checked, len(lost), len(unknown))
 

@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from xatm.core import deadline as _deadline
+from xatm.core.logfields import log_fields
 from xatm.core.participant import Connection, Participant
 from xatm.core.urls import describe_error, redact
 from xatm.errors import ConfigurationError, IdentityNotHeld, ResourceError
@@ -55,6 +56,10 @@ LEASE = 5.0
 #: ``held``: the lock is ours (lease valid or lapsed: see :meth:`IdentityLocks.status`);
 #: ``taken``: another session holds it; ``unreached``: it could not be asked; ``closed``
 LockState = Literal["held", "taken", "unreached", "closed"]
+
+
+class NodeInUse(ConfigurationError):
+    """Another live process holds this node_id's identity lock on a resource (at start)."""
 
 
 @dataclass(eq=False)
@@ -127,7 +132,7 @@ class IdentityLocks:
         if refused:
             self.close()
             name = refused[0]
-            raise ConfigurationError(
+            raise NodeInUse(
                 f"node_id {self.node_id!r} is already in use on resource {name!r}: another"
                 " live process holds its identity lock there (a second process with the same"
                 " node_id, or another application on the same database server using it)."
@@ -147,7 +152,11 @@ class IdentityLocks:
                 continue
             if state == "unreached":
                 logger.warning(
-                    "identity lock of node %r on %r not taken yet: %s", self.node_id, name, lock.why
+                    "identity lock of node %r on %r not taken yet: %s",
+                    self.node_id,
+                    name,
+                    lock.why,
+                    extra=log_fields(self.node_id, resource=name),
                 )
             return state != "taken"
 
@@ -200,6 +209,7 @@ class IdentityLocks:
                 "node_id %r: the session holding its identity lock on %r was lost; taking it again",
                 self.node_id,
                 name,
+                extra=log_fields(self.node_id, resource=name),
             )
         self._take(lock, name, report)
 
@@ -231,7 +241,12 @@ class IdentityLocks:
                 was = lock.state
                 lock.state, lock.why = "held", ""
             if was == "taken":
-                logger.warning("node_id %r: identity lock on %r taken back", self.node_id, name)
+                logger.warning(
+                    "node_id %r: identity lock on %r taken back",
+                    self.node_id,
+                    name,
+                    extra=log_fields(self.node_id, resource=name),
+                )
             return
         participant.close(conn)
         mine = self._holding(place, holder)
@@ -255,6 +270,7 @@ class IdentityLocks:
                 " decide there until it is its own again",
                 self.node_id,
                 name,
+                extra=log_fields(self.node_id, resource=name),
             )
 
     def _holding(self, place: str, session: int | None) -> _Lock | None:

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from xatm.core.decide import Action as Act
 from xatm.core.decide import Verdict, judge_request
+from xatm.core.logfields import log_fields
 from xatm.core.participant import PhaseTwo
 from xatm.core.records import LogRecord
 from xatm.core.report import RecoveryAction, RecoveryReport
@@ -203,7 +204,13 @@ class _Resolve:
     def record_overrides(self) -> None:
         for why in self.overrides:
             self.audit("", "override", why, f"forced {self.outcome}")
-            logger.warning("manual %s of %s forced although %s", self.outcome, self.gtrid, why)
+            logger.warning(
+                "manual %s of %s forced although %s",
+                self.outcome,
+                self.gtrid,
+                why,
+                extra=log_fields(self.ctx.node_id, self.gtrid),
+            )
         self.overrides = []
 
     def run(self) -> Resolution:
@@ -413,6 +420,7 @@ class _Resolve:
                 " decided",
                 resource,
                 self.gtrid,
+                extra=log_fields(self.ctx.node_id, self.gtrid, resource),
             )
             self.audit(resource, "heuristic", "decision is COMMIT", "rolled back by hand (xatm)")
             self.actions.append(

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Literal, Protocol
 
 from xatm.core.decide import Logged
+from xatm.core.logfields import log_fields
 from xatm.core.records import LogRecord
 from xatm.core.urls import redact
 from xatm.core.xid import parse_gtrid
@@ -148,7 +149,7 @@ class FileFleet(_Retained):
                     out.add(node)
             except LogCorrupt as e:
                 if not self._dry_run:  # a dry run (a plan, or manual resolution) only looks
-                    logger.error("recovery: %s", e)
+                    logger.error("recovery: %s", e, extra=log_fields(self._ctx.node_id))
                 out.add(node)  # examined (and left alone) by open
         return out
 

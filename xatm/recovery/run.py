@@ -89,6 +89,7 @@ from xatm.core.decide import (
     past_timeout,
     tenure,
 )
+from xatm.core.logfields import log_fields
 from xatm.core.participant import Connection, PreparedBranch
 from xatm.core.records import LogRecord
 from xatm.core.report import Action, RecoveryAction, RecoveryReport
@@ -254,7 +255,12 @@ class _Pass:
 
     def _unreachable(self, name: str, why: str) -> None:
         self.problems.setdefault(name, why)
-        logger.warning("recovery: skipping resource %r: %s", name, why)
+        logger.warning(
+            "recovery: skipping resource %r: %s",
+            name,
+            why,
+            extra=log_fields(self.own_node, resource=name),
+        )
 
     def dead_peers_with_decisions(self) -> set[str]:
         """Peers whose coordinator is dead and whose log still holds a pending decision."""
@@ -289,7 +295,12 @@ class _Pass:
             if participant.is_connection_error(e):
                 self._unreachable(name, f"lost during the pass: {_describe(e)}")
             else:
-                logger.error("recovery: resource %r failed: %s", name, _describe(e))
+                logger.error(
+                    "recovery: resource %r failed: %s",
+                    name,
+                    _describe(e),
+                    extra=log_fields(self.own_node, resource=name),
+                )
                 self.problems.setdefault(name, _describe(e))
             return
         self.scanned.add(name)
@@ -471,7 +482,14 @@ class _Pass:
             if participant.is_connection_error(e):
                 raise
             self.remaining.setdefault(gtrid, set()).add(resource)
-            logger.error("recovery: %s of %s on %r failed: %s", action, gtrid, resource, e)
+            logger.error(
+                "recovery: %s of %s on %r failed: %s",
+                action,
+                gtrid,
+                resource,
+                e,
+                extra=log_fields(self.own_node, gtrid, resource),
+            )
             record("error", reason, f"failed: {_describe(e)}")
             return
         if settled is Settled.HELD:
@@ -497,7 +515,13 @@ class _Pass:
         if commit:
             self.committed_here.add((gtrid, resource))
         logger.info(
-            "recovery: %s %s branch %s on %r (%s)", action, gtrid, xid.bqual, resource, reason
+            "recovery: %s %s branch %s on %r (%s)",
+            action,
+            gtrid,
+            xid.bqual,
+            resource,
+            reason,
+            extra=log_fields(self.own_node, gtrid, resource),
         )
         record(action, reason, "done")
 
@@ -545,7 +569,12 @@ class _Pass:
                 with self.ctx.resources.borrow(resource, recovery=True) as (participant, conn):
                     _marker_recovery.delete_row(participant, conn, gtrid)
             except Exception as e:
-                logger.warning("recovery: cannot delete the decision row of %s: %s", gtrid, e)
+                logger.warning(
+                    "recovery: cannot delete the decision row of %s: %s",
+                    gtrid,
+                    e,
+                    extra=log_fields(self.own_node, gtrid, resource),
+                )
                 continue
             reason = "every branch is finished: decision row deleted"
             if took_part:
@@ -597,6 +626,7 @@ class _Pass:
                     gtrid,
                     resource,
                     text,
+                    extra=log_fields(self.own_node, gtrid, resource),
                 )
                 self._record(gtrid, resource, resource, "heuristic", "decision is COMMIT", text)
             else:  # not an action taken: reported, not audited

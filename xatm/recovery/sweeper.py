@@ -13,12 +13,18 @@ peer sharing the log directory, or by a phase 2 that could not finish.
 * Passes never overlap with each other or with ``tm.recover()`` (they share one lock), and
   are safe next to live coordinators by the rules of ``xatm.recovery.run``.
 * :meth:`Sweeper.stop` (called by ``tm.close()``) ends the thread after the pass in flight.
+* :meth:`Sweeper.status` tells when the pass in flight began (``xatm sweep``'s liveness
+  endpoint notices a pass that takes too long).
+* With a file log, every :data:`~xatm.recovery.retention.RETIRE_EVERY` seconds after a pass it
+  removes the settled logs of nodes dead for ``log_retention`` seconds
+  (``xatm.recovery.retention``).
 
 The ``[sweeper]`` table of a config file::
 
     [sweeper]
-    enabled = true      # default
-    interval = 10.0     # seconds between passes (default 10)
+    enabled = true          # default
+    interval = 10.0         # seconds between passes (default 10)
+    log_retention = 604800  # seconds a dead node's settled log is kept (7 days; 0: for ever)
 """
 
 from __future__ import annotations
@@ -30,8 +36,11 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from xatm.core.deadline import step_bound
+from xatm.core.logfields import log_fields
 from xatm.core.report import RecoveryReport
 from xatm.errors import ConfigurationError
+from xatm.recovery.retention import DEFAULT_LOG_RETENTION, RETIRE_EVERY, Retirement, retire_logs
 from xatm.recovery.run import run_pass
 
 if TYPE_CHECKING:
@@ -55,6 +64,7 @@ class SweeperSettings:
 
     enabled: bool = True
     interval: float = DEFAULT_INTERVAL
+    log_retention: float = DEFAULT_LOG_RETENTION
 
 
 def sweeper_settings(extra: Mapping[str, Any]) -> SweeperSettings:
@@ -62,14 +72,19 @@ def sweeper_settings(extra: Mapping[str, Any]) -> SweeperSettings:
     table = extra.get("sweeper", {})
     if not isinstance(table, Mapping):
         raise ConfigurationError("[sweeper] must be a table (enabled = ..., interval = ...)")
-    unknown = set(table) - {"enabled", "interval"}
+    unknown = set(table) - {"enabled", "interval", "log_retention"}
     if unknown:
         raise ConfigurationError(f"unknown setting(s) in [sweeper]: {', '.join(sorted(unknown))}")
     enabled = table.get("enabled", True)
     if not isinstance(enabled, bool):
         raise ConfigurationError(f"[sweeper] enabled must be true or false, got {enabled!r}")
     interval = validate_interval(table.get("interval", DEFAULT_INTERVAL), "[sweeper] interval")
-    return SweeperSettings(enabled, interval)
+    retention = table.get("log_retention", DEFAULT_LOG_RETENTION)
+    if isinstance(retention, bool) or not isinstance(retention, int | float) or retention < 0:
+        raise ConfigurationError(
+            f"[sweeper] log_retention must be a number of seconds >= 0, got {retention!r}"
+        )
+    return SweeperSettings(enabled, interval, float(retention))
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,6 +108,7 @@ class SweeperStatus:
     last_pass_at: float | None  # seconds since the epoch
     last_report: RecoveryReport | None
     backoff: tuple[ResourceBackoff, ...]
+    pass_started_at: float | None = None  # seconds since the epoch: the pass in flight
 
 
 class _Backoff:
@@ -130,6 +146,15 @@ class Sweeper:
         self._last_at: float | None = None
         self._last: RecoveryReport | None = None
         self._failing = False
+        self._pass_started: float | None = None
+        #: seconds after which a pass still in flight counts as stuck (``xatm sweep``'s
+        #: liveness): two bounded steps on a silent server (``xatm.core.deadline``)
+        self.stuck_after = 2 * step_bound(ctx.timeout)
+        #: seconds a dead node's settled file log is kept (0: for ever); see xatm.recovery.retention
+        self.log_retention = DEFAULT_LOG_RETENTION
+        #: seconds between two looks at the log directory for logs to retire
+        self.retire_every = RETIRE_EVERY
+        self._retired_at = float("-inf")  # monotonic time of the last look
 
     # -- control ---------------------------------------------------------------------------
     def start(self) -> None:
@@ -153,7 +178,11 @@ class Sweeper:
         if thread is not None and thread is not threading.current_thread():
             thread.join(timeout)
             if thread.is_alive():
-                logger.warning("the sweeper thread did not stop within %s s", timeout)
+                logger.warning(
+                    "the sweeper thread did not stop within %s s",
+                    timeout,
+                    extra=log_fields(self._ctx.node_id),
+                )
 
     def wake(self) -> None:
         """Run the next pass now instead of at the end of the interval."""
@@ -180,6 +209,7 @@ class Sweeper:
                 last_pass_at=self._last_at,
                 last_report=self._last,
                 backoff=backoff,
+                pass_started_at=self._pass_started,
             )
 
     # -- passes ----------------------------------------------------------------------------
@@ -192,9 +222,15 @@ class Sweeper:
                 for name in self._ctx.resources.names
                 if self._backoff.setdefault(name, _Backoff()).next_try <= now
             ]
-        report = run_pass(self._ctx, resources=lambda: due, actor=self.actor)
-        if self._after_pass is not None:
-            self._after_pass(self.actor)  # sagas, after 2PC: their in-doubt steps are settled
+        with self._lock:
+            self._pass_started = time.time()
+        try:
+            report = run_pass(self._ctx, resources=lambda: due, actor=self.actor)
+            if self._after_pass is not None:
+                self._after_pass(self.actor)  # sagas, after 2PC: their in-doubt steps settled
+        finally:
+            with self._lock:
+                self._pass_started = None
         problems = dict(report.problems)
         with self._lock:
             for name in due:
@@ -209,12 +245,14 @@ class Sweeper:
                         name,
                         b.error,
                         delay,
+                        extra=log_fields(self._ctx.node_id, resource=name),
                     )
                 elif b.failures:
                     logger.info(
                         "sweeper: resource %r is reachable again after %d failed attempt(s)",
                         name,
                         b.failures,
+                        extra=log_fields(self._ctx.node_id, resource=name),
                     )
                     b.failures, b.next_try, b.error = 0, 0.0, ""
             self._passes += 1
@@ -229,8 +267,49 @@ class Sweeper:
                 report.in_doubt,
                 report.heuristics,
                 report.ended,
+                extra=log_fields(self._ctx.node_id),
             )
+        if time.monotonic() - self._retired_at >= self.retire_every:
+            self._retired_at = time.monotonic()
+            try:
+                self.retire_logs()
+            except Exception as e:  # never fails the pass: tried again later
+                logger.warning(
+                    "sweeper: retiring old logs failed: %s", e, extra=log_fields(self._ctx.node_id)
+                )
         return report
+
+    def retire_logs(self, *, dry_run: bool = False, now: float | None = None) -> list[Retirement]:
+        """Remove the settled file logs of nodes dead for :attr:`log_retention` seconds (at
+        least the decision retention); see ``xatm.recovery.retention``."""
+        ctx = self._ctx
+        if ctx.log_directory is None or self.log_retention <= 0:
+            return []
+        return retire_logs(
+            ctx.log_directory,
+            max(self.log_retention, ctx.retain),
+            own_node=ctx.node_id,
+            prepared_nodes=self._prepared_nodes,
+            audit=lambda reason, outcome: ctx.audit.record(
+                "", "", "", "retire", reason, outcome, self.actor
+            ),
+            dry_run=dry_run,
+            now=now,
+        )
+
+    def _prepared_nodes(self) -> set[str] | None:
+        """The nodes with a branch prepared on some resource; None if one cannot be asked."""
+        nodes: set[str] = set()
+        for name in self._ctx.resources.names:
+            try:
+                with self._ctx.resources.borrow(
+                    name, recovery=True, what="a listing of prepared branches"
+                ) as (participant, conn):
+                    branches = participant.recover(conn)
+            except Exception:
+                return None
+            nodes |= {b.xid.node_id for b in branches if b.xid is not None and b.xid.is_xatm}
+        return nodes
 
     def _loop(self) -> None:
         while True:
@@ -241,11 +320,16 @@ class Sweeper:
             try:
                 self.run_once()
                 if self._failing:
-                    logger.info("sweeper: passes succeed again")
+                    logger.info(
+                        "sweeper: passes succeed again", extra=log_fields(self._ctx.node_id)
+                    )
                 self._failing = False
             except Exception:
                 with self._lock:
                     self._failed += 1
                 if not self._failing:  # the traceback once per failure streak
-                    logger.exception("sweeper: the pass failed; the next one retries")
+                    logger.exception(
+                        "sweeper: the pass failed; the next one retries",
+                        extra=log_fields(self._ctx.node_id),
+                    )
                 self._failing = True

@@ -33,6 +33,7 @@ import logging
 import random
 from dataclasses import dataclass
 
+from xatm.core.logfields import log_fields
 from xatm.errors import (
     ConfigurationError,
     ResourceUnavailable,
@@ -113,5 +114,6 @@ class RetryPolicy:
             type(error).__name__,
             text,
             wait,
+            extra=log_fields(gtrid=gtrid),
         )
         return wait

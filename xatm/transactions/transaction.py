@@ -39,6 +39,7 @@ from xatm.core import deadline as _deadline
 from xatm.core import events as _events
 from xatm.core import failpoint as _failpoint
 from xatm.core.dbapi import C, DBConnection, DBCursor, Params, as_kind
+from xatm.core.logfields import log_fields
 from xatm.core.parallel import Outcome, overlapped
 from xatm.core.participant import BranchVotedNo, Connection, Participant, PhaseTwo, Prepared, Vote
 from xatm.core.steps import (
@@ -301,7 +302,11 @@ class TransactionCore:
             try:
                 callback()
             except Exception:  # the outcome is settled: a callback's failure only gets logged
-                logger.exception("an end-of-transaction callback of %s failed", self.gtrid)
+                logger.exception(
+                    "an end-of-transaction callback of %s failed",
+                    self.gtrid,
+                    extra=log_fields(self._ctx.node_id, self.gtrid),
+                )
 
     def _commit_steps(self) -> Steps[None]:
         """The end of the block: commit every branch or none (docs/protocol.md)."""
@@ -545,6 +550,7 @@ class TransactionCore:
                     branch.xid.bqual,
                     self.gtrid,
                     branch.resource,
+                    extra=log_fields(self._ctx.node_id, self.gtrid, branch.resource),
                 )
             else:
                 branch.state = BranchState.UNKNOWN
@@ -558,6 +564,7 @@ class TransactionCore:
                     "no answer in time: its connection was cut"
                     if branch.cut
                     else _text(outcome.error),
+                    extra=log_fields(self._ctx.node_id, self.gtrid, branch.resource),
                 )
         self.state = TransactionState.COMMITTED
         if not logged:
@@ -576,7 +583,12 @@ class TransactionCore:
                 return
             e = (yield LogEnd(self.gtrid)).error
             if isinstance(e, LogError):
-                logger.warning("could not record the end of %s: %s", self.gtrid, e)
+                logger.warning(
+                    "could not record the end of %s: %s",
+                    self.gtrid,
+                    e,
+                    extra=log_fields(self._ctx.node_id, self.gtrid),
+                )
             elif e is not None:
                 raise e
         else:
@@ -621,6 +633,7 @@ class TransactionCore:
                     self.gtrid,
                     branch.resource,
                     e,
+                    extra=log_fields(self._ctx.node_id, self.gtrid, branch.resource),
                 )
             else:
                 branch.state = BranchState.ROLLED_BACK
