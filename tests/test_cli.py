@@ -8,7 +8,7 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -16,16 +16,14 @@ from click.testing import CliRunner, Result
 
 from cli.main import main
 from tests.recovery_support import crash, prepared_gtrids, wait_for, write_config
-from tests.support import Bank
+from tests.support import Bank, MakeTM
 from xatm import TransactionManager
 from xatm._filelog import read_log
 from xatm.admin import Xid
 from xatm.testing.servers import free_port
 
-ROOT = Path(__file__).resolve().parent.parent
 XATM = Path(sys.executable).parent / "xatm"  # the console script of the running venv
 SECRET = "xatm-secret"
-MakeTM = Callable[..., TransactionManager]
 
 
 @pytest.fixture(autouse=True)

@@ -21,6 +21,7 @@ from tests.support import (
     MYSQL_DRIVER,
     Bank,
     CommitsBlocked,
+    MakeTM,
     connect,
     mysql_connection_id,
     mysql_errno,
@@ -39,8 +40,6 @@ from xatm._mysql import MySQLParticipant
 from xatm._participant import PhaseTwo
 from xatm._xid import branch_xid, new_gtrid
 from xatm.admin import parse_url
-
-MakeTM = Callable[..., TransactionManager]
 
 #: XATM_TEST_MYSQL_DRIVER -> (connection class name, does doctor say "C extension active")
 EXPECTED_CLASS = {
@@ -195,7 +194,7 @@ def test_recovery_with_the_marker_on_mariadb_after_an_earlier_fence(
 ) -> None:
     """A coordinator with commit_markers=["maria"] dies after prepare; an earlier recovery
     pass fenced the gtrid but could not finish. The next pass must still roll back."""
-    from tests.test_crash_matrix import run_worker
+    from tests.crash_support import run_worker
 
     cfg = {
         "urls": bank.urls,

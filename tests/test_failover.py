@@ -21,7 +21,7 @@ import pytest
 from click.testing import CliRunner
 
 from cli.main import main
-from tests.support import Bank, connect, run
+from tests.support import Bank, MakeTM, connect, run
 from xatm import TransactionManager
 from xatm._failover import FailoverWatch, after_failover, classify, covered, switched_since
 from xatm._postgres import promotion_bound, server_state
@@ -29,8 +29,6 @@ from xatm._timelines import FileTimelines, Loss, ResourceTimeline, Switch
 from xatm._xid import parse_gtrid
 from xatm.testing.replica import PostgresPair, start_pair
 from xatm.testing.servers import make_basedir
-
-MakeTM = Callable[..., TransactionManager]
 
 # ----------------------------------------------------------------------------- no servers
 

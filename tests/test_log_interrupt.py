@@ -20,12 +20,11 @@ import pytest
 
 import xatm._filelog as filelog
 from tests.recovery_support import wait_for
-from tests.support import Bank, Servers
-from xatm import RecoveryReport, TransactionManager
+from tests.support import Bank, MakeTM, Servers
+from xatm import RecoveryReport
 from xatm._filelog import FileLog, read_log
 from xatm.aio import AsyncTransaction, AsyncTransactionManager
 
-MakeTM = Callable[..., TransactionManager]
 NODE = "intr"
 
 

@@ -6,13 +6,12 @@ from __future__ import annotations
 
 import asyncio
 import gc
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from tests.recovery_support import wait_for
-from tests.support import Bank, Servers, connect, run
+from tests.support import Bank, MakeTM, Servers, connect, run
 from xatm import (
     ConfigurationError,
     TransactionManager,
@@ -22,7 +21,6 @@ from xatm import (
 from xatm._sweeper import Sweeper
 from xatm.aio import AsyncTransactionManager
 
-MakeTM = Callable[..., TransactionManager]
 INNODB_TRX = "SELECT count(*) FROM information_schema.innodb_trx"
 
 

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.conftest import Servers
+from tests.support import Servers
 from xatm import LogLocked
 from xatm._log import DecisionNotLogged
 from xatm._pglog import DecisionFenced, PostgresLog

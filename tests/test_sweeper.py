@@ -12,14 +12,11 @@ import pytest
 
 import xatm._failpoint
 import xatm._sweeper
-from tests.conftest import Servers
 from tests.recovery_support import crash, prepared_gtrids, wait_for
-from tests.support import Bank, prepare_foreign, resolve_foreign, run
+from tests.support import Bank, MakeTM, Servers, prepare_foreign, resolve_foreign, run
 from xatm import ConfigurationError, TransactionManager, TransactionTimeout, load_config
 from xatm._filelog import read_log
 from xatm.admin import Inspector, Xid
-
-MakeTM = Callable[..., TransactionManager]
 
 
 def nothing_prepared(bank: Bank) -> bool:
