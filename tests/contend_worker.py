@@ -1,5 +1,5 @@
-"""A coordinator that keeps many threads waiting on one row: ``python -m tests.contend_worker
-CONFIG``.
+"""A coordinator that keeps many threads waiting on one row:
+``python -m tests.contend_worker CONFIG``.
 
 Every thread runs, until the process is killed, transactions that update row ``account`` on
 each resource of CONFIG's ``urls`` (in name order). When an in-doubt branch holds that row,

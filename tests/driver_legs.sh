@@ -25,9 +25,15 @@ export XATM_CHAOS_SECONDS=${DRIVER_CHAOS_SECONDS:-10}
 export XATM_FREEZE_SECONDS=${DRIVER_FREEZE_SECONDS:-14}
 export XATM_FREEZE_TIMEOUT=${DRIVER_FREEZE_TIMEOUT:-1}
 TESTS=(
-    tests/test_drivers.py tests/test_core.py tests/test_marker.py tests/test_sqlalchemy.py
-    tests/test_phase2_faults.py tests/test_inspect.py tests/test_crash_matrix.py
-    tests/test_chaos.py tests/test_silent_servers.py
+    tests/test_drivers.py
+    tests/test_core.py
+    tests/test_marker.py
+    tests/test_sqlalchemy.py
+    tests/test_phase2_faults.py
+    tests/test_inspect.py
+    tests/test_crash_matrix.py
+    tests/test_chaos.py
+    tests/test_silent_servers.py
 )
 # the chaos test in its strict mode only (short), not the omission-fault modes; the crash
 # matrix with two branches (every failpoint, mode and recoverer: the three-branch cases add

@@ -12,10 +12,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tests.support import Bank, run
+from tests.support import ROOT, Bank, add_query, run
 from xatm.admin import parse_url
 
-ROOT = Path(__file__).resolve().parent.parent
 XATM = ROOT / ".venv" / "bin" / "xatm"
 
 
@@ -99,6 +98,17 @@ class LingeringProxy:
         self.release()
         with contextlib.suppress(OSError):
             self.listener.close()
+
+
+def lock_timeouts(urls: dict[str, str]) -> dict[str, str]:
+    """The same URLs with short lock waits, so orphaned locks cost errors, not hangs."""
+    out = {}
+    for name, url in urls.items():
+        if url.startswith("postgresql"):
+            out[name] = add_query(url, "options=-c%20lock_timeout%3D2000")
+        else:
+            out[name] = add_query(url, "init_command=SET%20innodb_lock_wait_timeout%3D2")
+    return out
 
 
 def maria_sessions(bank: Bank, ports: set[int] | None = None) -> set[int]:

@@ -10,9 +10,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from tests.support import Bank
-
-ROOT = Path(__file__).resolve().parent.parent
+from tests.support import ROOT, Bank
 
 _CHILD = """
 import json, sys

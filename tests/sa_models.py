@@ -1,10 +1,13 @@
-"""ORM models for the SQLAlchemy tests (shared with the crash worker, tests.sa_worker)."""
+"""ORM models for the SQLAlchemy tests (shared with the crash worker, tests.sa_worker), and
+the engines and models of one test (``Orm``)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import Integer, String
+from sqlalchemy import Integer, String, select
+from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 
@@ -42,3 +45,31 @@ def make_models(suffix: str) -> tuple[Any, Any, Any]:
         balance: Mapped[int]
 
     return Base, Ledger, Wallet
+
+
+@dataclass
+class Orm:
+    """Engines on pg1 and maria, the models, and counters of the engines' pool events."""
+
+    pg: Engine
+    my: Engine
+    base: Any
+    ledger: Any
+    wallet: Any
+    suffix: str
+    events: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def resources(self) -> dict[str, Engine]:
+        return {"ledger": self.pg, "wallet": self.my}
+
+    @property
+    def binds(self) -> dict[Any, str]:
+        return {self.ledger: "ledger", self.wallet: "wallet"}
+
+    def rows(self, model: Any) -> dict[int, tuple[str, int]]:
+        """The committed rows of ``model``'s table, read outside xatm."""
+        engine = self.pg if model is self.ledger else self.my
+        with engine.connect() as conn:
+            result = conn.execute(select(model.id, model.owner, model.balance))
+            return {int(i): (str(o), int(b)) for i, o, b in result}

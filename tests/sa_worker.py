@@ -1,4 +1,5 @@
-"""An ORM coordinator process for the SQLAlchemy crash tests: ``python -m tests.sa_worker CONFIG``.
+"""An ORM coordinator process for the SQLAlchemy crash tests:
+``python -m tests.sa_worker CONFIG``.
 
 It moves ``amount`` from the ledger row (a PostgreSQL engine) to the wallet row (a MariaDB
 engine) through one ``tx.session()``, then exits 0 — or dies at the failpoint named by

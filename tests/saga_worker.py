@@ -1,4 +1,5 @@
-"""A saga process for the saga crash and chaos tests: ``python -m tests.saga_worker MODE CONFIG``.
+"""A saga process for the saga crash and chaos tests:
+``python -m tests.saga_worker MODE CONFIG``.
 
 MODE ``one``: run one saga (``saga``, ``data``, ``key`` from CONFIG), print its result as
 JSON, exit 0 (or die at the failpoint named by XATM_FAILPOINT). MODE ``chaos``: run

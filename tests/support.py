@@ -7,13 +7,20 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import mysql.connector
 import psycopg
 
+from xatm import TransactionManager
 from xatm.admin import FORMAT_ID, Xid, parse_url
 from xatm.testing.servers import ServerSet
+
+#: the repository's root (the working directory and PYTHONPATH of the worker processes)
+ROOT = Path(__file__).resolve().parent.parent
+#: the ``make_tm`` fixture: builds TransactionManagers on the test servers
+MakeTM = Callable[..., TransactionManager]
 
 #: the MySQL driver xatm uses in this test run (``XATM_TEST_MYSQL_DRIVER``): "" is the
 #: default (mysql-connector, whichever connection class loads); the others pin one

@@ -15,8 +15,8 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-from tests.recovery_support import ROOT, wait_for
-from tests.support import Bank, Servers, run
+from tests.recovery_support import wait_for
+from tests.support import ROOT, Bank, Servers, run
 from xatm import TransactionManager
 from xatm.aio import AsyncTransaction, AsyncTransactionManager
 

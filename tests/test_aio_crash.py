@@ -1,50 +1,25 @@
 """The asyncio API's crash matrix: an asyncio coordinator SIGKILLed at every protocol step,
 then recovery (the threaded manager's, or the asyncio manager's) settles it, all or nothing.
 
-The checks are the threaded matrix's (``tests.test_crash_matrix.crash_and_recover``), with
+The checks are the threaded matrix's (``tests.crash_support.crash_and_recover``), with
 the worker process running ``tests.aio_worker`` instead of ``tests.worker``.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import signal
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests import test_crash_matrix
-from tests.support import Bank
-from tests.test_crash_matrix import ROOT, MakeTM, crash_and_recover, foreign  # noqa: F401
+from tests.crash_support import COMMITTED_AFTER, crash_and_recover, run_worker
+from tests.support import Bank, MakeTM
 from xatm.admin import FAILPOINTS
 from xatm.aio import AsyncTransactionManager
 
-
-def run_aio_worker(
-    mode: str, cfg: dict[str, object], tmp_path: Path, failpoint: str | None
-) -> subprocess.CompletedProcess[str]:
-    path = tmp_path / f"{mode}-{cfg['node_id']}.json"
-    path.write_text(json.dumps(cfg))
-    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)}
-    if failpoint:
-        env["XATM_FAILPOINT"] = failpoint
-    return subprocess.run(
-        [sys.executable, "-m", "tests.aio_worker", mode, str(path)],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-
-
-@pytest.fixture
-def aio_worker(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(test_crash_matrix, "run_worker", run_aio_worker)
+AIO_WORKER = "tests.aio_worker"
 
 
 @pytest.mark.parametrize("mode", ["strict", "marker"])
@@ -52,7 +27,7 @@ def aio_worker(monkeypatch: pytest.MonkeyPatch) -> None:
     "resources", [("pg1", "maria"), ("pg1", "pg2", "maria")], ids=["2-branches", "3-branches"]
 )
 @pytest.mark.parametrize("failpoint", FAILPOINTS)
-@pytest.mark.usefixtures("foreign", "aio_worker")
+@pytest.mark.usefixtures("foreign")
 def test_async_crash_at_failpoint_then_recover(
     failpoint: str,
     resources: tuple[str, ...],
@@ -62,7 +37,9 @@ def test_async_crash_at_failpoint_then_recover(
     tmp_path: Path,
 ) -> None:
     markers = ["pg1"] if mode == "marker" else []
-    crash_and_recover(failpoint, resources, "restarted", markers, bank, make_tm, tmp_path)
+    crash_and_recover(
+        failpoint, resources, "restarted", markers, bank, make_tm, tmp_path, AIO_WORKER
+    )
 
 
 @pytest.mark.parametrize("failpoint", FAILPOINTS)
@@ -79,7 +56,7 @@ def test_async_crash_then_async_recovery(
         "resources": list(resources),
         "tid": f"crash-{failpoint}",
     }
-    proc = run_aio_worker("transfer", cfg, tmp_path, failpoint)
+    proc = run_worker("transfer", cfg, tmp_path, failpoint, AIO_WORKER)
     assert proc.returncode == -signal.SIGKILL, proc.stderr
     bank.wait_for_dead_sessions()
 
@@ -93,7 +70,7 @@ def test_async_crash_then_async_recovery(
     committed, rolled_back, in_doubt = asyncio.run(recover())
     assert in_doubt == 0
     present = {r for r in resources if cfg["tid"] in bank.journal_ids()[r]}
-    if failpoint in test_crash_matrix.COMMITTED_AFTER:
+    if failpoint in COMMITTED_AFTER:
         assert present == set(resources) and rolled_back == 0
     else:
         assert present == set() and committed == 0

@@ -24,13 +24,12 @@ from typing import Any
 import psycopg
 import pytest
 
-from tests.support import Servers
+from tests.support import ROOT, Servers
 from xatm import TransactionManager
 from xatm.core.urls import pg_settings_in
 from xatm.recovery.run import run_pass
 from xatm.testing import servers as devservers
 
-ROOT = Path(__file__).resolve().parent.parent
 MAX_CONNECTIONS = 20  # superuser_reserved_connections (3) of them are not for role xatm
 TABLE, JOURNAL = "acc", "acc_j"
 

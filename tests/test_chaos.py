@@ -33,41 +33,40 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.conftest import Servers
-from tests.field_support import XATM, marker_config, roll_back_leftovers, transfer_books
+from tests.field_support import (
+    XATM,
+    lock_timeouts,
+    marker_config,
+    roll_back_leftovers,
+    transfer_books,
+)
 from tests.omission_support import BlackholeProxy, frozen, settle
-from tests.support import Bank, add_query, prepare_foreign, resolve_foreign, run
+from tests.support import (
+    ROOT,
+    Bank,
+    MakeTM,
+    Servers,
+    prepare_foreign,
+    resolve_foreign,
+    run,
+)
 from xatm import TransactionManager
 from xatm.admin import FAILPOINTS
 from xatm.core.deadline import GRACE
 
-ROOT = Path(__file__).resolve().parent.parent
 SECONDS = float(os.environ.get("XATM_CHAOS_SECONDS", "30"))
 WORKERS = 3
 THREADS = 3
 ACCOUNTS = 6
 
-MakeTM = Callable[..., TransactionManager]
 MARKERS = {"marker": ["pg1"], "marker-maria": ["maria"], "operator-marker": ["pg1"]}
 #: seconds a twin may take to be refused (start-up and connecting, on a loaded machine)
 TWIN_REFUSAL_WAIT = 30.0
-
-
-def lock_timeouts(urls: dict[str, str]) -> dict[str, str]:
-    """The same URLs with short lock waits, so orphaned locks cost errors, not hangs."""
-    out = {}
-    for name, url in urls.items():
-        if url.startswith("postgresql"):
-            out[name] = add_query(url, "options=-c%20lock_timeout%3D2000")
-        else:
-            out[name] = add_query(url, "init_command=SET%20innodb_lock_wait_timeout%3D2")
-    return out
 
 
 def operator(

@@ -25,13 +25,10 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import Servers
-from tests.field_support import roll_back_leftovers, transfer_books
-from tests.support import Bank, run
-from tests.test_chaos import lock_timeouts
+from tests.field_support import lock_timeouts, roll_back_leftovers, transfer_books
+from tests.support import ROOT, Bank, Servers, run
 from xatm import TransactionManager
 
-ROOT = Path(__file__).resolve().parent.parent
 SECONDS = min(float(os.environ.get("XATM_CHAOS_SECONDS", "30")), 20.0)
 ACCOUNTS = 6
 NODE = "lease-x"

@@ -8,24 +8,22 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner, Result
 
 from tests.recovery_support import crash, prepared_gtrids, wait_for, write_config
-from tests.support import Bank
+from tests.support import Bank, MakeTM
 from xatm import TransactionManager
 from xatm.admin import Xid
 from xatm.cli.main import main
 from xatm.log.file import read_log
 from xatm.testing.servers import free_port
 
-ROOT = Path(__file__).resolve().parent.parent
 XATM = Path(sys.executable).parent / "xatm"  # the console script of the running venv
 SECRET = "xatm-secret"
-MakeTM = Callable[..., TransactionManager]
 
 
 @pytest.fixture(autouse=True)

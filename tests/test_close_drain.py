@@ -10,16 +10,13 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from tests.support import Bank, Servers
-from xatm import TransactionError, TransactionManager, TransactionRolledBack, XatmError
+from tests.support import Bank, MakeTM, Servers
+from xatm import TransactionError, TransactionRolledBack, XatmError
 from xatm.aio import AsyncTransactionManager
-
-MakeTM = Callable[..., TransactionManager]
 
 
 def test_close_waits_for_transactions_in_flight(bank: Bank, make_tm: MakeTM) -> None:

@@ -15,17 +15,15 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.support import Bank, Servers, run
+from tests.support import Bank, MakeTM, Servers, run
 from xatm import TransactionError, TransactionManager, TransactionRolledBack, TransactionState
 from xatm.aio import AsyncTransactionManager
 
-MakeTM = Callable[..., TransactionManager]
 NAMES = ["pg1", "pg2", "maria"]
 IDLE = {"pg1": 0, "pg2": 0, "maria": 0}
 

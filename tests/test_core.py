@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable
 
 import psycopg
 import pytest
 
 from tests.support import (
     Bank,
+    MakeTM,
     connect,
     mysql_errno,
     mysql_errors,
@@ -29,8 +29,6 @@ from xatm import (
     TransactionState,
     TransactionTimeout,
 )
-
-MakeTM = Callable[..., TransactionManager]
 
 
 def transfer(tx: object, bank: Bank, src: str, dst: str, amount: int, tid: str) -> None:

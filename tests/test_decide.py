@@ -9,10 +9,10 @@ prepared before a failover beyond the retained decisions is presumed aborted.
 from __future__ import annotations
 
 import itertools
-from pathlib import Path
 
 import pytest
 
+from tests.support import ROOT
 from xatm.core.decide import (
     RULES,
     Action,
@@ -190,7 +190,7 @@ def test_timeout_fact() -> None:
 
 
 def test_docs_print_the_same_table() -> None:
-    doc = (Path(__file__).resolve().parent.parent / "docs" / "protocol.md").read_text()
+    doc = (ROOT / "docs" / "protocol.md").read_text()
     assert table_markdown() in doc
 
 

@@ -16,10 +16,10 @@ from typing import Any
 import click
 import pytest
 
+from tests.support import ROOT
 from xatm import load_config
 from xatm.cli.main import main
 
-ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
 XATM = Path(sys.executable).parent / "xatm"
 yaml = pytest.importorskip("yaml")

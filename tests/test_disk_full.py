@@ -13,16 +13,13 @@ from __future__ import annotations
 import errno
 import os
 import subprocess
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.support import Bank, journaled_transfer
-from xatm import TransactionManager
+from tests.support import Bank, MakeTM, journaled_transfer
 from xatm.errors import LogError, TransactionInDoubt, TransactionRolledBack
-
-MakeTM = Callable[..., TransactionManager]
 
 
 @pytest.fixture

@@ -23,10 +23,10 @@ from typing import Any
 
 import pytest
 
+from tests.support import ROOT
 from xatm.core.config import load_config
 from xatm.testing import containers
 
-ROOT = Path(__file__).resolve().parent.parent
 DOCKER = ROOT / "docker"
 COMPOSE = DOCKER / "compose.yaml"
 INIT_SQL = DOCKER / "mysql-init" / "01-xatm.sql"
@@ -140,8 +140,7 @@ def container_urls() -> Iterator[dict[str, str]]:
 def mysql8_orm(container_urls: dict[str, str]) -> Iterator[Any]:
     from sqlalchemy import create_engine
 
-    from tests.sa_models import make_models, sa_url
-    from tests.test_sqlalchemy import Orm
+    from tests.sa_models import Orm, make_models, sa_url
 
     suffix = f"docker_{os.getpid()}_{next(_numbers)}"
     base, ledger, wallet = make_models(suffix)

@@ -35,9 +35,8 @@ from urllib.parse import urlsplit
 import click
 import pytest
 
-from tests.support import Servers, connect, run
+from tests.support import ROOT, Servers, connect, run
 
-ROOT = Path(__file__).resolve().parent.parent
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 FRAGMENT = "<!-- fragment -->"
 _FENCE = re.compile(r"^```(\w*)\s*$")

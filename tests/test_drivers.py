@@ -21,6 +21,7 @@ from tests.support import (
     MYSQL_DRIVER,
     Bank,
     CommitsBlocked,
+    MakeTM,
     connect,
     mysql_connection_id,
     mysql_errno,
@@ -34,8 +35,6 @@ from xatm.core.xid import branch_xid, new_gtrid
 from xatm.participants.mysql import drivers as _mysql_drivers
 from xatm.participants.mysql.participant import MySQLParticipant
 from xatm.recovery import markers as _marker_recovery
-
-MakeTM = Callable[..., TransactionManager]
 
 #: XATM_TEST_MYSQL_DRIVER -> (connection class name, does doctor say "C extension active")
 EXPECTED_CLASS = {
@@ -190,7 +189,7 @@ def test_recovery_with_the_marker_on_mariadb_after_an_earlier_fence(
 ) -> None:
     """A coordinator with commit_markers=["maria"] dies after prepare; an earlier recovery
     pass fenced the gtrid but could not finish. The next pass must still roll back."""
-    from tests.test_crash_matrix import run_worker
+    from tests.crash_support import run_worker
 
     cfg = {
         "urls": bank.urls,

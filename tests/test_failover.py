@@ -20,7 +20,7 @@ import psycopg
 import pytest
 from click.testing import CliRunner
 
-from tests.support import Bank, connect, run
+from tests.support import Bank, MakeTM, connect, run
 from xatm import TransactionManager
 from xatm.cli.main import main
 from xatm.core.xid import parse_gtrid
@@ -29,8 +29,6 @@ from xatm.node.failover import FailoverWatch, after_failover, classify, covered,
 from xatm.participants.postgres.participant import promotion_bound, server_state
 from xatm.testing.replica import PostgresPair, start_pair
 from xatm.testing.servers import make_basedir
-
-MakeTM = Callable[..., TransactionManager]
 
 # ----------------------------------------------------------------------------- no servers
 

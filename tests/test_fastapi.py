@@ -15,14 +15,12 @@ from pathlib import Path
 import pytest
 
 from tests.recovery_support import wait_for, write_config
-from tests.support import Bank, CommitsBlocked
+from tests.support import ROOT, Bank, CommitsBlocked
 from xatm.testing.servers import free_port
 
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("uvicorn")
 pytest.importorskip("fastapi")
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 class Served:

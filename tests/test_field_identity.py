@@ -20,15 +20,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import Servers
-from tests.field_support import attempt, books, roll_back_leftovers, transfer_books
+from tests.field_support import attempt, books, lock_timeouts, roll_back_leftovers, transfer_books
 from tests.recovery_support import prepared_gtrids, wait_for
-from tests.support import Bank, journaled_transfer
-from tests.test_chaos import lock_timeouts
+from tests.support import ROOT, Bank, MakeTM, Servers, journaled_transfer
 from xatm import ConfigurationError, TransactionManager
 
-ROOT = Path(__file__).resolve().parent.parent
-MakeTM = Callable[..., TransactionManager]
 TWIN_SECONDS = 10.0
 
 

@@ -28,16 +28,12 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import Servers
-from tests.field_support import attempt, books, roll_back_leftovers, transfer_books
+from tests.field_support import attempt, books, lock_timeouts, roll_back_leftovers, transfer_books
 from tests.recovery_support import prepared_gtrids, wait_for
-from tests.support import Bank, add_query, journaled_transfer, run
-from tests.test_chaos import lock_timeouts
+from tests.support import ROOT, Bank, MakeTM, Servers, add_query, journaled_transfer, run
 from xatm import IdentityNotHeld, TransactionManager, TransactionRolledBack
 from xatm.admin import parse_url
 
-ROOT = Path(__file__).resolve().parent.parent
-MakeTM = Callable[..., TransactionManager]
 NODES = {"lease-a", "lease-b", "lease-c", "lease-d", "lease-e", "lease-f"}
 
 

@@ -10,12 +10,11 @@ that once saw the resource without the table and now cannot reach it.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import Servers
 from tests.field_support import (
     books,
     delete_marker_rows,
@@ -24,10 +23,8 @@ from tests.field_support import (
     wait_sessions_gone,
 )
 from tests.recovery_support import crash, prepared_gtrids
-from tests.support import Bank, run
-from xatm import TransactionManager
+from tests.support import Bank, MakeTM, Servers, run
 
-MakeTM = Callable[..., TransactionManager]
 NODES = {"fm-a", "fm-b"}
 
 

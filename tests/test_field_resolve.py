@@ -8,7 +8,7 @@ Each test reproduces, against the real servers, one way version 0.1 split a tran
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -24,12 +24,10 @@ from tests.field_support import (
     roll_back_leftovers,
 )
 from tests.recovery_support import crash, prepared_gtrids, wait_for
-from tests.support import Bank
-from xatm import TransactionManager
+from tests.support import Bank, MakeTM
 from xatm.admin import ResolutionRefused
 from xatm.log.file import owner_state, read_log
 
-MakeTM = Callable[..., TransactionManager]
 NODES = {"fr-mark", "fr-cli", "fr-linger"}
 
 

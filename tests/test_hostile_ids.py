@@ -11,14 +11,13 @@ from __future__ import annotations
 import base64
 import json
 import string
-from collections.abc import Callable
 
 import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from tests.support import Bank, connect, run
-from xatm import ConfigurationError, TransactionManager
+from tests.support import Bank, MakeTM, connect, run
+from xatm import ConfigurationError
 from xatm.admin import Xid, gtrid_of, validate_gtrid
 from xatm.core.records import HEADER, LogRecord, frame_at, next_good_frame, read_frames
 from xatm.core.xid import (
@@ -29,8 +28,6 @@ from xatm.core.xid import (
     new_gtrid,
     parse_gtrid,
 )
-
-MakeTM = Callable[..., TransactionManager]
 
 FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from tests.recovery_support import crash
-from tests.support import Bank, prepare_foreign, resolve_foreign
-from xatm import ConfigurationError, TransactionManager, load_config
+from tests.support import Bank, MakeTM, prepare_foreign, resolve_foreign
+from xatm import ConfigurationError, load_config
 from xatm.admin import Inspector, UnknownTransaction, validate_gtrid
-
-MakeTM = Callable[..., TransactionManager]
 
 
 def test_gtrid_shape_is_validated() -> None:

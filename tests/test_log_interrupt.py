@@ -20,12 +20,11 @@ import pytest
 
 import xatm.log.file as filelog
 from tests.recovery_support import wait_for
-from tests.support import Bank, Servers
-from xatm import RecoveryReport, TransactionManager
+from tests.support import Bank, MakeTM, Servers
+from xatm import RecoveryReport
 from xatm.aio import AsyncTransaction, AsyncTransactionManager
 from xatm.log.file import FileLog, read_log
 
-MakeTM = Callable[..., TransactionManager]
 NODE = "intr"
 
 

@@ -17,10 +17,9 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import Servers
 from tests.recovery_support import crash, prepared_gtrids
-from tests.support import Bank
-from xatm import LogLocked, TransactionManager
+from tests.support import Bank, MakeTM, Servers
+from xatm import LogLocked
 from xatm.admin import ResolutionRefused
 from xatm.core.xid import new_gtrid
 from xatm.log import view as _log_view
@@ -238,8 +237,6 @@ def test_shared_view_needs_only_the_log(servers: Servers) -> None:
 
 
 # -- manual resolution, which opens a node's log through the view --------------------------
-
-MakeTM = Callable[..., TransactionManager]
 
 
 def test_forced_commit_after_an_abort_in_the_shared_log_is_refused(

@@ -6,18 +6,16 @@ from __future__ import annotations
 
 import asyncio
 import gc
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from tests.recovery_support import wait_for
-from tests.support import Bank, Servers, connect, run
+from tests.support import Bank, MakeTM, Servers, connect, run
 from xatm import ConfigurationError, TransactionManager, TransactionRolledBack, TransactionState
 from xatm.aio import AsyncTransactionManager
 from xatm.recovery.sweeper import Sweeper
 
-MakeTM = Callable[..., TransactionManager]
 INNODB_TRX = "SELECT count(*) FROM information_schema.innodb_trx"
 
 

@@ -2,14 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import pytest
 
-from tests.support import Bank, run
+from tests.support import Bank, MakeTM, run
 from xatm import BranchState, TransactionManager, TransactionRolledBack, TransactionState
-
-MakeTM = Callable[..., TransactionManager]
 
 
 def move(tx: object, bank: Bank, src: str, dst: str, tid: str) -> None:

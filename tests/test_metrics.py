@@ -24,15 +24,13 @@ from prometheus_client.parser import text_string_to_metric_families
 import xatm.otel
 import xatm.prometheus
 from tests.recovery_support import crash, prepared_gtrids, wait_for, write_config
-from tests.support import Bank
+from tests.support import ROOT, Bank, MakeTM
 from xatm import TransactionManager, TransactionRolledBack
 from xatm.admin import FORMAT_ID, Xid
 from xatm.core import events as _events
 from xatm.testing.servers import free_port
 
-ROOT = Path(__file__).resolve().parent.parent
 XATM = ROOT / ".venv" / "bin" / "xatm"
-MakeTM = Callable[..., TransactionManager]
 
 
 def value(name: str, **labels: str) -> float | None:

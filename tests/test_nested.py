@@ -11,17 +11,14 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from tests import saga_defs
-from tests.support import Bank, Servers
-from xatm import TransactionError, TransactionManager
+from tests.support import Bank, MakeTM, Servers
+from xatm import TransactionError
 from xatm.aio import AsyncTransactionManager
-
-MakeTM = Callable[..., TransactionManager]
 
 
 def test_nested_is_refused_at_once(bank: Bank, make_tm: MakeTM) -> None:

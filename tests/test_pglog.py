@@ -9,7 +9,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.conftest import Servers
+from tests.support import Servers
 from xatm import LogLocked
 from xatm.core.xid import new_gtrid
 from xatm.log.base import DecisionNotLogged

@@ -11,11 +11,8 @@ from collections.abc import Callable
 
 import pytest
 
-from tests.conftest import Servers
-from tests.support import Bank, connect, mysql_connection_id, run
-from xatm import BranchState, TransactionManager, TransactionRolledBack, TransactionState
-
-MakeTM = Callable[..., TransactionManager]
+from tests.support import Bank, MakeTM, Servers, connect, mysql_connection_id, run
+from xatm import BranchState, TransactionRolledBack, TransactionState
 
 
 def cut_pg(bank: Bank, tx: object, resource: str) -> Callable[[], None]:

@@ -14,20 +14,17 @@ from typing import Any
 import psycopg
 import pytest
 
-from tests.support import Bank, CommitsBlocked, Servers, connect, mysql_connection_id, run
+from tests.support import Bank, CommitsBlocked, MakeTM, Servers, connect, mysql_connection_id, run
 from xatm import (
     ConfigurationError,
     SagaTransaction,
     Transaction,
     TransactionInDoubt,
-    TransactionManager,
     TransactionRolledBack,
     TransactionTimeout,
 )
 from xatm.aio import AsyncTransaction, AsyncTransactionManager
 from xatm.transactions.retry import retryable
-
-MakeTM = Callable[..., TransactionManager]
 
 
 @pytest.mark.parametrize("resource", ["pg1", "maria"])

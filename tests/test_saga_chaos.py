@@ -24,25 +24,19 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from tests import saga_defs
-from tests.conftest import Servers
-from tests.support import Bank
-from tests.test_chaos import lock_timeouts
-from xatm import TransactionManager
+from tests.field_support import lock_timeouts
+from tests.support import ROOT, Bank, MakeTM, Servers
 from xatm.core.failpoint import SAGA_NAMES
 
-ROOT = Path(__file__).resolve().parent.parent
 SECONDS = float(os.environ.get("XATM_CHAOS_SECONDS", "30"))
 WORKERS = 3
 THREADS = 3
 ACCOUNTS = 6
-
-MakeTM = Callable[..., TransactionManager]
 
 
 @pytest.mark.chaos

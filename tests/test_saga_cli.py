@@ -8,7 +8,7 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,13 +16,11 @@ import pytest
 from click.testing import CliRunner, Result
 
 from tests import saga_defs
+from tests.crash_support import run_saga_worker
 from tests.recovery_support import write_config
-from tests.support import Bank
-from tests.test_saga_crash import run_saga_worker
-from xatm import TransactionManager
+from tests.support import Bank, MakeTM
 from xatm.cli.main import main
 
-MakeTM = Callable[..., TransactionManager]
 SAGAS = ["tests.saga_defs:transfer", "tests.saga_defs:both", "tests.saga_defs:fragile"]
 
 

@@ -9,38 +9,18 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tests import saga_defs
-from tests.support import Bank
+from tests.crash_support import run_saga_worker
+from tests.support import ROOT, Bank, MakeTM
 from xatm import TransactionManager, XatmError
 from xatm.core.failpoint import SAGA_NAMES
 
-ROOT = Path(__file__).resolve().parent.parent
-MakeTM = Callable[..., TransactionManager]
 SAGAS = [saga_defs.transfer, saga_defs.both]
-
-
-def run_saga_worker(
-    cfg: dict[str, Any], tmp_path: Path, failpoint: str | None
-) -> subprocess.CompletedProcess[str]:
-    path = tmp_path / f"saga-{cfg['node_id']}.json"
-    path.write_text(json.dumps(cfg))
-    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)}
-    if failpoint:
-        env["XATM_FAILPOINT"] = failpoint
-    return subprocess.run(
-        [sys.executable, "-m", "tests.saga_worker", "one", str(path)],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
 
 
 def build(make_tm: MakeTM, node: str, log: str, tries: float = 15.0) -> TransactionManager:

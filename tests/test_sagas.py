@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -11,12 +10,10 @@ import psycopg
 import pytest
 
 from tests import saga_defs
-from tests.support import Bank, connect, run
+from tests.support import Bank, MakeTM, connect, run
 from xatm import ConfigurationError, Saga, SagaAbort, TransactionManager
 from xatm.admin import SagaRefused
 from xatm.sagas import barrier as _barrier
-
-MakeTM = Callable[..., TransactionManager]
 
 
 def payload(bank: Bank, tid: str, **extra: Any) -> dict[str, Any]:

@@ -8,19 +8,15 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 import xatm.core.decide
-from tests.support import Bank
+from tests.support import ROOT, Bank, MakeTM
 from xatm import ConfigurationError, TransactionManager
 from xatm.admin import FAILPOINTS
 from xatm.core.xid import parse_gtrid
-
-ROOT = Path(__file__).resolve().parent.parent
-MakeTM = Callable[..., TransactionManager]
 
 
 def worker(

@@ -33,11 +33,9 @@ import pytest
 
 from tests.omission_support import Load, frozen, settle
 from tests.recovery_support import crash
-from tests.support import Bank, Servers
-from xatm import TransactionManager
+from tests.support import Bank, MakeTM, Servers
 from xatm.core.deadline import GRACE, step_bound
 
-MakeTM = Callable[..., TransactionManager]
 XATM = Path(sys.executable).parent / "xatm"  # the console script of the running venv
 
 FREEZE = float(os.environ.get("XATM_FREEZE_SECONDS", "25"))

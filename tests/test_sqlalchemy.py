@@ -13,19 +13,18 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import psycopg
 import pytest
-from sqlalchemy import create_engine, event, exc, insert, select, text, update
+from sqlalchemy import create_engine, event, exc, insert, text, update
 from sqlalchemy.engine import Engine
 from sqlalchemy.pool import StaticPool
 
-from tests.sa_models import make_models, sa_url
-from tests.support import Bank, Servers, autocommit_of
+from tests.sa_models import Orm, make_models, sa_url
+from tests.support import ROOT, Bank, MakeTM, Servers, autocommit_of
 from xatm import (
     BranchState,
     ConfigurationError,
@@ -38,37 +37,7 @@ from xatm import (
 from xatm.integrations.sqlalchemy.resources import EnginePool
 from xatm.integrations.sqlalchemy.session import _enlisted
 
-ROOT = Path(__file__).resolve().parent.parent
-MakeTM = Callable[..., TransactionManager]
 _numbers = itertools.count(1)
-
-
-@dataclass
-class Orm:
-    """Engines on pg1 and maria, the models, and counters of the engines' pool events."""
-
-    pg: Engine
-    my: Engine
-    base: Any
-    ledger: Any
-    wallet: Any
-    suffix: str
-    events: dict[str, int] = field(default_factory=dict)
-
-    @property
-    def resources(self) -> dict[str, Engine]:
-        return {"ledger": self.pg, "wallet": self.my}
-
-    @property
-    def binds(self) -> dict[Any, str]:
-        return {self.ledger: "ledger", self.wallet: "wallet"}
-
-    def rows(self, model: Any) -> dict[int, tuple[str, int]]:
-        """The committed rows of ``model``'s table, read outside xatm."""
-        engine = self.pg if model is self.ledger else self.my
-        with engine.connect() as conn:
-            result = conn.execute(select(model.id, model.owner, model.balance))
-            return {int(i): (str(o), int(b)) for i, o, b in result}
 
 
 def _count(orm: Orm, engine: Engine, name: str) -> None:

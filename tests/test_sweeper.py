@@ -12,14 +12,11 @@ import pytest
 
 import xatm.core.failpoint
 import xatm.recovery.sweeper
-from tests.conftest import Servers
 from tests.recovery_support import crash, prepared_gtrids, wait_for
-from tests.support import Bank, prepare_foreign, resolve_foreign, run
+from tests.support import Bank, MakeTM, Servers, prepare_foreign, resolve_foreign, run
 from xatm import ConfigurationError, TransactionManager, TransactionTimeout, load_config
 from xatm.admin import Inspector, Xid
 from xatm.log.file import read_log
-
-MakeTM = Callable[..., TransactionManager]
 
 
 def nothing_prepared(bank: Bank) -> bool:

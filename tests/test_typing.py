@@ -10,10 +10,9 @@ import sys
 from pathlib import Path
 
 from tests.recovery_support import write_config
-from tests.support import Bank
+from tests.support import ROOT, Bank
 from xatm import TransactionManager
 
-ROOT = Path(__file__).resolve().parent.parent
 APP = ROOT / "examples" / "typed_app"
 
 

@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Callable
 from typing import Any
 
 import psycopg
 import pytest
 
-from tests.support import Servers, connect, run
-from xatm import ConfigurationError, TransactionManager
+from tests.support import MakeTM, Servers, connect, run
+from xatm import ConfigurationError
 from xatm.admin import FORMAT_ID, Xid
 from xatm.core.participant import PhaseTwo, Vote
 from xatm.core.xid import (
@@ -26,8 +25,6 @@ from xatm.core.xid import (
     validate_node_id,
     validate_resource_name,
 )
-
-MakeTM = Callable[..., TransactionManager]
 
 LONG_NODE = "n" * MAX_NODE_ID
 HOSTILE = [

@@ -1,4 +1,5 @@
-"""A coordinator process for the crash and chaos tests: ``python -m tests.worker MODE CONFIG``.
+"""A coordinator process for the crash and chaos tests:
+``python -m tests.worker MODE CONFIG``.
 
 MODE ``transfer``: one transfer over the given resources, then exit 0 (or die at the failpoint
 named by XATM_FAILPOINT). MODE ``chaos``: transfers in several threads until killed or until

@@ -1,0 +1,1 @@
+"""Shared pytest fixtures, as plugins loaded by tests/conftest.py (``pytest_plugins``)."""
