@@ -3,12 +3,12 @@
 #
 # The full suite runs once with the default driver (mysql-connector, whichever connection
 # class it picks); each leg here runs the MySQL-facing tests, the crash matrix and a short
-# chaos run again with one driver pinned by XATM_TEST_MYSQL_DRIVER (tests/support.py):
+# chaos run again with one driver pinned by XATM_TEST_MYSQL_DRIVER (tests/support/__init__.py):
 #
 #   connector-pure  mysql-connector, MySQLConnection (use_pure=true)          in .venv
 #   connector-c     mysql-connector 9.5.0, CMySQLConnection (C extension)     in .venv-cext
 #                   (the run stops at once if the extension does not load, and
-#                   tests/test_drivers.py asserts the class of the connections in use)
+#                   tests/integration/test_drivers.py asserts the class of the connections in use)
 #   pymysql         PyMySQL                                                   in .venv
 #   mysqldb         mysqlclient (MySQLdb), if it could be built (`make mysqlclient`)
 #
@@ -25,15 +25,15 @@ export XATM_CHAOS_SECONDS=${DRIVER_CHAOS_SECONDS:-10}
 export XATM_FREEZE_SECONDS=${DRIVER_FREEZE_SECONDS:-14}
 export XATM_FREEZE_TIMEOUT=${DRIVER_FREEZE_TIMEOUT:-1}
 TESTS=(
-    tests/test_drivers.py
-    tests/test_core.py
-    tests/test_marker.py
-    tests/test_sqlalchemy.py
-    tests/test_phase2_faults.py
-    tests/test_inspect.py
-    tests/test_crash_matrix.py
-    tests/test_chaos.py
-    tests/test_silent_servers.py
+    tests/integration/test_drivers.py
+    tests/integration/test_core.py
+    tests/integration/test_marker.py
+    tests/integration/test_sqlalchemy.py
+    tests/crash/test_phase2_faults.py
+    tests/cli/test_inspect.py
+    tests/crash/test_crash_matrix.py
+    tests/chaos/test_chaos.py
+    tests/field/test_silent_servers.py
 )
 # the chaos test in its strict mode only (short), not the omission-fault modes; the crash
 # matrix with two branches (every failpoint, mode and recoverer: the three-branch cases add

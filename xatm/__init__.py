@@ -23,7 +23,21 @@ from xatm.core.config import Settings, load_config
 from xatm.core.dbapi import DBConnection, DBCursor
 from xatm.core.report import RecoveryReport
 from xatm.core.steps import BranchState
-from xatm.errors import ConfigurationError, IdentityNotHeld, LogCorrupt, LogError, LogLocked, ResourceError, ResourceNotFit, ResourceUnavailable, TransactionError, TransactionInDoubt, TransactionRolledBack, TransactionTimeout, XatmError
+from xatm.errors import (
+    ConfigurationError,
+    IdentityNotHeld,
+    LogCorrupt,
+    LogError,
+    LogLocked,
+    ResourceError,
+    ResourceNotFit,
+    ResourceUnavailable,
+    TransactionError,
+    TransactionInDoubt,
+    TransactionRolledBack,
+    TransactionTimeout,
+    XatmError,
+)
 from xatm.sagas.barrier import SagaBarrierError
 from xatm.sagas.definition import Saga, SagaAbort, SagaError, SagaInProgress, SagaResult
 from xatm.transactions.transaction import SagaTransaction, Transaction, TransactionState

@@ -21,10 +21,26 @@ from xatm.log.file import Salvage, SegmentInfo, salvage_log
 from xatm.node.identity import NodeInUse
 from xatm.ops.doctor import Check, DoctorReport
 from xatm.ops.gid_forms import gtrid_of
-from xatm.ops.inspect import BranchInfo, Compaction, InDoubt, InDoubtReport, Inspector, NodeLog, TransactionInfo, UnknownTransaction, validate_gtrid
+from xatm.ops.inspect import (
+    BranchInfo,
+    Compaction,
+    InDoubt,
+    InDoubtReport,
+    Inspector,
+    NodeLog,
+    TransactionInfo,
+    UnknownTransaction,
+    validate_gtrid,
+)
 from xatm.ops.resolve import Resolution, ResolutionRefused
 from xatm.recovery.retention import Retirement
-from xatm.recovery.sweeper import ResourceBackoff, Sweeper, SweeperSettings, SweeperStatus, sweeper_settings
+from xatm.recovery.sweeper import (
+    ResourceBackoff,
+    Sweeper,
+    SweeperSettings,
+    SweeperStatus,
+    sweeper_settings,
+)
 from xatm.sagas.definition import SagaTakenOver, load_sagas
 from xatm.sagas.runner import SagaRecoveryReport, SagaRefused
 from xatm.sagas.store import SagaRecord

@@ -54,7 +54,13 @@ from fastapi import Depends, Request
 from starlette.responses import JSONResponse, Response
 
 from xatm.aio import AsyncTransaction, AsyncTransactionManager
-from xatm.errors import ConfigurationError, ResourceUnavailable, TransactionError, TransactionInDoubt, TransactionRolledBack
+from xatm.errors import (
+    ConfigurationError,
+    ResourceUnavailable,
+    TransactionError,
+    TransactionInDoubt,
+    TransactionRolledBack,
+)
 from xatm.transactions.transaction import Transaction
 
 __all__ = [

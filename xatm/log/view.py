@@ -40,7 +40,15 @@ from xatm.log import incarnations as _incarnations
 from xatm.log import node_markers as _node_markers
 from xatm.log.audit import AuditEntry, read_audit
 from xatm.log.base import CoordinatorLog, OwnerState
-from xatm.log.file import FileLog, LogSnapshot, Retained, list_nodes, owner_state, read_log, retained_decisions
+from xatm.log.file import (
+    FileLog,
+    LogSnapshot,
+    Retained,
+    list_nodes,
+    owner_state,
+    read_log,
+    retained_decisions,
+)
 from xatm.log.timelines import FileTimelines, SharedTimelines, TimelineStore
 
 if TYPE_CHECKING:

@@ -25,7 +25,19 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from xatm.core import deadline as _deadline
-from xatm.core.decide import Action, Facts, Logged, Marker, NodeLogState, Owner, decide, describe, owner_of, past_timeout, tenure
+from xatm.core.decide import (
+    Action,
+    Facts,
+    Logged,
+    Marker,
+    NodeLogState,
+    Owner,
+    decide,
+    describe,
+    owner_of,
+    past_timeout,
+    tenure,
+)
 from xatm.core.participant import Connection, Participant, PreparedBranch
 from xatm.core.records import LogRecord
 from xatm.core.urls import redact

@@ -78,7 +78,17 @@ from typing import TYPE_CHECKING
 from xatm.core import deadline as _deadline
 from xatm.core import events as _events
 from xatm.core.decide import Action as Act
-from xatm.core.decide import Facts, Logged, Marker, NodeLogState, Owner, decide, owner_of, past_timeout, tenure
+from xatm.core.decide import (
+    Facts,
+    Logged,
+    Marker,
+    NodeLogState,
+    Owner,
+    decide,
+    owner_of,
+    past_timeout,
+    tenure,
+)
 from xatm.core.logfields import log_fields
 from xatm.core.participant import Connection, PreparedBranch
 from xatm.core.records import LogRecord

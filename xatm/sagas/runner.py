@@ -39,13 +39,28 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from xatm.core import failpoint as _failpoint
 from xatm.core.urls import describe_error
-from xatm.errors import ConfigurationError, ResourceUnavailable, TransactionInDoubt, TransactionRolledBack, XatmError
+from xatm.errors import (
+    ConfigurationError,
+    ResourceUnavailable,
+    TransactionInDoubt,
+    TransactionRolledBack,
+    XatmError,
+)
 from xatm.log.audit import AuditEntry, AuditTrail
 from xatm.log.view import log_view
 from xatm.participants.mysql import participant as _mysql
 from xatm.participants.postgres import participant as _postgres
 from xatm.sagas import barrier as _barrier
-from xatm.sagas.definition import MAX_KEY, Saga, SagaAbort, SagaError, SagaInProgress, SagaResult, Step, StepFunction
+from xatm.sagas.definition import (
+    MAX_KEY,
+    Saga,
+    SagaAbort,
+    SagaError,
+    SagaInProgress,
+    SagaResult,
+    Step,
+    StepFunction,
+)
 from xatm.sagas.store import Claim, SagaRecord, SagaStore, new_saga_id, open_store
 
 if TYPE_CHECKING:

@@ -36,7 +36,16 @@ from typing import Any
 import psycopg
 from psycopg.conninfo import make_conninfo
 
-from xatm.testing.servers import PostgresServer, _make_dirs, _os_user, _pg_bindir, _run, _wait, free_port, start_postgres
+from xatm.testing.servers import (
+    PostgresServer,
+    _make_dirs,
+    _os_user,
+    _pg_bindir,
+    _run,
+    _wait,
+    free_port,
+    start_postgres,
+)
 
 # ----------------------------------------------------------------------------- the proxy
 

@@ -35,7 +35,18 @@ from xatm.core import deadline as _deadline
 from xatm.core.dbapi import AsyncDBConnection, AsyncDBCursor, C, Params, as_kind
 from xatm.core.parallel import Outcome
 from xatm.core.participant import Connection, PhaseTwo, Prepared
-from xatm.core.steps import AwaitWork, Branch, CommitOnePhase, CommitPrepared, LogCommit, LogEnd, Operation, Prepare, Rollback, Steps
+from xatm.core.steps import (
+    AwaitWork,
+    Branch,
+    CommitOnePhase,
+    CommitPrepared,
+    LogCommit,
+    LogEnd,
+    Operation,
+    Prepare,
+    Rollback,
+    Steps,
+)
 from xatm.core.xid import Xid, branch_xid
 from xatm.log.aio import AsyncLog
 from xatm.participants.aio_pool import AsyncParticipant, AsyncPool

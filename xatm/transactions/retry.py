@@ -34,7 +34,14 @@ import random
 from dataclasses import dataclass
 
 from xatm.core.logfields import log_fields
-from xatm.errors import ConfigurationError, ResourceUnavailable, TransactionError, TransactionInDoubt, TransactionRolledBack, TransactionTimeout
+from xatm.errors import (
+    ConfigurationError,
+    ResourceUnavailable,
+    TransactionError,
+    TransactionInDoubt,
+    TransactionRolledBack,
+    TransactionTimeout,
+)
 from xatm.participants.mysql import participant as _mysql
 from xatm.participants.postgres import participant as _postgres
 

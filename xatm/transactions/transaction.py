@@ -42,10 +42,30 @@ from xatm.core.dbapi import C, DBConnection, DBCursor, Params, as_kind
 from xatm.core.logfields import log_fields
 from xatm.core.parallel import Outcome, overlapped
 from xatm.core.participant import BranchVotedNo, Connection, Participant, PhaseTwo, Prepared, Vote
-from xatm.core.steps import AwaitWork, Branch, BranchState, CommitOnePhase, CommitPrepared, LogCommit, LogEnd, Operation, Prepare, Rollback, Steps
+from xatm.core.steps import (
+    AwaitWork,
+    Branch,
+    BranchState,
+    CommitOnePhase,
+    CommitPrepared,
+    LogCommit,
+    LogEnd,
+    Operation,
+    Prepare,
+    Rollback,
+    Steps,
+)
 from xatm.core.urls import describe_error
 from xatm.core.xid import Xid, branch_xid
-from xatm.errors import LogError, ResourceError, ResourceNotFit, TransactionError, TransactionInDoubt, TransactionRolledBack, TransactionTimeout
+from xatm.errors import (
+    LogError,
+    ResourceError,
+    ResourceNotFit,
+    TransactionError,
+    TransactionInDoubt,
+    TransactionRolledBack,
+    TransactionTimeout,
+)
 from xatm.log.base import DecisionNotLogged
 from xatm.participants import marker as _marker
 from xatm.participants.pool import Pool

@@ -15,7 +15,12 @@ from collections.abc import Mapping
 from typing import Any
 
 from xatm.errors import ConfigurationError, TransactionError
-from xatm.integrations.sqlalchemy.branch import BranchConnection, BranchSession, ResourceBind, open_connection
+from xatm.integrations.sqlalchemy.branch import (
+    BranchConnection,
+    BranchSession,
+    ResourceBind,
+    open_connection,
+)
 from xatm.transactions.transaction import Transaction, TransactionState
 
 

@@ -20,7 +20,17 @@ from xatm.core.participant import Cursor, PhaseTwo, Prepared, Statement, Vote
 from xatm.core.urls import DEFAULT_CONNECT_TIMEOUT
 from xatm.core.xid import Xid
 from xatm.participants.mysql.drivers import by_name
-from xatm.participants.mysql.participant import XA_ROLLED_BACK, MySQLParticipant, end_statement, finish_answer, finish_statement, one_phase_refused, one_phase_statements, prepare_statements, start_statement
+from xatm.participants.mysql.participant import (
+    XA_ROLLED_BACK,
+    MySQLParticipant,
+    end_statement,
+    finish_answer,
+    finish_statement,
+    one_phase_refused,
+    one_phase_statements,
+    prepare_statements,
+    start_statement,
+)
 
 
 class AsyncMySQL:

@@ -41,7 +41,18 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from xatm.core import deadline as _deadline
-from xatm.core.participant import CANNOT_TELL, BranchVotedNo, Cursor, Finding, Finished, PhaseTwo, Prepared, PreparedBranch, Statement, Vote
+from xatm.core.participant import (
+    CANNOT_TELL,
+    BranchVotedNo,
+    Cursor,
+    Finding,
+    Finished,
+    PhaseTwo,
+    Prepared,
+    PreparedBranch,
+    Statement,
+    Vote,
+)
 from xatm.core.urls import DEFAULT_CONNECT_TIMEOUT, Kind, ResourceSpec, redact
 from xatm.core.xid import Xid
 from xatm.errors import ConfigurationError, ResourceUnavailable

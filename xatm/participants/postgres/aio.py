@@ -17,7 +17,22 @@ from psycopg.pq import TransactionStatus
 from xatm.core import deadline as _deadline
 from xatm.core.participant import Cursor, PhaseTwo, Prepared, Statement, Vote
 from xatm.core.xid import Xid
-from xatm.participants.postgres.participant import CHECKPOINT, PostgresParticipant, check_committed, check_one_phase, check_open, commit_failed, finish_statement, not_found, prepare_failed, prepare_statement, promotion_bound, server_state, socket_of, vote_of
+from xatm.participants.postgres.participant import (
+    CHECKPOINT,
+    PostgresParticipant,
+    check_committed,
+    check_one_phase,
+    check_open,
+    commit_failed,
+    finish_statement,
+    not_found,
+    prepare_failed,
+    prepare_statement,
+    promotion_bound,
+    server_state,
+    socket_of,
+    vote_of,
+)
 
 AsyncConn = psycopg.AsyncConnection[Any]
 

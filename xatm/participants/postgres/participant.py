@@ -54,7 +54,18 @@ import psycopg
 from psycopg.pq import TransactionStatus
 
 from xatm.core import deadline as _deadline
-from xatm.core.participant import CANNOT_TELL, BranchVotedNo, Cursor, Finding, Finished, PhaseTwo, Prepared, PreparedBranch, Statement, Vote
+from xatm.core.participant import (
+    CANNOT_TELL,
+    BranchVotedNo,
+    Cursor,
+    Finding,
+    Finished,
+    PhaseTwo,
+    Prepared,
+    PreparedBranch,
+    Statement,
+    Vote,
+)
 from xatm.core.urls import DEFAULT_CONNECT_TIMEOUT, Kind, ResourceSpec, pg_settings_in, redact
 from xatm.core.xid import Xid
 from xatm.errors import ResourceUnavailable

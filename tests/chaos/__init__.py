@@ -1,0 +1,1 @@
+"""Chaos runs: transfers while coordinators, connections and servers are killed."""

@@ -1,0 +1,1 @@
+"""The ``xatm`` command: its subcommands, doctor, inspection, the saga commands."""

@@ -1,0 +1,1 @@
+"""Crash tests: SIGKILL matrices, phase-2 faults, log interrupts, a full disk."""

@@ -1,0 +1,1 @@
+"""Omission faults: identity leases, silent servers, bounded waits, failover, field_*."""

@@ -1,0 +1,1 @@
+"""Tests on the private database servers: the protocol, APIs, logs, integrations."""

@@ -1,0 +1,1 @@
+"""Tests without servers: pure functions, the file log, configuration, the public API."""

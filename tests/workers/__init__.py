@@ -1,0 +1,1 @@
+"""Worker processes the tests start (``python -m tests.workers.<name>``)."""
