@@ -205,7 +205,7 @@ class AsyncTransaction(ManagedTransaction):
         xid = branch_xid(self.gtrid, resource)
         conn, watch = await self._begin(driver, pool, xid)
         branch = Branch(resource, xid, driver.sync, pool, conn, watch=watch)
-        self._branches[resource] = branch
+        self.add_branch(branch)
         self._drivers[resource] = driver
         return branch
 
@@ -236,12 +236,12 @@ class AsyncTransaction(ManagedTransaction):
     # -- the end ----------------------------------------------------------------------------
     async def commit(self) -> None:
         """End the transaction with commit (what leaving the block normally does)."""
-        await self._settle(self._commit_steps())
+        await self._settle(self.commit_steps())
 
     async def rollback(self) -> None:
         """Roll every branch back (what leaving the block with an exception does)."""
         if self.state is TransactionState.ACTIVE:
-            await self._settle(self._abort_steps())
+            await self._settle(self.abort_steps())
         else:
             self._ended()
 

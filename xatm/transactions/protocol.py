@@ -158,6 +158,10 @@ class TransactionCore:
         """Resources whose branch recovery still has to finish (after a phase-2 failure)."""
         return [n for n, b in self._branches.items() if b.state is BranchState.UNKNOWN]
 
+    def add_branch(self, branch: Branch) -> None:
+        """A branch the driver has begun joins the transaction."""
+        self._branches[branch.resource] = branch
+
     # -- several tasks or threads in one transaction ----------------------------------------
     # The drivers hold a resource's lock while its branch is enlisted and while a statement
     # runs on it (and check ``_enlisted`` under it); the rule is here: the end (commit or
@@ -266,7 +270,7 @@ class TransactionCore:
         return stop
 
     # -- the protocol, I/O-free: generators yielding operations (xatm.core.steps) ------------
-    def _commit_steps(self) -> Steps[None]:
+    def commit_steps(self) -> Steps[None]:
         """The end of the block: commit every branch or none (docs/protocol.md)."""
         if self.state is not TransactionState.ACTIVE:
             raise TransactionError(
@@ -543,7 +547,7 @@ class TransactionCore:
         else:
             self._hooks.phase_two_incomplete(self.gtrid, self.pending_branches)
 
-    def _abort_steps(self) -> Steps[None]:
+    def abort_steps(self) -> Steps[None]:
         """What ``rollback()`` runs: wait for the work still running in other tasks or
         threads, then roll every branch back."""
         yield from self._stop_work_steps()

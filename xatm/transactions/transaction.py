@@ -190,7 +190,7 @@ class Transaction(ManagedTransaction):
         xid = branch_xid(self.gtrid, resource)
         conn, watch = self._begin(participant, pool, xid)
         branch = Branch(resource, xid, participant, pool, conn, watch=watch)
-        self._branches[resource] = branch
+        self.add_branch(branch)
         return branch
 
     def _begin(
@@ -248,7 +248,7 @@ class Transaction(ManagedTransaction):
         if self._before_prepare and self._rollback_only is None:
             self._run_before_prepare()
         self._hold()
-        self._drive(self._commit_steps())
+        self._drive(self.commit_steps())
 
     def _run_before_prepare(self) -> None:
         """Run the before-prepare callbacks (flush ORM sessions); any failure rolls back."""
@@ -269,7 +269,7 @@ class Transaction(ManagedTransaction):
         """Roll back every branch that may still hold work (once the work still running in
         other threads is over); never raises a driver error."""
         self._hold()
-        self._drive(self._abort_steps())
+        self._drive(self.abort_steps())
 
     # -- the driver: runs the protocol's operations with the blocking drivers ---------------
     def _drive(self, steps: Steps[None]) -> None:
