@@ -10,7 +10,9 @@ on a worker thread). The psycopg 3 model: its two-phase logic is written once, a
 generators, driven by its sync and async connections.
 
 Every result comes back as an :class:`~xatm.core.parallel.Outcome` (value or exception), so the
-generator, not the driver, says what a failure means.
+generator, not the driver, says what a failure means. Two operations are no I/O but belong
+to the process, not to the protocol: the decision fence (:class:`PassFence`, run under the
+transaction's lock) and the failpoints (:class:`Failpoint`).
 """
 
 from __future__ import annotations
