@@ -41,11 +41,9 @@ from xatm.core.steps import (
     Branch,
     CommitOnePhase,
     CommitPrepared,
-    Failpoint,
     LogCommit,
     LogEnd,
     Operation,
-    PassFence,
     Prepare,
     Rollback,
     Steps,
@@ -54,7 +52,7 @@ from xatm.core.xid import Xid, branch_xid
 from xatm.log.aio import AsyncLog
 from xatm.participants.aio_pool import AsyncParticipant, AsyncPool
 from xatm.transactions import ambient as _ambient
-from xatm.transactions.managed import ManagedTransaction, after_first_commit
+from xatm.transactions.managed import LOCAL_STEPS, ManagedTransaction, after_first_commit
 from xatm.transactions.protocol import TransactionState
 from xatm.transactions.transaction import check_fit
 
@@ -283,7 +281,7 @@ class AsyncTransaction(ManagedTransaction):
     async def _run(self, op: Operation) -> Any:
         if isinstance(op, Prepare):
             return await _all(self._prepare(b) for b in op.branches)
-        if isinstance(op, PassFence | Failpoint):
+        if isinstance(op, LOCAL_STEPS):
             return self._local(op)
         if isinstance(op, CommitPrepared):
             return await self._commit_prepared(op)

@@ -31,6 +31,9 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("xatm.transaction")
 
+#: the steps that do no I/O, which both drivers run with ``ManagedTransaction._local``
+LOCAL_STEPS = (PassFence, Failpoint)
+
 
 class ContextHooks:
     """The protocol's :class:`~xatm.transactions.protocol.Hooks` over a manager's context

@@ -25,11 +25,9 @@ from xatm.core.steps import (
     Branch,
     CommitOnePhase,
     CommitPrepared,
-    Failpoint,
     LogCommit,
     LogEnd,
     Operation,
-    PassFence,
     Prepare,
     Steps,
 )
@@ -42,7 +40,7 @@ from xatm.errors import (
 )
 from xatm.participants.pool import Pool
 from xatm.transactions import ambient as _ambient
-from xatm.transactions.managed import ManagedTransaction, after_first_commit
+from xatm.transactions.managed import LOCAL_STEPS, ManagedTransaction, after_first_commit
 from xatm.transactions.protocol import TransactionCore, TransactionState
 
 if TYPE_CHECKING:
@@ -287,7 +285,7 @@ class Transaction(ManagedTransaction):
         # CommitPrepared, LogEnd
         if isinstance(op, Prepare):
             return self._prepare(op.branches)
-        if isinstance(op, PassFence | Failpoint):
+        if isinstance(op, LOCAL_STEPS):
             return self._local(op)
         if isinstance(op, LogCommit):
             return _call(self._ctx.log.log_commit, op.gtrid, op.resources, op.txids)
