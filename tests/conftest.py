@@ -86,8 +86,6 @@ def at_step(monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, Callable[[], 
             action()
 
     monkeypatch.setattr(xatm.core.failpoint, "hit", hit)
-    # the protocol yields its failpoints only while one is set (xatm.transactions.protocol)
-    monkeypatch.setattr(xatm.core.failpoint, "armed", lambda: True)
     yield actions
 
 

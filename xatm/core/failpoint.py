@@ -67,8 +67,3 @@ def hit(name: str) -> None:
     """Crash (or pause) the process here if the failpoint ``name`` is active."""
     if _ACTIVE is not None and name == _ACTIVE:
         os.kill(os.getpid(), _SIGNAL)
-
-
-def armed() -> bool:
-    """Is a failpoint set in this process (``XATM_FAILPOINT``)?"""
-    return _ACTIVE is not None

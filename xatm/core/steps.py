@@ -169,8 +169,7 @@ class PassFence:
 @dataclass(slots=True)
 class Failpoint:
     """The protocol reached the failpoint ``name`` (``xatm.core.failpoint``): the driver
-    crashes or pauses the process there if it is the active one; result ``None``. Only
-    yielded while a failpoint is set (``Hooks.failpoints``)."""
+    crashes or pauses the process there if it is the active one; result ``None``."""
 
     name: str
 

@@ -39,12 +39,11 @@ class ContextHooks:
     """The protocol's :class:`~xatm.transactions.protocol.Hooks` over a manager's context
     and the transaction's timeline (metrics and tracing)."""
 
-    __slots__ = ("_ctx", "_trace", "failpoints")
+    __slots__ = ("_ctx", "_trace")
 
     def __init__(self, ctx: Context, trace: _events.NullTimeline) -> None:
         self._ctx = ctx
         self._trace = trace
-        self.failpoints = _failpoint.armed()
 
     def phase(self, name: str) -> None:
         self._trace.phase(name)

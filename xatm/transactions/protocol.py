@@ -89,9 +89,6 @@ class Hooks(Protocol):
     lock held across a step. The drivers implement it over the manager's context
     (``xatm.transactions.managed.ContextHooks``); a unit test in a few lines."""
 
-    #: yield a ``Failpoint`` operation at each named step (a failpoint is set)
-    failpoints: bool
-
     def phase(self, name: str) -> None:
         """The transaction's end enters phase ``name`` (metrics and tracing)."""
 
@@ -118,7 +115,6 @@ class TransactionCore:
 
     def __init__(self, gtrid: str, timeout: float, hooks: Hooks) -> None:
         self._hooks = hooks
-        self._failpoints = hooks.failpoints
         self.gtrid = gtrid
         self.started = time.monotonic()
         self.deadline = self.started + timeout
@@ -300,11 +296,9 @@ class TransactionCore:
             yield from self._marker_steps(branches, marker)
             return
         self.state = TransactionState.PREPARING
-        if self._failpoints:
-            yield Failpoint("before_prepare")
+        yield Failpoint("before_prepare")
         prepared = yield from self._prepare_steps(branches)
-        if self._failpoints:
-            yield Failpoint("after_prepare")
+        yield Failpoint("after_prepare")
         if len(prepared) > 1:
             yield from self._decide_steps(prepared)
         else:
@@ -312,8 +306,7 @@ class TransactionCore:
             # the outcome, so no decision needs logging (a crash before it commits leaves
             # nothing acknowledged, and presumed abort rolls the branch back).
             yield from self._fence_steps()
-        if self._failpoints:
-            yield Failpoint("after_decision")
+        yield Failpoint("after_decision")
         self.state = TransactionState.COMMITTING
         yield from self._commit_all_steps(prepared, logged=len(prepared) > 1)
 
@@ -321,11 +314,9 @@ class TransactionCore:
         """The commit-marker path (see ``xatm.participants.marker``): prepare the others, then
         commit the marker branch in one phase with the decision row inside it."""
         self.state = TransactionState.PREPARING
-        if self._failpoints:
-            yield Failpoint("before_prepare")
+        yield Failpoint("before_prepare")
         prepared = yield from self._prepare_steps([b for b in branches if b is not marker])
-        if self._failpoints:
-            yield Failpoint("after_prepare")
+        yield Failpoint("after_prepare")
         yield from self._fence_steps()
         finished = self._hooks.finished_markers(marker.resource)
         gtrid = self.gtrid if prepared else None  # no other writer: no decision row needed
@@ -355,8 +346,7 @@ class TransactionCore:
             ) from e
         marker.state = BranchState.COMMITTED
         marker.release()
-        if self._failpoints:
-            yield Failpoint("after_decision")
+        yield Failpoint("after_decision")
         self.state = TransactionState.COMMITTING
         yield from self._commit_all_steps(prepared, logged=bool(prepared), marker=marker.resource)
 
@@ -467,8 +457,7 @@ class TransactionCore:
 
     def _decide_steps(self, branches: list[Branch]) -> Steps[None]:
         yield from self._fence_steps()
-        if self._failpoints:
-            yield Failpoint("before_decision")
+        yield Failpoint("before_decision")
         txids = {b.resource: b.txid for b in branches if b.txid is not None}
         e = (yield LogCommit(self.gtrid, [b.resource for b in branches], txids)).error
         if e is None:
