@@ -1,6 +1,6 @@
 """The I/O operations the commit protocol asks for, as plain values (sans-IO).
 
-The protocol (``xatm.transactions.transaction.TransactionCore``) is written once, as generators that
+The protocol (``xatm.transactions.protocol.TransactionCore``) is written once, as generators that
 *yield* these operations and *receive* their results, making every decision themselves. A
 driver runs each operation and sends back what happened, never deciding anything: the
 threaded :class:`~xatm.Transaction` runs them with blocking drivers (the branches' round
@@ -10,13 +10,15 @@ on a worker thread). The psycopg 3 model: its two-phase logic is written once, a
 generators, driven by its sync and async connections.
 
 Every result comes back as an :class:`~xatm.core.parallel.Outcome` (value or exception), so the
-generator, not the driver, says what a failure means.
+generator, not the driver, says what a failure means. Two operations are no I/O but belong
+to the process, not to the protocol: the decision fence (:class:`PassFence`, run under the
+transaction's lock) and the failpoints (:class:`Failpoint`).
 """
 
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable, Generator, Sequence
+from collections.abc import Generator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
@@ -132,11 +134,10 @@ class LogEnd:
 
 @dataclass(slots=True)
 class CommitPrepared:
-    """Phase 2 on each branch; result ``list[Outcome[PhaseTwo]]``. ``after_first`` is called
-    (no I/O: a failpoint) once the first branch's answer is in."""
+    """Phase 2 on each branch; result ``list[Outcome[PhaseTwo]]``. The driver hits the
+    failpoint ``after_first_commit`` once the first branch's answer is in."""
 
     branches: list[Branch]
-    after_first: Callable[[], None]
 
 
 @dataclass(slots=True)
@@ -154,7 +155,36 @@ class AwaitWork:
     task or thread (new ones are refused already); result ``None``."""
 
 
-Operation = Prepare | CommitOnePhase | LogCommit | LogEnd | CommitPrepared | Rollback | AwaitWork
+@dataclass(slots=True)
+class PassFence:
+    """The fence with recovery just before the decision: the driver holds the transaction's
+    fence lock while it asks the protocol (``TransactionCore.try_decide(refuse)``), so that
+    recovery's ``abort_if_expired`` and the decision never interleave. ``refuse``: a reason
+    to refuse anyway (the node's identity lease is not held). Result: None if passed (the
+    decision is being made), else why it is refused."""
+
+    refuse: str | None
+
+
+@dataclass(slots=True)
+class Failpoint:
+    """The protocol reached the failpoint ``name`` (``xatm.core.failpoint``): the driver
+    crashes or pauses the process there if it is the active one; result ``None``."""
+
+    name: str
+
+
+Operation = (
+    Prepare
+    | CommitOnePhase
+    | LogCommit
+    | LogEnd
+    | CommitPrepared
+    | Rollback
+    | AwaitWork
+    | PassFence
+    | Failpoint
+)
 
 #: a protocol run: yields operations, receives their results, returns at the end
 Steps = Generator[Operation, Any, T]

@@ -1,11 +1,12 @@
 """One global transaction for asyncio: the same protocol as ``xatm.transactions.transaction``,
 awaited.
 
-:class:`AsyncTransaction` inherits the protocol (``TransactionCore``'s I/O-free steps, see
-``xatm.core.steps``) and only runs its operations: the branches' calls concurrently on asyncio
-driver connections, the log's forced write off the loop (``xatm.log.aio``: the file log's
-group commit forces a batch of COMMIT records with one fsync and wakes the loop once for
-it), so that no fsync blocks the event loop.
+:class:`AsyncTransaction` inherits the protocol (``xatm.transactions.protocol``'s I/O-free
+steps, see ``xatm.core.steps``) and what both drivers share around it
+(``xatm.transactions.managed``), and only runs its operations: the branches' calls
+concurrently on asyncio driver connections, the log's forced write off the loop
+(``xatm.log.aio``: the file log's group commit forces a batch of COMMIT records with one
+fsync and wakes the loop once for it), so that no fsync blocks the event loop.
 
 **Cancellation.** The end of the transaction (commit or rollback) runs in a task of its own
 that the caller awaits without ever cancelling it (a shield). If the caller is cancelled
@@ -20,7 +21,7 @@ end rolls back the rest.
 **Several tasks** (``asyncio.gather`` over ``tx.execute``): an ``asyncio.Lock`` per resource
 is held while its branch is enlisted and while a statement runs on it; the end waits for the
 statements still running, and a commit that had to wait rolls back
-(``TransactionCore._stop_work_steps``).
+(``xatm.transactions.protocol.TransactionCore._stop_work_steps``).
 """
 
 from __future__ import annotations
@@ -51,7 +52,9 @@ from xatm.core.xid import Xid, branch_xid
 from xatm.log.aio import AsyncLog
 from xatm.participants.aio_pool import AsyncParticipant, AsyncPool
 from xatm.transactions import ambient as _ambient
-from xatm.transactions.transaction import TransactionCore, TransactionState, check_fit
+from xatm.transactions.managed import LOCAL_STEPS, ManagedTransaction, after_first_commit
+from xatm.transactions.protocol import TransactionState
+from xatm.transactions.transaction import check_fit
 
 if TYPE_CHECKING:
     from xatm.node.context import Context
@@ -95,7 +98,7 @@ class AsyncResources:
         await asyncio.to_thread(self.log.shutdown)
 
 
-class AsyncTransaction(TransactionCore):
+class AsyncTransaction(ManagedTransaction):
     """A global transaction; use it as ``async with tm.transaction() as tx:``.
 
     Leaving the block normally commits every branch or none (raising
@@ -200,7 +203,7 @@ class AsyncTransaction(TransactionCore):
         xid = branch_xid(self.gtrid, resource)
         conn, watch = await self._begin(driver, pool, xid)
         branch = Branch(resource, xid, driver.sync, pool, conn, watch=watch)
-        self._branches[resource] = branch
+        self.add_branch(branch)
         self._drivers[resource] = driver
         return branch
 
@@ -231,18 +234,19 @@ class AsyncTransaction(TransactionCore):
     # -- the end ----------------------------------------------------------------------------
     async def commit(self) -> None:
         """End the transaction with commit (what leaving the block normally does)."""
-        await self._settle(self._commit_steps())
+        await self._settle(self.commit_steps())
 
     async def rollback(self) -> None:
         """Roll every branch back (what leaving the block with an exception does)."""
         if self.state is TransactionState.ACTIVE:
-            await self._settle(self._abort_steps())
+            await self._settle(self.abort_steps())
         else:
             self._ended()
 
     async def _settle(self, steps: Steps[None]) -> None:
         """Run ``steps`` to their end, even if the caller is cancelled meanwhile (see the
         module docstring); then let the cancellation through."""
+        self._hold()
         task = asyncio.get_running_loop().create_task(self._drive(steps))
         cancelled = False
         try:
@@ -277,6 +281,8 @@ class AsyncTransaction(TransactionCore):
     async def _run(self, op: Operation) -> Any:
         if isinstance(op, Prepare):
             return await _all(self._prepare(b) for b in op.branches)
+        if isinstance(op, LOCAL_STEPS):
+            return self._local(op)
         if isinstance(op, CommitPrepared):
             return await self._commit_prepared(op)
         if isinstance(op, Rollback):
@@ -310,7 +316,7 @@ class AsyncTransaction(TransactionCore):
                 result = await self._driver(branch).commit_prepared(branch.conn, branch.xid)
             if not first_done:
                 first_done = True
-                op.after_first()
+                after_first_commit()
             return result
 
         return await _all(one(b) for b in op.branches)
