@@ -8,7 +8,16 @@ the sync adapter of its database (``xatm.participants.postgres.participant``,
 :class:`AsyncPool` is :class:`~xatm.participants.pool.Pool` for asyncio: it never waits (past
 ``max_idle`` a returned connection is closed), and closing is scheduled on the loop, so that
 giving a connection back (``put``/``discard``, called from the protocol's steps) needs no
-``await``. It counts the connections handed out and not yet given back (``in_use``).
+``await``. It counts the connections handed out and not yet given back (``in_use``) and the
+connections it opened (``opened``).
+
+**A connection whose call failed or was cancelled** (``discard``) is closed only if its state
+is unknown. If its participant can tell that it is known (``recoverable``: for PostgreSQL,
+no statement running, as psycopg leaves it once the cancel of an interrupted statement has
+completed), a task on the loop rolls it back (``reset``, bounded like a ping) and pools it
+again (counted in ``resets``): a cancelled transaction then costs a ROLLBACK round trip, not
+a new session (a server fork, authentication, session settings). A reset that fails, times
+out or is itself cancelled closes the connection. Nothing waits for it but ``aclose``.
 """
 
 from __future__ import annotations
@@ -16,7 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from typing import Any, Protocol
 
 from xatm.core import deadline as _deadline
@@ -39,6 +48,15 @@ class AsyncParticipant(Protocol):
     async def ping(self, conn: Connection) -> bool: ...
 
     def is_idle(self, conn: Connection) -> bool: ...
+
+    def recoverable(self, conn: Connection) -> bool:
+        """After a call on ``conn`` failed or was interrupted: is its state known, so that
+        ``reset`` can bring it back to idle? False when it is unknown (a statement may still
+        be running, a reply half read, the session closed)."""
+
+    async def reset(self, conn: Connection) -> bool:
+        """Roll back whatever ``conn``'s session holds (``recoverable`` said it is known);
+        True if it is idle afterwards. A driver error may be raised: the caller closes it."""
 
     async def close(self, conn: Connection) -> None: ...
 
@@ -77,6 +95,8 @@ class AsyncPool:
         self._closing: set[asyncio.Task[None]] = set()
         self._closed = False
         self.in_use = 0  # handed out, not given back yet
+        self.opened = 0  # connections opened
+        self.resets = 0  # connections pooled again after a failed or cancelled call
 
     async def get(self, *, fresh: bool = False, bound: float = _deadline.GRACE) -> Connection:
         """A live connection (pooled unless ``fresh``, or new: may raise
@@ -100,21 +120,43 @@ class AsyncPool:
                 self.clear()
                 raise silent(self.participant.sync, bound)
         conn = await self.participant.connect()
+        self.opened += 1
         self.in_use += 1
         return conn
 
     def put(self, conn: Connection) -> None:
         """Give ``conn`` back; it is closed instead if it is not clean or the pool is full."""
         self.in_use -= 1
+        self._keep(conn)
+
+    def _keep(self, conn: Connection) -> None:
         if not self._closed and len(self._idle) < self.max_idle and self.participant.is_idle(conn):
             self._idle.append((conn, time.monotonic()))
             return
         self._close(conn)
 
-    def discard(self, conn: Connection) -> None:
-        """Close ``conn``: it failed, or its state is unknown."""
+    def discard(self, conn: Connection, *, bound: float = _deadline.GRACE) -> None:
+        """Give back ``conn`` after a call on it failed or was cancelled: reset and pooled
+        again if its state is known (on the loop, within ``bound`` seconds), else closed."""
         self.in_use -= 1
-        self._close(conn)
+        if self._closed or not self.participant.recoverable(conn):
+            self._close(conn)
+            return
+        self._spawn(self._reset(conn, bound))
+
+    async def _reset(self, conn: Connection, bound: float) -> None:
+        clean = False
+        try:
+            with _deadline.bounded(self.participant, conn, bound, "a reset") as watch:
+                clean = await self.participant.reset(conn)
+            clean = clean and not watch.fired
+        except BaseException:  # a driver error, or cancelled (the loop is closing)
+            clean = False
+        if clean and not self._closed:
+            self.resets += 1
+            self._keep(conn)
+        else:
+            await self.participant.close(conn)
 
     def clear(self) -> None:
         """Close every idle connection (for example after a server restart)."""
@@ -123,9 +165,14 @@ class AsyncPool:
             self._close(conn)
 
     def _close(self, conn: Connection) -> None:
+        self._spawn(self.participant.close(conn))
+
+    def _spawn(self, call: Coroutine[Any, Any, None]) -> None:
+        """Run ``call`` (a close or a reset) on the loop; ``aclose`` waits for it."""
         try:
-            task = asyncio.get_running_loop().create_task(self.participant.close(conn))
+            task = asyncio.get_running_loop().create_task(call)
         except RuntimeError:  # no loop any more: drop it (the server ends the session)
+            call.close()
             return
         self._closing.add(task)
         task.add_done_callback(self._closing.discard)
