@@ -140,3 +140,17 @@ def test_profile_classifies_pyspy_frames() -> None:
     assert classify(stack("_write_at (xatm/log/file.py:80)")) == "log: write + fsync"
     assert classify(list(idle)) == "log flusher: idle (no records wait for a flush)"
     assert classify(stack("overlapped (xatm/core/parallel.py:40)")).startswith("xatm Python")
+
+
+def test_logscale_runs(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    """benchmarks.logscale (no servers): the file log and the floor's decision file."""
+    from benchmarks import logscale
+
+    argv = ["--threads", "1,2", "--seconds", "0.2", "--gap", "0.5", "--dir", str(tmp_path)]
+    assert logscale.main(argv) == 0
+    rows = [
+        x
+        for x in capsys.readouterr().out.splitlines()
+        if x.startswith("| file log") or x.startswith("| floor")
+    ]
+    assert len(rows) == 4 and all("nan" not in r and r.count("|") == 8 for r in rows)
