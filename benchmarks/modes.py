@@ -30,7 +30,8 @@ Round trips per transfer, sequential unless noted (``||`` = the two run side by 
                   then MariaDB: XA START, barrier INSERT IGNORE, UPDATE, XA END + XA COMMIT
                   ONE PHASE; then the record's end (fsynced). Not atomic at one instant:
                   compared with ``onepc`` (dtm's published figure is 0.29x plain MySQL)
-* ``xatm-async``, ``raw-async``: the asyncio API and hand-written asyncio 2PC, as tasks on
+* ``xatm-async``, ``raw-async``, ``xatm-async-cancel``: the asyncio API, hand-written asyncio
+                  2PC, and the asyncio API with one transfer in ten cancelled, as tasks on
                   one event loop (``benchmarks/aio_modes.py``)
 * ``raw-cext``, ``xatm-cext``, ``xatm-fast-cext``: ``raw``, ``xatm``, ``xatm-fast`` on
                   mysql-connector's C extension (``use_pure=false``); every other mode
@@ -514,6 +515,6 @@ def like_for_like(mode: str) -> str:
         return "raw-cext"
     if "-mp" in mode:
         return "raw-mp"
-    if mode.endswith("-async"):
+    if "-async" in mode:
         return "raw-async"
     return "raw"

@@ -58,6 +58,8 @@ TARGETS = (
     Target("xatm-fast", "raw-durable", None, (1, 8, 32, 48)),
     Target("xatm", "xatm", 1.15, (48,), metric="CPU", versus_clients=8),
     Target("xatm-fast", "xatm-fast", 1.15, (48,), metric="CPU", versus_clients=8),
+    Target("xatm-async", "xatm", 0.95, (8, 48)),
+    Target("xatm-async-cancel", "xatm-async", 0.8, (8, 48)),
     Target("xatm-mp", "raw-mp", None),
     Target("xatm-mp-shared", "raw-mp", None),
     Target("xatm-mp", "raw-mp", None, metric="CPU"),
