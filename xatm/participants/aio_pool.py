@@ -93,6 +93,7 @@ class AsyncPool:
         self.ping_after = ping_after
         self._idle: list[tuple[Connection, float]] = []
         self._closing: set[asyncio.Task[None]] = set()
+        self._resetting: set[asyncio.Task[None]] = set()  # resets under way (in _closing too)
         self._closed = False
         self.in_use = 0  # handed out, not given back yet
         self.opened = 0  # connections opened
@@ -100,7 +101,11 @@ class AsyncPool:
 
     async def get(self, *, fresh: bool = False, bound: float = _deadline.GRACE) -> Connection:
         """A live connection (pooled unless ``fresh``, or new: may raise
-        ResourceUnavailable); a ping gets ``bound`` seconds, as in ``xatm.participants.pool``."""
+        ResourceUnavailable); a ping gets ``bound`` seconds, as in ``xatm.participants.pool``.
+        With no idle connection but resets under way, it waits for one (a round trip, bounded
+        like a ping) rather than open a connection more."""
+        while not self._idle and self._resetting and not fresh:
+            await asyncio.wait(set(self._resetting), return_when=asyncio.FIRST_COMPLETED)
         while self._idle and not fresh:
             conn, since = self._idle.pop()
             if time.monotonic() - since < self.ping_after:
@@ -142,7 +147,10 @@ class AsyncPool:
         if self._closed or not self.participant.recoverable(conn):
             self._close(conn)
             return
-        self._spawn(self._reset(conn, bound))
+        task = self._spawn(self._reset(conn, bound))
+        if task is not None:
+            self._resetting.add(task)
+            task.add_done_callback(self._resetting.discard)
 
     async def _reset(self, conn: Connection, bound: float) -> None:
         clean = False
@@ -167,15 +175,16 @@ class AsyncPool:
     def _close(self, conn: Connection) -> None:
         self._spawn(self.participant.close(conn))
 
-    def _spawn(self, call: Coroutine[Any, Any, None]) -> None:
+    def _spawn(self, call: Coroutine[Any, Any, None]) -> asyncio.Task[None] | None:
         """Run ``call`` (a close or a reset) on the loop; ``aclose`` waits for it."""
         try:
             task = asyncio.get_running_loop().create_task(call)
         except RuntimeError:  # no loop any more: drop it (the server ends the session)
             call.close()
-            return
+            return None
         self._closing.add(task)
         task.add_done_callback(self._closing.discard)
+        return task
 
     async def aclose(self) -> None:
         self._closed = True
