@@ -17,7 +17,8 @@ no statement running, as psycopg leaves it once the cancel of an interrupted sta
 completed), a task on the loop rolls it back (``reset``, bounded like a ping) and pools it
 again (counted in ``resets``): a cancelled transaction then costs a ROLLBACK round trip, not
 a new session (a server fork, authentication, session settings). A reset that fails, times
-out or is itself cancelled closes the connection. Nothing waits for it but ``aclose``.
+out or is itself cancelled closes the connection. Only ``aclose`` waits for it, and ``get``
+when no connection is idle (a round trip is cheaper than a new session).
 """
 
 from __future__ import annotations
