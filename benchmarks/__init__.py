@@ -10,6 +10,7 @@ Modules:
 
 * ``env``     -- the servers (private or given by URL) and the account tables;
 * ``modes``   -- the commit modes compared (``MODES``: name -> factory; add new ones there);
+* ``floor``   -- the durable floor's decision file (``raw-durable``: preallocated, group commit);
 * ``aio_modes``, ``aio_driver`` -- the asyncio modes, run as tasks on one event loop;
 * ``mp``, ``mp_child`` -- the multi-process modes, run as child coordinator processes;
 * ``catalog`` -- every mode by name;
@@ -17,5 +18,7 @@ Modules:
 * ``servermeter`` -- the servers' CPU time and fsyncs during the window;
 * ``report``  -- aggregates rounds, renders Markdown / JSON / PNG;
 * ``run``     -- the command line;
-* ``profile`` -- per-phase timing and py-spy sampling of xatm's commit.
+* ``profile`` -- per-phase timing and py-spy sampling of xatm's commit;
+* ``logscale`` -- CPU per forced decision as threads grow: the file log against the floor's
+  decision file, without servers.
 """

@@ -5,6 +5,11 @@
                   branches' prepares and commits concurrent, the log fsync on a worker thread
 * ``raw-async``   hand-written asyncio 2PC, the statements of ``raw`` awaited in order on
                   the same two drivers (one pair of connections per task)
+* ``xatm-async-cancel`` ``xatm-async`` with about one transfer in ten (``CANCEL_SHARE``)
+                  cancelled at a random moment, as a client disconnect or an
+                  ``asyncio.timeout`` would: a timeout drawn from 0 to the task's recent
+                  transfer time. A cancelled transfer that rolled back is run again, so each
+                  transfer counted is one committed (its cancelled attempts' time included)
 
 The driver (``benchmarks.driver``) runs a mode that has ``async_client`` as N tasks on one
 event loop instead of N threads (``--clients 48``: 48 concurrent tasks).
@@ -12,9 +17,12 @@ event loop instead of N threads (``--clients 48``: 48 concurrent tasks).
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import os
+import random
 import shutil
+import time
 from typing import Any
 
 import psycopg
@@ -176,3 +184,52 @@ class XatmAsyncMode:
     def close(self) -> None:
         self._restore()
         shutil.rmtree(self.logdir, ignore_errors=True)
+
+
+#: the share of ``xatm-async-cancel``'s transfer attempts that are cancelled
+CANCEL_SHARE = 0.1
+
+
+class CancellingAsyncClient(XatmAsyncClient):
+    """``XatmAsyncClient`` whose attempts are cancelled now and then (``CANCEL_SHARE``)."""
+
+    def __init__(self, tm: AsyncTransactionManager, table: str, seed: int) -> None:
+        super().__init__(tm, table)
+        self.rng = random.Random(seed)
+        self.typical = 0.002  # seconds: a moving average of this task's transfer times
+        self.cancelled = 0
+
+    async def transfer(self, debit: int, credit: int, amount: int) -> None:
+        while True:
+            if self.rng.random() >= CANCEL_SHARE:
+                t0 = time.perf_counter()
+                await super().transfer(debit, credit, amount)
+                self.typical += 0.1 * (time.perf_counter() - t0 - self.typical)
+                return
+            seen: list[Any] = []
+            try:
+                async with asyncio.timeout(self.rng.uniform(0.0, self.typical)):
+                    await self._watched(debit, credit, amount, seen)
+                return
+            except TimeoutError:
+                self.cancelled += 1
+                state = seen[0].state.value if seen else "not begun"
+                if state == "committed":  # cancelled once its decision was made
+                    return
+                if state not in ("rolled-back", "not begun", "active"):
+                    raise RuntimeError(f"a cancelled transfer ended {state}") from None
+
+    async def _watched(self, debit: int, credit: int, amount: int, seen: list[Any]) -> None:
+        async with self.tm.transaction() as tx:
+            seen.append(tx)
+            cur = await tx.execute("pg", self.debit, (amount, debit))
+            _one_row(cur.rowcount, "PostgreSQL")
+            cur = await tx.execute("maria", self.credit, (amount, credit))
+            _one_row(cur.rowcount, "MariaDB")
+
+
+class XatmAsyncCancelMode(XatmAsyncMode):
+    """``XatmAsyncMode`` whose tasks cancel about one transfer in ten."""
+
+    async def async_client(self) -> XatmAsyncClient:
+        return CancellingAsyncClient(self.tm, self.ctx.table, next(_ids))

@@ -4,7 +4,7 @@
 
 from __future__ import annotations
 
-from .aio_modes import RawAsyncMode, XatmAsyncMode
+from .aio_modes import RawAsyncMode, XatmAsyncCancelMode, XatmAsyncMode
 from .modes import MODES as THREADED
 from .modes import ModeFactory
 from .mp import MODES as MULTIPROCESS
@@ -13,5 +13,6 @@ MODES: dict[str, ModeFactory] = {
     **THREADED,
     "xatm-async": XatmAsyncMode,  # type: ignore[dict-item]
     "raw-async": RawAsyncMode,  # type: ignore[dict-item]
+    "xatm-async-cancel": XatmAsyncCancelMode,  # type: ignore[dict-item]
     **MULTIPROCESS,
 }

@@ -11,6 +11,10 @@ Round trips per transfer, sequential unless noted (``||`` = the two run side by 
 * ``onepc``       PG: BEGIN, UPDATE, COMMIT; MariaDB: UPDATE, COMMIT (not atomic: the ceiling)
 * ``raw``         PG: BEGIN, UPDATE, PREPARE TRANSACTION, COMMIT PREPARED;
                   MariaDB: XA START, UPDATE, XA END, XA PREPARE, XA COMMIT
+* ``raw-durable`` the durable floor: ``raw`` plus, between the prepares and the commits,
+                  the COMMIT decision written in place to a preallocated file and fdatasynced
+                  with group commit (``benchmarks.floor``): what any crash-safe coordinator
+                  must do at least
 * ``sqlalchemy``  as ``raw`` (via ``Connection.begin_twophase()``) plus SQLAlchemy's pool
                   reset on check-in (a ROLLBACK round trip on MariaDB)
 * ``xatm``        as ``raw``, with prepare || prepare, a log fsync, commit || commit
@@ -26,7 +30,8 @@ Round trips per transfer, sequential unless noted (``||`` = the two run side by 
                   then MariaDB: XA START, barrier INSERT IGNORE, UPDATE, XA END + XA COMMIT
                   ONE PHASE; then the record's end (fsynced). Not atomic at one instant:
                   compared with ``onepc`` (dtm's published figure is 0.29x plain MySQL)
-* ``xatm-async``, ``raw-async``: the asyncio API and hand-written asyncio 2PC, as tasks on
+* ``xatm-async``, ``raw-async``, ``xatm-async-cancel``: the asyncio API, hand-written asyncio
+                  2PC, and the asyncio API with one transfer in ten cancelled, as tasks on
                   one event loop (``benchmarks/aio_modes.py``)
 * ``raw-cext``, ``xatm-cext``, ``xatm-fast-cext``: ``raw``, ``xatm``, ``xatm-fast`` on
                   mysql-connector's C extension (``use_pure=false``); every other mode
@@ -51,6 +56,7 @@ from xatm import Saga, TransactionManager
 from xatm.sagas.barrier import ensure_table as ensure_barrier_table
 
 from .env import C_EXTENSION, PURE, Urls, mysql_connect, pg_connect, require_kind, with_use_pure
+from .floor import DecisionFile
 
 _ids = itertools.count(1)
 
@@ -171,6 +177,8 @@ class RawClient:
         self.debit, self.credit = _debit_sql(ctx.table), _credit_sql(ctx.table)
         self.prefix = f"bench_{os.getpid()}_{next(_ids)}_"
         self.n = 0
+        #: makes the decision durable between the prepares and the commits (``raw``: none)
+        self.decide: Callable[[str], None] | None = None
 
     def transfer(self, debit: int, credit: int, amount: int) -> None:
         self.n += 1
@@ -187,6 +195,8 @@ class RawClient:
             stage = "pg-prepared"
             self.cur.execute(f"XA END {xid}")
             self.cur.execute(f"XA PREPARE {xid}")
+            if self.decide is not None:
+                self.decide(gid)
             stage = "committing"
             self.pg.execute(f"COMMIT PREPARED '{gid}'")
             self.cur.execute(f"XA COMMIT {xid}")
@@ -230,6 +240,36 @@ class RawMode(_NoLog):
 
 def raw_cext(ctx: RunContext) -> Mode:
     return RawMode(ctx, pure=False)
+
+
+# --------------------------------------------------------------------------- raw-durable
+
+
+class RawDurableClient(RawClient):
+    """``raw`` plus the durable decision between the prepares and the commits: the floor of
+    a crash-safe coordinator (``benchmarks.floor``)."""
+
+    def __init__(self, ctx: RunContext, log: DecisionFile) -> None:
+        super().__init__(ctx)
+        self.decide = log.commit
+
+
+class RawDurableMode(_NoLog):
+    """``RawDurableClient`` per thread, all on one decision file in the scratch dir."""
+
+    def __init__(self, ctx: RunContext) -> None:
+        self.ctx = ctx
+        self.log = DecisionFile(ctx.workdir / f"floor-{next(_ids)}.log")
+
+    def client(self) -> Client:
+        return RawDurableClient(self.ctx, self.log)
+
+    def log_counters(self) -> tuple[int, int] | None:
+        return self.log.counters()
+
+    def close(self) -> None:
+        self.log.close()
+        self.log.path.unlink(missing_ok=True)
 
 
 # --------------------------------------------------------------------------- sqlalchemy
@@ -440,6 +480,7 @@ def xatm_mode(**tm_options: Any) -> ModeFactory:
 MODES: dict[str, ModeFactory] = {
     "onepc": OnePCMode,
     "raw": RawMode,
+    "raw-durable": RawDurableMode,
     "sqlalchemy": SQLAlchemyMode,
     "xatm": xatm_mode(),
     "xatm-serial": xatm_mode(parallel=False),
@@ -454,7 +495,7 @@ MODES: dict[str, ModeFactory] = {
 
 
 #: the modes every other mode is compared against (where they ran)
-BASELINES = ("raw", "sqlalchemy", "raw-async", "raw-mp", "raw-cext")
+BASELINES = ("raw", "raw-durable", "sqlalchemy", "raw-async", "raw-mp", "raw-cext")
 
 
 def is_xatm(mode: str) -> bool:
@@ -474,6 +515,6 @@ def like_for_like(mode: str) -> str:
         return "raw-cext"
     if "-mp" in mode:
         return "raw-mp"
-    if mode.endswith("-async"):
+    if "-async" in mode:
         return "raw-async"
     return "raw"

@@ -190,6 +190,14 @@ class AsyncTransactionManager:
             return {}
         return {n: p.in_use for n, p in self._aio.pools.items()}
 
+    @property
+    def connections_opened(self) -> dict[str, int]:
+        """Connections the pools opened so far, per resource (a connection whose call was
+        cancelled is reused when its state is known: ``xatm.participants.aio_pool``)."""
+        if self._aio is None:
+            return {}
+        return {n: p.opened for n, p in self._aio.pools.items()}
+
     def transaction(self, timeout: float | None = None) -> AsyncTransaction:
         """A new global transaction, for ``async with tm.transaction() as tx:``.
 

@@ -47,10 +47,14 @@ def test_quick_benchmark_runs_and_balances(servers: Servers, log_url: str, tmp_p
         assert s["mysql"] == "C extension" if needs_cext(s["mode"]) else "pure" in s["mysql"]
         assert s["processes"] == (2 if is_multiprocess(s["mode"]) else 1)
     xatm = next(s for s in data["summary"] if s["mode"] == "xatm" and s["clients"] == 1)
-    assert set(xatm["ratios"]) >= {"raw", "sqlalchemy", "raw-async"}
+    assert set(xatm["ratios"]) >= {"raw", "raw-durable", "sqlalchemy", "raw-async"}
+    floor = next(s for s in data["summary"] if s["mode"] == "raw-durable" and s["clients"] == 2)
+    assert floor["fsyncs_per_tx"] is not None and 0 < floor["fsyncs_per_tx"] <= 1
     text = doc.read_text()
     assert "| clients | mode | tx/s (median)" in text
     assert "Against the performance targets" in text
+    assert "**Every xatm mode against the floors**" in text
+    assert "| 2 | **raw-durable** |" in text
     if not cext:
         assert "`xatm-cext` not run: the C extension" in text
     assert "balanced after every one" in text
@@ -136,3 +140,17 @@ def test_profile_classifies_pyspy_frames() -> None:
     assert classify(stack("_write_at (xatm/log/file.py:80)")) == "log: write + fsync"
     assert classify(list(idle)) == "log flusher: idle (no records wait for a flush)"
     assert classify(stack("overlapped (xatm/core/parallel.py:40)")).startswith("xatm Python")
+
+
+def test_logscale_runs(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    """benchmarks.logscale (no servers): the file log and the floor's decision file."""
+    from benchmarks import logscale
+
+    argv = ["--threads", "1,2", "--seconds", "0.2", "--gap", "0.5", "--dir", str(tmp_path)]
+    assert logscale.main(argv) == 0
+    rows = [
+        x
+        for x in capsys.readouterr().out.splitlines()
+        if x.startswith("| file log") or x.startswith("| floor")
+    ]
+    assert len(rows) == 4 and all("nan" not in r and r.count("|") == 8 for r in rows)

@@ -14,9 +14,10 @@ meanwhile, the transaction is asked to refuse its decision (``refuse_decision``)
 decision that means it rolls back; once the decision is being made it commits, phase 2
 included. Either way the caller waits for that end (its connections given back, nothing
 left waiting) and then gets its ``CancelledError``; ``tx.state`` says the outcome. A
-cancellation inside the block (at ``await tx.execute(...)``) makes the interrupted branch's
-connection unusable: it is closed, which rolls its unprepared work back, and the block's
-end rolls back the rest.
+cancellation inside the block (at ``await tx.execute(...)``) ends the interrupted branch:
+its connection is rolled back and given back to the pool when its state is known after the
+cancel (PostgreSQL), closed otherwise; either way its unprepared work is rolled back, and the
+block's end rolls back the rest.
 
 **Several tasks** (``asyncio.gather`` over ``tx.execute``): an ``asyncio.Lock`` per resource
 is held while its branch is enlisted and while a statement runs on it; the end waits for the
@@ -148,7 +149,7 @@ class AsyncTransaction(ManagedTransaction):
                 return cursor
             except BaseException as e:
                 if isinstance(e, asyncio.CancelledError) or driver.is_connection_error(e):
-                    # interrupted midway: the connection is closed
+                    # interrupted midway: the branch's connection is discarded (reset or closed)
                     timeout = self._statement_lost(branch, e)
                     if timeout is not None and not isinstance(e, asyncio.CancelledError):
                         raise timeout from e

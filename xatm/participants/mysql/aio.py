@@ -121,6 +121,16 @@ class AsyncMySQL:
             return False
         return bool(conn.is_socket_connected()) and not conn.unread_result
 
+    def recoverable(self, conn: Any) -> bool:
+        """Never: mysql.connector.aio cannot cancel a statement, so a call interrupted
+        midway leaves its reply unread or half read, and a later statement could read that
+        stale reply as its own. Such a connection is closed (the server rolls back its
+        unprepared work); closing a MariaDB session costs no fork."""
+        return False
+
+    async def reset(self, conn: Any) -> bool:
+        return False  # not called: nothing is recoverable
+
     async def close(self, conn: Any) -> None:
         with contextlib.suppress(Exception):
             await conn.close()

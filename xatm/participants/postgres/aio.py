@@ -36,6 +36,9 @@ from xatm.participants.postgres.participant import (
 
 AsyncConn = psycopg.AsyncConnection[Any]
 
+#: the states of a session that no statement is running in: a ROLLBACK makes it idle
+_KNOWN = (TransactionStatus.IDLE, TransactionStatus.INTRANS, TransactionStatus.INERROR)
+
 
 class AsyncPostgres:
     """A PostgreSQL resource driven through ``psycopg.AsyncConnection``."""
@@ -103,6 +106,18 @@ class AsyncPostgres:
 
     def is_idle(self, conn: AsyncConn) -> bool:
         return not conn.closed and conn.info.transaction_status == TransactionStatus.IDLE
+
+    def recoverable(self, conn: AsyncConn) -> bool:
+        """Known when no statement runs: psycopg, cancelled in a statement, sends the server a
+        cancel request and waits for the statement to end (the session is then in a failed
+        transaction, or idle if it ended first), or closes the connection if that does not
+        happen in time (closed: unknown)."""
+        return not conn.closed and conn.info.transaction_status in _KNOWN
+
+    async def reset(self, conn: AsyncConn) -> bool:
+        if conn.info.transaction_status != TransactionStatus.IDLE:
+            await conn.execute("ROLLBACK")
+        return self.is_idle(conn)
 
     async def close(self, conn: AsyncConn) -> None:
         with contextlib.suppress(Exception):
