@@ -30,8 +30,12 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
 from xatm.core import events as _events
+from xatm.recovery import backlog as _backlog
 
 OUTCOMES = ("committed", "rolled_back", "in_doubt", "heuristic")
+PHASES = ("prepare", "decide", "commit", "rollback")
+OPERATIONS = ("begin", "prepare", "commit", "commit_one_phase", "rollback")
+PASS_RESULTS = ("ok", "failed")
 RECOVERY_ACTIONS = (
     "commit", "rollback", "skip", "error", "heuristic", "verify", "end", "possibly-lost"
 )  # fmt: skip
@@ -141,8 +145,15 @@ class XatmCollector(Collector):
             self.failovers,
             self.failover_losses,
         )
-        # node -> (in-doubt transactions, oldest one's creation time) of its last pass
-        self._in_doubt: dict[str, tuple[int, float | None]] = {}
+        #: node -> its in-doubt backlog (xatm.recovery.backlog), measured at each scrape while a
+        #: manager of the node lives, else as last measured
+        self._backlog: dict[str, _backlog.Backlog] = {}
+        #: node -> resource -> the gtrids the last pass that reached it left prepared there
+        self._listings: dict[str, dict[str, frozenset[str]]] = {}
+        #: node -> resource -> 1 if its last pass (or probe) reached it, 0 if not
+        self._up: dict[str, dict[str, int]] = {}
+        #: node -> 1 if its coordinator log can be read (0: failed, or unreachable)
+        self._log_up: dict[str, int] = {}
         self._unreachable: dict[str, int] = {}
         self._strangers: dict[str, int] = {}
         self._last_pass: dict[str, float] = {}
@@ -170,14 +181,30 @@ class XatmCollector(Collector):
             self.transactions.labels(node, outcome)
         for action in RECOVERY_ACTIONS:
             self.recovery_actions.labels(node, action)
+        for result in PASS_RESULTS:
+            self.recovery_passes.labels(node, result)
+        for phase in PHASES:
+            self.phases.labels(node, phase)
         self.heuristics.labels(node)
         self.fsyncs.labels(node)
         self.duration.labels(node)
+        self.recovery_duration.labels(node)
         with self._lock:
-            self._in_doubt.setdefault(node, (0, None))
+            self._backlog.setdefault(node, _backlog.Backlog())
+
+    def _resources(self, node: str, names: Iterable[str]) -> None:
+        """Create a node's per-resource series at 0."""
+        for resource in names:
+            for op in OPERATIONS:
+                self.branch_ops.labels(node, resource, op)
+                self.branch_errors.labels(node, resource, op)
+            self.failovers.labels(node, resource)
+            for certainty in ("lost", "unknown"):
+                self.failover_losses.labels(node, resource, certainty)
 
     def _opened(self, e: _events.ManagerOpened) -> None:
         self._node(e.node)
+        self._resources(e.node, _resource_names(e.manager))
         with self._lock:
             self._managers.setdefault(e.node, weakref.WeakSet()).add(e.manager)
 
@@ -219,8 +246,13 @@ class XatmCollector(Collector):
             self.recovery_actions.labels(e.node, action.action).inc()
         if e.report.heuristics:
             self.heuristics.labels(e.node).inc(e.report.heuristics)
+        listings = _backlog.left_by_resource(e.report)
         with self._lock:
-            self._in_doubt[e.node] = (e.in_doubt, e.oldest_created)
+            known = self._listings.setdefault(e.node, {})
+            known.update(listings)  # an unreachable resource keeps its last listing
+            up = self._up.setdefault(e.node, {})
+            up.update({r: 1 for r in e.report.reached})
+            up.update({r: 0 for r in e.report.unreachable})
             self._unreachable[e.node] = len(e.report.unreachable)
             self._strangers[e.node] = e.report.strangers
             self._last_pass[e.node] = e.wall_start + e.duration
@@ -240,12 +272,44 @@ class XatmCollector(Collector):
             yield from metric.collect()
         yield from self._gauges()
 
+    def _measure(self, node: str, manager: Any, now: float) -> None:
+        """The node's backlog from its logs now (``xatm.recovery.backlog``), kept for the scrape."""
+        try:
+            ctx = manager.context
+        except Exception:
+            return
+        pending, failed = _backlog.read_pending(ctx)
+        with self._lock:
+            listings = dict(self._listings.get(node, {}))
+            unreachable = {r for r, ok in self._up.get(node, {}).items() if not ok}
+            previous = self._backlog.get(node)
+        measured = _backlog.measure(
+            pending=pending,
+            own_node=node,
+            listings=listings,
+            unreachable=unreachable,
+            running=lambda g: ctx.running(g) is not None,
+            now=now,
+            grace=ctx.timeout,
+        )
+        with self._lock:
+            # this node's log cannot be read: what it said last stands, unless more is seen
+            if failed is None or previous is None or measured.total >= previous.total:
+                self._backlog[node] = measured
+            self._log_up[node] = 0 if failed is not None else 1
+
     def _gauges(self) -> Iterator[Metric]:
         now = time.time()
+        with self._lock:
+            live = {node: next(iter(ms), None) for node, ms in self._managers.items()}
+        for node, manager in live.items():
+            if manager is not None:
+                self._measure(node, manager, now)
         in_doubt = GaugeMetricFamily(
             "xatm_in_doubt_transactions",
-            "xatm transactions the last recovery or sweeper pass left prepared (a phase-2 call"
-            " failed, or left alone and older than the timeout)",
+            "xatm transactions in doubt: a COMMIT decision pending in a coordinator log, or a"
+            " branch left prepared with no decision (as last listed); not this process's running"
+            " ones, nor another node's or undecided ones younger than the timeout",
             labels=["node"],
         )
         oldest = GaugeMetricFamily(
@@ -253,9 +317,40 @@ class XatmCollector(Collector):
             "Age of the oldest transaction counted in xatm_in_doubt_transactions (0 if none)",
             labels=["node"],
         )
+        undecided = GaugeMetricFamily(
+            "xatm_in_doubt_undecided_transactions",
+            "Of xatm_in_doubt_transactions, those with no decision logged (branches left"
+            " prepared, as the last pass that reached their resource listed them)",
+            labels=["node"],
+        )
+        decisions = GaugeMetricFamily(
+            "xatm_pending_decisions",
+            "COMMIT decisions pending (no END) in the coordinator log of node `log` (counted"
+            " in xatm_in_doubt_transactions): in doubt until every branch is committed",
+            labels=["node", "log"],
+        )
+        per_resource = GaugeMetricFamily(
+            "xatm_resource_in_doubt_transactions",
+            "In-doubt transactions with a branch on the resource that is prepared or unknown"
+            " (the resource unreachable, or not listed yet)",
+            labels=["node", "resource"],
+        )
+        up = GaugeMetricFamily(
+            "xatm_resource_up",
+            "1 if the last pass or probe of the resource reached it, else 0 (0 until a"
+            " connection succeeds)",
+            labels=["node", "resource"],
+        )
+        log_up = GaugeMetricFamily(
+            "xatm_log_up",
+            "1 if this node's coordinator log can be read and written, 0 if it failed (a full"
+            " disk: commits are refused until a restart) or cannot be reached (shared log)",
+            labels=["node"],
+        )
         unreachable = GaugeMetricFamily(
             "xatm_recovery_unreachable_resources",
-            "Resources the last recovery or sweeper pass could not reach",
+            "Resources the last recovery or sweeper pass could not reach (the sweeper probes"
+            " those it backs off from at every pass)",
             labels=["node"],
         )
         last = GaugeMetricFamily(
@@ -282,10 +377,19 @@ class XatmCollector(Collector):
             labels=["node"],
         )
         with self._lock:
-            for node, (count, created) in sorted(self._in_doubt.items()):
-                in_doubt.add_metric([node], count)
-                age = max(0.0, now - created) if count and created is not None else 0.0
+            for node, b in sorted(self._backlog.items()):
+                in_doubt.add_metric([node], b.total)
+                undecided.add_metric([node], b.undecided)
+                created = b.oldest_created
+                age = max(0.0, now - created) if b.total and created is not None else 0.0
                 oldest.add_metric([node], age)
+                for log, n in sorted(b.by_log.items()):
+                    decisions.add_metric([node, log], n)
+                for resource, n in sorted(b.by_resource.items()):
+                    per_resource.add_metric([node, resource], n)
+            ups = {node: dict(rs) for node, rs in self._up.items()}
+            for node, ok in sorted(self._log_up.items()):
+                log_up.add_metric([node], ok)
             for node, n in sorted(self._unreachable.items()):
                 unreachable.add_metric([node], n)
             for node, at in sorted(self._last_pass.items()):
@@ -294,14 +398,30 @@ class XatmCollector(Collector):
             for node, n in sorted(self._strangers.items()):
                 strangers.add_metric([node], n)
         for node, ms in sorted(managers.items()):
-            running.add_metric([node], 1 if any(_sweeping(m) for m in ms) else 0)
+            sweeping = any(_sweeping(m) for m in ms)
+            if sweeping:  # its resources are probed: 0 until one answers
+                for m in ms:
+                    for resource in _resource_names(m):
+                        ups.setdefault(node, {}).setdefault(resource, 0)
+            running.add_metric([node], 1 if sweeping else 0)
             held: dict[str, bool] = {}
             for m in ms:
                 for status in _identity(m):
                     held[status.resource] = held.get(status.resource, False) or status.held
             for resource, ok in sorted(held.items()):
                 identity.add_metric([node, resource], 1 if ok else 0)
-        yield from (in_doubt, oldest, unreachable, last, running, identity, strangers)
+        for node, rs in sorted(ups.items()):
+            for resource, ok in sorted(rs.items()):
+                up.add_metric([node, resource], ok)
+        yield from (in_doubt, oldest, undecided, decisions, per_resource, up, log_up)
+        yield from (unreachable, last, running, identity, strangers)
+
+
+def _resource_names(manager: Any) -> list[str]:
+    try:
+        return list(manager.context.resources.names)
+    except Exception:
+        return []
 
 
 def _identity(manager: Any) -> list[Any]:

@@ -368,3 +368,30 @@ def test_the_core_imports_no_exporter(bank: Bank, tmp_path: Path, setting: str) 
     else:
         after = ["prometheus_client", "xatm.prometheus"]
         assert got == {"before": [], "after": after, "listening": True}
+
+
+def test_every_counter_label_combination_starts_at_zero(bank: Bank, make_tm: MakeTM) -> None:
+    """So that increase() and rate() see the first failure (a series born at 1 has none)."""
+    tm = make_tm(node_id="m-zero", sweeper=False)
+    n = "m-zero"
+    assert value("xatm_recovery_passes_total", node=n, result="failed") == 0
+    assert value("xatm_recovery_passes_total", node=n, result="ok") == 0
+    for resource in tm.context.resources.names:
+        for op in ("begin", "prepare", "commit", "commit_one_phase", "rollback"):
+            labels = {"node": n, "resource": resource, "operation": op}
+            assert value("xatm_branch_operation_errors_total", **labels) == 0, labels
+        assert value("xatm_failovers_total", node=n, resource=resource) == 0
+        for certainty in ("lost", "unknown"):
+            assert (
+                value(
+                    "xatm_failover_lost_transactions_total",
+                    node=n,
+                    resource=resource,
+                    certainty=certainty,
+                )
+                == 0
+            )
+    for phase in ("prepare", "decide", "commit", "rollback"):
+        assert value("xatm_transaction_phase_duration_seconds_count", node=n, phase=phase) == 0
+    assert value("xatm_log_up", node=n) == 1
+    assert value("xatm_in_doubt_transactions", node=n) == 0

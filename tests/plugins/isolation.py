@@ -1,20 +1,20 @@
 """Per-test bank tables, and the autouse clean-up that keeps one failed test from failing
-the next ones (managers left open are closed, prepared branches left are rolled back)."""
+the next ones (managers a failed test left open are closed, prepared branches left are
+rolled back)."""
 
 from __future__ import annotations
 
 import contextlib
+import gc
 import itertools
 import logging
 import os
-import weakref
 from collections.abc import Iterator
-from typing import Any
 
 import pytest
 
 from tests.support import Bank, Servers
-from xatm import events
+from xatm import TransactionManager
 
 logger = logging.getLogger("tests")
 
@@ -26,29 +26,34 @@ _table_numbers = itertools.count(1)
 _banks: list[Bank] = []
 
 
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    """Note on the test item whether any of its phases failed (read by ``_isolated``)."""
+    outcome = yield
+    report = outcome.get_result()  # type: ignore[attr-defined]
+    if report.failed:
+        item.stash[_FAILED] = True
+
+
+_FAILED = pytest.StashKey[bool]()
+
+
 @pytest.fixture(autouse=True)
-def _isolated() -> Iterator[None]:
-    """Keep one failed test from failing the next ones. After each test: close every manager
-    it opened and left open (it keeps its node's identity locks, and the next test of that
-    node_id would find its node in use); then roll back xatm's prepared branches it left on
-    its bank's servers (later tests check that nothing is prepared)."""
-    opened: weakref.WeakSet[Any] = weakref.WeakSet()
-
-    def note(event: events.Event) -> None:
-        if isinstance(event, events.ManagerOpened):
-            opened.add(event.manager)
-        elif isinstance(event, events.ManagerClosed):
-            opened.discard(event.manager)
-
-    events.subscribe(note)
+def _isolated(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Keep one failed test from failing the next ones. After a test that failed: close every
+    manager it left open (it keeps its node's identity locks, and the next test of that
+    node_id would find its node in use). After every test: roll back xatm's prepared branches
+    it left on its bank's servers (later tests check that nothing is prepared)."""
     try:
         yield
     finally:
-        events.unsubscribe(note)
-        for tm in list(opened):
-            logger.warning("closing manager %r, left open by the test", tm.node_id)
-            with contextlib.suppress(Exception):
-                tm.close()
+        if request.node.stash.get(_FAILED, False):
+            gc.collect()
+            for tm in [o for o in gc.get_objects() if isinstance(o, TransactionManager)]:
+                if not tm.closed:
+                    logger.warning("closing manager %r, left open by the test", tm.node_id)
+                    with contextlib.suppress(Exception):
+                        tm.close()
         while _banks:
             b = _banks.pop()
             with contextlib.suppress(Exception):

@@ -30,10 +30,11 @@ def _summary(report: RecoveryReport) -> str:
         left = report.in_doubt - commits - rollbacks
     else:
         commits, rollbacks, left = report.committed, report.rolled_back, report.in_doubt
+    waiting = f" ({report.waiting} transaction(s) waiting for an unreachable resource)"
     parts = [
         f"{verb}commit {commits} branch(es)" if verb else f"{commits} committed",
         f"{verb}roll back {rollbacks}" if verb else f"{rollbacks} rolled back",
-        f"{left} left in doubt",
+        f"{left} left in doubt" + (waiting if report.waiting else ""),
         f"{report.heuristics} heuristic outcome(s)",
         *([f"{report.possibly_lost} possibly lost in a failover"] if report.possibly_lost else []),
         f"{report.foreign} foreign prepared transaction(s) untouched",

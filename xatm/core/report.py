@@ -60,6 +60,11 @@ class RecoveryReport:
     dry_run: bool = False
     #: branches of this node_id made by a process its log does not list: left (a twin)
     strangers: int = 0
+    #: transactions whose decision names a branch on a resource this pass could not read
+    #: (unknown: they wait for it; counted in ``in_doubt`` too, one per such branch)
+    waiting: int = 0
+    #: the resources this pass read (the others were unreachable, or not in the pass)
+    reached: tuple[str, ...] = ()
 
     @property
     def clean(self) -> bool:
@@ -76,6 +81,7 @@ class RecoveryReport:
             "possibly_lost": self.possibly_lost,
             "foreign": self.foreign,
             "strangers": self.strangers,
+            "waiting_on_unreachable": self.waiting,
             "ended": self.ended,
             "unreachable": [{"resource": r, "error": m} for r, m in self.problems],
             "actions": [a.to_json() for a in self.actions],

@@ -56,6 +56,7 @@ from xatm.participants.adapters import make_participant
 from xatm.participants.pool import silent
 from xatm.participants.postgres.participant import PostgresParticipant
 from xatm.recovery import markers as _marker_recovery
+from xatm.recovery.plan import TransactionPlan, plan_transaction
 
 logger = logging.getLogger("xatm.inspect")
 
@@ -95,8 +96,10 @@ class BranchInfo:
 
     resource: str
     bqual: str
-    #: "prepared" (found prepared), "missing" (in the COMMIT record, not prepared any more:
-    #: committed, or resolved outside xatm), "unreachable" (the resource could not be asked)
+    #: "prepared" (found prepared); for a branch the COMMIT record names that is not
+    #: prepared any more: "committed" or "rolled back" (its PostgreSQL transaction's status,
+    #: from the logged txid), "missing" (cannot be told: a MySQL branch, or no txid logged);
+    #: "unknown" (the resource could not be asked: the branch may still be prepared there)
     state: str
     prepared_at: float | None = None
     db_owner: str | None = None  # the database role that prepared it (PostgreSQL)
@@ -219,7 +222,7 @@ class TransactionInfo:
     decision: Decision | None
     decided_at: float | None
     logged_branches: tuple[str, ...]  # resources named by the COMMIT record, if any
-    in_doubt: bool  # some branch is still prepared
+    in_doubt: bool  # some branch is still prepared, or may be (its resource not reached)
     plan: str
     branches: tuple[BranchInfo, ...]
     audit: tuple[AuditEntry, ...]
@@ -616,6 +619,7 @@ class Inspector:
             running = self._is_running(gtrid, owner)
             decision, what = self._verdict(gtrid, record, owner, running, scan)
             branches = self._branches(gtrid, scan, record)
+            what = self._plan(gtrid, record, what, scan).text
             rows.append(
                 InDoubt(
                     gtrid=gtrid,
@@ -639,6 +643,32 @@ class Inspector:
             tuple(rows), tuple(sorted(scan.unreachable.items())), scan.foreign, lost
         )
 
+    @staticmethod
+    def _plan(gtrid: str, record: LogRecord | None, verdict: str, scan: _Scan) -> TransactionPlan:
+        """The transaction's plan by :func:`xatm.recovery.plan.plan_transaction`, as a pass that
+        saw what this scan saw would act: the same function a recovery pass asks."""
+        return plan_transaction(
+            decided=record is not None,
+            logged_branches=() if record is None else record.branches,
+            prepared={r: verdict for r, _, _, _ in scan.found.get(gtrid, [])},
+            unread=set(scan.unreachable),
+        )
+
+    def _finished(self, resource: str, txid: int | None) -> str:
+        """The state of a logged branch that is not prepared any more: "committed" or
+        "rolled back" where its server can tell (PostgreSQL, by the logged txid), else
+        "missing"."""
+        participant = self._participants.get(resource)
+        if participant is None:
+            return "missing"
+        try:
+            with self._connection(resource) as conn:
+                verdict, _ = participant.verify_finished(conn, txid)
+        except Exception as e:
+            logger.debug("cannot tell what became of a branch on %r: %s", resource, e)
+            return "missing"
+        return {"committed": "committed", "aborted": "rolled back"}.get(verdict, "missing")
+
     def _branches(
         self, gtrid: str, scan: _Scan, record: LogRecord | None
     ) -> tuple[BranchInfo, ...]:
@@ -658,12 +688,14 @@ class Inspector:
         for resource in record.branches if record is not None else ():
             if resource in out:
                 continue
-            state = "unreachable" if resource in scan.unreachable else "missing"
-            out[resource] = BranchInfo(resource, resource, state, txid=txids.get(resource))
+            txid = txids.get(resource)
+            unknown = resource in scan.unreachable
+            state = "unknown" if unknown else self._finished(resource, txid)
+            out[resource] = BranchInfo(resource, resource, state, txid=txid)
         for resource in scan.unreachable:
             if resource not in out and record is None:
                 # an undecided transaction may have a branch there too: say we could not look
-                out[resource] = BranchInfo(resource, resource, "unreachable")
+                out[resource] = BranchInfo(resource, resource, "unknown")
         return tuple(out[r] for r in sorted(out))
 
     def show(self, gtrid: str) -> TransactionInfo:
@@ -682,13 +714,9 @@ class Inspector:
             )
         running = self._is_running(gtrid, owner)
         decision, what = self._verdict(gtrid, record, owner, running, scan)
-        in_doubt = bool(scan.found)
-        if in_doubt:
-            pass
-        elif record is not None:
-            what = "no branch is prepared: recovery closes the decision record (END)"
-        else:
-            what = "nothing to do: no branch is prepared"
+        plan = self._plan(gtrid, record, what, scan)
+        in_doubt = plan.in_doubt
+        what = plan.text
         return TransactionInfo(
             gtrid=gtrid,
             node=node,

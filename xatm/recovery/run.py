@@ -98,7 +98,9 @@ from xatm.core.xid import Xid, incarnation_of, may_use_marker, parse_gtrid
 from xatm.errors import LogError, ResourceError
 from xatm.node import failover as _failover
 from xatm.recovery import markers as _marker_recovery
+from xatm.recovery import reachability as _reachability
 from xatm.recovery.fleet import Fleet, fleet_for
+from xatm.recovery.plan import Step, TransactionPlan, plan_transaction
 from xatm.recovery.settle import Settled, finish_prepared
 
 if TYPE_CHECKING:
@@ -134,6 +136,8 @@ class _Pass:
     problems: dict[str, str] = field(default_factory=dict)
     skipped: set[str] = field(default_factory=set)  # resources not in this pass (backoff)
     strangers: set[str] = field(default_factory=set)  # gtrids of processes no log here lists
+    #: gtrid -> the resources not read in this pass that hold a branch its decision names
+    waiting: dict[str, tuple[str, ...]] = field(default_factory=dict)
     foreign: int = 0
 
     @property
@@ -537,9 +541,7 @@ class _Pass:
                 or gtrid not in self.ctx.log.pending()  # its coordinator ended it
             ):
                 continue
-            if gtrid in self.remaining:
-                continue
-            if not all(r in self.scanned for r in rec.branches):
+            if self._plan(gtrid, rec).step is not Step.END:
                 continue
             if not self._verify(gtrid, rec):
                 continue
@@ -553,9 +555,7 @@ class _Pass:
             if self.only is not None and gtrid != self.only:
                 continue
             resource, rec = self.markers[gtrid]
-            if gtrid in self.remaining or not self._may_end_marker(gtrid):
-                continue
-            if not all(r in self.scanned for r in rec.branches):
+            if not self._may_end_marker(gtrid) or self._plan(gtrid, rec).step is not Step.END:
                 continue
             took_part = any(g == gtrid for g, _ in self.committed_here)
             if not self._verify(gtrid, rec):
@@ -582,6 +582,32 @@ class _Pass:
             else:  # the coordinator finished it itself: report, do not audit
                 self.actions.append(RecoveryAction(gtrid, resource, "", "end", reason, "done"))
         return ended
+
+    def _plan(self, gtrid: str, rec: LogRecord) -> TransactionPlan:
+        """The transaction's plan (:func:`xatm.recovery.plan.plan_transaction`) by what this pass
+        saw; a branch on a resource not read in it is reported as left in doubt (unknown)."""
+        plan = plan_transaction(
+            decided=True,
+            logged_branches=rec.branches,
+            prepared={r: "" for r in self.remaining.get(gtrid, ())},
+            unread=set(rec.branches) - self.scanned,
+        )
+        if plan.step is Step.WAIT and gtrid not in self.waiting:
+            self.waiting[gtrid] = plan.waiting_on
+            for resource in plan.waiting_on:
+                why = self.problems.get(resource, "not reached in this pass")
+                self.actions.append(
+                    RecoveryAction(
+                        gtrid,
+                        resource,
+                        resource,
+                        "skip",
+                        f"{self.prefix}decision COMMIT is logged, but {resource!r} cannot be"
+                        f" read ({why}): its branch is unknown; the decision stays open",
+                        "left",
+                    )
+                )
+        return plan
 
     def _verify(self, gtrid: str, rec: LogRecord) -> bool:
         """Check each logged branch this pass did not commit; False if one is still open."""
@@ -675,11 +701,20 @@ def run_pass(
     resources: Callable[[], list[str]] | None = None,
     actor: str | None = None,
     progress: Callable[[str], None] | None = None,
+    probe: Callable[[], list[str]] | None = None,
 ) -> RecoveryReport:
-    """One recovery pass over every resource of ``manager`` (or those ``resources()`` names)."""
+    """One recovery pass over every resource of ``manager`` (or those ``resources()`` names);
+    the resources ``probe()`` names are only asked whether they answer
+    (:mod:`xatm.recovery.reachability`: the sweeper's, backing off from them), and reported reached
+    or unreachable with the others."""
     with ctx.recovery_lock:
         return locked_pass(
-            ctx, dry_run=dry_run, resources=resources, actor=actor, progress=progress
+            ctx,
+            dry_run=dry_run,
+            resources=resources,
+            actor=actor,
+            progress=progress,
+            probe=probe,
         )
 
 
@@ -692,6 +727,7 @@ def locked_pass(
     progress: Callable[[str], None] | None = None,
     only: str | None = None,
     prefix: str = "",
+    probe: Callable[[], list[str]] | None = None,
 ) -> RecoveryReport:
     """:func:`run_pass` for a caller that holds the manager's recovery lock; ``only``
     restricts it to one gtrid, ``prefix`` starts every reason (manual resolution)."""
@@ -701,15 +737,25 @@ def locked_pass(
     try:
         p = _Pass(ctx, dry_run, actor or f"recover@{ctx.node_id}", progress, only, prefix)
         p.fleet = fleet
-        return _run(ctx, p, resources)
+        return _run(ctx, p, resources, probe)
     finally:
         fleet.end(ctx.timeout)  # the ENDs flushed, old decisions pruned (shared log)
 
 
-def _run(ctx: Context, p: _Pass, resources: Callable[[], list[str]] | None) -> RecoveryReport:
+def _run(
+    ctx: Context,
+    p: _Pass,
+    resources: Callable[[], list[str]] | None,
+    probe: Callable[[], list[str]] | None = None,
+) -> RecoveryReport:
     started = time.monotonic()
     dry_run, progress = p.dry_run, p.progress
     names = resources() if resources is not None else list(ctx.resources.names)
+    probed = [n for n in (probe() if probe is not None else ()) if n not in names]
+    for name in probed:
+        why = _reachability.probe(ctx.resources, name)
+        if why is not None:
+            p.problems[name] = why  # backing off from it: no warning at every pass
     if progress is not None:
         progress("listing prepared transactions")
     owners, found_any = p.survey(names)
@@ -739,15 +785,17 @@ def _run(ctx: Context, p: _Pass, resources: Callable[[], list[str]] | None) -> R
         ),
         foreign=p.foreign,
         ended=ended,
-        unreachable=tuple(n for n in names if n in p.problems),
+        unreachable=tuple(n for n in (*names, *probed) if n in p.problems),
         actions=tuple(p.actions),
         heuristics=sum(1 for a in p.actions if a.action == "heuristic"),
         possibly_lost=sum(1 for a in p.actions if a.action == "possibly-lost"),
-        problems=tuple((n, p.problems[n]) for n in names if n in p.problems),
+        problems=tuple((n, p.problems[n]) for n in (*names, *probed) if n in p.problems),
         dry_run=dry_run,
         strangers=sum(
             1 for a in p.actions if a.gtrid in p.strangers and a.outcome in ("left", "planned")
         ),
+        waiting=len(p.waiting),
+        reached=tuple(n for n in (*names, *probed) if n not in p.problems),
     )
     logger.debug("recovery pass took %.3f s: %s", time.monotonic() - started, report)
     return report

@@ -9,6 +9,9 @@ peer sharing the log directory, or by a phase 2 that could not finish.
   ``tm.recover()``) to run one at once.
 * A resource that cannot be reached is skipped with a warning and retried with exponential
   backoff (``interval``, 2x, 4x ... up to ``max_backoff``); the others are swept as usual.
+  While it backs off, every pass still *probes* it (one bounded ping,
+  ``xatm.recovery.reachability``): the pass reports it unreachable as long as it is, whatever the
+  back-off, and once it answers again the back-off ends and the next pass sweeps it.
   An error in one resource or one pass never stops the thread.
 * Passes never overlap with each other or with ``tm.recover()`` (they share one lock), and
   are safe next to live coordinators by the rules of ``xatm.recovery.run``.
@@ -222,10 +225,13 @@ class Sweeper:
                 for name in self._ctx.resources.names
                 if self._backoff.setdefault(name, _Backoff()).next_try <= now
             ]
+        waiting = [name for name in self._ctx.resources.names if name not in due]
         with self._lock:
             self._pass_started = time.time()
         try:
-            report = run_pass(self._ctx, resources=lambda: due, actor=self.actor)
+            report = run_pass(
+                self._ctx, resources=lambda: due, actor=self.actor, probe=lambda: waiting
+            )
             if self._after_pass is not None:
                 self._after_pass(self.actor)  # sagas, after 2PC: their in-doubt steps settled
         finally:
@@ -250,6 +256,18 @@ class Sweeper:
                 elif b.failures:
                     logger.info(
                         "sweeper: resource %r is reachable again after %d failed attempt(s)",
+                        name,
+                        b.failures,
+                        extra=log_fields(self._ctx.node_id, resource=name),
+                    )
+                    b.failures, b.next_try, b.error = 0, 0.0, ""
+            for name in waiting:
+                b = self._backoff[name]
+                if name in problems:
+                    b.error = problems[name]
+                elif b.failures:  # it answers again: swept by the next pass
+                    logger.info(
+                        "sweeper: resource %r answers again after %d failed attempt(s)",
                         name,
                         b.failures,
                         extra=log_fields(self._ctx.node_id, resource=name),
