@@ -221,7 +221,7 @@ class TransactionManager:
         except BaseException:
             self._ctx.close()
             raise
-        self.sagas = SagaRunner(self, args.sagas)
+        self.sagas = SagaRunner(self, args.sagas, self._ctx.classify)
         self.sweeper = Sweeper(
             self._ctx, args.sweep_interval, after_pass=lambda actor: self.recover_sagas(actor=actor)
         )
@@ -299,7 +299,7 @@ class TransactionManager:
         deadlock, a serialization failure, a lock timeout or a lost connection before the
         decision, never an in-doubt outcome (``xatm.transactions.retry``). Returns what ``fn``
         returned in the run that committed; raises the last error otherwise."""
-        policy = RetryPolicy.of(retries, backoff, max_backoff)
+        policy = RetryPolicy.of(retries, backoff, max_backoff, self._ctx.classify)
         attempt = 0
         while True:
             attempt += 1

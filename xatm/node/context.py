@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from xatm.core import deadline as _deadline
 from xatm.core.logfields import log_fields
-from xatm.core.participant import Connection, Participant
+from xatm.core.participant import Connection, ErrorKind, Participant, classify
 from xatm.core.urls import redact
 from xatm.core.xid import incarnation_of, new_gtrid, new_incarnation
 from xatm.errors import ConfigurationError, ResourceNotFit
@@ -199,6 +199,10 @@ class Context:
         if found is None:
             raise ConfigurationError(f"{name} is not available in this transaction manager")
         return found
+
+    def classify(self, exc: BaseException) -> ErrorKind:
+        """What ``exc`` (one error, not its causes) is, as this node's participants read it."""
+        return classify(exc, self.resources.participants.values())
 
     # -- transactions running here ---------------------------------------------------------
     def log_view(self) -> LogView:
