@@ -24,8 +24,9 @@ Three things live here (docs/sqlalchemy.md is the user's guide):
   not lost. Every session and connection is closed when the transaction ends.
 
 For a resource given as a URL, an Engine is made from the URL once per manager and
-resource, used for its dialect only (its one connection, made to learn the server's
-version, is closed at once); the branch connections stay xatm's own.
+resource (``xatm.integrations.sqlalchemy.join``), used for its dialect only (its one
+connection, made to learn the server's version, is closed at once); the branch connections
+stay xatm's own.
 
 SQLAlchemy is imported lazily, only when one of these functions is used, so it stays an
 optional dependency.
@@ -35,8 +36,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import threading
-import weakref
 from typing import TYPE_CHECKING, Any
 
 from xatm.core import deadline as _deadline
@@ -48,7 +47,6 @@ if TYPE_CHECKING:
     from sqlalchemy.engine import Engine
 
     from xatm.core.participant import Connection, Participant
-    from xatm.node.context import Context
 
 SUPPORTED_DIALECTS = (
     "postgresql+psycopg",
@@ -235,26 +233,10 @@ def _first_line(e: BaseException) -> str:
 
 # -- an Engine per resource (for its dialect) -------------------------------------------------
 
-_engines: weakref.WeakKeyDictionary[Context, dict[str, Engine]] = weakref.WeakKeyDictionary()
-_engines_lock = threading.Lock()
 
-
-def resource_engine(ctx: Context, resource: str) -> Engine:
-    """The Engine of ``resource``: the one given as the resource, or (for a URL) one made
-    from the URL once per manager, for its dialect (its pool is never used for branches)."""
-    _, pool = ctx.resources.get(resource)
-    if isinstance(pool, EnginePool):
-        return pool.engine
-    with _engines_lock:
-        made = _engines.setdefault(ctx, {})
-        engine = made.get(resource)
-        if engine is None:
-            engine = _engine_from_spec(resource, pool.participant.spec)
-            made[resource] = engine
-        return engine
-
-
-def _engine_from_spec(resource: str, spec: ResourceSpec) -> Engine:
+def engine_from_spec(resource: str, spec: ResourceSpec) -> Engine:
+    """An Engine for ``resource``'s URL, for its dialect only (its pool is never used for
+    branches); its first connection learns the server's version and is closed at once."""
     from sqlalchemy import create_engine
     from sqlalchemy.engine import URL
     from sqlalchemy.pool import NullPool
