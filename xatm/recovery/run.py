@@ -170,7 +170,7 @@ class _Pass:
         except ResourceError as e:
             self._unreachable(name, str(e))
         except Exception as e:
-            self._unreachable(name, _describe(e))
+            self._unreachable(name, describe_error(e))
         return None
 
     def read_markers(self, names: list[str]) -> None:
@@ -191,9 +191,9 @@ class _Pass:
                 self._unreachable(name, str(e))  # one wait for it per pass, not one per step
                 continue
             except Exception as e:
-                self.marker_problems[name] = _describe(e)
+                self.marker_problems[name] = describe_error(e)
                 if self.ctx.resources.get(name)[0].is_connection_error(e):
-                    self._unreachable(name, f"lost during the pass: {_describe(e)}")
+                    self._unreachable(name, f"lost during the pass: {describe_error(e)}")
                 continue
             for gtrid, record in (rows or {}).items():
                 self.markers[gtrid] = (name, record)
@@ -222,8 +222,8 @@ class _Pass:
             try:
                 answer = _marker_recovery.probe_row(participant, gtrid, fence=not self.dry_run)
             except Exception as e:
-                self.marker_problems.setdefault(name, _describe(e))
-                return Marker.UNREAD, f"{name} ({_describe(e)})"
+                self.marker_problems.setdefault(name, describe_error(e))
+                return Marker.UNREAD, f"{name} ({describe_error(e)})"
             if answer == "row":
                 return Marker.ROW, ""
         return Marker.NO_ROW, ""
@@ -293,15 +293,15 @@ class _Pass:
             return
         except Exception as e:
             if participant.is_connection_error(e):
-                self._unreachable(name, f"lost during the pass: {_describe(e)}")
+                self._unreachable(name, f"lost during the pass: {describe_error(e)}")
             else:
                 logger.error(
                     "recovery: resource %r failed: %s",
                     name,
-                    _describe(e),
+                    describe_error(e),
                     extra=log_fields(self.own_node, resource=name),
                 )
-                self.problems.setdefault(name, _describe(e))
+                self.problems.setdefault(name, describe_error(e))
             return
         self.scanned.add(name)
 
@@ -490,7 +490,7 @@ class _Pass:
                 e,
                 extra=log_fields(self.own_node, gtrid, resource),
             )
-            record("error", reason, f"failed: {_describe(e)}")
+            record("error", reason, f"failed: {describe_error(e)}")
             return
         if settled is Settled.HELD:
             leave(
@@ -615,7 +615,7 @@ class _Pass:
                 self._unreachable(resource, str(e))
                 return False
             except Exception as e:
-                self._unreachable(resource, f"lost during the pass: {_describe(e)}")
+                self._unreachable(resource, f"lost during the pass: {describe_error(e)}")
                 return False
             if verdict == "in progress":
                 return False
@@ -661,10 +661,6 @@ class _Pass:
             self._record(gtrid, resource, resource, action, reason, outcome)
 
         _failover.check(self.ctx, between, self.fleet.horizon(own), report)
-
-
-def _describe(e: BaseException) -> str:
-    return describe_error(e)
 
 
 @_events.observed_pass  # metrics and tracing, from the report

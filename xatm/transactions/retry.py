@@ -35,6 +35,7 @@ from dataclasses import dataclass
 
 from xatm.core.logfields import log_fields
 from xatm.core.participant import ErrorKind
+from xatm.core.text import first_line
 from xatm.errors import (
     ConfigurationError,
     ResourceUnavailable,
@@ -113,7 +114,7 @@ class RetryPolicy:
             return None
         full = min(self.max_backoff, self.backoff * 2.0 ** (attempt - 1))
         wait = full * random.uniform(0.5, 1.0)
-        text = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        text = first_line(str(error))
         logger.info(
             "transaction%s attempt %d failed (%s: %s); running it again in %.3f s",
             f" {gtrid}" if gtrid else "",

@@ -31,6 +31,7 @@ from xatm.core.steps import (
     Prepare,
     Steps,
 )
+from xatm.core.text import first_line
 from xatm.core.xid import Xid, branch_xid
 from xatm.errors import (
     ConfigurationError,
@@ -291,8 +292,8 @@ class Transaction(ManagedTransaction):
                 raise
             if isinstance(e, TransactionTimeout):
                 self._raise_rolled_back("timeout", e)
-            first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
-            self._raise_rolled_back(f"the work to do before prepare failed: {first_line}", e)
+            text = first_line(str(e), type(e).__name__)
+            self._raise_rolled_back(f"the work to do before prepare failed: {text}", e)
 
     def _rollback_all(self) -> None:
         """Roll back every branch that may still hold work (once the work still running in

@@ -30,7 +30,7 @@ from sqlalchemy.engine import Connection, Engine, RootTransaction
 from sqlalchemy.orm import Session
 from sqlalchemy.pool import PoolProxiedConnection
 
-from xatm.core.urls import redact
+from xatm.core.urls import describe_error
 from xatm.errors import TransactionError
 from xatm.participants.mysql.drivers import sa_cursor_kwargs
 from xatm.transactions.transaction import TransactionState
@@ -46,11 +46,6 @@ EngineOf = Callable[["Context", str], Engine]
 
 #: execution options that would change the branch connection's transaction behaviour
 REFUSED_OPTIONS = frozenset({"isolation_level", "postgresql_readonly", "postgresql_deferrable"})
-
-
-def _first_line(e: BaseException) -> str:
-    text = redact(str(e)).strip()
-    return text.splitlines()[0] if text else type(e).__name__
 
 
 class ResourceBind:
@@ -123,7 +118,7 @@ class BranchProxy(PoolProxiedConnection):
     def invalidate(self, e: BaseException | None = None, soft: bool = False) -> None:
         """SQLAlchemy saw the connection fail: the transaction cannot commit. xatm itself
         closes the driver connection when the transaction ends."""
-        reason = f": {_first_line(e)}" if e is not None else ""
+        reason = f": {describe_error(e)}" if e is not None else ""
         self._tx.set_rollback_only(
             f"SQLAlchemy invalidated the connection of branch {self._resource!r}{reason}"
         )

@@ -39,7 +39,7 @@ import dataclasses
 from typing import TYPE_CHECKING, Any
 
 from xatm.core import deadline as _deadline
-from xatm.core.urls import DEFAULT_CONNECT_TIMEOUT, ResourceSpec, parse_url, redact
+from xatm.core.urls import DEFAULT_CONNECT_TIMEOUT, ResourceSpec, describe_error, parse_url, redact
 from xatm.errors import ConfigurationError, ResourceUnavailable
 from xatm.participants.pool import Pool
 
@@ -142,7 +142,7 @@ class EnginePool(Pool):
         except Exception as e:
             raise ResourceUnavailable(
                 f"cannot connect to resource {self.participant.name!r}"
-                f" ({self.participant.spec.redacted()}): {_first_line(e)}",
+                f" ({self.participant.spec.redacted()}): {describe_error(e)}",
                 resource=self.participant.name,
             ) from None
         conn = proxied.driver_connection
@@ -155,7 +155,7 @@ class EnginePool(Pool):
             if self.participant.is_connection_error(e) or _is_sa_dbapi_error(e):
                 raise ResourceUnavailable(
                     f"resource {self.participant.name!r} ({self.participant.spec.redacted()}):"
-                    f" the engine's connection failed: {_first_line(e)}",
+                    f" the engine's connection failed: {describe_error(e)}",
                     resource=self.participant.name,
                 ) from None
             raise
@@ -226,11 +226,6 @@ def _is_sa_dbapi_error(e: BaseException) -> bool:
     return isinstance(e, exc.DBAPIError)
 
 
-def _first_line(e: BaseException) -> str:
-    text = redact(str(e)).strip()
-    return text.splitlines()[0] if text else type(e).__name__
-
-
 # -- an Engine per resource (for its dialect) -------------------------------------------------
 
 
@@ -271,7 +266,7 @@ def engine_from_spec(resource: str, spec: ResourceSpec) -> Engine:
         engine.dispose()
         raise ResourceUnavailable(
             f"cannot connect to resource {resource!r} ({spec.redacted()}) to set up its"
-            f" SQLAlchemy dialect: {_first_line(e)}",
+            f" SQLAlchemy dialect: {describe_error(e)}",
             resource=resource,
         ) from None
     return engine

@@ -67,6 +67,7 @@ from xatm.core.participant import (
     Statement,
     Vote,
 )
+from xatm.core.text import first_line
 from xatm.core.urls import DEFAULT_CONNECT_TIMEOUT, Kind, ResourceSpec, pg_settings_in, redact
 from xatm.core.xid import Xid
 from xatm.errors import ResourceUnavailable
@@ -777,7 +778,7 @@ def _leave(pipeline: Any, error: BaseException) -> None:
 
 
 def _describe(e: psycopg.Error) -> str:
-    text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    text = first_line(str(e), type(e).__name__)
     return f"{e.sqlstate} {text}" if e.sqlstate else text
 
 
