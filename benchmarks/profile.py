@@ -367,7 +367,7 @@ def classify(stack: list[str]) -> str:
             if "FileLog._write" in frame or "_write_at" in frame:
                 return "log: write + fsync"
             if "FileLog._wait_durable" in frame:
-                # innermost: parked on its own lock (``_Batch.park``) until a flush settles
+                # innermost: parked on its own lock (``_Batch.park``) until a flush ends
                 return "log: waiting for a flush led by another thread"
             return "xatm Python (or waiting for the GIL)"
         if "psycopg/" in frame:

@@ -20,7 +20,7 @@ Each segment starts with :data:`MAGIC` and holds framed records (see ``_records`
   ``append_commit`` appends a COMMIT record, leaves a callback and a waiter with the
   record's batch, and returns at once. If no flush is under way it wakes the flusher thread
   to lead one (else the flush under way hands the next one over, as above). The flush that
-  settles the batch, on whichever thread led it, calls each callback once with all of its
+  writes the batch, on whichever thread led it, calls each callback once with all of its
   waiters of that batch (records durable, or the log broken), after the lock is released.
   Such records share flushes with ``log_commit``'s.
 * **END records** are not forced: ``log_end`` only queues the record (no lock, nothing
@@ -74,7 +74,7 @@ from xatm.core.records import HEADER, MAX_PAYLOAD, LogRecord, frame_at, next_goo
 from xatm.core.xid import validate_node_id
 from xatm.errors import LogCorrupt, LogError, LogLocked, XatmError
 from xatm.log.audit import AuditTrail
-from xatm.log.base import DecisionNotLogged, OwnerState, Settled
+from xatm.log.base import DecisionNotLogged, DurabilityCallback, OwnerState
 
 logger = logging.getLogger("xatm.log")
 
@@ -526,49 +526,50 @@ def _salvage_locked(node_dir: Path, node_id: str) -> Salvage:
 class _Batch:
     """Records appended between two flushes, and who waits for them.
 
-    Each waiting thread parks on a lock of its own, which the flush that settles the batch
-    releases: one wake-up per waiter and no lock they all contend for on waking (an
+    Each waiting thread parks on a lock of its own, which the flush that writes the batch
+    releases (or fails to): one wake-up per waiter and no lock they all contend for on waking (an
     ``Event``'s waiters all take its condition's lock again, one after the other, a convoy
     that cost about 0.1 ms of client CPU per transaction at 48 threads). Records appended
     without a waiting thread (``append_commit``) leave a callback and a waiter instead,
-    grouped by callback, so that settling calls each callback once. Every method is called
-    with the log's lock held."""
+    grouped by callback, so that the end of the flush calls each callback once. Every method
+    is called with the log's lock held."""
 
-    __slots__ = ("listeners", "settled", "waiters")
+    __slots__ = ("listeners", "over", "waiters")
 
     def __init__(self) -> None:
-        self.settled = False
+        #: the flush that writes the batch is over (durable, or the log broken)
+        self.over = False
         self.waiters: list[threading.Lock] = []
         #: callback -> the waiters it is told about (None until a record leaves one)
-        self.listeners: dict[Settled, list[Any]] | None = None
+        self.listeners: dict[DurabilityCallback, list[Any]] | None = None
 
     def park(self) -> threading.Lock | None:
-        """A lock held for the caller, released when the batch is settled (acquire it to
-        wait); None if the batch is settled already."""
-        if self.settled:
+        """A lock held for the caller, released when the batch's flush is over (acquire it
+        to wait); None if it is over already."""
+        if self.over:
             return None
         parked = threading.Lock()
         parked.acquire()
         self.waiters.append(parked)
         return parked
 
-    def listen(self, settled: Settled, waiter: object) -> None:
-        """Have ``settled`` told about ``waiter`` when the batch is settled (not settled
+    def listen(self, callback: DurabilityCallback, waiter: object) -> None:
+        """Have ``callback`` told about ``waiter`` when the batch's flush is over (it is not
         yet: a record is appended to it only while the log is not broken)."""
         listeners = self.listeners
         if listeners is None:
-            self.listeners = {settled: [waiter]}
+            self.listeners = {callback: [waiter]}
         else:
-            waiters = listeners.get(settled)
+            waiters = listeners.get(callback)
             if waiters is None:
-                listeners[settled] = [waiter]
+                listeners[callback] = [waiter]
             else:
                 waiters.append(waiter)
 
-    def settle(self) -> dict[Settled, list[Any]] | None:
+    def end(self) -> dict[DurabilityCallback, list[Any]] | None:
         """Wake every waiting thread: the batch is on disk, or the log is broken. Returns the
         callbacks to tell (outside the lock: :meth:`FileLog._tell`)."""
-        self.settled = True
+        self.over = True
         waiters, self.waiters = self.waiters, []
         for parked in waiters:
             parked.release()
@@ -672,20 +673,21 @@ class FileLog:
         gtrid: str,
         branches: Sequence[str],
         txids: Mapping[str, int] | None,
-        settled: Settled,
+        callback: DurabilityCallback,
         waiter: object,
     ) -> None:
         """:meth:`log_commit` without its wait, for a caller that must not block (the
         asyncio manager, ``xatm.log.aio``): the COMMIT record is appended (no I/O) and
         counted as forced, the flusher thread is woken if no flush is under way, and returns.
-        Once the flush that writes the record is over, ``settled`` is called with ``waiter``
-        (and the other waiters that records of that flush left with the same ``settled``,
+        Once the flush that writes the record is over, ``callback`` is called with ``waiter``
+        (and the other waiters that records of that flush left with the same ``callback``,
         one call for all): ``None`` if the record is durable (a decision, shown by
         :meth:`pending`), else the :class:`~xatm.errors.LogError` of the broken log (in
-        doubt). See :data:`Settled` for where it is called. DecisionNotLogged if the log
-        refuses the record (nothing is written, ``settled`` is never called)."""
+        doubt). See :data:`~xatm.log.base.DurabilityCallback` for where it is called.
+        DecisionNotLogged if the log refuses the record (nothing is written, ``callback`` is
+        never called)."""
         record = LogRecord("COMMIT", gtrid, tuple(branches), time.time(), dict(txids or {}))
-        self._append(record, force=True, settled=settled, waiter=waiter)
+        self._append(record, force=True, callback=callback, waiter=waiter)
 
     def pending(self) -> Mapping[str, LogRecord]:
         with self._lock:
@@ -806,13 +808,13 @@ class FileLog:
         record: LogRecord,
         *,
         force: bool,
-        settled: Settled | None = None,
+        callback: DurabilityCallback | None = None,
         waiter: object = None,
     ) -> None:
-        """Append ``record``; if ``force``, wait until it is on disk, or (``settled``) have
-        its batch tell ``settled`` about ``waiter`` and see that a flush will write it."""
+        """Append ``record``; if ``force``, wait until it is on disk, or (``callback``) have
+        its batch tell ``callback`` about ``waiter`` and see that a flush will write it."""
         frame = record.encode()
-        wait = force and settled is None
+        wait = force and callback is None
         seq, batch = 0, None
         try:
             with self._lock:
@@ -835,8 +837,8 @@ class FileLog:
                 else:
                     self._pending.pop(record.gtrid, None)
                     self._commit_seq.pop(record.gtrid, None)
-                if settled is not None:
-                    self._open.listen(settled, waiter)
+                if callback is not None:
+                    self._open.listen(callback, waiter)
                     if not self._flushing:  # else the flush under way hands the next over
                         self._hand_over()
             if wait:
@@ -844,13 +846,13 @@ class FileLog:
         except BaseException as e:
             if not wait or seq == 0 or isinstance(e, Exception):
                 raise
-            # KeyboardInterrupt, SystemExit... while the record waits for its fsync: settle
-            # it first (on disk, or the log broken), so that the caller's "in doubt" is
-            # resolved by what the disk holds, then let the interrupt through.
-            self._settle(seq, batch)
+            # KeyboardInterrupt, SystemExit... while the record waits for its fsync: wait
+            # until its flush is over (on disk, or the log broken), so that the caller's "in
+            # doubt" is resolved by what the disk holds, then let the interrupt through.
+            self._wait_out(seq, batch)
             raise
 
-    def _settle(self, seq: int, batch: _Batch | None) -> None:
+    def _wait_out(self, seq: int, batch: _Batch | None) -> None:
         """Wait until record ``seq`` is on disk or the log is broken, whatever interrupts."""
         while True:
             try:
@@ -858,7 +860,7 @@ class FileLog:
                 return
             except Exception:
                 return  # the log is broken: pending() refuses, nothing acts on it
-            except BaseException:  # another interrupt: the record is settled first
+            except BaseException:  # another interrupt: the record's flush ends first
                 continue
 
     def _take_ends(self) -> None:
@@ -900,7 +902,7 @@ class FileLog:
                         frames, upto, forced = self._take_records()
                 if not lead:
                     if parked is not None:
-                        parked.acquire()  # released when the batch is settled
+                        parked.acquire()  # released when the batch's flush is over
                     continue
                 self._write(frames)
             except BaseException as e:  # an OSError, or a signal's exception
@@ -942,9 +944,9 @@ class FileLog:
                     extra=log_fields(self._node_id),
                 )
             if taken is not None:
-                told = taken.settle()
+                told = taken.end()
             if failure is not None:
-                broken = self._open.settle()  # its waiters get the LogError
+                broken = self._open.end()  # its waiters get the LogError
             elif self._forced_in_buffer or self._flush_wanted:
                 self._hand_over()
         if told is not None or broken is not None:
@@ -955,17 +957,19 @@ class FileLog:
             self._tell(told, error)
             self._tell(broken, error)
 
-    def _tell(self, listeners: dict[Settled, list[Any]] | None, error: LogError | None) -> None:
-        """Call each callback of a settled batch once with its waiters (the lock is not
+    def _tell(
+        self, listeners: dict[DurabilityCallback, list[Any]] | None, error: LogError | None
+    ) -> None:
+        """Call each callback of a batch whose flush is over once with its waiters (the lock is not
         held). A callback that raises is logged: the flush that called it is over all the
         same, and the thread that ran it (a committer, maybe) must not fail for it. An
         interrupt is let through once every other callback is told."""
         if listeners is None:
             return
         interrupt: BaseException | None = None
-        for settled, waiters in listeners.items():
+        for callback, waiters in listeners.items():
             try:
-                settled(waiters, error)
+                callback(waiters, error)
             except Exception:
                 logger.exception("coordinator log %s: a durability callback failed", self.node_dir)
             except BaseException as e:

@@ -6,7 +6,7 @@ it is, what its log says, whether a commit-marker row exists) and asks
 (docs/protocol.md prints its table). A ``probe`` verdict reads the decision row on the
 resources recorded for the gtrid's node (``xatm.log.node_markers``) and asks again; a fenced
 rollback with the shared log writes a conditional ABORT first. Phase 2 goes through
-:func:`xatm.recovery.settle.finish_prepared`, which says what a "no such branch" answer means.
+:func:`xatm.recovery.phase2.carry_out`, which says what a "no such branch" answer means.
 Foreign prepared transactions (not an xatm XID) are never touched.
 
 A running transaction of this node that is past its timeout and has not decided yet is marked
@@ -99,7 +99,7 @@ from xatm.errors import LogError, ResourceError
 from xatm.node import failover as _failover
 from xatm.recovery import markers as _marker_recovery
 from xatm.recovery.fleet import Fleet, fleet_for
-from xatm.recovery.settle import Settled, finish_prepared
+from xatm.recovery.phase2 import Carried, carry_out
 
 if TYPE_CHECKING:
     from xatm.node.context import Context
@@ -477,7 +477,7 @@ class _Pass:
             return
         participant, _ = self.ctx.resources.get(resource)
         try:
-            settled = finish_prepared(participant, conn, xid, commit)
+            carried = carry_out(participant, conn, xid, commit)
         except Exception as e:
             if participant.is_connection_error(e):
                 raise
@@ -492,13 +492,13 @@ class _Pass:
             )
             record("error", reason, f"failed: {describe_error(e)}")
             return
-        if settled is Settled.HELD:
+        if carried is Carried.HELD:
             leave(
                 "listed as prepared, but the server answers 'no such branch': a live session"
                 " still holds it"
             )
             return
-        if settled is Settled.GONE:
+        if carried is Carried.GONE:
             # listed a moment ago, gone now: its coordinator (or another pass) finished it
             # in between. Nothing was done here, so nothing is audited.
             self.actions.append(

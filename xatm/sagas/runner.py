@@ -494,7 +494,7 @@ class SagaRunner:
                 return _Outcome(True, barrier)
             text = _describe(error)
             if isinstance(error, TransactionInDoubt):
-                self._settle(c.actor)
+                self._recover_after_doubt(c.actor)
             retry = attempt < limit and (compensating or is_transient(error, self._classify))
             self._audit.record(
                 saga_id,
@@ -509,7 +509,7 @@ class SagaRunner:
                 return _Outcome(False, error=f"{op} of step {step.name!r} failed: {text}")
             self._sleep(min(saga.max_backoff, saga.backoff * 2 ** (attempt - 1)))
 
-    def _settle(self, actor: str) -> None:
+    def _recover_after_doubt(self, actor: str) -> None:
         """A step's transaction ended in doubt: its branches may hold the barrier rows'
         locks until recovery settles them, so run a recovery pass before trying again."""
         try:

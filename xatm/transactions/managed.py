@@ -174,7 +174,7 @@ class ManagedTransaction(TransactionCore):
         for callback in callbacks:
             try:
                 callback()
-            except Exception:  # the outcome is settled: a callback's failure only gets logged
+            except Exception:  # the outcome is final: a callback's failure only gets logged
                 logger.exception(
                     "an end-of-transaction callback of %s failed",
                     self.gtrid,
