@@ -369,21 +369,7 @@ class TransactionManager:
     @property
     def inspector(self) -> Inspector:
         """A read-only view of the resources, the logs and the audit trail."""
-        ctx = self._ctx
-        return Inspector(
-            ctx.resources.participants,
-            self.log_directory,
-            resources=ctx.resources,
-            own_node=self.node_id,
-            own_pending=ctx.log.pending,
-            running=lambda gtrid: ctx.running(gtrid) is not None,
-            commit_markers=self.commit_markers,
-            timeout=self.timeout,
-            shared_log=self.shared_log,
-            own_incarnation=ctx.incarnation,
-            identity=ctx.identity.status,
-            failover=ctx.failover,
-        )
+        return Inspector.of_node(self._ctx)
 
     def indoubt(self) -> InDoubtReport:
         """Every in-doubt global transaction across the resources, oldest first."""
