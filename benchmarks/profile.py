@@ -359,15 +359,15 @@ def classify(stack: list[str]) -> str:
         if any(w in frame for w in _WAIT_FRAMES):
             waiting = True
             continue
-        if "_filelog.py" in frame:
+        if "xatm/log/file" in frame:
             if waiting:
                 if "_flusher_loop" in frame:
                     return "log flusher: idle (no records wait for a flush)"
                 return "log: waiting for a flush led by another thread"
-            if "FileLog._write" in frame or "_write_at" in frame:
+            if "FileLog._write" in frame or "write_at" in frame:
                 return "log: write + fsync"
             if "FileLog._wait_durable" in frame:
-                # innermost: parked on its own lock (``_Batch.park``) until a flush settles
+                # innermost: parked on its own lock (``_Batch.park``) until a flush ends
                 return "log: waiting for a flush led by another thread"
             return "xatm Python (or waiting for the GIL)"
         if "psycopg/" in frame:

@@ -30,7 +30,7 @@ from xatm.coordinator.arguments import check_arguments, settings_arguments
 from xatm.coordinator.manager import TransactionManager
 from xatm.core.config import Settings, load_config, validate_timeout, validate_timeout_or_zero
 from xatm.core.dbapi import AsyncDBConnection, AsyncDBCursor
-from xatm.core.participant import Participant
+from xatm.core.participant import ErrorKind, Participant
 from xatm.core.report import RecoveryReport
 from xatm.errors import ConfigurationError, XatmError
 from xatm.log.file import DEFAULT_RETAIN, DEFAULT_SEGMENT_BYTES
@@ -214,6 +214,11 @@ class AsyncTransactionManager:
         # registered (as running here) once it enlists a branch
         return AsyncTransaction(tm.context, tm.context.new_gtrid(limit), limit, aio)
 
+    def _classify(self, exc: BaseException) -> ErrorKind:
+        """What one error is, as the resources' participants read it (``tm.run``'s rule)."""
+        tm = self._tm
+        return ErrorKind.OTHER if tm is None else tm.context.classify(exc)
+
     async def run(
         self,
         fn: Callable[[AsyncTransaction], Awaitable[T]],
@@ -227,7 +232,7 @@ class AsyncTransactionManager:
         ``retries`` more times, after a backoff) when it failed in a way that is safe to
         retry, as :meth:`xatm.TransactionManager.run` (the same rule,
         ``xatm.transactions.retry``)."""
-        policy = RetryPolicy.of(retries, backoff, max_backoff)
+        policy = RetryPolicy.of(retries, backoff, max_backoff, self._classify)
         attempt = 0
         while True:
             attempt += 1

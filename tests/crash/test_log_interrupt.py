@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-import xatm.log.file as filelog
+import xatm.log.file.writer as filelog
 from tests.support import Bank, MakeTM, Servers
 from tests.support.recovery import wait_for
 from xatm import RecoveryReport

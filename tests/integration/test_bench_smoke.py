@@ -128,16 +128,22 @@ def test_profile_classifies_pyspy_frames() -> None:
 
     pg_wait = "Connection.wait (psycopg/connection.py:950)"
     maria_wait = "NetworkBrokerPlain._recv_chunk (mysql/connector/network.py:300)"
-    fsync = "FileLog._write (xatm/log/file.py:700)"
-    waiting = ("FileLog._wait_durable (xatm/log/file.py:600)", "Event.wait (threading.py:600)")
-    idle = ("FileLog._flusher_loop (xatm/log/file.py:680)", "Condition.wait (threading.py:300)")
+    fsync = "FileLog._write (xatm/log/file/writer.py:700)"
+    waiting = (
+        "FileLog._wait_durable (xatm/log/file/writer.py:600)",
+        "Event.wait (threading.py:600)",
+    )
+    idle = (
+        "FileLog._flusher_loop (xatm/log/file/writer.py:680)",
+        "Condition.wait (threading.py:300)",
+    )
     assert classify(stack(pg_wait)) == "PostgreSQL: waiting for the server (socket)"
     assert classify(stack(maria_wait)) == "MariaDB: waiting for the server (socket)"
     assert classify(stack(fsync)) == "log: write + fsync"
     assert classify(stack(*waiting)) == "log: waiting for a flush led by another thread"
-    parked = "FileLog._wait_durable (xatm/log/file.py:640)"  # acquiring its parking lock
+    parked = "FileLog._wait_durable (xatm/log/file/writer.py:640)"  # acquiring its parking lock
     assert classify(stack(parked)) == "log: waiting for a flush led by another thread"
-    assert classify(stack("_write_at (xatm/log/file.py:80)")) == "log: write + fsync"
+    assert classify(stack("write_at (xatm/log/file/segments.py:80)")) == "log: write + fsync"
     assert classify(list(idle)) == "log flusher: idle (no records wait for a flush)"
     assert classify(stack("overlapped (xatm/core/parallel.py:40)")).startswith("xatm Python")
 

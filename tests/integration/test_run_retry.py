@@ -176,20 +176,26 @@ def test_an_in_doubt_outcome_is_never_retried(bank: Bank, make_tm: MakeTM) -> No
     assert attempts == 1
 
 
-def test_the_rule(bank: Bank) -> None:
-    """The classification itself (``xatm.transactions.retry.retryable``), on errors made by hand."""
+def test_the_rule(bank: Bank, make_tm: MakeTM) -> None:
+    """The classification itself (``xatm.transactions.retry.retryable``), on errors made by
+    hand, read by a manager's participants."""
+    classify = make_tm(node_id="rule", sweeper=False).context.classify
+
+    def retry(e: BaseException) -> bool:
+        return retryable(e, classify)
+
     cause = psycopg.errors.DeadlockDetected("deadlock detected")
     rolled = TransactionRolledBack("x")
     rolled.__cause__ = cause
-    assert retryable(cause) and retryable(rolled)
-    assert retryable(TransactionTimeout("t"))
-    assert not retryable(TransactionRolledBack("set_rollback_only() was called"))
-    assert not retryable(TransactionInDoubt("?"))
+    assert retry(cause) and retry(rolled)
+    assert retry(TransactionTimeout("t"))
+    assert not retry(TransactionRolledBack("set_rollback_only() was called"))
+    assert not retry(TransactionInDoubt("?"))
     doubt = TransactionInDoubt("?")
     doubt.__cause__ = cause
-    assert not retryable(doubt)
-    assert not retryable(FileNotFoundError("x")) and retryable(ConnectionResetError("x"))
-    assert not retryable(KeyboardInterrupt())
+    assert not retry(doubt)
+    assert not retry(FileNotFoundError("x")) and retry(ConnectionResetError("x"))
+    assert not retry(KeyboardInterrupt())
 
 
 def test_asyncio_run_retries_a_real_deadlock(servers: Servers, bank: Bank, tmp_path: Path) -> None:

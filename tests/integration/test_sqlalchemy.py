@@ -35,7 +35,7 @@ from xatm import (
     TransactionState,
 )
 from xatm.integrations.sqlalchemy.resources import EnginePool
-from xatm.integrations.sqlalchemy.session import _enlisted
+from xatm.integrations.sqlalchemy.session import Enlisted
 
 _numbers = itertools.count(1)
 
@@ -202,7 +202,7 @@ def test_sessions_are_closed_when_the_transaction_ends(orm: Orm, make_tm: MakeTM
         session = tx.session(binds=orm.binds)
         ledger = session.get(orm.ledger, 1)
     assert ledger not in session  # closed: its objects are detached
-    assert tx not in _enlisted  # and forgotten (no leak of finished transactions)
+    assert tx.annotation(Enlisted) is None  # and forgotten (no leak of finished transactions)
     with pytest.raises(TransactionError, match="committed"):
         session.get(orm.ledger, 1)
     with pytest.raises(TransactionError, match="committed"):
@@ -429,9 +429,7 @@ def test_session_on_url_resources(orm: Orm, make_tm: MakeTM, servers: Servers) -
     assert orm.rows(orm.wallet)[1] == ("bob", 1100)
     with tm.transaction() as tx:  # the dialect Engine of a URL resource is made once
         tx.session(binds=orm.binds).get(orm.ledger, 1)
-    from xatm.integrations.sqlalchemy.resources import _engines
-
-    assert sorted(_engines[tm._ctx]) == ["ledger", "wallet"]
+    assert sorted(tm._sqlalchemy.made) == ["ledger", "wallet"]
 
 
 # -- a coordinator crash between the phases ----------------------------------------------------

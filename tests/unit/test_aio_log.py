@@ -1,5 +1,5 @@
 """The asyncio side of the file log (``xatm.log.aio``): COMMIT records appended on the loop
-and forced in batches by the file log's own group commit, which calls back once per settled
+and forced in batches by the file log's own group commit, which calls back once per written
 batch; a decision is acknowledged only once durable, a failed flush leaves every waiter in
 doubt (LogError, not DecisionNotLogged), and no waiter is left waiting."""
 
@@ -161,7 +161,7 @@ def gated(monkeypatch: pytest.MonkeyPatch) -> Iterator[GatedFsync]:
 
 
 class Told:
-    """A ``Settled`` callback that records each call: (waiters, error, pending on disk)."""
+    """A ``DurabilityCallback`` that records each call: (waiters, error, pending on disk)."""
 
     def __init__(self, log: FileLog) -> None:
         self.log = log
@@ -182,8 +182,8 @@ class Told:
 def test_a_batch_is_told_once_after_its_fsync_and_a_record_appended_during_a_flush_goes_in_the_next(
     tmp_path: Path, gated: GatedFsync
 ) -> None:
-    """The callback is called once per settled batch, with every waiter of that batch, only
-    after the batch's fsync; records appended while a flush runs are settled by the next
+    """The callback is called once per written batch, with every waiter of that batch, only
+    after the batch's fsync; records appended while a flush runs are written by the next
     flush, which the file log's flusher thread leads on its own (nobody calls flush())."""
     log = FileLog(tmp_path, "aiolog")
     gated.holding = True

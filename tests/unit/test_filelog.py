@@ -602,7 +602,7 @@ def test_broken_log_refuses_to_report_decisions(
     def failing_fsync(fd: int) -> None:
         raise OSError(5, "Input/output error")
 
-    monkeypatch.setattr(fl.os, "fsync", failing_fsync)
+    monkeypatch.setattr(os, "fsync", failing_fsync)
     with pytest.raises(LogError):
         log.log_commit(new_gtrid("n1"), ["a", "b"])
     with pytest.raises(LogError, match="restart"):

@@ -10,7 +10,7 @@ import click
 from xatm import RecoveryReport
 from xatm.admin import RecoveryAction, Resolution, ResolutionRefused
 from xatm.cli import render
-from xatm.cli.context import GTRID, actor, get
+from xatm.cli.session import GTRID, actor, get
 
 logger = logging.getLogger("xatm.cli")
 

@@ -26,8 +26,8 @@ import click
 from xatm import LogLocked, TransactionManager
 from xatm.admin import NodeInUse, sweeper_settings
 from xatm.cli import logs
-from xatm.cli.context import Context, get
 from xatm.cli.metrics_http import Lifecycle, MetricsServer
+from xatm.cli.session import Session, get
 
 #: the exit status of a daemon whose stop did not complete within its grace period
 EXIT_FORCED = 1
@@ -162,7 +162,7 @@ def sweep(
 
 
 def _open(
-    c: Context, life: Lifecycle, stop: _Stop, interval: float, standby: bool, poll: float
+    c: Session, life: Lifecycle, stop: _Stop, interval: float, standby: bool, poll: float
 ) -> TransactionManager | None:
     """The daemon's manager, once this process holds the node (None: stopped before)."""
     waiting = False

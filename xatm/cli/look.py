@@ -9,7 +9,7 @@ import click
 
 from xatm.admin import BranchInfo, InDoubtReport, TransactionInfo, redact, salvage_log
 from xatm.cli import render
-from xatm.cli.context import GTRID, actor, get
+from xatm.cli.session import GTRID, actor, get
 
 
 @click.command()

@@ -20,7 +20,7 @@ import click
 from xatm import XatmError
 from xatm.admin import Wait, describe_error, redact, report_waits
 from xatm.cli import act, daemon, logs, look, sagas
-from xatm.cli.context import Context
+from xatm.cli.session import Session
 
 #: the exit status of a command whose reader went away (``xatm indoubt | head -1``): a
 #: process killed by SIGPIPE reports 128 + 13, as every Unix tool in a pipe does
@@ -134,11 +134,11 @@ def main(
     """
     logs.configure(verbose, log_format)
     _app_dir(app_dir)
-    ctx.obj = Context(config_path, node_id)
+    ctx.obj = Session(config_path, node_id)
     report_waits(_waiting(ctx.obj))
 
 
-def _waiting(obj: Context) -> Callable[[Wait], None]:
+def _waiting(obj: Session) -> Callable[[Wait], None]:
     """Say on stderr, once a wait on a resource has lasted a second, what the command is
     waiting for: a silent or unreachable server shows at once, not when the command ends."""
 

@@ -13,7 +13,7 @@ import click
 from xatm import ConfigurationError, SagaError, SagaResult
 from xatm.admin import Inspector, SagaInfo, SagaView, validate_saga_id
 from xatm.cli import render
-from xatm.cli.context import UsageMistake, actor, get
+from xatm.cli.session import UsageMistake, actor, get
 
 
 def _saga_id(ctx: click.Context, param: click.Parameter, value: str) -> str:

@@ -23,6 +23,7 @@ from xatm.core.report import RecoveryReport
 from xatm.core.urls import ResourceSpec
 from xatm.errors import ConfigurationError, XatmError
 from xatm.integrations.sqlalchemy import resources as _sqlalchemy
+from xatm.integrations.sqlalchemy.join import SqlAlchemyJoin
 from xatm.log import incarnations as _incarnations
 from xatm.log import node_markers as _node_markers
 from xatm.log import timelines as _timelines
@@ -56,19 +57,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger("xatm")
 
 T = TypeVar("T")
-
-
-def _sa_session(tx: Transaction, binds: Any = None, **kwargs: Any) -> Any:
-    # SQLAlchemy is imported only when it is used
-    from xatm.integrations.sqlalchemy import session as _sa_session
-
-    return _sa_session.session(tx, binds, **kwargs)
-
-
-def _sa_connection(tx: Transaction, resource: str) -> Any:
-    from xatm.integrations.sqlalchemy import session as _sa_session
-
-    return _sa_session.sa_connection(tx, resource)
 
 
 class TransactionManager:
@@ -186,6 +174,7 @@ class TransactionManager:
         for participant in participants.values():
             if isinstance(participant, PostgresParticipant):
                 participant.watch = watch
+        self._sqlalchemy = SqlAlchemyJoin()  # tx.session(), tx.sa_connection()
         self._ctx = Context(
             node_id=self.node_id,
             timeout=self.timeout,
@@ -198,7 +187,6 @@ class TransactionManager:
             identity=IdentityLocks(participants, self.node_id),
             commit_markers=self.commit_markers,
             parallel=args.parallel,
-            extensions={"session": _sa_session, "sa_connection": _sa_connection},
             failover=watch,
             retain=retain,
         )
@@ -221,7 +209,7 @@ class TransactionManager:
         except BaseException:
             self._ctx.close()
             raise
-        self.sagas = SagaRunner(self, args.sagas)
+        self.sagas = SagaRunner(self, args.sagas, self._ctx.classify)
         self.sweeper = Sweeper(
             self._ctx, args.sweep_interval, after_pass=lambda actor: self.recover_sagas(actor=actor)
         )
@@ -275,7 +263,9 @@ class TransactionManager:
         limit = self.timeout if timeout is None else validate_timeout(timeout)
         _ambient.refuse_nested(self._ctx)
         # registered (as running here) once it enlists a branch
-        return Transaction(self._ctx, self._ctx.new_gtrid(limit), limit)
+        return Transaction(
+            self._ctx, self._ctx.new_gtrid(limit), limit, sqlalchemy=self._sqlalchemy
+        )
 
     def _saga_transaction(self, idempotency_key: str) -> SagaTransaction:
         """The transaction of one saga step (``xatm.sagas.runner``)."""
@@ -283,7 +273,9 @@ class TransactionManager:
             raise XatmError("this TransactionManager is closed")
         _ambient.refuse_nested(self._ctx)
         gtrid = self._ctx.new_gtrid(self.timeout)
-        return SagaTransaction(self._ctx, gtrid, self.timeout, idempotency_key)
+        return SagaTransaction(
+            self._ctx, gtrid, self.timeout, idempotency_key, sqlalchemy=self._sqlalchemy
+        )
 
     def run(
         self,
@@ -299,7 +291,7 @@ class TransactionManager:
         deadlock, a serialization failure, a lock timeout or a lost connection before the
         decision, never an in-doubt outcome (``xatm.transactions.retry``). Returns what ``fn``
         returned in the run that committed; raises the last error otherwise."""
-        policy = RetryPolicy.of(retries, backoff, max_backoff)
+        policy = RetryPolicy.of(retries, backoff, max_backoff, self._ctx.classify)
         attempt = 0
         while True:
             attempt += 1
@@ -377,21 +369,7 @@ class TransactionManager:
     @property
     def inspector(self) -> Inspector:
         """A read-only view of the resources, the logs and the audit trail."""
-        ctx = self._ctx
-        return Inspector(
-            ctx.resources.participants,
-            self.log_directory,
-            resources=ctx.resources,
-            own_node=self.node_id,
-            own_pending=ctx.log.pending,
-            running=lambda gtrid: ctx.running(gtrid) is not None,
-            commit_markers=self.commit_markers,
-            timeout=self.timeout,
-            shared_log=self.shared_log,
-            own_incarnation=ctx.incarnation,
-            identity=ctx.identity.status,
-            failover=ctx.failover,
-        )
+        return Inspector.of_node(self._ctx)
 
     def indoubt(self) -> InDoubtReport:
         """Every in-doubt global transaction across the resources, oldest first."""

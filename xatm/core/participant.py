@@ -19,7 +19,7 @@ quoted literal or ``Xid.to_mysql`` (hex literals).
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
@@ -64,6 +64,33 @@ class PhaseTwo(enum.Enum):
 
     DONE = "done"
     NOT_FOUND = "not-found"  # no such prepared branch on the resource
+
+
+class ErrorKind(enum.Enum):
+    """What a database error means, as a participant reads its driver's error (its codes
+    stay in its own folder)."""
+
+    DEADLOCK = "deadlock"
+    SERIALIZATION = "serialization"  # a serialization failure
+    LOCK_TIMEOUT = "lock-timeout"  # a lock wait ran out of time (or no lock was available)
+    CANCELLED = "cancelled"  # the statement was cancelled (a statement timeout)
+    GONE = "gone"  # the connection or the server failed (the driver's operational errors)
+    OTHER = "other"  # anything else: the application's, a constraint, a syntax error
+
+    @property
+    def transient(self) -> bool:
+        """May running the work again meet something else (every kind but OTHER)?"""
+        return self is not ErrorKind.OTHER
+
+
+def classify(exc: BaseException, participants: Iterable[Participant]) -> ErrorKind:
+    """What ``exc`` (one error, not its causes) is, as the first of ``participants`` that
+    recognises it says; an ``OSError`` none of them claims is a lost connection."""
+    for participant in participants:
+        kind = participant.classify(exc)
+        if kind is not ErrorKind.OTHER:
+            return kind
+    return ErrorKind.GONE if isinstance(exc, OSError) else ErrorKind.OTHER
 
 
 class BranchVotedNo(Exception):
@@ -125,6 +152,11 @@ class Participant(Protocol):
         """The file descriptor of ``conn``'s socket, for ``xatm.core.deadline`` to cut a call
         the server does not answer in time (None if it cannot be found, or ``conn`` is
         closed)."""
+
+    def classify(self, exc: BaseException) -> ErrorKind:
+        """What ``exc`` is if it is this database's driver error (deadlock, serialization
+        failure, lock timeout, cancelled statement, lost connection); ``OTHER`` otherwise
+        (another driver's errors included)."""
 
     def is_duplicate_key(self, exc: BaseException) -> bool:
         """True if ``exc`` is a unique-key violation (the driver's own code for it)."""

@@ -13,7 +13,7 @@ On disk every record is framed as ``<length:u32 LE><crc32:u32 LE><payload>``, wh
 payload is compact JSON. A frame whose length is 0, over :data:`MAX_PAYLOAD` or runs past the
 end of the data, whose CRC does not match, or whose payload is not a record is *bad*: reading
 stops there. Whether a bad frame is a torn tail or corruption is decided by the file log
-(``_filelog``), with :func:`next_good_frame`.
+(``xatm.log.file``), with :func:`next_good_frame`.
 """
 
 from __future__ import annotations

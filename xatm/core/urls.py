@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 from urllib.parse import parse_qsl, quote, unquote, urlsplit
 
+from xatm.core.text import first_line
 from xatm.errors import ConfigurationError
 
 Kind = Literal["postgresql", "mysql"]
@@ -93,8 +94,7 @@ def add_scrubber(scrub: Callable[[str], str]) -> None:
 def describe_error(e: BaseException) -> str:
     """An error's text as xatm shows it: :func:`redact`, then its first line (or the
     error's type when it has no text)."""
-    text = redact(str(e)).strip()
-    return text.splitlines()[0] if text else type(e).__name__
+    return first_line(redact(str(e)), type(e).__name__)
 
 
 def _redact_url(url: str) -> str:

@@ -5,7 +5,7 @@ event loop (:meth:`~xatm.log.file.FileLog.append_commit`: a buffer, no I/O) with
 and awaits that future. The file log's own group commit forces the record: its flusher
 thread (woken by the append if no flush is under way), or a threaded committer of the same
 log that leads a flush, writes every record appended meanwhile with one ``fsync`` (never on
-the loop). The flush that settles a batch calls back once for all of this loop's records in
+the loop). The flush that writes a batch calls back once for all of this loop's records in
 it, and that callback wakes the loop once (one ``call_soon_threadsafe``), which resolves the
 batch's futures; records appended during a flush go in the next. No thread is parked per
 waiting transaction, no thread of this module's own stands between the loop and the log,
@@ -15,8 +15,8 @@ Any other log (the shared PostgreSQL log) is called as the threaded manager call
 ``log_commit`` on a worker thread per waiting transaction, whose group commit batches them.
 
 A waiter cancelled while its record waits (``asyncio.run()`` cancels every task left at its
-shutdown, the shielded one that ends a transaction included) waits on until the record is
-settled (durable, or the log broken), then lets the cancellation through: as the file log
+shutdown, the shielded one that ends a transaction included) waits on until the record's
+flush is over (durable, or the log broken), then lets the cancellation through: as the file log
 does for a thread interrupted in ``log_commit``. Until then its transaction is still running
 here, so no recovery pass presumes it aborted while its COMMIT is about to reach the disk.
 """
@@ -31,12 +31,12 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Protocol, runtime_checkable
 
 from xatm.errors import LogError
-from xatm.log.base import CoordinatorLog, Settled
+from xatm.log.base import CoordinatorLog, DurabilityCallback
 
 
 @runtime_checkable
 class BatchedLog(Protocol):
-    """A log whose COMMIT records can be appended now and are reported settled later, a
+    """A log whose COMMIT records can be appended now and are reported durable later, a
     whole flush's worth in one call (``xatm.log.file.FileLog.append_commit``)."""
 
     def append_commit(
@@ -44,13 +44,13 @@ class BatchedLog(Protocol):
         gtrid: str,
         branches: Sequence[str],
         txids: Mapping[str, int] | None,
-        settled: Settled,
+        callback: DurabilityCallback,
         waiter: object,
     ) -> None: ...
 
 
 class _Loop:
-    """The records of one event loop: told by the log that some are settled, it wakes
+    """The records of one event loop: told by the log that the flush of some is over, it wakes
     that loop once to resolve their futures."""
 
     __slots__ = ("loop",)
@@ -58,8 +58,9 @@ class _Loop:
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
 
-    def settled(self, waiters: list[asyncio.Future[None]], error: LogError | None) -> None:
-        """On the thread that ran the flush (the log's ``Settled``): one wake of the loop."""
+    def wake(self, waiters: list[asyncio.Future[None]], error: LogError | None) -> None:
+        """On the thread that ran the flush (the log's ``DurabilityCallback``): one wake of
+        the loop."""
         with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits
             self.loop.call_soon_threadsafe(_resolve, waiters, error)
 
@@ -85,17 +86,17 @@ class AsyncLog:
         log = self._batched
         if log is None:
             call = functools.partial(self._log.log_commit, gtrid, branches, txids)
-            await _settled(loop.run_in_executor(self._threads, call))
+            await _wait_out(loop.run_in_executor(self._threads, call))
             return
         told = self._loop
         if told is None or told.loop is not loop:
             told = self._loop = _Loop(loop)
         done = loop.create_future()
         # DecisionNotLogged: nothing was written, and ``done`` is never resolved
-        log.append_commit(gtrid, branches, txids, told.settled, done)
-        # Cancelled while waiting: the flush goes on all the same and settles the record
+        log.append_commit(gtrid, branches, txids, told.wake, done)
+        # Cancelled while waiting: the flush goes on all the same and ends the record's wait
         # (on disk, or the log broken); the caller is left in doubt, as with log_commit.
-        await _settled(done)
+        await _wait_out(done)
 
     def log_end(self, gtrid: str) -> asyncio.Future[None] | None:
         """Record the END of ``gtrid``: None if done (a file log appends it, no wait),
@@ -107,25 +108,25 @@ class AsyncLog:
 
     def shutdown(self) -> None:
         """Stop the threads, if any (blocking: call it on a worker thread). Records of a
-        batched log still waiting are settled by its flushes (at the latest its close)."""
+        batched log still waiting are told by its flushes (at the latest its close)."""
         if self._threads is not None:
             self._threads.shutdown()
 
 
-async def _settled(waiting: asyncio.Future[None]) -> None:
-    """Await ``waiting``; if cancelled meanwhile, go on waiting until it is settled (it
-    always is: a flush or the log's close settles every record), then raise the
+async def _wait_out(waiting: asyncio.Future[None]) -> None:
+    """Await ``waiting``; if cancelled meanwhile, go on waiting until it is done (it always
+    is: a flush or the log's close ends every record's wait), then raise the
     cancellation."""
     cancelled: asyncio.CancelledError | None = None
     while not waiting.done():
         try:
             await asyncio.shield(waiting)  # never cancels ``waiting`` itself
         except asyncio.CancelledError as e:
-            if waiting.cancelled():  # cancelled by someone else: nothing to settle
+            if waiting.cancelled():  # cancelled by someone else: nothing to wait for
                 raise
             cancelled = e
         except BaseException:
-            break  # the record is settled with an error: raised below, or the cancellation
+            break  # the record's flush failed: its error raised below, or the cancellation
     if cancelled is not None:
         raise cancelled
     waiting.result()

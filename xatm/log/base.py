@@ -25,11 +25,11 @@ from xatm.errors import LogError
 OwnerState = Literal["this-process", "alive", "dead", "unknown"]
 
 #: Told by a batched log (``xatm.log.file.FileLog.append_commit``, used by
-#: ``xatm.log.aio``) that records appended without a waiting thread are settled: ``(their
-#: waiters, in append order; None if they are durable, else the LogError that leaves them in
-#: doubt)``. Called on the thread that ran the flush, without the log's lock: it must return
-#: quickly and must not wait for the log.
-Settled = Callable[[list[Any], LogError | None], None]
+#: ``xatm.log.aio``) that the flush writing records appended without a waiting thread is
+#: over: ``(their waiters, in append order; None if they are durable, else the LogError that
+#: leaves them in doubt)``. Called on the thread that ran the flush, without the log's lock:
+#: it must return quickly and must not wait for the log.
+DurabilityCallback = Callable[[list[Any], LogError | None], None]
 
 
 class DecisionNotLogged(LogError):

@@ -14,13 +14,13 @@ import contextlib
 import logging
 import threading
 import weakref
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from xatm.core import deadline as _deadline
 from xatm.core.logfields import log_fields
-from xatm.core.participant import Connection, Participant
+from xatm.core.participant import Connection, ErrorKind, Participant, classify
 from xatm.core.urls import redact
 from xatm.core.xid import incarnation_of, new_gtrid, new_incarnation
 from xatm.errors import ConfigurationError, ResourceNotFit
@@ -174,8 +174,6 @@ class Context:
     failover: FailoverWatch | None = None
     #: seconds ended COMMIT decisions are kept (the logs' retention window)
     retain: float = 300.0
-    #: integrations a transaction offers (``tx.session()``...), wired by the manager
-    extensions: Mapping[str, Callable[..., Any]] = field(default_factory=dict)
     #: why the manager no longer begins transactions (it is closing: ``xatm.transactions.drain``)
     closing: str | None = None
     #: recovery passes, sweeper passes and manual resolutions never overlap
@@ -193,12 +191,9 @@ class Context:
     _finished: dict[str, list[str]] = field(default_factory=dict)
     _strangers_noted: set[str] = field(default_factory=set)
 
-    def extension(self, name: str) -> Callable[..., Any]:
-        """The integration ``name`` (ConfigurationError if it is not available)."""
-        found = self.extensions.get(name)
-        if found is None:
-            raise ConfigurationError(f"{name} is not available in this transaction manager")
-        return found
+    def classify(self, exc: BaseException) -> ErrorKind:
+        """What ``exc`` (one error, not its causes) is, as this node's participants read it."""
+        return classify(exc, self.resources.participants.values())
 
     # -- transactions running here ---------------------------------------------------------
     def log_view(self) -> LogView:

@@ -59,6 +59,7 @@ from typing import TYPE_CHECKING, Literal
 from xatm.core import events as _events
 from xatm.core.logfields import log_fields
 from xatm.core.records import LogRecord
+from xatm.core.text import first_line
 from xatm.core.urls import redact
 from xatm.log.timelines import Loss, LossStatus, ResourceTimeline, Switch, TimelineStore
 from xatm.participants.postgres.participant import Change, PostgresParticipant
@@ -297,7 +298,7 @@ def check(
                         resource,
                         switch.old,
                         switch.new,
-                        redact(str(e).strip().splitlines()[0] if str(e).strip() else repr(e)),
+                        redact(first_line(str(e), repr(e))),
                         extra=log_fields(ctx.node_id, resource=resource),
                     )
                     previous = switch

@@ -228,7 +228,7 @@ class IdentityLocks:
                 holder = None if got else participant.identity_holder(conn, self.node_id)
         except Exception as e:
             participant.close(conn)
-            lock.state, lock.why = "unreached", _first_line(e)
+            lock.state, lock.why = "unreached", describe_error(e)
             return
         if got:
             with self._mutex:
@@ -380,7 +380,3 @@ class IdentityLocks:
                 lock.conn, lock.state, lock.why = None, "closed", "the manager is closed"
         for participant, conn in conns:
             participant.close(conn)
-
-
-def _first_line(e: BaseException) -> str:
-    return describe_error(e)

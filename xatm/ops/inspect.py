@@ -49,7 +49,7 @@ from xatm.log.file import SegmentInfo
 from xatm.log.timelines import Loss, Switch
 from xatm.log.view import LogView, log_view
 from xatm.node import failover as _failover
-from xatm.node.context import Resources
+from xatm.node.context import Context, Resources
 from xatm.node.identity import IdentityStatus
 from xatm.ops.doctor import Check, DoctorReport, diagnose
 from xatm.participants.adapters import make_participant
@@ -324,7 +324,11 @@ class _Scan:
 
 
 class Inspector:
-    """Read-only view of the resources, the coordinator logs and the audit trail."""
+    """Read-only view of the resources, the coordinator logs and the audit trail.
+
+    Made two ways: :meth:`of_node` (a running manager's view: its pooled connections, its
+    log and its running transactions) and :meth:`from_settings` / :meth:`from_config` (an
+    operator's: connections and a watch of its own, the log read without any lock)."""
 
     def __init__(
         self,
@@ -341,6 +345,8 @@ class Inspector:
         own_incarnation: str | None = None,
         identity: Callable[[], list[IdentityStatus]] | None = None,
         failover: _failover.FailoverWatch | None = None,
+        log_url: str | None = None,
+        config_node: str | None = None,
     ) -> None:
         self._participants = dict(participants)
         #: the incarnation of the manager inspecting (its own gtrids are "mine")
@@ -358,7 +364,10 @@ class Inspector:
         self._shared = shared_log
         self._shared_opened = False
         #: the shared log's URL when the log is a database (then ``log_directory`` is None)
-        self.log_url: str | None = None
+        self.log_url = log_url
+        #: the configuration's node_id (an operator's Inspector): the shared log is opened
+        #: as it (without its lock), and its timeline records count with a branch's own
+        self._config_node = config_node
         self._markers = sorted(commit_markers)
         #: the transaction timeout, for the shared log's "past its timeout" fact
         self.timeout = timeout
@@ -378,29 +387,43 @@ class Inspector:
             for name, s in settings.resources.items()
         }
         shared = "://" in settings.log
-        inspector = cls(
+        return cls(
             participants,
             None if shared else settings.log,
             commit_markers=getattr(settings, "commit_markers", ()),
             timeout=settings.timeout,
+            log_url=settings.log if shared else None,
+            config_node=settings.node_id,
         )
-        inspector.log_url = settings.log if shared else None
-        inspector._shared_node = settings.node_id
-        inspector._records_node = settings.node_id
-        return inspector
 
-    _shared_node: str | None = None
-    #: the node whose timeline records count with the branch's own (the application's)
-    _records_node: str | None = None
+    @classmethod
+    def of_node(cls, ctx: Context) -> Inspector:
+        """The Inspector of a running manager (``tm.inspector``): its resources' pooled
+        connections, its own log's pending decisions, its running transactions, its
+        identity leases and its failover watch."""
+        return cls(
+            ctx.resources.participants,
+            ctx.log_directory,
+            resources=ctx.resources,
+            own_node=ctx.node_id,
+            own_pending=ctx.log.pending,
+            running=lambda gtrid: ctx.running(gtrid) is not None,
+            commit_markers=ctx.commit_markers,
+            timeout=ctx.timeout,
+            shared_log=ctx.shared_log,
+            own_incarnation=ctx.incarnation,
+            identity=ctx.identity.status,
+            failover=ctx.failover,
+        )
 
     @property
     def shared_log(self) -> Any:
         """The shared log (a ``PostgresLog``), opened on first use without taking any node's
         lock; None with a file log."""
-        if self._shared is None and self.log_url is not None and self._shared_node:
+        if self._shared is None and self.log_url is not None and self._config_node:
             from xatm.log.shared import PostgresLog
 
-            self._shared = PostgresLog(self.log_url, self._shared_node, hold_node_lock=False)
+            self._shared = PostgresLog(self.log_url, self._config_node, hold_node_lock=False)
             self._shared_opened = True
         return self._shared
 
@@ -561,7 +584,7 @@ class Inspector:
         """:func:`xatm.node.failover.after_failover` over the transaction's prepared branches:
         ``commit`` if one of them finds a retained COMMIT, ``unknown`` if one cannot tell."""
         store = logs.timelines()
-        nodes = {node, *(n for n in (self._own_node, self._records_node) if n)}
+        nodes = {node, *(n for n in (self._own_node, self._config_node) if n)}
         outcome: _failover.AfterFailover = "none"
         for resource, _, _, _ in scan.found.get(gtrid, []):
             records = [store.load(n).get(resource) for n in sorted(nodes)]

@@ -42,8 +42,8 @@ from xatm.errors import LogLocked, ResourceError, XatmError
 from xatm.log.base import DecisionNotLogged, OwnerState
 from xatm.log.view import OpenedLog
 from xatm.ops.inspect import Decision, validate_gtrid
+from xatm.recovery.phase2 import Carried, carry_out
 from xatm.recovery.run import locked_pass
-from xatm.recovery.settle import Settled, finish_prepared
 
 if TYPE_CHECKING:
     from xatm.node.context import Context
@@ -389,7 +389,7 @@ class _Resolve:
             reason += " (forced)"
         try:
             with self.ctx.resources.borrow(resource) as (participant, conn):
-                settled = finish_prepared(participant, conn, xid, self.outcome == "commit")
+                carried = carry_out(participant, conn, xid, self.outcome == "commit")
         except ResourceError as e:
             self.unreachable[resource] = str(e)
             return
@@ -400,7 +400,7 @@ class _Resolve:
             )
             self.audit(resource, self.outcome, reason, text)
             return
-        if settled is Settled.HELD:
+        if carried is Carried.HELD:
             # MariaDB: a session still attached to it (only it may finish it): not gone
             why = "listed as prepared, but the server answers 'no such branch': a live session"
             self.actions.append(
@@ -408,7 +408,7 @@ class _Resolve:
             )
             self.notes.append(f"{resource}: {why} still holds it; recovery finishes it later")
             return
-        result = PhaseTwo.DONE if settled is Settled.DONE else PhaseTwo.NOT_FOUND
+        result = PhaseTwo.DONE if carried is Carried.DONE else PhaseTwo.NOT_FOUND
         text = "done" if result is PhaseTwo.DONE else "not-found"
         self.actions.append(
             RecoveryAction(self.gtrid, resource, resource, self.outcome, reason, text)

@@ -8,7 +8,7 @@ whose ``xatm_decisions`` table exists may hold rows, and is read.
 Presuming abort needs more than "no row is visible": the coordinator may have sent the
 marker branch's commit just before it died, and the server may still be executing it (an
 uncommitted row is invisible), or its statements may even still sit unread in the server's
-socket. :func:`probe_row` settles that with a *fence*: it inserts an abort row with the same
+socket. :func:`probe_row` decides that with a *fence*: it inserts an abort row with the same
 gtrid and commits it. The insert waits for any uncommitted insert of that key to end; a
 duplicate-key error then means a row is there (the coordinator's decision row: COMMIT; or an
 earlier fence: abort); success means the transaction is aborted for good, since a decision

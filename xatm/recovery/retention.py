@@ -1,4 +1,4 @@
-"""Retention of file logs: the settled log of a node gone for good is removed after a while.
+"""Retention of file logs: the finished log of a node gone for good is removed after a while.
 
 A service whose node_id changes per process (a worker number, a pid) leaves one log folder
 per process, and every ``xatm`` command that acts leaves its own (``<node>-cli``); without
@@ -37,7 +37,7 @@ from xatm.log.file import list_nodes, read_log
 
 logger = logging.getLogger("xatm.retention")
 
-#: seconds a dead node's settled log is kept (7 days); 0 keeps every log
+#: seconds a dead node's finished log is kept (7 days); 0 keeps every log
 DEFAULT_LOG_RETENTION = 7 * 86400.0
 #: seconds between two looks at the log directory by a sweeper
 RETIRE_EVERY = 600.0

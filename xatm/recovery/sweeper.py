@@ -19,7 +19,7 @@ peer sharing the log directory, or by a phase 2 that could not finish.
 * :meth:`Sweeper.status` tells when the pass in flight began (``xatm sweep``'s liveness
   endpoint notices a pass that takes too long).
 * With a file log, every :data:`~xatm.recovery.retention.RETIRE_EVERY` seconds after a pass it
-  removes the settled logs of nodes dead for ``log_retention`` seconds
+  removes the finished logs of nodes dead for ``log_retention`` seconds
   (``xatm.recovery.retention``).
 
 The ``[sweeper]`` table of a config file::
@@ -27,7 +27,7 @@ The ``[sweeper]`` table of a config file::
     [sweeper]
     enabled = true          # default
     interval = 10.0         # seconds between passes (default 10)
-    log_retention = 604800  # seconds a dead node's settled log is kept (7 days; 0: for ever)
+    log_retention = 604800  # seconds a dead node's finished log is kept (7 days; 0: for ever)
 """
 
 from __future__ import annotations
@@ -153,7 +153,7 @@ class Sweeper:
         #: seconds after which a pass still in flight counts as stuck (``xatm sweep``'s
         #: liveness): two bounded steps on a silent server (``xatm.core.deadline``)
         self.stuck_after = 2 * step_bound(ctx.timeout)
-        #: seconds a dead node's settled file log is kept (0: for ever); see xatm.recovery.retention
+        #: seconds a dead node's finished file log is kept (0: for ever): xatm.recovery.retention
         self.log_retention = DEFAULT_LOG_RETENTION
         #: seconds between two looks at the log directory for logs to retire
         self.retire_every = RETIRE_EVERY
@@ -298,7 +298,7 @@ class Sweeper:
         return report
 
     def retire_logs(self, *, dry_run: bool = False, now: float | None = None) -> list[Retirement]:
-        """Remove the settled file logs of nodes dead for :attr:`log_retention` seconds (at
+        """Remove the finished file logs of nodes dead for :attr:`log_retention` seconds (at
         least the decision retention); see ``xatm.recovery.retention``."""
         ctx = self._ctx
         if ctx.log_directory is None or self.log_retention <= 0:

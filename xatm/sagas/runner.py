@@ -38,6 +38,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 from xatm.core import failpoint as _failpoint
+from xatm.core.participant import ErrorKind
 from xatm.core.urls import describe_error
 from xatm.errors import (
     ConfigurationError,
@@ -48,8 +49,6 @@ from xatm.errors import (
 )
 from xatm.log.audit import AuditEntry, AuditTrail
 from xatm.log.view import log_view
-from xatm.participants.mysql import participant as _mysql
-from xatm.participants.postgres import participant as _postgres
 from xatm.sagas import barrier as _barrier
 from xatm.sagas.definition import (
     MAX_KEY,
@@ -135,16 +134,17 @@ def result_of(record: SagaRecord) -> SagaResult:
     )
 
 
-def is_transient(exc: BaseException) -> bool:
+def is_transient(exc: BaseException, classify: Callable[[BaseException], ErrorKind]) -> bool:
     """Worth retrying: a lost connection, deadlock, serialization failure, lock timeout,
-    an unreachable resource, or an outcome in doubt (the barrier makes a retry safe)."""
+    an unreachable resource, or an outcome in doubt (the barrier makes a retry safe);
+    ``classify`` says what one database error is (the resources' participants)."""
     seen: set[int] = set()
     e: BaseException | None = exc
     while e is not None and id(e) not in seen:
         seen.add(id(e))
         if isinstance(e, TransactionInDoubt | ResourceUnavailable):
             return True
-        if _postgres.is_transient_error(e) or _mysql.is_transient_error(e):
+        if classify(e).transient:
             return True
         if isinstance(e, TransactionRolledBack) and e.__cause__ is None:
             return True  # rollback-only after a lost connection, a timeout, a fenced decision
@@ -209,10 +209,12 @@ class SagaRunner:
         self,
         manager: SagaHost,
         sagas: dict[str, Saga],
+        classify: Callable[[BaseException], ErrorKind],
         *,
         retention: float = DEFAULT_RETENTION,
     ) -> None:
         self._tm = manager
+        self._classify = classify
         self.sagas = sagas
         for saga in sagas.values():
             saga.check_resources(manager.resource_names)
@@ -492,8 +494,8 @@ class SagaRunner:
                 return _Outcome(True, barrier)
             text = _describe(error)
             if isinstance(error, TransactionInDoubt):
-                self._settle(c.actor)
-            retry = attempt < limit and (compensating or is_transient(error))
+                self._recover_after_doubt(c.actor)
+            retry = attempt < limit and (compensating or is_transient(error, self._classify))
             self._audit.record(
                 saga_id,
                 where,
@@ -507,7 +509,7 @@ class SagaRunner:
                 return _Outcome(False, error=f"{op} of step {step.name!r} failed: {text}")
             self._sleep(min(saga.max_backoff, saga.backoff * 2 ** (attempt - 1)))
 
-    def _settle(self, actor: str) -> None:
+    def _recover_after_doubt(self, actor: str) -> None:
         """A step's transaction ended in doubt: its branches may hold the barrier rows'
         locks until recovery settles them, so run a recovery pass before trying again."""
         try:

@@ -22,6 +22,8 @@ import os
 from collections.abc import Iterator
 from typing import Any
 
+from xatm.core.text import first_line
+
 USER = "xatm"
 PASSWORD = "xatm-secret"
 ROOT_PASSWORD = "root-secret"
@@ -45,7 +47,7 @@ def docker_engine_reason() -> str | None:
         finally:
             client.close()
     except Exception as e:
-        text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        text = first_line(str(e), type(e).__name__)
         return f"no Docker engine is reachable ({text})"
     return None
 

@@ -235,16 +235,16 @@ class AsyncTransaction(ManagedTransaction):
     # -- the end ----------------------------------------------------------------------------
     async def commit(self) -> None:
         """End the transaction with commit (what leaving the block normally does)."""
-        await self._settle(self.commit_steps())
+        await self._run_to_end(self.commit_steps())
 
     async def rollback(self) -> None:
         """Roll every branch back (what leaving the block with an exception does)."""
         if self.state is TransactionState.ACTIVE:
-            await self._settle(self.abort_steps())
+            await self._run_to_end(self.abort_steps())
         else:
             self._ended()
 
-    async def _settle(self, steps: Steps[None]) -> None:
+    async def _run_to_end(self, steps: Steps[None]) -> None:
         """Run ``steps`` to their end, even if the caller is cancelled meanwhile (see the
         module docstring); then let the cancellation through."""
         self._hold()

@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from xatm.core import deadline as _deadline
 from xatm.core import events as _events
@@ -78,11 +78,14 @@ class ManagedTransaction(TransactionCore):
         # (``PassFence``) and recovery's requests, which may come from other threads.
         self._fence = threading.Lock()
         # Callbacks of integrations (SQLAlchemy sessions, see
-        # xatm.integrations.sqlalchemy.resources): the first run at the start of commit, before
+        # xatm.integrations.sqlalchemy.session): the first run at the start of commit, before
         # anything is prepared (they may still do work and enlist branches); the second once the
         # transaction has ended, whatever its outcome.
         self._before_prepare: list[Callable[[], None]] = []
         self._after_end: list[Callable[[], None]] = []
+        # what integrations keep with this transaction (``Transaction.annotate``), by a key
+        # object of their own
+        self._annotations: dict[object, Any] = {}
         #: set for a saga step: stable per saga, step and op (action / compensation), the
         #: same on every retry and after recovery, for outside services to deduplicate on
         self.idempotency_key: str | None = None
@@ -171,7 +174,7 @@ class ManagedTransaction(TransactionCore):
         for callback in callbacks:
             try:
                 callback()
-            except Exception:  # the outcome is settled: a callback's failure only gets logged
+            except Exception:  # the outcome is final: a callback's failure only gets logged
                 logger.exception(
                     "an end-of-transaction callback of %s failed",
                     self.gtrid,

@@ -486,7 +486,7 @@ class TransactionCore:
                 gtrid=self.gtrid,
             ) from e
         # Interrupted (KeyboardInterrupt, SystemExit, a cancelled task) while the decision
-        # was being forced: the log settles the record (on disk, or the log broken), so the
+        # was being forced: the log's flush of the record ends (on disk, or the log broken), so the
         # branches stay prepared for recovery, which decides by what the disk holds.
         raise e
 

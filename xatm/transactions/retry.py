@@ -5,9 +5,8 @@ only when running it again may well succeed. So :func:`retryable` says yes to an
 raised *before the decision* whose cause is transient:
 
 * a deadlock, a serialization failure, a lock wait timeout or a cancelled statement
-  (each database's list: ``is_transient_error`` of ``xatm.participants.postgres.participant`` and
-  ``xatm.participants.mysql.participant``), raised by a statement in the block or by a branch's
-  prepare (a
+  (as the resources' participants classify their drivers' errors: ``Participant.classify``),
+  raised by a statement in the block or by a branch's prepare (a
   :class:`~xatm.TransactionRolledBack` caused by one);
 * a lost connection before the decision (the statement's driver error, or the
   ``TransactionRolledBack`` of a transaction that lost a branch's connection), a resource
@@ -31,9 +30,12 @@ from __future__ import annotations
 
 import logging
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from xatm.core.logfields import log_fields
+from xatm.core.participant import ErrorKind
+from xatm.core.text import first_line
 from xatm.errors import (
     ConfigurationError,
     ResourceUnavailable,
@@ -42,13 +44,15 @@ from xatm.errors import (
     TransactionRolledBack,
     TransactionTimeout,
 )
-from xatm.participants.mysql import participant as _mysql
-from xatm.participants.postgres import participant as _postgres
 
 logger = logging.getLogger("xatm.transaction")
 
 
-def _transient(exc: BaseException | None) -> bool:
+#: what one error is (``Context.classify``: as the resources' participants read it)
+Classify = Callable[[BaseException], ErrorKind]
+
+
+def _transient(exc: BaseException | None, classify: Classify) -> bool:
     """True if ``exc``, or an error in its cause chain, is worth running the transaction
     again for (see the module docstring)."""
     seen: set[int] = set()
@@ -60,23 +64,24 @@ def _transient(exc: BaseException | None) -> bool:
         if isinstance(e, OSError) and not isinstance(e, ConnectionError | TimeoutError):
             e = e.__cause__  # a file error is not a lost connection
             continue
-        if _postgres.is_transient_error(e) or _mysql.is_transient_error(e):
+        if classify(e).transient:
             return True
         e = e.__cause__
     return False
 
 
-def retryable(exc: BaseException) -> bool:
-    """May a transaction that ended with ``exc`` be run again? (See the module docstring.)"""
+def retryable(exc: BaseException, classify: Classify) -> bool:
+    """May a transaction that ended with ``exc`` be run again? (See the module docstring;
+    ``classify`` says what one error is.)"""
     if not isinstance(exc, Exception) or isinstance(exc, TransactionInDoubt):
         return False
     if isinstance(exc, TransactionTimeout):
         return True
     if isinstance(exc, TransactionRolledBack):
-        return _transient(exc.__cause__)
+        return _transient(exc.__cause__, classify)
     if isinstance(exc, TransactionError):
         return False
-    return _transient(exc)
+    return _transient(exc, classify)
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,9 +91,12 @@ class RetryPolicy:
     retries: int
     backoff: float
     max_backoff: float
+    classify: Classify
 
     @classmethod
-    def of(cls, retries: object, backoff: object, max_backoff: object) -> RetryPolicy:
+    def of(
+        cls, retries: object, backoff: object, max_backoff: object, classify: Classify
+    ) -> RetryPolicy:
         if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
             raise ConfigurationError(f"retries must be an integer >= 0, got {retries!r}")
         for name, value in (("backoff", backoff), ("max_backoff", max_backoff)):
@@ -97,16 +105,16 @@ class RetryPolicy:
         assert isinstance(backoff, int | float) and isinstance(max_backoff, int | float)
         if max_backoff < backoff:
             raise ConfigurationError("max_backoff must be >= backoff")
-        return cls(retries, float(backoff), float(max_backoff))
+        return cls(retries, float(backoff), float(max_backoff), classify)
 
     def delay(self, attempt: int, error: BaseException, gtrid: str | None = None) -> float | None:
         """Seconds to wait before running the transaction again after attempt number
         ``attempt`` (1 for the first) failed with ``error``; None: do not, raise ``error``."""
-        if attempt > self.retries or not retryable(error):
+        if attempt > self.retries or not retryable(error, self.classify):
             return None
         full = min(self.max_backoff, self.backoff * 2.0 ** (attempt - 1))
         wait = full * random.uniform(0.5, 1.0)
-        text = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        text = first_line(str(error))
         logger.info(
             "transaction%s attempt %d failed (%s: %s); running it again in %.3f s",
             f" {gtrid}" if gtrid else "",

@@ -14,7 +14,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Self, TypeVar, cast, overload
+from typing import TYPE_CHECKING, Any, Protocol, Self, TypeVar, cast, overload
 
 from xatm.core import deadline as _deadline
 from xatm.core.dbapi import C, DBConnection, DBCursor, Params, as_kind
@@ -31,8 +31,10 @@ from xatm.core.steps import (
     Prepare,
     Steps,
 )
+from xatm.core.text import first_line
 from xatm.core.xid import Xid, branch_xid
 from xatm.errors import (
+    ConfigurationError,
     ResourceError,
     ResourceNotFit,
     TransactionError,
@@ -54,6 +56,15 @@ __all__ = ["SagaTransaction", "Transaction", "TransactionCore", "TransactionStat
 T = TypeVar("T")
 
 
+class SqlAlchemyJoin(Protocol):
+    """The SQLAlchemy integration of a manager (``xatm.integrations.sqlalchemy.join``), as
+    ``tx.session()`` and ``tx.sa_connection()`` call it."""
+
+    def session(self, tx: Transaction, binds: Any, **session_kwargs: Any) -> Session: ...
+
+    def sa_connection(self, tx: Transaction, resource: str) -> SAConnection: ...
+
+
 class Transaction(ManagedTransaction):
     """A global transaction; use it as ``with tm.transaction() as tx:``.
 
@@ -64,6 +75,12 @@ class Transaction(ManagedTransaction):
     one at a time, and a commit that finds a statement still running in another thread waits
     for it, then rolls back.
     """
+
+    def __init__(
+        self, ctx: Context, gtrid: str, timeout: float, *, sqlalchemy: SqlAlchemyJoin | None = None
+    ) -> None:
+        super().__init__(ctx, gtrid, timeout)
+        self._sqlalchemy = sqlalchemy
 
     # -- the application's side -------------------------------------------------------------
     def __enter__(self) -> Self:
@@ -134,15 +151,30 @@ class Transaction(ManagedTransaction):
         ``binds`` maps models (or tables) to resource names. The session is flushed before
         prepare; commit and rollback happen through xatm when the block ends.
         """
-        session: Session = self._ctx.extension("session")(self, binds, **session_kwargs)
-        return session
+        return self._join("session").session(self, binds, **session_kwargs)
 
     def sa_connection(self, resource: str) -> SAConnection:
         """A SQLAlchemy ``Connection`` on this transaction's branch on ``resource``."""
-        conn: SAConnection = self._ctx.extension("sa_connection")(self, resource)
-        return conn
+        return self._join("sa_connection").sa_connection(self, resource)
 
-    # -- for integrations (SQLAlchemy sessions, see xatm.integrations.sqlalchemy.resources) --------
+    def _join(self, what: str) -> SqlAlchemyJoin:
+        if self._sqlalchemy is None:
+            raise ConfigurationError(f"{what} is not available in this transaction manager")
+        return self._sqlalchemy
+
+    # -- for integrations (SQLAlchemy sessions, see xatm.integrations.sqlalchemy.session) --------
+    def annotate(self, key: object, value: Any) -> None:
+        """Keep ``value`` with this transaction under ``key`` (an object of the integration's
+        own, such as a class: compared by identity); None forgets it."""
+        if value is None:
+            self._annotations.pop(key, None)
+        else:
+            self._annotations[key] = value
+
+    def annotation(self, key: object) -> Any:
+        """What an integration keeps with this transaction under ``key`` (None: nothing)."""
+        return self._annotations.get(key)
+
     def add_before_prepare_hook(self, callback: Callable[[], None]) -> None:
         """Run ``callback`` when commit starts, before anything is prepared (it may still do
         work and enlist branches); if it raises, the transaction rolls back."""
@@ -260,8 +292,8 @@ class Transaction(ManagedTransaction):
                 raise
             if isinstance(e, TransactionTimeout):
                 self._raise_rolled_back("timeout", e)
-            first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
-            self._raise_rolled_back(f"the work to do before prepare failed: {first_line}", e)
+            text = first_line(str(e), type(e).__name__)
+            self._raise_rolled_back(f"the work to do before prepare failed: {text}", e)
 
     def _rollback_all(self) -> None:
         """Roll back every branch that may still hold work (once the work still running in
@@ -364,8 +396,16 @@ class SagaTransaction(Transaction):
 
     idempotency_key: str
 
-    def __init__(self, ctx: Context, gtrid: str, timeout: float, idempotency_key: str) -> None:
-        super().__init__(ctx, gtrid, timeout)
+    def __init__(
+        self,
+        ctx: Context,
+        gtrid: str,
+        timeout: float,
+        idempotency_key: str,
+        *,
+        sqlalchemy: SqlAlchemyJoin | None = None,
+    ) -> None:
+        super().__init__(ctx, gtrid, timeout, sqlalchemy=sqlalchemy)
         self.idempotency_key = idempotency_key
 
 

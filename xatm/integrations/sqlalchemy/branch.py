@@ -1,6 +1,6 @@
 """SQLAlchemy objects over one xatm branch: a Connection and an ORM Session joined to it.
 
-Imported only by ``xatm.integrations.sqlalchemy.resources`` when ``tx.sa_connection()`` or
+Imported only by ``xatm.integrations.sqlalchemy.session`` when ``tx.sa_connection()`` or
 ``tx.session()`` is first used (it imports SQLAlchemy). What each class does to keep SQLAlchemy from
 ending the branch's real transaction:
 
@@ -22,6 +22,7 @@ ending the branch's real transaction:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from sqlalchemy import exc
@@ -29,24 +30,22 @@ from sqlalchemy.engine import Connection, Engine, RootTransaction
 from sqlalchemy.orm import Session
 from sqlalchemy.pool import PoolProxiedConnection
 
-from xatm.core.urls import redact
+from xatm.core.urls import describe_error
 from xatm.errors import TransactionError
-from xatm.integrations.sqlalchemy.resources import resource_engine
 from xatm.participants.mysql.drivers import sa_cursor_kwargs
 from xatm.transactions.transaction import TransactionState
 
 if TYPE_CHECKING:
     from sqlalchemy.engine.interfaces import CoreExecuteOptionsParameter
 
+    from xatm.node.context import Context
     from xatm.transactions.transaction import Transaction
+
+#: the Engine of a resource, for its dialect (``SqlAlchemyJoin.engine``)
+EngineOf = Callable[["Context", str], Engine]
 
 #: execution options that would change the branch connection's transaction behaviour
 REFUSED_OPTIONS = frozenset({"isolation_level", "postgresql_readonly", "postgresql_deferrable"})
-
-
-def _first_line(e: BaseException) -> str:
-    text = redact(str(e)).strip()
-    return text.splitlines()[0] if text else type(e).__name__
 
 
 class ResourceBind:
@@ -119,7 +118,7 @@ class BranchProxy(PoolProxiedConnection):
     def invalidate(self, e: BaseException | None = None, soft: bool = False) -> None:
         """SQLAlchemy saw the connection fail: the transaction cannot commit. xatm itself
         closes the driver connection when the transaction ends."""
-        reason = f": {_first_line(e)}" if e is not None else ""
+        reason = f": {describe_error(e)}" if e is not None else ""
         self._tx.set_rollback_only(
             f"SQLAlchemy invalidated the connection of branch {self._resource!r}{reason}"
         )
@@ -186,7 +185,7 @@ class BranchConnection(Connection):
         return super().execution_options(**opt)
 
 
-def open_connection(tx: Transaction, resource: str) -> BranchConnection:
+def open_connection(tx: Transaction, resource: str, engine_of: EngineOf) -> BranchConnection:
     """A BranchConnection on ``tx``'s branch on ``resource`` (enlisting it if needed)."""
     if tx.state is not TransactionState.ACTIVE:
         raise TransactionError(
@@ -194,7 +193,7 @@ def open_connection(tx: Transaction, resource: str) -> BranchConnection:
             gtrid=tx.gtrid,
         )
     branch = tx.enlist(resource)
-    engine = resource_engine(tx.context, resource)
+    engine = engine_of(tx.context, resource)
     proxy = BranchProxy(tx, resource, branch.conn, branch.participant.kind)
     return BranchConnection(engine, proxy, tx, resource)
 
@@ -202,8 +201,9 @@ def open_connection(tx: Transaction, resource: str) -> BranchConnection:
 class BranchSession(Session):
     """An ORM Session whose binds are xatm resource names."""
 
-    def __init__(self, tx: Transaction, **kwargs: Any) -> None:
+    def __init__(self, tx: Transaction, engine_of: EngineOf, **kwargs: Any) -> None:
         self.xatm_tx = tx
+        self._xatm_engine_of = engine_of
         self._xatm_conns: dict[str, BranchConnection] = {}
         self._xatm_ending = False
         super().__init__(**kwargs)
@@ -247,7 +247,7 @@ class BranchSession(Session):
         """The session's Connection on ``resource``'s branch (enlisting it if needed)."""
         conn = self._xatm_conns.get(resource)
         if conn is None or conn.closed:
-            conn = open_connection(self.xatm_tx, resource)
+            conn = open_connection(self.xatm_tx, resource, self._xatm_engine_of)
             self._xatm_conns[resource] = conn
         return conn
 

@@ -24,8 +24,9 @@ Three things live here (docs/sqlalchemy.md is the user's guide):
   not lost. Every session and connection is closed when the transaction ends.
 
 For a resource given as a URL, an Engine is made from the URL once per manager and
-resource, used for its dialect only (its one connection, made to learn the server's
-version, is closed at once); the branch connections stay xatm's own.
+resource (``xatm.integrations.sqlalchemy.join``), used for its dialect only (its one
+connection, made to learn the server's version, is closed at once); the branch connections
+stay xatm's own.
 
 SQLAlchemy is imported lazily, only when one of these functions is used, so it stays an
 optional dependency.
@@ -35,12 +36,10 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import threading
-import weakref
 from typing import TYPE_CHECKING, Any
 
 from xatm.core import deadline as _deadline
-from xatm.core.urls import DEFAULT_CONNECT_TIMEOUT, ResourceSpec, parse_url, redact
+from xatm.core.urls import DEFAULT_CONNECT_TIMEOUT, ResourceSpec, describe_error, parse_url, redact
 from xatm.errors import ConfigurationError, ResourceUnavailable
 from xatm.participants.pool import Pool
 
@@ -48,7 +47,6 @@ if TYPE_CHECKING:
     from sqlalchemy.engine import Engine
 
     from xatm.core.participant import Connection, Participant
-    from xatm.node.context import Context
 
 SUPPORTED_DIALECTS = (
     "postgresql+psycopg",
@@ -144,7 +142,7 @@ class EnginePool(Pool):
         except Exception as e:
             raise ResourceUnavailable(
                 f"cannot connect to resource {self.participant.name!r}"
-                f" ({self.participant.spec.redacted()}): {_first_line(e)}",
+                f" ({self.participant.spec.redacted()}): {describe_error(e)}",
                 resource=self.participant.name,
             ) from None
         conn = proxied.driver_connection
@@ -157,7 +155,7 @@ class EnginePool(Pool):
             if self.participant.is_connection_error(e) or _is_sa_dbapi_error(e):
                 raise ResourceUnavailable(
                     f"resource {self.participant.name!r} ({self.participant.spec.redacted()}):"
-                    f" the engine's connection failed: {_first_line(e)}",
+                    f" the engine's connection failed: {describe_error(e)}",
                     resource=self.participant.name,
                 ) from None
             raise
@@ -228,33 +226,12 @@ def _is_sa_dbapi_error(e: BaseException) -> bool:
     return isinstance(e, exc.DBAPIError)
 
 
-def _first_line(e: BaseException) -> str:
-    text = redact(str(e)).strip()
-    return text.splitlines()[0] if text else type(e).__name__
-
-
 # -- an Engine per resource (for its dialect) -------------------------------------------------
 
-_engines: weakref.WeakKeyDictionary[Context, dict[str, Engine]] = weakref.WeakKeyDictionary()
-_engines_lock = threading.Lock()
 
-
-def resource_engine(ctx: Context, resource: str) -> Engine:
-    """The Engine of ``resource``: the one given as the resource, or (for a URL) one made
-    from the URL once per manager, for its dialect (its pool is never used for branches)."""
-    _, pool = ctx.resources.get(resource)
-    if isinstance(pool, EnginePool):
-        return pool.engine
-    with _engines_lock:
-        made = _engines.setdefault(ctx, {})
-        engine = made.get(resource)
-        if engine is None:
-            engine = _engine_from_spec(resource, pool.participant.spec)
-            made[resource] = engine
-        return engine
-
-
-def _engine_from_spec(resource: str, spec: ResourceSpec) -> Engine:
+def engine_from_spec(resource: str, spec: ResourceSpec) -> Engine:
+    """An Engine for ``resource``'s URL, for its dialect only (its pool is never used for
+    branches); its first connection learns the server's version and is closed at once."""
     from sqlalchemy import create_engine
     from sqlalchemy.engine import URL
     from sqlalchemy.pool import NullPool
@@ -289,7 +266,7 @@ def _engine_from_spec(resource: str, spec: ResourceSpec) -> Engine:
         engine.dispose()
         raise ResourceUnavailable(
             f"cannot connect to resource {resource!r} ({spec.redacted()}) to set up its"
-            f" SQLAlchemy dialect: {_first_line(e)}",
+            f" SQLAlchemy dialect: {describe_error(e)}",
             resource=resource,
         ) from None
     return engine

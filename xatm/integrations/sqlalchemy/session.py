@@ -1,10 +1,12 @@
 """SQLAlchemy sessions and connections inside one xatm transaction (``tx.session()``,
 ``tx.sa_connection()``).
 
-The objects of one transaction are kept together: its sessions are flushed when commit
-starts (a before-prepare hook of the transaction) and closed when it ends (an after-end
-hook), through the transaction's public hooks. The manager wires ``tx.session()`` to this
-module (``Context.extensions``), so SQLAlchemy is imported only when it is used.
+The objects of one transaction are kept together, with the transaction itself (an
+annotation of it, ``tx.annotation(Enlisted)``): its sessions are flushed when commit starts
+(a before-prepare hook of the transaction) and closed when it ends (an after-end hook),
+through the transaction's public hooks. ``tx.session()`` reaches this module through the
+manager's ``xatm.integrations.sqlalchemy.join.SqlAlchemyJoin``, so SQLAlchemy is imported
+only when it is used.
 """
 
 from __future__ import annotations
@@ -18,13 +20,14 @@ from xatm.errors import ConfigurationError, TransactionError
 from xatm.integrations.sqlalchemy.branch import (
     BranchConnection,
     BranchSession,
+    EngineOf,
     ResourceBind,
     open_connection,
 )
 from xatm.transactions.transaction import Transaction, TransactionState
 
 
-class _Enlisted:
+class Enlisted:
     """The SQLAlchemy objects of one transaction: flushed before prepare, closed at the end."""
 
     def __init__(self, tx: Transaction) -> None:
@@ -40,8 +43,8 @@ class _Enlisted:
 
     def close(self) -> None:
         tx = self._tx()
-        if tx is not None:  # the sessions refer to tx: the weak key would never go by itself
-            _enlisted.pop(tx, None)
+        if tx is not None:  # the ended transaction no longer holds its sessions
+            tx.annotate(Enlisted, None)
         sessions, self.sessions = self.sessions, []
         connections, self.connections = self.connections, {}
         for sess in sessions:
@@ -52,18 +55,16 @@ class _Enlisted:
                 conn.close()
 
 
-_enlisted: weakref.WeakKeyDictionary[Transaction, _Enlisted] = weakref.WeakKeyDictionary()
-
-
-def _enlisted_for(tx: Transaction) -> _Enlisted:
+def _enlisted_for(tx: Transaction) -> Enlisted:
     if tx.state is not TransactionState.ACTIVE:
         raise TransactionError(
             f"transaction {tx.gtrid} is {tx.state.value}; no more work can be done in it",
             gtrid=tx.gtrid,
         )
-    found = _enlisted.get(tx)
+    found: Enlisted | None = tx.annotation(Enlisted)
     if found is None:
-        found = _enlisted[tx] = _Enlisted(tx)
+        found = Enlisted(tx)
+        tx.annotate(Enlisted, found)
     return found
 
 
@@ -76,7 +77,7 @@ def _check_resource(tx: Transaction, resource: object, what: str) -> str:
     return resource
 
 
-def session(tx: Transaction, binds: Any = None, **kwargs: Any) -> Any:
+def session(tx: Transaction, engine_of: EngineOf, binds: Any = None, **kwargs: Any) -> Any:
     """An ORM Session whose work joins ``tx``: ``binds`` maps models (or tables, or a
     declarative base) to resource names; ``bind="name"`` sets a default resource."""
     for key in ("twophase", "join_transaction_mode"):
@@ -98,18 +99,18 @@ def session(tx: Transaction, binds: Any = None, **kwargs: Any) -> Any:
     if bind is not None:
         kwargs["bind"] = ResourceBind(_check_resource(tx, bind, "bind"))
     enlisted = _enlisted_for(tx)
-    sess = BranchSession(tx, binds=session_binds, **kwargs)
+    sess = BranchSession(tx, engine_of, binds=session_binds, **kwargs)
     enlisted.sessions.append(sess)
     return sess
 
 
-def sa_connection(tx: Transaction, resource: str) -> Any:
+def sa_connection(tx: Transaction, engine_of: EngineOf, resource: str) -> Any:
     """A SQLAlchemy Connection on ``tx``'s branch on ``resource`` (the same one each time,
     while it is open)."""
     _check_resource(tx, resource, "the resource")
     enlisted = _enlisted_for(tx)
     conn = enlisted.connections.get(resource)
     if conn is None or conn.closed:
-        conn = open_connection(tx, resource)
+        conn = open_connection(tx, resource, engine_of)
         enlisted.connections[resource] = conn
     return conn

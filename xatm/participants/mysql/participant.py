@@ -45,6 +45,7 @@ from xatm.core.participant import (
     CANNOT_TELL,
     BranchVotedNo,
     Cursor,
+    ErrorKind,
     Finding,
     Finished,
     PhaseTwo,
@@ -150,6 +151,10 @@ class MySQLParticipant:
 
     def socket_of(self, conn: Any) -> int | None:
         return for_connection(conn).socket_of(conn)
+
+    def classify(self, exc: BaseException) -> ErrorKind:
+        """What ``exc`` is (``classify_error``: any loaded MySQL driver's error)."""
+        return classify_error(exc)
 
     def is_duplicate_key(self, exc: BaseException) -> bool:
         """``exc`` is a unique-key violation (MySQL error 1062)."""
@@ -541,18 +546,25 @@ def _describe(driver: MySQLDriver, e: BaseException) -> str:
     return redact(" ".join(text.split())) or type(e).__name__  # one line, as promised
 
 
-#: errnos worth retrying: lock wait timeout, deadlock, and the XA rollback-only states they
-#: leave (XA_RBTIMEOUT, XA_RBDEADLOCK)
-_TRANSIENT_ERRNOS = frozenset({1205, 1213, 1613, 1614})
+#: what a MySQL error number means: lock wait timeout and deadlock, and the XA rollback-only
+#: states they leave (XA_RBTIMEOUT, XA_RBDEADLOCK)
+_KIND_OF_ERRNO = {
+    1205: ErrorKind.LOCK_TIMEOUT,
+    1213: ErrorKind.DEADLOCK,
+    1613: ErrorKind.LOCK_TIMEOUT,
+    1614: ErrorKind.DEADLOCK,
+}
 
 
-def is_transient_error(exc: BaseException) -> bool:
-    """True if ``exc`` is a MySQL driver's error worth retrying (lost connection, deadlock,
-    lock wait timeout), whichever driver raised it; used by saga steps
-    (``xatm.sagas.runner``). Only drivers already loaded are asked."""
+def classify_error(exc: BaseException) -> ErrorKind:
+    """What ``exc`` is if it is a MySQL driver's error (a lost connection, a deadlock, a
+    lock wait timeout), whichever driver raised it; ``OTHER`` otherwise. Only drivers already
+    loaded are asked."""
     for driver in DRIVERS.values():
         if driver.module_name not in sys.modules:
             continue
         if isinstance(exc, driver.errors()):
-            return driver.is_connection_error(exc) or driver.errno(exc) in _TRANSIENT_ERRNOS
-    return isinstance(exc, OSError)
+            if driver.is_connection_error(exc):
+                return ErrorKind.GONE
+            return _KIND_OF_ERRNO.get(driver.errno(exc) or 0, ErrorKind.OTHER)
+    return ErrorKind.OTHER

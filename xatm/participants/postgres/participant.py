@@ -58,6 +58,7 @@ from xatm.core.participant import (
     CANNOT_TELL,
     BranchVotedNo,
     Cursor,
+    ErrorKind,
     Finding,
     Finished,
     PhaseTwo,
@@ -66,6 +67,7 @@ from xatm.core.participant import (
     Statement,
     Vote,
 )
+from xatm.core.text import first_line
 from xatm.core.urls import DEFAULT_CONNECT_TIMEOUT, Kind, ResourceSpec, pg_settings_in, redact
 from xatm.core.xid import Xid
 from xatm.errors import ResourceUnavailable
@@ -326,6 +328,10 @@ class PostgresParticipant:
         return isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError)
 
     # -- the branch ------------------------------------------------------------------------
+    def classify(self, exc: BaseException) -> ErrorKind:
+        """What ``exc`` is (``classify_error``)."""
+        return classify_error(exc)
+
     def is_duplicate_key(self, exc: BaseException) -> bool:
         return isinstance(exc, psycopg.Error) and exc.sqlstate == UNIQUE_VIOLATION
 
@@ -772,18 +778,28 @@ def _leave(pipeline: Any, error: BaseException) -> None:
 
 
 def _describe(e: psycopg.Error) -> str:
-    text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    text = first_line(str(e), type(e).__name__)
     return f"{e.sqlstate} {text}" if e.sqlstate else text
 
 
-#: SQLSTATEs of errors that a retry may not meet again: serialization failure, deadlock,
-#: lock not available (lock_timeout), query canceled (statement_timeout)
-_TRANSIENT_SQLSTATES = frozenset({"40001", "40P01", "55P03", "57014"})
+#: what a SQLSTATE means: serialization failure, deadlock, lock not available (lock_timeout),
+#: query canceled (statement_timeout)
+_KIND_OF_SQLSTATE = {
+    "40001": ErrorKind.SERIALIZATION,
+    "40P01": ErrorKind.DEADLOCK,
+    "55P03": ErrorKind.LOCK_TIMEOUT,
+    "57014": ErrorKind.CANCELLED,
+}
 
 
-def is_transient_error(exc: BaseException) -> bool:
-    """True if ``exc`` is a psycopg error worth retrying (lost connection, deadlock,
-    serialization failure, lock timeout); used by saga steps (``xatm.sagas.runner``)."""
+def classify_error(exc: BaseException) -> ErrorKind:
+    """What ``exc`` is if it is a psycopg error (a lost connection, a deadlock, a
+    serialization failure, a lock timeout, a cancelled statement); ``OTHER`` otherwise."""
+    if not isinstance(exc, psycopg.Error):
+        return ErrorKind.OTHER
+    kind = _KIND_OF_SQLSTATE.get(exc.sqlstate or "")
+    if kind is not None:
+        return kind
     if isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError):
-        return True
-    return isinstance(exc, psycopg.Error) and exc.sqlstate in _TRANSIENT_SQLSTATES
+        return ErrorKind.GONE
+    return ErrorKind.OTHER

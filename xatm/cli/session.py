@@ -30,8 +30,10 @@ class UsageMistake(click.ClickException):
 
 
 @dataclass
-class Context:
-    """The global options, and what is built from them (lazily)."""
+class Session:
+    """One run of the ``xatm`` command: its global options, and what is built from them
+    (lazily). Kept as click's ``ctx.obj``; not to be confused with click's ``Context`` nor
+    with a manager's ``xatm.node.context.Context``."""
 
     config_path: str | None
     node_id: str | None
@@ -160,7 +162,7 @@ class GtridType(_ParamType):
 GTRID = GtridType()
 
 
-def get(ctx: click.Context) -> Context:
-    obj = ctx.find_object(Context)
+def get(ctx: click.Context) -> Session:
+    obj = ctx.find_object(Session)
     assert obj is not None
     return obj

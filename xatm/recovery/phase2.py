@@ -1,6 +1,6 @@
 """Carrying out a verdict on one prepared branch: the phase-2 call and what its answer means.
 
-Recovery and manual resolution both finish branches through :func:`finish_prepared`, so they
+Recovery and manual resolution both finish branches through :func:`carry_out`, so they
 read the server's answers alike. A branch that the listing showed a moment ago may answer
 "no such branch": on PostgreSQL it was finished in between (by its coordinator or another
 pass); on MariaDB it may still be held by a session attached to it (only that session may
@@ -16,13 +16,15 @@ from xatm.core.participant import Connection, Participant, PhaseTwo
 from xatm.core.xid import Xid
 
 
-class Settled(enum.Enum):
+class Carried(enum.Enum):
+    """What carrying a verdict out on one listed branch came to."""
+
     DONE = "done"  # committed / rolled back now
     GONE = "gone"  # no longer prepared: finished by someone else
     HELD = "held"  # "no such branch", but it may still be held by another session
 
 
-def finish_prepared(participant: Participant, conn: Connection, xid: Xid, commit: bool) -> Settled:
+def carry_out(participant: Participant, conn: Connection, xid: Xid, commit: bool) -> Carried:
     """COMMIT or ROLLBACK one listed prepared branch. Errors are raised as they come (a
     connection error means the outcome is unknown)."""
     if commit:
@@ -30,5 +32,5 @@ def finish_prepared(participant: Participant, conn: Connection, xid: Xid, commit
     else:
         result = participant.rollback_prepared(conn, xid)
     if result is PhaseTwo.DONE:
-        return Settled.DONE
-    return Settled.HELD if participant.nota_may_be_held else Settled.GONE
+        return Carried.DONE
+    return Carried.HELD if participant.nota_may_be_held else Carried.GONE
