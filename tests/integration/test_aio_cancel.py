@@ -168,6 +168,7 @@ def test_asyncio_run_shutdown_at_random_points_leaves_the_books_straight(
             "transfers": transfers,
             "delay": rng.uniform(0.0, 0.4),
             "close": run_no % 3 == 2,
+            "timeout": 5,  # a deadlock across the databases ends (and the drain) within it
         }
         path = tmp_path / "shutdown.json"
         path.write_text(json.dumps(cfg))

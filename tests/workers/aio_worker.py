@@ -51,7 +51,11 @@ async def one_transfer(cfg: dict[str, Any]) -> int:
 
 
 async def shutdown(cfg: dict[str, Any]) -> int:
-    tm = AsyncTransactionManager(cfg["urls"], cfg["log"], cfg["node_id"], sweeper=False)
+    # transfers of one account over several databases can deadlock across them (no server
+    # sees the cycle): the transaction timeout ends it, and bounds the close's drain
+    tm = AsyncTransactionManager(
+        cfg["urls"], cfg["log"], cfg["node_id"], sweeper=False, timeout=cfg.get("timeout", 30)
+    )
     await tm.open()
     async with tm.transaction() as tx:  # every resource checked and pooled before the clock
         for r in cfg["urls"]:
