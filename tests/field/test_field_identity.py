@@ -42,7 +42,7 @@ def names_node_and_a_resource(error: BaseException, node: str, resources: set[st
 def test_a_second_manager_of_a_live_node_id_is_refused(make_tm: MakeTM, tmp_path: Path) -> None:
     first = make_tm(node_id="twin-a", log=tmp_path / "a", sweeper=False)
     with pytest.raises(ConfigurationError) as refused:  # today: DID NOT RAISE
-        make_tm(node_id="twin-a", log=tmp_path / "b", sweeper=False)
+        make_tm(node_id="twin-a", log=tmp_path / "b", sweeper=False, lock_timeout=2)
     assert names_node_and_a_resource(refused.value, "twin-a", set(first.resource_names))
     first.close()  # the identity is free again
     make_tm(node_id="twin-a", log=tmp_path / "b", sweeper=False).close()
@@ -55,7 +55,9 @@ def test_a_twin_cannot_roll_back_a_live_nodes_transaction(
     transfer (every branch prepared, COMMIT logged), the twin runs a recovery pass: the
     transfer is its own node's, not running in it, with no decision in its log."""
     live = make_tm(node_id="twin-b", log=tmp_path / "a", sweeper=False)
-    twin, refused = attempt(lambda: make_tm(node_id="twin-b", log=tmp_path / "b", sweeper=False))
+    twin, refused = attempt(
+        lambda: make_tm(node_id="twin-b", log=tmp_path / "b", sweeper=False, lock_timeout=2)
+    )
     if twin is not None:
         at_step["after_decision"] = lambda: twin.recover()
     _, failed = attempt(lambda: journaled_transfer(live, bank, "tw1"))
@@ -77,7 +79,7 @@ def test_two_deployments_sharing_only_mariadb_cannot_use_one_node_id(
     b = {"pg2": servers.urls["pg2"], "maria": servers.set.maria.url("field_other_app")}
     make_tm(node_id="api-1", resources=a, log=tmp_path / "a", sweeper=False)
     with pytest.raises(ConfigurationError) as refused:  # today: DID NOT RAISE
-        make_tm(node_id="api-1", resources=b, log=tmp_path / "b", sweeper=False)
+        make_tm(node_id="api-1", resources=b, log=tmp_path / "b", sweeper=False, lock_timeout=2)
     assert names_node_and_a_resource(refused.value, "api-1", {"maria"})
 
 
