@@ -76,8 +76,13 @@ promtool:
 	              && apt-get install -y -qq --no-install-recommends prometheus >/dev/null 2>&1; }; } \
 	    || echo "promtool could not be installed: the rules check is skipped"; }
 
+# `make test` runs every chaos mode for 15 s (`make chaos`: 30 s each, the tests' default)
+SUITE_CHAOS_SECONDS ?= 15
+
 pytest: $(STAMP) promtool
-	$(VENV)/bin/pytest -ra -q $(PYTEST_ARGS)
+	XATM_CHAOS_SECONDS=$${XATM_CHAOS_SECONDS:-$(SUITE_CHAOS_SECONDS)} \
+	XATM_OMISSION_SECONDS=$${XATM_OMISSION_SECONDS:-$(SUITE_CHAOS_SECONDS)} \
+	    $(VENV)/bin/pytest -ra -q $(PYTEST_ARGS)
 
 # the full suite once (default driver), then the driver-sensitive tests per MySQL driver
 test: lint typecheck pytest drivers
