@@ -223,13 +223,9 @@ class AsyncTransaction(ManagedTransaction):
             except BaseException as e:
                 _deadline.disarm(watch)
                 pool.discard(conn)
-                if watch.fired:
-                    raise self._silent(driver.name) from e
-                if attempt == 2 or not driver.is_connection_error(e):
-                    raise
+                self._retry_begin(e, attempt, watch, driver.name, driver.is_connection_error(e))
                 pool.clear()  # the server probably restarted: the others are dead too
-                if time.monotonic() > self.deadline:
-                    raise
+                self._begin_time_left(e)
         raise AssertionError("unreachable")
 
     # -- the end ----------------------------------------------------------------------------

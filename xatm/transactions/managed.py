@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
@@ -159,6 +160,23 @@ class ManagedTransaction(TransactionCore):
         """The deadline of a branch's connection, from enlistment until it is given back:
         the transaction's own until its decision, then ``_finishing``'s."""
         return _deadline.arm(owner, conn, self.deadline, f"transaction {self.gtrid}", busy=0)
+
+    def _retry_begin(
+        self, e: BaseException, attempt: int, watch: _deadline.Watch, name: str, lost: bool
+    ) -> None:
+        """After a failed begin (its connection already discarded): raise what the caller is
+        to see, or return to try once more on a fresh connection (``lost``: the error says
+        the connection was lost; the pool's others are likely dead too, the caller clears
+        it)."""
+        if watch.fired:
+            raise self._silent(name) from e
+        if attempt == 2 or not lost:
+            raise e
+
+    def _begin_time_left(self, e: BaseException) -> None:
+        """Raise ``e`` again if the transaction has no time left for another begin."""
+        if time.monotonic() > self.deadline:
+            raise e
 
     # -- the end ----------------------------------------------------------------------------
     def _hold(self) -> None:

@@ -245,13 +245,11 @@ class Transaction(ManagedTransaction):
             except BaseException as e:
                 _deadline.disarm(watch)
                 pool.discard(conn)
-                if watch.fired:
-                    raise self._silent(participant.name) from e
-                if attempt == 2 or not participant.is_connection_error(e):
-                    raise
+                self._retry_begin(
+                    e, attempt, watch, participant.name, participant.is_connection_error(e)
+                )
                 pool.clear()  # the server probably restarted: the others are dead too
-                if time.monotonic() > self.deadline:
-                    raise
+                self._begin_time_left(e)
         raise AssertionError("unreachable")
 
     # -- the end ----------------------------------------------------------------------------
