@@ -10,9 +10,11 @@
 * ``xatm.core.deadline``: no watchdog thread; the simulated network fires a watch (sets
   ``watch.fired``, as the watchdog's cut does) when a call blocks past its deadline;
 * ``xatm.core.xid``: the gtrids' random bits and the incarnations from the seeded generator;
-* ``xatm.log.file``'s ``os`` and ``_write_at``: writes are real (a temporary directory) but
-  an ``fsync`` only marks what is durable; a crash throws away (or tears) what was written
-  after the last ``fsync`` of each file, and closes the process's descriptors (its flocks go);
+* ``os`` in the file log's modules (``xatm.log.file.{segments,writer,reader,salvage}``, the
+  side files, retention, the saga store) and ``write_at`` where the writer calls it: writes
+  are real (a temporary directory) but an ``fsync`` only marks what is durable; a crash
+  throws away (or tears) what was written after the last ``fsync`` of each file, and closes
+  the process's descriptors (its flocks go);
 * ``xatm.node.identity.ThreadPoolExecutor``: runs the map in the calling greenlet.
 """
 
@@ -384,21 +386,46 @@ def install() -> None:
     time.sleep = sleep
 
     import xatm.core.deadline as deadline
-    import xatm.log.file as filelog
+    import xatm.log.file.reader as log_reader
+    import xatm.log.file.salvage as log_salvage
+    import xatm.log.file.segments as log_segments
+    import xatm.log.file.writer as log_writer
     import xatm.log.incarnations as incarnations
     import xatm.log.node_markers as node_markers
     import xatm.log.timelines as timelines
     import xatm.node.identity as identity
+    import xatm.recovery.retention as retention
     import xatm.sagas.store as saga_store
 
-    for module in (incarnations, node_markers, saga_store, timelines):
-        module.os = _SimOS()  # type: ignore[attr-defined]
+    # every module of the file log that opens, writes or fsyncs a file: a module global set
+    # on the package ``xatm.log.file`` would reach none of them
+    for module in (
+        log_reader,
+        log_salvage,
+        log_segments,
+        log_writer,
+        incarnations,
+        node_markers,
+        retention,
+        saga_store,
+        timelines,
+    ):
+        _set(module, "os", _SimOS())
     deadline._start = _no_watchdog
     deadline._thread = _MAIN  # type: ignore[assignment]
-    filelog.os = _SimOS()  # type: ignore[assignment]
-    filelog._write_at = _write_at
-    filelog._preallocate = lambda fd, size: None
-    identity.ThreadPoolExecutor = _SyncExecutor  # type: ignore[assignment,misc]
+    # the writer imports write_at and preallocate by name: patched where they are called
+    for module in (log_segments, log_writer):
+        _set(module, "write_at", _write_at)
+        _set(module, "preallocate", lambda fd, size: None)
+    _set(identity, "ThreadPoolExecutor", _SyncExecutor)
+
+
+def _set(module: Any, name: str, value: Any) -> None:
+    """Replace ``module.name``; a name the module no longer has is a stale patch point (a
+    patch that would silently do nothing), so it fails the run instead."""
+    if not hasattr(module, name):
+        raise RuntimeError(f"stale patch point: {module.__name__}.{name} does not exist")
+    setattr(module, name, value)
 
 
 def reseed(rng: Any) -> None:
