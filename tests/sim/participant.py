@@ -21,6 +21,7 @@ from xatm.core import deadline as _deadline
 from xatm.core.participant import (
     CANNOT_TELL,
     BranchVotedNo,
+    ErrorKind,
     Finding,
     PhaseTwo,
     Prepared,
@@ -217,6 +218,13 @@ class SimParticipant:
 
     def socket_of(self, conn: Conn) -> int | None:
         return None if conn.closed else 1
+
+    def classify(self, exc: BaseException) -> ErrorKind:
+        if isinstance(exc, ConnLost):
+            return ErrorKind.GONE
+        if isinstance(exc, DBError) and exc.code == "locktimeout":
+            return ErrorKind.LOCK_TIMEOUT
+        return ErrorKind.OTHER
 
     def is_duplicate_key(self, exc: BaseException) -> bool:
         return isinstance(exc, DBError) and exc.code == "dup"
