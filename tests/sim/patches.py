@@ -385,39 +385,41 @@ def install() -> None:
     time.time = wall
     time.sleep = sleep
 
-    import xatm.core.deadline as deadline
-    import xatm.log.file.reader as log_reader
-    import xatm.log.file.salvage as log_salvage
-    import xatm.log.file.segments as log_segments
-    import xatm.log.file.writer as log_writer
-    import xatm.log.incarnations as incarnations
-    import xatm.log.node_markers as node_markers
-    import xatm.log.timelines as timelines
-    import xatm.node.identity as identity
-    import xatm.recovery.retention as retention
-    import xatm.sagas.store as saga_store
+    import importlib
 
-    # every module of the file log that opens, writes or fsyncs a file: a module global set
-    # on the package ``xatm.log.file`` would reach none of them
-    for module in (
-        log_reader,
-        log_salvage,
-        log_segments,
-        log_writer,
-        incarnations,
-        node_markers,
-        retention,
-        saga_store,
-        timelines,
-    ):
-        _set(module, "os", _SimOS())
+    import xatm.core.deadline as deadline
+    import xatm.node.identity as identity
+
+    for name in FILE_MODULES:
+        _set(importlib.import_module(name), "os", _SimOS())
     deadline._start = _no_watchdog
     deadline._thread = _MAIN  # type: ignore[assignment]
-    # the writer imports write_at and preallocate by name: patched where they are called
-    for module in (log_segments, log_writer):
+    for name in WRITE_AT_MODULES:
+        module = importlib.import_module(name)
         _set(module, "write_at", _write_at)
         _set(module, "preallocate", lambda fd, size: None)
     _set(identity, "ThreadPoolExecutor", _SyncExecutor)
+
+
+#: every xatm module the simulated processes reach that opens, writes or fsyncs a file: its
+#: ``os`` is replaced (a module global set on the package ``xatm.log.file`` would reach none
+#: of its modules; tests/sim/test_sim.py checks that no such module is missing here)
+FILE_MODULES = (
+    "xatm.log.file.reader",
+    "xatm.log.file.salvage",
+    "xatm.log.file.segments",
+    "xatm.log.file.writer",
+    "xatm.log.incarnations",
+    "xatm.log.node_markers",
+    "xatm.log.timelines",
+    "xatm.recovery.retention",
+    "xatm.sagas.store",
+)
+#: the modules that call ``write_at`` and ``preallocate`` (the writer imports them by name)
+WRITE_AT_MODULES = ("xatm.log.file.segments", "xatm.log.file.writer")
+#: modules that write files with the real ``os``: the audit trail (not part of what a crash
+#: may lose), and what the simulator never runs (the doctor, the command line)
+REAL_FILES = ("xatm.log.audit", "xatm.ops.doctor", "xatm.cli.main", "xatm.cli.daemon")
 
 
 def _set(module: Any, name: str, value: Any) -> None:

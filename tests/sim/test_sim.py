@@ -91,3 +91,33 @@ def test_the_bug_switches_are_off_outside_the_simulator() -> None:
     assert frozenset() == _bugs.ENABLED
     assert set(BUGS) == _bugs.NAMES
     assert not any(_bugs.on(name) for name in _bugs.NAMES)
+
+
+def test_every_module_that_writes_files_is_patched() -> None:
+    """A module split out of another (``xatm.log.file`` into its submodules) keeps its own
+    ``os``: one the patches miss writes and fsyncs for real, and a crashed simulated process
+    keeps its log's flock (its node never starts again)."""
+    from tests.sim import patches
+
+    io = re.compile(r"\bos\.(open|fsync|write|ftruncate|replace)\(|\bwrite_at\(")
+    writers = set()
+    callers = set()
+    for path in sorted((ROOT / "xatm").rglob("*.py")):
+        text = path.read_text()
+        name = ".".join(path.relative_to(ROOT).with_suffix("").parts)
+        if io.search(text):
+            writers.add(name)
+        if re.search(r"\bwrite_at\(", text):
+            callers.add(name)
+    assert writers - set(patches.FILE_MODULES) - set(patches.REAL_FILES) == set()
+    assert callers <= set(patches.WRITE_AT_MODULES)
+    check = (
+        "from tests.sim import patches; patches.install(); import importlib;"
+        "bad = [m for m in patches.FILE_MODULES"
+        " if not isinstance(importlib.import_module(m).os, patches._SimOS)];"
+        "print(bad); assert not bad"
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", check], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert run.returncode == 0, run.stdout + run.stderr
