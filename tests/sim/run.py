@@ -12,7 +12,9 @@ import argparse
 import json
 import multiprocessing
 import os
+import shutil
 import sys
+import tempfile
 from typing import Any
 
 if __name__ == "__main__" and os.environ.get("PYTHONHASHSEED") != "0":
@@ -69,6 +71,18 @@ def shrink(seed: int, opts: dict[str, Any], first: Any) -> tuple[Any, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # every world's temporary directory goes under one of this run's, removed at the end: a
+    # worker terminated mid-seed (``--find``, the end of ``--hours``) cannot remove its own
+    run_dir = tempfile.mkdtemp(prefix="xatm-sim-run-")
+    tempfile.tempdir = run_dir  # the workers are forked: they inherit it
+    try:
+        return _main(argv)
+    finally:
+        tempfile.tempdir = None
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def _main(argv: list[str] | None) -> int:
     ap = argparse.ArgumentParser(prog="python -m tests.sim.run")
     ap.add_argument("--seeds", type=int, default=400, help="how many seeds (from --first)")
     ap.add_argument("--first", type=int, default=1)
