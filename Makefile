@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: all venv test lint typecheck pytest promtool drivers mysqlclient chaos demo bench servers-up \
+.PHONY: all venv test lint typecheck pytest promtool drivers mysqlclient chaos sim demo bench servers-up \
 	servers-down clean
 
 all: test
@@ -89,6 +89,21 @@ test: lint typecheck pytest drivers
 
 chaos: $(STAMP)
 	$(VENV)/bin/pytest -ra -q -m chaos $(PYTEST_ARGS)
+
+# The deterministic simulator (tests/sim, docs/testing.md): SEEDS seeds on JOBS processes;
+# `make sim SEED=n` replays one seed with its trace; `make sim HOURS=h` runs new seeds for h hours
+SEEDS ?= 400
+JOBS  ?= 2
+SIM_ARGS ?=
+
+sim: $(STAMP)
+ifdef SEED
+	$(PY) -m tests.sim.run --seed $(SEED) $(SIM_ARGS)
+else ifdef HOURS
+	$(PY) -m tests.sim.run --hours $(HOURS) --jobs $(JOBS) --quiet $(SIM_ARGS)
+else
+	$(PY) -m tests.sim.run --seeds $(SEEDS) --jobs $(JOBS) --quiet $(SIM_ARGS)
+endif
 
 demo: $(STAMP)
 	$(PY) -m examples.demo

@@ -128,3 +128,43 @@ def test_prune_removes_ended_commits(open_log) -> None:  # type: ignore[no-untyp
     log.flush()
     assert log.prune() == 1
     assert set(log.decisions([g1, g2])) == {g2}
+
+
+def test_a_failed_batch_answers_its_waiters_without_reconnecting(
+    open_log, servers: Servers
+) -> None:  # type: ignore[no-untyped-def]
+    """Found by the simulator's review of the log's waits (docs/testing.md): after a batch
+    failed on a broken writer connection, the group-commit leader reconnected before telling
+    the batch's waiters, so a silent log server (one that accepts connections and never
+    answers) held every waiter for the whole connect timeout. The failed batch's waiters are
+    told at once now; the next batch reconnects (bounded by the connect timeout)."""
+    import socket
+    import time
+    from dataclasses import replace
+
+    import psycopg
+
+    from xatm.errors import LogError
+
+    log = open_log("silent-writer")
+    log.log_commit(new_gtrid("silent-writer"), ["pg1"])  # the writer works
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)  # accepts (the kernel does), never answers: a silent server
+    try:
+        log.spec = replace(log.spec, host="127.0.0.1", port=silent.getsockname()[1])
+        pid = log._writer.info.backend_pid
+        with psycopg.connect(servers.urls["pg2"], autocommit=True) as admin:
+            admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
+        started = time.monotonic()
+        with pytest.raises(LogError):
+            log.log_commit(new_gtrid("silent-writer"), ["pg1"])
+        took = time.monotonic() - started
+        assert took < 2.0, f"the failed batch's waiter waited {took:.1f} s for a reconnect"
+        # the next batch reconnects, bounded by the connect timeout: refused, not logged
+        started = time.monotonic()
+        with pytest.raises(DecisionNotLogged):
+            log.log_commit(new_gtrid("silent-writer"), ["pg1"])
+        assert time.monotonic() - started < 10.0
+    finally:
+        silent.close()

@@ -413,11 +413,11 @@ class PostgresLog:
                 _failpoint.hit("commit_batch_open")  # inserted, not committed yet
         except psycopg.Error as e:
             failure = LogError(f"writing to the shared log failed: {redact(str(e)).strip()}")
-            if self._writer.closed or self._writer.broken:
-                self._reconnect_writer()
-            else:
+            if not (self._writer.closed or self._writer.broken):
                 # the batch was rolled back: nothing of it is logged
                 failure = DecisionNotLogged(str(failure))
+            # A broken writer is replaced by the next batch, not here: this batch's waiters
+            # are told now, not after a connect to a server that may not answer
             return {seq: failure for seq, _ in batch}
         self.forces += 1
         self.forced_records += len(batch)

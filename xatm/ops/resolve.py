@@ -30,6 +30,7 @@ import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
+from xatm.core import bugs as _bugs
 from xatm.core.decide import Action as Act
 from xatm.core.decide import Verdict, judge_request
 from xatm.core.logfields import log_fields
@@ -130,6 +131,8 @@ def _rule(plan: RecoveryReport, gtrid: str, request: Act) -> tuple[Act | None, s
     verdicts = []
     for a in plan.actions:
         if a.gtrid != gtrid or a.action not in ("commit", "rollback", "skip"):
+            continue
+        if _bugs.on("resolve_ignores_marker") and "commit-marker" in a.reason:
             continue
         act = Act.LEAVE if a.action == "skip" else Act(a.action)
         verdicts.append(Verdict(act, a.reason))

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import time
 
+from xatm.core import bugs as _bugs
 from xatm.core.decide import (
     Facts,
     Logged,
@@ -30,7 +31,8 @@ def facts_of(p: PassState, resource: str, xid: Xid, conn: Connection) -> tuple[F
     gtrid, node = xid.gtrid, xid.node_id
     ctx = p.ctx
     fleet = p.fleet
-    marker = Marker.UNPROBED if may_use_marker(gtrid) else Marker.NOT_FLAGGED
+    flagged = may_use_marker(gtrid) and not _bugs.on("presume_before_probe")
+    marker = Marker.UNPROBED if flagged else Marker.NOT_FLAGGED
     if gtrid in p.markers.rows:
         marker = Marker.ROW
     known = xid.bqual in ctx.resources
@@ -54,6 +56,8 @@ def facts_of(p: PassState, resource: str, xid: Xid, conn: Connection) -> tuple[F
         ctx.incarnation if own else None,
         fleet.incarnations(node),
     )
+    if own and made_by == "stranger" and _bugs.on("lock_is_proof"):
+        made_by = "previous" if ctx.identity.holds(resource) else made_by
     log: NodeLogState
     if fleet.shared:
         log = "alive" if not own and fleet.peer(node) == "alive" else "shared"

@@ -1,0 +1,123 @@
+"""The deterministic simulator in the normal suite: a fixed seed set, replay, and its bite.
+
+Each run is a subprocess (``python -m tests.sim.run``): a simulator worker replaces
+``threading`` and ``time`` before it imports xatm (tests/sim/patches.py), which this pytest
+process must not. No database server is used.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+#: the CI seed set: seeds 1..CI_SEEDS, 60 virtual seconds of faults each
+CI_SEEDS = 24
+
+#: each historical split, re-introduced by its switch (xatm.core.bugs), must be found by the
+#: simulator within this many seeds (tried in order from seed 1); docs/testing.md tables the
+#: seed and steps that find each
+BUDGET = 96
+BUGS = [
+    "resolve_ignores_marker",
+    "nota_is_gone",
+    "presume_before_probe",
+    "twin_is_previous",
+    "lock_is_proof",
+]
+
+
+def _sim(*args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ, PYTHONHASHSEED="0")
+    return subprocess.run(
+        [sys.executable, "-m", "tests.sim.run", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def test_the_ci_seed_set_finds_no_violation(tmp_path: Path) -> None:
+    out = tmp_path / "summary.json"
+    run = _sim(
+        "--seeds", str(CI_SEEDS), "--jobs", "2", "--quiet", "--no-shrink", "--json", str(out)
+    )
+    assert run.returncode == 0, run.stdout + run.stderr
+    summary = json.loads(out.read_text())
+    assert summary["violations"] == 0
+    assert summary["seeds"] == CI_SEEDS
+    assert summary["transactions"] > 200 * CI_SEEDS
+    assert summary["faults"] > 5 * CI_SEEDS
+    print(f"\nsim CI seed set: {summary}")
+
+
+def test_a_seed_replays_exactly() -> None:
+    first = _sim("--seed", "3", "--no-shrink")
+    second = _sim("--seed", "3", "--no-shrink")
+    assert first.returncode == 0, first.stdout + first.stderr
+    line = first.stdout.splitlines()[0]
+    assert line == second.stdout.splitlines()[0]
+    assert re.match(r"seed 3: \d+ tx \(\d+ committed\), \d+ faults, \d+ steps", line)
+
+
+@pytest.mark.parametrize("bug", BUGS)
+def test_the_simulator_finds_the_historical_split(bug: str) -> None:
+    run = _sim(
+        "--seeds", str(BUDGET), "--find", "--jobs", "2", "--quiet", "--no-shrink", "--bug", bug
+    )
+    found = re.search(r"found at seed (\d+) after (\d+) steps", run.stdout)
+    assert found is not None, f"{bug} not found in {BUDGET} seeds:\n{run.stdout[-2000:]}"
+    seed = found.group(1)
+    assert re.search(r"VIOLATION after \d+ steps: (split|ack-lost|refused-committed)", run.stdout)
+    assert f"replay: make sim SEED={seed}" in run.stdout
+    print(f"\n{bug}: found at seed {seed} after {found.group(2)} steps")
+    # the switch is the cause: the same seed passes without it
+    clean = _sim("--seed", seed, "--no-shrink")
+    assert clean.returncode == 0, clean.stdout[-2000:]
+
+
+def test_the_bug_switches_are_off_outside_the_simulator() -> None:
+    from xatm.core import bugs as _bugs
+
+    assert frozenset() == _bugs.ENABLED
+    assert set(BUGS) == _bugs.NAMES
+    assert not any(_bugs.on(name) for name in _bugs.NAMES)
+
+
+def test_every_module_that_writes_files_is_patched() -> None:
+    """A module split out of another (``xatm.log.file`` into its submodules) keeps its own
+    ``os``: one the patches miss writes and fsyncs for real, and a crashed simulated process
+    keeps its log's flock (its node never starts again)."""
+    from tests.sim import patches
+
+    io = re.compile(r"\bos\.(open|fsync|write|ftruncate|replace)\(|\bwrite_at\(")
+    writers = set()
+    callers = set()
+    for path in sorted((ROOT / "xatm").rglob("*.py")):
+        text = path.read_text()
+        name = ".".join(path.relative_to(ROOT).with_suffix("").parts)
+        if io.search(text):
+            writers.add(name)
+        if re.search(r"\bwrite_at\(", text):
+            callers.add(name)
+    assert writers - set(patches.FILE_MODULES) - set(patches.REAL_FILES) == set()
+    assert callers <= set(patches.WRITE_AT_MODULES)
+    check = (
+        "from tests.sim import patches; patches.install(); import importlib;"
+        "bad = [m for m in patches.FILE_MODULES"
+        " if not isinstance(importlib.import_module(m).os, patches._SimOS)];"
+        "print(bad); assert not bad"
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", check], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert run.returncode == 0, run.stdout + run.stderr
