@@ -151,6 +151,15 @@ class Scraper:
     def mark(self, phase: str) -> None:
         self.phase = phase
 
+    def hold(self, seconds: float, scrapes: int = 6) -> None:
+        """Stay in the phase for ``seconds``, and on a slow machine until it has ``scrapes``
+        scrapes (a liveness bound of 60 s, not a measurement)."""
+        time.sleep(seconds)
+        deadline = time.monotonic() + 60
+        while sum(1 for p, _ in self.scrapes if p == self.phase) < scrapes:
+            assert time.monotonic() < deadline, f"fewer than {scrapes} scrapes in {self.phase}"
+            time.sleep(0.1)
+
     def history(self) -> list[Scrape]:
         return [s for _, s in self.scrapes]
 
@@ -269,7 +278,7 @@ def test_a_mariadb_outage_fires_the_backlog_and_unreachable_alerts(
         scraper.__enter__()
         wait_for(lambda: passed(scraper), what="the first pass")
         scraper.mark("incident")
-        time.sleep(12)
+        scraper.hold(12, scrapes=12)
         during_outage = dict(load.done)
         outage.close()
         scraper.mark("recovering")
@@ -326,7 +335,7 @@ def test_a_dead_sweeper_fires_target_down_and_no_sweeper(setup: tuple[Path, Path
             proc.communicate()
             wait_for(lambda: scraper.scrapes[-1][1].samples[0][2] == 0, what="a failed scrape")
             scraper.mark("incident")
-            time.sleep(4)
+            scraper.hold(4)
             scraper.mark("recovering")
             proc = daemon(config, port)
             settle(scraper, lambda: passed(scraper) and pull(port) is not None, "a new sweeper")
@@ -401,7 +410,7 @@ def test_a_full_log_disk_fires_log_failed_and_passes_failing(
 
         wait_for(lambda: failed_passes() >= 2, what="failing passes")
         scraper.mark("incident")
-        time.sleep(4)
+        scraper.hold(4)
         scraper.mark("recovering")
         filler.unlink()
         tm.close()
