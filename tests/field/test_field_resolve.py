@@ -158,3 +158,26 @@ def test_manual_commit_while_the_dead_coordinators_session_lingers(
     assert bank.total() == bank.initial_total
     if still_prepared and res is not None:
         assert not res.complete  # a branch left prepared is not "complete"
+
+
+def test_manual_rollback_without_a_plan_is_refused_for_a_marker_transaction(
+    bank: Bank, make_tm: MakeTM, tmp_path: Path, tidy: None
+) -> None:
+    """Found by the simulator (tests/sim, seeds 187, 285 and 289 of `make sim`): the
+    resource holding the prepared branch was not reached while the decision rule's plan was
+    made (so the plan listed no branch of it), then was reached when the branches were
+    looked up, and the rollback went ahead on the log alone (no COMMIT logged, coordinator
+    dead: "abort"), ignoring the commit-marker row: a split. That step, taken here on the
+    real servers as it follows a blind plan: refused now."""
+    from xatm.ops.resolve import _Resolve
+
+    log = tmp_path / "log"
+    gtrid = crash_with_marker_row(bank, log, "fr-mark", "r9")
+    other = make_tm(node_id="fr-other", log=log, sweeper=False, commit_markers=["pg1"])
+    blind = _Resolve(other.context, gtrid, "rollback", False, "test")  # rule None: no plan
+    _, error = attempt(blind.run)
+    assert isinstance(error, ResolutionRefused), error
+    assert "commit-marker row" in str(error)
+    assert prepared_gtrids(bank)["maria"] == {gtrid}  # in doubt, not rolled back
+    assert other.recover().committed == 1
+    assert books(bank, "r9", ("pg1", "maria")) == {"pg1", "maria"}

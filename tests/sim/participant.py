@@ -31,6 +31,7 @@ from xatm.core.participant import (
 from xatm.core.urls import ResourceSpec
 from xatm.core.xid import Xid
 from xatm.errors import ResourceUnavailable
+from xatm.sagas import barrier as _barrier
 
 CONNECT_TIMEOUT = 5.0  # xatm.core.urls.DEFAULT_CONNECT_TIMEOUT
 
@@ -41,6 +42,9 @@ _SELECT_ALL = f"SELECT gtrid, branches, created_at FROM {DEC}"
 _SELECT_ONE = f"SELECT branches FROM {DEC} WHERE gtrid = %s"
 _DELETE_IN = f"DELETE FROM {DEC} WHERE gtrid IN ("
 _DELETE_OLD = f"DELETE FROM {DEC} WHERE branches = %s AND created_at < %s"
+_BARRIER_INSERTS = frozenset(_barrier._INSERT.values())
+_BARRIER_SELECT = _barrier._SELECT
+EFFECT = "UPDATE sagafx SET n = n + 1 WHERE k = %s"  # a saga step's work (tests.sim.world)
 
 
 class Conn:
@@ -246,6 +250,13 @@ class SimParticipant:
         if sql == UPDATE:
             delta, key = p
             return Cursor([], rpc(conn, lambda srv, s: srv.add(s, key, delta)))
+        if sql in _BARRIER_INSERTS:
+            key = (str(p[0]), str(p[1]), str(p[2]))
+            return Cursor([], rpc(conn, lambda srv, s: srv.insert_barrier(s, key)))
+        if sql == _BARRIER_SELECT:
+            return Cursor(rpc(conn, lambda srv, s: srv.barrier_ops(s, p[0], p[1])))
+        if sql == EFFECT:
+            return Cursor([], rpc(conn, lambda srv, s: srv.effect(s, p[0])))
         if sql == _SELECT_ALL:
             return Cursor(rpc(conn, lambda srv, s: srv.select_dec(s, None)))
         if sql == _SELECT_ONE:

@@ -392,6 +392,10 @@ def install() -> None:
 
     for name in FILE_MODULES:
         _set(importlib.import_module(name), "os", _SimOS())
+    import xatm.sagas.barrier as barrier
+
+    # the barrier table is there from the start (its DDL opens a real driver's connection)
+    _set(barrier, "ensure_table", lambda name, spec: None)
     deadline._start = _no_watchdog
     deadline._thread = _MAIN  # type: ignore[assignment]
     for name in WRITE_AT_MODULES:
@@ -436,7 +440,22 @@ def reseed(rng: Any) -> None:
 
     xid._random.seed(rng.getrandbits(64))
     xid._sequence = itertools.count(rng.randrange(1 << 16))
+    import random
+
+    import xatm.sagas.store as saga_store
+
+    saga_store.secrets = _Secrets(random.Random(rng.getrandbits(64)))  # type: ignore[assignment]
     S_THREADS_RESET()
+
+
+class _Secrets:
+    """``secrets`` as ``xatm.sagas.store`` sees it: saga ids from the run's generator."""
+
+    def __init__(self, rng: Any) -> None:
+        self._rng = rng
+
+    def token_hex(self, n: int) -> str:
+        return f"{self._rng.getrandbits(8 * n):0{2 * n}x}"
 
 
 def S_THREADS_RESET() -> None:

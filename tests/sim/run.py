@@ -27,6 +27,10 @@ if False:  # typing only: the world is imported once the patches are in (``_worl
     from tests.sim.world import Config, Result  # noqa: F401
 
 
+#: the options of this run (a failure's replay line repeats them)
+OPTS: dict[str, Any] = {}
+
+
 def _world() -> Any:
     """Install the patches (this process becomes a simulator worker), then the world."""
     patches.install()  # before xatm is imported
@@ -89,7 +93,9 @@ def _main(argv: list[str] | None) -> int:
     ap.add_argument("--seed", type=int, help="replay one seed (with its trace)")
     ap.add_argument("--hours", type=float, help="run new seeds for this long")
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 2)
-    ap.add_argument("--duration", type=float, default=60.0, help="virtual seconds of faults")
+    ap.add_argument(
+        "--duration", type=float, default=100.0, help="virtual seconds of load and faults"
+    )
     ap.add_argument(
         "--bug", action="append", default=[], help="re-introduce a bug (xatm.core.bugs)"
     )
@@ -101,6 +107,7 @@ def _main(argv: list[str] | None) -> int:
     ap.add_argument("--quiet", action="store_true")
     a = ap.parse_args(argv)
     opts: dict[str, Any] = {"duration": a.duration, "bugs": frozenset(a.bug)}
+    OPTS.update(opts)
     started = patches._real_monotonic()
     if a.seed is not None:
         w = _world()
@@ -131,6 +138,9 @@ def _main(argv: list[str] | None) -> int:
                     break
                 if not a.quiet or not result.ok:
                     _print_result(result, full=not result.ok)
+                if deadline is not None and patches._real_monotonic() > deadline:
+                    stop = True
+                    break
             if stop or deadline is None or patches._real_monotonic() > deadline:
                 pool.terminate()
                 break
@@ -150,7 +160,14 @@ def _print_result(r: Any, full: bool) -> None:
         flush=True,
     )
     if full and not r.ok:
-        print(f"  replay: make sim SEED={r.seed}")
+        extra = " ".join(
+            [
+                *(f"--bug {b}" for b in sorted(OPTS.get("bugs", ()))),
+                *([f"--duration {OPTS['duration']:g}"] if OPTS.get("duration") != 100.0 else []),
+            ]
+        )
+        args = f' SIM_ARGS="{extra}"' if extra else ""
+        print(f"  replay: make sim SEED={r.seed}{args}")
         for line in r.trace:
             print("  " + line)
 
@@ -168,13 +185,15 @@ def _summary(results: list[Any], seconds: float, path: str | None) -> None:
         "seeds": len(results),
         "transactions": sum(r.tx for r in results),
         "committed": sum(r.committed for r in results),
+        "sagas": sum(r.sagas for r in results),
         "faults": sum(r.faults for r in results),
         "steps": sum(r.steps for r in results),
         "violations": sum(1 for r in results if not r.ok),
         "seconds": round(seconds, 1),
     }
     print(
-        f"sim: {summary['seeds']} seeds, {summary['transactions']} simulated transactions,"
+        f"sim: {summary['seeds']} seeds, {summary['transactions']} simulated transactions"
+        f" ({summary['sagas']} sagas),"
         f" {summary['faults']} faults, {summary['violations']} violations"
         f" in {summary['seconds']} s",
         flush=True,

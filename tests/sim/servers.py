@@ -26,6 +26,8 @@ from tests.sim import sched as S
 
 ACCT = "acct"
 DEC = "xatm_decisions"
+BAR = "xatm_barrier"
+FX = "sagafx"  # how often each saga step's action / compensation took effect
 
 
 class DBError(Exception):
@@ -167,6 +169,8 @@ class Server:
                     rows.pop(key, None)
                 else:
                     rows[key] = value
+                if table == FX and value > 1:
+                    self.world.saga_twice(self.name, key, value)
         if txn.txid is not None:
             self.xact[txn.txid] = "committed" if commit else "aborted"
         self._release(txn)
@@ -286,6 +290,35 @@ class Server:
         if not self.has_dec:
             self.has_dec = True
             self.rows.setdefault(DEC, {})
+
+    def insert_barrier(self, s: Session, key: tuple[str, str, str]) -> int:
+        """``INSERT ... ON CONFLICT DO NOTHING`` / ``INSERT IGNORE`` of a barrier row:
+        1 row, or 0 if it exists (waits for another transaction's uncommitted insert)."""
+        txn = self._active(s)
+        k = (BAR, key)
+        holder = self.locks.get(k)
+        if holder is not None and holder is not txn:
+            raise Blocked(k)
+        if self._value(txn, BAR, key) is not None:
+            return 0
+        self._lock(txn, k)
+        self._write(txn, BAR, key, 1)
+        return 1
+
+    def barrier_ops(self, s: Session, saga_id: str, step: str) -> list[tuple[str]]:
+        txn = s.txn
+        return [
+            (op,)
+            for op in ("action", "compensation")
+            if self._value(txn, BAR, (saga_id, step, op)) is not None
+        ]
+
+    def effect(self, s: Session, key: str) -> int:
+        """A saga step's own work: count it (checked at commit: at most once)."""
+        txn = self._active(s)
+        self._lock(txn, (FX, key))
+        self._write(txn, FX, key, (self._value(txn, FX, key) or 0) + 1)
+        return 1
 
     def prepare(self, s: Session) -> int | None:
         """PREPARE / XA END + XA PREPARE. Returns the PostgreSQL txid (None: read-only)."""

@@ -40,7 +40,10 @@ from xatm.ops.resolve import ResolutionRefused, resolve
 from xatm.participants.pool import Pool
 from xatm.recovery.run import run_pass
 from xatm.recovery.sweeper import Sweeper
-from xatm.transactions.transaction import Transaction
+from xatm.sagas.definition import Saga, SagaAbort
+from xatm.sagas.runner import SagaRunner
+from xatm.sagas.store import FileSagaStore
+from xatm.transactions.transaction import SagaTransaction, Transaction
 
 GRACE = 5.0
 
@@ -79,11 +82,70 @@ class Stats:
     faults: int = 0
     steps: int = 0
     recovered: int = 0
+    sagas: int = 0
     fault_kinds: collections.Counter[str] = field(default_factory=collections.Counter)
 
 
 class Violation(Exception):
     pass
+
+
+class SimHost:
+    """What the real SagaRunner asks of its manager (``xatm.sagas.runner.SagaHost``)."""
+
+    def __init__(self, co: Coordinator) -> None:
+        self.co = co
+        self.node_id = co.node
+        self.log_directory: str | None = str(co.log_dir)
+        self.shared_log: Any = None
+
+    @property
+    def resource_names(self) -> list[str]:
+        return list(self.co.world.servers)
+
+    @property
+    def resources(self) -> dict[str, Any]:
+        ctx = self.co.ctx
+        assert ctx is not None
+        return {n: p.spec for n, p in ctx.resources.participants.items()}
+
+    @property
+    def closed(self) -> bool:
+        return not self.co.proc.alive
+
+    def _saga_transaction(self, idempotency_key: str) -> SagaTransaction:
+        ctx = self.co.ctx
+        assert ctx is not None
+        return SagaTransaction(ctx, ctx.new_gtrid(ctx.timeout), ctx.timeout, idempotency_key)
+
+    def recover(self, *, dry_run: bool = False, actor: str | None = None) -> Any:
+        ctx = self.co.ctx
+        assert ctx is not None
+        return run_pass(ctx, dry_run=dry_run, actor=actor)
+
+
+def make_saga(a: str, b: str) -> Saga:
+    """A payment saga: debit on ``a``, credit on ``b``, then a check that may abort (the
+    steps done are then compensated). Each step's work counts itself (``EFFECT``), keyed by
+    the step transaction's idempotency key: at most once each, checked at every commit."""
+
+    def work(res: str, sign: int, key: str) -> Any:
+        def run(tx: Any, data: Any) -> None:
+            tx.execute(res, P.EFFECT, (tx.idempotency_key,))
+            tx.execute(res, P.UPDATE, (sign * data["amt"], data[key]))
+
+        return run
+
+    saga = Saga("pay", backoff=0.05, max_backoff=1.0)
+    saga.step("debit", work(a, -1, "src"), work(a, 1, "src"), resources=[a])
+    saga.step("credit", work(b, 1, "dst"), work(b, -1, "dst"), resources=[b])
+
+    def check(tx: Any, data: Any) -> None:
+        if data["abort"]:
+            raise SagaAbort("over the limit")
+
+    saga.step("check", check, resources=[a])
+    return saga
 
 
 class Coordinator:
@@ -153,11 +215,34 @@ class Coordinator:
                 w.sched.sleep(2.0)
         identity.keep()
         w.note(f"{self.proc.name} started (incarnation {incarnation}, log {self.log_dir.name})")
-        self.sweeper = Sweeper(ctx, 1.0 + w.rng.random() * 2)
+        self.runner = SagaRunner(SimHost(self), {"pay": w.saga}, ctx.classify)
+        runner = self.runner
+        self.sweeper = Sweeper(
+            ctx, 1.0 + w.rng.random() * 2, after_pass=lambda actor: runner.recover(actor)
+        )
         self.sweeper.start()
         if self.load:
             for i in range(w.cfg.workers):
                 w.sched.spawn(self.worker, self.proc, f"{self.proc.name}/w{i}")
+            if not self.twin:
+                w.sched.spawn(self.saga_worker, self.proc, f"{self.proc.name}/saga")
+
+    def saga_worker(self) -> None:
+        w = self.world
+        rng = w.rng
+        while not w.stop_load:
+            data = {
+                "src": rng.randrange(w.cfg.accounts),
+                "dst": rng.randrange(w.cfg.accounts),
+                "amt": rng.randrange(1, 50),
+                "abort": rng.random() < 0.2,
+            }
+            w.stats.sagas += 1
+            try:
+                self.runner.run("pay", data, None, wait=5.0, actor="app")
+            except XatmError:
+                w.sched.sleep(0.2 + rng.random() * 0.5)
+            w.sched.sleep(rng.random() * 0.05)
 
     # -- load ------------------------------------------------------------------------------
     def worker(self) -> None:
@@ -238,6 +323,7 @@ class World:
         for node in self.nodes:
             if self.rng.random() < 0.5:
                 self.markers[node] = frozenset({self.rng.choice(names)})
+        self.saga = make_saga(names[0], names[1])
         self.backstop = 2 * cfg.timeout + GRACE
         self.crash_p = cfg.step_crash
         self.partitions: set[tuple[str, str]] = set()
@@ -307,6 +393,33 @@ class World:
         self.refused_set.add(gtrid)
         if gtrid not in self.exempt and "C" in self.outcomes.get(gtrid, {}).values():
             self._raise_later("refused-committed", f"{gtrid} {why}, but a branch committed")
+
+    def saga_twice(self, server: str, key: str, n: int) -> None:
+        self._raise_later("saga-twice", f"{key} took effect {n} times (on {server})")
+
+    def check_sagas(self) -> None:
+        """Every saga completed or compensated: each step's action and compensation took
+        effect at most once, and a compensation only where its action did."""
+        counts: dict[str, dict[str, int]] = {}
+        for srv in self.servers.values():
+            for key, n in srv.rows.get("sagafx", {}).items():
+                saga_id, step, op = key.rsplit(".", 2)
+                counts.setdefault(saga_id, {})[f"{step}.{op}"] = n
+        for saga_id, c in sorted(counts.items()):
+            done = all(c.get(f"{s}.action", 0) == 1 for s in ("debit", "credit"))
+            undone = all(
+                c.get(f"{s}.compensation", 0) == c.get(f"{s}.action", 0)
+                for s in ("debit", "credit")
+            )
+            clean = not any(k.endswith(".compensation") for k in c)
+            if not (done and clean) and not undone:
+                self.violation("saga-incomplete", f"saga {saga_id}: {sorted(c.items())}")
+        for d in (self.main_dir, self.twin_dir):
+            if d.exists():
+                for record in FileSagaStore(d).records():
+                    self.violation(
+                        "saga-liveness", f"saga {record.saga_id} still {record.state} at the end"
+                    )
 
     def check_foreign(self, srv: Server, raw: str) -> None:
         if raw == self.foreign.get(srv.name):
@@ -721,6 +834,7 @@ class World:
             d = self.outcomes.get(gtrid, {})
             if not d or any(o != "C" for o in d.values()):
                 self.violation("ack-lost", f"{gtrid} acknowledged; branches: {sorted(d.items())}")
+        self.check_sagas()
         total = sum(sum(srv.rows["acct"].values()) for srv in self.servers.values())
         if not self.exempt and total != 1000 * self.cfg.accounts * len(self.servers):
             self.violation("conservation", f"the balances sum to {total}")
@@ -742,6 +856,7 @@ class Result:
     violation_steps: int | None
     trace: list[str]
     kinds: dict[str, int]
+    sagas: int = 0
 
 
 def run_seed(cfg: Config) -> Result:
@@ -770,6 +885,7 @@ def run_seed(cfg: Config) -> Result:
         vsteps,
         trace,
         dict(world.stats.fault_kinds),
+        world.stats.sagas,
     )
 
 

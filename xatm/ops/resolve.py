@@ -38,7 +38,7 @@ from xatm.core.participant import PhaseTwo
 from xatm.core.records import LogRecord
 from xatm.core.report import RecoveryAction, RecoveryReport
 from xatm.core.urls import redact
-from xatm.core.xid import Xid, parse_gtrid
+from xatm.core.xid import Xid, may_use_marker, parse_gtrid
 from xatm.errors import LogLocked, ResourceError, XatmError
 from xatm.log.base import DecisionNotLogged, OwnerState
 from xatm.log.view import OpenedLog
@@ -266,9 +266,21 @@ class _Resolve:
     ) -> Resolution:
         log = opened.log  # None: the coordinator's log is not held here
         decision: Decision | None
+        # A marker-flagged transaction's decision may be a row in a resource's own table
+        # (xatm.participants.marker), which only the decision rule's plan reads: with no plan (none
+        # of its branches was listed then: a resource not reached), no log record is no decision
+        unread_marker = (
+            self.rule is None
+            and may_use_marker(self.gtrid)
+            and not _bugs.on("resolve_ignores_marker")
+        )
         if record is not None or self.rule == "commit":
             decision = "commit"
-        elif aborted or owner in ("dead", "this-process") or self.rule == "abort":
+        elif (
+            aborted
+            or self.rule == "abort"
+            or (owner in ("dead", "this-process") and not unread_marker)
+        ):
             decision = "abort"
         else:
             decision = None
@@ -291,6 +303,12 @@ class _Resolve:
                 f"no prepared branch of {self.gtrid} on any reachable resource"
                 + (f" (not reached: {where})" if where else "")
                 + " and no pending decision: nothing to resolve"
+            )
+        if self.outcome == "rollback" and decision is None and unread_marker:
+            self.refuse_or_note(
+                "its decision may be a commit-marker row, and the resources that list its"
+                " branches were not all reached when the decision rule was asked (run the"
+                " command again once they are)"
             )
         self.record_overrides()
         if self.outcome == "rollback" and record is None and not aborted:
