@@ -182,8 +182,7 @@ def write_config(demo: Demo, node_id: str, *, sweeper: bool = True, sagas: bool 
 
 def run_cli(demo: Demo, *args: str) -> None:
     """Run the ``xatm`` command as an operator would, with the ops config, and show it."""
-    main = f"{__package__ or 'cli'}.main"  # xatm_cli when installed, cli in a checkout
-    cmd = [sys.executable, "-m", main, "--config", str(config_path(demo, OPS_NODE))]
+    cmd = [sys.executable, "-m", "xatm", "--config", str(config_path(demo, OPS_NODE))]
     say(f"$ xatm {' '.join(args)}")
     proc = subprocess.run(
         [*cmd, *args],
@@ -322,7 +321,7 @@ def crash_coordinator(demo: Demo) -> None:
     say(f"a second application process (node {CRASH_NODE!r}) runs transfer {t.tid}:")
     say(f"ledger #{t.src} -> wallet #{t.dst}, {t.amount}, with XATM_FAILPOINT=after_decision")
     env = {**os.environ, "XATM_FAILPOINT": "after_decision"}
-    cmd = [sys.executable, "-m", f"{__package__ or 'cli'}.demo", "--crash-child", str(config)]
+    cmd = [sys.executable, "-m", "examples.demo", "--crash-child", str(config)]
     cmd += [t.tid, str(t.src), str(t.dst), str(t.amount)]
     child = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
