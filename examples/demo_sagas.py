@@ -112,7 +112,7 @@ def story(
     say("s03: ledger #4 -> wallet #1, 60, in a process killed right after its first step")
     say("     (XATM_FAILPOINT=saga_after_step): the ledger is debited, the wallet not yet")
     env = {**os.environ, "XATM_FAILPOINT": "saga_after_step"}
-    cmd = [sys.executable, "-m", f"{__package__ or 'examples'}.demo_sagas", str(crash_config), CRASHED]
+    cmd = [sys.executable, "-m", "examples.demo_sagas", str(crash_config), CRASHED]
     child = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
         out, _ = child.communicate(timeout=timeout)
