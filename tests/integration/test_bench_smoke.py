@@ -49,7 +49,9 @@ def test_quick_benchmark_runs_and_balances(servers: Servers, log_url: str, tmp_p
     xatm = next(s for s in data["summary"] if s["mode"] == "xatm" and s["clients"] == 1)
     assert set(xatm["ratios"]) >= {"raw", "raw-durable", "sqlalchemy", "raw-async"}
     floor = next(s for s in data["summary"] if s["mode"] == "raw-durable" and s["clients"] == 2)
-    assert floor["fsyncs_per_tx"] is not None and 0 < floor["fsyncs_per_tx"] <= 1
+    # one sync serves every waiter: at most about one per transaction (the window's edges
+    # may count a sync whose transaction falls outside it)
+    assert floor["fsyncs_per_tx"] is not None and 0 < floor["fsyncs_per_tx"] <= 1.1
     text = doc.read_text()
     assert "| clients | mode | tx/s (median)" in text
     assert "Against the performance targets" in text
