@@ -85,3 +85,46 @@ def test_the_command_uses_the_public_api_only() -> None:
             assert parts[1] in PUBLIC | {"errors", "cli"} or len(parts) == 2, (
                 f"{path.name}: {target}"
             )
+
+
+def module_graph() -> dict[str, set[str]]:
+    """Each xatm module -> the xatm modules it imports (typing-only imports included; ``from
+    xatm.pkg import mod`` counts as importing the module ``xatm.pkg.mod``)."""
+    modules = {
+        ".".join(p.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
+        for p in (ROOT / "xatm").rglob("*.py")
+    }
+    graph: dict[str, set[str]] = {}
+    for path in sorted((ROOT / "xatm").rglob("*.py")):
+        name = ".".join(path.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
+        edges: set[str] = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                if node.module.startswith("xatm"):
+                    subs = {f"{node.module}.{a.name}" for a in node.names} & modules
+                    edges |= subs or ({node.module} & modules)
+            elif isinstance(node, ast.Import):
+                edges |= {a.name for a in node.names} & modules
+        graph[name] = edges - {name}
+    return graph
+
+
+def test_no_import_circle() -> None:
+    """Not even through imports made only for type checking."""
+    graph = module_graph()
+    circles: list[list[str]] = []
+    state: dict[str, int] = {}  # 1: on the path, 2: done
+
+    def visit(module: str, path: list[str]) -> None:
+        state[module] = 1
+        for target in sorted(graph.get(module, ())):
+            if state.get(target) == 1:
+                circles.append([*path[path.index(target) :], target])
+            elif target not in state:
+                visit(target, [*path, target])
+        state[module] = 2
+
+    for module in sorted(graph):
+        if module not in state:
+            visit(module, [module])
+    assert circles == []

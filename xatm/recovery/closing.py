@@ -11,7 +11,7 @@ from xatm.core.records import LogRecord
 from xatm.core.report import Action, RecoveryAction
 from xatm.core.urls import describe_error
 from xatm.errors import LogError, ResourceError
-from xatm.node import failover as _failover
+from xatm.recovery import failover_report as _failover_report
 from xatm.recovery import markers as _marker_recovery
 from xatm.recovery.plan import Step, TransactionPlan, plan_transaction
 from xatm.recovery.state import PassState
@@ -153,8 +153,8 @@ def verify(p: PassState, gtrid: str, rec: LogRecord) -> bool:
 
 
 def check_failovers(p: PassState) -> None:
-    """The report of each switch not checked yet (``xatm.node.failover.check``). Decisions
-    still pending are recovery's own to verify (their losses are reported when they are
+    """The report of each switch not checked yet (``xatm.recovery.failover_report.check``).
+    Decisions still pending are recovery's own to verify (their losses are reported when they are
     closed), so they are not listed twice."""
     watch = p.ctx.failover
     if watch is None or not any(
@@ -175,4 +175,4 @@ def check_failovers(p: PassState) -> None:
         action: Action = "heuristic" if kind == "heuristic" else "possibly-lost"
         p.record(gtrid, resource, resource, action, reason, outcome)
 
-    _failover.check(p.ctx, between, p.fleet.horizon(own), report)
+    _failover_report.check(p.ctx, between, p.fleet.horizon(own), report)

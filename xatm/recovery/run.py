@@ -64,7 +64,7 @@ the new primary never received: its decision is looked up among the log's retain
 ones, and committed if found; if the retained decisions do not reach back to its creation,
 it is left in doubt (fact ``failover``). A logged branch missing after the switch whose
 transaction id the new primary had not assigned is a heuristic outcome. After the settling,
-each switch not checked yet gets its report (:func:`xatm.node.failover.check`).
+each switch not checked yet gets its report (:func:`xatm.recovery.failover_report.check`).
 
 A resource that cannot be reached (or fails in any other way) is skipped and reported; the
 pass goes on with the others. Passes are idempotent: a branch already finished by someone
