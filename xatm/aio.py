@@ -22,28 +22,30 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from xatm.coordinator.arguments import check_arguments, settings_arguments
+from xatm.coordinator.arguments import (
+    ManagerArguments,
+    settings_arguments,
+    takes_manager_arguments,
+)
 from xatm.coordinator.manager import TransactionManager
 from xatm.core.config import Settings, load_config, validate_timeout, validate_timeout_or_zero
 from xatm.core.dbapi import AsyncDBConnection, AsyncDBCursor
 from xatm.core.participant import ErrorKind, Participant
 from xatm.core.report import RecoveryReport
 from xatm.errors import ConfigurationError, XatmError
-from xatm.log.file import DEFAULT_RETAIN, DEFAULT_SEGMENT_BYTES
 from xatm.participants.aio_pool import AsyncParticipant
-from xatm.recovery.sweeper import DEFAULT_INTERVAL
-from xatm.sagas.definition import Saga, SagaResult
+from xatm.sagas.definition import SagaResult
 from xatm.transactions import ambient as _ambient
 from xatm.transactions import drain as _drain
 from xatm.transactions.aio import AsyncResources, AsyncTransaction
 from xatm.transactions.retry import RetryPolicy
 
 if TYPE_CHECKING:
-    from xatm.coordinator.arguments import ResourceLike
+    pass
 
 T = TypeVar("T")
 
@@ -77,40 +79,9 @@ class AsyncTransactionManager:
     :class:`~xatm.ConfigurationError`, an unknown one ``TypeError``, before anything is
     opened). Use it as ``async with`` (or ``await open()`` and ``await close()``)."""
 
-    def __init__(
-        self,
-        resources: Mapping[str, ResourceLike],
-        log: str | os.PathLike[str],
-        node_id: str,
-        timeout: float = 30.0,
-        *,
-        parallel: bool = True,
-        pool_size: int = 32,
-        segment_bytes: int = DEFAULT_SEGMENT_BYTES,
-        commit_markers: Iterable[str] = (),
-        sweeper: bool = True,
-        sweep_interval: float = DEFAULT_INTERVAL,
-        lock_timeout: float = 30.0,
-        sagas: Iterable[Saga | str] = (),
-        fail_fast: bool = False,
-        decision_retention: float = DEFAULT_RETAIN,
-    ) -> None:
-        self._args = check_arguments(
-            resources,
-            log,
-            node_id,
-            timeout,
-            parallel=parallel,
-            pool_size=pool_size,
-            segment_bytes=segment_bytes,
-            commit_markers=commit_markers,
-            sweeper=sweeper,
-            sweep_interval=sweep_interval,
-            lock_timeout=lock_timeout,
-            sagas=sagas,
-            fail_fast=fail_fast,
-            decision_retention=decision_retention,
-        )
+    @takes_manager_arguments  # checked here, before anything is opened
+    def __init__(self, args: ManagerArguments) -> None:
+        self._args = args
         self._tm: TransactionManager | None = None
         self._aio: AsyncResources | None = None
         self._closing = False

@@ -10,11 +10,13 @@ arguments from validated TOML settings, for both managers' ``from_settings``.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NamedTuple, TypeAlias
+from typing import TYPE_CHECKING, Any, Concatenate, NamedTuple, ParamSpec, TypeAlias, TypeVar
 
 from xatm.core import failpoint as _failpoint
 from xatm.core.config import Settings, resource_specs, validate_retention, validate_timeout
@@ -22,8 +24,8 @@ from xatm.core.urls import ResourceSpec, parse_url
 from xatm.core.xid import validate_node_id
 from xatm.errors import ConfigurationError
 from xatm.integrations.sqlalchemy import resources as _sqlalchemy
-from xatm.log.file import DEFAULT_RETAIN
-from xatm.recovery.sweeper import sweeper_settings, validate_interval
+from xatm.log.file import DEFAULT_RETAIN, DEFAULT_SEGMENT_BYTES
+from xatm.recovery.sweeper import DEFAULT_INTERVAL, sweeper_settings, validate_interval
 from xatm.sagas.definition import Saga, registry
 
 if TYPE_CHECKING:
@@ -72,23 +74,24 @@ def _check_flag(name: str, value: object) -> bool:
 
 
 def check_arguments(
-    resources: Mapping[str, Any],
+    resources: Mapping[str, ResourceLike],
     log: str | os.PathLike[str],
     node_id: str,
-    timeout: float,
+    timeout: float = 30.0,
     *,
-    parallel: bool,
-    pool_size: int,
-    segment_bytes: int,
-    commit_markers: Iterable[str],
-    sweeper: bool,
-    sweep_interval: float,
-    lock_timeout: float,
-    sagas: Iterable[Saga | str],
-    fail_fast: bool,
-    decision_retention: float,
+    parallel: bool = True,
+    pool_size: int = 32,
+    segment_bytes: int = DEFAULT_SEGMENT_BYTES,
+    commit_markers: Iterable[str] = (),
+    sweeper: bool = True,
+    sweep_interval: float = DEFAULT_INTERVAL,
+    lock_timeout: float = 30.0,
+    sagas: Iterable[Saga | str] = (),
+    fail_fast: bool = False,
+    decision_retention: float = DEFAULT_RETAIN,
 ) -> ManagerArguments:
-    """Check every argument (ConfigurationError for the first bad one); opens nothing."""
+    """Check every argument (ConfigurationError for the first bad one); opens nothing.
+    Its signature is both managers' (:func:`takes_manager_arguments`)."""
     _failpoint.check()
     node_id = validate_node_id(node_id)
     sweep_interval = validate_interval(sweep_interval)
@@ -147,6 +150,35 @@ def check_arguments(
         fail_fast=_check_flag("fail_fast", fail_fast),
         decision_retention=retention,
     )
+
+
+_P = ParamSpec("_P")
+_S = TypeVar("_S")
+
+
+def _taking(
+    check: Callable[_P, ManagerArguments],
+) -> Callable[[Callable[[_S, ManagerArguments], None]], Callable[Concatenate[_S, _P], None]]:
+    def wrap(init: Callable[[_S, ManagerArguments], None]) -> Callable[Concatenate[_S, _P], None]:
+        def __init__(self: _S, /, *args: _P.args, **kwargs: _P.kwargs) -> None:
+            init(self, check(*args, **kwargs))
+
+        functools.update_wrapper(__init__, init)
+        del __init__.__wrapped__  # type: ignore[attr-defined]
+        own = inspect.signature(check)
+        self_param = inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)
+        __init__.__signature__ = own.replace(  # type: ignore[attr-defined]
+            parameters=[self_param, *own.parameters.values()], return_annotation=None
+        )
+        return __init__
+
+    return wrap
+
+
+#: the constructor of both managers: ``def __init__(self, args: ManagerArguments)``
+#: decorated with it takes :func:`check_arguments`' parameters (typed, one signature for
+#: the threaded and the asyncio manager), checks them, and is called with the result
+takes_manager_arguments = _taking(check_arguments)
 
 
 class SettingsArguments(NamedTuple):

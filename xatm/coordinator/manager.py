@@ -14,7 +14,11 @@ from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from xatm.coordinator.arguments import ManagerArguments, check_arguments, settings_arguments
+from xatm.coordinator.arguments import (
+    ManagerArguments,
+    settings_arguments,
+    takes_manager_arguments,
+)
 from xatm.core import events as _events
 from xatm.core.config import Settings, load_config, validate_timeout, validate_timeout_or_zero
 from xatm.core.deadline import step_bound
@@ -29,7 +33,7 @@ from xatm.log import node_markers as _node_markers
 from xatm.log import timelines as _timelines
 from xatm.log.audit import AuditEntry, AuditTrail
 from xatm.log.base import CoordinatorLog
-from xatm.log.file import DEFAULT_RETAIN, DEFAULT_SEGMENT_BYTES, FileLog
+from xatm.log.file import FileLog
 from xatm.log.shared import PostgresLog
 from xatm.node.context import Context, Resources
 from xatm.node.failover import FailoverWatch
@@ -41,8 +45,8 @@ from xatm.participants.adapters import make_participant
 from xatm.participants.pool import Pool
 from xatm.participants.postgres.participant import PostgresParticipant
 from xatm.recovery.run import run_pass
-from xatm.recovery.sweeper import DEFAULT_INTERVAL, Sweeper, sweeper_settings
-from xatm.sagas.definition import Saga, SagaResult
+from xatm.recovery.sweeper import Sweeper, sweeper_settings
+from xatm.sagas.definition import SagaResult
 from xatm.sagas.runner import SagaRecoveryReport, SagaRunner
 from xatm.sagas.store import SagaRecord
 from xatm.transactions import ambient as _ambient
@@ -52,7 +56,7 @@ from xatm.transactions.retry import RetryPolicy
 from xatm.transactions.transaction import SagaTransaction, Transaction
 
 if TYPE_CHECKING:
-    from xatm.coordinator.arguments import ResourceLike
+    pass
 
 logger = logging.getLogger("xatm")
 
@@ -86,43 +90,9 @@ class TransactionManager:
         failover report can list what the switch may have lost (``xatm.node.failover``).
     """
 
-    def __init__(
-        self,
-        resources: Mapping[str, ResourceLike],
-        log: str | os.PathLike[str],
-        node_id: str,
-        timeout: float = 30.0,
-        *,
-        parallel: bool = True,
-        pool_size: int = 32,
-        segment_bytes: int = DEFAULT_SEGMENT_BYTES,
-        commit_markers: Iterable[str] = (),
-        sweeper: bool = True,
-        sweep_interval: float = DEFAULT_INTERVAL,
-        lock_timeout: float = 30.0,
-        sagas: Iterable[Saga | str] = (),
-        fail_fast: bool = False,
-        decision_retention: float = DEFAULT_RETAIN,
-    ) -> None:
-        # every argument is checked before anything is opened (a log, a lock, a connection)
-        self._start(
-            check_arguments(
-                resources,
-                log,
-                node_id,
-                timeout,
-                parallel=parallel,
-                pool_size=pool_size,
-                segment_bytes=segment_bytes,
-                commit_markers=commit_markers,
-                sweeper=sweeper,
-                sweep_interval=sweep_interval,
-                lock_timeout=lock_timeout,
-                sagas=sagas,
-                fail_fast=fail_fast,
-                decision_retention=decision_retention,
-            )
-        )
+    @takes_manager_arguments  # every argument checked before anything is opened
+    def __init__(self, args: ManagerArguments) -> None:
+        self._start(args)
 
     @classmethod
     def _started(cls, args: ManagerArguments) -> TransactionManager:
