@@ -125,14 +125,9 @@ class AsyncTransaction(ManagedTransaction):
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        _ambient.leave(self)
-        if self.state is not TransactionState.ACTIVE:
-            self._ctx.forget(self)
-            return
-        if exc is not None:
-            await self.rollback()
-        else:
-            await self.commit()
+        end = self._leaving(exc, self.commit, self.rollback)
+        if end is not None:
+            await end()
 
     async def execute(self, resource: str, query: Any, params: Params = None) -> AsyncDBCursor:
         """Run ``query`` with ``params`` on ``resource`` inside this transaction; returns the

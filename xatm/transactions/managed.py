@@ -17,7 +17,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from xatm.core import deadline as _deadline
 from xatm.core import events as _events
@@ -26,12 +26,16 @@ from xatm.core.logfields import log_fields
 from xatm.core.participant import Connection
 from xatm.core.steps import Branch, Failpoint, PassFence
 from xatm.errors import TransactionError
+from xatm.transactions import ambient as _ambient
 from xatm.transactions.protocol import TransactionCore, TransactionState
 
 if TYPE_CHECKING:
     from xatm.node.context import Context
 
 logger = logging.getLogger("xatm.transaction")
+
+#: the end a driver runs: its ``commit`` or ``rollback`` (a call, or a coroutine function)
+E = TypeVar("E")
 
 #: the steps that do no I/O, which both drivers run with ``ManagedTransaction._local``
 LOCAL_STEPS = (PassFence, Failpoint)
@@ -179,6 +183,15 @@ class ManagedTransaction(TransactionCore):
             raise e
 
     # -- the end ----------------------------------------------------------------------------
+    def _leaving(self, exc: BaseException | None, commit: E, rollback: E) -> E | None:
+        """Leaving the ``with`` block: ``commit`` if it ended normally, ``rollback`` if it
+        raised ``exc``, None if the transaction was ended inside it already."""
+        _ambient.leave(self)
+        if self.state is not TransactionState.ACTIVE:
+            self._ctx.forget(self)
+            return None
+        return rollback if exc is not None else commit
+
     def _hold(self) -> None:
         """The end begins: a transaction with branches stays registered until it is over,
         whoever refers to it."""

@@ -93,14 +93,9 @@ class Transaction(ManagedTransaction):
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        _ambient.leave(self)
-        if self.state is not TransactionState.ACTIVE:
-            self._ctx.forget(self)
-            return
-        if exc is not None:
-            self.rollback()
-        else:
-            self.commit()
+        end = self._leaving(exc, self.commit, self.rollback)
+        if end is not None:
+            end()
 
     def execute(self, resource: str, query: Any, params: Params = None) -> DBCursor:
         """Run ``query`` with ``params`` on ``resource`` inside this transaction.
