@@ -8,6 +8,8 @@
     ├── LogError                    the coordinator log cannot be opened or written
     │   ├── LogLocked               another live process owns that node's log
     │   └── LogCorrupt              a log file is damaged where no crash can have torn it
+    ├── SagaError                   a saga could not be run or acted on
+    │   └── SagaTakenOver           another process took the saga's record over
     └── TransactionError            the outcome of one global transaction
         ├── TransactionRolledBack   every branch was rolled back (a branch voted no, ...)
         │   └── TransactionTimeout  ... because the transaction outlived its timeout
@@ -34,6 +36,8 @@ __all__ = [
     "ResourceError",
     "ResourceNotFit",
     "ResourceUnavailable",
+    "SagaError",
+    "SagaTakenOver",
     "TransactionError",
     "TransactionInDoubt",
     "TransactionRolledBack",
@@ -109,6 +113,14 @@ class LogCorrupt(LogError):
         super().__init__(message)
         self.path = path
         self.offset = offset
+
+
+class SagaError(XatmError):
+    """A saga could not be run or acted on (unknown saga, a key still running, ...)."""
+
+
+class SagaTakenOver(SagaError):
+    """The saga's record was claimed by another process (an operator's forced action)."""
 
 
 class TransactionError(XatmError):

@@ -23,12 +23,12 @@ from xatm import LogLocked
 from xatm.admin import ResolutionRefused
 from xatm.core.xid import new_gtrid
 from xatm.log import view as _log_view
-from xatm.log.audit import AuditTrail
+from xatm.log.audit import AuditTrail, SharedAuditTrail
 from xatm.log.base import CoordinatorLog
 from xatm.log.file import FileLog, owner_state
 from xatm.log.node_markers import record as record_markers
 from xatm.log.shared import PostgresLog
-from xatm.log.view import FileLogs, LogView, SharedLogs, log_view
+from xatm.log.view import FileLogs, LogView, SharedLogs
 from xatm.ops import resolve as _resolve
 
 _n = itertools.count(1)
@@ -76,8 +76,8 @@ def world(request: pytest.FixtureRequest, tmp_path: Path, servers: Servers) -> I
         AuditTrail(directory, "me").record(g["dead"], "pg1", "pg1", "rollback", "r", "done", "t")
         view: LogView = FileLogs(directory, own_node="me", own_log=me, own_pending=me.pending)
     else:
-        AuditTrail(None, "me", me).record(g["dead"], "pg1", "pg1", "rollback", "r", "done", "t")
-        view = log_view(None, me, own_node="me", own_log=me)
+        SharedAuditTrail(me, "me").record(g["dead"], "pg1", "pg1", "rollback", "r", "done", "t")
+        view = SharedLogs(me, own_node="me")
     w = World(kind, view, me, g, opened, lambda: open_log("dead"))
     yield w
     for log in opened:
@@ -220,17 +220,11 @@ def test_a_dead_nodes_log_held_elsewhere_is_refused(world: World) -> None:
             assert opened.decision(world.g["dead"]) is not None
 
 
-def test_log_view_picks_the_kind(tmp_path: Path) -> None:
-    assert isinstance(log_view(tmp_path, None), FileLogs)
-    assert log_view(None, None).owner("x") == "unknown"
-    assert log_view(None, None).nodes() == [] and log_view(None, None).audit() == []
-
-
 def test_shared_view_needs_only_the_log(servers: Servers) -> None:
     log = PostgresLog(servers.urls["pg2"], "viewer", schema=f"xatmview_{os.getpid()}_solo")
     try:
-        view = log_view("/nonexistent", log, own_node=None)
-        assert isinstance(view, SharedLogs) and view.shared
+        view = SharedLogs(log, own_node=None)
+        assert view.shared
         assert view.owner("viewer") == "alive"  # no own node: its own session counts as live
     finally:
         log.close()

@@ -410,14 +410,14 @@ def install() -> None:
 #: of its modules; tests/sim/test_sim.py checks that no such module is missing here)
 FILE_MODULES = (
     "xatm.log.file.reader",
+    "xatm.log.file.retention",
     "xatm.log.file.salvage",
     "xatm.log.file.segments",
     "xatm.log.file.writer",
     "xatm.log.incarnations",
     "xatm.log.node_markers",
+    "xatm.log.saga_state",
     "xatm.log.timelines",
-    "xatm.recovery.retention",
-    "xatm.sagas.store",
 )
 #: the modules that call ``write_at`` and ``preallocate`` (the writer imports them by name)
 WRITE_AT_MODULES = ("xatm.log.file.segments", "xatm.log.file.writer")
@@ -442,14 +442,14 @@ def reseed(rng: Any) -> None:
     xid._sequence = itertools.count(rng.randrange(1 << 16))
     import random
 
-    import xatm.sagas.store as saga_store
+    import xatm.log.saga_state as saga_store
 
     saga_store.secrets = _Secrets(random.Random(rng.getrandbits(64)))  # type: ignore[assignment]
     S_THREADS_RESET()
 
 
 class _Secrets:
-    """``secrets`` as ``xatm.sagas.store`` sees it: saga ids from the run's generator."""
+    """``secrets`` as ``xatm.log.saga_state`` sees it: saga ids from the run's generator."""
 
     def __init__(self, rng: Any) -> None:
         self._rng = rng

@@ -34,6 +34,7 @@ from xatm.log import incarnations as _incarnations
 from xatm.log import node_markers as _node_markers
 from xatm.log.audit import AuditTrail
 from xatm.log.file import FileLog
+from xatm.log.store import FileStore
 from xatm.node.context import Context, Resources
 from xatm.node.identity import IdentityLocks
 from xatm.ops.resolve import ResolutionRefused, resolve
@@ -96,8 +97,12 @@ class SimHost:
     def __init__(self, co: Coordinator) -> None:
         self.co = co
         self.node_id = co.node
-        self.log_directory: str | None = str(co.log_dir)
-        self.shared_log: Any = None
+
+    @property
+    def context(self) -> Context:
+        ctx = self.co.ctx
+        assert ctx is not None
+        return ctx
 
     @property
     def resource_names(self) -> list[str]:
@@ -188,9 +193,8 @@ class Coordinator:
             started_at=patches.wall() - 0.002,
             resources=Resources(participants, pools, bound=step_bound(w.cfg.timeout)),
             log=log,
-            shared_log=None,
-            log_directory=str(self.log_dir),
-            audit=AuditTrail(str(self.log_dir), self.node, None),
+            store=FileStore(str(self.log_dir)),
+            audit=AuditTrail(str(self.log_dir), self.node),
             identity=identity,
             commit_markers=self.markers,
             incarnation=incarnation,

@@ -10,7 +10,6 @@ import logging
 import os
 import time
 from collections.abc import Callable, Iterable, Mapping
-from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -28,13 +27,9 @@ from xatm.core.urls import ResourceSpec
 from xatm.errors import ConfigurationError, XatmError
 from xatm.integrations.sqlalchemy import resources as _sqlalchemy
 from xatm.integrations.sqlalchemy.join import SqlAlchemyJoin
-from xatm.log import incarnations as _incarnations
-from xatm.log import node_markers as _node_markers
-from xatm.log import timelines as _timelines
-from xatm.log.audit import AuditEntry, AuditTrail
-from xatm.log.base import CoordinatorLog
-from xatm.log.file import FileLog
+from xatm.log.audit import AuditEntry
 from xatm.log.shared import PostgresLog
+from xatm.log.store import directory_of, open_store, shared_log_of
 from xatm.node.context import Context, Resources
 from xatm.node.failover import FailoverWatch
 from xatm.node.identity import IdentityLocks
@@ -108,8 +103,11 @@ class TransactionManager:
         self.timeout = args.timeout
         self._specs = args.specs
         retain = args.decision_retention
-        self.shared_log: PostgresLog | None = None
-        self.log_directory: str | None = args.log_directory
+        # the one place the configured kind of log is looked at: everything durable is the
+        # store's from here on (xatm.log.store)
+        self._store = store = open_store(
+            log_directory=args.log_directory, log_spec=args.log_spec, node_id=self.node_id
+        )
         self.commit_markers = args.commit_markers
         participants: dict[str, Participant] = {}
         pools: dict[str, Pool] = {}
@@ -120,24 +118,15 @@ class TransactionManager:
                 pools[name] = _sqlalchemy.engine_pool(args.engines[name], participant)
             else:
                 pools[name] = Pool(participant, max_idle=args.pool_size)
-        log_impl: CoordinatorLog
-        if self.log_directory is None:
-            assert args.log_spec is not None
-            self.shared_log = PostgresLog(args.log_spec, self.node_id)
-            log_impl = self.shared_log
-        else:
-            log_impl = FileLog(
-                self.log_directory,
-                self.node_id,
-                segment_bytes=args.segment_bytes,
-                lock_timeout=args.lock_timeout,
-                retain=retain,
-            )
+        log_impl = store.open_log(
+            self.node_id,
+            segment_bytes=args.segment_bytes,
+            lock_timeout=args.lock_timeout,
+            retain=retain,
+        )
         try:
             # before any connection: each one's timeline is compared with the node's record
-            watch = FailoverWatch(
-                self.node_id, _timelines.store_for(self.log_directory, self.shared_log)
-            )
+            watch = FailoverWatch(self.node_id, store.timelines())
         except BaseException:
             log_impl.close()
             raise
@@ -151,9 +140,8 @@ class TransactionManager:
             started_at=started_at,
             resources=Resources(participants, pools, bound=step_bound(self.timeout)),
             log=log_impl,
-            shared_log=self.shared_log,
-            log_directory=self.log_directory,
-            audit=AuditTrail(self.log_directory, self.node_id, self.shared_log),
+            store=store,
+            audit=store.audit_trail(self.node_id),
             identity=IdentityLocks(participants, self.node_id),
             commit_markers=self.commit_markers,
             parallel=args.parallel,
@@ -164,13 +152,11 @@ class TransactionManager:
         self.pool_size = args.pool_size
         self._closed = False
         try:
-            if self.log_directory is not None:
-                node_dir = Path(self.log_directory) / self.node_id
-                # before any transaction can use a marker, say where its rows may be
-                _node_markers.record(node_dir, self.commit_markers)
-                # and, holding the log's lock, that this process's gtrids are this log's
-                _incarnations.record(node_dir, self._ctx.incarnation)
-                self._ctx.incarnations = _incarnations.read(node_dir)
+            # before any transaction can use a marker, say where its rows may be, and (holding
+            # the log's lock) that this process's gtrids are this log's: a file log's side files
+            self._ctx.incarnations = store.record_node(
+                self.node_id, markers=self.commit_markers, incarnation=self._ctx.incarnation
+            )
             if args.fail_fast:
                 check_ready(self._ctx)  # every resource reachable and fit, or one error
             self._ctx.identity.acquire(wait=args.lock_timeout)
@@ -214,6 +200,16 @@ class TransactionManager:
         )
         tm.sweeper.log_retention = sweeper_settings(settings.extra).log_retention
         return tm
+
+    @property
+    def log_directory(self) -> str | None:
+        """The log directory (an absolute path); None with a shared log."""
+        return directory_of(self._store)
+
+    @property
+    def shared_log(self) -> PostgresLog | None:
+        """The shared log (its ``PostgresLog``); None with a file log."""
+        return shared_log_of(self._store)
 
     @property
     def context(self) -> Context:

@@ -10,6 +10,8 @@ The directory name holds a dot, which no node_id may, so it can never be mistake
 node's log. Each line is written with one ``write`` on an ``O_APPEND`` descriptor (so it
 reaches the OS at once and lines of one file never interleave); it is not fsynced: the trail
 is for people, the decision log is what recovery trusts. Readers skip lines they cannot parse.
+With the shared log, the entries are rows of its ``audit`` table (:class:`SharedAuditTrail`).
+The node's store (``xatm.log.store``) gives the trail of its kind.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 logger = logging.getLogger("xatm.audit")
 
@@ -59,15 +61,36 @@ def format_time(at: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(at)) + f".{ms:03d}Z"
 
 
-class AuditTrail:
-    """Appends this process's entries to ``<log>/audit.d/<node_id>.jsonl`` (file log), or to
-    the shared log's ``audit`` table (``sink``: a PostgresLog)."""
+class Audit(Protocol):
+    """Where this process's audit entries go."""
 
-    def __init__(
-        self, log_directory: str | os.PathLike[str] | None, node_id: str, sink: Any = None
-    ) -> None:
-        self.sink = sink
-        self.directory = Path(log_directory or ".") / AUDIT_DIR
+    def record(
+        self,
+        gtrid: str,
+        resource: str,
+        branch: str,
+        action: str,
+        reason: str,
+        outcome: str,
+        actor: str,
+    ) -> AuditEntry:
+        """Append one entry; a failure to write is logged, never raised."""
+        ...
+
+    def close(self) -> None: ...
+
+
+class AuditSink(Protocol):
+    """A table that keeps audit entries (the shared log's, ``xatm.log.shared``)."""
+
+    def audit(self, entry: AuditEntry) -> None: ...
+
+
+class AuditTrail:
+    """Appends this process's entries to ``<log>/audit.d/<node_id>.jsonl`` (file log)."""
+
+    def __init__(self, log_directory: str | os.PathLike[str], node_id: str) -> None:
+        self.directory = Path(log_directory) / AUDIT_DIR
         self.path = self.directory / f"{node_id}.jsonl"
         self.node_id = node_id
         self._lock = threading.Lock()
@@ -88,9 +111,6 @@ class AuditTrail:
         entry = AuditEntry(
             time.time(), gtrid, resource, branch, action, reason, outcome, actor, self.node_id
         )
-        if self.sink is not None:
-            self.sink.audit(entry)
-            return entry
         line = json.dumps(asdict(entry), separators=(",", ":"), sort_keys=True) + "\n"
         with self._lock:
             try:
@@ -113,6 +133,34 @@ class AuditTrail:
                 with contextlib.suppress(OSError):
                     os.close(self._fd)
                 self._fd = -1
+
+
+class SharedAuditTrail:
+    """Appends this process's entries to the shared log's ``audit`` table (``sink``)."""
+
+    def __init__(self, sink: AuditSink, node_id: str) -> None:
+        self.sink = sink
+        self.node_id = node_id
+
+    def record(
+        self,
+        gtrid: str,
+        resource: str,
+        branch: str,
+        action: str,
+        reason: str,
+        outcome: str,
+        actor: str,
+    ) -> AuditEntry:
+        """Append one entry (the sink logs a failure to write, never raises it)."""
+        entry = AuditEntry(
+            time.time(), gtrid, resource, branch, action, reason, outcome, actor, self.node_id
+        )
+        self.sink.audit(entry)
+        return entry
+
+    def close(self) -> None:
+        pass
 
 
 def read_audit(log_directory: str | os.PathLike[str], gtrid: str | None = None) -> list[AuditEntry]:

@@ -122,7 +122,7 @@ _MIGRATIONS: dict[int, list[str]] = {
         " node text NOT NULL)",
         "CREATE INDEX IF NOT EXISTS audit_gtrid ON {schema}.audit (gtrid)",
     ],
-    # sagas: one row per saga, its state a JSON document (xatm.sagas.store)
+    # sagas: one row per saga, its state a JSON document (xatm.log.saga_state)
     2: [
         "CREATE TABLE IF NOT EXISTS {schema}.sagas ("
         " saga_id varchar(64) PRIMARY KEY,"

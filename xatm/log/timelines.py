@@ -220,15 +220,6 @@ class SharedTimelines:
         return out
 
 
-def store_for(directory: str | None, shared: PostgresLog | None) -> TimelineStore | None:
-    """The store of a deployment's log (None: neither a directory nor a shared log)."""
-    if shared is not None:
-        return SharedTimelines(shared)
-    if directory is not None:
-        return FileTimelines(directory)
-    return None
-
-
 def histories(
     records: Mapping[str, Mapping[str, ResourceTimeline]], resource: str
 ) -> list[ResourceTimeline]:

@@ -21,9 +21,10 @@ questions of either kind of log, and ask them here instead of switching on the k
 node is whoever holds its log's ``flock``, a live node's log is read without the lock.
 :class:`SharedLogs` is the shared PostgreSQL log (``xatm.log.shared``): a node is alive while a
 session holds its advisory lock, and a decision is a row any process may write (an ABORT
-conditionally: fencing). :func:`log_view` picks one. Only facts are gathered here; what to do
-with them is decided elsewhere (``xatm.core.decide``, ``xatm.ops.resolve``). A recovery pass asks
-its own interface (``xatm.recovery.fleet``), which locks and writes as a pass must.
+conditionally: fencing). The node's store (``xatm.log.store``) gives the view of its kind. Only
+facts are gathered here; what to do with them is decided elsewhere (``xatm.core.decide``,
+``xatm.ops.resolve``). A recovery pass asks its own interface (``xatm.log.fleet``), which locks
+and writes as a pass must.
 """
 
 from __future__ import annotations
@@ -192,13 +193,13 @@ class FileLogs:
 
     def __init__(
         self,
-        directory: str | os.PathLike[str] | None,
+        directory: str | os.PathLike[str],
         *,
         own_node: str | None = None,
         own_log: CoordinatorLog | None = None,
         own_pending: Callable[[], Mapping[str, LogRecord]] | None = None,
     ) -> None:
-        self.directory = None if directory is None else str(directory)
+        self.directory = str(directory)
         self._own_node = own_node
         self._own_log = own_log
         self._own_pending = own_pending
@@ -210,8 +211,6 @@ class FileLogs:
         return owner_state(self.directory, node)
 
     def _every_retained(self, node: str) -> Retained:
-        if self.directory is None:
-            return Retained({}, float("inf"))
         if node not in self._retained:
             self._retained[node] = retained_decisions(Path(self.directory) / node)
         return self._retained[node]
@@ -227,12 +226,12 @@ class FileLogs:
         return self._every_retained(node).horizon
 
     def timelines(self) -> TimelineStore:
-        return FileTimelines(self.directory or ".")
+        return FileTimelines(self.directory)
 
     def pending(self, node: str, owner: OwnerState) -> Mapping[str, LogRecord]:
         if owner == "this-process" and self._own_pending is not None:
             return self._own_pending()
-        if owner == "unknown" or self.directory is None:
+        if owner == "unknown":
             return {}
         try:
             return read_log(Path(self.directory) / node).pending
@@ -248,36 +247,24 @@ class FileLogs:
         return False  # a file log records no ABORT: presumed abort
 
     def marker_resources(self, node: str) -> frozenset[str] | None:
-        if self.directory is None:
-            return None
         return _node_markers.read(Path(self.directory) / node)
 
     def incarnations(self, node: str) -> frozenset[str] | None:
-        if self.directory is None:
-            return None
         return _incarnations.read(Path(self.directory) / node)
 
     def audit(self, gtrid: str | None = None) -> list[AuditEntry]:
-        if self.directory is None:
-            return []
         return read_audit(self.directory, gtrid)
 
     def nodes(self) -> list[str]:
-        if self.directory is None:
-            return []
         return list_nodes(Path(self.directory))
 
     def read(self, node: str, *, strict: bool = True, every: bool = False) -> LogSnapshot:
-        if self.directory is None:
-            return LogSnapshot({}, ())
         return read_log(Path(self.directory) / node, strict=strict, every=every)
 
     @contextlib.contextmanager
     def take_over(
         self, node: str, wait: float, *, keep_ended: bool = True
     ) -> Iterator[CoordinatorLog]:
-        if self.directory is None:
-            raise XatmError(f"there is no log directory to take the log of {node!r} over in")
         if keep_ended:
             log = FileLog(Path(self.directory), node, lock_timeout=wait)
         else:
@@ -291,12 +278,12 @@ class FileLogs:
     def open_for_decision(self, node: str, owner: OwnerState, wait: float) -> Iterator[OpenedLog]:
         if owner == "this-process":
             yield _FileOpened(self._own_log, None)
-        elif owner == "dead" and self.directory is not None:
+        elif owner == "dead":
             with self.take_over(node, wait) as log:
                 yield _FileOpened(log, None)
         else:
             unlocked = None
-            if owner == "alive" and self.directory:
+            if owner == "alive":
                 unlocked = Path(self.directory) / node  # read without its owner's lock
             yield _FileOpened(None, unlocked)
 
@@ -384,17 +371,3 @@ class SharedLogs:
     @contextlib.contextmanager
     def open_for_decision(self, node: str, owner: OwnerState, wait: float) -> Iterator[OpenedLog]:
         yield _SharedOpened(self._log)
-
-
-def log_view(
-    directory: str | os.PathLike[str] | None,
-    shared: PostgresLog | None,
-    *,
-    own_node: str | None = None,
-    own_log: CoordinatorLog | None = None,
-    own_pending: Callable[[], Mapping[str, LogRecord]] | None = None,
-) -> LogView:
-    """The view of the shared log if there is one, else of the node logs in ``directory``."""
-    if shared is not None:
-        return SharedLogs(shared, own_node=own_node)
-    return FileLogs(directory, own_node=own_node, own_log=own_log, own_pending=own_pending)

@@ -3,8 +3,9 @@
 A :class:`TransactionManager <xatm.TransactionManager>` builds one :class:`Context` and hands
 it to its transactions, recovery passes, manual resolutions, inspector and sweeper, instead of
 itself. The context holds what they share: the :class:`Resources` (participants, pools, and
-the one way to borrow a connection), the coordinator log, the audit trail, the node's identity
-locks, and the registry of the transactions running in this process. No module outside
+the one way to borrow a connection), the coordinator log, the node's store (everything it keeps
+durably, of the kind the configuration chose: ``xatm.log.store``), the audit trail, the node's
+identity locks, and the registry of the transactions running in this process. No module outside
 ``_manager`` needs the manager's private state, and none of them imports ``_manager``.
 """
 
@@ -28,9 +29,10 @@ from xatm.participants import marker as _marker
 from xatm.participants.pool import Pool, silent
 
 if TYPE_CHECKING:
-    from xatm.log.audit import AuditTrail
+    from xatm.log.audit import Audit
     from xatm.log.base import CoordinatorLog
-    from xatm.log.shared import PostgresLog
+    from xatm.log.fleet import Fleet
+    from xatm.log.store import Store
     from xatm.log.view import LogView
     from xatm.node.failover import FailoverWatch
     from xatm.node.identity import IdentityLocks
@@ -160,15 +162,16 @@ class Context:
     started_at: float  # gtrids made from here on are this process's
     resources: Resources
     log: CoordinatorLog
-    shared_log: PostgresLog | None
-    log_directory: str | None
-    audit: AuditTrail
+    #: where the node keeps its durable state (``xatm.log.store``), the log included
+    store: Store
+    audit: Audit
     identity: IdentityLocks
     commit_markers: frozenset[str] = frozenset()
     parallel: bool = True
     #: this manager's incarnation, carried in every gtrid it makes (``xatm.log.incarnations``)
     incarnation: str = field(default_factory=new_incarnation)
-    #: the incarnations this node's file log lists, this one's included (None: shared log)
+    #: the incarnations this node's file log lists, this one's included (None: the store keeps
+    #: no side files: the shared log)
     incarnations: frozenset[str] | None = None
     #: the node's view of its PostgreSQL resources' timelines (failover detection)
     failover: FailoverWatch | None = None
@@ -198,10 +201,17 @@ class Context:
     # -- transactions running here ---------------------------------------------------------
     def log_view(self) -> LogView:
         """The view of this manager's logs: its node is this process's, its log its own."""
-        from xatm.log.view import log_view
+        return self.store.view(own_node=self.node_id, own_log=self.log)
 
-        directory, shared = self.log_directory, self.shared_log
-        return log_view(directory, shared, own_node=self.node_id, own_log=self.log)
+    def fleet(self, *, dry_run: bool) -> Fleet:
+        """The logs as one recovery pass of this manager reads and writes them."""
+        return self.store.fleet(
+            own_node=self.node_id,
+            own_log=self.log,
+            own_incarnations=self.incarnations,
+            retain=self.retain,
+            dry_run=dry_run,
+        )
 
     def new_gtrid(self, timeout: float) -> str:
         """The gtrid of a new transaction of this manager with ``timeout`` seconds."""
@@ -329,9 +339,11 @@ class Context:
                 ) from None
 
     def close(self, *, log: bool = True) -> None:
-        """Close the pools, release the identity locks, and close the log and audit trail."""
+        """Close the pools, release the identity locks, and close the log, the audit trail
+        and what the store opened itself."""
         self.resources.close()
         self.identity.close()
         if log:
             self.log.close()
         self.audit.close()
+        self.store.close()

@@ -39,6 +39,7 @@ from xatm.core.deadline import step_bound
 from xatm.core.participant import Participant
 from xatm.core.urls import ResourceSpec, redact
 from xatm.errors import ConfigurationError, ResourceError
+from xatm.log.store import Store, directory_of, shared_url_of
 
 _NETWORK_FS = frozenset(
     {"nfs", "nfs4", "cifs", "smb3", "smbfs", "9p", "fuse.sshfs", "afs", "glusterfs", "ceph"}
@@ -254,18 +255,17 @@ def check_shared_log(url: str | ResourceSpec) -> list[Check]:
 
 
 def diagnose(
-    participants: Mapping[str, Participant],
-    log_directory: str | os.PathLike[str] | None,
-    log_url: str | ResourceSpec | None = None,
-    timeout: float | None = None,
+    participants: Mapping[str, Participant], store: Store, timeout: float | None = None
 ) -> DoctorReport:
-    """Run every check (``log_url``: the log is a shared PostgreSQL log, not a directory;
-    ``timeout``: the transaction timeout, which lock waits should not outlast)."""
+    """Run every check: the resources', then the log's of the kind the ``store`` has (a
+    shared PostgreSQL log, or a directory); ``timeout``: the transaction timeout, which lock
+    waits should not outlast."""
     checks: list[Check] = []
     for name, participant in participants.items():
         checks += check_resource(name, participant, timeout)
+    log_url = shared_url_of(store)  # the doctor's two checks of the log ask the store which
     if log_url is not None:
         checks += check_shared_log(log_url)
     else:
-        checks += check_log_directory(log_directory)
+        checks += check_log_directory(directory_of(store))
     return DoctorReport(tuple(checks))

@@ -1,8 +1,8 @@
 """Read-only inspection: in-doubt transactions, one transaction in detail, and the logs.
 
 Nothing here changes anything (but ``compact_logs``), takes a log's lock for longer than a
-probe, or needs a coordinator log of its own. The logs are asked through
-:mod:`xatm.log.view`, whatever their kind:
+probe, or needs a coordinator log of its own. The logs are asked through the node's store
+(:mod:`xatm.log.store`) and its view (:mod:`xatm.log.view`), whatever their kind:
 
 * a node's log is read *without* its lock: the COMMIT records are forced before any branch
   is committed, so what is on disk is at least every decision taken;
@@ -46,8 +46,10 @@ from xatm.errors import ConfigurationError, LogCorrupt, LogLocked, ResourceError
 from xatm.log.audit import AuditEntry, format_time
 from xatm.log.base import OwnerState
 from xatm.log.file import SegmentInfo
+from xatm.log.shared import PostgresLog
+from xatm.log.store import Store, directory_of, shared_log_of, store_from_setting
 from xatm.log.timelines import Loss, Switch
-from xatm.log.view import LogView, log_view
+from xatm.log.view import LogView
 from xatm.node import failover as _failover
 from xatm.node.context import Context, Resources
 from xatm.node.identity import IdentityStatus
@@ -327,13 +329,15 @@ class Inspector:
     """Read-only view of the resources, the coordinator logs and the audit trail.
 
     Made two ways: :meth:`of_node` (a running manager's view: its pooled connections, its
-    log and its running transactions) and :meth:`from_settings` / :meth:`from_config` (an
-    operator's: connections and a watch of its own, the log read without any lock)."""
+    store and log and its running transactions) and :meth:`from_settings` /
+    :meth:`from_config` (an operator's: connections, a store and a watch of its own, the log
+    read without any lock). ``log`` is the store (``xatm.log.store``), or a configuration's
+    ``log`` (a directory or a URL) to open a store of its own for."""
 
     def __init__(
         self,
         participants: Mapping[str, Participant],
-        log_directory: str | os.PathLike[str] | None,
+        log: Store | str | os.PathLike[str],
         *,
         resources: Resources | None = None,
         own_node: str | None = None,
@@ -341,11 +345,9 @@ class Inspector:
         running: Callable[[str], bool] | None = None,
         commit_markers: Iterable[str] = (),
         timeout: float = 30.0,
-        shared_log: Any = None,
         own_incarnation: str | None = None,
         identity: Callable[[], list[IdentityStatus]] | None = None,
         failover: _failover.FailoverWatch | None = None,
-        log_url: str | None = None,
         config_node: str | None = None,
     ) -> None:
         self._participants = dict(participants)
@@ -360,11 +362,15 @@ class Inspector:
                     participant.watch = failover
         #: the timelines seen (a manager's watch, or one of our own)
         self._watch = failover
-        #: a ``PostgresLog`` when the coordinators share a log in PostgreSQL
-        self._shared = shared_log
-        self._shared_opened = False
-        #: the shared log's URL when the log is a database (then ``log_directory`` is None)
-        self.log_url = log_url
+        #: the store closed with this Inspector: one it opened itself (the shared log is then
+        #: opened on first use, without taking any node's lock)
+        self._own_store = isinstance(log, str | os.PathLike)
+        #: where the nodes keep their durable state: the logs, the audit trail, the sagas
+        self.store: Store = (
+            store_from_setting(log, config_node or own_node or "")
+            if isinstance(log, str | os.PathLike)
+            else log
+        )
         #: the configuration's node_id (an operator's Inspector): the shared log is opened
         #: as it (without its lock), and its timeline records count with a branch's own
         self._config_node = config_node
@@ -372,7 +378,6 @@ class Inspector:
         #: the transaction timeout, for the shared log's "past its timeout" fact
         self.timeout = timeout
         self._bound = _deadline.step_bound(timeout)  # of one step on one resource
-        self.log_directory = None if log_directory is None else str(log_directory)
         self._resources = resources
         self._own_node = own_node
         self._own_pending = own_pending
@@ -380,19 +385,18 @@ class Inspector:
 
     @classmethod
     def from_settings(cls, settings: Any) -> Inspector:
-        """An Inspector over the resources and log directory of ``xatm.Settings``."""
+        """An Inspector over the resources and log (a directory or the shared log) of
+        ``xatm.Settings``."""
 
         participants = {
             name: make_participant(name, s, settings.timeout)
             for name, s in settings.resources.items()
         }
-        shared = "://" in settings.log
         return cls(
             participants,
-            None if shared else settings.log,
+            str(settings.log),  # its store is opened (and closed) by this Inspector
             commit_markers=getattr(settings, "commit_markers", ()),
             timeout=settings.timeout,
-            log_url=settings.log if shared else None,
             config_node=settings.node_id,
         )
 
@@ -403,35 +407,33 @@ class Inspector:
         identity leases and its failover watch."""
         return cls(
             ctx.resources.participants,
-            ctx.log_directory,
+            ctx.store,
             resources=ctx.resources,
             own_node=ctx.node_id,
             own_pending=ctx.log.pending,
             running=lambda gtrid: ctx.running(gtrid) is not None,
             commit_markers=ctx.commit_markers,
             timeout=ctx.timeout,
-            shared_log=ctx.shared_log,
             own_incarnation=ctx.incarnation,
             identity=ctx.identity.status,
             failover=ctx.failover,
         )
 
     @property
-    def shared_log(self) -> Any:
-        """The shared log (a ``PostgresLog``), opened on first use without taking any node's
-        lock; None with a file log."""
-        if self._shared is None and self.log_url is not None and self._config_node:
-            from xatm.log.shared import PostgresLog
+    def log_directory(self) -> str | None:
+        """The log directory; None with the shared log."""
+        return directory_of(self.store)
 
-            self._shared = PostgresLog(self.log_url, self._config_node, hold_node_lock=False)
-            self._shared_opened = True
-        return self._shared
+    @property
+    def shared_log(self) -> PostgresLog | None:
+        """The shared log (a ``PostgresLog``; an operator's is opened on first use, without
+        taking any node's lock); None with a file log."""
+        return shared_log_of(self.store)
 
     def close(self) -> None:
-        """Close what this Inspector opened itself (the shared log's connections)."""
-        if self._shared_opened and self._shared is not None:
-            self._shared.close()
-            self._shared, self._shared_opened = None, False
+        """Close what this Inspector opened itself (its store: the shared log's connections)."""
+        if self._own_store:
+            self.store.close()
 
     def __enter__(self) -> Inspector:
         return self
@@ -497,13 +499,8 @@ class Inspector:
 
     # -- whose, and what was decided --------------------------------------------------------
     def _logs(self) -> LogView:
-        """The logs, whatever their kind (the shared log is opened here on first use)."""
-        return log_view(
-            self.log_directory,
-            self.shared_log,
-            own_node=self._own_node,
-            own_pending=self._own_pending,
-        )
+        """The logs, whatever their kind (an operator's shared log is opened on first use)."""
+        return self.store.view(own_node=self._own_node, own_pending=self._own_pending)
 
     def _is_running(self, gtrid: str, owner: OwnerState) -> bool:
         return owner == "this-process" and self._running is not None and self._running(gtrid)
@@ -758,10 +755,7 @@ class Inspector:
 
     def doctor(self) -> DoctorReport:
         """Check that every resource and the log directory are fit for two-phase commit."""
-        shared = self._shared.spec if self._shared is not None else None  # a manager's
-        report = diagnose(
-            self._participants, self.log_directory, self.log_url or shared, self.timeout
-        )
+        report = diagnose(self._participants, self.store, self.timeout)
         if self._identity is None:
             return report
         identity = tuple(
@@ -778,11 +772,12 @@ class Inspector:
 
     def logs(self) -> list[NodeLog]:
         """Every node's coordinator log under the log directory."""
-        if self.log_directory is None:
+        nodes = self.store.nodes()
+        if not nodes:
             return []  # no log files (the shared log's are rows): nothing to open
         logs = self._logs()
         out = []
-        for node in logs.nodes():
+        for node in nodes:
             owner = logs.owner(node)
             snap = logs.read(node, strict=False, every=True)
             oldest = min((r.at for r in snap.pending.values()), default=None)
@@ -795,11 +790,12 @@ class Inspector:
         one of its branches back later leaves that branch in doubt). Live coordinators
         compact their own logs (at start and whenever a segment fills up); they are left
         alone."""
-        if self.log_directory is None:
+        nodes = self.store.nodes()
+        if not nodes:
             return []  # no log files (the shared log's are rows): nothing to open
         logs = self._logs()
         out = []
-        for node in logs.nodes():
+        for node in nodes:
             before = sum(s.size for s in logs.read(node, strict=False, every=True).segments)
             owner = logs.owner(node)
             if owner != "dead":

@@ -230,7 +230,7 @@ class _Resolve:
             )
         elif owner == "unknown":
             self.refuse_or_note(
-                f"there is no log of coordinator {self.node!r} in {ctx.log_directory}, so"
+                f"there is no log of coordinator {self.node!r} in {ctx.store.describe()}, so"
                 " nothing here can tell what it decided"
             )
         with contextlib.ExitStack() as held:

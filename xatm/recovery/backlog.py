@@ -28,7 +28,6 @@ from typing import TYPE_CHECKING
 from xatm.core.records import LogRecord
 from xatm.core.report import RecoveryReport
 from xatm.core.xid import parse_gtrid
-from xatm.log.view import log_view
 
 if TYPE_CHECKING:
     from xatm.node.context import Context
@@ -118,31 +117,4 @@ def left_by_resource(report: RecoveryReport) -> dict[str, frozenset[str]]:
 def read_pending(ctx: Context) -> tuple[dict[str, Mapping[str, LogRecord]], str | None]:
     """Every node's pending COMMIT records as the logs hold them now, and why this node's own
     log cannot be read (None: it can; a file log that failed, the shared log unreachable)."""
-    out: dict[str, Mapping[str, LogRecord]] = {}
-    failed: str | None = None
-    if ctx.shared_log is not None:
-        try:
-            every = ctx.shared_log.pending(all_nodes=True)
-        except Exception as e:
-            return out, f"{type(e).__name__}: {e}"
-        grouped: dict[str, dict[str, LogRecord]] = {}
-        for gtrid, rec in every.items():
-            try:
-                node = parse_gtrid(gtrid)[0]
-            except ValueError:
-                node = ctx.node_id
-            grouped.setdefault(node, {})[gtrid] = rec
-        return dict(grouped), None
-    try:
-        out[ctx.node_id] = dict(ctx.log.pending())
-    except Exception as e:
-        failed = f"{type(e).__name__}: {e}"
-    view = log_view(ctx.log_directory, None)
-    for node in view.nodes():
-        if node == ctx.node_id:
-            continue
-        try:
-            out[node] = view.read(node, strict=False).pending
-        except Exception:
-            continue  # a log being rewritten or removed: the next scrape reads it
-    return out, failed
+    return ctx.store.read_pending(ctx.node_id, ctx.log)

@@ -84,7 +84,6 @@ from xatm.core.report import RecoveryReport
 from xatm.recovery import reachability as _reachability
 from xatm.recovery.branches import scan
 from xatm.recovery.closing import check_failovers, end_decided
-from xatm.recovery.fleet import fleet_for
 from xatm.recovery.state import PassState
 from xatm.recovery.survey import read_markers, survey
 
@@ -132,7 +131,7 @@ def locked_pass(
 ) -> RecoveryReport:
     """:func:`run_pass` for a caller that holds the manager's recovery lock; ``only``
     restricts it to one gtrid, ``prefix`` starts every reason (manual resolution)."""
-    fleet = fleet_for(ctx, dry_run=dry_run)
+    fleet = ctx.fleet(dry_run=dry_run)  # the log as a pass reads it, of the store's kind
     if not fleet.begin():  # another process is resolving (shared log)
         return RecoveryReport(dry_run=dry_run)
     try:

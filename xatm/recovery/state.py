@@ -14,7 +14,7 @@ from xatm.core.logfields import log_fields
 from xatm.core.records import LogRecord
 from xatm.core.report import Action, RecoveryAction
 from xatm.core.xid import parse_gtrid
-from xatm.recovery.fleet import Fleet
+from xatm.log.fleet import Fleet
 
 if TYPE_CHECKING:
     from xatm.node.context import Context
@@ -64,7 +64,7 @@ class PassState:
     ctx: Context
     dry_run: bool
     actor: str
-    #: the log's view of every node's decisions (xatm.recovery.fleet)
+    #: the log's view of every node's decisions (xatm.log.fleet, made by the node's store)
     fleet: Fleet
     progress: Callable[[str], None] | None = None
     #: act on this gtrid only (manual resolution), and say why in every record

@@ -43,7 +43,7 @@ from xatm.core.deadline import step_bound
 from xatm.core.logfields import log_fields
 from xatm.core.report import RecoveryReport
 from xatm.errors import ConfigurationError
-from xatm.recovery.retention import DEFAULT_LOG_RETENTION, RETIRE_EVERY, Retirement, retire_logs
+from xatm.recovery.retention import DEFAULT_LOG_RETENTION, RETIRE_EVERY, Retirement
 from xatm.recovery.run import run_pass
 
 if TYPE_CHECKING:
@@ -301,10 +301,9 @@ class Sweeper:
         """Remove the finished file logs of nodes dead for :attr:`log_retention` seconds (at
         least the decision retention); see ``xatm.recovery.retention``."""
         ctx = self._ctx
-        if ctx.log_directory is None or self.log_retention <= 0:
+        if self.log_retention <= 0:
             return []
-        return retire_logs(
-            ctx.log_directory,
+        return ctx.store.retire_logs(  # a shared log keeps no files: it retires none
             max(self.log_retention, ctx.retain),
             own_node=ctx.node_id,
             prepared_nodes=self._prepared_nodes,

@@ -27,7 +27,10 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeAlias
 
 from xatm.core.xid import validate_resource_name
-from xatm.errors import ConfigurationError, XatmError
+from xatm.errors import ConfigurationError
+from xatm.errors import SagaError as SagaError  # defined low, so the saga storage can raise it
+from xatm.errors import SagaTakenOver as SagaTakenOver
+from xatm.log.saga_state import FINAL_STATES as FINAL_STATES
 
 if TYPE_CHECKING:
     from xatm.transactions.transaction import SagaTransaction
@@ -37,18 +40,14 @@ StepFunction: TypeAlias = "Callable[[SagaTransaction, Any], object]"
 
 _NAME_RE = re.compile(r"[A-Za-z0-9_-]{1,30}")
 _STEP_RE = re.compile(r"[A-Za-z0-9_-]{1,40}")
-#: the states a saga's record can be in; the last three are final
+#: the states a saga's record can be in; the last three are final (``FINAL_STATES``, kept
+#: with the saga records' storage, ``xatm.log.saga_state``)
 STATES = ("running", "compensating", "completed", "compensated", "failed")
-FINAL_STATES = frozenset({"completed", "compensated", "failed"})
 MAX_KEY = 200
 
 
 class SagaAbort(Exception):
     """Raised by a step's action to end the saga: the completed steps are compensated."""
-
-
-class SagaError(XatmError):
-    """A saga could not be run or acted on (unknown saga, a key still running, ...)."""
 
 
 class SagaInProgress(SagaError):
@@ -57,10 +56,6 @@ class SagaInProgress(SagaError):
     def __init__(self, message: str, saga_id: str) -> None:
         super().__init__(message)
         self.saga_id = saga_id
-
-
-class SagaTakenOver(SagaError):
-    """The saga's record was claimed by another process (an operator's forced action)."""
 
 
 def validate_saga_name(name: object) -> str:

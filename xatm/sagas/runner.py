@@ -47,8 +47,7 @@ from xatm.errors import (
     TransactionRolledBack,
     XatmError,
 )
-from xatm.log.audit import AuditEntry, AuditTrail
-from xatm.log.view import log_view
+from xatm.log.audit import AuditEntry
 from xatm.sagas import barrier as _barrier
 from xatm.sagas.definition import (
     MAX_KEY,
@@ -60,10 +59,12 @@ from xatm.sagas.definition import (
     Step,
     StepFunction,
 )
-from xatm.sagas.store import Claim, SagaRecord, SagaStore, new_saga_id, open_store
+from xatm.sagas.store import Claim, SagaRecord, SagaStore, new_saga_id
 
 if TYPE_CHECKING:
     from xatm.core.urls import ResourceSpec
+    from xatm.log.store import Store
+    from xatm.node.context import Context
     from xatm.transactions.transaction import SagaTransaction
 
 
@@ -71,8 +72,11 @@ class SagaHost(Protocol):
     """What the runner needs of its TransactionManager (its public API)."""
 
     node_id: str
-    log_directory: str | None
-    shared_log: Any
+
+    @property
+    def context(self) -> Context:
+        """What the manager's pieces share; the runner keeps its records in its ``store``."""
+        ...
 
     @property
     def resource_names(self) -> Iterable[str]: ...
@@ -152,12 +156,10 @@ def is_transient(exc: BaseException, classify: Callable[[BaseException], ErrorKi
     return False
 
 
-def saga_history(
-    log_directory: str | None, shared_log: Any, saga_id: str, record: SagaRecord | None
-) -> list[AuditEntry]:
+def saga_history(store: Store, saga_id: str, record: SagaRecord | None) -> list[AuditEntry]:
     """One saga's history, oldest first: the routine events kept in its record and its
-    entries in the audit trail (the file log's or the shared log's: ``xatm.log.view``)."""
-    entries = log_view(log_directory, shared_log).audit(saga_id)
+    entries in the audit trail (the file log's or the shared log's, as ``store`` reads it)."""
+    entries = store.view().audit(saga_id)
     if record is not None:
         entries += [
             AuditEntry(at, saga_id, "", step, action, reason, outcome, actor, record.node)
@@ -219,10 +221,8 @@ class SagaRunner:
         for saga in sagas.values():
             saga.check_resources(manager.resource_names)
         self.node_id = manager.node_id
-        self.store: SagaStore = open_store(
-            manager.log_directory, manager.shared_log, manager.node_id
-        )
-        self._audit = AuditTrail(manager.log_directory, manager.node_id, manager.shared_log)
+        self.store: SagaStore = manager.context.store.saga_store(manager.node_id)
+        self._audit = manager.context.store.audit_trail(manager.node_id)
         self.retention = retention
         self._lock = threading.Lock()
         self._running: set[str] = set()
@@ -596,9 +596,7 @@ class SagaRunner:
 
     def history(self, saga_id: str) -> list[AuditEntry]:
         """The saga's audit trail (every node's entries), oldest first."""
-        return saga_history(
-            self._tm.log_directory, self._tm.shared_log, saga_id, self.store.get(saga_id)
-        )
+        return saga_history(self._tm.context.store, saga_id, self.store.get(saga_id))
 
     def act(self, saga_id: str, what: str, *, force: bool, actor: str) -> SagaResult:
         """``retry``: run the saga on now; ``abort``: stop going forward and compensate (with

@@ -12,12 +12,16 @@ from __future__ import annotations
 import re
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from xatm.errors import ConfigurationError
 from xatm.log.audit import AuditEntry
 from xatm.sagas.runner import saga_history
-from xatm.sagas.store import SagaRecord, SagaStore, open_store
+from xatm.sagas.store import SagaRecord, SagaStore
+
+if TYPE_CHECKING:
+    from xatm.log.store import Store
+    from xatm.ops.inspect import Inspector
 
 _SAGA_ID_RE = re.compile(r"[A-Za-z0-9_-]{1,30}\.[0-9a-f]{24}\.[0-9a-f]{8}")
 
@@ -74,14 +78,13 @@ class SagaInfo:
 class SagaView:
     """Reads the saga records next to one coordinator log (file or shared)."""
 
-    def __init__(self, log_directory: str | None, shared_log: Any, node_id: str) -> None:
-        self._log_directory = log_directory
-        self._shared = shared_log
-        self.store: SagaStore = open_store(log_directory, shared_log, node_id)
+    def __init__(self, store: Store, node_id: str) -> None:
+        self._store = store
+        self.store: SagaStore = store.saga_store(node_id)
 
     @classmethod
-    def from_inspector(cls, inspector: Any, node_id: str) -> SagaView:
-        return cls(inspector.log_directory, inspector.shared_log, node_id)
+    def from_inspector(cls, inspector: Inspector, node_id: str) -> SagaView:
+        return cls(inspector.store, node_id)
 
     def sagas(self, *, include_final: bool = False) -> list[SagaInfo]:
         """The sagas that are not over (every saga kept, with ``include_final``), oldest first."""
@@ -94,7 +97,7 @@ class SagaView:
         record = self.store.get(validate_saga_id(saga_id))
         if record is None:
             return None
-        history = saga_history(self._log_directory, self._shared, saga_id, record)
+        history = saga_history(self._store, saga_id, record)
         alive = False if record.final else self.store.owner_alive(record)
         return SagaInfo(record, alive, tuple(history))
 

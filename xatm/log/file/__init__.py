@@ -54,7 +54,8 @@ Each segment starts with :data:`MAGIC` and holds framed records (``xatm.core.rec
 Modules: ``segments`` (the directory on disk: names, the ``horizon`` and ``carried`` files,
 trimming), ``scan`` (reading segments, torn tails and corruption, replay), ``writer``
 (``FileLog``: appends, group commit, rotation), ``reader`` (the operators' and peers' read
-without the lock), ``salvage`` (rebuilding a damaged log).
+without the lock), ``salvage`` (rebuilding a damaged log), ``retention`` (removing the finished
+logs of nodes gone for good).
 """
 
 from __future__ import annotations

@@ -61,15 +61,13 @@ def _read_log_once(node_dir: Path, strict: bool, every: bool) -> LogSnapshot:
     return LogSnapshot(replay(scans), segments)
 
 
-def owner_state(log_directory: str | os.PathLike[str] | None, node: str) -> OwnerState:
+def owner_state(log_directory: str | os.PathLike[str], node: str) -> OwnerState:
     """Is the coordinator of ``node`` alive? Probes its log's lock without waiting.
 
     "unknown" when ``node`` has no log in ``log_directory``. The probe holds the lock for
     an instant only; a coordinator starting at that very moment waits for it (it polls).
     A log held by *this* process through another descriptor also reads as "alive".
     """
-    if log_directory is None:
-        return "unknown"
     lock = Path(log_directory) / node / "lock"
     try:
         fd = os.open(lock, os.O_RDONLY | os.O_CLOEXEC)

@@ -14,11 +14,12 @@ switching on the kind:
   conditional ABORT row), and the housekeeping after the pass.
 
 :class:`FileFleet` is a directory of node logs (``xatm.log.file``), :class:`SharedFleet` the
-shared PostgreSQL table (``xatm.log.shared``). :func:`fleet_for` picks one for a manager's
-context. What inspection and manual resolution ask too (the state of a node's coordinator, a
-node's log read without its lock, its commit-marker resources) each fleet asks the read-side
-view of the same kind (``xatm.log.view``); what only a pass does (taking logs over for the
-pass, the snapshot, ENDs, the fenced abort, the sweeper lock) is here.
+shared PostgreSQL table (``xatm.log.shared``). The node's store (``xatm.log.store``) makes the
+one of its kind for each pass (``xatm.recovery.run``). What inspection and manual resolution
+ask too (the state of a node's coordinator, a node's log read without its lock, its
+commit-marker resources) each fleet asks the read-side view of the same kind
+(``xatm.log.view``); what only a pass does (taking logs over for the pass, the snapshot, ENDs,
+the fenced abort, the sweeper lock) is here.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal, Protocol
+from typing import Literal, Protocol
 
 from xatm.core.decide import Logged
 from xatm.core.logfields import log_fields
@@ -34,14 +35,11 @@ from xatm.core.records import LogRecord
 from xatm.core.urls import redact
 from xatm.core.xid import parse_gtrid
 from xatm.errors import LogCorrupt
+from xatm.log.base import CoordinatorLog
 from xatm.log.file import FileLog
-from xatm.log.shared import MIN_ABORT_AGE
+from xatm.log.shared import MIN_ABORT_AGE, PostgresLog
 from xatm.log.timelines import ResourceTimeline
 from xatm.log.view import AbortAnswer, FileLogs, SharedLogs
-
-if TYPE_CHECKING:
-    from xatm.log.shared import PostgresLog
-    from xatm.node.context import Context
 
 logger = logging.getLogger("xatm.recovery")
 
@@ -118,14 +116,28 @@ class _Retained:
 
 class FileFleet(_Retained):
     """The node logs of one directory; a dead peer's log is taken over (locked) while the
-    pass acts for it, or only read in a dry run."""
+    pass acts for it, or only read in a dry run. ``own_node`` is this process's node, whose
+    log is ``own_log`` and whose file log lists ``own_incarnations``; a peer's log taken over
+    keeps its ended decisions ``retain`` seconds."""
 
     shared = False
 
-    def __init__(self, ctx: Context, directory: str, *, dry_run: bool) -> None:
-        self._ctx = ctx
+    def __init__(
+        self,
+        directory: str,
+        *,
+        own_node: str,
+        own_log: CoordinatorLog,
+        own_incarnations: frozenset[str] | None,
+        retain: float,
+        dry_run: bool,
+    ) -> None:
+        self._own_node = own_node
+        self._own_log = own_log
+        self._own_incarnations = own_incarnations
+        self._retain = retain
         self._dir = Path(directory)
-        self._view = FileLogs(directory, own_node=ctx.node_id, own_log=ctx.log)
+        self._view = FileLogs(directory, own_node=own_node, own_log=own_log)
         self._dry_run = dry_run
         self._pending: dict[str, Mapping[str, LogRecord]] = {}  # opened peer -> its pending
         self._logs: dict[str, FileLog] = {}
@@ -142,19 +154,19 @@ class FileFleet(_Retained):
     def dead_with_pending(self) -> set[str]:
         out = set()
         for node in self._view.nodes():
-            if node == self._ctx.node_id or self._view.owner(node) != "dead":
+            if node == self._own_node or self._view.owner(node) != "dead":
                 continue
             try:
                 if self._view.read(node).pending:
                     out.add(node)
             except LogCorrupt as e:
                 if not self._dry_run:  # a dry run (a plan, or manual resolution) only looks
-                    logger.error("recovery: %s", e, extra=log_fields(self._ctx.node_id))
+                    logger.error("recovery: %s", e, extra=log_fields(self._own_node))
                 out.add(node)  # examined (and left alone) by open
         return out
 
     def open(self, nodes: set[str]) -> None:
-        for node in sorted(nodes - {self._ctx.node_id}):
+        for node in sorted(nodes - {self._own_node}):
             if not (self._dir / node / "lock").exists():
                 self._state[node] = "unknown"
                 continue
@@ -166,7 +178,7 @@ class FileFleet(_Retained):
                     else:
                         self._state[node] = "alive"
                     continue
-                peer = FileLog.take_over(self._dir, node, retain=self._ctx.retain)
+                peer = FileLog.take_over(self._dir, node, retain=self._retain)
             except LogCorrupt:
                 self._state[node] = "corrupt"  # its decisions are unknown: leave them
                 continue
@@ -185,33 +197,33 @@ class FileFleet(_Retained):
         return self._state.get(node) == "dead" or self._view.owner(node) == "dead"
 
     def pending(self) -> dict[str, tuple[str, LogRecord]]:
-        out = {g: (self._ctx.node_id, r) for g, r in self._ctx.log.pending().items()}
+        out = {g: (self._own_node, r) for g, r in self._own_log.pending().items()}
         for node, pending in self._pending.items():
             for gtrid, record in pending.items():
                 out[gtrid] = (node, record)
         return out
 
     def anything_pending(self) -> bool:
-        return bool(self._ctx.log.pending())
+        return bool(self._own_log.pending())
 
     def decision(self, gtrid: str, node: str) -> Logged:
         # this node's is read now (a decision taken since the pass began is in it already)
-        pending = self._ctx.log.pending() if node == self._ctx.node_id else self._pending.get(node)
+        pending = self._own_log.pending() if node == self._own_node else self._pending.get(node)
         return Logged.COMMIT if pending is not None and gtrid in pending else Logged.NONE
 
     def abort(self, gtrid: str, by: str) -> AbortAnswer:
         return "A"  # presumed abort needs no record in a file log
 
     def log_end(self, gtrid: str, node: str) -> None:
-        log = self._ctx.log if node == self._ctx.node_id else self._logs[node]
+        log = self._own_log if node == self._own_node else self._logs[node]
         log.log_end(gtrid)
 
     def marker_resources(self, node: str) -> frozenset[str] | None:
         return self._view.marker_resources(node)
 
     def incarnations(self, node: str) -> frozenset[str] | None:
-        if node == self._ctx.node_id:
-            return self._ctx.incarnations
+        if node == self._own_node:
+            return self._own_incarnations
         if node not in self._incarnations:
             self._incarnations[node] = self._view.incarnations(node)
         return self._incarnations[node]
@@ -297,11 +309,3 @@ class SharedFleet(_Retained):
 
     def close(self) -> None:
         pass
-
-
-def fleet_for(ctx: Context, *, dry_run: bool) -> Fleet:
-    """The fleet of ``ctx``'s log."""
-    if ctx.shared_log is not None:
-        return SharedFleet(ctx.shared_log, dry_run=dry_run, retain=ctx.retain)
-    assert ctx.log_directory is not None
-    return FileFleet(ctx, ctx.log_directory, dry_run=dry_run)
