@@ -441,7 +441,7 @@ def test_ambiguous_answers_to_a_one_phase_commit_are_unknown_for_every_driver(
     PyMySQL parses the packet, mysqlclient raises ``OperationalError(errno, message)``),
     and that xatm reads every one as "outcome unknown": not a connection error (which says
     the same, but for another reason), and not a certain "no"."""
-    from xatm.participants.mysql.participant import one_phase_refused
+    from xatm.participants.mysql.statements import one_phase_refused
 
     raised: dict[str, BaseException] = {}
     from mysql.connector.errors import get_mysql_exception

@@ -1,36 +1,29 @@
-"""MySQL / MariaDB for asyncio: a branch's I/O on ``mysql.connector.aio`` connections.
+"""MySQL / MariaDB for asyncio: connections on ``mysql.connector.aio``, and the branch.
 
-Only the I/O: the XA statements and what each error number means come from
-``xatm.participants.mysql.participant`` (the same functions its sync participant calls).
-mysql.connector.aio raises mysql-connector's own error classes, so errors are classified by the
-mysql-connector driver of ``xatm.participants.mysql.drivers``. docs/api.md says why this driver and
-not aiomysql or asyncmy.
+Connecting, pinging and closing are here; each branch operation is the one the sync
+participant runs (``xatm.participants.mysql.operations``), run by the asyncio runner
+(``xatm.participants.runner.arun``) with the asyncio executor. mysql.connector.aio raises
+mysql-connector's own error classes, so the operations read errors with the mysql-connector
+driver of ``xatm.participants.mysql.drivers``. docs/api.md says why this driver and not
+aiomysql or asyncmy.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import weakref
 from collections.abc import Sequence
 from typing import Any
 
 from xatm.core import deadline as _deadline
-from xatm.core.participant import Cursor, PhaseTwo, Prepared, Statement, Vote
+from xatm.core.participant import Cursor, PhaseTwo, Prepared, Statement
 from xatm.core.urls import DEFAULT_CONNECT_TIMEOUT
 from xatm.core.xid import Xid
+from xatm.participants.mysql import operations
 from xatm.participants.mysql.drivers import by_name
-from xatm.participants.mysql.participant import (
-    XA_ROLLED_BACK,
-    MySQLParticipant,
-    end_statement,
-    finish_answer,
-    finish_statement,
-    one_phase_refused,
-    one_phase_statements,
-    prepare_statements,
-    start_statement,
-)
+from xatm.participants.mysql.executors import AsyncExecutor, XAConnections
+from xatm.participants.mysql.participant import MySQLParticipant
+from xatm.participants.runner import arun
 
 
 class AsyncMySQL:
@@ -54,8 +47,9 @@ class AsyncMySQL:
             timeout=DEFAULT_CONNECT_TIMEOUT,
             options=[(k, v) for k, v in spec.options if k not in ("use_pure", "driver")],
         )
-        # connections whose XA state is not known to be idle: never pooled
-        self._in_xa: weakref.WeakSet[Any] = weakref.WeakSet()
+        #: connections whose XA state is not known to be idle: never pooled
+        self._in_xa = XAConnections()
+        self._executor = AsyncExecutor(self._in_xa)
 
     async def connect(self) -> Any:
         try:
@@ -138,19 +132,8 @@ class AsyncMySQL:
     def is_connection_error(self, exc: BaseException) -> bool:
         return self._driver.is_connection_error(exc)
 
-    async def _run(self, conn: Any, *statements: str) -> None:
-        """Send statements that return no rows, in one query (one round trip), as the
-        threaded adapter does (mysql-connector sets MULTI_STATEMENTS by default): the server
-        stops at the first that fails, and its error is raised."""
-        if len(statements) == 1:
-            await conn.cmd_query(statements[0])
-            return
-        async for _ in conn.cmd_query_iter("; ".join(statements)):
-            pass
-
     async def begin(self, conn: Any, xid: Xid, timeout: float | None = None) -> None:
-        self._in_xa.add(conn)  # before sending: a failed XA START leaves the state unknown
-        await self._run(conn, start_statement(xid))
+        await arun(self._executor, conn, operations.begin(xid))
 
     async def execute(self, conn: Any, query: Any, params: Any = None) -> Cursor:
         cur = await conn.cursor(buffered=True)
@@ -158,73 +141,19 @@ class AsyncMySQL:
         return cur
 
     async def prepare(self, conn: Any, xid: Xid) -> Prepared:
-        try:
-            await self._run(conn, *prepare_statements(xid))
-        except self._errors as e:
-            if not self.is_connection_error(e):
-                await self._rollback_quietly(conn, xid)
-            raise self.sync.prepare_failed(e) from e
-        return Prepared(Vote.PREPARED)
+        return await arun(self._executor, conn, operations.prepare(self._driver, xid))
 
     async def commit_one_phase(self, conn: Any, xid: Xid, before: Sequence[Statement] = ()) -> None:
-        committing = False
-        try:
-            for query, params in before:
-                await (await self.execute(conn, query, params)).close()
-            committing = True
-            await self._run(conn, *one_phase_statements(xid))
-        except self._errors as e:
-            if self.is_connection_error(e):
-                raise
-            if committing and not one_phase_refused(self._driver.errno(e)):
-                raise  # the commit may have happened: unknown
-            await self._rollback_quietly(conn, xid)
-            raise self.sync.commit_failed(e) from e
-        self._in_xa.discard(conn)
+        await arun(self._executor, conn, operations.commit_one_phase(self._driver, xid, before))
 
     async def commit_prepared(self, conn: Any, xid: Xid) -> PhaseTwo:
-        return await self._finish(conn, "COMMIT", xid)
+        return await arun(self._executor, conn, operations.finish(self._driver, "COMMIT", xid))
 
     async def rollback_prepared(self, conn: Any, xid: Xid) -> PhaseTwo:
-        return await self._finish(conn, "ROLLBACK", xid)
-
-    async def _finish(self, conn: Any, verb: str, xid: Xid) -> PhaseTwo:
-        try:
-            await self._run(conn, finish_statement(verb, xid))
-        except self._errors as e:
-            result = finish_answer(verb, self._driver.errno(e))
-            if result is None:
-                raise
-            return result
-        self._in_xa.discard(conn)
-        return PhaseTwo.DONE
+        return await arun(self._executor, conn, operations.finish(self._driver, "ROLLBACK", xid))
 
     async def rollback_active(self, conn: Any, xid: Xid) -> None:
-        await self._consume(conn)
-        try:
-            await self._run(conn, end_statement(xid))
-        except self._errors as e:
-            if self.is_connection_error(e):
-                raise
-        try:
-            await self._run(conn, finish_statement("ROLLBACK", xid))
-        except self._errors as e:
-            if self._driver.errno(e) in XA_ROLLED_BACK:
-                return
-            raise
-        self._in_xa.discard(conn)
-
-    async def _consume(self, conn: Any) -> None:
-        if conn.unread_result:
-            await conn.consume_results()
-
-    async def _rollback_quietly(self, conn: Any, xid: Xid) -> None:
-        with contextlib.suppress(*self._errors):
-            await self._consume(conn)
-            with contextlib.suppress(*self._errors):
-                await self._run(conn, end_statement(xid))
-            await self._run(conn, finish_statement("ROLLBACK", xid))
-            self._in_xa.discard(conn)
+        await arun(self._executor, conn, operations.rollback_active(self._driver, xid))
 
 
 #: connection arguments that mysql.connector.aio's ``connect()`` turns into something else

@@ -1,12 +1,17 @@
 """MySQL / MariaDB participant: branches as native XA transactions, through any MySQL driver.
 
-No Python MySQL driver has DB-API ``tpc_*`` methods, so the ``XA`` statements are sent here,
+No Python MySQL driver has DB-API ``tpc_*`` methods, so xatm sends the ``XA`` statements itself,
 always with the XID as hex literals (``Xid.to_mysql``). Connections run in autocommit mode:
 ``XA START`` opens the branch and the application's statements run inside it. What differs
 between the drivers (mysql-connector pure or C extension, PyMySQL, mysqlclient) lives in
-``xatm.participants.mysql.drivers``; this adapter is the same for all of them.
+``xatm.participants.mysql.drivers``; this adapter is the same for all of them. The branch's
+operations (begin, prepare, one-phase commit, commit and rollback prepared, rollback of an
+active branch, the quiet rollback after a "no") are written once, without I/O, in
+``xatm.participants.mysql.operations``: the methods here run them with the sync runner
+(``xatm.participants.runner``), the asyncio participant with the asyncio one.
 
-Facts handled here (numbered and sourced in docs/protocol.md, section 11):
+Facts handled here and in those operations (numbered and sourced in docs/protocol.md,
+section 11):
 
 * errors are told apart by their MySQL error number, never by exception class or SQLSTATE
   (the drivers disagree on both);
@@ -35,15 +40,12 @@ from __future__ import annotations
 import contextlib
 import re
 import sys
-import threading
-import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from xatm.core import deadline as _deadline
 from xatm.core.participant import (
     CANNOT_TELL,
-    BranchVotedNo,
     Cursor,
     ErrorKind,
     Finding,
@@ -52,28 +54,22 @@ from xatm.core.participant import (
     Prepared,
     PreparedBranch,
     Statement,
-    Vote,
 )
 from xatm.core.urls import DEFAULT_CONNECT_TIMEOUT, Kind, ResourceSpec, redact
 from xatm.core.xid import Xid
 from xatm.errors import ConfigurationError, ResourceUnavailable
 from xatm.participants.mysql import health as _health
+from xatm.participants.mysql import operations
 from xatm.participants.mysql.drivers import DRIVERS, MySQLDriver, by_name, for_connection
+from xatm.participants.mysql.executors import SyncExecutor, XAConnections
+from xatm.participants.mysql.statements import describe
+from xatm.participants.runner import run
 
 #: where ``adopt`` keeps a pooled connection's own autocommit setting
 _AUTOCOMMIT_KEY = "xatm.autocommit"
-XAER_NOTA = 1397
 XAER_RMERR = 1401
 ER_DUP_ENTRY = frozenset({1062, 1586})  # ER_DUP_ENTRY, ER_DUP_ENTRY_WITH_KEY_NAME
 ER_NO_SUCH_TABLE = 1146
-#: XA_RBROLLBACK, XA_RBTIMEOUT, XA_RBDEADLOCK: the branch was rolled back by the server
-XA_ROLLED_BACK = frozenset({1402, 1613, 1614})
-#: answers to ``XA END; XA COMMIT ... ONE PHASE`` after which the branch is certainly not
-#: committed: rolled back by the server (XA_RB*), or the statement refused in the branch's
-#: state (XAER_NOTA, XAER_INVAL, XAER_RMFAIL, XAER_OUTSIDE), or the wait for the commit lock
-#: (``FLUSH TABLES WITH READ LOCK``, a backup) timed out or deadlocked (the server rolls the
-#: branch back). Any other error may come after the commit happened.
-ONE_PHASE_REFUSED = XA_ROLLED_BACK | {XAER_NOTA, 1398, 1399, 1400, 1205, 1213}
 
 
 class MySQLParticipant:
@@ -101,10 +97,9 @@ class MySQLParticipant:
         # backstop for a dead peer, at twice the transaction timeout plus the connect
         # timeout (a URL's own values win); xatm.core.deadline bounds each call more closely
         self._backstop = 2 * (30.0 if timeout is None else timeout) + DEFAULT_CONNECT_TIMEOUT
-        # connections whose XA state is not known to be idle (a branch was started on them
-        # and not seen to end): never pooled
-        self._in_xa: weakref.WeakSet[Any] = weakref.WeakSet()
-        self._in_xa_lock = threading.Lock()
+        #: connections whose XA state is not known to be idle: never pooled
+        self._in_xa = XAConnections()
+        self._executor = SyncExecutor(self.driver, self._in_xa)
 
     @property
     def kind(self) -> Kind:
@@ -123,7 +118,7 @@ class MySQLParticipant:
         except self._errors_or_os as e:
             raise ResourceUnavailable(
                 f"cannot connect to resource {self.name!r} ({self.spec.redacted()}): "
-                f"{_describe(self.driver, e)}",
+                f"{describe(self.driver, e)}",
                 resource=self.name,
             ) from None
 
@@ -137,9 +132,8 @@ class MySQLParticipant:
     def is_idle(self, conn: Any) -> bool:
         # No round trip here: the XA state is tracked, and the pool pings connections that
         # sat idle for a while.
-        with self._in_xa_lock:
-            if conn in self._in_xa:
-                return False
+        if conn in self._in_xa:
+            return False
         return self.driver.is_open(conn) and not self.driver.has_unread(conn)
 
     def close(self, conn: Any) -> None:
@@ -168,26 +162,12 @@ class MySQLParticipant:
         """The driver and connection class in use (for ``doctor``)."""
         return self.driver.describe(conn)
 
-    def _run(self, conn: Any, *statements: str) -> None:
-        """Send statements that return no rows (one round trip where the driver allows)."""
-        self.driver.run(conn, list(statements))
-
     def _errno(self, exc: BaseException) -> int | None:
         return self.driver.errno(exc)
 
-    def _enter_xa(self, conn: Any) -> None:
-        with self._in_xa_lock:
-            self._in_xa.add(conn)
-
-    def _left_xa(self, conn: Any) -> None:
-        with self._in_xa_lock:
-            self._in_xa.discard(conn)
-
     # -- the branch ------------------------------------------------------------------------
     def begin(self, conn: Any, xid: Xid, timeout: float | None = None) -> None:
-        # lock waits are bounded by the server's innodb_lock_wait_timeout (doctor checks it)
-        self._enter_xa(conn)  # before sending: a failed XA START leaves the state unknown
-        self._run(conn, start_statement(xid))
+        run(self._executor, conn, operations.begin(xid))
 
     def execute(self, conn: Any, query: Any, params: Sequence[Any] | Any = None) -> Cursor:
         cur = self.driver.cursor(conn)
@@ -195,14 +175,7 @@ class MySQLParticipant:
         return cur
 
     def prepare(self, conn: Any, xid: Xid) -> Prepared:
-        try:
-            self._run(conn, *prepare_statements(xid))
-        except self._errors as e:
-            if not self.is_connection_error(e):
-                self._rollback_quietly(conn, xid)
-            raise self.prepare_failed(e) from e
-        # a read-only XA branch cannot be told apart here: it is prepared like any other
-        return Prepared(Vote.PREPARED)
+        return run(self._executor, conn, operations.prepare(self.driver, xid))
 
     def start_prepare(self, conn: Any, xid: Xid) -> Callable[[], Prepared]:
         """No asynchronous sending here: prepares now, and the call returns the vote."""
@@ -214,65 +187,22 @@ class MySQLParticipant:
         return lambda: result
 
     def commit_one_phase(self, conn: Any, xid: Xid, before: Sequence[Statement] = ()) -> None:
-        committing = False
-        try:
-            for query, params in before:  # the commit is not sent yet: a failure is a "no"
-                self.execute(conn, query, params).close()
-            committing = True
-            self._run(conn, *one_phase_statements(xid))
-        except self._errors as e:
-            if self.is_connection_error(e):
-                raise  # the outcome is unknown
-            if committing and not one_phase_refused(self._errno(e)):
-                raise  # the commit may have happened: unknown (the connection is closed)
-            self._rollback_quietly(conn, xid)
-            raise self.commit_failed(e) from e
-        self._left_xa(conn)
+        run(self._executor, conn, operations.commit_one_phase(self.driver, xid, before))
 
     def commit_prepared(self, conn: Any, xid: Xid) -> PhaseTwo:
-        return self._finish(conn, "COMMIT", xid)
+        return run(self._executor, conn, operations.finish(self.driver, "COMMIT", xid))
 
     def rollback_prepared(self, conn: Any, xid: Xid) -> PhaseTwo:
-        return self._finish(conn, "ROLLBACK", xid)
-
-    def _finish(self, conn: Any, verb: str, xid: Xid) -> PhaseTwo:
-        try:
-            self._run(conn, finish_statement(verb, xid))
-        except self._errors as e:
-            result = finish_answer(verb, self._errno(e))
-            if result is None:
-                raise
-            return result
-        self._left_xa(conn)
-        return PhaseTwo.DONE
+        return run(self._executor, conn, operations.finish(self.driver, "ROLLBACK", xid))
 
     def rollback_active(self, conn: Any, xid: Xid) -> None:
-        self.driver.consume(conn)
-        try:
-            self._run(conn, end_statement(xid))
-        except self._errors as e:
-            if self.is_connection_error(e):
-                raise
-            # already IDLE, or rollback-only after a deadlock: XA ROLLBACK still applies
-        try:
-            self._run(conn, finish_statement("ROLLBACK", xid))
-        except self._errors as e:
-            if self._errno(e) in XA_ROLLED_BACK:
-                return  # rolled back by the server already; the connection is not pooled
-            raise
-        self._left_xa(conn)
-
-    def prepare_failed(self, e: BaseException) -> BranchVotedNo:
-        return BranchVotedNo(f"XA PREPARE failed: {_describe(self.driver, e)}", e)
-
-    def commit_failed(self, e: BaseException) -> BranchVotedNo:
-        return BranchVotedNo(f"the one-phase commit failed: {_describe(self.driver, e)}", e)
+        run(self._executor, conn, operations.rollback_active(self.driver, xid))
 
     def unavailable(self, e: BaseException) -> ResourceUnavailable:
         """The error for a connection attempt that failed with ``e`` (password-free)."""
         return ResourceUnavailable(
             f"cannot connect to resource {self.name!r} ({self.spec.redacted()}): "
-            f"{_describe(self.driver, e)}",
+            f"{describe(self.driver, e)}",
             resource=self.name,
         )
 
@@ -280,18 +210,6 @@ class MySQLParticipant:
     def connect_kwargs(self) -> dict[str, Any]:
         """The driver's connection keyword arguments (autocommit on)."""
         return dict(self._kwargs)
-
-    def _rollback_quietly(self, conn: Any, xid: Xid) -> None:
-        """Roll back a branch whose prepare or one-phase commit failed, in whatever state
-        it is left (ACTIVE if the failure came before ``XA END``, IDLE after). If that does
-        not succeed, the connection stays marked as inside XA and is closed, not pooled."""
-        x = xid.to_mysql()
-        with contextlib.suppress(*self._errors):
-            self.driver.consume(conn)
-            with contextlib.suppress(*self._errors):
-                self._run(conn, f"XA END {x}")  # fails harmlessly if already IDLE
-            self._run(conn, f"XA ROLLBACK {x}")
-            self._left_xa(conn)
 
     # -- recovery and fitness --------------------------------------------------------------
     def recover(self, conn: Any) -> list[PreparedBranch]:
@@ -469,49 +387,6 @@ class MySQLParticipant:
         return None, ()
 
 
-# -- statements and the meaning of answers, shared by the sync participant above and the
-# -- asyncio one (xatm.participants.mysql.aio): the XA SQL and its quirks are written here only
-def start_statement(xid: Xid) -> str:
-    return f"XA START {xid.to_mysql()}"
-
-
-def end_statement(xid: Xid) -> str:
-    return f"XA END {xid.to_mysql()}"
-
-
-def prepare_statements(xid: Xid) -> tuple[str, str]:
-    x = xid.to_mysql()
-    return f"XA END {x}", f"XA PREPARE {x}"
-
-
-def one_phase_statements(xid: Xid) -> tuple[str, str]:
-    x = xid.to_mysql()
-    return f"XA END {x}", f"XA COMMIT {x} ONE PHASE"
-
-
-def finish_statement(verb: str, xid: Xid) -> str:
-    """``XA COMMIT`` or ``XA ROLLBACK`` (``verb``) of a prepared branch."""
-    return f"XA {verb} {xid.to_mysql()}"
-
-
-def one_phase_refused(errno: int | None) -> bool:
-    """Is ``errno``, answering ``XA END; XA COMMIT ... ONE PHASE``, a certain "not
-    committed"? (False: the commit may have happened, e.g. 1317 query interrupted, 1401
-    XAER_RMERR, 1180 error during commit; the outcome is unknown.)"""
-    return errno in ONE_PHASE_REFUSED
-
-
-def finish_answer(verb: str, errno: int | None) -> PhaseTwo | None:
-    """What a phase-2 call's error ``errno`` means: NOT_FOUND (no such branch), DONE (a
-    rollback of a branch the server rolled back already: read-only MariaDB branch, deadlock
-    victim; its connection is closed rather than pooled), None (a real failure: raise)."""
-    if errno == XAER_NOTA:
-        return PhaseTwo.NOT_FOUND
-    if verb == "ROLLBACK" and errno in XA_ROLLED_BACK:
-        return PhaseTwo.DONE
-    return None
-
-
 def identity_name(node_id: str) -> str:
     """The ``GET_LOCK`` name of a node's identity (at most 64 characters)."""
     return f"xatm:node:{node_id}"
@@ -534,16 +409,6 @@ def _raw_bytes(value: Any) -> bytes:
         return text.encode("latin-1")
     except UnicodeEncodeError:
         return text.encode("utf-8", "surrogateescape")
-
-
-def _describe(driver: MySQLDriver, e: BaseException) -> str:
-    """A driver error in one line, with its MySQL error number, password-free."""
-    args: tuple[Any, ...] = tuple(getattr(e, "args", ()))
-    if driver.name != "mysqlconnector" and len(args) >= 2 and isinstance(args[0], int):
-        text = f"{args[0]} {args[1]}"  # PyMySQL and MySQLdb: (errno, message)
-    else:
-        text = str(e)
-    return redact(" ".join(text.split())) or type(e).__name__  # one line, as promised
 
 
 #: what a MySQL error number means: lock wait timeout and deadlock, and the XA rollback-only

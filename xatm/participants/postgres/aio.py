@@ -1,7 +1,8 @@
-"""PostgreSQL for asyncio: a branch's I/O on psycopg 3's ``AsyncConnection``.
+"""PostgreSQL for asyncio: connections on psycopg 3's ``AsyncConnection``, and the branch.
 
-Only the I/O: the statements, the vote and what each error means come from
-``xatm.participants.postgres.participant`` (the same functions its sync participant calls).
+Connecting, pinging, resetting and closing are here; each branch operation is the one the
+sync participant runs (``xatm.participants.postgres.operations``), run by the asyncio runner
+(``xatm.participants.runner.arun``) with the asyncio executor.
 """
 
 from __future__ import annotations
@@ -15,24 +16,18 @@ import psycopg
 from psycopg.pq import TransactionStatus
 
 from xatm.core import deadline as _deadline
-from xatm.core.participant import Cursor, PhaseTwo, Prepared, Statement, Vote
+from xatm.core.participant import Cursor, PhaseTwo, Prepared, Statement
 from xatm.core.xid import Xid
+from xatm.participants.postgres import operations
+from xatm.participants.postgres.executors import ASYNC
 from xatm.participants.postgres.participant import (
     CHECKPOINT,
     PostgresParticipant,
-    check_committed,
-    check_one_phase,
-    check_open,
-    commit_failed,
-    finish_statement,
-    not_found,
-    prepare_failed,
-    prepare_statement,
     promotion_bound,
     server_state,
     socket_of,
-    vote_of,
 )
+from xatm.participants.runner import arun
 
 AsyncConn = psycopg.AsyncConnection[Any]
 
@@ -127,64 +122,24 @@ class AsyncPostgres:
         return self.sync.is_connection_error(exc)
 
     async def begin(self, conn: AsyncConn, xid: Xid, timeout: float | None = None) -> None:
-        await conn.execute(self.sync.begin_statement(timeout))
+        await arun(ASYNC, conn, operations.begin(self.sync.begin_statement(timeout)))
 
     async def execute(self, conn: AsyncConn, query: Any, params: Any = None) -> Cursor:
         return await conn.execute(query, params)
 
     async def prepare(self, conn: AsyncConn, xid: Xid) -> Prepared:
-        check_open(conn)
-        try:
-            cur = await conn.execute(prepare_statement(xid))
-            row = await cur.fetchone()
-            cur.nextset()
-        except psycopg.Error as e:
-            raise prepare_failed(e) from e
-        vote = vote_of(cur.statusmessage, row)
-        if vote is not None:
-            return vote
-        try:  # read-only: finish it now (if that fails, an ordinary prepared branch)
-            await conn.execute(finish_statement("COMMIT", xid))
-        except psycopg.Error:
-            return Prepared(Vote.PREPARED)
-        return Prepared(Vote.READ_ONLY)
+        return await arun(ASYNC, conn, operations.prepare(xid))
 
     async def commit_one_phase(
         self, conn: AsyncConn, xid: Xid, before: Sequence[Statement] = ()
     ) -> None:
-        check_one_phase(conn)
-        try:
-            if before:
-                async with conn.pipeline():  # the statements and the commit: one round trip
-                    for query, params in before:
-                        await conn.execute(query, params)
-                    cur = await conn.execute("COMMIT")
-            else:
-                cur = await conn.execute("COMMIT")
-        except psycopg.Error as e:
-            if self.is_connection_error(e):
-                raise
-            with contextlib.suppress(psycopg.Error):
-                if conn.info.transaction_status != TransactionStatus.IDLE:
-                    await conn.execute("ROLLBACK")
-            raise commit_failed(e) from e
-        check_committed(cur.statusmessage)
+        await arun(ASYNC, conn, operations.commit_one_phase(before))
 
     async def commit_prepared(self, conn: AsyncConn, xid: Xid) -> PhaseTwo:
-        return await self._finish(conn, "COMMIT", xid)
+        return await arun(ASYNC, conn, operations.finish("COMMIT", xid))
 
     async def rollback_prepared(self, conn: AsyncConn, xid: Xid) -> PhaseTwo:
-        return await self._finish(conn, "ROLLBACK", xid)
-
-    async def _finish(self, conn: AsyncConn, verb: str, xid: Xid) -> PhaseTwo:
-        try:
-            await conn.execute(finish_statement(verb, xid))
-        except psycopg.Error as e:
-            if not_found(e):
-                return PhaseTwo.NOT_FOUND
-            raise
-        return PhaseTwo.DONE
+        return await arun(ASYNC, conn, operations.finish("ROLLBACK", xid))
 
     async def rollback_active(self, conn: AsyncConn, xid: Xid) -> None:
-        if conn.info.transaction_status != TransactionStatus.IDLE:
-            await conn.execute("ROLLBACK")
+        await arun(ASYNC, conn, operations.rollback_active())

@@ -4,9 +4,16 @@ Connections run in autocommit mode and the branch is opened with an explicit ``B
 ``COMMIT PREPARED`` / ``ROLLBACK PREPARED`` (which may not run inside a transaction block)
 can follow on the same connection without switching modes.
 
-Facts handled here (numbered and sourced in docs/protocol.md, section 11):
+The branch's operations (begin, prepare, one-phase commit, commit and rollback prepared,
+rollback of an active branch) are written once, without I/O, in
+``xatm.participants.postgres.operations``: the methods here run them with the sync runner
+(``xatm.participants.runner``: ``run``, and ``start`` for the pipelined ``start_prepare`` /
+``start_commit_prepared``), the asyncio participant with the asyncio one.
 
-* the gid is a string literal in the grammar: it is sent quoted (:func:`gid_literal`, which
+Facts handled in those operations and their ``statements`` (numbered and sourced in
+docs/protocol.md, section 11):
+
+* the gid is a string literal in the grammar: it is sent quoted (``gid_literal``, which
   refuses any gid that is not of the base64 shape xatm writes, so nothing in it needs
   escaping), by the sync and the asyncio participant alike;
 * ``PREPARE TRANSACTION`` in a failed transaction does not raise, it answers ``ROLLBACK``:
@@ -42,10 +49,8 @@ the resource (a warning says so once).
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 import math
-import re
 import zlib
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Literal, Protocol
@@ -56,7 +61,6 @@ from psycopg.pq import TransactionStatus
 from xatm.core import deadline as _deadline
 from xatm.core.participant import (
     CANNOT_TELL,
-    BranchVotedNo,
     Cursor,
     ErrorKind,
     Finding,
@@ -65,17 +69,18 @@ from xatm.core.participant import (
     Prepared,
     PreparedBranch,
     Statement,
-    Vote,
 )
-from xatm.core.text import first_line
 from xatm.core.urls import DEFAULT_CONNECT_TIMEOUT, Kind, ResourceSpec, pg_settings_in, redact
 from xatm.core.xid import Xid
 from xatm.errors import ResourceUnavailable
 from xatm.participants.postgres import health as _health
+from xatm.participants.postgres import operations
+from xatm.participants.postgres.executors import SYNC
+from xatm.participants.postgres.statements import describe, is_connection_error
+from xatm.participants.runner import run, start
 
 logger = logging.getLogger("xatm")
 
-UNDEFINED_OBJECT = "42704"
 #: ``pg_xact_status`` of a transaction id not assigned yet on this server
 INVALID_PARAMETER_VALUE = "22023"
 #: where ``adopt`` notes the isolation level it set on a pooled connection
@@ -259,7 +264,7 @@ class PostgresParticipant:
             "resource %r: the server refuses to tell its timeline (%s): failover detection"
             " is off for it",
             self.name,
-            redact(_describe(e)),
+            redact(describe(e)),
         )
         return True
 
@@ -325,7 +330,7 @@ class PostgresParticipant:
             conn.close()
 
     def is_connection_error(self, exc: BaseException) -> bool:
-        return isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError)
+        return is_connection_error(exc)
 
     # -- the branch ------------------------------------------------------------------------
     def classify(self, exc: BaseException) -> ErrorKind:
@@ -347,7 +352,7 @@ class PostgresParticipant:
         return "BEGIN" if timeout is None else "BEGIN" + self._set(timeout, local=True)
 
     def begin(self, conn: psycopg.Connection[Any], xid: Xid, timeout: float | None = None) -> None:
-        conn.execute(self.begin_statement(timeout))  # one round trip
+        run(SYNC, conn, operations.begin(self.begin_statement(timeout)))
 
     def execute(
         self, conn: psycopg.Connection[Any], query: Any, params: Sequence[Any] | Any = None
@@ -355,125 +360,32 @@ class PostgresParticipant:
         return conn.execute(query, params)
 
     def prepare(self, conn: psycopg.Connection[Any], xid: Xid) -> Prepared:
-        self._check_open(conn)
-        try:
-            # one round trip, simple protocol: the branch's transaction id (NULL if it wrote
-            # nothing) and the prepare itself
-            cur = conn.execute(prepare_statement(xid))
-            row = cur.fetchone()
-            cur.nextset()
-        except psycopg.Error as e:
-            raise prepare_failed(e) from e
-        return self._vote(conn, xid, cur.statusmessage, row)
-
-    def _check_open(self, conn: psycopg.Connection[Any]) -> None:
-        check_open(conn)
-
-    def _vote(self, conn: psycopg.Connection[Any], xid: Xid, tag: str | None, row: Any) -> Prepared:
-        """The vote, from PREPARE's command tag and the branch's transaction id."""
-        vote = vote_of(tag, row)
-        if vote is None:
-            # Read-only: nothing to commit, whatever the decision. Finish it now; if that
-            # fails it is an ordinary prepared branch (presumed abort: harmless).
-            try:
-                conn.execute(finish_statement("COMMIT", xid))
-            except psycopg.Error:
-                return Prepared(Vote.PREPARED)
-            return Prepared(Vote.READ_ONLY)
-        return vote
+        return run(SYNC, conn, operations.prepare(xid))
 
     def start_prepare(self, conn: psycopg.Connection[Any], xid: Xid) -> Callable[[], Prepared]:
         """Send the prepare without waiting (pipeline mode); the returned call waits for
         the answer. Meanwhile the caller can work on other branches."""
-        self._check_open(conn)
-        # the transaction id query and the prepare, both on the wire before this returns
-        pipeline = conn.pipeline()
-        try:
-            pipeline.__enter__()
-            ids = conn.execute(TXID)
-            cur = conn.execute(PREPARE_ONLY.format(gid_literal(xid)))
-        except BaseException as e:
-            _leave(pipeline, e)
-            if isinstance(e, psycopg.Error):
-                raise prepare_failed(e) from e
-            raise
-
-        def finish() -> Prepared:
-            try:
-                pipeline.__exit__(None, None, None)
-                row = ids.fetchone()
-            except psycopg.Error as e:
-                raise prepare_failed(e) from e
-            return self._vote(conn, xid, cur.statusmessage, row)
-
-        return finish
+        return start(SYNC, conn, operations.prepare(xid))
 
     def commit_one_phase(
         self, conn: psycopg.Connection[Any], xid: Xid, before: Sequence[Statement] = ()
     ) -> None:
-        check_one_phase(conn)
-        cur: psycopg.Cursor[Any]
-        try:
-            if before:
-                # the statements and the commit: one round trip, as one simple query with
-                # the parameters bound by psycopg on the client (pipeline mode costs several
-                # sends and polls more); a failing statement skips the rest, COMMIT included
-                cur = client = psycopg.ClientCursor(conn)
-                client.execute("; ".join([*(client.mogrify(q, p) for q, p in before), "COMMIT"]))
-                while cur.nextset():
-                    pass
-            else:
-                cur = conn.execute("COMMIT")
-        except psycopg.Error as e:
-            if self.is_connection_error(e):
-                raise
-            with contextlib.suppress(psycopg.Error):
-                if conn.info.transaction_status != TransactionStatus.IDLE:
-                    conn.execute("ROLLBACK")
-            raise commit_failed(e) from e
-        check_committed(cur.statusmessage)
+        run(SYNC, conn, operations.commit_one_phase(before))
 
     def commit_prepared(self, conn: psycopg.Connection[Any], xid: Xid) -> PhaseTwo:
-        return self._finish(conn, "COMMIT", xid)
+        return run(SYNC, conn, operations.finish("COMMIT", xid))
 
     def start_commit_prepared(
         self, conn: psycopg.Connection[Any], xid: Xid
     ) -> Callable[[], PhaseTwo]:
         """Send COMMIT PREPARED without waiting; the returned call waits for the answer."""
-        pipeline = conn.pipeline()
-        try:
-            pipeline.__enter__()
-            conn.execute(finish_statement("COMMIT", xid))
-        except BaseException as e:
-            _leave(pipeline, e)
-            raise
-
-        def finish() -> PhaseTwo:
-            try:
-                pipeline.__exit__(None, None, None)
-            except psycopg.Error as e:
-                if not_found(e):
-                    return PhaseTwo.NOT_FOUND
-                raise
-            return PhaseTwo.DONE
-
-        return finish
+        return start(SYNC, conn, operations.finish("COMMIT", xid))
 
     def rollback_prepared(self, conn: psycopg.Connection[Any], xid: Xid) -> PhaseTwo:
-        return self._finish(conn, "ROLLBACK", xid)
-
-    def _finish(self, conn: psycopg.Connection[Any], verb: str, xid: Xid) -> PhaseTwo:
-        try:
-            conn.execute(finish_statement(verb, xid))
-        except psycopg.Error as e:
-            if not_found(e):
-                return PhaseTwo.NOT_FOUND
-            raise
-        return PhaseTwo.DONE
+        return run(SYNC, conn, operations.finish("ROLLBACK", xid))
 
     def rollback_active(self, conn: psycopg.Connection[Any], xid: Xid) -> None:
-        if conn.info.transaction_status != TransactionStatus.IDLE:
-            conn.execute("ROLLBACK")
+        run(SYNC, conn, operations.rollback_active())
 
     # -- recovery and fitness --------------------------------------------------------------
     def recover(self, conn: psycopg.Connection[Any]) -> list[PreparedBranch]:
@@ -629,7 +541,7 @@ class PostgresParticipant:
                     f"lost: PostgreSQL transaction {txid} was never assigned on this server's"
                     " history (a failover or a restore lost it)"
                 )
-            return "unknown", f"{CANNOT_TELL}: pg_xact_status failed: {redact(_describe(e))}"
+            return "unknown", f"{CANNOT_TELL}: pg_xact_status failed: {redact(describe(e))}"
         status = None if row is None else row[0]
         if status == "committed":
             return "committed", f"committed (PostgreSQL transaction {txid})"
@@ -680,106 +592,6 @@ _LOCKS = (
     "  ON t.locktype = 'transactionid' AND t.transactionid = p.transaction"
     "  WHERE p.gid = %s AND p.database = current_database() LIMIT 1)"
 )
-
-
-# -- statements and the meaning of answers, shared by the sync participant above and the
-# -- asyncio one (xatm.participants.postgres.aio): the SQL and its quirks are written here only
-
-#: the branch's transaction id (NULL if it wrote nothing)
-TXID = "SELECT pg_current_xact_id_if_assigned()::text"
-#: ``PREPARE TRANSACTION`` of a quoted gid (``{}``: :func:`gid_literal`)
-PREPARE_ONLY = "PREPARE TRANSACTION {}"
-#: the transaction id and the prepare, one simple query (one round trip)
-PREPARE = TXID + "; " + PREPARE_ONLY
-#: ``COMMIT PREPARED`` or ``ROLLBACK PREPARED`` (the verb) of a quoted gid
-FINISH = "{} PREPARED {}"
-
-#: every gid ``Xid.to_pg_gid`` writes: digits, base64, and two underscores
-_GID_SHAPE = re.compile(r"-?[0-9]{1,10}_[A-Za-z0-9+/=]*_[A-Za-z0-9+/=]*")
-
-
-@functools.lru_cache(maxsize=1024)  # prepare and commit of one branch: encoded once
-def gid_literal(xid: Xid) -> str:
-    """The gid of ``xid`` as a quoted SQL string literal. Built as text (composing it with
-    ``psycopg.sql.Literal`` costs as much client CPU as the statement itself): the gid's
-    shape is checked, and that shape holds no quote or backslash, so nothing needs escaping."""
-    gid = xid.to_pg_gid()
-    if _GID_SHAPE.fullmatch(gid) is None:
-        raise ValueError(f"not a gid xatm writes: {gid[:80]!r}")
-    return f"'{gid}'"
-
-
-def prepare_statement(xid: Xid) -> str:
-    """The branch's transaction id (NULL if it wrote nothing) and the prepare, one query."""
-    return PREPARE.format(gid_literal(xid))
-
-
-def finish_statement(verb: str, xid: Xid) -> str:
-    """``COMMIT PREPARED`` or ``ROLLBACK PREPARED`` (``verb``) of ``xid``."""
-    return FINISH.format(verb, gid_literal(xid))
-
-
-def check_open(conn: Any) -> None:
-    """Vote no (BranchVotedNo) unless the branch's transaction is open and sound."""
-    status = conn.info.transaction_status
-    if status == TransactionStatus.INERROR:
-        raise BranchVotedNo("the branch's transaction had already failed")
-    if status != TransactionStatus.INTRANS:
-        raise BranchVotedNo(
-            f"the branch's transaction is not open (status {status.name}): it was ended"
-            " outside xatm, by a commit or rollback on the raw connection"
-        )
-
-
-def check_one_phase(conn: Any) -> None:
-    """Refuse (BranchVotedNo) a one-phase commit of a branch that is not open and sound."""
-    status = conn.info.transaction_status
-    if status == TransactionStatus.INERROR:
-        raise BranchVotedNo("the branch's transaction had already failed")
-    if status != TransactionStatus.INTRANS:
-        raise BranchVotedNo("the branch's transaction was ended outside xatm")
-
-
-def vote_of(tag: str | None, row: Any) -> Prepared | None:
-    """The vote, from PREPARE's command tag and the branch's transaction id; None for a
-    read-only branch (to finish now with COMMIT PREPARED: READ_ONLY if that works)."""
-    if tag != "PREPARE TRANSACTION":
-        raise BranchVotedNo(
-            f"the server rolled the branch back instead of preparing it (command tag {tag!r})"
-        )
-    if row is None or row[0] is None:
-        return None
-    return Prepared(Vote.PREPARED, int(row[0]))
-
-
-def prepare_failed(e: psycopg.Error) -> BranchVotedNo:
-    return BranchVotedNo(f"PREPARE TRANSACTION failed: {_describe(e)}", e)
-
-
-def commit_failed(e: psycopg.Error) -> BranchVotedNo:
-    return BranchVotedNo(f"the commit failed: {_describe(e)}", e)
-
-
-def check_committed(tag: str | None) -> None:
-    """Vote no unless COMMIT's command tag says it committed."""
-    if tag != "COMMIT":
-        raise BranchVotedNo(f"the server answered {tag!r} to COMMIT")
-
-
-def not_found(e: psycopg.Error) -> bool:
-    """A phase-2 call's error meaning "no such prepared transaction"."""
-    return e.sqlstate == UNDEFINED_OBJECT
-
-
-def _leave(pipeline: Any, error: BaseException) -> None:
-    """Leave a pipeline block after ``error``, as ``with`` would."""
-    with contextlib.suppress(Exception):
-        pipeline.__exit__(type(error), error, error.__traceback__)
-
-
-def _describe(e: psycopg.Error) -> str:
-    text = first_line(str(e), type(e).__name__)
-    return f"{e.sqlstate} {text}" if e.sqlstate else text
 
 
 #: what a SQLSTATE means: serialization failure, deadlock, lock not available (lock_timeout),
