@@ -79,10 +79,14 @@ promtool:
 # `make test` runs every chaos mode for 15 s (`make chaos`: 30 s each, the tests' default)
 SUITE_CHAOS_SECONDS ?= 15
 
+# The suite runs on TEST_JOBS worker processes (pytest-xdist), each test file whole in one
+# worker, each worker with private servers of its own; TEST_JOBS=0 runs it in this process
+TEST_JOBS ?= 2
+
 pytest: $(STAMP) promtool
 	XATM_CHAOS_SECONDS=$${XATM_CHAOS_SECONDS:-$(SUITE_CHAOS_SECONDS)} \
 	XATM_OMISSION_SECONDS=$${XATM_OMISSION_SECONDS:-$(SUITE_CHAOS_SECONDS)} \
-	    $(VENV)/bin/pytest -ra -q $(PYTEST_ARGS)
+	    $(VENV)/bin/pytest -ra -q -n $(TEST_JOBS) --dist loadfile $(PYTEST_ARGS)
 
 # the full suite once (default driver), then the driver-sensitive tests per MySQL driver
 test: lint typecheck pytest drivers
