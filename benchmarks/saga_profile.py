@@ -219,6 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--accounts", type=int, default=1000)
     p.add_argument("--profile", type=int, default=500, help="sagas under cProfile (0: none)")
     p.add_argument("--top", type=int, default=30)
+    p.add_argument("--workdir", help="where the managers' logs go (default: a temp dir)")
     p.add_argument("--pg-url")
     p.add_argument("--mysql-url")
     args = p.parse_args(argv)
@@ -227,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
         assert servers.urls is not None
         ledger = Ledger(servers.urls, TABLE, args.accounts)
         ledger.create()
-        workdir = Path(tempfile.mkdtemp(prefix="xatm-sagaprof-"))
+        workdir = Path(tempfile.mkdtemp(prefix="xatm-sagaprof-", dir=args.workdir))
         try:
             print(f"saga profile, {time.strftime('%Y-%m-%d %H:%M:%S %Z')}")
             for threads in counts:
