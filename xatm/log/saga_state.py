@@ -307,9 +307,10 @@ class FileSagaStore:
                         os.close(fd)
                         fd = -1
                         return None
-            if (self.done_directory / path.name).exists():
+            if record.key is not None and (self.done_directory / path.name).exists():
                 # the key's saga finished and was retired (link into done/, then unlink
-                # from here) before this link: the key is taken after all
+                # from here) before this link: the key is taken after all (a saga without
+                # a key has a random name, which no retired saga has)
                 path.unlink()
                 os.close(fd)
                 fd = -1

@@ -235,6 +235,8 @@ class SagaRunner:
         self._lock = threading.Lock()
         self._running: set[str] = set()
         self._tables: set[str] = set()
+        #: (resource, kind) of each step's resources, once their barrier tables exist
+        self._kinds: dict[tuple[str, ...], list[tuple[str, str]]] = {}
         self._stuck_next: dict[str, float] = {}
         self._last_prune = -PRUNE_EVERY
         self._sleep: Callable[[float], None] = time.sleep
@@ -534,9 +536,12 @@ class SagaRunner:
 
     def _transaction(self, c: _Claimed, step: Step, op: str, fn: StepFunction) -> str:
         """One transaction of the step: barrier rows, then (if they say so) ``fn``."""
-        self._ensure_tables(step.resources)
-        specs = self._tm.resources
-        kinds = [(r, _barrier.kind_of(specs[r])) for r in step.resources]
+        kinds = self._kinds.get(step.resources)
+        if kinds is None:
+            self._ensure_tables(step.resources)
+            specs = self._tm.resources
+            kinds = [(r, _barrier.kind_of(specs[r])) for r in step.resources]
+            self._kinds[step.resources] = kinds
         saga_id = c.record.saga_id
         with self._tm._saga_transaction(f"{saga_id}.{step.name}.{op}") as tx:
             if op == "action":
