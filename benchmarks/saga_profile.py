@@ -10,9 +10,10 @@ fixed number of transfers on 1 and on 8 threads. For each it prints:
 * **CPU per phase** of a saga, in a second run with wrappers (instance attributes and the
   barrier module's functions, benchmark-only) that charge each thread's
   ``time.thread_time`` to the innermost phase running: the record's creation and its other
-  writes (``store.create``, ``store.save``), each resource's begin (XA START / BEGIN) and
-  one-phase commit, the barrier (its insert's round trip), the action (the step's
-  update), the pools, the audit trail, the step's xatm transaction around them
+  writes (``store.create``, ``store.save``), each resource's begin (XA START / BEGIN, with
+  the barrier row riding in its round trip) and one-phase commit, the barrier (the rest of
+  it: the enlistment), the action (the step's update), the pools, the audit trail, the
+  step's xatm transaction around them
   (``SagaRunner._transaction``: gtrid, transaction object, enlistment, deadline) and the state
   machine (``run_saga`` and the runner outside all of these);
 * a **cProfile** top 30 (own time) of one thread running sagas alone.
@@ -113,6 +114,7 @@ def instrument(mode: SagaMode, phases: Phases) -> Callable[[], None]:
     runner._audit.record = w("audit trail", runner._audit.record)
     for name, participant in tm.context.resources.participants.items():
         participant.begin = w(f"{name}: begin", participant.begin)
+        participant.begin_with = w(f"{name}: begin + barrier row", participant.begin_with)
         participant.commit_one_phase = w(f"{name}: one-phase commit", participant.commit_one_phase)
     for pool in tm.context.resources.pools.values():
         pool.get = w("pools", pool.get)
