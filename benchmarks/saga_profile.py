@@ -114,7 +114,8 @@ def instrument(mode: SagaMode, phases: Phases) -> Callable[[], None]:
     runner._audit.record = w("audit trail", runner._audit.record)
     for name, participant in tm.context.resources.participants.items():
         participant.begin = w(f"{name}: begin", participant.begin)
-        participant.begin_with = w(f"{name}: begin + barrier row", participant.begin_with)
+        if hasattr(participant, "begin_with"):  # (absent before the barrier row rode with it)
+            participant.begin_with = w(f"{name}: begin + barrier row", participant.begin_with)
         participant.commit_one_phase = w(f"{name}: one-phase commit", participant.commit_one_phase)
     for pool in tm.context.resources.pools.values():
         pool.get = w("pools", pool.get)
