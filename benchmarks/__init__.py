@@ -19,6 +19,7 @@ Modules:
 * ``report``  -- aggregates rounds, renders Markdown / JSON / PNG;
 * ``run``     -- the command line;
 * ``profile`` -- per-phase timing and py-spy sampling of xatm's commit;
+* ``saga_profile`` -- a saga's client CPU by phase, with a cProfile, against ``onepc``;
 * ``logscale`` -- CPU per forced decision as threads grow: the file log against the floor's
   decision file, without servers.
 """

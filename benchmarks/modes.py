@@ -26,10 +26,12 @@ Round trips per transfer, sequential unless noted (``||`` = the two run side by 
                   then PG: BEGIN, UPDATE, INSERT decision row + COMMIT (pipelined: one
                   round trip) is the decision; then MariaDB: XA COMMIT. No log fsync.
 * ``xatm-saga``   a saga of two local steps (docs/sagas.md): its record created (a file,
-                  fsynced, and its directory), then PG: BEGIN, barrier INSERT, UPDATE, COMMIT;
-                  then MariaDB: XA START, barrier INSERT IGNORE, UPDATE, XA END + XA COMMIT
-                  ONE PHASE; then the record's end (fsynced). Not atomic at one instant:
-                  compared with ``onepc`` (dtm's published figure is 0.29x plain MySQL)
+                  fsynced, and its directory), then PG: BEGIN + barrier INSERT (one round
+                  trip), UPDATE, COMMIT; the record's note (written, not fsynced); then
+                  MariaDB: XA START + barrier INSERT (one round trip), UPDATE, XA END + XA
+                  COMMIT ONE PHASE; then the record's end (written, not fsynced). Not
+                  atomic at one instant: compared with ``onepc`` (dtm's published figure is
+                  0.29x plain MySQL)
 * ``xatm-async``, ``raw-async``, ``xatm-async-cancel``: the asyncio API, hand-written asyncio
                   2PC, and the asyncio API with one transfer in ten cancelled, as tasks on
                   one event loop (``benchmarks/aio_modes.py``)

@@ -19,7 +19,7 @@ from tests.support.crash import run_saga_worker
 from xatm import TransactionManager, XatmError
 from xatm.core.failpoint import SAGA_NAMES
 
-SAGAS = [saga_defs.transfer, saga_defs.both]
+SAGAS = [saga_defs.transfer, saga_defs.both, saga_defs.single]
 
 
 def build(make_tm: MakeTM, node: str, log: str, tries: float = 15.0) -> TransactionManager:
@@ -123,6 +123,55 @@ def test_saga_crash_then_recover(
     actions = [e.action for e in tm.sagas.history(record.saga_id)]
     assert "saga-takeover" in actions or recover_as == "restarted"
     assert actions[-1] == "saga-end"
+
+
+@pytest.mark.parametrize("log_kind", ["file", "shared"])
+@pytest.mark.parametrize("recover_as", ["restarted", "peer"])
+def test_a_crash_between_the_last_step_and_the_end(
+    recover_as: str,
+    log_kind: str,
+    bank: Bank,
+    make_tm: MakeTM,
+    tmp_path: Path,
+    log_url: str,
+    request: pytest.FixtureRequest,
+) -> None:
+    """The last step's note and the saga's end are one write, not forced. SIGKILL after the
+    last step committed, before that write: the record says running with no step done;
+    recovery runs the step again, its barrier skips it (a duplicate) and the saga ends
+    completed, the step applied once; the key answers with that result."""
+    if log_kind == "file":
+        log, node = str(tmp_path / "log"), "lastcrash"
+    else:  # a node name of its own per test: the shared log outlives the test
+        log, node = log_url, f"l{abs(hash(request.node.name)) % 10**8}"
+    tid = "cr-last"
+    data = {"table": bank.table, "journal": bank.journal, "tid": tid, "src": 1, "dst": 2, "amt": 5}
+    key = f"{node}-last"
+    cfg = {"urls": bank.urls, "log": log, "node_id": node, "saga": "single", "data": data}
+    proc = run_saga_worker({**cfg, "key": key}, tmp_path, "saga_after_step")
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    bank.wait_for_dead_sessions()
+    assert (bank.balance("pg1", 1), bank.balance("maria", 2)) == (995, 1005)  # committed
+
+    tm = build(make_tm, node if recover_as == "restarted" else f"{node}p", log)
+    found = tm.sagas.store.find_key("single", key)
+    assert found is not None and (found.state, found.done) == ("running", ())
+    record = recover_until_final(tm, found.saga_id)
+    assert (record.state, record.done) == ("completed", ("move",)), record
+    journal = bank.journal_ids()
+    mine = {
+        n: {t.split("-", 2)[2] for t in ids if t.startswith(tid + "-")}
+        for n, ids in journal.items()
+    }
+    assert mine == {"pg1": {"debit"}, "pg2": set(), "maria": {"credit"}}
+    assert (bank.balance("pg1", 1), bank.balance("maria", 2)) == (995, 1005)
+    assert bank.total() == bank.initial_total
+    assert bank.xatm_prepared() == {"pg1": [], "pg2": [], "maria": []}
+    again = tm.run_saga("single", data=data, key=key)
+    assert (again.saga_id, again.state, again.done) == (record.saga_id, "completed", ("move",))
+    history = tm.sagas.history(record.saga_id)
+    assert any(e.action == "saga-action" and "duplicate" in e.reason for e in history)
+    assert history[-1].action == "saga-end"
 
 
 def test_a_new_run_of_the_key_finishes_a_dead_run(

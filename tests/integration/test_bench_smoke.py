@@ -109,6 +109,24 @@ def test_profile_times_every_step(servers: Servers, capsys: pytest.CaptureFixtur
         assert line.count("|") == 6 and "nan" not in line
 
 
+def test_saga_profile_splits_a_saga_by_phase(
+    servers: Servers, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from benchmarks import saga_profile
+
+    argv = ["--threads", "1,2", "--sagas", "10", "--warmup", "2", "--profile", "5", "--top", "5"]
+    argv += ["--pg-url", servers.urls["pg1"], "--mysql-url", servers.urls["maria"]]
+
+    assert saga_profile.main(argv) == 0
+
+    text = capsys.readouterr().out
+    for threads in (1, 2):
+        assert f"onepc  {threads} thread(s):" in text and f"saga   {threads} thread(s):" in text
+    for phase in ("record: create", "barrier (insert)", "pg: begin", "maria: one-phase commit"):
+        assert text.count(phase) == 2, phase
+    assert "cProfile of 5 sagas on one thread" in text and "xatm's own functions only" in text
+
+
 def test_micro_benchmark_runs(servers: Servers, capsys: pytest.CaptureFixture[str]) -> None:
     """benchmarks.micro keeps running against the current code (its stub participant once
     fell behind the protocol's signatures)."""

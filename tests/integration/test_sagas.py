@@ -10,7 +10,7 @@ import psycopg
 import pytest
 
 from tests.support import Bank, MakeTM, connect, run, saga_defs
-from xatm import ConfigurationError, Saga, SagaAbort, TransactionManager
+from xatm import ConfigurationError, Saga, SagaAbort, Transaction, TransactionManager
 from xatm.admin import SagaRefused
 from xatm.sagas import barrier as _barrier
 
@@ -196,37 +196,48 @@ def test_a_failing_compensation_leaves_the_saga_stuck_for_an_operator(
 
 
 # -- the barrier, case by case ----------------------------------------------------------------
+@pytest.mark.parametrize("step_tx", [False, True], ids=["plain", "riding"])
 @pytest.mark.parametrize("resource", ["pg1", "maria"])
 def test_barrier_duplicate_empty_compensation_and_hanging(
-    make_tm: MakeTM, bank: Bank, resource: str
+    make_tm: MakeTM, bank: Bank, resource: str, step_tx: bool
 ) -> None:
+    """The barrier's cases, in a plain transaction (the rows inserted with parameters) and
+    in a saga step's (the action's row in the round trip of the branch's begin)."""
     tm = make_tm(sweeper=False)
     _barrier.ensure_table(resource, tm.resources[resource])
     kinds = [(resource, _barrier.kind_of(tm.resources[resource]))]
+    tag = f"{resource}-{'riding' if step_tx else 'plain'}"  # the rows outlive the test
+
+    def transaction() -> Transaction:
+        return tm._saga_transaction("k") if step_tx else tm.transaction()
 
     def action(saga_id: str) -> str:
-        with tm.transaction() as tx:
+        with transaction() as tx:
             return _barrier.enter_action(tx, kinds, saga_id, "s")
 
     def compensation(saga_id: str) -> str:
-        with tm.transaction() as tx:
+        with transaction() as tx:
             return _barrier.enter_compensation(tx, kinds, saga_id, "s")
 
     # duplicate: the action a second time (an answer lost, recovery re-running it)
-    assert action(f"dup-{resource}") == "run"
-    assert action(f"dup-{resource}") == "duplicate"
-    assert compensation(f"dup-{resource}") == "run"
-    assert compensation(f"dup-{resource}") == "duplicate"
+    assert action(f"dup-{tag}") == "run"
+    assert action(f"dup-{tag}") == "duplicate"
+    assert compensation(f"dup-{tag}") == "run"
+    assert compensation(f"dup-{tag}") == "duplicate"
     # empty compensation: the action never committed ...
-    assert compensation(f"empty-{resource}") == "empty"
+    assert compensation(f"empty-{tag}") == "empty"
     # ... and its row blocks the action arriving late (hanging)
-    assert action(f"empty-{resource}") == "hanging"
-    assert compensation(f"empty-{resource}") == "duplicate"
+    assert action(f"empty-{tag}") == "hanging"
+    assert compensation(f"empty-{tag}") == "duplicate"
     # a rolled-back step leaves no row: it runs again later
-    with pytest.raises(SagaAbort), tm.transaction() as tx:
-        _barrier.enter_action(tx, kinds, f"rb-{resource}", "s")
+    with pytest.raises(SagaAbort), transaction() as tx:
+        _barrier.enter_action(tx, kinds, f"rb-{tag}", "s")
         raise SagaAbort("no")
-    assert action(f"rb-{resource}") == "run"
+    assert action(f"rb-{tag}") == "run"
+    # after a duplicate, the step's transaction is sound: it can still work and commit
+    with transaction() as tx:
+        assert _barrier.enter_action(tx, kinds, f"rb-{tag}", "s") == "duplicate"
+        tx.execute(resource, f"UPDATE {bank.table} SET bal = bal WHERE id = 1")
 
 
 def test_barrier_makes_a_retried_committed_step_a_no_op(make_tm: MakeTM, bank: Bank) -> None:
@@ -404,3 +415,20 @@ def test_finished_sagas_are_retired_and_their_keys_still_answer(
     assert record is not None and record.final
     assert [r.saga_id for r in store.records(include_final=True)] == [first.saga_id]
     assert bank.balance("pg1", 1) == 995
+
+
+def test_a_saga_runs_with_an_event_listener(saga_tm: TransactionManager, bank: Bank) -> None:
+    """With a listener, each branch's participant is wrapped (timed) for the events; the
+    begin that carries a step's barrier row is timed as the begin."""
+    from xatm.core import events
+
+    seen: list[events.Event] = []
+    stop = events.subscribe(seen.append)
+    try:
+        result = saga_tm.run_saga("transfer", data=payload(bank, "ev"))
+    finally:
+        stop()
+    assert result.state == "completed"
+    assert journal(bank, "ev") == {"pg1": {"debit", "finish"}, "pg2": set(), "maria": {"credit"}}
+    ops = [op for e in seen for op in getattr(e, "ops", ())]
+    assert [o for o in ops if getattr(o, "op", None) == "begin"], seen

@@ -12,6 +12,7 @@ sent once it thaws.
 from __future__ import annotations
 
 import contextlib
+import re
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -44,6 +45,10 @@ _DELETE_IN = f"DELETE FROM {DEC} WHERE gtrid IN ("
 _DELETE_OLD = f"DELETE FROM {DEC} WHERE branches = %s AND created_at < %s"
 _BARRIER_INSERTS = frozenset(_barrier._INSERT.values())
 _BARRIER_SELECT = _barrier._SELECT
+#: a barrier row written into its statement, sent with the begin (``begin_with``)
+_BARRIER_RIDING = re.compile(
+    r"INSERT INTO xatm_barrier .* VALUES \('([^']*)', '([^']*)', '([^']*)', "
+)
 EFFECT = "UPDATE sagafx SET n = n + 1 WHERE k = %s"  # a saga step's work (tests.sim.world)
 
 
@@ -244,6 +249,15 @@ class SimParticipant:
         raw, gtrid, res = _raw(xid), xid.gtrid, self.name
         conn.in_xa = self.server.xa
         rpc(conn, lambda srv, s: srv.begin(s, raw, gtrid, res, timeout))
+
+    def begin_with(self, conn: Conn, xid: Xid, timeout: float | None, insert: str) -> bool:
+        """The begin, then the barrier row's insert (one round trip for the real
+        participants; two calls here, a crash may fall between them)."""
+        self.begin(conn, xid, timeout)
+        found = _BARRIER_RIDING.match(insert)
+        assert found is not None, insert
+        key = (found[1], found[2], found[3])
+        return bool(rpc(conn, lambda srv, s: srv.insert_barrier(s, key)) == 1)
 
     def execute(self, conn: Conn, sql: Any, params: Sequence[Any] | Any = None) -> Cursor:
         p = tuple(params or ())

@@ -52,6 +52,16 @@ both.step(
 )
 both.step("finish", action=finish, resources=["pg1"])
 
+# one step only: it is also the last, so a crash right after it (``saga_after_step``) comes
+# before the one write that notes it and ends the saga
+single = Saga("single", backoff=0.01, max_backoff=0.1)
+single.step(
+    "move",
+    action=lambda tx, d: (debit(tx, d), credit(tx, d)),
+    compensation=lambda tx, d: (refund(tx, d), uncredit(tx, d)),
+    resources=["pg1", "maria"],
+)
+
 
 def fragile_refund(tx: Any, d: dict[str, Any]) -> None:
     """A compensation that fails while the file named by ``d["broken"]`` exists."""

@@ -27,7 +27,7 @@ from tests.support import saga_defs
 from tests.workers.worker import run_threads
 from xatm import TransactionManager
 
-SAGAS = [saga_defs.transfer, saga_defs.both]
+SAGAS = [saga_defs.transfer, saga_defs.both, saga_defs.single]
 
 
 def manager(cfg: dict[str, Any], **kwargs: Any) -> TransactionManager:

@@ -489,6 +489,9 @@ class _Watched:
     def begin(self, conn: Connection, xid: Xid, timeout: float | None = None) -> None:
         self._timed("begin", lambda: self._inner.begin(conn, xid, timeout))
 
+    def begin_with(self, conn: Connection, xid: Xid, timeout: float | None, insert: str) -> bool:
+        return self._timed("begin", lambda: self._inner.begin_with(conn, xid, timeout, insert))
+
     def execute(self, conn: Connection, sql: Any, params: Sequence[Any] | Any = None) -> Cursor:
         return self._inner.execute(conn, sql, params)
 

@@ -171,6 +171,13 @@ class Participant(Protocol):
         """Start the branch ``xid`` on ``conn``; ``timeout``: the seconds its transaction
         has left, to bound the branch's lock waits where the adapter can do so cheaply."""
 
+    def begin_with(self, conn: Connection, xid: Xid, timeout: float | None, insert: str) -> bool:
+        """``begin``, then ``insert`` (one row, its values written in it) in the same round
+        trip: True if it inserted its row, False if a row with its key was there (the branch
+        is begun and usable either way). ``insert`` is written for this participant's kind:
+        ``ON CONFLICT DO NOTHING`` on PostgreSQL, a plain INSERT on MySQL/MariaDB (whose
+        duplicate key fails that statement alone). A saga step's barrier row rides so."""
+
     def execute(self, conn: Connection, sql: Any, params: Sequence[Any] | Any = None) -> Cursor:
         """Run application SQL inside the branch and return a cursor."""
 

@@ -50,7 +50,7 @@ import threading
 import time
 import zlib
 from collections.abc import Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -102,7 +102,14 @@ class SagaRecord:
         return self.state in FINAL_STATES
 
     def with_(self, **changes: Any) -> SagaRecord:
-        return replace(self, updated_at=time.time(), **changes)
+        """A copy with ``changes`` and ``updated_at`` now (what ``dataclasses.replace``
+        does, without calling ``__init__``: a saga makes several per step)."""
+        if not changes.keys() <= _FIELDS:
+            raise TypeError(f"not fields of SagaRecord: {sorted(changes.keys() - _FIELDS)}")
+        new = object.__new__(SagaRecord)
+        new.__dict__.update(self.__dict__, **changes)
+        new.__dict__["updated_at"] = time.time()
+        return new
 
     def encode(self) -> bytes:
         body = {
@@ -149,6 +156,9 @@ class SagaRecord:
             created_at=float(body.get("created_at", 0.0)),
             updated_at=float(body.get("updated_at", 0.0)),
         )
+
+
+_FIELDS = frozenset(f.name for f in fields(SagaRecord))
 
 
 def key_hash(name: str, key: str) -> str:
@@ -256,12 +266,16 @@ class FileSagaStore:
         self._dir_asked = 0
         self._dir_synced = 0
         self._dir_syncing = False
+        self._made = False  # the directories exist (made or seen by this store)
 
     def _ensure_dir(self) -> None:
+        if self._made:
+            return
         try:
             self.done_directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         except OSError as e:
             raise LogError(f"cannot create the saga directory {self.directory}: {e}") from e
+        self._made = True
 
     def path(self, saga_id: str) -> Path:
         if "/" in saga_id or saga_id.startswith("."):  # never a path outside the directory
@@ -272,7 +286,13 @@ class FileSagaStore:
         self._ensure_dir()
         path = self.path(record.saga_id)
         tmp = self.directory / f"tmp-{secrets.token_hex(8)}"
-        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_CLOEXEC, 0o600)
+        flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_CLOEXEC
+        try:
+            fd = os.open(tmp, flags, 0o600)
+        except FileNotFoundError:  # the directory was removed since: make it again
+            self._made = False
+            self._ensure_dir()
+            fd = os.open(tmp, flags, 0o600)
         try:
             if not _try_lock(fd):  # nobody else knows this name
                 raise LogError(f"cannot lock {tmp}")
@@ -287,9 +307,10 @@ class FileSagaStore:
                         os.close(fd)
                         fd = -1
                         return None
-            if (self.done_directory / path.name).exists():
+            if record.key is not None and (self.done_directory / path.name).exists():
                 # the key's saga finished and was retired (link into done/, then unlink
-                # from here) before this link: the key is taken after all
+                # from here) before this link: the key is taken after all (a saga without
+                # a key has a random name, which no retired saga has)
                 path.unlink()
                 os.close(fd)
                 fd = -1

@@ -17,13 +17,18 @@ step with several, one XA transaction). So:
   *duplicate*: skip. Otherwise run the body.
 
 An insert of a key that another open transaction has just inserted waits for that one to
-end, so two runs of one step cannot both pass. The per-kind SQL lives in this one table of
-statements (like the commit-marker table's, ``xatm.participants.marker``); the table is created on
-the resource's first use by a saga, on a connection of its own (DDL cannot run inside XA).
+end, so two runs of one step cannot both pass. In a saga step's transaction
+(``SagaTransaction``) the action's row of a resource not enlisted yet rides in the round trip
+of its branch's begin (``SagaTransaction.begin_with``; on MySQL/MariaDB as a plain INSERT,
+whose duplicate key fails that statement alone, the branch going on). The per-kind SQL lives
+in these tables of statements (like the commit-marker table's, ``xatm.participants.marker``);
+the table is created on the resource's first use by a saga, on a connection of its own (DDL
+cannot run inside XA).
 """
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -33,6 +38,7 @@ from xatm.core.urls import ResourceSpec
 from xatm.participants.mysql.participant import MySQLParticipant
 from xatm.participants.postgres.participant import PostgresParticipant
 from xatm.sagas.definition import SagaError
+from xatm.transactions.transaction import SagaTransaction
 
 TABLE = "xatm_barrier"
 ACTION = "action"
@@ -64,6 +70,14 @@ _INSERT = {
     "mysql": f"INSERT IGNORE INTO {TABLE} (saga_id, step, op, created_at) VALUES (%s, %s, %s, %s)",
 }
 _SELECT = f"SELECT op FROM {TABLE} WHERE saga_id = %s AND step = %s"
+#: the action's row with its values written in, sent with the branch's begin
+_WRITTEN = (
+    f"INSERT INTO {TABLE} (saga_id, step, op, created_at) VALUES ('{{}}', '{{}}', '{{}}', {{!r}})"
+)
+_RIDING = {"postgresql": f"{_WRITTEN} ON CONFLICT DO NOTHING", "mysql": _WRITTEN}
+#: ids written into SQL as they are: nothing in them needs quoting (xatm makes saga ids and
+#: step names of these characters; anything else takes the statement with parameters)
+_PLAIN = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 
 
 class SagaBarrierError(SagaError):
@@ -102,6 +116,17 @@ def _insert(tx: Any, resource: str, kind: str, saga_id: str, step: str, op: str)
         cur.close()
 
 
+def _riding(tx: Any, resource: str, kind: str, saga_id: str, step: str) -> bool | None:
+    """The action's row inserted with the begin of ``resource``'s branch: True if inserted,
+    False if it was there; None if it cannot ride (the branch is enlisted already, ``tx`` is
+    not a saga step's transaction, an id would need quoting): then insert it as usual."""
+    if not isinstance(tx, SagaTransaction) or not (
+        _PLAIN.fullmatch(saga_id) and _PLAIN.fullmatch(step)
+    ):
+        return None
+    return tx.begin_with(resource, _RIDING[kind].format(saga_id, step, ACTION, time.time()))
+
+
 def _ops(tx: Any, resource: str, saga_id: str, step: str) -> set[str]:
     cur = tx.execute(resource, _SELECT, (saga_id, step))
     try:
@@ -125,7 +150,10 @@ def enter_action(tx: Any, resources: Sequence[tuple[str, str]], saga_id: str, st
     kind) of every resource of the step."""
     answers = []
     for resource, kind in resources:
-        if _insert(tx, resource, kind, saga_id, step, ACTION) == 1:
+        inserted = _riding(tx, resource, kind, saga_id, step)
+        if inserted is None:
+            inserted = _insert(tx, resource, kind, saga_id, step, ACTION) == 1
+        if inserted:
             answers.append("run")
         elif COMPENSATION in _ops(tx, resource, saga_id, step):
             answers.append("hanging")

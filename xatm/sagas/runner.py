@@ -8,16 +8,17 @@
       ▼ record created, forced (the key's claim)                        state running
     for each step, in order:
       │ one xatm transaction on the step's resources: barrier rows, then the action
-      │ ├ committed (or the barrier says it committed before) ─ note the step done (lazy)
+      │ ├ committed (or the barrier says it committed before) ─ note the step done (lazy;
+      │ │ the last step's note is the end's write)
       │ ├ transient error ─ retry with backoff, up to the step's max_attempts
       │ └ SagaAbort, another error, attempts used up, or the barrier says its compensation
       │   came first ─ switch to compensating (forced)              state compensating
-      ▼ every step done                                            state completed (forced)
+      ▼ every step done                                         state completed (not forced)
     compensating: the compensation of each step tried (done ones and the failed one), in
       │ reverse, each in its own transaction behind its barrier; retried with backoff
       │ └ still failing after compensation_attempts: left *stuck* (forced; the result says
       │   "failed"); recovery passes retry it every STUCK_RETRY seconds, operators see it
-      ▼ every compensation done                                  state compensated (forced)
+      ▼ every compensation done                               state compensated (not forced)
 
 Recovery (``recover``, from ``tm.recover()``, the sweeper and ``xatm sweep``) finishes every
 saga whose owner is dead and whose definition this manager has: forward if it was running,
@@ -28,7 +29,6 @@ with the saga id in place of a gtrid.
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import threading
@@ -202,6 +202,14 @@ class _Claimed:
     actor: str
     saga: Saga
     routine: bool = False  # the run that started it (not recovery, not an operator)
+    payload: str | None = None  # the record's data as JSON text, once encoded
+
+    def data(self) -> Any:
+        """A fresh copy of the saga's payload for a step (decoding its JSON text is
+        cheaper than ``copy.deepcopy``, and the payload is JSON)."""
+        if self.payload is None:
+            self.payload = json.dumps(self.record.data)
+        return json.loads(self.payload)
 
 
 class SagaRunner:
@@ -227,6 +235,8 @@ class SagaRunner:
         self._lock = threading.Lock()
         self._running: set[str] = set()
         self._tables: set[str] = set()
+        #: (resource, kind) of each step's resources, once their barrier tables exist
+        self._kinds: dict[tuple[str, ...], list[tuple[str, str]]] = {}
         self._stuck_next: dict[str, float] = {}
         self._last_prune = -PRUNE_EVERY
         self._sleep: Callable[[float], None] = time.sleep
@@ -242,9 +252,10 @@ class SagaRunner:
         if key is not None and (not isinstance(key, str) or not 0 < len(key) <= MAX_KEY):
             raise ConfigurationError(f"a saga key must be a string of 1 to {MAX_KEY} characters")
         try:
-            payload = json.loads(json.dumps(data))
+            text = json.dumps(data)
         except (TypeError, ValueError) as e:
             raise ConfigurationError(f"saga {name!r}: data must be JSON: {e}") from None
+        payload = json.loads(text)
         record = SagaRecord(
             new_saga_id(name, key),
             name,
@@ -271,7 +282,7 @@ class SagaRunner:
         if claim is None:
             assert key is not None
             return self._existing(saga, key, wait, actor)
-        return self._drive(_Claimed(claim, record, actor, saga, routine=True))
+        return self._drive(_Claimed(claim, record, actor, saga, routine=True, payload=text))
 
     def _existing(self, saga: Saga, key: str, wait: float, actor: str) -> SagaResult:
         """The key was used before: its result, once it has one (see docs/sagas.md)."""
@@ -394,8 +405,14 @@ class SagaRunner:
         out = self._attempt(c, step, "action")
         if out.ok and out.barrier in ("run", "duplicate"):
             _failpoint.hit("saga_after_step")
-            following = pending[1].name if len(pending) > 1 else ""
-            self._save(c, force=False, done=(*c.record.done, step.name), step=following)
+            done = (*c.record.done, step.name)
+            if len(pending) > 1:
+                self._save(c, force=False, done=done, step=pending[1].name)
+                return
+            # the last step: its note and the end are one write (neither is forced: lost,
+            # recovery runs the step again, its barrier skips it, and the saga completes)
+            self._event(c, "", "", "saga-end", "every step done", "completed", routine=True)
+            self._save(c, force=False, done=done, state="completed", step="")
             return
         reason = out.error or f"step {step.name!r} was compensated before its action ran"
         attempted = [*c.record.done, step.name]
@@ -519,9 +536,12 @@ class SagaRunner:
 
     def _transaction(self, c: _Claimed, step: Step, op: str, fn: StepFunction) -> str:
         """One transaction of the step: barrier rows, then (if they say so) ``fn``."""
-        self._ensure_tables(step.resources)
-        specs = self._tm.resources
-        kinds = [(r, _barrier.kind_of(specs[r])) for r in step.resources]
+        kinds = self._kinds.get(step.resources)
+        if kinds is None:
+            self._ensure_tables(step.resources)
+            specs = self._tm.resources
+            kinds = [(r, _barrier.kind_of(specs[r])) for r in step.resources]
+            self._kinds[step.resources] = kinds
         saga_id = c.record.saga_id
         with self._tm._saga_transaction(f"{saga_id}.{step.name}.{op}") as tx:
             if op == "action":
@@ -530,7 +550,7 @@ class SagaRunner:
                 barrier = _barrier.enter_compensation(tx, kinds, saga_id, step.name)
             _failpoint.hit("saga_after_barrier")
             if barrier == "run":
-                fn(tx, copy.deepcopy(c.record.data))
+                fn(tx, c.data())
                 extra = set(tx.branches) - set(step.resources)
                 if extra:
                     raise ConfigurationError(

@@ -205,34 +205,46 @@ class Transaction(ManagedTransaction):
 
     def _branch(self, resource: str) -> Branch:
         """The branch on ``resource``, begun if it is not enlisted yet (its lock is held)."""
+        return self._enlist(resource, None)[0]
+
+    def _enlist(self, resource: str, insert: str | None) -> tuple[Branch, bool | None]:
+        """``_branch``; if it is begun now and ``insert`` is given, with ``insert`` in the
+        begin's round trip (``Participant.begin_with``): also whether it inserted its row
+        (None: the branch was enlisted already, ``insert`` was not run)."""
         branch = self._enlisted(resource)
         if branch is not None:
-            return branch
+            return branch, None
         participant, pool = self._ctx.resources.get(resource)
         # enlist only where the node's lease is held
         self._ctx.identity.require(resource, self.deadline - time.monotonic())
         participant = self._trace.watch(participant)
         xid = branch_xid(self.gtrid, resource)
-        conn, watch = self._begin(participant, pool, xid)
+        conn, watch, inserted = self._begin(participant, pool, xid, insert)
         branch = Branch(resource, xid, participant, pool, conn, watch=watch)
         self.add_branch(branch)
-        return branch
+        return branch, inserted
 
     def _begin(
-        self, participant: Participant, pool: Pool, xid: Xid
-    ) -> tuple[Connection, _deadline.Watch]:
-        """A connection with the branch begun on it, under the transaction's deadline; one
-        retry on a fresh connection, if there is time left."""
+        self, participant: Participant, pool: Pool, xid: Xid, insert: str | None = None
+    ) -> tuple[Connection, _deadline.Watch, bool | None]:
+        """A connection with the branch begun on it (and ``insert`` run in the same round
+        trip, if given), under the transaction's deadline; one retry on a fresh connection,
+        if there is time left."""
         for attempt in (1, 2):
             conn = pool.get() if attempt == 1 else participant.connect()
             watch = self._watch(participant, conn)
             try:
+                inserted = None
                 with _deadline.calling(watch):
                     if not pool.checked:
                         check_fit(self._ctx, participant, conn)
                         pool.checked = True
-                    participant.begin(conn, xid, max(self.deadline - time.monotonic(), 0.001))
-                return conn, watch
+                    left = max(self.deadline - time.monotonic(), 0.001)
+                    if insert is None:
+                        participant.begin(conn, xid, left)
+                    else:
+                        inserted = participant.begin_with(conn, xid, left, insert)
+                return conn, watch, inserted
             except ResourceError:
                 _deadline.disarm(watch)
                 pool.discard(conn)
@@ -400,6 +412,14 @@ class SagaTransaction(Transaction):
     ) -> None:
         super().__init__(ctx, gtrid, timeout, sqlalchemy=sqlalchemy)
         self.idempotency_key = idempotency_key
+
+    def begin_with(self, resource: str, insert: str) -> bool | None:
+        """Enlist ``resource`` with ``insert`` (one row, its values written in it, for the
+        resource's kind: ``Participant.begin_with``) in the round trip of its begin: True if
+        it inserted its row, False if a row with its key was there; None if ``resource`` was
+        enlisted already (``insert`` is then not run). The saga barrier's rows ride so."""
+        with self._lock(resource):
+            return self._enlist(resource, insert)[1]
 
 
 def check_fit(ctx: Context, participant: Participant, conn: Connection) -> None:

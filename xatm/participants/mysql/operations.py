@@ -28,6 +28,7 @@ from xatm.core.participant import PhaseTwo, Prepared, Statement, Vote
 from xatm.core.xid import Xid
 from xatm.participants.mysql.drivers import MySQLDriver
 from xatm.participants.mysql.statements import (
+    ER_DUP_ENTRY,
     XA_ROLLED_BACK,
     commit_failed,
     end_statement,
@@ -82,6 +83,20 @@ def begin(xid: Xid) -> Generator[Command, Any, None]:
     state unknown). Lock waits are bounded by the server's ``innodb_lock_wait_timeout``."""
     yield ENTER_XA
     yield Run((start_statement(xid),))
+
+
+def begin_with(driver: MySQLDriver, xid: Xid, insert: str) -> Generator[Command, Any, bool]:
+    """``begin``, and ``insert`` (a plain one-row INSERT) in the same round trip: True if
+    it inserted its row, False if its key was there (a duplicate key fails that statement
+    alone; the branch goes on). A saga step's barrier row rides so."""
+    yield ENTER_XA
+    try:
+        yield Run((start_statement(xid), insert))
+    except driver.errors() as e:
+        if driver.errno(e) in ER_DUP_ENTRY:  # only the insert can fail so
+            return False
+        raise
+    return True
 
 
 def prepare(driver: MySQLDriver, xid: Xid) -> Generator[Command, Any, Prepared]:

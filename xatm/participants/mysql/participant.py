@@ -62,13 +62,12 @@ from xatm.participants.mysql import health as _health
 from xatm.participants.mysql import operations
 from xatm.participants.mysql.drivers import DRIVERS, MySQLDriver, by_name, for_connection
 from xatm.participants.mysql.executors import SyncExecutor, XAConnections
-from xatm.participants.mysql.statements import describe
+from xatm.participants.mysql.statements import ER_DUP_ENTRY, describe
 from xatm.participants.runner import run
 
 #: where ``adopt`` keeps a pooled connection's own autocommit setting
 _AUTOCOMMIT_KEY = "xatm.autocommit"
 XAER_RMERR = 1401
-ER_DUP_ENTRY = frozenset({1062, 1586})  # ER_DUP_ENTRY, ER_DUP_ENTRY_WITH_KEY_NAME
 ER_NO_SUCH_TABLE = 1146
 
 
@@ -168,6 +167,9 @@ class MySQLParticipant:
     # -- the branch ------------------------------------------------------------------------
     def begin(self, conn: Any, xid: Xid, timeout: float | None = None) -> None:
         run(self._executor, conn, operations.begin(xid))
+
+    def begin_with(self, conn: Any, xid: Xid, timeout: float | None, insert: str) -> bool:
+        return run(self._executor, conn, operations.begin_with(self.driver, xid, insert))
 
     def execute(self, conn: Any, query: Any, params: Sequence[Any] | Any = None) -> Cursor:
         cur = self.driver.cursor(conn)

@@ -17,6 +17,7 @@ from xatm.participants.mysql.drivers import MySQLDriver
 XAER_NOTA = 1397
 #: XA_RBROLLBACK, XA_RBTIMEOUT, XA_RBDEADLOCK: the branch was rolled back by the server
 XA_ROLLED_BACK = frozenset({1402, 1613, 1614})
+ER_DUP_ENTRY = frozenset({1062, 1586})  # ER_DUP_ENTRY, ER_DUP_ENTRY_WITH_KEY_NAME
 #: answers to ``XA END; XA COMMIT ... ONE PHASE`` after which the branch is certainly not
 #: committed: rolled back by the server (XA_RB*), or the statement refused in the branch's
 #: state (XAER_NOTA, XAER_INVAL, XAER_RMFAIL, XAER_OUTSIDE), or the wait for the commit lock

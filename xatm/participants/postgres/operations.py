@@ -79,6 +79,14 @@ def begin(statement: str) -> Generator[Command, Any, None]:
     yield Send((statement,))
 
 
+def begin_with(statement: str, insert: str) -> Generator[Command, Any, bool]:
+    """``begin``, and ``insert`` (one row, ``ON CONFLICT DO NOTHING``) in the same round
+    trip: True if it inserted its row, False if a row with its key was there. A saga step's
+    barrier row rides so."""
+    reply = yield Send((statement, insert))
+    return bool(reply.tag == "INSERT 0 1")
+
+
 def prepare(xid: Xid) -> Generator[Command, Any, Prepared]:
     """Phase 1: the branch's transaction id and ``PREPARE TRANSACTION`` in one round trip,
     then, for a branch that wrote nothing, ``COMMIT PREPARED`` at once (READ_ONLY; if that

@@ -354,6 +354,11 @@ class PostgresParticipant:
     def begin(self, conn: psycopg.Connection[Any], xid: Xid, timeout: float | None = None) -> None:
         run(SYNC, conn, operations.begin(self.begin_statement(timeout)))
 
+    def begin_with(
+        self, conn: psycopg.Connection[Any], xid: Xid, timeout: float | None, insert: str
+    ) -> bool:
+        return run(SYNC, conn, operations.begin_with(self.begin_statement(timeout), insert))
+
     def execute(
         self, conn: psycopg.Connection[Any], query: Any, params: Sequence[Any] | Any = None
     ) -> Cursor:
