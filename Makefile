@@ -96,7 +96,7 @@ chaos: $(STAMP)
 
 # The deterministic simulator (tests/sim, docs/testing.md): SEEDS seeds on JOBS processes;
 # `make sim SEED=n` replays one seed with its trace; `make sim HOURS=h` runs new seeds for h hours
-SEEDS ?= 400
+SEEDS ?= 720
 JOBS  ?= 2
 SIM_ARGS ?=
 

@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(argv: list[str] | None) -> int:
     ap = argparse.ArgumentParser(prog="python -m tests.sim.run")
-    ap.add_argument("--seeds", type=int, default=400, help="how many seeds (from --first)")
+    ap.add_argument("--seeds", type=int, default=720, help="how many seeds (from --first)")
     ap.add_argument("--first", type=int, default=1)
     ap.add_argument("--seed", type=int, help="replay one seed (with its trace)")
     ap.add_argument("--hours", type=float, help="run new seeds for this long")
