@@ -43,7 +43,19 @@ class AsyncExecutor(Protocol[C_contra]):
 
 def run(executor: Executor[C], conn: Any, op: Generator[C, Any, R]) -> R:
     """Run the operation ``op`` on ``conn``: its result, or the error it raises."""
-    return _resume(executor, conn, op, None, None)
+    perform = executor.perform
+    try:
+        command = next(op)
+        while True:
+            try:
+                answer = perform(conn, command)
+            except Exception as e:
+                command = op.throw(e)
+            else:
+                command = op.send(answer)
+    except StopIteration as stop:
+        result: R = stop.value
+        return result
 
 
 async def arun(executor: AsyncExecutor[C], conn: Any, op: Generator[C, Any, R]) -> R:

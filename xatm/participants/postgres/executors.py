@@ -37,6 +37,9 @@ class SyncExecutor:
         if command.bound:
             cur = client = psycopg.ClientCursor(conn)
             client.execute(_query(command, client))
+        elif len(command.statements) == 1:  # most commands: one statement, one result
+            cur = conn.execute(command.statements[0])
+            return Reply(cur.statusmessage, cur.fetchone() if command.row else None)
         else:
             cur = conn.execute(_query(command, None))
         row = cur.fetchone() if command.row else None
