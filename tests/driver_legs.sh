@@ -29,6 +29,7 @@ TESTS=(
     tests/integration/test_core.py
     tests/integration/test_marker.py
     tests/integration/test_sqlalchemy.py
+    tests/integration/test_sagas.py
     tests/crash/test_phase2_faults.py
     tests/cli/test_inspect.py
     tests/crash/test_crash_matrix.py
