@@ -43,19 +43,7 @@ class AsyncExecutor(Protocol[C_contra]):
 
 def run(executor: Executor[C], conn: Any, op: Generator[C, Any, R]) -> R:
     """Run the operation ``op`` on ``conn``: its result, or the error it raises."""
-    perform = executor.perform
-    try:
-        command = next(op)
-        while True:
-            try:
-                answer = perform(conn, command)
-            except Exception as e:
-                command = op.throw(e)
-            else:
-                command = op.send(answer)
-    except StopIteration as stop:
-        result: R = stop.value
-        return result
+    return _resume(executor, conn, op, None, None)
 
 
 async def arun(executor: AsyncExecutor[C], conn: Any, op: Generator[C, Any, R]) -> R:
@@ -116,11 +104,12 @@ def _resume(
     error: Exception | None,
 ) -> R:
     """Send ``op`` ``answer`` (or throw ``error`` into it), then run it to its end."""
+    perform = executor.perform
     try:
         command = op.send(answer) if error is None else op.throw(error)
         while True:
             try:
-                answer = executor.perform(conn, command)
+                answer = perform(conn, command)
             except Exception as e:
                 command = op.throw(e)
             else:
