@@ -18,6 +18,7 @@ from tests.support import ROOT, Bank, MakeTM, saga_defs
 from tests.support.crash import run_saga_worker
 from xatm import TransactionManager, XatmError
 from xatm.core.failpoint import SAGA_NAMES
+from xatm.log.saga_journal import journal_id
 
 SAGAS = [saga_defs.transfer, saga_defs.both, saga_defs.single]
 
@@ -51,7 +52,7 @@ def saga_ids(tm: TransactionManager) -> list[str]:
     return [r.saga_id for r in tm.sagas.store.records(include_final=True)]
 
 
-@pytest.mark.parametrize("log_kind", ["file", "shared"])
+@pytest.mark.parametrize("log_kind", ["file", "file-keyless", "shared"])
 @pytest.mark.parametrize("recover_as", ["restarted", "peer"])
 @pytest.mark.parametrize(
     ("failpoint", "saga"),
@@ -70,8 +71,11 @@ def test_saga_crash_then_recover(
     log_url: str,
     request: pytest.FixtureRequest,
 ) -> None:
+    """``file-keyless``: the saga has no key, so its record is in its process's journal
+    (``xatm.log.saga_journal``), which recovery adopts after the SIGKILL."""
     failpoint = failpoint.removeprefix("2pc:")
-    if log_kind == "file":
+    keyless = log_kind == "file-keyless"
+    if log_kind != "shared":
         log = str(tmp_path / "log")
         node = "crashy"
     else:  # a node name of its own per test: the shared log outlives the test
@@ -88,14 +92,18 @@ def test_saga_crash_then_recover(
         "amt": 5,
         "abort": abort,
     }
-    key = f"{node}-{failpoint}-{saga}"
+    key = None if keyless else f"{node}-{failpoint}-{saga}"
     cfg = {"urls": bank.urls, "log": log, "node_id": node, "saga": saga, "data": data, "key": key}
     proc = run_saga_worker(cfg, tmp_path, failpoint)
     assert proc.returncode == -signal.SIGKILL, proc.stderr
     bank.wait_for_dead_sessions()
 
     tm = build(make_tm, node if recover_as == "restarted" else f"{node}p", log)
-    found = tm.sagas.store.find_key(saga, key)
+    if key is None:  # the dead process's journal, read before recovery adopts it
+        [found] = tm.sagas.store.records()
+        assert journal_id(found.saga_id) is not None
+    else:
+        found = tm.sagas.store.find_key(saga, key)
     assert found is not None and not found.final
     record = recover_until_final(tm, found.saga_id)
     expected = "compensated" if abort else "completed"
@@ -117,9 +125,11 @@ def test_saga_crash_then_recover(
     assert bank.xatm_prepared() == {"pg1": [], "pg2": [], "maria": []}
 
     # the key still answers with that run's result, and nothing runs again
-    again = tm.run_saga(saga, data=data, key=key)
-    assert (again.saga_id, again.state) == (record.saga_id, expected)
+    if key is not None:
+        again = tm.run_saga(saga, data=data, key=key)
+        assert (again.saga_id, again.state) == (record.saga_id, expected)
     assert tm.recover_sagas().finished == ()
+    assert tm.sagas.store.records() == []
     actions = [e.action for e in tm.sagas.history(record.saga_id)]
     assert "saga-takeover" in actions or recover_as == "restarted"
     assert actions[-1] == "saga-end"

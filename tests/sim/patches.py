@@ -333,6 +333,9 @@ class _SimOS:
             hook("fsync")  # may crash the process here: written, not yet durable
         DISK.unsynced.pop(fd, None)
 
+    def fdatasync(self, fd: int) -> None:
+        self.fsync(fd)
+
     def ftruncate(self, fd: int, length: int) -> None:
         _check_alive()
         real_os.ftruncate(fd, length)
@@ -416,6 +419,7 @@ FILE_MODULES = (
     "xatm.log.file.writer",
     "xatm.log.incarnations",
     "xatm.log.node_markers",
+    "xatm.log.saga_journal",
     "xatm.log.saga_state",
     "xatm.log.timelines",
 )
@@ -442,14 +446,19 @@ def reseed(rng: Any) -> None:
     xid._sequence = itertools.count(rng.randrange(1 << 16))
     import random
 
+    import xatm.log.saga_journal as saga_journal
+    import xatm.log.saga_record as saga_record
     import xatm.log.saga_state as saga_store
 
-    saga_store.secrets = _Secrets(random.Random(rng.getrandbits(64)))  # type: ignore[assignment]
+    ids = _Secrets(random.Random(rng.getrandbits(64)))
+    for module in (saga_store, saga_record, saga_journal):
+        module.secrets = ids  # type: ignore[assignment]
     S_THREADS_RESET()
 
 
 class _Secrets:
-    """``secrets`` as ``xatm.log.saga_state`` sees it: saga ids from the run's generator."""
+    """``secrets`` as the saga store's modules see it: saga and journal ids from the run's
+    generator."""
 
     def __init__(self, rng: Any) -> None:
         self._rng = rng

@@ -5,12 +5,13 @@ MODE ``one``: run one saga (``saga``, ``data``, ``key`` from CONFIG), print its 
 JSON, exit 0 (or die at the failpoint named by XATM_FAILPOINT). MODE ``chaos``: run
 transfer sagas in several threads until killed or until the deadline; each key (a JSON line
 with its payload) is written to the intents file before its saga starts (some keys twice,
-also keys of earlier workers: ``again``), and ``<key> <state>`` to the acks file
+also keys of earlier workers: ``again``; ``keyless_rate`` of them run without a key, the
+key then only a name in the payload, never submitted again), and ``<key> <state>`` to the acks file
 once ``run_saga`` returned (both straight to the OS: a SIGKILL loses nothing written).
 
 CONFIG is JSON: {"urls": {...}, "log": DIR or URL, "node_id": ..., "table": ...,
 "journal": ..., plus per mode: "saga", "data", "key" (one); "threads", "seconds", "seed",
-"accounts", "intents", "acks", "abort_rate", "repeat_rate" (chaos)}.
+"accounts", "intents", "acks", "abort_rate", "repeat_rate", "keyless_rate" (chaos)}.
 """
 
 from __future__ import annotations
@@ -66,6 +67,7 @@ def chaos(cfg: dict[str, Any]) -> int:
                     if recent and r.random() < float(cfg["repeat_rate"])
                     else None
                 )
+            keyless = False
             if again is not None:
                 key, data = again
             else:
@@ -79,13 +81,17 @@ def chaos(cfg: dict[str, Any]) -> int:
                     "amt": r.randint(1, 9),
                     "abort": r.random() < float(cfg["abort_rate"]),
                 }
-                with lock:
-                    recent.append((key, data))
-                    del recent[:-20]
-            line = json.dumps({"key": key, "data": data}, separators=(",", ":"))
+                # without a key (its record in the process's journal): never submitted again
+                keyless = r.random() < float(cfg.get("keyless_rate", 0.0))
+                if not keyless:
+                    with lock:
+                        recent.append((key, data))
+                        del recent[:-20]
+            body = {"key": key, "data": data, **({"keyless": True} if keyless else {})}
+            line = json.dumps(body, separators=(",", ":"))
             os.write(intents, (line + "\n").encode())
             try:
-                result = tm.run_saga("transfer", data=data, key=key, wait=5)
+                result = tm.run_saga("transfer", data=data, key=None if keyless else key, wait=5)
             except Exception:  # every failure is fine: it just is not acked
                 time.sleep(0.05)
                 continue

@@ -1,4 +1,4 @@
-"""Durable saga state, next to the coordinator log: a file per saga, or a shared table.
+"""Durable saga state, next to the coordinator log: files and journals, or a shared table.
 
 The storage only: the sagas themselves (definitions, the runner) are ``xatm.sagas``, which
 reaches this through the node's store (``xatm.log.store``); ``xatm.sagas.store`` re-exports it.
@@ -6,7 +6,10 @@ reaches this through the node's store (``xatm.log.store``); ``xatm.sagas.store``
 A saga's record is one small JSON document (name, key, payload, direction, the steps done
 and compensated, the owner node, the last error), rewritten whole at each transition.
 
-**File store** (the log is a directory): ``<log>/sagas.d/<file id>.saga``, append-only,
+**File store** (the log is a directory). A saga *without* a key goes to its process's
+journal (``xatm.log.saga_journal``: one append-only file per process, group-committed; a saga
+left unfinished, or whose process died, moves out to a file of its own, below). A saga with a
+key, and every saga that moved out: ``<log>/sagas.d/<file id>.saga``, append-only,
 framed like the coordinator log (``<len:u32><crc32:u32><json>``); the last good frame is the
 saga's state, a torn tail is ignored. The file id is the saga id without its last part, and
 for a saga run with a key it is made from a hash of (saga name, key): creating the file is
@@ -38,19 +41,13 @@ saga. Unforced writes go through connections set to ``synchronous_commit = off``
 from __future__ import annotations
 
 import contextlib
-import errno
-import fcntl
-import hashlib
-import json
 import logging
 import os
 import secrets
-import struct
 import threading
 import time
-import zlib
 from collections.abc import Iterator
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -61,6 +58,18 @@ from xatm.core.urls import ResourceSpec, redact
 from xatm.errors import ConfigurationError, LogError, SagaTakenOver
 from xatm.log import shared as _pglog
 from xatm.log.file import fsync_dir
+from xatm.log.group_sync import GroupSync
+from xatm.log.saga_journal import JournalClaim, SagaJournals, journal_id
+from xatm.log.saga_record import (
+    FINAL_STATES,
+    SagaRecord,
+    file_id,
+    frame,
+    key_hash,
+    last_record,
+    new_saga_id,
+    try_lock,
+)
 
 if TYPE_CHECKING:
     from xatm.log.shared import PostgresLog
@@ -69,110 +78,22 @@ logger = logging.getLogger("xatm.saga")
 
 SAGA_DIR = "sagas.d"
 DONE_DIR = "done"
-_HEADER = struct.Struct("<II")
-_MAX_FRAME = 1 << 24
-#: the final states of a saga (``xatm.sagas.definition.STATES`` lists them all)
-FINAL_STATES = frozenset({"completed", "compensated", "failed"})
 
-
-@dataclass(frozen=True)
-class SagaRecord:
-    """The durable state of one saga."""
-
-    saga_id: str
-    name: str
-    key: str | None
-    node: str  # the node that owns (runs) it
-    state: str  # running | compensating | completed | compensated | failed
-    data: Any
-    done: tuple[str, ...] = ()  # steps whose action committed, in order
-    compensated: tuple[str, ...] = ()  # steps whose compensation committed (or was empty)
-    to_compensate: tuple[str, ...] = ()  # steps to undo, in reverse order (set on abort)
-    step: str = ""  # the step it is at (for people)
-    error: str = ""
-    stuck: bool = False  # a compensation keeps failing: recovery retries, operators look
-    #: the routine events of the run that started it: (at, step, action, outcome, actor,
-    #: reason); everything else (failures, recovery, operators) is in the audit trail
-    history: tuple[tuple[float, str, str, str, str, str], ...] = ()
-    created_at: float = field(default_factory=time.time)
-    updated_at: float = field(default_factory=time.time)
-
-    @property
-    def final(self) -> bool:
-        return self.state in FINAL_STATES
-
-    def with_(self, **changes: Any) -> SagaRecord:
-        """A copy with ``changes`` and ``updated_at`` now (what ``dataclasses.replace``
-        does, without calling ``__init__``: a saga makes several per step)."""
-        if not changes.keys() <= _FIELDS:
-            raise TypeError(f"not fields of SagaRecord: {sorted(changes.keys() - _FIELDS)}")
-        new = object.__new__(SagaRecord)
-        new.__dict__.update(self.__dict__, **changes)
-        new.__dict__["updated_at"] = time.time()
-        return new
-
-    def encode(self) -> bytes:
-        body = {
-            "saga_id": self.saga_id,
-            "name": self.name,
-            "key": self.key,
-            "node": self.node,
-            "state": self.state,
-            "data": self.data,
-            "done": list(self.done),
-            "compensated": list(self.compensated),
-            "to_compensate": list(self.to_compensate),
-            "step": self.step,
-            "error": self.error,
-            "stuck": self.stuck,
-            "history": [list(h) for h in self.history],
-            "created_at": self.created_at,
-            "updated_at": self.updated_at,
-        }
-        return json.dumps(body, separators=(",", ":")).encode("utf-8")
-
-    @classmethod
-    def decode(cls, payload: bytes | str) -> SagaRecord:
-        body = json.loads(payload)
-        if not isinstance(body, dict):
-            raise ValueError("a saga record is not a JSON object")
-        return cls(
-            saga_id=str(body["saga_id"]),
-            name=str(body["name"]),
-            key=None if body.get("key") is None else str(body["key"]),
-            node=str(body["node"]),
-            state=str(body["state"]),
-            data=body.get("data"),
-            done=tuple(str(s) for s in body.get("done", ())),
-            compensated=tuple(str(s) for s in body.get("compensated", ())),
-            to_compensate=tuple(str(s) for s in body.get("to_compensate", ())),
-            step=str(body.get("step", "")),
-            error=str(body.get("error", "")),
-            stuck=bool(body.get("stuck", False)),
-            history=tuple(
-                (float(h[0]), str(h[1]), str(h[2]), str(h[3]), str(h[4]), str(h[5]))
-                for h in body.get("history", ())
-            ),
-            created_at=float(body.get("created_at", 0.0)),
-            updated_at=float(body.get("updated_at", 0.0)),
-        )
-
-
-_FIELDS = frozenset(f.name for f in fields(SagaRecord))
-
-
-def key_hash(name: str, key: str) -> str:
-    return hashlib.sha256(f"{name}\0{key}".encode()).hexdigest()
-
-
-def new_saga_id(name: str, key: str | None) -> str:
-    """``<name>.<24 hex: hash of the key, or random>.<8 hex random>`` (at most 64 bytes)."""
-    middle = key_hash(name, key)[:24] if key is not None else secrets.token_hex(12)
-    return f"{name}.{middle}.{secrets.token_hex(4)}"
-
-
-def file_id(saga_id: str) -> str:
-    return saga_id.rsplit(".", 1)[0]
+__all__ = [
+    "DONE_DIR",
+    "FINAL_STATES",
+    "SAGA_DIR",
+    "Claim",
+    "FileClaim",
+    "FileSagaStore",
+    "PostgresSagaStore",
+    "SagaRecord",
+    "SagaStore",
+    "SharedClaim",
+    "file_id",
+    "key_hash",
+    "new_saga_id",
+]
 
 
 class Claim(Protocol):
@@ -183,6 +104,9 @@ class Claim(Protocol):
 
 class SagaStore(Protocol):
     """Where saga records live; see the module docstring."""
+
+    def new_id(self, name: str, key: str | None) -> str:
+        """The id of a new saga (``create`` it next)."""
 
     def create(self, record: SagaRecord) -> Claim | None:
         """Store a new saga, claimed by this process; None if its key is taken."""
@@ -209,6 +133,9 @@ class SagaStore(Protocol):
 
     def prune(self, retention: float) -> int: ...
 
+    def adopt(self) -> int:
+        """Make dead processes' sagas claimable where they are not yet (recovery, first)."""
+
     def close(self) -> None: ...
 
 
@@ -220,39 +147,6 @@ class FileClaim:
     path: Path
 
 
-def _frame(record: SagaRecord) -> bytes:
-    payload = record.encode()
-    return _HEADER.pack(len(payload), zlib.crc32(payload)) + payload
-
-
-def _last_record(data: bytes) -> SagaRecord | None:
-    pos, last = 0, None
-    while pos + _HEADER.size <= len(data):
-        length, crc = _HEADER.unpack_from(data, pos)
-        end = pos + _HEADER.size + length
-        if length == 0 or length > _MAX_FRAME or end > len(data):
-            break
-        payload = data[pos + _HEADER.size : end]
-        if zlib.crc32(payload) != crc:
-            break
-        try:
-            last = SagaRecord.decode(payload)
-        except (ValueError, KeyError, TypeError):
-            break
-        pos = end
-    return last
-
-
-def _try_lock(fd: int) -> bool:
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        return True
-    except OSError as e:
-        if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-            return False
-        raise
-
-
 class FileSagaStore:
     """Saga records as files under ``<log>/sagas.d`` (see the module docstring)."""
 
@@ -262,11 +156,12 @@ class FileSagaStore:
         self._final: set[str] = set()  # files of the active directory known to be final
         self._lock = threading.Lock()
         # group commit of the directory's fsync: one fsync covers every link made before it
-        self._dir_cond = threading.Condition(threading.Lock())
-        self._dir_asked = 0
-        self._dir_synced = 0
-        self._dir_syncing = False
+        self._dir_sync = GroupSync(lambda: fsync_dir(self.directory))
         self._made = False  # the directories exist (made or seen by this store)
+        #: sagas without a key: this process's journal (xatm.log.saga_journal)
+        self.journals = SagaJournals(
+            self.directory, self.done_directory, self._ensure_dir, self._move_out
+        )
 
     def _ensure_dir(self) -> None:
         if self._made:
@@ -282,7 +177,24 @@ class FileSagaStore:
             raise ConfigurationError(f"not a saga id: {saga_id[:80]!r}")
         return self.directory / f"{file_id(saga_id)}.saga"
 
-    def create(self, record: SagaRecord) -> FileClaim | None:
+    def new_id(self, name: str, key: str | None) -> str:
+        """A saga with a key gets a file (its name is the key's claim); one without, a place
+        in this process's journal."""
+        return new_saga_id(name, key) if key is not None else self.journals.new_id(name)
+
+    def create(self, record: SagaRecord) -> FileClaim | JournalClaim | None:
+        if self.journals.owns(record.saga_id):
+            return self.journals.create(record)
+        return self._create_file(record)
+
+    def _move_out(self, record: SagaRecord) -> None:
+        """Give a saga of a journal a file of its own (unless it has one: made before, and
+        maybe retired since), durably."""
+        claim = self._create_file(record)
+        if claim is not None:
+            self.release(claim)
+
+    def _create_file(self, record: SagaRecord) -> FileClaim | None:
         self._ensure_dir()
         path = self.path(record.saga_id)
         tmp = self.directory / f"tmp-{secrets.token_hex(8)}"
@@ -294,10 +206,10 @@ class FileSagaStore:
             self._ensure_dir()
             fd = os.open(tmp, flags, 0o600)
         try:
-            if not _try_lock(fd):  # nobody else knows this name
+            if not try_lock(fd):  # nobody else knows this name
                 raise LogError(f"cannot lock {tmp}")
             # complete before it gets its name, so no reader ever sees it half made
-            os.write(fd, _frame(record))
+            os.write(fd, frame(record))
             while True:
                 try:
                     os.link(tmp, path)
@@ -307,10 +219,10 @@ class FileSagaStore:
                         os.close(fd)
                         fd = -1
                         return None
-            if record.key is not None and (self.done_directory / path.name).exists():
-                # the key's saga finished and was retired (link into done/, then unlink
-                # from here) before this link: the key is taken after all (a saga without
-                # a key has a random name, which no retired saga has)
+            if (self.done_directory / path.name).exists():
+                # the key's saga (or this saga, moved out of a journal) finished and was
+                # retired (link into done/, then unlink from here) before this link: the
+                # name is taken after all
                 path.unlink()
                 os.close(fd)
                 fd = -1
@@ -318,7 +230,7 @@ class FileSagaStore:
             # durable after its name: one fsync covers the file and its link (the journal
             # commit of most file systems); the directory's fsync makes sure of the link
             os.fsync(fd)
-            self._sync_dir()
+            self._dir_sync.sync()
             return FileClaim(record.saga_id, fd, path)
         except OSError as e:
             if fd >= 0:
@@ -337,7 +249,7 @@ class FileSagaStore:
         except FileNotFoundError:
             return True
         try:
-            if not _try_lock(fd):
+            if not try_lock(fd):
                 return False  # a live creator or owner holds it
             if self._read_path(path) is not None:
                 return False
@@ -347,29 +259,9 @@ class FileSagaStore:
         finally:
             os.close(fd)
 
-    def _sync_dir(self) -> None:
-        """Make the links made so far durable (fsync of the directory, shared by the
-        concurrent callers: the first one leads, the others wait for its fsync)."""
-        with self._dir_cond:
-            self._dir_asked += 1
-            mine = self._dir_asked
-            while self._dir_synced < mine:
-                if self._dir_syncing:
-                    self._dir_cond.wait()
-                    continue
-                self._dir_syncing, target = True, self._dir_asked
-                self._dir_cond.release()
-                try:
-                    fsync_dir(self.directory)
-                finally:
-                    self._dir_cond.acquire()
-                    self._dir_syncing = False
-                    self._dir_cond.notify_all()
-                self._dir_synced = max(self._dir_synced, target)
-
     def _read_path(self, path: Path) -> SagaRecord | None:
         try:
-            return _last_record(path.read_bytes())
+            return last_record(path.read_bytes())
         except FileNotFoundError:
             return None
 
@@ -385,8 +277,16 @@ class FileSagaStore:
         return self._read_name(f"{name}.{key_hash(name, key)[:24]}.saga")
 
     def get(self, saga_id: str) -> SagaRecord | None:
+        """Its file's record (a saga with a file is the file's), else its journal's."""
         record = self._read_name(self.path(saga_id).name)
-        return record if record is not None and record.saga_id == saga_id else None
+        if record is not None:
+            return record if record.saga_id == saga_id else None
+        if journal_id(saga_id) is None:
+            return None
+        record = self.journals.get(saga_id)
+        if record is not None and record.moved:  # its file was made since the look above
+            record = self._read_name(self.path(saga_id).name)
+        return record
 
     def claim(self, saga_id: str, *, force: bool = False) -> FileClaim | None:
         path = self.path(saga_id)
@@ -394,25 +294,31 @@ class FileSagaStore:
             fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CLOEXEC)
         except FileNotFoundError:
             return None
-        if not _try_lock(fd):  # a live process runs it; ``force`` cannot break an flock
+        if not try_lock(fd):  # a live process runs it; ``force`` cannot break an flock
             os.close(fd)
             return None
         return FileClaim(saga_id, fd, path)
 
     def read(self, claim: Claim) -> SagaRecord | None:
-        assert isinstance(claim, FileClaim)
+        assert isinstance(claim, FileClaim | JournalClaim)
         return self.get(claim.saga_id)
 
     def save(self, claim: Claim, record: SagaRecord, *, force: bool) -> None:
+        if isinstance(claim, JournalClaim):
+            self.journals.save(claim, record, force=force)
+            return
         assert isinstance(claim, FileClaim)
         try:
-            os.write(claim.fd, _frame(record))
+            os.write(claim.fd, frame(record))
             if force:
                 os.fsync(claim.fd)
         except OSError as e:
             raise LogError(f"cannot write the saga record {record.saga_id}: {e}") from e
 
     def release(self, claim: Claim) -> None:
+        if isinstance(claim, JournalClaim):
+            self.journals.release(claim)  # unfinished, it moves out to a file of its own
+            return
         assert isinstance(claim, FileClaim)
         if claim.fd >= 0:
             os.close(claim.fd)  # drops the flock
@@ -421,10 +327,12 @@ class FileSagaStore:
     def owner_alive(self, record: SagaRecord) -> bool:
         """True if a live process holds the saga's lock (probed and released at once)."""
         probe = self.claim(record.saga_id)
-        if probe is None:
-            return self.path(record.saga_id).exists()
-        self.release(probe)
-        return False
+        if probe is not None:
+            self.release(probe)
+            return False
+        if self.path(record.saga_id).exists():
+            return True
+        return journal_id(record.saga_id) is not None and self.journals.owner_alive(record.saga_id)
 
     def _files(self, directory: Path | None = None) -> Iterator[Path]:
         directory = directory or self.directory
@@ -450,7 +358,22 @@ class FileSagaStore:
                 if not include_final:
                     continue
             out.append(record)
+        # a saga moved out of a journal is its file's (a journal whose mover died before it
+        # noted the move still shows it)
+        filed = {r.saga_id for r in out}
+        out += [
+            r
+            for r in self.journals.records(include_final=include_final)
+            if r.saga_id not in filed and not self._has_file(r.saga_id)
+        ]
         return out
+
+    def _has_file(self, saga_id: str) -> bool:
+        name = self.path(saga_id).name
+        return (self.directory / name).exists() or (self.done_directory / name).exists()
+
+    def adopt(self) -> int:
+        return self.journals.adopt()
 
     def retire(self, age: float) -> int:
         """Move final sagas whose last write is older than ``age`` seconds into done/ (the
@@ -467,7 +390,7 @@ class FileSagaStore:
                     continue
                 fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
                 try:
-                    if not _try_lock(fd):
+                    if not try_lock(fd):
                         continue  # still held by its runner
                     record = self._read_path(path)
                     if record is None or not record.final:
@@ -505,10 +428,10 @@ class FileSagaStore:
                 with contextlib.suppress(OSError):
                     if tmp.stat().st_mtime < time.time() - 3600:
                         tmp.unlink()
-        return removed
+        return removed + self.journals.prune(retention)
 
     def close(self) -> None:
-        pass
+        self.journals.close()
 
 
 # -- the shared store ------------------------------------------------------------------------
@@ -557,6 +480,9 @@ class PostgresSagaStore:
                     conn = None
             if conn is not None:
                 conn.close()
+
+    def new_id(self, name: str, key: str | None) -> str:
+        return new_saga_id(name, key)
 
     def create(self, record: SagaRecord) -> SharedClaim | None:
         khash = key_hash(record.name, record.key) if record.key is not None else None
@@ -635,6 +561,9 @@ class PostgresSagaStore:
                 self._q("SELECT node_id, body FROM {schema}.sagas" + where + " ORDER BY created_at")
             ).fetchall()
         return [replace(SagaRecord.decode(b), node=str(n)) for n, b in rows]
+
+    def adopt(self) -> int:
+        return 0  # a dead owner's saga is claimed where it is (``claim``)
 
     def retire(self, age: float) -> int:
         return 0  # the index on open sagas keeps recovery's query small already

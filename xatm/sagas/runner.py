@@ -59,7 +59,7 @@ from xatm.sagas.definition import (
     Step,
     StepFunction,
 )
-from xatm.sagas.store import Claim, SagaRecord, SagaStore, new_saga_id
+from xatm.sagas.store import Claim, SagaRecord, SagaStore
 
 if TYPE_CHECKING:
     from xatm.core.urls import ResourceSpec
@@ -257,7 +257,7 @@ class SagaRunner:
             raise ConfigurationError(f"saga {name!r}: data must be JSON: {e}") from None
         payload = json.loads(text)
         record = SagaRecord(
-            new_saga_id(name, key),
+            self.store.new_id(name, key),
             name,
             key,
             self.node_id,
@@ -575,6 +575,7 @@ class SagaRunner:
         finished: list[tuple[str, str]] = []
         left: list[tuple[str, str]] = []
         now = time.monotonic()
+        self.store.adopt()
         for record in self.store.records():
             if self._is_running_here(record.saga_id):
                 continue
