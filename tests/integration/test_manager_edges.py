@@ -141,14 +141,17 @@ def test_a_dropped_transaction_does_not_keep_its_row_locks(bank: Bank, make_tm: 
     rolls its work back and frees its rows."""
     tm = make_tm("dropped", sweeper=False)
     tx = tm.transaction()
+    session = tx.execute("maria", "SELECT CONNECTION_ID()").fetchone()[0]
     tx.execute("maria", f"UPDATE {bank.table} SET bal = 0 WHERE id = 4")
     gtrid = tx.gtrid
     assert tm.context.running(gtrid) is tx
     del tx
     gc.collect()
     assert tm.context.running(gtrid) is None
+    # that session's transaction (not any other test's: the server is this worker's)
+    mine = f"{INNODB_TRX} WHERE trx_mysql_thread_id = {int(session)}"
     wait_for(
-        lambda: int(run(bank.conns["maria"], INNODB_TRX)[0][0]) == 0,
+        lambda: int(run(bank.conns["maria"], mine)[0][0]) == 0,
         timeout=30,
         what="the dropped transaction's session to end",
     )

@@ -77,6 +77,11 @@ class BlackholeProxy:
         self._lock = threading.Lock()
         self._socks: list[socket.socket] = []
         self.blackholes = 0
+        self.cuts = 0
+        self._cut_armed = threading.Event()
+        self._cut_match = b""
+        self._answers = threading.Event()  # server-to-client forwarding (held during a cut)
+        self._answers.set()
         threading.Thread(target=self._accept, daemon=True).start()
 
     def blackhole(self) -> None:
@@ -85,6 +90,14 @@ class BlackholeProxy:
 
     def heal(self) -> None:
         self._open.set()
+
+    def cut_after_next_request(self, match: bytes = b"") -> None:
+        """The next request any client sends (that contains ``match``) is delivered to the
+        server, which runs it; its answer is held back and both sockets are then closed: a
+        session cut while its statement is in flight (the server did it, the client never
+        hears)."""
+        self._cut_match = match
+        self._cut_armed.set()
 
     def _accept(self) -> None:
         while True:
@@ -103,23 +116,39 @@ class BlackholeProxy:
             return
         with self._lock:
             self._socks += [down, up]
-        threading.Thread(target=self._pipe, args=(down, up), daemon=True).start()
-        threading.Thread(target=self._pipe, args=(up, down), daemon=True).start()
+        threading.Thread(target=self._pipe, args=(down, up, True), daemon=True).start()
+        threading.Thread(target=self._pipe, args=(up, down, False), daemon=True).start()
 
-    def _pipe(self, src: socket.socket, dst: socket.socket) -> None:
+    def _pipe(self, src: socket.socket, dst: socket.socket, request: bool) -> None:
         while True:
             try:
                 data = src.recv(65536)
             except OSError:
                 data = b""
             self._open.wait()
+            if not request:
+                self._answers.wait()
             if not data:
                 with contextlib.suppress(OSError):
                     dst.shutdown(socket.SHUT_WR)  # the end of the stream, passed on
                 return
+            cut = request and self._cut_armed.is_set() and self._cut_match in data
+            if cut:
+                self._cut_armed.clear()
+                self._answers.clear()
             try:
                 dst.sendall(data)
             except OSError:
+                return
+            if cut:
+                time.sleep(0.3)  # the server runs it; its answer waits here
+                for sock in (src, dst):
+                    with contextlib.suppress(OSError):
+                        sock.shutdown(socket.SHUT_RDWR)
+                    with contextlib.suppress(OSError):
+                        sock.close()
+                self.cuts += 1
+                self._answers.set()
                 return
 
     def close(self) -> None:
@@ -129,6 +158,10 @@ class BlackholeProxy:
         with self._lock:
             socks, self._socks = self._socks, []
         for sock in socks:
+            # shutdown first: a close alone does not end a socket another thread is blocked
+            # reading (its server's session would live on, holding its locks)
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
             with contextlib.suppress(OSError):
                 sock.close()
 

@@ -1,0 +1,120 @@
+"""Sagas in the field: a step's first round trip (its branch's BEGIN, which carries the
+step's barrier row) meets a session cut or a silent path, on real servers, through a TCP
+proxy in front of one database.
+
+* **Cut in flight**: the server runs the BEGIN and the barrier insert, the client never hears
+  back and its socket is closed. The branch's begin is tried again on a fresh connection
+  (within the step's attempt) and the saga completes; the cut session's barrier row went
+  with it (the step's second barrier insert was not a duplicate); every step applied once
+  (a journal row per step and compensation, with a primary key), money conserved, nothing
+  left prepared.
+* **Silent path**: the proxy stops forwarding (without closing anything) for longer than
+  the step's whole retry budget. ``run_saga`` returns before the path heals (no call
+  waits for the silence); the saga cannot undo a step on a silent database, so it ends stuck
+  and says so; once the path heals, an operator's retry finishes it, compensated, and the
+  books balance.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+import pytest
+
+from tests.support import Bank, MakeTM, saga_defs
+from tests.support.omission import BlackholeProxy
+from xatm import Saga
+from xatm.core.deadline import GRACE
+from xatm.sagas.barrier import TABLE
+
+TIMEOUT = 2.0
+#: the bound of one attempt (timeout + connect timeout) and a loaded 2-core machine's slack
+ATTEMPT = TIMEOUT + GRACE + 3.0
+
+
+def _payload(bank: Bank, tid: str) -> dict[str, Any]:
+    return {"table": bank.table, "journal": bank.journal, "tid": tid, "src": 1, "dst": 2, "amt": 5}
+
+
+def _effects(bank: Bank, tid: str) -> dict[str, list[str]]:
+    return {
+        name: sorted(t.split("-", 1)[1] for t in ids if t.startswith(tid + "-"))
+        for name, ids in bank.journal_ids().items()
+    }
+
+
+@pytest.mark.parametrize("key", [None, "with-a-key"])
+@pytest.mark.parametrize("through", ["pg1", "maria"])
+def test_a_cut_at_a_steps_begin_is_retried_and_applies_once(
+    through: str, key: str | None, make_tm: MakeTM, bank: Bank
+) -> None:
+    proxy = BlackholeProxy(bank.urls[through])
+    try:
+        tm = make_tm(
+            resources={**bank.urls, through: proxy.url},
+            timeout=TIMEOUT,
+            sweeper=False,
+            sagas=[saga_defs.transfer],
+        )
+        warm = tm.run_saga("transfer", data=_payload(bank, "warm"))  # a pooled connection
+        assert warm.state == "completed"
+        # the step's BEGIN and its barrier row, one round trip (not the identity lease's ping)
+        proxy.cut_after_next_request(match=TABLE.encode())
+        result = tm.run_saga("transfer", data=_payload(bank, "cut"), key=key)
+        assert proxy.cuts == 1
+        assert result.state == "completed", result
+        # the begin is tried again on a fresh connection within the step's attempt: no
+        # failed attempt, and the cut session's barrier row went with its session
+        history = [(e.action, e.outcome) for e in tm.sagas.history(result.saga_id)]
+        assert [a for a, o in history if "failed" in o] == [], history
+        assert _effects(bank, "cut") == {
+            "pg1": ["debit", "finish"],
+            "pg2": [],
+            "maria": ["credit"],
+        }
+        assert bank.balance("pg1", 1) == 990 and bank.balance("maria", 2) == 1010
+        assert bank.total() == bank.initial_total
+        assert bank.xatm_prepared() == {"pg1": [], "pg2": [], "maria": []}
+        assert tm.recover_sagas().finished == ()
+    finally:
+        proxy.close()
+
+
+def test_a_silent_path_at_a_steps_begin_holds_no_caller_and_recovery_settles_it(
+    make_tm: MakeTM, bank: Bank
+) -> None:
+    saga = Saga("silent", max_attempts=2, compensation_attempts=2, backoff=0.05)
+    saga.step("debit", saga_defs.debit, saga_defs.refund, resources=["pg1"])
+    saga.step("credit", saga_defs.credit, saga_defs.uncredit, resources=["maria"])
+    proxy = BlackholeProxy(bank.urls["maria"])
+    try:
+        tm = make_tm(
+            resources={**bank.urls, "maria": proxy.url},
+            timeout=TIMEOUT,
+            sweeper=False,
+            sagas=[saga],
+        )
+        assert tm.run_saga("silent", data=_payload(bank, "warm")).state == "completed"
+        # two attempts of the credit, two of its compensation: each bounded by one ATTEMPT
+        bound = 4 * ATTEMPT
+        silence = bound + 10.0
+        proxy.blackhole()
+        healed = threading.Timer(silence, proxy.heal)
+        healed.start()
+        t0 = time.monotonic()
+        try:
+            result = tm.run_saga("silent", data=_payload(bank, "silent"))
+        finally:
+            waited = time.monotonic() - t0
+        assert waited < bound, f"run_saga waited {waited:.1f} s for a silent path"
+        assert result.state == "failed" and result.stuck, result  # stuck: maria is silent
+        healed.join()
+        assert tm.saga_action(result.saga_id, "retry", actor="cli:test").state == "compensated"
+        assert _effects(bank, "silent") == {"pg1": ["debit", "refund"], "pg2": [], "maria": []}
+        assert bank.total() == bank.initial_total
+        assert bank.balance("pg1", 1) == 995 and bank.balance("maria", 2) == 1005  # the warm-up
+        assert bank.xatm_prepared() == {"pg1": [], "pg2": [], "maria": []}
+    finally:
+        proxy.close()
