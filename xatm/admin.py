@@ -14,7 +14,7 @@ What an application needs is in :mod:`xatm`; this module holds the types an oper
 from xatm.core.deadline import Wait, report_waits
 from xatm.core.failpoint import NAMES as FAILPOINTS
 from xatm.core.report import RecoveryAction, RecoveryReport
-from xatm.core.urls import ResourceSpec, describe_error, parse_url, redact
+from xatm.core.urls import ResourceSpec, describe_error, log_is_shared, parse_url, redact
 from xatm.core.xid import FORMAT_ID, Xid
 from xatm.log.audit import AuditEntry
 from xatm.log.file import Salvage, SegmentInfo, salvage_log
@@ -84,6 +84,7 @@ __all__ = [
     "describe_error",
     "gtrid_of",
     "load_sagas",
+    "log_is_shared",
     "parse_url",
     "redact",
     "report_waits",

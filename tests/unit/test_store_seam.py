@@ -31,11 +31,13 @@ SWITCHES = {
         r"isinstance\([^)]*\b(FileStore|PostgresStore|FileLogs|SharedLogs|PostgresLog|FileLog"
         r"|FileFleet|SharedFleet|FileSagaStore|PostgresSagaStore|AuditTrail|SharedAuditTrail)\b"
     ),
-    "a look for a URL in the configured log": re.compile(r"[\"']://[\"']"),
+    "a look for a URL in the configured log": re.compile(r"[\"']://[\"']|\blog_is_shared\("),
 }
 
 #: where a switch belongs: the choice itself, and what checks or reads the configured text
 ALLOWED = {
+    # the rule itself: is the configured log a URL?
+    "xatm/core/urls.py": {"a look for a URL in the configured log"},
     "xatm/log/store.py": set(SWITCHES),  # the one choice, and the public attributes' helpers
     # a manager's arguments checked before anything is opened (markers need a file log)
     "xatm/coordinator/arguments.py": {
@@ -71,6 +73,7 @@ def test_the_patterns_find_the_switches_they_name() -> None:
         "an isinstance of a backend": "if isinstance(store, PostgresStore):",
         "a look for a URL in the configured log": 'shared = "://" in settings.log',
     }
+    assert SWITCHES["a look for a URL in the configured log"].search("if log_is_shared(log):")
     for what, line in samples.items():
         assert SWITCHES[what].search(line), what
 

@@ -7,7 +7,14 @@ import time
 
 import click
 
-from xatm.admin import BranchInfo, InDoubtReport, TransactionInfo, redact, salvage_log
+from xatm.admin import (
+    BranchInfo,
+    InDoubtReport,
+    TransactionInfo,
+    log_is_shared,
+    redact,
+    salvage_log,
+)
 from xatm.cli import render
 from xatm.cli.session import GTRID, actor, get
 
@@ -193,7 +200,7 @@ def log(ctx: click.Context, as_json: bool) -> None:
         return
     if not logs:
         where = redact(get(ctx).settings.log)
-        shared = "://" in where
+        shared = log_is_shared(where)
         click.echo(
             f"the coordinator log is shared, in {where}"
             if shared
@@ -262,7 +269,7 @@ def salvage(ctx: click.Context, node: str, yes: bool, as_json: bool) -> None:
     """
     context = get(ctx)
     settings = context.settings
-    if "://" in settings.log:
+    if log_is_shared(settings.log):
         raise click.ClickException("the shared log has no segments to salvage")
     if not yes:
         click.confirm(

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Concatenate, NamedTuple, ParamSpec, TypeA
 
 from xatm.core import failpoint as _failpoint
 from xatm.core.config import Settings, resource_specs, validate_retention, validate_timeout
-from xatm.core.urls import ResourceSpec, parse_url
+from xatm.core.urls import ResourceSpec, log_is_shared, parse_url
 from xatm.core.xid import validate_node_id
 from xatm.errors import ConfigurationError
 from xatm.integrations.sqlalchemy import resources as _sqlalchemy
@@ -111,7 +111,7 @@ def check_arguments(
         raise ConfigurationError("log must be a directory path or a PostgreSQL URL")
     log_spec: ResourceSpec | None = None
     log_directory: str | None = None
-    if "://" in str(log):
+    if log_is_shared(log):
         log_spec = parse_url(str(log))  # errors never show the password
         if log_spec.kind != "postgresql":
             raise ConfigurationError(

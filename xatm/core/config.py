@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from xatm.core.urls import ResourceSpec, parse_url, redact
+from xatm.core.urls import ResourceSpec, log_is_shared, parse_url, redact
 from xatm.core.xid import validate_node_id, validate_resource_name
 from xatm.errors import ConfigurationError
 
@@ -164,7 +164,7 @@ def load_config(path: str | os.PathLike[str]) -> Settings:
     if not isinstance(log, str) or not log:
         raise ConfigurationError(f"{where}: 'log' must be a directory path (or a URL)")
     log = expand_env(log, f"{where}, log")
-    if "://" not in log and not os.path.isabs(log):
+    if not log_is_shared(log) and not os.path.isabs(log):
         log = str((p.parent / log).resolve())
     try:
         return Settings(

@@ -69,6 +69,12 @@ _ENCODE_HINT = "percent-encode any '@', '/', '?' or '#' in the user name or pass
 DEFAULT_CONNECT_TIMEOUT = 5
 
 
+def log_is_shared(log: object) -> bool:
+    """True if a configured ``log`` names the shared PostgreSQL log (a URL), False if it is a
+    directory: the one rule, used wherever the configured text is read."""
+    return "://" in str(log)
+
+
 def redact(text: str) -> str:
     """Make a driver's text fit to show: any ``user:password@`` and ``password=...`` replaced
     with ``***``, and what a participant registered to cut (:func:`add_scrubber`: a driver's

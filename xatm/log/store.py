@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Protocol
 
 from xatm.core.records import LogRecord
-from xatm.core.urls import ResourceSpec, redact
+from xatm.core.urls import ResourceSpec, log_is_shared, redact
 from xatm.core.xid import parse_gtrid
 from xatm.log import incarnations as _incarnations
 from xatm.log import node_markers as _node_markers
@@ -381,7 +381,7 @@ def open_store(
 def store_from_setting(log: str | os.PathLike[str], node_id: str) -> Store:
     """The store of a configuration's ``log`` as an operator's tools read it (a URL, or a
     directory taken as it is), for node ``node_id``; opens nothing."""
-    if "://" in str(log):
+    if log_is_shared(log):
         return PostgresStore(str(log), node_id)
     return FileStore(log)
 
