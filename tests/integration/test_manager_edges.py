@@ -198,3 +198,36 @@ def test_a_refused_decision_stops_an_asyncio_one_phase_commit(
 
     asyncio.run(main())
     assert bank.balances()[resource][1] == 1000
+
+
+# -- a one-phase COMMIT the server refuses -----------------------------------------------------
+
+
+def test_a_serialization_failure_at_a_one_phase_commit_is_a_rollback_not_a_doubt(
+    bank: Bank, make_tm: MakeTM, servers: Servers
+) -> None:
+    """SERIALIZABLE on pg1 (set in the resource's URL), write skew with another session: the
+    branch's COMMIT is refused with 40001, which psycopg counts as an OperationalError. The
+    server answered and the session lives on, so the transaction rolled back: the caller gets
+    TransactionRolledBack (retry it), nothing is in doubt, nothing is left to recover."""
+    serializable = (
+        servers.urls["pg1"] + "?options=-c%20default_transaction_isolation%3Dserializable"
+    )
+    tm = make_tm("ser", resources={"pg1": serializable}, sweeper=False)
+    other = connect(bank.urls["pg1"])  # autocommit: each block below is one transaction
+    other.autocommit = False
+    try:
+        other.execute("SET default_transaction_isolation = serializable")
+        other.commit()
+        with pytest.raises(TransactionRolledBack) as info, tm.transaction() as tx:
+            tx.execute("pg1", f"SELECT bal FROM {bank.table} WHERE id = 1").fetchall()
+            other.execute(f"SELECT bal FROM {bank.table} WHERE id = 2").fetchall()
+            tx.execute("pg1", f"UPDATE {bank.table} SET bal = bal - 1 WHERE id = 2")
+            other.execute(f"UPDATE {bank.table} SET bal = bal - 1 WHERE id = 1")
+            other.commit()  # the first to commit wins; the branch's COMMIT gets 40001
+        assert "40001" in str(info.value) or "serializ" in str(info.value).lower(), info.value
+    finally:
+        other.close()
+    assert bank.balances()["pg1"][1] == 999 and bank.balances()["pg1"][2] == 1000
+    assert tm.recover().in_doubt == 0
+    assert bank.xatm_prepared()["pg1"] == []

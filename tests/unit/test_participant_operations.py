@@ -31,6 +31,7 @@ XID = branch_xid("xatm.unit.0123456789abcdef0123456789a", "ledger")
 IDLE = TransactionStatus.IDLE
 INTRANS = TransactionStatus.INTRANS
 INERROR = TransactionStatus.INERROR
+UNKNOWN = TransactionStatus.UNKNOWN
 
 #: the mysql-connector driver classifies mysql.connector.aio's errors (the same classes)
 CONNECTOR = by_name("mysqlconnector")
@@ -236,11 +237,51 @@ def test_pg_one_phase_commit_error_votes_no_even_if_the_rollback_fails() -> None
         )
 
 
-def test_pg_one_phase_commit_lost_connection_is_unknown() -> None:
-    error = pg_error(psycopg.OperationalError, "server closed the connection")
-    with pytest.raises(psycopg.OperationalError) as info:
-        drive(pg.commit_one_phase(BEFORE), [(pg.STATUS, INTRANS), (ONE_PHASE, error)])
+@pytest.mark.parametrize(
+    ("error", "after"),
+    [
+        # no answer from the server (no SQLSTATE): the connection went
+        (pg_error(psycopg.OperationalError, "server closed the connection"), UNKNOWN),
+        (pg_error(psycopg.InterfaceError, "the connection is closed"), UNKNOWN),
+        # an answer, but a FATAL one: the session ended with it
+        (pg_error(psycopg.errors.AdminShutdown, "terminating connection"), UNKNOWN),
+        # an answer whose session is gone before its status could be read
+        (pg_error(psycopg.errors.SerializationFailure), UNKNOWN),
+    ],
+)
+def test_pg_one_phase_commit_without_a_live_answer_is_unknown(
+    error: psycopg.Error, after: TransactionStatus
+) -> None:
+    with pytest.raises(type(error)) as info:
+        drive(
+            pg.commit_one_phase(BEFORE),
+            [(pg.STATUS, INTRANS), (ONE_PHASE, error), (pg.STATUS, after)],
+        )
     assert info.value is error
+
+
+@pytest.mark.parametrize(
+    "cls",
+    [
+        psycopg.errors.SerializationFailure,  # 40001: SERIALIZABLE, found at COMMIT
+        psycopg.errors.DeadlockDetected,  # 40P01
+        psycopg.errors.LockNotAvailable,  # 55P03: lock_timeout (a statement before COMMIT)
+        psycopg.errors.QueryCanceled,  # 57014: statement_timeout or a cancel request
+    ],
+)
+def test_pg_one_phase_commit_answered_with_an_operational_error_votes_no(
+    cls: type[psycopg.Error],
+) -> None:
+    """psycopg counts these as OperationalError, but the server answered and the session
+    lives on: the transaction did not commit (it is not in doubt)."""
+    error = pg_error(cls)
+    assert isinstance(error, psycopg.OperationalError) and error.sqlstate
+    with pytest.raises(BranchVotedNo, match="the commit failed") as info:
+        drive(
+            pg.commit_one_phase(),
+            [(pg.STATUS, INTRANS), (pg.Send(("COMMIT",)), error), (pg.STATUS, IDLE)],
+        )
+    assert info.value.__cause__ is error
 
 
 def test_pg_rollback_active() -> None:

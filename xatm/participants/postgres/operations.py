@@ -28,12 +28,12 @@ from psycopg.pq import TransactionStatus
 from xatm.core.participant import PhaseTwo, Prepared, Statement, Vote
 from xatm.core.xid import Xid
 from xatm.participants.postgres.statements import (
+    answered_and_alive,
     check_committed,
     check_one_phase,
     check_open,
     commit_failed,
     finish_statement,
-    is_connection_error,
     not_found,
     prepare_failed,
     prepare_statements,
@@ -109,14 +109,16 @@ def prepare(xid: Xid) -> Generator[Command, Any, Prepared]:
 def commit_one_phase(before: Sequence[Statement] = ()) -> Generator[Command, Any, None]:
     """Commit the unprepared branch, ``before`` run first: one simple query with their
     parameters bound on the client (a failing statement skips the rest, COMMIT included).
-    An error other than a lost connection rolls the branch back and votes no."""
+    An error the server answered, its session alive, means the branch did not commit: it is
+    rolled back and votes no; any other error leaves the outcome unknown (raised as it is)."""
     check_one_phase((yield STATUS))
     try:
         reply = yield Send(COMMIT, bound=tuple(before))
     except psycopg.Error as e:
-        if is_connection_error(e):
+        status = yield STATUS
+        if not answered_and_alive(e, status):
             raise  # the outcome is unknown
-        if (yield STATUS) != TransactionStatus.IDLE:
+        if status != TransactionStatus.IDLE:
             with contextlib.suppress(psycopg.Error):
                 yield ROLLBACK
         raise commit_failed(e) from e

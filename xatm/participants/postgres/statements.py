@@ -104,6 +104,17 @@ def not_found(e: psycopg.Error) -> bool:
     return e.sqlstate == UNDEFINED_OBJECT
 
 
+def answered_and_alive(e: psycopg.Error, status: TransactionStatus) -> bool:
+    """A one-phase COMMIT's error that says it did not commit: the server answered with an
+    ERROR (it has a SQLSTATE: a serialization failure, a deferred constraint, a lock or
+    statement timeout...) and the session lives on (its status is known). PostgreSQL rolls
+    back a transaction whose COMMIT (or a statement sent before it in the same query) fails
+    with an ERROR: once the commit record is written, a failure is a PANIC and later
+    trouble only a WARNING. A FATAL error ends the session: its status is UNKNOWN."""
+    alive = status in (TransactionStatus.IDLE, TransactionStatus.INTRANS, TransactionStatus.INERROR)
+    return e.sqlstate is not None and alive
+
+
 def is_connection_error(exc: BaseException) -> bool:
     """The connection is unusable and the outcome of its last call is unknown."""
     return isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError)
