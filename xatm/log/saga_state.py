@@ -61,7 +61,6 @@ from xatm.log.file import fsync_dir
 from xatm.log.group_sync import GroupSync
 from xatm.log.saga_journal import JournalClaim, SagaJournals, journal_id
 from xatm.log.saga_record import (
-    FINAL_STATES,
     SagaRecord,
     file_id,
     frame,
@@ -78,22 +77,6 @@ logger = logging.getLogger("xatm.saga")
 
 SAGA_DIR = "sagas.d"
 DONE_DIR = "done"
-
-__all__ = [
-    "DONE_DIR",
-    "FINAL_STATES",
-    "SAGA_DIR",
-    "Claim",
-    "FileClaim",
-    "FileSagaStore",
-    "PostgresSagaStore",
-    "SagaRecord",
-    "SagaStore",
-    "SharedClaim",
-    "file_id",
-    "key_hash",
-    "new_saga_id",
-]
 
 
 class Claim(Protocol):

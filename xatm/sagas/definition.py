@@ -30,7 +30,7 @@ from xatm.core.xid import validate_resource_name
 from xatm.errors import ConfigurationError
 from xatm.errors import SagaError as SagaError  # defined low, so the saga storage can raise it
 from xatm.errors import SagaTakenOver as SagaTakenOver
-from xatm.log.saga_state import FINAL_STATES as FINAL_STATES
+from xatm.log.saga_record import FINAL_STATES as FINAL_STATES
 
 if TYPE_CHECKING:
     from xatm.transactions.transaction import SagaTransaction
