@@ -17,13 +17,16 @@ import subprocess
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from tests.support import ROOT, Bank, MakeTM, Servers, journaled_transfer
+from tests.support import ROOT, Bank, MakeTM, Servers, journaled_transfer, run
 from tests.support.field import attempt, books, lock_timeouts, roll_back_leftovers, transfer_books
-from tests.support.recovery import prepared_gtrids, wait_for
+from tests.support.omission import BlackholeProxy
+from tests.support.recovery import crash, prepared_gtrids, wait_for
 from xatm import ConfigurationError, TransactionManager
+from xatm.admin import ResolutionRefused
 
 TWIN_SECONDS = 10.0
 
@@ -31,7 +34,7 @@ TWIN_SECONDS = 10.0
 @pytest.fixture(autouse=True)
 def tidy(bank: Bank) -> Iterator[None]:
     yield
-    roll_back_leftovers(bank, {"twin-a", "twin-b", "twin-c", "api-1"})
+    roll_back_leftovers(bank, {"twin-a", "twin-b", "twin-c", "twin-r", "api-1"})
 
 
 def names_node_and_a_resource(error: BaseException, node: str, resources: set[str]) -> bool:
@@ -65,6 +68,54 @@ def test_a_twin_cannot_roll_back_a_live_nodes_transaction(
     assert failed is None, failed
     assert isinstance(refused, ConfigurationError), refused
     assert names_node_and_a_resource(refused, "twin-b", set(live.resource_names))
+    assert all(not v for v in prepared_gtrids(bank).values())
+
+
+def test_a_twin_with_another_log_cannot_resolve_its_nodes_transaction_by_hand(
+    bank: Bank, make_tm: MakeTM, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found by the simulator (seed 454): a coordinator dies after its COMMIT decision, its
+    phase 2 having reached one branch; the same config then starts with another log
+    directory (its node is free: the dead one's identity went with it), and an operator asks
+    that process to resolve the transaction by hand while the other server does not answer
+    the decision rule's look (a path through a proxy that goes silent, and answers again once
+    the rule has spoken). Its log holds nothing of an incarnation it does not list: presumed
+    abort would roll back the other branch and split the transfer. Refused, for both
+    outcomes, unless forced; the right log's coordinator then commits it."""
+    from xatm.ops import resolve as resolving
+
+    gtrid = crash(bank, tmp_path / "a", "twin-r", "after_decision", tid="tr", account=3)
+    # phase 2 reached pg1 only (as when the other server stops answering then)
+    [xid] = [x for x in bank.xatm_prepared()["pg1"] if x.gtrid == gtrid]
+    run(bank.conns["pg1"], f"COMMIT PREPARED '{xid.to_pg_gid()}'")
+    proxy = BlackholeProxy(bank.urls["maria"])
+    try:
+        twin = make_tm(
+            node_id="twin-r",
+            resources={**bank.urls, "maria": proxy.url},
+            log=tmp_path / "b",
+            sweeper=False,
+            timeout=2,
+        )
+        rule = resolving._rule
+
+        def rule_then_heal(*args: Any) -> Any:
+            verdict = rule(*args)
+            proxy.heal()  # the server answers again: the branch can be found now
+            return verdict
+
+        monkeypatch.setattr(resolving, "_rule", rule_then_heal)
+        for outcome in ("rollback", "commit"):
+            proxy.blackhole()
+            with pytest.raises(ResolutionRefused, match="another log"):
+                twin.resolve(gtrid, outcome, actor="cli:test")
+        assert gtrid in prepared_gtrids(bank)["maria"]
+        twin.close()
+    finally:
+        proxy.close()
+    owner = make_tm(node_id="twin-r", log=tmp_path / "a", sweeper=False)
+    owner.recover()
+    assert books(bank, "tr", ("pg1", "maria")) == {"pg1", "maria"}
     assert all(not v for v in prepared_gtrids(bank).values())
 
 

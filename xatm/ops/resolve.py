@@ -11,6 +11,8 @@ Everything else is refused (:class:`ResolutionRefused`, saying why) unless ``for
 * the coordinator is alive: it may be deciding right now (rolling back under it can split
   the transaction), and it resolves its own branches anyway;
 * its log is not in this log directory: nothing here can tell what it decided;
+* an incarnation of its node that the node's log here does not list made it (a process with
+  the same node_id and another log directory): the same, as the decision rule says;
 * rolling back a transaction whose COMMIT is logged (a heuristic outcome: the branches
   already committed stay committed);
 * committing a transaction that never logged COMMIT (presumed abort).
@@ -32,13 +34,13 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from xatm.core import bugs as _bugs
 from xatm.core.decide import Action as Act
-from xatm.core.decide import Verdict, judge_request
+from xatm.core.decide import Verdict, judge_request, tenure
 from xatm.core.logfields import log_fields
 from xatm.core.participant import PhaseTwo
 from xatm.core.records import LogRecord
 from xatm.core.report import RecoveryAction, RecoveryReport
 from xatm.core.urls import redact
-from xatm.core.xid import Xid, may_use_marker, parse_gtrid
+from xatm.core.xid import Xid, incarnation_of, may_use_marker, parse_gtrid
 from xatm.errors import LogLocked, ResourceError, XatmError
 from xatm.log.base import DecisionNotLogged, OwnerState
 from xatm.log.view import OpenedLog
@@ -216,6 +218,29 @@ class _Resolve:
             )
         self.overrides = []
 
+    def _stranger(self) -> str | None:
+        """Why this log cannot speak for the gtrid: an incarnation of its node that the node's
+        log here does not list made it (another process with the same node_id and another
+        log: a twin). The decision rule leaves such branches alone (``Owner.STRANGER``,
+        ``xatm.core.decide``); a resolution, even when the rule's plan did not list them (a
+        resource not reached then), does too unless forced. None with the shared log, where
+        every decision is in the table and a rollback is fenced there."""
+        ctx = self.ctx
+        incarnation = incarnation_of(self.gtrid)
+        fleet = ctx.fleet(dry_run=True)
+        try:
+            listed = fleet.incarnations(self.node)
+        finally:
+            fleet.close()
+        own = ctx.incarnation if self.node == ctx.node_id else None
+        if listed is None or tenure(incarnation, own, listed) != "stranger":
+            return None
+        return (
+            f"it was made by incarnation {incarnation} of node {self.node!r}, which"
+            f" {ctx.store.describe()} does not list: a process with the same node_id and"
+            " another log made it, and nothing here can tell what that process decided"
+        )
+
     def run(self) -> Resolution:
         ctx = self.ctx
         logs = ctx.log_view()  # the node logs in a directory, or the shared log
@@ -233,6 +258,9 @@ class _Resolve:
                 f"there is no log of coordinator {self.node!r} in {ctx.store.describe()}, so"
                 " nothing here can tell what it decided"
             )
+        stranger = self._stranger()
+        if stranger is not None:
+            self.refuse_or_note(stranger)
         with contextlib.ExitStack() as held:
             try:
                 # a dead coordinator's file log is taken over (locked) for the duration
