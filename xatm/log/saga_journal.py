@@ -136,7 +136,8 @@ class SagaJournals:
     """The journals of one file store: its own (written) and everyone's (read, adopted).
 
     ``move_out(record)`` makes sure a saga has a file of its own, durably (made there, or
-    made before), or raises ``LogError``: the file store's."""
+    made before), or raises ``LogError``; ``has_file(saga_id)``: whether it has one (a saga
+    with a file is the file's). Both are the file store's."""
 
     def __init__(
         self,
@@ -144,15 +145,16 @@ class SagaJournals:
         done_directory: Path,
         ensure_dir: Callable[[], None],
         move_out: Callable[[SagaRecord], None],
+        has_file: Callable[[str], bool],
     ) -> None:
         self.directory = directory
         self.done_directory = done_directory
         self._ensure_dir = ensure_dir
         self._move_out = move_out
+        self._has_file = has_file
         self._lock = threading.Lock()
         self._own: dict[str, _Journal] = {}
         self._current: _Journal | None = None
-        self._closed = False
         #: other processes' journals as last read: path -> (bytes read, unfinished sagas)
         self._seen: dict[Path, tuple[int, dict[str, SagaRecord]]] = {}
         self._seen_lock = threading.Lock()
@@ -199,17 +201,19 @@ class SagaJournals:
         self._own[jid] = journal
         return journal
 
-    def owns(self, saga_id: str) -> bool:
-        """True if ``saga_id`` was given by this store (``new_id``)."""
+    def _own_journal(self, saga_id: str) -> _Journal | None:
+        """The journal of this store that ``saga_id`` names, if it is one of this store's."""
         jid = journal_id(saga_id)
         with self._lock:
-            return jid is not None and jid in self._own
+            return self._own.get(jid) if jid is not None else None
+
+    def owns(self, saga_id: str) -> bool:
+        """True if ``saga_id`` was given by this store (``new_id``)."""
+        return self._own_journal(saga_id) is not None
 
     def create(self, record: SagaRecord) -> JournalClaim:
         """Store a new saga (its id from ``new_id``), durably, claimed by this store."""
-        jid = journal_id(record.saga_id)
-        with self._lock:
-            journal = self._own.get(jid) if jid is not None else None
+        journal = self._own_journal(record.saga_id)
         if journal is None:
             raise LogError(f"saga {record.saga_id} does not belong to an open journal")
         try:
@@ -256,19 +260,9 @@ class SagaJournals:
             self._retire(journal.path)
         os.close(journal.fd)  # after the retirement: nobody adopts it meanwhile
 
-    def get_own(self, saga_id: str) -> SagaRecord | None:
-        jid = journal_id(saga_id)
-        with self._lock:
-            journal = self._own.get(jid) if jid is not None else None
-        if journal is None:
-            return None
-        with journal.lock:
-            return journal.running.get(saga_id)
-
     def close(self) -> None:
         """Seal this store's journals; each is retired once its running sagas are let go."""
         with self._lock:
-            self._closed = True
             for journal in list(self._own.values()):
                 journal.sealed = True
                 self._drop_if_drained(journal)
@@ -278,27 +272,24 @@ class SagaJournals:
         if directory.is_dir():
             yield from sorted(directory.glob(f"*{SUFFIX}"))
 
-    def _path_of(self, jid: str) -> Path | None:
-        for directory in (self.directory, self.done_directory):
-            path = directory / f"{jid}{SUFFIX}"
-            if path.exists():
-                return path
-        return None
-
     def get(self, saga_id: str) -> SagaRecord | None:
         """The saga's last record in its journal (``moved``: its file is the record)."""
-        own = self.get_own(saga_id)
-        if own is not None:
-            return own
+        journal = self._own_journal(saga_id)
+        if journal is not None:
+            with journal.lock:
+                running = journal.running.get(saga_id)
+            if running is not None:
+                return running
         jid = journal_id(saga_id)
-        path = self._path_of(jid) if jid is not None else None
-        if path is None:
+        if jid is None:
             return None
-        try:
-            return _states(path.read_bytes())[1].get(saga_id)
-        except FileNotFoundError:  # retired meanwhile
-            done = self.done_directory / path.name
-            return _states(done.read_bytes())[1].get(saga_id) if done.exists() else None
+        # a retirement links the journal into done/ before it unlinks it here
+        for directory in (self.directory, self.done_directory):
+            try:
+                return _states((directory / f"{jid}{SUFFIX}").read_bytes())[1].get(saga_id)
+            except FileNotFoundError:
+                continue
+        return None
 
     def owner_alive(self, saga_id: str) -> bool:
         """True if a live process holds the saga's journal (probed and released at once)."""
@@ -318,7 +309,8 @@ class SagaJournals:
 
     def records(self, *, include_final: bool = False) -> list[SagaRecord]:
         """The sagas in journals: unfinished ones (every journal's), or all (slow: reads
-        every journal, retired ones too). Moved ones are their files' (not listed here)."""
+        every journal, retired ones too). Moved ones are their files' (not listed here), also
+        where the mover died before it noted the move (the file is there)."""
         out: list[SagaRecord] = []
         with self._lock:
             own = {j.path: j for j in self._own.values()}
@@ -327,7 +319,7 @@ class SagaJournals:
                 with contextlib.suppress(FileNotFoundError):
                     records = _states(path.read_bytes())[1]
                     out += [r for r in records.values() if not r.moved]
-            return out
+            return [r for r in out if not self._has_file(r.saga_id)]
         listed = set()
         for path in self._paths(self.directory):
             listed.add(path)
@@ -336,7 +328,8 @@ class SagaJournals:
                 with journal.lock:
                     out += journal.running.values()
                 continue
-            out += self._read_unfinished(path).values()
+            unfinished = self._read_unfinished(path).values()
+            out += [r for r in unfinished if not self._has_file(r.saga_id)]
         with self._seen_lock:
             for path in set(self._seen) - listed:
                 del self._seen[path]

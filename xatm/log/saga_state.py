@@ -143,7 +143,7 @@ class FileSagaStore:
         self._made = False  # the directories exist (made or seen by this store)
         #: sagas without a key: this process's journal (xatm.log.saga_journal)
         self.journals = SagaJournals(
-            self.directory, self.done_directory, self._ensure_dir, self._move_out
+            self.directory, self.done_directory, self._ensure_dir, self._move_out, self._has_file
         )
 
     def _ensure_dir(self) -> None:
@@ -264,8 +264,6 @@ class FileSagaStore:
         record = self._read_name(self.path(saga_id).name)
         if record is not None:
             return record if record.saga_id == saga_id else None
-        if journal_id(saga_id) is None:
-            return None
         record = self.journals.get(saga_id)
         if record is not None and record.moved:  # its file was made since the look above
             record = self._read_name(self.path(saga_id).name)
@@ -341,17 +339,10 @@ class FileSagaStore:
                 if not include_final:
                     continue
             out.append(record)
-        # a saga moved out of a journal is its file's (a journal whose mover died before it
-        # noted the move still shows it)
-        filed = {r.saga_id for r in out}
-        out += [
-            r
-            for r in self.journals.records(include_final=include_final)
-            if r.saga_id not in filed and not self._has_file(r.saga_id)
-        ]
-        return out
+        return out + self.journals.records(include_final=include_final)
 
     def _has_file(self, saga_id: str) -> bool:
+        """The saga has a file of its own, active or retired."""
         name = self.path(saga_id).name
         return (self.directory / name).exists() or (self.done_directory / name).exists()
 
