@@ -126,7 +126,8 @@ def test_a_crash_under_row_contention_does_not_lock_recovery_out(
                 _spawn("tests.workers.contend_worker", [], cfg, tmp_path / f"busy-{i}.json")
             )
         _until("the server to be full", lambda: _full(urls["a"]))
-        assert _count(admin, "wait_event_type = 'Lock'") > 0
+        # their waits end at their lock_timeout and start again: watched, not sampled once
+        _until("a backend waiting on row 1", lambda: _count(admin, "wait_event_type = 'Lock'") > 0)
 
         # while it is full, the survivor's recovery still gets in (here: b only, so that
         # row 1 on a stays locked for what follows)
