@@ -16,6 +16,7 @@ from tests.support import ROOT
 from xatm.core.decide import (
     RULES,
     Action,
+    Coordinator,
     Facts,
     Logged,
     Marker,
@@ -25,10 +26,12 @@ from xatm.core.decide import (
     Verdict,
     decide,
     judge_request,
+    known_decision,
     owner_of,
     past_timeout,
     table_markdown,
     tenure,
+    transaction_facts,
 )
 from xatm.core.xid import new_gtrid
 
@@ -260,3 +263,68 @@ def test_a_process_no_log_here_lists_is_never_presumed_aborted() -> None:
             f = Facts(owner, Logged.NONE, marker, expired, False, known)
             if marker is not Marker.ROW:
                 assert decide(f).action in (Action.LEAVE,), f
+
+
+TRANSACTIONS = [
+    # whole transactions, as ``xatm indoubt`` and manual resolution see them from the log:
+    # (coordinator, running, made by, logged, marker, shared) -> (action, known decision)
+    ("this-process", True, "mine", G.NONE, M.NOT_FLAGGED, False, L, None),
+    ("this-process", False, "mine", G.NONE, M.NOT_FLAGGED, False, R, "abort"),
+    ("this-process", False, "legacy", G.NONE, M.NOT_FLAGGED, False, R, "abort"),
+    ("this-process", False, "stranger", G.NONE, M.NOT_FLAGGED, False, L, None),  # a twin's
+    ("this-process", False, "stranger", G.NONE, M.NOT_FLAGGED, True, R, "abort"),  # fenced
+    ("this-process", False, "previous", G.COMMIT, M.NOT_FLAGGED, False, C, "commit"),
+    ("this-process", False, "previous", G.NONE, M.UNREAD, False, L, None),
+    ("this-process", False, "previous", G.NONE, M.ROW, False, C, "commit"),
+    ("dead", False, "previous", G.NONE, M.NOT_FLAGGED, False, R, "abort"),
+    ("dead", False, "stranger", G.NONE, M.NOT_FLAGGED, False, L, None),
+    ("dead", False, "previous", G.ABORT, M.NOT_FLAGGED, True, R, "abort"),
+    ("alive", False, "previous", G.COMMIT, M.NOT_FLAGGED, False, L, "commit"),
+    ("alive", False, "previous", G.NONE, M.NOT_FLAGGED, True, L, None),
+    ("unknown", False, "previous", G.NONE, M.NOT_FLAGGED, False, L, None),
+    ("unknown", False, "previous", G.NONE, M.NOT_FLAGGED, True, R, "abort"),  # in the table
+]
+
+
+@pytest.mark.parametrize(
+    ("coordinator", "running", "made_by", "logged", "marker", "shared", "action", "decision"),
+    TRANSACTIONS,
+)
+def test_a_transaction_judged_from_its_log(
+    coordinator: Coordinator,
+    running: bool,
+    made_by: Tenure,
+    logged: Logged,
+    marker: Marker,
+    shared: bool,
+    action: Action,
+    decision: str | None,
+) -> None:
+    facts = transaction_facts(
+        coordinator=coordinator,
+        running=running,
+        made_by=made_by,
+        logged=logged,
+        marker=marker,
+        shared=shared,
+    )
+    verdict = decide(facts)
+    assert verdict.action is action
+    assert known_decision(facts, verdict) == decision
+
+
+def test_an_operator_is_judged_by_the_same_rule_without_a_branch() -> None:
+    """Manual resolution asks the rule of a transaction whose branches the plan did not list
+    (a resource not reached): a twin's transaction, with nothing logged here, may be neither
+    rolled back nor committed without force (the split the simulator found at seed 454)."""
+    twin = transaction_facts(
+        coordinator="this-process",
+        running=False,
+        made_by="stranger",
+        logged=Logged.NONE,
+        marker=Marker.NOT_FLAGGED,
+        shared=False,
+    )
+    verdict = decide(twin)
+    assert judge_request(verdict, Action.ROLLBACK) is not None
+    assert judge_request(verdict, Action.COMMIT) is not None

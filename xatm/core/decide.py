@@ -116,6 +116,20 @@ def owner_of(
     return Owner.DEAD_PEER
 
 
+#: a transaction's coordinator as its node's log shows it (``xatm.log.base.OwnerState``):
+#: this process, another live process, dead (its log can be held), or no log of it here
+Coordinator = Literal["this-process", "alive", "dead", "unknown"]
+
+
+def log_state(coordinator: Coordinator, shared: bool) -> NodeLogState:
+    """The ``log`` of :func:`owner_of` for a transaction whose coordinator is ``coordinator``."""
+    if shared:
+        return "alive" if coordinator == "alive" else "shared"
+    if coordinator in ("alive", "unknown"):
+        return "alive" if coordinator == "alive" else "unknown"
+    return "held"
+
+
 class Logged(enum.Enum):
     """The decision found in the coordinator log."""
 
@@ -150,6 +164,41 @@ class Facts:
     shared_log: bool = False
     known_resource: bool = True
     failover: bool = False
+
+
+def transaction_facts(
+    *,
+    coordinator: Coordinator,
+    running: bool,
+    made_by: Tenure,
+    logged: Logged,
+    marker: Marker,
+    shared: bool,
+    expired: bool = False,
+    known_resource: bool = True,
+    failover: bool = False,
+) -> Facts:
+    """The facts of a whole transaction, read from its coordinator's log rather than from
+    one branch (``xatm indoubt`` and manual resolution, which may see no branch at all).
+    A gtrid without incarnation of this process's node counts as fenced: the node's
+    identity locks are this process's."""
+    own = coordinator == "this-process"
+    owner = (
+        Owner.RUNNING
+        if running
+        else owner_of(
+            own_node=own, made_by=made_by, log=log_state(coordinator, shared), legacy_lock=own
+        )
+    )
+    return Facts(
+        owner,
+        logged=logged,
+        marker=marker,
+        expired=expired,
+        shared_log=shared,
+        known_resource=known_resource,
+        failover=failover,
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -302,6 +351,17 @@ def judge_request(verdict: Verdict, request: Action) -> str | None:
             f" rolls it back ({verdict.reason})"
         )
     return verdict.reason
+
+
+def known_decision(facts: Facts, verdict: Verdict) -> Literal["commit", "abort"] | None:
+    """The transaction's decision as far as ``facts`` and their verdict tell it: ``commit``
+    (logged, or a commit-marker row), ``abort`` (an ABORT logged, or presumed by the rule),
+    None (nothing here can tell)."""
+    if facts.logged is Logged.COMMIT or facts.marker is Marker.ROW:
+        return "commit"
+    if facts.logged is Logged.ABORT or verdict.action is Action.ROLLBACK:
+        return "abort"
+    return None
 
 
 def describe(verdict: Verdict) -> str:

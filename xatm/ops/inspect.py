@@ -26,17 +26,14 @@ from typing import Any, Literal
 
 from xatm.core import deadline as _deadline
 from xatm.core.decide import (
-    Action,
-    Facts,
     Logged,
     Marker,
-    NodeLogState,
-    Owner,
     decide,
     describe,
-    owner_of,
+    known_decision,
     past_timeout,
     tenure,
+    transaction_facts,
 )
 from xatm.core.participant import Connection, Participant, PreparedBranch
 from xatm.core.records import LogRecord
@@ -530,49 +527,31 @@ class Inspector:
             else:
                 marker = Marker.NO_ROW
         own = owner == "this-process"
-        log: NodeLogState = "held"
-        if owner in ("alive", "unknown"):
-            log = "alive" if owner == "alive" else "unknown"
-        if shared:
-            log = "alive" if owner == "alive" else "shared"
         made_by = tenure(
             incarnation_of(gtrid),
             self._own_incarnation if own else None,
             None if shared else logs.incarnations(node),
         )
-        owner_fact = (
-            Owner.RUNNING
-            if running
-            else owner_of(own_node=own, made_by=made_by, log=log, legacy_lock=own)
-        )
         bquals = {b.xid.bqual for _, b, _, _ in scan.found.get(gtrid, []) if b.xid is not None}
-        facts = Facts(
-            owner_fact,
-            logged=logged,
-            marker=marker,
-            expired=shared and past_timeout(gtrid, created, time.time(), self.timeout),
-            shared_log=shared,
-            known_resource=bquals <= set(self._participants),
-        )
+        failover = False
         if logged is Logged.NONE and marker is not Marker.ROW and owner != "unknown":
             found = self._after_failover(logs, gtrid, node, created, scan)
             if found == "commit":
                 logged = Logged.COMMIT
-            facts = Facts(
-                facts.owner,
-                logged=logged,
-                marker=facts.marker,
-                expired=facts.expired,
-                shared_log=facts.shared_log,
-                known_resource=facts.known_resource,
-                failover=found == "unknown",
-            )
+            failover = found == "unknown"
+        facts = transaction_facts(
+            coordinator=owner,
+            running=running,
+            made_by=made_by,
+            logged=logged,
+            marker=marker,
+            shared=shared,
+            expired=shared and past_timeout(gtrid, created, time.time(), self.timeout),
+            known_resource=bquals <= set(self._participants),
+            failover=failover,
+        )
         verdict = decide(facts)
-        decision: Decision | None = None
-        if logged is Logged.COMMIT or marker is Marker.ROW:
-            decision = "commit"
-        elif logged is Logged.ABORT or verdict.action is Action.ROLLBACK:
-            decision = "abort"
+        decision = known_decision(facts, verdict)
         return decision, describe(verdict)
 
     def _after_failover(

@@ -34,7 +34,17 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from xatm.core import bugs as _bugs
 from xatm.core.decide import Action as Act
-from xatm.core.decide import Verdict, judge_request, tenure
+from xatm.core.decide import (
+    Facts,
+    Logged,
+    Marker,
+    Verdict,
+    decide,
+    judge_request,
+    known_decision,
+    tenure,
+    transaction_facts,
+)
 from xatm.core.logfields import log_fields
 from xatm.core.participant import PhaseTwo
 from xatm.core.records import LogRecord
@@ -191,20 +201,27 @@ class _Resolve:
         self.node = parse_gtrid(gtrid)[0]
         self.notes: list[str] = []
         self.overrides: list[str] = []  # refusals overridden (force), audited once acting
+        self.judged: set[str] = set()  # the reasons refused or overridden so far
+        #: the incarnations the node's log here lists, and whether the log is shared
+        self.listed: tuple[frozenset[str] | None, bool] | None = None
         self.actions: list[RecoveryAction] = []
         self.unreachable: dict[str, str] = {}
 
     def audit(self, resource: str, action: str, reason: str, result: str) -> None:
         self.ctx.audit.record(self.gtrid, resource, resource, action, reason, result, self.actor)
 
-    def refuse_or_note(self, why: str) -> None:
+    def refuse_or_note(self, why: str, where: str = "") -> None:
         """Refuse (no ``force``), or note the override: it is audited once there is
         something to resolve (:meth:`record_overrides`), never for a gtrid that has
-        nothing (a transaction that never existed gets no audit entry)."""
+        nothing (a transaction that never existed gets no audit entry). A reason already
+        noted (the rule asked again once the decision is read) is noted once."""
+        if why in self.judged:
+            return
+        self.judged.add(why)
         if not self.force:
-            raise ResolutionRefused(f"refused to {self.outcome} {self.gtrid}: {why}")
-        self.notes.append(f"forced although {why}")
-        self.overrides.append(why)
+            raise ResolutionRefused(f"refused to {self.outcome} {self.gtrid}: {why}{where}")
+        self.notes.append(f"forced although {why}{where}")
+        self.overrides.append(why + where)
 
     def record_overrides(self) -> None:
         for why in self.overrides:
@@ -218,49 +235,40 @@ class _Resolve:
             )
         self.overrides = []
 
-    def _stranger(self) -> str | None:
-        """Why this log cannot speak for the gtrid: an incarnation of its node that the node's
-        log here does not list made it (another process with the same node_id and another
-        log: a twin). The decision rule leaves such branches alone (``Owner.STRANGER``,
-        ``xatm.core.decide``); a resolution, even when the rule's plan did not list them (a
-        resource not reached then), does too unless forced. None with the shared log, where
-        every decision is in the table and a rollback is fenced there."""
+    def _facts(self, owner: OwnerState, logged: Logged, marker: Marker) -> Facts:
+        """The facts of this transaction as its coordinator's log shows them, for the
+        decision rule (:func:`xatm.core.decide.transaction_facts`). Its incarnation is
+        judged against the incarnations the node's log here lists (none with the shared log,
+        where every decision is in the table and a rollback is fenced there). Its age is not
+        a fact here: recovery, not an operator, aborts a live coordinator's old transaction."""
         ctx = self.ctx
-        incarnation = incarnation_of(self.gtrid)
-        fleet = ctx.fleet(dry_run=True)
-        try:
-            listed = fleet.incarnations(self.node)
-        finally:
-            fleet.close()
-        own = ctx.incarnation if self.node == ctx.node_id else None
-        if listed is None or tenure(incarnation, own, listed) != "stranger":
-            return None
-        return (
-            f"it was made by incarnation {incarnation} of node {self.node!r}, which"
-            f" {ctx.store.describe()} does not list: a process with the same node_id and"
-            " another log made it, and nothing here can tell what that process decided"
+        if self.listed is None:  # read once: the rule is asked again once the log is open
+            fleet = ctx.fleet(dry_run=True)
+            try:
+                self.listed = (fleet.incarnations(self.node), fleet.shared)
+            finally:
+                fleet.close()
+        listed, shared = self.listed
+        own = ctx.incarnation if owner == "this-process" else None
+        return transaction_facts(
+            coordinator=owner,
+            running=owner == "this-process" and ctx.running(self.gtrid) is not None,
+            made_by=tenure(incarnation_of(self.gtrid), own, listed),
+            logged=logged,
+            marker=marker,
+            shared=shared,
         )
 
     def run(self) -> Resolution:
         ctx = self.ctx
         logs = ctx.log_view()  # the node logs in a directory, or the shared log
         owner = logs.owner(self.node)
-        if owner == "this-process":
-            if ctx.running(self.gtrid) is not None:
-                self.refuse_or_note("the transaction is running in this process")
-        elif owner == "alive":
-            self.refuse_or_note(
-                f"its coordinator {self.node!r} is alive: it may be deciding right now,"
-                " and it resolves its own branches"
-            )
-        elif owner == "unknown":
-            self.refuse_or_note(
-                f"there is no log of coordinator {self.node!r} in {ctx.store.describe()}, so"
-                " nothing here can tell what it decided"
-            )
-        stranger = self._stranger()
-        if stranger is not None:
-            self.refuse_or_note(stranger)
+        # whose it is, asked of the decision rule before the log is opened: a transaction
+        # running here, a live coordinator's, one of a node with no log here, or one of a
+        # process its node's log does not list (a twin) is left alone unless forced
+        verdict = decide(self._facts(owner, Logged.NONE, Marker.NOT_FLAGGED))
+        if verdict.action is Act.LEAVE:
+            self.refuse_or_note(verdict.reason, f" (node {self.node!r}, {ctx.store.describe()})")
         with contextlib.ExitStack() as held:
             try:
                 # a dead coordinator's file log is taken over (locked) for the duration
@@ -293,37 +301,29 @@ class _Resolve:
         aborted: bool = False,
     ) -> Resolution:
         log = opened.log  # None: the coordinator's log is not held here
-        decision: Decision | None
+        logged = Logged.NONE
+        if record is not None:
+            logged = Logged.COMMIT
+        elif aborted:
+            logged = Logged.ABORT
         # A marker-flagged transaction's decision may be a row in a resource's own table
         # (xatm.participants.marker), which only the decision rule's plan reads: with no plan (none
-        # of its branches was listed then: a resource not reached), no log record is no decision
-        unread_marker = (
-            self.rule is None
-            and may_use_marker(self.gtrid)
-            and not _bugs.on("resolve_ignores_marker")
-        )
-        if record is not None or self.rule == "commit":
-            decision = "commit"
-        elif (
-            aborted
-            or self.rule == "abort"
-            or (owner in ("dead", "this-process") and not unread_marker)
-        ):
-            decision = "abort"
-        else:
-            decision = None
-        if self.why is not None:
-            self.refuse_or_note(self.why)  # the decision rule disagrees with the request
-        elif self.outcome == "rollback" and decision == "commit":
-            self.refuse_or_note(
-                "its COMMIT decision is logged: rolling it back leaves the branches committed"
-                " so far committed (a heuristic outcome)"
-            )
-        elif self.outcome == "commit" and decision != "commit":
-            self.refuse_or_note(
-                "no COMMIT decision is logged: the transaction is presumed aborted"
-                + (" and recovery will roll it back" if decision == "abort" else "")
-            )
+        # of its branches was listed then: a resource not reached), that row is unread
+        marker = Marker.NOT_FLAGGED
+        if self.rule is None and may_use_marker(self.gtrid):
+            marker = Marker.NOT_FLAGGED if _bugs.on("resolve_ignores_marker") else Marker.UNREAD
+        facts = self._facts(owner, logged, marker)
+        verdict = decide(facts)
+        decision: Decision | None = known_decision(facts, verdict)
+        why, unread = self.why, None
+        if self.rule is not None:  # what the plan said of its branches, unless logged since
+            decision = "commit" if record is not None else self.rule
+        elif why is None:  # the plan listed no branch: the same rule, from the log alone
+            why = judge_request(verdict, Act(self.outcome))
+            if why is not None and self.outcome == "rollback" and marker is Marker.UNREAD:
+                why, unread = None, why  # asked once a branch is found to roll back
+        if why is not None:
+            self.refuse_or_note(why)
         branches = self._find()
         if not branches and record is None:
             where = ", ".join(sorted(self.unreachable))
@@ -332,12 +332,8 @@ class _Resolve:
                 + (f" (not reached: {where})" if where else "")
                 + " and no pending decision: nothing to resolve"
             )
-        if self.outcome == "rollback" and decision is None and unread_marker:
-            self.refuse_or_note(
-                "its decision may be a commit-marker row, and the resources that list its"
-                " branches were not all reached when the decision rule was asked (run the"
-                " command again once they are)"
-            )
+        if unread is not None:
+            self.refuse_or_note(unread)
         self.record_overrides()
         if self.outcome == "rollback" and record is None and not aborted:
             # fence it where the log can (the shared log): an ABORT row makes a late COMMIT
