@@ -21,6 +21,7 @@ import pytest
 from click.testing import CliRunner
 
 from tests.support import Bank, MakeTM, connect, run
+from tests.support.recovery import crash
 from xatm import TransactionManager
 from xatm.cli.main import main
 from xatm.core.xid import parse_gtrid
@@ -454,3 +455,45 @@ def test_a_retention_must_be_a_number(make_tm: MakeTM) -> None:
 
     with pytest.raises(ConfigurationError, match="decision_retention"):
         make_tm(node_id="fo-bad", decision_retention=-1)
+
+
+@pytest.mark.parametrize("log_kind", ["file", "shared"])
+def test_a_branch_a_failover_brings_back_after_a_hand_rollback_is_not_committed(
+    ha: PostgresPair,
+    books: Bank,
+    make_tm: MakeTM,
+    tmp_path: Path,
+    log_kind: str,
+    log_url: str,
+) -> None:
+    """An operator rolled back by hand (forced) a transaction decided COMMIT, on both
+    databases; asynchronous replication lost PostgreSQL's ROLLBACK PREPARED, and the
+    standby is promoted: the branch is prepared again. Committing it from the retained
+    decision would split the transaction (MariaDB's branch is rolled back): the decision
+    was overruled, so recovery rolls it back again."""
+    urls = {"pg": ha.url(), "maria": books.urls["maria"]}
+    log: Path | str = tmp_path / "log" if log_kind == "file" else log_url
+    extra: dict[str, Any] = {"log": log_url} if log_kind == "shared" else {}
+    gtrid = crash(
+        books, log, f"fo-heur-{log_kind}", "after_decision", ("pg", "maria"), "hr", urls=urls
+    )
+    ha.wait_replayed()  # the PREPARE is on the standby
+    ha.replication.pause()  # the hand rollback is not
+    ops = make_tm(node_id=f"fo-ops-{log_kind}", resources=urls, sweeper=False, **extra)
+    res = ops.resolve(gtrid, "rollback", force=True, actor="cli:test")
+    assert res.complete and {a.resource for a in res.actions if a.action == "rollback"} == {
+        "pg",
+        "maria",
+    }
+    fail_over(ha, books)
+    assert [x.gtrid for x in books.xatm_prepared_on("pg")] == [gtrid]  # it came back
+    reports = settle(ops)
+    acted = [
+        (a.resource, a.action)
+        for r in reports
+        for a in r.actions
+        if a.gtrid == gtrid and a.action in ("commit", "rollback")
+    ]
+    assert acted == [("pg", "rollback")]
+    assert books.journal_ids() == {"pg": set(), "maria": set()}
+    assert books.xatm_prepared() == {"pg": [], "maria": []}

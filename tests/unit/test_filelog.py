@@ -110,7 +110,7 @@ def test_record_round_trip() -> None:
 @pytest.mark.parametrize(
     "payload",
     [
-        b'{"k":"ABORT","g":"x"}',
+        b'{"k":"PREPARE","g":"x"}',
         b'{"k":"END","g":7}',
         b'{"g":"x"}',
         b"not json",
@@ -194,6 +194,26 @@ def test_end_removes_the_commit_after_reopen(logdir: Path, opened: list[FileLog]
     log.flush()
     log = reopen(opened, log)
     assert log.pending() == {}
+
+
+def test_an_overruled_commit_is_neither_pending_nor_retained(
+    logdir: Path, opened: list[FileLog]
+) -> None:
+    """An operator's hand rollback of a decided transaction (``log_overrule``): an ABORT
+    record, durable when the call returns, that ends the COMMIT's pending life and its
+    retention (an ENDed COMMIT stays retained: a failover may need it)."""
+    log = open_log(opened, logdir, retain=3600.0)
+    for i in (1, 2):
+        log.log_commit(gtrid(i), ["pg1", "maria"])
+    log.log_overrule(gtrid(1), by="cli:test")  # forced: on disk now
+    assert set(log.pending()) == {gtrid(2)}
+    assert set(read_log(logdir / NODE).pending) == {gtrid(2)}  # read from the disk
+    log.log_end(gtrid(2))
+    log = reopen(opened, log, retain=3600.0)
+    assert log.pending() == {}
+    assert set(retained_decisions(logdir / NODE).decisions) == {gtrid(2)}
+    record = LogRecord("ABORT", gtrid(1))
+    assert LogRecord.decode(record.encode()[HEADER.size :]) == record
 
 
 def test_closed_log_refuses_decisions(logdir: Path, opened: list[FileLog]) -> None:

@@ -1,6 +1,6 @@
 """Coordinator log records and their framing on disk.
 
-A log holds two kinds of record (presumed abort: an abort is never logged by the
+A log holds three kinds of record (presumed abort: an abort is never logged by the
 coordinator):
 
 ``COMMIT``  the global commit decision for one gtrid, with the names of the resources that
@@ -8,6 +8,11 @@ coordinator):
             branch). Forced to disk before any branch is committed.
 ``END``     every branch of that gtrid is committed; the COMMIT record is no longer needed.
             Written lazily: losing it only makes recovery check the branches once more.
+``ABORT``   an operator rolled back that gtrid by hand although its COMMIT decision is
+            logged (``xatm rollback --force``: a heuristic outcome). Forced to disk before
+            any branch is rolled back, it overrules the COMMIT: the decision is no longer
+            pending (recovery rolls back what is left), and it is not retained (a branch a
+            failover brings back prepared is not committed from it).
 
 On disk every record is framed as ``<length:u32 LE><crc32:u32 LE><payload>``, where the
 payload is compact JSON. A frame whose length is 0, over :data:`MAX_PAYLOAD` or runs past the
@@ -32,7 +37,7 @@ HEADER = struct.Struct("<II")
 #: a frame longer than this is treated as corruption, not allocated
 MAX_PAYLOAD = 1 << 20
 
-RecordKind = Literal["COMMIT", "END"]
+RecordKind = Literal["COMMIT", "END", "ABORT"]
 
 #: compact JSON (``json.dumps`` with these separators would build an encoder per call)
 _JSON = json.JSONEncoder(separators=(",", ":"))
@@ -82,7 +87,7 @@ class LogRecord:
         if not isinstance(body, dict):
             raise ValueError("a record is not a JSON object")
         kind = body.get("k")
-        if kind not in ("COMMIT", "END"):
+        if kind not in ("COMMIT", "END", "ABORT"):
             raise ValueError(f"unknown record kind {str(kind)[:40]!r}")
         gtrid = body.get("g")
         if not isinstance(gtrid, str):

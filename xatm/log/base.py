@@ -53,6 +53,10 @@ class CoordinatorLog(Protocol):
     def log_end(self, gtrid: str) -> None:
         """Record (lazily) that every branch of ``gtrid`` is committed."""
 
+    def log_overrule(self, gtrid: str, by: str) -> None:
+        """Replace the COMMIT decision of ``gtrid`` with ABORT, durably (an operator rolls
+        it back by hand: a heuristic outcome): it is no longer pending, nor retained."""
+
     def pending(self) -> Mapping[str, LogRecord]:
         """A snapshot of COMMIT records with no END yet, by gtrid."""
 

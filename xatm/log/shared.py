@@ -470,6 +470,20 @@ class PostgresLog:
             self.flush()
 
     @_log_errors
+    def log_overrule(self, gtrid: str, by: str) -> None:
+        """The COMMIT row of ``gtrid`` becomes an ABORT row (an operator rolls it back by
+        hand: a heuristic outcome), committed before this returns: no longer pending, nor
+        retained; recovery rolls back what is left."""
+        with self._read_lock:
+            self._reader.execute(
+                self._q(
+                    "UPDATE {schema}.decisions SET decision = 'A', decided_by = %s,"
+                    " ended_at = NULL WHERE gtrid = %s AND decision = 'C'"
+                ),
+                (by, gtrid),
+            )
+
+    @_log_errors
     def log_abort(self, gtrid: str, by: str) -> Abort:
         """Try to log ABORT for ``gtrid``; return the decision that holds ('C' or 'A'), or
         ``"busy"`` when the write gave up waiting (another session is inserting a decision

@@ -20,8 +20,10 @@ Everything else is refused (:class:`ResolutionRefused`, saying why) unless ``for
 With the coordinator dead, its log is taken over (locked) for the duration, so no sweeper
 acts on the same transaction at the same time, and the forced outcome is made durable
 first: a forced commit logs a COMMIT decision before committing any branch, a forced
-rollback closes the COMMIT record once the branches are rolled back, so that recovery
-finishes any branch left on an unreachable resource the same way. Every branch acted on,
+rollback of a transaction decided COMMIT overrules that decision (an ABORT record) before
+rolling back any branch, so that recovery finishes any branch left on an unreachable
+resource the same way, and a branch a failover brings back prepared is not committed from
+the overruled decision. Every branch acted on,
 every refusal overridden and every heuristic outcome goes to the audit trail.
 """
 
@@ -51,8 +53,8 @@ from xatm.core.records import LogRecord
 from xatm.core.report import RecoveryAction, RecoveryReport
 from xatm.core.urls import redact
 from xatm.core.xid import Xid, incarnation_of, may_use_marker, parse_gtrid
-from xatm.errors import LogLocked, ResourceError, XatmError
-from xatm.log.base import DecisionNotLogged, OwnerState
+from xatm.errors import LogError, LogLocked, ResourceError, XatmError
+from xatm.log.base import CoordinatorLog, DecisionNotLogged, OwnerState
 from xatm.log.view import OpenedLog
 from xatm.ops.inspect import Decision, validate_gtrid
 from xatm.recovery.phase2 import Carried, carry_out
@@ -355,6 +357,11 @@ class _Resolve:
                 )
             if answer is not None:
                 self.audit("", "decide", "manual rollback: ABORT decision logged", "done")
+        overruled = (
+            self.outcome == "rollback" and record is not None and bool(branches or self.unreachable)
+        )
+        if overruled:
+            self._overrule(log)
         if self.outcome == "commit" and record is None and log is not None and branches:
             # make the forced decision durable first: recovery then finishes the rest alike
             resources = sorted(set(branches) | set(self.unreachable))
@@ -394,9 +401,11 @@ class _Resolve:
                     RecoveryAction(self.gtrid, "", "", "end", "every branch finished", "done")
                 )
         elif self.unreachable:
+            later = " as decided" if log is not None else ""
+            if overruled and log is not None:
+                later = ", rolled back (the COMMIT decision is overruled)"
             self.notes.append(
-                "some resources were not reached: recovery finishes their branches later"
-                + (" as decided" if log is not None else "")
+                "some resources were not reached: recovery finishes their branches later" + later
             )
         return Resolution(
             gtrid=self.gtrid,
@@ -408,6 +417,26 @@ class _Resolve:
             unreachable=tuple(sorted(self.unreachable.items())),
             notes=tuple(self.notes),
         )
+
+    def _overrule(self, log: CoordinatorLog | None) -> None:
+        """Before a branch of a transaction decided COMMIT is rolled back by hand: replace the
+        decision with ABORT, durably, so that recovery rolls back the branches not reached
+        now, and a branch a failover brings back prepared is not committed from the decision
+        (``log_overrule``). A live coordinator's log is not held here: noted."""
+        if log is None:
+            self.notes.append(
+                "its COMMIT decision could not be overruled (its log is not held here): its"
+                " coordinator may commit the branches not rolled back now"
+            )
+            return
+        try:
+            log.log_overrule(self.gtrid, by=self.actor)
+        except LogError as e:
+            raise ResolutionRefused(
+                f"refused to roll back {self.gtrid}: its COMMIT decision could not be"
+                f" overruled in the log ({e}); nothing was rolled back"
+            ) from None
+        self.audit("", "decide", "manual rollback: COMMIT decision overruled (ABORT)", "done")
 
     def _find(self) -> dict[str, Xid]:
         """The resources holding a prepared branch of this gtrid, and its XID there."""

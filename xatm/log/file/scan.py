@@ -191,4 +191,6 @@ def retained_decisions(node_dir: Path) -> Retained:
         for record in scan.records:
             if record.kind == "COMMIT":
                 out[record.gtrid] = record
+            elif record.kind == "ABORT":  # overruled by hand: not a decision any more
+                out.pop(record.gtrid, None)
     return Retained(out, since)

@@ -185,6 +185,10 @@ class FileLog:
         # Queued without taking the lock that committers wait on: the next flush writes it.
         self._ends.append((gtrid, LogRecord("END", gtrid).encode()))
 
+    def log_overrule(self, gtrid: str, by: str) -> None:
+        # forced like a COMMIT: the operator's branches are rolled back only once it is durable
+        self._append(LogRecord("ABORT", gtrid), force=True)
+
     def append_commit(
         self,
         gtrid: str,

@@ -1,0 +1,88 @@
+"""An operator rolls back by hand a transaction whose COMMIT decision is logged (``xatm
+rollback --force``: a heuristic outcome), while one of its databases does not answer.
+
+The operator's choice must hold for the branches not reached: before the fix, the COMMIT
+decision stayed pending and recovery committed the branch on the database that came back,
+after the operator had rolled back the other: a split made by xatm, reported by recovery
+itself as a heuristic outcome. Now the decision is overruled in the log (an ABORT record,
+forced before any branch is rolled back; with the shared log the row becomes an ABORT row),
+and recovery rolls the rest back. Real servers; the silent database is behind a TCP proxy
+that drops everything; the coordinator is a real process SIGKILLed after its decision.
+The same overruling keeps a branch a failover brings back from being committed from the
+decision: ``tests/field/test_failover.py``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.support import Bank, MakeTM, run
+from tests.support.omission import BlackholeProxy
+from tests.support.recovery import crash
+from xatm.log.file import read_log, retained_decisions
+
+
+@pytest.mark.parametrize("log_kind", ["file", "shared"])
+def test_a_hand_rollback_of_a_decided_transaction_holds_for_the_branch_not_reached(
+    log_kind: str, bank: Bank, make_tm: MakeTM, tmp_path: Path, log_url: str
+) -> None:
+    log: Path | str = tmp_path / "log" if log_kind == "file" else log_url
+    node = f"hdead-{log_kind}"
+    gtrid = crash(bank, log, node, "after_decision", ("pg1", "maria"), f"h-{log_kind}")
+    assert {r: len(v) for r, v in bank.xatm_prepared().items()} == {"pg1": 1, "pg2": 0, "maria": 1}
+    proxy = BlackholeProxy(bank.urls["maria"])
+    proxy.blackhole()  # MariaDB does not answer the operator
+    try:
+        ops = make_tm(
+            node_id=f"hops-{log_kind}",
+            log=log,
+            resources={**bank.urls, "maria": proxy.url},
+            timeout=3,
+            sweeper=False,
+        )
+        res = ops.resolve(gtrid, "rollback", force=True, actor="cli:test")
+        assert [(a.resource, a.action) for a in res.actions if a.outcome == "done"] == [
+            ("pg1", "rollback")
+        ]
+        assert [r for r, _ in res.unreachable] == ["maria"]
+        assert any("overruled" in n for n in res.notes), res.notes
+        decided = [(e.action, e.reason) for e in ops.audit_trail(gtrid) if e.action == "decide"]
+        assert decided == [("decide", "manual rollback: COMMIT decision overruled (ABORT)")]
+        ops.close()
+    finally:
+        proxy.close()
+    if log_kind == "file":
+        assert gtrid not in read_log(Path(log) / node).pending  # overruled: not pending
+    # MariaDB answers again: recovery follows the operator, not the overruled decision
+    tm = make_tm(node_id=f"hrec-{log_kind}", log=log, sweeper=False)
+    report = tm.recover()
+    assert report.committed == 0 and report.heuristics == 0, report.actions
+    assert [(a.resource, a.action) for a in report.actions if a.gtrid == gtrid] == [
+        ("maria", "rollback")
+    ]
+    assert bank.journal_ids() == {"pg1": set(), "pg2": set(), "maria": set()}
+    assert bank.total() == bank.initial_total
+    assert bank.xatm_prepared() == {"pg1": [], "pg2": [], "maria": []}
+
+
+def test_a_rollback_that_finds_every_branch_committed_overrules_nothing(
+    bank: Bank, make_tm: MakeTM, tmp_path: Path
+) -> None:
+    """A forced rollback of a decided transaction that finds no branch prepared and reaches
+    every database rolls nothing back, so it overrules nothing: the transaction committed
+    everywhere, its decision ends and stays retained (a failover may yet bring a branch
+    back, to be committed from it)."""
+    log = tmp_path / "log"
+    gtrid = crash(bank, log, "hdone", "after_decision", ("pg1", "pg2"), "hd", account=2)
+    for name in ("pg1", "pg2"):  # finished by someone else meanwhile
+        (xid,) = [x for x in bank.xatm_prepared()[name] if x.gtrid == gtrid]
+        run(bank.conns[name], f"COMMIT PREPARED '{xid.to_pg_gid()}'")
+    ops = make_tm(node_id="hops2", log=log, sweeper=False)
+    res = ops.resolve(gtrid, "rollback", force=True, actor="cli:test")
+    assert not [a for a in res.actions if a.action in ("rollback", "heuristic")]
+    assert [e.action for e in ops.audit_trail(gtrid) if e.action == "decide"] == []
+    assert gtrid not in read_log(log / "hdone").pending  # ended
+    assert gtrid in retained_decisions(log / "hdone").decisions  # and still retained
+    assert bank.journal_ids()["pg1"] == bank.journal_ids()["pg2"] == {"hd"}
