@@ -86,3 +86,47 @@ def test_a_rollback_that_finds_every_branch_committed_overrules_nothing(
     assert gtrid not in read_log(log / "hdone").pending  # ended
     assert gtrid in retained_decisions(log / "hdone").decisions  # and still retained
     assert bank.journal_ids()["pg1"] == bank.journal_ids()["pg2"] == {"hd"}
+
+
+def test_a_hand_rollback_overrules_a_commit_marker_decision_row(
+    bank: Bank, make_tm: MakeTM, tmp_path: Path
+) -> None:
+    """On the commit-marker path the decision is a row in the marker branch's database
+    (committed with that branch's own work: a rollback by hand after it is a heuristic
+    outcome whatever happens). The row becomes an abort row before any branch is rolled
+    back, so the branch on the database not reached is rolled back later too, as the
+    operator asked, not committed from the row."""
+    log = tmp_path / "log"
+    resources = ("pg1", "pg2", "maria")
+    gtrid = crash(bank, log, "hmark", "after_decision", resources, "hm", markers=("pg1",))
+    prepared = {r: len(v) for r, v in bank.xatm_prepared().items()}
+    assert prepared == {"pg1": 0, "pg2": 1, "maria": 1}  # pg1 committed: the decision row
+    proxy = BlackholeProxy(bank.urls["maria"])
+    proxy.blackhole()
+    try:
+        ops = make_tm(
+            node_id="hops3",
+            log=log,
+            resources={**bank.urls, "maria": proxy.url},
+            timeout=3,
+            sweeper=False,
+        )
+        res = ops.resolve(gtrid, "rollback", force=True, actor="cli:test")
+        assert [(a.resource, a.action) for a in res.actions if a.outcome == "done"] == [
+            ("pg2", "rollback")
+        ]
+        assert [r for r, _ in res.unreachable] == ["maria"]
+        decided = [e.reason for e in ops.audit_trail(gtrid) if e.action == "decide"]
+        assert decided == ["manual rollback: commit-marker decision row overruled"]
+        ops.close()
+    finally:
+        proxy.close()
+    tm = make_tm(node_id="hrec3", log=log, sweeper=False)
+    report = tm.recover()
+    assert report.committed == 0, report.actions
+    assert [(a.resource, a.action) for a in report.actions if a.gtrid == gtrid] == [
+        ("maria", "rollback")
+    ]
+    # the marker branch's own work committed with the decision: the heuristic outcome
+    assert bank.journal_ids() == {"pg1": {"hm"}, "pg2": set(), "maria": set()}
+    assert bank.xatm_prepared() == {"pg1": [], "pg2": [], "maria": []}

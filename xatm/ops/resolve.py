@@ -57,6 +57,7 @@ from xatm.errors import LogError, LogLocked, ResourceError, XatmError
 from xatm.log.base import CoordinatorLog, DecisionNotLogged, OwnerState
 from xatm.log.view import OpenedLog
 from xatm.ops.inspect import Decision, validate_gtrid
+from xatm.recovery import markers as _marker_recovery
 from xatm.recovery.phase2 import Carried, carry_out
 from xatm.recovery.run import locked_pass
 
@@ -357,11 +358,14 @@ class _Resolve:
                 )
             if answer is not None:
                 self.audit("", "decide", "manual rollback: ABORT decision logged", "done")
+        # a rollback by hand of what may be decided COMMIT: the decision is overruled first
         overruled = (
-            self.outcome == "rollback" and record is not None and bool(branches or self.unreachable)
+            self.outcome == "rollback"
+            and (decision == "commit" or (decision is None and may_use_marker(self.gtrid)))
+            and bool(branches or self.unreachable)
         )
         if overruled:
-            self._overrule(log)
+            self._overrule(log, record, certain=decision == "commit")
         if self.outcome == "commit" and record is None and log is not None and branches:
             # make the forced decision durable first: recovery then finishes the rest alike
             resources = sorted(set(branches) | set(self.unreachable))
@@ -418,11 +422,20 @@ class _Resolve:
             notes=tuple(self.notes),
         )
 
-    def _overrule(self, log: CoordinatorLog | None) -> None:
+    def _overrule(
+        self, log: CoordinatorLog | None, record: LogRecord | None, *, certain: bool
+    ) -> None:
         """Before a branch of a transaction decided COMMIT is rolled back by hand: replace the
         decision with ABORT, durably, so that recovery rolls back the branches not reached
-        now, and a branch a failover brings back prepared is not committed from the decision
-        (``log_overrule``). A live coordinator's log is not held here: noted."""
+        now, and a branch a failover brings back prepared is not committed from the decision:
+        the log's COMMIT record (``log_overrule``), or else its commit-marker decision row
+        (``overrule_row``, on every resource that may hold it). A live coordinator's log is
+        not held here: noted. Refused, with nothing rolled back, if it cannot be done, unless
+        the decision is not ``certain`` (a decision row not read, the rollback forced): then
+        noted."""
+        if record is None:
+            self._overrule_rows(certain)
+            return
         if log is None:
             self.notes.append(
                 "its COMMIT decision could not be overruled (its log is not held here): its"
@@ -437,6 +450,28 @@ class _Resolve:
                 f" overruled in the log ({e}); nothing was rolled back"
             ) from None
         self.audit("", "decide", "manual rollback: COMMIT decision overruled (ABORT)", "done")
+
+    def _overrule_rows(self, certain: bool) -> None:
+        """The commit-marker decision row of this transaction becomes an abort row."""
+        candidates = self.ctx.log_view().marker_resources(self.node) or frozenset()
+        for name in sorted(candidates):
+            try:
+                participant, _ = self.ctx.resources.get(name)
+                _marker_recovery.overrule_row(participant, self.gtrid)
+            except Exception as e:
+                why = f"{name!r} could not overrule it ({redact(str(e).strip())})"
+                if not certain:
+                    self.notes.append(
+                        f"a commit-marker decision row of it, if there is one, was not overruled:"
+                        f" {why}; recovery commits the branches left if the row is there"
+                    )
+                    return
+                raise ResolutionRefused(
+                    f"refused to roll back {self.gtrid}: its commit-marker decision row may be"
+                    f" there and {why}; nothing was rolled back: run the command again once"
+                    " it answers"
+                ) from None
+        self.audit("", "decide", "manual rollback: commit-marker decision row overruled", "done")
 
     def _find(self) -> dict[str, Xid]:
         """The resources holding a prepared branch of this gtrid, and its XID there."""

@@ -93,6 +93,33 @@ def _existing(rows: list[Any]) -> Probe:
     return "row"
 
 
+def overrule_row(participant: Participant, gtrid: str) -> None:
+    """Turn the decision row of ``gtrid`` on this resource, if there is one, into an abort
+    row, committed (an operator rolls the transaction back by hand although the row decided
+    COMMIT: a heuristic outcome): recovery then rolls back the branches left. Raises on a
+    connection error or a lock wait that outlasts :data:`PROBE_LOCK_WAIT`; a resource
+    without the table holds no row."""
+    conn = participant.connect()
+    try:
+        bound = PROBE_LOCK_WAIT + _deadline.GRACE
+        with _deadline.bounded(participant, conn, bound, "a decision row overruled"):
+            try:
+                participant.local_transaction(
+                    conn,
+                    [(_OVERRULE, (_marker.ABORT_PAYLOAD, time.time(), gtrid))],
+                    lock_wait=PROBE_LOCK_WAIT,
+                    commit=True,
+                )
+            except Exception as e:
+                if not participant.is_missing_table(e):
+                    raise
+    finally:
+        participant.close(conn)
+
+
+_OVERRULE = f"UPDATE {_marker.TABLE} SET branches = %s, created_at = %s WHERE gtrid = %s"
+
+
 def delete_old_fences(participant: Participant, conn: Any) -> None:
     """Delete abort rows older than ``xatm.participants.marker.ABORT_ROW_AGE``."""
     participant.execute(
