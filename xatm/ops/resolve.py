@@ -446,8 +446,9 @@ class _Resolve:
             log.log_overrule(self.gtrid, by=self.actor)
         except LogError as e:
             raise ResolutionRefused(
-                f"refused to roll back {self.gtrid}: its COMMIT decision could not be"
-                f" overruled in the log ({e}); nothing was rolled back"
+                f"refused to roll back {self.gtrid}: overruling its COMMIT decision in the log"
+                f" failed ({e}); no branch was rolled back by this command (if the overrule"
+                " reached the log all the same, recovery rolls the branches back)"
             ) from None
         self.audit("", "decide", "manual rollback: COMMIT decision overruled (ABORT)", "done")
 
