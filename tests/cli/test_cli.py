@@ -263,7 +263,7 @@ def test_forced_rollback_of_a_committed_transaction_is_a_recorded_heuristic(
     assert result.exit_code == 0, result.output
     res = json.loads(result.stdout)
     heuristics = [a for a in res["actions"] if a["action"] == "heuristic"]
-    assert len(heuristics) == left
+    assert len(heuristics) == left and res["decision_overruled"] is True
     assert not read_log(log / "app").pending  # the decision is closed: recovery agrees
     again = json.loads(xatm(config, "recover", "--json").stdout)
     assert (again["committed"], again["rolled_back"]) == (0, 0)

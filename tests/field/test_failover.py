@@ -481,10 +481,15 @@ def test_a_branch_a_failover_brings_back_after_a_hand_rollback_is_not_committed(
     ha.replication.pause()  # the hand rollback is not
     ops = make_tm(node_id=f"fo-ops-{log_kind}", resources=urls, sweeper=False, **extra)
     res = ops.resolve(gtrid, "rollback", force=True, actor="cli:test")
-    assert res.complete and {a.resource for a in res.actions if a.action == "rollback"} == {
-        "pg",
-        "maria",
-    }
+    assert (
+        res.complete
+        and res.overruled
+        and {a.resource for a in res.actions if a.action == "rollback"}
+        == {
+            "pg",
+            "maria",
+        }
+    )
     fail_over(ha, books)
     assert [x.gtrid for x in books.xatm_prepared_on("pg")] == [gtrid]  # it came back
     reports = settle(ops)

@@ -24,6 +24,35 @@ from tests.support.recovery import crash
 from xatm.log.file import read_log, retained_decisions
 
 
+def _without_maria(
+    bank: Bank, make_tm: MakeTM, log: Path | str, node: str, gtrid: str, rolled_back: str
+) -> list[str]:
+    """An operator's forced rollback of ``gtrid`` through a manager whose path to MariaDB
+    drops everything; returns the audited ``decide`` reasons. One branch, ``rolled_back``,
+    is reached and rolled back; MariaDB's is not reached."""
+    proxy = BlackholeProxy(bank.urls["maria"])
+    proxy.blackhole()  # MariaDB does not answer the operator
+    try:
+        ops = make_tm(
+            node_id=node,
+            log=log,
+            resources={**bank.urls, "maria": proxy.url},
+            timeout=3,
+            sweeper=False,
+        )
+        res = ops.resolve(gtrid, "rollback", force=True, actor="cli:test")
+        assert [(a.resource, a.action) for a in res.actions if a.outcome == "done"] == [
+            (rolled_back, "rollback")
+        ]
+        assert [r for r, _ in res.unreachable] == ["maria"]
+        assert res.overruled and any("overruled" in n for n in res.notes), res.notes
+        decided = [e.reason for e in ops.audit_trail(gtrid) if e.action == "decide"]
+        ops.close()
+        return decided
+    finally:
+        proxy.close()
+
+
 @pytest.mark.parametrize("log_kind", ["file", "shared"])
 def test_a_hand_rollback_of_a_decided_transaction_holds_for_the_branch_not_reached(
     log_kind: str, bank: Bank, make_tm: MakeTM, tmp_path: Path, log_url: str
@@ -32,27 +61,8 @@ def test_a_hand_rollback_of_a_decided_transaction_holds_for_the_branch_not_reach
     node = f"hdead-{log_kind}"
     gtrid = crash(bank, log, node, "after_decision", ("pg1", "maria"), f"h-{log_kind}")
     assert {r: len(v) for r, v in bank.xatm_prepared().items()} == {"pg1": 1, "pg2": 0, "maria": 1}
-    proxy = BlackholeProxy(bank.urls["maria"])
-    proxy.blackhole()  # MariaDB does not answer the operator
-    try:
-        ops = make_tm(
-            node_id=f"hops-{log_kind}",
-            log=log,
-            resources={**bank.urls, "maria": proxy.url},
-            timeout=3,
-            sweeper=False,
-        )
-        res = ops.resolve(gtrid, "rollback", force=True, actor="cli:test")
-        assert [(a.resource, a.action) for a in res.actions if a.outcome == "done"] == [
-            ("pg1", "rollback")
-        ]
-        assert [r for r, _ in res.unreachable] == ["maria"]
-        assert any("overruled" in n for n in res.notes), res.notes
-        decided = [(e.action, e.reason) for e in ops.audit_trail(gtrid) if e.action == "decide"]
-        assert decided == [("decide", "manual rollback: COMMIT decision overruled (ABORT)")]
-        ops.close()
-    finally:
-        proxy.close()
+    decided = _without_maria(bank, make_tm, log, f"hops-{log_kind}", gtrid, "pg1")
+    assert decided == ["manual rollback: COMMIT decision overruled (ABORT)"]
     if log_kind == "file":
         assert gtrid not in read_log(Path(log) / node).pending  # overruled: not pending
     # MariaDB answers again: recovery follows the operator, not the overruled decision
@@ -82,6 +92,7 @@ def test_a_rollback_that_finds_every_branch_committed_overrules_nothing(
     ops = make_tm(node_id="hops2", log=log, sweeper=False)
     res = ops.resolve(gtrid, "rollback", force=True, actor="cli:test")
     assert not [a for a in res.actions if a.action in ("rollback", "heuristic")]
+    assert not res.overruled
     assert [e.action for e in ops.audit_trail(gtrid) if e.action == "decide"] == []
     assert gtrid not in read_log(log / "hdone").pending  # ended
     assert gtrid in retained_decisions(log / "hdone").decisions  # and still retained
@@ -101,26 +112,8 @@ def test_a_hand_rollback_overrules_a_commit_marker_decision_row(
     gtrid = crash(bank, log, "hmark", "after_decision", resources, "hm", markers=("pg1",))
     prepared = {r: len(v) for r, v in bank.xatm_prepared().items()}
     assert prepared == {"pg1": 0, "pg2": 1, "maria": 1}  # pg1 committed: the decision row
-    proxy = BlackholeProxy(bank.urls["maria"])
-    proxy.blackhole()
-    try:
-        ops = make_tm(
-            node_id="hops3",
-            log=log,
-            resources={**bank.urls, "maria": proxy.url},
-            timeout=3,
-            sweeper=False,
-        )
-        res = ops.resolve(gtrid, "rollback", force=True, actor="cli:test")
-        assert [(a.resource, a.action) for a in res.actions if a.outcome == "done"] == [
-            ("pg2", "rollback")
-        ]
-        assert [r for r, _ in res.unreachable] == ["maria"]
-        decided = [e.reason for e in ops.audit_trail(gtrid) if e.action == "decide"]
-        assert decided == ["manual rollback: commit-marker decision row overruled"]
-        ops.close()
-    finally:
-        proxy.close()
+    decided = _without_maria(bank, make_tm, log, "hops3", gtrid, "pg2")
+    assert decided == ["manual rollback: commit-marker decision row overruled"]
     tm = make_tm(node_id="hrec3", log=log, sweeper=False)
     report = tm.recover()
     assert report.committed == 0, report.actions

@@ -335,6 +335,8 @@ class World:
         self.acked_set: set[str] = set()
         self.refused_set: set[str] = set()
         self.exempt: set[str] = set()
+        #: rolled back by hand with force, their COMMIT decision overruled (a dead owner's)
+        self.overruled: set[str] = set()
         self.coords: list[Coordinator] = []
         self.stop_load = False
         self.faults_on = True
@@ -366,6 +368,10 @@ class World:
             who = self.sched.current.name if self.sched.current is not None else "server"
             what = "commit" if o == "C" else "rollback"
             self.note(f"{res}: {what} {gtrid} ({txn.state}) by {who}")
+        if o == "C" and gtrid in self.overruled and self.sched.current is not None:
+            self._raise_later(
+                "overruled-committed", f"{gtrid}: {res} committed after a hand rollback"
+            )
         if gtrid in self.exempt:
             return
         if (o == "R" and "C" in d.values()) or (o == "C" and "R" in d.values()):
@@ -745,7 +751,11 @@ class World:
             self.exempt.add(gtrid)  # the operator overrides the rule: a split is theirs
             self.note(f"OPERATOR {outcome} --force {gtrid}")
             with contextlib.suppress(XatmError):
-                resolve(ctx, gtrid, outcome, force=True, actor="operator")
+                res = resolve(ctx, gtrid, outcome, force=True, actor="operator")
+                if res.overruled and res.owner == "dead":
+                    # but from now on the operator's rollback holds: nothing commits it
+                    self.overruled.add(gtrid)
+                    self.note(f"OPERATOR rollback --force {gtrid}: COMMIT overruled")
 
         self.sched.spawn(op, co.proc, f"{co.proc.name}/operator")
 

@@ -87,6 +87,9 @@ class Resolution:
     actions: tuple[RecoveryAction, ...]
     unreachable: tuple[tuple[str, str], ...]
     notes: tuple[str, ...]
+    #: a rollback by hand of a transaction decided COMMIT replaced the decision with ABORT
+    #: (the log's record, or the commit-marker row): recovery rolls back what is left
+    overruled: bool = False
 
     @property
     def complete(self) -> bool:
@@ -106,6 +109,7 @@ class Resolution:
             "actions": [a.to_json() for a in self.actions],
             "unreachable": [{"resource": r, "error": m} for r, m in self.unreachable],
             "notes": list(self.notes),
+            "decision_overruled": self.overruled,
         }
 
 
@@ -365,7 +369,7 @@ class _Resolve:
             and bool(branches or self.unreachable)
         )
         if overruled:
-            self._overrule(log, record, certain=decision == "commit")
+            overruled = self._overrule(log, record, certain=decision == "commit")
         if self.outcome == "commit" and record is None and log is not None and branches:
             # make the forced decision durable first: recovery then finishes the rest alike
             resources = sorted(set(branches) | set(self.unreachable))
@@ -420,11 +424,12 @@ class _Resolve:
             actions=tuple(self.actions),
             unreachable=tuple(sorted(self.unreachable.items())),
             notes=tuple(self.notes),
+            overruled=overruled,
         )
 
     def _overrule(
         self, log: CoordinatorLog | None, record: LogRecord | None, *, certain: bool
-    ) -> None:
+    ) -> bool:
         """Before a branch of a transaction decided COMMIT is rolled back by hand: replace the
         decision with ABORT, durably, so that recovery rolls back the branches not reached
         now, and a branch a failover brings back prepared is not committed from the decision:
@@ -432,16 +437,15 @@ class _Resolve:
         (``overrule_row``, on every resource that may hold it). A live coordinator's log is
         not held here: noted. Refused, with nothing rolled back, if it cannot be done, unless
         the decision is not ``certain`` (a decision row not read, the rollback forced): then
-        noted."""
+        noted. True once overruled."""
         if record is None:
-            self._overrule_rows(certain)
-            return
+            return self._overrule_rows(certain)
         if log is None:
             self.notes.append(
                 "its COMMIT decision could not be overruled (its log is not held here): its"
                 " coordinator may commit the branches not rolled back now"
             )
-            return
+            return False
         try:
             log.log_overrule(self.gtrid, by=self.actor)
         except LogError as e:
@@ -451,10 +455,13 @@ class _Resolve:
                 " reached the log all the same, recovery rolls the branches back)"
             ) from None
         self.audit("", "decide", "manual rollback: COMMIT decision overruled (ABORT)", "done")
+        return True
 
-    def _overrule_rows(self, certain: bool) -> None:
-        """The commit-marker decision row of this transaction becomes an abort row."""
-        candidates = self.ctx.log_view().marker_resources(self.node) or frozenset()
+    def _overrule_rows(self, certain: bool) -> bool:
+        """The commit-marker decision row of this transaction becomes an abort row, on the
+        node's recorded commit-marker resources (every resource here if none is recorded)."""
+        ctx = self.ctx
+        candidates = ctx.log_view().marker_resources(self.node) or frozenset(ctx.resources.names)
         for name in sorted(candidates):
             try:
                 participant, _ = self.ctx.resources.get(name)
@@ -466,13 +473,14 @@ class _Resolve:
                         f"a commit-marker decision row of it, if there is one, was not overruled:"
                         f" {why}; recovery commits the branches left if the row is there"
                     )
-                    return
+                    return False
                 raise ResolutionRefused(
                     f"refused to roll back {self.gtrid}: its commit-marker decision row may be"
                     f" there and {why}; nothing was rolled back: run the command again once"
                     " it answers"
                 ) from None
         self.audit("", "decide", "manual rollback: commit-marker decision row overruled", "done")
+        return True
 
     def _find(self) -> dict[str, Xid]:
         """The resources holding a prepared branch of this gtrid, and its XID there."""

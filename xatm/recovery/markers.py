@@ -19,12 +19,14 @@ decisions (``xatm.participants.marker.read`` skips them) and are deleted after
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
+from collections.abc import Iterator
 from typing import Any, Literal
 
 from xatm.core import deadline as _deadline
-from xatm.core.participant import Participant
+from xatm.core.participant import Participant, Statement
 from xatm.core.records import LogRecord
 from xatm.participants import marker as _marker
 
@@ -56,30 +58,51 @@ def probe_row(participant: Participant, gtrid: str, *, fence: bool = True) -> Pr
     flight and, with ``fence``, leaves a committed abort row behind when there is none (see
     the module docstring). Raises on a connection error or a lock wait that outlasts
     :data:`PROBE_LOCK_WAIT` (the answer is then unknown)."""
-    conn = participant.connect()  # its own connection: session settings stay here
-    try:
-        bound = PROBE_LOCK_WAIT + _deadline.GRACE
-        with _deadline.bounded(participant, conn, bound, "a decision-row probe"):
-            try:
-                participant.local_transaction(
-                    conn,
-                    [(_INSERT, (gtrid, _marker.ABORT_PAYLOAD, time.time()))],
-                    lock_wait=PROBE_LOCK_WAIT,
-                    commit=fence,
-                )
-            except Exception as e:
-                if participant.is_duplicate_key(e):
-                    cur = participant.execute(conn, _PAYLOAD, (gtrid,))
-                    try:
-                        return _existing(cur.fetchall())
-                    finally:
-                        cur.close()
-                if participant.is_missing_table(e):
-                    return "no-table"
+    with _session(participant, "a decision-row probe") as conn:
+        try:
+            _write(participant, conn, (_INSERT, (gtrid, _marker.ABORT_PAYLOAD, time.time())), fence)
+        except Exception as e:
+            if participant.is_duplicate_key(e):
+                cur = participant.execute(conn, _PAYLOAD, (gtrid,))
+                try:
+                    return _existing(cur.fetchall())
+                finally:
+                    cur.close()
+            if participant.is_missing_table(e):
+                return "no-table"
+            raise
+        return "no-row"
+
+
+def overrule_row(participant: Participant, gtrid: str) -> None:
+    """Turn the decision row of ``gtrid`` on this resource, if there is one, into an abort
+    row, committed (an operator rolls the transaction back by hand although the row decided
+    COMMIT: a heuristic outcome): recovery then rolls back the branches left. Raises on a
+    connection error or a lock wait that outlasts :data:`PROBE_LOCK_WAIT`; a resource
+    without the table holds no row."""
+    with _session(participant, "a decision row overruled") as conn:
+        try:
+            _write(participant, conn, (_OVERRULE, (_marker.ABORT_PAYLOAD, time.time(), gtrid)))
+        except Exception as e:
+            if not participant.is_missing_table(e):
                 raise
-            return "no-row"
+
+
+@contextlib.contextmanager
+def _session(participant: Participant, what: str) -> Iterator[Any]:
+    """A connection of its own (its session settings stay there), every call on it bounded
+    by :data:`PROBE_LOCK_WAIT` and the deadline's grace; closed afterwards."""
+    conn = participant.connect()
+    try:
+        with _deadline.bounded(participant, conn, PROBE_LOCK_WAIT + _deadline.GRACE, what):
+            yield conn
     finally:
         participant.close(conn)
+
+
+def _write(participant: Participant, conn: Any, statement: Statement, commit: bool = True) -> None:
+    """``statement`` in a local transaction of its own, its lock waits bounded."""
+    participant.local_transaction(conn, [statement], lock_wait=PROBE_LOCK_WAIT, commit=commit)
 
 
 _INSERT = f"INSERT INTO {_marker.TABLE} (gtrid, branches, created_at) VALUES (%s, %s, %s)"
@@ -91,30 +114,6 @@ def _existing(rows: list[Any]) -> Probe:
     if rows and json.loads(rows[0][0]).get("abort"):
         return "no-row"
     return "row"
-
-
-def overrule_row(participant: Participant, gtrid: str) -> None:
-    """Turn the decision row of ``gtrid`` on this resource, if there is one, into an abort
-    row, committed (an operator rolls the transaction back by hand although the row decided
-    COMMIT: a heuristic outcome): recovery then rolls back the branches left. Raises on a
-    connection error or a lock wait that outlasts :data:`PROBE_LOCK_WAIT`; a resource
-    without the table holds no row."""
-    conn = participant.connect()
-    try:
-        bound = PROBE_LOCK_WAIT + _deadline.GRACE
-        with _deadline.bounded(participant, conn, bound, "a decision row overruled"):
-            try:
-                participant.local_transaction(
-                    conn,
-                    [(_OVERRULE, (_marker.ABORT_PAYLOAD, time.time(), gtrid))],
-                    lock_wait=PROBE_LOCK_WAIT,
-                    commit=True,
-                )
-            except Exception as e:
-                if not participant.is_missing_table(e):
-                    raise
-    finally:
-        participant.close(conn)
 
 
 _OVERRULE = f"UPDATE {_marker.TABLE} SET branches = %s, created_at = %s WHERE gtrid = %s"
