@@ -31,8 +31,8 @@ FOUND = {
     "resolve_ignores_marker": (43, 40758),
     "nota_is_gone": (8, 28165),
     "presume_before_probe": (68, 30036),
-    "twin_is_previous": (20, 35235),
-    "lock_is_proof": (20, 27028),
+    "twin_is_previous": (29, 25980),
+    "lock_is_proof": (20, 35468),
 }
 BUGS = list(FOUND)
 SEARCH = os.environ.get("XATM_SIM_SEARCH") == "1"

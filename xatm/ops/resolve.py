@@ -409,9 +409,7 @@ class _Resolve:
                     RecoveryAction(self.gtrid, "", "", "end", "every branch finished", "done")
                 )
         elif self.unreachable:
-            later = " as decided" if log is not None else ""
-            if overruled and log is not None:
-                later = ", rolled back (the COMMIT decision is overruled)"
+            later = " as decided" if log is not None and not overruled else ""
             self.notes.append(
                 "some resources were not reached: recovery finishes their branches later" + later
             )
@@ -433,13 +431,15 @@ class _Resolve:
         """Before a branch of a transaction decided COMMIT is rolled back by hand: replace the
         decision with ABORT, durably, so that recovery rolls back the branches not reached
         now, and a branch a failover brings back prepared is not committed from the decision:
-        the log's COMMIT record (``log_overrule``), or else its commit-marker decision row
-        (``overrule_row``, on every resource that may hold it). A live coordinator's log is
+        the log's COMMIT record (``log_overrule``; pending, or ended and retained), or, for a
+        commit-marker transaction with no record, its decision row (``overrule_row``, on every
+        resource that may hold it). A live coordinator's log is
         not held here: noted. Refused, with nothing rolled back, if it cannot be done, unless
         the decision is not ``certain`` (a decision row not read, the rollback forced): then
         noted. True once overruled."""
-        if record is None:
+        if record is None and may_use_marker(self.gtrid):
             return self._overrule_rows(certain)
+        # the COMMIT record: pending, or ended and retained (a failover's branch came back)
         if log is None:
             self.notes.append(
                 "its COMMIT decision could not be overruled (its log is not held here): its"
@@ -455,6 +455,10 @@ class _Resolve:
                 " reached the log all the same, recovery rolls the branches back)"
             ) from None
         self.audit("", "decide", "manual rollback: COMMIT decision overruled (ABORT)", "done")
+        self.notes.append(
+            "its COMMIT decision is overruled (an ABORT is logged): recovery rolls back any"
+            " branch of it found later"
+        )
         return True
 
     def _overrule_rows(self, certain: bool) -> bool:
@@ -480,6 +484,10 @@ class _Resolve:
                     " it answers"
                 ) from None
         self.audit("", "decide", "manual rollback: commit-marker decision row overruled", "done")
+        self.notes.append(
+            "its commit-marker decision row is overruled (an abort row now, if there was one):"
+            " recovery rolls back any branch of it found later"
+        )
         return True
 
     def _find(self) -> dict[str, Xid]:
