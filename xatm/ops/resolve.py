@@ -454,12 +454,7 @@ class _Resolve:
                 f" failed ({e}); no branch was rolled back by this command (if the overrule"
                 " reached the log all the same, recovery rolls the branches back)"
             ) from None
-        self.audit("", "decide", "manual rollback: COMMIT decision overruled (ABORT)", "done")
-        self.notes.append(
-            "its COMMIT decision is overruled (an ABORT is logged): recovery rolls back any"
-            " branch of it found later"
-        )
-        return True
+        return self._overruled("COMMIT decision", " (ABORT)", "an ABORT is logged")
 
     def _overrule_rows(self, certain: bool) -> bool:
         """The commit-marker decision row of this transaction becomes an abort row, on the
@@ -483,10 +478,15 @@ class _Resolve:
                     f" there and {why}; nothing was rolled back: run the command again once"
                     " it answers"
                 ) from None
-        self.audit("", "decide", "manual rollback: commit-marker decision row overruled", "done")
+        return self._overruled(
+            "commit-marker decision row", "", "an abort row now, if there was one"
+        )
+
+    def _overruled(self, decision: str, audited: str, now: str) -> bool:
+        """Audit and note that ``decision`` is overruled (``now``: what it became)."""
+        self.audit("", "decide", f"manual rollback: {decision} overruled{audited}", "done")
         self.notes.append(
-            "its commit-marker decision row is overruled (an abort row now, if there was one):"
-            " recovery rolls back any branch of it found later"
+            f"its {decision} is overruled ({now}): recovery rolls back any branch of it found later"
         )
         return True
 
