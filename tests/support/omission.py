@@ -142,12 +142,12 @@ class BlackholeProxy:
                 return
             if cut:
                 time.sleep(0.3)  # the server runs it; its answer waits here
+                self.cuts += 1  # counted first: the client sees the cut once the socket ends
                 for sock in (src, dst):
                     with contextlib.suppress(OSError):
                         sock.shutdown(socket.SHUT_RDWR)
                     with contextlib.suppress(OSError):
                         sock.close()
-                self.cuts += 1
                 self._answers.set()
                 return
 
