@@ -337,6 +337,8 @@ class World:
         self.exempt: set[str] = set()
         #: rolled back by hand with force, their COMMIT decision overruled (a dead owner's)
         self.overruled: set[str] = set()
+        #: forced resolutions started, per gtrid (a later one, either way, is what holds)
+        self.forced: dict[str, int] = {}
         self.coords: list[Coordinator] = []
         self.stop_load = False
         self.faults_on = True
@@ -750,10 +752,13 @@ class World:
                 return
             self.exempt.add(gtrid)  # the operator overrides the rule: a split is theirs
             self.note(f"OPERATOR {outcome} --force {gtrid}")
+            # the operator's latest forced outcome is the one that holds from now on
+            forced = self.forced[gtrid] = self.forced.get(gtrid, 0) + 1
+            self.overruled.discard(gtrid)
             with contextlib.suppress(XatmError):
                 res = resolve(ctx, gtrid, outcome, force=True, actor="operator")
-                if res.overruled and res.owner == "dead":
-                    # but from now on the operator's rollback holds: nothing commits it
+                if res.overruled and res.owner == "dead" and self.forced[gtrid] == forced:
+                    # a rollback that overruled COMMIT holds: nothing commits it any more
                     self.overruled.add(gtrid)
                     self.note(f"OPERATOR rollback --force {gtrid}: COMMIT overruled")
 
