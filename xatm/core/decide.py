@@ -116,18 +116,18 @@ def owner_of(
     return Owner.DEAD_PEER
 
 
-#: a transaction's coordinator as its node's log shows it (``xatm.log.base.OwnerState``):
+#: a transaction's coordinator as its node's log shows it (``OwnerState`` of the logs):
 #: this process, another live process, dead (its log can be held), or no log of it here
 Coordinator = Literal["this-process", "alive", "dead", "unknown"]
 
 
 def log_state(coordinator: Coordinator, shared: bool) -> NodeLogState:
     """The ``log`` of :func:`owner_of` for a transaction whose coordinator is ``coordinator``."""
+    if coordinator == "alive":
+        return "alive"
     if shared:
-        return "alive" if coordinator == "alive" else "shared"
-    if coordinator in ("alive", "unknown"):
-        return "alive" if coordinator == "alive" else "unknown"
-    return "held"
+        return "shared"
+    return "unknown" if coordinator == "unknown" else "held"
 
 
 class Logged(enum.Enum):

@@ -16,13 +16,16 @@ then resolved like the local log.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Literal, Protocol
+from typing import Any, Protocol
 
+from xatm.core.decide import Coordinator
 from xatm.core.records import LogRecord
 from xatm.errors import LogError
 
-#: Whose a transaction is, seen from here: the coordinator of its node_id is ...
-OwnerState = Literal["this-process", "alive", "dead", "unknown"]
+#: Whose a transaction is, seen from here: the coordinator of its node_id is this process,
+#: another live process, dead, or unknown (no log of it here); the decision rule's
+#: ``Coordinator``
+OwnerState = Coordinator
 
 #: Told by a batched log (``xatm.log.file.FileLog.append_commit``, used by
 #: ``xatm.log.aio``) that the flush writing records appended without a waiting thread is

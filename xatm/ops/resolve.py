@@ -433,10 +433,10 @@ class _Resolve:
         now, and a branch a failover brings back prepared is not committed from the decision:
         the log's COMMIT record (``log_overrule``; pending, or ended and retained), or, for a
         commit-marker transaction with no record, its decision row (``overrule_row``, on every
-        resource that may hold it). A live coordinator's log is
-        not held here: noted. Refused, with nothing rolled back, if it cannot be done, unless
-        the decision is not ``certain`` (a decision row not read, the rollback forced): then
-        noted. True once overruled."""
+        resource that may hold it). A live coordinator's log is not held here: noted.
+        Refused, with nothing rolled back, if it cannot be done, unless the decision is not
+        ``certain`` (a decision row not read, the rollback forced): then noted. True once
+        overruled."""
         if record is None and may_use_marker(self.gtrid):
             return self._overrule_rows(certain)
         # the COMMIT record: pending, or ended and retained (a failover's branch came back)

@@ -107,6 +107,7 @@ def _write(participant: Participant, conn: Any, statement: Statement, commit: bo
 
 _INSERT = f"INSERT INTO {_marker.TABLE} (gtrid, branches, created_at) VALUES (%s, %s, %s)"
 _PAYLOAD = f"SELECT branches FROM {_marker.TABLE} WHERE gtrid = %s"
+_OVERRULE = f"UPDATE {_marker.TABLE} SET branches = %s, created_at = %s WHERE gtrid = %s"
 
 
 def _existing(rows: list[Any]) -> Probe:
@@ -114,9 +115,6 @@ def _existing(rows: list[Any]) -> Probe:
     if rows and json.loads(rows[0][0]).get("abort"):
         return "no-row"
     return "row"
-
-
-_OVERRULE = f"UPDATE {_marker.TABLE} SET branches = %s, created_at = %s WHERE gtrid = %s"
 
 
 def delete_old_fences(participant: Participant, conn: Any) -> None:
