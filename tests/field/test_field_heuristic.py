@@ -8,12 +8,15 @@ itself as a heuristic outcome. Now the decision is overruled in the log (an ABOR
 forced before any branch is rolled back; with the shared log the row becomes an ABORT row),
 and recovery rolls the rest back. Real servers; the silent database is behind a TCP proxy
 that drops everything; the coordinator is a real process SIGKILLed after its decision.
-The same overruling keeps a branch a failover brings back from being committed from the
-decision: ``tests/field/test_failover.py``.
+When the database holding a commit-marker decision row goes silent, or its session is cut,
+while the row is being overruled, the rollback is refused with no branch rolled back, and
+recovery then follows whatever the row says. The same overruling keeps a branch a failover
+brings back from being committed from the decision: ``tests/field/test_failover.py``.
 """
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
@@ -21,6 +24,7 @@ import pytest
 from tests.support import Bank, MakeTM, run
 from tests.support.omission import BlackholeProxy
 from tests.support.recovery import crash
+from xatm.admin import ResolutionRefused
 from xatm.log.file import read_log, retained_decisions
 
 
@@ -123,3 +127,94 @@ def test_a_hand_rollback_overrules_a_commit_marker_decision_row(
     # the marker branch's own work committed with the decision: the heuristic outcome
     assert bank.journal_ids() == {"pg1": {"hm"}, "pg2": set(), "maria": set()}
     assert bank.xatm_prepared() == {"pg1": [], "pg2": [], "maria": []}
+
+
+_RESOURCES = ("pg1", "pg2", "maria")
+
+
+def _refused_overrule(
+    bank: Bank, make_tm: MakeTM, log: Path, holder: str, gtrid: str, fault: str
+) -> None:
+    """An operator's forced rollback of the commit-marker transaction ``gtrid`` whose
+    decision row is on ``holder``, through a path to ``holder`` that passes the reads and
+    then fails the overrule: ``silent`` (the UPDATE delivered, then nothing forwarded either
+    way, every socket left open) or ``cut`` (the COMMIT delivered and run, its answer held
+    back and the session closed). The command is refused, within a coarse bound, and rolls
+    nothing back."""
+    before = {r: [x.gtrid for x in v] for r, v in bank.xatm_prepared().items()}
+    proxy = BlackholeProxy(bank.urls[holder])
+    ops = None
+    try:
+        ops = make_tm(
+            node_id=f"hops-{fault}-{holder}",
+            log=log,
+            resources={**bank.urls, holder: proxy.url},
+            timeout=3,
+            sweeper=False,
+        )
+        if fault == "silent":
+            proxy.silence_after_next_request(b"UPDATE xatm_decisions")
+        else:  # the overrule's own COMMIT (PostgreSQL's query text, MariaDB's COM_QUERY)
+            proxy.cut_after_next_request(b"COMMIT\x00" if holder != "maria" else b"\x03COMMIT")
+        t0 = time.monotonic()
+        with pytest.raises(ResolutionRefused, match="decision row may be there") as refused:
+            ops.resolve(gtrid, "rollback", force=True, actor="cli:test")
+        waited = time.monotonic() - t0
+        assert waited < 30, f"the refusal waited {waited:.1f} s"  # bounded, not the silence
+        assert "no branch was rolled back" in str(refused.value)
+        assert (proxy.blackholes, proxy.cuts) == ((1, 0) if fault == "silent" else (0, 1))
+        assert not [e for e in ops.audit_trail(gtrid) if e.action in ("decide", "rollback")]
+    finally:
+        proxy.close()  # the silent session ends: its UPDATE, never committed, is undone
+        if ops is not None:
+            ops.close()
+    assert {r: [x.gtrid for x in v] for r, v in bank.xatm_prepared().items()} == before
+
+
+@pytest.mark.parametrize("holder", ["pg1", "maria"])
+def test_a_decision_row_silent_while_overruled_refuses_the_rollback(
+    holder: str, bank: Bank, make_tm: MakeTM, tmp_path: Path
+) -> None:
+    """The database holding the decision row answers the operator's reads, then goes silent
+    as its row is overruled. The rollback is refused, nothing is rolled back, and the
+    overrule never committed: once the database answers again, recovery commits the rest
+    from the row. The transaction stays whole."""
+    log = tmp_path / "log"
+    node = f"hsil-{holder}"
+    gtrid = crash(bank, log, node, "after_decision", _RESOURCES, "hs", markers=(holder,))
+    others = sorted(r for r in _RESOURCES if r != holder)
+    assert sorted(r for r, v in bank.xatm_prepared().items() if v) == others
+    _refused_overrule(bank, make_tm, log, holder, gtrid, "silent")
+    report = make_tm(node_id=f"hrec-{node}", log=log, sweeper=False).recover()
+    assert sorted(
+        (a.resource, a.action)
+        for a in report.actions
+        if a.gtrid == gtrid and a.action in ("commit", "rollback")
+    ) == [(r, "commit") for r in others]
+    assert bank.journal_ids() == {r: {"hs"} for r in _RESOURCES}
+    assert bank.total() == bank.initial_total
+    assert bank.xatm_prepared() == {r: [] for r in _RESOURCES}
+
+
+@pytest.mark.parametrize("holder", ["pg1", "maria"])
+def test_a_decision_row_overruled_but_its_answer_lost_is_followed_by_recovery(
+    holder: str, bank: Bank, make_tm: MakeTM, tmp_path: Path
+) -> None:
+    """The overrule's COMMIT runs, and its answer is lost (the session is cut while the
+    process lives). The operator is told the rollback was refused with no branch rolled
+    back, and that recovery rolls the branches back if the overrule reached the row. It did:
+    recovery reads an abort row and rolls the rest back, as the operator asked, and commits
+    nothing (the holder's own work committed with the decision: the heuristic outcome)."""
+    log = tmp_path / "log"
+    node = f"hcut-{holder}"
+    gtrid = crash(bank, log, node, "after_decision", _RESOURCES, "hc", markers=(holder,))
+    _refused_overrule(bank, make_tm, log, holder, gtrid, "cut")
+    report = make_tm(node_id=f"hrec-{node}", log=log, sweeper=False).recover()
+    assert report.committed == 0, report.actions
+    assert sorted(
+        (a.resource, a.action)
+        for a in report.actions
+        if a.gtrid == gtrid and a.action in ("commit", "rollback")
+    ) == [(r, "rollback") for r in sorted(_RESOURCES) if r != holder]
+    assert bank.journal_ids() == {r: ({"hc"} if r == holder else set()) for r in _RESOURCES}
+    assert bank.xatm_prepared() == {r: [] for r in _RESOURCES}

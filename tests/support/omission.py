@@ -80,6 +80,8 @@ class BlackholeProxy:
         self.cuts = 0
         self._cut_armed = threading.Event()
         self._cut_match = b""
+        self._silence_armed = threading.Event()
+        self._silence_match = b""
         self._answers = threading.Event()  # server-to-client forwarding (held during a cut)
         self._answers.set()
         threading.Thread(target=self._accept, daemon=True).start()
@@ -98,6 +100,13 @@ class BlackholeProxy:
         hears)."""
         self._cut_match = match
         self._cut_armed.set()
+
+    def silence_after_next_request(self, match: bytes) -> None:
+        """The next request any client sends that contains ``match`` is delivered to the
+        server, and then the path goes silent (:meth:`blackhole`) with every socket left
+        open: a server that stops answering in the middle of a session."""
+        self._silence_match = match
+        self._silence_armed.set()
 
     def _accept(self) -> None:
         while True:
@@ -136,10 +145,15 @@ class BlackholeProxy:
             if cut:
                 self._cut_armed.clear()
                 self._answers.clear()
+            silence = request and self._silence_armed.is_set() and self._silence_match in data
+            if silence:
+                self._silence_armed.clear()
             try:
                 dst.sendall(data)
             except OSError:
                 return
+            if silence:
+                self.blackhole()
             if cut:
                 time.sleep(0.3)  # the server runs it; its answer waits here
                 self.cuts += 1  # counted first: the client sees the cut once the socket ends

@@ -475,8 +475,9 @@ class _Resolve:
                     return False
                 raise ResolutionRefused(
                     f"refused to roll back {self.gtrid}: its commit-marker decision row may be"
-                    f" there and {why}; nothing was rolled back: run the command again once"
-                    " it answers"
+                    f" there and {why}; no branch was rolled back by this command (if the"
+                    " overrule reached it all the same, recovery rolls the branches back):"
+                    " run the command again once it answers"
                 ) from None
         return self._overruled(
             "commit-marker decision row", "", "an abort row now, if there was one"
