@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import threading
+from typing import Any
+
 import pytest
 
 from tests.support import Bank, MakeTM, run
 from xatm import BranchState, TransactionManager, TransactionRolledBack, TransactionState
+from xatm.core.participant import Participant
+from xatm.participants.adapters import make_participant
 
 
 def move(tx: object, bank: Bank, src: str, dst: str, tid: str) -> None:
@@ -138,3 +143,47 @@ def test_marker_connection_lost_at_commit_is_in_doubt_then_settled(
     assert bank.journal_ids() == {"pg1": set(), "pg2": set(), "maria": set()}
     assert bank.total() == bank.initial_total
     assert bank.xatm_prepared() == {"pg1": [], "pg2": [], "maria": []}
+
+
+@pytest.mark.parametrize("resource", ["pg1", "maria"])
+def test_sessions_creating_a_table_at_the_same_moment_all_succeed(
+    resource: str, bank: Bank, make_tm: MakeTM
+) -> None:
+    """A fresh deployment whose threads all open their first connection at once: each one
+    creates the commit-marker table (or the saga barrier table). PostgreSQL's ``IF NOT
+    EXISTS`` is checked before its catalog insert, so the sessions that lose the race failed
+    on the catalog's unique index: their callers' first transactions failed with
+    ResourceNotFit (seen in a benchmark run). Every session must succeed."""
+    participant = make_participant(resource, make_tm().resources[resource])
+    conns = [participant.connect() for _ in range(8)]
+    try:
+        for attempt in range(4):
+            table = f"xatm_race_{attempt}"
+            ddl = f"CREATE TABLE IF NOT EXISTS {table} (id int PRIMARY KEY, v text)"
+            errors = _create_at_once(participant, conns, ddl)
+            assert errors == []
+            assert participant.table_exists(conns[0], table)
+            participant.execute(conns[0], f"DROP TABLE {table}").close()
+    finally:
+        for conn in conns:
+            participant.close(conn)
+
+
+def _create_at_once(participant: Participant, conns: list[Any], ddl: str) -> list[BaseException]:
+    """``ddl`` run by ``create_table`` on every connection at the same moment; what failed."""
+    gate = threading.Barrier(len(conns))
+    errors: list[BaseException] = []
+
+    def create(conn: Any) -> None:
+        gate.wait()
+        try:
+            participant.create_table(conn, ddl)
+        except BaseException as e:  # collected for the assertion
+            errors.append(e)
+
+    threads = [threading.Thread(target=create, args=(c,)) for c in conns]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return errors

@@ -416,6 +416,9 @@ class SimParticipant:
     def check(self, conn: Conn) -> list[str]:
         return []
 
+    def create_table(self, conn: Conn, ddl: str) -> None:
+        self.execute(conn, ddl)
+
     def table_exists(self, conn: Conn, table: str) -> bool:
         return bool(rpc(conn, lambda srv, s: srv.has_dec if table == DEC else table == ACCT))
 

@@ -248,6 +248,10 @@ class Participant(Protocol):
     def table_exists(self, conn: Connection, table: str) -> bool:
         """Does ``table`` exist in the connection's database (or schema)?"""
 
+    def create_table(self, conn: Connection, ddl: str) -> None:
+        """Run ``ddl`` (a ``CREATE TABLE IF NOT EXISTS``, outside any transaction): done
+        once the table is there, also when other sessions create it at the same moment."""
+
     def local_transaction(
         self, conn: Connection, statements: Sequence[Statement], *, lock_wait: float, commit: bool
     ) -> None:

@@ -38,7 +38,7 @@ DELETE_AFTER = 32
 
 def ensure_table(participant: Participant, conn: Connection) -> None:
     """Create the marker table if it does not exist (outside any branch)."""
-    participant.execute(conn, participant.marker_ddl).close()
+    participant.create_table(conn, participant.marker_ddl)
 
 
 def statements(

@@ -33,10 +33,8 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from xatm.core.participant import Participant
 from xatm.core.urls import ResourceSpec
-from xatm.participants.mysql.participant import MySQLParticipant
-from xatm.participants.postgres.participant import PostgresParticipant
+from xatm.participants.adapters import make_participant
 from xatm.sagas.definition import SagaError
 from xatm.transactions.transaction import SagaTransaction
 
@@ -86,20 +84,10 @@ class SagaBarrierError(SagaError):
 
 def ensure_table(name: str, spec: ResourceSpec) -> None:
     """Create the barrier table on resource ``name`` if it is missing (own connection)."""
-    participant: Participant = (
-        PostgresParticipant(name, spec)
-        if spec.kind == "postgresql"
-        else MySQLParticipant(name, spec)
-    )
+    participant = make_participant(name, spec)
     conn = participant.connect()
     try:
-        try:
-            participant.execute(conn, _DDL[participant.kind]).close()
-        except Exception:
-            # two processes creating it at once (PostgreSQL may answer with a duplicate
-            # key in its catalog): the second try finds it there
-            time.sleep(0.05)
-            participant.execute(conn, _DDL[participant.kind]).close()
+        participant.create_table(conn, _DDL[participant.kind])
     finally:
         participant.close(conn)
 

@@ -318,6 +318,10 @@ class MySQLParticipant:
         )
         return bool(count and int(count))
 
+    def create_table(self, conn: Any, ddl: str) -> None:
+        """MySQL's metadata lock makes concurrent creators wait for each other."""
+        self.execute(conn, ddl).close()
+
     def local_transaction(
         self, conn: Any, statements: Sequence[Statement], *, lock_wait: float, commit: bool
     ) -> None:

@@ -89,6 +89,10 @@ _ISOLATION_KEY = "xatm.isolation"
 _STATE_KEY = "xatm.state"
 UNIQUE_VIOLATION = "23505"
 UNDEFINED_TABLE = "42P01"
+#: what a CREATE TABLE IF NOT EXISTS may answer when another session created the table
+#: between its check and its own insert into the catalog: the catalog's unique index (once
+#: the other session commits), or the table or its row type found as it checks again
+_CREATED_MEANWHILE = frozenset({UNIQUE_VIOLATION, "42P07", "42710"})
 
 
 #: the least bound of a session's waits outside a branch (phase 2, recovery, inspection):
@@ -468,6 +472,17 @@ class PostgresParticipant:
         """Asked of the catalog, so a missing table logs no error on the server."""
         row = conn.execute("SELECT to_regclass(%s) IS NOT NULL", (table,)).fetchone()
         return bool(row and row[0])
+
+    def create_table(self, conn: psycopg.Connection[Any], ddl: str) -> None:
+        """``ddl`` once more if another session created the table meanwhile: IF NOT EXISTS
+        is checked before the catalog's insert, so the sessions that lost the race fail;
+        once the winner committed, the table is there and the statement is a no-op."""
+        try:
+            conn.execute(ddl)
+        except psycopg.Error as e:
+            if e.sqlstate not in _CREATED_MEANWHILE:
+                raise
+            conn.execute(ddl)
 
     def local_transaction(
         self,
