@@ -21,6 +21,7 @@ import pytest
 from click.testing import CliRunner
 
 from tests.support import Bank, MakeTM, connect, run
+from tests.support.omission import BlackholeProxy
 from tests.support.recovery import crash
 from xatm import TransactionManager
 from xatm.cli.main import main
@@ -500,5 +501,60 @@ def test_a_branch_a_failover_brings_back_after_a_hand_rollback_is_not_committed(
         if a.gtrid == gtrid and a.action in ("commit", "rollback")
     ]
     assert acted == [("pg", "rollback")]
+    assert books.journal_ids() == {"pg": set(), "maria": set()}
+    assert books.xatm_prepared() == {"pg": [], "maria": []}
+
+
+@pytest.mark.parametrize("log_kind", ["file", "shared"])
+def test_a_failover_in_the_middle_of_a_hand_rollback_brings_nothing_to_commit(
+    ha: PostgresPair,
+    books: Bank,
+    make_tm: MakeTM,
+    tmp_path: Path,
+    log_kind: str,
+    log_url: str,
+) -> None:
+    """The hand rollback of a transaction decided COMMIT stops half-way: PostgreSQL's branch
+    is rolled back (replication does not carry it), MariaDB does not answer. Then the
+    standby is promoted, bringing PostgreSQL's branch back prepared, and MariaDB answers
+    again. Both faults together: recovery rolls both branches back, as the operator asked,
+    and commits nothing (the overrule was durable before any branch was touched)."""
+    urls = {"pg": ha.url(), "maria": books.urls["maria"]}
+    log: Path | str = tmp_path / "log" if log_kind == "file" else log_url
+    extra: dict[str, Any] = {"log": log_url} if log_kind == "shared" else {}
+    gtrid = crash(
+        books, log, f"fo-half-{log_kind}", "after_decision", ("pg", "maria"), "hh", urls=urls
+    )
+    ha.wait_replayed()  # the PREPARE is on the standby
+    ha.replication.pause()  # the hand rollback is not
+    proxy = BlackholeProxy(urls["maria"])
+    proxy.blackhole()  # MariaDB does not answer the operator
+    try:
+        ops = make_tm(
+            node_id=f"fo-half-ops-{log_kind}",
+            resources={**urls, "maria": proxy.url},
+            timeout=3,
+            sweeper=False,
+            **extra,
+        )
+        res = ops.resolve(gtrid, "rollback", force=True, actor="cli:test")
+        assert res.overruled and not res.complete
+        assert [(a.resource, a.action) for a in res.actions if a.outcome == "done"] == [
+            ("pg", "rollback")
+        ]
+        assert [r for r, _ in res.unreachable] == ["maria"]
+    finally:
+        proxy.close()
+    ops.close()
+    fail_over(ha, books)
+    assert [x.gtrid for x in books.xatm_prepared_on("pg")] == [gtrid]  # it came back
+    tm = make_tm(node_id=f"fo-half-rec-{log_kind}", resources=urls, sweeper=False, **extra)
+    acted = sorted(
+        (a.resource, a.action)
+        for r in settle(tm)
+        for a in r.actions
+        if a.gtrid == gtrid and a.action in ("commit", "rollback")
+    )
+    assert acted == [("maria", "rollback"), ("pg", "rollback")]
     assert books.journal_ids() == {"pg": set(), "maria": set()}
     assert books.xatm_prepared() == {"pg": [], "maria": []}
