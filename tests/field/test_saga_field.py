@@ -8,6 +8,9 @@ proxy in front of one database.
   with it (the step's second barrier insert was not a duplicate); every step applied once
   (a journal row per step and compensation, with a primary key), money conserved, nothing
   left prepared.
+* **Commit cut in flight**: the server commits a step's local transaction (its barrier row
+  with it), the client never hears back. The attempt is in doubt; tried again, the barrier
+  row says the step is done and its body is not run twice; the saga completes.
 * **Silent path**: the proxy stops forwarding (without closing anything) for longer than
   the step's whole retry budget. ``run_saga`` returns before the path heals (no call
   waits for the silence); the saga cannot undo a step on a silent database, so it ends stuck
@@ -115,6 +118,52 @@ def test_a_silent_path_at_a_steps_begin_holds_no_caller_and_recovery_settles_it(
         assert _effects(bank, "silent") == {"pg1": ["debit", "refund"], "pg2": [], "maria": []}
         assert bank.total() == bank.initial_total
         assert bank.balance("pg1", 1) == 995 and bank.balance("maria", 2) == 1005  # the warm-up
+        assert bank.xatm_prepared() == {"pg1": [], "pg2": [], "maria": []}
+    finally:
+        proxy.close()
+
+
+#: the one-phase COMMIT of a step's local transaction, as each server receives it
+_STEP_COMMIT = {"pg1": b"COMMIT\x00", "maria": b"ONE PHASE"}
+
+
+@pytest.mark.parametrize("through", ["pg1", "maria"])
+def test_a_cut_at_a_steps_commit_applies_the_step_once(
+    through: str, make_tm: MakeTM, bank: Bank
+) -> None:
+    proxy = BlackholeProxy(bank.urls[through])
+    try:
+        tm = make_tm(
+            resources={**bank.urls, through: proxy.url},
+            timeout=TIMEOUT,
+            sweeper=False,
+            sagas=[saga_defs.transfer],
+        )
+        warm = tm.run_saga("transfer", data=_payload(bank, "warm"))  # a pooled connection
+        assert warm.state == "completed"
+        proxy.cut_after_next_request(match=_STEP_COMMIT[through])
+        result = tm.run_saga("transfer", data=_payload(bank, "cc"))
+        assert proxy.cuts == 1
+        assert result.state == "completed", result
+        step = "debit" if through == "pg1" else "credit"
+        history = [
+            (e.branch, e.reason.split(":")[0], e.outcome)
+            for e in tm.sagas.history(result.saga_id)
+            if e.branch == step
+        ]
+        # the attempt whose commit went unheard is in doubt, not failed: tried again, the
+        # barrier row its commit wrote says it is done, and its body is not run twice
+        assert history == [
+            (step, "TransactionInDoubt", "attempt 1 failed; retrying"),
+            (step, "barrier", "committed"),
+        ], history
+        assert _effects(bank, "cc") == {
+            "pg1": ["debit", "finish"],
+            "pg2": [],
+            "maria": ["credit"],
+        }
+        assert bank.balance("pg1", 1) == 990 and bank.balance("maria", 2) == 1010
+        assert bank.total() == bank.initial_total
         assert bank.xatm_prepared() == {"pg1": [], "pg2": [], "maria": []}
     finally:
         proxy.close()
