@@ -10,7 +10,8 @@ proxy in front of one database.
   left prepared.
 * **Commit cut in flight**: the server commits a step's local transaction (its barrier row
   with it), the client never hears back. The attempt is in doubt; tried again, the barrier
-  row says the step is done and its body is not run twice; the saga completes.
+  row says the step is done and its body is not run twice; the saga completes. The same
+  at a compensation's commit: applied once, the saga ends compensated.
 * **Silent path**: the proxy stops forwarding (without closing anything) for longer than
   the step's whole retry budget. ``run_saga`` returns before the path heals (no call
   waits for the silence); the saga cannot undo a step on a silent database, so it ends stuck
@@ -28,7 +29,7 @@ import pytest
 
 from tests.support import Bank, MakeTM, saga_defs
 from tests.support.omission import BlackholeProxy
-from xatm import Saga
+from xatm import Saga, SagaAbort
 from xatm.core.deadline import GRACE
 from xatm.sagas.barrier import TABLE
 
@@ -163,6 +164,57 @@ def test_a_cut_at_a_steps_commit_applies_the_step_once(
             "maria": ["credit"],
         }
         assert bank.balance("pg1", 1) == 990 and bank.balance("maria", 2) == 1010
+        assert bank.total() == bank.initial_total
+        assert bank.xatm_prepared() == {"pg1": [], "pg2": [], "maria": []}
+    finally:
+        proxy.close()
+
+
+@pytest.mark.parametrize("through", ["pg1", "maria"])
+def test_a_cut_at_a_compensations_commit_applies_it_once(
+    through: str, make_tm: MakeTM, bank: Bank
+) -> None:
+    """The same cut, at the commit of a compensation (the saga's last step aborts): the
+    compensation is tried again, its barrier row says it is done, it is not applied twice,
+    and the saga ends compensated."""
+    proxy = BlackholeProxy(bank.urls[through])
+
+    def abort(tx: Any, d: dict[str, Any]) -> None:
+        if d["tid"] != "warm":  # the next one-phase commit here is a compensation's
+            proxy.cut_after_next_request(match=_STEP_COMMIT[through])
+            raise SagaAbort("the payload asks to abort")
+
+    saga = Saga("undone", backoff=0.01, max_backoff=0.1)
+    saga.step("debit", saga_defs.debit, saga_defs.refund, resources=["pg1"])
+    saga.step("credit", saga_defs.credit, saga_defs.uncredit, resources=["maria"])
+    saga.step("abort", abort, resources=["pg1"])
+    try:
+        tm = make_tm(
+            resources={**bank.urls, through: proxy.url},
+            timeout=TIMEOUT,
+            sweeper=False,
+            sagas=[saga],
+        )
+        assert tm.run_saga("undone", data=_payload(bank, "warm")).state == "completed"
+        result = tm.run_saga("undone", data=_payload(bank, "cu"))
+        assert proxy.cuts == 1
+        assert result.state == "compensated", result
+        undone = "debit" if through == "pg1" else "credit"
+        history = [
+            (e.reason.split(":")[0], e.outcome)
+            for e in tm.sagas.history(result.saga_id)
+            if e.branch == undone and e.action == "saga-compensation"
+        ]
+        assert history == [
+            ("TransactionInDoubt", "attempt 1 failed; retrying"),
+            ("barrier", "committed"),
+        ], history
+        assert _effects(bank, "cu") == {
+            "pg1": ["debit", "refund"],
+            "pg2": [],
+            "maria": ["credit", "uncredit"],
+        }
+        assert bank.balance("pg1", 1) == 995 and bank.balance("maria", 2) == 1005  # the warm-up
         assert bank.total() == bank.initial_total
         assert bank.xatm_prepared() == {"pg1": [], "pg2": [], "maria": []}
     finally:
