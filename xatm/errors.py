@@ -123,6 +123,16 @@ class SagaTakenOver(SagaError):
     """The saga's record was claimed by another process (an operator's forced action)."""
 
 
+class SagaInDoubt(SagaError, LogError):
+    """``run_saga`` could not write the saga's record (its store failed, or did not answer
+    in time): whether the saga is recorded, and how far it went, is unknown here. A recorded
+    saga is run to its end by recovery; ``.saga_id`` finds it (``tm.saga``)."""
+
+    def __init__(self, message: str, saga_id: str) -> None:
+        super().__init__(message)
+        self.saga_id = saga_id
+
+
 class TransactionError(XatmError):
     """The global transaction did not end as a plain commit."""
 

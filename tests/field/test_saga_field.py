@@ -12,6 +12,8 @@ proxy in front of one database.
   with it), the client never hears back. The attempt is in doubt; tried again, the barrier
   row says the step is done and its body is not run twice; the saga completes. The same
   at a compensation's commit: applied once, the saga ends compensated.
+* **Silent saga store** (the shared log's server): ``run_saga`` raises SagaInDoubt within
+  the bound of one call, and recovery finishes the saga once the store answers.
 * **Silent path**: the proxy stops forwarding (without closing anything) for longer than
   the step's whole retry budget. ``run_saga`` returns before the path heals (no call
   waits for the silence); the saga cannot undo a step on a silent database, so it ends stuck
@@ -31,6 +33,8 @@ from tests.support import Bank, MakeTM, saga_defs
 from tests.support.omission import BlackholeProxy
 from xatm import Saga, SagaAbort
 from xatm.core.deadline import GRACE
+from xatm.errors import SagaInDoubt
+from xatm.log.shared import POINT_BOUND
 from xatm.sagas.barrier import TABLE
 
 TIMEOUT = 2.0
@@ -215,6 +219,39 @@ def test_a_cut_at_a_compensations_commit_applies_it_once(
             "maria": ["credit", "uncredit"],
         }
         assert bank.balance("pg1", 1) == 995 and bank.balance("maria", 2) == 1005  # the warm-up
+        assert bank.total() == bank.initial_total
+        assert bank.xatm_prepared() == {"pg1": [], "pg2": [], "maria": []}
+    finally:
+        proxy.close()
+
+
+def test_a_silent_shared_saga_store_holds_no_caller_and_recovery_finishes_the_saga(
+    make_tm: MakeTM, bank: Bank, log_url: str
+) -> None:
+    """The shared log's server goes silent as a saga starts (its record's INSERT is sent,
+    and delivered only when the path heals, as TCP would). Before the log's calls ran under
+    a client-side deadline, ``run_saga`` waited for the whole silence; now it raises
+    SagaInDoubt (with the saga's id) within the bound of one call. Whether the saga was
+    recorded is unknown to the caller; here it was (late), and recovery runs it to its end:
+    every step once."""
+    proxy = BlackholeProxy(log_url)
+    try:
+        tm = make_tm(log=proxy.url, timeout=TIMEOUT, sweeper=False, sagas=[saga_defs.transfer])
+        assert tm.run_saga("transfer", data=_payload(bank, "warm")).state == "completed"
+        proxy.blackhole()
+        healed = threading.Timer(30.0, proxy.heal)
+        healed.start()
+        t0 = time.monotonic()
+        with pytest.raises(SagaInDoubt, match="whether the saga is recorded") as doubt:
+            tm.run_saga("transfer", data=_payload(bank, "ss"))
+        waited = time.monotonic() - t0
+        assert waited < POINT_BOUND + 5.0, f"run_saga waited {waited:.1f} s for a silent store"
+        healed.join()
+        report = tm.recover_sagas()
+        assert report.finished == ((doubt.value.saga_id, "completed"),), report
+        record = tm.saga(doubt.value.saga_id)
+        assert record is not None and record.state == "completed"
+        assert _effects(bank, "ss") == {"pg1": ["debit", "finish"], "pg2": [], "maria": ["credit"]}
         assert bank.total() == bank.initial_total
         assert bank.xatm_prepared() == {"pg1": [], "pg2": [], "maria": []}
     finally:

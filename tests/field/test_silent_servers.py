@@ -32,7 +32,7 @@ from pathlib import Path
 import pytest
 
 from tests.support import Bank, MakeTM, Servers
-from tests.support.omission import Load, frozen, settle
+from tests.support.omission import BlackholeProxy, Load, frozen, settle
 from tests.support.recovery import crash
 from xatm.core.deadline import GRACE, step_bound
 
@@ -294,3 +294,43 @@ def _timed_run(
     lines = [(time.monotonic() - t0, line.rstrip("\n")) for line in proc.stderr]
     rc = proc.wait(timeout)
     return rc, lines, time.monotonic() - t0
+
+
+def test_a_silent_shared_log_holds_no_caller_past_the_bound(bank: Bank, log_url: str) -> None:
+    """The shared log's server goes silent (a proxy in front of it forwards nothing, closes
+    nothing) for longer than the bound, while threads and tasks move money between pg1 and
+    maria. Before the log's calls ran under a client-side deadline, every committing caller
+    waited for the whole silence (no server enforces a statement_timeout it does not see).
+    Now no transfer waits past the bound: those whose decision may have reached the log are
+    in doubt, the others are rolled back; once the log answers, transfers commit again,
+    recovery settles the rest, and the books balance."""
+    bank.create(accounts=16, balance=1000)
+    proxy = BlackholeProxy(log_url)
+    load = Load(bank, ("pg1", "maria"), proxy.url, TIMEOUT)
+    try:
+        load.start()
+        time.sleep(3.0)
+        silent_at = time.monotonic()
+        proxy.blackhole()
+        time.sleep(FREEZE)
+        proxy.heal()
+        healed_at = time.monotonic()
+        time.sleep(5.0)
+        load.stop()
+        settle(load.managers(), bank, NODES, SETTLE_BOUND)
+        books = load.books()
+        left = bank.xatm_prepared()
+    finally:
+        load.close()
+        proxy.close()
+    # ended during the silence: none committed (no decision could be logged)
+    ended = [t for t in load.done if silent_at + 1 <= t.started + t.seconds < healed_at]
+    outcomes = Counter(t.outcome for t in ended)
+    longest = max(t.seconds for t in load.done)
+    print(f"\nsilent log: longest {longest:.1f} s; ended during the silence {dict(outcomes)}")
+    assert longest <= BOUND, longest
+    assert ended and not any(o.startswith("committed") for o in outcomes), outcomes
+    assert any(t.outcome.startswith("committed") for t in load.done if t.started > healed_at + 1)
+    assert books["split"] == [] and books["lost"] == [], books
+    assert books["balance_delta"] == 0
+    assert not any(left.values()), left

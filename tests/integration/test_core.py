@@ -350,9 +350,14 @@ def test_commit_record_names_writing_branches_with_postgres_txids(
     seen: list[tuple[str, list[str], dict[str, int]]] = []
     real = tm._ctx.log.log_commit
 
-    def spy(gtrid: str, branches: list[str], txids: dict[str, int] | None = None) -> None:
+    def spy(
+        gtrid: str,
+        branches: list[str],
+        txids: dict[str, int] | None = None,
+        deadline: float | None = None,
+    ) -> None:
         seen.append((gtrid, list(branches), dict(txids or {})))
-        real(gtrid, branches, txids)
+        real(gtrid, branches, txids, deadline)
 
     monkeypatch.setattr(tm._ctx.log, "log_commit", spy)
     with tm.transaction() as tx:

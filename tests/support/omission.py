@@ -204,7 +204,7 @@ class Load:
 
     bank: Bank
     resources: tuple[str, ...]
-    log: Path
+    log: Path | str
     timeout: float
     threads: int = 8
     tasks: int = 8

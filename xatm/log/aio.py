@@ -79,13 +79,17 @@ class AsyncLog:
         self._loop: _Loop | None = None  # the loop of the last commit, told by the log
 
     async def log_commit(
-        self, gtrid: str, branches: Sequence[str], txids: Mapping[str, int]
+        self,
+        gtrid: str,
+        branches: Sequence[str],
+        txids: Mapping[str, int],
+        deadline: float | None = None,
     ) -> None:
         """Return once the COMMIT decision of ``gtrid`` is durable (as ``log_commit``)."""
         loop = asyncio.get_running_loop()
         log = self._batched
         if log is None:
-            call = functools.partial(self._log.log_commit, gtrid, branches, txids)
+            call = functools.partial(self._log.log_commit, gtrid, branches, txids, deadline)
             await _wait_out(loop.run_in_executor(self._threads, call))
             return
         told = self._loop

@@ -49,9 +49,15 @@ class CoordinatorLog(Protocol):
     def node_id(self) -> str: ...
 
     def log_commit(
-        self, gtrid: str, branches: Sequence[str], txids: Mapping[str, int] | None = None
+        self,
+        gtrid: str,
+        branches: Sequence[str],
+        txids: Mapping[str, int] | None = None,
+        deadline: float | None = None,
     ) -> None:
-        """Force a COMMIT decision for ``gtrid`` to disk; return once it is durable."""
+        """Force a COMMIT decision for ``gtrid`` to disk; return once it is durable.
+        ``deadline`` (``time.monotonic()``): the transaction's; a log on a server does not
+        wait for it longer than a phase-2 call would (the outcome is then unknown)."""
 
     def log_end(self, gtrid: str) -> None:
         """Record (lazily) that every branch of ``gtrid`` is committed."""

@@ -433,19 +433,24 @@ class PostgresSagaStore:
         return sql.SQL(text).format(schema=self._ident)
 
     @contextlib.contextmanager
-    def _conn(self, durable: bool = True) -> Iterator[psycopg.Connection[Any]]:
+    def _conn(
+        self, durable: bool = True, seconds: float = _pglog.POINT_BOUND
+    ) -> Iterator[psycopg.Connection[Any]]:
         idle = self._idle[durable]
         with self._lock:
             conn = idle.pop() if idle else None
-        if conn is None or conn.closed or conn.broken:
-            conn = _pglog.connect(self.spec, "xatm-sagas")
-            if not durable:  # its commits do not wait for the WAL flush
-                conn.execute("SET synchronous_commit TO OFF")
         try:
-            yield conn
+            if conn is None or conn.closed or conn.broken:
+                conn = _pglog.connect(self.spec, "xatm-sagas")
+                if not durable:  # its commits do not wait for the WAL flush
+                    with _pglog.bounded(conn, "a session set-up", _pglog.POINT_BOUND):
+                        conn.execute("SET synchronous_commit TO OFF")
+            with _pglog.bounded(conn, "a saga record", seconds):
+                yield conn
         except psycopg.Error as e:
-            with contextlib.suppress(psycopg.Error):
-                conn.close()
+            if conn is not None:
+                with contextlib.suppress(psycopg.Error):
+                    conn.close()
             raise LogError(f"the shared saga store failed: {redact(str(e)).strip()}") from None
         else:
             with self._lock:
@@ -530,7 +535,7 @@ class PostgresSagaStore:
 
     def records(self, *, include_final: bool = False) -> list[SagaRecord]:
         where = "" if include_final else " WHERE state IN ('running', 'compensating')"
-        with self._conn() as conn:
+        with self._conn(seconds=_pglog.SCAN_BOUND) as conn:
             rows = conn.execute(
                 self._q("SELECT node_id, body FROM {schema}.sagas" + where + " ORDER BY created_at")
             ).fetchall()
@@ -543,7 +548,7 @@ class PostgresSagaStore:
         return 0  # the index on open sagas keeps recovery's query small already
 
     def prune(self, retention: float) -> int:
-        with self._conn() as conn:
+        with self._conn(seconds=_pglog.SCAN_BOUND) as conn:
             cur = conn.execute(
                 self._q(
                     "DELETE FROM {schema}.sagas WHERE state IN ('completed', 'compensated',"

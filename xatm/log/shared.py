@@ -46,6 +46,13 @@ that gtrid for a later pass instead of waiting while it holds the fleet's sweepe
 server ends a batch left open longer than ``idle_in_transaction_session_timeout`` (rolling
 it back, and releasing the frozen coordinator's node lock). ENDs skip rows locked by
 someone else (``SKIP LOCKED``): an END is never worth a wait, a later pass writes it.
+Those settings are enforced by the server, which a silent server (stopped, or a path that
+drops everything without closing) does not do: every call on a log session also runs under
+a client-side deadline (``xatm.core.deadline``), which cuts its connection. A COMMIT batch
+is bounded by the earliest deadline of the transactions in it plus the grace of a phase-2
+call (they are then in doubt, as when the write fails); a point read or write by
+:data:`POINT_BOUND`, a scan by :data:`SCAN_BOUND`. A cut session is replaced by the next
+call; the writer's, which holds the node lock, takes the lock again or stays broken.
 
 **Migrations.** ``meta.schema_version`` records the layout version. Opening a log creates
 the schema on first use (under an advisory lock) and upgrades older versions step by step;
@@ -61,12 +68,13 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, Literal, TypeVar, cast
 
 import psycopg
 from psycopg import sql
 
+from xatm.core import deadline as _deadline
 from xatm.core import events as _events
 from xatm.core import failpoint as _failpoint
 from xatm.core.records import LogRecord
@@ -75,6 +83,7 @@ from xatm.core.xid import validate_node_id
 from xatm.errors import ConfigurationError, LogError, LogLocked
 from xatm.log.audit import AuditEntry
 from xatm.log.base import DecisionNotLogged
+from xatm.participants.postgres.participant import socket_of
 
 logger = logging.getLogger("xatm.log")
 
@@ -97,6 +106,30 @@ IDLE_IN_TRANSACTION_TIMEOUT = 10.0
 MIGRATION_LOCK_WAIT = 60.0
 #: SQLSTATEs of a statement that gave up waiting: lock_timeout, statement_timeout
 _GAVE_UP = frozenset({"55P03", "57014"})
+#: the client-side bound of a point read or write on the log (it waits for a lock at most
+#: LOCK_TIMEOUT on the server), and of a scan or a prune (STATEMENT_TIMEOUT): past it, the
+#: server is taken to be silent and the call is cut
+POINT_BOUND = LOCK_TIMEOUT + _deadline.GRACE
+SCAN_BOUND = STATEMENT_TIMEOUT + _deadline.GRACE
+
+
+class _Sockets:
+    """The shared log's sessions, as a deadline sees them (``xatm.core.deadline.Sockets``)."""
+
+    name = "shared log"
+
+    def socket_of(self, conn: Any) -> int | None:
+        return socket_of(conn)
+
+
+_SOCKETS = _Sockets()
+
+
+def bounded(conn: psycopg.Connection[Any], what: str, seconds: float) -> _deadline.until:
+    """``with bounded(conn, what, seconds):``: a call on the shared log's ``conn`` that its
+    server has not answered ``seconds`` from now is cut (every log session's calls run so)."""
+    return _deadline.bounded(_SOCKETS, conn, seconds, what)
+
 
 Abort = Literal["C", "A", "busy"]
 
@@ -180,13 +213,21 @@ def _node_key(node_id: str) -> int:
     return zlib.crc32(node_id.encode("ascii")) & 0x7FFFFFFF
 
 
-def connect(spec: ResourceSpec, application_name: str) -> psycopg.Connection[Any]:
+def connect(
+    spec: ResourceSpec, application_name: str, within: float | None = None
+) -> psycopg.Connection[Any]:
     """A connection to the shared log's database, autocommit, with its waits bounded
     (``lock_timeout``, ``statement_timeout``, ``idle_in_transaction_session_timeout``, by one
     ``SET``, unless the URL's ``options`` sets them); LogError (redacted) if it fails. Every
-    connection of the shared log (decisions, audit, sagas) is made here."""
+    connection of the shared log (decisions, audit, sagas) is made here. ``within``: the
+    seconds the connect and its set-up may take at most (a caller's bound)."""
     options: dict[str, Any] = dict(spec.options)
     options.setdefault("connect_timeout", "5")
+    if within is not None:  # a caller's bound: libpq counts whole seconds, 2 at least
+        with contextlib.suppress(ValueError):
+            usual = float(options["connect_timeout"])
+            within = min(within, usual) if usual > 0 else within
+        options["connect_timeout"] = str(max(2, int(within)))
     options.setdefault("application_name", application_name)
     given = pg_settings_in(options.get("options", ""))
     bounds = {
@@ -207,7 +248,8 @@ def connect(spec: ResourceSpec, application_name: str) -> psycopg.Connection[Any
             **options,
         )
         if setup:  # a SET, not startup options: some connection poolers refuse those
-            conn.execute(setup)
+            with bounded(conn, "a session set-up", min(POINT_BOUND, within or POINT_BOUND)):
+                conn.execute(setup)
     except psycopg.Error as e:
         if conn is not None:
             with contextlib.suppress(psycopg.Error):
@@ -240,7 +282,7 @@ class PostgresLog:
         self.schema = schema
         self._ident = sql.Identifier(schema)
         self._cond = threading.Condition(threading.Lock())
-        self._queue: list[tuple[int, LogRecord]] = []
+        self._queue: list[tuple[int, LogRecord, float | None]] = []
         self._ends: list[str] = []
         self._results: dict[int, BaseException | None] = {}
         self._seq = 0
@@ -252,7 +294,8 @@ class PostgresLog:
         self.hold_node_lock = hold_node_lock
         self._writer = self._connect()
         self._reader_conn = self._connect()
-        self._migrate(self._writer)
+        with bounded(self._writer, "the schema check", MIGRATION_LOCK_WAIT + SCAN_BOUND):
+            self._migrate(self._writer)
         if hold_node_lock:
             self._lock_node(self._writer)
 
@@ -266,6 +309,16 @@ class PostgresLog:
                 self._reader_conn.close()
             self._reader_conn = self._connect()
         return self._reader_conn
+
+    @contextlib.contextmanager
+    def _reading(
+        self, what: str, seconds: float = POINT_BOUND
+    ) -> Iterator[psycopg.Connection[Any]]:
+        """The reader connection, ``_read_lock`` held, its calls bounded by ``seconds``."""
+        with self._read_lock:
+            conn = self._reader
+            with bounded(conn, what, seconds):
+                yield conn
 
     def _connect(self) -> psycopg.Connection[Any]:
         return connect(self.spec, "xatm-log")
@@ -314,10 +367,12 @@ class PostgresLog:
         finally:
             conn.execute("SELECT pg_advisory_unlock(%s)", (_MIGRATION_LOCK,))
 
-    def _lock_node(self, conn: psycopg.Connection[Any]) -> None:
-        row = conn.execute(
-            "SELECT pg_try_advisory_lock(%s, %s)", (_NODE_LOCK_SPACE, _node_key(self._node_id))
-        ).fetchone()
+    def _lock_node(self, conn: psycopg.Connection[Any], within: float = POINT_BOUND) -> None:
+        with bounded(conn, "the node lock", within):
+            row = conn.execute(
+                "SELECT pg_try_advisory_lock(%s, %s)",
+                (_NODE_LOCK_SPACE, _node_key(self._node_id)),
+            ).fetchone()
         if not row or not row[0]:
             raise LogLocked(
                 f"node_id {self._node_id!r} is in use by another live coordinator of the"
@@ -327,8 +382,8 @@ class PostgresLog:
     @_log_errors
     def node_alive(self, node_id: str) -> bool:
         """True if some session holds ``node_id``'s advisory lock (its coordinator lives)."""
-        with self._read_lock:
-            row = self._reader.execute(
+        with self._reading("a node's liveness check") as conn:
+            row = conn.execute(
                 "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory'"
                 " AND classid = %s AND objid = %s AND objsubid = 2 AND granted)",
                 (_NODE_LOCK_SPACE, _node_key(node_id)),
@@ -341,13 +396,17 @@ class PostgresLog:
         return self._node_id
 
     def log_commit(
-        self, gtrid: str, branches: Sequence[str], txids: Mapping[str, int] | None = None
+        self,
+        gtrid: str,
+        branches: Sequence[str],
+        txids: Mapping[str, int] | None = None,
+        deadline: float | None = None,
     ) -> None:
         record = LogRecord("COMMIT", gtrid, tuple(branches), time.time(), dict(txids or {}))
         with self._cond:
             self._seq += 1
             seq = self._seq
-            self._queue.append((seq, record))
+            self._queue.append((seq, record, deadline))
             while seq not in self._results:
                 if self._flushing:
                     self._cond.wait()
@@ -368,22 +427,31 @@ class PostgresLog:
             raise error
 
     def _write_batch(
-        self, batch: list[tuple[int, LogRecord]], ends: list[str]
+        self, batch: list[tuple[int, LogRecord, float | None]], ends: list[str]
     ) -> dict[int, BaseException | None]:
-        """Insert a batch of COMMITs; the result of each by sequence number."""
+        """Insert a batch of COMMITs; the result of each by sequence number. Bounded by the
+        earliest deadline of its transactions plus the grace of a phase-2 call."""
+        now = time.monotonic()
+        bound = min((d for _, _, d in batch if d is not None), default=None)
+        until = (
+            now + POINT_BOUND if bound is None else min(bound + _deadline.GRACE, now + SCAN_BOUND)
+        )
         if self._writer.closed or self._writer.broken:
-            self._reconnect_writer()
+            self._reconnect_writer(until)
             if self._writer.closed or self._writer.broken:
                 refused = DecisionNotLogged(
                     f"the shared log {self.spec.redacted()} cannot be reached; nothing was logged"
                 )
-                return {seq: refused for seq, _ in batch}
+                return {seq: refused for seq, _, _ in batch}
         rows = [
             (r.gtrid, self._node_id, json.dumps(list(r.branches)), json.dumps(dict(r.txids)))
-            for _, r in batch
+            for _, r, _ in batch
         ]
         try:
-            with self._writer.transaction():
+            with (
+                _deadline.until(_SOCKETS, self._writer, until, "a COMMIT batch"),
+                self._writer.transaction(),
+            ):
                 cur = self._writer.cursor()
                 values = sql.SQL(", ").join(sql.SQL("(%s, %s, 'C', %s, %s)") for _ in rows)
                 cur.execute(
@@ -418,12 +486,12 @@ class PostgresLog:
                 failure = DecisionNotLogged(str(failure))
             # A broken writer is replaced by the next batch, not here: this batch's waiters
             # are told now, not after a connect to a server that may not answer
-            return {seq: failure for seq, _ in batch}
+            return {seq: failure for seq, _, _ in batch}
         self.forces += 1
         self.forced_records += len(batch)
         _events.log_forced(self._node_id)
         out: dict[int, BaseException | None] = {}
-        for seq, record in batch:
+        for seq, record, _ in batch:
             if record.gtrid in won or existing.get(record.gtrid) == "C":
                 out[seq] = None
             else:
@@ -433,15 +501,20 @@ class PostgresLog:
                 )
         return out
 
-    def _reconnect_writer(self) -> None:
+    def _reconnect_writer(self, until: float) -> None:
+        """A new writer session (with the node lock), by ``until`` (``time.monotonic()``):
+        not tried when less than libpq's shortest connect timeout is left."""
+        within = until - time.monotonic()
+        if within < 2:
+            return
         try:
-            fresh = self._connect()
+            fresh = connect(self.spec, "xatm-log", within)
         except LogError as e:
             logger.warning("shared log: reconnect failed: %s", e)
             return
         if self.hold_node_lock:
             try:
-                self._lock_node(fresh)
+                self._lock_node(fresh, max(0.1, until - time.monotonic()))
             except (LogError, psycopg.Error) as e:
                 # without its node lock this process must not decide: stay broken
                 logger.error("shared log: reconnected, but %s", e)
@@ -474,8 +547,8 @@ class PostgresLog:
         """The COMMIT row of ``gtrid`` becomes an ABORT row (an operator rolls it back by
         hand: a heuristic outcome), committed before this returns: no longer pending, nor
         retained; recovery rolls back what is left."""
-        with self._read_lock:
-            self._reader.execute(
+        with self._reading("an overrule") as conn:
+            conn.execute(
                 self._q(
                     "UPDATE {schema}.decisions SET decision = 'A', decided_by = %s,"
                     " ended_at = NULL WHERE gtrid = %s AND decision = 'C'"
@@ -492,9 +565,9 @@ class PostgresLog:
         from xatm.core.xid import parse_gtrid
 
         node, _ = parse_gtrid(gtrid)
-        with self._read_lock:
+        with self._reading("an ABORT") as conn:
             try:
-                row = self._reader.execute(
+                row = conn.execute(
                     self._q(
                         "INSERT INTO {schema}.decisions (gtrid, node_id, decision, decided_by)"
                         " VALUES (%s, %s, 'A', %s) ON CONFLICT (gtrid) DO NOTHING"
@@ -503,13 +576,13 @@ class PostgresLog:
                     (gtrid, node, by),
                 ).fetchone()
             except psycopg.Error as e:
-                if e.sqlstate in _GAVE_UP and not self._reader_conn.broken:
+                if e.sqlstate in _GAVE_UP and not conn.broken:
                     logger.info("shared log: the ABORT of %s waited too long: %s", gtrid, e)
                     return "busy"
                 raise
             if row is not None:
                 return "A"
-            got = self._reader.execute(
+            got = conn.execute(
                 self._q("SELECT decision FROM {schema}.decisions WHERE gtrid = %s"), (gtrid,)
             ).fetchone()
         return "C" if got and got[0] == "C" else "A"
@@ -519,8 +592,8 @@ class PostgresLog:
         """The logged decision of each of ``gtrids`` that has one: a COMMIT record, or 'A'."""
         if not gtrids:
             return {}
-        with self._read_lock:
-            rows = self._reader.execute(
+        with self._reading("a read of decisions", SCAN_BOUND) as conn:
+            rows = conn.execute(
                 self._q(
                     "SELECT gtrid, decision, branches, txids,"
                     " extract(epoch FROM created_at)::float8"
@@ -541,17 +614,17 @@ class PostgresLog:
         if not all_nodes:
             query += " AND node_id = %s"
             params = (self._node_id,)
-        with self._read_lock:
-            rows = self._reader.execute(self._q(query), params).fetchall()
+        with self._reading("a read of pending decisions", SCAN_BOUND) as conn:
+            rows = conn.execute(self._q(query), params).fetchall()
         return {g: _record(g, b, x, t) for g, b, x, t in rows}
 
     def flush(self) -> None:
         with self._cond:
             ends, self._ends = self._ends, []
         if ends:
-            with self._read_lock:
+            with self._reading("a batch of ENDs") as conn:
                 try:
-                    self._end_rows(self._reader, ends)
+                    self._end_rows(conn, ends)
                 except psycopg.Error as e:
                     logger.warning("shared log: could not record %d ENDs: %s", len(ends), e)
 
@@ -559,8 +632,7 @@ class PostgresLog:
     def prune(self, abort_age: float = 86400.0, retain: float = 0.0) -> int:
         """Delete ended COMMIT rows decided more than ``retain`` seconds ago, and ABORT rows
         older than ``abort_age`` seconds; the horizon is raised in the same transaction."""
-        with self._read_lock:
-            conn = self._reader
+        with self._reading("a prune", SCAN_BOUND) as conn:
             with conn.transaction():
                 rows = conn.execute(
                     self._q(
@@ -598,8 +670,8 @@ class PostgresLog:
     @_log_errors
     def horizon(self) -> float:
         """The time since which every COMMIT decision is still in the table."""
-        with self._read_lock:
-            row = self._reader.execute(
+        with self._reading("a read of the horizon") as conn:
+            row = conn.execute(
                 self._q("SELECT value FROM {schema}.meta WHERE key = 'decision_horizon'")
             ).fetchone()
         return float(row[0]) if row else 0.0
@@ -607,8 +679,8 @@ class PostgresLog:
     @_log_errors
     def decided_between(self, node: str, start: float, end: float) -> list[LogRecord]:
         """``node``'s COMMIT decisions (pending or ended) made in ``[start, end)``."""
-        with self._read_lock:
-            rows = self._reader.execute(
+        with self._reading("a read of decisions", SCAN_BOUND) as conn:
+            rows = conn.execute(
                 self._q(
                     "SELECT gtrid, branches, txids, extract(epoch FROM created_at)::float8"
                     " FROM {schema}.decisions WHERE node_id = %s AND decision = 'C'"
@@ -628,15 +700,15 @@ class PostgresLog:
         if node is not None:
             query += " WHERE node_id = %s"
             params = (node,)
-        with self._read_lock:
-            rows = self._reader.execute(self._q(query), params).fetchall()
+        with self._reading("a read of timelines", SCAN_BOUND) as conn:
+            rows = conn.execute(self._q(query), params).fetchall()
         return [(str(n), str(r), str(b)) for n, r, b in rows]
 
     @_log_errors
     def save_timeline(self, node: str, resource: str, body: str) -> None:
         """Record ``node``'s view of one resource's timeline (committed when this returns)."""
-        with self._read_lock:
-            self._reader.execute(
+        with self._reading("a timeline") as conn:
+            conn.execute(
                 self._q(
                     "INSERT INTO {schema}.timelines VALUES (%s, %s, %s)"
                     " ON CONFLICT (node_id, resource) DO UPDATE SET body = EXCLUDED.body"
@@ -647,21 +719,24 @@ class PostgresLog:
     @_log_errors
     def try_sweep_lock(self) -> bool:
         """Take the fleet-wide sweeper lock (session level) if free: one resolver at a time."""
-        with self._read_lock:
-            row = self._reader.execute("SELECT pg_try_advisory_lock(%s)", (_SWEEP_LOCK,)).fetchone()
+        with self._reading("the sweeper lock") as conn:
+            row = conn.execute("SELECT pg_try_advisory_lock(%s)", (_SWEEP_LOCK,)).fetchone()
         return bool(row and row[0])
 
     def release_sweep_lock(self) -> None:
-        with self._read_lock, contextlib.suppress(psycopg.Error, LogError):
+        with (
+            contextlib.suppress(psycopg.Error, LogError),
+            self._reading("the sweeper lock") as conn,
+        ):
             # a lost session has released the lock already
-            self._reader.execute("SELECT pg_advisory_unlock(%s)", (_SWEEP_LOCK,))
+            conn.execute("SELECT pg_advisory_unlock(%s)", (_SWEEP_LOCK,))
 
     # -- the audit trail, shared like the decisions ---------------------------------------
     def audit(self, entry: AuditEntry) -> None:
         """Append one audit entry (see ``xatm.log.audit``); failures are logged, not raised."""
         try:
-            with self._read_lock:
-                self._reader.execute(
+            with self._reading("an audit entry") as conn:
+                conn.execute(
                     self._q(
                         "INSERT INTO {schema}.audit (at, gtrid, resource, branch, action,"
                         " reason, outcome, actor, node) VALUES"
@@ -692,14 +767,14 @@ class PostgresLog:
         if gtrid is not None:
             query += " WHERE gtrid = %s"
             params = (gtrid,)
-        with self._read_lock:
-            rows = self._reader.execute(self._q(query + " ORDER BY at, id"), params).fetchall()
+        with self._reading("a read of the audit trail", SCAN_BOUND) as conn:
+            rows = conn.execute(self._q(query + " ORDER BY at, id"), params).fetchall()
         return [AuditEntry(float(r[0]), *(str(v) for v in r[1:])) for r in rows]
 
     def close(self) -> None:
         self.flush()
         for conn in (self._writer, self._reader_conn):
-            with contextlib.suppress(psycopg.Error):
+            with contextlib.suppress(psycopg.Error), bounded(conn, "a close", POINT_BOUND):
                 # release the node lock (writer) and the sweeper lock (reader) now, not
                 # when the server notices that the session has ended
                 conn.execute("SELECT pg_advisory_unlock_all()")

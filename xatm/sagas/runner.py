@@ -42,7 +42,9 @@ from xatm.core.participant import ErrorKind
 from xatm.core.urls import describe_error
 from xatm.errors import (
     ConfigurationError,
+    LogError,
     ResourceUnavailable,
+    SagaInDoubt,
     TransactionInDoubt,
     TransactionRolledBack,
     XatmError,
@@ -268,6 +270,24 @@ class SagaRunner:
                 (time.time(), "", "saga-start", "running", actor, f"key {key!r}" if key else ""),
             ),
         )
+        try:
+            return self._start(saga, record, text, wait, actor)
+        except SagaError:
+            raise
+        except LogError as e:
+            raise SagaInDoubt(
+                f"saga {record.saga_id}: its store failed ({e}): whether the saga is recorded,"
+                " and how far it went, is unknown here. Do not run it again without its key:"
+                " recovery (the sweeper, or recover_sagas) runs a recorded saga to its end,"
+                " tm.saga(saga_id) tells its state, and run_saga with the same key returns"
+                " its result",
+                record.saga_id,
+            ) from None
+
+    def _start(
+        self, saga: Saga, record: SagaRecord, text: str, wait: float, actor: str
+    ) -> SagaResult:
+        """Record the new saga and drive it (or, its key used before, the first run's)."""
         with self._lock:
             self._running.add(record.saga_id)
         try:
@@ -280,8 +300,8 @@ class SagaRunner:
                 with self._lock:
                     self._running.discard(record.saga_id)
         if claim is None:
-            assert key is not None
-            return self._existing(saga, key, wait, actor)
+            assert record.key is not None
+            return self._existing(saga, record.key, wait, actor)
         return self._drive(_Claimed(claim, record, actor, saga, routine=True, payload=text))
 
     def _existing(self, saga: Saga, key: str, wait: float, actor: str) -> SagaResult:

@@ -289,7 +289,8 @@ class AsyncTransaction(ManagedTransaction):
                 return await _outcome(self._driver(b).commit_one_phase(b.conn, b.xid, op.before))
         if isinstance(op, LogCommit):
             # the forced write off the loop (xatm.log.aio)
-            return await _outcome(self._aio.log.log_commit(op.gtrid, op.resources, op.txids))
+            log = self._aio.log
+            return await _outcome(log.log_commit(op.gtrid, op.resources, op.txids, self.deadline))
         if isinstance(op, AwaitWork):
             return await _outcome(self._await_work())
         assert isinstance(op, LogEnd)

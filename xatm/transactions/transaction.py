@@ -325,7 +325,7 @@ class Transaction(ManagedTransaction):
         if isinstance(op, LOCAL_STEPS):
             return self._local(op)
         if isinstance(op, LogCommit):
-            return _call(self._ctx.log.log_commit, op.gtrid, op.resources, op.txids)
+            return _call(self._ctx.log.log_commit, op.gtrid, op.resources, op.txids, self.deadline)
         if isinstance(op, CommitPrepared):
             return self._commit_prepared(op)
         if isinstance(op, LogEnd):

@@ -176,8 +176,14 @@ class FileLog:
         return self._node_id
 
     def log_commit(
-        self, gtrid: str, branches: Sequence[str], txids: Mapping[str, int] | None = None
+        self,
+        gtrid: str,
+        branches: Sequence[str],
+        txids: Mapping[str, int] | None = None,
+        deadline: float | None = None,
     ) -> None:
+        # a local write and fsync: no socket to cut, so no deadline (a stalled disk holds
+        # its callers, and the log is broken if a write fails)
         record = LogRecord("COMMIT", gtrid, tuple(branches), time.time(), dict(txids or {}))
         self._append(record, force=True)
 
