@@ -458,6 +458,21 @@ def test_a_retention_must_be_a_number(make_tm: MakeTM) -> None:
         make_tm(node_id="fo-bad", decision_retention=-1)
 
 
+def _decided_then_paused(
+    ha: PostgresPair, books: Bank, log: Path | str, node: str, tid: str
+) -> tuple[dict[str, str], dict[str, Any], str]:
+    """A transfer between the pair's primary and MariaDB whose coordinator (node ``node``,
+    log ``log``) is SIGKILLed after its COMMIT decision, its PREPARE replayed on the
+    standby, and replication then paused: the resources' URLs, a manager's log keyword
+    for the shared log, and the gtrid."""
+    urls = {"pg": ha.url(), "maria": books.urls["maria"]}
+    extra: dict[str, Any] = {"log": log} if isinstance(log, str) else {}
+    gtrid = crash(books, log, node, "after_decision", ("pg", "maria"), tid, urls=urls)
+    ha.wait_replayed()  # the PREPARE is on the standby
+    ha.replication.pause()  # what comes next is not
+    return urls, extra, gtrid
+
+
 @pytest.mark.parametrize("log_kind", ["file", "shared"])
 def test_a_branch_a_failover_brings_back_after_a_hand_rollback_is_not_committed(
     ha: PostgresPair,
@@ -472,14 +487,9 @@ def test_a_branch_a_failover_brings_back_after_a_hand_rollback_is_not_committed(
     standby is promoted: the branch is prepared again. Committing it from the retained
     decision would split the transaction (MariaDB's branch is rolled back): the decision
     was overruled, so recovery rolls it back again."""
-    urls = {"pg": ha.url(), "maria": books.urls["maria"]}
-    log: Path | str = tmp_path / "log" if log_kind == "file" else log_url
-    extra: dict[str, Any] = {"log": log_url} if log_kind == "shared" else {}
-    gtrid = crash(
-        books, log, f"fo-heur-{log_kind}", "after_decision", ("pg", "maria"), "hr", urls=urls
+    urls, extra, gtrid = _decided_then_paused(
+        ha, books, tmp_path / "log" if log_kind == "file" else log_url, f"fo-heur-{log_kind}", "hr"
     )
-    ha.wait_replayed()  # the PREPARE is on the standby
-    ha.replication.pause()  # the hand rollback is not
     ops = make_tm(node_id=f"fo-ops-{log_kind}", resources=urls, sweeper=False, **extra)
     res = ops.resolve(gtrid, "rollback", force=True, actor="cli:test")
     assert (
@@ -519,14 +529,9 @@ def test_a_failover_in_the_middle_of_a_hand_rollback_brings_nothing_to_commit(
     standby is promoted, bringing PostgreSQL's branch back prepared, and MariaDB answers
     again. Both faults together: recovery rolls both branches back, as the operator asked,
     and commits nothing (the overrule was durable before any branch was touched)."""
-    urls = {"pg": ha.url(), "maria": books.urls["maria"]}
-    log: Path | str = tmp_path / "log" if log_kind == "file" else log_url
-    extra: dict[str, Any] = {"log": log_url} if log_kind == "shared" else {}
-    gtrid = crash(
-        books, log, f"fo-half-{log_kind}", "after_decision", ("pg", "maria"), "hh", urls=urls
+    urls, extra, gtrid = _decided_then_paused(
+        ha, books, tmp_path / "log" if log_kind == "file" else log_url, f"fo-half-{log_kind}", "hh"
     )
-    ha.wait_replayed()  # the PREPARE is on the standby
-    ha.replication.pause()  # the hand rollback is not
     proxy = BlackholeProxy(urls["maria"])
     proxy.blackhole()  # MariaDB does not answer the operator
     try:

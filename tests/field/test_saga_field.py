@@ -53,6 +53,28 @@ def _effects(bank: Bank, tid: str) -> dict[str, list[str]]:
     }
 
 
+def _completed_once(bank: Bank, tid: str) -> None:
+    """The transfer saga ``tid`` (after the warm-up's) applied each step once, the books
+    balance, and nothing is left prepared."""
+    assert _effects(bank, tid) == {"pg1": ["debit", "finish"], "pg2": [], "maria": ["credit"]}
+    assert bank.balance("pg1", 1) == 990 and bank.balance("maria", 2) == 1010
+    assert bank.total() == bank.initial_total
+    assert bank.xatm_prepared() == {"pg1": [], "pg2": [], "maria": []}
+
+
+def _through(make_tm: MakeTM, bank: Bank, through: str, proxy: BlackholeProxy, saga: Saga) -> Any:
+    """A manager whose path to ``through`` is ``proxy``, with a pooled connection there
+    (one run of ``saga``, completed)."""
+    tm = make_tm(
+        resources={**bank.urls, through: proxy.url},
+        timeout=TIMEOUT,
+        sweeper=False,
+        sagas=[saga],
+    )
+    assert tm.run_saga(saga.name, data=_payload(bank, "warm")).state == "completed"
+    return tm
+
+
 @pytest.mark.parametrize("key", [None, "with-a-key"])
 @pytest.mark.parametrize("through", ["pg1", "maria"])
 def test_a_cut_at_a_steps_begin_is_retried_and_applies_once(
@@ -60,14 +82,7 @@ def test_a_cut_at_a_steps_begin_is_retried_and_applies_once(
 ) -> None:
     proxy = BlackholeProxy(bank.urls[through])
     try:
-        tm = make_tm(
-            resources={**bank.urls, through: proxy.url},
-            timeout=TIMEOUT,
-            sweeper=False,
-            sagas=[saga_defs.transfer],
-        )
-        warm = tm.run_saga("transfer", data=_payload(bank, "warm"))  # a pooled connection
-        assert warm.state == "completed"
+        tm = _through(make_tm, bank, through, proxy, saga_defs.transfer)
         # the step's BEGIN and its barrier row, one round trip (not the identity lease's ping)
         proxy.cut_after_next_request(match=TABLE.encode())
         result = tm.run_saga("transfer", data=_payload(bank, "cut"), key=key)
@@ -77,14 +92,7 @@ def test_a_cut_at_a_steps_begin_is_retried_and_applies_once(
         # failed attempt, and the cut session's barrier row went with its session
         history = [(e.action, e.outcome) for e in tm.sagas.history(result.saga_id)]
         assert [a for a, o in history if "failed" in o] == [], history
-        assert _effects(bank, "cut") == {
-            "pg1": ["debit", "finish"],
-            "pg2": [],
-            "maria": ["credit"],
-        }
-        assert bank.balance("pg1", 1) == 990 and bank.balance("maria", 2) == 1010
-        assert bank.total() == bank.initial_total
-        assert bank.xatm_prepared() == {"pg1": [], "pg2": [], "maria": []}
+        _completed_once(bank, "cut")
         assert tm.recover_sagas().finished == ()
     finally:
         proxy.close()
@@ -138,14 +146,7 @@ def test_a_cut_at_a_steps_commit_applies_the_step_once(
 ) -> None:
     proxy = BlackholeProxy(bank.urls[through])
     try:
-        tm = make_tm(
-            resources={**bank.urls, through: proxy.url},
-            timeout=TIMEOUT,
-            sweeper=False,
-            sagas=[saga_defs.transfer],
-        )
-        warm = tm.run_saga("transfer", data=_payload(bank, "warm"))  # a pooled connection
-        assert warm.state == "completed"
+        tm = _through(make_tm, bank, through, proxy, saga_defs.transfer)
         proxy.cut_after_next_request(match=_STEP_COMMIT[through])
         result = tm.run_saga("transfer", data=_payload(bank, "cc"))
         assert proxy.cuts == 1
@@ -162,14 +163,7 @@ def test_a_cut_at_a_steps_commit_applies_the_step_once(
             (step, "TransactionInDoubt", "attempt 1 failed; retrying"),
             (step, "barrier", "committed"),
         ], history
-        assert _effects(bank, "cc") == {
-            "pg1": ["debit", "finish"],
-            "pg2": [],
-            "maria": ["credit"],
-        }
-        assert bank.balance("pg1", 1) == 990 and bank.balance("maria", 2) == 1010
-        assert bank.total() == bank.initial_total
-        assert bank.xatm_prepared() == {"pg1": [], "pg2": [], "maria": []}
+        _completed_once(bank, "cc")
     finally:
         proxy.close()
 
@@ -193,13 +187,7 @@ def test_a_cut_at_a_compensations_commit_applies_it_once(
     saga.step("credit", saga_defs.credit, saga_defs.uncredit, resources=["maria"])
     saga.step("abort", abort, resources=["pg1"])
     try:
-        tm = make_tm(
-            resources={**bank.urls, through: proxy.url},
-            timeout=TIMEOUT,
-            sweeper=False,
-            sagas=[saga],
-        )
-        assert tm.run_saga("undone", data=_payload(bank, "warm")).state == "completed"
+        tm = _through(make_tm, bank, through, proxy, saga)
         result = tm.run_saga("undone", data=_payload(bank, "cu"))
         assert proxy.cuts == 1
         assert result.state == "compensated", result
@@ -251,8 +239,6 @@ def test_a_silent_shared_saga_store_holds_no_caller_and_recovery_finishes_the_sa
         assert report.finished == ((doubt.value.saga_id, "completed"),), report
         record = tm.saga(doubt.value.saga_id)
         assert record is not None and record.state == "completed"
-        assert _effects(bank, "ss") == {"pg1": ["debit", "finish"], "pg2": [], "maria": ["credit"]}
-        assert bank.total() == bank.initial_total
-        assert bank.xatm_prepared() == {"pg1": [], "pg2": [], "maria": []}
+        _completed_once(bank, "ss")
     finally:
         proxy.close()
