@@ -168,3 +168,37 @@ def test_a_failed_batch_answers_its_waiters_without_reconnecting(
         assert time.monotonic() - started < 10.0
     finally:
         silent.close()
+
+
+def test_a_writer_whose_session_was_cut_cannot_decide_once_a_twin_holds_the_node(
+    open_log, servers: Servers
+) -> None:  # type: ignore[no-untyped-def]
+    """The node lock is the shared log's lease, held by the writer's session. That session
+    is cut while its process lives on (a DBA, a proxy, a failover), and a second process
+    with the same node_id takes the lock. The first one's next write finds its session
+    lost (in doubt), the ones after it are refused (it cannot take the lock back); nothing
+    of them is written, and the twin decides alone. Once the twin is gone, the first takes
+    the lock again and decides."""
+    import psycopg
+
+    from xatm.errors import LogError
+
+    first = open_log("twin-n")
+    first.log_commit(new_gtrid("twin-n"), ["pg1"])  # the writer works
+    pid = first._writer.info.backend_pid
+    with psycopg.connect(servers.urls["pg2"], autocommit=True) as admin:
+        admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
+        twin = open_log("twin-n")  # the lock is free: the twin takes it
+        lost, refused = new_gtrid("twin-n"), new_gtrid("twin-n")
+        with pytest.raises(LogError):  # the cut session is found: its write is in doubt
+            first.log_commit(lost, ["pg1"])
+        with pytest.raises(DecisionNotLogged):  # reconnected, but the node is the twin's
+            first.log_commit(refused, ["pg1"])
+        assert lost not in twin.pending() and refused not in twin.pending()
+        decided = new_gtrid("twin-n")
+        twin.log_commit(decided, ["pg1"])
+        assert decided in twin.pending()
+        twin.close()
+        later = new_gtrid("twin-n")
+        first.log_commit(later, ["pg1"])
+        assert later in first.pending()
