@@ -24,6 +24,7 @@ from tests.support import Bank, MakeTM, connect, run
 from tests.support.omission import BlackholeProxy
 from tests.support.recovery import crash
 from xatm import TransactionManager
+from xatm.admin import ResolutionRefused
 from xatm.cli.main import main
 from xatm.core.xid import parse_gtrid
 from xatm.log.timelines import FileTimelines, Loss, ResourceTimeline, Switch
@@ -563,3 +564,46 @@ def test_a_failover_in_the_middle_of_a_hand_rollback_brings_nothing_to_commit(
     assert acted == [("maria", "rollback"), ("pg", "rollback")]
     assert books.journal_ids() == {"pg": set(), "maria": set()}
     assert books.xatm_prepared() == {"pg": [], "maria": []}
+
+
+# ------------------------------------------ a failover of the shared log's own database
+
+
+def test_a_failover_of_the_shared_logs_database_that_lost_a_decision_splits_nothing(
+    ha: PostgresPair, bank: Bank, make_tm: MakeTM, caplog: Any
+) -> None:
+    """The shared log's database is the pair (asynchronous). A coordinator decides COMMIT,
+    commits one branch and is SIGKILLed before the other's; its COMMIT row never reached the
+    standby, which is then promoted. The log holds no decision any more: presuming the
+    transaction aborted would roll the other branch back while the first is committed. Recovery
+    finds the log's database on a new timeline, leaves the branch prepared, in doubt, and
+    says why; the operator commits it by hand, and the books balance."""
+    log = ha.url()
+    first = make_tm(node_id="fo-log-first", log=log, sweeper=False)
+    first.close()  # the log's schema, and the timeline it runs on, are on the standby
+    ha.wait_replayed()
+    ha.replication.pause()
+    gtrid = crash(
+        bank, log, "fo-log-dead", "after_first_commit", ("pg1", "maria"), "lf", parallel=False
+    )
+    [committed] = [r for r in ("pg1", "maria") if bank.journal_ids()[r] == {"lf"}]
+    [prepared] = [r for r in ("pg1", "maria") if r != committed]
+    ha.fail_over()
+    ha.replication.resume()
+    caplog.set_level(logging.WARNING)
+    tm = make_tm(node_id="fo-log-rec", log=log, sweeper=False)
+    rolled = [
+        a for r in settle(tm) for a in r.actions if a.gtrid == gtrid and a.action == "rollback"
+    ]
+    assert rolled == []  # no split
+    assert [x.gtrid for x in bank.xatm_prepared_on(prepared)] == [gtrid]
+    assert "shared log" in caplog.text and "failed over" in caplog.text
+    [txn] = [t for t in indoubt(tm).transactions if t.gtrid == gtrid]
+    assert "failed over" in str(txn)
+    for outcome in ("rollback", "commit"):  # neither without --force: nothing here can tell
+        with pytest.raises(ResolutionRefused, match="failed over"):
+            tm.resolve(gtrid, outcome, actor="cli:test")
+    res = tm.resolve(gtrid, "commit", force=True, actor="cli:test")
+    assert res.complete
+    assert bank.journal_ids()[prepared] == {"lf"}
+    assert bank.xatm_prepared() == {"pg1": [], "pg2": [], "maria": []}

@@ -17,7 +17,7 @@ import json, sys
 from xatm import TransactionManager
 cfg = json.loads(sys.argv[1])
 tm = TransactionManager(cfg["urls"], cfg["log"], cfg["node_id"], timeout=30, sweeper=False,
-                        commit_markers=cfg.get("markers", []))
+                        commit_markers=cfg.get("markers", []), parallel=cfg["parallel"])
 t, j = cfg["table"], cfg["journal"]
 res = cfg["resources"]
 with tm.transaction() as tx:
@@ -42,11 +42,13 @@ def crash(
     markers: tuple[str, ...] = (),
     account: int = 1,
     urls: dict[str, str] | None = None,
+    parallel: bool = True,
 ) -> str:
     """Run one transfer (of 10 on ``account``) in a child coordinator (its log: a directory,
     or a shared log's URL) that SIGKILLs itself at ``failpoint``; return the gtrid it was
     working on. Branches it leaves prepared lock that account's rows: crash the next one on
-    another account. ``urls``: the child's resources, if not the bank's."""
+    another account. ``urls``: the child's resources, if not the bank's; ``parallel=False``:
+    its branches one after another (``after_first_commit`` then leaves the others prepared)."""
     cfg = {
         "urls": urls or bank.urls,
         "log": str(log),
@@ -57,6 +59,7 @@ def crash(
         "tid": tid,
         "markers": list(markers),
         "account": account,
+        "parallel": parallel,
     }
     proc = subprocess.run(
         [sys.executable, "-c", _CHILD, json.dumps(cfg)],

@@ -27,6 +27,7 @@ from xatm.core.decide import (
     decide,
     judge_request,
     known_decision,
+    log_failed_over_since,
     owner_of,
     past_timeout,
     table_markdown,
@@ -38,7 +39,8 @@ from xatm.core.xid import new_gtrid
 C, R, L, P = Action.COMMIT, Action.ROLLBACK, Action.LEAVE, Action.PROBE
 W, G, M = Owner, Logged, Marker
 
-# (owner, logged, marker, expired, shared, known[, failover]) -> (action, fence, rule number)
+# (owner, logged, marker, expired, shared, known[, failover[, log_failover]])
+#   -> (action, fence, rule number)
 TABLE: list[tuple[tuple[object, ...], Action, bool, int]] = [
     # 1: a branch qualifier naming no resource here is never acted on
     ((W.DEAD_PEER, G.COMMIT, M.NOT_FLAGGED, False, False, False), L, False, 1),
@@ -92,14 +94,22 @@ TABLE: list[tuple[tuple[object, ...], Action, bool, int]] = [
     ((W.LIVE_PEER, G.NONE, M.NOT_FLAGGED, True, True, True, True), L, False, 14),
     # ... but a COMMIT found (retained, ended or not) is obeyed
     ((W.FINISHED, G.COMMIT, M.NOT_FLAGGED, False, False, True, True), C, False, 7),
-    # 15: presumed abort (fenced with the shared log)
-    ((W.FINISHED, G.NONE, M.NOT_FLAGGED, False, False, True), R, False, 15),
-    ((W.PREVIOUS, G.NONE, M.NOT_FLAGGED, False, False, True), R, False, 15),
-    ((W.PREVIOUS, G.NONE, M.NOT_FLAGGED, False, True, True), R, True, 15),
-    ((W.DEAD_PEER, G.NONE, M.NO_ROW, False, False, True), R, False, 15),
-    ((W.FINISHED, G.NONE, M.NOT_FLAGGED, False, True, True), R, True, 15),
-    ((W.DEAD_PEER, G.NONE, M.NOT_FLAGGED, False, True, True), R, True, 15),
-    ((W.LIVE_PEER, G.NONE, M.NOT_FLAGGED, True, True, True), R, True, 15),
+    # 15: the shared log's own database failed over since the transaction began
+    ((W.FINISHED, G.NONE, M.NOT_FLAGGED, False, True, True, False, True), L, False, 15),
+    ((W.DEAD_PEER, G.NONE, M.NOT_FLAGGED, False, True, True, False, True), L, False, 15),
+    ((W.PREVIOUS, G.NONE, M.NOT_FLAGGED, False, True, True, False, True), L, False, 15),
+    ((W.LIVE_PEER, G.NONE, M.NOT_FLAGGED, True, True, True, False, True), L, False, 15),
+    # ... but a decision the new primary does have is obeyed
+    ((W.DEAD_PEER, G.COMMIT, M.NOT_FLAGGED, False, True, True, False, True), C, False, 7),
+    ((W.DEAD_PEER, G.ABORT, M.NOT_FLAGGED, False, True, True, False, True), R, False, 8),
+    # 16: presumed abort (fenced with the shared log)
+    ((W.FINISHED, G.NONE, M.NOT_FLAGGED, False, False, True), R, False, 16),
+    ((W.PREVIOUS, G.NONE, M.NOT_FLAGGED, False, False, True), R, False, 16),
+    ((W.PREVIOUS, G.NONE, M.NOT_FLAGGED, False, True, True), R, True, 16),
+    ((W.DEAD_PEER, G.NONE, M.NO_ROW, False, False, True), R, False, 16),
+    ((W.FINISHED, G.NONE, M.NOT_FLAGGED, False, True, True), R, True, 16),
+    ((W.DEAD_PEER, G.NONE, M.NOT_FLAGGED, False, True, True), R, True, 16),
+    ((W.LIVE_PEER, G.NONE, M.NOT_FLAGGED, True, True, True), R, True, 16),
 ]
 
 
@@ -124,6 +134,7 @@ ALL = [
         list(Owner),
         list(Logged),
         list(Marker),
+        [False, True],
         [False, True],
         [False, True],
         [False, True],
@@ -174,6 +185,28 @@ def test_never_presumes_abort_across_a_failover_beyond_the_retained_decisions() 
     for f in ALL:
         if f.failover and f.logged is Logged.NONE and f.marker is not Marker.ROW:
             assert decide(f).action in (Action.LEAVE, Action.PROBE), f
+
+
+def test_never_presumes_abort_after_a_failover_of_the_shared_logs_database() -> None:
+    """Its COMMIT row may have been lost with the writes the new primary never received:
+    only a decision found on the new primary is acted on."""
+    for f in ALL:
+        if f.log_failover and f.logged is Logged.NONE and f.marker is not Marker.ROW:
+            assert decide(f).action in (Action.LEAVE, Action.PROBE), f
+
+
+@pytest.mark.parametrize(
+    ("created", "switches", "expected"),
+    [
+        (100.0, (), False),  # the log never failed over
+        (100.0, (200.0,), True),  # begun before the failover
+        (204.0, (200.0,), True),  # within the clock allowance: counted as before
+        (206.0, (200.0,), False),  # begun after it: its decision went to the new primary
+        (300.0, (200.0, 400.0), True),  # a second failover since
+    ],
+)
+def test_the_log_failover_fact(created: float, switches: tuple[float, ...], expected: bool) -> None:
+    assert log_failed_over_since(created, switches) is expected
 
 
 def test_manual_requests_are_judged_against_the_rule() -> None:

@@ -16,7 +16,10 @@ The facts about a branch found prepared (:class:`Facts`):
 * ``known_resource``: the branch qualifier names a resource configured here;
 * ``failover``: the branch's resource failed over (a new PostgreSQL timeline) after the
   branch was created, and the log's retained decisions do not reach back to its creation
-  (``xatm.node.failover``): an ended COMMIT decision of it may have been dropped already.
+  (``xatm.node.failover``): an ended COMMIT decision of it may have been dropped already;
+* ``log_failover``: the shared log's own database failed over (a new timeline) after the
+  transaction began (:func:`log_failed_over_since`): its COMMIT row may have been lost with
+  the writes the new primary never received.
 
 :data:`RULES` is the table, read top to bottom; the first rule that matches gives the verdict.
 docs/protocol.md prints the same table (a test checks that it matches :func:`table_markdown`).
@@ -27,7 +30,7 @@ when absent) and decide again.
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -36,6 +39,13 @@ from xatm.core.xid import has_long_timeout
 
 #: seconds allowed for clock differences between hosts sharing a log, on top of the timeout
 SKEW = 5.0
+
+
+def log_failed_over_since(created_at: float, switches: Sequence[float]) -> bool:
+    """The ``log_failover`` fact: the shared log's database came up on a new timeline (first
+    seen at one of ``switches``, the log server's clock) after a transaction created at
+    ``created_at`` (its coordinator's clock) began, allowing :data:`SKEW` between clocks."""
+    return any(created_at <= seen + SKEW for seen in switches)
 
 
 def past_timeout(gtrid: str, created_at: float, now: float, timeout: float) -> bool:
@@ -164,6 +174,7 @@ class Facts:
     shared_log: bool = False
     known_resource: bool = True
     failover: bool = False
+    log_failover: bool = False
 
 
 def transaction_facts(
@@ -177,6 +188,7 @@ def transaction_facts(
     expired: bool = False,
     known_resource: bool = True,
     failover: bool = False,
+    log_failover: bool = False,
 ) -> Facts:
     """The facts of a whole transaction, read from its coordinator's log rather than from
     one branch (``xatm indoubt`` and manual resolution, which may see no branch at all).
@@ -198,6 +210,7 @@ def transaction_facts(
         shared_log=shared,
         known_resource=known_resource,
         failover=failover,
+        log_failover=log_failover,
     )
 
 
@@ -315,6 +328,14 @@ RULES: tuple[Rule, ...] = (
         Action.LEAVE,
         "its resource failed over after it was prepared and the log no longer holds the"
         " decisions of that time: it may have been decided COMMIT (resolve by hand)",
+    ),
+    Rule(
+        "no decision found; the shared log's database failed over since it began",
+        lambda f: f.log_failover,
+        Action.LEAVE,
+        "the shared log's database failed over (a new timeline) after it began: its COMMIT"
+        " decision may have been lost with the writes the new primary never received"
+        " (resolve by hand)",
     ),
     Rule(
         "no decision; owner finished, ended (an earlier process of the node), dead, or"

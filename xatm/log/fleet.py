@@ -89,6 +89,8 @@ class Fleet(Protocol):
 
     def timelines(self, node: str) -> dict[str, ResourceTimeline]: ...
 
+    def log_switches(self) -> tuple[float, ...]: ...
+
     def close(self) -> None: ...
 
 
@@ -98,6 +100,7 @@ class _Retained:
 
     _view: FileLogs | SharedLogs
     _timelines: dict[str, dict[str, ResourceTimeline]]
+    _switches: tuple[float, ...] | None = None
 
     def retained(self, gtrid: str, node: str) -> bool:
         return self._view.retained(node, gtrid) is not None
@@ -112,6 +115,11 @@ class _Retained:
         if node not in self._timelines:
             self._timelines[node] = self._view.timelines().load(node)
         return self._timelines[node]
+
+    def log_switches(self) -> tuple[float, ...]:
+        if self._switches is None:
+            self._switches = self._view.log_switches()
+        return self._switches
 
 
 class FileFleet(_Retained):

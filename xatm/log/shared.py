@@ -83,7 +83,7 @@ from xatm.core.xid import validate_node_id
 from xatm.errors import ConfigurationError, LogError, LogLocked
 from xatm.log.audit import AuditEntry
 from xatm.log.base import DecisionNotLogged
-from xatm.participants.postgres.participant import socket_of
+from xatm.participants.postgres.participant import SERVER_STATE, server_state, socket_of
 
 logger = logging.getLogger("xatm.log")
 
@@ -123,6 +123,11 @@ class _Sockets:
 
 
 _SOCKETS = _Sockets()
+
+#: the ``meta`` key of each timeline of the log's own database that a session found, with
+#: when it was first found (the server's clock, epoch seconds): a key added once one was
+#: there is a failover of the log's database (or a restore), which may have lost decisions
+TIMELINE_KEY = "log_timeline:"
 
 
 def bounded(conn: psycopg.Connection[Any], what: str, seconds: float) -> _deadline.until:
@@ -292,10 +297,13 @@ class PostgresLog:
         self.forced_records = 0
         self._last_prune = -PRUNE_EVERY
         self.hold_node_lock = hold_node_lock
+        self._migrated = False
         self._writer = self._connect()
         self._reader_conn = self._connect()
         with bounded(self._writer, "the schema check", MIGRATION_LOCK_WAIT + SCAN_BOUND):
             self._migrate(self._writer)
+        self._migrated = True
+        self._note_timeline(self._writer)
         if hold_node_lock:
             self._lock_node(self._writer)
 
@@ -320,8 +328,65 @@ class PostgresLog:
             with bounded(conn, what, seconds):
                 yield conn
 
-    def _connect(self) -> psycopg.Connection[Any]:
-        return connect(self.spec, "xatm-log")
+    def _connect(self, within: float | None = None) -> psycopg.Connection[Any]:
+        """A new session of this log (its timeline noted once the schema is there)."""
+        start = time.monotonic()
+        conn = connect(self.spec, "xatm-log", within)
+        if self._migrated:
+            left = POINT_BOUND if within is None else within - (time.monotonic() - start)
+            try:
+                self._note_timeline(conn, max(0.1, min(POINT_BOUND, left)))
+            except LogError:
+                with contextlib.suppress(psycopg.Error):
+                    conn.close()
+                raise
+        return conn
+
+    def _note_timeline(self, conn: psycopg.Connection[Any], seconds: float = POINT_BOUND) -> None:
+        """Record the timeline a new session finds the log's database on. One not recorded
+        yet, when another one is, means the database failed over (or was restored): the
+        decisions its old primary acknowledged and never passed on are gone, so recovery
+        leaves the transactions begun before it in doubt (:meth:`log_switches`)."""
+        try:
+            with bounded(conn, "a check of the log's timeline", seconds):
+                timeline, _ = server_state(conn.execute(SERVER_STATE).fetchone())
+                if timeline is None:  # a standby: nothing can be written there anyway
+                    return
+                row = conn.execute(
+                    self._q(
+                        "WITH added AS (INSERT INTO {schema}.meta"
+                        " VALUES (%s, extract(epoch FROM now())::text)"
+                        " ON CONFLICT (key) DO NOTHING RETURNING key)"
+                        " SELECT (SELECT count(*) FROM added),"
+                        " (SELECT count(*) FROM {schema}.meta WHERE key LIKE %s)"
+                    ),
+                    (f"{TIMELINE_KEY}{timeline:08X}", f"{TIMELINE_KEY}%"),
+                ).fetchone()
+        except psycopg.Error as e:
+            raise LogError(f"the shared log failed: {redact(str(e)).strip()}") from None
+        if row is not None and row[0] and row[1]:
+            logger.critical(
+                "FAILOVER: the shared log's database %s failed over or was restored (it is on"
+                " a new timeline, %d): the decisions its previous primary acknowledged but"
+                " never passed on are lost."
+                " Transactions begun before now that are still prepared are left in doubt"
+                " for an operator (`xatm indoubt`, then `xatm resolve`); the previous"
+                " primary's decisions table, if it can still be read, says what they were",
+                self.spec.redacted(),
+                timeline,
+            )
+
+    @_log_errors
+    def log_switches(self) -> tuple[float, ...]:
+        """When each new timeline of the log's database was first found, the first one
+        recorded excepted (epoch seconds, the server's clock): the failovers of the log."""
+        with self._reading("a read of the log's timelines") as conn:
+            rows = conn.execute(
+                self._q("SELECT value FROM {schema}.meta WHERE key LIKE %s"),
+                (f"{TIMELINE_KEY}%",),
+            ).fetchall()
+        seen = sorted(float(value) for (value,) in rows)
+        return tuple(seen[1:])
 
     def _q(self, text: str) -> sql.Composed:
         return sql.SQL(text).format(schema=self._ident)
@@ -508,7 +573,7 @@ class PostgresLog:
         if within < 2:
             return
         try:
-            fresh = connect(self.spec, "xatm-log", within)
+            fresh = self._connect(within)
         except LogError as e:
             logger.warning("shared log: reconnect failed: %s", e)
             return

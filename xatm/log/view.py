@@ -133,6 +133,11 @@ class LogView(Protocol):
         """The time since which ``node``'s log holds every COMMIT it decided."""
         ...
 
+    def log_switches(self) -> tuple[float, ...]:
+        """When the log's own database was found on a new timeline (a failover that may
+        have lost decisions: ``xatm.core.decide.log_failed_over_since``); none for files."""
+        ...
+
     def timelines(self) -> TimelineStore:
         """Where the nodes' records of their resources' timelines are kept."""
         ...
@@ -224,6 +229,9 @@ class FileLogs:
 
     def horizon(self, node: str) -> float:
         return self._every_retained(node).horizon
+
+    def log_switches(self) -> tuple[float, ...]:
+        return ()
 
     def timelines(self) -> TimelineStore:
         return FileTimelines(self.directory)
@@ -343,6 +351,9 @@ class SharedLogs:
 
     def horizon(self, node: str) -> float:
         return self._log.horizon()
+
+    def log_switches(self) -> tuple[float, ...]:
+        return self._log.log_switches()
 
     def timelines(self) -> TimelineStore:
         return SharedTimelines(self._log)

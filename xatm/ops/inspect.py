@@ -31,6 +31,7 @@ from xatm.core.decide import (
     decide,
     describe,
     known_decision,
+    log_failed_over_since,
     past_timeout,
     tenure,
     transaction_facts,
@@ -320,6 +321,13 @@ class _Scan:
     unreachable: dict[str, str] = field(default_factory=dict)
     foreign: int = 0
     markers: dict[str, LogRecord] = field(default_factory=dict)  # commit-marker decision rows
+    log_switches: tuple[float, ...] | None = None  # the log database's failovers, read once
+
+    def switches(self, logs: LogView) -> tuple[float, ...]:
+        """When the log's database failed over (:meth:`LogView.log_switches`), read once."""
+        if self.log_switches is None:
+            self.log_switches = logs.log_switches()
+        return self.log_switches
 
 
 class Inspector:
@@ -549,6 +557,9 @@ class Inspector:
             expired=shared and past_timeout(gtrid, created, time.time(), self.timeout),
             known_resource=bquals <= set(self._participants),
             failover=failover,
+            log_failover=logged is Logged.NONE
+            and marker is not Marker.ROW
+            and log_failed_over_since(created, scan.switches(logs)),
         )
         verdict = decide(facts)
         decision = known_decision(facts, verdict)

@@ -44,6 +44,7 @@ from xatm.core.decide import (
     decide,
     judge_request,
     known_decision,
+    log_failed_over_since,
     tenure,
     transaction_facts,
 )
@@ -210,7 +211,7 @@ class _Resolve:
         self.overrides: list[str] = []  # refusals overridden (force), audited once acting
         self.judged: set[str] = set()  # the reasons refused or overridden so far
         #: the incarnations the node's log here lists, and whether the log is shared
-        self.listed: tuple[frozenset[str] | None, bool] | None = None
+        self.listed: tuple[frozenset[str] | None, bool, tuple[float, ...]] | None = None
         self.actions: list[RecoveryAction] = []
         self.unreachable: dict[str, str] = {}
 
@@ -252,10 +253,10 @@ class _Resolve:
         if self.listed is None:  # read once: the rule is asked again once the log is open
             fleet = ctx.fleet(dry_run=True)
             try:
-                self.listed = (fleet.incarnations(self.node), fleet.shared)
+                self.listed = (fleet.incarnations(self.node), fleet.shared, fleet.log_switches())
             finally:
                 fleet.close()
-        listed, shared = self.listed
+        listed, shared, switches = self.listed
         own = ctx.incarnation if owner == "this-process" else None
         return transaction_facts(
             coordinator=owner,
@@ -264,6 +265,9 @@ class _Resolve:
             logged=logged,
             marker=marker,
             shared=shared,
+            log_failover=logged is Logged.NONE
+            and marker is not Marker.ROW
+            and log_failed_over_since(parse_gtrid(self.gtrid)[1], switches),
         )
 
     def run(self) -> Resolution:

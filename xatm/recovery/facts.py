@@ -13,6 +13,7 @@ from xatm.core.decide import (
     Marker,
     NodeLogState,
     Owner,
+    log_failed_over_since,
     owner_of,
     past_timeout,
     tenure,
@@ -95,10 +96,11 @@ def facts_of(p: PassState, resource: str, xid: Xid, conn: Connection) -> tuple[F
     ):
         # read now: a decision taken since the pass began is in the log already
         logged = fleet.decision(gtrid, node)
-    failover = False
+    failover = log_failover = False
     if known and logged is Logged.NONE and owner is not Owner.UNKNOWN:
         logged, failover, note = after_failover(p, resource, xid)
         detail = note or detail
+        log_failover = log_failed_over_since(xid.created_at, fleet.log_switches())
     if fleet.shared:
         expired = past_timeout(gtrid, xid.created_at, time.time(), ctx.timeout)
     facts = Facts(
@@ -109,6 +111,7 @@ def facts_of(p: PassState, resource: str, xid: Xid, conn: Connection) -> tuple[F
         shared_log=fleet.shared,
         known_resource=known,
         failover=failover,
+        log_failover=log_failover,
     )
     return facts, detail
 
