@@ -402,6 +402,12 @@ def test_doctor_warns_of_asynchronous_standbys_and_weak_commits(
 
     found = findings(ha.url())
     assert found["standbys"].advice and "asynchronously" in found["standbys"].detail
+    # the shared log's database, replicated the same way, can lose COMMIT decisions
+    tm = make_tm(node_id=f"fo-doc-{next(_numbers)}", log=ha.url(), sweeper=False)
+    log = {c.name: c for c in tm.doctor().checks if c.subject == "log"}
+    tm.close()
+    assert log["shared-log"].ok and log["standbys"].advice
+    assert "lose COMMIT decisions" in log["standbys"].detail
     assert not found["synchronous-commit"].advice
     weak = findings(ha.url() + "?options=-c%20synchronous_commit%3Dlocal")
     assert weak["synchronous-commit"].advice and "= local" in weak["synchronous-commit"].detail

@@ -20,7 +20,8 @@ branches bounded and lets recovery in when the server is full (docs/operations.m
   the server allows (older servers);
 * PostgreSQL: no standby replicates asynchronously, and ``synchronous_commit`` is ``on`` or
   ``remote_apply``: otherwise a failover can lose what xatm committed (``xatm.node.failover``
-  reports it afterwards);
+  reports it afterwards); the same for the shared log's database, whose failover can lose
+  COMMIT decisions;
 * MySQL / MariaDB: ``innodb_lock_wait_timeout`` is not above the transaction timeout.
 """
 
@@ -234,6 +235,7 @@ def check_log_directory(directory: str | os.PathLike[str] | None) -> list[Check]
 def check_shared_log(url: str | ResourceSpec) -> list[Check]:
     """A log kept in a PostgreSQL database: can it be reached?"""
     from xatm.core.urls import parse_url
+    from xatm.participants.postgres.health import LOG_LOSS, replication_findings
     from xatm.participants.postgres.participant import PostgresParticipant
 
     try:
@@ -246,12 +248,17 @@ def check_shared_log(url: str | ResourceSpec) -> list[Check]:
     except ResourceError as e:
         return [Check("log", "shared-log", False, f"{e}; is the server up and the URL right?")]
     try:
-        version = str(participant.scalar(conn, "SHOW server_version"))
+        with _deadline.bounded(participant, conn, step_bound(30.0), "a doctor's check"):
+            version = str(participant.scalar(conn, "SHOW server_version"))
+            findings = replication_findings(conn, LOG_LOSS)
     except Exception as e:
         return [Check("log", "shared-log", False, redact(f"{spec.redacted()}: {e}".strip()))]
     finally:
         participant.close(conn)
-    return [Check("log", "shared-log", True, f"{spec.redacted()}: PostgreSQL {version}")]
+    return [
+        Check("log", "shared-log", True, f"{spec.redacted()}: PostgreSQL {version}"),
+        *(Check("log", f.check, f.ok, f.detail, f.advice) for f in findings),
+    ]
 
 
 def diagnose(

@@ -119,8 +119,21 @@ def _headroom(conn: Any, version: int) -> Finding:
 _WEAK_COMMIT = ("off", "local", "remote_write")
 
 
-def replication_findings(conn: Any) -> list[Finding]:
-    """Can a failover to a standby of this server lose what xatm was told is committed?
+#: what a failover to an asynchronous standby of a resource can lose
+RESOURCE_LOSS = (
+    "a failover to it can lose transactions xatm committed (recovery reports them after"
+    " the switch, docs/operations.md)"
+)
+#: ... and of the shared log's database
+LOG_LOSS = (
+    "a failover to it can lose COMMIT decisions (the transactions begun before it are then"
+    " left in doubt for an operator, docs/operations.md)"
+)
+
+
+def replication_findings(conn: Any, loss: str = RESOURCE_LOSS) -> list[Finding]:
+    """Can a failover to a standby of this server lose what xatm was told is committed
+    (``loss``: what it would lose, in words)?
 
     ``pg_stat_replication`` lists the standbys to any role, but shows their ``sync_state``
     only to a role with ``pg_read_all_stats`` (``pg_monitor``); without it, an empty
@@ -132,8 +145,7 @@ def replication_findings(conn: Any) -> list[Finding]:
         "SELECT coalesce(application_name, '?'), sync_state FROM pg_stat_replication"
     ).fetchall()
     lose = (
-        " a failover to it can lose transactions xatm committed (recovery reports them after"
-        " the switch, docs/operations.md): set synchronous_standby_names (with"
+        f" {loss}: set synchronous_standby_names (with"
         " synchronous_commit = on or remote_apply) so that a commit waits for the standby"
     )
     visible = [(str(n), str(s)) for n, s in rows if s is not None]
