@@ -20,10 +20,10 @@ import psycopg
 import pytest
 from click.testing import CliRunner
 
-from tests.support import Bank, MakeTM, connect, run
+from tests.support import Bank, MakeTM, connect, run, saga_defs
 from tests.support.omission import BlackholeProxy
 from tests.support.recovery import crash
-from xatm import TransactionManager
+from xatm import Saga, TransactionManager
 from xatm.admin import ResolutionRefused
 from xatm.cli.main import main
 from xatm.core.xid import parse_gtrid
@@ -613,3 +613,48 @@ def test_a_failover_of_the_shared_logs_database_that_lost_a_decision_splits_noth
     assert res.complete
     assert bank.journal_ids()[prepared] == {"lf"}
     assert bank.xatm_prepared() == {"pg1": [], "pg2": [], "maria": []}
+
+
+_after_debit: list[Callable[[], None]] = []
+
+
+def _debit_then(tx: Any, d: dict[str, Any]) -> None:
+    """The transfer's debit, then what the test put in ``_after_debit`` (once)."""
+    saga_defs.debit(tx, d)
+    while _after_debit:
+        _after_debit.pop()()
+
+
+logfo = Saga("logfo", backoff=0.01, max_backoff=0.1)
+logfo.step("debit", action=_debit_then, compensation=saga_defs.refund, resources=["pg1"])
+logfo.step("credit", action=saga_defs.credit, compensation=saga_defs.uncredit, resources=["maria"])
+logfo.step("finish", action=saga_defs.finish, resources=["pg1"])
+
+
+def test_a_saga_whose_record_a_failover_of_the_store_lost_runs_to_its_end(
+    ha: PostgresPair, bank: Bank, make_tm: MakeTM, caplog: Any
+) -> None:
+    """The saga store is the shared log on the pair (asynchronous). A saga's record is
+    written while replication is paused; during its first step the store's database fails
+    over, so the new primary has no record of it and the runner's sessions are cut. The
+    runner, alive, writes its record again on the new primary and runs the saga to its end:
+    each step once, its state recorded, the loss logged. (Before: its next write found no
+    row, raised SagaTakenOver, and the debit stayed without its credit, recorded nowhere.)"""
+    tm = make_tm(node_id="fo-saga", log=ha.url(), timeout=30, sweeper=False, sagas=[logfo])
+    data = {"table": bank.table, "journal": bank.journal, "src": 1, "dst": 2, "amt": 5}
+    assert tm.run_saga("logfo", data={**data, "tid": "warm"}).state == "completed"
+    ha.wait_replayed()
+    ha.replication.pause()
+    _after_debit.append(lambda: (ha.fail_over(), ha.replication.resume()))
+    caplog.set_level(logging.WARNING, logger="xatm")  # a CLI test may have raised it
+    promotions = ha.promotions
+    result = tm.run_saga("logfo", data={**data, "tid": "sf"})
+    assert result.state == "completed", result
+    assert ha.promotions == promotions + 1
+    ids = bank.journal_ids()
+    assert {t for t in ids["pg1"] if t.startswith("sf-")} == {"sf-debit", "sf-finish"}
+    assert {t for t in ids["maria"] if t.startswith("sf-")} == {"sf-credit"}
+    assert bank.total() == bank.initial_total
+    record = tm.saga(result.saga_id)
+    assert record is not None and record.state == "completed"
+    assert "was gone from the saga store" in caplog.text

@@ -35,7 +35,10 @@ a creation that wins the name checks ``done/`` afterwards, so a key is never run
 key hash)); the owner is the ``node_id`` column, alive while its node lock is held (as for
 2PC); a recoverer claims a dead owner's saga with a conditional ``UPDATE ... WHERE
 node_id = <old owner>``, so exactly one wins; every write is conditional on still owning the
-saga. Unforced writes go through connections set to ``synchronous_commit = off``.
+saga. Unforced writes go through connections set to ``synchronous_commit = off``. A call
+that finds its pooled session cut (the server restarted or failed over) is sent once more on
+a new one; a running saga whose row is gone (a failover to a standby that never received it)
+is written again from the runner's copy at its next write.
 """
 
 from __future__ import annotations
@@ -46,10 +49,10 @@ import os
 import secrets
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import psycopg
 from psycopg import sql
@@ -409,6 +412,18 @@ class FileSagaStore:
 
 
 # -- the shared store ------------------------------------------------------------------------
+_T = TypeVar("_T")
+
+
+class _CutWhileIdle(LogError):
+    """A pooled session of the shared store was found cut (the server restarted or failed
+    over while it was idle): the call may be sent again on a new one."""
+
+
+def _said(e: psycopg.Error) -> str:
+    return redact(str(e)).strip()
+
+
 @dataclass(eq=False)
 class SharedClaim:
     saga_id: str
@@ -434,24 +449,32 @@ class PostgresSagaStore:
 
     @contextlib.contextmanager
     def _conn(
-        self, durable: bool = True, seconds: float = _pglog.POINT_BOUND
+        self, durable: bool = True, seconds: float = _pglog.POINT_BOUND, *, pooled: bool = True
     ) -> Iterator[psycopg.Connection[Any]]:
+        """A session of the store (``pooled=False``: a new one), its calls bounded."""
         idle = self._idle[durable]
         with self._lock:
-            conn = idle.pop() if idle else None
+            conn = idle.pop() if idle and pooled else None
+        reused = conn is not None
+        watch = None
         try:
             if conn is None or conn.closed or conn.broken:
+                reused = False
                 conn = _pglog.connect(self.spec, "xatm-sagas")
                 if not durable:  # its commits do not wait for the WAL flush
                     with _pglog.bounded(conn, "a session set-up", _pglog.POINT_BOUND):
                         conn.execute("SET synchronous_commit TO OFF")
-            with _pglog.bounded(conn, "a saga record", seconds):
+            with _pglog.bounded(conn, "a saga record", seconds) as watch:
                 yield conn
         except psycopg.Error as e:
             if conn is not None:
                 with contextlib.suppress(psycopg.Error):
                     conn.close()
-            raise LogError(f"the shared saga store failed: {redact(str(e)).strip()}") from None
+                if conn.broken:  # the server cut it: the idle ones went the same way
+                    self._drop_idle()
+                    if reused and not (watch is not None and watch.fired):  # not silent
+                        raise _CutWhileIdle(f"the shared saga store failed: {_said(e)}") from None
+            raise LogError(f"the shared saga store failed: {_said(e)}") from None
         else:
             with self._lock:
                 if len(idle) < 8:
@@ -460,33 +483,69 @@ class PostgresSagaStore:
             if conn is not None:
                 conn.close()
 
+    def _drop_idle(self) -> None:
+        """Close every idle session (after one was found cut: a restart or a failover)."""
+        with self._lock:
+            stale = [*self._idle[True], *self._idle[False]]
+            self._idle[True].clear()
+            self._idle[False].clear()
+        for conn in stale:
+            with contextlib.suppress(psycopg.Error):
+                conn.close()
+
+    def _call(
+        self,
+        fn: Callable[[psycopg.Connection[Any]], _T],
+        durable: bool = True,
+        seconds: float = _pglog.POINT_BOUND,
+    ) -> _T:
+        """``fn`` on a session of the store; once more, on a new session, if a pooled one
+        was found cut (``fn`` must be safe to run twice)."""
+        try:
+            with self._conn(durable, seconds) as conn:
+                return fn(conn)
+        except _CutWhileIdle:
+            with self._conn(durable, seconds, pooled=False) as conn:
+                return fn(conn)
+
     def new_id(self, name: str, key: str | None) -> str:
         return new_saga_id(name, key)
 
+    def _exists(self, conn: psycopg.Connection[Any], saga_id: str) -> bool:
+        query = self._q("SELECT 1 FROM {schema}.sagas WHERE saga_id = %s")
+        return conn.execute(query, (saga_id,)).fetchone() is not None
+
+    def _insert(
+        self, conn: psycopg.Connection[Any], record: SagaRecord, *, keyed: bool = True
+    ) -> bool:
+        """Insert ``record`` unless its id (or, ``keyed``, its key) is taken: True if it was."""
+        khash = key_hash(record.name, record.key) if record.key is not None and keyed else None
+        row = conn.execute(
+            self._q(
+                "INSERT INTO {schema}.sagas (saga_id, name, key_hash, node_id, state, body)"
+                " VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT DO NOTHING RETURNING saga_id"
+            ),
+            (
+                record.saga_id,
+                record.name,
+                khash,
+                record.node,
+                record.state,
+                record.encode().decode(),
+            ),
+        ).fetchone()
+        return row is not None
+
     def create(self, record: SagaRecord) -> SharedClaim | None:
-        khash = key_hash(record.name, record.key) if record.key is not None else None
-        with self._conn() as conn:
-            row = conn.execute(
-                self._q(
-                    "INSERT INTO {schema}.sagas (saga_id, name, key_hash, node_id, state, body)"
-                    " VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT DO NOTHING RETURNING saga_id"
-                ),
-                (
-                    record.saga_id,
-                    record.name,
-                    khash,
-                    record.node,
-                    record.state,
-                    record.encode().decode(),
-                ),
-            ).fetchone()
-        return SharedClaim(record.saga_id) if row else None
+        # sent twice, the second finds the first's row: its id is new, so it is this one's
+        created = self._call(
+            lambda conn: self._insert(conn, record) or self._exists(conn, record.saga_id)
+        )
+        return SharedClaim(record.saga_id) if created else None
 
     def _one(self, where: str, params: tuple[Any, ...]) -> SagaRecord | None:
-        with self._conn() as conn:
-            row = conn.execute(
-                self._q("SELECT node_id, body FROM {schema}.sagas WHERE " + where), params
-            ).fetchone()
+        query = self._q("SELECT node_id, body FROM {schema}.sagas WHERE " + where)
+        row = self._call(lambda conn: conn.execute(query, params).fetchone())
         if row is None:
             return None
         return replace(SagaRecord.decode(row[1]), node=str(row[0]))
@@ -522,10 +581,37 @@ class PostgresSagaStore:
             " WHERE saga_id = %s AND node_id = %s"
         )
         params = (record.state, record.encode().decode(), record.saga_id, self.node_id)
-        with self._conn(durable=force) as conn:
-            count = conn.execute(update, params).rowcount
-        if count != 1:
+        # a whole overwrite: safe to send twice
+        count = self._call(lambda conn: conn.execute(update, params).rowcount, durable=force)
+        if count != 1 and not self._restore(record):
             raise SagaTakenOver(f"saga {record.saga_id} was taken over by another process")
+
+    def _restore(self, record: SagaRecord) -> bool:
+        """The saga's row is not in the table at all: its store lost it (a failover of the
+        log's database to a standby that never received it, or a restore). Written again
+        from the runner's copy, so that the saga is run to its end and recovery finds it;
+        if its key names another saga by now (one created on the new primary since), it is
+        written without its key. False if the row is there (another process owns it)."""
+        with self._conn() as conn:
+            if self._exists(conn, record.saga_id):
+                return False
+            restored = self._insert(conn, record)
+            if not restored and record.key is not None:
+                restored = self._insert(conn, record, keyed=False)
+                if restored:
+                    logger.error(
+                        "saga %s: its key %r names another saga, created after this one's"
+                        " record was lost (a retry with the same key?): both run",
+                        record.saga_id,
+                        record.key,
+                    )
+        if restored:
+            logger.warning(
+                "saga %s: its record was gone from the saga store (did the shared log's database"
+                " fail over, or was it restored?): written again from this process's copy",
+                record.saga_id,
+            )
+        return restored
 
     def release(self, claim: Claim) -> None:
         pass
@@ -535,10 +621,8 @@ class PostgresSagaStore:
 
     def records(self, *, include_final: bool = False) -> list[SagaRecord]:
         where = "" if include_final else " WHERE state IN ('running', 'compensating')"
-        with self._conn(seconds=_pglog.SCAN_BOUND) as conn:
-            rows = conn.execute(
-                self._q("SELECT node_id, body FROM {schema}.sagas" + where + " ORDER BY created_at")
-            ).fetchall()
+        query = self._q("SELECT node_id, body FROM {schema}.sagas" + where + " ORDER BY created_at")
+        rows = self._call(lambda conn: conn.execute(query).fetchall(), seconds=_pglog.SCAN_BOUND)
         return [replace(SagaRecord.decode(b), node=str(n)) for n, b in rows]
 
     def adopt(self) -> int:
@@ -559,9 +643,4 @@ class PostgresSagaStore:
             return cur.rowcount
 
     def close(self) -> None:
-        with self._lock:
-            idle = self._idle[True] + self._idle[False]
-            self._idle = {True: [], False: []}
-        for conn in idle:
-            with contextlib.suppress(psycopg.Error):
-                conn.close()
+        self._drop_idle()
