@@ -148,12 +148,13 @@ class BlackholeProxy:
             silence = request and self._silence_armed.is_set() and self._silence_match in data
             if silence:
                 self._silence_armed.clear()
+                # silent before the request is passed on: its answer must not slip through
+                # (the client would send its next request, delivered at the heal)
+                self.blackhole()
             try:
                 dst.sendall(data)
             except OSError:
                 return
-            if silence:
-                self.blackhole()
             if cut:
                 time.sleep(0.3)  # the server runs it; its answer waits here
                 self.cuts += 1  # counted first: the client sees the cut once the socket ends
