@@ -185,7 +185,7 @@ def test_recover_finishes_a_dead_saga_and_says_so(config: Path, bank: Bank, tmp_
     assert f"sagas: 1 finished ({saga_id} completed), 0 left" in result.output
     assert bank.balance("pg1", 1) == 995 and bank.balance("maria", 2) == 1005
     again = json.loads(xatm(config, "recover", "--json").output)
-    assert again["sagas"] == {"finished": [], "left": []}
+    assert again["sagas"] == {"finished": [], "left": [], "lost": []}
 
 
 def test_sagas_on_the_shared_log(bank: Bank, tmp_path: Path, make_tm: MakeTM, log_url: str) -> None:

@@ -9,6 +9,7 @@ primary is crashed (``pg_ctl stop -m immediate``) and the standby promoted.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import shutil
@@ -27,6 +28,7 @@ from xatm import Saga, TransactionManager
 from xatm.admin import ResolutionRefused
 from xatm.cli.main import main
 from xatm.core.xid import parse_gtrid
+from xatm.errors import LogError
 from xatm.log.timelines import FileTimelines, Loss, ResourceTimeline, Switch
 from xatm.node.failover import FailoverWatch, after_failover, classify, covered, switched_since
 from xatm.participants.postgres.participant import promotion_bound, server_state
@@ -658,3 +660,39 @@ def test_a_saga_whose_record_a_failover_of_the_store_lost_runs_to_its_end(
     record = tm.saga(result.saga_id)
     assert record is not None and record.state == "completed"
     assert "was gone from the saga store" in caplog.text
+
+
+def test_a_saga_whose_record_a_failover_lost_after_it_ran_is_reported(
+    ha: PostgresPair, bank: Bank, make_tm: MakeTM, caplog: Any
+) -> None:
+    """A saga runs to its end while the store's replication is paused, then the store's
+    database fails over: the new primary has no record of it, and no runner is left to write
+    it again. Recovery cannot finish or compensate what it does not know; after the
+    failover it reads the barrier rows of the time before it and reports the saga, at
+    ERROR and in the pass's report, with the steps that ran, and records it as failed, so
+    that operators see it with the other sagas and nobody reports it again."""
+    tm = make_tm(node_id="fo-saga-lost", log=ha.url(), timeout=30, sweeper=False, sagas=[logfo])
+    data = {"table": bank.table, "journal": bank.journal, "src": 1, "dst": 2, "amt": 5}
+    kept = tm.run_saga("logfo", data={**data, "tid": "kept"})
+    ha.wait_replayed()
+    ha.replication.pause()
+    gone = tm.run_saga("logfo", data={**data, "tid": "gone"})
+    assert kept.state == gone.state == "completed"
+    ha.fail_over()
+    ha.replication.resume()
+    caplog.set_level(logging.ERROR, logger="xatm")
+    for _ in range(3):  # a log session the failover cut costs a pass
+        with contextlib.suppress(LogError):
+            report = tm.recover_sagas()
+            if report.lost:
+                break
+    lost = dict(report.lost)
+    assert kept.saga_id not in lost
+    assert lost[gone.saga_id] == ("maria: credit action, pg1: debit action, pg1: finish action"), (
+        report
+    )
+    assert f"saga {gone.saga_id}: its record is gone" in caplog.text
+    record = tm.saga(gone.saga_id)  # recorded again, final, saying what ran
+    assert record is not None and record.state == "failed" and "debit action" in record.error
+    other = make_tm(node_id="fo-saga-lost-2", log=ha.url(), sweeper=False, sagas=[logfo])
+    assert not other.recover_sagas().lost  # said once, by the first process that looked

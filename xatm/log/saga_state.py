@@ -122,6 +122,11 @@ class SagaStore(Protocol):
     def adopt(self) -> int:
         """Make dead processes' sagas claimable where they are not yet (recovery, first)."""
 
+    def lost_writes(self) -> tuple[float, ...]:
+        """When the store's database came up without writes it had acknowledged (the
+        shared log's failovers: ``xatm.log.shared.PostgresLog.log_switches``); none for
+        files."""
+
     def close(self) -> None: ...
 
 
@@ -407,6 +412,9 @@ class FileSagaStore:
                         tmp.unlink()
         return removed + self.journals.prune(retention)
 
+    def lost_writes(self) -> tuple[float, ...]:
+        return ()
+
     def close(self) -> None:
         self.journals.close()
 
@@ -641,6 +649,9 @@ class PostgresSagaStore:
                 (retention,),
             )
             return cur.rowcount
+
+    def lost_writes(self) -> tuple[float, ...]:
+        return self._log.log_switches()
 
     def close(self) -> None:
         self._drop_idle()

@@ -33,6 +33,8 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from xatm.core import deadline as _deadline
+from xatm.core.deadline import STEP_FLOOR, step_bound
 from xatm.core.urls import ResourceSpec
 from xatm.participants.adapters import make_participant
 from xatm.sagas.definition import SagaError
@@ -68,6 +70,7 @@ _INSERT = {
     "mysql": f"INSERT IGNORE INTO {TABLE} (saga_id, step, op, created_at) VALUES (%s, %s, %s, %s)",
 }
 _SELECT = f"SELECT op FROM {TABLE} WHERE saga_id = %s AND step = %s"
+_BETWEEN = f"SELECT saga_id, step, op FROM {TABLE} WHERE created_at BETWEEN %s AND %s"
 #: the action's row with its values written in, sent with the branch's begin
 _WRITTEN = (
     f"INSERT INTO {TABLE} (saga_id, step, op, created_at) VALUES ('{{}}', '{{}}', '{{}}', {{!r}})"
@@ -90,6 +93,30 @@ def ensure_table(name: str, spec: ResourceSpec) -> None:
         participant.create_table(conn, _DDL[participant.kind])
     finally:
         participant.close(conn)
+
+
+def rows_between(name: str, spec: ResourceSpec, start: float, end: float) -> dict[str, set[str]]:
+    """The barrier rows written on resource ``name`` between ``start`` and ``end`` (epoch
+    seconds), by saga: saga_id -> {"step op", ...}; none if the table is missing. On a
+    connection of its own, its calls bounded."""
+    participant = make_participant(name, spec)
+    conn = participant.connect()
+    found: dict[str, set[str]] = {}
+    try:
+        with _deadline.bounded(participant, conn, step_bound(STEP_FLOOR), "a barrier scan"):
+            cur = participant.execute(conn, _BETWEEN, (start, end))
+            try:
+                for saga_id, step, op in cur.fetchall():
+                    found.setdefault(str(saga_id), set()).add(f"{step} {op}")
+            finally:
+                cur.close()
+    except Exception as e:
+        if participant.is_missing_table(e):
+            return {}
+        raise
+    finally:
+        participant.close(conn)
+    return found
 
 
 def kind_of(spec: ResourceSpec) -> str:

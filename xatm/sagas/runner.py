@@ -38,6 +38,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 from xatm.core import failpoint as _failpoint
+from xatm.core.decide import SKEW
 from xatm.core.participant import ErrorKind
 from xatm.core.urls import describe_error
 from xatm.errors import (
@@ -101,6 +102,9 @@ STUCK_RETRY = 60.0
 #: finished sagas (and so their keys) are kept this long
 DEFAULT_RETENTION = 7 * 86400.0
 PRUNE_EVERY = 60.0
+#: how long before a failover of the store's database a saga's barrier rows are read for
+#: sagas whose record it lost (a standby that lagged longer loses sagas not listed)
+LOST_WINDOW = 900.0
 #: routine events kept in a saga's record (the audit trail has the rest)
 MAX_HISTORY = 64
 #: finished sagas leave the file store's active directory this long after their end
@@ -117,11 +121,14 @@ class SagaRecoveryReport:
 
     finished: tuple[tuple[str, str], ...] = ()
     left: tuple[tuple[str, str], ...] = ()
+    #: (saga_id, what its barrier rows show) of sagas whose record the store lost
+    lost: tuple[tuple[str, str], ...] = ()
 
     def to_json(self) -> dict[str, Any]:
         return {
             "finished": [{"saga_id": s, "state": st} for s, st in self.finished],
             "left": [{"saga_id": s, "why": w} for s, w in self.left],
+            "lost": [{"saga_id": s, "ran": r} for s, r in self.lost],
         }
 
 
@@ -240,6 +247,8 @@ class SagaRunner:
         #: (resource, kind) of each step's resources, once their barrier tables exist
         self._kinds: dict[tuple[str, ...], list[tuple[str, str]]] = {}
         self._stuck_next: dict[str, float] = {}
+        #: the store's failovers looked at for lost sagas (``_lost``)
+        self._checked: set[float] = set()
         self._last_prune = -PRUNE_EVERY
         self._sleep: Callable[[float], None] = time.sleep
         #: what the last recovery pass did (``xatm recover`` prints it)
@@ -628,8 +637,76 @@ class SagaRunner:
                 self.store.prune(self.retention)
             except XatmError as e:
                 logger.warning("sagas: pruning failed: %s", e)
-        self.last_report = SagaRecoveryReport(tuple(finished), tuple(left))
+        self.last_report = SagaRecoveryReport(tuple(finished), tuple(left), self._lost())
         return self.last_report
+
+    def _lost(self) -> tuple[tuple[str, str], ...]:
+        """After each failover of the store's database (once per process): the sagas of the
+        names registered here whose barrier rows, written in the :data:`LOST_WINDOW` before
+        it, have no record in the store. Their record was lost with it, and no runner wrote
+        it again (``xatm.log.saga_state``), so nothing finishes or compensates them: each is
+        said at ERROR, with the steps its rows show ran."""
+        resources = sorted(
+            {r for saga in self.sagas.values() for st in saga.steps for r in st.resources}
+        )
+        ran: dict[str, set[str]] = {}
+        try:
+            new = [t for t in self.store.lost_writes() if t not in self._checked]
+            if not new:
+                return ()
+            start, end = min(new) - LOST_WINDOW, max(new) + SKEW
+            for name in resources:
+                for saga_id, ops in _barrier.rows_between(
+                    name, self._tm.resources[name], start, end
+                ).items():
+                    ran.setdefault(saga_id, set()).update(f"{name}: {op}" for op in ops)
+            lost = [
+                (s, ", ".join(sorted(ran[s])))
+                for s in sorted(ran)
+                if s.split(".", 1)[0] in self.sagas
+                and not self._is_running_here(s)
+                and self.store.get(s) is None
+            ]
+        except Exception as e:  # a resource or the store failed: the next pass looks again
+            logger.warning(
+                "sagas: looking for sagas lost in a failover of the store failed: %s",
+                _describe(e),
+            )
+            return ()
+        for saga_id, what in lost:
+            logger.error(
+                "saga %s: its record is gone from the saga store (lost in a failover of the"
+                " shared log's database), and no runner wrote it again: nothing finishes or"
+                " compensates it. Its barrier rows show what ran (%s): resolve it by hand;"
+                " it is recorded again as failed, with that in its error",
+                saga_id,
+                what,
+            )
+            self._record_lost(saga_id, what)
+        self._checked.update(new)
+        return tuple(lost)
+
+    def _record_lost(self, saga_id: str, what: str) -> None:
+        """A saga whose record was lost is written again, final (``failed``: nothing runs it
+        again), saying what its barrier rows show: operators find it with the other sagas,
+        and no later pass reports it again. Its payload is unknown."""
+        record = SagaRecord(
+            saga_id,
+            saga_id.split(".", 1)[0],
+            None,
+            self.node_id,
+            "failed",
+            None,
+            error=f"its record was lost in a failover of the store's database; its barrier"
+            f" rows show what ran: {what}",
+        )
+        try:
+            claim = self.store.create(record)
+        except XatmError as e:
+            logger.warning("saga %s: recording it as lost failed: %s", saga_id, e)
+            return
+        if claim is not None:
+            self.store.release(claim)
 
     # -- operators --------------------------------------------------------------------------
     def get(self, saga_id: str) -> SagaRecord | None:
