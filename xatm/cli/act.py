@@ -89,7 +89,8 @@ def recover(ctx: click.Context, dry_run: bool, as_json: bool) -> None:
             f"{report.possibly_lost} transaction(s) possibly lost in a PostgreSQL failover:"
             " `xatm indoubt --lost`; see docs/operations.md"
         )
-    for saga_id, ran in sagas.lost if sagas is not None else ():
+    lost = sagas.lost if sagas is not None else ()
+    for saga_id, ran in lost:
         render.warn(
             f"saga {saga_id}: its record was lost in a failover of the shared log's database;"
             f" its barrier rows show what ran ({ran}): resolve it by hand (docs/sagas.md)"
@@ -98,8 +99,7 @@ def recover(ctx: click.Context, dry_run: bool, as_json: bool) -> None:
         render.warn(what)
     failed = any(a.action == "error" for a in report.actions)
     skipped = bool(c.skipped) and not dry_run
-    lost = bool(sagas.lost) if sagas is not None else False
-    attention = report.heuristics or report.possibly_lost or failed or skipped or lost
+    attention = report.heuristics or report.possibly_lost or failed or skipped or bool(lost)
     ctx.exit(1 if report.unreachable or attention else 0)
 
 

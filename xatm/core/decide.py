@@ -19,7 +19,8 @@ The facts about a branch found prepared (:class:`Facts`):
   (``xatm.node.failover``): an ended COMMIT decision of it may have been dropped already;
 * ``log_failover``: the shared log's own database failed over (a new timeline) after the
   transaction began (:func:`log_failed_over_since`): its COMMIT row may have been lost with
-  the writes the new primary never received.
+  the writes the new primary never received (a decision found there all the same comes
+  first in the table).
 
 :data:`RULES` is the table, read top to bottom; the first rule that matches gives the verdict.
 docs/protocol.md prints the same table (a test checks that it matches :func:`table_markdown`).

@@ -127,6 +127,11 @@ def new_saga_id(name: str, key: str | None) -> str:
     return f"{name}.{middle}.{secrets.token_hex(4)}"
 
 
+def name_of(saga_id: str) -> str:
+    """The saga name a saga id (:func:`new_saga_id`) begins with."""
+    return saga_id.split(".", 1)[0]
+
+
 def file_id(saga_id: str) -> str:
     return saga_id.rsplit(".", 1)[0]
 

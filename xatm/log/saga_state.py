@@ -463,11 +463,12 @@ class PostgresSagaStore:
         idle = self._idle[durable]
         with self._lock:
             conn = idle.pop() if idle and pooled else None
+        if conn is not None and (conn.closed or conn.broken):
+            conn = None
         reused = conn is not None
         watch = None
         try:
-            if conn is None or conn.closed or conn.broken:
-                reused = False
+            if conn is None:
                 conn = _pglog.connect(self.spec, "xatm-sagas")
                 if not durable:  # its commits do not wait for the WAL flush
                     with _pglog.bounded(conn, "a session set-up", _pglog.POINT_BOUND):

@@ -297,12 +297,10 @@ class PostgresLog:
         self.forced_records = 0
         self._last_prune = -PRUNE_EVERY
         self.hold_node_lock = hold_node_lock
-        self._migrated = False
-        self._writer = self._connect()
-        self._reader_conn = self._connect()
+        self._writer = connect(self.spec, "xatm-log")
+        self._reader_conn = connect(self.spec, "xatm-log")
         with bounded(self._writer, "the schema check", MIGRATION_LOCK_WAIT + SCAN_BOUND):
             self._migrate(self._writer)
-        self._migrated = True
         self._note_timeline(self._writer)
         if hold_node_lock:
             self._lock_node(self._writer)
@@ -329,41 +327,39 @@ class PostgresLog:
                 yield conn
 
     def _connect(self, within: float | None = None) -> psycopg.Connection[Any]:
-        """A new session of this log (its timeline noted once the schema is there)."""
+        """A session that replaces a broken one, its timeline noted (the two of the start
+        are made by ``__init__``, before the schema is there)."""
         start = time.monotonic()
         conn = connect(self.spec, "xatm-log", within)
-        if self._migrated:
-            left = POINT_BOUND if within is None else within - (time.monotonic() - start)
-            try:
-                self._note_timeline(conn, max(0.1, min(POINT_BOUND, left)))
-            except LogError:
-                with contextlib.suppress(psycopg.Error):
-                    conn.close()
-                raise
+        left = POINT_BOUND if within is None else within - (time.monotonic() - start)
+        try:
+            self._note_timeline(conn, max(0.1, min(POINT_BOUND, left)))
+        except LogError:
+            with contextlib.suppress(psycopg.Error):
+                conn.close()
+            raise
         return conn
 
+    @_log_errors
     def _note_timeline(self, conn: psycopg.Connection[Any], seconds: float = POINT_BOUND) -> None:
         """Record the timeline a new session finds the log's database on. One not recorded
         yet, when another one is, means the database failed over (or was restored): the
         decisions its old primary acknowledged and never passed on are gone, so recovery
         leaves the transactions begun before it in doubt (:meth:`log_switches`)."""
-        try:
-            with bounded(conn, "a check of the log's timeline", seconds):
-                timeline, _ = server_state(conn.execute(SERVER_STATE).fetchone())
-                if timeline is None:  # a standby: nothing can be written there anyway
-                    return
-                row = conn.execute(
-                    self._q(
-                        "WITH added AS (INSERT INTO {schema}.meta"
-                        " VALUES (%s, extract(epoch FROM now())::text)"
-                        " ON CONFLICT (key) DO NOTHING RETURNING key)"
-                        " SELECT (SELECT count(*) FROM added),"
-                        " (SELECT count(*) FROM {schema}.meta WHERE key LIKE %s)"
-                    ),
-                    (f"{TIMELINE_KEY}{timeline:08X}", f"{TIMELINE_KEY}%"),
-                ).fetchone()
-        except psycopg.Error as e:
-            raise LogError(f"the shared log failed: {redact(str(e)).strip()}") from None
+        with bounded(conn, "a check of the log's timeline", seconds):
+            timeline, _ = server_state(conn.execute(SERVER_STATE).fetchone())
+            if timeline is None:  # a standby: nothing can be written there anyway
+                return
+            row = conn.execute(
+                self._q(
+                    "WITH added AS (INSERT INTO {schema}.meta"
+                    " VALUES (%s, extract(epoch FROM now())::text)"
+                    " ON CONFLICT (key) DO NOTHING RETURNING key)"
+                    " SELECT (SELECT count(*) FROM added),"
+                    " (SELECT count(*) FROM {schema}.meta WHERE key LIKE %s)"
+                ),
+                (f"{TIMELINE_KEY}{timeline:08X}", f"{TIMELINE_KEY}%"),
+            ).fetchone()
         if row is not None and row[0] and row[1]:
             logger.critical(
                 "FAILOVER: the shared log's database %s failed over or was restored (it is on"

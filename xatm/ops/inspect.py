@@ -557,9 +557,7 @@ class Inspector:
             expired=shared and past_timeout(gtrid, created, time.time(), self.timeout),
             known_resource=bquals <= set(self._participants),
             failover=failover,
-            log_failover=logged is Logged.NONE
-            and marker is not Marker.ROW
-            and log_failed_over_since(created, scan.switches(logs)),
+            log_failover=log_failed_over_since(created, scan.switches(logs)),
         )
         verdict = decide(facts)
         decision = known_decision(facts, verdict)

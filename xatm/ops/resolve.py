@@ -265,9 +265,7 @@ class _Resolve:
             logged=logged,
             marker=marker,
             shared=shared,
-            log_failover=logged is Logged.NONE
-            and marker is not Marker.ROW
-            and log_failed_over_since(parse_gtrid(self.gtrid)[1], switches),
+            log_failover=log_failed_over_since(parse_gtrid(self.gtrid)[1], switches),
         )
 
     def run(self) -> Resolution:

@@ -96,11 +96,10 @@ def facts_of(p: PassState, resource: str, xid: Xid, conn: Connection) -> tuple[F
     ):
         # read now: a decision taken since the pass began is in the log already
         logged = fleet.decision(gtrid, node)
-    failover = log_failover = False
+    failover = False
     if known and logged is Logged.NONE and owner is not Owner.UNKNOWN:
         logged, failover, note = after_failover(p, resource, xid)
         detail = note or detail
-        log_failover = log_failed_over_since(xid.created_at, fleet.log_switches())
     if fleet.shared:
         expired = past_timeout(gtrid, xid.created_at, time.time(), ctx.timeout)
     facts = Facts(
@@ -111,7 +110,7 @@ def facts_of(p: PassState, resource: str, xid: Xid, conn: Connection) -> tuple[F
         shared_log=fleet.shared,
         known_resource=known,
         failover=failover,
-        log_failover=log_failover,
+        log_failover=log_failed_over_since(xid.created_at, fleet.log_switches()),
     )
     return facts, detail
 

@@ -62,7 +62,7 @@ from xatm.sagas.definition import (
     Step,
     StepFunction,
 )
-from xatm.sagas.store import Claim, SagaRecord, SagaStore
+from xatm.sagas.store import Claim, SagaRecord, SagaStore, name_of
 
 if TYPE_CHECKING:
     from xatm.core.urls import ResourceSpec
@@ -663,7 +663,7 @@ class SagaRunner:
             lost = [
                 (s, ", ".join(sorted(ran[s])))
                 for s in sorted(ran)
-                if s.split(".", 1)[0] in self.sagas
+                if name_of(s) in self.sagas
                 and not self._is_running_here(s)
                 and self.store.get(s) is None
             ]
@@ -692,7 +692,7 @@ class SagaRunner:
         and no later pass reports it again. Its payload is unknown."""
         record = SagaRecord(
             saga_id,
-            saga_id.split(".", 1)[0],
+            name_of(saga_id),
             None,
             self.node_id,
             "failed",

@@ -2,7 +2,14 @@
 ``xatm.log.saga_record`` (next to the coordinator log, served by the node's store,
 ``xatm.log.store``) and re-exported here."""
 
-from xatm.log.saga_record import FINAL_STATES, SagaRecord, file_id, key_hash, new_saga_id
+from xatm.log.saga_record import (
+    FINAL_STATES,
+    SagaRecord,
+    file_id,
+    key_hash,
+    name_of,
+    new_saga_id,
+)
 from xatm.log.saga_state import (
     DONE_DIR,
     SAGA_DIR,
@@ -27,5 +34,6 @@ __all__ = [
     "SharedClaim",
     "file_id",
     "key_hash",
+    "name_of",
     "new_saga_id",
 ]
