@@ -478,6 +478,9 @@ def xatm_mode(**tm_options: Any) -> ModeFactory:
     return factory
 
 
+#: ``xatm-gated``'s ``max_active``: about the concurrency at which throughput stops rising here
+GATE = 8
+
 #: the threaded modes (``benchmarks.catalog.MODES`` adds the asyncio ones)
 MODES: dict[str, ModeFactory] = {
     "onepc": OnePCMode,
@@ -486,6 +489,7 @@ MODES: dict[str, ModeFactory] = {
     "sqlalchemy": SQLAlchemyMode,
     "xatm": xatm_mode(),
     "xatm-serial": xatm_mode(parallel=False),
+    "xatm-gated": xatm_mode(max_active=GATE),
     "xatm-fast": xatm_mode(commit_markers=("pg",)),
     "xatm-metrics": xatm_mode(exporter="prometheus"),
     "xatm-otel": xatm_mode(exporter="otel"),

@@ -47,6 +47,7 @@ class Target:
 #: parity, cheap cancellations, sagas at dtm's ratio); ``None``: reported, no bound. The 0.2
 #: targets against log-less raw 2PC (strict >= 0.95x raw, CPU <= 1.2x raw, >= 1.3x SQLAlchemy)
 #: are replaced: no crash-safe coordinator can skip the forced decision that raw skips.
+#: ``xatm-gated`` is strict xatm with ``max_active``, held to strict's targets.
 TARGETS = (
     Target("xatm", "raw-durable", 0.95, (1, 8, 32, 48)),
     Target("xatm", "sqlalchemy", 1.0, (1, 8, 32, 48)),
@@ -54,6 +55,9 @@ TARGETS = (
     Target("xatm-fast", "raw-durable", None, (1, 8, 32, 48)),
     Target("xatm", "xatm", 1.15, (48,), metric="CPU", versus_clients=8),
     Target("xatm-fast", "xatm-fast", 1.15, (48,), metric="CPU", versus_clients=8),
+    Target("xatm-gated", "raw-durable", 0.95, (1, 8, 32, 48)),
+    Target("xatm-gated", "sqlalchemy", 1.0, (1, 8, 32, 48)),
+    Target("xatm-gated", "xatm-gated", 1.15, (48,), metric="CPU", versus_clients=8),
     Target("xatm-saga", "onepc", 0.3, (8, 32)),
     Target("xatm-async", "xatm", 0.95, (8, 48)),
     Target("xatm-async-cancel", "xatm-async", 0.8, (8, 48)),

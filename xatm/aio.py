@@ -81,6 +81,11 @@ class AsyncTransactionManager:
 
     @takes_manager_arguments  # checked here, before anything is opened
     def __init__(self, args: ManagerArguments) -> None:
+        if args.max_active is not None:
+            raise ConfigurationError(
+                "max_active is for the threaded TransactionManager: asyncio tasks share one"
+                " thread and do not contend for the GIL; bound them with an asyncio.Semaphore"
+            )
         self._args = args
         self._tm: TransactionManager | None = None
         self._aio: AsyncResources | None = None
@@ -107,6 +112,7 @@ class AsyncTransactionManager:
             sagas=a.sagas,
             fail_fast=a.fail_fast,
             decision_retention=a.decision_retention,
+            max_active=a.max_active,
         )
 
     async def open(self) -> AsyncTransactionManager:

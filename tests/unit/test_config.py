@@ -446,3 +446,11 @@ def test_valid_failpoints_are_accepted(monkeypatch: pytest.MonkeyPatch) -> None:
     for value in ("", "after_decision", "before_decision:stop", "commit_batch_open"):
         monkeypatch.setenv("XATM_FAILPOINT", value)
         _failpoint.check()
+
+
+def test_max_active(tmp_path: Path) -> None:
+    path = _write_config(tmp_path, f'node_id = "n"\nlog = "/x"\nmax_active = 16\n{RESOURCE}')
+    assert load_config(path).extra == {"max_active": 16}
+    for bad in ('"16"', "0", "-1", "true", "2.5"):
+        path = _write_config(tmp_path, f'node_id = "n"\nlog = "/x"\nmax_active = {bad}\n{RESOURCE}')
+        assert "'max_active' must be an integer >= 1" in load_error(path)

@@ -55,6 +55,7 @@ class ManagerArguments:
     sagas: dict[str, Saga]
     fail_fast: bool
     decision_retention: float
+    max_active: int | None
 
 
 def _check_numbers(**values: object) -> None:
@@ -89,6 +90,7 @@ def check_arguments(
     sagas: Iterable[Saga | str] = (),
     fail_fast: bool = False,
     decision_retention: float = DEFAULT_RETAIN,
+    max_active: int | None = None,
 ) -> ManagerArguments:
     """Check every argument (ConfigurationError for the first bad one); opens nothing.
     Its signature is both managers' (:func:`takes_manager_arguments`)."""
@@ -96,6 +98,8 @@ def check_arguments(
     node_id = validate_node_id(node_id)
     sweep_interval = validate_interval(sweep_interval)
     _check_numbers(pool_size=pool_size, segment_bytes=segment_bytes, lock_timeout=lock_timeout)
+    if max_active is not None:
+        _check_numbers(max_active=max_active)
     timeout = validate_timeout(timeout)
     retention = validate_retention(decision_retention)
     if not isinstance(resources, Mapping):
@@ -149,6 +153,7 @@ def check_arguments(
         sagas=registry(sagas),
         fail_fast=_check_flag("fail_fast", fail_fast),
         decision_retention=retention,
+        max_active=max_active,
     )
 
 
@@ -194,6 +199,7 @@ class SettingsArguments(NamedTuple):
     sagas: tuple[str, ...]
     fail_fast: bool
     decision_retention: float
+    max_active: int | None
 
 
 def settings_arguments(settings: Settings) -> SettingsArguments:
@@ -210,4 +216,5 @@ def settings_arguments(settings: Settings) -> SettingsArguments:
         sagas=tuple(settings.extra.get("sagas", ())),
         fail_fast=bool(settings.extra.get("fail_fast", False)),
         decision_retention=float(settings.extra.get("decision_retention", DEFAULT_RETAIN)),
+        max_active=settings.extra.get("max_active"),
     )

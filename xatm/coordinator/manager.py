@@ -19,6 +19,7 @@ from xatm.coordinator.arguments import (
     takes_manager_arguments,
 )
 from xatm.core import events as _events
+from xatm.core.admission import Admission
 from xatm.core.config import Settings, load_config, validate_timeout, validate_timeout_or_zero
 from xatm.core.deadline import step_bound
 from xatm.core.participant import Participant
@@ -83,6 +84,9 @@ class TransactionManager:
     :param decision_retention: seconds ended COMMIT decisions are kept in the log, so that
         a branch that a PostgreSQL failover brings back prepared is still committed, and the
         failover report can list what the switch may have lost (``xatm.node.failover``).
+    :param max_active: at most this many transactions in their ``with`` block at once
+        (None, the default: no limit); the others wait their turn at the start of their
+        block, within their timeout (``xatm.core.admission``).
     """
 
     @takes_manager_arguments  # every argument checked before anything is opened
@@ -147,6 +151,7 @@ class TransactionManager:
             parallel=args.parallel,
             failover=watch,
             retain=retain,
+            admission=Admission(args.max_active),
         )
         self.parallel = args.parallel
         self.pool_size = args.pool_size
@@ -197,6 +202,7 @@ class TransactionManager:
             sagas=a.sagas,
             fail_fast=a.fail_fast,
             decision_retention=a.decision_retention,
+            max_active=a.max_active,
         )
         tm.sweeper.log_retention = sweeper_settings(settings.extra).log_retention
         return tm

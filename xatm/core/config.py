@@ -8,6 +8,7 @@ A config file::
     decision_retention = 300.0     # seconds ended COMMIT decisions are kept (optional)
     sagas = ["myapp.sagas:transfer"]   # saga definitions to run and recover (optional)
     fail_fast = true               # refuse to start unless every resource is ready (optional)
+    max_active = 16                # transactions in their block at once (optional; default: any)
 
     [resources.ledger]
     url = "postgresql://app:${LEDGER_PASSWORD}@db1:5432/ledger"
@@ -44,6 +45,7 @@ _KNOWN_KEYS = {
     "sagas",
     "decision_retention",
     "fail_fast",
+    "max_active",
 }
 _RESOURCE_KEYS = {"url", "commit_marker"}
 
@@ -160,6 +162,9 @@ def load_config(path: str | os.PathLike[str]) -> Settings:
             raise ConfigurationError(f"{where}: {e}") from None
     if not isinstance(data.get("fail_fast", False), bool):
         raise ConfigurationError(f"{where}: 'fail_fast' must be true or false")
+    active = data.get("max_active", 1)
+    if isinstance(active, bool) or not isinstance(active, int) or active < 1:
+        raise ConfigurationError(f"{where}: 'max_active' must be an integer >= 1")
     log = data["log"]
     if not isinstance(log, str) or not log:
         raise ConfigurationError(f"{where}: 'log' must be a directory path (or a URL)")
@@ -175,7 +180,7 @@ def load_config(path: str | os.PathLike[str]) -> Settings:
             extra={
                 k: v
                 for k, v in data.items()
-                if k in ("sweeper", "sagas", "decision_retention", "fail_fast")
+                if k in ("sweeper", "sagas", "decision_retention", "fail_fast", "max_active")
             },
             commit_markers=tuple(markers),
         )

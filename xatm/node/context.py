@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
 from xatm.core import deadline as _deadline
+from xatm.core.admission import Admission
 from xatm.core.logfields import log_fields
 from xatm.core.participant import Connection, ErrorKind, Participant, classify
 from xatm.core.urls import redact
@@ -177,6 +178,8 @@ class Context:
     failover: FailoverWatch | None = None
     #: seconds ended COMMIT decisions are kept (the logs' retention window)
     retain: float = 300.0
+    #: how many threaded transactions may be in their block at once (``max_active``)
+    admission: Admission = field(default_factory=Admission)
     #: why the manager no longer begins transactions (it is closing: ``xatm.transactions.drain``)
     closing: str | None = None
     #: recovery passes, sweeper passes and manual resolutions never overlap

@@ -85,6 +85,15 @@ class Transaction(ManagedTransaction):
     # -- the application's side -------------------------------------------------------------
     def __enter__(self) -> Self:
         _ambient.enter(self)  # a second transaction of this manager inside is refused
+        admission = self._ctx.admission
+        if not admission.enter(self.deadline - time.monotonic()):
+            _ambient.leave(self)
+            self.rollback()  # nothing was begun: this only ends it
+            raise TransactionTimeout(
+                f"transaction {self.gtrid} exceeded its timeout of {self.timeout:g} s waiting"
+                f" for its turn: max_active={admission.limit} transactions were in their block",
+                gtrid=self.gtrid,
+            )
         return self
 
     def __exit__(
@@ -93,9 +102,12 @@ class Transaction(ManagedTransaction):
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        end = self._leaving(exc, self.commit, self.rollback)
-        if end is not None:
-            end()
+        try:
+            end = self._leaving(exc, self.commit, self.rollback)
+            if end is not None:
+                end()
+        finally:
+            self._ctx.admission.leave()
 
     def execute(self, resource: str, query: Any, params: Params = None) -> DBCursor:
         """Run ``query`` with ``params`` on ``resource`` inside this transaction.
