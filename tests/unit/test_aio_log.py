@@ -34,6 +34,8 @@ def test_concurrent_commits_are_durable_and_share_fsyncs(
         real_fsync(fd)
 
     monkeypatch.setattr(os, "fsync", slow_fsync)
+
+    monkeypatch.setattr(os, "fdatasync", slow_fsync)  # the forced writes
     gtrids = [new_gtrid("aiolog") for _ in range(200)]
 
     async def main() -> None:
@@ -68,6 +70,8 @@ def test_a_failed_flush_leaves_the_decisions_in_doubt(
         real_fsync(fd)
 
     monkeypatch.setattr(os, "fsync", failing_fsync)
+
+    monkeypatch.setattr(os, "fdatasync", failing_fsync)  # the forced writes
 
     async def main() -> None:
         alog = AsyncLog(log, 4)
@@ -156,6 +160,7 @@ class GatedFsync:
 def gated(monkeypatch: pytest.MonkeyPatch) -> Iterator[GatedFsync]:
     gate = GatedFsync()
     monkeypatch.setattr(os, "fsync", gate)
+    monkeypatch.setattr(os, "fdatasync", gate)  # the forced writes
     yield gate
     gate.stop_holding()
 

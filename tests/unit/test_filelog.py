@@ -550,6 +550,8 @@ def test_group_commit_shares_fsyncs(
         real_fsync(fd)
 
     monkeypatch.setattr(os, "fsync", slow_fsync)
+
+    monkeypatch.setattr(os, "fdatasync", slow_fsync)  # the forced writes
     start = threading.Barrier(16)
     errors: list[BaseException] = []
 
@@ -590,6 +592,8 @@ def test_failed_fsync_breaks_the_log(
         real_fsync(fd)
 
     monkeypatch.setattr(os, "fsync", failing_fsync)
+
+    monkeypatch.setattr(os, "fdatasync", failing_fsync)  # the forced writes
     with (
         caplog.at_level(logging.CRITICAL, logger="xatm.log"),
         pytest.raises(LogError) as excinfo,
@@ -623,6 +627,8 @@ def test_broken_log_refuses_to_report_decisions(
         raise OSError(5, "Input/output error")
 
     monkeypatch.setattr(os, "fsync", failing_fsync)
+
+    monkeypatch.setattr(os, "fdatasync", failing_fsync)  # the forced writes
     with pytest.raises(LogError):
         log.log_commit(new_gtrid("n1"), ["a", "b"])
     with pytest.raises(LogError, match="restart"):

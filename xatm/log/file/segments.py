@@ -57,6 +57,16 @@ def write_at(fd: int, data: bytes, offset: int) -> None:
         view, offset = view[n:], offset + n
 
 
+def sync_data(fd: int) -> None:
+    """Make what was written to a segment durable: its data and what reading it back needs
+    (its size, its blocks), not its timestamps, whose journal commit ``fsync`` would add to
+    every forced write (``fdatasync``; ``fsync`` where there is none)."""
+    if hasattr(os, "fdatasync"):
+        os.fdatasync(fd)
+    else:  # pragma: no cover - macOS
+        os.fsync(fd)
+
+
 def preallocate(fd: int, size: int) -> None:
     """Reserve the segment's blocks up to ``size`` bytes (a file that does not grow makes
     each later fsync cheaper: no size to journal; measured in docs/benchmarks.md). Where

@@ -29,6 +29,7 @@ from xatm.log.file.segments import (
     MAGIC,
     fsync_dir,
     preallocate,
+    sync_data,
     segment_files,
     segment_name,
     segment_number,
@@ -541,7 +542,7 @@ class FileLog:
         if batch:
             data = b"".join(batch)
             write_at(self._fd, data, self._segment_size)
-            os.fsync(self._fd)
+            sync_data(self._fd)
             self._segment_size += len(data)
             self.forces += 1
             _events.log_forced(self._node_id)
