@@ -463,7 +463,9 @@ class PostgresSagaStore:
         idle = self._idle[durable]
         with self._lock:
             conn = idle.pop() if idle and pooled else None
-        if conn is not None and (conn.closed or conn.broken):
+        if conn is not None and _pglog.cut_while_idle(conn):
+            with contextlib.suppress(psycopg.Error):
+                conn.close()
             conn = None
         reused = conn is not None
         watch = None

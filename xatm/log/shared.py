@@ -66,6 +66,7 @@ import functools
 import json
 import logging
 import math
+import select
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -265,6 +266,24 @@ def connect(
     return conn
 
 
+def cut_while_idle(conn: psycopg.Connection[Any]) -> bool:
+    """Whether an idle session of the shared log was closed while it sat unused (its server
+    restarted or failed over, an administrator or an idle timeout ended it): its socket has
+    something to read although nothing was asked. One poll that does not wait, before a
+    session is used again, so that a cut is found before a write is sent on it, not by the
+    write (whose outcome would then be unknown). A path that went silent is not seen here:
+    the calls' deadlines bound it. Something else on the socket (a notice) is taken for a
+    cut too: the session is replaced, which costs a connect."""
+    if conn.closed or conn.broken:
+        return True
+    try:
+        poller = select.poll()
+        poller.register(conn.pgconn.socket, select.POLLIN)
+        return bool(poller.poll(0))
+    except (OSError, ValueError, psycopg.Error):
+        return True
+
+
 class PostgresLog:
     """A coordinator log shared by many coordinators, in one PostgreSQL database."""
 
@@ -310,7 +329,7 @@ class PostgresLog:
     def _reader(self) -> psycopg.Connection[Any]:
         """The connection for reads and recovery's writes (callers hold ``_read_lock``);
         replaced by a new one once it broke (a restarted server costs one failed call)."""
-        if self._reader_conn.closed or self._reader_conn.broken:
+        if cut_while_idle(self._reader_conn):
             with contextlib.suppress(psycopg.Error):
                 self._reader_conn.close()
             self._reader_conn = self._connect()
@@ -497,7 +516,9 @@ class PostgresLog:
         until = (
             now + POINT_BOUND if bound is None else min(bound + _deadline.GRACE, now + SCAN_BOUND)
         )
-        if self._writer.closed or self._writer.broken:
+        if cut_while_idle(self._writer):
+            with contextlib.suppress(psycopg.Error):
+                self._writer.close()  # its node lock is gone with it, or goes now
             self._reconnect_writer(until)
             if self._writer.closed or self._writer.broken:
                 refused = DecisionNotLogged(
@@ -508,6 +529,7 @@ class PostgresLog:
             (r.gtrid, self._node_id, json.dumps(list(r.branches)), json.dumps(dict(r.txids)))
             for _, r, _ in batch
         ]
+        committing = False
         try:
             with (
                 _deadline.until(_SOCKETS, self._writer, until, "a COMMIT batch"),
@@ -540,10 +562,11 @@ class PostgresLog:
                 if ends:
                     self._end_rows(self._writer, ends)
                 _failpoint.hit("commit_batch_open")  # inserted, not committed yet
+                committing = True  # leaving the block sends the COMMIT
         except psycopg.Error as e:
             failure = LogError(f"writing to the shared log failed: {redact(str(e)).strip()}")
-            if not (self._writer.closed or self._writer.broken):
-                # the batch was rolled back: nothing of it is logged
+            if not committing or not (self._writer.closed or self._writer.broken):
+                # the batch was rolled back, or its COMMIT never sent: nothing of it is logged
                 failure = DecisionNotLogged(str(failure))
             # A broken writer is replaced by the next batch, not here: this batch's waiters
             # are told now, not after a connect to a server that may not answer
