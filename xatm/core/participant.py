@@ -161,6 +161,11 @@ class Participant(Protocol):
     def is_duplicate_key(self, exc: BaseException) -> bool:
         """True if ``exc`` is a unique-key violation (the driver's own code for it)."""
 
+    def is_xid_in_use(self, exc: BaseException) -> bool:
+        """True if ``exc`` says a begin found the branch's xid held by another session (a
+        begin tried again after its connection was lost: the server may still be ending
+        the session that connection had)."""
+
     def is_missing_table(self, exc: BaseException) -> bool:
         """True if ``exc`` says the table does not exist."""
 

@@ -63,6 +63,9 @@ class AsyncParticipant(Protocol):
 
     def is_connection_error(self, exc: BaseException) -> bool: ...
 
+    def is_xid_in_use(self, exc: BaseException) -> bool:
+        """As ``Participant.is_xid_in_use``, for this driver's errors."""
+
     def socket_of(self, conn: Connection) -> int | None:
         """The file descriptor of ``conn``'s socket (``xatm.core.deadline``), or None."""
 

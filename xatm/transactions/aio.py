@@ -28,6 +28,7 @@ statements still running, and a commit that had to wait rolls back
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 from collections.abc import Awaitable
 from types import TracebackType
@@ -206,10 +207,11 @@ class AsyncTransaction(ManagedTransaction):
     async def _begin(
         self, driver: AsyncParticipant, pool: AsyncPool, xid: Xid
     ) -> tuple[Connection, _deadline.Watch]:
-        """A connection with the branch begun on it, under the transaction's deadline; one
-        retry on a fresh connection, if there is time left."""
-        for attempt in (1, 2):
-            conn = await pool.get(fresh=attempt == 2)
+        """A connection with the branch begun on it, under the transaction's deadline; tried
+        again on a fresh connection after a lost one, if there is time left
+        (``ManagedTransaction._retry_begin``)."""
+        for attempt in itertools.count(1):
+            conn = await pool.get(fresh=attempt > 1)
             watch = self._watch(driver, conn)
             try:
                 with _deadline.calling(watch):
@@ -218,9 +220,15 @@ class AsyncTransaction(ManagedTransaction):
             except BaseException as e:
                 _deadline.disarm(watch)
                 pool.discard(conn)
-                self._retry_begin(e, attempt, watch, driver.name, driver.is_connection_error(e))
-                pool.clear()  # the server probably restarted: the others are dead too
+                lost = driver.is_connection_error(e)
+                delay = self._retry_begin(
+                    e, attempt, watch, driver.name, lost, driver.is_xid_in_use(e)
+                )
+                if lost:
+                    pool.clear()  # the server probably restarted: the others are dead too
                 self._begin_time_left(e)
+                if delay:
+                    await asyncio.sleep(delay)
         raise AssertionError("unreachable")
 
     # -- the end ----------------------------------------------------------------------------

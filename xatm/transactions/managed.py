@@ -37,6 +37,9 @@ logger = logging.getLogger("xatm.transaction")
 #: the end a driver runs: its ``commit`` or ``rollback`` (a call, or a coroutine function)
 E = TypeVar("E")
 
+#: the waits before the begins tried again while a lost session still holds the branch's xid
+XID_IN_USE_WAITS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.25, 0.25, 0.25, 0.25, 0.25, 0.25)
+
 #: the steps that do no I/O, which both drivers run with ``ManagedTransaction._local``
 LOCAL_STEPS = (PassFence, Failpoint)
 
@@ -166,16 +169,30 @@ class ManagedTransaction(TransactionCore):
         return _deadline.arm(owner, conn, self.deadline, f"transaction {self.gtrid}", busy=0)
 
     def _retry_begin(
-        self, e: BaseException, attempt: int, watch: _deadline.Watch, name: str, lost: bool
-    ) -> None:
-        """After a failed begin (its connection already discarded): raise what the caller is
-        to see, or return to try once more on a fresh connection (``lost``: the error says
-        the connection was lost; the pool's others are likely dead too, the caller clears
-        it)."""
+        self,
+        e: BaseException,
+        attempt: int,
+        watch: _deadline.Watch,
+        name: str,
+        lost: bool,
+        in_use: bool,
+    ) -> float:
+        """After failed begin number ``attempt`` (its connection already discarded): raise
+        what the caller is to see, or return the seconds to wait before trying again on a
+        fresh connection. ``lost``: the error says the connection was lost (the pool's
+        others are likely dead too: the caller clears it); tried again once, at once.
+        ``in_use``: that second begin found the branch's xid still held, by the session of
+        the lost connection, which the server is still ending; tried again after a short
+        wait, up to :data:`XID_IN_USE_WAITS` times (about 2 s), within the deadline."""
         if watch.fired:
             raise self._silent(name) from e
-        if attempt == 2 or not lost:
-            raise e
+        if attempt == 1 and lost:
+            return 0.0
+        if attempt > 1 and in_use and attempt - 1 <= len(XID_IN_USE_WAITS):
+            delay = XID_IN_USE_WAITS[attempt - 2]
+            if time.monotonic() + delay < self.deadline:
+                return delay
+        raise e
 
     def _begin_time_left(self, e: BaseException) -> None:
         """Raise ``e`` again if the transaction has no time left for another begin."""

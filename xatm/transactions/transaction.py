@@ -10,6 +10,7 @@ thread, ``xatm.core.parallel``).
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -240,9 +241,9 @@ class Transaction(ManagedTransaction):
         self, participant: Participant, pool: Pool, xid: Xid, insert: str | None = None
     ) -> tuple[Connection, _deadline.Watch, bool | None]:
         """A connection with the branch begun on it (and ``insert`` run in the same round
-        trip, if given), under the transaction's deadline; one retry on a fresh connection,
-        if there is time left."""
-        for attempt in (1, 2):
+        trip, if given), under the transaction's deadline; tried again on a fresh connection
+        after a lost one, if there is time left (``ManagedTransaction._retry_begin``)."""
+        for attempt in itertools.count(1):
             conn = pool.get() if attempt == 1 else participant.connect()
             watch = self._watch(participant, conn)
             try:
@@ -264,11 +265,15 @@ class Transaction(ManagedTransaction):
             except BaseException as e:
                 _deadline.disarm(watch)
                 pool.discard(conn)
-                self._retry_begin(
-                    e, attempt, watch, participant.name, participant.is_connection_error(e)
+                lost = participant.is_connection_error(e)
+                delay = self._retry_begin(
+                    e, attempt, watch, participant.name, lost, participant.is_xid_in_use(e)
                 )
-                pool.clear()  # the server probably restarted: the others are dead too
+                if lost:
+                    pool.clear()  # the server probably restarted: the others are dead too
                 self._begin_time_left(e)
+                if delay:
+                    time.sleep(delay)
         raise AssertionError("unreachable")
 
     # -- the end ----------------------------------------------------------------------------

@@ -23,6 +23,7 @@ from xatm.participants.mysql import operations
 from xatm.participants.mysql.drivers import by_name
 from xatm.participants.mysql.executors import AsyncExecutor, XAConnections
 from xatm.participants.mysql.participant import MySQLParticipant
+from xatm.participants.mysql.statements import XAER_DUPID
 from xatm.participants.runner import arun
 
 
@@ -131,6 +132,9 @@ class AsyncMySQL:
 
     def is_connection_error(self, exc: BaseException) -> bool:
         return self._driver.is_connection_error(exc)
+
+    def is_xid_in_use(self, exc: BaseException) -> bool:
+        return isinstance(exc, self._errors) and self._driver.errno(exc) == XAER_DUPID
 
     async def begin(self, conn: Any, xid: Xid, timeout: float | None = None) -> None:
         await arun(self._executor, conn, operations.begin(xid))

@@ -62,7 +62,7 @@ from xatm.participants.mysql import health as _health
 from xatm.participants.mysql import operations
 from xatm.participants.mysql.drivers import DRIVERS, MySQLDriver, by_name, for_connection
 from xatm.participants.mysql.executors import SyncExecutor, XAConnections
-from xatm.participants.mysql.statements import ER_DUP_ENTRY, describe
+from xatm.participants.mysql.statements import ER_DUP_ENTRY, XAER_DUPID, describe
 from xatm.participants.runner import run
 
 #: where ``adopt`` keeps a pooled connection's own autocommit setting
@@ -152,6 +152,10 @@ class MySQLParticipant:
     def is_duplicate_key(self, exc: BaseException) -> bool:
         """``exc`` is a unique-key violation (MySQL error 1062)."""
         return isinstance(exc, self._errors) and self.driver.errno(exc) in ER_DUP_ENTRY
+
+    def is_xid_in_use(self, exc: BaseException) -> bool:
+        """``exc`` is XAER_DUPID (1440): an XA START found its xid held by another session."""
+        return isinstance(exc, self._errors) and self.driver.errno(exc) == XAER_DUPID
 
     def is_missing_table(self, exc: BaseException) -> bool:
         """``exc`` says a table does not exist (MySQL error 1146)."""

@@ -15,6 +15,8 @@ from xatm.core.xid import Xid
 from xatm.participants.mysql.drivers import MySQLDriver
 
 XAER_NOTA = 1397
+#: XAER_DUPID: the xid is already in use (by another session)
+XAER_DUPID = 1440
 #: XA_RBROLLBACK, XA_RBTIMEOUT, XA_RBDEADLOCK: the branch was rolled back by the server
 XA_ROLLED_BACK = frozenset({1402, 1613, 1614})
 ER_DUP_ENTRY = frozenset({1062, 1586})  # ER_DUP_ENTRY, ER_DUP_ENTRY_WITH_KEY_NAME

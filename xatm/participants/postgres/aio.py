@@ -121,6 +121,9 @@ class AsyncPostgres:
     def is_connection_error(self, exc: BaseException) -> bool:
         return self.sync.is_connection_error(exc)
 
+    def is_xid_in_use(self, exc: BaseException) -> bool:
+        return self.sync.is_xid_in_use(exc)
+
     async def begin(self, conn: AsyncConn, xid: Xid, timeout: float | None = None) -> None:
         await arun(ASYNC, conn, operations.begin(self.sync.begin_statement(timeout)))
 

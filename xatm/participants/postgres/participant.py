@@ -347,6 +347,9 @@ class PostgresParticipant:
     def is_missing_table(self, exc: BaseException) -> bool:
         return isinstance(exc, psycopg.Error) and exc.sqlstate == UNDEFINED_TABLE
 
+    def is_xid_in_use(self, exc: BaseException) -> bool:
+        return False  # a branch's gid is only named at PREPARE TRANSACTION
+
     def driver_info(self, conn: psycopg.Connection[Any]) -> str:
         impl = getattr(psycopg.pq, "__impl__", "?")
         return f"psycopg {psycopg.__version__} ({type(conn).__name__}, {impl} libpq wrapper)"
