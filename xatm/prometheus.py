@@ -370,6 +370,12 @@ class XatmCollector(Collector):
             " silent: nothing is enlisted, prepared or decided there)",
             labels=["node", "resource"],
         )
+        waiting = GaugeMetricFamily(
+            "xatm_transactions_waiting_turn",
+            "Transactions waiting at the start of their block for their turn under max_active"
+            " now (0 without a limit)",
+            labels=["node"],
+        )
         strangers = GaugeMetricFamily(
             "xatm_stranger_transactions",
             "Branches the last recovery pass found prepared for this node_id by a process"
@@ -404,6 +410,7 @@ class XatmCollector(Collector):
                     for resource in _resource_names(m):
                         ups.setdefault(node, {}).setdefault(resource, 0)
             running.add_metric([node], 1 if sweeping else 0)
+            waiting.add_metric([node], sum(_waiting(m) for m in ms))
             held: dict[str, bool] = {}
             for m in ms:
                 for status in _identity(m):
@@ -414,7 +421,7 @@ class XatmCollector(Collector):
             for resource, ok in sorted(rs.items()):
                 up.add_metric([node, resource], ok)
         yield from (in_doubt, oldest, undecided, decisions, per_resource, up, log_up)
-        yield from (unreachable, last, running, identity, strangers)
+        yield from (unreachable, last, running, waiting, identity, strangers)
 
 
 def _resource_names(manager: Any) -> list[str]:
@@ -429,6 +436,13 @@ def _identity(manager: Any) -> list[Any]:
         return list(manager.context.identity.status())
     except Exception:
         return []
+
+
+def _waiting(manager: Any) -> int:
+    try:
+        return int(manager.context.admission.waiting)
+    except Exception:
+        return 0
 
 
 def _sweeping(manager: Any) -> bool:

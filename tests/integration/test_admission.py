@@ -118,3 +118,47 @@ def test_a_bad_max_active_is_refused(make_tm: MakeTM, bad: object) -> None:
 def test_the_asyncio_manager_refuses_max_active(servers: Servers, tmp_path: object) -> None:
     with pytest.raises(ConfigurationError, match=r"asyncio\.Semaphore"):
         AsyncTransactionManager(servers.urls, str(tmp_path), "gatedaio", max_active=4)
+
+
+def test_the_waiting_transactions_are_a_gauge(make_tm: MakeTM, bank: Bank) -> None:
+    from prometheus_client import CollectorRegistry
+
+    import xatm.prometheus
+
+    tm = make_tm("gatedmetrics", max_active=1, sweeper=False)
+    own = CollectorRegistry()
+    xatm.prometheus.install(own)
+
+    def waiting() -> float | None:
+        return own.get_sample_value("xatm_transactions_waiting_turn", {"node": "gatedmetrics"})
+
+    holding, release = threading.Event(), threading.Event()
+
+    def holder() -> None:
+        with tm.transaction() as tx:
+            transfer(tx, bank)
+            holding.set()
+            release.wait(30)
+
+    def waiter() -> None:
+        with tm.transaction() as tx:
+            transfer(tx, bank)
+
+    try:
+        assert waiting() == 0
+        threads = [threading.Thread(target=holder), threading.Thread(target=waiter)]
+        threads[0].start()
+        assert holding.wait(30)
+        threads[1].start()
+        deadline = time.monotonic() + 10
+        while tm.context.admission.waiting < 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert waiting() == 1
+        release.set()
+        for t in threads:
+            t.join(30)
+        assert waiting() == 0
+        assert bank.balance("pg1") == 998 and bank.balance("maria") == 1002
+    finally:
+        release.set()
+        xatm.prometheus.uninstall(own)
