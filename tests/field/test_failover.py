@@ -617,6 +617,45 @@ def test_a_failover_of_the_shared_logs_database_that_lost_a_decision_splits_noth
     assert bank.xatm_prepared() == {"pg1": [], "pg2": [], "maria": []}
 
 
+def test_a_failover_before_the_logs_first_timeline_reached_the_standby_is_seen(
+    ha: PostgresPair, bank: Bank, make_tm: MakeTM, caplog: Any
+) -> None:
+    """As above, but the log's record of the timeline it runs on had not reached the
+    standby either (the log's first start right before the failover; made here by deleting
+    the records everywhere before replication stops). On the new primary the new timeline
+    would pass for the first one and the failover for none. A process that found the old
+    timeline records it again when its next session finds the new one, so recovery still
+    leaves the transaction in doubt instead of splitting it."""
+    log = ha.url()
+    make_tm(node_id="fo-base-first", log=log, sweeper=False).close()  # the schema, replicated
+    conn = connect(log)
+    try:
+        run(conn, "DELETE FROM xatm.meta WHERE key LIKE 'log_timeline:%'")
+    finally:
+        conn.close()
+    ha.wait_replayed()
+    ha.replication.pause()
+    tm = make_tm(node_id="fo-base-rec", log=log, sweeper=False)  # finds the old timeline
+    gtrid = crash(
+        bank, log, "fo-base-dead", "after_first_commit", ("pg1", "maria"), "lb", parallel=False
+    )
+    [committed] = [r for r in ("pg1", "maria") if bank.journal_ids()[r] == {"lb"}]
+    [prepared] = [r for r in ("pg1", "maria") if r != committed]
+    ha.fail_over()
+    ha.replication.resume()
+    caplog.set_level(logging.WARNING)
+    rolled = [
+        a for r in settle(tm) for a in r.actions if a.gtrid == gtrid and a.action == "rollback"
+    ]
+    assert rolled == []  # no split
+    assert [x.gtrid for x in bank.xatm_prepared_on(prepared)] == [gtrid]
+    assert "shared log" in caplog.text and "failed over" in caplog.text
+    res = tm.resolve(gtrid, "commit", force=True, actor="cli:test")
+    assert res.complete
+    assert bank.journal_ids()[prepared] == {"lb"}
+    assert bank.xatm_prepared() == {"pg1": [], "pg2": [], "maria": []}
+
+
 _after_debit: list[Callable[[], None]] = []
 
 

@@ -316,6 +316,9 @@ class PostgresLog:
         self.forced_records = 0
         self._last_prune = -PRUNE_EVERY
         self.hold_node_lock = hold_node_lock
+        #: the timeline this process's sessions found the log's database on, and when it was
+        #: first found (the server's clock, epoch seconds)
+        self._timeline: tuple[int, float] | None = None
         self._writer = connect(self.spec, "xatm-log")
         self._reader_conn = connect(self.spec, "xatm-log")
         with bounded(self._writer, "the schema check", MIGRATION_LOCK_WAIT + SCAN_BOUND):
@@ -364,21 +367,32 @@ class PostgresLog:
         """Record the timeline a new session finds the log's database on. One not recorded
         yet, when another one is, means the database failed over (or was restored): the
         decisions its old primary acknowledged and never passed on are gone, so recovery
-        leaves the transactions begun before it in doubt (:meth:`log_switches`)."""
+        leaves the transactions begun before it in doubt (:meth:`log_switches`). A timeline
+        this process found before is recorded again first if the new primary lacks it (its
+        row had not reached the standby, as right after the log's first start): else the
+        new one would pass for the first, and the failover for none."""
+        insert = self._q(
+            "WITH added AS (INSERT INTO {schema}.meta VALUES (%s, %s)"
+            " ON CONFLICT (key) DO NOTHING RETURNING key)"
+            " SELECT (SELECT count(*) FROM added),"
+            " (SELECT count(*) FROM {schema}.meta WHERE key LIKE %s)"
+        )
         with bounded(conn, "a check of the log's timeline", seconds):
             timeline, _ = server_state(conn.execute(SERVER_STATE).fetchone())
             if timeline is None:  # a standby: nothing can be written there anyway
                 return
+            now = conn.execute("SELECT extract(epoch FROM now())::float8").fetchone()
+            before = self._timeline
+            if before is not None and before[0] != timeline:
+                conn.execute(
+                    insert, (_timeline_key(before[0]), repr(before[1]), f"{TIMELINE_KEY}%")
+                )
             row = conn.execute(
-                self._q(
-                    "WITH added AS (INSERT INTO {schema}.meta"
-                    " VALUES (%s, extract(epoch FROM now())::text)"
-                    " ON CONFLICT (key) DO NOTHING RETURNING key)"
-                    " SELECT (SELECT count(*) FROM added),"
-                    " (SELECT count(*) FROM {schema}.meta WHERE key LIKE %s)"
-                ),
-                (f"{TIMELINE_KEY}{timeline:08X}", f"{TIMELINE_KEY}%"),
+                insert,
+                (_timeline_key(timeline), repr(float(now[0]) if now else 0.0), f"{TIMELINE_KEY}%"),
             ).fetchone()
+        if before is None or before[0] != timeline:
+            self._timeline = (timeline, float(now[0]) if now else time.time())
         if row is not None and row[0] and row[1]:
             logger.critical(
                 "FAILOVER: the shared log's database %s failed over or was restored (it is on"
@@ -864,6 +878,10 @@ class PostgresLog:
                 conn.execute("SELECT pg_advisory_unlock_all()")
             with contextlib.suppress(psycopg.Error):
                 conn.close()
+
+
+def _timeline_key(timeline: int) -> str:
+    return f"{TIMELINE_KEY}{timeline:08X}"
 
 
 def _ms(seconds: float) -> str:
