@@ -20,6 +20,28 @@ def transfer(tx: object, bank: Bank, amount: int = 1) -> None:
     tx.execute("maria", f"UPDATE {bank.table} SET bal = bal + %s WHERE id = 1", (amount,))  # type: ignore[attr-defined]
 
 
+class Holder:
+    """A thread inside a transaction's block (a transfer done) until ``release`` is set."""
+
+    def __init__(self, tm: object, bank: Bank) -> None:
+        self.release = threading.Event()
+        holding = threading.Event()
+
+        def hold() -> None:
+            with tm.transaction() as tx:  # type: ignore[attr-defined]
+                transfer(tx, bank)
+                holding.set()
+                self.release.wait(30)
+
+        self.thread = threading.Thread(target=hold)
+        self.thread.start()
+        assert holding.wait(30)
+
+    def let_go(self) -> None:
+        self.release.set()
+        self.thread.join(30)
+
+
 def test_no_more_than_max_active_transactions_are_in_their_block(
     make_tm: MakeTM, bank: Bank
 ) -> None:
@@ -67,17 +89,7 @@ def test_a_transaction_that_waits_past_its_timeout_is_refused_having_begun_nothi
     make_tm: MakeTM, bank: Bank
 ) -> None:
     tm = make_tm("gated1", max_active=1, sweeper=False)
-    holding, release = threading.Event(), threading.Event()
-
-    def holder() -> None:
-        with tm.transaction() as tx:
-            transfer(tx, bank)
-            holding.set()
-            release.wait(30)
-
-    t = threading.Thread(target=holder)
-    t.start()
-    assert holding.wait(30)
+    holder = Holder(tm, bank)
     started = time.monotonic()
     with (
         pytest.raises(TransactionTimeout, match="waiting for its turn: max_active=1"),
@@ -85,8 +97,7 @@ def test_a_transaction_that_waits_past_its_timeout_is_refused_having_begun_nothi
     ):
         transfer(tx, bank)  # never reached
     assert time.monotonic() - started < 10  # bounded by its timeout, not by the holder
-    release.set()
-    t.join(30)
+    holder.let_go()
     assert bank.balance("pg1") == 999 and bank.balance("maria") == 1001
     # nothing was left behind: this thread begins and commits the next one at once
     with tm.transaction() as tx:
@@ -132,33 +143,25 @@ def test_the_waiting_transactions_are_a_gauge(make_tm: MakeTM, bank: Bank) -> No
     def waiting() -> float | None:
         return own.get_sample_value("xatm_transactions_waiting_turn", {"node": "gatedmetrics"})
 
-    holding, release = threading.Event(), threading.Event()
-
-    def holder() -> None:
-        with tm.transaction() as tx:
-            transfer(tx, bank)
-            holding.set()
-            release.wait(30)
-
     def waiter() -> None:
         with tm.transaction() as tx:
             transfer(tx, bank)
 
+    holder: Holder | None = None
     try:
         assert waiting() == 0
-        threads = [threading.Thread(target=holder), threading.Thread(target=waiter)]
-        threads[0].start()
-        assert holding.wait(30)
-        threads[1].start()
+        holder = Holder(tm, bank)
+        thread = threading.Thread(target=waiter)
+        thread.start()
         deadline = time.monotonic() + 10
         while tm.context.admission.waiting < 1 and time.monotonic() < deadline:
             time.sleep(0.01)
         assert waiting() == 1
-        release.set()
-        for t in threads:
-            t.join(30)
+        holder.let_go()
+        thread.join(30)
         assert waiting() == 0
         assert bank.balance("pg1") == 998 and bank.balance("maria") == 1002
     finally:
-        release.set()
+        if holder is not None:
+            holder.let_go()
         xatm.prometheus.uninstall(own)
