@@ -19,7 +19,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Concatenate, NamedTuple, ParamSpec, TypeAlias, TypeVar
 
 from xatm.core import failpoint as _failpoint
-from xatm.core.config import Settings, resource_specs, validate_retention, validate_timeout
+from xatm.core.config import (
+    Settings,
+    resource_specs,
+    validate_max_active,
+    validate_retention,
+    validate_timeout,
+)
 from xatm.core.urls import ResourceSpec, log_is_shared, parse_url
 from xatm.core.xid import validate_node_id
 from xatm.errors import ConfigurationError
@@ -98,8 +104,7 @@ def check_arguments(
     node_id = validate_node_id(node_id)
     sweep_interval = validate_interval(sweep_interval)
     _check_numbers(pool_size=pool_size, segment_bytes=segment_bytes, lock_timeout=lock_timeout)
-    if max_active is not None:
-        _check_numbers(max_active=max_active)
+    max_active = validate_max_active(max_active)
     timeout = validate_timeout(timeout)
     retention = validate_retention(decision_retention)
     if not isinstance(resources, Mapping):

@@ -92,6 +92,13 @@ def validate_retention(retention: object) -> float:
     return float(retention)
 
 
+def validate_max_active(value: object) -> int | None:
+    """None (no limit) or an integer >= 1 (ConfigurationError otherwise)."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise ConfigurationError(f"'max_active' must be an integer >= 1, got {value!r}")
+    return value
+
+
 def validate_timeout_or_zero(value: object) -> float:
     """A number of seconds >= 0 (ConfigurationError otherwise)."""
     if isinstance(value, bool) or not isinstance(value, int | float) or not value >= 0:
@@ -162,9 +169,10 @@ def load_config(path: str | os.PathLike[str]) -> Settings:
             raise ConfigurationError(f"{where}: {e}") from None
     if not isinstance(data.get("fail_fast", False), bool):
         raise ConfigurationError(f"{where}: 'fail_fast' must be true or false")
-    active = data.get("max_active", 1)
-    if isinstance(active, bool) or not isinstance(active, int) or active < 1:
-        raise ConfigurationError(f"{where}: 'max_active' must be an integer >= 1")
+    try:
+        validate_max_active(data.get("max_active"))
+    except ConfigurationError as e:
+        raise ConfigurationError(f"{where}: {e}") from None
     log = data["log"]
     if not isinstance(log, str) or not log:
         raise ConfigurationError(f"{where}: 'log' must be a directory path (or a URL)")
