@@ -371,28 +371,28 @@ class PostgresLog:
         this process found before is recorded again first if the new primary lacks it (its
         row had not reached the standby, as right after the log's first start): else the
         new one would pass for the first, and the failover for none."""
-        insert = self._q(
-            "WITH added AS (INSERT INTO {schema}.meta VALUES (%s, %s)"
-            " ON CONFLICT (key) DO NOTHING RETURNING key)"
+        # a timeline's key, and when it was first found (None: now, the server's clock):
+        # (added, how many were there, when this one was first found)
+        note = self._q(
+            "WITH added AS (INSERT INTO {schema}.meta"
+            " VALUES (%s, coalesce(%s, extract(epoch FROM now())::text))"
+            " ON CONFLICT (key) DO NOTHING RETURNING value)"
             " SELECT (SELECT count(*) FROM added),"
-            " (SELECT count(*) FROM {schema}.meta WHERE key LIKE %s)"
+            " (SELECT count(*) FROM {schema}.meta WHERE key LIKE %s),"
+            " coalesce((SELECT value FROM added), (SELECT value FROM {schema}.meta WHERE key = %s))"
         )
         with bounded(conn, "a check of the log's timeline", seconds):
             timeline, _ = server_state(conn.execute(SERVER_STATE).fetchone())
             if timeline is None:  # a standby: nothing can be written there anyway
                 return
-            now = conn.execute("SELECT extract(epoch FROM now())::float8").fetchone()
             before = self._timeline
             if before is not None and before[0] != timeline:
-                conn.execute(
-                    insert, (_timeline_key(before[0]), repr(before[1]), f"{TIMELINE_KEY}%")
-                )
-            row = conn.execute(
-                insert,
-                (_timeline_key(timeline), repr(float(now[0]) if now else 0.0), f"{TIMELINE_KEY}%"),
-            ).fetchone()
-        if before is None or before[0] != timeline:
-            self._timeline = (timeline, float(now[0]) if now else time.time())
+                old = _timeline_key(before[0])
+                conn.execute(note, (old, repr(before[1]), f"{TIMELINE_KEY}%", old))
+            key = _timeline_key(timeline)
+            row = conn.execute(note, (key, None, f"{TIMELINE_KEY}%", key)).fetchone()
+        if row is not None and (before is None or before[0] != timeline):
+            self._timeline = (timeline, float(row[2]))
         if row is not None and row[0] and row[1]:
             logger.critical(
                 "FAILOVER: the shared log's database %s failed over or was restored (it is on"
