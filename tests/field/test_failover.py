@@ -577,6 +577,15 @@ def test_a_failover_in_the_middle_of_a_hand_rollback_brings_nothing_to_commit(
 # ------------------------------------------ a failover of the shared log's own database
 
 
+def _half_committed(bank: Bank, log: str, node: str, tid: str) -> tuple[str, str]:
+    """A coordinator on ``log`` decides COMMIT of transfer ``tid``, commits one branch and is
+    SIGKILLed before the other's: (its gtrid, the resource left prepared)."""
+    gtrid = crash(bank, log, node, "after_first_commit", ("pg1", "maria"), tid, parallel=False)
+    [committed] = [r for r in ("pg1", "maria") if bank.journal_ids()[r] == {tid}]
+    [prepared] = [r for r in ("pg1", "maria") if r != committed]
+    return gtrid, prepared
+
+
 def test_a_failover_of_the_shared_logs_database_that_lost_a_decision_splits_nothing(
     ha: PostgresPair, bank: Bank, make_tm: MakeTM, caplog: Any
 ) -> None:
@@ -591,11 +600,7 @@ def test_a_failover_of_the_shared_logs_database_that_lost_a_decision_splits_noth
     first.close()  # the log's schema, and the timeline it runs on, are on the standby
     ha.wait_replayed()
     ha.replication.pause()
-    gtrid = crash(
-        bank, log, "fo-log-dead", "after_first_commit", ("pg1", "maria"), "lf", parallel=False
-    )
-    [committed] = [r for r in ("pg1", "maria") if bank.journal_ids()[r] == {"lf"}]
-    [prepared] = [r for r in ("pg1", "maria") if r != committed]
+    gtrid, prepared = _half_committed(bank, log, "fo-log-dead", "lf")
     ha.fail_over()
     ha.replication.resume()
     caplog.set_level(logging.WARNING)
@@ -636,11 +641,7 @@ def test_a_failover_before_the_logs_first_timeline_reached_the_standby_is_seen(
     ha.wait_replayed()
     ha.replication.pause()
     tm = make_tm(node_id="fo-base-rec", log=log, sweeper=False)  # finds the old timeline
-    gtrid = crash(
-        bank, log, "fo-base-dead", "after_first_commit", ("pg1", "maria"), "lb", parallel=False
-    )
-    [committed] = [r for r in ("pg1", "maria") if bank.journal_ids()[r] == {"lb"}]
-    [prepared] = [r for r in ("pg1", "maria") if r != committed]
+    gtrid, prepared = _half_committed(bank, log, "fo-base-dead", "lb")
     ha.fail_over()
     ha.replication.resume()
     caplog.set_level(logging.WARNING)
